@@ -1,0 +1,85 @@
+// The two GEMM entry points. They differ only in where a CTA's rows come from
+// (a dispatch row range, or the routed sorted_token_ids of one block); both
+// fill a RowTable, then share the mainloop and the epilogue.
+#ifndef FERRUM_MOE_CUDA_GEMM_KERNEL_CUH_
+#define FERRUM_MOE_CUDA_GEMM_KERNEL_CUH_
+
+#include <cstdint>
+
+#include "gemm/epilogue.cuh"
+#include "gemm/layout.hpp"
+#include "gemm/mainloop.cuh"
+#include "gemm/params.hpp"
+#include "gemm/traits.cuh"
+
+namespace ferrum_moe_cuda::gemm {
+
+template <class T, int kBits, int kMTiles>
+__device__ __forceinline__ void gemm_cta(const QuantWeights& w, const GemmIO& io,
+                                         const RowTable<kMTiles * kMmaM>& rows, int expert,
+                                         int n_tile) {
+  extern __shared__ uint4 smem[];
+  typename Mainloop<T, kBits, kMTiles>::Accumulators acc;
+  Mainloop<T, kBits, kMTiles>(w, io, rows, expert, n_tile, reinterpret_cast<uint8_t*>(smem))
+      .run(acc);
+  store_results<T, kMTiles>(io, rows, n_tile, acc);
+}
+
+// grid = (work items, n tiles of the column window).
+template <class T, int kBits, int kMTiles>
+__global__ void __launch_bounds__(kThreads)
+    gemm_batched_kernel(const __grid_constant__ BatchedParams p) {
+  constexpr int kRows = kMTiles * kMmaM;
+  __shared__ RowTable<kRows> rows;
+  const BatchedWorkItem& item = p.items[blockIdx.x];
+  if (threadIdx.x < kRows) {
+    const int r = threadIdx.x;
+    const bool used = r < item.rows;
+    rows.x_offset[r] = used ? (item.x_row + r) * p.io.x_row_stride : -1;
+    rows.out_row[r] = used ? item.out_row + r : -1;
+    rows.weight[r] = 1.0f;
+  }
+  __syncthreads();
+  gemm_cta<T, kBits, kMTiles>(p.w, p.io, rows, item.expert, p.first_n_tile + blockIdx.y);
+}
+
+// grid = (routing blocks x chunks per block, n tiles). Every index read from
+// device memory is range-checked before use: the host never saw these arrays.
+template <class T, int kBits, int kMTiles>
+__global__ void __launch_bounds__(kThreads)
+    gemm_routed_kernel(const __grid_constant__ RoutedParams p) {
+  constexpr int kRows = kMTiles * kMmaM;
+  __shared__ RowTable<kRows> rows;
+  const int64_t block = blockIdx.x / p.chunks_per_block;
+  const int64_t chunk = blockIdx.x % p.chunks_per_block;
+  const int64_t block_start = block * p.block_size;
+  const int64_t padded_tokens = *p.num_tokens_post_padded;
+  if (block_start >= padded_tokens) return;  // the grid covers the worst case
+  const int32_t expert = p.expert_ids[block];
+  if (expert < 0 || expert >= p.w.num_experts) return;
+
+  bool used = false;
+  if (threadIdx.x < kRows) {
+    const int r = threadIdx.x;
+    const int64_t in_block = chunk * kRows + r;
+    const int64_t position = block_start + in_block;
+    int64_t id = -1;
+    if (in_block < p.block_size && position < p.num_positions && position < padded_tokens)
+      id = p.sorted_token_ids[position];
+    used = id >= 0 && id < p.num_pairs;
+    const int64_t token = used ? id / p.top_k : 0;
+    rows.x_offset[r] = used ? token * p.io.x_row_stride : -1;
+    rows.out_row[r] = used ? id : -1;
+    rows.weight[r] = used && p.topk_weights != nullptr
+                         ? p.topk_weights[token * p.topk_weights_stride0 +
+                                          (id % p.top_k) * p.topk_weights_stride1]
+                         : 1.0f;
+  }
+  // Padding-only chunks (all sentinels) do no work.
+  if (!__syncthreads_or(used)) return;
+  gemm_cta<T, kBits, kMTiles>(p.w, p.io, rows, expert, blockIdx.y);
+}
+
+}  // namespace ferrum_moe_cuda::gemm
+
+#endif  // FERRUM_MOE_CUDA_GEMM_KERNEL_CUH_

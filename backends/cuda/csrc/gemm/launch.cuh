@@ -1,0 +1,79 @@
+// Definitions of the launchers declared in launch.hpp: pick the (bits, rows
+// per CTA) specialisation and launch it. Return the launch status, never throw.
+#ifndef FERRUM_MOE_CUDA_GEMM_LAUNCH_CUH_
+#define FERRUM_MOE_CUDA_GEMM_LAUNCH_CUH_
+
+#include <cuda_runtime.h>
+
+#include <utility>
+
+#include "gemm/kernel.cuh"
+#include "gemm/launch.hpp"
+#include "gemm/traits.cuh"
+
+namespace ferrum_moe_cuda::gemm {
+
+// Calls body(std::integral_constant<int, kBits>, std::integral_constant<int, kMTiles>).
+template <class Body>
+cudaError_t with_specialisation(int bits, int rows_per_cta, Body&& body) {
+  const bool large = rows_per_cta == kLargeRowsPerCta;
+  if (bits == 4) {
+    return large ? body(std::integral_constant<int, 4>{}, std::integral_constant<int, 4>{})
+                 : body(std::integral_constant<int, 4>{}, std::integral_constant<int, 1>{});
+  }
+  if (bits == 8) {
+    return large ? body(std::integral_constant<int, 8>{}, std::integral_constant<int, 4>{})
+                 : body(std::integral_constant<int, 8>{}, std::integral_constant<int, 1>{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+template <class T>
+cudaError_t configure_gemm_kernels_for(int bits) {
+  cudaError_t status = cudaSuccess;
+  for (int rows : {kSmallRowsPerCta, kLargeRowsPerCta}) {
+    status = with_specialisation(bits, rows, [](auto b, auto m) {
+      constexpr int kBits = decltype(b)::value;
+      constexpr int kMTiles = decltype(m)::value;
+      constexpr int kSmem = GemmTraits<T, kBits, kMTiles>::kSmemBytes;
+      cudaError_t s = cudaFuncSetAttribute(gemm_batched_kernel<T, kBits, kMTiles>,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+      if (s != cudaSuccess) return s;
+      return cudaFuncSetAttribute(gemm_routed_kernel<T, kBits, kMTiles>,
+                                  cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+    });
+    if (status != cudaSuccess) return status;
+  }
+  return status;
+}
+
+template <class T>
+cudaError_t launch_gemm_batched_for(const BatchedParams& params, int bits, int rows_per_cta,
+                                    int num_n_tiles, cudaStream_t stream) {
+  return with_specialisation(bits, rows_per_cta, [&](auto b, auto m) {
+    constexpr int kBits = decltype(b)::value;
+    constexpr int kMTiles = decltype(m)::value;
+    const dim3 grid(params.num_items, num_n_tiles);
+    gemm_batched_kernel<T, kBits, kMTiles>
+        <<<grid, kThreads, GemmTraits<T, kBits, kMTiles>::kSmemBytes, stream>>>(params);
+    return cudaGetLastError();
+  });
+}
+
+template <class T>
+cudaError_t launch_gemm_routed_for(const RoutedParams& params, int bits, int rows_per_cta,
+                                   cudaStream_t stream) {
+  return with_specialisation(bits, rows_per_cta, [&](auto b, auto m) {
+    constexpr int kBits = decltype(b)::value;
+    constexpr int kMTiles = decltype(m)::value;
+    const dim3 grid(static_cast<unsigned>(params.num_blocks * params.chunks_per_block),
+                    params.w.n_tiles);
+    gemm_routed_kernel<T, kBits, kMTiles>
+        <<<grid, kThreads, GemmTraits<T, kBits, kMTiles>::kSmemBytes, stream>>>(params);
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace ferrum_moe_cuda::gemm
+
+#endif  // FERRUM_MOE_CUDA_GEMM_LAUNCH_CUH_

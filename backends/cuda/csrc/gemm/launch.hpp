@@ -1,0 +1,24 @@
+// Per-activation-type GEMM launchers, explicitly instantiated in gemm_f16.cu
+// and gemm_bf16.cu (one translation unit per type so the two build in
+// parallel); dispatch.cu picks one from the ComputeType.
+#ifndef FERRUM_MOE_CUDA_GEMM_LAUNCH_HPP_
+#define FERRUM_MOE_CUDA_GEMM_LAUNCH_HPP_
+
+#include <cuda_runtime.h>
+
+#include "gemm/params.hpp"
+
+namespace ferrum_moe_cuda::gemm {
+
+template <class T>
+cudaError_t configure_gemm_kernels_for(int bits);
+template <class T>
+cudaError_t launch_gemm_batched_for(const BatchedParams& params, int bits, int rows_per_cta,
+                                    int num_n_tiles, cudaStream_t stream);
+template <class T>
+cudaError_t launch_gemm_routed_for(const RoutedParams& params, int bits, int rows_per_cta,
+                                   cudaStream_t stream);
+
+}  // namespace ferrum_moe_cuda::gemm
+
+#endif  // FERRUM_MOE_CUDA_GEMM_LAUNCH_HPP_

@@ -1,0 +1,106 @@
+// Kernel parameters of the quantized MoE GEMM, and its host launchers. Plain
+// structs (no CUDA types) so the host code (stack.cpp) fills them without
+// including any kernel; the launchers return cudaError_t and never throw.
+#ifndef FERRUM_MOE_CUDA_GEMM_PARAMS_HPP_
+#define FERRUM_MOE_CUDA_GEMM_PARAMS_HPP_
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace ferrum_moe_cuda::gemm {
+
+enum class ComputeType { kFloat16, kBFloat16 };
+
+// The repacked weights of one stack, resident on its device.
+struct QuantWeights {
+  const void* tiles;           // [E, n_tiles, k_tiles] tiles of WeightTileLayout<bits>
+  const uint16_t* scales;      // [E, num_groups, n_padded] raw fp16/bf16 bits; padded columns 0
+  const uint8_t* zeros;        // [E, num_groups, n_padded] codes, or null: symmetric 2^(bits-1)
+  const int32_t* perm;         // act-order: [E, k] source column of x for sorted row k; or null
+  const int32_t* row_group;    // [.., k_padded] group of each (sorted) row; null when every
+                               // 16-row k-step lies in one group (group = k / group_size)
+  int64_t row_group_expert_stride;  // 0 when all experts share one row_group table
+  int32_t num_experts;
+  int32_t k;                   // true K; x columns >= k read as zero
+  int32_t k_tiles;             // k_padded / kTileK
+  int32_t n_tiles;             // n_padded / kTileN
+  int32_t n_padded;
+  int32_t num_groups;
+  int32_t group_size;          // rows per group when row_group is null (a multiple of 16)
+};
+
+// Activations in, results out, and the column window written.
+struct GemmIO {
+  const void* x;               // [rows, >= k] compute dtype, unit column stride
+  int64_t x_row_stride;        // elements
+  bool x_vector_loads;         // x and its rows are 16-byte aligned: cp.async 16-byte loads
+  void* out;
+  int64_t out_row_stride;      // elements
+  int64_t out_col_stride;
+  bool out_float32;            // else the compute dtype
+  int64_t col_begin;           // expert columns [col_begin, col_begin + n) are written,
+  int64_t n;                   // to out columns 0 .. n
+  const uint16_t* bias;        // [n] compute dtype, or null
+};
+
+// One CTA row-slice of a gemm_batched dispatch: up to rows_per_cta rows.
+struct BatchedWorkItem {
+  int32_t expert;
+  int32_t rows;
+  int64_t x_row;
+  int64_t out_row;
+};
+
+// Work items travel in the launch's parameter block (no device buffer, no
+// copy to order against other calls); larger dispatch tables take several
+// launches. 128 items keep the block under the classic 4 KiB parameter limit.
+constexpr int kMaxBatchedWorkItems = 128;
+
+struct BatchedParams {
+  QuantWeights w;
+  GemmIO io;
+  int32_t first_n_tile;
+  int32_t num_items;
+  BatchedWorkItem items[kMaxBatchedWorkItems];
+};
+
+// gemm_routed: CTA (row chunk, n tile). Device-resident routing, guarded in
+// the kernel: positions >= *num_tokens_post_padded or >= num_positions, ids
+// outside [0, num_pairs), expert ids outside [0, E) are skipped.
+struct RoutedParams {
+  QuantWeights w;
+  GemmIO io;
+  const int32_t* sorted_token_ids;
+  int64_t num_positions;       // len(sorted_token_ids)
+  const int32_t* expert_ids;   // [num_blocks]
+  int64_t num_blocks;
+  const int32_t* num_tokens_post_padded;
+  int64_t block_size;
+  int32_t chunks_per_block;    // ceil(block_size / rows_per_cta)
+  int64_t top_k;
+  int64_t num_pairs;           // num_tokens * top_k
+  const float* topk_weights;   // or null
+  int64_t topk_weights_stride0;
+  int64_t topk_weights_stride1;
+};
+
+// Rows of A one CTA multiplies: 1 or 4 mma tiles of 16 tokens.
+constexpr int kSmallRowsPerCta = 16;
+constexpr int kLargeRowsPerCta = 64;
+
+// Raises the kernels' dynamic shared memory limit on the current device (the
+// 64-row INT8 variant needs more than the default 48 KiB). Call once per
+// device before launching, outside any stream capture.
+cudaError_t configure_gemm_kernels(ComputeType type, int bits);
+
+// grid = (num_items, num_n_tiles); rows_per_cta is kSmallRowsPerCta or kLargeRowsPerCta.
+cudaError_t launch_gemm_batched(const BatchedParams& params, ComputeType type, int bits,
+                                int rows_per_cta, int num_n_tiles, cudaStream_t stream);
+// grid = (num_blocks * chunks_per_block, n_tiles).
+cudaError_t launch_gemm_routed(const RoutedParams& params, ComputeType type, int bits,
+                               int rows_per_cta, cudaStream_t stream);
+
+}  // namespace ferrum_moe_cuda::gemm
+
+#endif  // FERRUM_MOE_CUDA_GEMM_PARAMS_HPP_

@@ -1,0 +1,51 @@
+// Compile-time shape of one GEMM specialisation, and the per-CTA row table
+// the kernels fill before the mainloop runs.
+#ifndef FERRUM_MOE_CUDA_GEMM_TRAITS_CUH_
+#define FERRUM_MOE_CUDA_GEMM_TRAITS_CUH_
+
+#include <cstdint>
+
+#include "gemm/layout.hpp"
+
+namespace ferrum_moe_cuda::gemm {
+
+template <class T, int kBits, int kMTiles>
+struct GemmTraits {
+  static_assert(sizeof(T) == 2, "fp16 or bf16 activations");
+  using Tile = WeightTileLayout<kBits>;
+
+  static constexpr int kRows = kMTiles * kMmaM;
+  // 4 stages: three K slices in flight while the fourth is computed, enough
+  // to cover global-memory latency at this tile size.
+  static constexpr int kStages = 4;
+
+  // A tile in shared memory: kRows rows of kTileK elements (128 bytes), stored
+  // as 16-byte chunks XOR-swizzled by row % 8 so the 8 row addresses of one
+  // ldmatrix phase hit 8 different bank groups.
+  static constexpr int kARowBytes = kTileK * static_cast<int>(sizeof(T));
+  static constexpr int kAChunksPerRow = kARowBytes / 16;
+  static constexpr int kAStageBytes = kRows * kARowBytes;
+  static constexpr int kAChunksPerThread = kRows * kAChunksPerRow / kThreads;
+  static_assert(kAChunksPerRow == 8, "the swizzle assumes 8 chunks per row");
+  static_assert(kAChunksPerThread * kThreads == kRows * kAChunksPerRow, "even A split");
+
+  static constexpr int kBStageBytes = Tile::kBytes;
+  static constexpr int kSmemBytes = kStages * (kAStageBytes + kBStageBytes);
+
+  static __device__ __forceinline__ int a_offset(int row, int chunk) {
+    return row * kARowBytes + ((chunk ^ (row % 8)) * 16);
+  }
+};
+
+// Where each of a CTA's rows comes from and goes to; -1 marks an unused row
+// (its A row reads as zero and its results are not stored).
+template <int kRows>
+struct RowTable {
+  int64_t x_offset[kRows];  // element offset of the row in x
+  int64_t out_row[kRows];
+  float weight[kRows];      // router weight folded into the epilogue (1 if none)
+};
+
+}  // namespace ferrum_moe_cuda::gemm
+
+#endif  // FERRUM_MOE_CUDA_GEMM_TRAITS_CUH_

@@ -1,0 +1,30 @@
+// ComputeType -> the per-type launchers of gemm_f16.cu / gemm_bf16.cu.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "gemm/launch.hpp"
+#include "gemm/params.hpp"
+
+namespace ferrum_moe_cuda::gemm {
+
+cudaError_t configure_gemm_kernels(ComputeType type, int bits) {
+  return type == ComputeType::kFloat16 ? configure_gemm_kernels_for<__half>(bits)
+                                       : configure_gemm_kernels_for<__nv_bfloat16>(bits);
+}
+
+cudaError_t launch_gemm_batched(const BatchedParams& params, ComputeType type, int bits,
+                                int rows_per_cta, int num_n_tiles, cudaStream_t stream) {
+  return type == ComputeType::kFloat16
+             ? launch_gemm_batched_for<__half>(params, bits, rows_per_cta, num_n_tiles, stream)
+             : launch_gemm_batched_for<__nv_bfloat16>(params, bits, rows_per_cta, num_n_tiles,
+                                                      stream);
+}
+
+cudaError_t launch_gemm_routed(const RoutedParams& params, ComputeType type, int bits,
+                               int rows_per_cta, cudaStream_t stream) {
+  return type == ComputeType::kFloat16
+             ? launch_gemm_routed_for<__half>(params, bits, rows_per_cta, stream)
+             : launch_gemm_routed_for<__nv_bfloat16>(params, bits, rows_per_cta, stream);
+}
+
+}  // namespace ferrum_moe_cuda::gemm

@@ -1,0 +1,437 @@
+#include "backend.hpp"
+
+#include <cstdlib>
+#include <cstring>
+
+#include "dtype.hpp"
+#include "error.hpp"
+
+// The host's side of an FmError: plugins create it through the services table.
+struct FmError {
+  FmErrorCode code;
+  std::string message;
+};
+
+namespace ferrum {
+namespace {
+
+FmError* host_error_new(FmErrorCode code, const char* message) {
+  return new FmError{code, message != nullptr ? message : "(no message)"};
+}
+
+void* host_alloc(size_t bytes, size_t alignment) {
+  if (alignment < sizeof(void*)) alignment = sizeof(void*);
+  void* p = nullptr;
+  return posix_memalign(&p, alignment, bytes == 0 ? alignment : bytes) == 0 ? p : nullptr;
+}
+
+void host_free(void* p) { std::free(p); }
+
+const FmHostServices kServices = {sizeof(FmHostServices), &host_error_new, &host_alloc, &host_free};
+
+// The table of ABI 1.0 ends with stream_order: a smaller table is truncated.
+constexpr size_t kMinApiSize = offsetof(FmBackendApi, stream_order) + sizeof(FmBackendApi::stream_order);
+
+}  // namespace
+
+void raise_if_error(FmError* error, const std::string& context) {
+  if (error == nullptr) return;
+  FmErrorCode code = error->code;
+  std::string message = context.empty() ? error->message : context + ": " + error->message;
+  delete error;
+  throw Error(code, message);
+}
+
+std::shared_ptr<Backend> Backend::load(const FmBackendApi* api) {
+  if (api == nullptr) throw Error(FM_ERROR_INTERNAL, "the plugin returned a NULL FmBackendApi table");
+  if (api->abi_major != FM_ABI_MAJOR) {
+    throw Error(FM_ERROR_UNSUPPORTED,
+                "plugin ABI " + std::to_string(api->abi_major) + "." + std::to_string(api->abi_minor) +
+                    " is incompatible with this ferrum-moe (ABI " + std::to_string(FM_ABI_MAJOR) + "." +
+                    std::to_string(FM_ABI_MINOR) + "): rebuild the plugin against this ferrum-moe");
+  }
+  if (api->struct_size < kMinApiSize) {
+    throw Error(FM_ERROR_UNSUPPORTED, "plugin function table is " + std::to_string(api->struct_size) +
+                                          " bytes; ABI " + std::to_string(FM_ABI_MAJOR) + ".0 needs " +
+                                          std::to_string(kMinApiSize));
+  }
+  std::shared_ptr<Backend> b(new Backend());
+  b->api_ = api;
+  b->name_ = api->name != nullptr ? api->name : "";
+  b->version_ = api->version != nullptr ? api->version : "";
+  FmInitArgs init{sizeof(FmInitArgs), &kServices, nullptr};
+  raise_if_error(api->initialize(&init), "initialising backend '" + b->name_ + "'");
+  if (init.backend == nullptr) throw Error(FM_ERROR_INTERNAL, "backend initialize returned no backend");
+  b->handle_ = init.backend;
+  FmBackendInfo info{};
+  info.struct_size = sizeof(FmBackendInfo);
+  raise_if_error(api->get_info(b->handle_, &info), "backend '" + b->name_ + "' get_info");
+  b->description_ = info.description != nullptr ? info.description : "";
+  b->device_types_.assign(info.device_types, info.device_types + info.num_device_types);
+  b->device_count_ = info.device_count;
+  return b;
+}
+
+Backend::~Backend() {
+  if (handle_ != nullptr) api_->destroy(handle_);
+}
+
+std::string Backend::abi_version() const {
+  return std::to_string(api_->abi_major) + "." + std::to_string(api_->abi_minor);
+}
+
+bool Backend::serves(DLDevice device) const {
+  for (int32_t t : device_types_) {
+    if (t == device.device_type) return device.device_type == kDLCPU || device.device_id < device_count_;
+  }
+  return false;
+}
+
+void Backend::check_device(const Tensor& t, Arg arg) const {
+  if (!serves(t.device())) {
+    throw_value_error(std::string(arg.op) + ": " + arg.name + " is on " + device_name(t.device()) +
+                      ", which backend '" + name_ + "' does not compute on");
+  }
+}
+
+std::shared_ptr<Tensor> Backend::empty(DLDevice device, DLDataType dtype, const std::vector<int64_t>& shape,
+                                       void* stream) {
+  FmTensorAllocArgs args{};
+  args.struct_size = sizeof(args);
+  args.backend = handle_;
+  args.device = device;
+  args.dtype = dtype;
+  args.ndim = int32_t(shape.size());
+  args.shape = shape.data();
+  args.stream = stream;
+  raise_if_error(api_->tensor_alloc(&args), "allocating " + dtype_name(dtype) + shape_string(shape) +
+                                                 " on " + device_name(device));
+  auto t = Tensor::adopt(args.result);
+  t->set_producer(shared_from_this(), stream);
+  return t;
+}
+
+std::shared_ptr<ExpertStack> Backend::create_stack(const StackSpec& spec, const Tensor& qweight,
+                                                   const Tensor& scales, const Tensor* zeros,
+                                                   const Tensor* g_idx, void* stream) {
+  const char* op = "ExpertStack";
+  if (spec.bits != 4 && spec.bits != 8) throw_value_error("ExpertStack: bits must be 4 or 8; got " + std::to_string(spec.bits));
+  if (spec.group_size != -1 && spec.group_size < 1) {
+    throw_value_error("ExpertStack: group_size must be -1 or positive; got " + std::to_string(spec.group_size));
+  }
+  if (spec.num_experts < 1 || spec.k < 1 || spec.n_per_expert < 1) {
+    throw_value_error("ExpertStack: num_experts, k and n_per_expert must be positive; got " +
+                      std::to_string(spec.num_experts) + ", " + std::to_string(spec.k) + ", " +
+                      std::to_string(spec.n_per_expert));
+  }
+  if (!serves(spec.device)) {
+    throw_value_error("ExpertStack: backend '" + name_ + "' cannot hold a stack on " + device_name(spec.device));
+  }
+  const int64_t e = spec.num_experts, n = spec.n_per_expert, g = spec.num_groups();
+  auto on_host_or_device = [&](const Tensor& t, Arg arg) {
+    if (t.device().device_type != kDLCPU) expect_device(t, spec.device, arg, "the host or the stack's device");
+    expect_compact(t, arg);
+  };
+  expect_rank(qweight, 3, {op, "qweight"});
+  expect_dtype_in(qweight, {kInt32, DLDataType{kDLUInt, 32, 1}}, {op, "qweight"});
+  expect_dim(qweight, 0, e, {op, "qweight"}, "num_experts");
+  expect_dim(qweight, 1, spec.packed_k(), {op, "qweight"}, "ceil(k / (32 / bits)) packed rows");
+  expect_dim(qweight, 2, n, {op, "qweight"}, "n_per_expert");
+  on_host_or_device(qweight, {op, "qweight"});
+  expect_rank(scales, 3, {op, "scales"});
+  expect_dtype(scales, spec.dtype, {op, "scales"}, "scales follow the activation dtype");
+  expect_dim(scales, 0, e, {op, "scales"}, "num_experts");
+  expect_dim(scales, 1, g, {op, "scales"}, "ceil(k / group_size) groups");
+  expect_dim(scales, 2, n, {op, "scales"}, "n_per_expert");
+  on_host_or_device(scales, {op, "scales"});
+  if (zeros != nullptr) {
+    expect_rank(*zeros, 3, {op, "zeros"});
+    expect_dtype(*zeros, kUInt8, {op, "zeros"}, "true zero points");
+    expect_dim(*zeros, 0, e, {op, "zeros"}, "num_experts");
+    expect_dim(*zeros, 1, g, {op, "zeros"}, "ceil(k / group_size) groups");
+    expect_dim(*zeros, 2, n, {op, "zeros"}, "n_per_expert");
+    on_host_or_device(*zeros, {op, "zeros"});
+  }
+  if (g_idx != nullptr) {
+    expect_rank(*g_idx, 2, {op, "g_idx"});
+    expect_dtype(*g_idx, kInt32, {op, "g_idx"});
+    expect_dim(*g_idx, 0, e, {op, "g_idx"}, "num_experts");
+    expect_dim(*g_idx, 1, spec.k, {op, "g_idx"}, "k");
+    on_host_or_device(*g_idx, {op, "g_idx"});
+    if (g_idx->device().device_type == kDLCPU) {
+      const auto* v = reinterpret_cast<const int32_t*>(g_idx->data_ptr());
+      for (int64_t i = 0; i < g_idx->numel(); ++i) {
+        if (v[i] < 0 || v[i] >= g) {
+          throw_value_error("ExpertStack: g_idx[" + std::to_string(i / spec.k) + ", " + std::to_string(i % spec.k) +
+                            "] = " + std::to_string(v[i]) + " is not a group index in [0, " + std::to_string(g) + ")");
+        }
+      }
+    }
+  }
+  FmStackCreateArgs args{};
+  args.struct_size = sizeof(args);
+  args.backend = handle_;
+  args.device = spec.device;
+  args.dtype = spec.dtype;
+  args.num_experts = e;
+  args.k = spec.k;
+  args.n_per_expert = n;
+  args.bits = spec.bits;
+  args.group_size = spec.group_size;
+  args.qweight = &qweight.dl();
+  args.scales = &scales.dl();
+  args.zeros = zeros != nullptr ? &zeros->dl() : nullptr;
+  args.g_idx = g_idx != nullptr ? &g_idx->dl() : nullptr;
+  args.stream = stream;
+  raise_if_error(api_->stack_create(&args), "");
+  return std::make_shared<ExpertStack>(shared_from_this(), args.stack, spec, zeros != nullptr, g_idx != nullptr);
+}
+
+int64_t max_num_tokens_padded(int64_t num_pairs, int64_t num_local_experts, int64_t block_size) {
+  return num_pairs + num_local_experts * (block_size - 1);
+}
+
+void Backend::moe_align_block_size(const Tensor& topk_ids, int64_t num_experts, int64_t block_size,
+                                   const Tensor* expert_map, Tensor& sorted_token_ids, Tensor& expert_ids,
+                                   Tensor& num_tokens_post_padded, void* stream) {
+  const char* op = "moe_align_block_size";
+  if (block_size < 1) throw_value_error("moe_align_block_size: block_size must be positive; got " + std::to_string(block_size));
+  if (num_experts < 1) throw_value_error("moe_align_block_size: num_experts must be positive; got " + std::to_string(num_experts));
+  expect_rank(topk_ids, 2, {op, "topk_ids"});
+  expect_dtype_in(topk_ids, {kInt32, kInt64}, {op, "topk_ids"});
+  expect_compact(topk_ids, {op, "topk_ids"});
+  check_device(topk_ids, {op, "topk_ids"});
+  int64_t num_local = num_experts;
+  if (expert_map != nullptr) {
+    expect_rank(*expert_map, 1, {op, "expert_map"});
+    expect_dtype(*expert_map, kInt32, {op, "expert_map"});
+    expect_dim(*expert_map, 0, num_experts, {op, "expert_map"}, "num_experts");
+    expect_compact(*expert_map, {op, "expert_map"});
+    expect_device(*expert_map, topk_ids.device(), {op, "expert_map"}, "topk_ids' device");
+    if (expert_map->device().device_type == kDLCPU) {
+      const auto* m = reinterpret_cast<const int32_t*>(expert_map->data_ptr());
+      int32_t max_local = -1;
+      for (int64_t i = 0; i < num_experts; ++i) {
+        if (m[i] < -1) {
+          throw_value_error("moe_align_block_size: expert_map[" + std::to_string(i) + "] = " + std::to_string(m[i]) +
+                            "; entries must be a local expert id >= 0 or -1 (not local)");
+        }
+        if (m[i] > max_local) max_local = m[i];
+      }
+      num_local = max_local + 1;
+    }
+  }
+  const int64_t padded = max_num_tokens_padded(topk_ids.numel(), num_local, block_size);
+  const int64_t blocks = (padded + block_size - 1) / block_size;
+  for (auto [t, name, len] : {std::tuple<Tensor*, const char*, int64_t>{&sorted_token_ids, "sorted_token_ids", padded},
+                              {&expert_ids, "expert_ids", blocks},
+                              {&num_tokens_post_padded, "num_tokens_post_padded", 1}}) {
+    expect_rank(*t, 1, {op, name});
+    expect_dtype(*t, kInt32, {op, name});
+    expect_dim_at_least(*t, 0, len, {op, name}, "see fm.routing_buffer_sizes");
+    expect_compact(*t, {op, name});
+    expect_device(*t, topk_ids.device(), {op, name}, "topk_ids' device");
+    expect_writable(*t, {op, name});
+  }
+  FmAlignArgs args{};
+  args.struct_size = sizeof(args);
+  args.backend = handle_;
+  args.topk_ids = &topk_ids.dl();
+  args.num_experts = num_experts;
+  args.block_size = block_size;
+  args.expert_map = expert_map != nullptr ? &expert_map->dl() : nullptr;
+  args.num_local_experts = num_local;
+  args.sorted_token_ids = sorted_token_ids.mutable_dl();
+  args.expert_ids = expert_ids.mutable_dl();
+  args.num_tokens_post_padded = num_tokens_post_padded.mutable_dl();
+  args.stream = stream;
+  raise_if_error(api_->moe_align_block_size(&args), op);
+}
+
+void Backend::gated_activation(const Tensor& input, Tensor& out, void* stream) {
+  const char* op = "gated_activation";
+  expect_rank(input, 2, {op, "input"});
+  expect_rank(out, 2, {op, "out"});
+  check_device(input, {op, "input"});
+  expect_device(out, input.device(), {op, "out"}, "the input's device");
+  expect_dtype_in(input, {kFloat32, kFloat16, kBFloat16}, {op, "input"});
+  expect_dtype(out, input.dtype(), {op, "out"}, "the input's dtype");
+  if (input.dim(1) % 2 != 0) throw_value_error("gated_activation: input width " + std::to_string(input.dim(1)) + " must be even ([gate | up])");
+  expect_dim(out, 0, input.dim(0), {op, "out"}, "the input's rows");
+  expect_dim(out, 1, input.dim(1) / 2, {op, "out"}, "half the input's width");
+  expect_rows_contiguous(input, {op, "input"});
+  expect_rows_contiguous(out, {op, "out"});
+  expect_writable(out, {op, "out"});
+  FmGatedActivationArgs args{sizeof(args), handle_, FM_ACTIVATION_SILU, &input.dl(), out.mutable_dl(), stream};
+  raise_if_error(api_->gated_activation(&args), op);
+}
+
+void Backend::moe_sum(const Tensor& input, const Tensor& topk_ids, int64_t num_experts, const Tensor* expert_map,
+                      Tensor& out, void* stream) {
+  const char* op = "moe_sum";
+  expect_rank(input, 2, {op, "input"});
+  expect_rank(topk_ids, 2, {op, "topk_ids"});
+  expect_rank(out, 2, {op, "out"});
+  check_device(input, {op, "input"});
+  expect_device(topk_ids, input.device(), {op, "topk_ids"}, "the input's device");
+  expect_device(out, input.device(), {op, "out"}, "the input's device");
+  expect_dtype_in(topk_ids, {kInt32, kInt64}, {op, "topk_ids"});
+  expect_compact(topk_ids, {op, "topk_ids"});
+  expect_dtype_in(out, {kFloat32, kFloat16, kBFloat16}, {op, "out"});
+  if (input.dtype() != kFloat32) expect_dtype(input, out.dtype(), {op, "input"}, "float32 or the output's dtype");
+  expect_dim(input, 0, topk_ids.numel(), {op, "input"}, "num_tokens * top_k");
+  expect_dim(out, 0, topk_ids.dim(0), {op, "out"}, "num_tokens");
+  expect_dim(out, 1, input.dim(1), {op, "out"}, "the input's width");
+  expect_rows_contiguous(input, {op, "input"});
+  expect_rows_contiguous(out, {op, "out"});
+  expect_writable(out, {op, "out"});
+  if (expert_map != nullptr) {
+    expect_rank(*expert_map, 1, {op, "expert_map"});
+    expect_dtype(*expert_map, kInt32, {op, "expert_map"});
+    expect_dim(*expert_map, 0, num_experts, {op, "expert_map"}, "num_experts");
+    expect_device(*expert_map, input.device(), {op, "expert_map"}, "the input's device");
+  }
+  FmMoeSumArgs args{sizeof(args), handle_, &input.dl(), &topk_ids.dl(), num_experts,
+                    expert_map != nullptr ? &expert_map->dl() : nullptr, out.mutable_dl(), stream};
+  raise_if_error(api_->moe_sum(&args), op);
+}
+
+void Backend::stream_order(DLDevice device, void* producer, void* consumer) {
+  raise_if_error(api_->stream_order(handle_, device, producer, consumer), "ordering DLPack streams");
+}
+
+ExpertStack::ExpertStack(std::shared_ptr<Backend> backend, FmStack* handle, const StackSpec& spec, bool has_zeros,
+                         bool has_g_idx)
+    : backend_(std::move(backend)), handle_(handle), spec_(spec), has_zeros_(has_zeros), has_g_idx_(has_g_idx) {
+  props_.struct_size = sizeof(props_);
+  props_.column_alignment = 1;
+  raise_if_error(backend_->api().stack_get_properties(handle_, &props_), "stack properties");
+  if (props_.column_alignment < 1) props_.column_alignment = 1;
+}
+
+ExpertStack::~ExpertStack() { backend_->api().stack_destroy(handle_); }
+
+void ExpertStack::check_column_window(int64_t col_begin, int64_t n, const char* op) const {
+  const int64_t npe = spec_.n_per_expert, a = props_.column_alignment;
+  const std::string where = std::string(op) + ": offset " + std::to_string(col_begin) + " and n " + std::to_string(n);
+  if (n < 1 || col_begin < 0 || col_begin + n > npe) {
+    throw_value_error(where + " must select columns inside one expert: 0 <= offset, 1 <= n, offset + n <= n_per_expert " +
+                      std::to_string(npe));
+  }
+  if (col_begin % a != 0 || (n % a != 0 && col_begin + n != npe)) {
+    throw_value_error(where + " must be multiples of the '" + backend_->name() + "' backend's column alignment " +
+                      std::to_string(a));
+  }
+}
+
+void ExpertStack::gemm_batched(const Tensor& x, const Tensor& dispatches, int64_t col_begin, int64_t n,
+                               const Tensor* bias, Tensor& out, void* stream) {
+  const char* op = "gemm_batched";
+  check_column_window(col_begin, n, op);
+  expect_rank(x, 2, {op, "x"});
+  expect_device(x, spec_.device, {op, "x"}, "the stack's device");
+  expect_dtype(x, spec_.dtype, {op, "x"}, "the stack's dtype");
+  expect_dim(x, 1, spec_.k, {op, "x"}, "the stack's k");
+  expect_rows_contiguous(x, {op, "x"});
+  expect_rank(out, 2, {op, "out"});
+  expect_device(out, spec_.device, {op, "out"}, "the stack's device");
+  expect_dtype_in(out, {spec_.dtype, kFloat32}, {op, "out"});
+  expect_dim_at_least(out, 1, n, {op, "out"}, "the output width n");
+  expect_rows_contiguous(out, {op, "out"});
+  expect_writable(out, {op, "out"});
+  if (bias != nullptr) {
+    expect_rank(*bias, 1, {op, "bias"});
+    expect_device(*bias, spec_.device, {op, "bias"}, "the stack's device");
+    expect_dtype(*bias, spec_.dtype, {op, "bias"}, "the stack's dtype");
+    expect_dim(*bias, 0, n, {op, "bias"}, "the output width n");
+    expect_compact(*bias, {op, "bias"});
+  }
+  expect_rank(dispatches, 2, {op, "dispatches"});
+  expect_dtype(dispatches, kInt64, {op, "dispatches"});
+  expect_device(dispatches, DLDevice{kDLCPU, 0}, {op, "dispatches"}, "dispatch rows are read on the host");
+  expect_dim(dispatches, 1, 4, {op, "dispatches"}, "rows (expert, in_row, out_row, m)");
+  expect_compact(dispatches, {op, "dispatches"});
+  const auto* d = reinterpret_cast<const int64_t*>(dispatches.data_ptr());
+  for (int64_t i = 0; i < dispatches.dim(0); ++i) {
+    const int64_t e = d[4 * i], in_row = d[4 * i + 1], out_row = d[4 * i + 2], m = d[4 * i + 3];
+    const std::string row = "gemm_batched: dispatches[" + std::to_string(i) + "] = (expert " + std::to_string(e) +
+                            ", in_row " + std::to_string(in_row) + ", out_row " + std::to_string(out_row) + ", m " +
+                            std::to_string(m) + "): ";
+    if (e < 0 || e >= spec_.num_experts) throw_value_error(row + "expert must be in [0, " + std::to_string(spec_.num_experts) + ")");
+    if (m < 0) throw_value_error(row + "m must be >= 0");
+    if (in_row < 0 || in_row + m > x.dim(0)) throw_value_error(row + "input rows exceed x's " + std::to_string(x.dim(0)) + " rows");
+    if (out_row < 0 || out_row + m > out.dim(0)) throw_value_error(row + "output rows exceed out's " + std::to_string(out.dim(0)) + " rows");
+  }
+  FmGemmBatchedArgs args{};
+  args.struct_size = sizeof(args);
+  args.stack = handle_;
+  args.x = &x.dl();
+  args.dispatches = &dispatches.dl();
+  args.col_begin = col_begin;
+  args.n = n;
+  args.bias = bias != nullptr ? &bias->dl() : nullptr;
+  args.out = out.mutable_dl();
+  args.stream = stream;
+  raise_if_error(backend_->api().stack_gemm_batched(&args), op);
+}
+
+void ExpertStack::gemm_routed(const Tensor& x, const Tensor& sorted_token_ids, const Tensor& expert_ids,
+                              const Tensor& num_tokens_post_padded, int64_t block_size, int64_t top_k,
+                              const Tensor* topk_weights, Tensor& out, void* stream) {
+  const char* op = "gemm_routed";
+  if (block_size < 1 || top_k < 1) {
+    throw_value_error("gemm_routed: block_size and top_k must be positive; got " + std::to_string(block_size) + " and " +
+                      std::to_string(top_k));
+  }
+  expect_rank(x, 2, {op, "x"});
+  expect_device(x, spec_.device, {op, "x"}, "the stack's device");
+  expect_dtype(x, spec_.dtype, {op, "x"}, "the stack's dtype");
+  expect_dim(x, 1, spec_.k, {op, "x"}, "the stack's k");
+  expect_rows_contiguous(x, {op, "x"});
+  const int64_t num_tokens = x.dim(0);
+  for (auto [t, name] : {std::pair<const Tensor*, const char*>{&sorted_token_ids, "sorted_token_ids"},
+                         {&expert_ids, "expert_ids"},
+                         {&num_tokens_post_padded, "num_tokens_post_padded"}}) {
+    expect_rank(*t, 1, {op, name});
+    expect_dtype(*t, kInt32, {op, name});
+    expect_device(*t, spec_.device, {op, name}, "the stack's device");
+    expect_compact(*t, {op, name});
+  }
+  const int64_t blocks = (sorted_token_ids.dim(0) + block_size - 1) / block_size;
+  expect_dim_at_least(expert_ids, 0, blocks, {op, "expert_ids"}, "one per block of sorted_token_ids");
+  expect_dim(num_tokens_post_padded, 0, 1, {op, "num_tokens_post_padded"}, "a single count");
+  expect_rank(out, 2, {op, "out"});
+  expect_device(out, spec_.device, {op, "out"}, "the stack's device");
+  expect_dtype_in(out, {spec_.dtype, kFloat32}, {op, "out"});
+  expect_dim(out, 0, num_tokens * top_k, {op, "out"}, "num_tokens * top_k");
+  expect_dim(out, 1, spec_.n_per_expert, {op, "out"}, "n_per_expert");
+  expect_rows_contiguous(out, {op, "out"});
+  expect_writable(out, {op, "out"});
+  if (topk_weights != nullptr) {
+    expect_rank(*topk_weights, 2, {op, "topk_weights"});
+    expect_dtype(*topk_weights, kFloat32, {op, "topk_weights"});
+    expect_device(*topk_weights, spec_.device, {op, "topk_weights"}, "the stack's device");
+    expect_dim(*topk_weights, 0, num_tokens, {op, "topk_weights"}, "num_tokens");
+    expect_dim(*topk_weights, 1, top_k, {op, "topk_weights"}, "top_k");
+    expect_compact(*topk_weights, {op, "topk_weights"});
+  }
+  FmGemmRoutedArgs args{};
+  args.struct_size = sizeof(args);
+  args.stack = handle_;
+  args.x = &x.dl();
+  args.sorted_token_ids = &sorted_token_ids.dl();
+  args.expert_ids = &expert_ids.dl();
+  args.num_tokens_post_padded = &num_tokens_post_padded.dl();
+  args.block_size = block_size;
+  args.top_k = top_k;
+  args.topk_weights = topk_weights != nullptr ? &topk_weights->dl() : nullptr;
+  args.out = out.mutable_dl();
+  args.stream = stream;
+  raise_if_error(backend_->api().stack_gemm_routed(&args), op);
+}
+
+void ExpertStack::zero_workspace(void* stream) {
+  raise_if_error(backend_->api().stack_zero_workspace(handle_, stream), "zero_workspace");
+}
+
+}  // namespace ferrum

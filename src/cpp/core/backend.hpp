@@ -1,0 +1,116 @@
+// The plugin host: wraps a backend's C function table (plugin.h) into C++
+// objects, validates every argument before it crosses into the plugin, and
+// turns the plugin's FmError objects back into ferrum::Error exceptions.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "ferrum_moe/plugin.h"
+#include "tensor.hpp"
+
+namespace ferrum {
+
+class ExpertStack;
+
+// What describes a stack's quantized weights, independent of where they live.
+struct StackSpec {
+  DLDevice device{kDLCPU, 0};
+  DLDataType dtype{};
+  int64_t num_experts = 0;
+  int64_t k = 0;
+  int64_t n_per_expert = 0;
+  int32_t bits = 4;
+  int32_t group_size = 128;  // -1: one group over K
+  int64_t num_groups() const { return group_size == -1 ? 1 : (k + group_size - 1) / group_size; }
+  int64_t packed_k() const { return (k + (32 / bits) - 1) / (32 / bits); }
+};
+
+class Backend : public std::enable_shared_from_this<Backend> {
+ public:
+  // Checks the table's version and size, then initialises the plugin. Throws
+  // ferrum::Error with the reason when the plugin cannot be used.
+  static std::shared_ptr<Backend> load(const FmBackendApi* api);
+  ~Backend();
+
+  const std::string& name() const { return name_; }
+  const std::string& version() const { return version_; }
+  const std::string& description() const { return description_; }
+  const std::vector<int32_t>& device_types() const { return device_types_; }
+  int32_t device_count() const { return device_count_; }
+  std::string abi_version() const;
+  bool serves(DLDevice device) const;
+
+  std::shared_ptr<Tensor> empty(DLDevice device, DLDataType dtype, const std::vector<int64_t>& shape,
+                                void* stream);
+  std::shared_ptr<ExpertStack> create_stack(const StackSpec& spec, const Tensor& qweight,
+                                            const Tensor& scales, const Tensor* zeros,
+                                            const Tensor* g_idx, void* stream);
+  void moe_align_block_size(const Tensor& topk_ids, int64_t num_experts, int64_t block_size,
+                            const Tensor* expert_map, Tensor& sorted_token_ids, Tensor& expert_ids,
+                            Tensor& num_tokens_post_padded, void* stream);
+  void gated_activation(const Tensor& input, Tensor& out, void* stream);
+  void moe_sum(const Tensor& input, const Tensor& topk_ids, int64_t num_experts,
+               const Tensor* expert_map, Tensor& out, void* stream);
+  void stream_order(DLDevice device, void* producer, void* consumer);
+
+  const FmBackendApi& api() const { return *api_; }
+  FmBackend* handle() const { return handle_; }
+
+ private:
+  Backend() = default;
+  void check_device(const Tensor& t, Arg arg) const;
+
+  const FmBackendApi* api_ = nullptr;
+  FmBackend* handle_ = nullptr;
+  std::string name_, version_, description_;
+  std::vector<int32_t> device_types_;
+  int32_t device_count_ = 0;
+};
+
+// Throws the ferrum::Error an FmError carries (and frees it); no-op for NULL.
+void raise_if_error(FmError* error, const std::string& context);
+
+// The number of sorted-id slots moe_align_block_size may fill:
+// every (token, k) pair, plus up to block_size - 1 padding slots per local expert.
+int64_t max_num_tokens_padded(int64_t num_pairs, int64_t num_local_experts, int64_t block_size);
+
+class ExpertStack {
+ public:
+  ExpertStack(std::shared_ptr<Backend> backend, FmStack* handle, const StackSpec& spec,
+              bool has_zeros, bool has_g_idx);
+  ~ExpertStack();
+  ExpertStack(const ExpertStack&) = delete;
+  ExpertStack& operator=(const ExpertStack&) = delete;
+
+  const StackSpec& spec() const { return spec_; }
+  const std::shared_ptr<Backend>& backend() const { return backend_; }
+  bool has_zeros() const { return has_zeros_; }
+  bool has_g_idx() const { return has_g_idx_; }
+  int64_t column_alignment() const { return props_.column_alignment; }
+  int64_t resident_bytes() const { return props_.resident_bytes; }
+  int64_t workspace_bytes() const { return props_.workspace_bytes; }
+
+  // Validates a column window [col_begin, col_begin + n) of one expert, as
+  // expert_linear takes it; `op` names the caller in the message.
+  void check_column_window(int64_t col_begin, int64_t n, const char* op) const;
+
+  void gemm_batched(const Tensor& x, const Tensor& dispatches, int64_t col_begin, int64_t n,
+                    const Tensor* bias, Tensor& out, void* stream);
+  void gemm_routed(const Tensor& x, const Tensor& sorted_token_ids, const Tensor& expert_ids,
+                   const Tensor& num_tokens_post_padded, int64_t block_size, int64_t top_k,
+                   const Tensor* topk_weights, Tensor& out, void* stream);
+  void zero_workspace(void* stream);
+
+ private:
+  std::shared_ptr<Backend> backend_;
+  FmStack* handle_;
+  StackSpec spec_;
+  bool has_zeros_, has_g_idx_;
+  FmStackProperties props_{};
+};
+
+}  // namespace ferrum

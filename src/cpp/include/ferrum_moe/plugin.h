@@ -1,0 +1,268 @@
+/* ferrum-moe backend plugin ABI.
+ *
+ * A backend is a C function table (FmBackendApi). The host (ferrum_moe._core)
+ * finds it through the Python entry-point group `ferrum_moe.backends`: each
+ * entry point returns a PyCapsule named "ferrum_moe.backend_api" holding a
+ * `const FmBackendApi*`. A plugin shipped as a plain shared library exports
+ * `fm_backend_get_api` and lets `ferrum_moe.plugin.capsule_from_library` build
+ * that capsule, so the plugin itself never links against Python.
+ *
+ * Versioning rules
+ *  - `abi_major` must equal the host's FM_ABI_MAJOR, or the host refuses the
+ *    plugin with an error naming both versions.
+ *  - `abi_minor` only grows; a minor release may only append function pointers
+ *    to FmBackendApi and fields to the args structs. Nothing is reordered or
+ *    removed within a major version.
+ *  - Every struct starts with `struct_size`, set by whoever fills it to the
+ *    sizeof() it was compiled with. A reader uses FM_STRUCT_HAS(ptr, field) to
+ *    check that an appended field is present before it reads it.
+ *
+ * Conventions for every function
+ *  - Returns NULL on success, or an FmError* created with
+ *    FmHostServices.error_new. The host takes ownership of the error.
+ *  - No C++ exception, STL type or Python object crosses this boundary.
+ *  - Tensors are DLTensor*. The host has validated every tensor it passes
+ *    (dtype, device, rank, shape, in-bounds host-side indices) before the
+ *    call; the plugin may rely on what each field's comment promises.
+ *    Device-resident index arrays are NOT validated by the host: kernels must
+ *    skip out-of-range entries rather than access memory out of bounds.
+ *  - `stream` is a backend-specific stream handle (cudaStream_t for CUDA;
+ *    ignored by the CPU backend). NULL means the legacy default stream.
+ *  - Calls on one FmStack may come from several threads at once; a plugin
+ *    serialises whatever mutable state it keeps.
+ */
+#ifndef FERRUM_MOE_PLUGIN_H_
+#define FERRUM_MOE_PLUGIN_H_
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "ferrum_moe/dlpack.h"
+
+#define FM_ABI_MAJOR 1
+#define FM_ABI_MINOR 0
+
+/* Capsule name an entry point's object must carry. */
+#define FM_BACKEND_CAPSULE_NAME "ferrum_moe.backend_api"
+/* Symbol a shared-library plugin exports: `const FmBackendApi* fm_backend_get_api(void)`. */
+#define FM_BACKEND_ENTRY_SYMBOL "fm_backend_get_api"
+
+#if defined(_WIN32)
+#define FM_EXPORT __declspec(dllexport)
+#else
+#define FM_EXPORT __attribute__((visibility("default")))
+#endif
+
+/* True when the struct `ptr` points to, as filled by the other side, is large
+ * enough to hold `field` (appended fields of newer minor versions). */
+#define FM_STRUCT_HAS(ptr, field) \
+  ((ptr)->struct_size >= offsetof(__typeof__(*(ptr)), field) + sizeof((ptr)->field))
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum {
+  FM_ERROR_INVALID_ARGUMENT = 1, /* raised in Python as ValueError */
+  FM_ERROR_TYPE = 2,             /* TypeError */
+  FM_ERROR_UNSUPPORTED = 3,      /* NotImplementedError */
+  FM_ERROR_OUT_OF_MEMORY = 4,    /* MemoryError */
+  FM_ERROR_DEVICE = 5,           /* RuntimeError: a driver or kernel failure */
+  FM_ERROR_INTERNAL = 6,         /* RuntimeError */
+} FmErrorCode;
+
+/* Opaque error, owned by the host once returned. */
+typedef struct FmError FmError;
+/* Opaque plugin objects. */
+typedef struct FmBackend FmBackend;
+typedef struct FmStack FmStack;
+
+/* Services the host lends the plugin; valid from initialize until destroy. */
+typedef struct FmHostServices {
+  size_t struct_size;
+  /* Creates an error; `message` is copied (UTF-8, NUL-terminated). */
+  FmError* (*error_new)(FmErrorCode code, const char* message);
+  /* Host memory aligned to `alignment` (a power of two, >= sizeof(void*));
+   * NULL when out of memory. Release with host_free. */
+  void* (*host_alloc)(size_t bytes, size_t alignment);
+  void (*host_free)(void* ptr);
+} FmHostServices;
+
+typedef struct FmInitArgs {
+  size_t struct_size;
+  const FmHostServices* services;
+  FmBackend* backend; /* out */
+} FmInitArgs;
+
+typedef struct FmBackendInfo {
+  size_t struct_size;
+  /* Strings and arrays stay valid until destroy. */
+  const char* description;     /* one line: what runs where ("AVX2+FMA, 16 threads") */
+  const int32_t* device_types; /* DLDeviceType values whose tensors this backend computes on */
+  int32_t num_device_types;
+  int32_t device_count;        /* devices of device_types[0]; 0 if none is usable */
+} FmBackendInfo;
+
+/* A new tensor owned by the caller: it calls result->deleter exactly once. */
+typedef struct FmTensorAllocArgs {
+  size_t struct_size;
+  FmBackend* backend;
+  DLDevice device;
+  DLDataType dtype;
+  int32_t ndim;
+  const int64_t* shape;
+  void* stream;                        /* memory is ready for use on this stream */
+  DLManagedTensorVersioned* result;    /* out: compact row-major, strides may be NULL */
+} FmTensorAllocArgs;
+
+/* An expert stack: E experts of one matmul role, y = x @ W_e with W_e [K, N].
+ * The quantized tensors are in GPTQ orientation and may live on the host or on
+ * the stack's device; the plugin copies or repacks them into its own layout and
+ * keeps no reference to them after the call returns. */
+typedef struct FmStackCreateArgs {
+  size_t struct_size;
+  FmBackend* backend;
+  DLDevice device;         /* where the stack lives */
+  DLDataType dtype;        /* activation dtype of every call on this stack */
+  int64_t num_experts;     /* E >= 1 */
+  int64_t k;               /* K >= 1 */
+  int64_t n_per_expert;    /* N >= 1 */
+  int32_t bits;            /* 4 or 8 */
+  int32_t group_size;      /* G: -1 (one group over K) or >= 1; num_groups = ceil(K / G) */
+  /* int32 [E, ceil(K / (32 / bits)), N]: value k of column n sits in word
+   * k / (32 / bits) at bit offset bits * (k % (32 / bits)); unsigned codes. */
+  const DLTensor* qweight;
+  /* [E, num_groups, N], dtype == `dtype` */
+  const DLTensor* scales;
+  /* uint8 [E, num_groups, N] true zero points, or NULL: symmetric, zero = 2^(bits-1) */
+  const DLTensor* zeros;
+  /* int32 [E, K] group of each input row (act-order), values in [0, num_groups),
+   * or NULL: row k is in group k / G */
+  const DLTensor* g_idx;
+  void* stream;
+  FmStack* stack;          /* out */
+} FmStackCreateArgs;
+
+typedef struct FmStackProperties {
+  size_t struct_size;
+  int64_t column_alignment; /* expert_linear offsets and widths must be multiples */
+  int64_t resident_bytes;   /* device or host memory the stack holds */
+  int64_t workspace_bytes;
+} FmStackProperties;
+
+/* For each dispatch row (e, in_row, out_row, m):
+ *   out[out_row + i, j] = sum_k x[in_row + i, k] * W_e[k, col_begin + j] (+ bias[j])
+ * for i < m, j < n. */
+typedef struct FmGemmBatchedArgs {
+  size_t struct_size;
+  FmStack* stack;
+  const DLTensor* x;          /* [rows_in, K], stack dtype, row stride 1 in the last dim */
+  const DLTensor* dispatches; /* host int64 [D, 4], bounds checked by the host */
+  int64_t col_begin;          /* column window inside each expert: [col_begin, col_begin + n) */
+  int64_t n;
+  const DLTensor* bias;       /* [n] stack dtype, or NULL */
+  DLTensor* out;              /* [rows_out, >= n], stack dtype or float32 */
+  void* stream;
+} FmGemmBatchedArgs;
+
+/* vLLM's fused-MoE contract over moe_align_block_size output. For each padded
+ * position p < *num_tokens_post_padded with id = sorted_token_ids[p] < num_tokens * top_k
+ * and e = expert_ids[p / block_size] in [0, E):
+ *   out[id, :] = x[id / top_k, :] @ W_e (* topk_weights.flat[id] when given).
+ * Rows of `out` no valid id names are left untouched. */
+typedef struct FmGemmRoutedArgs {
+  size_t struct_size;
+  FmStack* stack;
+  const DLTensor* x;                      /* [num_tokens, K] */
+  const DLTensor* sorted_token_ids;       /* int32 [P], same device as x */
+  const DLTensor* expert_ids;             /* int32 [P / block_size] (local ids; -1 = skip) */
+  const DLTensor* num_tokens_post_padded; /* int32 [1] */
+  int64_t block_size;
+  int64_t top_k;
+  const DLTensor* topk_weights;           /* float32 [num_tokens, top_k], or NULL */
+  DLTensor* out;                          /* [num_tokens * top_k, N], stack dtype or float32 */
+  void* stream;
+} FmGemmRoutedArgs;
+
+/* vLLM's moe_align_block_size with invalid and non-local experts dropped. */
+typedef struct FmAlignArgs {
+  size_t struct_size;
+  FmBackend* backend;
+  const DLTensor* topk_ids;         /* int32 or int64 [num_tokens, top_k] */
+  int64_t num_experts;              /* global expert count */
+  int64_t block_size;
+  const DLTensor* expert_map;       /* int32 [num_experts] global -> local id or -1; or NULL */
+  int64_t num_local_experts;        /* local id bound (== num_experts without a map) */
+  DLTensor* sorted_token_ids;       /* int32 [num_tokens*top_k + num_local_experts*(block_size-1)] */
+  DLTensor* expert_ids;             /* int32 [len(sorted_token_ids) / block_size] */
+  DLTensor* num_tokens_post_padded; /* int32 [1] */
+  void* stream;
+} FmAlignArgs;
+
+typedef enum {
+  FM_ACTIVATION_SILU = 0, /* silu(gate) * up */
+} FmActivation;
+
+/* out[r, j] = act(in[r, j]) * in[r, n + j] for j < n. */
+typedef struct FmGatedActivationArgs {
+  size_t struct_size;
+  FmBackend* backend;
+  FmActivation activation;
+  const DLTensor* input; /* [R, 2n] */
+  DLTensor* out;         /* [R, n] */
+  void* stream;
+} FmGatedActivationArgs;
+
+/* out[t, :] = sum over j < top_k whose expert is valid and local of
+ * input[t * top_k + j, :], accumulated in float32. */
+typedef struct FmMoeSumArgs {
+  size_t struct_size;
+  FmBackend* backend;
+  const DLTensor* input;      /* [num_tokens * top_k, H], float32 or the out dtype */
+  const DLTensor* topk_ids;   /* int32 or int64 [num_tokens, top_k] */
+  int64_t num_experts;
+  const DLTensor* expert_map; /* int32 [num_experts], or NULL */
+  DLTensor* out;              /* [num_tokens, H] */
+  void* stream;
+} FmMoeSumArgs;
+
+typedef struct FmBackendApi {
+  size_t struct_size;
+  uint32_t abi_major;
+  uint32_t abi_minor;
+  const char* name;    /* the backend's name, e.g. "cpu"; static storage */
+  const char* version; /* the plugin's version; static storage */
+
+  /* Creates the backend object. An error here marks the backend unavailable,
+   * with this error's message as the reason. Called at most once per process. */
+  FmError* (*initialize)(FmInitArgs* args);
+  void (*destroy)(FmBackend* backend);
+  FmError* (*get_info)(FmBackend* backend, FmBackendInfo* info);
+
+  FmError* (*tensor_alloc)(FmTensorAllocArgs* args);
+
+  FmError* (*stack_create)(FmStackCreateArgs* args);
+  void (*stack_destroy)(FmStack* stack);
+  FmError* (*stack_get_properties)(FmStack* stack, FmStackProperties* props);
+  FmError* (*stack_gemm_batched)(FmGemmBatchedArgs* args);
+  FmError* (*stack_gemm_routed)(FmGemmRoutedArgs* args);
+  /* Resets whatever cross-CTA state the stack keeps between GEMMs. */
+  FmError* (*stack_zero_workspace)(FmStack* stack, void* stream);
+
+  FmError* (*moe_align_block_size)(FmAlignArgs* args);
+  FmError* (*gated_activation)(FmGatedActivationArgs* args);
+  FmError* (*moe_sum)(FmMoeSumArgs* args);
+
+  /* Makes later work on `consumer` wait for all work queued so far on
+   * `producer` (an event record + wait on CUDA). Used when a tensor this
+   * backend produced is exported through DLPack to another stream. */
+  FmError* (*stream_order)(FmBackend* backend, DLDevice device, void* producer, void* consumer);
+} FmBackendApi;
+
+typedef const FmBackendApi* (*FmBackendGetApiFn)(void);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* FERRUM_MOE_PLUGIN_H_ */

@@ -1,0 +1,210 @@
+// ferrum_moe._core: bindings only. Every behaviour lives in src/cpp/core.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <optional>
+
+#include "../core/backend.hpp"
+#include "../core/dtype.hpp"
+#include "../core/error.hpp"
+#include "../core/tensor.hpp"
+#include "dlpack_capsule.hpp"
+
+namespace py = pybind11;
+using ferrum::Backend;
+using ferrum::ExpertStack;
+using ferrum::Tensor;
+using TensorPtr = std::shared_ptr<Tensor>;
+
+namespace {
+
+void* as_stream(uintptr_t handle) { return reinterpret_cast<void*>(handle); }
+const Tensor* opt(const std::optional<TensorPtr>& t) { return t ? t->get() : nullptr; }
+
+py::dict build_info() {
+  py::dict d;
+#if defined(__clang__)
+  d["compiler"] = "clang " __clang_version__;
+#elif defined(__GNUC__)
+  d["compiler"] = "gcc " __VERSION__;
+#else
+  d["compiler"] = "unknown";
+#endif
+  d["abi"] = std::to_string(FM_ABI_MAJOR) + "." + std::to_string(FM_ABI_MINOR);
+  d["dlpack"] = std::to_string(DLPACK_MAJOR_VERSION) + "." + std::to_string(DLPACK_MINOR_VERSION);
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "ferrum-moe core: DLPack tensors, the plugin host, expert stacks (bindings only)";
+
+  static py::exception<ferrum::Error> base_error(m, "CoreError", PyExc_RuntimeError);
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const ferrum::Error& e) {
+      PyObject* type = PyExc_RuntimeError;
+      switch (e.code()) {
+        case FM_ERROR_INVALID_ARGUMENT: type = PyExc_ValueError; break;
+        case FM_ERROR_TYPE: type = PyExc_TypeError; break;
+        case FM_ERROR_UNSUPPORTED: type = PyExc_NotImplementedError; break;
+        case FM_ERROR_OUT_OF_MEMORY: type = PyExc_MemoryError; break;
+        default: break;
+      }
+      PyErr_SetString(type, e.what());
+    }
+  });
+
+  m.def("build_info", &build_info);
+  m.def("max_num_tokens_padded", &ferrum::max_num_tokens_padded, py::arg("num_pairs"),
+        py::arg("num_local_experts"), py::arg("block_size"));
+
+  py::class_<Tensor, TensorPtr>(m, "Tensor",
+                                "An array ferrum-moe holds: imported through DLPack or allocated by a backend. "
+                                "Exports itself through DLPack (both capsule kinds).")
+      .def_static("from_capsule", &ferrum::python::consume_capsule, py::arg("capsule"))
+      .def_property_readonly("shape", [](const Tensor& t) { return py::tuple(py::cast(t.shape())); })
+      .def_property_readonly("strides", [](const Tensor& t) { return py::tuple(py::cast(t.strides())); })
+      .def_property_readonly("dtype", [](const Tensor& t) { return ferrum::dtype_name(t.dtype()); })
+      .def_property_readonly("device", [](const Tensor& t) {
+        return py::make_tuple(int(t.device().device_type), t.device().device_id);
+      })
+      .def_property_readonly("data_ptr", &Tensor::data_ptr)
+      .def_property_readonly("read_only", &Tensor::read_only)
+      .def_property_readonly("is_compact", &Tensor::is_compact)
+      .def("retyped", [](Tensor& t, const std::string& name) { return t.retyped(ferrum::dtype_from_name(name, "retyped")); })
+      .def("view", &Tensor::view, py::arg("shape"))
+      .def(
+          "__dlpack__",
+          [](Tensor& t, py::object stream, py::object max_version, py::object dl_device, py::object copy) {
+            if (!copy.is_none() && copy.cast<bool>()) {
+              throw ferrum::Error(FM_ERROR_UNSUPPORTED, "__dlpack__: copy=True is not supported; ferrum tensors export without copying");
+            }
+            if (!dl_device.is_none()) {
+              auto [type, id] = dl_device.cast<std::pair<int, int>>();
+              if (type != int(t.device().device_type) || id != t.device().device_id) {
+                throw ferrum::Error(FM_ERROR_UNSUPPORTED, "__dlpack__: cannot export to another device");
+              }
+            }
+            t.prepare_export(stream.is_none() ? (t.device().device_type == kDLCPU ? -1 : 1) : stream.cast<int64_t>());
+            bool versioned = !max_version.is_none() && max_version.cast<std::pair<int, int>>().first >= 1;
+            return ferrum::python::export_capsule(t.shared_from_this(), versioned);
+          },
+          py::kw_only(), py::arg("stream") = py::none(), py::arg("max_version") = py::none(),
+          py::arg("dl_device") = py::none(), py::arg("copy") = py::none())
+      .def("__dlpack_device__", [](const Tensor& t) {
+        return py::make_tuple(int(t.device().device_type), t.device().device_id);
+      });
+
+  py::class_<Backend, std::shared_ptr<Backend>>(m, "Backend", "A loaded backend plugin (its C function table).")
+      .def_static(
+          "load",
+          [](py::capsule capsule) {
+            if (!PyCapsule_IsValid(capsule.ptr(), FM_BACKEND_CAPSULE_NAME)) {
+              const char* name = PyCapsule_GetName(capsule.ptr());
+              PyErr_Clear();
+              throw ferrum::Error(FM_ERROR_TYPE, std::string("backend entry point returned a capsule named '") +
+                                                     (name ? name : "(null)") + "'; expected '" FM_BACKEND_CAPSULE_NAME "'");
+            }
+            auto* api = static_cast<const FmBackendApi*>(PyCapsule_GetPointer(capsule.ptr(), FM_BACKEND_CAPSULE_NAME));
+            return Backend::load(api);
+          },
+          py::arg("capsule"))
+      .def_property_readonly("name", &Backend::name)
+      .def_property_readonly("version", &Backend::version)
+      .def_property_readonly("description", &Backend::description)
+      .def_property_readonly("device_types", &Backend::device_types)
+      .def_property_readonly("device_count", &Backend::device_count)
+      .def_property_readonly("abi_version", &Backend::abi_version)
+      .def(
+          "empty",
+          [](Backend& b, int device_type, int device_id, const std::string& dtype, std::vector<int64_t> shape,
+             uintptr_t stream) {
+            return b.empty(DLDevice{DLDeviceType(device_type), device_id}, ferrum::dtype_from_name(dtype, "empty"), shape,
+                           as_stream(stream));
+          },
+          py::arg("device_type"), py::arg("device_id"), py::arg("dtype"), py::arg("shape"), py::arg("stream") = 0)
+      .def(
+          "create_stack",
+          [](Backend& b, int device_type, int device_id, const std::string& dtype, int64_t num_experts, int64_t k,
+             int64_t n_per_expert, int bits, int group_size, const TensorPtr& qweight, const TensorPtr& scales,
+             const std::optional<TensorPtr>& zeros, const std::optional<TensorPtr>& g_idx, uintptr_t stream) {
+            ferrum::StackSpec spec;
+            spec.device = DLDevice{DLDeviceType(device_type), device_id};
+            spec.dtype = ferrum::dtype_from_name(dtype, "ExpertStack dtype");
+            spec.num_experts = num_experts;
+            spec.k = k;
+            spec.n_per_expert = n_per_expert;
+            spec.bits = bits;
+            spec.group_size = group_size;
+            return b.create_stack(spec, *qweight, *scales, opt(zeros), opt(g_idx), as_stream(stream));
+          },
+          py::arg("device_type"), py::arg("device_id"), py::arg("dtype"), py::arg("num_experts"), py::arg("k"),
+          py::arg("n_per_expert"), py::arg("bits"), py::arg("group_size"), py::arg("qweight"), py::arg("scales"),
+          py::arg("zeros"), py::arg("g_idx"), py::arg("stream") = 0)
+      .def(
+          "moe_align_block_size",
+          [](Backend& b, const TensorPtr& topk_ids, int64_t num_experts, int64_t block_size,
+             const std::optional<TensorPtr>& expert_map, const TensorPtr& sorted_ids, const TensorPtr& expert_ids,
+             const TensorPtr& num_post, uintptr_t stream) {
+            b.moe_align_block_size(*topk_ids, num_experts, block_size, opt(expert_map), *sorted_ids, *expert_ids,
+                                   *num_post, as_stream(stream));
+          },
+          py::arg("topk_ids"), py::arg("num_experts"), py::arg("block_size"), py::arg("expert_map"),
+          py::arg("sorted_token_ids"), py::arg("expert_ids"), py::arg("num_tokens_post_padded"), py::arg("stream") = 0)
+      .def(
+          "gated_activation",
+          [](Backend& b, const TensorPtr& input, const TensorPtr& out, uintptr_t stream) {
+            b.gated_activation(*input, *out, as_stream(stream));
+          },
+          py::arg("input"), py::arg("out"), py::arg("stream") = 0)
+      .def(
+          "moe_sum",
+          [](Backend& b, const TensorPtr& input, const TensorPtr& topk_ids, int64_t num_experts,
+             const std::optional<TensorPtr>& expert_map, const TensorPtr& out, uintptr_t stream) {
+            b.moe_sum(*input, *topk_ids, num_experts, opt(expert_map), *out, as_stream(stream));
+          },
+          py::arg("input"), py::arg("topk_ids"), py::arg("num_experts"), py::arg("expert_map"), py::arg("out"),
+          py::arg("stream") = 0);
+
+  py::class_<ExpertStack, std::shared_ptr<ExpertStack>>(m, "ExpertStack")
+      .def_property_readonly("num_experts", [](const ExpertStack& s) { return s.spec().num_experts; })
+      .def_property_readonly("k", [](const ExpertStack& s) { return s.spec().k; })
+      .def_property_readonly("n_per_expert", [](const ExpertStack& s) { return s.spec().n_per_expert; })
+      .def_property_readonly("bits", [](const ExpertStack& s) { return s.spec().bits; })
+      .def_property_readonly("group_size", [](const ExpertStack& s) { return s.spec().group_size; })
+      .def_property_readonly("dtype", [](const ExpertStack& s) { return ferrum::dtype_name(s.spec().dtype); })
+      .def_property_readonly("device", [](const ExpertStack& s) {
+        return py::make_tuple(int(s.spec().device.device_type), s.spec().device.device_id);
+      })
+      .def_property_readonly("backend", &ExpertStack::backend)
+      .def_property_readonly("has_zeros", &ExpertStack::has_zeros)
+      .def_property_readonly("has_g_idx", &ExpertStack::has_g_idx)
+      .def_property_readonly("column_alignment", &ExpertStack::column_alignment)
+      .def_property_readonly("resident_bytes", &ExpertStack::resident_bytes)
+      .def_property_readonly("workspace_bytes", &ExpertStack::workspace_bytes)
+      .def("check_column_window", &ExpertStack::check_column_window, py::arg("col_begin"), py::arg("n"), py::arg("op"))
+      .def(
+          "gemm_batched",
+          [](ExpertStack& s, const TensorPtr& x, const TensorPtr& dispatches, int64_t col_begin, int64_t n,
+             const std::optional<TensorPtr>& bias, const TensorPtr& out, uintptr_t stream) {
+            s.gemm_batched(*x, *dispatches, col_begin, n, opt(bias), *out, as_stream(stream));
+          },
+          py::arg("x"), py::arg("dispatches"), py::arg("col_begin"), py::arg("n"), py::arg("bias"), py::arg("out"),
+          py::arg("stream") = 0)
+      .def(
+          "gemm_routed",
+          [](ExpertStack& s, const TensorPtr& x, const TensorPtr& sorted_ids, const TensorPtr& expert_ids,
+             const TensorPtr& num_post, int64_t block_size, int64_t top_k, const std::optional<TensorPtr>& topk_weights,
+             const TensorPtr& out, uintptr_t stream) {
+            s.gemm_routed(*x, *sorted_ids, *expert_ids, *num_post, block_size, top_k, opt(topk_weights), *out,
+                          as_stream(stream));
+          },
+          py::arg("x"), py::arg("sorted_token_ids"), py::arg("expert_ids"), py::arg("num_tokens_post_padded"),
+          py::arg("block_size"), py::arg("top_k"), py::arg("topk_weights"), py::arg("out"), py::arg("stream") = 0)
+      .def(
+          "zero_workspace", [](ExpertStack& s, uintptr_t stream) { s.zero_workspace(as_stream(stream)); },
+          py::arg("stream") = 0);
+}

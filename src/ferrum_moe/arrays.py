@@ -1,0 +1,134 @@
+"""Arrays across the boundary: DLPack import (zero-copy) of anything with
+``__dlpack__``, streams, and results handed back as the caller's array type."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _core
+
+Tensor = _core.Tensor
+
+_CPU = 1
+_CUDA_LIKE = {2, 10, 13}  # CUDA, ROCm, CUDA managed: these producers take a stream
+
+
+def stream_handle(stream) -> int:
+    """The raw stream handle (cudaStream_t as int) of ``stream``: None (the legacy
+    default stream, 0), an int, or an object with ``__cuda_stream__`` or
+    ``.cuda_stream`` (PyTorch) or ``.ptr`` (CuPy)."""
+    if stream is None:
+        return 0
+    if isinstance(stream, (int, np.integer)) and not isinstance(stream, bool):
+        if stream < 0:
+            raise ValueError(f"stream: a stream handle is >= 0; got {stream}")
+        return int(stream)
+    if hasattr(stream, "__cuda_stream__"):
+        value = stream.__cuda_stream__()
+        return int(value[1] if isinstance(value, tuple) else value)
+    for attr in ("cuda_stream", "ptr"):
+        if hasattr(stream, attr):
+            return int(getattr(stream, attr))
+    raise TypeError(
+        f"stream: expected None, an int handle or an object with __cuda_stream__; got {type(stream).__name__}"
+    )
+
+
+def _producer_stream(device_type: int, handle: int):
+    """The ``stream`` argument for a producer's __dlpack__: None on the CPU; for
+    CUDA-like devices our stream, with the legacy default stream spelled 1
+    (DLPack reserves 0)."""
+    if device_type not in _CUDA_LIKE:
+        return None
+    return handle if handle != 0 else 1
+
+
+def _is_numpy_bfloat16(obj) -> bool:
+    return isinstance(obj, np.ndarray) and obj.dtype.name == "bfloat16"
+
+
+def import_array(obj, name: str, stream: int = 0) -> Tensor:
+    """Imports ``obj`` zero-copy as a ferrum Tensor; ``name`` is the argument's
+    name for error messages. The producer orders its pending work before
+    ``stream``."""
+    if isinstance(obj, Tensor):
+        return obj
+    if _is_numpy_bfloat16(obj):  # ml_dtypes' bfloat16: numpy cannot export it, its bits can
+        return import_array(obj.view(np.uint16), name, stream).retyped("bfloat16")
+    if not hasattr(obj, "__dlpack__"):
+        raise TypeError(
+            f"{name}: expected an array with __dlpack__ (numpy, CuPy, PyTorch, JAX, ...); got {type(obj).__name__}"
+        )
+    device_type, _ = obj.__dlpack_device__()
+    producer_stream = _producer_stream(int(device_type), stream)
+    context = _device_context(obj)
+    with context:
+        try:
+            capsule = obj.__dlpack__(max_version=(1, 1), stream=producer_stream)
+        except TypeError:  # producers older than DLPack 1.0 take no max_version
+            capsule = obj.__dlpack__(stream=producer_stream)
+        except BufferError as e:
+            raise ValueError(f"{name}: the array cannot be exported through DLPack: {e}") from None
+    return Tensor.from_capsule(capsule)
+
+
+class _NullContext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _device_context(obj):
+    """PyTorch exports CUDA tensors relative to the current device: switch to the
+    tensor's device first."""
+    if type(obj).__module__.startswith("torch") and getattr(obj, "is_cuda", False):
+        import torch
+
+        return torch.cuda.device(obj.device)
+    return _NullContext()
+
+
+def host_array(obj, name: str, dtype) -> np.ndarray:
+    """A numpy array of index data that the host must read (dispatch rows):
+    lists, numpy, or a CPU array of any library. Device arrays are refused."""
+    if hasattr(obj, "__dlpack_device__") and not isinstance(obj, np.ndarray):
+        device_type, _ = obj.__dlpack_device__()
+        if int(device_type) != _CPU:
+            raise ValueError(f"{name}: must be a host array (it is read on the host); got an array on a device")
+        obj = np.from_dlpack(obj)
+    a = np.asarray(obj)
+    if a.dtype.kind not in "iu" and a.size:
+        raise TypeError(f"{name}: must hold integers; got dtype {a.dtype}")
+    return np.ascontiguousarray(a, dtype=dtype)
+
+
+def to_caller(t: Tensor, like):
+    """``t`` as the array type of ``like`` (numpy in, numpy out; torch in, torch
+    out; ...). Zero-copy through DLPack. Unknown types get the ferrum Tensor,
+    which itself speaks DLPack."""
+    module = type(like).__module__.split(".")[0]
+    if module == "numpy" or isinstance(like, (list, tuple)):
+        if t.dtype == "bfloat16":
+            import ml_dtypes
+
+            return np.from_dlpack(t.retyped("uint16")).view(ml_dtypes.bfloat16)
+        return np.from_dlpack(t)
+    if module == "torch":
+        import torch
+
+        return torch.from_dlpack(t)
+    if module == "cupy":
+        import cupy
+
+        return cupy.from_dlpack(t)
+    if module in ("jax", "jaxlib"):
+        import jax.dlpack
+
+        return jax.dlpack.from_dlpack(t)
+    return t
+
+
+def device_of(t: Tensor) -> tuple[int, int]:
+    return tuple(t.device)

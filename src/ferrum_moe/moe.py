@@ -1,0 +1,140 @@
+"""A whole MoE layer: align -> w13 GEMM -> silu(gate) * up -> w2 GEMM with the
+router weight -> top-k sum accumulated in float32."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _core
+from .arrays import import_array, stream_handle, to_caller
+from .routing import Routing, _align, default_block_size
+from .stack import ExpertStack
+
+_ACTIVATIONS = ("silu",)
+
+
+class _Workspace:
+    """Intermediate buffers of one layer, grown to the largest token count seen
+    and reused (views of their first rows), so a warmed-up layer allocates
+    nothing per call: what CUDA-graph capture needs."""
+
+    def __init__(self):
+        self.tokens = -1
+        self.key = None
+        self.buffers: dict[str, _core.Tensor] = {}
+
+    def get(self, backend, device, dtype, tokens, top_k, shapes: dict[str, tuple[str, int]], stream):
+        key = (device, dtype, top_k)
+        if tokens > self.tokens or key != self.key:
+            self.buffers = {name: backend.empty(device[0], device[1], dt, [max(tokens, 1) * top_k * width if width else 0], stream)
+                            for name, (dt, width) in shapes.items()}
+            self.tokens, self.key = tokens, key
+        return {name: self.buffers[name].view([tokens * top_k, width]) for name, (_, width) in shapes.items()}
+
+
+def _check_pair(w13: ExpertStack, w2: ExpertStack) -> None:
+    for name, s in (("w13", w13), ("w2", w2)):
+        if not isinstance(s, ExpertStack):
+            raise TypeError(f"fused_moe: {name} must be an fm.ExpertStack; got {type(s).__name__}")
+    if w13.n_per_expert % 2:
+        raise ValueError(f"fused_moe: w13's n_per_expert {w13.n_per_expert} must be even ([gate | up])")
+    if w2.k != w13.n_per_expert // 2:
+        raise ValueError(
+            f"fused_moe: w2's k is {w2.k}; it must be half of w13's n_per_expert ({w13.n_per_expert} // 2 = "
+            f"{w13.n_per_expert // 2}, the intermediate size)"
+        )
+    if w13.num_experts != w2.num_experts:
+        raise ValueError(f"fused_moe: w13 has {w13.num_experts} experts, w2 has {w2.num_experts}")
+    if (w13.backend, w13.device, w13.dtype) != (w2.backend, w2.device, w2.dtype):
+        raise ValueError(
+            f"fused_moe: w13 is {w13.dtype} on {w13.backend}/{w13.device}, w2 is {w2.dtype} on {w2.backend}/{w2.device}"
+        )
+
+
+def _forward(x, w13: ExpertStack, w2: ExpertStack, topk_weights, topk_ids, activation: str,
+             apply_router_weight_on_input: bool, expert_map, out, stream, block_size, workspace: _Workspace | None):
+    _check_pair(w13, w2)
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"fused_moe: activation must be one of {_ACTIVATIONS}; got {activation!r}")
+    s = stream_handle(stream)
+    xt = import_array(x, "x", s)
+    ids = import_array(topk_ids, "topk_ids", s)
+    if len(ids.shape) != 2 or len(xt.shape) != 2 or ids.shape[0] != xt.shape[0]:
+        raise ValueError(
+            f"fused_moe: x must be [num_tokens, hidden] and topk_ids [num_tokens, top_k]; got shapes "
+            f"{list(xt.shape)} and {list(ids.shape)}"
+        )
+    if hasattr(topk_weights, "shape") and tuple(topk_weights.shape) != tuple(ids.shape):
+        raise ValueError(f"fused_moe: topk_weights has shape {list(topk_weights.shape)}; expected {list(ids.shape)} (topk_ids')")
+    num_tokens, top_k = ids.shape
+    hidden, inter = w13.k, w2.k
+    # Flat per-pair weights: [num_tokens * top_k, 1] for the pair-indexed second GEMM.
+    tw = import_array(topk_weights, "topk_weights", s)
+    tw_pairs = tw.view([num_tokens * top_k, 1]) if tw.is_compact else None
+    if tw_pairs is None:
+        raise ValueError("fused_moe: topk_weights must be contiguous")
+    map_t = None if expert_map is None else import_array(expert_map, "expert_map", s)
+    num_experts = map_t.shape[0] if map_t is not None else w13.num_experts
+    if map_t is not None and len(map_t.shape) != 1:
+        raise ValueError(f"fused_moe: expert_map must be 1-D [num_global_experts]; got shape {list(map_t.shape)}")
+    core = w13._core.backend
+    dev = tuple(w13._core.device)
+    if block_size is None:
+        block_size = default_block_size(num_tokens * top_k, w13.num_experts)
+    sorted_ids, expert_ids, post = _align(core, ids, block_size, num_experts, map_t, s)
+
+    shapes = {"gate_up": (w13.dtype, 2 * inter), "act": (w13.dtype, inter), "down": ("float32", hidden)}
+    ws = workspace or _Workspace()
+    buf = ws.get(core, dev, w13.dtype, num_tokens, top_k, shapes, s)
+    first_weights = tw if apply_router_weight_on_input else None
+    second_weights = None if apply_router_weight_on_input else tw_pairs
+    w13._core.gemm_routed(xt, sorted_ids, expert_ids, post, block_size, top_k, first_weights, buf["gate_up"], s)
+    core.gated_activation(buf["gate_up"], buf["act"], s)
+    w2._core.gemm_routed(buf["act"], sorted_ids, expert_ids, post, block_size, 1, second_weights, buf["down"], s)
+    ot = import_array(out, "out", s) if out is not None else core.empty(dev[0], dev[1], w13.dtype, [num_tokens, hidden], s)
+    core.moe_sum(buf["down"], ids, num_experts, map_t, ot, s)
+    return out if out is not None else to_caller(ot, x)
+
+
+def fused_moe(x, w13: ExpertStack, w2: ExpertStack, topk_weights, topk_ids, *, activation: str = "silu",
+              apply_router_weight_on_input: bool = False, expert_map=None, out=None, stream=None,
+              block_size: int | None = None):
+    """y[t] = sum_j topk_weights[t, j] * (silu(x[t] @ G_e) * (x[t] @ U_e)) @ D_e, e = topk_ids[t, j].
+
+    x: [num_tokens, hidden] in the stacks' dtype; w13: stack of [gate | up]
+    (n_per_expert = 2 * intermediate); w2: stack with k = intermediate;
+    topk_weights: float32 [num_tokens, top_k]; topk_ids: int32/int64
+    [num_tokens, top_k] global expert ids. expert_map: int32 [num_global]
+    (global -> local or -1): pairs of non-local experts contribute nothing.
+    apply_router_weight_on_input scales the first GEMM's output instead of the
+    second's. The top-k sum accumulates in float32. Returns out, or a new
+    [num_tokens, hidden] array of x's type.
+    """
+    return _forward(x, w13, w2, topk_weights, topk_ids, activation, apply_router_weight_on_input, expert_map, out,
+                    stream, block_size, None)
+
+
+class MoE:
+    """A MoE layer that keeps its intermediate buffers between calls: after one
+    call at the largest token count, calls with ``out=`` allocate nothing (CUDA-graph
+    capturable on backends whose kernels are)."""
+
+    def __init__(self, w13: ExpertStack, w2: ExpertStack, *, top_k: int, activation: str = "silu",
+                 apply_router_weight_on_input: bool = False, expert_map=None, block_size: int | None = None):
+        _check_pair(w13, w2)
+        if top_k < 1 or top_k > max(w13.num_experts, 1) and expert_map is None:
+            raise ValueError(f"MoE: top_k must be in [1, num_experts={w13.num_experts}]; got {top_k}")
+        self.w13, self.w2, self.top_k = w13, w2, top_k
+        self.activation = activation
+        self.apply_router_weight_on_input = apply_router_weight_on_input
+        self.expert_map = expert_map
+        self.block_size = block_size
+        self._workspace = _Workspace()
+
+    def __call__(self, x, topk_weights, topk_ids, *, out=None, stream=None):
+        shape = tuple(getattr(topk_ids, "shape", ()))
+        if len(shape) == 2 and shape[1] != self.top_k:
+            raise ValueError(f"MoE: topk_ids has {shape[1]} columns; this layer routes top_k={self.top_k}")
+        return _forward(x, self.w13, self.w2, topk_weights, topk_ids, self.activation,
+                        self.apply_router_weight_on_input, self.expert_map, out, stream, self.block_size,
+                        self._workspace)

@@ -1,0 +1,114 @@
+"""Routing: vLLM's moe_align_block_size contract, with invalid and non-local
+experts dropped.
+
+For each local expert in id order, the flat (token, k) pair indices p routed to
+it (token = p // top_k), in increasing order, padded to a multiple of
+block_size with the sentinel num_tokens * top_k. expert_ids holds each block's
+local expert (-1 past the end); num_tokens_post_padded the filled length.
+
+Buffer sizes (``routing_buffer_sizes``): sorted_token_ids holds
+num_tokens * top_k + num_local_experts * (block_size - 1) entries (every pair,
+plus the worst-case padding of every expert), expert_ids
+ceil(that / block_size).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from . import _core
+from .arrays import import_array, stream_handle, to_caller
+from .backends import resolve
+
+
+def routing_buffer_sizes(num_tokens: int, top_k: int, num_local_experts: int, block_size: int) -> tuple[int, int]:
+    """(len(sorted_token_ids), len(expert_ids)) for the worst case of this shape."""
+    padded = _core.max_num_tokens_padded(num_tokens * top_k, num_local_experts, block_size)
+    return padded, -(-padded // block_size)
+
+
+@dataclasses.dataclass
+class Routing:
+    """The output of moe_align_block_size (arrays of any DLPack library)."""
+
+    sorted_token_ids: object
+    expert_ids: object
+    num_tokens_post_padded: object
+    block_size: int
+    top_k: int
+    num_tokens: int
+
+    def __init__(self, sorted_token_ids, expert_ids, num_tokens_post_padded, *, block_size: int, top_k: int,
+                 num_tokens: int):
+        if block_size < 1 or top_k < 1 or num_tokens < 0:
+            raise ValueError(
+                f"Routing: block_size and top_k must be positive and num_tokens >= 0; got {block_size}, {top_k}, {num_tokens}"
+            )
+        self.sorted_token_ids = sorted_token_ids
+        self.expert_ids = expert_ids
+        self.num_tokens_post_padded = num_tokens_post_padded
+        self.block_size = block_size
+        self.top_k = top_k
+        self.num_tokens = num_tokens
+
+    def tensors(self, stream: int = 0):
+        """(sorted_token_ids, expert_ids, num_tokens_post_padded) as ferrum Tensors."""
+        return (import_array(self.sorted_token_ids, "sorted_token_ids", stream),
+                import_array(self.expert_ids, "expert_ids", stream),
+                import_array(self.num_tokens_post_padded, "num_tokens_post_padded", stream))
+
+    def pairs_view(self) -> "Routing":
+        """The same blocks read with top_k = 1 over num_tokens * top_k rows: how
+        the second GEMM of a MoE layer indexes its per-pair input."""
+        return Routing(self.sorted_token_ids, self.expert_ids, self.num_tokens_post_padded, block_size=self.block_size,
+                       top_k=1, num_tokens=self.num_tokens * self.top_k)
+
+
+def default_block_size(num_pairs: int, num_experts: int) -> int:
+    """A routing block near the expected pairs per expert: 16 for decode, up to 64."""
+    per_expert = num_pairs / max(num_experts, 1)
+    for size in (16, 32):
+        if per_expert <= size:
+            return size
+    return 64
+
+
+def _align(backend, topk_ids_t, block_size, num_experts, map_t, stream):
+    num_tokens, top_k = topk_ids_t.shape
+    num_local = num_experts
+    if map_t is not None and map_t.device[0] == 1:
+        host_map = np.from_dlpack(map_t)
+        num_local = int(host_map.max(initial=-1)) + 1
+    padded, blocks = routing_buffer_sizes(num_tokens, top_k, num_local, block_size)
+    dev = tuple(topk_ids_t.device)
+    sorted_ids = backend.empty(dev[0], dev[1], "int32", [padded], stream)
+    expert_ids = backend.empty(dev[0], dev[1], "int32", [blocks], stream)
+    post = backend.empty(dev[0], dev[1], "int32", [1], stream)
+    backend.moe_align_block_size(topk_ids_t, num_experts, block_size, map_t, sorted_ids, expert_ids, post, stream)
+    return sorted_ids, expert_ids, post
+
+
+def moe_align_block_size(topk_ids, block_size: int, num_experts: int, *, expert_map=None, backend: str = "auto",
+                         stream=None) -> Routing:
+    """Groups the (token, k) pairs of ``topk_ids`` (int32/int64 [num_tokens,
+    top_k], global expert ids) by expert in blocks of ``block_size``.
+
+    expert_map: int32 [num_experts], global id -> local id or -1; blocks then
+    carry local ids and pairs of non-local experts vanish. Ids < 0 or >=
+    num_experts are dropped. Arrays come back as topk_ids' array type, on its
+    device.
+    """
+    for name, value in (("block_size", block_size), ("num_experts", num_experts)):
+        if not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"moe_align_block_size: {name} must be a positive int; got {value!r}")
+    s = stream_handle(stream)
+    ids = import_array(topk_ids, "topk_ids", s)
+    if len(ids.shape) != 2:
+        raise ValueError(f"moe_align_block_size: topk_ids must be [num_tokens, top_k]; got shape {list(ids.shape)}")
+    b = resolve(backend, tuple(ids.device))
+    map_t = None if expert_map is None else import_array(expert_map, "expert_map", s)
+    sorted_ids, expert_ids, post = _align(b, ids, block_size, num_experts, map_t, s)
+    return Routing(to_caller(sorted_ids, topk_ids), to_caller(expert_ids, topk_ids), to_caller(post, topk_ids),
+                   block_size=block_size, top_k=ids.shape[1], num_tokens=ids.shape[0])

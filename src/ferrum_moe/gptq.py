@@ -170,22 +170,27 @@ def quantize(w_kn, bits: int = 4, group_size: int = 128, sym: bool = True, *, g_
     gi = (np.zeros(k, np.int32) if group_size == -1 else (np.arange(k) // group_size).astype(np.int32)) \
         if g_idx is None else np.asarray(g_idx, np.int32)
     maxq = (1 << bits) - 1
-    scales = np.ones((groups, n))
+    # Per-group column extremes: contiguous groups reduce in one pass, act-order
+    # groups (any g_idx) by sorting rows into group order first.
+    order = np.argsort(gi, kind="stable") if g_idx is not None else np.arange(k)
+    sorted_g = gi[order]
+    starts = np.flatnonzero(np.r_[True, sorted_g[1:] != sorted_g[:-1]])
+    present = sorted_g[starts]
+    ws = w[order]
+    lo = np.zeros((groups, n))
+    hi = np.zeros((groups, n))
+    lo[present] = np.minimum.reduceat(ws, starts, axis=0)
+    hi[present] = np.maximum.reduceat(ws, starts, axis=0)
     zeros = np.full((groups, n), 1 << (bits - 1), np.int64)
-    for g in range(groups):
-        rows = w[gi == g]
-        if rows.size == 0:
-            continue
-        if sym:
-            amax = np.abs(rows).max(axis=0)
-            s = amax / ((1 << (bits - 1)) - 1) if bits > 1 else amax
-        else:
-            lo, hi = np.minimum(rows.min(axis=0), 0), np.maximum(rows.max(axis=0), 0)
-            s = (hi - lo) / maxq
-            # v1 stores zero - 1 in `bits` bits, so its zeros live in [1, 2**bits].
-            low = 1 if checkpoint_format == "gptq" else 0
-            zeros[g] = np.clip(np.round(-lo / np.where(s == 0, 1, s)), low, maxq)
-        scales[g] = np.where(s == 0, 1.0, s)
+    if sym:
+        s = np.maximum(np.abs(lo), np.abs(hi)) / ((1 << (bits - 1)) - 1)
+    else:
+        lo, hi = np.minimum(lo, 0), np.maximum(hi, 0)
+        s = (hi - lo) / maxq
+        # v1 stores zero - 1 in `bits` bits, so its zeros live in [1, 2**bits].
+        low = 1 if checkpoint_format == "gptq" else 0
+        zeros = np.clip(np.round(-lo / np.where(s == 0, 1, s)), low, maxq).astype(np.int64)
+    scales = np.where(s == 0, 1.0, s)
     scales = scales.astype(scale_dtype)  # quantize against the scales actually stored
     s_k = scales.astype(np.float64)[gi]
     q = np.clip(np.round(w / s_k) + zeros[gi], 0, maxq).astype(np.int32)

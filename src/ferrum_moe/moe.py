@@ -14,22 +14,20 @@ _ACTIVATIONS = ("silu",)
 
 
 class _Workspace:
-    """Intermediate buffers of one layer, grown to the largest token count seen
-    and reused (views of their first rows), so a warmed-up layer allocates
-    nothing per call: what CUDA-graph capture needs."""
+    """Intermediate buffers of one layer, kept between calls and grown only when
+    a call needs more (each call reads views of their first elements), so a
+    warmed-up layer allocates nothing per call: what CUDA-graph capture needs."""
 
     def __init__(self):
-        self.tokens = -1
-        self.key = None
-        self.buffers: dict[str, _core.Tensor] = {}
+        self._buffers: dict[str, _core.Tensor] = {}
 
-    def get(self, backend, device, dtype, tokens, top_k, shapes: dict[str, tuple[str, int]], stream):
-        key = (device, dtype, top_k)
-        if tokens > self.tokens or key != self.key:
-            self.buffers = {name: backend.empty(device[0], device[1], dt, [max(tokens, 1) * top_k * width if width else 0], stream)
-                            for name, (dt, width) in shapes.items()}
-            self.tokens, self.key = tokens, key
-        return {name: self.buffers[name].view([tokens * top_k, width]) for name, (_, width) in shapes.items()}
+    def take(self, name: str, backend, device, dtype: str, shape, stream: int) -> _core.Tensor:
+        numel = int(np.prod(shape))
+        buf = self._buffers.get(name)
+        if buf is None or buf.dtype != dtype or tuple(buf.device) != device or buf.shape[0] < numel:
+            buf = backend.empty(device[0], device[1], dtype, [max(numel, 1)], stream)
+            self._buffers[name] = buf
+        return buf.view(list(shape))
 
 
 def _check_pair(w13: ExpertStack, w2: ExpertStack) -> None:
@@ -81,11 +79,12 @@ def _forward(x, w13: ExpertStack, w2: ExpertStack, topk_weights, topk_ids, activ
     dev = tuple(w13._core.device)
     if block_size is None:
         block_size = default_block_size(num_tokens * top_k, w13.num_experts)
-    sorted_ids, expert_ids, post = _align(core, ids, block_size, num_experts, map_t, s)
-
-    shapes = {"gate_up": (w13.dtype, 2 * inter), "act": (w13.dtype, inter), "down": ("float32", hidden)}
     ws = workspace or _Workspace()
-    buf = ws.get(core, dev, w13.dtype, num_tokens, top_k, shapes, s)
+    sorted_ids, expert_ids, post = _align(core, ids, block_size, num_experts, map_t, s, ws)
+    pairs = num_tokens * top_k
+    buf = {name: ws.take(name, core, dev, dtype, [pairs, width], s)
+           for name, dtype, width in (("gate_up", w13.dtype, 2 * inter), ("act", w13.dtype, inter),
+                                      ("down", "float32", hidden))}
     first_weights = tw if apply_router_weight_on_input else None
     second_weights = None if apply_router_weight_on_input else tw_pairs
     w13._core.gemm_routed(xt, sorted_ids, expert_ids, post, block_size, top_k, first_weights, buf["gate_up"], s)

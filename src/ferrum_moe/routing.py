@@ -75,7 +75,9 @@ def default_block_size(num_pairs: int, num_experts: int) -> int:
     return 64
 
 
-def _align(backend, topk_ids_t, block_size, num_experts, map_t, stream):
+def _align(backend, topk_ids_t, block_size, num_experts, map_t, stream, workspace=None):
+    """Runs the backend's align into new buffers, or into views of
+    ``workspace``'s (a moe._Workspace)."""
     num_tokens, top_k = topk_ids_t.shape
     num_local = num_experts
     if map_t is not None and map_t.device[0] == 1:
@@ -83,9 +85,11 @@ def _align(backend, topk_ids_t, block_size, num_experts, map_t, stream):
         num_local = int(host_map.max(initial=-1)) + 1
     padded, blocks = routing_buffer_sizes(num_tokens, top_k, num_local, block_size)
     dev = tuple(topk_ids_t.device)
-    sorted_ids = backend.empty(dev[0], dev[1], "int32", [padded], stream)
-    expert_ids = backend.empty(dev[0], dev[1], "int32", [blocks], stream)
-    post = backend.empty(dev[0], dev[1], "int32", [1], stream)
+    if workspace is None:
+        sorted_ids, expert_ids, post = (backend.empty(dev[0], dev[1], "int32", [n], stream) for n in (padded, blocks, 1))
+    else:
+        sorted_ids, expert_ids, post = (workspace.take(name, backend, dev, "int32", [n], stream) for name, n in
+                                        (("sorted_token_ids", padded), ("expert_ids", blocks), ("post", 1)))
     backend.moe_align_block_size(topk_ids_t, num_experts, block_size, map_t, sorted_ids, expert_ids, post, stream)
     return sorted_ids, expert_ids, post
 

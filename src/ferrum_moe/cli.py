@@ -1,0 +1,139 @@
+"""The ferrum-moe command: `info` (version, build, backends, devices) and `demo`
+(a whole MoE layer on random GPTQ weights, checked against float64)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import numpy as np
+
+SHAPES = {  # (num_experts, top_k, hidden, intermediate)
+    "qwen3-30b-a3b": (128, 8, 2048, 768),
+    "mixtral": (8, 2, 4096, 14336),
+    "deepseek-v2-lite": (64, 6, 2048, 1408),
+}
+
+
+def _info(args) -> int:
+    import ferrum_moe as fm
+
+    build = fm._core.build_info()
+    print(f"ferrum-moe {fm.__version__}")
+    print(f"  core: {build['compiler']}, plugin ABI {build['abi']}, DLPack {build['dlpack']}")
+    print(f"  headers: {fm.get_include()}")
+    print(f"  cmake:   {fm.get_cmake_dir()}")
+    print("backends:")
+    for b in fm.backends():
+        if b.available:
+            print(f"  {b.name:<8} available    {b.version:<10} devices: {', '.join(b.device_types)} x{b.device_count}"
+                  f"  ({b.description})")
+        else:
+            print(f"  {b.name:<8} unavailable  {b.version:<10} {b.error}")
+    return 0
+
+
+def _random_weights(rng, e, k, n, group_size):
+    from ferrum_moe import gptq
+
+    return [gptq.quantize(rng.standard_normal((k, n), dtype=np.float32) / np.sqrt(k), 4, group_size) for _ in range(e)]
+
+
+def _reference(x, w13, w2, topk_weights, topk_ids) -> np.ndarray:
+    """float64 MoE on dequantized weights, one active expert at a time."""
+    x = x.astype(np.float64)
+    out = np.zeros((x.shape[0], w2[0].n))
+    inter = w2[0].k
+    for e in np.unique(topk_ids):
+        tokens, slots = np.nonzero(topk_ids == e)
+        h = x[tokens] @ w13[e].dequantize(np.float64)
+        gate, up = h[:, :inter], h[:, inter:]
+        act = gate / (1.0 + np.exp(-gate)) * up
+        out[tokens] += topk_weights[tokens, slots, None] * (act @ w2[e].dequantize(np.float64))
+    return out
+
+
+def _demo(args) -> int:
+    import ml_dtypes
+
+    import ferrum_moe as fm
+
+    e, top_k, hidden, inter = SHAPES[args.shape]
+    rng = np.random.default_rng(args.seed)
+    print(f"{args.shape}: {e} experts, top-{top_k}, hidden {hidden}, intermediate {inter}; "
+          f"{args.tokens} tokens, {args.dtype}, GPTQ INT4 group {args.group_size}")
+    t0 = time.perf_counter()
+    w13 = _random_weights(rng, e, hidden, 2 * inter, args.group_size)
+    w2 = _random_weights(rng, e, inter, hidden, args.group_size)
+    s13 = fm.ExpertStack.from_gptq(w13, backend=args.backend, device=args.device, dtype=args.dtype)
+    s2 = fm.ExpertStack.from_gptq(w2, backend=args.backend, device=args.device, dtype=args.dtype)
+    print(f"quantized and loaded in {time.perf_counter() - t0:.1f} s on backend '{s13.backend}' ({s13.device})")
+
+    x = rng.standard_normal((args.tokens, hidden), dtype=np.float32)
+    logits = rng.standard_normal((args.tokens, e))
+    topk_ids = np.argsort(-logits, axis=1)[:, :top_k].astype(np.int32)
+    chosen = np.take_along_axis(logits, topk_ids, axis=1)
+    topk_weights = (np.exp(chosen) / np.exp(chosen).sum(axis=1, keepdims=True)).astype(np.float32)
+    np_dtype = ml_dtypes.bfloat16 if args.dtype == "bfloat16" else np.dtype(args.dtype)
+    xq = x.astype(np_dtype)
+    host_in = xq, topk_weights, topk_ids
+    if args.device != "cpu":
+        import torch  # moves the inputs to the GPU; any DLPack library would do
+
+        host_in = tuple(torch.from_dlpack(a if a.dtype != ml_dtypes.bfloat16 else a.view(np.uint16)).to(args.device)
+                        for a in host_in)
+        if args.dtype == "bfloat16":
+            host_in = (host_in[0].view(torch.bfloat16),) + host_in[1:]
+    layer = fm.MoE(s13, s2, top_k=top_k)
+    y = layer(*host_in)  # warm-up: sizes the layer's workspace
+    times = []
+    for _ in range(args.repeats):
+        t = time.perf_counter()
+        y = layer(*host_in)
+        if args.device != "cpu":
+            import torch
+
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    seconds = float(np.median(times))
+    y = np.asarray(y.float().cpu() if hasattr(y, "cpu") else y, dtype=np.float64)
+
+    ref = _reference(xq.astype(np.float64), w13, w2, topk_weights, topk_ids)
+    rel = float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
+    tolerance = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 3e-2}[args.dtype]
+    active = len(np.unique(topk_ids))
+    weight_bytes = active * sum(w.qweight.nbytes + w.scales.size * 2 for w in (w13[0], w2[0]))
+    print(f"relative error vs float64 reference: {rel:.2e} (tolerance {tolerance:.0e})")
+    print(f"time: {seconds * 1e3:.2f} ms median of {args.repeats}; {args.tokens / seconds:,.0f} tokens/s; "
+          f"{active} active experts, {weight_bytes / seconds / 1e9:.2f} GB/s of INT4 weight traffic")
+    if not np.isfinite(rel) or rel > tolerance:
+        print("FAILED: the result does not match the reference", file=sys.stderr)
+        return 1
+    print("OK")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="ferrum-moe", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="version, build, backends and devices")
+    demo = sub.add_parser("demo", help="run a whole MoE layer on random GPTQ weights and check it")
+    demo.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-30b-a3b")
+    demo.add_argument("--tokens", type=int, default=16)
+    demo.add_argument("--backend", default="auto")
+    demo.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    demo.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float16")
+    demo.add_argument("--group-size", type=int, default=128)
+    demo.add_argument("--repeats", type=int, default=5)
+    demo.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        return _info(args)
+    if args.tokens < 1:
+        parser.error("--tokens must be at least 1")
+    return _demo(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

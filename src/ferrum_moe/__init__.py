@@ -9,7 +9,7 @@ from pathlib import Path
 
 from . import _core, awq, gptq
 from ._core import Tensor
-from .backends import BackendInfo, BackendUnavailableError, backends, get_backend
+from .discovery import BackendInfo, BackendUnavailableError, backends, get_backend
 from .gptq import GPTQWeight
 from .moe import MoE, fused_moe
 from .routing import Routing, moe_align_block_size, routing_buffer_sizes

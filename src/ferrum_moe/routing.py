@@ -20,7 +20,7 @@ import numpy as np
 
 from . import _core
 from .arrays import import_array, stream_handle, to_caller
-from .backends import resolve
+from .discovery import resolve
 
 
 def routing_buffer_sizes(num_tokens: int, top_k: int, num_local_experts: int, block_size: int) -> tuple[int, int]:

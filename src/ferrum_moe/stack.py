@@ -8,7 +8,7 @@ import numpy as np
 
 from . import _core
 from .arrays import host_array, import_array, stream_handle, to_caller
-from .backends import device_name, parse_device, resolve
+from .discovery import device_name, parse_device, resolve
 from .gptq import GPTQWeight
 
 _DTYPES = ("float32", "float16", "bfloat16")

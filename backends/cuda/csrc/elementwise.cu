@@ -7,7 +7,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <limits>
 #include <type_traits>
 
 #include "routing.cuh"
@@ -18,6 +17,8 @@ namespace {
 constexpr int kElementwiseThreads = 256;
 // Caps the grid; the grid-stride loop covers larger outputs.
 constexpr int64_t kElementwiseMaxBlocks = 65535;
+// moe_sum has no local-expert bound: any non-negative expert_map entry is local.
+constexpr int64_t kNoLocalExpertBound = INT64_MAX;
 
 template <class T>
 __device__ __forceinline__ float load_float(const T* ptr) {
@@ -76,8 +77,7 @@ __global__ void __launch_bounds__(kElementwiseThreads) moe_sum_kernel(MoeSumPara
       // Pairs of invalid or non-local experts were never computed (their rows
       // may hold garbage): skip them rather than add them.
       const int local = local_expert_of(topk_ids, p.topk_ids_stride0, p.topk_ids_stride1, t, slot,
-                                        p.num_experts, p.expert_map,
-                                        std::numeric_limits<int32_t>::max());
+                                        p.num_experts, p.expert_map, kNoLocalExpertBound);
       if (local < 0) continue;
       sum += load_float(input + (t * p.top_k + slot) * p.input_row_stride + h);
     }

@@ -1,0 +1,410 @@
+#include "stack.hpp"
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include "gemm/layout.hpp"
+#include "repack.hpp"
+#include "tensor_checks.hpp"
+
+namespace ferrum_moe_cuda {
+namespace {
+
+using gemm::ceil_div;
+using gemm::kTileK;
+using gemm::kTileN;
+
+// The uniform-group fast path needs every 16-row mma k-step inside one group.
+constexpr int64_t kUniformGroupMultiple = gemm::kMmaK;
+// Kernel indices of K and N are 32-bit; N tiles also index gridDim.y.
+constexpr int64_t kMaxDim = std::numeric_limits<int32_t>::max() - kTileN;
+constexpr int64_t kMaxNTiles = 65535;
+constexpr int kMinComputeCapabilityMajor = 8;  // mma.sync bf16, cp.async, ldmatrix
+
+std::string shape_string(const DLTensor& t) {
+  std::string s = "[";
+  for (int i = 0; i < t.ndim; ++i) s += (i ? ", " : "") + std::to_string(t.shape[i]);
+  return s + "]";
+}
+
+void require_shape(const DLTensor& t, std::vector<int64_t> expected, const char* arg) {
+  bool ok = t.ndim == static_cast<int32_t>(expected.size());
+  for (size_t i = 0; ok && i < expected.size(); ++i) ok = t.shape[i] == expected[i];
+  if (!ok) {
+    std::string want = "[";
+    for (size_t i = 0; i < expected.size(); ++i) want += (i ? ", " : "") + std::to_string(expected[i]);
+    throw Error(FM_ERROR_INVALID_ARGUMENT, std::string("stack_create: ") + arg + " has shape " +
+                                               shape_string(t) + ", expected " + want + "]");
+  }
+}
+
+// Load-time inputs may be host memory or memory of the stack's device.
+void require_readable_from(const DLTensor& t, int device, const char* arg) {
+  const auto type = t.device.device_type;
+  if (type == kDLCPU || type == kDLCUDAHost) return;
+  if (type == kDLCUDA && t.device.device_id == device) return;
+  throw Error(FM_ERROR_INVALID_ARGUMENT,
+              std::string("stack_create: ") + arg + " is on " + device_name(t.device) +
+                  "; the CUDA backend loads from host memory or from the stack's device cuda:" +
+                  std::to_string(device));
+}
+
+cudaStream_t as_stream(void* stream) { return static_cast<cudaStream_t>(stream); }
+
+// g_idx [E, K] on the host, whether it lives there or on the device.
+std::vector<int32_t> read_g_idx(const DLTensor& g_idx, cudaStream_t stream) {
+  std::vector<int32_t> host(static_cast<size_t>(numel(g_idx)));
+  const size_t bytes = host.size() * sizeof(int32_t);
+  if (g_idx.device.device_type == kDLCUDA) {
+    check_cuda(cudaMemcpyAsync(host.data(), data_ptr(g_idx), bytes, cudaMemcpyDeviceToHost, stream),
+               "stack_create: copying g_idx to the host");
+    check_cuda(cudaStreamSynchronize(stream), "stack_create: copying g_idx to the host");
+  } else if (bytes > 0) {
+    std::memcpy(host.data(), data_ptr(g_idx), bytes);
+  }
+  return host;
+}
+
+template <class T>
+DeviceBuffer upload(const std::vector<T>& host, cudaStream_t stream, const char* what) {
+  DeviceBuffer buffer(host.size() * sizeof(T), what);
+  check_cuda(cudaMemcpyAsync(buffer.get(), host.data(), buffer.bytes(), cudaMemcpyHostToDevice,
+                             stream),
+             std::string("stack_create: uploading ") + what);
+  // The host vector dies with this function; the copy must be done first.
+  check_cuda(cudaStreamSynchronize(stream), std::string("stack_create: uploading ") + what);
+  return buffer;
+}
+
+}  // namespace
+
+CudaStack::CudaStack(const FmStackCreateArgs& args)
+    : device_(args.device.device_id),
+      dtype_(args.dtype),
+      bits_(args.bits),
+      num_experts_(args.num_experts),
+      k_(args.k),
+      n_(args.n_per_expert),
+      group_size_(args.group_size) {
+  if (args.device.device_type != kDLCUDA) {
+    throw Error(FM_ERROR_UNSUPPORTED, "the CUDA backend places stacks on CUDA devices; got " +
+                                          device_name(args.device));
+  }
+  if (is_float16(dtype_)) {
+    compute_type_ = gemm::ComputeType::kFloat16;
+  } else if (is_bfloat16(dtype_)) {
+    compute_type_ = gemm::ComputeType::kBFloat16;
+  } else {
+    throw Error(FM_ERROR_UNSUPPORTED,
+                "the CUDA backend computes in float16 or bfloat16; got " + dtype_name(dtype_));
+  }
+  if (bits_ != 4 && bits_ != 8) {
+    throw Error(FM_ERROR_UNSUPPORTED,
+                "the CUDA backend supports 4- and 8-bit weights; got bits=" + std::to_string(bits_));
+  }
+  int device_count = 0;
+  check_cuda(cudaGetDeviceCount(&device_count), "cudaGetDeviceCount");
+  if (device_ < 0 || device_ >= device_count) {
+    throw Error(FM_ERROR_INVALID_ARGUMENT, "stack_create: device cuda:" + std::to_string(device_) +
+                                               " does not exist; " + std::to_string(device_count) +
+                                               " CUDA device(s) are visible");
+  }
+  DeviceGuard guard(device_);
+  cudaDeviceProp prop{};
+  check_cuda(cudaGetDeviceProperties(&prop, device_), "cudaGetDeviceProperties");
+  if (prop.major < kMinComputeCapabilityMajor) {
+    throw Error(FM_ERROR_UNSUPPORTED, "the CUDA backend needs compute capability 8.0 or newer; cuda:" +
+                                          std::to_string(device_) + " (" + prop.name + ") is " +
+                                          std::to_string(prop.major) + "." +
+                                          std::to_string(prop.minor));
+  }
+
+  num_groups_ = group_size_ > 0 ? ceil_div(k_, group_size_) : 1;
+  k_padded_ = ceil_div(k_, kTileK) * kTileK;
+  n_padded_ = ceil_div(n_, kTileN) * kTileN;
+  if (k_padded_ > kMaxDim) {
+    throw Error(FM_ERROR_UNSUPPORTED, "stack_create: k=" + std::to_string(k_) +
+                                          " exceeds the CUDA backend's limit of " +
+                                          std::to_string(kMaxDim));
+  }
+  if (n_padded_ / kTileN > kMaxNTiles) {
+    throw Error(FM_ERROR_UNSUPPORTED, "stack_create: n_per_expert=" + std::to_string(n_) +
+                                          " exceeds the CUDA backend's limit of " +
+                                          std::to_string(kMaxNTiles * kTileN));
+  }
+  if (num_experts_ > std::numeric_limits<int32_t>::max()) {
+    throw Error(FM_ERROR_UNSUPPORTED, "stack_create: too many experts for the CUDA backend: " +
+                                          std::to_string(num_experts_));
+  }
+
+  const cudaStream_t stream = as_stream(args.stream);
+  load_weights(args, stream);
+  load_scales_and_zeros(args, stream);
+  check_cuda(gemm::configure_gemm_kernels(compute_type_, bits_), "configuring the GEMM kernels");
+  check_cuda(cudaStreamSynchronize(stream), "stack_create: finishing the load");
+
+  weights_.tiles = tiles_.get();
+  weights_.scales = scales_.get<uint16_t>();
+  weights_.zeros = zeros_.get<uint8_t>();
+  weights_.perm = perm_.get<int32_t>();
+  weights_.row_group = row_group_.get<int32_t>();
+  weights_.num_experts = static_cast<int32_t>(num_experts_);
+  weights_.k = static_cast<int32_t>(k_);
+  weights_.k_tiles = static_cast<int32_t>(k_padded_ / kTileK);
+  weights_.n_tiles = static_cast<int32_t>(n_padded_ / kTileN);
+  weights_.n_padded = static_cast<int32_t>(n_padded_);
+  weights_.num_groups = static_cast<int32_t>(num_groups_);
+  // group_size -1 is one group over K: any divisor >= k_padded maps every row to group 0.
+  weights_.group_size = static_cast<int32_t>(group_size_ > 0 ? group_size_ : k_padded_);
+}
+
+// Codes are repacked one expert at a time through a one-expert scratch
+// buffer, so loading needs only that much memory beyond the stack itself.
+void CudaStack::load_weights(const FmStackCreateArgs& args, cudaStream_t stream) {
+  const DLTensor& qweight = *args.qweight;
+  const int64_t codes_per_word = 32 / bits_;
+  const int64_t k_words = ceil_div(k_, codes_per_word);
+  require_readable_from(qweight, device_, "qweight");
+  require_compact(qweight, "stack_create", "qweight");
+  require_shape(qweight, {num_experts_, k_words, n_}, "qweight");
+
+  // Act-order: sort each expert's rows by group (stably), so the kernel sees
+  // contiguous groups; x columns are gathered through the same permutation.
+  std::vector<int32_t> perm;
+  std::vector<int32_t> row_group;
+  int64_t row_group_expert_stride = 0;
+  if (args.g_idx != nullptr) {
+    const DLTensor& g_idx = *args.g_idx;
+    require_readable_from(g_idx, device_, "g_idx");
+    require_compact(g_idx, "stack_create", "g_idx");
+    require_shape(g_idx, {num_experts_, k_}, "g_idx");
+    const std::vector<int32_t> groups = read_g_idx(g_idx, stream);
+    bool trivial = true;
+    for (int64_t e = 0; e < num_experts_; ++e) {
+      for (int64_t k = 0; k < k_; ++k) {
+        const int32_t g = groups[e * k_ + k];
+        if (g < 0 || g >= num_groups_) {
+          throw Error(FM_ERROR_INVALID_ARGUMENT,
+                      "stack_create: g_idx[" + std::to_string(e) + ", " + std::to_string(k) +
+                          "] = " + std::to_string(g) + " is outside [0, " +
+                          std::to_string(num_groups_) + ")");
+        }
+        trivial = trivial && g == (group_size_ > 0 ? k / group_size_ : 0);
+      }
+    }
+    if (!trivial) {
+      perm.resize(static_cast<size_t>(num_experts_ * k_));
+      row_group.resize(static_cast<size_t>(num_experts_ * k_padded_));
+      row_group_expert_stride = k_padded_;
+      for (int64_t e = 0; e < num_experts_; ++e) {
+        int32_t* p = perm.data() + e * k_;
+        const int32_t* g = groups.data() + e * k_;
+        std::iota(p, p + k_, 0);
+        std::stable_sort(p, p + k_, [g](int32_t a, int32_t b) { return g[a] < g[b]; });
+        int32_t* rg = row_group.data() + e * k_padded_;
+        for (int64_t k = 0; k < k_padded_; ++k) rg[k] = g[p[std::min(k, k_ - 1)]];
+      }
+    }
+  }
+  if (perm.empty() && group_size_ > 0 && group_size_ % kUniformGroupMultiple != 0) {
+    // Groups straddle 16-row k-steps: one table of row -> group, shared by all experts.
+    row_group.resize(static_cast<size_t>(k_padded_));
+    for (int64_t k = 0; k < k_padded_; ++k)
+      row_group[k] = static_cast<int32_t>(std::min(k / group_size_, num_groups_ - 1));
+  }
+  if (!perm.empty()) perm_ = upload(perm, stream, "act-order permutation");
+  if (!row_group.empty()) row_group_ = upload(row_group, stream, "row groups");
+  weights_.row_group_expert_stride = row_group_expert_stride;
+
+  const int k_tiles = static_cast<int>(k_padded_ / kTileK);
+  const int n_tiles = static_cast<int>(n_padded_ / kTileN);
+  const size_t expert_tile_bytes =
+      static_cast<size_t>(k_tiles) * n_tiles * kTileN * kTileK * bits_ / 8;
+  tiles_ = DeviceBuffer(expert_tile_bytes * num_experts_, "weight tiles");
+  const size_t expert_source_bytes = static_cast<size_t>(k_words * n_ * sizeof(int32_t));
+  DeviceBuffer scratch(expert_source_bytes, "qweight scratch");
+  const char* source = data_ptr<const char>(qweight);
+  for (int64_t e = 0; e < num_experts_; ++e) {
+    check_cuda(cudaMemcpyAsync(scratch.get(), source + e * expert_source_bytes, expert_source_bytes,
+                               cudaMemcpyDefault, stream),
+               "stack_create: copying qweight");
+    check_cuda(launch_repack_expert(scratch.get<const uint32_t>(),
+                                    perm.empty() ? nullptr : perm_.get<const int32_t>() + e * k_,
+                                    bits_, k_, n_, k_tiles, n_tiles,
+                                    reinterpret_cast<uint32_t*>(tiles_.get<char>() + e * expert_tile_bytes),
+                                    stream),
+               "stack_create: repack kernel");
+  }
+  // `scratch` is freed on return; cudaFree waits for the kernels using it.
+  check_cuda(cudaStreamSynchronize(stream), "stack_create: repacking qweight");
+}
+
+// [E, G, N] -> [E, G, n_padded]; padded columns get scale 0 (and zero code 0),
+// so they dequantize to exactly 0.
+void CudaStack::load_scales_and_zeros(const FmStackCreateArgs& args, cudaStream_t stream) {
+  const size_t rows = static_cast<size_t>(num_experts_ * num_groups_);
+  auto load = [&](const DLTensor& t, size_t element_bytes, const char* arg) {
+    require_readable_from(t, device_, arg);
+    require_compact(t, "stack_create", arg);
+    require_shape(t, {num_experts_, num_groups_, n_}, arg);
+    DeviceBuffer buffer(rows * n_padded_ * element_bytes, arg);
+    const std::string what = std::string("stack_create: copying ") + arg;
+    check_cuda(cudaMemsetAsync(buffer.get(), 0, buffer.bytes(), stream), what);
+    check_cuda(cudaMemcpy2DAsync(buffer.get(), n_padded_ * element_bytes, data_ptr(t),
+                                 n_ * element_bytes, n_ * element_bytes, rows, cudaMemcpyDefault,
+                                 stream),
+               what);
+    return buffer;
+  };
+  scales_ = load(*args.scales, sizeof(uint16_t), "scales");
+  if (args.zeros != nullptr) zeros_ = load(*args.zeros, sizeof(uint8_t), "zeros");
+}
+
+FmStackProperties CudaStack::properties() const {
+  FmStackProperties props{};
+  props.struct_size = sizeof(props);
+  // Any column window works: the epilogue masks columns outside it.
+  props.column_alignment = 1;
+  props.resident_bytes = static_cast<int64_t>(tiles_.bytes() + scales_.bytes() + zeros_.bytes() +
+                                               perm_.bytes() + row_group_.bytes());
+  props.workspace_bytes = 0;
+  return props;
+}
+
+void CudaStack::zero_workspace(void*) {}
+
+gemm::GemmIO CudaStack::make_io(const DLTensor& x, DLTensor& out, const char* op) const {
+  require_on_device(x, device_, op, "x");
+  require_on_device(out, device_, op, "out");
+  require_unit_last_stride(x, op, "x");
+  gemm::GemmIO io{};
+  io.x = data_ptr<const void>(x);
+  io.x_row_stride = stride(x, 0);
+  // cp.async moves 16 bytes: both the base and every row start must be aligned.
+  constexpr int64_t kVectorBytes = 16;
+  constexpr int64_t kVectorElements = kVectorBytes / 2;
+  io.x_vector_loads = reinterpret_cast<uintptr_t>(io.x) % kVectorBytes == 0 &&
+                      (x.shape[0] <= 1 || io.x_row_stride % kVectorElements == 0);
+  if (is_float32(out.dtype)) {
+    io.out_float32 = true;
+  } else if (out.dtype.code == dtype_.code && out.dtype.bits == dtype_.bits &&
+             out.dtype.lanes == dtype_.lanes) {
+    io.out_float32 = false;
+  } else {
+    throw Error(FM_ERROR_TYPE, std::string(op) + ": out must be " + dtype_name(dtype_) +
+                                   " or float32; got " + dtype_name(out.dtype));
+  }
+  io.out = data_ptr(out);
+  io.out_row_stride = stride(out, 0);
+  io.out_col_stride = stride(out, 1);
+  return io;
+}
+
+void CudaStack::gemm_batched(const FmGemmBatchedArgs& args) {
+  constexpr const char* kOp = "gemm_batched";
+  DeviceGuard guard(device_);
+  gemm::BatchedParams params{};
+  params.w = weights_;
+  params.io = make_io(*args.x, *args.out, kOp);
+  params.io.col_begin = args.col_begin;
+  params.io.n = args.n;
+  if (args.bias != nullptr) {
+    require_on_device(*args.bias, device_, kOp, "bias");
+    require_unit_last_stride(*args.bias, kOp, "bias");
+    params.io.bias = data_ptr<const uint16_t>(*args.bias);
+  }
+
+  const DLTensor& dispatches = *args.dispatches;
+  const int64_t num_dispatches = dispatches.shape[0];
+  if (num_dispatches == 0 || args.n == 0) return;
+  const auto* table = data_ptr<const int64_t>(dispatches);
+  const int64_t s0 = stride(dispatches, 0);
+  const int64_t s1 = stride(dispatches, 1);
+  auto field = [&](int64_t d, int c) { return table[d * s0 + c * s1]; };
+
+  int64_t max_rows = 0;
+  for (int64_t d = 0; d < num_dispatches; ++d) max_rows = std::max(max_rows, field(d, 3));
+  if (max_rows == 0) return;
+  const int rows_per_cta = max_rows <= gemm::kSmallRowsPerCta ? gemm::kSmallRowsPerCta
+                                                              : gemm::kLargeRowsPerCta;
+  const int64_t first_n_tile = args.col_begin / kTileN;
+  const int64_t num_n_tiles = (args.col_begin + args.n - 1) / kTileN - first_n_tile + 1;
+  params.first_n_tile = static_cast<int32_t>(first_n_tile);
+
+  const cudaStream_t stream = as_stream(args.stream);
+  auto flush = [&] {
+    if (params.num_items == 0) return;
+    check_cuda(gemm::launch_gemm_batched(params, compute_type_, bits_, rows_per_cta,
+                                         static_cast<int>(num_n_tiles), stream),
+               "gemm_batched kernel launch");
+    params.num_items = 0;
+  };
+  for (int64_t d = 0; d < num_dispatches; ++d) {
+    const int64_t expert = field(d, 0), in_row = field(d, 1), out_row = field(d, 2), m = field(d, 3);
+    for (int64_t r = 0; r < m; r += rows_per_cta) {
+      gemm::BatchedWorkItem& item = params.items[params.num_items++];
+      item.expert = static_cast<int32_t>(expert);
+      item.rows = static_cast<int32_t>(std::min<int64_t>(rows_per_cta, m - r));
+      item.x_row = in_row + r;
+      item.out_row = out_row + r;
+      if (params.num_items == gemm::kMaxBatchedWorkItems) flush();
+    }
+  }
+  flush();
+}
+
+void CudaStack::gemm_routed(const FmGemmRoutedArgs& args) {
+  constexpr const char* kOp = "gemm_routed";
+  DeviceGuard guard(device_);
+  gemm::RoutedParams params{};
+  params.w = weights_;
+  params.io = make_io(*args.x, *args.out, kOp);
+  params.io.col_begin = 0;
+  params.io.n = n_;
+
+  const DLTensor& sorted_token_ids = *args.sorted_token_ids;
+  const DLTensor& expert_ids = *args.expert_ids;
+  const DLTensor& num_tokens_post_padded = *args.num_tokens_post_padded;
+  require_on_device(sorted_token_ids, device_, kOp, "sorted_token_ids");
+  require_on_device(expert_ids, device_, kOp, "expert_ids");
+  require_on_device(num_tokens_post_padded, device_, kOp, "num_tokens_post_padded");
+  require_unit_last_stride(sorted_token_ids, kOp, "sorted_token_ids");
+  require_unit_last_stride(expert_ids, kOp, "expert_ids");
+  params.sorted_token_ids = data_ptr<const int32_t>(sorted_token_ids);
+  params.num_positions = sorted_token_ids.shape[0];
+  params.expert_ids = data_ptr<const int32_t>(expert_ids);
+  params.num_blocks = expert_ids.shape[0];
+  params.num_tokens_post_padded = data_ptr<const int32_t>(num_tokens_post_padded);
+  params.block_size = args.block_size;
+  params.top_k = args.top_k;
+  params.num_pairs = args.x->shape[0] * args.top_k;
+  if (args.topk_weights != nullptr) {
+    require_on_device(*args.topk_weights, device_, kOp, "topk_weights");
+    params.topk_weights = data_ptr<const float>(*args.topk_weights);
+    params.topk_weights_stride0 = stride(*args.topk_weights, 0);
+    params.topk_weights_stride1 = stride(*args.topk_weights, 1);
+  }
+  if (params.num_blocks == 0 || params.num_pairs == 0) return;
+
+  // 64-row CTAs for routing blocks of 64+ rows; smaller blocks are covered by
+  // 16-row CTAs so few rows are wasted on padding.
+  const int rows_per_cta = args.block_size >= gemm::kLargeRowsPerCta ? gemm::kLargeRowsPerCta
+                                                                     : gemm::kSmallRowsPerCta;
+  params.chunks_per_block = static_cast<int32_t>(ceil_div(args.block_size, rows_per_cta));
+  constexpr int64_t kMaxGridX = std::numeric_limits<int32_t>::max();
+  if (params.num_blocks * params.chunks_per_block > kMaxGridX) {
+    throw Error(FM_ERROR_UNSUPPORTED,
+                "gemm_routed: " + std::to_string(params.num_blocks) + " routing blocks of " +
+                    std::to_string(args.block_size) + " rows exceed the CUDA grid limit");
+  }
+  check_cuda(gemm::launch_gemm_routed(params, compute_type_, bits_, rows_per_cta,
+                                      as_stream(args.stream)),
+             "gemm_routed kernel launch");
+}
+
+}  // namespace ferrum_moe_cuda

@@ -1,0 +1,55 @@
+// CudaStack: one expert stack resident on a CUDA device, repacked at load into
+// the GEMM's tile layout (gemm/layout.hpp); gemm_batched and gemm_routed
+// validate what only this backend knows, then launch one kernel per call
+// (gemm_batched: one per kMaxBatchedWorkItems row slices).
+#ifndef FERRUM_MOE_CUDA_STACK_HPP_
+#define FERRUM_MOE_CUDA_STACK_HPP_
+
+#include <cstdint>
+
+#include "cuda_check.hpp"
+#include "ferrum_moe/plugin.hpp"
+#include "gemm/params.hpp"
+
+namespace ferrum_moe_cuda {
+
+class CudaStack final : public ferrum::plugin::Stack {
+ public:
+  // Copies and repacks the GPTQ tensors of `args` (host or device), then
+  // synchronises `args.stream`, so the caller may free its inputs on return.
+  explicit CudaStack(const FmStackCreateArgs& args);
+
+  FmStackProperties properties() const override;
+  void gemm_batched(const FmGemmBatchedArgs& args) override;
+  void gemm_routed(const FmGemmRoutedArgs& args) override;
+  // No cross-CTA state (no split-K yet): nothing to reset.
+  void zero_workspace(void* stream) override;
+
+ private:
+  void load_scales_and_zeros(const FmStackCreateArgs& args, cudaStream_t stream);
+  void load_weights(const FmStackCreateArgs& args, cudaStream_t stream);
+  gemm::GemmIO make_io(const DLTensor& x, DLTensor& out, const char* op) const;
+
+  int device_;
+  DLDataType dtype_;
+  gemm::ComputeType compute_type_;
+  int bits_;
+  int64_t num_experts_;
+  int64_t k_;
+  int64_t n_;
+  int64_t group_size_;  // as given: -1 or >= 1
+  int64_t num_groups_;
+  int64_t k_padded_;
+  int64_t n_padded_;
+
+  DeviceBuffer tiles_;
+  DeviceBuffer scales_;
+  DeviceBuffer zeros_;
+  DeviceBuffer perm_;
+  DeviceBuffer row_group_;
+  gemm::QuantWeights weights_{};
+};
+
+}  // namespace ferrum_moe_cuda
+
+#endif  // FERRUM_MOE_CUDA_STACK_HPP_

@@ -1,0 +1,227 @@
+"""Every operation of the Python API against float64 references on dequantized
+weights, on every available target (CPU with numpy and with PyTorch; CUDA with
+PyTorch where a GPU is present). Outputs are poisoned with NaN first."""
+
+import numpy as np
+import pytest
+
+import ferrum_moe as fm
+
+from conftest import (NUMPY_DTYPES, REL_TOL, as64, poisoned, random_activations, random_weight, reference_align,
+                      reference_moe, rel_error)
+
+FORMATS = [  # bits, group_size, sym, act_order
+    (4, 128, True, False),
+    (4, 32, False, False),
+    (4, 64, True, True),
+    (4, -1, False, False),
+    (8, 128, True, False),
+    (8, 32, False, True),
+]
+
+
+def _dtype_ok(target, dtype):
+    if dtype not in target.dtypes:
+        pytest.skip(f"{target.backend} computes in {target.dtypes}")
+
+
+@pytest.mark.parametrize("bits, group_size, sym, act_order", FORMATS)
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_gemm_batched_matches_float64(rng, target, dtype, bits, group_size, sym, act_order):
+    _dtype_ok(target, dtype)
+    e, k, n = 3, 320, 96  # 320 = a partial last group for 64 and 128
+    weights = [random_weight(rng, k, n, bits=bits, group_size=group_size, sym=sym, act_order=act_order, dtype=dtype)
+               for _ in range(e)]
+    stack = target.stack(weights, dtype)
+    x = random_activations(rng, (9, k), dtype)
+    dispatches = np.array([[2, 0, 5, 4], [0, 4, 0, 5], [1, 1, 10, 0], [1, 8, 9, 1]])
+    out = target.put(poisoned((12, n), dtype))
+    result = stack.gemm_batched(target.put(x), dispatches, out=out)
+    assert result is out
+    got = as64(target.get(out))
+    for expert, in_row, out_row, m in dispatches:
+        ref = as64(x[in_row:in_row + m]) @ weights[expert].dequantize(np.float64)
+        if m:
+            assert rel_error(got[out_row:out_row + m], ref) < REL_TOL[dtype]
+    assert np.all(np.isnan(got[[10, 11]])), "rows no dispatch names must stay untouched"
+
+
+def test_gemm_batched_returns_a_new_array_of_the_callers_type(rng, target):
+    dtype = target.dtypes[-1]
+    weights = [random_weight(rng, 64, 32, group_size=32, dtype=dtype) for _ in range(2)]
+    stack = target.stack(weights, dtype)
+    x = random_activations(rng, (3, 64), dtype)
+    y = target.get(stack.gemm_batched(target.put(x), [[1, 0, 0, 3]]))
+    assert y.shape == (3, 32) and y.dtype == NUMPY_DTYPES[dtype]
+    assert rel_error(y, as64(x) @ weights[1].dequantize(np.float64)) < REL_TOL[dtype]
+
+
+def test_float32_output_is_accepted_for_16_bit_stacks(rng, target):
+    dtype = "bfloat16" if "bfloat16" in target.dtypes else target.dtypes[0]
+    weights = [random_weight(rng, 128, 64, dtype=dtype)]
+    stack = target.stack(weights, dtype)
+    x = random_activations(rng, (4, 128), dtype)
+    out = target.put(poisoned((4, 64), "float32"))
+    stack.gemm_batched(target.put(x), [[0, 0, 0, 4]], out=out)
+    assert rel_error(target.get(out), as64(x) @ weights[0].dequantize(np.float64)) < 1e-5
+
+
+@pytest.mark.parametrize("with_weights", [False, True])
+def test_gemm_routed_matches_float64(rng, target, with_weights):
+    dtype = target.dtypes[-1]
+    e, k, n, m, top_k = 6, 128, 64, 11, 2
+    weights = [random_weight(rng, k, n, group_size=64, dtype=dtype) for _ in range(e)]
+    stack = target.stack(weights, dtype)
+    x = random_activations(rng, (m, k), dtype)
+    ids = rng.integers(0, e, (m, top_k)).astype(np.int32)
+    ids[3, 1] = -1  # dropped pairs: their output rows stay untouched
+    ids[7, 0] = e
+    tw = rng.random((m, top_k)).astype(np.float32)
+    routing = fm.moe_align_block_size(target.put(ids), 4, e)
+    out = target.put(poisoned((m * top_k, n), dtype))
+    stack.gemm_routed(target.put(x), routing, topk_weights=target.put(tw) if with_weights else None, out=out)
+    got = as64(target.get(out))
+    for p in range(m * top_k):
+        t, j = divmod(p, top_k)
+        if not 0 <= ids[t, j] < e:
+            assert np.all(np.isnan(got[p]))
+            continue
+        ref = as64(x[t]) @ weights[ids[t, j]].dequantize(np.float64) * (tw[t, j] if with_weights else 1.0)
+        assert rel_error(got[p], ref) < REL_TOL[dtype]
+
+
+@pytest.mark.parametrize("m", [1, 3, 256, 2256])
+@pytest.mark.parametrize("top_k", [1, 2, 8])
+@pytest.mark.parametrize("e", [8, 128, 257])
+@pytest.mark.parametrize("block_size", [16, 64])
+def test_align_matches_its_definition(rng, target, m, top_k, e, block_size):
+    ids = rng.integers(-1, e + 1, (m, top_k)).astype(np.int64)  # includes -1 and e: dropped
+    r = fm.moe_align_block_size(target.put(ids), block_size, e)
+    sorted_ids, expert_ids, total = reference_align(ids, block_size, e)
+    assert r.top_k == top_k and r.num_tokens == m and r.block_size == block_size
+    got_total = int(target.get(r.num_tokens_post_padded)[0])
+    assert got_total == total
+    got_sorted, got_experts = target.get(r.sorted_token_ids), target.get(r.expert_ids)
+    assert got_sorted[:total].tolist() == sorted_ids
+    assert got_experts[:total // block_size].tolist() == expert_ids
+    padded, blocks = fm.routing_buffer_sizes(m, top_k, e, block_size)
+    assert len(got_sorted) == padded and len(got_experts) == blocks
+    assert np.all(got_sorted[total:] == m * top_k) and np.all(got_experts[total // block_size:] == -1)
+
+
+def test_align_with_an_expert_map_keeps_local_experts_only(rng, target):
+    e, m, top_k = 16, 40, 4
+    expert_map = np.full(e, -1, np.int32)
+    expert_map[[3, 5, 8, 13]] = [0, 1, 2, 3]
+    ids = rng.integers(0, e, (m, top_k)).astype(np.int32)
+    r = fm.moe_align_block_size(target.put(ids), 16, e, expert_map=target.put(expert_map))
+    sorted_ids, expert_ids, total = reference_align(ids, 16, e, expert_map)
+    assert int(target.get(r.num_tokens_post_padded)[0]) == total
+    assert target.get(r.sorted_token_ids)[:total].tolist() == sorted_ids
+    assert target.get(r.expert_ids)[:total // 16].tolist() == expert_ids
+
+
+def _moe_case(rng, target, dtype, e=8, hidden=128, inter=96, group_size=32):
+    w13 = [random_weight(rng, hidden, 2 * inter, group_size=group_size, dtype=dtype) for _ in range(e)]
+    w2 = [random_weight(rng, inter, hidden, group_size=group_size, dtype=dtype) for _ in range(e)]
+    return w13, w2, target.stack(w13, dtype), target.stack(w2, dtype)
+
+
+def _routing_inputs(rng, m, e, top_k):
+    logits = rng.standard_normal((m, e))
+    ids = np.argsort(-logits, axis=1)[:, :top_k].astype(np.int32)
+    tw = rng.random((m, top_k)).astype(np.float32)
+    return tw, ids
+
+
+@pytest.mark.parametrize("m", [1, 5, 64])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_fused_moe_matches_float64(rng, target, dtype, m):
+    _dtype_ok(target, dtype)
+    e, top_k = 8, 2
+    w13, w2, s13, s2 = _moe_case(rng, target, dtype, e)
+    x = random_activations(rng, (m, 128), dtype)
+    tw, ids = _routing_inputs(rng, m, e, top_k)
+    out = target.put(poisoned((m, 128), dtype))
+    assert fm.fused_moe(target.put(x), s13, s2, target.put(tw), target.put(ids), out=out) is out
+    assert rel_error(target.get(out), reference_moe(x, w13, w2, tw, ids)) < REL_TOL[dtype]
+
+
+def test_fused_moe_with_an_expert_map_drops_non_local_pairs(rng, target):
+    dtype = target.dtypes[-1]
+    n_global, m, top_k = 12, 20, 3
+    expert_map = np.full(n_global, -1, np.int32)
+    expert_map[[1, 4, 6, 7, 10]] = np.arange(5)
+    w13, w2, s13, s2 = _moe_case(rng, target, dtype, e=5)
+    x = random_activations(rng, (m, 128), dtype)
+    tw, ids = _routing_inputs(rng, m, n_global, top_k)
+    y = fm.fused_moe(target.put(x), s13, s2, target.put(tw), target.put(ids), expert_map=target.put(expert_map))
+    ref = reference_moe(x, w13, w2, tw, ids, expert_map=expert_map, num_experts=n_global)
+    assert rel_error(target.get(y), ref) < REL_TOL[dtype]
+
+
+def test_fused_moe_applies_router_weights_on_the_input(rng, target):
+    dtype = target.dtypes[-1]
+    w13, w2, s13, s2 = _moe_case(rng, target, dtype)
+    x = random_activations(rng, (6, 128), dtype)
+    tw, ids = _routing_inputs(rng, 6, 8, 1)
+    y = fm.fused_moe(target.put(x), s13, s2, target.put(tw), target.put(ids), apply_router_weight_on_input=True)
+    assert rel_error(target.get(y), reference_moe(x, w13, w2, tw, ids, on_input=True)) < REL_TOL[dtype]
+
+
+def test_routing_with_every_token_on_one_expert_and_empty_experts(rng, target):
+    dtype = target.dtypes[-1]
+    w13, w2, s13, s2 = _moe_case(rng, target, dtype)
+    m = 33
+    x = random_activations(rng, (m, 128), dtype)
+    ids = np.full((m, 1), 5, np.int32)
+    tw = np.ones((m, 1), np.float32)
+    y = fm.fused_moe(target.put(x), s13, s2, target.put(tw), target.put(ids))
+    assert rel_error(target.get(y), reference_moe(x, w13, w2, tw, ids)) < REL_TOL[dtype]
+
+
+def test_a_moe_layer_reuses_its_workspace_across_token_counts(rng, target):
+    dtype = target.dtypes[-1]
+    w13, w2, s13, s2 = _moe_case(rng, target, dtype)
+    layer = fm.MoE(s13, s2, top_k=2)
+    for m in (17, 3, 17, 1):
+        x = random_activations(rng, (m, 128), dtype)
+        tw, ids = _routing_inputs(rng, m, 8, 2)
+        out = target.put(poisoned((m, 128), dtype))
+        layer(target.put(x), target.put(tw), target.put(ids), out=out)
+        assert rel_error(target.get(out), reference_moe(x, w13, w2, tw, ids)) < REL_TOL[dtype]
+
+
+def test_expert_views_and_bias(rng, target):
+    dtype = target.dtypes[-1]
+    e, k, n = 4, 64, 128
+    weights = [random_weight(rng, k, n, group_size=32, dtype=dtype) for _ in range(e)]
+    stack = target.stack(weights, dtype)
+    x = random_activations(rng, (5, k), dtype)
+    bias = random_activations(rng, (64,), dtype)
+    lin = stack.expert_linear(2 * n + 64, 64, bias=target.put(bias))
+    assert (lin.in_features, lin.out_features) == (k, 64)
+    ref = as64(x) @ weights[2].dequantize(np.float64)[:, 64:] + as64(bias)
+    assert rel_error(target.get(lin(target.put(x))), ref) < REL_TOL[dtype]
+    whole = stack.expert(3)
+    assert rel_error(target.get(whole(target.put(x))), as64(x) @ weights[3].dequantize(np.float64)) < REL_TOL[dtype]
+
+
+def test_linear_from_gptq_writes_out_in_place(rng, target):
+    dtype = target.dtypes[0]
+    w = random_weight(rng, 96, 48, group_size=32, dtype=dtype)
+    lin = fm.Linear.from_gptq(w, backend=target.backend, device=target.device, dtype=dtype)
+    x = random_activations(rng, (7, 96), dtype)
+    out = target.put(poisoned((7, 48), dtype))
+    assert lin(target.put(x), out=out) is out
+    assert rel_error(target.get(out), as64(x) @ w.dequantize(np.float64)) < REL_TOL[dtype]
+
+
+def test_zero_workspace_runs_between_gemms(rng, target):
+    dtype = target.dtypes[-1]
+    weights = [random_weight(rng, 64, 64, group_size=32, dtype=dtype) for _ in range(2)]
+    stack = target.stack(weights, dtype)
+    x = random_activations(rng, (2, 64), dtype)
+    stack.zero_workspace()
+    y = stack.gemm_batched(target.put(x), [[1, 0, 0, 2]])
+    assert rel_error(target.get(y), as64(x) @ weights[1].dequantize(np.float64)) < REL_TOL[dtype]

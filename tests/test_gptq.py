@@ -1,0 +1,103 @@
+"""GPTQ and AWQ formats on the host: packing, quantization, dequantization."""
+
+import numpy as np
+import pytest
+
+import ferrum_moe as fm
+from ferrum_moe import awq, gptq
+
+from conftest import random_weight
+
+
+def test_a_word_unpacks_low_bits_first():
+    word = np.array([[np.uint32(0x87654321).view(np.int32)]])
+    assert gptq.unpack(word, 4, 8)[:, 0].tolist() == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert gptq.unpack(word, 8, 4)[:, 0].tolist() == [0x21, 0x43, 0x65, 0x87]
+
+
+def test_packing_the_codes_1_to_8_gives_0x87654321():
+    assert gptq.pack(np.arange(1, 9).reshape(8, 1), 4).view(np.uint32)[0, 0] == 0x87654321
+
+
+@pytest.mark.parametrize("bits, word", [(4, 0x77777777), (8, 0x7F7F7F7F)])
+def test_v1_symmetric_zeros_store_zero_minus_one(rng, bits, word):
+    w = gptq.quantize(rng.standard_normal((64, 16)), bits, 32, sym=True)
+    assert np.all(w.qzeros.view(np.uint32) == word)
+    assert np.all(w.zeros() == 1 << (bits - 1))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("k", [1, 7, 8, 33, 256])
+def test_pack_unpack_round_trip_along_either_axis(rng, bits, k):
+    q = rng.integers(0, 1 << bits, (k, 5))
+    np.testing.assert_array_equal(gptq.unpack(gptq.pack(q, bits), bits, k), q)
+    np.testing.assert_array_equal(gptq.unpack(gptq.pack(q.T, bits, axis=1), bits, k, axis=1), q.T)
+
+
+def test_pack_refuses_codes_out_of_range():
+    with pytest.raises(ValueError, match=r"codes must be in \[0, 16\) for 4-bit; got \[0, 16\]"):
+        gptq.pack(np.array([[0], [16]]), 4)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size", [-1, 32, 64, 128])
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("fmt", ["gptq", "gptq_v2"])
+def test_quantize_rounds_to_the_nearest_level(rng, bits, group_size, sym, fmt):
+    k, n = 200, 24  # 200 = a partial last group for 32, 64 and 128
+    w = rng.standard_normal((k, n))
+    q = gptq.quantize(w, bits, group_size, sym, checkpoint_format=fmt, scale_dtype=np.float32)
+    assert q.num_groups == (1 if group_size == -1 else -(-k // group_size))
+    step = q.scales.astype(np.float64)[q.group_index()]
+    err = np.abs(q.dequantize(np.float64) - w)
+    # Half a step, plus a level lost where v1 asymmetric zeros must stay >= 1.
+    bound = step * (0.5 if sym or fmt == "gptq_v2" else 1.0) + 1e-6
+    assert np.all(err <= bound)
+
+
+def test_dequantize_follows_the_formula_with_act_order(rng):
+    w = random_weight(rng, 96, 8, group_size=32, sym=False, act_order=True, dtype="float32")
+    assert not np.all(np.diff(w.g_idx) >= 0)  # non-monotonic
+    codes, zeros = w.codes(), w.zeros()
+    expected = np.array([[(codes[k, n] - zeros[w.g_idx[k], n]) * float(w.scales[w.g_idx[k], n]) for n in range(8)]
+                         for k in range(96)])
+    np.testing.assert_allclose(w.dequantize(np.float64), expected, rtol=0, atol=0)
+
+
+def test_v1_and_v2_checkpoints_of_one_matrix_dequantize_alike(rng):
+    w = rng.standard_normal((128, 16))
+    v1 = gptq.quantize(w, 4, 64, sym=False, checkpoint_format="gptq_v2")
+    stored_v1 = gptq.pack(v1.zeros() - 1, 4, axis=1)
+    as_v1 = fm.GPTQWeight(v1.qweight, v1.scales, stored_v1, bits=4, group_size=64, sym=False, checkpoint_format="gptq")
+    np.testing.assert_array_equal(as_v1.dequantize(), v1.dequantize())
+
+
+def test_awq_nibble_order_is_0_2_4_6_1_3_5_7():
+    word = np.array([[np.uint32(0x76543210).view(np.int32)]])  # slot i holds value i
+    assert awq.unpack_awq(word)[0].tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
+
+
+def test_awq_converts_exactly(rng):
+    k, n, g = 256, 64, 128
+    codes = rng.integers(0, 16, (k, n))
+    zeros = rng.integers(0, 16, (k // g, n))
+    scales = (rng.random((k // g, n)) + 0.5).astype(np.float16)
+    w = awq.to_gptq(awq.pack_awq(codes), awq.pack_awq(zeros), scales, g)
+    assert w.checkpoint_format == "gptq_v2" and not w.sym
+    expected = (codes - np.repeat(zeros, g, axis=0)) * np.repeat(scales.astype(np.float64), g, axis=0)
+    np.testing.assert_array_equal(w.dequantize(np.float64), expected)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(scales=np.zeros((3, 8))), r"scales must be \[num_groups=2, N=8\]; got shape \(3, 8\)"),
+    (dict(qzeros=np.zeros((2, 4), np.int32)), r"qzeros must be \[2, 1\] \(packed along N\); got shape \(2, 4\)"),
+    (dict(g_idx=np.full(256, 5)), r"g_idx values must be in \[0, 2\); got \[5, 5\]"),
+    (dict(bits=3), "bits must be 4 or 8; got 3"),
+    (dict(checkpoint_format="awq"), "checkpoint_format must be one of"),
+    (dict(qweight=np.zeros((32, 8), np.float32)), "qweight must hold int32 words; got dtype float32"),
+])
+def test_bad_gptq_weights_are_named(kwargs, message):
+    args = dict(qweight=np.zeros((32, 8), np.int32), scales=np.ones((2, 8), np.float16), bits=4, group_size=128)
+    args.update(kwargs)
+    with pytest.raises((ValueError, TypeError), match=message):
+        fm.GPTQWeight(**args)

@@ -131,8 +131,9 @@ def test_fused_moe_checks_its_stacks(rng):
     tw = np.ones((2, 1), np.float32)
     with pytest.raises(ValueError, match=r"w2's k is 48; it must be half of w13's n_per_expert \(64 // 2 = 32"):
         fm.fused_moe(x16(2), w13, w2, tw, ids)
+    good_w2 = fm.ExpertStack.from_gptq([random_weight(rng, 32, 64, group_size=32)] * 2)
     with pytest.raises(ValueError, match="activation must be one of"):
-        fm.fused_moe(x16(2), w13, w13, tw, ids, activation="gelu")
+        fm.fused_moe(x16(2), w13, good_w2, tw, ids, activation="gelu")
     with pytest.raises(TypeError, match="w2 must be an fm.ExpertStack"):
         fm.fused_moe(x16(2), w13, "w2", tw, ids)
 

@@ -1,0 +1,244 @@
+"""The CUDA backend beyond the shared API tests (test_api.py runs those on CUDA
+too): zero-copy with PyTorch, CuPy and JAX, streams and graph capture, guarded
+device-resident indices, and the shapes of real models against a float32 GPU
+reference. Skipped where no CUDA backend is available."""
+
+import numpy as np
+import pytest
+
+import ferrum_moe as fm
+
+from conftest import poisoned, random_activations, random_weight, reference_moe, rel_error
+
+pytestmark = pytest.mark.skipif(not any(b.name == "cuda" and b.available for b in fm.backends()),
+                                reason="no CUDA backend (install ferrum-moe-cuda on a machine with a GPU)")
+torch = pytest.importorskip("torch")
+
+MODELS = {  # experts, top_k, hidden, intermediate
+    "mixtral": (8, 2, 4096, 14336),
+    "qwen3-30b-a3b": (128, 8, 2048, 768),
+    "deepseek-v2-lite": (64, 6, 2048, 1408),
+}
+
+
+def cuda(a):
+    return torch.from_numpy(np.ascontiguousarray(a)).cuda()
+
+
+def random_codes_weight(rng, k, n, group_size=128, dtype=np.float16):
+    """A GPTQ matrix of random codes and scales: as a checkpoint holds, fast to make at model size."""
+    qweight = rng.integers(-(2**31), 2**31, (k // 8, n), dtype=np.int64).astype(np.int32)
+    scales = (rng.random((k // group_size, n)) * 0.02 + 0.005).astype(dtype)
+    return fm.GPTQWeight(qweight, scales, None, bits=4, group_size=group_size, k=k)
+
+
+def dequantize_on_gpu(w: fm.GPTQWeight) -> "torch.Tensor":
+    """float32 [K, N] on the GPU, computed with torch ops: an independent reference."""
+    q = torch.from_numpy(w.qweight).cuda()
+    shifts = torch.arange(0, 32, 4, device="cuda", dtype=torch.int32)
+    codes = ((q.unsqueeze(1) >> shifts.view(1, 8, 1)) & 0xF).reshape(-1, q.shape[1])[: w.k].float()
+    g = torch.from_numpy(w.group_index()).cuda().long()
+    zeros = torch.from_numpy(w.zeros()).cuda().float()
+    scales = torch.from_numpy(np.asarray(w.scales, np.float32)).cuda()
+    return (codes - zeros[g]) * scales[g]
+
+
+def moe_reference_on_gpu(x, w13, w2, tw, ids):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    x = x.float()
+    out = torch.zeros(x.shape[0], w2[0].n, device="cuda")
+    inter = w2[0].k
+    for e in torch.unique(ids).tolist():
+        tokens, slots = torch.nonzero(ids == e, as_tuple=True)
+        h = x[tokens] @ dequantize_on_gpu(w13[e])
+        act = torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]
+        out.index_add_(0, tokens, tw[tokens, slots, None] * (act @ dequantize_on_gpu(w2[e])))
+    return out
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+@pytest.mark.parametrize("m", [1, 16, 256, 4096])
+def test_model_shapes_match_a_float32_reference(rng, model, m):
+    e, top_k, hidden, inter = MODELS[model]
+    w13 = [random_codes_weight(rng, hidden, 2 * inter) for _ in range(e)]
+    w2 = [random_codes_weight(rng, inter, hidden) for _ in range(e)]
+    s13 = fm.ExpertStack.from_gptq(w13, device="cuda", dtype="float16")
+    s2 = fm.ExpertStack.from_gptq(w2, device="cuda", dtype="float16")
+    x = torch.randn(m, hidden, device="cuda").half()
+    logits = torch.randn(m, e, device="cuda")
+    tw, ids = torch.topk(torch.softmax(logits, -1), top_k)
+    ids = ids.int()
+    out = torch.full((m, hidden), float("nan"), device="cuda", dtype=torch.float16)
+    fm.fused_moe(x, s13, s2, tw.contiguous(), ids.contiguous(), out=out)
+    ref = moe_reference_on_gpu(x, w13, w2, tw, ids)
+    assert rel_error(out, ref) < 3e-3
+
+
+def test_cuda_and_cpu_backends_agree(rng):
+    e, k, n = 5, 200, 72  # odd sizes: padding at load
+    weights = [random_weight(rng, k, n, group_size=-1, sym=False) for _ in range(e)]
+    x = random_activations(rng, (13, k), "float16")
+    d = np.array([[4, 0, 0, 13], [1, 3, 13, 7]])
+    on_cpu = fm.ExpertStack.from_gptq(weights, dtype="float16").gemm_batched(x, d)
+    on_gpu = fm.ExpertStack.from_gptq(weights, device="cuda", dtype="float16").gemm_batched(cuda(x), d)
+    assert rel_error(on_gpu, on_cpu) < 2e-3
+
+
+def _small_stack(rng, dtype="float16"):
+    weights = [random_weight(rng, 128, 64, group_size=32, dtype=dtype) for _ in range(2)]
+    return weights, fm.ExpertStack.from_gptq(weights, device="cuda", dtype=dtype)
+
+
+def test_torch_inputs_are_zero_copy_and_outputs_are_torch(rng):
+    from ferrum_moe.arrays import import_array
+
+    _, stack = _small_stack(rng)
+    x = cuda(random_activations(rng, (4, 128), "float16"))
+    assert import_array(x, "x").data_ptr == x.data_ptr()
+    y = stack.gemm_batched(x, [[0, 0, 0, 4]])
+    assert isinstance(y, torch.Tensor) and y.is_cuda and y.dtype == torch.float16
+
+
+def test_cupy_in_cupy_out(rng):
+    cupy = pytest.importorskip("cupy")
+    from ferrum_moe.arrays import import_array
+
+    weights, stack = _small_stack(rng)
+    xh = random_activations(rng, (4, 128), "float16")
+    x = cupy.asarray(xh)
+    assert import_array(x, "x").data_ptr == x.data.ptr
+    y = stack.gemm_batched(x, [[1, 0, 0, 4]])
+    assert isinstance(y, cupy.ndarray)
+    assert rel_error(cupy.asnumpy(y), xh.astype(np.float64) @ weights[1].dequantize(np.float64)) < 3e-3
+
+
+def test_jax_in_jax_out(rng):
+    jax = pytest.importorskip("jax")
+    weights, stack = _small_stack(rng)
+    xh = random_activations(rng, (4, 128), "float16")
+    x = jax.device_put(xh, jax.devices("gpu")[0])
+    y = stack.gemm_batched(x, [[0, 0, 0, 4]])
+    assert isinstance(y, jax.Array)
+    assert rel_error(np.asarray(y), xh.astype(np.float64) @ weights[0].dequantize(np.float64)) < 3e-3
+    with pytest.raises(ValueError, match="read-only"):
+        stack.gemm_batched(x, [[0, 0, 0, 4]], out=jax.numpy.zeros((4, 64), jax.numpy.float16))
+
+
+def test_a_cpu_array_to_a_cuda_stack_is_refused(rng):
+    _, stack = _small_stack(rng)
+    with pytest.raises(ValueError, match=r"x must be on cuda:0 \(the stack's device\); got an array on cpu"):
+        stack.gemm_batched(random_activations(rng, (4, 128), "float16"), [[0, 0, 0, 4]])
+    with pytest.raises(TypeError, match="x must have dtype float16"):
+        stack.gemm_batched(torch.zeros(4, 128, device="cuda"), [[0, 0, 0, 4]])
+
+
+def test_the_cuda_backend_refuses_float32_stacks(rng):
+    with pytest.raises(NotImplementedError, match="float16 or bfloat16"):
+        fm.ExpertStack.from_gptq([random_weight(rng, 64, 64, group_size=32, dtype="float32")], device="cuda",
+                                 dtype="float32")
+
+
+def test_misaligned_activations_are_refused_or_correct(rng):
+    weights, stack = _small_stack(rng)
+    flat = torch.randn(4 * 128 + 1, device="cuda").half()
+    x = flat[1:].view(4, 128)  # 2 bytes off a 16-byte boundary
+    try:
+        y = stack.gemm_batched(x, [[0, 0, 0, 4]])
+    except ValueError as e:
+        assert "align" in str(e)
+    else:
+        ref = x.double().cpu().numpy() @ weights[0].dequantize(np.float64)
+        assert rel_error(y, ref) < 3e-3
+
+
+def test_corrupt_device_routing_is_skipped_never_followed(rng):
+    """Device-resident routing with garbage entries: kernels skip them; the
+    result equals the CPU backend's on the same corrupt routing."""
+    weights = [random_weight(rng, 128, 64, group_size=32) for _ in range(4)]
+    x = random_activations(rng, (6, 128), "float16")
+    sorted_ids = rng.integers(-(2**31), 2**31, 64, dtype=np.int64).astype(np.int32)
+    sorted_ids[::3] = rng.integers(0, 12, 22)
+    expert_ids = rng.integers(-3, 7, 16).astype(np.int32)
+    post = np.array([2**30], np.int32)
+    results = []
+    for device, put, get in (("cpu", lambda a: a, lambda a: a), ("cuda", cuda, lambda a: a.cpu().numpy())):
+        stack = fm.ExpertStack.from_gptq(weights, device=device, dtype="float16")
+        r = fm.Routing(put(sorted_ids), put(expert_ids), put(post), block_size=4, top_k=2, num_tokens=6)
+        out = put(poisoned((12, 64), "float16"))
+        stack.gemm_routed(put(x), r, out=out)
+        results.append(get(out).astype(np.float64))
+    cpu, gpu = results
+    assert np.array_equal(np.isnan(cpu), np.isnan(gpu))
+    written = ~np.isnan(cpu)
+    assert rel_error(gpu[written], cpu[written]) < 2e-3
+
+
+def test_streams_order_work_with_the_callers_stream(rng):
+    weights, stack = _small_stack(rng)
+    s = torch.cuda.Stream()
+    xh = random_activations(rng, (64, 128), "float16")
+    with torch.cuda.stream(s):
+        x = cuda(xh)
+        y = stack.gemm_batched(x, [[1, 0, 0, 64]], stream=s)  # torch.cuda.Stream has cuda_stream
+    s.synchronize()
+    assert rel_error(y, xh.astype(np.float64) @ weights[1].dequantize(np.float64)) < 3e-3
+
+
+def _layer(rng, dtype="float16", e=8, hidden=256, inter=128):
+    w13 = [random_weight(rng, hidden, 2 * inter, group_size=64, dtype=dtype) for _ in range(e)]
+    w2 = [random_weight(rng, inter, hidden, group_size=64, dtype=dtype) for _ in range(e)]
+    s13 = fm.ExpertStack.from_gptq(w13, device="cuda", dtype=dtype)
+    s2 = fm.ExpertStack.from_gptq(w2, device="cuda", dtype=dtype)
+    return w13, w2, fm.MoE(s13, s2, top_k=2)
+
+
+def _inputs(rng, m, e=8, hidden=256):
+    xh = random_activations(rng, (m, hidden), "float16")
+    ids = np.stack([rng.permutation(e)[:2] for _ in range(m)]).astype(np.int32)
+    tw = rng.random((m, 2)).astype(np.float32)
+    return xh, tw, ids
+
+
+def test_a_moe_layer_replays_in_a_torch_cuda_graph(rng):
+    w13, w2, layer = _layer(rng)
+    m = 8
+    xh, tw, ids = _inputs(rng, m)
+    x, twd, idsd = cuda(xh), cuda(tw), cuda(ids)
+    out = torch.empty(m, 256, device="cuda", dtype=torch.float16)
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        layer(x, twd, idsd, out=out, stream=s)  # warm-up sizes the workspace
+    s.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=s):
+        layer(x, twd, idsd, out=out, stream=s)
+    xh2, tw2, ids2 = _inputs(rng, m)
+    x.copy_(cuda(xh2)), twd.copy_(cuda(tw2)), idsd.copy_(cuda(ids2))
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_error(out, reference_moe(xh2, w13, w2, tw2, ids2)) < 3e-3
+
+
+def test_a_moe_layer_replays_in_a_cupy_graph(rng):
+    cupy = pytest.importorskip("cupy")
+    w13, w2, layer = _layer(rng)
+    m = 4
+    xh, tw, ids = _inputs(rng, m)
+    s = cupy.cuda.Stream(non_blocking=True)
+    with s:
+        x, twd, idsd = cupy.asarray(xh), cupy.asarray(tw), cupy.asarray(ids)
+        out = cupy.empty((m, 256), cupy.float16)
+        layer(x, twd, idsd, out=out, stream=s)
+        s.synchronize()
+        s.begin_capture()
+        layer(x, twd, idsd, out=out, stream=s)
+        graph = s.end_capture()
+        xh2, tw2, ids2 = _inputs(rng, m)
+        x[...] = cupy.asarray(xh2)
+        twd[...] = cupy.asarray(tw2)
+        idsd[...] = cupy.asarray(ids2)
+        out.fill(cupy.nan)
+        graph.launch(stream=s)
+        s.synchronize()
+    assert rel_error(cupy.asnumpy(out), reference_moe(xh2, w13, w2, tw2, ids2)) < 3e-3

@@ -114,9 +114,9 @@ class ExpertStack:
         """
         return self._gemm_window(x, dispatches, 0, self.n_per_expert, None, out, stream)
 
-    def _gemm_window(self, x, dispatches, col_begin, n, bias, out, stream):
+    def _gemm_window(self, x, dispatches, col_begin, n, bias, out, stream, xt=None):
         s = stream_handle(stream)
-        xt = import_array(x, "x", s)
+        xt = xt if xt is not None else import_array(x, "x", s)
         d = host_array(dispatches, "dispatches", np.int64)
         if d.ndim == 1 and d.size in (0, 4):  # one row, or none
             d = d.reshape(-1, 4)
@@ -218,6 +218,8 @@ class Linear:
 
     def __call__(self, x, *, out=None, stream=None):
         """x: [M, in_features] -> [M, out_features] (out: stack dtype or float32)."""
-        rows = import_array(x, "x", stream_handle(stream)).shape[0]
-        d = np.array([[self._expert, 0, 0, rows]], np.int64)
-        return self._stack._gemm_window(x, d, self._col_begin, self._n, self._bias, out, stream)
+        xt = import_array(x, "x", stream_handle(stream))
+        if len(xt.shape) != 2:
+            raise ValueError(f"Linear: x must be [M, in_features={self.in_features}]; got shape {list(xt.shape)}")
+        d = np.array([[self._expert, 0, 0, xt.shape[0]]], np.int64)
+        return self._stack._gemm_window(x, d, self._col_begin, self._n, self._bias, out, stream, xt)

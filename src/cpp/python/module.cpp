@@ -141,7 +141,7 @@ PYBIND11_MODULE(_core, m) {
             spec.group_size = group_size;
             return b.create_stack(spec, *qweight, *scales, opt(zeros), opt(g_idx), as_stream(stream));
           },
-          py::arg("device_type"), py::arg("device_id"), py::arg("dtype"), py::arg("num_experts"), py::arg("k"),
+          py::call_guard<py::gil_scoped_release>(), py::arg("device_type"), py::arg("device_id"), py::arg("dtype"), py::arg("num_experts"), py::arg("k"),
           py::arg("n_per_expert"), py::arg("bits"), py::arg("group_size"), py::arg("qweight"), py::arg("scales"),
           py::arg("zeros"), py::arg("g_idx"), py::arg("stream") = 0)
       .def(
@@ -152,21 +152,21 @@ PYBIND11_MODULE(_core, m) {
             b.moe_align_block_size(*topk_ids, num_experts, block_size, opt(expert_map), *sorted_ids, *expert_ids,
                                    *num_post, as_stream(stream));
           },
-          py::arg("topk_ids"), py::arg("num_experts"), py::arg("block_size"), py::arg("expert_map"),
+          py::call_guard<py::gil_scoped_release>(), py::arg("topk_ids"), py::arg("num_experts"), py::arg("block_size"), py::arg("expert_map"),
           py::arg("sorted_token_ids"), py::arg("expert_ids"), py::arg("num_tokens_post_padded"), py::arg("stream") = 0)
       .def(
           "gated_activation",
           [](Backend& b, const TensorPtr& input, const TensorPtr& out, uintptr_t stream) {
             b.gated_activation(*input, *out, as_stream(stream));
           },
-          py::arg("input"), py::arg("out"), py::arg("stream") = 0)
+          py::call_guard<py::gil_scoped_release>(), py::arg("input"), py::arg("out"), py::arg("stream") = 0)
       .def(
           "moe_sum",
           [](Backend& b, const TensorPtr& input, const TensorPtr& topk_ids, int64_t num_experts,
              const std::optional<TensorPtr>& expert_map, const TensorPtr& out, uintptr_t stream) {
             b.moe_sum(*input, *topk_ids, num_experts, opt(expert_map), *out, as_stream(stream));
           },
-          py::arg("input"), py::arg("topk_ids"), py::arg("num_experts"), py::arg("expert_map"), py::arg("out"),
+          py::call_guard<py::gil_scoped_release>(), py::arg("input"), py::arg("topk_ids"), py::arg("num_experts"), py::arg("expert_map"), py::arg("out"),
           py::arg("stream") = 0);
 
   py::class_<ExpertStack, std::shared_ptr<ExpertStack>>(m, "ExpertStack")
@@ -192,7 +192,7 @@ PYBIND11_MODULE(_core, m) {
              const std::optional<TensorPtr>& bias, const TensorPtr& out, uintptr_t stream) {
             s.gemm_batched(*x, *dispatches, col_begin, n, opt(bias), *out, as_stream(stream));
           },
-          py::arg("x"), py::arg("dispatches"), py::arg("col_begin"), py::arg("n"), py::arg("bias"), py::arg("out"),
+          py::call_guard<py::gil_scoped_release>(), py::arg("x"), py::arg("dispatches"), py::arg("col_begin"), py::arg("n"), py::arg("bias"), py::arg("out"),
           py::arg("stream") = 0)
       .def(
           "gemm_routed",
@@ -202,9 +202,9 @@ PYBIND11_MODULE(_core, m) {
             s.gemm_routed(*x, *sorted_ids, *expert_ids, *num_post, block_size, top_k, opt(topk_weights), *out,
                           as_stream(stream));
           },
-          py::arg("x"), py::arg("sorted_token_ids"), py::arg("expert_ids"), py::arg("num_tokens_post_padded"),
+          py::call_guard<py::gil_scoped_release>(), py::arg("x"), py::arg("sorted_token_ids"), py::arg("expert_ids"), py::arg("num_tokens_post_padded"),
           py::arg("block_size"), py::arg("top_k"), py::arg("topk_weights"), py::arg("out"), py::arg("stream") = 0)
       .def(
           "zero_workspace", [](ExpertStack& s, uintptr_t stream) { s.zero_workspace(as_stream(stream)); },
-          py::arg("stream") = 0);
+          py::call_guard<py::gil_scoped_release>(), py::arg("stream") = 0);
 }

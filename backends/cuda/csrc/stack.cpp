@@ -320,6 +320,10 @@ void CudaStack::gemm_batched(const FmGemmBatchedArgs& args) {
   }
 
   const DLTensor& dispatches = *args.dispatches;
+  if (dispatches.device.device_type != kDLCPU && dispatches.device.device_type != kDLCUDAHost) {
+    throw Error(FM_ERROR_INVALID_ARGUMENT, std::string(kOp) + ": dispatches must be a host array; got " +
+                                               device_name(dispatches.device));
+  }
   const int64_t num_dispatches = dispatches.shape[0];
   if (num_dispatches == 0 || args.n == 0) return;
   const auto* table = data_ptr<const int64_t>(dispatches);

@@ -34,8 +34,7 @@ constexpr size_t kMinApiSize = offsetof(FmBackendApi, stream_order) + sizeof(FmB
 
 }  // namespace
 
-void raise_if_error(FmError* error, const std::string& context) {
-  if (error == nullptr) return;
+void raise_error(FmError* error, const std::string& context) {
   FmErrorCode code = error->code;
   std::string message = context.empty() ? error->message : context + ": " + error->message;
   delete error;
@@ -60,12 +59,12 @@ std::shared_ptr<Backend> Backend::load(const FmBackendApi* api) {
   b->name_ = api->name != nullptr ? api->name : "";
   b->version_ = api->version != nullptr ? api->version : "";
   FmInitArgs init{sizeof(FmInitArgs), &kServices, nullptr};
-  raise_if_error(api->initialize(&init), "initialising backend '" + b->name_ + "'");
+  if (FmError* e = api->initialize(&init)) raise_error(e, "initialising backend '" + b->name_ + "'");
   if (init.backend == nullptr) throw Error(FM_ERROR_INTERNAL, "backend initialize returned no backend");
   b->handle_ = init.backend;
   FmBackendInfo info{};
   info.struct_size = sizeof(FmBackendInfo);
-  raise_if_error(api->get_info(b->handle_, &info), "backend '" + b->name_ + "' get_info");
+  if (FmError* e = api->get_info(b->handle_, &info)) raise_error(e, "backend '" + b->name_ + "' get_info");
   b->description_ = info.description != nullptr ? info.description : "";
   b->device_types_.assign(info.device_types, info.device_types + info.num_device_types);
   b->device_count_ = info.device_count;
@@ -104,7 +103,7 @@ std::shared_ptr<Tensor> Backend::empty(DLDevice device, DLDataType dtype, const 
   args.ndim = int32_t(shape.size());
   args.shape = shape.data();
   args.stream = stream;
-  raise_if_error(api_->tensor_alloc(&args), "allocating " + dtype_name(dtype) + shape_string(shape) +
+  if (FmError* e = api_->tensor_alloc(&args)) raise_error(e, "allocating " + dtype_name(dtype) + shape_string(shape) +
                                                  " on " + device_name(device));
   auto t = Tensor::adopt(args.result);
   t->set_producer(shared_from_this(), stream);
@@ -183,7 +182,7 @@ std::shared_ptr<ExpertStack> Backend::create_stack(const StackSpec& spec, const 
   args.zeros = zeros != nullptr ? &zeros->dl() : nullptr;
   args.g_idx = g_idx != nullptr ? &g_idx->dl() : nullptr;
   args.stream = stream;
-  raise_if_error(api_->stack_create(&args), "");
+  if (FmError* e = api_->stack_create(&args)) raise_error(e, "ExpertStack");
   return std::make_shared<ExpertStack>(shared_from_this(), args.stack, spec, zeros != nullptr, g_idx != nullptr);
 }
 
@@ -245,7 +244,7 @@ void Backend::moe_align_block_size(const Tensor& topk_ids, int64_t num_experts, 
   args.expert_ids = expert_ids.mutable_dl();
   args.num_tokens_post_padded = num_tokens_post_padded.mutable_dl();
   args.stream = stream;
-  raise_if_error(api_->moe_align_block_size(&args), op);
+  if (FmError* e = api_->moe_align_block_size(&args)) raise_error(e, op);
 }
 
 void Backend::gated_activation(const Tensor& input, Tensor& out, void* stream) {
@@ -263,7 +262,7 @@ void Backend::gated_activation(const Tensor& input, Tensor& out, void* stream) {
   expect_rows_contiguous(out, {op, "out"});
   expect_writable(out, {op, "out"});
   FmGatedActivationArgs args{sizeof(args), handle_, FM_ACTIVATION_SILU, &input.dl(), out.mutable_dl(), stream};
-  raise_if_error(api_->gated_activation(&args), op);
+  if (FmError* e = api_->gated_activation(&args)) raise_error(e, op);
 }
 
 void Backend::moe_sum(const Tensor& input, const Tensor& topk_ids, int64_t num_experts, const Tensor* expert_map,
@@ -293,11 +292,11 @@ void Backend::moe_sum(const Tensor& input, const Tensor& topk_ids, int64_t num_e
   }
   FmMoeSumArgs args{sizeof(args), handle_, &input.dl(), &topk_ids.dl(), num_experts,
                     expert_map != nullptr ? &expert_map->dl() : nullptr, out.mutable_dl(), stream};
-  raise_if_error(api_->moe_sum(&args), op);
+  if (FmError* e = api_->moe_sum(&args)) raise_error(e, op);
 }
 
 void Backend::stream_order(DLDevice device, void* producer, void* consumer) {
-  raise_if_error(api_->stream_order(handle_, device, producer, consumer), "ordering DLPack streams");
+  if (FmError* e = api_->stream_order(handle_, device, producer, consumer)) raise_error(e, "ordering DLPack streams");
 }
 
 ExpertStack::ExpertStack(std::shared_ptr<Backend> backend, FmStack* handle, const StackSpec& spec, bool has_zeros,
@@ -305,7 +304,7 @@ ExpertStack::ExpertStack(std::shared_ptr<Backend> backend, FmStack* handle, cons
     : backend_(std::move(backend)), handle_(handle), spec_(spec), has_zeros_(has_zeros), has_g_idx_(has_g_idx) {
   props_.struct_size = sizeof(props_);
   props_.column_alignment = 1;
-  raise_if_error(backend_->api().stack_get_properties(handle_, &props_), "stack properties");
+  if (FmError* e = backend_->api().stack_get_properties(handle_, &props_)) raise_error(e, "stack properties");
   if (props_.column_alignment < 1) props_.column_alignment = 1;
 }
 
@@ -372,7 +371,7 @@ void ExpertStack::gemm_batched(const Tensor& x, const Tensor& dispatches, int64_
   args.bias = bias != nullptr ? &bias->dl() : nullptr;
   args.out = out.mutable_dl();
   args.stream = stream;
-  raise_if_error(backend_->api().stack_gemm_batched(&args), op);
+  if (FmError* e = backend_->api().stack_gemm_batched(&args)) raise_error(e, op);
 }
 
 void ExpertStack::gemm_routed(const Tensor& x, const Tensor& sorted_token_ids, const Tensor& expert_ids,
@@ -427,11 +426,11 @@ void ExpertStack::gemm_routed(const Tensor& x, const Tensor& sorted_token_ids, c
   args.topk_weights = topk_weights != nullptr ? &topk_weights->dl() : nullptr;
   args.out = out.mutable_dl();
   args.stream = stream;
-  raise_if_error(backend_->api().stack_gemm_routed(&args), op);
+  if (FmError* e = backend_->api().stack_gemm_routed(&args)) raise_error(e, op);
 }
 
 void ExpertStack::zero_workspace(void* stream) {
-  raise_if_error(backend_->api().stack_zero_workspace(handle_, stream), "zero_workspace");
+  if (FmError* e = backend_->api().stack_zero_workspace(handle_, stream)) raise_error(e, "zero_workspace");
 }
 
 }  // namespace ferrum

@@ -71,8 +71,9 @@ class Backend : public std::enable_shared_from_this<Backend> {
   int32_t device_count_ = 0;
 };
 
-// Throws the ferrum::Error an FmError carries (and frees it); no-op for NULL.
-void raise_if_error(FmError* error, const std::string& context);
+// Throws the ferrum::Error an FmError carries (and frees it), its message
+// prefixed with `context`.
+[[noreturn]] void raise_error(FmError* error, const std::string& context);
 
 // The number of sorted-id slots moe_align_block_size may fill:
 // every (token, k) pair, plus up to block_size - 1 padding slots per local expert.

@@ -1,7 +1,5 @@
 #include "tensor.hpp"
 
-#include <sstream>
-
 #include "backend.hpp"
 #include "dtype.hpp"
 #include "error.hpp"
@@ -162,11 +160,9 @@ void Tensor::prepare_export(int64_t consumer_stream) {
 }
 
 std::string shape_string(const std::vector<int64_t>& shape) {
-  std::ostringstream os;
-  os << "[";
-  for (size_t i = 0; i < shape.size(); ++i) os << (i ? ", " : "") << shape[i];
-  os << "]";
-  return os.str();
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
 }
 
 namespace {

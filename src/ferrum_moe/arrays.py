@@ -72,6 +72,16 @@ def import_array(obj, name: str, stream: int = 0) -> Tensor:
     return Tensor.from_capsule(capsule)
 
 
+def import_output(obj, name: str, stream: int = 0) -> Tensor:
+    """Imports an ``out=`` array: it must be writable. JAX arrays are immutable
+    but JAX does not mark its DLPack exports read-only, so they are refused by
+    type; other producers' READ_ONLY flag is checked by the core."""
+    if type(obj).__module__.split(".")[0] in ("jax", "jaxlib"):
+        raise ValueError(f"{name} is read-only (a JAX array; JAX arrays are immutable): pass a writable array, "
+                         "or leave it out to get a new JAX array back")
+    return import_array(obj, name, stream)
+
+
 class _NullContext:
     def __enter__(self):
         return self

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _core
-from .arrays import import_array, stream_handle, to_caller
+from .arrays import import_array, import_output, stream_handle, to_caller
 from .routing import Routing, _align, default_block_size
 from .stack import ExpertStack
 
@@ -90,7 +90,7 @@ def _forward(x, w13: ExpertStack, w2: ExpertStack, topk_weights, topk_ids, activ
     w13._core.gemm_routed(xt, sorted_ids, expert_ids, post, block_size, top_k, first_weights, buf["gate_up"], s)
     core.gated_activation(buf["gate_up"], buf["act"], s)
     w2._core.gemm_routed(buf["act"], sorted_ids, expert_ids, post, block_size, 1, second_weights, buf["down"], s)
-    ot = import_array(out, "out", s) if out is not None else core.empty(dev[0], dev[1], w13.dtype, [num_tokens, hidden], s)
+    ot = import_output(out, "out", s) if out is not None else core.empty(dev[0], dev[1], w13.dtype, [num_tokens, hidden], s)
     core.moe_sum(buf["down"], ids, num_experts, map_t, ot, s)
     return out if out is not None else to_caller(ot, x)
 

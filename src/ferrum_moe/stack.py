@@ -7,7 +7,7 @@ from typing import Sequence
 import numpy as np
 
 from . import _core
-from .arrays import host_array, import_array, stream_handle, to_caller
+from .arrays import host_array, import_array, import_output, stream_handle, to_caller
 from .discovery import device_name, parse_device, resolve
 from .gptq import GPTQWeight
 
@@ -122,7 +122,7 @@ class ExpertStack:
             d = d.reshape(-1, 4)
         ot = None
         if out is not None:
-            ot = import_array(out, "out", s)
+            ot = import_output(out, "out", s)
         else:
             rows = int((d[:, 2] + d[:, 3]).max()) if d.ndim == 2 and d.shape[1] == 4 and d.shape[0] else 0
             ot = self._empty([max(rows, 0), n], self.dtype, s)
@@ -147,7 +147,7 @@ class ExpertStack:
         xt = import_array(x, "x", s)
         if xt.shape[0] != routing.num_tokens:
             raise ValueError(f"gemm_routed: x has {xt.shape[0]} rows; the routing was built for {routing.num_tokens} tokens")
-        ot = import_array(out, "out", s) if out is not None else \
+        ot = import_output(out, "out", s) if out is not None else \
             self._empty([routing.num_tokens * routing.top_k, self.n_per_expert], self.dtype, s)
         tw = None if topk_weights is None else import_array(topk_weights, "topk_weights", s)
         r = routing.tensors(s)

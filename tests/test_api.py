@@ -230,3 +230,15 @@ def test_zero_workspace_runs_between_gemms(rng, target):
     stack.zero_workspace()
     y = stack.gemm_batched(target.put(x), [[1, 0, 0, 2]])
     assert rel_error(target.get(y), as64(x) @ weights[1].dequantize(np.float64)) < REL_TOL[dtype]
+
+
+def test_stacks_load_from_stacked_arrays(rng, target):
+    dtype = target.dtypes[-1]
+    weights = [random_weight(rng, 96, 64, group_size=32, sym=False, act_order=True, dtype=dtype) for _ in range(3)]
+    stacked = dict(qweight=np.stack([w.qweight for w in weights]), scales=np.stack([w.scales for w in weights]),
+                   qzeros=np.stack([w.qzeros for w in weights]), g_idx=np.stack([w.g_idx for w in weights]),
+                   bits=4, group_size=32, sym=False)
+    stack = fm.ExpertStack.from_gptq(stacked, backend=target.backend, device=target.device, dtype=dtype)
+    x = random_activations(rng, (5, 96), dtype)
+    y = target.get(stack.gemm_batched(target.put(x), [[2, 0, 0, 5]]))
+    assert rel_error(y, as64(x) @ weights[2].dequantize(np.float64)) < REL_TOL[dtype]

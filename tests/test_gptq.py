@@ -101,3 +101,13 @@ def test_bad_gptq_weights_are_named(kwargs, message):
     args.update(kwargs)
     with pytest.raises((ValueError, TypeError), match=message):
         fm.GPTQWeight(**args)
+
+
+def test_unstack_gives_views_of_each_expert(rng):
+    qweight = rng.integers(-(2**31), 2**31, (3, 8, 16), dtype=np.int64).astype(np.int32)
+    scales = rng.random((3, 1, 16)).astype(np.float16)
+    experts = gptq.unstack(qweight, scales, bits=4, group_size=-1)
+    assert len(experts) == 3 and np.shares_memory(experts[1].qweight, qweight)
+    np.testing.assert_array_equal(experts[2].codes(), gptq.unpack(qweight[2], 4, 64))
+    with pytest.raises(ValueError, match=r"unstack: qweight must be \[E, K/8, N\]"):
+        gptq.unstack(qweight[0], scales)

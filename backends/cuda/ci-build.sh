@@ -4,7 +4,8 @@
 # from rotting; the GPU tests run on a GPU machine (benchmarks/device.sh).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-build="${TMPDIR:-/tmp}/ferrum-moe-cuda-ci"
+build="$(mktemp -d)"
+trap 'rm -rf "$build"' EXIT
 cmake -S "$here" -B "$build" -DCMAKE_BUILD_TYPE=Release -DFERRUM_MOE_CUDA_BUILD_TESTS=ON \
   -Dferrum_moe_DIR="$(python3 -c 'import ferrum_moe; print(ferrum_moe.get_cmake_dir())')" >/dev/null
 cmake --build "$build" -j 2

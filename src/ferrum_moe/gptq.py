@@ -150,6 +150,26 @@ class GPTQWeight:
         return ((self.codes() - z) * s).astype(dtype)
 
 
+def unstack(qweight, scales, qzeros=None, g_idx=None, *, bits: int = 4, group_size: int = 128, sym: bool = True,
+            checkpoint_format: str = "gptq", k: int | None = None) -> list[GPTQWeight]:
+    """Per-expert GPTQWeights (views, no copy) of arrays stacked along a leading
+    expert axis: qweight [E, K/(32/bits), N], scales [E, G, N], qzeros
+    [E, G, N/(32/bits)] or None, g_idx [E, K] or None."""
+    qweight, scales = np.asarray(qweight), np.asarray(scales)
+    if qweight.ndim != 3 or scales.ndim != 3 or scales.shape[0] != qweight.shape[0]:
+        raise ValueError(
+            f"unstack: qweight must be [E, K/{32 // bits}, N] and scales [E, G, N] with the same E; "
+            f"got shapes {qweight.shape} and {scales.shape}"
+        )
+    e = qweight.shape[0]
+    for name, a, rank in (("qzeros", qzeros, 3), ("g_idx", g_idx, 2)):
+        if a is not None and (np.ndim(a) != rank or np.shape(a)[0] != e):
+            raise ValueError(f"unstack: {name} must have {rank} dimensions with E={e} first; got shape {np.shape(a)}")
+    return [GPTQWeight(qweight[i], scales[i], None if qzeros is None else np.asarray(qzeros)[i],
+                       None if g_idx is None else np.asarray(g_idx)[i], bits=bits, group_size=group_size, sym=sym,
+                       checkpoint_format=checkpoint_format, k=k) for i in range(e)]
+
+
 def quantize(w_kn, bits: int = 4, group_size: int = 128, sym: bool = True, *, g_idx=None,
              checkpoint_format: str = "gptq", scale_dtype=np.float16) -> GPTQWeight:
     """Round-to-nearest quantization of a float [K, N] matrix (y = x @ W).

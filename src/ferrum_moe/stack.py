@@ -33,6 +33,10 @@ def _check_dtype(dtype) -> str:
 def _stack_weights(weights) -> tuple[list[GPTQWeight], int, int, int, int]:
     if isinstance(weights, GPTQWeight):
         weights = [weights]
+    elif isinstance(weights, dict):  # stacked arrays, as a checkpoint loader produces them
+        from .gptq import unstack
+
+        weights = unstack(**weights)
     weights = list(weights)
     if not weights:
         raise ValueError("weights: expected at least one expert's GPTQWeight; got an empty list")
@@ -60,7 +64,10 @@ class ExpertStack:
     @classmethod
     def from_gptq(cls, weights: Sequence[GPTQWeight] | GPTQWeight, *, backend: str = "auto",
                   device="cpu", dtype="float16", stream=None) -> "ExpertStack":
-        """Loads per-expert GPTQ weights (a list, one GPTQWeight per expert).
+        """Loads GPTQ weights: a list with one GPTQWeight per expert, or a dict of
+        arrays stacked along a leading expert axis (the arguments of
+        ``fm.gptq.unstack``: qweight [E, K/(32/bits), N], scales [E, G, N],
+        optional qzeros and g_idx, bits, group_size, sym, checkpoint_format).
         The backend repacks them into its own layout; the arrays are not kept."""
         weights, k, n, bits, group_size = _stack_weights(weights)
         dtype = _check_dtype(dtype)

@@ -51,6 +51,15 @@ class Mainloop {
     tiles_ = static_cast<const uint4*>(w.tiles) +
              (static_cast<int64_t>(expert) * w.n_tiles + n_tile) * w.k_tiles * Tile::kUint4s;
     perm_ = w.perm != nullptr ? w.perm + static_cast<int64_t>(expert) * w.k : nullptr;
+    // Address math hoisted out of the k-loop (v1 spent most of its issue slots
+    // here): the expert's scale/zero planes, and the lane's column in each of
+    // its kNFrags fragments, which are the same in every K slice.
+    const int64_t plane = static_cast<int64_t>(expert) * w.num_groups * w.n_padded;
+    scales_ = w.scales + plane;
+    zeros_ = w.zeros != nullptr ? w.zeros + plane : nullptr;
+#pragma unroll
+    for (int nt = 0; nt < kNFrags; ++nt) column_[nt] = n_tile * kTileN + fragment_n(nt, warp_, lane_);
+    steps_per_group_ = w.group_size / kMmaK;
   }
 
   __device__ void run(Accumulators& acc) const {
@@ -137,32 +146,28 @@ class Mainloop {
     return pair;
   }
 
-  __device__ uint32_t scale_bits_at(int64_t index) const { return __ldg(w_.scales + index); }
-  __device__ uint32_t zero_code_at(int64_t index) const {
-    return w_.zeros != nullptr ? __ldg(w_.zeros + index) : kSymmetricZero;
-  }
-  __device__ int64_t quant_index(int group, int column) const {
-    return (static_cast<int64_t>(expert_) * w_.num_groups + group) * w_.n_padded + column;
-  }
-
   // Uniform groups: a 16-row k-step never straddles a group boundary
-  // (group_size % 16 == 0), so one scale and zero serve the whole fragment.
-  __device__ PairQuantParams step_quant_params(int k_step_base, int column) const {
-    const int group = min(k_step_base / w_.group_size, w_.num_groups - 1);
-    const int64_t index = quant_index(group, column);
-    const uint32_t z = zero_code_at(index);
-    const uint32_t s = scale_bits_at(index);
-    return {z | (z << 16), s | (s << 16)};
+  // (group_size % 16 == 0), so one scale and zero serve a whole fragment, and
+  // the lane's kNFrags columns share the group: one load each per group.
+  __device__ void load_group_params(int group, PairQuantParams (&q)[kNFrags]) const {
+    const int64_t row = static_cast<int64_t>(min(group, w_.num_groups - 1)) * w_.n_padded;
+#pragma unroll
+    for (int nt = 0; nt < kNFrags; ++nt) {
+      const uint32_t s = __ldg(scales_ + row + column_[nt]);
+      const uint32_t z = zeros_ != nullptr ? __ldg(zeros_ + row + column_[nt]) : kSymmetricZero;
+      q[nt] = {z | (z << 16), s | (s << 16)};
+    }
   }
 
   // Per-row groups (act-order, or group_size not a multiple of 16): each of
   // the two rows looks its group up.
   __device__ PairQuantParams row_quant_params(int k_row, int column) const {
     const int32_t* groups = w_.row_group + expert_ * w_.row_group_expert_stride;
-    const int64_t lo = quant_index(__ldg(groups + k_row), column);
-    const int64_t hi = quant_index(__ldg(groups + k_row + 1), column);
-    return {zero_code_at(lo) | (zero_code_at(hi) << 16),
-            scale_bits_at(lo) | (scale_bits_at(hi) << 16)};
+    const int64_t lo = static_cast<int64_t>(__ldg(groups + k_row)) * w_.n_padded + column;
+    const int64_t hi = static_cast<int64_t>(__ldg(groups + k_row + 1)) * w_.n_padded + column;
+    const uint32_t z_lo = zeros_ != nullptr ? __ldg(zeros_ + lo) : kSymmetricZero;
+    const uint32_t z_hi = zeros_ != nullptr ? __ldg(zeros_ + hi) : kSymmetricZero;
+    return {z_lo | (z_hi << 16), __ldg(scales_ + lo) | (static_cast<uint32_t>(__ldg(scales_ + hi)) << 16)};
   }
 
   __device__ void compute_slice(int kt, int stage, Accumulators& acc) const {
@@ -182,8 +187,22 @@ class Mainloop {
 
     const int k_base = kt * kTileK;
     const bool uniform_groups = w_.row_group == nullptr;
+    // The group of this slice's first k-step; later steps advance it without
+    // dividing again (one division per slice, not one per fragment).
+    PairQuantParams q[kNFrags];
+    int group = 0, step_in_group = 0;
+    if (uniform_groups) {
+      const int first_step = kt * kKSteps;
+      group = first_step / steps_per_group_;
+      step_in_group = first_step - group * steps_per_group_;
+      load_group_params(group, q);
+    }
 #pragma unroll
     for (int ks = 0; ks < kKSteps; ++ks) {
+      if (uniform_groups && ks > 0 && ++step_in_group == steps_per_group_) {
+        step_in_group = 0;
+        load_group_params(++group, q);
+      }
       uint32_t a[kMTiles][4];
 #pragma unroll
       for (int mt = 0; mt < kMTiles; ++mt) {
@@ -197,21 +216,19 @@ class Mainloop {
       for (int nt = 0; nt < kNFrags; ++nt) {
         const int f = ks * kNFrags + nt;
         const uint32_t word = words[Tile::word_of_fragment(f)];
-        const int column = n_tile_ * kTileN + fragment_n(f, warp_, lane_);
         uint32_t b[2];
         if (uniform_groups) {
-          const PairQuantParams q = step_quant_params(k_base + ks * kMmaK, column);
 #pragma unroll
           for (int half = 0; half < 2; ++half)
-            b[half] = dequant_pair<T, kBits>(word, Tile::pair_of_fragment(f, half), q.zero_codes,
-                                             q.scale_bits);
+            b[half] = dequant_pair<T, kBits>(word, Tile::pair_of_fragment(f, half),
+                                             q[nt].zero_codes, q[nt].scale_bits);
         } else {
 #pragma unroll
           for (int half = 0; half < 2; ++half) {
-            const PairQuantParams q =
-                row_quant_params(k_base + fragment_k(f, lane_, half, 0), column);
-            b[half] = dequant_pair<T, kBits>(word, Tile::pair_of_fragment(f, half), q.zero_codes,
-                                             q.scale_bits);
+            const PairQuantParams rq =
+                row_quant_params(k_base + fragment_k(f, lane_, half, 0), column_[nt]);
+            b[half] = dequant_pair<T, kBits>(word, Tile::pair_of_fragment(f, half), rq.zero_codes,
+                                             rq.scale_bits);
           }
         }
 #pragma unroll
@@ -231,6 +248,10 @@ class Mainloop {
   uint8_t* const b_smem_;
   const uint4* tiles_;
   const int32_t* perm_;
+  const uint16_t* scales_;
+  const uint8_t* zeros_;
+  int column_[kNFrags];
+  int steps_per_group_;
 };
 
 }  // namespace ferrum_moe_cuda::gemm

@@ -143,8 +143,9 @@ class ExpertStack:
 
         x: [num_tokens, k]; topk_weights: float32 [num_tokens, top_k]; out:
         [num_tokens * top_k, n_per_expert], stack dtype or float32. Rows of pairs
-        routed to no local expert are left as they were. Returns out, or a new
-        array of x's type.
+        routed to no local expert are left as they were. Only the first
+        num_tokens * top_k routing blocks are read (moe_align_block_size never
+        fills more). Returns out, or a new array of x's type.
         """
         from .routing import Routing
 

@@ -13,18 +13,19 @@ cudaError_t configure_gemm_kernels(ComputeType type, int bits) {
 }
 
 cudaError_t launch_gemm_batched(const BatchedParams& params, ComputeType type, int bits,
-                                int rows_per_cta, int num_n_tiles, cudaStream_t stream) {
+                                int rows_per_cta, int num_n_tiles, int splits, cudaStream_t stream) {
   return type == ComputeType::kFloat16
-             ? launch_gemm_batched_for<__half>(params, bits, rows_per_cta, num_n_tiles, stream)
-             : launch_gemm_batched_for<__nv_bfloat16>(params, bits, rows_per_cta, num_n_tiles,
+             ? launch_gemm_batched_for<__half>(params, bits, rows_per_cta, num_n_tiles, splits, stream)
+             : launch_gemm_batched_for<__nv_bfloat16>(params, bits, rows_per_cta, num_n_tiles, splits,
                                                       stream);
 }
 
 cudaError_t launch_gemm_routed(const RoutedParams& params, ComputeType type, int bits,
-                               int rows_per_cta, cudaStream_t stream) {
+                               int rows_per_cta, int grid_blocks, int splits, cudaStream_t stream) {
   return type == ComputeType::kFloat16
-             ? launch_gemm_routed_for<__half>(params, bits, rows_per_cta, stream)
-             : launch_gemm_routed_for<__nv_bfloat16>(params, bits, rows_per_cta, stream);
+             ? launch_gemm_routed_for<__half>(params, bits, rows_per_cta, grid_blocks, splits, stream)
+             : launch_gemm_routed_for<__nv_bfloat16>(params, bits, rows_per_cta, grid_blocks, splits,
+                                                     stream);
 }
 
 }  // namespace ferrum_moe_cuda::gemm

@@ -19,6 +19,17 @@ using gemm::ceil_div;
 using gemm::kTileK;
 using gemm::kTileN;
 
+// Split-K (decode): at most this many output tiles per launch get a slot
+// (512 x 16 rows x 128 columns x 4 bytes = 4 MiB per stack); a launch with
+// more tiles has parallelism enough without splitting.
+constexpr int64_t kSplitKTiles = 512;
+// Aim for this many CTAs per SM: 16 warps, enough loads in flight to cover
+// DRAM latency at decode, where each CTA streams one 128-column strip.
+constexpr int64_t kSplitKCtasPerSm = 4;
+// Each split keeps at least this many K slices: the pipeline fill (kStages - 1
+// slices) and the reduction amortise over them.
+constexpr int64_t kSplitKMinSlices = 4;
+
 // The uniform-group fast path needs every 16-row mma k-step inside one group.
 constexpr int64_t kUniformGroupMultiple = gemm::kMmaK;
 // Kernel indices of K and N are 32-bit; N tiles also index gridDim.y.
@@ -117,6 +128,7 @@ CudaStack::CudaStack(const FmStackCreateArgs& args)
   DeviceGuard guard(device_);
   cudaDeviceProp prop{};
   check_cuda(cudaGetDeviceProperties(&prop, device_), "cudaGetDeviceProperties");
+  num_sms_ = prop.multiProcessorCount;
   if (prop.major < kMinComputeCapabilityMajor) {
     throw Error(FM_ERROR_UNSUPPORTED, "the CUDA backend needs compute capability 8.0 or newer; cuda:" +
                                           std::to_string(device_) + " (" + prop.name + ") is " +
@@ -145,6 +157,9 @@ CudaStack::CudaStack(const FmStackCreateArgs& args)
   const cudaStream_t stream = as_stream(args.stream);
   load_weights(args, stream);
   load_scales_and_zeros(args, stream);
+  split_partials_ = DeviceBuffer(kSplitKTiles * gemm::kSmallRowsPerCta * kTileN * sizeof(float), "split-K partials");
+  split_counters_ = DeviceBuffer(kSplitKTiles * sizeof(int32_t), "split-K counters");
+  zero_workspace(args.stream);
   check_cuda(gemm::configure_gemm_kernels(compute_type_, bits_), "configuring the GEMM kernels");
   check_cuda(cudaStreamSynchronize(stream), "stack_create: finishing the load");
 
@@ -272,11 +287,30 @@ FmStackProperties CudaStack::properties() const {
   props.column_alignment = 1;
   props.resident_bytes = static_cast<int64_t>(tiles_.bytes() + scales_.bytes() + zeros_.bytes() +
                                                perm_.bytes() + row_group_.bytes());
-  props.workspace_bytes = 0;
+  props.workspace_bytes = static_cast<int64_t>(split_partials_.bytes() + split_counters_.bytes());
   return props;
 }
 
-void CudaStack::zero_workspace(void*) {}
+void CudaStack::zero_workspace(void* stream) {
+  DeviceGuard guard(device_);
+  check_cuda(cudaMemsetAsync(split_partials_.get(), 0, split_partials_.bytes(), as_stream(stream)),
+             "zero_workspace: split-K partials");
+  check_cuda(cudaMemsetAsync(split_counters_.get(), 0, split_counters_.bytes(), as_stream(stream)),
+             "zero_workspace: split-K counters");
+}
+
+int CudaStack::plan_split_k(int64_t tiles, int64_t active_tiles, int rows_per_cta,
+                            gemm::SplitK& split) const {
+  const int64_t k_tiles = k_padded_ / kTileK;
+  split = {static_cast<int32_t>(k_tiles), nullptr, nullptr};
+  if (rows_per_cta != gemm::kSmallRowsPerCta || tiles > kSplitKTiles || active_tiles <= 0) return 1;
+  const int64_t wanted = ceil_div(kSplitKCtasPerSm * num_sms_, active_tiles);
+  const int64_t splits = std::clamp<int64_t>(wanted, 1, std::max<int64_t>(1, k_tiles / kSplitKMinSlices));
+  if (splits == 1) return 1;
+  const int64_t per_split = ceil_div(k_tiles, splits);
+  split = {static_cast<int32_t>(per_split), split_partials_.get<float>(), split_counters_.get<int32_t>()};
+  return static_cast<int>(ceil_div(k_tiles, per_split));  // every split gets at least one slice
+}
 
 gemm::GemmIO CudaStack::make_io(const DLTensor& x, DLTensor& out, const char* op) const {
   require_on_device(x, device_, op, "x");
@@ -343,8 +377,10 @@ void CudaStack::gemm_batched(const FmGemmBatchedArgs& args) {
   const cudaStream_t stream = as_stream(args.stream);
   auto flush = [&] {
     if (params.num_items == 0) return;
+    const int64_t tiles = params.num_items * num_n_tiles;
+    const int splits = plan_split_k(tiles, tiles, rows_per_cta, params.split);
     check_cuda(gemm::launch_gemm_batched(params, compute_type_, bits_, rows_per_cta,
-                                         static_cast<int>(num_n_tiles), stream),
+                                         static_cast<int>(num_n_tiles), splits, stream),
                "gemm_batched kernel launch");
     params.num_items = 0;
   };
@@ -400,14 +436,23 @@ void CudaStack::gemm_routed(const FmGemmRoutedArgs& args) {
   const int rows_per_cta = args.block_size >= gemm::kLargeRowsPerCta ? gemm::kLargeRowsPerCta
                                                                      : gemm::kSmallRowsPerCta;
   params.chunks_per_block = static_cast<int32_t>(ceil_div(args.block_size, rows_per_cta));
+  // plugin.h: only the first num_tokens * top_k routing blocks are processed
+  // (each block moe_align_block_size fills holds at least one pair), so the
+  // grid follows the token count rather than every expert's worst-case padding.
+  const int64_t grid_blocks = std::min(params.num_blocks, params.num_pairs);
   constexpr int64_t kMaxGridX = std::numeric_limits<int32_t>::max();
-  if (params.num_blocks * params.chunks_per_block > kMaxGridX) {
+  if (grid_blocks * params.chunks_per_block > kMaxGridX) {
     throw Error(FM_ERROR_UNSUPPORTED,
-                "gemm_routed: " + std::to_string(params.num_blocks) + " routing blocks of " +
+                "gemm_routed: " + std::to_string(grid_blocks) + " routing blocks of " +
                     std::to_string(args.block_size) + " rows exceed the CUDA grid limit");
   }
+  // At most one block per distinct expert-chunk holds work when tokens are few.
+  const int64_t tiles = grid_blocks * params.chunks_per_block * weights_.n_tiles;
+  const int64_t active_tiles = std::min(grid_blocks, ceil_div(params.num_pairs, args.block_size) + num_experts_) *
+                               params.chunks_per_block * weights_.n_tiles;
+  const int splits = plan_split_k(tiles, active_tiles, rows_per_cta, params.split);
   check_cuda(gemm::launch_gemm_routed(params, compute_type_, bits_, rows_per_cta,
-                                      as_stream(args.stream)),
+                                      static_cast<int>(grid_blocks), splits, as_stream(args.stream)),
              "gemm_routed kernel launch");
 }
 

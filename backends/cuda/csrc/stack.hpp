@@ -22,13 +22,17 @@ class CudaStack final : public ferrum::plugin::Stack {
   FmStackProperties properties() const override;
   void gemm_batched(const FmGemmBatchedArgs& args) override;
   void gemm_routed(const FmGemmRoutedArgs& args) override;
-  // No cross-CTA state (no split-K yet): nothing to reset.
+  // Zeroes the split-K slots and counters (they are zero after every launch
+  // that completes; this recovers from one that did not).
   void zero_workspace(void* stream) override;
 
  private:
   void load_scales_and_zeros(const FmStackCreateArgs& args, cudaStream_t stream);
   void load_weights(const FmStackCreateArgs& args, cudaStream_t stream);
   gemm::GemmIO make_io(const DLTensor& x, DLTensor& out, const char* op) const;
+  // How many CTAs share each of `tiles` output tiles (of which about
+  // `active_tiles` hold work) over K; fills params.split. 1: no split.
+  int plan_split_k(int64_t tiles, int64_t active_tiles, int rows_per_cta, gemm::SplitK& split) const;
 
   int device_;
   DLDataType dtype_;
@@ -48,6 +52,12 @@ class CudaStack final : public ferrum::plugin::Stack {
   DeviceBuffer perm_;
   DeviceBuffer row_group_;
   gemm::QuantWeights weights_{};
+  int num_sms_ = 0;
+  // Split-K workspace (gemm/params.hpp, SplitK): kSplitKTiles slots of one
+  // small tile each, and their counters. Calls on one stack from concurrently
+  // running streams would share it: a stack's GEMMs must be stream-ordered.
+  DeviceBuffer split_partials_;
+  DeviceBuffer split_counters_;
 };
 
 }  // namespace ferrum_moe_cuda

@@ -10,22 +10,28 @@
 #include "gemm/layout.hpp"
 #include "gemm/mainloop.cuh"
 #include "gemm/params.hpp"
+#include "gemm/split_k.cuh"
 #include "gemm/traits.cuh"
 
 namespace ferrum_moe_cuda::gemm {
 
 template <class T, int kBits, int kMTiles>
-__device__ __forceinline__ void gemm_cta(const QuantWeights& w, const GemmIO& io,
+__device__ __forceinline__ void gemm_cta(const QuantWeights& w, const GemmIO& io, const SplitK& split,
                                          const RowTable<kMTiles * kMmaM>& rows, int expert,
                                          int n_tile) {
   extern __shared__ uint4 smem[];
   typename Mainloop<T, kBits, kMTiles>::Accumulators acc;
+  const int kt_begin = static_cast<int>(blockIdx.z) * split.k_tiles_per_split;
+  const int kt_end = min(w.k_tiles, kt_begin + split.k_tiles_per_split);
   Mainloop<T, kBits, kMTiles>(w, io, rows, expert, n_tile, reinterpret_cast<uint8_t*>(smem))
-      .run(acc);
+      .run(acc, kt_begin, kt_end);
+  if constexpr (kMTiles * kMmaM == kSmallRowsPerCta) {
+    if (gridDim.z > 1 && !reduce_split_k<kMTiles>(split, rows, acc)) return;
+  }
   store_results<T, kMTiles>(io, rows, n_tile, acc);
 }
 
-// grid = (work items, n tiles of the column window).
+// grid = (work items, n tiles of the column window, splits).
 template <class T, int kBits, int kMTiles>
 __global__ void __launch_bounds__(kThreads)
     gemm_batched_kernel(const __grid_constant__ BatchedParams p) {
@@ -40,10 +46,10 @@ __global__ void __launch_bounds__(kThreads)
     rows.weight[r] = 1.0f;
   }
   __syncthreads();
-  gemm_cta<T, kBits, kMTiles>(p.w, p.io, rows, item.expert, p.first_n_tile + blockIdx.y);
+  gemm_cta<T, kBits, kMTiles>(p.w, p.io, p.split, rows, item.expert, p.first_n_tile + blockIdx.y);
 }
 
-// grid = (routing blocks x chunks per block, n tiles). Every index read from
+// grid = (routing blocks x chunks per block, n tiles, splits). Every index read from
 // device memory is range-checked before use: the host never saw these arrays.
 template <class T, int kBits, int kMTiles>
 __global__ void __launch_bounds__(kThreads)
@@ -77,7 +83,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   // Padding-only chunks (all sentinels) do no work.
   if (!__syncthreads_or(used)) return;
-  gemm_cta<T, kBits, kMTiles>(p.w, p.io, rows, expert, blockIdx.y);
+  gemm_cta<T, kBits, kMTiles>(p.w, p.io, p.split, rows, expert, blockIdx.y);
 }
 
 }  // namespace ferrum_moe_cuda::gemm

@@ -49,11 +49,11 @@ cudaError_t configure_gemm_kernels_for(int bits) {
 
 template <class T>
 cudaError_t launch_gemm_batched_for(const BatchedParams& params, int bits, int rows_per_cta,
-                                    int num_n_tiles, cudaStream_t stream) {
+                                    int num_n_tiles, int splits, cudaStream_t stream) {
   return with_specialisation(bits, rows_per_cta, [&](auto b, auto m) {
     constexpr int kBits = decltype(b)::value;
     constexpr int kMTiles = decltype(m)::value;
-    const dim3 grid(params.num_items, num_n_tiles);
+    const dim3 grid(params.num_items, num_n_tiles, splits);
     gemm_batched_kernel<T, kBits, kMTiles>
         <<<grid, kThreads, GemmTraits<T, kBits, kMTiles>::kSmemBytes, stream>>>(params);
     return cudaGetLastError();
@@ -62,12 +62,12 @@ cudaError_t launch_gemm_batched_for(const BatchedParams& params, int bits, int r
 
 template <class T>
 cudaError_t launch_gemm_routed_for(const RoutedParams& params, int bits, int rows_per_cta,
-                                   cudaStream_t stream) {
+                                   int grid_blocks, int splits, cudaStream_t stream) {
   return with_specialisation(bits, rows_per_cta, [&](auto b, auto m) {
     constexpr int kBits = decltype(b)::value;
     constexpr int kMTiles = decltype(m)::value;
-    const dim3 grid(static_cast<unsigned>(params.num_blocks * params.chunks_per_block),
-                    params.w.n_tiles);
+    const dim3 grid(static_cast<unsigned>(grid_blocks * params.chunks_per_block), params.w.n_tiles,
+                    splits);
     gemm_routed_kernel<T, kBits, kMTiles>
         <<<grid, kThreads, GemmTraits<T, kBits, kMTiles>::kSmemBytes, stream>>>(params);
     return cudaGetLastError();

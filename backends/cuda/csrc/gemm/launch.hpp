@@ -14,10 +14,10 @@ template <class T>
 cudaError_t configure_gemm_kernels_for(int bits);
 template <class T>
 cudaError_t launch_gemm_batched_for(const BatchedParams& params, int bits, int rows_per_cta,
-                                    int num_n_tiles, cudaStream_t stream);
+                                    int num_n_tiles, int splits, cudaStream_t stream);
 template <class T>
 cudaError_t launch_gemm_routed_for(const RoutedParams& params, int bits, int rows_per_cta,
-                                   cudaStream_t stream);
+                                   int grid_blocks, int splits, cudaStream_t stream);
 
 }  // namespace ferrum_moe_cuda::gemm
 

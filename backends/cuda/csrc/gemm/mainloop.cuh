@@ -62,27 +62,29 @@ class Mainloop {
     steps_per_group_ = w.group_size / kMmaK;
   }
 
-  __device__ void run(Accumulators& acc) const {
+  // Accumulates K slices [kt_begin, kt_end) (all of K, or one split's share).
+  __device__ void run(Accumulators& acc, int kt_begin, int kt_end) const {
     for (int mt = 0; mt < kMTiles; ++mt)
       for (int nt = 0; nt < kNFrags; ++nt)
         for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.0f;
 
-    const int k_tiles = w_.k_tiles;
+    const int k_tiles = kt_end - kt_begin;
 #pragma unroll
     for (int s = 0; s < kStages - 1; ++s) {
-      if (s < k_tiles) load_slice(s, s);
+      if (s < k_tiles) load_slice(kt_begin + s, s);
       cp_async_commit();
     }
-    for (int kt = 0; kt < k_tiles; ++kt) {
+    for (int i = 0; i < k_tiles; ++i) {
+      const int kt = kt_begin + i;
       // Slice kt has landed once at most kStages-2 later groups are pending;
       // the barrier also tells every thread that slice kt-1's stage, which the
       // next load overwrites, has been consumed by all warps.
       cp_async_wait<kStages - 2>();
       __syncthreads();
-      const int next = kt + kStages - 1;
-      if (next < k_tiles) load_slice(next, next % kStages);
+      const int next = i + kStages - 1;
+      if (next < k_tiles) load_slice(kt_begin + next, next % kStages);
       cp_async_commit();  // empty groups at the tail keep the wait count uniform
-      compute_slice(kt, kt % kStages, acc);
+      compute_slice(kt, i % kStages, acc);
     }
     cp_async_wait<0>();
   }

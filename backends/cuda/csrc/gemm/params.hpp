@@ -57,9 +57,22 @@ struct BatchedWorkItem {
 // launches. 128 items keep the block under the classic 4 KiB parameter limit.
 constexpr int kMaxBatchedWorkItems = 128;
 
+// Split-K for launches with too few output tiles to fill the GPU (decode):
+// gridDim.z CTAs share each output tile, CTA z multiplying K slices
+// [z * k_tiles_per_split, (z + 1) * k_tiles_per_split). Each adds its fp32
+// partial into the tile's slot of `partials` and bumps the tile's counter;
+// the last to arrive stores the sum through the epilogue, then zeroes the
+// slot and the counter, so both are zero between launches (graph replays too).
+struct SplitK {
+  int32_t k_tiles_per_split;  // >= k_tiles when gridDim.z == 1
+  float* partials;            // [tiles][kSmallRowsPerCta * kTileN], tile = blockIdx.x * gridDim.y + blockIdx.y
+  int32_t* counters;          // [tiles]
+};
+
 struct BatchedParams {
   QuantWeights w;
   GemmIO io;
+  SplitK split;
   int32_t first_n_tile;
   int32_t num_items;
   BatchedWorkItem items[kMaxBatchedWorkItems];
@@ -71,6 +84,7 @@ struct BatchedParams {
 struct RoutedParams {
   QuantWeights w;
   GemmIO io;
+  SplitK split;
   const int32_t* sorted_token_ids;
   int64_t num_positions;       // len(sorted_token_ids)
   const int32_t* expert_ids;   // [num_blocks]
@@ -94,12 +108,14 @@ constexpr int kLargeRowsPerCta = 64;
 // device before launching, outside any stream capture.
 cudaError_t configure_gemm_kernels(ComputeType type, int bits);
 
-// grid = (num_items, num_n_tiles); rows_per_cta is kSmallRowsPerCta or kLargeRowsPerCta.
+// grid = (num_items, num_n_tiles, splits); rows_per_cta is kSmallRowsPerCta or
+// kLargeRowsPerCta; splits > 1 only with kSmallRowsPerCta and params.split set.
 cudaError_t launch_gemm_batched(const BatchedParams& params, ComputeType type, int bits,
-                                int rows_per_cta, int num_n_tiles, cudaStream_t stream);
-// grid = (num_blocks * chunks_per_block, n_tiles).
+                                int rows_per_cta, int num_n_tiles, int splits, cudaStream_t stream);
+// grid = (grid_blocks * chunks_per_block, n_tiles, splits): routing blocks past
+// grid_blocks are not processed (see stack.cpp for why none can hold work).
 cudaError_t launch_gemm_routed(const RoutedParams& params, ComputeType type, int bits,
-                               int rows_per_cta, cudaStream_t stream);
+                               int rows_per_cta, int grid_blocks, int splits, cudaStream_t stream);
 
 }  // namespace ferrum_moe_cuda::gemm
 

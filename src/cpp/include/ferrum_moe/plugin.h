@@ -169,7 +169,10 @@ typedef struct FmGemmBatchedArgs {
  * position p < *num_tokens_post_padded with id = sorted_token_ids[p] < num_tokens * top_k
  * and e = expert_ids[p / block_size] in [0, E):
  *   out[id, :] = x[id / top_k, :] @ W_e (* topk_weights.flat[id] when given).
- * Rows of `out` no valid id names are left untouched. */
+ * Only blocks p / block_size < num_tokens * top_k are read: every block that
+ * moe_align_block_size fills holds at least one pair, so no more can hold work
+ * (this lets a backend size its grid by the token count, not by every expert's
+ * worst-case padding). Rows of `out` no valid id names are left untouched. */
 typedef struct FmGemmRoutedArgs {
   size_t struct_size;
   FmStack* stack;

@@ -44,23 +44,37 @@ __device__ __forceinline__ uint32_t u32_of(From value) {
   return bits;
 }
 
-// One B register: the two codes of pair `pair` in `word` (layout.hpp), with
-// their zero points `zero_codes` (low code | high code << 16) and scales
-// `scale_bits` (two raw fp16/bf16 values, low k in the low half).
-// Shift + AND + OR compile to one LOP3 per pair.
+// The subtrahend dequant_pair takes for zero points `zero_codes` (low code |
+// high code << 16): magic + zero in each half, computed once per group rather
+// than once per fragment.
 template <class T, int kBits>
-__device__ __forceinline__ uint32_t dequant_pair(uint32_t word, int pair, uint32_t zero_codes,
+__device__ __forceinline__ uint32_t zero_operand(uint32_t zero_codes) {
+  if constexpr (std::is_same_v<T, __half>) {
+    return zero_codes | kFp16Magic;
+  } else if constexpr (kBits == 4) {
+    return zero_codes | kBf16Magic;
+  } else {
+    return zero_codes;  // bf16 INT8 subtracts in fp32 (below)
+  }
+}
+
+// One B register: the two codes of pair `pair` in `word` (layout.hpp), with
+// their zero points as zero_operand() made them and scales `scale_bits` (two
+// raw fp16/bf16 values, low k in the low half). Shift + AND + OR compile to
+// one LOP3 per pair.
+template <class T, int kBits>
+__device__ __forceinline__ uint32_t dequant_pair(uint32_t word, int pair, uint32_t zero_op,
                                                  uint32_t scale_bits) {
   const uint32_t codes = (word >> (kBits * pair)) & kPairCodeMask<kBits>;
   if constexpr (std::is_same_v<T, __half>) {
     const __half2 q = bit_cast_u32<__half2>(codes | kFp16Magic);
-    const __half2 z = bit_cast_u32<__half2>(zero_codes | kFp16Magic);
-    return u32_of(__hmul2(__hsub2(q, z), bit_cast_u32<__half2>(scale_bits)));
+    return u32_of(__hmul2(__hsub2(q, bit_cast_u32<__half2>(zero_op)), bit_cast_u32<__half2>(scale_bits)));
   } else if constexpr (kBits == 4) {
     const __nv_bfloat162 q = bit_cast_u32<__nv_bfloat162>(codes | kBf16Magic);
-    const __nv_bfloat162 z = bit_cast_u32<__nv_bfloat162>(zero_codes | kBf16Magic);
-    return u32_of(__hmul2(__hsub2(q, z), bit_cast_u32<__nv_bfloat162>(scale_bits)));
+    return u32_of(__hmul2(__hsub2(q, bit_cast_u32<__nv_bfloat162>(zero_op)),
+                          bit_cast_u32<__nv_bfloat162>(scale_bits)));
   } else {
+    const uint32_t zero_codes = zero_op;
     // bf16 INT8: code - zero is exact in fp32, then one rounding to bf16.
     const float q_lo = __uint_as_float(kFp32Magic | (codes & 0xFFFFu));
     const float q_hi = __uint_as_float(kFp32Magic | (codes >> 16));

@@ -19,7 +19,7 @@
 namespace ferrum_moe_cuda::gemm {
 
 // Zero points and scales for one B register (two consecutive k rows of one
-// column), packed the way dequant_pair takes them.
+// column), packed the way dequant_pair takes them (zero_operand()).
 struct PairQuantParams {
   uint32_t zero_codes;
   uint32_t scale_bits;
@@ -157,7 +157,7 @@ class Mainloop {
     for (int nt = 0; nt < kNFrags; ++nt) {
       const uint32_t s = __ldg(scales_ + row + column_[nt]);
       const uint32_t z = zeros_ != nullptr ? __ldg(zeros_ + row + column_[nt]) : kSymmetricZero;
-      q[nt] = {z | (z << 16), s | (s << 16)};
+      q[nt] = {zero_operand<T, kBits>(z | (z << 16)), s | (s << 16)};
     }
   }
 
@@ -169,10 +169,21 @@ class Mainloop {
     const int64_t hi = static_cast<int64_t>(__ldg(groups + k_row + 1)) * w_.n_padded + column;
     const uint32_t z_lo = zeros_ != nullptr ? __ldg(zeros_ + lo) : kSymmetricZero;
     const uint32_t z_hi = zeros_ != nullptr ? __ldg(zeros_ + hi) : kSymmetricZero;
-    return {z_lo | (z_hi << 16), __ldg(scales_ + lo) | (static_cast<uint32_t>(__ldg(scales_ + hi)) << 16)};
+    return {zero_operand<T, kBits>(z_lo | (z_hi << 16)),
+            __ldg(scales_ + lo) | (static_cast<uint32_t>(__ldg(scales_ + hi)) << 16)};
   }
 
   __device__ void compute_slice(int kt, int stage, Accumulators& acc) const {
+    // The branch is uniform across the grid: taken once per slice, not per fragment.
+    if (w_.row_group == nullptr) {
+      compute_slice_as<true>(kt, stage, acc);
+    } else {
+      compute_slice_as<false>(kt, stage, acc);
+    }
+  }
+
+  template <bool kUniformGroups>
+  __device__ void compute_slice_as(int kt, int stage, Accumulators& acc) const {
     const uint8_t* a_stage = a_smem_ + stage * Traits::kAStageBytes;
     const auto* b_stage = reinterpret_cast<const uint4*>(b_smem_ + stage * Traits::kBStageBytes);
 
@@ -188,12 +199,11 @@ class Mainloop {
     }
 
     const int k_base = kt * kTileK;
-    const bool uniform_groups = w_.row_group == nullptr;
     // The group of this slice's first k-step; later steps advance it without
     // dividing again (one division per slice, not one per fragment).
     PairQuantParams q[kNFrags];
     int group = 0, step_in_group = 0;
-    if (uniform_groups) {
+    if constexpr (kUniformGroups) {
       const int first_step = kt * kKSteps;
       group = first_step / steps_per_group_;
       step_in_group = first_step - group * steps_per_group_;
@@ -201,9 +211,11 @@ class Mainloop {
     }
 #pragma unroll
     for (int ks = 0; ks < kKSteps; ++ks) {
-      if (uniform_groups && ks > 0 && ++step_in_group == steps_per_group_) {
-        step_in_group = 0;
-        load_group_params(++group, q);
+      if constexpr (kUniformGroups) {
+        if (ks > 0 && ++step_in_group == steps_per_group_) {
+          step_in_group = 0;
+          load_group_params(++group, q);
+        }
       }
       uint32_t a[kMTiles][4];
 #pragma unroll
@@ -219,19 +231,16 @@ class Mainloop {
         const int f = ks * kNFrags + nt;
         const uint32_t word = words[Tile::word_of_fragment(f)];
         uint32_t b[2];
-        if (uniform_groups) {
 #pragma unroll
-          for (int half = 0; half < 2; ++half)
-            b[half] = dequant_pair<T, kBits>(word, Tile::pair_of_fragment(f, half),
-                                             q[nt].zero_codes, q[nt].scale_bits);
-        } else {
-#pragma unroll
-          for (int half = 0; half < 2; ++half) {
-            const PairQuantParams rq =
-                row_quant_params(k_base + fragment_k(f, lane_, half, 0), column_[nt]);
-            b[half] = dequant_pair<T, kBits>(word, Tile::pair_of_fragment(f, half), rq.zero_codes,
-                                             rq.scale_bits);
+        for (int half = 0; half < 2; ++half) {
+          PairQuantParams pq;
+          if constexpr (kUniformGroups) {
+            pq = q[nt];
+          } else {
+            pq = row_quant_params(k_base + fragment_k(f, lane_, half, 0), column_[nt]);
           }
+          b[half] = dequant_pair<T, kBits>(word, Tile::pair_of_fragment(f, half), pq.zero_codes,
+                                           pq.scale_bits);
         }
 #pragma unroll
         for (int mt = 0; mt < kMTiles; ++mt) mma_16816<T>(acc[mt][nt], a[mt], b);

@@ -67,14 +67,12 @@ class Routing:
 
 
 def default_block_size(num_pairs: int, num_experts: int) -> int:
-    """The routing block for num_pairs pairs over num_experts experts. Pairs
-    spread unevenly, and an expert whose pairs overflow one block has its
-    weights streamed once per block, so the block leaves headroom above the
-    average: 16 at decode, 32 from 7 pairs per expert, 64 from 21."""
+    """A routing block near the expected pairs per expert: 16 for decode, up to 64."""
     per_expert = num_pairs / max(num_experts, 1)
-    if per_expert <= 6:
-        return 16
-    return 32 if per_expert <= 20 else 64
+    for size in (16, 32):
+        if per_expert <= size:
+            return size
+    return 64
 
 
 def _align(backend, topk_ids_t, block_size, num_experts, map_t, stream, workspace=None):

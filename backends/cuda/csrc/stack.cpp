@@ -431,11 +431,10 @@ void CudaStack::gemm_routed(const FmGemmRoutedArgs& args) {
   }
   if (params.num_blocks == 0 || params.num_pairs == 0) return;
 
-  // Each CTA streams its expert's weights once, so a block split over several
-  // CTAs streams them several times: blocks of more than 16 rows take 64-row
-  // CTAs (idle MMA rows cost less than a second pass over the weights).
-  const int rows_per_cta = args.block_size > gemm::kSmallRowsPerCta ? gemm::kLargeRowsPerCta
-                                                                    : gemm::kSmallRowsPerCta;
+  // 64-row CTAs for routing blocks of 64+ rows; smaller blocks are covered by
+  // 16-row CTAs so few rows are wasted on padding.
+  const int rows_per_cta = args.block_size >= gemm::kLargeRowsPerCta ? gemm::kLargeRowsPerCta
+                                                                     : gemm::kSmallRowsPerCta;
   params.chunks_per_block = static_cast<int32_t>(ceil_div(args.block_size, rows_per_cta));
   // plugin.h: only the first num_tokens * top_k routing blocks are processed
   // (each block moe_align_block_size fills holds at least one pair), so the

@@ -66,19 +66,27 @@ bool Tensor::is_compact() const {
   return true;
 }
 
-std::shared_ptr<Tensor> Tensor::retyped(DLDataType dtype) {
-  if (dtype_bytes(dtype) != dtype_bytes(dl_.dtype)) {
-    throw_type_error("cannot read " + dtype_name(dl_.dtype) + " memory as " + dtype_name(dtype) +
-                     ": the element sizes differ");
-  }
+std::shared_ptr<Tensor> Tensor::view_of(const DLTensor& dl, std::vector<int64_t> shape) {
   std::shared_ptr<Tensor> t(new Tensor());
-  t->init_from(dl_);
-  t->dl_.dtype = dtype;
+  t->init_from(dl);
+  t->shape_ = std::move(shape);
+  t->dl_.shape = t->shape_.data();
+  t->dl_.ndim = int32_t(t->shape_.size());
   t->read_only_ = read_only_;
   t->base_ = shared_from_this();
   t->producer_backend_ = producer_backend_;
   t->producer_stream_ = producer_stream_;
   return t;
+}
+
+std::shared_ptr<Tensor> Tensor::retyped(DLDataType dtype) {
+  if (dtype_bytes(dtype) != dtype_bytes(dl_.dtype)) {
+    throw_type_error("cannot read " + dtype_name(dl_.dtype) + " memory as " + dtype_name(dtype) +
+                     ": the element sizes differ");
+  }
+  DLTensor dl = dl_;
+  dl.dtype = dtype;
+  return view_of(dl, shape_);
 }
 
 std::shared_ptr<Tensor> Tensor::view(const std::vector<int64_t>& shape) {
@@ -92,17 +100,10 @@ std::shared_ptr<Tensor> Tensor::view(const std::vector<int64_t>& shape) {
     throw_value_error("view: shape " + shape_string(shape) + " needs " + std::to_string(n) + " elements; the tensor has " +
                       std::to_string(numel()));
   }
-  std::shared_ptr<Tensor> t(new Tensor());
-  t->dl_ = dl_;
-  t->shape_ = shape;
-  t->dl_.shape = t->shape_.data();
-  t->dl_.ndim = int32_t(shape.size());
-  t->dl_.strides = nullptr;
-  t->read_only_ = read_only_;
-  t->base_ = shared_from_this();
-  t->producer_backend_ = producer_backend_;
-  t->producer_stream_ = producer_stream_;
-  return t;
+  DLTensor dl = dl_;
+  dl.strides = nullptr;  // compact, so the new shape's row-major strides hold
+  dl.ndim = 0;
+  return view_of(dl, shape);
 }
 
 namespace {

@@ -62,6 +62,8 @@ class Tensor : public std::enable_shared_from_this<Tensor> {
  private:
   Tensor() = default;
   void init_from(const DLTensor& t);
+  // A Tensor over this one's memory, read as `dl` with `shape`; keeps this alive.
+  std::shared_ptr<Tensor> view_of(const DLTensor& dl, std::vector<int64_t> shape);
 
   DLTensor dl_{};
   std::vector<int64_t> shape_;

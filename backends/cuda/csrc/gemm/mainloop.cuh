@@ -60,6 +60,11 @@ class Mainloop {
 #pragma unroll
     for (int nt = 0; nt < kNFrags; ++nt) column_[nt] = n_tile * kTileN + fragment_n(nt, warp_, lane_);
     steps_per_group_ = w.group_size / kMmaK;
+    // ldmatrix x4: lanes 0-15 address rows 0-15 at k 0-7 of a k-step, lanes
+    // 16-31 the same rows at k 8-15. Rows 16 apart share a swizzle, so m-tile
+    // mt only adds mt * 16 rows to these.
+#pragma unroll
+    for (int ks = 0; ks < kKSteps; ++ks) a_offset_[ks] = Traits::a_offset(lane_ % 16, ks * 2 + lane_ / 16);
   }
 
   // Accumulates K slices [kt_begin, kt_end) (all of K, or one split's share).
@@ -74,6 +79,12 @@ class Mainloop {
       if (s < k_tiles) load_slice(kt_begin + s, s);
       cp_async_commit();
     }
+    // Groups of a multiple of kTileK rows (128, 64, -1: the common ones) hold
+    // whole slices: the slice's group is tracked here, one division per CTA.
+    const bool group_per_slice = w_.row_group == nullptr && steps_per_group_ % kKSteps == 0;
+    const int slices_per_group = max(1, steps_per_group_ / kKSteps);
+    int slice_group = group_per_slice ? kt_begin / slices_per_group : 0;
+    int slice_in_group = group_per_slice ? kt_begin - slice_group * slices_per_group : 0;
     for (int i = 0; i < k_tiles; ++i) {
       const int kt = kt_begin + i;
       // Slice kt has landed once at most kStages-2 later groups are pending;
@@ -84,7 +95,17 @@ class Mainloop {
       const int next = i + kStages - 1;
       if (next < k_tiles) load_slice(kt_begin + next, next % kStages);
       cp_async_commit();  // empty groups at the tail keep the wait count uniform
-      compute_slice(kt, i % kStages, acc);
+      if (group_per_slice) {
+        compute_slice_as<GroupMode::kSlice>(kt, i % kStages, slice_group, acc);
+        if (++slice_in_group == slices_per_group) {
+          slice_in_group = 0;
+          ++slice_group;
+        }
+      } else if (w_.row_group == nullptr) {
+        compute_slice_as<GroupMode::kStep>(kt, i % kStages, 0, acc);
+      } else {
+        compute_slice_as<GroupMode::kRow>(kt, i % kStages, 0, acc);
+      }
     }
     cp_async_wait<0>();
   }
@@ -173,17 +194,12 @@ class Mainloop {
             __ldg(scales_ + lo) | (static_cast<uint32_t>(__ldg(scales_ + hi)) << 16)};
   }
 
-  __device__ void compute_slice(int kt, int stage, Accumulators& acc) const {
-    // The branch is uniform across the grid: taken once per slice, not per fragment.
-    if (w_.row_group == nullptr) {
-      compute_slice_as<true>(kt, stage, acc);
-    } else {
-      compute_slice_as<false>(kt, stage, acc);
-    }
-  }
+  // Where a fragment's scale and zero come from: one group for the whole slice
+  // (`slice_group`), one per 16-row k-step, or a per-row group table.
+  enum class GroupMode { kSlice, kStep, kRow };
 
-  template <bool kUniformGroups>
-  __device__ void compute_slice_as(int kt, int stage, Accumulators& acc) const {
+  template <GroupMode kMode>
+  __device__ void compute_slice_as(int kt, int stage, int slice_group, Accumulators& acc) const {
     const uint8_t* a_stage = a_smem_ + stage * Traits::kAStageBytes;
     const auto* b_stage = reinterpret_cast<const uint4*>(b_smem_ + stage * Traits::kBStageBytes);
 
@@ -203,7 +219,9 @@ class Mainloop {
     // dividing again (one division per slice, not one per fragment).
     PairQuantParams q[kNFrags];
     int group = 0, step_in_group = 0;
-    if constexpr (kUniformGroups) {
+    if constexpr (kMode == GroupMode::kSlice) {
+      load_group_params(slice_group, q);
+    } else if constexpr (kMode == GroupMode::kStep) {
       const int first_step = kt * kKSteps;
       group = first_step / steps_per_group_;
       step_in_group = first_step - group * steps_per_group_;
@@ -211,7 +229,7 @@ class Mainloop {
     }
 #pragma unroll
     for (int ks = 0; ks < kKSteps; ++ks) {
-      if constexpr (kUniformGroups) {
+      if constexpr (kMode == GroupMode::kStep) {
         if (ks > 0 && ++step_in_group == steps_per_group_) {
           step_in_group = 0;
           load_group_params(++group, q);
@@ -219,13 +237,8 @@ class Mainloop {
       }
       uint32_t a[kMTiles][4];
 #pragma unroll
-      for (int mt = 0; mt < kMTiles; ++mt) {
-        // ldmatrix x4: lanes 0-15 address rows 0-15 at k 0-7, lanes 16-31 the
-        // same rows at k 8-15, giving registers a0..a3 of the A fragment.
-        const int row = mt * kMmaM + lane_ % 16;
-        const int chunk = ks * 2 + lane_ / 16;
-        ldmatrix_x4(a[mt], shared_address(a_stage + Traits::a_offset(row, chunk)));
-      }
+      for (int mt = 0; mt < kMTiles; ++mt)
+        ldmatrix_x4(a[mt], shared_address(a_stage + a_offset_[ks] + mt * kMmaM * Traits::kARowBytes));
 #pragma unroll
       for (int nt = 0; nt < kNFrags; ++nt) {
         const int f = ks * kNFrags + nt;
@@ -234,7 +247,7 @@ class Mainloop {
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
           PairQuantParams pq;
-          if constexpr (kUniformGroups) {
+          if constexpr (kMode != GroupMode::kRow) {
             pq = q[nt];
           } else {
             pq = row_quant_params(k_base + fragment_k(f, lane_, half, 0), column_[nt]);
@@ -263,6 +276,7 @@ class Mainloop {
   const uint8_t* zeros_;
   int column_[kNFrags];
   int steps_per_group_;
+  int a_offset_[kKSteps];
 };
 
 }  // namespace ferrum_moe_cuda::gemm

@@ -3,7 +3,8 @@ measured in the same run (device copy bandwidth, cuBLAS fp16 rate) and the
 peers' figures recorded in shared/PEERS.md (vLLM Marlin MoE, same device kind).
 
 Timing: one CUDA-graph replay of the layer (routing included), L2 flushed
-before each, median of repeats. Prints a table; writes JSON with --json.
+before each, median of repeats. The routing is drawn from a fixed seed per
+token count, so runs and versions compare on the same work. Prints a table; writes JSON with --json.
 
     python benchmarks/bench_moe.py [--models mixtral,...] [--tokens 1,16,...] [--json out.json]
 """
@@ -110,6 +111,8 @@ def main() -> None:
         layer = fm.MoE(s13, s2, top_k=top_k)
         expert_bytes = (hidden * 2 * inter + inter * hidden) * (0.5 + 2 / 128)
         for m in (int(t) for t in args.tokens.split(",")):
+            # The same routing in every run, so versions compare on equal work.
+            torch.manual_seed(m)
             x = torch.randn(m, hidden, device="cuda", dtype=torch.float16)
             tw, ids = torch.topk(torch.softmax(torch.randn(m, e, device="cuda"), -1), top_k)
             ids = ids.int().contiguous()

@@ -117,6 +117,9 @@ def test_jax_in_jax_out(rng):
     weights, stack = _small_stack(rng)
     xh = random_activations(rng, (4, 128), "float16")
     x = jax.device_put(xh, jax.devices("gpu")[0])
+    from ferrum_moe.arrays import import_array
+
+    assert import_array(x, "x").data_ptr == x.unsafe_buffer_pointer()
     y = stack.gemm_batched(x, [[0, 0, 0, 4]])
     assert isinstance(y, jax.Array)
     assert rel_error(np.asarray(y), xh.astype(np.float64) @ weights[0].dequantize(np.float64)) < 3e-3

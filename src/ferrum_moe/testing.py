@@ -1,0 +1,199 @@
+"""Test helpers for ferrum-moe and for backend authors: float64 references,
+random GPTQ weights, NaN-poisoned outputs, and `check_backend`, a conformance
+run of the API against those references on any installed backend.
+
+    from ferrum_moe.testing import check_backend
+    report = check_backend("mybackend", device="cpu", dtype="float16")
+    assert report.ok, report
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_dtypes
+import numpy as np
+
+import ferrum_moe as fm
+
+NUMPY_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+# Relative error bounds against float64: float32 accumulates exactly enough to
+# land far below 1e-5; a 16-bit output rounds each element by 2^-11 (float16) or
+# 2^-8 (bfloat16), plus the rounding of intermediates in a whole layer.
+REL_TOL = {"float32": 2e-5, "float16": 3e-3, "bfloat16": 2e-2}
+
+
+def random_weight(rng, k, n, *, bits=4, group_size=128, sym=True, act_order=False, dtype="float16",
+                  checkpoint_format="gptq") -> fm.GPTQWeight:
+    """A GPTQ matrix quantized from random floats; scales stored in ``dtype`` so
+    dequantize() is exactly what a kernel computing in that dtype sees."""
+    w = rng.standard_normal((k, n)) / np.sqrt(k)
+    g_idx = None
+    if act_order:
+        groups = fm.gptq.num_groups(k, group_size)
+        g_idx = (rng.permutation(k) * groups // k).astype(np.int32)  # every group, shuffled rows
+    return fm.gptq.quantize(w, bits, group_size, sym, g_idx=g_idx, checkpoint_format=checkpoint_format,
+                            scale_dtype=NUMPY_DTYPES[dtype])
+
+
+def random_activations(rng, shape, dtype: str) -> np.ndarray:
+    return rng.standard_normal(shape).astype(NUMPY_DTYPES[dtype])
+
+
+def as64(a) -> np.ndarray:
+    if hasattr(a, "detach"):
+        a = a.detach().float().cpu().numpy()
+    return np.asarray(a).astype(np.float64)
+
+
+def rel_error(out, ref) -> float:
+    out, ref = as64(out), as64(ref)
+    assert np.all(np.isfinite(out)), "output holds NaN/Inf (an unwritten or poisoned element?)"
+    return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def poisoned(shape, dtype: str) -> np.ndarray:
+    """An output buffer full of NaN: any element the kernel fails to write shows."""
+    return np.full(shape, np.nan, dtype=NUMPY_DTYPES[dtype])
+
+
+def reference_moe(x, w13, w2, topk_weights, topk_ids, *, expert_map=None, num_experts=None,
+                  on_input=False) -> np.ndarray:
+    """float64 MoE layer on dequantized weights, a plain loop over (token, k)."""
+    x = as64(x)
+    topk_ids, topk_weights = np.asarray(topk_ids), np.asarray(topk_weights, np.float64)
+    inter = w2[0].k
+    out = np.zeros((x.shape[0], w2[0].n))
+    n_global = num_experts if num_experts is not None else len(w13)
+    dense = {}
+    for t in range(x.shape[0]):
+        for j in range(topk_ids.shape[1]):
+            g = int(topk_ids[t, j])
+            if not 0 <= g < n_global:
+                continue
+            e = g if expert_map is None else int(expert_map[g])
+            if e < 0:
+                continue
+            if e not in dense:
+                dense[e] = (w13[e].dequantize(np.float64), w2[e].dequantize(np.float64))
+            h = x[t] @ dense[e][0]
+            if on_input:
+                h = h * topk_weights[t, j]
+            act = h[:inter] / (1 + np.exp(-h[:inter])) * h[inter:]
+            y = act @ dense[e][1]
+            out[t] += y if on_input else topk_weights[t, j] * y
+    return out
+
+
+def reference_align(topk_ids, block_size, num_experts, expert_map=None):
+    """moe_align_block_size by its definition: (sorted ids, expert ids, total)."""
+    flat = np.asarray(topk_ids).reshape(-1).astype(np.int64)
+    valid = (flat >= 0) & (flat < num_experts)
+    local = np.full(flat.size, -1)
+    mapping = np.arange(num_experts) if expert_map is None else np.asarray(expert_map)
+    local[valid] = mapping[flat[valid]]
+    num_local = int(mapping.max(initial=-1)) + 1
+    sorted_ids, expert_ids = [], []
+    for e in range(num_local):
+        pairs = np.flatnonzero(local == e).tolist()
+        if not pairs:
+            continue
+        padded = -(-len(pairs) // block_size) * block_size
+        sorted_ids += pairs + [flat.size] * (padded - len(pairs))
+        expert_ids += [e] * (padded // block_size)
+    return sorted_ids, expert_ids, len(sorted_ids)
+
+
+
+
+@dataclasses.dataclass
+class Report:
+    """What check_backend found: one line per check, "ok", "unsupported: ..." or
+    "FAILED: ..."."""
+
+    backend: str
+    results: dict[str, str]
+
+    @property
+    def ok(self) -> bool:
+        return not any(r.startswith("FAILED") for r in self.results.values())
+
+    def __str__(self) -> str:
+        lines = [f"conformance of backend '{self.backend}':"]
+        lines += [f"  {name:<28} {result}" for name, result in self.results.items()]
+        return "\n".join(lines)
+
+
+def check_backend(backend: str, *, device: str = "cpu", dtype: str = "float16", put=None, get=None,
+                  seed: int = 0) -> Report:
+    """Runs the API on `backend` against float64 references: gemm_batched over
+    several formats, expert views with bias, align, gemm_routed and a whole
+    fused_moe layer. Operations the backend refuses with NotImplementedError are
+    reported as unsupported, not failed. `put`/`get` move host numpy arrays to
+    and from the device (default: numpy, for host backends)."""
+    put = put or (lambda a: a)
+    get = get or (lambda a: np.asarray(a))
+    rng = np.random.default_rng(seed)
+    tol = REL_TOL[dtype]
+    results: dict[str, str] = {}
+
+    def run(name, check):
+        try:
+            err = check()
+            results[name] = "ok" if err is None or err < tol else f"FAILED: relative error {err:.2e} > {tol:.0e}"
+        except NotImplementedError as e:
+            results[name] = f"unsupported: {e}"
+        except Exception as e:  # a conformance run reports, it does not stop
+            results[name] = f"FAILED: {type(e).__name__}: {e}"
+
+    def stack(weights):
+        return fm.ExpertStack.from_gptq(weights, backend=backend, device=device, dtype=dtype)
+
+    for bits, group_size, sym, act_order in ((4, 128, True, False), (4, 32, False, True), (8, 64, False, False)):
+        def batched(bits=bits, group_size=group_size, sym=sym, act_order=act_order):
+            weights = [random_weight(rng, 200, 48, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
+                                     dtype=dtype) for _ in range(3)]
+            x = random_activations(rng, (7, 200), dtype)
+            out = put(poisoned((7, 48), dtype))
+            stack(weights).gemm_batched(put(x), [[2, 0, 0, 3], [0, 3, 3, 4]], out=out)
+            ref = np.concatenate([as64(x[:3]) @ weights[2].dequantize(np.float64),
+                                  as64(x[3:]) @ weights[0].dequantize(np.float64)])
+            return rel_error(get(out), ref)
+
+        run(f"gemm_batched int{bits} g{group_size}{' asym' if not sym else ''}{' act-order' if act_order else ''}",
+            batched)
+
+    def views():
+        weights = [random_weight(rng, 128, 64, group_size=64, dtype=dtype) for _ in range(2)]
+        s = stack(weights)
+        x = random_activations(rng, (3, 128), dtype)
+        bias = random_activations(rng, (s.column_alignment * 2 if s.column_alignment < 32 else 32,), dtype)
+        n = bias.shape[0]
+        lin = s.expert_linear(64, n, bias=put(bias))
+        return rel_error(get(lin(put(x))), as64(x) @ weights[1].dequantize(np.float64)[:, :n] + as64(bias))
+
+    run("expert_linear with bias", views)
+
+    def align():
+        ids = rng.integers(-1, 9, (37, 2))
+        r = fm.moe_align_block_size(put(ids.astype(np.int32)), 16, 8, backend=backend)
+        sorted_ids, expert_ids, total = reference_align(ids, 16, 8)
+        got = int(get(r.num_tokens_post_padded)[0])
+        same = (got == total and get(r.sorted_token_ids)[:total].tolist() == sorted_ids
+                and get(r.expert_ids)[:total // 16].tolist() == expert_ids)
+        return None if same else float("inf")
+
+    run("moe_align_block_size", align)
+
+    def layer():
+        e, hidden, inter = 8, 128, 64
+        w13 = [random_weight(rng, hidden, 2 * inter, group_size=64, dtype=dtype) for _ in range(e)]
+        w2 = [random_weight(rng, inter, hidden, group_size=64, dtype=dtype) for _ in range(e)]
+        x = random_activations(rng, (9, hidden), dtype)
+        ids = np.stack([rng.permutation(e)[:2] for _ in range(9)]).astype(np.int32)
+        tw = rng.random((9, 2)).astype(np.float32)
+        y = fm.fused_moe(put(x), stack(w13), stack(w2), put(tw), put(ids))
+        return rel_error(get(y), reference_moe(x, w13, w2, tw, ids))
+
+    run("fused_moe", layer)
+    return Report(backend, results)

@@ -152,3 +152,18 @@ def test_cpu_stacks_keep_weights_packed(rng):
     stack = fm.ExpertStack.from_gptq(weights, dtype="float16")
     gptq_bytes = sum(w.qweight.nbytes + w.scales.nbytes + w.qzeros.nbytes for w in weights)
     assert stack.resident_bytes <= 1.25 * gptq_bytes
+
+
+def test_output_sizes_that_overflow_are_refused_before_allocating(stack):
+    with pytest.raises(ValueError, match=r"cannot allocate float16\[\d+, 32\]: dimensions must be >= 0 and the tensor under 2\^48"):
+        stack.gemm_batched(x16(), [[0, 0, 2**62, 1]])
+
+
+def test_output_sizes_beyond_memory_fail_cleanly(stack):
+    with pytest.raises(MemoryError, match=r"allocating float16\[2199023255552, 32\] on cpu: out of memory"):
+        stack.gemm_batched(x16(), [[0, 0, 2**40, 2**40]])
+
+
+def test_absurd_block_sizes_are_refused(rng):
+    with pytest.raises(ValueError, match=r"block_size must be in \[1, 65536\].*block_size 4294967296"):
+        fm.moe_align_block_size(rng.integers(0, 4, (3, 2)), 2**32, 4)

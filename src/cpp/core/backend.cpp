@@ -95,6 +95,16 @@ void Backend::check_device(const Tensor& t, Arg arg) const {
 
 std::shared_ptr<Tensor> Backend::empty(DLDevice device, DLDataType dtype, const std::vector<int64_t>& shape,
                                        void* stream) {
+  // Shapes can come from user input (dispatch rows, routing sizes): a product
+  // that overflows would allocate a small buffer and let a kernel run past it.
+  int64_t bytes = dtype_bytes(dtype);
+  for (int64_t d : shape) {
+    if (d < 0 || (d > 0 && bytes > kMaxTensorBytes / d)) {
+      throw Error(FM_ERROR_INVALID_ARGUMENT, "cannot allocate " + dtype_name(dtype) + shape_string(shape) +
+                                                 ": dimensions must be >= 0 and the tensor under 2^48 bytes");
+    }
+    bytes *= d;
+  }
   FmTensorAllocArgs args{};
   args.struct_size = sizeof(args);
   args.backend = handle_;
@@ -187,6 +197,12 @@ std::shared_ptr<ExpertStack> Backend::create_stack(const StackSpec& spec, const 
 }
 
 int64_t max_num_tokens_padded(int64_t num_pairs, int64_t num_local_experts, int64_t block_size) {
+  if (num_pairs < 0 || num_local_experts < 0 || block_size < 1 || block_size > kMaxBlockSize ||
+      num_local_experts > kMaxTensorBytes / block_size) {
+    throw_value_error("routing buffers: block_size must be in [1, " + std::to_string(kMaxBlockSize) + "] and counts >= 0; got " +
+                      std::to_string(num_pairs) + " pairs, " + std::to_string(num_local_experts) + " experts, block_size " +
+                      std::to_string(block_size));
+  }
   return num_pairs + num_local_experts * (block_size - 1);
 }
 
@@ -194,7 +210,10 @@ void Backend::moe_align_block_size(const Tensor& topk_ids, int64_t num_experts, 
                                    const Tensor* expert_map, Tensor& sorted_token_ids, Tensor& expert_ids,
                                    Tensor& num_tokens_post_padded, void* stream) {
   const char* op = "moe_align_block_size";
-  if (block_size < 1) throw_value_error("moe_align_block_size: block_size must be positive; got " + std::to_string(block_size));
+  if (block_size < 1 || block_size > kMaxBlockSize) {
+    throw_value_error("moe_align_block_size: block_size must be in [1, " + std::to_string(kMaxBlockSize) + "]; got " +
+                      std::to_string(block_size));
+  }
   if (num_experts < 1) throw_value_error("moe_align_block_size: num_experts must be positive; got " + std::to_string(num_experts));
   expect_rank(topk_ids, 2, {op, "topk_ids"});
   expect_dtype_in(topk_ids, {kInt32, kInt64}, {op, "topk_ids"});

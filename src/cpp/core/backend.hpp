@@ -75,6 +75,10 @@ class Backend : public std::enable_shared_from_this<Backend> {
 // prefixed with `context`.
 [[noreturn]] void raise_error(FmError* error, const std::string& context);
 
+// Limits that keep size arithmetic far from overflow (int64 and 32-bit kernel indices).
+inline constexpr int64_t kMaxTensorBytes = int64_t(1) << 48;
+inline constexpr int64_t kMaxBlockSize = 1 << 16;
+
 // The number of sorted-id slots moe_align_block_size may fill:
 // every (token, k) pair, plus up to block_size - 1 padding slots per local expert.
 int64_t max_num_tokens_padded(int64_t num_pairs, int64_t num_local_experts, int64_t block_size);

@@ -4,7 +4,9 @@
 //      num_tokens_post_padded, and expert_ids per block (-1 past the end);
 //   3. fill sorted_token_ids with the sentinel, then scatter every valid pair
 //      into its expert's segment, in increasing pair order.
-// Step 3 walks the pairs in chunks; within a chunk a block radix sort of
+// Decode (at most one pair per thread): each thread places its pair at its
+// rank among the earlier pairs of the same expert, read from shared memory;
+// no sort. Otherwise step 3 walks the pairs in chunks; within a chunk a block radix sort of
 // (expert, position-in-chunk) keys groups pairs by expert while keeping their
 // order (the position makes every key unique, so the sort's stability does
 // not matter), and per-expert cursors carry the count across chunks.
@@ -106,6 +108,20 @@ __global__ void __launch_bounds__(kAlignThreads) moe_align_block_size_kernel(Ali
   }
   // Orders the sentinel fill before the scatter below, across threads.
   __syncthreads();
+
+  if (num_pairs <= kAlignThreads) {
+    int* expert_of = sorted_experts;  // one entry per pair
+    const int e = tid < num_pairs ? expert_of_pair(tid) : -1;
+    expert_of[tid] = e;
+    __syncthreads();
+    if (e >= 0) {
+      int rank = 0;
+      for (int j = 0; j < tid; ++j) rank += expert_of[j] == e;
+      const int64_t destination = static_cast<int64_t>(offsets[e]) + rank;
+      if (destination < p.sorted_len) p.sorted_token_ids[destination] = tid;
+    }
+    return;
+  }
 
   const unsigned invalid_key_expert = static_cast<unsigned>(num_local);
   const int end_bit = kChunkBits + bit_width(invalid_key_expert);

@@ -25,7 +25,7 @@ using gemm::kTileN;
 constexpr int64_t kSplitKTiles = 512;
 // Aim for this many CTAs per SM: 16 warps, enough loads in flight to cover
 // DRAM latency at decode, where each CTA streams one 128-column strip.
-constexpr int64_t kSplitKCtasPerSm = 4;
+constexpr int64_t kSplitKCtasPerSm = 8;
 // Each split keeps at least this many K slices: the pipeline fill (kStages - 1
 // slices) and the reduction amortise over them.
 constexpr int64_t kSplitKMinSlices = 4;

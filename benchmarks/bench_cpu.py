@@ -16,6 +16,7 @@ import time
 import numpy as np
 
 import ferrum_moe as fm
+from ferrum_moe.testing import random_codes_weight
 
 MODELS = {"qwen3-30b-a3b": (128, 8, 2048, 768), "deepseek-v2-lite": (64, 6, 2048, 1408)}
 
@@ -37,13 +38,8 @@ def copy_bandwidth() -> float:
     return 2 * a.nbytes / median_seconds(lambda: np.copyto(b, a), 5)
 
 
-def random_codes(rng, e, k, n, group_size=128):
-    weights = []
-    for _ in range(e):
-        q = rng.integers(-(2**31), 2**31, (k // 8, n), dtype=np.int64).astype(np.int32)
-        s = (rng.random((k // group_size, n)) * 0.02 + 0.005).astype(np.float16)
-        weights.append(fm.GPTQWeight(q, s, None, bits=4, group_size=group_size, k=k))
-    return weights
+def random_codes(rng, e, k, n):
+    return [random_codes_weight(rng, k, n) for _ in range(e)]
 
 
 def main() -> None:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 import ferrum_moe as fm
+from ferrum_moe.testing import random_codes_weight
 
 MODELS = {"mixtral": (8, 2, 4096, 14336), "qwen3-30b-a3b": (128, 8, 2048, 768), "deepseek-v2-lite": (64, 6, 2048, 1408)}
 # vLLM Marlin MoE, microseconds, from shared/PEERS.md (H100 80GB HBM3, 2026-11-22; routing not in its time).
@@ -82,13 +83,9 @@ def tensor_core_rate() -> float:
     return 2 * 8192**3 * 10 / (start.elapsed_time(end) * 1e-3)
 
 
-def random_codes_stack(rng, e, k, n, group_size=128):
-    weights = []
-    for _ in range(e):
-        q = rng.integers(-(2**31), 2**31, (k // 8, n), dtype=np.int64).astype(np.int32)
-        s = (rng.random((k // group_size, n)) * 0.02 + 0.005).astype(np.float16)
-        weights.append(fm.GPTQWeight(q, s, None, bits=4, group_size=group_size, k=k))
-    return fm.ExpertStack.from_gptq(weights, device="cuda", dtype="float16")
+def random_codes_stack(rng, e, k, n):
+    return fm.ExpertStack.from_gptq([random_codes_weight(rng, k, n) for _ in range(e)], device="cuda",
+                                    dtype="float16")
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ import pytest
 import ferrum_moe as fm
 
 from conftest import poisoned, random_activations, random_weight, reference_moe, rel_error
+from ferrum_moe.testing import random_codes_weight
 
 pytestmark = pytest.mark.skipif(not any(b.name == "cuda" and b.available for b in fm.backends()),
                                 reason="no CUDA backend (install ferrum-moe-cuda on a machine with a GPU)")
@@ -23,13 +24,6 @@ MODELS = {  # experts, top_k, hidden, intermediate
 
 def cuda(a):
     return torch.from_numpy(np.ascontiguousarray(a)).cuda()
-
-
-def random_codes_weight(rng, k, n, group_size=128, dtype=np.float16):
-    """A GPTQ matrix of random codes and scales: as a checkpoint holds, fast to make at model size."""
-    qweight = rng.integers(-(2**31), 2**31, (k // 8, n), dtype=np.int64).astype(np.int32)
-    scales = (rng.random((k // group_size, n)) * 0.02 + 0.005).astype(dtype)
-    return fm.GPTQWeight(qweight, scales, None, bits=4, group_size=group_size, k=k)
 
 
 def dequantize_on_gpu(w: fm.GPTQWeight) -> "torch.Tensor":

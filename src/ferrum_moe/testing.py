@@ -36,6 +36,14 @@ def random_weight(rng, k, n, *, bits=4, group_size=128, sym=True, act_order=Fals
                             scale_dtype=NUMPY_DTYPES[dtype])
 
 
+def random_codes_weight(rng, k, n, *, group_size=128, scale_dtype=np.float16) -> fm.GPTQWeight:
+    """A symmetric INT4 GPTQ matrix of uniformly random codes and scales, as a
+    checkpoint holds them: fast to make at model size (no float weights)."""
+    qweight = rng.integers(-(2**31), 2**31, (-(-k // 8), n), dtype=np.int64).astype(np.int32)
+    scales = (rng.random((fm.gptq.num_groups(k, group_size), n)) * 0.02 + 0.005).astype(scale_dtype)
+    return fm.GPTQWeight(qweight, scales, None, bits=4, group_size=group_size, k=k)
+
+
 def random_activations(rng, shape, dtype: str) -> np.ndarray:
     return rng.standard_normal(shape).astype(NUMPY_DTYPES[dtype])
 

@@ -29,14 +29,17 @@ __device__ bool reduce_split_k(const SplitK& split, const RowTable<kMTiles * kMm
     const int row = mt * kMmaM + lane / 4 + (i / 2) * 8;
     return row * kTileN + warp * kWarpN + nt * kMmaN + 2 * (lane % 4) + i % 2;
   };
-  auto row_used = [&](int mt, int i) { return rows.out_row[mt * kMmaM + lane / 4 + (i / 2) * 8] >= 0; };
+  // Visits the accumulators of rows that hold a token (the others stay zero).
+  auto for_each_used = [&](auto&& visit) {
 #pragma unroll
-  for (int mt = 0; mt < kMTiles; ++mt)
+    for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
-    for (int i = 0; i < 4; ++i)
-      if (row_used(mt, i))
+      for (int i = 0; i < 4; ++i)
+        if (rows.out_row[mt * kMmaM + lane / 4 + (i / 2) * 8] >= 0)
 #pragma unroll
-        for (int nt = 0; nt < kNFrags; ++nt) atomicAdd(slot + index(mt, nt, i), acc[mt][nt][i]);
+          for (int nt = 0; nt < kNFrags; ++nt) visit(acc[mt][nt][i], slot + index(mt, nt, i));
+  };
+  for_each_used([](float value, float* p) { atomicAdd(p, value); });
   // Release: every thread's adds are visible device-wide before the count.
   __threadfence();
   __syncthreads();
@@ -45,17 +48,10 @@ __device__ bool reduce_split_k(const SplitK& split, const RowTable<kMTiles * kMm
   if (!is_last) return false;
   // Acquire: the other CTAs' adds, read from L2 (ld.cg), not a stale L1 line.
   __threadfence();
-#pragma unroll
-  for (int mt = 0; mt < kMTiles; ++mt)
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-      if (row_used(mt, i))
-#pragma unroll
-        for (int nt = 0; nt < kNFrags; ++nt) {
-          float* p = slot + index(mt, nt, i);
-          acc[mt][nt][i] = __ldcg(p);
-          *p = 0.0f;
-        }
+  for_each_used([](float& value, float* p) {
+    value = __ldcg(p);
+    *p = 0.0f;
+  });
   if (threadIdx.x == 0) split.counters[tile] = 0;
   return true;
 }

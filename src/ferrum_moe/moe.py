@@ -7,7 +7,7 @@ import numpy as np
 
 from . import _core
 from .arrays import import_array, import_output, stream_handle, to_caller
-from .routing import Routing, _align, default_block_size
+from .routing import _align, default_block_size
 from .stack import ExpertStack
 
 _ACTIVATIONS = ("silu",)

@@ -138,7 +138,3 @@ def to_caller(t: Tensor, like):
 
         return jax.dlpack.from_dlpack(t)
     return t
-
-
-def device_of(t: Tensor) -> tuple[int, int]:
-    return tuple(t.device)

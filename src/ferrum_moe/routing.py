@@ -59,12 +59,6 @@ class Routing:
                 import_array(self.expert_ids, "expert_ids", stream),
                 import_array(self.num_tokens_post_padded, "num_tokens_post_padded", stream))
 
-    def pairs_view(self) -> "Routing":
-        """The same blocks read with top_k = 1 over num_tokens * top_k rows: how
-        the second GEMM of a MoE layer indexes its per-pair input."""
-        return Routing(self.sorted_token_ids, self.expert_ids, self.num_tokens_post_padded, block_size=self.block_size,
-                       top_k=1, num_tokens=self.num_tokens * self.top_k)
-
 
 def default_block_size(num_pairs: int, num_experts: int) -> int:
     """A routing block near the expected pairs per expert: 16 for decode, up to 64."""

@@ -1,138 +1,130 @@
-"""Whole-MoE-layer benchmark on a GPU: ferrum-moe against the physical limits
-measured in the same run (device copy bandwidth, cuBLAS fp16 rate) and the
-peers' figures recorded in shared/PEERS.md (vLLM Marlin MoE, same device kind).
+"""Whole-MoE-layer benchmark on a GPU, side by side in one process: ferrum-moe,
+vLLM's Marlin MoE (the peer, align included as vLLM runs it), and dense bf16
+torch._grouped_mm on the dequantized weights (the prefill bar), against the
+memory and tensor-core floors measured in the same run.
 
-Timing: one CUDA-graph replay of the layer (routing included), L2 flushed
-before each, median of repeats. The routing is drawn from a fixed seed per
-token count, so runs and versions compare on the same work. Prints a table; writes JSON with --json.
+Timing: CUDA-graph replay, L2 flushed before each, median of --repeats; the
+same weights and the same seeded routing for every library. Prints a table and
+writes JSON (--json).
 
-    python benchmarks/bench_moe.py [--models mixtral,...] [--tokens 1,16,...] [--json out.json]
+    python benchmarks/bench_moe.py [--models mixtral,...] [--tokens 1,16,...]
+        [--dtypes float16,bfloat16] [--grouped-from 256] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import numpy as np
 import torch
 
+from gpu_bench import (BYTES_PER_WEIGHT, GROUP, MODELS, copy_bandwidth, dequantized_bf16, ferrum_stack, peer_module,
+                       random_stacked, routing, tensor_core_rate, time_graph)
+
 import ferrum_moe as fm
-from ferrum_moe.testing import random_codes_weight
 
-MODELS = {"mixtral": (8, 2, 4096, 14336), "qwen3-30b-a3b": (128, 8, 2048, 768), "deepseek-v2-lite": (64, 6, 2048, 1408)}
-# vLLM Marlin MoE, microseconds, from shared/PEERS.md (H100 80GB HBM3, 2026-11-22; routing not in its time).
-VLLM_MARLIN_US = {
-    "mixtral": {1: 97.7, 4: 190.2, 16: 278.4, 64: 377.1, 256: 938.1, 1024: 2822.8, 4096: 10400.1},
-    "qwen3-30b-a3b": {1: 35.5, 4: 56.3, 16: 109.2, 64: 147.9, 256: 212.7, 1024: 503.0, 4096: 1460.8},
-    "deepseek-v2-lite": {1: 41.1, 4: 64.3, 16: 113.7, 64: 135.9, 256: 191.3, 1024: 582.4, 4096: 1815.8},
-}
+TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def time_graph(fn, flush: torch.Tensor, repeats: int) -> float:
-    """Median microseconds of one replay of fn captured in a graph, L2 flushed before each."""
-    s = torch.cuda.Stream()
-    with torch.cuda.stream(s):
-        fn(s)
-    s.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g, stream=s):
-        fn(s)
-    times = []
-    for _ in range(repeats):
-        flush.zero_()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        g.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times)
+def grouped_layer(w13: torch.Tensor, w2: torch.Tensor, top_k: int):
+    """The dense bar: sort pairs by expert, two torch._grouped_mm in bf16,
+    activation, weighted top-k sum; graph-capturable (no host reads)."""
+    e, inter = w13.shape[0], w2.shape[1]
 
+    def run(x, tw, ids, out):
+        flat = ids.flatten().long()
+        order = torch.argsort(flat)
+        counts = torch.zeros(e, dtype=torch.int32, device=x.device).index_add_(
+            0, flat, torch.ones_like(flat, dtype=torch.int32))
+        offs = torch.cumsum(counts, 0, dtype=torch.int32)
+        a = x[order // top_k]
+        h = torch._grouped_mm(a, w13, offs=offs)
+        act = torch.nn.functional.silu(h[:, :inter]) * h[:, inter:]
+        y = torch._grouped_mm(act, w2, offs=offs)
+        pairs = torch.empty_like(y)
+        pairs[order] = y * tw.flatten()[order, None].to(y.dtype)
+        out.copy_(pairs.view(-1, top_k, y.shape[1]).float().sum(1))
 
-def copy_bandwidth() -> float:
-    """Bytes per second of a large device-to-device copy, read + write counted."""
-    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        b.copy_(a)
-    end.record()
-    end.synchronize()
-    return 2 * a.numel() * 10 / (start.elapsed_time(end) * 1e-3)
-
-
-def tensor_core_rate() -> float:
-    """FLOP/s of cuBLAS fp16 8192^3."""
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.float16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.float16)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        a @ b
-    end.record()
-    end.synchronize()
-    return 2 * 8192**3 * 10 / (start.elapsed_time(end) * 1e-3)
-
-
-def random_codes_stack(rng, e, k, n):
-    return fm.ExpertStack.from_gptq([random_codes_weight(rng, k, n) for _ in range(e)], device="cuda",
-                                    dtype="float16")
+    return run
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--tokens", default="1,4,16,64,256,1024,4096")
-    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--tokens", default="1,2,4,8,16,32,64,256,1024,4096")
+    parser.add_argument("--big-tokens", default="16384", help="extra token counts for Mixtral and DeepSeek-V3")
+    parser.add_argument("--dtypes", default="float16")
+    parser.add_argument("--grouped-from", type=int, default=256, help="time the bf16 grouped GEMM from this M up")
+    parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--json")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     bw, rate = copy_bandwidth(), tensor_core_rate()
     device = torch.cuda.get_device_name()
-    print(f"{device}: copy {bw / 1e12:.2f} TB/s, cuBLAS fp16 {rate / 1e12:.0f} TFLOP/s")
+    print(f"{device}: copy {bw / 1e12:.2f} TB/s, fp16 matmul {rate / 1e12:.0f} TFLOP/s")
+    vmm, why = peer_module()
+    if vmm is None:
+        print("vLLM Marlin MoE peer skipped:", why)
     flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     rows = []
     for model in args.models.split(","):
         e, top_k, hidden, inter = MODELS[model]
-        s13 = random_codes_stack(rng, e, hidden, 2 * inter)
-        s2 = random_codes_stack(rng, e, inter, hidden)
-        layer = fm.MoE(s13, s2, top_k=top_k)
-        expert_bytes = (hidden * 2 * inter + inter * hidden) * (0.5 + 2 / 128)
-        for m in (int(t) for t in args.tokens.split(",")):
-            # The same routing in every run, so versions compare on equal work.
-            torch.manual_seed(m)
-            x = torch.randn(m, hidden, device="cuda", dtype=torch.float16)
-            tw, ids = torch.topk(torch.softmax(torch.randn(m, e, device="cuda"), -1), top_k)
-            ids = ids.int().contiguous()
-            tw = tw.contiguous()
-            out = torch.empty(m, hidden, device="cuda", dtype=torch.float16)
-            us = time_graph(lambda s: layer(x, tw, ids, out=out, stream=s), flush, args.repeats)
-            active = len(torch.unique(ids))
-            memory_floor = active * expert_bytes / bw * 1e6
-            compute_floor = 2 * m * top_k * 3 * hidden * inter / rate * 1e6
-            floor = max(memory_floor, compute_floor)
-            peer = VLLM_MARLIN_US.get(model, {}).get(m)
-            rows.append(dict(model=model, m=m, us=us, memory_floor_us=memory_floor, compute_floor_us=compute_floor,
-                             floor_fraction=floor / us, vllm_marlin_us=peer, device=device))
-            print(f"{model:<17} M={m:<5} {us:9.1f} us  floor {floor:8.1f} us ({floor / us:4.0%})"
-                  f"  vLLM Marlin {peer if peer else float('nan'):8.1f} us")
+        w13, w2 = random_stacked(rng, e, hidden, 2 * inter), random_stacked(rng, e, inter, hidden)
+        expert_bytes = 3 * hidden * inter * BYTES_PER_WEIGHT
+        tokens = [int(t) for t in args.tokens.split(",")]
+        if model in ("mixtral", "deepseek-v3") and args.big_tokens:
+            tokens += [int(t) for t in args.big_tokens.split(",")]
+        grouped = None
+        if any(m >= args.grouped_from for m in tokens):
+            grouped = grouped_layer(dequantized_bf16(w13), dequantized_bf16(w2), top_k)
+        for dtype in args.dtypes.split(","):
+            tdtype = TORCH_DTYPES[dtype]
+            layer = fm.MoE(ferrum_stack(w13, dtype), ferrum_stack(w2, dtype), top_k=top_k)
+            peer = None
+            if vmm is not None:
+                peer = vmm.VllmMarlinMoE(w13["qweight"], w13["scales"], w2["qweight"], w2["scales"],
+                                         group_size=GROUP, dtype=tdtype)
+            for m in tokens:
+                tw, ids = routing(m, e, top_k)
+                x = torch.randn(m, hidden, device="cuda", dtype=tdtype) * 0.5
+                out = torch.empty(m, hidden, device="cuda", dtype=tdtype)
+                ours = time_graph(lambda s: layer(x, tw, ids, out=out, stream=s), flush, args.repeats)
+                row = dict(model=model, dtype=dtype, m=m, ferrum_us=ours, device=device)
+                if peer is not None:
+                    peer.prepare(x, tw, ids)
+                    row["vllm_us"] = time_graph(lambda s: peer(stream=s), flush, args.repeats)
+                    err = (peer.output.float() - out.float()).norm() / peer.output.float().norm()
+                    row["vs_vllm_rel_diff"] = float(err)
+                # bf16 whatever the layer's dtype: timed once per token count.
+                if grouped is not None and m >= args.grouped_from and dtype == args.dtypes.split(",")[0]:
+                    xb, outb = x.to(torch.bfloat16), torch.empty(m, hidden, device="cuda", dtype=torch.float32)
+                    try:
+                        row["grouped_bf16_us"] = time_graph(lambda s: grouped(xb, tw, ids, outb), flush, args.repeats)
+                    except RuntimeError as exc:  # a torch without _grouped_mm for this GPU
+                        print("grouped GEMM skipped:", str(exc).splitlines()[0])
+                        grouped = None
+                active = len(torch.unique(ids))
+                row["memory_floor_us"] = active * expert_bytes / bw * 1e6
+                row["compute_floor_us"] = 2 * m * top_k * 3 * hidden * inter / rate * 1e6
+                rows.append(row)
+                print(f"{model:<17} {dtype:<8} M={m:<6} ferrum {ours:9.1f} us  vLLM {row.get('vllm_us', float('nan')):9.1f}"
+                      f"  grouped {row.get('grouped_bf16_us', float('nan')):9.1f}  floors {row['memory_floor_us']:7.1f}"
+                      f" / {row['compute_floor_us']:8.1f}", flush=True)
+            del layer, peer
+            torch.cuda.empty_cache()
     print()
-    print("| shape | M | ferrum-moe us | floor us | floor / ferrum | vLLM Marlin MoE us (PEERS.md) | speed-up |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| layer | dtype | M | memory floor us | compute floor us | vLLM Marlin MoE us | torch bf16 grouped us "
+          "| ferrum-moe us | ferrum / vLLM | floor / ferrum |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         floor = max(r["memory_floor_us"], r["compute_floor_us"])
-        peer = r["vllm_marlin_us"]
-        print(f"| {r['model']} | {r['m']} | {r['us']:.1f} | {floor:.1f} | {r['floor_fraction']:.0%} | "
-              f"{peer if peer else '-'} | {peer / r['us'] if peer else float('nan'):.2f}x |")
+        v, g = r.get("vllm_us"), r.get("grouped_bf16_us")
+        ratio = r["ferrum_us"] / v if v else None
+        print(f"| {r['model']} | {r['dtype']} | {r['m']} | {r['memory_floor_us']:.1f} | {r['compute_floor_us']:.1f} | "
+              f"{f'{v:.1f}' if v else '-'} | {f'{g:.1f}' if g else '-'} | {r['ferrum_us']:.1f} | "
+              f"{f'{ratio:.2f}' if v else '-'} | "
+              f"{floor / r['ferrum_us']:.0%} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=device, copy_bytes_per_s=bw, tensor_core_flops=rate, rows=rows), f, indent=1)

@@ -1,24 +1,33 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build the core and the CUDA plugin, run the tests,
-# the sanitizers and the benchmark, and print a short summary last.
-#   bash benchmarks/device.sh [build] [test] [sanitize] [bench]   (default: all)
+# the sanitizers and the benchmarks, and print a short summary last.
+#   bash benchmarks/device.sh [build] [test] [sanitize] [bench] [linear]   (default: all)
+# The CUDA plugin wheel is taken from .dist/ when one is there (built on a
+# machine without a GPU: `pip wheel --no-build-isolation --no-deps ./backends/cuda -w .dist`),
+# which saves the device the compile. BENCH_ARGS / LINEAR_ARGS pass options on.
 # Logs and JSON go to $OUT (the device tool's folder) or /tmp/ferrum-out.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/ferrum-out}
 mkdir -p "$OUT"
-stages=${*:-build test sanitize bench}
+stages=${*:-build test sanitize bench linear}
 summary=()
 has() { [[ " $stages " == *" $1 "* ]]; }
 now() { date +%s; }
 
 if has build; then
   t=$(now)
-  python3 -m pip install -q --no-build-isolation --no-deps . >"$OUT/build-core.log" 2>&1 \
-    && python3 -m pip install -q --no-build-isolation --no-deps -v ./backends/cuda >"$OUT/build-cuda.log" 2>&1
+  python3 -m pip install -q --no-build-isolation --no-deps . >"$OUT/build-core.log" 2>&1
   rc=$?
-  summary+=("build: rc=$rc in $(( $(now) - t )) s")
+  if ls .dist/ferrum_moe_cuda-*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-deps --force-reinstall .dist/ferrum_moe_cuda-*.whl >"$OUT/build-cuda.log" 2>&1 || rc=$?
+    what="core built, CUDA plugin from .dist"
+  else
+    python3 -m pip install -q --no-build-isolation --no-deps -v ./backends/cuda >"$OUT/build-cuda.log" 2>&1 || rc=$?
+    what="core and CUDA plugin built"
+  fi
+  summary+=("build: rc=$rc ($what) in $(( $(now) - t )) s")
   [ $rc -eq 0 ] || { tail -30 "$OUT/build-core.log" "$OUT/build-cuda.log"; }
   ferrum-moe info
 fi
@@ -40,9 +49,16 @@ if has sanitize; then
 fi
 
 if has bench; then
-  python3 benchmarks/bench_moe.py --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" | tail -30
+  (cd benchmarks && python3 bench_moe.py ${BENCH_ARGS:-} --json "$OUT/bench-moe.json") 2>&1 | tee "$OUT/bench-moe.log" | grep -v "^|"
+fi
+
+if has linear; then
+  (cd benchmarks && python3 bench_linear.py ${LINEAR_ARGS:-} --json "$OUT/bench-linear.json") 2>&1 | tee "$OUT/bench-linear.log" | grep -v "^|"
 fi
 
 echo
 echo "== summary =="
 printf '%s\n' "${summary[@]}"
+for f in "$OUT"/bench-moe.log "$OUT"/bench-linear.log; do
+  [ -f "$f" ] && grep "^|" "$f"
+done

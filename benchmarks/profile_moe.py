@@ -11,7 +11,7 @@ import torch
 
 import ferrum_moe as fm
 
-from bench_moe import MODELS, random_codes_stack
+from gpu_bench import MODELS, ferrum_stack, random_stacked
 
 
 def main() -> None:
@@ -21,7 +21,8 @@ def main() -> None:
     args = parser.parse_args()
     e, top_k, hidden, inter = MODELS[args.model]
     rng = np.random.default_rng(0)
-    layer = fm.MoE(random_codes_stack(rng, e, hidden, 2 * inter), random_codes_stack(rng, e, inter, hidden), top_k=top_k)
+    layer = fm.MoE(ferrum_stack(random_stacked(rng, e, hidden, 2 * inter), "float16"),
+                   ferrum_stack(random_stacked(rng, e, inter, hidden), "float16"), top_k=top_k)
     for m in (int(t) for t in args.tokens.split(",")):
         x = torch.randn(m, hidden, device="cuda", dtype=torch.float16)
         tw, ids = torch.topk(torch.softmax(torch.randn(m, e, device="cuda"), -1), top_k)

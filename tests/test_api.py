@@ -56,6 +56,29 @@ def test_gemm_batched_returns_a_new_array_of_the_callers_type(rng, target):
     assert rel_error(y, as64(x) @ weights[1].dequantize(np.float64)) < REL_TOL[dtype]
 
 
+@pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
+@pytest.mark.parametrize("with_out", [True, False])
+def test_gemm_batched_takes_dispatches_from_the_targets_library(rng, target, index_dtype, with_out):
+    """Dispatches as the caller's array (device-resident on a GPU target): read
+    by the kernels, with the host reading them only to size a new result."""
+    dtype = target.dtypes[-1]
+    e, k, n = 3, 128, 64
+    weights = [random_weight(rng, k, n, group_size=32, dtype=dtype) for _ in range(e)]
+    stack = target.stack(weights, dtype)
+    x = random_activations(rng, (40, k), dtype)
+    dispatches = np.array([[2, 0, 3, 20], [0, 20, 23, 1], [1, 21, 24, 19], [0, 5, 0, 0]], index_dtype)
+    out = target.put(poisoned((45, n), dtype)) if with_out else None
+    got = as64(target.get(stack.gemm_batched(target.put(x), target.put(dispatches), out=out)))
+    assert got.shape == ((45, n) if with_out else (43, n))
+    for expert, in_row, out_row, m in dispatches:
+        ref = as64(x[in_row:in_row + m]) @ weights[expert].dequantize(np.float64)
+        if m:
+            assert rel_error(got[out_row:out_row + m], ref) < REL_TOL[dtype]
+    unwritten = got[:3]
+    assert np.all(np.isnan(unwritten)) if with_out else np.all(unwritten == 0), \
+        "rows no dispatch names: untouched in out=, zero in a new result"
+
+
 def test_float32_output_skips_the_16_bit_rounding(rng, target):
     # GPU kernels round each dequantized weight to float16 (about 1.5e-4 here),
     # so no fixed bound tells a float32 output from a float16 one; a float32
@@ -210,6 +233,28 @@ def test_expert_views_and_bias(rng, target):
     assert rel_error(target.get(lin(target.put(x))), ref) < REL_TOL[dtype]
     whole = stack.expert(3)
     assert rel_error(target.get(whole(target.put(x))), as64(x) @ weights[3].dequantize(np.float64)) < REL_TOL[dtype]
+
+
+@pytest.mark.parametrize("first, count", [(1, 2), (0, 3), (2, 2)])
+def test_views_may_cross_expert_boundaries(rng, target, first, count):
+    """A window from the middle of one expert into the next (or over several):
+    the same columns of the experts' matrices side by side, with bias."""
+    dtype = target.dtypes[-1]
+    e, k, n = 4, 96, 64
+    weights = [random_weight(rng, k, n, group_size=32, dtype=dtype) for _ in range(e)]
+    stack = target.stack(weights, dtype)
+    offset = first * n + 32 if count > 1 and first else first * n
+    width = count * n - (offset - first * n) - 16
+    dense = np.concatenate([w.dequantize(np.float64) for w in weights], axis=1)[:, offset:offset + width]
+    bias = random_activations(rng, (width,), dtype)
+    lin = stack.expert_linear(offset, width, bias=target.put(bias))
+    assert lin.out_features == width
+    x = random_activations(rng, (6, k), dtype)
+    out = target.put(poisoned((6, width), dtype))
+    assert lin(target.put(x), out=out) is out
+    assert rel_error(target.get(out), as64(x) @ dense + as64(bias)) < REL_TOL[dtype]
+    plain = stack.expert_linear(offset, width)
+    assert rel_error(target.get(plain(target.put(x))), as64(x) @ dense) < REL_TOL[dtype]
 
 
 def test_linear_from_gptq_writes_out_in_place(rng, target):

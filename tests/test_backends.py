@@ -65,7 +65,7 @@ def fresh_discovery():
 
 def test_the_cpu_backend_registers_through_its_entry_point():
     (cpu,) = [b for b in fm.backends() if b.name == "cpu"]
-    assert cpu.available and cpu.device_types == ("cpu",) and cpu.abi == "1.0" and cpu.error is None
+    assert cpu.available and cpu.device_types == ("cpu",) and cpu.abi == "1.1" and cpu.error is None
     assert cpu.version == fm.__version__
 
 
@@ -80,7 +80,7 @@ def test_a_broken_plugin_is_recorded_not_raised_until_asked_for(fake_plugins):
 
 def test_an_abi_major_mismatch_names_both_versions(fake_plugins):
     with pytest.raises(fm.BackendUnavailableError,
-                       match=r"plugin ABI 99\.3 is incompatible with this ferrum-moe \(ABI 1\.0\): rebuild the plugin"):
+                       match=r"plugin ABI 99\.3 is incompatible with this ferrum-moe \(ABI 1\.1\): rebuild the plugin"):
         fm.get_backend("badabi")
 
 

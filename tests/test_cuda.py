@@ -267,3 +267,116 @@ def test_split_k_decode_is_exact_across_calls_and_graph_replays(rng):
         graph.replay()
         torch.cuda.synchronize()
         assert rel_error(out, xh.astype(np.float64) @ dense) < 3e-3
+
+
+@pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
+def test_device_dispatch_rows_out_of_range_are_skipped_never_followed(rng, index_dtype):
+    """A device-resident table the host never reads: rows with a bad expert,
+    negative or huge rows, or m past x or out are skipped by the kernel; the
+    good rows are computed; nothing outside out is written."""
+    weights, stack = _small_stack(rng)
+    xh = random_activations(rng, (24, 128), "float16")
+    big = np.iinfo(index_dtype).max - 2
+    good = [[1, 0, 2, 5], [0, 10, 8, 14]]
+    bad = [[2, 0, 0, 1], [-1, 0, 0, 1], [0, -3, 0, 2], [0, 0, -1, 2], [0, 20, 0, 5], [0, 0, 21, 4],
+           [0, big, 0, 4], [0, 0, big, 4], [0, 1, 1, big], [1, 0, 0, -4]]
+    table = np.array(bad[:5] + good[:1] + bad[5:] + good[1:], index_dtype)
+    backing = torch.full((26, 64), float("nan"), device="cuda", dtype=torch.float16)
+    out = backing[1:25]  # a row of guard on each side
+    stack.gemm_batched(cuda(xh), cuda(table), out=out)
+    torch.cuda.synchronize()
+    got = backing.double().cpu().numpy()
+    assert np.all(np.isnan(got[0])) and np.all(np.isnan(got[25])), "nothing may be written outside out"
+    expect = np.full((24, 64), np.nan)
+    for e, in_row, out_row, m in good:
+        expect[out_row:out_row + m] = xh[in_row:in_row + m].astype(np.float64) @ weights[e].dequantize(np.float64)
+    written = ~np.isnan(expect)
+    assert np.array_equal(np.isnan(got[1:25]), ~written)
+    assert rel_error(got[1:25][written], expect[written]) < 3e-3
+
+
+def test_a_captured_gemm_batched_replays_with_new_device_dispatches(rng):
+    weights, stack = _small_stack(rng)
+    xh = random_activations(rng, (16, 128), "float16")
+    x = cuda(xh)
+    table = cuda(np.array([[0, 0, 0, 16]], np.int64))
+    out = torch.empty(16, 64, device="cuda", dtype=torch.float16)
+    s = torch.cuda.Stream()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=s):  # no warm-up call: nothing to allocate, nothing read on the host
+        stack.gemm_batched(x, table, out=out, stream=s)
+    for e, m in ((1, 16), (0, 3), (1, 9)):
+        table.copy_(cuda(np.array([[e, 0, 0, m]], np.int64)))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        got = out.double().cpu().numpy()
+        assert rel_error(got[:m], xh[:m].astype(np.float64) @ weights[e].dequantize(np.float64)) < 3e-3
+        assert np.all(np.isnan(got[m:]))
+
+
+def _routings(rng, m, e=8, top_k=2):
+    """New routings for replays: spread, one hot expert, two experts, and ids out of range."""
+    spread = np.stack([rng.permutation(e)[:top_k] for _ in range(m)]).astype(np.int32)
+    hot = np.full((m, top_k), 3, np.int32)
+    hot[:, 1:] = rng.integers(0, e, (m, top_k - 1))
+    few = rng.integers(0, 2, (m, top_k)).astype(np.int32)
+    invalid = spread.copy()
+    invalid[::2, 0] = -1
+    invalid[1::3, 1] = e
+    return {"spread": spread, "hot expert": hot, "few experts": few, "invalid ids": invalid}
+
+
+@pytest.mark.parametrize("layer_kind", ["fused_moe", "MoE"])
+def test_the_moe_layer_captures_in_a_torch_graph_on_its_first_call(rng, layer_kind):
+    w13, w2, layer = _layer(rng)
+    m = 6
+    xh, tw, ids = _inputs(rng, m)
+    x, twd, idsd = cuda(xh), cuda(tw), cuda(ids)
+    out = torch.empty(m, 256, device="cuda", dtype=torch.float16)
+    run = (lambda s: fm.fused_moe(x, layer.w13, layer.w2, twd, idsd, out=out, stream=s)) if layer_kind == "fused_moe" \
+        else (lambda s: layer(x, twd, idsd, out=out, stream=s))
+    s = torch.cuda.Stream()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=s):  # the first call of this layer or function
+        run(s)
+    for name, ids2 in _routings(rng, m).items():
+        xh2, tw2 = random_activations(rng, (m, 256), "float16"), rng.random((m, 2)).astype(np.float32)
+        x.copy_(cuda(xh2)), twd.copy_(cuda(tw2)), idsd.copy_(cuda(ids2))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_error(out, reference_moe(xh2, w13, w2, tw2, ids2)) < 3e-3, name
+
+
+def test_fused_moe_captures_in_a_cupy_graph_on_its_first_call(rng):
+    cupy = pytest.importorskip("cupy")
+    w13, w2, layer = _layer(rng)
+    m = 5
+    xh, tw, ids = _inputs(rng, m)
+    s = cupy.cuda.Stream(non_blocking=True)
+    with s:
+        x, twd, idsd = cupy.asarray(xh), cupy.asarray(tw), cupy.asarray(ids)
+        out = cupy.empty((m, 256), cupy.float16)
+        s.synchronize()
+        s.begin_capture()
+        fm.fused_moe(x, layer.w13, layer.w2, twd, idsd, out=out, stream=s)
+        graph = s.end_capture()
+        for name, ids2 in _routings(rng, m).items():
+            xh2, tw2 = random_activations(rng, (m, 256), "float16"), rng.random((m, 2)).astype(np.float32)
+            x[...] = cupy.asarray(xh2)
+            twd[...] = cupy.asarray(tw2)
+            idsd[...] = cupy.asarray(ids2)
+            out.fill(cupy.nan)
+            graph.launch(stream=s)
+            s.synchronize()
+            assert rel_error(cupy.asnumpy(out), reference_moe(xh2, w13, w2, tw2, ids2)) < 3e-3, name
+
+
+def test_host_routing_with_gpu_activations_is_named(rng):
+    _, _, layer = _layer(rng)
+    xh, tw, ids = _inputs(rng, 4)
+    with pytest.raises(ValueError, match="fused_moe: topk_ids is on cpu; the stacks are on cuda:0: pass topk_ids on cuda:0"):
+        fm.fused_moe(cuda(xh), layer.w13, layer.w2, cuda(tw), ids)
+    with pytest.raises(ValueError, match="fused_moe: topk_weights is on cpu"):
+        fm.fused_moe(cuda(xh), layer.w13, layer.w2, tw, cuda(ids))

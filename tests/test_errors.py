@@ -61,7 +61,7 @@ def test_out_must_match(stack):
 
 @pytest.mark.parametrize("offset, n, message", [
     (128, 16, r"expert_linear: offset 128 \+ n 16 exceeds the stacked N of 128 \(4 experts x 32\)"),
-    (16, 32, r"offset 16 \+ n 32 crosses from expert 0 into expert 1"),
+    (16, 24, r"offset 16 and offset \+ n 40 must be multiples of .* column alignment 16 \(or expert boundaries"),
     (8, 16, "must be multiples of the 'cpu' backend's column alignment 16"),
     (-16, 16, "exceeds the stacked N"),
 ])
@@ -160,10 +160,33 @@ def test_output_sizes_that_overflow_are_refused_before_allocating(stack):
 
 
 def test_output_sizes_beyond_memory_fail_cleanly(stack):
-    with pytest.raises(MemoryError, match=r"allocating float16\[2199023255552, 32\] on cpu: out of memory"):
-        stack.gemm_batched(x16(), [[0, 0, 2**40, 2**40]])
+    with pytest.raises(MemoryError, match=r"allocating float16\[1099511627777, 32\] on cpu: out of memory"):
+        stack.gemm_batched(x16(), [[0, 0, 2**40, 1]])
+
+
+@pytest.mark.parametrize("row", [[0, 2**63 - 1, 0, 1], [0, 0, 2**63 - 1, 1], [0, 2, 2, 2**63 - 2], [0, 0, 2**40, 2**40]])
+def test_hostile_dispatch_rows_are_named_before_anything_is_allocated(stack, row):
+    """Rows near 2**63 must not wrap past the bounds checks, nor size a result."""
+    with pytest.raises(ValueError, match=r"dispatches\[0\] = .*rows exceed"):
+        stack.gemm_batched(x16(), [row])
+    with pytest.raises(ValueError, match=r"dispatches\[0\] = .*rows exceed"):
+        stack.gemm_batched(x16(), [row], out=np.zeros((3, 32), np.float16))
 
 
 def test_absurd_block_sizes_are_refused(rng):
     with pytest.raises(ValueError, match=r"block_size must be in \[1, 65536\].*block_size 4294967296"):
         fm.moe_align_block_size(rng.integers(0, 4, (3, 2)), 2**32, 4)
+
+
+def test_a_wrong_x_is_named_before_the_dispatch_table(stack):
+    with pytest.raises(TypeError, match="gemm_batched: x must have dtype float16"):
+        stack.gemm_batched(np.zeros((3, 64), np.float32), [[9, 0, 0, 1]])
+    with pytest.raises(ValueError, match=r"gemm_batched: x has shape \[3, 32\]; dimension 1 must be 64"):
+        stack.gemm_batched(np.zeros((3, 32), np.float16), [[0, 5, 0, 7]], out=np.zeros((3, 32), np.float16))
+
+
+def test_views_and_expert_indices_must_be_ints(stack):
+    with pytest.raises(TypeError, match=r"expert: e must be an int; got 1.5"):
+        stack.expert(1.5)
+    with pytest.raises(TypeError, match=r"expert_linear: offset must be an int; got 16.0"):
+        stack.expert_linear(16.0, 16)

@@ -50,9 +50,27 @@ def test_quantize_rounds_to_the_nearest_level(rng, bits, group_size, sym, fmt):
     assert q.num_groups == (1 if group_size == -1 else -(-k // group_size))
     step = q.scales.astype(np.float64)[q.group_index()]
     err = np.abs(q.dequantize(np.float64) - w)
-    # Half a step, plus a level lost where v1 asymmetric zeros must stay >= 1.
-    bound = step * (0.5 if sym or fmt == "gptq_v2" else 1.0) + 1e-6
-    assert np.all(err <= bound)
+    assert np.all(err <= step * (0.5 + 1e-6))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size", [-1, 32, 128])
+@pytest.mark.parametrize("fmt", ["gptq", "gptq_v2"])
+@pytest.mark.parametrize("side", ["positive", "negative", "constant", "zero", "mixed"])
+def test_asymmetric_rtn_keeps_one_sided_groups_within_half_a_step(rng, bits, group_size, fmt, side):
+    """v1 cannot store a zero point of 0: a group with no negative weight must
+    still dequantize within half a step (plus the float16 rounding of its scale)."""
+    k, n = 160, 16
+    w = {"positive": lambda: rng.random((k, n)) + 0.1, "negative": lambda: -(rng.random((k, n)) + 0.1),
+         "constant": lambda: np.full((k, n), rng.standard_normal()), "zero": lambda: np.zeros((k, n)),
+         "mixed": lambda: rng.standard_normal((k, n))}[side]()
+    q = gptq.quantize(w, bits, group_size, sym=False, checkpoint_format=fmt)
+    step = q.scales.astype(np.float64)[q.group_index()]
+    maxq = (1 << bits) - 1
+    # A float16 scale is within 2**-11 of the exact one; the top code is up to maxq steps from the zero.
+    bound = step * (0.5 + maxq * 2.0**-11) + 1e-12
+    assert np.all(np.abs(q.dequantize(np.float64) - w) <= bound)
+    assert q.zeros().min() >= (1 if fmt == "gptq" else 0)
 
 
 def test_dequantize_follows_the_formula_with_act_order(rng):
@@ -95,6 +113,11 @@ def test_awq_converts_exactly(rng):
     (dict(bits=3), "bits must be 4 or 8; got 3"),
     (dict(checkpoint_format="awq"), "checkpoint_format must be one of"),
     (dict(qweight=np.zeros((32, 8), np.float32)), "qweight must hold int32 words; got dtype float32"),
+    (dict(g_idx=np.zeros(240, np.int32)),
+     r"g_idx has length 240; qweight's 32 packed rows hold K in \[249, 256\]"),
+    (dict(g_idx=np.zeros(256, np.float32)), "g_idx must hold integer group indices; got dtype float32"),
+    (dict(sym=False), "qzeros is required when sym=False"),
+    (dict(qzeros=np.zeros((2, 1), np.float32), sym=False), "qzeros must hold int32 words; got dtype float32"),
 ])
 def test_bad_gptq_weights_are_named(kwargs, message):
     args = dict(qweight=np.zeros((32, 8), np.int32), scales=np.ones((2, 8), np.float16), bits=4, group_size=128)
@@ -111,3 +134,8 @@ def test_unstack_gives_views_of_each_expert(rng):
     np.testing.assert_array_equal(experts[2].codes(), gptq.unpack(qweight[2], 4, 64))
     with pytest.raises(ValueError, match=r"unstack: qweight must be \[E, K/8, N\]"):
         gptq.unstack(qweight[0], scales)
+
+
+def test_unpack_names_k_beyond_what_the_words_hold():
+    with pytest.raises(ValueError, match=r"unpack: k=25 exceeds the 24 codes that 3 words of 4-bit codes hold"):
+        gptq.unpack(np.zeros((3, 2), np.int32), 4, 25)

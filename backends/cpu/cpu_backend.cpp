@@ -249,6 +249,7 @@ class CpuBackend final : public plugin::Backend {
       delete ctx;
       throw std::bad_alloc();
     }
+    if (FM_STRUCT_HAS(&a, flags) && (a.flags & FM_ALLOC_ZEROED) != 0) std::memset(ctx->data, 0, bytes);
     auto* m = new DLManagedTensorVersioned{};
     m->version = {DLPACK_MAJOR_VERSION, DLPACK_MINOR_VERSION};
     m->manager_ctx = ctx;

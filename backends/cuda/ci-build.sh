@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# Compile the CUDA backend against the installed ferrum-moe core, and run its
-# host-only layout check. For CI, which has nvcc but no GPU: it keeps the plugin
-# from rotting; the GPU tests run on a GPU machine (benchmarks/device.sh).
+# Compile the CUDA backend for CI, which has nvcc but no GPU: it keeps the
+# plugin from rotting (the GPU tests run on a GPU machine, benchmarks/device.sh).
+#  1. against the installed ferrum-moe core, as a third-party plugin builds,
+#     with the host-only layout check;
+#  2. as a newcomer types it: `pip wheel ./backends/cuda` with build isolation,
+#     where the installed core is out of sight and the tree's headers serve.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 build="$(mktemp -d)"
 trap 'rm -rf "$build"' EXIT
-cmake -S "$here" -B "$build" -DCMAKE_BUILD_TYPE=Release -DFERRUM_MOE_CUDA_BUILD_TESTS=ON \
+cmake -S "$here" -B "$build/cmake" -DCMAKE_BUILD_TYPE=Release -DFERRUM_MOE_CUDA_BUILD_TESTS=ON \
   -Dferrum_moe_DIR="$(python3 -c 'import ferrum_moe; print(ferrum_moe.get_cmake_dir())')" >/dev/null
-cmake --build "$build" -j 2
-ctest --test-dir "$build" --output-on-failure
+cmake --build "$build/cmake" -j 2
+ctest --test-dir "$build/cmake" --output-on-failure
+python3 -m pip wheel -q --no-deps -w "$build/wheel" "$here"
+ls "$build/wheel"/ferrum_moe_cuda-*.whl

@@ -114,6 +114,25 @@ def host_array(obj, name: str, dtype) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=dtype)
 
 
+def host_copy(obj, name: str) -> np.ndarray:
+    """A numpy copy of a (small) device array, for the few host reads the API
+    makes (the height of a result sized by a device dispatch table). Asks the
+    producer through DLPack first (``dl_device``/``copy``, DLPack 1.0), then
+    through the libraries' own host transfers. Synchronises."""
+    try:
+        return np.from_dlpack(obj, device="cpu", copy=True)
+    except (TypeError, ValueError, BufferError, NotImplementedError, RuntimeError):
+        pass
+    for getter in ("get", "cpu"):  # CuPy's .get(), PyTorch's .cpu()
+        if hasattr(obj, getter):
+            return np.asarray(getattr(obj, getter)())
+    try:
+        return np.asarray(obj)  # JAX and others implementing __array__
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{name}: cannot copy this {type(obj).__name__} to the host ({e}); pass out= so it "
+                        "need not be read") from None
+
+
 def to_caller(t: Tensor, like):
     """``t`` as the array type of ``like`` (numpy in, numpy out; torch in, torch
     out; ...). Zero-copy through DLPack. Unknown types get the ferrum Tensor,

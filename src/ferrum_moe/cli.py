@@ -1,5 +1,5 @@
 """The ferrum-moe command: `info` (version, build, backends, devices) and `demo`
-(a whole MoE layer on random GPTQ weights, checked against float64)."""
+(a whole MoE layer on random GPTQ INT4 weights, checked against float64)."""
 
 from __future__ import annotations
 
@@ -34,10 +34,19 @@ def _info(args) -> int:
     return 0
 
 
-def _random_weights(rng, e, k, n, group_size):
-    from ferrum_moe import gptq
+def _progress(iterable, desc: str, total: int | None = None):
+    """A progress bar on stderr for the demo's slower steps (tqdm)."""
+    from tqdm import tqdm
 
-    return [gptq.quantize(rng.standard_normal((k, n), dtype=np.float32) / np.sqrt(k), 4, group_size) for _ in range(e)]
+    return tqdm(iterable, desc=desc, total=total, unit="expert", leave=False, mininterval=0.5)
+
+
+def _random_weights(rng, e, k, n, group_size, desc):
+    """Random INT4 codes and scales, as a checkpoint holds them: no float
+    weights to quantize, so a model-sized layer is ready in a second or two."""
+    from ferrum_moe.testing import random_codes_weight
+
+    return [random_codes_weight(rng, k, n, group_size=group_size) for _ in _progress(range(e), desc)]
 
 
 def _reference(x, w13, w2, topk_weights, topk_ids) -> np.ndarray:
@@ -45,7 +54,8 @@ def _reference(x, w13, w2, topk_weights, topk_ids) -> np.ndarray:
     x = x.astype(np.float64)
     out = np.zeros((x.shape[0], w2[0].n))
     inter = w2[0].k
-    for e in np.unique(topk_ids):
+    active = np.unique(topk_ids)
+    for e in _progress(active, "float64 reference", total=len(active)):
         tokens, slots = np.nonzero(topk_ids == e)
         h = x[tokens] @ w13[e].dequantize(np.float64)
         gate, up = h[:, :inter], h[:, inter:]
@@ -64,11 +74,12 @@ def _demo(args) -> int:
     print(f"{args.shape}: {e} experts, top-{top_k}, hidden {hidden}, intermediate {inter}; "
           f"{args.tokens} tokens, {args.dtype}, GPTQ INT4 group {args.group_size}")
     t0 = time.perf_counter()
-    w13 = _random_weights(rng, e, hidden, 2 * inter, args.group_size)
-    w2 = _random_weights(rng, e, inter, hidden, args.group_size)
+    w13 = _random_weights(rng, e, hidden, 2 * inter, args.group_size, "random w13 codes")
+    w2 = _random_weights(rng, e, inter, hidden, args.group_size, "random w2 codes")
     s13 = fm.ExpertStack.from_gptq(w13, backend=args.backend, device=args.device, dtype=args.dtype)
     s2 = fm.ExpertStack.from_gptq(w2, backend=args.backend, device=args.device, dtype=args.dtype)
-    print(f"quantized and loaded in {time.perf_counter() - t0:.1f} s on backend '{s13.backend}' ({s13.device})")
+    print(f"random INT4 weights made and loaded in {time.perf_counter() - t0:.1f} s on backend '{s13.backend}' "
+          f"({s13.device})")
 
     x = rng.standard_normal((args.tokens, hidden), dtype=np.float32)
     logits = rng.standard_normal((args.tokens, e))

@@ -56,8 +56,11 @@ def unpack(packed: np.ndarray, bits: int, k: int, axis: int = 0) -> np.ndarray:
     """Inverse of pack: the first ``k`` codes along ``axis`` as int32."""
     per = _per_word(bits)
     w = np.moveaxis(np.asarray(packed).view(np.uint32), axis, 0)
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
+        raise TypeError(f"unpack: k must be a non-negative int; got {k!r}")
     if k > w.shape[0] * per:
-        raise ValueError(f"unpack: {w.shape[0]} words hold at most {w.shape[0] * per} codes; asked for {k}")
+        raise ValueError(f"unpack: k={k} exceeds the {w.shape[0] * per} codes that {w.shape[0]} words of "
+                         f"{bits}-bit codes hold along axis {axis}")
     shifts = (np.arange(per, dtype=np.uint32) * bits).reshape(1, per, *([1] * (w.ndim - 1)))
     codes = (w[:, None] >> shifts) & np.uint32((1 << bits) - 1)
     codes = codes.reshape(w.shape[0] * per, *w.shape[1:])[:k]
@@ -95,10 +98,20 @@ class GPTQWeight:
         if self.qweight.ndim != 2:
             raise ValueError(f"qweight must be 2-D [K/{per}, N]; got shape {self.qweight.shape}")
         if self.g_idx is not None:
-            self.g_idx = np.ascontiguousarray(self.g_idx, dtype=np.int32)
-            if self.k is not None and self.k != self.g_idx.shape[0]:
-                raise ValueError(f"k={self.k} disagrees with g_idx's length {self.g_idx.shape[0]}")
-            self.k = self.g_idx.shape[0]
+            g_idx = np.asarray(self.g_idx)
+            if g_idx.dtype.kind not in "iu":
+                raise TypeError(f"g_idx must hold integer group indices; got dtype {g_idx.dtype}")
+            if g_idx.ndim != 1:
+                raise ValueError(f"g_idx must be 1-D [K]; got shape {g_idx.shape}")
+            self.g_idx = np.ascontiguousarray(g_idx, dtype=np.int32)
+            length = self.g_idx.shape[0]
+            if self.k is not None and self.k != length:
+                raise ValueError(f"g_idx has length {length}; k={self.k} was given (g_idx holds one group per input row)")
+            rows = self.qweight.shape[0]
+            if -(-length // per) != rows:
+                raise ValueError(f"g_idx has length {length}; qweight's {rows} packed rows hold K in "
+                                 f"[{(rows - 1) * per + 1}, {rows * per}] (g_idx holds one group per input row)")
+            self.k = length
         if self.k is None:
             self.k = self.qweight.shape[0] * per
         if -(-self.k // per) != self.qweight.shape[0]:
@@ -107,8 +120,13 @@ class GPTQWeight:
         self.scales = np.asarray(self.scales)
         if self.scales.shape != (groups, self.n):
             raise ValueError(f"scales must be [num_groups={groups}, N={self.n}]; got shape {self.scales.shape}")
+        if self.qzeros is None and not self.sym:
+            raise ValueError("qzeros is required when sym=False (asymmetric weights carry their zero points); got None")
         if self.qzeros is not None:
-            self.qzeros = np.ascontiguousarray(self.qzeros).view(np.int32)
+            qzeros = np.asarray(self.qzeros)
+            if qzeros.dtype.kind not in "iu" or qzeros.dtype.itemsize != 4:
+                raise TypeError(f"qzeros must hold int32 words; got dtype {qzeros.dtype}")
+            self.qzeros = np.ascontiguousarray(qzeros).view(np.int32)
             want = (groups, -(-self.n // per))
             if self.qzeros.shape != want:
                 raise ValueError(f"qzeros must be {list(want)} (packed along N); got shape {self.qzeros.shape}")
@@ -176,7 +194,10 @@ def quantize(w_kn, bits: int = 4, group_size: int = 128, sym: bool = True, *, g_
 
     Per group and column. sym: zero = 2**(bits-1), scale = max|w| / (2**(bits-1) - 1);
     asym: scale = (max - min) / (2**bits - 1) over a range that includes 0,
-    zero = round(-min / scale). Codes are rounded against the scales as stored
+    zero = round(-min / scale); in the v1 format, which cannot store a zero of 0,
+    a group with no negative weight gets zero 1 and scale max / (2**bits - 2).
+    Every dequantized weight is within half a step of the original (plus the
+    rounding of the scale to ``scale_dtype``). Codes are rounded against the scales as stored
     (``scale_dtype``), so dequantize() is exactly what a kernel computes.
     ``g_idx`` (int [K]) assigns rows to groups (act-order); by default row k is in
     group k // group_size.
@@ -207,15 +228,21 @@ def quantize(w_kn, bits: int = 4, group_size: int = 128, sym: bool = True, *, g_
     else:
         lo, hi = np.minimum(lo, 0), np.maximum(hi, 0)
         s = (hi - lo) / maxq
-        # v1 stores zero - 1 in `bits` bits, so its zeros live in [1, 2**bits].
-        low = 1 if checkpoint_format == "gptq" else 0
-        zeros = np.clip(np.round(-lo / np.where(s == 0, 1, s)), low, maxq).astype(np.int64)
+        zeros = np.clip(np.round(-lo / np.where(s == 0, 1, s)), 0, maxq).astype(np.int64)
+        if checkpoint_format == "gptq":
+            # v1 stores zero - 1 in `bits` bits, so a zero of 0 cannot be stored.
+            # That happens when a group has no negative weight: put the zero at 1
+            # instead and spread [0, hi] over the maxq - 1 codes above it, so every
+            # weight still rounds to within half a step.
+            at_zero = zeros == 0
+            s = np.where(at_zero, hi / (maxq - 1), s)
+            zeros = np.where(at_zero, 1, zeros)
+    if checkpoint_format not in _FORMATS:
+        raise ValueError(f"checkpoint_format must be one of {_FORMATS}; got {checkpoint_format!r}")
     scales = np.where(s == 0, 1.0, s)
     scales = scales.astype(scale_dtype)  # quantize against the scales actually stored
     s_k = scales.astype(np.float64)[gi]
     q = np.clip(np.round(w / s_k) + zeros[gi], 0, maxq).astype(np.int32)
-    if checkpoint_format not in _FORMATS:
-        raise ValueError(f"checkpoint_format must be one of {_FORMATS}; got {checkpoint_format!r}")
     stored = zeros - 1 if checkpoint_format == "gptq" else zeros
     # GPTQ checkpoints carry qzeros for symmetric weights too (v1: 0x77777777 for 4-bit).
     qzeros = pack(stored, bits, axis=1)

@@ -8,24 +8,29 @@ import numpy as np
 from . import _core
 from .arrays import import_array, import_output, stream_handle, to_caller
 from .routing import _align, default_block_size
+from .discovery import device_name
 from .stack import ExpertStack
 
 _ACTIVATIONS = ("silu",)
 
 
 class _Workspace:
-    """Intermediate buffers of one layer, kept between calls and grown only when
-    a call needs more (each call reads views of their first elements), so a
-    warmed-up layer allocates nothing per call: what CUDA-graph capture needs."""
+    """Intermediate buffers. A layer's (``temporary=False``) are kept between
+    calls and grown only when a call needs more (each call reads views of their
+    first elements), so a warmed-up layer allocates nothing per call. A single
+    call's (``temporary=True``) are dropped when it returns: the backend may
+    allocate them stream-ordered (CUDA: cudaMallocAsync), which stream capture
+    records as graph memory nodes, so even a first call captures."""
 
-    def __init__(self):
+    def __init__(self, temporary: bool = False):
         self._buffers: dict[str, _core.Tensor] = {}
+        self._temporary = temporary
 
     def take(self, name: str, backend, device, dtype: str, shape, stream: int) -> _core.Tensor:
         numel = int(np.prod(shape))
         buf = self._buffers.get(name)
         if buf is None or buf.dtype != dtype or tuple(buf.device) != device or buf.shape[0] < numel:
-            buf = backend.empty(device[0], device[1], dtype, [max(numel, 1)], stream)
+            buf = backend.empty(device[0], device[1], dtype, [max(numel, 1)], stream, temporary=self._temporary)
             self._buffers[name] = buf
         return buf.view(list(shape))
 
@@ -66,8 +71,16 @@ def _forward(x, w13: ExpertStack, w2: ExpertStack, topk_weights, topk_ids, activ
         raise ValueError(f"fused_moe: topk_weights has shape {list(topk_weights.shape)}; expected {list(ids.shape)} (topk_ids')")
     num_tokens, top_k = ids.shape
     hidden, inter = w13.k, w2.k
+    stack_device = tuple(w13._core.device)
+    for name, t in (("x", xt), ("topk_ids", ids)):
+        if tuple(t.device) != stack_device:
+            raise ValueError(f"fused_moe: {name} is on {device_name(tuple(t.device))}; the stacks are on "
+                             f"{w13.device}: pass {name} on {w13.device}")
     # Flat per-pair weights: [num_tokens * top_k, 1] for the pair-indexed second GEMM.
     tw = import_array(topk_weights, "topk_weights", s)
+    if tuple(tw.device) != stack_device:
+        raise ValueError(f"fused_moe: topk_weights is on {device_name(tuple(tw.device))}; the stacks are on "
+                         f"{w13.device}: pass topk_weights on {w13.device}")
     tw_pairs = tw.view([num_tokens * top_k, 1]) if tw.is_compact else None
     if tw_pairs is None:
         raise ValueError("fused_moe: topk_weights must be contiguous")
@@ -75,11 +88,16 @@ def _forward(x, w13: ExpertStack, w2: ExpertStack, topk_weights, topk_ids, activ
     num_experts = map_t.shape[0] if map_t is not None else w13.num_experts
     if map_t is not None and len(map_t.shape) != 1:
         raise ValueError(f"fused_moe: expert_map must be 1-D [num_global_experts]; got shape {list(map_t.shape)}")
+    if map_t is not None and map_t.device[0] == 1 and map_t.dtype == "int32":
+        local_max = int(np.from_dlpack(map_t).max(initial=-1))
+        if local_max >= w13.num_experts:
+            raise ValueError(f"fused_moe: expert_map names local expert {local_max}; the stacks hold "
+                             f"{w13.num_experts} (local ids must be in [0, {w13.num_experts}) or -1)")
     core = w13._core.backend
     dev = tuple(w13._core.device)
     if block_size is None:
         block_size = default_block_size(num_tokens * top_k, w13.num_experts)
-    ws = workspace or _Workspace()
+    ws = workspace or _Workspace(temporary=True)
     sorted_ids, expert_ids, post = _align(core, ids, block_size, num_experts, map_t, s, ws)
     pairs = num_tokens * top_k
     buf = {name: ws.take(name, core, dev, dtype, [pairs, width], s)

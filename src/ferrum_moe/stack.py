@@ -7,7 +7,7 @@ from typing import Sequence
 import numpy as np
 
 from . import _core
-from .arrays import host_array, import_array, import_output, stream_handle, to_caller
+from .arrays import host_array, host_copy, import_array, import_output, stream_handle, to_caller
 from .discovery import device_name, parse_device, resolve
 from .gptq import GPTQWeight
 
@@ -106,34 +106,31 @@ class ExpertStack:
                 f"bits={self.bits}, group_size={self.group_size}, dtype={self.dtype}, backend={self.backend!r}, "
                 f"device={self.device!r})")
 
-    def _empty(self, shape, dtype: str, stream: int) -> _core.Tensor:
+    def _empty(self, shape, dtype: str, stream: int, zeroed: bool = False) -> _core.Tensor:
         dev = tuple(self._core.device)
-        return self._core.backend.empty(dev[0], dev[1], dtype, list(shape), stream)
+        return self._core.backend.empty(dev[0], dev[1], dtype, list(shape), stream, zeroed=zeroed)
 
     def gemm_batched(self, x, dispatches, *, out=None, stream=None):
         """For each dispatch row (expert, in_row, out_row, m):
         out[out_row:out_row+m, :n] = x[in_row:in_row+m, :k] @ W_expert.
 
-        x: [rows_in, k] in the stack's dtype, on its device. dispatches: host
-        int [D, 4]. out: [rows_out, >= n_per_expert] in the stack's dtype or
+        x: [rows_in, k] in the stack's dtype, on its device. dispatches: int
+        [D, 4], on the host (a list or any host array: every row is checked) or
+        on the stack's device (int32/int64 from any DLPack library: the kernels
+        read it, and rows whose expert, rows or m are out of range are skipped;
+        with ``out=`` the host never reads it, so a captured call replays with
+        new contents). out: [rows_out, >= n_per_expert] in the stack's dtype or
         float32; rows no dispatch names are left as they were. Returns out, or a
-        new array of x's type with max(out_row + m) rows.
+        new zero-filled array of x's type with max(out_row + m) rows (for a
+        device table the host then reads it to learn the height).
         """
-        return self._gemm_window(x, dispatches, 0, self.n_per_expert, None, out, stream)
-
-    def _gemm_window(self, x, dispatches, col_begin, n, bias, out, stream, xt=None):
         s = stream_handle(stream)
-        xt = xt if xt is not None else import_array(x, "x", s)
-        d = host_array(dispatches, "dispatches", np.int64)
-        if d.ndim == 1 and d.size in (0, 4):  # one row, or none
-            d = d.reshape(-1, 4)
-        ot = None
-        if out is not None:
-            ot = import_output(out, "out", s)
-        else:
-            rows = int((d[:, 2] + d[:, 3]).max()) if d.ndim == 2 and d.shape[1] == 4 and d.shape[0] else 0
-            ot = self._empty([max(rows, 0), n], self.dtype, s)
-        self._core.gemm_batched(xt, import_array(d, "dispatches"), col_begin, n, bias, ot, s)
+        xt = import_array(x, "x", s)
+        ot = import_output(out, "out", s) if out is not None else None
+        dt, rows = _dispatch_table(dispatches, xt, self.num_experts, ot is None)
+        if ot is None:
+            ot = self._empty([rows, self.n_per_expert], self.dtype, s, zeroed=True)
+        self._core.gemm_batched(xt, dt, 0, self.n_per_expert, None, ot, s)
         return out if out is not None else to_caller(ot, x)
 
     def gemm_routed(self, x, routing, *, topk_weights=None, out=None, stream=None):
@@ -156,7 +153,7 @@ class ExpertStack:
         if xt.shape[0] != routing.num_tokens:
             raise ValueError(f"gemm_routed: x has {xt.shape[0]} rows; the routing was built for {routing.num_tokens} tokens")
         ot = import_output(out, "out", s) if out is not None else \
-            self._empty([routing.num_tokens * routing.top_k, self.n_per_expert], self.dtype, s)
+            self._empty([routing.num_tokens * routing.top_k, self.n_per_expert], self.dtype, s, zeroed=True)
         tw = None if topk_weights is None else import_array(topk_weights, "topk_weights", s)
         r = routing.tensors(s)
         self._core.gemm_routed(xt, r[0], r[1], r[2], routing.block_size, routing.top_k, tw, ot, s)
@@ -168,37 +165,65 @@ class ExpertStack:
 
     def expert(self, e: int, *, bias=None) -> "Linear":
         """Expert ``e`` as a Linear view (no copy)."""
+        e = _index(e, "expert: e")
         if not 0 <= e < self.num_experts:
             raise ValueError(f"expert: e={e} is out of range for a stack of {self.num_experts} experts")
-        return Linear(self, e, 0, self.n_per_expert, bias)
+        return Linear(self, e * self.n_per_expert, self.n_per_expert, bias)
 
     def expert_linear(self, offset: int, n: int, *, bias=None) -> "Linear":
         """Columns [offset, offset + n) of the stacked N (num_experts x
-        n_per_expert) as a Linear view (no copy). The window lies inside one
-        expert and its ends are multiples of the backend's column_alignment."""
-        stacked = self.num_experts * self.n_per_expert
-        if offset < 0 or n < 1 or offset + n > stacked:
-            raise ValueError(
-                f"expert_linear: offset {offset} + n {n} exceeds the stacked N of {stacked} "
-                f"({self.num_experts} experts x {self.n_per_expert})"
-            )
-        e, col = divmod(offset, self.n_per_expert)
-        if col + n > self.n_per_expert:
-            raise ValueError(
-                f"expert_linear: offset {offset} + n {n} crosses from expert {e} into expert {e + 1} "
-                f"(n_per_expert {self.n_per_expert}, stacked N {stacked}); a view lies inside one expert"
-            )
-        self._core.check_column_window(col, n, "expert_linear")
-        return Linear(self, e, col, n, bias)
+        n_per_expert) as a Linear view (no copy). The window may cross expert
+        boundaries (a projection stored across neighbouring expert slots); each
+        end is a multiple of the backend's column_alignment or an expert
+        boundary."""
+        offset, n = _index(offset, "expert_linear: offset"), _index(n, "expert_linear: n")
+        self._core.check_view(offset, n, "expert_linear")
+        return Linear(self, offset, n, bias)
+
+
+def _index(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int; got {value!r} ({type(value).__name__})")
+    return int(value)
+
+
+def _dispatch_table(dispatches, xt: _core.Tensor, num_experts: int, need_rows: bool):
+    """(dispatch Tensor, output height). A table on a device is passed as it is
+    (the kernels check its rows); anything else becomes a host int64 [D, 4]
+    array (the core checks every row). The height, max(out_row + m) over the
+    rows a kernel would run, is computed only when the caller gave no ``out``:
+    for a device table that is the one host read of it. Rows that would be
+    skipped or refused do not size the result, so a hostile row cannot ask for
+    a huge allocation before the core names it."""
+    on_device = hasattr(dispatches, "__dlpack_device__") and not isinstance(dispatches, np.ndarray) and \
+        int(dispatches.__dlpack_device__()[0]) != 1
+    if on_device:
+        table = import_array(dispatches, "dispatches")
+        if not need_rows:
+            return table, 0
+        d = host_copy(dispatches, "dispatches")
+    else:
+        d = host_array(dispatches, "dispatches", np.int64)
+        if d.ndim == 1 and d.size in (0, 4):  # one row, or none
+            d = d.reshape(-1, 4)
+        table = import_array(d, "dispatches")
+    if not need_rows or d.ndim != 2 or d.shape[1] != 4 or d.shape[0] == 0 or d.dtype.kind not in "iu":
+        return table, 0
+    e, in_row, out_row, m = (d[:, i].astype(np.int64) for i in range(4))
+    x_rows = xt.shape[0] if len(xt.shape) == 2 else 0
+    # Differences, not sums: hostile rows near 2**63 must not wrap.
+    runs = (e >= 0) & (e < num_experts) & (m > 0) & (in_row >= 0) & (in_row <= x_rows) & (m <= x_rows - in_row) & \
+        (out_row >= 0) & (out_row <= np.iinfo(np.int64).max - np.maximum(m, 0))
+    return table, int((out_row + m)[runs].max(initial=0))
 
 
 class Linear:
-    """y = x @ W[:, window] (+ bias): one expert's columns of a stack, as a view."""
+    """y = x @ W_stacked[:, offset:offset + n] (+ bias): columns of a stack's
+    stacked N (one expert's, or a window across neighbouring experts), as a view."""
 
-    def __init__(self, stack: ExpertStack, expert: int, col_begin: int, n: int, bias=None):
+    def __init__(self, stack: ExpertStack, offset: int, n: int, bias=None):
         self._stack = stack
-        self._expert = expert
-        self._col_begin = col_begin
+        self._offset = offset
         self._n = n
         self._bias = None
         if bias is not None:
@@ -221,13 +246,16 @@ class Linear:
         return self._n
 
     def __repr__(self) -> str:
-        return (f"Linear(in_features={self.in_features}, out_features={self.out_features}, expert={self._expert}, "
-                f"columns=[{self._col_begin}, {self._col_begin + self._n}), bias={self._bias is not None})")
+        return (f"Linear(in_features={self.in_features}, out_features={self.out_features}, "
+                f"stacked columns=[{self._offset}, {self._offset + self._n}), bias={self._bias is not None})")
 
     def __call__(self, x, *, out=None, stream=None):
         """x: [M, in_features] -> [M, out_features] (out: stack dtype or float32)."""
-        xt = import_array(x, "x", stream_handle(stream))
+        s = stream_handle(stream)
+        xt = import_array(x, "x", s)
         if len(xt.shape) != 2:
             raise ValueError(f"Linear: x must be [M, in_features={self.in_features}]; got shape {list(xt.shape)}")
-        d = np.array([[self._expert, 0, 0, xt.shape[0]]], np.int64)
-        return self._stack._gemm_window(x, d, self._col_begin, self._n, self._bias, out, stream, xt)
+        ot = import_output(out, "out", s) if out is not None else \
+            self._stack._empty([xt.shape[0], self._n], self._stack.dtype, s)
+        self._stack._core.linear(xt, self._offset, self._n, self._bias, ot, s)
+        return out if out is not None else to_caller(ot, x)

@@ -3,6 +3,7 @@
 // stack.cpp. Exported as the C table `fm_backend_get_api` (plugin.hpp).
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <memory>
@@ -49,6 +50,10 @@ int operation_device(const DLTensor& first, const char* op, const char* arg) {
 struct Allocation {
   std::vector<int64_t> shape;
   int device;
+  // Temporaries (FM_ALLOC_TEMPORARY) are stream-ordered: freed on the stream
+  // they were allocated on, which the caller keeps alive until it drops them.
+  bool stream_ordered;
+  cudaStream_t stream;
 };
 
 // Runs when the consumer drops the tensor, on any thread, maybe after the
@@ -57,7 +62,18 @@ void delete_allocation(DLManagedTensorVersioned* self) {
   auto* allocation = static_cast<Allocation*>(self->manager_ctx);
   int previous = -1;
   const bool have_previous = cudaGetDevice(&previous) == cudaSuccess;
-  if (cudaSetDevice(allocation->device) == cudaSuccess) cudaFree(self->dl_tensor.data);
+  if (cudaSetDevice(allocation->device) == cudaSuccess) {
+    if (allocation->stream_ordered) {
+      cudaFreeAsync(self->dl_tensor.data, allocation->stream);
+    } else {
+      // A buffer may be dropped while another thread captures a graph: relaxed
+      // mode keeps this thread's cudaFree from invalidating that capture.
+      cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+      cudaThreadExchangeStreamCaptureMode(&mode);
+      cudaFree(self->dl_tensor.data);
+      cudaThreadExchangeStreamCaptureMode(&mode);
+    }
+  }
   if (have_previous) cudaSetDevice(previous);
   cudaGetLastError();
   delete allocation;
@@ -96,10 +112,12 @@ class CudaBackend final : public ferrum::plugin::Backend {
     return info;
   }
 
-  // cudaMalloc rather than the stream-ordered allocator: the deleter runs
-  // with no stream at hand, and cudaFree (which waits for the device) is the
-  // one free that is safe against any work still using the buffer. The
-  // memory is usable on `stream` (and any other) on return.
+  // Temporaries come from the device's stream-ordered pool (a stream capture
+  // records them as graph memory nodes, so an operation captures on its first
+  // call). Everything else may outlive the call and be used on any stream:
+  // plain cudaMalloc, freed by cudaFree (which waits for the device), taken in
+  // relaxed capture mode so that a first call inside a capture can still
+  // allocate the buffers a layer keeps.
   DLManagedTensorVersioned* tensor_alloc(const FmTensorAllocArgs& args) override {
     if (args.device.device_type != kDLCUDA || args.device.device_id < 0 ||
         args.device.device_id >= device_count_) {
@@ -119,15 +137,34 @@ class CudaBackend final : public ferrum::plugin::Backend {
       }
       elements *= args.shape[i];
     }
-    const size_t bytes = static_cast<size_t>((elements * element_bits + 7) / 8);
+    // Zero-size tensors still get a distinct, valid pointer.
+    const size_t bytes = std::max<size_t>(1, static_cast<size_t>((elements * element_bits + 7) / 8));
+    const uint32_t flags = FM_STRUCT_HAS(&args, flags) ? args.flags : 0u;
+    const cudaStream_t stream = as_stream(args.stream);
 
     DeviceGuard guard(args.device.device_id);
     auto allocation = std::make_unique<Allocation>();
     allocation->shape.assign(args.shape, args.shape + args.ndim);
     allocation->device = args.device.device_id;
+    allocation->stream_ordered = (flags & FM_ALLOC_TEMPORARY) != 0;
+    allocation->stream = stream;
     void* data = nullptr;
-    // Zero-size tensors still get a distinct, valid pointer.
-    check_cuda(cudaMalloc(&data, bytes > 0 ? bytes : 1), "tensor_alloc: cudaMalloc");
+    if (allocation->stream_ordered) {
+      check_cuda(cudaMallocAsync(&data, bytes, stream), "tensor_alloc: cudaMallocAsync");
+    } else {
+      cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+      check_cuda(cudaThreadExchangeStreamCaptureMode(&mode), "tensor_alloc: capture mode");
+      const cudaError_t status = cudaMalloc(&data, bytes);
+      cudaThreadExchangeStreamCaptureMode(&mode);
+      check_cuda(status, "tensor_alloc: cudaMalloc");
+    }
+    if ((flags & FM_ALLOC_ZEROED) != 0) {
+      const cudaError_t status = cudaMemsetAsync(data, 0, bytes, stream);
+      if (status != cudaSuccess) {
+        allocation->stream_ordered ? cudaFreeAsync(data, stream) : cudaFree(data);
+        check_cuda(status, "tensor_alloc: zeroing");
+      }
+    }
 
     auto* tensor = new DLManagedTensorVersioned{};
     tensor->version = {DLPACK_MAJOR_VERSION, DLPACK_MINOR_VERSION};

@@ -20,6 +20,14 @@ cudaError_t launch_gemm_batched(const BatchedParams& params, ComputeType type, i
                                                       stream);
 }
 
+cudaError_t launch_gemm_device_dispatch(const DeviceDispatchParams& params, ComputeType type, int bits,
+                                        int rows_per_cta, int num_n_tiles, int splits, cudaStream_t stream) {
+  return type == ComputeType::kFloat16
+             ? launch_gemm_device_dispatch_for<__half>(params, bits, rows_per_cta, num_n_tiles, splits, stream)
+             : launch_gemm_device_dispatch_for<__nv_bfloat16>(params, bits, rows_per_cta, num_n_tiles, splits,
+                                                              stream);
+}
+
 cudaError_t launch_gemm_routed(const RoutedParams& params, ComputeType type, int bits,
                                int rows_per_cta, int grid_blocks, int splits, cudaStream_t stream) {
   return type == ComputeType::kFloat16

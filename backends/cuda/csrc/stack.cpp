@@ -354,12 +354,17 @@ void CudaStack::gemm_batched(const FmGemmBatchedArgs& args) {
   }
 
   const DLTensor& dispatches = *args.dispatches;
-  if (dispatches.device.device_type != kDLCPU && dispatches.device.device_type != kDLCUDAHost) {
-    throw Error(FM_ERROR_INVALID_ARGUMENT, std::string(kOp) + ": dispatches must be a host array; got " +
-                                               device_name(dispatches.device));
-  }
   const int64_t num_dispatches = dispatches.shape[0];
   if (num_dispatches == 0 || args.n == 0) return;
+  if (dispatches.device.device_type == kDLCUDA) {
+    require_on_device(dispatches, device_, kOp, "dispatches");
+    gemm_batched_device_table(args, params);
+    return;
+  }
+  if (dispatches.device.device_type != kDLCPU && dispatches.device.device_type != kDLCUDAHost) {
+    throw Error(FM_ERROR_INVALID_ARGUMENT, std::string(kOp) + ": dispatches must be on the host or on cuda:" +
+                                               std::to_string(device_) + "; got " + device_name(dispatches.device));
+  }
   const auto* table = data_ptr<const int64_t>(dispatches);
   const int64_t s0 = stride(dispatches, 0);
   const int64_t s1 = stride(dispatches, 1);
@@ -396,6 +401,47 @@ void CudaStack::gemm_batched(const FmGemmBatchedArgs& args) {
     }
   }
   flush();
+}
+
+// Dispatch rows in device memory: sized by the worst case (every dispatch as
+// tall as x and out allow), read and range-checked by the kernel. Nothing here
+// reads the table, so a captured call replays with new table contents.
+void CudaStack::gemm_batched_device_table(const FmGemmBatchedArgs& args, const gemm::BatchedParams& batched) {
+  const DLTensor& dispatches = *args.dispatches;
+  if (!is_int32(dispatches.dtype) && !is_int64(dispatches.dtype)) {
+    throw Error(FM_ERROR_TYPE, "gemm_batched: dispatches must be int32 or int64; got " + dtype_name(dispatches.dtype));
+  }
+  gemm::DeviceDispatchParams params{};
+  params.w = batched.w;
+  params.io = batched.io;
+  params.table = data_ptr<const void>(dispatches);
+  params.table_int64 = is_int64(dispatches.dtype);
+  params.num_dispatches = dispatches.shape[0];
+  params.x_rows = args.x->shape[0];
+  params.out_rows = args.out->shape[0];
+  const int64_t max_rows = std::min(params.x_rows, params.out_rows);
+  if (max_rows == 0) return;
+  // The expected height of one dispatch picks the tile: decode tables (a row or
+  // a few per dispatch) get 16-row CTAs and split-K.
+  const int rows_per_cta = ceil_div(max_rows, params.num_dispatches) <= gemm::kSmallRowsPerCta
+                               ? gemm::kSmallRowsPerCta
+                               : gemm::kLargeRowsPerCta;
+  const int64_t chunks = ceil_div(max_rows, rows_per_cta);
+  constexpr int64_t kMaxGridX = std::numeric_limits<int32_t>::max();
+  if (chunks > kMaxGridX / params.num_dispatches) {
+    throw Error(FM_ERROR_UNSUPPORTED, "gemm_batched: " + std::to_string(params.num_dispatches) +
+                                          " device dispatches over " + std::to_string(max_rows) +
+                                          " rows exceed the CUDA grid limit");
+  }
+  params.chunks_per_dispatch = static_cast<int32_t>(chunks);
+  const int64_t first_n_tile = args.col_begin / kTileN;
+  const int64_t num_n_tiles = (args.col_begin + args.n - 1) / kTileN - first_n_tile + 1;
+  params.first_n_tile = static_cast<int32_t>(first_n_tile);
+  const int64_t tiles = params.num_dispatches * chunks * num_n_tiles;
+  const int splits = plan_split_k(tiles, tiles, rows_per_cta, params.split);
+  check_cuda(gemm::launch_gemm_device_dispatch(params, compute_type_, bits_, rows_per_cta,
+                                               static_cast<int>(num_n_tiles), splits, as_stream(args.stream)),
+             "gemm_batched kernel launch");
 }
 
 void CudaStack::gemm_routed(const FmGemmRoutedArgs& args) {

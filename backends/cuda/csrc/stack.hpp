@@ -30,6 +30,7 @@ class CudaStack final : public ferrum::plugin::Stack {
   void load_scales_and_zeros(const FmStackCreateArgs& args, cudaStream_t stream);
   void load_weights(const FmStackCreateArgs& args, cudaStream_t stream);
   gemm::GemmIO make_io(const DLTensor& x, DLTensor& out, const char* op) const;
+  void gemm_batched_device_table(const FmGemmBatchedArgs& args, const gemm::BatchedParams& batched);
   // How many CTAs share each of `tiles` output tiles (of which about
   // `active_tiles` hold work) over K; fills params.split. 1: no split.
   int plan_split_k(int64_t tiles, int64_t active_tiles, int rows_per_cta, gemm::SplitK& split) const;

@@ -1,5 +1,6 @@
 #include "backend.hpp"
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 
@@ -94,7 +95,7 @@ void Backend::check_device(const Tensor& t, Arg arg) const {
 }
 
 std::shared_ptr<Tensor> Backend::empty(DLDevice device, DLDataType dtype, const std::vector<int64_t>& shape,
-                                       void* stream) {
+                                       void* stream, uint32_t flags) {
   // Shapes can come from user input (dispatch rows, routing sizes): a product
   // that overflows would allocate a small buffer and let a kernel run past it.
   int64_t bytes = dtype_bytes(dtype);
@@ -113,6 +114,7 @@ std::shared_ptr<Tensor> Backend::empty(DLDevice device, DLDataType dtype, const 
   args.ndim = int32_t(shape.size());
   args.shape = shape.data();
   args.stream = stream;
+  args.flags = flags;
   if (FmError* e = api_->tensor_alloc(&args)) raise_error(e, "allocating " + dtype_name(dtype) + shape_string(shape) +
                                                  " on " + device_name(device));
   auto t = Tensor::adopt(args.result);
@@ -332,7 +334,7 @@ ExpertStack::~ExpertStack() { backend_->api().stack_destroy(handle_); }
 void ExpertStack::check_column_window(int64_t col_begin, int64_t n, const char* op) const {
   const int64_t npe = spec_.n_per_expert, a = props_.column_alignment;
   const std::string where = std::string(op) + ": offset " + std::to_string(col_begin) + " and n " + std::to_string(n);
-  if (n < 1 || col_begin < 0 || col_begin + n > npe) {
+  if (n < 1 || col_begin < 0 || col_begin > npe || n > npe - col_begin) {
     throw_value_error(where + " must select columns inside one expert: 0 <= offset, 1 <= n, offset + n <= n_per_expert " +
                       std::to_string(npe));
   }
@@ -342,10 +344,33 @@ void ExpertStack::check_column_window(int64_t col_begin, int64_t n, const char* 
   }
 }
 
-void ExpertStack::gemm_batched(const Tensor& x, const Tensor& dispatches, int64_t col_begin, int64_t n,
-                               const Tensor* bias, Tensor& out, void* stream) {
-  const char* op = "gemm_batched";
-  check_column_window(col_begin, n, op);
+std::vector<ExpertStack::Segment> ExpertStack::view_segments(int64_t offset, int64_t n, const char* op) const {
+  const int64_t npe = spec_.n_per_expert, stacked = spec_.num_experts * npe;
+  if (offset < 0 || n < 1 || offset > stacked || n > stacked - offset) {
+    throw_value_error(std::string(op) + ": offset " + std::to_string(offset) + " + n " + std::to_string(n) +
+                      " exceeds the stacked N of " + std::to_string(stacked) + " (" + std::to_string(spec_.num_experts) +
+                      " experts x " + std::to_string(npe) + ")");
+  }
+  const int64_t a = props_.column_alignment;
+  const int64_t end = offset + n;
+  // Each end of the window is aligned, or is an expert boundary (or the stack's end).
+  for (int64_t edge : {offset, end}) {
+    if (edge % a != 0 && edge % npe != 0) {
+      throw_value_error(std::string(op) + ": offset " + std::to_string(offset) + " and offset + n " + std::to_string(end) +
+                        " must be multiples of the '" + backend_->name() + "' backend's column alignment " +
+                        std::to_string(a) + " (or expert boundaries, multiples of n_per_expert " + std::to_string(npe) + ")");
+    }
+  }
+  std::vector<Segment> segments;
+  for (int64_t c = offset; c < end;) {
+    const int64_t expert = c / npe, col = c % npe, len = std::min(npe - col, end - c);
+    segments.push_back({expert, col, len, c - offset});
+    c += len;
+  }
+  return segments;
+}
+
+void ExpertStack::check_gemm_io(const char* op, const Tensor& x, int64_t n, const Tensor* bias, const Tensor& out) const {
   expect_rank(x, 2, {op, "x"});
   expect_device(x, spec_.device, {op, "x"}, "the stack's device");
   expect_dtype(x, spec_.dtype, {op, "x"}, "the stack's dtype");
@@ -364,11 +389,9 @@ void ExpertStack::gemm_batched(const Tensor& x, const Tensor& dispatches, int64_
     expect_dim(*bias, 0, n, {op, "bias"}, "the output width n");
     expect_compact(*bias, {op, "bias"});
   }
-  expect_rank(dispatches, 2, {op, "dispatches"});
-  expect_dtype(dispatches, kInt64, {op, "dispatches"});
-  expect_device(dispatches, DLDevice{kDLCPU, 0}, {op, "dispatches"}, "dispatch rows are read on the host");
-  expect_dim(dispatches, 1, 4, {op, "dispatches"}, "rows (expert, in_row, out_row, m)");
-  expect_compact(dispatches, {op, "dispatches"});
+}
+
+void ExpertStack::check_host_dispatches(const Tensor& dispatches, int64_t x_rows, int64_t out_rows) const {
   const auto* d = reinterpret_cast<const int64_t*>(dispatches.data_ptr());
   for (int64_t i = 0; i < dispatches.dim(0); ++i) {
     const int64_t e = d[4 * i], in_row = d[4 * i + 1], out_row = d[4 * i + 2], m = d[4 * i + 3];
@@ -377,18 +400,84 @@ void ExpertStack::gemm_batched(const Tensor& x, const Tensor& dispatches, int64_
                             std::to_string(m) + "): ";
     if (e < 0 || e >= spec_.num_experts) throw_value_error(row + "expert must be in [0, " + std::to_string(spec_.num_experts) + ")");
     if (m < 0) throw_value_error(row + "m must be >= 0");
-    if (in_row < 0 || in_row + m > x.dim(0)) throw_value_error(row + "input rows exceed x's " + std::to_string(x.dim(0)) + " rows");
-    if (out_row < 0 || out_row + m > out.dim(0)) throw_value_error(row + "output rows exceed out's " + std::to_string(out.dim(0)) + " rows");
+    // Compared without forming in_row + m, which can overflow for hostile rows.
+    if (in_row < 0 || in_row > x_rows || m > x_rows - in_row) {
+      throw_value_error(row + "input rows exceed x's " + std::to_string(x_rows) + " rows");
+    }
+    if (out_row < 0 || out_row > out_rows || m > out_rows - out_row) {
+      throw_value_error(row + "output rows exceed out's " + std::to_string(out_rows) + " rows");
+    }
   }
+}
+
+void ExpertStack::gemm_batched(const Tensor& x, const Tensor& dispatches, int64_t col_begin, int64_t n,
+                               const Tensor* bias, Tensor& out, void* stream) {
+  const char* op = "gemm_batched";
+  check_column_window(col_begin, n, op);
+  // The arrays first: a wrong x is reported as x, not as a dispatch problem.
+  check_gemm_io(op, x, n, bias, out);
+  expect_rank(dispatches, 2, {op, "dispatches"});
+  expect_dim(dispatches, 1, 4, {op, "dispatches"}, "rows (expert, in_row, out_row, m)");
+  expect_compact(dispatches, {op, "dispatches"});
+  if (dispatches.device().device_type == kDLCPU) {
+    expect_dtype(dispatches, kInt64, {op, "dispatches"});
+    check_host_dispatches(dispatches, x.dim(0), out.dim(0));
+  } else {
+    expect_device(dispatches, spec_.device, {op, "dispatches"}, "the host or the stack's device");
+    expect_dtype_in(dispatches, {kInt32, kInt64}, {op, "dispatches"});
+    if (backend_->abi_minor() < 1) {
+      throw Error(FM_ERROR_UNSUPPORTED, "gemm_batched: backend '" + backend_->name() + "' (plugin ABI " +
+                                            backend_->abi_version() +
+                                            ") reads dispatch rows on the host; pass dispatches as a host array");
+    }
+  }
+  launch_batched(x.dl(), dispatches.dl(), col_begin, n, bias != nullptr ? &bias->dl() : nullptr, *out.mutable_dl(),
+                 stream, op);
+}
+
+void ExpertStack::linear(const Tensor& x, int64_t offset, int64_t n, const Tensor* bias, Tensor& out, void* stream) {
+  const char* op = "Linear";
+  const std::vector<Segment> segments = view_segments(offset, n, op);
+  check_gemm_io(op, x, n, bias, out);
+  const int64_t rows = x.dim(0);
+  if (rows == 0) return;
+  expect_dim_at_least(out, 0, rows, {op, "out"}, "x's rows");
+  // Explicit strides: a narrowed view of a compact tensor is no longer compact.
+  int64_t out_strides[2] = {out.strides()[0], out.strides()[1]};
+  const int64_t out_bytes = dtype_bytes(out.dtype());
+  for (const Segment& s : segments) {
+    // One host dispatch row per expert the window touches, its output and bias
+    // columns narrowed to the segment's share of the window.
+    int64_t row[4] = {s.expert, 0, 0, rows};
+    int64_t dispatch_shape[2] = {1, 4};
+    DLTensor dispatch{row, DLDevice{kDLCPU, 0}, 2, kInt64, dispatch_shape, nullptr, 0};
+    DLTensor out_part = out.dl();
+    int64_t out_shape[2] = {out.dim(0), s.n};
+    out_part.shape = out_shape;
+    out_part.strides = out_strides;
+    out_part.byte_offset += uint64_t(s.window_offset * out_strides[1] * out_bytes);
+    DLTensor bias_part{};
+    int64_t bias_shape[1] = {s.n};
+    if (bias != nullptr) {
+      bias_part = bias->dl();
+      bias_part.shape = bias_shape;
+      bias_part.byte_offset += uint64_t(s.window_offset * dtype_bytes(bias->dtype()));
+    }
+    launch_batched(x.dl(), dispatch, s.col_begin, s.n, bias != nullptr ? &bias_part : nullptr, out_part, stream, op);
+  }
+}
+
+void ExpertStack::launch_batched(const DLTensor& x, const DLTensor& dispatches, int64_t col_begin, int64_t n,
+                                 const DLTensor* bias, DLTensor& out, void* stream, const char* op) {
   FmGemmBatchedArgs args{};
   args.struct_size = sizeof(args);
   args.stack = handle_;
-  args.x = &x.dl();
-  args.dispatches = &dispatches.dl();
+  args.x = &x;
+  args.dispatches = &dispatches;
   args.col_begin = col_begin;
   args.n = n;
-  args.bias = bias != nullptr ? &bias->dl() : nullptr;
-  args.out = out.mutable_dl();
+  args.bias = bias;
+  args.out = &out;
   args.stream = stream;
   if (FmError* e = backend_->api().stack_gemm_batched(&args)) raise_error(e, op);
 }

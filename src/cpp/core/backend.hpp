@@ -41,10 +41,13 @@ class Backend : public std::enable_shared_from_this<Backend> {
   const std::vector<int32_t>& device_types() const { return device_types_; }
   int32_t device_count() const { return device_count_; }
   std::string abi_version() const;
+  uint32_t abi_minor() const { return api_->abi_minor; }
   bool serves(DLDevice device) const;
 
+  // A new tensor from the backend's allocator; `flags` are FmAllocFlags
+  // (FM_ALLOC_TEMPORARY, FM_ALLOC_ZEROED).
   std::shared_ptr<Tensor> empty(DLDevice device, DLDataType dtype, const std::vector<int64_t>& shape,
-                                void* stream);
+                                void* stream, uint32_t flags = 0);
   std::shared_ptr<ExpertStack> create_stack(const StackSpec& spec, const Tensor& qweight,
                                             const Tensor& scales, const Tensor* zeros,
                                             const Tensor* g_idx, void* stream);
@@ -98,18 +101,39 @@ class ExpertStack {
   int64_t resident_bytes() const { return props_.resident_bytes; }
   int64_t workspace_bytes() const { return props_.workspace_bytes; }
 
-  // Validates a column window [col_begin, col_begin + n) of one expert, as
-  // expert_linear takes it; `op` names the caller in the message.
-  void check_column_window(int64_t col_begin, int64_t n, const char* op) const;
+  // Validates a Linear view's window [offset, offset + n) of the stacked N;
+  // `op` names the caller in the message.
+  void check_view(int64_t offset, int64_t n, const char* op) const { view_segments(offset, n, op); }
 
+  // `dispatches` on the host (int64, every row checked) or on the stack's
+  // device (int32/int64, rows checked by the kernels: plugin.h).
   void gemm_batched(const Tensor& x, const Tensor& dispatches, int64_t col_begin, int64_t n,
                     const Tensor* bias, Tensor& out, void* stream);
+  // out[:, :n] = x @ W_stacked[:, offset:offset + n] (+ bias): a Linear view
+  // of columns of the stacked N (num_experts x n_per_expert); the window may
+  // cross expert boundaries.
+  void linear(const Tensor& x, int64_t offset, int64_t n, const Tensor* bias, Tensor& out, void* stream);
   void gemm_routed(const Tensor& x, const Tensor& sorted_token_ids, const Tensor& expert_ids,
                    const Tensor& num_tokens_post_padded, int64_t block_size, int64_t top_k,
                    const Tensor* topk_weights, Tensor& out, void* stream);
   void zero_workspace(void* stream);
 
  private:
+  // The part of a stacked column window that lies in one expert.
+  struct Segment {
+    int64_t expert;
+    int64_t col_begin;      // inside the expert
+    int64_t n;
+    int64_t window_offset;  // where the segment starts inside the window
+  };
+  std::vector<Segment> view_segments(int64_t offset, int64_t n, const char* op) const;
+  // A column window [col_begin, col_begin + n) inside one expert.
+  void check_column_window(int64_t col_begin, int64_t n, const char* op) const;
+  void check_gemm_io(const char* op, const Tensor& x, int64_t n, const Tensor* bias, const Tensor& out) const;
+  void check_host_dispatches(const Tensor& dispatches, int64_t x_rows, int64_t out_rows) const;
+  void launch_batched(const DLTensor& x, const DLTensor& dispatches, int64_t col_begin, int64_t n,
+                      const DLTensor* bias, DLTensor& out, void* stream, const char* op);
+
   std::shared_ptr<Backend> backend_;
   FmStack* handle_;
   StackSpec spec_;

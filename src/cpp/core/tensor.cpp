@@ -57,6 +57,7 @@ int64_t Tensor::numel() const {
 }
 
 bool Tensor::is_compact() const {
+  if (numel() == 0) return true;  // no element to be out of place (numpy 2 exports all-zero strides)
   std::vector<int64_t> s = strides();
   int64_t step = 1;
   for (int i = int(shape_.size()) - 1; i >= 0; --i) {
@@ -91,14 +92,23 @@ std::shared_ptr<Tensor> Tensor::retyped(DLDataType dtype) {
 
 std::shared_ptr<Tensor> Tensor::view(const std::vector<int64_t>& shape) {
   if (!is_compact()) throw_value_error("view: the tensor must be contiguous; got strides " + shape_string(strides()));
-  int64_t n = 1;
+  // Multiplied only while the product stays within what the tensor holds, so
+  // a hostile shape cannot wrap to a small count.
+  const int64_t have = numel();
+  bool zero = false;
   for (int64_t d : shape) {
     if (d < 0) throw_value_error("view: negative dimension in " + shape_string(shape));
+    zero = zero || d == 0;
+  }
+  int64_t n = 1;
+  for (int64_t d : shape) {
+    if (zero) { n = 0; break; }
+    if (n > have / d) { n = have + 1; break; }
     n *= d;
   }
-  if (n > numel()) {
-    throw_value_error("view: shape " + shape_string(shape) + " needs " + std::to_string(n) + " elements; the tensor has " +
-                      std::to_string(numel()));
+  if (n > have) {
+    throw_value_error("view: shape " + shape_string(shape) + " needs more elements than the tensor's " +
+                      std::to_string(have));
   }
   DLTensor dl = dl_;
   dl.strides = nullptr;  // compact, so the new shape's row-major strides hold
@@ -222,6 +232,7 @@ void expect_dim_at_least(const Tensor& t, int axis, int64_t size, Arg arg, const
 }
 
 void expect_rows_contiguous(const Tensor& t, Arg arg) {
+  if (t.numel() == 0) return;
   std::vector<int64_t> s = t.strides();
   int last = t.ndim() - 1;
   bool ok = t.dim(last) <= 1 || s[last] == 1;

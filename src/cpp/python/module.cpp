@@ -121,11 +121,13 @@ PYBIND11_MODULE(_core, m) {
       .def(
           "empty",
           [](Backend& b, int device_type, int device_id, const std::string& dtype, std::vector<int64_t> shape,
-             uintptr_t stream) {
+             uintptr_t stream, bool temporary, bool zeroed) {
+            const uint32_t flags = (temporary ? FM_ALLOC_TEMPORARY : 0u) | (zeroed ? FM_ALLOC_ZEROED : 0u);
             return b.empty(DLDevice{DLDeviceType(device_type), device_id}, ferrum::dtype_from_name(dtype, "empty"), shape,
-                           as_stream(stream));
+                           as_stream(stream), flags);
           },
-          py::arg("device_type"), py::arg("device_id"), py::arg("dtype"), py::arg("shape"), py::arg("stream") = 0)
+          py::arg("device_type"), py::arg("device_id"), py::arg("dtype"), py::arg("shape"), py::arg("stream") = 0,
+          py::arg("temporary") = false, py::arg("zeroed") = false)
       .def(
           "create_stack",
           [](Backend& b, int device_type, int device_id, const std::string& dtype, int64_t num_experts, int64_t k,
@@ -185,7 +187,7 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("column_alignment", &ExpertStack::column_alignment)
       .def_property_readonly("resident_bytes", &ExpertStack::resident_bytes)
       .def_property_readonly("workspace_bytes", &ExpertStack::workspace_bytes)
-      .def("check_column_window", &ExpertStack::check_column_window, py::arg("col_begin"), py::arg("n"), py::arg("op"))
+      .def("check_view", &ExpertStack::check_view, py::arg("offset"), py::arg("n"), py::arg("op"))
       .def(
           "gemm_batched",
           [](ExpertStack& s, const TensorPtr& x, const TensorPtr& dispatches, int64_t col_begin, int64_t n,
@@ -194,6 +196,12 @@ PYBIND11_MODULE(_core, m) {
           },
           py::call_guard<py::gil_scoped_release>(), py::arg("x"), py::arg("dispatches"), py::arg("col_begin"), py::arg("n"), py::arg("bias"), py::arg("out"),
           py::arg("stream") = 0)
+      .def(
+          "linear",
+          [](ExpertStack& s, const TensorPtr& x, int64_t offset, int64_t n, const std::optional<TensorPtr>& bias,
+             const TensorPtr& out, uintptr_t stream) { s.linear(*x, offset, n, opt(bias), *out, as_stream(stream)); },
+          py::call_guard<py::gil_scoped_release>(), py::arg("x"), py::arg("offset"), py::arg("n"), py::arg("bias"),
+          py::arg("out"), py::arg("stream") = 0)
       .def(
           "gemm_routed",
           [](ExpertStack& s, const TensorPtr& x, const TensorPtr& sorted_ids, const TensorPtr& expert_ids,

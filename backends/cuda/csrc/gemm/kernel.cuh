@@ -49,6 +49,38 @@ __global__ void __launch_bounds__(kThreads)
   gemm_cta<T, kBits, kMTiles>(p.w, p.io, p.split, rows, item.expert, p.first_n_tile + blockIdx.y);
 }
 
+// grid = (dispatches x chunks per dispatch, n tiles, splits). The table lives
+// in device memory the host never read: a row whose expert, rows or m are out
+// of range is skipped, compared without forming sums that could overflow.
+template <class T, int kBits, int kMTiles>
+__global__ void __launch_bounds__(kThreads)
+    gemm_device_dispatch_kernel(const __grid_constant__ DeviceDispatchParams p) {
+  constexpr int kRows = kMTiles * kMmaM;
+  __shared__ RowTable<kRows> rows;
+  const int64_t d = blockIdx.x / p.chunks_per_dispatch;
+  const int64_t first = static_cast<int64_t>(blockIdx.x % p.chunks_per_dispatch) * kRows;
+  int64_t field[4];
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    field[c] = p.table_int64 ? static_cast<const int64_t*>(p.table)[4 * d + c]
+                             : static_cast<const int32_t*>(p.table)[4 * d + c];
+  }
+  const int64_t expert = field[0], in_row = field[1], out_row = field[2], m = field[3];
+  const bool valid = expert >= 0 && expert < p.w.num_experts && m > 0 && in_row >= 0 &&
+                     in_row <= p.x_rows && m <= p.x_rows - in_row && out_row >= 0 &&
+                     out_row <= p.out_rows && m <= p.out_rows - out_row;
+  if (!valid || first >= m) return;  // the same for every split of this tile
+  if (threadIdx.x < kRows) {
+    const int64_t r = first + threadIdx.x;
+    const bool used = r < m;
+    rows.x_offset[threadIdx.x] = used ? (in_row + r) * p.io.x_row_stride : -1;
+    rows.out_row[threadIdx.x] = used ? out_row + r : -1;
+    rows.weight[threadIdx.x] = 1.0f;
+  }
+  __syncthreads();
+  gemm_cta<T, kBits, kMTiles>(p.w, p.io, p.split, rows, static_cast<int>(expert), p.first_n_tile + blockIdx.y);
+}
+
 // grid = (routing blocks x chunks per block, n tiles, splits). Every index read from
 // device memory is range-checked before use: the host never saw these arrays.
 template <class T, int kBits, int kMTiles>

@@ -39,6 +39,9 @@ cudaError_t configure_gemm_kernels_for(int bits) {
       cudaError_t s = cudaFuncSetAttribute(gemm_batched_kernel<T, kBits, kMTiles>,
                                            cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
       if (s != cudaSuccess) return s;
+      s = cudaFuncSetAttribute(gemm_device_dispatch_kernel<T, kBits, kMTiles>,
+                               cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+      if (s != cudaSuccess) return s;
       return cudaFuncSetAttribute(gemm_routed_kernel<T, kBits, kMTiles>,
                                   cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
     });
@@ -55,6 +58,20 @@ cudaError_t launch_gemm_batched_for(const BatchedParams& params, int bits, int r
     constexpr int kMTiles = decltype(m)::value;
     const dim3 grid(params.num_items, num_n_tiles, splits);
     gemm_batched_kernel<T, kBits, kMTiles>
+        <<<grid, kThreads, GemmTraits<T, kBits, kMTiles>::kSmemBytes, stream>>>(params);
+    return cudaGetLastError();
+  });
+}
+
+template <class T>
+cudaError_t launch_gemm_device_dispatch_for(const DeviceDispatchParams& params, int bits, int rows_per_cta,
+                                            int num_n_tiles, int splits, cudaStream_t stream) {
+  return with_specialisation(bits, rows_per_cta, [&](auto b, auto m) {
+    constexpr int kBits = decltype(b)::value;
+    constexpr int kMTiles = decltype(m)::value;
+    const dim3 grid(static_cast<unsigned>(params.num_dispatches * params.chunks_per_dispatch), num_n_tiles,
+                    splits);
+    gemm_device_dispatch_kernel<T, kBits, kMTiles>
         <<<grid, kThreads, GemmTraits<T, kBits, kMTiles>::kSmemBytes, stream>>>(params);
     return cudaGetLastError();
   });

@@ -16,6 +16,9 @@ template <class T>
 cudaError_t launch_gemm_batched_for(const BatchedParams& params, int bits, int rows_per_cta,
                                     int num_n_tiles, int splits, cudaStream_t stream);
 template <class T>
+cudaError_t launch_gemm_device_dispatch_for(const DeviceDispatchParams& params, int bits, int rows_per_cta,
+                                            int num_n_tiles, int splits, cudaStream_t stream);
+template <class T>
 cudaError_t launch_gemm_routed_for(const RoutedParams& params, int bits, int rows_per_cta,
                                    int grid_blocks, int splits, cudaStream_t stream);
 

@@ -78,6 +78,23 @@ struct BatchedParams {
   BatchedWorkItem items[kMaxBatchedWorkItems];
 };
 
+// gemm_batched with the dispatch table in device memory (plugin ABI 1.1): the
+// host cannot read it, so the grid covers every dispatch's worst case and the
+// kernel reads each row, skipping rows out of range. CTA x handles row chunk
+// x % chunks_per_dispatch of dispatch x / chunks_per_dispatch.
+struct DeviceDispatchParams {
+  QuantWeights w;
+  GemmIO io;
+  SplitK split;
+  int32_t first_n_tile;
+  const void* table;           // [num_dispatches, 4] (expert, in_row, out_row, m), compact
+  bool table_int64;            // else int32
+  int64_t num_dispatches;
+  int32_t chunks_per_dispatch;  // ceil(min(x_rows, out_rows) / rows_per_cta)
+  int64_t x_rows;
+  int64_t out_rows;
+};
+
 // gemm_routed: CTA (row chunk, n tile). Device-resident routing, guarded in
 // the kernel: positions >= *num_tokens_post_padded or >= num_positions, ids
 // outside [0, num_pairs), expert ids outside [0, E) are skipped.
@@ -112,6 +129,9 @@ cudaError_t configure_gemm_kernels(ComputeType type, int bits);
 // kLargeRowsPerCta; splits > 1 only with kSmallRowsPerCta and params.split set.
 cudaError_t launch_gemm_batched(const BatchedParams& params, ComputeType type, int bits,
                                 int rows_per_cta, int num_n_tiles, int splits, cudaStream_t stream);
+// grid = (num_dispatches * chunks_per_dispatch, num_n_tiles, splits).
+cudaError_t launch_gemm_device_dispatch(const DeviceDispatchParams& params, ComputeType type, int bits,
+                                        int rows_per_cta, int num_n_tiles, int splits, cudaStream_t stream);
 // grid = (grid_blocks * chunks_per_block, n_tiles, splits): routing blocks past
 // grid_blocks are not processed (see stack.cpp for why none can hold work).
 cudaError_t launch_gemm_routed(const RoutedParams& params, ComputeType type, int bits,

@@ -40,7 +40,7 @@
 #include "ferrum_moe/dlpack.h"
 
 #define FM_ABI_MAJOR 1
-#define FM_ABI_MINOR 0
+#define FM_ABI_MINOR 1
 
 /* Capsule name an entry point's object must carry. */
 #define FM_BACKEND_CAPSULE_NAME "ferrum_moe.backend_api"
@@ -103,6 +103,19 @@ typedef struct FmBackendInfo {
   int32_t device_count;        /* devices of device_types[0]; 0 if none is usable */
 } FmBackendInfo;
 
+/* Flags of FmTensorAllocArgs (ABI 1.1). */
+typedef enum {
+  /* The caller drops the tensor before the call that asked for it returns,
+   * after its last use on `stream` (an operation's intermediate buffers). A
+   * backend may allocate it stream-ordered on `stream` (CUDA: cudaMallocAsync,
+   * freed by cudaFreeAsync on the same stream), which stream capture records
+   * as graph memory nodes. Without the flag the tensor may live arbitrarily
+   * long and be used on any stream. */
+  FM_ALLOC_TEMPORARY = 1,
+  /* Every byte reads as zero once `stream` reaches this point. */
+  FM_ALLOC_ZEROED = 2,
+} FmAllocFlags;
+
 /* A new tensor owned by the caller: it calls result->deleter exactly once. */
 typedef struct FmTensorAllocArgs {
   size_t struct_size;
@@ -113,6 +126,8 @@ typedef struct FmTensorAllocArgs {
   const int64_t* shape;
   void* stream;                        /* memory is ready for use on this stream */
   DLManagedTensorVersioned* result;    /* out: compact row-major, strides may be NULL */
+  /* ABI 1.1 */
+  uint32_t flags;                      /* FmAllocFlags; read only if FM_STRUCT_HAS(args, flags) */
 } FmTensorAllocArgs;
 
 /* An expert stack: E experts of one matmul role, y = x @ W_e with W_e [K, N].
@@ -152,12 +167,22 @@ typedef struct FmStackProperties {
 
 /* For each dispatch row (e, in_row, out_row, m):
  *   out[out_row + i, j] = sum_k x[in_row + i, k] * W_e[k, col_begin + j] (+ bias[j])
- * for i < m, j < n. */
+ * for i < m, j < n.
+ *
+ * `dispatches` is compact [D, 4], in one of two places:
+ *  - on the host (kDLCPU): int64, every row checked by the host (expert in
+ *    [0, E), m >= 0, rows inside x and out);
+ *  - on the stack's device (ABI 1.1; the host passes these only to plugins of
+ *    minor version >= 1): int32 or int64, NOT checked and not readable by the
+ *    host without a synchronisation. The kernels read the rows and skip every
+ *    row whose expert, rows or m are out of range, never reading or writing
+ *    outside x and out. The host never reads them when the caller gives `out`,
+ *    so a captured call replays with new table contents. */
 typedef struct FmGemmBatchedArgs {
   size_t struct_size;
   FmStack* stack;
   const DLTensor* x;          /* [rows_in, K], stack dtype, row stride 1 in the last dim */
-  const DLTensor* dispatches; /* host int64 [D, 4], bounds checked by the host */
+  const DLTensor* dispatches; /* [D, 4]: see above */
   int64_t col_begin;          /* column window inside each expert: [col_begin, col_begin + n) */
   int64_t n;
   const DLTensor* bias;       /* [n] stack dtype, or NULL */

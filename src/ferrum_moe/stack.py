@@ -127,7 +127,7 @@ class ExpertStack:
         s = stream_handle(stream)
         xt = import_array(x, "x", s)
         ot = import_output(out, "out", s) if out is not None else None
-        dt, rows = _dispatch_table(dispatches, xt, self.num_experts, ot is None)
+        dt, rows = _dispatch_table(dispatches, xt, self.num_experts, ot is None, s)
         if ot is None:
             ot = self._empty([rows, self.n_per_expert], self.dtype, s, zeroed=True)
         self._core.gemm_batched(xt, dt, 0, self.n_per_expert, None, ot, s)
@@ -187,7 +187,7 @@ def _index(value, name: str) -> int:
     return int(value)
 
 
-def _dispatch_table(dispatches, xt: _core.Tensor, num_experts: int, need_rows: bool):
+def _dispatch_table(dispatches, xt: _core.Tensor, num_experts: int, need_rows: bool, stream: int):
     """(dispatch Tensor, output height). A table on a device is passed as it is
     (the kernels check its rows); anything else becomes a host int64 [D, 4]
     array (the core checks every row). The height, max(out_row + m) over the
@@ -198,7 +198,7 @@ def _dispatch_table(dispatches, xt: _core.Tensor, num_experts: int, need_rows: b
     on_device = hasattr(dispatches, "__dlpack_device__") and not isinstance(dispatches, np.ndarray) and \
         int(dispatches.__dlpack_device__()[0]) != 1
     if on_device:
-        table = import_array(dispatches, "dispatches")
+        table = import_array(dispatches, "dispatches", stream)
         if not need_rows:
             return table, 0
         d = host_copy(dispatches, "dispatches")

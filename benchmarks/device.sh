@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build the core and the CUDA plugin, run the tests,
 # the sanitizers and the benchmarks, and print a short summary last.
-#   bash benchmarks/device.sh [build] [test] [sanitize] [bench] [linear]   (default: all)
+#   bash benchmarks/device.sh [build] [test] [sanitize] [bench] [linear] [profile]
+# (default: all but profile). PROFILE_ARGS picks the layer for ncu (profile_moe.py's options).
 # The CUDA plugin wheel is taken from .dist/ when one is there (built on a
 # machine without a GPU: `pip wheel --no-build-isolation --no-deps ./backends/cuda -w .dist`),
 # which saves the device the compile. BENCH_ARGS / LINEAR_ARGS pass options on.
@@ -50,6 +51,15 @@ fi
 
 if has bench; then
   (cd benchmarks && python3 bench_moe.py ${BENCH_ARGS:-} --json "$OUT/bench-moe.json") 2>&1 | tee "$OUT/bench-moe.log" | grep -v "^|"
+fi
+
+if has profile; then
+  # ncu on the two routed GEMMs of one layer call (after two warm-up calls).
+  (cd benchmarks && ncu -k regex:gemm_routed --launch-skip 4 --launch-count 2 \
+      --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats \
+      --section LaunchStats --section MemoryWorkloadAnalysis \
+      python3 profile_moe.py ${PROFILE_ARGS:---model mixtral --tokens 1}) >"$OUT/ncu.txt" 2>&1
+  summary+=("ncu: rc=$? ($(grep -c 'gemm_routed' "$OUT/ncu.txt") kernel reports in ncu.txt)")
 fi
 
 if has linear; then

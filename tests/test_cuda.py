@@ -242,17 +242,20 @@ def test_a_moe_layer_replays_in_a_cupy_graph(rng):
     assert rel_error(cupy.asnumpy(out), reference_moe(xh2, w13, w2, tw2, ids2)) < 3e-3
 
 
-def test_split_k_decode_is_exact_across_calls_and_graph_replays(rng):
-    """A long-K, narrow-N GEMM at decode splits K across CTAs; the reduction's
-    slots and counters must be clean after every call, replays included."""
-    w = random_weight(rng, 4096, 256, group_size=128)
+@pytest.mark.parametrize("k, n", [(4096, 256), (448, 256), (200, 72)])
+def test_stream_k_decode_is_exact_across_calls_and_graph_replays(rng, k, n):
+    """Decode GEMMs deal K slices out to one wave of CTAs (stream-K): a tile
+    shared by several CTAs (448 x 256: 14 slices over 3 CTAs, two of them
+    crossing from one tile into the next) meets in a slot whose sums and
+    counters must be clean after every call, replays included."""
+    w = random_weight(rng, k, n, group_size=64)
     lin = fm.Linear.from_gptq(w, device="cuda", dtype="float16")
     dense = w.dequantize(np.float64)
     for m in (1, 3, 1):
-        xh = random_activations(rng, (m, 4096), "float16")
+        xh = random_activations(rng, (m, k), "float16")
         assert rel_error(lin(cuda(xh)), xh.astype(np.float64) @ dense) < 3e-3
-    x = cuda(random_activations(rng, (2, 4096), "float16"))
-    out = torch.empty(2, 256, device="cuda", dtype=torch.float16)
+    x = cuda(random_activations(rng, (2, k), "float16"))
+    out = torch.empty(2, n, device="cuda", dtype=torch.float16)
     s = torch.cuda.Stream()
     with torch.cuda.stream(s):
         lin(x, out=out, stream=s)
@@ -261,7 +264,7 @@ def test_split_k_decode_is_exact_across_calls_and_graph_replays(rng):
     with torch.cuda.graph(graph, stream=s):
         lin(x, out=out, stream=s)
     for _ in range(3):
-        xh = random_activations(rng, (2, 4096), "float16")
+        xh = random_activations(rng, (2, k), "float16")
         x.copy_(cuda(xh))
         out.fill_(float("nan"))
         graph.replay()

@@ -12,28 +12,30 @@ cudaError_t configure_gemm_kernels(ComputeType type, int bits) {
                                        : configure_gemm_kernels_for<__nv_bfloat16>(bits);
 }
 
-cudaError_t launch_gemm_batched(const BatchedParams& params, ComputeType type, int bits,
-                                int rows_per_cta, int num_n_tiles, int splits, cudaStream_t stream) {
+cudaError_t small_tile_ctas_per_sm(ComputeType type, int bits, int* ctas) {
+  return type == ComputeType::kFloat16 ? small_tile_ctas_per_sm_for<__half>(bits, ctas)
+                                       : small_tile_ctas_per_sm_for<__nv_bfloat16>(bits, ctas);
+}
+
+cudaError_t launch_gemm_batched(const BatchedParams& params, ComputeType type, int bits, int rows_per_cta,
+                                int ctas, cudaStream_t stream) {
   return type == ComputeType::kFloat16
-             ? launch_gemm_batched_for<__half>(params, bits, rows_per_cta, num_n_tiles, splits, stream)
-             : launch_gemm_batched_for<__nv_bfloat16>(params, bits, rows_per_cta, num_n_tiles, splits,
-                                                      stream);
+             ? launch_gemm_batched_for<__half>(params, bits, rows_per_cta, ctas, stream)
+             : launch_gemm_batched_for<__nv_bfloat16>(params, bits, rows_per_cta, ctas, stream);
 }
 
 cudaError_t launch_gemm_device_dispatch(const DeviceDispatchParams& params, ComputeType type, int bits,
-                                        int rows_per_cta, int num_n_tiles, int splits, cudaStream_t stream) {
+                                        int rows_per_cta, int ctas, cudaStream_t stream) {
   return type == ComputeType::kFloat16
-             ? launch_gemm_device_dispatch_for<__half>(params, bits, rows_per_cta, num_n_tiles, splits, stream)
-             : launch_gemm_device_dispatch_for<__nv_bfloat16>(params, bits, rows_per_cta, num_n_tiles, splits,
-                                                              stream);
+             ? launch_gemm_device_dispatch_for<__half>(params, bits, rows_per_cta, ctas, stream)
+             : launch_gemm_device_dispatch_for<__nv_bfloat16>(params, bits, rows_per_cta, ctas, stream);
 }
 
-cudaError_t launch_gemm_routed(const RoutedParams& params, ComputeType type, int bits,
-                               int rows_per_cta, int grid_blocks, int splits, cudaStream_t stream) {
+cudaError_t launch_gemm_routed(const RoutedParams& params, ComputeType type, int bits, int rows_per_cta, int ctas,
+                               cudaStream_t stream) {
   return type == ComputeType::kFloat16
-             ? launch_gemm_routed_for<__half>(params, bits, rows_per_cta, grid_blocks, splits, stream)
-             : launch_gemm_routed_for<__nv_bfloat16>(params, bits, rows_per_cta, grid_blocks, splits,
-                                                     stream);
+             ? launch_gemm_routed_for<__half>(params, bits, rows_per_cta, ctas, stream)
+             : launch_gemm_routed_for<__nv_bfloat16>(params, bits, rows_per_cta, ctas, stream);
 }
 
 }  // namespace ferrum_moe_cuda::gemm

@@ -19,16 +19,9 @@ using gemm::ceil_div;
 using gemm::kTileK;
 using gemm::kTileN;
 
-// Split-K (decode): at most this many output tiles per launch get a slot
-// (512 x 16 rows x 128 columns x 4 bytes = 4 MiB per stack); a launch with
-// more tiles has parallelism enough without splitting.
-constexpr int64_t kSplitKTiles = 512;
-// Aim for this many CTAs per SM: 16 warps, enough loads in flight to cover
-// DRAM latency at decode, where each CTA streams one 128-column strip.
-constexpr int64_t kSplitKCtasPerSm = 8;
-// Each split keeps at least this many K slices: the pipeline fill (kStages - 1
-// slices) and the reduction amortise over them.
-constexpr int64_t kSplitKMinSlices = 4;
+// A stream-K CTA gets at least this many K slices: the pipeline fill
+// (kStages - 1 slices) and the reduction amortise over them.
+constexpr int64_t kStreamKMinSlices = 4;
 
 // The uniform-group fast path needs every 16-row mma k-step inside one group.
 constexpr int64_t kUniformGroupMultiple = gemm::kMmaK;
@@ -157,10 +150,15 @@ CudaStack::CudaStack(const FmStackCreateArgs& args)
   const cudaStream_t stream = as_stream(args.stream);
   load_weights(args, stream);
   load_scales_and_zeros(args, stream);
-  split_partials_ = DeviceBuffer(kSplitKTiles * gemm::kSmallRowsPerCta * kTileN * sizeof(float), "split-K partials");
-  split_counters_ = DeviceBuffer(kSplitKTiles * sizeof(int32_t), "split-K counters");
+  split_partials_ = DeviceBuffer(size_t(gemm::kStreamKTiles) * gemm::kSmallRowsPerCta * kTileN * sizeof(float),
+                                 "stream-K partials");
+  split_counters_ = DeviceBuffer(size_t(gemm::kStreamKTiles) * sizeof(int32_t), "stream-K counters");
   zero_workspace(args.stream);
   check_cuda(gemm::configure_gemm_kernels(compute_type_, bits_), "configuring the GEMM kernels");
+  // Stream-K fills every SM with as many 16-row CTAs as fit at once: one wave,
+  // as many loads in flight as the SM holds, no tail.
+  check_cuda(gemm::small_tile_ctas_per_sm(compute_type_, bits_, &split_k_ctas_per_sm_),
+             "querying the GEMM kernels' occupancy");
   check_cuda(cudaStreamSynchronize(stream), "stack_create: finishing the load");
 
   weights_.tiles = tiles_.get();
@@ -294,22 +292,25 @@ FmStackProperties CudaStack::properties() const {
 void CudaStack::zero_workspace(void* stream) {
   DeviceGuard guard(device_);
   check_cuda(cudaMemsetAsync(split_partials_.get(), 0, split_partials_.bytes(), as_stream(stream)),
-             "zero_workspace: split-K partials");
+             "zero_workspace: stream-K partials");
   check_cuda(cudaMemsetAsync(split_counters_.get(), 0, split_counters_.bytes(), as_stream(stream)),
-             "zero_workspace: split-K counters");
+             "zero_workspace: stream-K counters");
 }
 
-int CudaStack::plan_split_k(int64_t tiles, int64_t active_tiles, int rows_per_cta,
-                            gemm::SplitK& split) const {
-  const int64_t k_tiles = k_padded_ / kTileK;
-  split = {static_cast<int32_t>(k_tiles), nullptr, nullptr};
-  if (rows_per_cta != gemm::kSmallRowsPerCta || tiles > kSplitKTiles || active_tiles <= 0) return 1;
-  const int64_t wanted = ceil_div(kSplitKCtasPerSm * num_sms_, active_tiles);
-  const int64_t splits = std::clamp<int64_t>(wanted, 1, std::max<int64_t>(1, k_tiles / kSplitKMinSlices));
-  if (splits == 1) return 1;
-  const int64_t per_split = ceil_div(k_tiles, splits);
-  split = {static_cast<int32_t>(per_split), split_partials_.get<float>(), split_counters_.get<int32_t>()};
-  return static_cast<int>(ceil_div(k_tiles, per_split));  // every split gets at least one slice
+int CudaStack::plan_schedule(int64_t tiles_x, int64_t n_tiles, int rows_per_cta, gemm::StreamK& schedule) const {
+  schedule = {nullptr, nullptr, static_cast<int32_t>(tiles_x), static_cast<int32_t>(n_tiles)};
+  const int64_t tiles = tiles_x * n_tiles;
+  if (rows_per_cta != gemm::kSmallRowsPerCta) return 0;
+  constexpr int64_t kMaxGridX = std::numeric_limits<int32_t>::max();
+  if (tiles > kMaxGridX) {
+    throw Error(FM_ERROR_UNSUPPORTED, std::to_string(tiles) + " output tiles exceed the CUDA grid limit");
+  }
+  if (tiles > gemm::kStreamKTiles) return static_cast<int>(tiles);  // one CTA per tile
+  const int64_t slices = tiles * (k_padded_ / kTileK);
+  const int64_t ctas = std::clamp<int64_t>(slices / kStreamKMinSlices, 1, int64_t(split_k_ctas_per_sm_) * num_sms_);
+  schedule.partials = split_partials_.get<float>();
+  schedule.counters = split_counters_.get<int32_t>();
+  return static_cast<int>(ctas);
 }
 
 gemm::GemmIO CudaStack::make_io(const DLTensor& x, DLTensor& out, const char* op) const {
@@ -382,10 +383,8 @@ void CudaStack::gemm_batched(const FmGemmBatchedArgs& args) {
   const cudaStream_t stream = as_stream(args.stream);
   auto flush = [&] {
     if (params.num_items == 0) return;
-    const int64_t tiles = params.num_items * num_n_tiles;
-    const int splits = plan_split_k(tiles, tiles, rows_per_cta, params.split);
-    check_cuda(gemm::launch_gemm_batched(params, compute_type_, bits_, rows_per_cta,
-                                         static_cast<int>(num_n_tiles), splits, stream),
+    const int ctas = plan_schedule(params.num_items, num_n_tiles, rows_per_cta, params.schedule);
+    check_cuda(gemm::launch_gemm_batched(params, compute_type_, bits_, rows_per_cta, ctas, stream),
                "gemm_batched kernel launch");
     params.num_items = 0;
   };
@@ -422,7 +421,7 @@ void CudaStack::gemm_batched_device_table(const FmGemmBatchedArgs& args, const g
   const int64_t max_rows = std::min(params.x_rows, params.out_rows);
   if (max_rows == 0) return;
   // The expected height of one dispatch picks the tile: decode tables (a row or
-  // a few per dispatch) get 16-row CTAs and split-K.
+  // a few per dispatch) get 16-row CTAs and stream-K.
   const int rows_per_cta = ceil_div(max_rows, params.num_dispatches) <= gemm::kSmallRowsPerCta
                                ? gemm::kSmallRowsPerCta
                                : gemm::kLargeRowsPerCta;
@@ -437,10 +436,9 @@ void CudaStack::gemm_batched_device_table(const FmGemmBatchedArgs& args, const g
   const int64_t first_n_tile = args.col_begin / kTileN;
   const int64_t num_n_tiles = (args.col_begin + args.n - 1) / kTileN - first_n_tile + 1;
   params.first_n_tile = static_cast<int32_t>(first_n_tile);
-  const int64_t tiles = params.num_dispatches * chunks * num_n_tiles;
-  const int splits = plan_split_k(tiles, tiles, rows_per_cta, params.split);
-  check_cuda(gemm::launch_gemm_device_dispatch(params, compute_type_, bits_, rows_per_cta,
-                                               static_cast<int>(num_n_tiles), splits, as_stream(args.stream)),
+  const int ctas = plan_schedule(params.num_dispatches * chunks, num_n_tiles, rows_per_cta, params.schedule);
+  check_cuda(gemm::launch_gemm_device_dispatch(params, compute_type_, bits_, rows_per_cta, ctas,
+                                               as_stream(args.stream)),
              "gemm_batched kernel launch");
 }
 
@@ -484,21 +482,21 @@ void CudaStack::gemm_routed(const FmGemmRoutedArgs& args) {
   params.chunks_per_block = static_cast<int32_t>(ceil_div(args.block_size, rows_per_cta));
   // plugin.h: only the first num_tokens * top_k routing blocks are processed
   // (each block moe_align_block_size fills holds at least one pair), so the
-  // grid follows the token count rather than every expert's worst-case padding.
-  const int64_t grid_blocks = std::min(params.num_blocks, params.num_pairs);
+  // grid follows the token count rather than every expert's worst-case
+  // padding. Tighter still: blocks that hold pairs number at most
+  // ceil(pairs / block_size) plus one partial block per expert with a pair.
+  const int64_t grid_blocks =
+      std::min({params.num_blocks, params.num_pairs,
+                ceil_div(params.num_pairs, args.block_size) + std::min(num_experts_, params.num_pairs)});
   constexpr int64_t kMaxGridX = std::numeric_limits<int32_t>::max();
   if (grid_blocks * params.chunks_per_block > kMaxGridX) {
     throw Error(FM_ERROR_UNSUPPORTED,
                 "gemm_routed: " + std::to_string(grid_blocks) + " routing blocks of " +
                     std::to_string(args.block_size) + " rows exceed the CUDA grid limit");
   }
-  // At most one block per distinct expert-chunk holds work when tokens are few.
-  const int64_t tiles = grid_blocks * params.chunks_per_block * weights_.n_tiles;
-  const int64_t active_tiles = std::min(grid_blocks, ceil_div(params.num_pairs, args.block_size) + num_experts_) *
-                               params.chunks_per_block * weights_.n_tiles;
-  const int splits = plan_split_k(tiles, active_tiles, rows_per_cta, params.split);
-  check_cuda(gemm::launch_gemm_routed(params, compute_type_, bits_, rows_per_cta,
-                                      static_cast<int>(grid_blocks), splits, as_stream(args.stream)),
+  const int ctas = plan_schedule(grid_blocks * params.chunks_per_block, weights_.n_tiles, rows_per_cta,
+                                 params.schedule);
+  check_cuda(gemm::launch_gemm_routed(params, compute_type_, bits_, rows_per_cta, ctas, as_stream(args.stream)),
              "gemm_routed kernel launch");
 }
 

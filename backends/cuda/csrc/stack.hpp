@@ -22,7 +22,7 @@ class CudaStack final : public ferrum::plugin::Stack {
   FmStackProperties properties() const override;
   void gemm_batched(const FmGemmBatchedArgs& args) override;
   void gemm_routed(const FmGemmRoutedArgs& args) override;
-  // Zeroes the split-K slots and counters (they are zero after every launch
+  // Zeroes the stream-K slots and counters (they are zero after every launch
   // that completes; this recovers from one that did not).
   void zero_workspace(void* stream) override;
 
@@ -31,9 +31,9 @@ class CudaStack final : public ferrum::plugin::Stack {
   void load_weights(const FmStackCreateArgs& args, cudaStream_t stream);
   gemm::GemmIO make_io(const DLTensor& x, DLTensor& out, const char* op) const;
   void gemm_batched_device_table(const FmGemmBatchedArgs& args, const gemm::BatchedParams& batched);
-  // How many CTAs share each of `tiles` output tiles (of which about
-  // `active_tiles` hold work) over K; fills params.split. 1: no split.
-  int plan_split_k(int64_t tiles, int64_t active_tiles, int rows_per_cta, gemm::SplitK& split) const;
+  // Fills the launch's schedule (gemm/params.hpp, StreamK) for tiles_x x
+  // n_tiles output tiles; returns the stream-K CTA count, or 0 for a plain grid.
+  int plan_schedule(int64_t tiles_x, int64_t n_tiles, int rows_per_cta, gemm::StreamK& schedule) const;
 
   int device_;
   DLDataType dtype_;
@@ -54,7 +54,8 @@ class CudaStack final : public ferrum::plugin::Stack {
   DeviceBuffer row_group_;
   gemm::QuantWeights weights_{};
   int num_sms_ = 0;
-  // Split-K workspace (gemm/params.hpp, SplitK): kSplitKTiles slots of one
+  int split_k_ctas_per_sm_ = 1;  // resident 16-row CTAs per SM (occupancy): a stream-K wave
+  // Stream-K workspace (gemm/params.hpp, StreamK): kStreamKTiles slots of one
   // small tile each, and their counters. Calls on one stack from concurrently
   // running streams would share it: a stack's GEMMs must be stream-ordered.
   DeviceBuffer split_partials_;

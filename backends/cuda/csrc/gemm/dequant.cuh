@@ -44,6 +44,22 @@ __device__ __forceinline__ uint32_t u32_of(From value) {
   return bits;
 }
 
+// (value & mask) | magic in one LOP3. Written as PTX because with two
+// immediate operands nvcc emits an AND and an OR (a LOP3 takes one immediate;
+// here ptxas keeps the other in a register, loaded once outside the loop).
+template <uint32_t kMask, uint32_t kMagic>
+__device__ __forceinline__ uint32_t mask_or(uint32_t value) {
+  uint32_t out;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(out) : "r"(value), "n"(kMask), "n"(kMagic));
+  return out;
+}
+
+// The two codes of pair `pair` in the low bits of each half, ORed into `kMagic`.
+template <int kBits, uint32_t kMagic>
+__device__ __forceinline__ uint32_t pair_codes(uint32_t word, int pair) {
+  return mask_or<kPairCodeMask<kBits>, kMagic>(word >> (kBits * pair));
+}
+
 // The subtrahend dequant_pair takes for zero points `zero_codes` (low code |
 // high code << 16): magic + zero in each half, computed once per group rather
 // than once per fragment.
@@ -61,19 +77,19 @@ __device__ __forceinline__ uint32_t zero_operand(uint32_t zero_codes) {
 // One B register: the two codes of pair `pair` in `word` (layout.hpp), with
 // their zero points as zero_operand() made them and scales `scale_bits` (two
 // raw fp16/bf16 values, low k in the low half). Shift + AND + OR compile to
-// one LOP3 per pair.
+// one SHF and one LOP3 per pair.
 template <class T, int kBits>
 __device__ __forceinline__ uint32_t dequant_pair(uint32_t word, int pair, uint32_t zero_op,
                                                  uint32_t scale_bits) {
-  const uint32_t codes = (word >> (kBits * pair)) & kPairCodeMask<kBits>;
   if constexpr (std::is_same_v<T, __half>) {
-    const __half2 q = bit_cast_u32<__half2>(codes | kFp16Magic);
+    const __half2 q = bit_cast_u32<__half2>(pair_codes<kBits, kFp16Magic>(word, pair));
     return u32_of(__hmul2(__hsub2(q, bit_cast_u32<__half2>(zero_op)), bit_cast_u32<__half2>(scale_bits)));
   } else if constexpr (kBits == 4) {
-    const __nv_bfloat162 q = bit_cast_u32<__nv_bfloat162>(codes | kBf16Magic);
+    const __nv_bfloat162 q = bit_cast_u32<__nv_bfloat162>(pair_codes<kBits, kBf16Magic>(word, pair));
     return u32_of(__hmul2(__hsub2(q, bit_cast_u32<__nv_bfloat162>(zero_op)),
                           bit_cast_u32<__nv_bfloat162>(scale_bits)));
   } else {
+    const uint32_t codes = (word >> (kBits * pair)) & kPairCodeMask<kBits>;
     const uint32_t zero_codes = zero_op;
     // bf16 INT8: code - zero is exact in fp32, then one rounding to bf16.
     const float q_lo = __uint_as_float(kFp32Magic | (codes & 0xFFFFu));
@@ -82,6 +98,62 @@ __device__ __forceinline__ uint32_t dequant_pair(uint32_t word, int pair, uint32
     const float z_hi = __uint_as_float(kFp32Magic | (zero_codes >> 16));
     const float2 s = __bfloat1622float2(bit_cast_u32<__nv_bfloat162>(scale_bits));
     return u32_of(__floats2bfloat162_rn((q_lo - z_lo) * s.x, (q_hi - z_hi) * s.y));
+  }
+}
+
+// The scale-after path (the 16-row decode tiles): B registers hold code -
+// zero as exact small integers (|code - zero| <= 255 is exact in fp16 and
+// bf16), the MMA accumulates them against the activations in fp32, and the
+// group's scale multiplies the partial sums once per group and column
+// (Mainloop::flush_group) instead of once per weight. What each pair
+// subtracts, per group and column (one zero code in both halves):
+struct IntZeros {
+  uint32_t even;  // magic + zero: pairs whose codes sit in the low bits
+  uint32_t odd;   // fp16 INT4 only: -(64 + zero), for pairs read 16x too large (below)
+};
+
+// fp16 1/16 in both halves.
+constexpr uint32_t kFp16Sixteenth = 0x2C002C00u;
+
+template <class T, int kBits>
+__device__ __forceinline__ IntZeros int_zero_operands(uint32_t zero) {
+  const uint32_t both = zero | (zero << 16);
+  if constexpr (std::is_same_v<T, __half> && kBits == 4) {
+    const __half odd = __float2half_rn(-(64.0f + static_cast<float>(zero)));
+    return {both | kFp16Magic, u32_of(__halves2half2(odd, odd))};
+  } else {
+    return {zero_operand<T, kBits>(both), 0u};
+  }
+}
+
+// Register `pair` of `word` as two exact integers code - zero (layout.hpp's
+// pair order). fp16 INT4 skips half the shifts: an odd pair is masked in place
+// (bits 4-7 and 20-23), which ORed into the magic reads as 1024 + 16 * code,
+// and one HFMA2 by 1/16 minus (64 + zero) leaves code - zero exactly.
+template <class T, int kBits>
+__device__ __forceinline__ uint32_t dequant_pair_int(uint32_t word, int pair, IntZeros zeros) {
+  if constexpr (std::is_same_v<T, __half> && kBits == 4) {
+    const uint32_t src = pair >= 2 ? word >> 8 : word;
+    if (pair % 2 == 0) {
+      const __half2 q = bit_cast_u32<__half2>(mask_or<0x000F000Fu, kFp16Magic>(src));
+      return u32_of(__hsub2(q, bit_cast_u32<__half2>(zeros.even)));
+    }
+    const __half2 q = bit_cast_u32<__half2>(mask_or<0x00F000F0u, kFp16Magic>(src));
+    return u32_of(__hfma2(q, bit_cast_u32<__half2>(kFp16Sixteenth), bit_cast_u32<__half2>(zeros.odd)));
+  } else {
+    if constexpr (std::is_same_v<T, __half>) {
+      return u32_of(__hsub2(bit_cast_u32<__half2>(pair_codes<kBits, kFp16Magic>(word, pair)),
+                            bit_cast_u32<__half2>(zeros.even)));
+    } else if constexpr (kBits == 4) {
+      return u32_of(__hsub2(bit_cast_u32<__nv_bfloat162>(pair_codes<kBits, kBf16Magic>(word, pair)),
+                            bit_cast_u32<__nv_bfloat162>(zeros.even)));
+    } else {
+      const uint32_t codes = (word >> (kBits * pair)) & kPairCodeMask<kBits>;
+      // bf16 INT8: code - zero in fp32 (exact), then exactly to bf16 (|.| <= 255).
+      const float lo = static_cast<float>(static_cast<int>(codes & 0xFFFFu) - static_cast<int>(zeros.even & 0xFFFFu));
+      const float hi = static_cast<float>(static_cast<int>(codes >> 16) - static_cast<int>(zeros.even >> 16));
+      return u32_of(__floats2bfloat162_rn(lo, hi));
+    }
   }
 }
 

@@ -10,112 +10,150 @@
 #include "gemm/layout.hpp"
 #include "gemm/mainloop.cuh"
 #include "gemm/params.hpp"
-#include "gemm/split_k.cuh"
+#include "gemm/stream_k.cuh"
 #include "gemm/traits.cuh"
 
 namespace ferrum_moe_cuda::gemm {
 
-template <class T, int kBits, int kMTiles>
-__device__ __forceinline__ void gemm_cta(const QuantWeights& w, const GemmIO& io, const SplitK& split,
-                                         const RowTable<kMTiles * kMmaM>& rows, int expert,
-                                         int n_tile) {
+// Resident CTAs per SM the register allocation must allow: decode tiles need
+// warps in flight to cover memory latency (stream-K fills the SMs with them).
+template <int kMTiles>
+constexpr int kMinCtasPerSm = kMTiles == 1 ? 4 : 1;
+
+// Runs every (tile, K range) this CTA owns under `schedule` (params.hpp,
+// StreamK). fill_rows(x, rows) writes the row table of tile row x and returns
+// its expert, or -1 when the tile holds no work; it is called by every thread
+// and must end with a barrier, and its answer is the same in every thread.
+// 16-row tiles always walk the stream-K loop (a plain grid is its case of one
+// CTA per tile, where no tile is shared), so one mainloop is instantiated.
+template <class T, int kBits, int kMTiles, class FillRows>
+__device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& io, const StreamK& schedule,
+                                           int first_n_tile, RowTable<kMTiles * kMmaM>& rows,
+                                           FillRows&& fill_rows) {
   extern __shared__ uint4 smem[];
-  typename Mainloop<T, kBits, kMTiles>::Accumulators acc;
-  const int kt_begin = static_cast<int>(blockIdx.z) * split.k_tiles_per_split;
-  const int kt_end = min(w.k_tiles, kt_begin + split.k_tiles_per_split);
-  Mainloop<T, kBits, kMTiles>(w, io, rows, expert, n_tile, reinterpret_cast<uint8_t*>(smem))
-      .run(acc, kt_begin, kt_end);
-  if constexpr (kMTiles * kMmaM == kSmallRowsPerCta) {
-    if (gridDim.z > 1 && !reduce_split_k<kMTiles>(split, rows, acc)) return;
+  using Loop = Mainloop<T, kBits, kMTiles>;
+  if constexpr (kMTiles * kMmaM != kSmallRowsPerCta) {
+    const int expert = fill_rows(static_cast<int64_t>(blockIdx.x), rows);
+    if (expert < 0) return;
+    typename Loop::Accumulators acc;
+    const int n_tile = first_n_tile + static_cast<int>(blockIdx.y);
+    Loop(w, io, rows, expert, n_tile, reinterpret_cast<uint8_t*>(smem)).run(acc, 0, w.k_tiles);
+    store_results<T, kMTiles>(io, rows, n_tile, acc);
+  } else {
+    const int64_t k_tiles = w.k_tiles;
+    const int64_t total = static_cast<int64_t>(schedule.tiles_x) * schedule.n_tiles * k_tiles;
+    int64_t begin = total * blockIdx.x / gridDim.x;
+    const int64_t end = total * (blockIdx.x + 1) / gridDim.x;
+    while (begin < end) {
+      const int64_t tile = begin / k_tiles;
+      const int kt_begin = static_cast<int>(begin - tile * k_tiles);
+      const int kt_end = static_cast<int>(min(k_tiles, kt_begin + (end - begin)));
+      begin += kt_end - kt_begin;
+      __syncthreads();  // the previous tile's epilogue is done with `rows`
+      const int expert = fill_rows(tile / schedule.n_tiles, rows);
+      if (expert < 0) continue;
+      typename Loop::Accumulators acc;
+      const int n_tile = first_n_tile + static_cast<int>(tile % schedule.n_tiles);
+      Loop(w, io, rows, expert, n_tile, reinterpret_cast<uint8_t*>(smem)).run(acc, kt_begin, kt_end);
+      if (kt_end - kt_begin < k_tiles &&
+          !reduce_stream_k<kMTiles>(schedule, tile, kt_end - kt_begin, static_cast<int>(k_tiles), rows, acc)) {
+        continue;
+      }
+      store_results<T, kMTiles>(io, rows, n_tile, acc);
+    }
   }
-  store_results<T, kMTiles>(io, rows, n_tile, acc);
 }
 
-// grid = (work items, n tiles of the column window, splits).
+// Host dispatch rows, split into work items of up to kRows rows on the host.
 template <class T, int kBits, int kMTiles>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinCtasPerSm<kMTiles>)
     gemm_batched_kernel(const __grid_constant__ BatchedParams p) {
   constexpr int kRows = kMTiles * kMmaM;
   __shared__ RowTable<kRows> rows;
-  const BatchedWorkItem& item = p.items[blockIdx.x];
-  if (threadIdx.x < kRows) {
-    const int r = threadIdx.x;
-    const bool used = r < item.rows;
-    rows.x_offset[r] = used ? (item.x_row + r) * p.io.x_row_stride : -1;
-    rows.out_row[r] = used ? item.out_row + r : -1;
-    rows.weight[r] = 1.0f;
-  }
-  __syncthreads();
-  gemm_cta<T, kBits, kMTiles>(p.w, p.io, p.split, rows, item.expert, p.first_n_tile + blockIdx.y);
+  gemm_tiles<T, kBits, kMTiles>(p.w, p.io, p.schedule, p.first_n_tile, rows,
+                                [&](int64_t x, RowTable<kRows>& table) {
+    const BatchedWorkItem& item = p.items[x];
+    if (threadIdx.x < kRows) {
+      const int r = threadIdx.x;
+      const bool used = r < item.rows;
+      table.x_offset[r] = used ? (item.x_row + r) * p.io.x_row_stride : -1;
+      table.out_row[r] = used ? item.out_row + r : -1;
+      table.weight[r] = 1.0f;
+    }
+    __syncthreads();
+    return static_cast<int>(item.expert);
+  });
 }
 
-// grid = (dispatches x chunks per dispatch, n tiles, splits). The table lives
-// in device memory the host never read: a row whose expert, rows or m are out
-// of range is skipped, compared without forming sums that could overflow.
+// A dispatch table in device memory the host never read: a row whose expert,
+// rows or m are out of range is skipped, compared without forming sums that
+// could overflow. Tile row x is chunk x % chunks_per_dispatch of dispatch
+// x / chunks_per_dispatch.
 template <class T, int kBits, int kMTiles>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinCtasPerSm<kMTiles>)
     gemm_device_dispatch_kernel(const __grid_constant__ DeviceDispatchParams p) {
   constexpr int kRows = kMTiles * kMmaM;
   __shared__ RowTable<kRows> rows;
-  const int64_t d = blockIdx.x / p.chunks_per_dispatch;
-  const int64_t first = static_cast<int64_t>(blockIdx.x % p.chunks_per_dispatch) * kRows;
-  int64_t field[4];
+  gemm_tiles<T, kBits, kMTiles>(p.w, p.io, p.schedule, p.first_n_tile, rows,
+                                [&](int64_t x, RowTable<kRows>& table) {
+    const int64_t d = x / p.chunks_per_dispatch;
+    const int64_t first = (x % p.chunks_per_dispatch) * kRows;
+    int64_t field[4];
 #pragma unroll
-  for (int c = 0; c < 4; ++c) {
-    field[c] = p.table_int64 ? static_cast<const int64_t*>(p.table)[4 * d + c]
-                             : static_cast<const int32_t*>(p.table)[4 * d + c];
-  }
-  const int64_t expert = field[0], in_row = field[1], out_row = field[2], m = field[3];
-  const bool valid = expert >= 0 && expert < p.w.num_experts && m > 0 && in_row >= 0 &&
-                     in_row <= p.x_rows && m <= p.x_rows - in_row && out_row >= 0 &&
-                     out_row <= p.out_rows && m <= p.out_rows - out_row;
-  if (!valid || first >= m) return;  // the same for every split of this tile
-  if (threadIdx.x < kRows) {
-    const int64_t r = first + threadIdx.x;
-    const bool used = r < m;
-    rows.x_offset[threadIdx.x] = used ? (in_row + r) * p.io.x_row_stride : -1;
-    rows.out_row[threadIdx.x] = used ? out_row + r : -1;
-    rows.weight[threadIdx.x] = 1.0f;
-  }
-  __syncthreads();
-  gemm_cta<T, kBits, kMTiles>(p.w, p.io, p.split, rows, static_cast<int>(expert), p.first_n_tile + blockIdx.y);
+    for (int c = 0; c < 4; ++c) {
+      field[c] = p.table_int64 ? static_cast<const int64_t*>(p.table)[4 * d + c]
+                               : static_cast<const int32_t*>(p.table)[4 * d + c];
+    }
+    const int64_t expert = field[0], in_row = field[1], out_row = field[2], m = field[3];
+    const bool valid = expert >= 0 && expert < p.w.num_experts && m > 0 && in_row >= 0 &&
+                       in_row <= p.x_rows && m <= p.x_rows - in_row && out_row >= 0 &&
+                       out_row <= p.out_rows && m <= p.out_rows - out_row && first < m;
+    if (valid && threadIdx.x < kRows) {
+      const int64_t r = first + threadIdx.x;
+      const bool used = r < m;
+      table.x_offset[threadIdx.x] = used ? (in_row + r) * p.io.x_row_stride : -1;
+      table.out_row[threadIdx.x] = used ? out_row + r : -1;
+      table.weight[threadIdx.x] = 1.0f;
+    }
+    __syncthreads();
+    return valid ? static_cast<int>(expert) : -1;
+  });
 }
 
-// grid = (routing blocks x chunks per block, n tiles, splits). Every index read from
-// device memory is range-checked before use: the host never saw these arrays.
+// Tile row x is chunk x % chunks_per_block of routing block x / chunks_per_block.
+// Every index read from device memory is range-checked before use: the host
+// never saw these arrays.
 template <class T, int kBits, int kMTiles>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinCtasPerSm<kMTiles>)
     gemm_routed_kernel(const __grid_constant__ RoutedParams p) {
   constexpr int kRows = kMTiles * kMmaM;
   __shared__ RowTable<kRows> rows;
-  const int64_t block = blockIdx.x / p.chunks_per_block;
-  const int64_t chunk = blockIdx.x % p.chunks_per_block;
-  const int64_t block_start = block * p.block_size;
-  const int64_t padded_tokens = *p.num_tokens_post_padded;
-  if (block_start >= padded_tokens) return;  // the grid covers the worst case
-  const int32_t expert = p.expert_ids[block];
-  if (expert < 0 || expert >= p.w.num_experts) return;
-
-  bool used = false;
-  if (threadIdx.x < kRows) {
-    const int r = threadIdx.x;
-    const int64_t in_block = chunk * kRows + r;
-    const int64_t position = block_start + in_block;
-    int64_t id = -1;
-    if (in_block < p.block_size && position < p.num_positions && position < padded_tokens)
-      id = p.sorted_token_ids[position];
-    used = id >= 0 && id < p.num_pairs;
-    const int64_t token = used ? id / p.top_k : 0;
-    rows.x_offset[r] = used ? token * p.io.x_row_stride : -1;
-    rows.out_row[r] = used ? id : -1;
-    rows.weight[r] = used && p.topk_weights != nullptr
-                         ? p.topk_weights[token * p.topk_weights_stride0 +
-                                          (id % p.top_k) * p.topk_weights_stride1]
-                         : 1.0f;
-  }
-  // Padding-only chunks (all sentinels) do no work.
-  if (!__syncthreads_or(used)) return;
-  gemm_cta<T, kBits, kMTiles>(p.w, p.io, p.split, rows, expert, blockIdx.y);
+  gemm_tiles<T, kBits, kMTiles>(p.w, p.io, p.schedule, 0, rows, [&](int64_t x, RowTable<kRows>& table) {
+    const int64_t block = x / p.chunks_per_block;
+    const int64_t chunk = x % p.chunks_per_block;
+    const int64_t block_start = block * p.block_size;
+    const int64_t padded_tokens = *p.num_tokens_post_padded;
+    const int32_t expert = block_start < padded_tokens ? p.expert_ids[block] : -1;
+    bool used = false;
+    if (threadIdx.x < kRows && expert >= 0 && expert < p.w.num_experts) {
+      const int r = threadIdx.x;
+      const int64_t in_block = chunk * kRows + r;
+      const int64_t position = block_start + in_block;
+      int64_t id = -1;
+      if (in_block < p.block_size && position < p.num_positions && position < padded_tokens)
+        id = p.sorted_token_ids[position];
+      used = id >= 0 && id < p.num_pairs;
+      const int64_t token = used ? id / p.top_k : 0;
+      table.x_offset[r] = used ? token * p.io.x_row_stride : -1;
+      table.out_row[r] = used ? id : -1;
+      table.weight[r] = used && p.topk_weights != nullptr
+                            ? p.topk_weights[token * p.topk_weights_stride0 +
+                                             (id % p.top_k) * p.topk_weights_stride1]
+                            : 1.0f;
+    }
+    // Padding-only chunks (all sentinels) and bad experts do no work.
+    return __syncthreads_or(used) ? expert : -1;
+  });
 }
 
 }  // namespace ferrum_moe_cuda::gemm

@@ -51,42 +51,54 @@ cudaError_t configure_gemm_kernels_for(int bits) {
 }
 
 template <class T>
-cudaError_t launch_gemm_batched_for(const BatchedParams& params, int bits, int rows_per_cta,
-                                    int num_n_tiles, int splits, cudaStream_t stream) {
+cudaError_t small_tile_ctas_per_sm_for(int bits, int* ctas) {
+  return with_specialisation(bits, kSmallRowsPerCta, [&](auto b, auto m) {
+    constexpr int kBits = decltype(b)::value;
+    constexpr int kMTiles = decltype(m)::value;
+    return cudaOccupancyMaxActiveBlocksPerMultiprocessor(ctas, gemm_routed_kernel<T, kBits, kMTiles>, kThreads,
+                                                         GemmTraits<T, kBits, kMTiles>::kSmemBytes);
+  });
+}
+
+// params.hpp, StreamK: 16-row tiles run `ctas` CTAs over the stream-K loop;
+// 64-row tiles a (tiles_x, n_tiles) grid.
+inline dim3 schedule_grid(const StreamK& schedule, int rows_per_cta, int ctas) {
+  return rows_per_cta == kSmallRowsPerCta ? dim3(static_cast<unsigned>(ctas))
+                                          : dim3(static_cast<unsigned>(schedule.tiles_x), schedule.n_tiles);
+}
+
+template <class T>
+cudaError_t launch_gemm_batched_for(const BatchedParams& params, int bits, int rows_per_cta, int ctas,
+                                    cudaStream_t stream) {
   return with_specialisation(bits, rows_per_cta, [&](auto b, auto m) {
     constexpr int kBits = decltype(b)::value;
     constexpr int kMTiles = decltype(m)::value;
-    const dim3 grid(params.num_items, num_n_tiles, splits);
-    gemm_batched_kernel<T, kBits, kMTiles>
-        <<<grid, kThreads, GemmTraits<T, kBits, kMTiles>::kSmemBytes, stream>>>(params);
+    gemm_batched_kernel<T, kBits, kMTiles><<<schedule_grid(params.schedule, rows_per_cta, ctas), kThreads,
+                                             GemmTraits<T, kBits, kMTiles>::kSmemBytes, stream>>>(params);
     return cudaGetLastError();
   });
 }
 
 template <class T>
 cudaError_t launch_gemm_device_dispatch_for(const DeviceDispatchParams& params, int bits, int rows_per_cta,
-                                            int num_n_tiles, int splits, cudaStream_t stream) {
+                                            int ctas, cudaStream_t stream) {
   return with_specialisation(bits, rows_per_cta, [&](auto b, auto m) {
     constexpr int kBits = decltype(b)::value;
     constexpr int kMTiles = decltype(m)::value;
-    const dim3 grid(static_cast<unsigned>(params.num_dispatches * params.chunks_per_dispatch), num_n_tiles,
-                    splits);
-    gemm_device_dispatch_kernel<T, kBits, kMTiles>
-        <<<grid, kThreads, GemmTraits<T, kBits, kMTiles>::kSmemBytes, stream>>>(params);
+    gemm_device_dispatch_kernel<T, kBits, kMTiles><<<schedule_grid(params.schedule, rows_per_cta, ctas), kThreads,
+                                                     GemmTraits<T, kBits, kMTiles>::kSmemBytes, stream>>>(params);
     return cudaGetLastError();
   });
 }
 
 template <class T>
-cudaError_t launch_gemm_routed_for(const RoutedParams& params, int bits, int rows_per_cta,
-                                   int grid_blocks, int splits, cudaStream_t stream) {
+cudaError_t launch_gemm_routed_for(const RoutedParams& params, int bits, int rows_per_cta, int ctas,
+                                   cudaStream_t stream) {
   return with_specialisation(bits, rows_per_cta, [&](auto b, auto m) {
     constexpr int kBits = decltype(b)::value;
     constexpr int kMTiles = decltype(m)::value;
-    const dim3 grid(static_cast<unsigned>(grid_blocks * params.chunks_per_block), params.w.n_tiles,
-                    splits);
-    gemm_routed_kernel<T, kBits, kMTiles>
-        <<<grid, kThreads, GemmTraits<T, kBits, kMTiles>::kSmemBytes, stream>>>(params);
+    gemm_routed_kernel<T, kBits, kMTiles><<<schedule_grid(params.schedule, rows_per_cta, ctas), kThreads,
+                                            GemmTraits<T, kBits, kMTiles>::kSmemBytes, stream>>>(params);
     return cudaGetLastError();
   });
 }

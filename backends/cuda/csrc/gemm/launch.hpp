@@ -13,14 +13,16 @@ namespace ferrum_moe_cuda::gemm {
 template <class T>
 cudaError_t configure_gemm_kernels_for(int bits);
 template <class T>
-cudaError_t launch_gemm_batched_for(const BatchedParams& params, int bits, int rows_per_cta,
-                                    int num_n_tiles, int splits, cudaStream_t stream);
+cudaError_t small_tile_ctas_per_sm_for(int bits, int* ctas);
+template <class T>
+cudaError_t launch_gemm_batched_for(const BatchedParams& params, int bits, int rows_per_cta, int ctas,
+                                    cudaStream_t stream);
 template <class T>
 cudaError_t launch_gemm_device_dispatch_for(const DeviceDispatchParams& params, int bits, int rows_per_cta,
-                                            int num_n_tiles, int splits, cudaStream_t stream);
+                                            int ctas, cudaStream_t stream);
 template <class T>
-cudaError_t launch_gemm_routed_for(const RoutedParams& params, int bits, int rows_per_cta,
-                                   int grid_blocks, int splits, cudaStream_t stream);
+cudaError_t launch_gemm_routed_for(const RoutedParams& params, int bits, int rows_per_cta, int ctas,
+                                   cudaStream_t stream);
 
 }  // namespace ferrum_moe_cuda::gemm
 

@@ -9,6 +9,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "gemm/dequant.cuh"
 #include "gemm/layout.hpp"
@@ -36,6 +37,11 @@ class Mainloop {
   static constexpr uint32_t kSymmetricZero = 1u << (kBits - 1);
 
   using Accumulators = float[kMTiles][kNFrags][4];
+  // The 16-row (decode) tiles accumulate exact integer weights per group and
+  // scale the partial sums once per group: there the dequant, not the MMA,
+  // bounds the rate. 64-row tiles spread one scaled dequant over four MMAs
+  // and keep a single accumulator set (registers).
+  static constexpr bool kScaleAfter = kMTiles == 1;
 
   __device__ Mainloop(const QuantWeights& w, const GemmIO& io, const RowTable<kRows>& rows,
                       int expert, int n_tile, uint8_t* smem)
@@ -58,8 +64,16 @@ class Mainloop {
     scales_ = w.scales + plane;
     zeros_ = w.zeros != nullptr ? w.zeros + plane : nullptr;
 #pragma unroll
-    for (int nt = 0; nt < kNFrags; ++nt) column_[nt] = n_tile * kTileN + fragment_n(nt, warp_, lane_);
+    for (int nt = 0; nt < kNFrags; ++nt) {
+      column_[nt] = n_tile * kTileN + fragment_n(nt, warp_, lane_);
+      c_column_[nt] = n_tile * kTileN + warp_ * kWarpN + nt * kMmaN + 2 * (lane_ % 4);
+    }
     steps_per_group_ = w.group_size / kMmaK;
+    a_chunk_ = threadIdx.x % Traits::kAChunksPerRow;
+    a_dst_ = Traits::a_offset(threadIdx.x / Traits::kAChunksPerRow, a_chunk_);
+#pragma unroll
+    for (int u = 0; u < Traits::kAChunksPerThread; ++u)
+      a_row_offset_[u] = rows.x_offset[threadIdx.x / Traits::kAChunksPerRow + u * (kThreads / Traits::kAChunksPerRow)];
     // ldmatrix x4: lanes 0-15 address rows 0-15 at k 0-7 of a k-step, lanes
     // 16-31 the same rows at k 8-15. Rows 16 apart share a swizzle, so m-tile
     // mt only adds mt * 16 rows to these.
@@ -67,12 +81,9 @@ class Mainloop {
     for (int ks = 0; ks < kKSteps; ++ks) a_offset_[ks] = Traits::a_offset(lane_ % 16, ks * 2 + lane_ / 16);
   }
 
-  // Accumulates K slices [kt_begin, kt_end) (all of K, or one split's share).
+  // Accumulates K slices [kt_begin, kt_end) (all of K, or a stream-K share).
   __device__ void run(Accumulators& acc, int kt_begin, int kt_end) const {
-    for (int mt = 0; mt < kMTiles; ++mt)
-      for (int nt = 0; nt < kNFrags; ++nt)
-        for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.0f;
-
+    zero(acc);
     const int k_tiles = kt_end - kt_begin;
 #pragma unroll
     for (int s = 0; s < kStages - 1; ++s) {
@@ -80,32 +91,14 @@ class Mainloop {
       cp_async_commit();
     }
     // Groups of a multiple of kTileK rows (128, 64, -1: the common ones) hold
-    // whole slices: the slice's group is tracked here, one division per CTA.
-    const bool group_per_slice = w_.row_group == nullptr && steps_per_group_ % kKSteps == 0;
-    const int slices_per_group = max(1, steps_per_group_ / kKSteps);
-    int slice_group = group_per_slice ? kt_begin / slices_per_group : 0;
-    int slice_in_group = group_per_slice ? kt_begin - slice_group * slices_per_group : 0;
-    for (int i = 0; i < k_tiles; ++i) {
-      const int kt = kt_begin + i;
-      // Slice kt has landed once at most kStages-2 later groups are pending;
-      // the barrier also tells every thread that slice kt-1's stage, which the
-      // next load overwrites, has been consumed by all warps.
-      cp_async_wait<kStages - 2>();
-      __syncthreads();
-      const int next = i + kStages - 1;
-      if (next < k_tiles) load_slice(kt_begin + next, next % kStages);
-      cp_async_commit();  // empty groups at the tail keep the wait count uniform
-      if (group_per_slice) {
-        compute_slice_as<GroupMode::kSlice>(kt, i % kStages, slice_group, acc);
-        if (++slice_in_group == slices_per_group) {
-          slice_in_group = 0;
-          ++slice_group;
-        }
-      } else if (w_.row_group == nullptr) {
-        compute_slice_as<GroupMode::kStep>(kt, i % kStages, 0, acc);
-      } else {
-        compute_slice_as<GroupMode::kRow>(kt, i % kStages, 0, acc);
-      }
+    // whole slices and are tracked per slice; other multiples of 16 per k-step;
+    // anything else (act-order, odd group sizes) per row through row_group.
+    if (w_.row_group != nullptr) {
+      slices<GroupMode::kRow>(acc, kt_begin, k_tiles);
+    } else if (steps_per_group_ % kKSteps == 0) {
+      slices<GroupMode::kSlice>(acc, kt_begin, k_tiles);
+    } else {
+      slices<GroupMode::kStep>(acc, kt_begin, k_tiles);
     }
     cp_async_wait<0>();
   }
@@ -128,23 +121,23 @@ class Mainloop {
   // A rows are gathered per row (gemm_routed tokens, dispatch rows). Aligned
   // rows go through cp.async with hardware zero-fill past K and for unused
   // rows; act-order (x columns gathered through perm) and unaligned x take a
-  // synchronous element path into the same swizzled layout.
+  // synchronous element path into the same swizzled layout. A thread copies
+  // chunk a_chunk_ of rows threadIdx.x / 8 + 16u: the same chunk and swizzle
+  // for every u, so only the rows' x offsets differ (read once per CTA).
   __device__ void load_a(int kt, uint8_t* stage) const {
     const auto* x = static_cast<const uint16_t*>(io_.x);
-    const int k_base = kt * kTileK;
+    const int k = kt * kTileK + a_chunk_ * 8;
     const bool vector_path = io_.x_vector_loads && perm_ == nullptr;
+    const int valid = max(0, min(8, w_.k - k));
+    constexpr int kRowsPerPass = kThreads / Traits::kAChunksPerRow;
 #pragma unroll
     for (int u = 0; u < Traits::kAChunksPerThread; ++u) {
-      const int i = threadIdx.x + u * kThreads;
-      const int row = i / Traits::kAChunksPerRow;
-      const int chunk = i % Traits::kAChunksPerRow;
-      const int k = k_base + chunk * 8;
-      const int64_t offset = rows_.x_offset[row];
-      uint8_t* dst = stage + Traits::a_offset(row, chunk);
+      const int64_t offset = a_row_offset_[u];
+      uint8_t* dst = stage + a_dst_ + u * kRowsPerPass * Traits::kARowBytes;
       if (vector_path) {
-        const int valid = offset >= 0 ? max(0, min(8, w_.k - k)) : 0;
-        const void* src = valid > 0 ? static_cast<const void*>(x + offset + k) : io_.x;
-        cp_async_16(shared_address(dst), src, valid * static_cast<int>(sizeof(T)));
+        const int bytes = offset >= 0 ? valid * static_cast<int>(sizeof(T)) : 0;
+        const void* src = bytes > 0 ? static_cast<const void*>(x + offset + k) : io_.x;
+        cp_async_16(shared_address(dst), src, bytes);
       } else {
         uint32_t packed[4];
 #pragma unroll
@@ -169,16 +162,85 @@ class Mainloop {
     return pair;
   }
 
+  // Where a fragment's scale and zero come from: one group for the whole slice,
+  // one per 16-row k-step, or a per-row group table.
+  enum class GroupMode { kSlice, kStep, kRow };
+
+  // One group's parameters for the lane's kNFrags fragments. Scale-after: the
+  // zero operands of its B columns and the scales of its two C-fragment
+  // columns (fp32); scale-before: zero operand and scale of its B columns.
+  struct AfterParams {
+    IntZeros zeros[kNFrags];
+    float2 scale[kNFrags];
+  };
+  struct BeforeParams {
+    PairQuantParams q[kNFrags];
+  };
+  using GroupParams = std::conditional_t<kScaleAfter, AfterParams, BeforeParams>;
+
+  // A group's raw scales and zero codes for the lane's fragments, fetched a
+  // group ahead (fetch_group) so that the switch to it (decode_group) never
+  // waits on global memory: v8 stalled every warp on these loads at each
+  // group boundary.
+  struct RawGroup {
+    uint32_t scale[kNFrags];  // scale-after: the two C-fragment columns; else the B column
+    uint32_t zero[kNFrags];   // zero codes (asymmetric weights only)
+  };
+
   // Uniform groups: a 16-row k-step never straddles a group boundary
-  // (group_size % 16 == 0), so one scale and zero serve a whole fragment, and
-  // the lane's kNFrags columns share the group: one load each per group.
-  __device__ void load_group_params(int group, PairQuantParams (&q)[kNFrags]) const {
+  // (group_size % 16 == 0), so one scale and zero serve a whole fragment.
+  __device__ void fetch_group(int group, RawGroup& raw) const {
     const int64_t row = static_cast<int64_t>(min(group, w_.num_groups - 1)) * w_.n_padded;
 #pragma unroll
     for (int nt = 0; nt < kNFrags; ++nt) {
-      const uint32_t s = __ldg(scales_ + row + column_[nt]);
-      const uint32_t z = zeros_ != nullptr ? __ldg(zeros_ + row + column_[nt]) : kSymmetricZero;
-      q[nt] = {zero_operand<T, kBits>(z | (z << 16)), s | (s << 16)};
+      if (zeros_ != nullptr) raw.zero[nt] = __ldg(zeros_ + row + column_[nt]);
+      if constexpr (kScaleAfter) {
+        // Two adjacent columns, one 4-byte load (n_padded and the column are even).
+        raw.scale[nt] = __ldg(reinterpret_cast<const uint32_t*>(scales_ + row + c_column_[nt]));
+      } else {
+        raw.scale[nt] = __ldg(scales_ + row + column_[nt]);
+      }
+    }
+  }
+
+  // `first`: the CTA's first group, where symmetric zero operands are set up
+  // (they never change afterwards).
+  __device__ void decode_group(const RawGroup& raw, GroupParams& gp, bool first) const {
+#pragma unroll
+    for (int nt = 0; nt < kNFrags; ++nt) {
+      const bool zero_changes = zeros_ != nullptr || first;
+      const uint32_t z = zeros_ != nullptr ? raw.zero[nt] : kSymmetricZero;
+      if constexpr (kScaleAfter) {
+        if (zero_changes) gp.zeros[nt] = int_zero_operands<T, kBits>(z);
+        gp.scale[nt] = scales_to_float2(raw.scale[nt]);
+      } else {
+        gp.q[nt] = {zero_operand<T, kBits>(z | (z << 16)), raw.scale[nt] | (raw.scale[nt] << 16)};
+      }
+    }
+  }
+
+  static __device__ __forceinline__ float2 scales_to_float2(uint32_t pair) {
+    if constexpr (std::is_same_v<T, __half>) {
+      return __half22float2(bit_cast_u32<__half2>(pair));
+    } else {
+      return __bfloat1622float2(bit_cast_u32<__nv_bfloat162>(pair));
+    }
+  }
+
+  // acc += part * the group's column scales; part starts the next group at 0.
+  __device__ static void flush_group(Accumulators& part, const GroupParams& gp, Accumulators& acc) {
+    if constexpr (kScaleAfter) {
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+        for (int nt = 0; nt < kNFrags; ++nt) {
+          acc[mt][nt][0] += part[mt][nt][0] * gp.scale[nt].x;
+          acc[mt][nt][1] += part[mt][nt][1] * gp.scale[nt].y;
+          acc[mt][nt][2] += part[mt][nt][2] * gp.scale[nt].x;
+          acc[mt][nt][3] += part[mt][nt][3] * gp.scale[nt].y;
+        }
+      }
+      zero(part);
     }
   }
 
@@ -194,16 +256,66 @@ class Mainloop {
             __ldg(scales_ + lo) | (static_cast<uint32_t>(__ldg(scales_ + hi)) << 16)};
   }
 
-  // Where a fragment's scale and zero come from: one group for the whole slice
-  // (`slice_group`), one per 16-row k-step, or a per-row group table.
-  enum class GroupMode { kSlice, kStep, kRow };
-
+  // The pipeline over k_tiles slices from kt_begin, with the group tracked as
+  // kMode says. Scale-after tiles accumulate a group's integer products in
+  // `part` and fold them into `acc` at each group boundary.
   template <GroupMode kMode>
-  __device__ void compute_slice_as(int kt, int stage, int slice_group, Accumulators& acc) const {
+  __device__ void slices(Accumulators& acc, int kt_begin, int k_tiles) const {
+    constexpr bool kAfter = kScaleAfter && kMode != GroupMode::kRow;
+    Accumulators part;
+    if constexpr (kAfter) zero(part);
+    GroupParams gp;
+    RawGroup upcoming;  // the next group's, in flight
+    // The group of the next k-step and how many of its steps are done: one
+    // division per CTA, then counting.
+    int group = 0, step_in_group = 0;
+    if constexpr (kMode != GroupMode::kRow) {
+      const int first_step = kt_begin * kKSteps;
+      group = first_step / steps_per_group_;
+      step_in_group = first_step - group * steps_per_group_;
+      fetch_group(group, upcoming);
+      decode_group(upcoming, gp, true);
+      fetch_group(group + 1, upcoming);
+    }
+    for (int i = 0; i < k_tiles; ++i) {
+      const int kt = kt_begin + i;
+      // Slice kt has landed once at most kStages-2 later groups are pending;
+      // the barrier also tells every thread that slice kt-1's stage, which the
+      // next load overwrites, has been consumed by all warps.
+      cp_async_wait<kStages - 2>();
+      __syncthreads();
+      const int next = i + kStages - 1;
+      if (next < k_tiles) load_slice(kt_begin + next, next % kStages);
+      cp_async_commit();  // empty groups at the tail keep the wait count uniform
+      if constexpr (kMode == GroupMode::kSlice) {
+        if (step_in_group == steps_per_group_) next_group(group, step_in_group, gp, upcoming, part, acc);
+        step_in_group += kKSteps;
+      }
+      compute_slice<kMode>(kt, i % kStages, group, step_in_group, gp, upcoming, kAfter ? part : acc, acc);
+    }
+    if constexpr (kAfter) flush_group(part, gp, acc);
+  }
+
+  template <bool kAfter = kScaleAfter>
+  __device__ void next_group(int& group, int& step_in_group, GroupParams& gp, RawGroup& upcoming,
+                             Accumulators& part, Accumulators& acc) const {
+    if constexpr (kAfter) flush_group(part, gp, acc);
+    ++group;
+    step_in_group = 0;
+    decode_group(upcoming, gp, false);
+    fetch_group(group + 1, upcoming);
+  }
+
+  // One K slice: B codes from shared memory (each lane reads back exactly the
+  // bytes it copied: conflict-free 16-byte reads), A fragments by ldmatrix,
+  // then per k-step and fragment: dequantize two registers, one MMA per m-tile
+  // into `sums` (the group's partial sums, or acc itself when scaling before).
+  template <GroupMode kMode>
+  __device__ void compute_slice(int kt, int stage, int& group, int& step_in_group, GroupParams& gp,
+                                RawGroup& upcoming, Accumulators& sums, Accumulators& acc) const {
+    constexpr bool kAfter = kScaleAfter && kMode != GroupMode::kRow;
     const uint8_t* a_stage = a_smem_ + stage * Traits::kAStageBytes;
     const auto* b_stage = reinterpret_cast<const uint4*>(b_smem_ + stage * Traits::kBStageBytes);
-
-    // Each lane reads back exactly the bytes it copied: conflict-free 16-byte reads.
     uint32_t words[Tile::kWordsPerLane];
 #pragma unroll
     for (int j = 0; j < Tile::kLoadsPerLane; ++j) {
@@ -213,27 +325,12 @@ class Mainloop {
       words[4 * j + 2] = v.z;
       words[4 * j + 3] = v.w;
     }
-
     const int k_base = kt * kTileK;
-    // The group of this slice's first k-step; later steps advance it without
-    // dividing again (one division per slice, not one per fragment).
-    PairQuantParams q[kNFrags];
-    int group = 0, step_in_group = 0;
-    if constexpr (kMode == GroupMode::kSlice) {
-      load_group_params(slice_group, q);
-    } else if constexpr (kMode == GroupMode::kStep) {
-      const int first_step = kt * kKSteps;
-      group = first_step / steps_per_group_;
-      step_in_group = first_step - group * steps_per_group_;
-      load_group_params(group, q);
-    }
 #pragma unroll
     for (int ks = 0; ks < kKSteps; ++ks) {
       if constexpr (kMode == GroupMode::kStep) {
-        if (ks > 0 && ++step_in_group == steps_per_group_) {
-          step_in_group = 0;
-          load_group_params(++group, q);
-        }
+        if (step_in_group == steps_per_group_) next_group<kAfter>(group, step_in_group, gp, upcoming, sums, acc);
+        ++step_in_group;
       }
       uint32_t a[kMTiles][4];
 #pragma unroll
@@ -246,19 +343,32 @@ class Mainloop {
         uint32_t b[2];
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
-          PairQuantParams pq;
-          if constexpr (kMode != GroupMode::kRow) {
-            pq = q[nt];
+          const int pair = Tile::pair_of_fragment(f, half);
+          if constexpr (kAfter) {
+            b[half] = dequant_pair_int<T, kBits>(word, pair, gp.zeros[nt]);
           } else {
-            pq = row_quant_params(k_base + fragment_k(f, lane_, half, 0), column_[nt]);
+            PairQuantParams pq;
+            if constexpr (kMode == GroupMode::kRow) {
+              pq = row_quant_params(k_base + fragment_k(f, lane_, half, 0), column_[nt]);
+            } else {
+              pq = gp.q[nt];
+            }
+            b[half] = dequant_pair<T, kBits>(word, pair, pq.zero_codes, pq.scale_bits);
           }
-          b[half] = dequant_pair<T, kBits>(word, Tile::pair_of_fragment(f, half), pq.zero_codes,
-                                           pq.scale_bits);
         }
 #pragma unroll
-        for (int mt = 0; mt < kMTiles; ++mt) mma_16816<T>(acc[mt][nt], a[mt], b);
+        for (int mt = 0; mt < kMTiles; ++mt) mma_16816<T>(sums[mt][nt], a[mt], b);
       }
     }
+  }
+
+  static __device__ __forceinline__ void zero(Accumulators& a) {
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < kNFrags; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) a[mt][nt][i] = 0.0f;
   }
 
   const QuantWeights& w_;
@@ -274,9 +384,13 @@ class Mainloop {
   const int32_t* perm_;
   const uint16_t* scales_;
   const uint8_t* zeros_;
-  int column_[kNFrags];
+  int column_[kNFrags];    // the lane's B-fragment column in each n8 block
+  int c_column_[kNFrags];  // the first of its two C-fragment columns
   int steps_per_group_;
   int a_offset_[kKSteps];
+  int a_chunk_;                                        // the 8-column chunk of K this thread copies
+  int a_dst_;                                          // its byte offset in an A stage
+  int64_t a_row_offset_[Traits::kAChunksPerThread];   // x offsets of its rows (-1: unused)
 };
 
 }  // namespace ferrum_moe_cuda::gemm

@@ -57,22 +57,38 @@ struct BatchedWorkItem {
 // launches. 128 items keep the block under the classic 4 KiB parameter limit.
 constexpr int kMaxBatchedWorkItems = 128;
 
-// Split-K for launches with too few output tiles to fill the GPU (decode):
-// gridDim.z CTAs share each output tile, CTA z multiplying K slices
-// [z * k_tiles_per_split, (z + 1) * k_tiles_per_split). Each adds its fp32
-// partial into the tile's slot of `partials` and bumps the tile's counter;
-// the last to arrive stores the sum through the epilogue, then zeroes the
-// slot and the counter, so both are zero between launches (graph replays too).
-struct SplitK {
-  int32_t k_tiles_per_split;  // >= k_tiles when gridDim.z == 1
-  float* partials;            // [tiles][kSmallRowsPerCta * kTileN], tile = blockIdx.x * gridDim.y + blockIdx.y
-  int32_t* counters;          // [tiles]
+// Which (tile, K range) pairs a CTA computes. Tiles are numbered x-major:
+// tile = x * n_tiles + y, x a work item / routed chunk / dispatch chunk, y an
+// n tile of the launch.
+//  - 64-row tiles: grid = (tiles_x, n_tiles); CTA (x, y) computes tile (x, y)
+//    over all of K.
+//  - 16-row (decode) tiles: grid = (ctas). The tiles x k_tiles K slices are
+//    dealt out in tile-major order, CTA c taking slices
+//    [c * W / ctas, (c + 1) * W / ctas). With ctas = tiles that is one tile
+//    per CTA; with at most kStreamKTiles tiles (stream-K), ctas is one full
+//    wave, and every SM streams the same share of the weights whatever the
+//    tile count (a split count would leave a partial wave). A tile whose
+//    slices span several CTAs meets in its fp32 slot: each CTA adds its
+//    partial sum, then its slice count to the tile's counter; the one
+//    completing k_tiles stores the total through the epilogue and zeroes the
+//    slot and the counter, so both are zero between launches (graph replays
+//    too).
+struct StreamK {
+  float* partials;    // [kStreamKTiles][kSmallRowsPerCta * kTileN], or null: no tile is shared
+  int32_t* counters;  // [kStreamKTiles]
+  int32_t tiles_x;
+  int32_t n_tiles;
 };
+
+// Tiles a stream-K launch may hold: the slots of a stack's workspace
+// (512 x 16 rows x 128 columns x 4 bytes = 4 MiB). More tiles than this fill
+// the GPU without sharing one.
+constexpr int kStreamKTiles = 512;
 
 struct BatchedParams {
   QuantWeights w;
   GemmIO io;
-  SplitK split;
+  StreamK schedule;
   int32_t first_n_tile;
   int32_t num_items;
   BatchedWorkItem items[kMaxBatchedWorkItems];
@@ -85,7 +101,7 @@ struct BatchedParams {
 struct DeviceDispatchParams {
   QuantWeights w;
   GemmIO io;
-  SplitK split;
+  StreamK schedule;
   int32_t first_n_tile;
   const void* table;           // [num_dispatches, 4] (expert, in_row, out_row, m), compact
   bool table_int64;            // else int32
@@ -101,7 +117,7 @@ struct DeviceDispatchParams {
 struct RoutedParams {
   QuantWeights w;
   GemmIO io;
-  SplitK split;
+  StreamK schedule;
   const int32_t* sorted_token_ids;
   int64_t num_positions;       // len(sorted_token_ids)
   const int32_t* expert_ids;   // [num_blocks]
@@ -124,18 +140,20 @@ constexpr int kLargeRowsPerCta = 64;
 // 64-row INT8 variant needs more than the default 48 KiB). Call once per
 // device before launching, outside any stream capture.
 cudaError_t configure_gemm_kernels(ComputeType type, int bits);
+// How many 16-row routed CTAs one SM holds at once (registers, shared memory).
+cudaError_t small_tile_ctas_per_sm(ComputeType type, int bits, int* ctas);
 
-// grid = (num_items, num_n_tiles, splits); rows_per_cta is kSmallRowsPerCta or
-// kLargeRowsPerCta; splits > 1 only with kSmallRowsPerCta and params.split set.
+// The grid follows params.schedule (StreamK): `ctas` CTAs for 16-row tiles,
+// (tiles_x, n_tiles) for 64-row ones. rows_per_cta is kSmallRowsPerCta or
+// kLargeRowsPerCta. Routed: tiles_x = routing blocks
+// processed x chunks_per_block; blocks past them are not processed (see
+// stack.cpp for why none can hold work).
 cudaError_t launch_gemm_batched(const BatchedParams& params, ComputeType type, int bits,
-                                int rows_per_cta, int num_n_tiles, int splits, cudaStream_t stream);
-// grid = (num_dispatches * chunks_per_dispatch, num_n_tiles, splits).
+                                int rows_per_cta, int ctas, cudaStream_t stream);
 cudaError_t launch_gemm_device_dispatch(const DeviceDispatchParams& params, ComputeType type, int bits,
-                                        int rows_per_cta, int num_n_tiles, int splits, cudaStream_t stream);
-// grid = (grid_blocks * chunks_per_block, n_tiles, splits): routing blocks past
-// grid_blocks are not processed (see stack.cpp for why none can hold work).
+                                        int rows_per_cta, int ctas, cudaStream_t stream);
 cudaError_t launch_gemm_routed(const RoutedParams& params, ComputeType type, int bits,
-                               int rows_per_cta, int grid_blocks, int splits, cudaStream_t stream);
+                               int rows_per_cta, int ctas, cudaStream_t stream);
 
 }  // namespace ferrum_moe_cuda::gemm
 

@@ -1,7 +1,8 @@
-// The cross-CTA reduction of split-K (params.hpp, SplitK): partial sums meet
-// in an fp32 slot per output tile; the last CTA of the tile takes the total.
-#ifndef FERRUM_MOE_CUDA_GEMM_SPLIT_K_CUH_
-#define FERRUM_MOE_CUDA_GEMM_SPLIT_K_CUH_
+// The cross-CTA reduction of stream-K (params.hpp, StreamK): partial sums of
+// one tile meet in its fp32 slot; the CTA that completes the tile's K slices
+// takes the total.
+#ifndef FERRUM_MOE_CUDA_GEMM_STREAM_K_CUH_
+#define FERRUM_MOE_CUDA_GEMM_STREAM_K_CUH_
 
 #include <cstdint>
 
@@ -11,18 +12,18 @@
 
 namespace ferrum_moe_cuda::gemm {
 
-// Adds this CTA's accumulators into the tile's slot. Returns true in the last
-// CTA of the tile, with `acc` replaced by the total and the slot and counter
-// reset; false in the others, which then store nothing.
+// Adds this CTA's accumulators (`slices` of the tile's k_tiles K slices) into
+// the tile's slot. Returns true in the CTA that completes the tile, with `acc`
+// replaced by the total and the slot and counter reset; false in the others,
+// which then store nothing.
 template <int kMTiles>
-__device__ bool reduce_split_k(const SplitK& split, const RowTable<kMTiles * kMmaM>& rows,
-                               float (&acc)[kMTiles][kNFrags][4]) {
-  static_assert(kMTiles * kMmaM == kSmallRowsPerCta, "split-K slots hold small (decode) tiles");
+__device__ bool reduce_stream_k(const StreamK& schedule, int64_t tile, int slices, int k_tiles,
+                               const RowTable<kMTiles * kMmaM>& rows, float (&acc)[kMTiles][kNFrags][4]) {
+  static_assert(kMTiles * kMmaM == kSmallRowsPerCta, "stream-K slots hold small (decode) tiles");
   __shared__ int is_last;
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
-  const int64_t tile = static_cast<int64_t>(blockIdx.x) * gridDim.y + blockIdx.y;
-  float* slot = split.partials + tile * (kSmallRowsPerCta * kTileN);
+  float* slot = schedule.partials + tile * (kSmallRowsPerCta * kTileN);
   // Accumulator element i of fragment (mt, nt): row mt*16 + lane/4 (+8 for i >= 2),
   // column warp*32 + nt*8 + 2*(lane%4) + i%2 (the mma.m16n8 C layout).
   auto index = [&](int mt, int nt, int i) {
@@ -43,7 +44,7 @@ __device__ bool reduce_split_k(const SplitK& split, const RowTable<kMTiles * kMm
   // Release: every thread's adds are visible device-wide before the count.
   __threadfence();
   __syncthreads();
-  if (threadIdx.x == 0) is_last = atomicAdd(split.counters + tile, 1) == static_cast<int>(gridDim.z) - 1;
+  if (threadIdx.x == 0) is_last = atomicAdd(schedule.counters + tile, slices) + slices == k_tiles;
   __syncthreads();
   if (!is_last) return false;
   // Acquire: the other CTAs' adds, read from L2 (ld.cg), not a stale L1 line.
@@ -52,10 +53,10 @@ __device__ bool reduce_split_k(const SplitK& split, const RowTable<kMTiles * kMm
     value = __ldcg(p);
     *p = 0.0f;
   });
-  if (threadIdx.x == 0) split.counters[tile] = 0;
+  if (threadIdx.x == 0) schedule.counters[tile] = 0;
   return true;
 }
 
 }  // namespace ferrum_moe_cuda::gemm
 
-#endif  // FERRUM_MOE_CUDA_GEMM_SPLIT_K_CUH_
+#endif  // FERRUM_MOE_CUDA_GEMM_STREAM_K_CUH_

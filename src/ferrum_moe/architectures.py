@@ -192,7 +192,7 @@ def parse(config: dict, source: str, layers_present) -> ModelSpec:
     if model_type == "mixtral":
         num_experts = c.int("num_local_experts", "num_experts")
         intermediate = c.int("intermediate_size")
-        moe_layers, dense_rule = list(range(num_layers)), "none: every Mixtral layer is MoE"
+        moe_layers, dense_rule = list(range(num_layers)), "every Mixtral layer is MoE"
         rule = RoutingRule("softmax", "greedy", top_k, renormalize=True)
     elif model_type in ("qwen2_moe", "qwen3_moe"):
         num_experts = c.int("num_experts", "num_local_experts")

@@ -166,7 +166,7 @@ class QuantConfig:
 
 def _quant_config(directory: Path, config: dict) -> QuantConfig:
     if "quantization_config" in config:
-        q, source = config["quantization_config"], f"{directory / 'config.json'} (quantization_config)"
+        q, source = config["quantization_config"], f"quantization_config in {directory / 'config.json'}"
     elif (directory / "quantize_config.json").exists():
         q, source = _read_json(directory / "quantize_config.json", "quantization config"), \
             str(directory / "quantize_config.json")

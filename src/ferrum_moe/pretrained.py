@@ -319,3 +319,37 @@ def load_moe_layers(path, layers=None, *, backend: str = "auto", device="cpu", d
         total = sum(len(t.experts) + (t.shared is not None) for t in tensors)
         with tqdm(total=total, unit="expert", desc=f"loading {ckpt.path.name}", disable=not progress) as bar:
             return {t.layer: _read_layer(ckpt, spec, t, b, device, dtype, bar) for t in tensors}
+
+
+def _probe_weight(k: int, n: int, bits: int, group_size: int, asym: bool, act_order: bool) -> GPTQWeight:
+    per = 32 // bits
+    groups = gptq.num_groups(k, group_size)
+    qzeros = np.zeros((groups, -(-n // per)), np.int32) if asym else None  # zero point 0: not the midpoint
+    g_idx = (np.arange(k)[::-1] * groups // k).astype(np.int32) if act_order else None  # rows out of group order
+    return GPTQWeight(np.zeros((-(-k // per), n), np.int32), np.ones((groups, n), np.float16), qzeros, g_idx,
+                      bits=bits, group_size=group_size, sym=not asym, checkpoint_format="gptq_v2", k=k)
+
+
+def probe_backend(backend: str, device, spec: ModelSpec, quant, dtype: str) -> str | None:
+    """None if ``backend`` can run this model's MoE layers on ``device`` in
+    ``dtype``, else its reason. Loads one expert of each shape the model has
+    (zero codes, the checkpoint's bits, group size, zero points and act-order)
+    and runs the layer on zero tokens, so every operation is asked for."""
+    from .discovery import get_backend
+    from .moe import fused_moe
+
+    asym, act_order = quant.method == "awq" or not quant.sym, quant.desc_act
+    try:
+        b = get_backend(backend)
+        dev = parse_device(device)
+        sizes = [spec.intermediate] + ([spec.shared_intermediate] if spec.shared_intermediate else [])
+        for inter in dict.fromkeys(sizes):
+            w13 = _probe_weight(spec.hidden, 2 * inter, quant.bits, quant.group_size, asym, act_order)
+            w2 = _probe_weight(inter, spec.hidden, quant.bits, quant.group_size, asym, act_order)
+            s13, s2 = (ExpertStack.from_gptq([w], backend=backend, device=device, dtype=dtype) for w in (w13, w2))
+            x, weights, ids = (b.empty(dev[0], dev[1], t, [0, width], 0)
+                               for t, width in ((dtype, spec.hidden), ("float32", 1), ("int32", 1)))
+            fused_moe(x, s13, s2, weights, ids)
+    except Exception as e:  # a probe reports why, it does not stop
+        return f"{type(e).__name__}: {e}"
+    return None

@@ -37,8 +37,7 @@ class RoutingRule:
         elif self.topk_method == "noaux_tc":
             text += (f" by score + e_score_correction_bias, from the best {self.topk_group} of {self.n_group} groups "
                      "(group score: its two best)")
-        if self.renormalize:
-            text += ", weights renormalised to sum 1"
+        text += ", weights renormalised to sum 1" if self.renormalize else ", weights are the chosen scores"
         if self.scaling != 1.0:
             text += f", times routed_scaling_factor {self.scaling:g}"
         return text

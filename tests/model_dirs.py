@@ -158,7 +158,7 @@ def reference_forward(config: dict, ref: LayerRef, x64: np.ndarray) -> np.ndarra
     return out
 
 
-def base_config(model_type: str, *, hidden=64, intermediate=32, experts=8, top_k=2, layers=2, **extra) -> dict:
+def base_config(model_type: str, *, hidden=64, intermediate=48, experts=8, top_k=2, layers=2, **extra) -> dict:
     """A config.json as published models write it (keys of the transformers
     configuration classes)."""
     c = {"architectures": [{"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
@@ -173,7 +173,7 @@ def base_config(model_type: str, *, hidden=64, intermediate=32, experts=8, top_k
         c.update(num_experts=experts, moe_intermediate_size=intermediate, decoder_sparse_step=1, mlp_only_layers=[],
                  norm_topk_prob=model_type == "qwen3_moe")
         if model_type == "qwen2_moe":
-            c["shared_expert_intermediate_size"] = 48
+            c["shared_expert_intermediate_size"] = 80
     else:
         v3 = model_type == "deepseek_v3"
         c.update(n_routed_experts=experts, moe_intermediate_size=intermediate, n_shared_experts=1,

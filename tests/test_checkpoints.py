@@ -112,7 +112,7 @@ def test_the_progress_bar_counts_experts_and_can_be_turned_off(tmp_path, rng, ca
 
 def test_layers_are_chosen_by_index(tmp_path, rng):
     _write(tmp_path, rng, "deepseek_v2-gptq-int8-act-order-group-limited")
-    assert list(fm.load_moe_layers(tmp_path, 2, progress=False)) == [2]
+    assert list(fm.load_moe_layers(tmp_path, np.int64(2), progress=False)) == [2]
     assert list(fm.load_moe_layers(tmp_path, [2, 1, 2], progress=False)) == [2, 1]
     with pytest.raises(ValueError, match=r"layer 0 is a dense MLP layer \(first_k_dense_replace 1, moe_layer_freq "
                                          r"1\); the MoE layers are 1-2"):
@@ -133,10 +133,15 @@ def test_route_needs_a_router_and_the_models_hidden_size(tmp_path, rng):
         plain.forward(np.zeros((3, 64), np.float16))
 
 
-def test_an_unknown_backend_is_refused_before_reading(tmp_path, rng):
+def test_a_wrong_backend_device_or_dtype_is_refused_before_reading(tmp_path, rng, monkeypatch):
     _write(tmp_path, rng, "mixtral-gptq-v1-sym-int4")
+    monkeypatch.setattr(checkpoint.Checkpoint, "read", lambda self, info: pytest.fail(f"read {info.name}"))
     with pytest.raises(fm.BackendUnavailableError, match="backend 'nosuch' is not selected"):
         fm.load_moe_layers(tmp_path, backend="nosuch")
+    with pytest.raises(ValueError, match="device: expected 'cpu', 'cuda' or 'cuda:N'; got 'gpu'"):
+        fm.load_moe_layers(tmp_path, device="gpu")
+    with pytest.raises(ValueError, match="dtype: expected one of float32, float16, bfloat16; got 'float64'"):
+        fm.load_moe_layers(tmp_path, dtype="float64")
 
 
 # Broken directories. Each case edits a good checkpoint (qwen3_moe, 2 layers of
@@ -236,8 +241,8 @@ def _gap(header, data):  # passes the header checks; safetensors itself refuses 
 
 
 BROKEN = {  # id: (edit of the directory, what the message must say)
-    "no config.json": (lambda p: (p / "config.json").unlink(), r"config.json: no config.json"),
-    "config.json not JSON": (lambda p: (p / "config.json").write_text("{"), r"config.json is not valid JSON"),
+    "no config.json": (lambda p: (p / "config.json").unlink(), r"config.json does not exist: is .* a model directory\?"),
+    "config.json not JSON": (lambda p: (p / "config.json").write_text("{"), r"config.json: not valid JSON \(config.json\): Expecting"),
     "unknown model_type": (lambda p: _edit_config(p, model_type="llama"),
                            r"model_type 'llama' is not a MoE architecture ferrum-moe reads \(supported: mixtral"),
     "gelu experts": (lambda p: _edit_config(p, hidden_act="gelu"), r"hidden_act 'gelu' is not supported"),
@@ -249,7 +254,12 @@ BROKEN = {  # id: (edit of the directory, what the message must say)
     "AWQ gemv": (lambda p: _edit_config(p, q_quant_method="awq", q_version="gemv"), r"AWQ version 'gemv'"),
     "group_size 0": (lambda p: _edit_config(p, q_group_size=0), r"group_size must be -1 or positive; got 0"),
     "more layers than tensors": (lambda p: _edit_config(p, num_hidden_layers=5),
-                                 r"num_hidden_layers is 5, but no tensor of layer\(s\) 2-4 exists"),
+                                 r"num_hidden_layers is 5, but only 2 of those layers have tensors; the first "
+                                 r"missing is layer 2 \(no tensor model.layers.2.\*\)"),
+    "absurd layer count": (lambda p: _edit_config(p, num_hidden_layers=10 ** 15),
+                           r"num_hidden_layers is 1000000000000000, but only 2 of those layers have tensors"),
+    "absurd expert count": (lambda p: _edit_config(p, num_experts=10 ** 15, num_experts_per_tok=2),
+                            r"layer 0 is missing expert 8: .* says 1000000000000000 experts; 8 are present"),
     "top-k above experts": (lambda p: _edit_config(p, num_experts_per_tok=9),
                             r"num_experts_per_tok 9 exceeds the 8 experts"),
     "fewer experts in config": (lambda p: _edit_config(p, num_experts=4),
@@ -265,7 +275,7 @@ BROKEN = {  # id: (edit of the directory, what the message must say)
         r"model_type 'mixtral' \(Mixtral\) puts layer 0's router at model.layers.0.block_sparse_moe.gate.weight, "
         r"but no file .* holds it; its experts are named model.layers.0.mlp.experts.E.gate_proj/up_proj/down_proj"),
     "missing tensor": (lambda p: _edit_tensors(p, _drop(f"{EXPERT}.down_proj.scales")),
-                       rf"model.safetensors\): missing tensor {EXPERT}.down_proj.scales"),
+                       rf": missing tensor {EXPERT}.down_proj.scales \(in none of: model.safetensors\)"),
     "missing expert": (lambda p: _edit_tensors(p, lambda t: [t.pop(n) for n in list(t) if n.startswith(EXPERT)]),
                        r"layer 1 is missing expert 3: no tensor model.layers.1.mlp.experts.3.gate_proj.\* "
                        r"\(.* says 8 experts; 7 are present\)"),
@@ -295,7 +305,7 @@ BROKEN = {  # id: (edit of the directory, what the message must say)
         rf"tensor {EXPERT}.up_proj.g_idx: values must be group indices in \[0, 2\); got \[5, 6\]"),
     "unquantized expert": (lambda p: _edit_tensors(p, _float_expert),
                            rf"tensor {EXPERT}.down_proj.weight: the checkpoint keeps {EXPERT}.down_proj unquantized "
-                           r"\(a F16 \[64, 48\] weight, no qweight\)"),
+                           r"\(a float weight, F16 \[64, 48\], and no qweight\)"),
     "modules_to_not_convert covers experts": (
         lambda p: _edit_config(p, q_modules_to_not_convert=["mlp.gate", "experts"]),
         r"modules_to_not_convert entry 'experts' keeps model.layers.0.mlp.experts.0.gate_proj unquantized"),
@@ -453,8 +463,8 @@ def test_the_cli_refuses_a_broken_checkpoint_with_its_message(good, capsys):
     assert cli(["run", str(good)]) == 0  # layer 0 is whole: run reads only its own layer
     capsys.readouterr()
     assert cli(["run", str(good), "--layer", "1"]) == 2
-    assert f"ferrum-moe run: {good} (files: model.safetensors): missing tensor " \
-           f"{EXPERT}.down_proj.scales" in capsys.readouterr().err
+    assert f"ferrum-moe run: {good}: missing tensor {EXPERT}.down_proj.scales (in none of: model.safetensors)" \
+        in capsys.readouterr().err
     assert cli(["inspect", str(good)]) == 2
     assert f"missing tensor {EXPERT}.down_proj.scales" in capsys.readouterr().err
     assert cli(["run", str(good), "--layer", "7"]) == 2

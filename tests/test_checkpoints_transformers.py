@@ -70,6 +70,8 @@ def _save(path, tensors, shard_of, config):
 @pytest.mark.parametrize("case", MODELS)
 def test_a_transformers_checkpoint_computes_what_transformers_computes(tmp_path, rng, case):
     config_class, model_class, kwargs, quant = MODELS[case]
+    if case.startswith("deepseek_v3") and int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip("transformers < 5 sums DeepSeek-V3's experts in float32, so it cannot be a float64 reference")
     torch.manual_seed(int(rng.integers(2 ** 31)))
     config = getattr(transformers, config_class)(**TINY, **kwargs)
     getattr(transformers, model_class)(config).to(torch.bfloat16).save_pretrained(tmp_path / "float",

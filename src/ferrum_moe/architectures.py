@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import re
 
 from .checkpoint import CheckpointError
@@ -79,8 +80,9 @@ class ModelSpec:
 
     def check_layer(self, layer) -> int:
         """``layer`` as an int, if it is one of the model's MoE layers."""
-        if not isinstance(layer, int) or isinstance(layer, bool):
+        if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
             raise TypeError(f"layer: expected an int; got {layer!r}")
+        layer = int(layer)
         if not 0 <= layer < self.num_layers:
             raise ValueError(f"layer {layer} does not exist: {self.source} has num_hidden_layers {self.num_layers}")
         if layer not in self.moe_layers:
@@ -182,10 +184,11 @@ def parse(config: dict, source: str, layers_present) -> ModelSpec:
         raise CheckpointError(f"{source}: hidden_act {act!r} is not supported: ferrum-moe's experts compute "
                               "silu(gate) * up")
     num_layers = c.int("num_hidden_layers")
-    missing = sorted(set(range(num_layers)) - set(layers_present))
-    if missing:
-        raise CheckpointError(f"{source}: num_hidden_layers is {num_layers}, but no tensor of layer(s) "
-                              f"{ranges(missing[:1000])} exists (model.layers.N.*)")
+    present = {i for i in layers_present if i < num_layers}
+    if len(present) < num_layers:  # never materialise range(num_layers) before it is known to be real
+        first = next(i for i in range(num_layers) if i not in present)
+        raise CheckpointError(f"{source}: num_hidden_layers is {num_layers}, but only {len(present)} of those layers "
+                              f"have tensors; the first missing is layer {first} (no tensor model.layers.{first}.*)")
     hidden = c.int("hidden_size")
     top_k = c.int("num_experts_per_tok")
     shared_intermediate = 0

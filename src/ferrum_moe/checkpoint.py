@@ -52,13 +52,13 @@ def _read_json(path: Path, what: str) -> dict:
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: no {what} (is {path.parent} a model directory?)") from None
+        raise CheckpointError(f"{path} does not exist: is {path.parent} a model directory?") from None
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read the {what}: {e}") from None
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: the {what} is not valid JSON: {e}") from None
+        raise CheckpointError(f"{path}: not valid JSON ({what}): {e}") from None
     if not isinstance(value, dict):
         raise CheckpointError(f"{path}: the {what} must be a JSON object; got {type(value).__name__}")
     return value
@@ -288,8 +288,10 @@ class Checkpoint:
         """The header entry of ``name``; CheckpointError if no file holds it."""
         file = self._weight_map.get(name)
         if file is None:
-            where = self.index_file or f"{self.path} (files: {', '.join(f.name for f in self.files)})"
-            raise CheckpointError(f"{where}: missing tensor {name}")
+            if self.index_file:
+                raise CheckpointError(f"{self.index_file}: missing tensor {name} (the index does not list it)")
+            raise CheckpointError(f"{self.path}: missing tensor {name} (in none of: "
+                                  f"{', '.join(f.name for f in self.files)})")
         info = self._header(file).get(name)
         if info is None:
             raise CheckpointError(f"{self.index_file}: maps tensor {name} to {file.name}, whose header has no such "

@@ -12,6 +12,7 @@ touched."""
 from __future__ import annotations
 
 import dataclasses
+import numbers
 
 import numpy as np
 
@@ -22,7 +23,7 @@ from .discovery import parse_device, resolve
 from .gptq import GPTQWeight
 from .moe import MoE
 from .router import Router, host_float32, like
-from .stack import ExpertStack
+from .stack import ExpertStack, _check_dtype
 
 
 def open_model(path) -> tuple[Checkpoint, ModelSpec]:
@@ -57,9 +58,9 @@ def quantized_module(ckpt: Checkpoint, name: str, k: int, n: int) -> QuantizedMo
                               "ferrum-moe runs GPTQ/AWQ-quantized experts only")
     if not ckpt.has(f"{name}.qweight") and ckpt.has(f"{name}.weight"):
         info = ckpt.info(f"{name}.weight")
-        raise CheckpointError(f"{info.where()}: the checkpoint keeps {name} unquantized (a {info.dtype} "
-                              f"{list(info.shape)} weight, no qweight); ferrum-moe runs GPTQ/AWQ-quantized experts "
-                              "only")
+        raise CheckpointError(f"{info.where()}: the checkpoint keeps {name} unquantized (a float weight, "
+                              f"{info.dtype} {list(info.shape)}, and no qweight); ferrum-moe runs GPTQ/AWQ-quantized "
+                              "experts only")
     groups = gptq.num_groups(k, q.group_size)
     group_what = f"{groups} groups of group_size {q.group_size} over K={k}, as {q.source} says"
     t: dict[str, TensorInfo] = {}
@@ -309,10 +310,12 @@ def load_moe_layers(path, layers=None, *, backend: str = "auto", device="cpu", d
     """
     from tqdm import tqdm
 
-    b = resolve(backend, parse_device(device)).name  # an unknown backend or device fails before any reading
+    b = resolve(backend, parse_device(device)).name  # a wrong backend, device or dtype fails before any reading
+    dtype = _check_dtype(dtype)
     ckpt, spec = open_model(path)
     with ckpt:
-        wanted = list(spec.moe_layers) if layers is None else [layers] if isinstance(layers, int) else list(layers)
+        wanted = list(spec.moe_layers) if layers is None else \
+            [layers] if isinstance(layers, numbers.Integral) else list(layers)
         wanted = list(dict.fromkeys(spec.check_layer(i) for i in wanted))
         found = expert_indices(ckpt.names(), spec)
         tensors = [layer_tensors(ckpt, spec, i, found) for i in wanted]  # every header check before any data

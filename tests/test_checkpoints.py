@@ -389,7 +389,7 @@ def test_act_order_gate_and_up_must_share_g_idx(tmp_path, rng):
 def test_awq_needs_n_in_whole_words(tmp_path, rng):
     write_model(tmp_path, base_config("mixtral"), Quant(method="awq"), rng)
     _edit_config(tmp_path, intermediate_size=44)
-    with pytest.raises(fm.CheckpointError, match=r"experts.0.w1: N=44 is not a multiple of 8"):
+    with pytest.raises(fm.CheckpointError, match=r"experts.0.w1: N=44 \(from config.json\) is not a multiple of 8"):
         fm.load_moe_layers(tmp_path, progress=False)
 
 
@@ -469,3 +469,13 @@ def test_the_cli_refuses_a_broken_checkpoint_with_its_message(good, capsys):
     assert f"missing tensor {EXPERT}.down_proj.scales" in capsys.readouterr().err
     assert cli(["run", str(good), "--layer", "7"]) == 2
     assert "layer 7 does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("columns", [8, 16, 1024])
+def test_runs_reference_dequantizes_block_by_block_exactly(rng, columns):
+    from ferrum_moe.cli import _times_dequantized
+    from ferrum_moe.testing import random_weight
+
+    w = random_weight(rng, 64, 36, bits=4, group_size=16, sym=False, act_order=True)  # 36: a partial zero word
+    x64 = rng.standard_normal((3, 64))
+    np.testing.assert_allclose(_times_dequantized(x64, w, columns), x64 @ w.dequantize(np.float64), rtol=1e-12)

@@ -166,6 +166,28 @@ def _inspect(args) -> int:
     return 0
 
 
+def _times_dequantized(x64: np.ndarray, w, columns: int = 1024) -> np.ndarray:
+    """x64 @ W in float64, W dequantized ``columns`` columns at a time, so a
+    large expert never lies on the host as a whole float64 matrix."""
+    from ferrum_moe import GPTQWeight
+
+    per = 32 // w.bits  # columns is a multiple of per, so each block's zero points are whole words
+    out = np.empty((x64.shape[0], w.n))
+    for c in range(0, w.n, columns):
+        end = min(c + columns, w.n)
+        qzeros = None if w.qzeros is None else w.qzeros[:, c // per:-(-end // per)]
+        block = GPTQWeight(w.qweight[:, c:end], w.scales[:, c:end], qzeros, w.g_idx, bits=w.bits,
+                           group_size=w.group_size, sym=w.sym, checkpoint_format=w.checkpoint_format, k=w.k)
+        out[:, c:end] = x64 @ block.dequantize(np.float64)
+    return out
+
+
+def _silu_mlp(x64: np.ndarray, w13, w2) -> np.ndarray:
+    h = _times_dequantized(x64, w13)
+    gate, up = np.split(h, 2, axis=1)
+    return _times_dequantized(gate / (1 + np.exp(-gate)) * up, w2)
+
+
 def _run(args) -> int:
     import ml_dtypes
 
@@ -201,8 +223,8 @@ def _run(args) -> int:
     seconds = float(np.median(times))
     y = np.asarray(y.float().cpu() if hasattr(y, "cpu") else y, dtype=np.float64)
 
-    # The reference: the layer's own routing, each active expert dequantized
-    # from the checkpoint in float64, one at a time.
+    # The reference: the layer's own routing, each active expert read again
+    # from the checkpoint and dequantized in float64, one at a time.
     topk_weights, topk_ids = layer.route(x)
     x64 = x.astype(np.float64)
     ref = np.zeros_like(x64)
@@ -210,17 +232,11 @@ def _run(args) -> int:
         t = layer_tensors(ckpt, spec, index, expert_indices(ckpt.names(), spec))
         active = np.unique(topk_ids)
         for e in active:
-            w13, w2 = (w.dequantize(np.float64) for w in read_mlp(ckpt, t.experts[e]))
             tokens, slots = np.nonzero(topk_ids == e)
-            h = x64[tokens] @ w13
-            gate, up = h[:, :spec.intermediate], h[:, spec.intermediate:]
-            ref[tokens] += topk_weights[tokens, slots, None] * ((gate / (1 + np.exp(-gate)) * up) @ w2)
+            ref[tokens] += topk_weights[tokens, slots, None] * _silu_mlp(x64[tokens], *read_mlp(ckpt, t.experts[e]))
         weight_bytes = sum(t.experts[e].nbytes for e in active)
         if t.shared is not None:
-            w13, w2 = (w.dequantize(np.float64) for w in read_mlp(ckpt, t.shared))
-            h = x64 @ w13
-            gate, up = h[:, :spec.shared_intermediate], h[:, spec.shared_intermediate:]
-            shared = (gate / (1 + np.exp(-gate)) * up) @ w2
+            shared = _silu_mlp(x64, *read_mlp(ckpt, t.shared))
             if t.shared_gate is not None:
                 shared *= 1 / (1 + np.exp(-(x64 @ ckpt.read(t.shared_gate).astype(np.float64).T)))
             ref += shared

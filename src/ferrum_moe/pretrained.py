@@ -66,7 +66,8 @@ def quantized_module(ckpt: Checkpoint, name: str, k: int, n: int) -> QuantizedMo
     t: dict[str, TensorInfo] = {}
     if q.method == "awq":
         if n % 8:
-            raise CheckpointError(f"{name}: N={n} is not a multiple of 8, which AWQ's packing needs")
+            raise CheckpointError(f"{name}: N={n} (from config.json) is not a multiple of 8, which AWQ's packing "
+                                  "along N needs")
         t["qweight"] = ckpt.expect(f"{name}.qweight", ("I32",), (k, n // 8), f"AWQ: 4-bit codes of N={n} packed along N")
         t["qzeros"] = ckpt.expect(f"{name}.qzeros", ("I32",), (groups, n // 8), f"AWQ zero points, {group_what}")
         t["scales"] = ckpt.expect(f"{name}.scales", FLOAT_DTYPES, (groups, n), group_what)

@@ -235,7 +235,8 @@ def write_model(path: Path, config: dict, q: Quant, rng, *, shards: int = 1, sep
         experts = [mlp(f"{prefix}.experts.{e}", inter) for e in range(num_experts)]
         shared = shared_gate = None
         if shared_name and (mt == "qwen2_moe" or config.get("n_shared_experts")):
-            size = config["shared_expert_intermediate_size"] if mt == "qwen2_moe" else inter * config["n_shared_experts"]
+            size = config["shared_expert_intermediate_size"] if mt == "qwen2_moe" else \
+                inter * config["n_shared_experts"]
             shared = mlp(f"{prefix}.{shared_name}", size)
             if shared_gate_name:
                 shared_gate = (rng.standard_normal((1, hidden)) / np.sqrt(hidden)).astype(router_dtype)

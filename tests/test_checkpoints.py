@@ -84,7 +84,8 @@ def test_only_the_requested_layer_is_read(tmp_path, rng, monkeypatch):
     _write(tmp_path, rng, "deepseek_v2-gptq-int8-act-order-group-limited")
     read = []
     original = checkpoint.Checkpoint.read
-    monkeypatch.setattr(checkpoint.Checkpoint, "read", lambda self, info: read.append(info.name) or original(self, info))
+    monkeypatch.setattr(checkpoint.Checkpoint, "read",
+                        lambda self, info: read.append(info.name) or original(self, info))
     fm.MoE.from_pretrained(tmp_path, 2, progress=False)
     assert read and all(name.startswith("model.layers.2.mlp.") for name in read)
     assert any(".shared_experts." in name for name in read) and any(".experts.7." in name for name in read)
@@ -126,7 +127,8 @@ def test_layers_are_chosen_by_index(tmp_path, rng):
 def test_route_needs_a_router_and_the_models_hidden_size(tmp_path, rng):
     _write(tmp_path, rng, "mixtral-gptq-v1-sym-int4")
     layer = fm.MoE.from_pretrained(tmp_path, 0, progress=False)
-    with pytest.raises(ValueError, match=r"route: hidden_states must be \[num_tokens, hidden=64\]; got shape \[3, 32\]"):
+    with pytest.raises(ValueError, match=r"route: hidden_states must be \[num_tokens, hidden=64\]; got shape "
+                                         r"\[3, 32\]"):
         layer.route(np.zeros((3, 32), np.float16))
     plain = fm.MoE(layer.w13, layer.w2, top_k=2)
     with pytest.raises(ValueError, match="MoE.route: this layer has no router"):
@@ -241,8 +243,10 @@ def _gap(header, data):  # passes the header checks; safetensors itself refuses 
 
 
 BROKEN = {  # id: (edit of the directory, what the message must say)
-    "no config.json": (lambda p: (p / "config.json").unlink(), r"config.json does not exist: is .* a model directory\?"),
-    "config.json not JSON": (lambda p: (p / "config.json").write_text("{"), r"config.json: not valid JSON \(config.json\): Expecting"),
+    "no config.json": (lambda p: (p / "config.json").unlink(),
+                       r"config.json does not exist: is .* a model directory\?"),
+    "config.json not JSON": (lambda p: (p / "config.json").write_text("{"),
+                             r"config.json: not valid JSON \(config.json\): Expecting"),
     "unknown model_type": (lambda p: _edit_config(p, model_type="llama"),
                            r"model_type 'llama' is not a MoE architecture ferrum-moe reads \(supported: mixtral"),
     "gelu experts": (lambda p: _edit_config(p, hidden_act="gelu"), r"hidden_act 'gelu' is not supported"),
@@ -260,6 +264,9 @@ BROKEN = {  # id: (edit of the directory, what the message must say)
                            r"num_hidden_layers is 1000000000000000, but only 2 of those layers have tensors"),
     "absurd expert count": (lambda p: _edit_config(p, num_experts=10 ** 15, num_experts_per_tok=2),
                             r"layer 0 is missing expert 8: .* says 1000000000000000 experts; 8 are present"),
+    "no MoE layer": (lambda p: _edit_config(p, mlp_only_layers=[0, 1]),
+                     r"config.json: none of the 2 layers is a MoE layer \(decoder_sparse_step 1, mlp_only_layers "
+                     r"\[0, 1\]\)"),
     "top-k above experts": (lambda p: _edit_config(p, num_experts_per_tok=9),
                             r"num_experts_per_tok 9 exceeds the 8 experts"),
     "fewer experts in config": (lambda p: _edit_config(p, num_experts=4),
@@ -406,7 +413,7 @@ def test_a_header_bigger_than_the_file_is_refused_before_reading_it(tmp_path):
 from test_plugin_example import built_example, registered  # noqa: E402, F401  (fixtures)
 
 
-def test_a_backend_that_cannot_run_the_format_says_why(registered, tmp_path, rng):
+def test_a_backend_that_cannot_run_the_format_says_why(registered, tmp_path, rng):  # noqa: F811
     write_model(tmp_path, base_config("mixtral"), Quant(), rng)
     with pytest.raises(NotImplementedError, match=r"layer 0: experts' w13 \[gate \| up\] \(8 x \[K=64, N=96\], "
                                                   r"4-bit, group_size 32, float16\): backend 'minimal' cannot run it: "
@@ -414,7 +421,7 @@ def test_a_backend_that_cannot_run_the_format_says_why(registered, tmp_path, rng
         fm.load_moe_layers(tmp_path, backend="minimal", progress=False)
 
 
-def test_inspect_says_which_backends_can_run_it(registered, tmp_path, rng, capsys):
+def test_inspect_says_which_backends_can_run_it(registered, tmp_path, rng, capsys):  # noqa: F811
     write_model(tmp_path, base_config("mixtral"), Quant(), rng)
     assert cli(["inspect", str(tmp_path)]) == 0
     out = capsys.readouterr().out

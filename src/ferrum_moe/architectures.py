@@ -202,7 +202,8 @@ def parse(config: dict, source: str, layers_present) -> ModelSpec:
         intermediate = c.int("moe_intermediate_size")
         step = c.int("decoder_sparse_step", default=1)
         mlp_only = c.int_list("mlp_only_layers")
-        moe_layers = [i for i in range(num_layers) if i not in mlp_only and (i + 1) % step == 0]
+        dense = set(mlp_only)
+        moe_layers = [i for i in range(num_layers) if i not in dense and (i + 1) % step == 0]
         dense_rule = f"decoder_sparse_step {step}, mlp_only_layers {mlp_only}"
         rule = RoutingRule("softmax", "greedy", top_k, renormalize=c.bool("norm_topk_prob", False))
         if model_type == "qwen2_moe":
@@ -227,6 +228,8 @@ def parse(config: dict, source: str, layers_present) -> ModelSpec:
         rule = RoutingRule("sigmoid" if v3 else "softmax", method, top_k, renormalize, scaling, n_group, topk_group)
     if top_k > num_experts:
         raise CheckpointError(f"{source}: num_experts_per_tok {top_k} exceeds the {num_experts} experts")
+    if not moe_layers:
+        raise CheckpointError(f"{source}: none of the {num_layers} layers is a MoE layer ({dense_rule})")
     return ModelSpec(model_type, LAYOUTS[model_type], num_layers, hidden, num_experts, intermediate,
                      shared_intermediate, tuple(moe_layers), dense_rule, rule, source)
 

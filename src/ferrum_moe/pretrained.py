@@ -18,10 +18,10 @@ import numpy as np
 
 from . import awq, gptq
 from .architectures import ModelSpec, expert_indices, layer_indices, naming_found, parse
-from .checkpoint import FLOAT_DTYPES, Checkpoint, CheckpointError, TensorInfo
-from .discovery import parse_device, resolve
+from .checkpoint import FLOAT_DTYPES, Checkpoint, CheckpointError, QuantConfig, TensorInfo
+from .discovery import get_backend, parse_device, resolve
 from .gptq import GPTQWeight
-from .moe import MoE
+from .moe import MoE, fused_moe
 from .router import Router, host_float32, like
 from .stack import ExpertStack, _check_dtype
 
@@ -68,7 +68,8 @@ def quantized_module(ckpt: Checkpoint, name: str, k: int, n: int) -> QuantizedMo
         if n % 8:
             raise CheckpointError(f"{name}: N={n} (from config.json) is not a multiple of 8, which AWQ's packing "
                                   "along N needs")
-        t["qweight"] = ckpt.expect(f"{name}.qweight", ("I32",), (k, n // 8), f"AWQ: 4-bit codes of N={n} packed along N")
+        t["qweight"] = ckpt.expect(f"{name}.qweight", ("I32",), (k, n // 8),
+                                   f"AWQ: 4-bit codes of N={n} packed along N")
         t["qzeros"] = ckpt.expect(f"{name}.qzeros", ("I32",), (groups, n // 8), f"AWQ zero points, {group_what}")
         t["scales"] = ckpt.expect(f"{name}.scales", FLOAT_DTYPES, (groups, n), group_what)
     else:
@@ -334,14 +335,11 @@ def _probe_weight(k: int, n: int, bits: int, group_size: int, asym: bool, act_or
                       bits=bits, group_size=group_size, sym=not asym, checkpoint_format="gptq_v2", k=k)
 
 
-def probe_backend(backend: str, device, spec: ModelSpec, quant, dtype: str) -> str | None:
+def probe_backend(backend: str, device, spec: ModelSpec, quant: QuantConfig, dtype: str) -> str | None:
     """None if ``backend`` can run this model's MoE layers on ``device`` in
     ``dtype``, else its reason. Loads one expert of each shape the model has
     (zero codes, the checkpoint's bits, group size, zero points and act-order)
     and runs the layer on zero tokens, so every operation is asked for."""
-    from .discovery import get_backend
-    from .moe import fused_moe
-
     asym, act_order = quant.method == "awq" or not quant.sym, quant.desc_act
     try:
         b = get_backend(backend)

@@ -134,12 +134,11 @@ def reference_route(config: dict, ref: LayerRef, x64: np.ndarray):
             allowed = {g * size + i for g in kept for i in range(size)}
         chosen = sorted(allowed, key=lambda i: -choice[i])[:top_k]
         weights = [scores[i] for i in chosen]
-        if mt == "mixtral" or mt.startswith("qwen") and config.get("norm_topk_prob") or \
-                mt.startswith("deepseek") and top_k > 1 and config.get("norm_topk_prob"):
+        norm = config.get("norm_topk_prob", False)
+        renormalize = {"mixtral": True, "qwen2_moe": norm, "qwen3_moe": norm}.get(mt, top_k > 1 and norm)
+        if renormalize:
             weights = [w / sum(weights) for w in weights]
-            if mt == "deepseek_v3":
-                weights = [w * config["routed_scaling_factor"] for w in weights]
-        elif mt.startswith("deepseek"):
+        if mt == "deepseek_v3" or mt == "deepseek_v2" and not renormalize:  # DeepSeek's own code
             weights = [w * config["routed_scaling_factor"] for w in weights]
         out.append(list(zip(chosen, weights)))
     return out

@@ -12,6 +12,8 @@ from ._core import Tensor
 from .discovery import BackendInfo, BackendUnavailableError, backends, get_backend
 from .gptq import GPTQWeight
 from .moe import MoE, fused_moe
+from .checkpoint import CheckpointError
+from .pretrained import load_moe_layers
 from .routing import Routing, moe_align_block_size, routing_buffer_sizes
 from .stack import ExpertStack, Linear
 
@@ -36,3 +38,4 @@ __all__ = [
     "awq", "backends", "fused_moe", "get_backend", "get_cmake_dir", "get_include", "gptq", "moe_align_block_size",
     "routing_buffer_sizes",
 ]
+__all__ += ["CheckpointError", "load_moe_layers"]

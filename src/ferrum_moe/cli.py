@@ -125,6 +125,146 @@ def _demo(args) -> int:
     return 0
 
 
+def _size(nbytes: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{nbytes} B"
+
+
+def _inspect(args) -> int:
+    import ferrum_moe as fm
+    from ferrum_moe.architectures import expert_indices, ranges
+    from ferrum_moe.pretrained import layer_tensors, open_model, probe_backend
+
+    ckpt, spec = open_model(args.path)
+    with ckpt:
+        found = expert_indices(ckpt.names(), spec)
+        tensors = {i: layer_tensors(ckpt, spec, i, found) for i in spec.moe_layers}
+        dense = sorted(set(range(spec.num_layers)) - set(spec.moe_layers))
+        print(f"{ckpt.path}")
+        print(f"architecture: {spec.layout.title} (model_type {spec.model_type})")
+        print(f"layers: {spec.num_layers}; MoE: {ranges(spec.moe_layers)}; dense: {ranges(dense)} ({spec.dense_rule})")
+        print(f"experts: {spec.num_experts} per MoE layer, top-{spec.top_k}; hidden {spec.hidden}, "
+              f"expert intermediate {spec.intermediate}")
+        if spec.shared_intermediate:
+            gate = ", scaled by sigmoid(shared_expert_gate)" if spec.layout.shared_gate else ""
+            print(f"shared experts: one MLP ({spec.layout.shared}), intermediate {spec.shared_intermediate}{gate}")
+        else:
+            print("shared experts: none")
+        print(f"routing: {spec.routing.describe()}")
+        print(f"quantization: {ckpt.quant.describe()} (from {ckpt.quant.source})")
+        if ckpt.quant.modules_to_not_convert:
+            print(f"  kept unquantized: {', '.join(ckpt.quant.modules_to_not_convert)}")
+        index = f", index {ckpt.index_file.name}" if ckpt.index_file else ""
+        print(f"files: {len(ckpt.files)} .safetensors{index}")
+        by_size: dict[int, list[int]] = {}
+        for i, t in tensors.items():
+            by_size.setdefault(t.nbytes, []).append(i)
+        for nbytes, layers in by_size.items():
+            print(f"bytes per MoE layer (experts, router, shared experts): {_size(nbytes)} (layer {ranges(layers)})")
+        checkpoint_bytes = sum(ckpt.info(name).nbytes for name in ckpt.names())
+        print(f"bytes in total: MoE layers {_size(sum(t.nbytes for t in tensors.values()))}; "
+              f"the whole checkpoint {_size(checkpoint_bytes)}")
+    print(f"backends ({args.dtype}):")
+    for b in fm.backends():
+        if not b.available:
+            print(f"  {b.name:<8} unavailable: {b.error}")
+            continue
+        device = "cpu" if "cpu" in b.device_types else f"{b.device_types[0]}:0"
+        reason = probe_backend(b.name, device, spec, ckpt.quant, args.dtype)
+        print(f"  {b.name:<8} {'can run it on ' + device if reason is None else 'cannot run it: ' + reason}")
+    return 0
+
+
+def _times_dequantized(x64: np.ndarray, w, columns: int = 1024) -> np.ndarray:
+    """x64 @ W in float64, W dequantized ``columns`` columns at a time, so a
+    large expert never lies on the host as a whole float64 matrix."""
+    from ferrum_moe import GPTQWeight
+
+    per = 32 // w.bits  # columns is a multiple of per, so each block's zero points are whole words
+    out = np.empty((x64.shape[0], w.n))
+    for c in range(0, w.n, columns):
+        end = min(c + columns, w.n)
+        qzeros = None if w.qzeros is None else w.qzeros[:, c // per:-(-end // per)]
+        block = GPTQWeight(w.qweight[:, c:end], w.scales[:, c:end], qzeros, w.g_idx, bits=w.bits,
+                           group_size=w.group_size, sym=w.sym, checkpoint_format=w.checkpoint_format, k=w.k)
+        out[:, c:end] = x64 @ block.dequantize(np.float64)
+    return out
+
+
+def _silu_mlp(x64: np.ndarray, w13, w2) -> np.ndarray:
+    h = _times_dequantized(x64, w13)
+    gate, up = np.split(h, 2, axis=1)
+    return _times_dequantized(gate / (1 + np.exp(-gate)) * up, w2)
+
+
+def _run(args) -> int:
+    import ml_dtypes
+
+    import ferrum_moe as fm
+    from ferrum_moe.architectures import expert_indices
+    from ferrum_moe.pretrained import layer_tensors, open_model, read_mlp
+
+    ckpt, spec = open_model(args.path)
+    index = spec.moe_layers[0] if args.layer is None else spec.check_layer(args.layer)
+    print(f"{spec.layout.title} layer {index}: {spec.num_experts} experts, top-{spec.top_k}, hidden {spec.hidden}, "
+          f"intermediate {spec.intermediate}; {ckpt.quant.describe()}; {args.tokens} tokens, {args.dtype}")
+    t0 = time.perf_counter()
+    layer = fm.MoE.from_pretrained(args.path, index, backend=args.backend, device=args.device, dtype=args.dtype)
+    print(f"loaded in {time.perf_counter() - t0:.1f} s on backend '{layer.w13.backend}' ({layer.w13.device})")
+
+    rng = np.random.default_rng(args.seed)
+    bf16 = args.dtype == "bfloat16"
+    x = rng.standard_normal((args.tokens, spec.hidden)).astype(ml_dtypes.bfloat16 if bf16 else np.dtype(args.dtype))
+    x_in, synchronize = x, lambda: None
+    if args.device != "cpu":
+        import torch  # moves the inputs to the GPU; any DLPack library would do
+
+        x_in = torch.from_numpy(x.view(np.uint16) if bf16 else x).to(args.device)
+        x_in = x_in.view(torch.bfloat16) if bf16 else x_in
+        synchronize = torch.cuda.synchronize
+    y = layer.forward(x_in)  # warm-up: sizes the workspaces
+    times = []
+    for _ in range(args.repeats):
+        t = time.perf_counter()
+        y = layer.forward(x_in)
+        synchronize()
+        times.append(time.perf_counter() - t)
+    seconds = float(np.median(times))
+    y = np.asarray(y.float().cpu() if hasattr(y, "cpu") else y, dtype=np.float64)
+
+    # The reference: the layer's own routing, each active expert read again
+    # from the checkpoint and dequantized in float64, one at a time.
+    topk_weights, topk_ids = layer.route(x)
+    x64 = x.astype(np.float64)
+    ref = np.zeros_like(x64)
+    with ckpt:
+        t = layer_tensors(ckpt, spec, index, expert_indices(ckpt.names(), spec))
+        active = np.unique(topk_ids)
+        for e in active:
+            tokens, slots = np.nonzero(topk_ids == e)
+            ref[tokens] += topk_weights[tokens, slots, None] * _silu_mlp(x64[tokens], *read_mlp(ckpt, t.experts[e]))
+        weight_bytes = sum(t.experts[e].nbytes for e in active)
+        if t.shared is not None:
+            shared = _silu_mlp(x64, *read_mlp(ckpt, t.shared))
+            if t.shared_gate is not None:
+                shared *= 1 / (1 + np.exp(-(x64 @ ckpt.read(t.shared_gate).astype(np.float64).T)))
+            ref += shared
+            weight_bytes += t.shared.nbytes
+    rel = float(np.linalg.norm(y - ref) / max(np.linalg.norm(ref), 1e-30))
+    tolerance = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 3e-2}[args.dtype]
+    print(f"relative error vs float64 reference: {rel:.2e} (tolerance {tolerance:.0e})")
+    print(f"time: {seconds * 1e3:.2f} ms median of {args.repeats} (route + experts + shared); "
+          f"{args.tokens / seconds:,.0f} tokens/s; {len(active)} active experts, "
+          f"{weight_bytes / seconds / 1e9:.2f} GB/s of quantized weights")
+    if not np.isfinite(rel) or rel > tolerance:
+        print("FAILED: the result does not match the reference", file=sys.stderr)
+        return 1
+    print("OK")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="ferrum-moe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -138,9 +278,32 @@ def main(argv=None) -> int:
     demo.add_argument("--group-size", type=int, default=128)
     demo.add_argument("--repeats", type=int, default=5)
     demo.add_argument("--seed", type=int, default=0)
+    inspect = sub.add_parser("inspect", help="what a GPTQ/AWQ MoE checkpoint holds, and which backends can run it")
+    inspect.add_argument("path", help="a model directory (config.json and .safetensors files)")
+    inspect.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float16")
+    run = sub.add_parser("run", help="load one MoE layer of a checkpoint, run it on random tokens and check it")
+    run.add_argument("path", help="a model directory (config.json and .safetensors files)")
+    run.add_argument("--layer", type=int, help="the MoE layer (default: the first)")
+    run.add_argument("--tokens", type=int, default=16)
+    run.add_argument("--backend", default="auto")
+    run.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    run.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float16")
+    run.add_argument("--repeats", type=int, default=5)
+    run.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.command == "info":
         return _info(args)
+    if args.command in ("inspect", "run"):
+        from ferrum_moe import BackendUnavailableError
+
+        if args.command == "run" and (args.tokens < 1 or args.repeats < 1):
+            parser.error("--tokens and --repeats must be at least 1")
+        try:
+            return (_inspect if args.command == "inspect" else _run)(args)
+        except (ValueError, NotImplementedError, BackendUnavailableError) as e:
+            # A checkpoint or backend that cannot run it: the message is the answer, not a traceback.
+            print(f"ferrum-moe {args.command}: {e}", file=sys.stderr)
+            return 2
     if args.tokens < 1:
         parser.error("--tokens must be at least 1")
     return _demo(args)

@@ -155,3 +155,33 @@ class MoE:
         return _forward(x, self.w13, self.w2, topk_weights, topk_ids, self.activation,
                         self.apply_router_weight_on_input, self.expert_map, out, stream, self.block_size,
                         self._workspace)
+
+    # Set by from_pretrained / fm.load_moe_layers: the model's router (a
+    # ferrum_moe.router.Router) and its shared expert MLP, if it has one.
+    router = None
+    shared_expert = None
+
+    @classmethod
+    def from_pretrained(cls, path, layer: int, *, backend: str = "auto", device="cpu", dtype: str = "float16",
+                        progress: bool = True) -> "MoE":
+        """MoE layer ``layer`` of a published GPTQ/AWQ checkpoint directory (see
+        fm.load_moe_layers), with its router and shared experts."""
+        from .pretrained import load_moe_layers
+
+        return load_moe_layers(path, [layer], backend=backend, device=device, dtype=dtype, progress=progress)[layer]
+
+    def route(self, hidden_states):
+        """hidden_states [num_tokens, hidden] -> (topk_weights float32, topk_ids
+        int32) [num_tokens, top_k] by the model's own router rule (host numpy;
+        numpy, PyTorch and CuPy callers get their own arrays back)."""
+        if self.router is None:
+            raise ValueError("MoE.route: this layer has no router (only layers from MoE.from_pretrained or "
+                             "fm.load_moe_layers have one); pass topk_weights and topk_ids to the layer instead")
+        return self.router(hidden_states)
+
+    def forward(self, hidden_states, *, stream=None):
+        """The whole layer as the model computes it: route, the routed experts,
+        plus the shared experts where the model has them."""
+        from .pretrained import forward
+
+        return forward(self, hidden_states, stream)

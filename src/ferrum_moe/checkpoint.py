@@ -1,0 +1,332 @@
+"""A published model directory on disk: config.json, the quantization config,
+and the tensors of its .safetensors files (one file, several found by name, or
+shards listed by model.safetensors.index.json).
+
+Every shard's header is checked before any tensor data is read: its length
+against the file, every tensor's dtype, shape and data offsets against each
+other and against the file's size, so a truncated file or a header that lies
+is refused with the file and tensor named, before anything is allocated. Data
+is read through the ``safetensors`` package, memory-mapped, one tensor at a
+time and only when asked for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import struct
+from pathlib import Path
+
+import ml_dtypes  # noqa: F401  registers numpy's "bfloat16", which safetensors' numpy reader asks for
+import numpy as np
+
+INDEX_FILE = "model.safetensors.index.json"
+# safetensors' own limit: a larger header is refused before it is read.
+MAX_HEADER_BYTES = 100_000_000
+DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
+               "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8}
+FLOAT_DTYPES = ("F16", "BF16", "F32")
+
+
+class CheckpointError(ValueError):
+    """A model directory that cannot be loaded as it is; the message names the
+    file (and the tensor) and says what was expected and what was found."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    """One tensor as a shard's header declares it (checked against the file)."""
+
+    name: str
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+    def where(self) -> str:
+        return f"{self.file}: tensor {self.name}"
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} does not exist: is {path.parent} a model directory?") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read the {what}: {e}") from None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({what}): {e}") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: the {what} must be a JSON object; got {type(value).__name__}")
+    return value
+
+
+def read_header(file: Path) -> dict[str, TensorInfo]:
+    """The tensors a .safetensors file declares, each checked against the file
+    before any data is read: known dtype, shape x dtype size = the byte span of
+    its data offsets, spans inside the file and not overlapping."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{file}: {size} bytes, shorter than the 8-byte header length: not a "
+                                      "safetensors file, or truncated")
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > min(size - 8, MAX_HEADER_BYTES):
+                raise CheckpointError(
+                    f"{file}: the header claims {header_len} bytes but the file has {size - 8} after the length "
+                    f"(and headers are limited to {MAX_HEADER_BYTES}): truncated or not a safetensors file")
+            raw = f.read(header_len)
+    except OSError as e:
+        raise CheckpointError(f"{file}: cannot read: {e}") from None
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: the safetensors header is not valid JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file}: the safetensors header must be a JSON object; got {type(header).__name__}")
+    data_len = size - 8 - header_len
+    tensors: dict[str, TensorInfo] = {}
+    spans = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        where = f"{file}: tensor {name}"
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+            raise CheckpointError(f"{where}: the header entry must hold dtype, shape and data_offsets; got {entry!r}")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                  for d in shape):
+            raise CheckpointError(f"{where}: shape must be a list of non-negative integers; got {shape!r}")
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1]):
+            raise CheckpointError(f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end; got {offsets!r}")
+        begin, end = offsets
+        if end > data_len:
+            raise CheckpointError(f"{where}: its data ends at byte {end} of the data section, but the file holds "
+                                  f"only {data_len} bytes of data: the file is truncated or its header is wrong")
+        if dtype not in DTYPE_BYTES:
+            # Other dtypes (4- or 6-bit floats, ...) are never read here; safetensors checks their sizes.
+            nbytes = end - begin
+        else:
+            nbytes = math.prod(shape) * DTYPE_BYTES[dtype]  # Python ints: no overflow
+            if nbytes != end - begin:
+                raise CheckpointError(f"{where}: shape {shape} of {dtype} needs {nbytes} bytes, but its data_offsets "
+                                      f"[{begin}, {end}] span {end - begin}: the header is wrong")
+        spans.append((begin, end, name))
+        tensors[name] = TensorInfo(name, file, dtype, tuple(shape), nbytes)
+    spans.sort()
+    for (_, prev_end, prev), (begin, _, name) in zip(spans, spans[1:]):
+        if begin < prev_end:
+            raise CheckpointError(f"{file}: tensor {name} starts at byte {begin}, inside tensor {prev} (which ends at "
+                                  f"{prev_end}): the header is wrong")
+    return tensors
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    """How a checkpoint's weights are quantized, as its quantization config says.
+
+    method "gptq" (checkpoint_format "gptq": v1, zero - 1 stored; or "gptq_v2")
+    or "awq" (AutoAWQ's gemm layout, 4-bit, zero points; checkpoint_format "awq").
+    """
+
+    method: str
+    bits: int
+    group_size: int
+    sym: bool
+    desc_act: bool
+    checkpoint_format: str
+    modules_to_not_convert: tuple[str, ...]
+    source: str
+
+    def describe(self) -> str:
+        group = "per column (group_size -1)" if self.group_size == -1 else f"group {self.group_size}"
+        if self.method == "awq":
+            return f"AWQ {self.bits}-bit, {group}, zero points, version gemm"
+        return (f"GPTQ {self.bits}-bit, {group}, {'sym' if self.sym else 'asym (zero points)'}, "
+                f"desc_act {str(self.desc_act).lower()}, checkpoint_format {self.checkpoint_format}")
+
+    def not_converted_by(self, module: str) -> str | None:
+        """The modules_to_not_convert entry that covers ``module``, if any. An
+        entry covers a module when its dotted parts appear in the module's name
+        as whole parts ("gate" covers "mlp.gate" but not "mlp.gate_proj")."""
+        parts = module.split(".")
+        for entry in self.modules_to_not_convert:
+            want = entry.split(".")
+            if any(parts[i:i + len(want)] == want for i in range(len(parts) - len(want) + 1)):
+                return entry
+        return None
+
+
+def _quant_config(directory: Path, config: dict) -> QuantConfig:
+    if "quantization_config" in config:
+        q, source = config["quantization_config"], f"quantization_config in {directory / 'config.json'}"
+    elif (directory / "quantize_config.json").exists():
+        q, source = _read_json(directory / "quantize_config.json", "quantization config"), \
+            str(directory / "quantize_config.json")
+    else:
+        raise CheckpointError(f"{directory}: config.json has no quantization_config and there is no "
+                              "quantize_config.json: ferrum-moe loads GPTQ- and AWQ-quantized checkpoints")
+    if not isinstance(q, dict):
+        raise CheckpointError(f"{source}: must be a JSON object; got {type(q).__name__}")
+
+    def field(key, kind, default=None, required=False):
+        if key not in q or q[key] is None:
+            if required:
+                raise CheckpointError(f"{source}: {key} is missing")
+            return default
+        value = q[key]
+        if kind is int and (not isinstance(value, int) or isinstance(value, bool)) or \
+                kind is bool and not isinstance(value, bool) or kind is str and not isinstance(value, str):
+            raise CheckpointError(f"{source}: {key} must be a {kind.__name__}; got {value!r}")
+        return value
+
+    method = field("quant_method", str, "gptq").lower()  # quantize_config.json predates quant_method
+    bits = field("bits", int, required=True)
+    group_size = field("group_size", int, required=True)
+    not_convert = field("modules_to_not_convert", list, [])
+    if not isinstance(not_convert, list) or not all(isinstance(m, str) for m in not_convert):
+        raise CheckpointError(f"{source}: modules_to_not_convert must be a list of module names; got {not_convert!r}")
+    if group_size != -1 and group_size < 1:
+        raise CheckpointError(f"{source}: group_size must be -1 or positive; got {group_size}")
+    if method == "gptq":
+        if bits not in (4, 8):
+            raise CheckpointError(f"{source}: bits must be 4 or 8 (the GPTQ widths ferrum-moe runs); got {bits}")
+        fmt = field("checkpoint_format", str, "gptq")
+        if fmt not in ("gptq", "gptq_v2"):
+            raise CheckpointError(f"{source}: checkpoint_format {fmt!r} is not supported (expected 'gptq' or "
+                                  "'gptq_v2'): re-export the model in GPTQ format")
+        return QuantConfig("gptq", bits, group_size, field("sym", bool, True), field("desc_act", bool, False), fmt,
+                           tuple(not_convert), source)
+    if method == "awq":
+        if bits != 4:
+            raise CheckpointError(f"{source}: AWQ bits must be 4; got {bits}")
+        version = field("version", str, "gemm")
+        if version.lower() != "gemm":
+            raise CheckpointError(f"{source}: AWQ version {version!r} is not supported: only 'gemm' checkpoints "
+                                  "(qweight [K, N/8]) are read")
+        if not field("zero_point", bool, True):
+            raise CheckpointError(f"{source}: AWQ zero_point false is not supported (AWQ gemm checkpoints carry "
+                                  "zero points)")
+        return QuantConfig("awq", 4, group_size, False, False, "awq", tuple(not_convert), source)
+    raise CheckpointError(f"{source}: quant_method {method!r} is not supported: ferrum-moe loads 'gptq' and 'awq'")
+
+
+class Checkpoint:
+    """A model directory: ``config``, ``quant`` (QuantConfig) and its tensors.
+
+    Shard headers are read lazily (only the shards holding asked-for tensors)
+    when an index maps names to shards; without an index every .safetensors
+    file's header is read to find the names. Use as a context manager, or call
+    close(), to release the memory maps."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise CheckpointError(f"{self.path}: not a directory (expected a model directory with config.json and "
+                                  ".safetensors files)")
+        self.config = _read_json(self.path / "config.json", "config.json")
+        self.quant = _quant_config(self.path, self.config)
+        self._headers: dict[Path, dict[str, TensorInfo]] = {}
+        self._handles: dict[Path, object] = {}
+        index = self.path / INDEX_FILE
+        if index.exists():
+            self.index_file: Path | None = index
+            self._weight_map = self._read_index(index)
+        else:
+            self.index_file = None
+            self._weight_map = {}
+            files = sorted(self.path.glob("*.safetensors"))
+            if not files:
+                raise CheckpointError(f"{self.path}: no .safetensors files (and no {INDEX_FILE})")
+            for file in files:
+                for name in self._header(file):
+                    if name in self._weight_map:
+                        raise CheckpointError(f"{file}: tensor {name} is also in {self._weight_map[name]}: "
+                                              "which one is meant is ambiguous")
+                    self._weight_map[name] = file
+
+    def _read_index(self, index: Path) -> dict[str, Path]:
+        weight_map = _read_json(index, "safetensors index").get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names")
+        shards = {}
+        for shard in sorted(set(weight_map.values())):
+            relative = Path(shard)
+            if relative.is_absolute() or ".." in relative.parts:
+                raise CheckpointError(f"{index}: shard {shard!r} lies outside the model directory")
+            file = self.path / relative
+            if not file.is_file():
+                count = sum(v == shard for v in weight_map.values())
+                raise CheckpointError(f"{index}: names shard {shard} ({count} tensors), but {file} does not exist "
+                                      "(an incomplete download?)")
+            shards[shard] = file
+        return {name: shards[shard] for name, shard in weight_map.items()}
+
+    def _header(self, file: Path) -> dict[str, TensorInfo]:
+        if file not in self._headers:
+            self._headers[file] = read_header(file)
+        return self._headers[file]
+
+    @property
+    def files(self) -> list[Path]:
+        return sorted(set(self._weight_map.values()))
+
+    def names(self) -> list[str]:
+        return list(self._weight_map)
+
+    def has(self, name: str) -> bool:
+        return name in self._weight_map
+
+    def info(self, name: str) -> TensorInfo:
+        """The header entry of ``name``; CheckpointError if no file holds it."""
+        file = self._weight_map.get(name)
+        if file is None:
+            if self.index_file:
+                raise CheckpointError(f"{self.index_file}: missing tensor {name} (the index does not list it)")
+            raise CheckpointError(f"{self.path}: missing tensor {name} (in none of: "
+                                  f"{', '.join(f.name for f in self.files)})")
+        info = self._header(file).get(name)
+        if info is None:
+            raise CheckpointError(f"{self.index_file}: maps tensor {name} to {file.name}, whose header has no such "
+                                  "tensor")
+        return info
+
+    def expect(self, name: str, dtypes: tuple[str, ...], shape: tuple[int, ...], meaning: str) -> TensorInfo:
+        """The header entry of ``name``, checked to have one of ``dtypes`` and ``shape``."""
+        info = self.info(name)
+        if info.dtype not in dtypes:
+            raise CheckpointError(f"{info.where()}: expected dtype {' or '.join(dtypes)} ({meaning}); got {info.dtype}")
+        if info.shape != tuple(shape):
+            raise CheckpointError(f"{info.where()}: expected shape {list(shape)} ({meaning}); got {list(info.shape)}")
+        return info
+
+    def read(self, info: TensorInfo) -> np.ndarray:
+        """The data of one tensor (its header entry already checked)."""
+        from safetensors import safe_open
+
+        try:
+            handle = self._handles.get(info.file)
+            if handle is None:
+                handle = self._handles[info.file] = safe_open(str(info.file), framework="numpy")
+            array = handle.get_tensor(info.name)
+        except Exception as e:  # safetensors raises its own SafetensorError, OSError or TypeError
+            raise CheckpointError(f"{info.where()}: cannot be read: {type(e).__name__}: {e}") from None
+        if array.shape != info.shape:
+            raise CheckpointError(f"{info.where()}: read shape {list(array.shape)}; its header says {list(info.shape)}")
+        return array
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

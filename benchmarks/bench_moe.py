@@ -53,7 +53,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--tokens", default="1,2,4,8,16,32,64,256,1024,4096")
-    parser.add_argument("--big-tokens", default="16384", help="extra token counts for Mixtral and DeepSeek-V3")
+    parser.add_argument("--big-tokens", default="16384", help="extra token counts for Mixtral and DeepSeek-V3 ('none': no more)")
     parser.add_argument("--dtypes", default="float16")
     parser.add_argument("--grouped-from", type=int, default=256, help="time the bf16 grouped GEMM from this M up")
     parser.add_argument("--repeats", type=int, default=30)
@@ -73,7 +73,7 @@ def main() -> None:
         w13, w2 = random_stacked(rng, e, hidden, 2 * inter), random_stacked(rng, e, inter, hidden)
         expert_bytes = 3 * hidden * inter * BYTES_PER_WEIGHT
         tokens = [int(t) for t in args.tokens.split(",")]
-        if model in ("mixtral", "deepseek-v3") and args.big_tokens:
+        if model in ("mixtral", "deepseek-v3") and args.big_tokens != "none":
             tokens += [int(t) for t in args.big_tokens.split(",")]
         grouped = None
         if any(m >= args.grouped_from for m in tokens):

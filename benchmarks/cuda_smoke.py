@@ -25,7 +25,7 @@ for dtype, tdtype in (("float16", torch.float16), ("bfloat16", torch.bfloat16)):
     w2 = fm.ExpertStack.from_gptq([fm.gptq.quantize(rng.standard_normal((128, 256)))] * 4, device="cuda", dtype=dtype)
     x = torch.randn(9, 256, device="cuda", dtype=tdtype)
     fm.fused_moe(x, w13, w2, torch.rand(9, 2, device="cuda"), torch.randint(0, 4, (9, 2), device="cuda"))
-    # Long K, narrow N, one token: the split-K launch and its cross-CTA reduction.
+    # Long K, narrow N, one token: the stream-K launch and its cross-CTA reduction.
     lin = fm.Linear.from_gptq(fm.gptq.quantize(rng.standard_normal((4096, 256))), device="cuda", dtype=dtype)
     for _ in range(2):
         lin(torch.randn(1, 4096, device="cuda", dtype=tdtype))

@@ -12,9 +12,9 @@ cudaError_t configure_gemm_kernels(ComputeType type, int bits) {
                                        : configure_gemm_kernels_for<__nv_bfloat16>(bits);
 }
 
-cudaError_t small_tile_ctas_per_sm(ComputeType type, int bits, int* ctas) {
-  return type == ComputeType::kFloat16 ? small_tile_ctas_per_sm_for<__half>(bits, ctas)
-                                       : small_tile_ctas_per_sm_for<__nv_bfloat16>(bits, ctas);
+cudaError_t gemm_ctas_per_sm(ComputeType type, int bits, int rows_per_cta, int* ctas) {
+  return type == ComputeType::kFloat16 ? gemm_ctas_per_sm_for<__half>(bits, rows_per_cta, ctas)
+                                       : gemm_ctas_per_sm_for<__nv_bfloat16>(bits, rows_per_cta, ctas);
 }
 
 cudaError_t launch_gemm_batched(const BatchedParams& params, ComputeType type, int bits, int rows_per_cta,

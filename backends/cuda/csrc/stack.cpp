@@ -150,15 +150,16 @@ CudaStack::CudaStack(const FmStackCreateArgs& args)
   const cudaStream_t stream = as_stream(args.stream);
   load_weights(args, stream);
   load_scales_and_zeros(args, stream);
-  split_partials_ = DeviceBuffer(size_t(gemm::kStreamKTiles) * gemm::kSmallRowsPerCta * kTileN * sizeof(float),
-                                 "stream-K partials");
-  split_counters_ = DeviceBuffer(size_t(gemm::kStreamKTiles) * sizeof(int32_t), "stream-K counters");
+  stream_k_partials_ = DeviceBuffer(size_t(gemm::kStreamKSlotFloats) * sizeof(float), "stream-K partials");
+  stream_k_counters_ = DeviceBuffer(size_t(gemm::kStreamKCounters) * sizeof(int32_t), "stream-K counters");
   zero_workspace(args.stream);
   check_cuda(gemm::configure_gemm_kernels(compute_type_, bits_), "configuring the GEMM kernels");
-  // Stream-K fills every SM with as many 16-row CTAs as fit at once: one wave,
-  // as many loads in flight as the SM holds, no tail.
-  check_cuda(gemm::small_tile_ctas_per_sm(compute_type_, bits_, &split_k_ctas_per_sm_),
-             "querying the GEMM kernels' occupancy");
+  // Stream-K fills every SM with as many CTAs as fit at once: one wave, as
+  // many loads in flight as the SM holds, no tail.
+  for (int rows : {gemm::kSmallRowsPerCta, gemm::kLargeRowsPerCta}) {
+    check_cuda(gemm::gemm_ctas_per_sm(compute_type_, bits_, rows, &ctas_per_sm_[rows == gemm::kLargeRowsPerCta]),
+               "querying the GEMM kernels' occupancy");
+  }
   check_cuda(cudaStreamSynchronize(stream), "stack_create: finishing the load");
 
   weights_.tiles = tiles_.get();
@@ -285,31 +286,32 @@ FmStackProperties CudaStack::properties() const {
   props.column_alignment = 1;
   props.resident_bytes = static_cast<int64_t>(tiles_.bytes() + scales_.bytes() + zeros_.bytes() +
                                                perm_.bytes() + row_group_.bytes());
-  props.workspace_bytes = static_cast<int64_t>(split_partials_.bytes() + split_counters_.bytes());
+  props.workspace_bytes = static_cast<int64_t>(stream_k_partials_.bytes() + stream_k_counters_.bytes());
   return props;
 }
 
 void CudaStack::zero_workspace(void* stream) {
   DeviceGuard guard(device_);
-  check_cuda(cudaMemsetAsync(split_partials_.get(), 0, split_partials_.bytes(), as_stream(stream)),
+  check_cuda(cudaMemsetAsync(stream_k_partials_.get(), 0, stream_k_partials_.bytes(), as_stream(stream)),
              "zero_workspace: stream-K partials");
-  check_cuda(cudaMemsetAsync(split_counters_.get(), 0, split_counters_.bytes(), as_stream(stream)),
+  check_cuda(cudaMemsetAsync(stream_k_counters_.get(), 0, stream_k_counters_.bytes(), as_stream(stream)),
              "zero_workspace: stream-K counters");
 }
 
 int CudaStack::plan_schedule(int64_t tiles_x, int64_t n_tiles, int rows_per_cta, gemm::StreamK& schedule) const {
   schedule = {nullptr, nullptr, static_cast<int32_t>(tiles_x), static_cast<int32_t>(n_tiles)};
   const int64_t tiles = tiles_x * n_tiles;
-  if (rows_per_cta != gemm::kSmallRowsPerCta) return 0;
   constexpr int64_t kMaxGridX = std::numeric_limits<int32_t>::max();
   if (tiles > kMaxGridX) {
     throw Error(FM_ERROR_UNSUPPORTED, std::to_string(tiles) + " output tiles exceed the CUDA grid limit");
   }
-  if (tiles > gemm::kStreamKTiles) return static_cast<int>(tiles);  // one CTA per tile
+  const int64_t slots = std::min<int64_t>(gemm::kStreamKCounters, gemm::kStreamKSlotFloats / (rows_per_cta * kTileN));
+  if (tiles > slots || tiles == 0) return static_cast<int>(tiles);  // one CTA per tile
+  const int64_t wave = int64_t(ctas_per_sm_[rows_per_cta == gemm::kLargeRowsPerCta]) * num_sms_;
   const int64_t slices = tiles * (k_padded_ / kTileK);
-  const int64_t ctas = std::clamp<int64_t>(slices / kStreamKMinSlices, 1, int64_t(split_k_ctas_per_sm_) * num_sms_);
-  schedule.partials = split_partials_.get<float>();
-  schedule.counters = split_counters_.get<int32_t>();
+  const int64_t ctas = std::clamp<int64_t>(slices / kStreamKMinSlices, 1, wave);
+  schedule.partials = stream_k_partials_.get<float>();
+  schedule.counters = stream_k_counters_.get<int32_t>();
   return static_cast<int>(ctas);
 }
 

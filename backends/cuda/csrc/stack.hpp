@@ -54,12 +54,12 @@ class CudaStack final : public ferrum::plugin::Stack {
   DeviceBuffer row_group_;
   gemm::QuantWeights weights_{};
   int num_sms_ = 0;
-  int split_k_ctas_per_sm_ = 1;  // resident 16-row CTAs per SM (occupancy): a stream-K wave
-  // Stream-K workspace (gemm/params.hpp, StreamK): kStreamKTiles slots of one
-  // small tile each, and their counters. Calls on one stack from concurrently
+  int ctas_per_sm_[2] = {1, 1};  // resident 16- and 64-row CTAs per SM (occupancy): a stream-K wave
+  // Stream-K workspace (gemm/params.hpp, StreamK): tile slots (512 of 16 rows,
+  // or 128 of 64) and their counters. Calls on one stack from concurrently
   // running streams would share it: a stack's GEMMs must be stream-ordered.
-  DeviceBuffer split_partials_;
-  DeviceBuffer split_counters_;
+  DeviceBuffer stream_k_partials_;
+  DeviceBuffer stream_k_counters_;
 };
 
 }  // namespace ferrum_moe_cuda

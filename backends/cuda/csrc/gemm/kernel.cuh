@@ -24,43 +24,32 @@ constexpr int kMinCtasPerSm = kMTiles == 1 ? 4 : 1;
 // StreamK). fill_rows(x, rows) writes the row table of tile row x and returns
 // its expert, or -1 when the tile holds no work; it is called by every thread
 // and must end with a barrier, and its answer is the same in every thread.
-// 16-row tiles always walk the stream-K loop (a plain grid is its case of one
-// CTA per tile, where no tile is shared), so one mainloop is instantiated.
 template <class T, int kBits, int kMTiles, class FillRows>
 __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& io, const StreamK& schedule,
                                            int first_n_tile, RowTable<kMTiles * kMmaM>& rows,
                                            FillRows&& fill_rows) {
   extern __shared__ uint4 smem[];
   using Loop = Mainloop<T, kBits, kMTiles>;
-  if constexpr (kMTiles * kMmaM != kSmallRowsPerCta) {
-    const int expert = fill_rows(static_cast<int64_t>(blockIdx.x), rows);
-    if (expert < 0) return;
+  const int64_t k_tiles = w.k_tiles;
+  const int64_t total = static_cast<int64_t>(schedule.tiles_x) * schedule.n_tiles * k_tiles;
+  int64_t begin = total * blockIdx.x / gridDim.x;
+  const int64_t end = total * (blockIdx.x + 1) / gridDim.x;
+  while (begin < end) {
+    const int64_t tile = begin / k_tiles;
+    const int kt_begin = static_cast<int>(begin - tile * k_tiles);
+    const int kt_end = static_cast<int>(min(k_tiles, kt_begin + (end - begin)));
+    begin += kt_end - kt_begin;
+    __syncthreads();  // the previous tile's epilogue is done with `rows`
+    const int expert = fill_rows(tile / schedule.n_tiles, rows);
+    if (expert < 0) continue;
     typename Loop::Accumulators acc;
-    const int n_tile = first_n_tile + static_cast<int>(blockIdx.y);
-    Loop(w, io, rows, expert, n_tile, reinterpret_cast<uint8_t*>(smem)).run(acc, 0, w.k_tiles);
-    store_results<T, kMTiles>(io, rows, n_tile, acc);
-  } else {
-    const int64_t k_tiles = w.k_tiles;
-    const int64_t total = static_cast<int64_t>(schedule.tiles_x) * schedule.n_tiles * k_tiles;
-    int64_t begin = total * blockIdx.x / gridDim.x;
-    const int64_t end = total * (blockIdx.x + 1) / gridDim.x;
-    while (begin < end) {
-      const int64_t tile = begin / k_tiles;
-      const int kt_begin = static_cast<int>(begin - tile * k_tiles);
-      const int kt_end = static_cast<int>(min(k_tiles, kt_begin + (end - begin)));
-      begin += kt_end - kt_begin;
-      __syncthreads();  // the previous tile's epilogue is done with `rows`
-      const int expert = fill_rows(tile / schedule.n_tiles, rows);
-      if (expert < 0) continue;
-      typename Loop::Accumulators acc;
-      const int n_tile = first_n_tile + static_cast<int>(tile % schedule.n_tiles);
-      Loop(w, io, rows, expert, n_tile, reinterpret_cast<uint8_t*>(smem)).run(acc, kt_begin, kt_end);
-      if (kt_end - kt_begin < k_tiles &&
-          !reduce_stream_k<kMTiles>(schedule, tile, kt_end - kt_begin, static_cast<int>(k_tiles), rows, acc)) {
-        continue;
-      }
-      store_results<T, kMTiles>(io, rows, n_tile, acc);
+    const int n_tile = first_n_tile + static_cast<int>(tile % schedule.n_tiles);
+    Loop(w, io, rows, expert, n_tile, reinterpret_cast<uint8_t*>(smem)).run(acc, kt_begin, kt_end);
+    if (kt_end - kt_begin < k_tiles &&
+        !reduce_stream_k<kMTiles>(schedule, tile, kt_end - kt_begin, static_cast<int>(k_tiles), rows, acc)) {
+      continue;
     }
+    store_results<T, kMTiles>(io, rows, n_tile, acc);
   }
 }
 

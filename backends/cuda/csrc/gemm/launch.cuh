@@ -51,8 +51,8 @@ cudaError_t configure_gemm_kernels_for(int bits) {
 }
 
 template <class T>
-cudaError_t small_tile_ctas_per_sm_for(int bits, int* ctas) {
-  return with_specialisation(bits, kSmallRowsPerCta, [&](auto b, auto m) {
+cudaError_t gemm_ctas_per_sm_for(int bits, int rows_per_cta, int* ctas) {
+  return with_specialisation(bits, rows_per_cta, [&](auto b, auto m) {
     constexpr int kBits = decltype(b)::value;
     constexpr int kMTiles = decltype(m)::value;
     return cudaOccupancyMaxActiveBlocksPerMultiprocessor(ctas, gemm_routed_kernel<T, kBits, kMTiles>, kThreads,
@@ -60,12 +60,8 @@ cudaError_t small_tile_ctas_per_sm_for(int bits, int* ctas) {
   });
 }
 
-// params.hpp, StreamK: 16-row tiles run `ctas` CTAs over the stream-K loop;
-// 64-row tiles a (tiles_x, n_tiles) grid.
-inline dim3 schedule_grid(const StreamK& schedule, int rows_per_cta, int ctas) {
-  return rows_per_cta == kSmallRowsPerCta ? dim3(static_cast<unsigned>(ctas))
-                                          : dim3(static_cast<unsigned>(schedule.tiles_x), schedule.n_tiles);
-}
+// params.hpp, StreamK: `ctas` CTAs walk the schedule.
+inline dim3 schedule_grid(int ctas) { return dim3(static_cast<unsigned>(ctas)); }
 
 template <class T>
 cudaError_t launch_gemm_batched_for(const BatchedParams& params, int bits, int rows_per_cta, int ctas,
@@ -73,7 +69,7 @@ cudaError_t launch_gemm_batched_for(const BatchedParams& params, int bits, int r
   return with_specialisation(bits, rows_per_cta, [&](auto b, auto m) {
     constexpr int kBits = decltype(b)::value;
     constexpr int kMTiles = decltype(m)::value;
-    gemm_batched_kernel<T, kBits, kMTiles><<<schedule_grid(params.schedule, rows_per_cta, ctas), kThreads,
+    gemm_batched_kernel<T, kBits, kMTiles><<<schedule_grid(ctas), kThreads,
                                              GemmTraits<T, kBits, kMTiles>::kSmemBytes, stream>>>(params);
     return cudaGetLastError();
   });
@@ -85,7 +81,7 @@ cudaError_t launch_gemm_device_dispatch_for(const DeviceDispatchParams& params, 
   return with_specialisation(bits, rows_per_cta, [&](auto b, auto m) {
     constexpr int kBits = decltype(b)::value;
     constexpr int kMTiles = decltype(m)::value;
-    gemm_device_dispatch_kernel<T, kBits, kMTiles><<<schedule_grid(params.schedule, rows_per_cta, ctas), kThreads,
+    gemm_device_dispatch_kernel<T, kBits, kMTiles><<<schedule_grid(ctas), kThreads,
                                                      GemmTraits<T, kBits, kMTiles>::kSmemBytes, stream>>>(params);
     return cudaGetLastError();
   });
@@ -97,7 +93,7 @@ cudaError_t launch_gemm_routed_for(const RoutedParams& params, int bits, int row
   return with_specialisation(bits, rows_per_cta, [&](auto b, auto m) {
     constexpr int kBits = decltype(b)::value;
     constexpr int kMTiles = decltype(m)::value;
-    gemm_routed_kernel<T, kBits, kMTiles><<<schedule_grid(params.schedule, rows_per_cta, ctas), kThreads,
+    gemm_routed_kernel<T, kBits, kMTiles><<<schedule_grid(ctas), kThreads,
                                             GemmTraits<T, kBits, kMTiles>::kSmemBytes, stream>>>(params);
     return cudaGetLastError();
   });

@@ -13,7 +13,7 @@ namespace ferrum_moe_cuda::gemm {
 template <class T>
 cudaError_t configure_gemm_kernels_for(int bits);
 template <class T>
-cudaError_t small_tile_ctas_per_sm_for(int bits, int* ctas);
+cudaError_t gemm_ctas_per_sm_for(int bits, int rows_per_cta, int* ctas);
 template <class T>
 cudaError_t launch_gemm_batched_for(const BatchedParams& params, int bits, int rows_per_cta, int ctas,
                                     cudaStream_t stream);

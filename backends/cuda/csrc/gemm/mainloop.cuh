@@ -54,8 +54,10 @@ class Mainloop {
         lane_(threadIdx.x % 32),
         a_smem_(smem),
         b_smem_(smem + kStages * Traits::kAStageBytes) {
-    tiles_ = static_cast<const uint4*>(w.tiles) +
-             (static_cast<int64_t>(expert) * w.n_tiles + n_tile) * w.k_tiles * Tile::kUint4s;
+    // The lane's first 16-byte load of K slice 0; slice kt is kt * kUint4s on.
+    b_src_ = static_cast<const uint4*>(w.tiles) +
+             (static_cast<int64_t>(expert) * w.n_tiles + n_tile) * w.k_tiles * Tile::kUint4s +
+             Tile::uint4_index(warp_, 0, lane_);
     perm_ = w.perm != nullptr ? w.perm + static_cast<int64_t>(expert) * w.k : nullptr;
     // Address math hoisted out of the k-loop (v1 spent most of its issue slots
     // here): the expert's scale/zero planes, and the lane's column in each of
@@ -109,13 +111,12 @@ class Mainloop {
     load_b(kt, b_smem_ + stage * Traits::kBStageBytes);
   }
 
+  // A lane's loads j sit 32 uint4s apart (layout.hpp, uint4_index).
   __device__ void load_b(int kt, uint8_t* stage) const {
-    const uint4* src = tiles_ + static_cast<int64_t>(kt) * Tile::kUint4s;
+    const uint4* src = b_src_ + static_cast<int64_t>(kt) * Tile::kUint4s;
+    const uint32_t dst = shared_address(stage) + Tile::uint4_index(warp_, 0, lane_) * 16;
 #pragma unroll
-    for (int j = 0; j < Tile::kLoadsPerLane; ++j) {
-      const int index = Tile::uint4_index(warp_, j, lane_);
-      cp_async_16(shared_address(stage + index * 16), src + index, 16);
-    }
+    for (int j = 0; j < Tile::kLoadsPerLane; ++j) cp_async_16(dst + j * 32 * 16, src + j * 32, 16);
   }
 
   // A rows are gathered per row (gemm_routed tokens, dispatch rows). Aligned
@@ -127,23 +128,29 @@ class Mainloop {
   __device__ void load_a(int kt, uint8_t* stage) const {
     const auto* x = static_cast<const uint16_t*>(io_.x);
     const int k = kt * kTileK + a_chunk_ * 8;
-    const bool vector_path = io_.x_vector_loads && perm_ == nullptr;
-    const int valid = max(0, min(8, w_.k - k));
     constexpr int kRowsPerPass = kThreads / Traits::kAChunksPerRow;
+    const uint32_t dst = shared_address(stage) + a_dst_;
+    if (io_.x_vector_loads && perm_ == nullptr) {
+      // Whole slices copy 16 bytes of every used row; only the last slice of a
+      // K that is not a multiple of kTileK counts its valid columns.
+      const bool whole = (kt + 1) * kTileK <= w_.k;
+      const int tail_bytes = max(0, min(8, w_.k - k)) * static_cast<int>(sizeof(T));
+#pragma unroll
+      for (int u = 0; u < Traits::kAChunksPerThread; ++u) {
+        const int64_t offset = a_row_offset_[u];
+        const int bytes = offset < 0 ? 0 : whole ? 16 : tail_bytes;
+        const void* src = bytes > 0 ? static_cast<const void*>(x + offset + k) : io_.x;
+        cp_async_16(dst + u * kRowsPerPass * Traits::kARowBytes, src, bytes);
+      }
+      return;
+    }
 #pragma unroll
     for (int u = 0; u < Traits::kAChunksPerThread; ++u) {
-      const int64_t offset = a_row_offset_[u];
-      uint8_t* dst = stage + a_dst_ + u * kRowsPerPass * Traits::kARowBytes;
-      if (vector_path) {
-        const int bytes = offset >= 0 ? valid * static_cast<int>(sizeof(T)) : 0;
-        const void* src = bytes > 0 ? static_cast<const void*>(x + offset + k) : io_.x;
-        cp_async_16(shared_address(dst), src, bytes);
-      } else {
-        uint32_t packed[4];
+      uint32_t packed[4];
 #pragma unroll
-        for (int e = 0; e < 4; ++e) packed[e] = load_x_pair(x, offset, k + 2 * e);
-        *reinterpret_cast<uint4*>(dst) = make_uint4(packed[0], packed[1], packed[2], packed[3]);
-      }
+      for (int e = 0; e < 4; ++e) packed[e] = load_x_pair(x, a_row_offset_[u], k + 2 * e);
+      *reinterpret_cast<uint4*>(stage + a_dst_ + u * kRowsPerPass * Traits::kARowBytes) =
+          make_uint4(packed[0], packed[1], packed[2], packed[3]);
     }
   }
 
@@ -380,7 +387,7 @@ class Mainloop {
   const int lane_;
   uint8_t* const a_smem_;
   uint8_t* const b_smem_;
-  const uint4* tiles_;
+  const uint4* b_src_;
   const int32_t* perm_;
   const uint16_t* scales_;
   const uint8_t* zeros_;

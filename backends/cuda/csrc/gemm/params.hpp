@@ -59,31 +59,28 @@ constexpr int kMaxBatchedWorkItems = 128;
 
 // Which (tile, K range) pairs a CTA computes. Tiles are numbered x-major:
 // tile = x * n_tiles + y, x a work item / routed chunk / dispatch chunk, y an
-// n tile of the launch.
-//  - 64-row tiles: grid = (tiles_x, n_tiles); CTA (x, y) computes tile (x, y)
-//    over all of K.
-//  - 16-row (decode) tiles: grid = (ctas). The tiles x k_tiles K slices are
-//    dealt out in tile-major order, CTA c taking slices
-//    [c * W / ctas, (c + 1) * W / ctas). With ctas = tiles that is one tile
-//    per CTA; with at most kStreamKTiles tiles (stream-K), ctas is one full
-//    wave, and every SM streams the same share of the weights whatever the
-//    tile count (a split count would leave a partial wave). A tile whose
-//    slices span several CTAs meets in its fp32 slot: each CTA adds its
-//    partial sum, then its slice count to the tile's counter; the one
-//    completing k_tiles stores the total through the epilogue and zeroes the
-//    slot and the counter, so both are zero between launches (graph replays
-//    too).
+// n tile of the launch. grid = (ctas): the tiles x k_tiles K slices are dealt
+// out in tile-major order, CTA c taking slices [c * W / ctas, (c + 1) * W / ctas).
+// With ctas = tiles that is one tile per CTA. When the tiles fit the slots of
+// the workspace (stream-K), ctas is one full wave instead, and every SM
+// streams the same share of the weights whatever the tile count (a split
+// count, or one CTA per tile, leaves a partial wave). A tile whose slices
+// span several CTAs meets in its fp32 slot: each CTA adds its partial sum,
+// then its slice count to the tile's counter; the one completing k_tiles
+// stores the total through the epilogue and zeroes the slot and the counter,
+// so both are zero between launches (graph replays too).
 struct StreamK {
-  float* partials;    // [kStreamKTiles][kSmallRowsPerCta * kTileN], or null: no tile is shared
-  int32_t* counters;  // [kStreamKTiles]
+  float* partials;    // [slots][rows_per_cta * kTileN], or null: no tile is shared
+  int32_t* counters;  // [slots]
   int32_t tiles_x;
   int32_t n_tiles;
 };
 
-// Tiles a stream-K launch may hold: the slots of a stack's workspace
-// (512 x 16 rows x 128 columns x 4 bytes = 4 MiB). More tiles than this fill
-// the GPU without sharing one.
-constexpr int kStreamKTiles = 512;
+// The workspace of a stack: slots of kStreamKSlotFloats floats (512 tiles of
+// 16 x 128, or 128 of 64 x 128: 4 MiB) and their counters. Launches with more
+// tiles fill the GPU without sharing one.
+constexpr int kStreamKSlotFloats = 512 * 16 * 128;
+constexpr int kStreamKCounters = 512;
 
 struct BatchedParams {
   QuantWeights w;
@@ -140,12 +137,12 @@ constexpr int kLargeRowsPerCta = 64;
 // 64-row INT8 variant needs more than the default 48 KiB). Call once per
 // device before launching, outside any stream capture.
 cudaError_t configure_gemm_kernels(ComputeType type, int bits);
-// How many 16-row routed CTAs one SM holds at once (registers, shared memory).
-cudaError_t small_tile_ctas_per_sm(ComputeType type, int bits, int* ctas);
+// How many routed CTAs of rows_per_cta rows one SM holds at once (registers,
+// shared memory).
+cudaError_t gemm_ctas_per_sm(ComputeType type, int bits, int rows_per_cta, int* ctas);
 
-// The grid follows params.schedule (StreamK): `ctas` CTAs for 16-row tiles,
-// (tiles_x, n_tiles) for 64-row ones. rows_per_cta is kSmallRowsPerCta or
-// kLargeRowsPerCta. Routed: tiles_x = routing blocks
+// grid = (ctas), walking params.schedule (StreamK). rows_per_cta is
+// kSmallRowsPerCta or kLargeRowsPerCta. Routed: tiles_x = routing blocks
 // processed x chunks_per_block; blocks past them are not processed (see
 // stack.cpp for why none can hold work).
 cudaError_t launch_gemm_batched(const BatchedParams& params, ComputeType type, int bits,

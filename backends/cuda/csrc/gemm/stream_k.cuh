@@ -19,11 +19,10 @@ namespace ferrum_moe_cuda::gemm {
 template <int kMTiles>
 __device__ bool reduce_stream_k(const StreamK& schedule, int64_t tile, int slices, int k_tiles,
                                const RowTable<kMTiles * kMmaM>& rows, float (&acc)[kMTiles][kNFrags][4]) {
-  static_assert(kMTiles * kMmaM == kSmallRowsPerCta, "stream-K slots hold small (decode) tiles");
   __shared__ int is_last;
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
-  float* slot = schedule.partials + tile * (kSmallRowsPerCta * kTileN);
+  float* slot = schedule.partials + tile * (kMTiles * kMmaM * kTileN);
   // Accumulator element i of fragment (mt, nt): row mt*16 + lane/4 (+8 for i >= 2),
   // column warp*32 + nt*8 + 2*(lane%4) + i%2 (the mma.m16n8 C layout).
   auto index = [&](int mt, int nt, int i) {

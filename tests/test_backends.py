@@ -80,7 +80,8 @@ def test_a_broken_plugin_is_recorded_not_raised_until_asked_for(fake_plugins):
 
 def test_an_abi_major_mismatch_names_both_versions(fake_plugins):
     with pytest.raises(fm.BackendUnavailableError,
-                       match=r"plugin ABI 99\.3 is incompatible with this ferrum-moe \(ABI 1\.1\): rebuild the plugin"):
+                       match=r"plugin 'badabi' 9\.9 \(ABI 99\.3\) is incompatible with this ferrum-moe \(ABI 1\.1\): "
+                             "rebuild the plugin"):
         fm.get_backend("badabi")
 
 
@@ -129,7 +130,8 @@ def test_info_lists_backends_truthfully(fake_plugins):
     assert "badabi   unavailable" in out and "ABI 99.3" in out
 
 
-@pytest.mark.parametrize("device, message", [("tpu", "device: expected 'cpu', 'cuda' or 'cuda:N'; got 'tpu'"),
+@pytest.mark.parametrize("device, message", [("tpu", r"device: expected 'cpu', 'cuda', 'cuda:N' or a \(device_type, "
+                                                    r"device_id\) tuple; got 'tpu'"),
                                              ("cuda:x", "got 'cuda:x'")])
 def test_bad_device_strings_are_named(device, message):
     with pytest.raises(ValueError, match=message):

@@ -122,11 +122,16 @@ bool Tensor::is_compact() const {
 }
 
 std::shared_ptr<Tensor> Tensor::view_of(const DLTensor& dl, std::vector<int64_t> shape) {
+  // The shape and memory were checked when this tensor was imported, or by view().
   std::shared_ptr<Tensor> t(new Tensor());
-  t->init_from(dl);
+  t->dl_ = dl;
   t->shape_ = std::move(shape);
   t->dl_.shape = t->shape_.data();
   t->dl_.ndim = int32_t(t->shape_.size());
+  if (dl.strides != nullptr) {
+    t->strides_.assign(dl.strides, dl.strides + t->shape_.size());
+    t->dl_.strides = t->strides_.data();
+  }
   t->read_only_ = read_only_;
   t->base_ = shared_from_this();
   t->producer_backend_ = producer_backend_;
@@ -166,7 +171,6 @@ std::shared_ptr<Tensor> Tensor::view(const std::vector<int64_t>& shape) {
   }
   DLTensor dl = dl_;
   dl.strides = nullptr;  // compact, so the new shape's row-major strides hold
-  dl.ndim = 0;
   return view_of(dl, shape);
 }
 

@@ -365,3 +365,21 @@ def test_a_group_size_beyond_int32_is_the_single_group(rng):
     x = rng.standard_normal((3, 64)).astype(np.float32)
     y = fm.Linear.from_gptq(huge, dtype="float32")(x)
     assert rel_error(y, x.astype(np.float64) @ w.dequantize(np.float64)) < 2e-5
+
+
+def test_stack_sizes_that_would_wrap_the_repack_are_refused_before_the_backend():
+    """K = 2**31, N = 2**36: the CPU backend's repack size would wrap to 0.
+    Such a qweight cannot be a real array; its metadata is refused on import,
+    and sizes beyond 2^48 are refused even with small arrays."""
+    from ferrum_moe.arrays import import_array
+    from handmade_dlpack import Producer
+
+    cpu = fm.get_backend("cpu")
+    words = np.zeros(16, np.int32)
+    with pytest.raises(ValueError, match=r"qweight: DLPack tensor: shape \[1, 268435456, 68719476736\] of int32 "
+                                         r"exceeds 2\^48 bytes"):
+        import_array(Producer(words, (1, 2**28, 2**36)), "qweight")
+    qweight, scales = import_array(np.zeros((1, 1, 1), np.int32), "qweight"), import_array(np.ones((1, 1, 1), np.float16), "scales")
+    with pytest.raises(ValueError, match=r"ExpertStack: num_experts, k and n_per_expert must be in \[1, 2\^48\]; got 1, "
+                                         r"1125899906842624, 1"):
+        cpu.create_stack(1, 0, "float16", 1, 2**50, 1, 4, -1, qweight, scales, None, None)

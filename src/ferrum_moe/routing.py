@@ -30,7 +30,8 @@ def routing_buffer_sizes(num_tokens: int, top_k: int, num_local_experts: int, bl
     name = "routing_buffer_sizes"
     num_tokens = checked_int(num_tokens, f"{name}: num_tokens", 0)
     top_k = checked_int(top_k, f"{name}: top_k", 1)
-    num_local_experts = checked_int(num_local_experts, f"{name}: num_local_experts", 0, MAX_ROUTING_INDEX)
+    # Local ids are int32, so at most 2^31 of them (0 .. 2^31 - 1).
+    num_local_experts = checked_int(num_local_experts, f"{name}: num_local_experts", 0, MAX_ROUTING_INDEX + 1)
     block_size = checked_int(block_size, f"{name}: block_size", 1, MAX_BLOCK_SIZE)
     if num_tokens * top_k > MAX_ROUTING_INDEX:  # the core's check, for products beyond int64 too
         raise ValueError(f"{name}: num_tokens * top_k = {num_tokens * top_k} exceeds 2^31 - 1 (the routing arrays "

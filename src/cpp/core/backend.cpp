@@ -265,7 +265,7 @@ void Backend::moe_align_block_size(const Tensor& topk_ids, int64_t num_experts, 
     expect_device(*expert_map, topk_ids.device(), {op, "expert_map"}, "topk_ids' device");
     if (host_readable(expert_map->device())) {
       const auto* m = reinterpret_cast<const int32_t*>(expert_map->data_ptr());
-      int32_t max_local = -1;
+      int64_t max_local = -1;  // + 1 below must not wrap for a map naming 2^31 - 1
       for (int64_t i = 0; i < num_experts; ++i) {
         if (m[i] < -1) {
           throw_value_error("moe_align_block_size: expert_map[" + std::to_string(i) + "] = " + std::to_string(m[i]) +
@@ -487,7 +487,7 @@ int64_t ExpertStack::check_host_dispatches(const Tensor& dispatches, int64_t x_r
     if (out_rows < 0 && (out_row < 0 || out_row > kMaxTensorBytes || m > kMaxTensorBytes - out_row)) {
       throw_value_error(row + "output rows exceed 2^48, the most a new result may hold");
     }
-    if (m > 0) rows_needed = std::max(rows_needed, out_row + m);
+    rows_needed = std::max(rows_needed, out_row + m);  // m = 0 too: every row lies inside the result
   }
   return rows_needed;
 }

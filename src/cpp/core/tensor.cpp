@@ -65,15 +65,14 @@ void Tensor::init_from(const DLTensor& t) {
   }
   const int64_t item = dtype_bytes(t.dtype);
   const std::string too_big = what + ": shape " + shape_string(shape_) + " of " + dtype_name(t.dtype);
+  // Zero dimensions left out: an empty tensor's other dimensions multiply
+  // within bounds too, so no product of any of them can overflow.
   int64_t bytes = item;
   bool empty = false;
   for (int64_t d : shape_) {
     if (d < 0) throw_value_error(too_big + " has a negative dimension");
-    if (d > kMaxTensorBytes) throw_value_error(too_big + " exceeds 2^48 bytes");
     empty = empty || d == 0;
-  }
-  for (int64_t d : shape_) {
-    if (!empty && !product_within(bytes, d, kMaxTensorBytes, &bytes)) throw_value_error(too_big + " exceeds 2^48 bytes");
+    if (d != 0 && !product_within(bytes, d, kMaxTensorBytes, &bytes)) throw_value_error(too_big + " exceeds 2^48 bytes");
   }
   if (!strides_.empty()) {
     // The farthest element from the first, in bytes, bounds every stride product.
@@ -151,23 +150,24 @@ std::shared_ptr<Tensor> Tensor::retyped(DLDataType dtype) {
 
 std::shared_ptr<Tensor> Tensor::view(const std::vector<int64_t>& shape) {
   if (!is_compact()) throw_value_error("view: the tensor must be contiguous; got strides " + shape_string(strides()));
-  // Multiplied only while the product stays within what the tensor holds, so
-  // a hostile shape cannot wrap to a small count.
+  // The nonzero dimensions are multiplied only while the product stays within
+  // what the tensor holds (or, for an empty view, within 2^48 bytes, as on
+  // import), so a hostile shape cannot wrap to a small count.
   const int64_t have = numel();
   bool zero = false;
   for (int64_t d : shape) {
     if (d < 0) throw_value_error("view: negative dimension in " + shape_string(shape));
     zero = zero || d == 0;
   }
+  const int64_t limit = zero ? kMaxTensorBytes / dtype_bytes(dl_.dtype) : have;
   int64_t n = 1;
   for (int64_t d : shape) {
-    if (zero) { n = 0; break; }
-    if (n > have / d) { n = have + 1; break; }
+    if (d == 0) continue;
+    if (n > limit / d) {
+      throw_value_error("view: shape " + shape_string(shape) + " needs more elements than the tensor's " +
+                        std::to_string(have));
+    }
     n *= d;
-  }
-  if (n > have) {
-    throw_value_error("view: shape " + shape_string(shape) + " needs more elements than the tensor's " +
-                      std::to_string(have));
   }
   DLTensor dl = dl_;
   dl.strides = nullptr;  // compact, so the new shape's row-major strides hold

@@ -142,8 +142,10 @@ def fused_moe(x, w13: ExpertStack, w2: ExpertStack, topk_weights, topk_ids, *, a
     (n_per_expert = 2 * intermediate); w2: stack with k = intermediate;
     topk_weights: float32 [num_tokens, top_k]; topk_ids: int32/int64
     [num_tokens, top_k] global expert ids. expert_map: int32 [num_global]
-    (global -> local or -1): pairs of non-local experts contribute nothing.
-    apply_router_weight_on_input scales the first GEMM's output instead of the
+    (global -> local or -1): pairs of non-local experts contribute nothing. A
+    host map naming a local expert the stacks lack is refused; a device map is
+    not read on the host, so such pairs are skipped and the second GEMM's
+    output is zero-filled (a stream-ordered temporary). apply_router_weight_on_input scales the first GEMM's output instead of the
     second's. The top-k sum accumulates in float32. Returns out, or a new
     [num_tokens, hidden] array of x's type.
     """
@@ -154,7 +156,8 @@ def fused_moe(x, w13: ExpertStack, w2: ExpertStack, topk_weights, topk_ids, *, a
 class MoE:
     """A MoE layer that keeps its intermediate buffers between calls: after one
     call at the largest token count, calls with ``out=`` allocate nothing (CUDA-graph
-    capturable on backends whose kernels are).
+    capturable on backends whose kernels are), except, with a device-resident
+    ``expert_map``, one zero-filled stream-ordered buffer per call (see fused_moe).
 
     Safe to call from several threads at once: each (thread, stream) pair has
     its own buffers, so no call waits for another. On CUDA a stack must not

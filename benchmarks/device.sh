@@ -3,6 +3,7 @@
 # the sanitizers and the benchmarks, and print a short summary last.
 #   bash benchmarks/device.sh [build] [test] [sanitize] [bench] [linear] [profile]
 # (default: all but profile). PROFILE_ARGS picks the layer for ncu (profile_moe.py's options).
+# sanitize: compute-sanitizer memcheck, racecheck and synccheck over cuda_smoke.py and tests/test_cuda.py.
 # The CUDA plugin wheel is taken from .dist/ when one is there (built on a
 # machine without a GPU: `pip wheel --no-build-isolation --no-deps ./backends/cuda -w .dist`),
 # which saves the device the compile. BENCH_ARGS / LINEAR_ARGS pass options on.
@@ -40,11 +41,15 @@ if has test; then
 fi
 
 if has sanitize; then
-  for tool in memcheck racecheck; do
+  # Each tool over the smoke script and the CUDA tests; the model-shape sweep is
+  # left out (the same kernels at sizes the tools would take hours over).
+  for tool in memcheck racecheck synccheck; do
     t=$(now)
     compute-sanitizer --tool $tool --error-exitcode 9 python3 benchmarks/cuda_smoke.py >"$OUT/sanitize-$tool.log" 2>&1
     rc=$?
-    summary+=("compute-sanitizer $tool: rc=$rc, $(grep 'SUMMARY' "$OUT/sanitize-$tool.log" | sed 's/=* *//') in $(( $(now) - t )) s")
+    compute-sanitizer --tool $tool --error-exitcode 9 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda.py \
+      -k "not model_shapes" >>"$OUT/sanitize-$tool.log" 2>&1 || rc=$?
+    summary+=("compute-sanitizer $tool: rc=$rc, $(grep 'SUMMARY' "$OUT/sanitize-$tool.log" | sed 's/=* *//' | tr '\n' ' ')in $(( $(now) - t )) s")
     tail -3 "$OUT/sanitize-$tool.log"
   done
 fi

@@ -79,3 +79,23 @@ TARGETS = _targets()
 @pytest.fixture(params=TARGETS, ids=repr)
 def target(request) -> Target:
     return request.param
+
+
+# Property-based tests (test_properties.py): a fixed budget per test, scaled by
+# the profile FERRUM_MOE_HYPOTHESIS names. "ci" (the default) keeps the whole
+# run to a few hundred inputs; "thorough" (25x) is the run before a release.
+HYPOTHESIS_PROFILES = {"ci": 1, "thorough": 25}
+HYPOTHESIS_PROFILE = os.environ.get("FERRUM_MOE_HYPOTHESIS", "ci")
+if HYPOTHESIS_PROFILE not in HYPOTHESIS_PROFILES:
+    raise ValueError(f"FERRUM_MOE_HYPOTHESIS: expected one of {sorted(HYPOTHESIS_PROFILES)}; got {HYPOTHESIS_PROFILE!r}")
+# Inputs each property test ran, reported at the end of the session.
+hypothesis_inputs: dict[str, int] = {}
+
+
+def pytest_terminal_summary(terminalreporter):
+    if hypothesis_inputs:
+        total = sum(hypothesis_inputs.values())
+        terminalreporter.write_line(f"hypothesis ({HYPOTHESIS_PROFILE} profile): {total} inputs over "
+                                    f"{len(hypothesis_inputs)} property tests")
+        for name, count in sorted(hypothesis_inputs.items()):
+            terminalreporter.write_line(f"  {count:6d}  {name}")

@@ -287,3 +287,72 @@ def test_stacks_load_from_stacked_arrays(rng, target):
     x = random_activations(rng, (5, 96), dtype)
     y = target.get(stack.gemm_batched(target.put(x), [[2, 0, 0, 5]]))
     assert rel_error(y, as64(x) @ weights[2].dequantize(np.float64)) < REL_TOL[dtype]
+
+
+def _empty(shape, dtype):
+    """A zero-size array as numpy 2 exports it: every stride 0."""
+    a = np.empty(shape, NUMPY_DTYPES.get(dtype, dtype))
+    assert 0 in a.shape
+    return a
+
+
+def test_zero_token_inputs_give_empty_results_on_every_op(rng, target):
+    """numpy 2 exports size-0 arrays with all-zero strides: they are contiguous,
+    and M = 0 is a valid call of every operation."""
+    dtype = target.dtypes[-1]
+    w13, w2, s13, s2 = _moe_case(rng, target, dtype, e=4, hidden=64, inter=32)
+    x = target.put(_empty((0, 64), dtype))
+    ids, tw = target.put(_empty((0, 2), np.int32)), target.put(_empty((0, 2), np.float32))
+    assert target.get(s13.gemm_batched(x, np.zeros((0, 4), np.int64))).shape == (0, 64)
+    assert target.get(s13.gemm_batched(x, [[1, 0, 0, 0]])).shape == (0, 64)
+    assert target.get(s13.gemm_batched(x, [], out=target.put(_empty((0, 64), dtype)))).shape == (0, 64)
+    assert target.get(s13.expert_linear(16, 32)(x)).shape == (0, 32)
+    routing = fm.moe_align_block_size(ids, 16, 4)
+    assert int(target.get(routing.num_tokens_post_padded)[0]) == 0
+    assert target.get(s13.gemm_routed(x, routing, topk_weights=tw)).shape == (0, 64)
+    assert target.get(fm.fused_moe(x, s13, s2, tw, ids)).shape == (0, 64)
+    assert target.get(fm.MoE(s13, s2, top_k=2)(x, tw, ids)).shape == (0, 64)
+    assert fm.routing_buffer_sizes(0, 2, 4, 16) == (4 * 15, 4)
+
+
+def test_new_results_are_zero_where_nothing_is_written(rng, target):
+    """Freed heap memory of the same size is poisoned first: a new result must
+    still read zero in rows no dispatch or routed pair writes."""
+    dtype = target.dtypes[-1]
+    weights = [random_weight(rng, 64, 32, group_size=32, dtype=dtype) for _ in range(3)]
+    stack = target.stack(weights, dtype)
+    x = random_activations(rng, (4, 64), dtype)
+    ids = np.array([[0, -1], [1, 3], [2, 2], [-1, -1]], np.int32)  # -1 and 3 (= E) are dropped
+    routing = fm.moe_align_block_size(target.put(ids), 16, 3)
+    for _ in range(3):
+        for shape in ((8, 32), (6, 32)):  # memory of the sizes asked for next, freed full of NaN
+            garbage = stack._empty(shape, dtype, 0)
+            if target.device == "cpu":
+                np.from_dlpack(garbage.retyped("uint16") if dtype == "bfloat16" else garbage)[...] = \
+                    np.uint16(0x7FC0) if dtype == "bfloat16" else np.nan
+            else:
+                import torch
+
+                torch.from_dlpack(garbage).fill_(float("nan"))
+            del garbage
+        batched = as64(target.get(stack.gemm_batched(target.put(x), [[1, 0, 2, 2], [0, 2, 6, 2]])))
+        assert np.all(batched[[0, 1, 4, 5]] == 0)
+        assert rel_error(batched[2:4], as64(x[:2]) @ weights[1].dequantize(np.float64)) < REL_TOL[dtype]
+        routed = as64(target.get(stack.gemm_routed(target.put(x), routing)))
+        dropped = [1, 3, 6, 7]
+        assert np.all(routed[dropped] == 0)
+        kept = [p for p in range(8) if p not in dropped]
+        ref = np.stack([as64(x[p // 2]) @ weights[ids.flat[p]].dequantize(np.float64) for p in kept])
+        assert rel_error(routed[kept], ref) < REL_TOL[dtype]
+
+
+def test_fused_moe_may_write_its_result_over_x(rng, target):
+    """The layer reads x into its first GEMM before the top-k sum writes out."""
+    dtype = target.dtypes[-1]
+    w13, w2, s13, s2 = _moe_case(rng, target, dtype)
+    x = random_activations(rng, (7, 128), dtype)
+    tw, ids = _routing_inputs(rng, 7, 8, 2)
+    ref = reference_moe(x, w13, w2, tw, ids)
+    xt = target.put(x.copy())
+    assert fm.fused_moe(xt, s13, s2, target.put(tw), target.put(ids), out=xt) is xt
+    assert rel_error(target.get(xt), ref) < REL_TOL[dtype]

@@ -12,6 +12,7 @@ from ferrum_moe import discovery
 
 FAKE_PLUGINS = {
     "fake_broken": "raise ImportError('libfake.so: cannot open shared object file')\n",
+    "fake_exits": "import sys\nsys.exit('fake_exits: no device, giving up')\n",
     "fake_badabi": textwrap.dedent("""
         import ctypes
         class Table(ctypes.Structure):
@@ -43,6 +44,7 @@ def fake_plugins(tmp_path, monkeypatch):
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: fake-plugins\nVersion: 1.0\n")
     (dist / "entry_points.txt").write_text(
         "[ferrum_moe.backends]\nbroken = fake_broken:backend_api\nbadabi = fake_badabi:backend_api\n"
+        "exits = fake_exits:backend_api\n"
         "wrongcapsule = fake_wrong:backend_api\n"
     )
     for module, source in FAKE_PLUGINS.items():
@@ -80,7 +82,8 @@ def test_a_broken_plugin_is_recorded_not_raised_until_asked_for(fake_plugins):
 
 def test_an_abi_major_mismatch_names_both_versions(fake_plugins):
     with pytest.raises(fm.BackendUnavailableError,
-                       match=r"plugin ABI 99\.3 is incompatible with this ferrum-moe \(ABI 1\.1\): rebuild the plugin"):
+                       match=r"plugin 'badabi' 9\.9 \(ABI 99\.3\) is incompatible with this ferrum-moe \(ABI 1\.1\): "
+                             "rebuild the plugin"):
         fm.get_backend("badabi")
 
 
@@ -127,9 +130,19 @@ def test_info_lists_backends_truthfully(fake_plugins):
     assert "cpu      available" in out
     assert "broken   unavailable" in out and "libfake.so" in out
     assert "badabi   unavailable" in out and "ABI 99.3" in out
+    assert "exits    unavailable" in out and "SystemExit: fake_exits: no device, giving up" in out
 
 
-@pytest.mark.parametrize("device, message", [("tpu", "device: expected 'cpu', 'cuda' or 'cuda:N'; got 'tpu'"),
+def test_plugins_that_fail_at_import_do_not_break_importing_ferrum_moe(fake_plugins):
+    env = {**__import__("os").environ, "PYTHONPATH": str(fake_plugins)}
+    code = "import ferrum_moe as fm; print(sorted(b.name for b in fm.backends() if b.available))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "['cpu']"
+
+
+@pytest.mark.parametrize("device, message", [("tpu", r"device: expected 'cpu', 'cuda', 'cuda:N' or a \(device_type, "
+                                                    r"device_id\) tuple; got 'tpu'"),
                                              ("cuda:x", "got 'cuda:x'")])
 def test_bad_device_strings_are_named(device, message):
     with pytest.raises(ValueError, match=message):
@@ -139,3 +152,14 @@ def test_bad_device_strings_are_named(device, message):
 def test_a_named_backend_must_compute_on_the_device():
     with pytest.raises(ValueError, match="backend 'cpu' does not compute on cuda:0"):
         discovery.resolve("cpu", (2, 0))
+
+
+def test_the_conformance_suite_runs_from_the_command_line():
+    done = subprocess.run([sys.executable, "-m", "ferrum_moe.testing", "cpu", "--dtype", "all"], capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for dtype in ("bfloat16", "float16", "float32"):
+        assert f"{dtype}: conformance of backend 'cpu'" in done.stdout
+    assert done.stdout.count(" ok\n") == 27 and "FAILED" not in done.stdout and "unsupported" not in done.stdout
+    missing = subprocess.run([sys.executable, "-m", "ferrum_moe.testing", "nosuch"], capture_output=True, text=True)
+    assert missing.returncode == 2 and "backend 'nosuch' is not selected" in missing.stderr

@@ -140,7 +140,7 @@ def test_a_wrong_backend_device_or_dtype_is_refused_before_reading(tmp_path, rng
     monkeypatch.setattr(checkpoint.Checkpoint, "read", lambda self, info: pytest.fail(f"read {info.name}"))
     with pytest.raises(fm.BackendUnavailableError, match="backend 'nosuch' is not selected"):
         fm.load_moe_layers(tmp_path, backend="nosuch")
-    with pytest.raises(ValueError, match="device: expected 'cpu', 'cuda' or 'cuda:N'; got 'gpu'"):
+    with pytest.raises(ValueError, match=r"device: expected 'cpu', 'cuda', 'cuda:N' or a \(device_type, device_id\) tuple; got 'gpu'"):
         fm.load_moe_layers(tmp_path, device="gpu")
     with pytest.raises(ValueError, match="dtype: expected one of float32, float16, bfloat16; got 'float64'"):
         fm.load_moe_layers(tmp_path, dtype="float64")

@@ -383,3 +383,67 @@ def test_host_routing_with_gpu_activations_is_named(rng):
         fm.fused_moe(cuda(xh), layer.w13, layer.w2, cuda(tw), ids)
     with pytest.raises(ValueError, match="fused_moe: topk_weights is on cpu"):
         fm.fused_moe(cuda(xh), layer.w13, layer.w2, tw, cuda(ids))
+
+
+def test_two_stacks_on_two_streams_at_once(rng):
+    """Each stack on its own stream, both queued before either is waited for:
+    a stack's split-K workspace is its own, so the streams do not race."""
+    weights = [[random_weight(rng, 4096, 256, group_size=128) for _ in range(2)] for _ in range(2)]
+    stacks = [fm.ExpertStack.from_gptq(w, device="cuda", dtype="float16") for w in weights]
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    xs = [random_activations(rng, (m, 4096), "float16") for m in (1, 3)]  # decode sizes: split-K
+    outs = []
+    for _ in range(20):
+        for stack, stream, xh in zip(stacks, streams, xs):
+            with torch.cuda.stream(stream):
+                x = cuda(xh)
+                outs.append((stack.gemm_batched(x, [[1, 0, 0, xh.shape[0]]], stream=stream), xh, stack))
+    torch.cuda.synchronize()
+    for y, xh, stack in outs:
+        w = weights[stacks.index(stack)][1]
+        assert rel_error(y, xh.astype(np.float64) @ w.dequantize(np.float64)) < 3e-3
+
+
+def test_one_moe_layer_from_8_threads_on_one_stream_matches_serial_calls(rng):
+    """Threads share the stacks but not the layer's buffers (one set per thread
+    and stream); on one stream their GEMMs never overlap on the device."""
+    import threading
+
+    w13, w2, layer = _layer(rng)
+    calls = [_inputs(rng, int(rng.integers(1, 24))) for _ in range(32)]
+    serial = [layer(cuda(x), cuda(tw), cuda(ids)).cpu() for x, tw, ids in calls]
+    results = [None] * len(calls)
+    barrier = threading.Barrier(8)
+
+    def work(i):
+        barrier.wait()
+        for j in range(i, len(calls), 8):
+            x, tw, ids = calls[j]
+            results[j] = layer(cuda(x), cuda(tw), cuda(ids)).cpu()
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    torch.cuda.synchronize()
+    assert all(torch.equal(a, b) for a, b in zip(results, serial))
+
+
+def test_a_device_expert_map_naming_absent_experts_adds_nothing(rng):
+    """The host cannot read a device map without a synchronisation: pairs it
+    sends past the stacks' experts are skipped, and the top-k sum adds zero
+    for them, never memory no GEMM wrote. fm.MoE checks its map once."""
+    w13, w2, layer = _layer(rng)
+    expert_map = np.array([0, 1, 2, 3, 4, 5, 6, 7, 9, 30], np.int32)  # globals 8, 9: no such local expert
+    xh = random_activations(rng, (6, 256), "float16")
+    ids = np.array([[0, 8], [9, 1], [2, 3], [8, 9], [4, 5], [6, 7]], np.int32)
+    tw = rng.random((6, 2)).astype(np.float32)
+    for _ in range(2):  # the second call would see the first one's buffers
+        out = torch.full((6, 256), float("nan"), device="cuda", dtype=torch.float16)
+        fm.fused_moe(cuda(xh), layer.w13, layer.w2, cuda(tw), cuda(ids), expert_map=cuda(expert_map), out=out)
+        torch.cuda.synchronize()
+        dropped = np.where(expert_map[ids] >= 8, -1, ids)
+        assert rel_error(out, reference_moe(xh, w13, w2, tw, dropped)) < 3e-3
+    with pytest.raises(ValueError, match="MoE: expert_map names local expert 30; the stacks hold 8"):
+        fm.MoE(layer.w13, layer.w2, top_k=2, expert_map=cuda(expert_map))

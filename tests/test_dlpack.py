@@ -140,3 +140,86 @@ def test_exported_arrays_outlive_the_ferrum_tensor(rng):
 def test_objects_without_dlpack_are_refused_by_name():
     with pytest.raises(TypeError, match=r"x: expected an array with __dlpack__ .*; got list"):
         import_array([[1.0]], "x")
+
+
+@pytest.mark.parametrize("metadata, message", [
+    (dict(shape=(-1, 4)), r"shape \[-1, 4\] of float32 has a negative dimension"),
+    (dict(shape=(2**40, 2**40)), r"shape \[1099511627776, 1099511627776\] of float32 exceeds 2\^48 bytes"),
+    (dict(shape=(2**62, 16)), r"exceeds 2\^48 bytes"),
+    (dict(shape=(3, 4), ndim=-1), r"ndim -1 is not in \[0, 32\]"),
+    (dict(shape=(3, 4), ndim=100), r"ndim 100 is not in \[0, 32\]"),
+    (dict(shape=(3, 4), null_shape=True), "shape is NULL for ndim 2"),
+    (dict(shape=(3, 4), strides=(2**62, 1)), r"strides \[4611686018427387904, 1\] for shape \[3, 4\] reach past 2\^48"),
+    (dict(shape=(3, 4), strides=(-2**63, 1)), "reach past 2\\^48"),
+    (dict(shape=(3, 4), dtype=(2, 0, 1)), r"dtype dtype\(code=2, bits=0, lanes=1\) has no size"),
+    (dict(shape=(3, 4), dtype=(2, 32, 0)), "has no size"),
+])
+def test_hostile_dlpack_metadata_is_refused_and_released(metadata, message):
+    """Metadata no real array has: a ValueError naming the argument, and the
+    producer's deleter still runs exactly once (the capsule was consumed)."""
+    from handmade_dlpack import Producer
+
+    producer = Producer(np.arange(12, dtype=np.float32), **metadata)
+    with pytest.raises(ValueError, match="x: DLPack tensor: .*" + message):
+        import_array(producer, "x")
+    assert producer.deleted == 1
+
+
+def test_a_null_data_pointer_is_refused_unless_the_array_is_empty():
+    from handmade_dlpack import Producer
+
+    with pytest.raises(ValueError, match=r"x: DLPack tensor: data is NULL for shape \[3, 4\]"):
+        import_array(Producer(None, (3, 4)), "x")
+    empty = import_array(Producer(None, (0, 4), strides=(0, 0)), "x")
+    assert empty.shape == (0, 4) and empty.is_compact
+
+
+def test_hand_built_views_read_the_right_elements(rng):
+    """Strides and a byte offset exactly as a producer states them."""
+    from handmade_dlpack import Producer
+
+    base = rng.standard_normal(40).astype(np.float32)
+    producer = Producer(base, (3, 2), strides=(10, 3), byte_offset=4 * 5)
+    got = np.from_dlpack(import_array(producer, "x"))
+    np.testing.assert_array_equal(got, base[5:].reshape(-1)[:30].reshape(3, 10)[:, 0:6:3])
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(stream=2**70), ValueError, r"__dlpack__: stream 1180591620717411303424 does not fit in 64 bits"),
+    (dict(stream=-5), ValueError, r"__dlpack__: stream must be -1, None or a stream handle >= 0; got -5"),
+    (dict(stream="s"), TypeError, r"__dlpack__: stream must be an int; got 's'"),
+    (dict(max_version="x"), TypeError, r"__dlpack__: max_version must be a tuple of two ints; got 'x'"),
+    (dict(max_version=(1, 2**65)), ValueError, "max_version 36893488147419103232 does not fit in 64 bits"),
+    (dict(dl_device=[1, 0]), TypeError, r"__dlpack__: dl_device must be a tuple of two ints; got \[1, 0\]"),
+    (dict(copy="yes"), TypeError, r"__dlpack__: copy must be a bool or None; got 'yes'"),
+    (dict(copy=True), NotImplementedError, "copy=True is not supported"),
+    (dict(dl_device=(2, 0)), NotImplementedError, "cannot export to another device"),
+])
+def test_export_arguments_are_named(rng, kwargs, error, message):
+    t = import_array(numpy_array(rng, (2, 2), "float32"), "a")
+    with pytest.raises(error, match=message):
+        t.__dlpack__(**kwargs)
+
+
+@pytest.mark.parametrize("producer, error, message", [
+    (type("NoDevice", (), {"__dlpack__": lambda self, **k: None})(), TypeError,
+     r"x: expected an array with __dlpack__ and __dlpack_device__ .*; got NoDevice"),
+    (type("BadDevice", (), {"__dlpack__": lambda self, **k: None, "__dlpack_device__": lambda self: "cpu"})(),
+     TypeError, r"x: __dlpack_device__\(\) must return \(device_type, device_id\) ints; got 'cpu'"),
+    (type("NotACapsule", (), {"__dlpack__": lambda self, **k: 42, "__dlpack_device__": lambda self: (1, 0)})(),
+     TypeError, r"x: __dlpack__\(\) returned int, not a DLPack capsule"),
+])
+def test_broken_producers_are_named(producer, error, message):
+    with pytest.raises(error, match=message):
+        import_array(producer, "x")
+
+
+def test_a_view_larger_than_its_tensor_is_refused_without_overflow():
+    t = fm.Tensor.from_capsule(np.zeros(64, np.float32).__dlpack__())
+    with pytest.raises(ValueError, match=r"view: shape \[4611686018427387904, 16\] needs more elements than the tensor's 64"):
+        t.view([2**62, 16])
+    with pytest.raises(ValueError, match=r"view: negative dimension in \[-1, 64\]"):
+        t.view([-1, 64])
+    assert t.view([0, 2**40]).shape == (0, 2**40)
+    with pytest.raises(ValueError, match=r"view: shape \[0, 4611686018427387904\] needs more elements"):
+        t.view([0, 2**62])  # empty, but its other dimensions would not multiply within int64 bounds

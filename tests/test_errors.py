@@ -6,7 +6,7 @@ import pytest
 
 import ferrum_moe as fm
 
-from conftest import random_weight
+from conftest import random_weight, rel_error
 
 
 @pytest.fixture
@@ -92,7 +92,7 @@ def test_experts_of_a_stack_must_agree(rng):
 
 def test_routing_arguments_are_checked(rng, stack):
     ids = rng.integers(0, 4, (5, 2))
-    with pytest.raises(ValueError, match="block_size must be a positive int; got 0"):
+    with pytest.raises(ValueError, match=r"moe_align_block_size: block_size must be in \[1, 65536\]; got 0"):
         fm.moe_align_block_size(ids, 0, 4)
     with pytest.raises(ValueError, match=r"topk_ids must be \[num_tokens, top_k\]; got shape \[10\]"):
         fm.moe_align_block_size(ids.reshape(-1), 16, 4)
@@ -143,7 +143,7 @@ def test_bad_streams_are_named():
 
     with pytest.raises(TypeError, match="stream: expected None, an int handle or an object with __cuda_stream__; got str"):
         stream_handle("default")
-    with pytest.raises(ValueError, match="stream: a stream handle is >= 0; got -3"):
+    with pytest.raises(ValueError, match=r"stream: a stream handle is in \[0, 2\*\*63\); got -3"):
         stream_handle(-3)
 
 
@@ -155,8 +155,9 @@ def test_cpu_stacks_keep_weights_packed(rng):
 
 
 def test_output_sizes_that_overflow_are_refused_before_allocating(stack):
-    with pytest.raises(ValueError, match=r"cannot allocate float16\[\d+, 32\]: dimensions must be >= 0 and the tensor under 2\^48"):
-        stack.gemm_batched(x16(), [[0, 0, 2**62, 1]])
+    with pytest.raises(ValueError, match=r"cannot allocate float16\[140737488355329, 32\]: dimensions must be >= 0 and "
+                                         r"the tensor under 2\^48"):
+        stack.gemm_batched(x16(), [[0, 0, 2**47, 1]])
 
 
 def test_output_sizes_beyond_memory_fail_cleanly(stack):
@@ -174,7 +175,7 @@ def test_hostile_dispatch_rows_are_named_before_anything_is_allocated(stack, row
 
 
 def test_absurd_block_sizes_are_refused(rng):
-    with pytest.raises(ValueError, match=r"block_size must be in \[1, 65536\].*block_size 4294967296"):
+    with pytest.raises(ValueError, match=r"moe_align_block_size: block_size must be in \[1, 65536\]; got 4294967296"):
         fm.moe_align_block_size(rng.integers(0, 4, (3, 2)), 2**32, 4)
 
 
@@ -190,3 +191,195 @@ def test_views_and_expert_indices_must_be_ints(stack):
         stack.expert(1.5)
     with pytest.raises(TypeError, match=r"expert_linear: offset must be an int; got 16.0"):
         stack.expert_linear(16.0, 16)
+
+
+def test_hostile_rows_size_no_result_before_every_row_is_checked(stack):
+    """A huge but valid row next to an invalid one: the invalid one is named,
+    nothing is allocated for the huge one first (that would be a MemoryError)."""
+    with pytest.raises(ValueError, match=r"dispatches\[1\] = \(expert 9, .*expert must be in \[0, 4\)"):
+        stack.gemm_batched(x16(), [[0, 0, 2**40, 1], [9, 0, 0, 1]])
+    with pytest.raises(ValueError, match=r"dispatches\[0\] = .*output rows exceed 2\^48"):
+        stack.gemm_batched(x16(), [[0, 0, 2**62, 1]])
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([[0, 2**64, 0, 1]], "dispatches: values must fit in int64; got ints beyond 64 bits"),
+    (np.array([[0, 2**63, 0, 1]], np.uint64), r"dispatches: values must fit in int64; got \[0, 9223372036854775808\]"),
+    ([[0, 1], [0, 1, 2, 3]], "dispatches: setting an array element with a sequence"),
+])
+def test_dispatch_tables_beyond_int64_are_named(stack, rows, message):
+    with pytest.raises(ValueError, match=message):
+        stack.gemm_batched(x16(), rows)
+
+
+def test_a_dispatch_row_that_writes_before_a_sliced_out_is_refused(stack):
+    """out is a slice of a bigger buffer: a wrapped out_row must not reach the row before it."""
+    backing = np.full((5, 32), 7, np.float16)
+    with pytest.raises(ValueError, match="output rows exceed out's 3 rows"):
+        stack.gemm_batched(x16(), [[0, 0, 2**63 - 1, 1]], out=backing[1:4])
+    assert np.all(backing == 7)
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda: fm.routing_buffer_sizes(2**63 - 1, 1, 2, 16), ValueError,
+     r"routing_buffer_sizes: num_tokens \* top_k = 9223372036854775807 exceeds 2\^31 - 1"),
+    (lambda: fm.routing_buffer_sizes(1, 1, 32769, 65536), ValueError,
+     r"routing buffers: num_tokens \* top_k \+ num_local_experts \* \(block_size - 1\) must be at most 2\^31 - 1"),
+    (lambda: fm.routing_buffer_sizes(2**31, 1, 1, 16), ValueError, "exceeds 2\\^31 - 1"),
+    (lambda: fm.routing_buffer_sizes(4, 2, 8, 16.0), TypeError, "routing_buffer_sizes: block_size must be an int"),
+    (lambda: fm.moe_align_block_size(np.zeros((2, 1), np.int32), 2**63, 4), ValueError,
+     r"moe_align_block_size: block_size must be in \[1, 65536\]; got 9223372036854775808"),
+    (lambda: fm.moe_align_block_size(np.zeros((2, 1), np.int32), 16, 2**64), ValueError,
+     r"moe_align_block_size: num_experts must be in \[1, 2147483647\]; got 18446744073709551616"),
+    (lambda: fm.Routing(*[np.zeros(1, np.int32)] * 3, block_size=16.5, top_k=1, num_tokens=1), TypeError,
+     r"Routing: block_size must be an int; got 16.5 \(float\)"),
+    (lambda: fm.Routing(*[np.zeros(1, np.int32)] * 3, block_size=16, top_k=2**62, num_tokens=1), ValueError,
+     r"Routing: top_k must be in \[1, 2147483647\]; got 4611686018427387904"),
+    (lambda: fm.Routing(*[np.zeros(1, np.int32)] * 3, block_size=16, top_k=8, num_tokens=2**30), ValueError,
+     r"Routing: num_tokens must be in \[0, 268435455\]; got 1073741824"),
+])
+def test_routing_sizes_that_overflow_are_named(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_routing_buffers_hold_int32_positions_up_to_the_limit():
+    # The largest count whose every position fits an int32, and one past it.
+    assert fm.routing_buffer_sizes(2**31 - 1 - 65535 * 32767, 1, 32767, 65536)[0] == 2**31 - 1
+    with pytest.raises(ValueError, match="must be at most 2\\^31 - 1"):
+        fm.routing_buffer_sizes(2**31 - 65535 * 32767, 1, 32767, 65536)
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda s: s.gemm_batched(x16(), [[0, 0, 0, 1]], stream=2**64), ValueError,
+     r"stream: a stream handle is in \[0, 2\*\*63\); got 18446744073709551616"),
+    (lambda s: s.gemm_batched(x16(), [[0, 0, 0, 1]], stream=1.5), TypeError, "stream: expected None, an int handle"),
+    (lambda s: s.expert("1"), TypeError, r"expert: e must be an int; got '1' \(str\)"),
+    (lambda s: s.expert(True), TypeError, r"expert: e must be an int; got True \(bool\)"),
+    (lambda s: fm.ExpertStack.from_gptq(123), TypeError,
+     "weights: expected a GPTQWeight, a sequence of them .* or a dict of stacked arrays; got int"),
+    (lambda s: fm.ExpertStack.from_gptq(fm.gptq.quantize(np.ones((32, 16)), 4, 32), device=("cpu", 0)), ValueError,
+     r"device: a \(device_type, device_id\) tuple holds two ints in \[0, 2\*\*31\); got \('cpu', 0\)"),
+    (lambda s: fm.ExpertStack.from_gptq(fm.gptq.quantize(np.ones((32, 16)), 4, 32), device=(1, 2**40)), ValueError,
+     r"device: a \(device_type, device_id\) tuple holds two ints in \[0, 2\*\*31\); got \(1, 1099511627776\)"),
+])
+def test_unclear_refusals_now_name_their_argument(stack, call, error, message):
+    with pytest.raises(error, match=message):
+        call(stack)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(bits=4.0), TypeError, r"bits must be an int; got 4.0 \(float\)"),
+    (dict(group_size="128"), TypeError, r"group_size must be an int; got '128' \(str\)"),
+    (dict(k=25.5), TypeError, r"k must be an int or None; got 25.5"),
+    (dict(k=0), ValueError, "k must be positive; got 0"),
+])
+def test_gptq_scalars_must_be_ints(kwargs, error, message):
+    args = dict(qweight=np.zeros((4, 8), np.int32), scales=np.ones((1, 8), np.float16), bits=4, group_size=-1)
+    args.update(kwargs)
+    with pytest.raises(error, match=message):
+        fm.GPTQWeight(**args)
+
+
+@pytest.mark.parametrize("op", ["gemm_batched", "Linear", "gemm_routed"])
+@pytest.mark.parametrize("overlap", ["same array", "shifted by a row"])
+def test_an_out_overlapping_x_is_refused(rng, op, overlap):
+    """float32 stack: out could be x itself; writing it while x is still read
+    would give wrong numbers, so it is refused and nothing is written."""
+    weights = [random_weight(rng, 64, 64, group_size=32, dtype="float32") for _ in range(2)]
+    stack = fm.ExpertStack.from_gptq(weights, dtype="float32")
+    buf = rng.standard_normal((6, 64)).astype(np.float32)
+    before = buf.copy()
+    x, out = (buf[:4], buf[:4]) if overlap == "same array" else (buf[:4], buf[1:5])
+    routing = fm.moe_align_block_size(np.zeros((4, 1), np.int32), 16, 2)
+    call = {"gemm_batched": lambda: stack.gemm_batched(x, [[1, 0, 0, 4]], out=out),
+            "Linear": lambda: stack.expert(1)(x, out=out),
+            "gemm_routed": lambda: stack.gemm_routed(x, routing, out=out)}[op]
+    with pytest.raises(ValueError, match=f"{op}: out overlaps x in memory"):
+        call()
+    np.testing.assert_array_equal(buf, before)
+
+
+def test_disjoint_column_windows_of_one_buffer_are_accepted(rng):
+    """x and out interleaved in one [M, 96] buffer share no element: accepted, and right."""
+    weights = [random_weight(rng, 64, 32, group_size=32, dtype="float32")]
+    stack = fm.ExpertStack.from_gptq(weights, dtype="float32")
+    buf = np.full((5, 96), np.nan, np.float32)
+    buf[:, :64] = rng.standard_normal((5, 64))
+    x, out = buf[:, :64], buf[:, 64:]
+    expected = x.astype(np.float64) @ weights[0].dequantize(np.float64)
+    stack.gemm_batched(x, [[0, 0, 0, 5]], out=out)
+    assert rel_error(out, expected) < 2e-5
+
+
+def test_a_bias_overlapping_out_is_refused(rng):
+    weights = [random_weight(rng, 64, 32, group_size=32, dtype="float32")]
+    stack = fm.ExpertStack.from_gptq(weights, dtype="float32")
+    out = np.zeros((3, 32), np.float32)
+    lin = stack.expert(0, bias=out[0])
+    with pytest.raises(ValueError, match="Linear: out overlaps bias in memory"):
+        lin(np.ones((3, 64), np.float32), out=out)
+
+
+def _layer_stacks(rng, e=4, hidden=64, inter=32):
+    w13 = fm.ExpertStack.from_gptq([random_weight(rng, hidden, 2 * inter, group_size=32) for _ in range(e)])
+    w2 = fm.ExpertStack.from_gptq([random_weight(rng, inter, hidden, group_size=32) for _ in range(e)])
+    return w13, w2
+
+
+def test_layer_scalars_are_named(rng):
+    w13, w2 = _layer_stacks(rng)
+    with pytest.raises(TypeError, match=r"MoE: top_k must be an int; got 1.5 \(float\)"):
+        fm.MoE(w13, w2, top_k=1.5)
+    with pytest.raises(ValueError, match=r"MoE: block_size must be in \[1, 65536\]; got 0"):
+        fm.MoE(w13, w2, top_k=1, block_size=0)
+    with pytest.raises(ValueError, match=r"fused_moe: block_size must be in \[1, 65536\]; got 9223372036854775808"):
+        fm.fused_moe(x16(1), w13, w2, np.ones((1, 1), np.float32), np.zeros((1, 1), np.int32), block_size=2**63)
+
+
+def test_an_expert_map_naming_experts_the_stacks_lack_is_refused(rng):
+    w13, w2 = _layer_stacks(rng)
+    expert_map = np.array([0, 1, 4, -1, 2, 3], np.int32)  # local 4 of a 4-expert stack
+    ids, tw = np.array([[2, 0], [5, 1]], np.int32), np.ones((2, 2), np.float32)
+    with pytest.raises(ValueError, match=r"fused_moe: expert_map names local expert 4; the stacks hold 4"):
+        fm.fused_moe(x16(2), w13, w2, tw, ids, expert_map=expert_map)
+    with pytest.raises(ValueError, match=r"MoE: expert_map names local expert 4; the stacks hold 4 \(local ids"):
+        fm.MoE(w13, w2, top_k=2, expert_map=expert_map)
+
+
+def test_an_8_bit_v1_zero_of_256_is_refused_not_truncated(rng):
+    """A stored 0xFF zero in 8-bit GPTQ v1 means 256 (dequantize() says so); a
+    uint8 zero point would silently compute with 0."""
+    w = random_weight(rng, 64, 32, bits=8, group_size=32, sym=False)
+    qzeros = w.qzeros.view(np.uint32).copy()
+    qzeros[0, 0] |= 0xFF  # column 0 of group 0
+    odd = fm.GPTQWeight(w.qweight, w.scales, qzeros.view(np.int32), bits=8, group_size=32, sym=False)
+    assert odd.zeros()[0, 0] == 256
+    with pytest.raises(ValueError, match=r"weights\[1\].qzeros: a stored 8-bit v1 zero of 0xFF means a zero point of 256"):
+        fm.ExpertStack.from_gptq([w, odd])
+
+
+def test_a_group_size_beyond_int32_is_the_single_group(rng):
+    w = random_weight(rng, 64, 32, group_size=-1, dtype="float32")
+    huge = fm.GPTQWeight(w.qweight, w.scales, w.qzeros, bits=4, group_size=2**31)
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    y = fm.Linear.from_gptq(huge, dtype="float32")(x)
+    assert rel_error(y, x.astype(np.float64) @ w.dequantize(np.float64)) < 2e-5
+
+
+def test_stack_sizes_that_would_wrap_the_repack_are_refused_before_the_backend():
+    """K = 2**31, N = 2**36: the CPU backend's repack size would wrap to 0.
+    Such a qweight cannot be a real array; its metadata is refused on import,
+    and sizes beyond 2^48 are refused even with small arrays."""
+    from ferrum_moe.arrays import import_array
+    from handmade_dlpack import Producer
+
+    cpu = fm.get_backend("cpu")
+    words = np.zeros(16, np.int32)
+    with pytest.raises(ValueError, match=r"qweight: DLPack tensor: shape \[1, 268435456, 68719476736\] of int32 "
+                                         r"exceeds 2\^48 bytes"):
+        import_array(Producer(words, (1, 2**28, 2**36)), "qweight")
+    qweight, scales = import_array(np.zeros((1, 1, 1), np.int32), "qweight"), import_array(np.ones((1, 1, 1), np.float16), "scales")
+    with pytest.raises(ValueError, match=r"ExpertStack: num_experts, k and n_per_expert must be in \[1, 2\^48\]; got 1, "
+                                         r"1125899906842624, 1"):
+        cpu.create_stack(1, 0, "float16", 1, 2**50, 1, 4, -1, qweight, scales, None, None)

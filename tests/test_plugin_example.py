@@ -1,6 +1,8 @@
 """A third-party backend built only from the installed headers (examples/minimal_backend)
 loads through the entry point and passes the conformance check for what it implements."""
 
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -30,7 +32,7 @@ def built_example(tmp_path_factory):
 
 @pytest.fixture
 def registered(built_example, tmp_path, monkeypatch):
-    """The built library registered under the entry point name 'minimal'."""
+    """The built library registered under the entry point name 'minimal'; yields the folder on sys.path."""
     dist = tmp_path / "ferrum_moe_minimal_example-0.1.0.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: ferrum-moe-minimal-example\nVersion: 0.1.0\n")
@@ -41,7 +43,7 @@ def registered(built_example, tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setenv(discovery.ENV_VAR, "minimal,cpu")
     discovery._reset_for_tests()
-    yield
+    yield tmp_path
     discovery._reset_for_tests()
     sys.modules.pop("minimal_shim", None)
 
@@ -59,6 +61,16 @@ def test_the_example_plugin_passes_conformance_for_what_it_implements(registered
     assert all(results[name] == "ok" for name in results if name.startswith(("gemm_batched", "expert_linear")))
     assert results["moe_align_block_size"].startswith("unsupported: moe_align_block_size: the minimal example")
     assert results["fused_moe"].startswith("unsupported")
+
+
+def test_the_conformance_suite_runs_from_the_command_line(registered):
+    env = {**os.environ, "PYTHONPATH": str(registered), discovery.ENV_VAR: "minimal,cpu"}
+    done = subprocess.run([sys.executable, "-m", "ferrum_moe.testing", "minimal", "--dtype", "float32"],
+                          capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "conformance of backend 'minimal'" in done.stdout
+    assert re.search(r"gemm_batched int4 g128 +ok", done.stdout)
+    assert re.search(r"moe_align_block_size +unsupported: moe_align_block_size: the minimal example", done.stdout)
 
 
 def test_unsupported_operations_reach_the_user_as_not_implemented(registered, rng):

@@ -238,18 +238,20 @@ class CpuBackend final : public plugin::Backend {
 
   DLManagedTensorVersioned* tensor_alloc(const FmTensorAllocArgs& a) override {
     if (a.device.device_type != kDLCPU) throw Error(FM_ERROR_INVALID_ARGUMENT, "the CPU backend allocates on the cpu device only");
-    int64_t numel = 1;
+    // The host keeps shapes under 2^48 bytes; checked again because a wrapped
+    // size would hand the caller a buffer smaller than its shape.
+    int64_t bytes = (a.dtype.bits * a.dtype.lanes + 7) / 8;
     for (int i = 0; i < a.ndim; ++i) {
-      if (a.shape[i] < 0) throw Error(FM_ERROR_INVALID_ARGUMENT, "tensor_alloc: negative dimension");
-      numel *= a.shape[i];
+      if (a.shape[i] < 0 || __builtin_mul_overflow(bytes, a.shape[i], &bytes)) {
+        throw Error(FM_ERROR_INVALID_ARGUMENT, "tensor_alloc: the shape's size is negative or overflows");
+      }
     }
-    const size_t bytes = size_t(numel) * ((a.dtype.bits * a.dtype.lanes + 7) / 8);
-    auto* ctx = new HostAllocation{services(), services()->host_alloc(bytes, 64), {a.shape, a.shape + a.ndim}};
+    auto* ctx = new HostAllocation{services(), services()->host_alloc(size_t(bytes), 64), {a.shape, a.shape + a.ndim}};
     if (ctx->data == nullptr) {
       delete ctx;
       throw std::bad_alloc();
     }
-    if (FM_STRUCT_HAS(&a, flags) && (a.flags & FM_ALLOC_ZEROED) != 0) std::memset(ctx->data, 0, bytes);
+    if (FM_STRUCT_HAS(&a, flags) && (a.flags & FM_ALLOC_ZEROED) != 0) std::memset(ctx->data, 0, size_t(bytes));
     auto* m = new DLManagedTensorVersioned{};
     m->version = {DLPACK_MAJOR_VERSION, DLPACK_MINOR_VERSION};
     m->manager_ctx = ctx;
@@ -278,34 +280,36 @@ class CpuBackend final : public plugin::Backend {
 
   void moe_align_block_size(const FmAlignArgs& a) override {
     const int64_t pairs = a.topk_ids->shape[0] * a.topk_ids->shape[1];
-    const int64_t capacity = a.sorted_token_ids->shape[0];
     const int64_t bs = a.block_size;
-    const int64_t local = a.num_local_experts;
     const int32_t* map = a.expert_map != nullptr ? static_cast<const int32_t*>(tensor_data(a.expert_map)) : nullptr;
-    auto local_expert = [&](int64_t p) -> int64_t {
-      const int64_t g = load_index(*a.topk_ids, p);
-      if (g < 0 || g >= a.num_experts) return -1;
-      const int64_t e = map != nullptr ? map[g] : g;
-      return e < local ? e : -1;
-    };
-    std::vector<int64_t> count(size_t(local), 0), offset(size_t(local) + 1, 0);
+    // (local expert, pair) of every routed pair, sorted: memory follows the
+    // pairs, not the expert count, so any num_experts the host allows fits.
+    std::vector<std::pair<int64_t, int64_t>> routed;
+    routed.reserve(size_t(pairs));
     for (int64_t p = 0; p < pairs; ++p) {
-      const int64_t e = local_expert(p);
-      if (e >= 0) ++count[size_t(e)];
+      const int64_t g = load_index(*a.topk_ids, p);
+      if (g < 0 || g >= a.num_experts) continue;
+      const int64_t e = map != nullptr ? map[g] : g;
+      if (e >= 0 && e < a.num_local_experts) routed.emplace_back(e, p);
     }
-    for (int64_t e = 0; e < local; ++e) offset[size_t(e + 1)] = offset[size_t(e)] + (count[size_t(e)] + bs - 1) / bs * bs;
+    std::sort(routed.begin(), routed.end());
     auto* sorted = static_cast<int32_t*>(tensor_data(a.sorted_token_ids));
     auto* expert_ids = static_cast<int32_t*>(tensor_data(a.expert_ids));
-    std::fill(sorted, sorted + capacity, int32_t(pairs));
+    std::fill(sorted, sorted + a.sorted_token_ids->shape[0], int32_t(pairs));
     std::fill(expert_ids, expert_ids + a.expert_ids->shape[0], -1);
-    std::vector<int64_t> cursor(offset.begin(), offset.end() - 1);
-    for (int64_t p = 0; p < pairs; ++p) {
-      const int64_t e = local_expert(p);
-      if (e >= 0) sorted[cursor[size_t(e)]++] = int32_t(p);
+    // The host sized the buffers for every pair plus block_size - 1 padding
+    // slots per local expert, so `filled` stays inside them.
+    int64_t filled = 0;
+    for (size_t i = 0; i < routed.size();) {
+      const int64_t e = routed[i].first;
+      size_t j = i;
+      for (; j < routed.size() && routed[j].first == e; ++j) sorted[filled + int64_t(j - i)] = int32_t(routed[j].second);
+      const int64_t padded = (int64_t(j - i) + bs - 1) / bs * bs;
+      for (int64_t b = filled / bs; b < (filled + padded) / bs; ++b) expert_ids[b] = int32_t(e);
+      filled += padded;
+      i = j;
     }
-    for (int64_t e = 0; e < local; ++e)
-      for (int64_t b = offset[size_t(e)] / bs; b < offset[size_t(e + 1)] / bs; ++b) expert_ids[b] = int32_t(e);
-    *static_cast<int32_t*>(tensor_data(a.num_tokens_post_padded)) = int32_t(offset[size_t(local)]);
+    *static_cast<int32_t*>(tensor_data(a.num_tokens_post_padded)) = int32_t(filled);
   }
 
   void gated_activation(const FmGatedActivationArgs& a) override {

@@ -19,19 +19,26 @@ def stream_handle(stream) -> int:
     ``.cuda_stream`` (PyTorch) or ``.ptr`` (CuPy)."""
     if stream is None:
         return 0
+    handle = None
     if isinstance(stream, (int, np.integer)) and not isinstance(stream, bool):
-        if stream < 0:
-            raise ValueError(f"stream: a stream handle is >= 0; got {stream}")
-        return int(stream)
-    if hasattr(stream, "__cuda_stream__"):
+        handle = stream
+    elif hasattr(stream, "__cuda_stream__"):
         value = stream.__cuda_stream__()
-        return int(value[1] if isinstance(value, tuple) else value)
-    for attr in ("cuda_stream", "ptr"):
-        if hasattr(stream, attr):
-            return int(getattr(stream, attr))
-    raise TypeError(
-        f"stream: expected None, an int handle or an object with __cuda_stream__; got {type(stream).__name__}"
-    )
+        handle = value[1] if isinstance(value, tuple) else value
+    else:
+        for attr in ("cuda_stream", "ptr"):
+            if hasattr(stream, attr):
+                handle = getattr(stream, attr)
+                break
+    if handle is None:
+        raise TypeError(
+            f"stream: expected None, an int handle or an object with __cuda_stream__; got {type(stream).__name__}"
+        )
+    if isinstance(handle, bool) or not isinstance(handle, (int, np.integer)):
+        raise TypeError(f"stream: the handle of {type(stream).__name__} must be an int; got {handle!r}")
+    if not 0 <= handle < 2**63:  # a pointer, and DLPack passes it on as int64
+        raise ValueError(f"stream: a stream handle is in [0, 2**63); got {handle}")
+    return int(handle)
 
 
 def _producer_stream(device_type: int, handle: int):
@@ -55,12 +62,16 @@ def import_array(obj, name: str, stream: int = 0) -> Tensor:
         return obj
     if _is_numpy_bfloat16(obj):  # ml_dtypes' bfloat16: numpy cannot export it, its bits can
         return import_array(obj.view(np.uint16), name, stream).retyped("bfloat16")
-    if not hasattr(obj, "__dlpack__"):
+    if not hasattr(obj, "__dlpack__") or not hasattr(obj, "__dlpack_device__"):
         raise TypeError(
-            f"{name}: expected an array with __dlpack__ (numpy, CuPy, PyTorch, JAX, ...); got {type(obj).__name__}"
+            f"{name}: expected an array with __dlpack__ and __dlpack_device__ (numpy, CuPy, PyTorch, JAX, ...); "
+            f"got {type(obj).__name__}"
         )
-    device_type, _ = obj.__dlpack_device__()
-    producer_stream = _producer_stream(int(device_type), stream)
+    device = obj.__dlpack_device__()
+    if not (isinstance(device, tuple) and len(device) == 2 and
+            all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in device)):
+        raise TypeError(f"{name}: __dlpack_device__() must return (device_type, device_id) ints; got {device!r}")
+    producer_stream = _producer_stream(int(device[0]), stream)
     context = _device_context(obj)
     with context:
         try:
@@ -69,7 +80,12 @@ def import_array(obj, name: str, stream: int = 0) -> Tensor:
             capsule = obj.__dlpack__(stream=producer_stream)
         except BufferError as e:
             raise ValueError(f"{name}: the array cannot be exported through DLPack: {e}") from None
-    return Tensor.from_capsule(capsule)
+    if type(capsule).__name__ != "PyCapsule":
+        raise TypeError(f"{name}: __dlpack__() returned {type(capsule).__name__}, not a DLPack capsule")
+    try:
+        return Tensor.from_capsule(capsule)
+    except (TypeError, ValueError) as e:  # a producer's bad metadata, named by the argument it came as
+        raise type(e)(f"{name}: {e}") from None
 
 
 def import_output(obj, name: str, stream: int = 0) -> Tensor:
@@ -108,9 +124,16 @@ def host_array(obj, name: str, dtype) -> np.ndarray:
         if int(device_type) != _CPU:
             raise ValueError(f"{name}: must be a host array (it is read on the host); got an array on a device")
         obj = np.from_dlpack(obj)
-    a = np.asarray(obj)
+    try:
+        a = np.asarray(obj)
+    except ValueError as e:  # ragged nested lists
+        raise ValueError(f"{name}: {e}") from None
+    if a.dtype == object and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in a.flat):
+        raise ValueError(f"{name}: values must fit in {np.dtype(dtype)}; got ints beyond 64 bits")
     if a.dtype.kind not in "iu" and a.size:
         raise TypeError(f"{name}: must hold integers; got dtype {a.dtype}")
+    if a.size and a.dtype.kind in "iu" and (a.max() > np.iinfo(dtype).max or a.min() < np.iinfo(dtype).min):
+        raise ValueError(f"{name}: values must fit in {np.dtype(dtype)}; got [{a.min()}, {a.max()}]")
     return np.ascontiguousarray(a, dtype=dtype)
 
 

@@ -14,6 +14,8 @@ import importlib.metadata
 import os
 import threading
 
+import numpy as np
+
 from . import _core
 
 ENTRY_POINT_GROUP = "ferrum_moe.backends"
@@ -60,7 +62,7 @@ class _Slot:
             if backend.name != self.name:
                 raise RuntimeError(f"the plugin registered as '{self.name}' calls itself '{backend.name}'")
             self.backend = backend
-        except Exception as e:  # recorded, raised when this backend is asked for
+        except (Exception, SystemExit) as e:  # recorded, raised when this backend is asked for
             self.error = f"{type(e).__name__}: {e}"
 
 
@@ -123,16 +125,16 @@ def get_backend(name: str) -> _core.Backend:
 def parse_device(device) -> tuple[int, int]:
     """'cpu', 'cuda', 'cuda:1', a (type, id) DLPack device tuple, or an object with
     __dlpack_device__ -> (DLPack device type, device id)."""
-    if hasattr(device, "__dlpack_device__"):
-        t, i = device.__dlpack_device__()
-        return int(t), int(i)
-    if isinstance(device, tuple) and len(device) == 2:
-        return int(device[0]), int(device[1])
+    pair = device.__dlpack_device__() if hasattr(device, "__dlpack_device__") else device
+    if isinstance(pair, tuple) and len(pair) == 2:
+        if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and 0 <= v < 2**31 for v in pair):
+            return int(pair[0]), int(pair[1])
+        raise ValueError(f"device: a (device_type, device_id) tuple holds two ints in [0, 2**31); got {pair!r}")
     if isinstance(device, str):
         kind, _, index = device.partition(":")
-        if kind in DEVICE_CODES and (index == "" or index.isdigit()):
+        if kind in DEVICE_CODES and (index == "" or (index.isdigit() and int(index) < 2**31)):
             return DEVICE_CODES[kind], int(index or 0)
-    raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:N'; got {device!r}")
+    raise ValueError(f"device: expected 'cpu', 'cuda', 'cuda:N' or a (device_type, device_id) tuple; got {device!r}")
 
 
 def device_name(device: tuple[int, int]) -> str:

@@ -88,6 +88,15 @@ class GPTQWeight:
     k: int | None = None
 
     def __post_init__(self):
+        for name in ("bits", "group_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise TypeError(f"{name} must be an int; got {value!r} ({type(value).__name__})")
+        if self.k is not None:
+            if isinstance(self.k, bool) or not isinstance(self.k, (int, np.integer)):
+                raise TypeError(f"k must be an int or None; got {self.k!r} ({type(self.k).__name__})")
+            if self.k < 1:
+                raise ValueError(f"k must be positive; got {self.k}")
         per = _per_word(self.bits)
         if self.checkpoint_format not in _FORMATS:
             raise ValueError(f"checkpoint_format must be one of {_FORMATS}; got {self.checkpoint_format!r}")

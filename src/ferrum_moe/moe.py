@@ -3,10 +3,13 @@ router weight -> top-k sum accumulated in float32."""
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from . import _core
-from .arrays import import_array, import_output, stream_handle, to_caller
+from ._checks import MAX_BLOCK_SIZE, checked_int
+from .arrays import host_copy, import_array, import_output, stream_handle, to_caller
 from .routing import _align, default_block_size
 from .discovery import device_name
 from .stack import ExpertStack
@@ -54,11 +57,24 @@ def _check_pair(w13: ExpertStack, w2: ExpertStack) -> None:
         )
 
 
+def _check_local_ids(host_map: np.ndarray, w13: ExpertStack, op: str) -> None:
+    """A map naming a local expert the stacks do not hold would route pairs to
+    no GEMM while the top-k sum still adds their rows."""
+    if host_map.dtype.kind not in "iu":
+        return  # the core names the dtype
+    local_max = int(host_map.max(initial=-1))
+    if local_max >= w13.num_experts:
+        raise ValueError(f"{op}: expert_map names local expert {local_max}; the stacks hold "
+                         f"{w13.num_experts} (local ids must be in [0, {w13.num_experts}) or -1)")
+
+
 def _forward(x, w13: ExpertStack, w2: ExpertStack, topk_weights, topk_ids, activation: str,
              apply_router_weight_on_input: bool, expert_map, out, stream, block_size, workspace: _Workspace | None):
     _check_pair(w13, w2)
     if activation not in _ACTIVATIONS:
         raise ValueError(f"fused_moe: activation must be one of {_ACTIVATIONS}; got {activation!r}")
+    if block_size is not None:
+        block_size = checked_int(block_size, "fused_moe: block_size", 1, MAX_BLOCK_SIZE)
     s = stream_handle(stream)
     xt = import_array(x, "x", s)
     ids = import_array(topk_ids, "topk_ids", s)
@@ -88,11 +104,9 @@ def _forward(x, w13: ExpertStack, w2: ExpertStack, topk_weights, topk_ids, activ
     num_experts = map_t.shape[0] if map_t is not None else w13.num_experts
     if map_t is not None and len(map_t.shape) != 1:
         raise ValueError(f"fused_moe: expert_map must be 1-D [num_global_experts]; got shape {list(map_t.shape)}")
-    if map_t is not None and map_t.device[0] == 1 and map_t.dtype == "int32":
-        local_max = int(np.from_dlpack(map_t).max(initial=-1))
-        if local_max >= w13.num_experts:
-            raise ValueError(f"fused_moe: expert_map names local expert {local_max}; the stacks hold "
-                             f"{w13.num_experts} (local ids must be in [0, {w13.num_experts}) or -1)")
+    host_map = map_t is not None and map_t.device[0] == 1
+    if host_map:
+        _check_local_ids(np.from_dlpack(map_t), w13, "fused_moe")
     core = w13._core.backend
     dev = tuple(w13._core.device)
     if block_size is None:
@@ -101,8 +115,14 @@ def _forward(x, w13: ExpertStack, w2: ExpertStack, topk_weights, topk_ids, activ
     sorted_ids, expert_ids, post = _align(core, ids, block_size, num_experts, map_t, s, ws)
     pairs = num_tokens * top_k
     buf = {name: ws.take(name, core, dev, dtype, [pairs, width], s)
-           for name, dtype, width in (("gate_up", w13.dtype, 2 * inter), ("act", w13.dtype, inter),
-                                      ("down", "float32", hidden))}
+           for name, dtype, width in (("gate_up", w13.dtype, 2 * inter), ("act", w13.dtype, inter))}
+    if map_t is None or host_map:
+        buf["down"] = ws.take("down", core, dev, "float32", [pairs, hidden], s)
+    else:
+        # A device map is not read on the host (that would synchronise): pairs
+        # it sends past the stacks' experts are skipped by both GEMMs, so their
+        # rows of the second one must read as zero when the top-k sum adds them.
+        buf["down"] = core.empty(dev[0], dev[1], "float32", [pairs, hidden], s, temporary=True, zeroed=True)
     first_weights = tw if apply_router_weight_on_input else None
     second_weights = None if apply_router_weight_on_input else tw_pairs
     w13._core.gemm_routed(xt, sorted_ids, expert_ids, post, block_size, top_k, first_weights, buf["gate_up"], s)
@@ -122,8 +142,10 @@ def fused_moe(x, w13: ExpertStack, w2: ExpertStack, topk_weights, topk_ids, *, a
     (n_per_expert = 2 * intermediate); w2: stack with k = intermediate;
     topk_weights: float32 [num_tokens, top_k]; topk_ids: int32/int64
     [num_tokens, top_k] global expert ids. expert_map: int32 [num_global]
-    (global -> local or -1): pairs of non-local experts contribute nothing.
-    apply_router_weight_on_input scales the first GEMM's output instead of the
+    (global -> local or -1): pairs of non-local experts contribute nothing. A
+    host map naming a local expert the stacks lack is refused; a device map is
+    not read on the host, so such pairs are skipped and the second GEMM's
+    output is zero-filled (a stream-ordered temporary). apply_router_weight_on_input scales the first GEMM's output instead of the
     second's. The top-k sum accumulates in float32. Returns out, or a new
     [num_tokens, hidden] array of x's type.
     """
@@ -134,27 +156,51 @@ def fused_moe(x, w13: ExpertStack, w2: ExpertStack, topk_weights, topk_ids, *, a
 class MoE:
     """A MoE layer that keeps its intermediate buffers between calls: after one
     call at the largest token count, calls with ``out=`` allocate nothing (CUDA-graph
-    capturable on backends whose kernels are)."""
+    capturable on backends whose kernels are), except, with a device-resident
+    ``expert_map``, one zero-filled stream-ordered buffer per call (see fused_moe).
+
+    Safe to call from several threads at once: each (thread, stream) pair has
+    its own buffers, so no call waits for another. On CUDA a stack must not
+    run on two streams at once (its split-K workspace is per stack): calls on
+    different streams need their own stacks, or the caller orders the streams.
+    ``expert_map`` is checked once here, a device-resident one by one host read."""
 
     def __init__(self, w13: ExpertStack, w2: ExpertStack, *, top_k: int, activation: str = "silu",
                  apply_router_weight_on_input: bool = False, expert_map=None, block_size: int | None = None):
         _check_pair(w13, w2)
-        if top_k < 1 or top_k > max(w13.num_experts, 1) and expert_map is None:
+        top_k = checked_int(top_k, "MoE: top_k", 1)
+        if top_k > max(w13.num_experts, 1) and expert_map is None:
             raise ValueError(f"MoE: top_k must be in [1, num_experts={w13.num_experts}]; got {top_k}")
+        if block_size is not None:
+            block_size = checked_int(block_size, "MoE: block_size", 1, MAX_BLOCK_SIZE)
+        if expert_map is not None:
+            map_t = import_array(expert_map, "expert_map")
+            _check_local_ids(np.from_dlpack(map_t) if map_t.device[0] == 1 else host_copy(expert_map, "expert_map"),
+                             w13, "MoE")
         self.w13, self.w2, self.top_k = w13, w2, top_k
         self.activation = activation
         self.apply_router_weight_on_input = apply_router_weight_on_input
         self.expert_map = expert_map
         self.block_size = block_size
-        self._workspace = _Workspace()
+        self._workspaces = threading.local()
+
+    def _workspace(self, stream: int) -> _Workspace:
+        """This thread's buffers for ``stream``; they go when the thread ends."""
+        by_stream = getattr(self._workspaces, "by_stream", None)
+        if by_stream is None:
+            by_stream = self._workspaces.by_stream = {}
+        if stream not in by_stream:
+            by_stream[stream] = _Workspace()
+        return by_stream[stream]
 
     def __call__(self, x, topk_weights, topk_ids, *, out=None, stream=None):
         shape = tuple(getattr(topk_ids, "shape", ()))
         if len(shape) == 2 and shape[1] != self.top_k:
             raise ValueError(f"MoE: topk_ids has {shape[1]} columns; this layer routes top_k={self.top_k}")
+        s = stream_handle(stream)
         return _forward(x, self.w13, self.w2, topk_weights, topk_ids, self.activation,
-                        self.apply_router_weight_on_input, self.expert_map, out, stream, self.block_size,
-                        self._workspace)
+                        self.apply_router_weight_on_input, self.expert_map, out, s, self.block_size,
+                        self._workspace(s))
 
     # Set by from_pretrained / fm.load_moe_layers: the model's router (a
     # ferrum_moe.router.Router) and its shared expert MLP, if it has one.

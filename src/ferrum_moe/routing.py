@@ -19,12 +19,23 @@ import dataclasses
 import numpy as np
 
 from . import _core
+from ._checks import MAX_BLOCK_SIZE, MAX_ROUTING_INDEX, checked_int
 from .arrays import import_array, stream_handle, to_caller
 from .discovery import resolve
 
 
 def routing_buffer_sizes(num_tokens: int, top_k: int, num_local_experts: int, block_size: int) -> tuple[int, int]:
-    """(len(sorted_token_ids), len(expert_ids)) for the worst case of this shape."""
+    """(len(sorted_token_ids), len(expert_ids)) for the worst case of this shape.
+    Sizes whose positions would not fit the int32 routing arrays are refused."""
+    name = "routing_buffer_sizes"
+    num_tokens = checked_int(num_tokens, f"{name}: num_tokens", 0)
+    top_k = checked_int(top_k, f"{name}: top_k", 1)
+    # Local ids are int32, so at most 2^31 of them (0 .. 2^31 - 1).
+    num_local_experts = checked_int(num_local_experts, f"{name}: num_local_experts", 0, MAX_ROUTING_INDEX + 1)
+    block_size = checked_int(block_size, f"{name}: block_size", 1, MAX_BLOCK_SIZE)
+    if num_tokens * top_k > MAX_ROUTING_INDEX:  # the core's check, for products beyond int64 too
+        raise ValueError(f"{name}: num_tokens * top_k = {num_tokens * top_k} exceeds 2^31 - 1 (the routing arrays "
+                         "hold int32 positions)")
     padded = _core.max_num_tokens_padded(num_tokens * top_k, num_local_experts, block_size)
     return padded, -(-padded // block_size)
 
@@ -42,16 +53,12 @@ class Routing:
 
     def __init__(self, sorted_token_ids, expert_ids, num_tokens_post_padded, *, block_size: int, top_k: int,
                  num_tokens: int):
-        if block_size < 1 or top_k < 1 or num_tokens < 0:
-            raise ValueError(
-                f"Routing: block_size and top_k must be positive and num_tokens >= 0; got {block_size}, {top_k}, {num_tokens}"
-            )
         self.sorted_token_ids = sorted_token_ids
         self.expert_ids = expert_ids
         self.num_tokens_post_padded = num_tokens_post_padded
-        self.block_size = block_size
-        self.top_k = top_k
-        self.num_tokens = num_tokens
+        self.block_size = checked_int(block_size, "Routing: block_size", 1, MAX_BLOCK_SIZE)
+        self.top_k = checked_int(top_k, "Routing: top_k", 1, MAX_ROUTING_INDEX)
+        self.num_tokens = checked_int(num_tokens, "Routing: num_tokens", 0, MAX_ROUTING_INDEX // self.top_k)
 
     def tensors(self, stream: int = 0):
         """(sorted_token_ids, expert_ids, num_tokens_post_padded) as ferrum Tensors."""
@@ -98,9 +105,8 @@ def moe_align_block_size(topk_ids, block_size: int, num_experts: int, *, expert_
     num_experts are dropped. Arrays come back as topk_ids' array type, on its
     device.
     """
-    for name, value in (("block_size", block_size), ("num_experts", num_experts)):
-        if not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"moe_align_block_size: {name} must be a positive int; got {value!r}")
+    block_size = checked_int(block_size, "moe_align_block_size: block_size", 1, MAX_BLOCK_SIZE)
+    num_experts = checked_int(num_experts, "moe_align_block_size: num_experts", 1, MAX_ROUTING_INDEX)
     s = stream_handle(stream)
     ids = import_array(topk_ids, "topk_ids", s)
     if len(ids.shape) != 2:

@@ -7,6 +7,7 @@ from typing import Sequence
 import numpy as np
 
 from . import _core
+from ._checks import checked_int
 from .arrays import host_array, host_copy, import_array, import_output, stream_handle, to_caller
 from .discovery import device_name, parse_device, resolve
 from .gptq import GPTQWeight
@@ -37,6 +38,9 @@ def _stack_weights(weights) -> tuple[list[GPTQWeight], int, int, int, int]:
         from .gptq import unstack
 
         weights = unstack(**weights)
+    elif not hasattr(weights, "__iter__"):
+        raise TypeError("weights: expected a GPTQWeight, a sequence of them (one per expert) or a dict of stacked "
+                        f"arrays; got {type(weights).__name__}")
     weights = list(weights)
     if not weights:
         raise ValueError("weights: expected at least one expert's GPTQWeight; got an empty list")
@@ -76,6 +80,12 @@ class ExpertStack:
         qweight = np.stack([w.qweight for w in weights])
         scales = np.stack([np.asarray(w.scales, dtype=np.float32) for w in weights]).astype(_numpy_dtype(dtype))
         zeros = np.stack([w.zeros() for w in weights])
+        if zeros.max() > 255:
+            # Only 8-bit v1 gets here: its stored zero - 1 of 0xFF means 256.
+            i = int(np.argmax(zeros.reshape(len(weights), -1).max(axis=1) > 255))
+            raise ValueError(
+                f"weights[{i}].qzeros: a stored 8-bit v1 zero of 0xFF means a zero point of 256, outside the "
+                "[0, 255] that backends hold (zero points are uint8); such a checkpoint is not supported")
         sym_zero = 1 << (bits - 1)
         zeros = None if np.all(zeros == sym_zero) else zeros.astype(np.uint8)
         g_idx = None
@@ -120,14 +130,15 @@ class ExpertStack:
         read it, and rows whose expert, rows or m are out of range are skipped;
         with ``out=`` the host never reads it, so a captured call replays with
         new contents). out: [rows_out, >= n_per_expert] in the stack's dtype or
-        float32; rows no dispatch names are left as they were. Returns out, or a
-        new zero-filled array of x's type with max(out_row + m) rows (for a
-        device table the host then reads it to learn the height).
+        float32, sharing no memory with x; rows no dispatch names are left as
+        they were. Returns out, or a new zero-filled array of x's type with
+        max(out_row + m) rows (for a device table the host then reads it to
+        learn the height; every host row is checked before it is allocated).
         """
         s = stream_handle(stream)
         xt = import_array(x, "x", s)
         ot = import_output(out, "out", s) if out is not None else None
-        dt, rows = _dispatch_table(dispatches, xt, self.num_experts, ot is None, s)
+        dt, rows = _dispatch_table(self._core, dispatches, xt, ot is None, s)
         if ot is None:
             ot = self._empty([rows, self.n_per_expert], self.dtype, s, zeroed=True)
         self._core.gemm_batched(xt, dt, 0, self.n_per_expert, None, ot, s)
@@ -139,10 +150,11 @@ class ExpertStack:
         (* topk_weights.flat[p]).
 
         x: [num_tokens, k]; topk_weights: float32 [num_tokens, top_k]; out:
-        [num_tokens * top_k, n_per_expert], stack dtype or float32. Rows of pairs
-        routed to no local expert are left as they were. Only the first
+        [num_tokens * top_k, n_per_expert], stack dtype or float32, sharing no
+        memory with the inputs. Rows of pairs routed to no local expert are left
+        as they were in ``out``, zero in a new result. Only the first
         num_tokens * top_k routing blocks are read (moe_align_block_size never
-        fills more). Returns out, or a new array of x's type.
+        fills more). Returns out, or a new zero-filled array of x's type.
         """
         from .routing import Routing
 
@@ -165,7 +177,7 @@ class ExpertStack:
 
     def expert(self, e: int, *, bias=None) -> "Linear":
         """Expert ``e`` as a Linear view (no copy)."""
-        e = _index(e, "expert: e")
+        e = checked_int(e, "expert: e")
         if not 0 <= e < self.num_experts:
             raise ValueError(f"expert: e={e} is out of range for a stack of {self.num_experts} experts")
         return Linear(self, e * self.n_per_expert, self.n_per_expert, bias)
@@ -176,39 +188,34 @@ class ExpertStack:
         boundaries (a projection stored across neighbouring expert slots); each
         end is a multiple of the backend's column_alignment or an expert
         boundary."""
-        offset, n = _index(offset, "expert_linear: offset"), _index(n, "expert_linear: n")
+        offset, n = checked_int(offset, "expert_linear: offset"), checked_int(n, "expert_linear: n")
         self._core.check_view(offset, n, "expert_linear")
         return Linear(self, offset, n, bias)
 
 
-def _index(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int; got {value!r} ({type(value).__name__})")
-    return int(value)
-
-
-def _dispatch_table(dispatches, xt: _core.Tensor, num_experts: int, need_rows: bool, stream: int):
+def _dispatch_table(core: _core.ExpertStack, dispatches, xt: _core.Tensor, need_rows: bool, stream: int):
     """(dispatch Tensor, output height). A table on a device is passed as it is
     (the kernels check its rows); anything else becomes a host int64 [D, 4]
-    array (the core checks every row). The height, max(out_row + m) over the
-    rows a kernel would run, is computed only when the caller gave no ``out``:
-    for a device table that is the one host read of it. Rows that would be
-    skipped or refused do not size the result, so a hostile row cannot ask for
-    a huge allocation before the core names it."""
+    array (the core checks every row). The height, max(out_row + m), is
+    computed only when the caller gave no ``out``: for a host table by the
+    core, which names a bad row before anything is allocated; for a device
+    table over the rows a kernel would run (that is the one host read of it),
+    so a row the kernel skips cannot ask for a huge allocation."""
     on_device = hasattr(dispatches, "__dlpack_device__") and not isinstance(dispatches, np.ndarray) and \
         int(dispatches.__dlpack_device__()[0]) != 1
-    if on_device:
-        table = import_array(dispatches, "dispatches", stream)
-        if not need_rows:
-            return table, 0
-        d = host_copy(dispatches, "dispatches")
-    else:
+    if not on_device:
         d = host_array(dispatches, "dispatches", np.int64)
         if d.ndim == 1 and d.size in (0, 4):  # one row, or none
             d = d.reshape(-1, 4)
         table = import_array(d, "dispatches")
-    if not need_rows or d.ndim != 2 or d.shape[1] != 4 or d.shape[0] == 0 or d.dtype.kind not in "iu":
+        return table, core.batched_output_rows(xt, table) if need_rows else 0
+    table = import_array(dispatches, "dispatches", stream)
+    if not need_rows:
         return table, 0
+    d = host_copy(dispatches, "dispatches")
+    if d.ndim != 2 or d.shape[1] != 4 or d.shape[0] == 0 or d.dtype.kind not in "iu":
+        return table, 0
+    num_experts = core.num_experts
     e, in_row, out_row, m = (d[:, i].astype(np.int64) for i in range(4))
     x_rows = xt.shape[0] if len(xt.shape) == 2 else 0
     # Differences, not sums: hostile rows near 2**63 must not wrap.

@@ -5,11 +5,18 @@ run of the API against those references on any installed backend.
     from ferrum_moe.testing import check_backend
     report = check_backend("mybackend", device="cpu", dtype="float16")
     assert report.ok, report
+
+From the command line (exit status 0 when nothing failed, 1 when a check
+failed, 2 when the backend cannot be used)::
+
+    python -m ferrum_moe.testing mybackend [--device cuda] [--dtype float16|bfloat16|float32|all]
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import sys
 
 import ml_dtypes
 import numpy as np
@@ -128,7 +135,7 @@ class Report:
 
     def __str__(self) -> str:
         lines = [f"conformance of backend '{self.backend}':"]
-        lines += [f"  {name:<28} {result}" for name, result in self.results.items()]
+        lines += [f"  {name:<38} {result}" for name, result in self.results.items()]
         return "\n".join(lines)
 
 
@@ -136,7 +143,9 @@ def check_backend(backend: str, *, device: str = "cpu", dtype: str = "float16", 
                   seed: int = 0) -> Report:
     """Runs the API on `backend` against float64 references: gemm_batched over
     several formats, expert views with bias, align, gemm_routed and a whole
-    fused_moe layer. Operations the backend refuses with NotImplementedError are
+    fused_moe layer; then what a backend must guard: zero-token inputs,
+    zero-filled new results (FM_ALLOC_ZEROED) and routing with out-of-range
+    entries. Operations the backend refuses with NotImplementedError are
     reported as unsupported, not failed. `put`/`get` move host numpy arrays to
     and from the device (default: numpy, for host backends)."""
     put = put or (lambda a: a)
@@ -204,4 +213,83 @@ def check_backend(backend: str, *, device: str = "cpu", dtype: str = "float16", 
         return rel_error(get(y), reference_moe(x, w13, w2, tw, ids))
 
     run("fused_moe", layer)
+
+    def zero_tokens():
+        weights = [random_weight(rng, 64, 32, group_size=32, dtype=dtype) for _ in range(2)]
+        y = get(stack(weights).gemm_batched(put(random_activations(rng, (0, 64), dtype)), [[1, 0, 0, 0]]))
+        return None if y.shape == (0, 32) else float("inf")
+
+    run("zero-token gemm_batched", zero_tokens)
+
+    def zero_filled():
+        weights = [random_weight(rng, 64, 32, group_size=32, dtype=dtype) for _ in range(2)]
+        x = random_activations(rng, (2, 64), dtype)
+        y = as64(get(stack(weights).gemm_batched(put(x), [[1, 0, 3, 2]])))
+        if y.shape != (5, 32) or np.any(y[:3] != 0):
+            return float("inf")
+        return rel_error(y[3:], as64(x) @ weights[1].dequantize(np.float64))
+
+    run("new results zero-filled", zero_filled)
+
+    def corrupt_routing():
+        weights = [random_weight(rng, 64, 32, group_size=32, dtype=dtype) for _ in range(2)]
+        x = random_activations(rng, (3, 64), dtype)
+        # Block 0 -> expert 0 (ids 0, 1); 1 -> expert 7 (no such expert); 2 -> -3; 3 -> expert 1
+        # (ids 4, 5); ids 99999 and -5 are out of range; the count runs past the buffer.
+        routing = fm.Routing(put(np.array([0, 1, 99999, -5, 2, 3, 4, 5], np.int32)),
+                             put(np.array([0, 7, -3, 1], np.int32)), put(np.array([1 << 30], np.int32)),
+                             block_size=2, top_k=2, num_tokens=3)
+        out = put(poisoned((6, 32), dtype))
+        stack(weights).gemm_routed(put(x), routing, out=out)
+        got = as64(get(out))
+        if (~np.isnan(got).all(axis=1)).tolist() != [True, True, False, False, True, True]:
+            return float("inf")
+        ref = np.stack([as64(x[p // 2]) @ weights[0 if p < 2 else 1].dequantize(np.float64) for p in (0, 1, 4, 5)])
+        return rel_error(got[[0, 1, 4, 5]], ref)
+
+    run("routing with out-of-range entries", corrupt_routing)
     return Report(backend, results)
+
+
+def _device_transfers(device: str):
+    """put/get for check_backend: numpy as it is on the host, PyTorch for devices."""
+    if device == "cpu":
+        return None, None
+    import torch
+
+    def put(a):
+        if a.dtype == NUMPY_DTYPES["bfloat16"]:
+            return torch.from_numpy(a.view(np.uint16).copy()).view(torch.bfloat16).to(device)
+        return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+
+    def get(t):
+        t = t.cpu()
+        return t.view(torch.uint16).numpy().view(NUMPY_DTYPES["bfloat16"]) if t.dtype == torch.bfloat16 else t.numpy()
+
+    return put, get
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ferrum_moe.testing",
+                                     description="Runs the conformance checks on an installed backend.")
+    parser.add_argument("backend", help="the backend's entry-point name, e.g. cpu")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (devices other than cpu use PyTorch)")
+    parser.add_argument("--dtype", default="float16", choices=sorted(NUMPY_DTYPES) + ["all"])
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    try:
+        fm.get_backend(args.backend)
+    except fm.BackendUnavailableError as e:
+        print(e, file=sys.stderr)
+        return 2
+    put, get = _device_transfers(args.device)
+    failed = False
+    for dtype in sorted(NUMPY_DTYPES) if args.dtype == "all" else [args.dtype]:
+        report = check_backend(args.backend, device=args.device, dtype=dtype, put=put, get=get, seed=args.seed)
+        print(f"{dtype}: {report}")
+        failed = failed or not report.ok
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

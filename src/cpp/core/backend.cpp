@@ -44,16 +44,20 @@ void raise_error(FmError* error, const std::string& context) {
 
 std::shared_ptr<Backend> Backend::load(const FmBackendApi* api) {
   if (api == nullptr) throw Error(FM_ERROR_INTERNAL, "the plugin returned a NULL FmBackendApi table");
+  // The name and version precede every function pointer; a table too short to
+  // hold them is named by its versions alone.
+  const bool named = api->struct_size >= offsetof(FmBackendApi, version) + sizeof(api->version);
+  const std::string plugin = std::string("plugin '") + (named && api->name != nullptr ? api->name : "?") + "' " +
+                             (named && api->version != nullptr ? api->version : "?") + " (ABI " +
+                             std::to_string(api->abi_major) + "." + std::to_string(api->abi_minor) + ")";
+  const std::string host = "this ferrum-moe (ABI " + std::to_string(FM_ABI_MAJOR) + "." + std::to_string(FM_ABI_MINOR) + ")";
   if (api->abi_major != FM_ABI_MAJOR) {
-    throw Error(FM_ERROR_UNSUPPORTED,
-                "plugin ABI " + std::to_string(api->abi_major) + "." + std::to_string(api->abi_minor) +
-                    " is incompatible with this ferrum-moe (ABI " + std::to_string(FM_ABI_MAJOR) + "." +
-                    std::to_string(FM_ABI_MINOR) + "): rebuild the plugin against this ferrum-moe");
+    throw Error(FM_ERROR_UNSUPPORTED, plugin + " is incompatible with " + host + ": rebuild the plugin against this ferrum-moe");
   }
   if (api->struct_size < kMinApiSize) {
-    throw Error(FM_ERROR_UNSUPPORTED, "plugin function table is " + std::to_string(api->struct_size) +
-                                          " bytes; ABI " + std::to_string(FM_ABI_MAJOR) + ".0 needs " +
-                                          std::to_string(kMinApiSize));
+    throw Error(FM_ERROR_UNSUPPORTED, plugin + " has a function table of " + std::to_string(api->struct_size) +
+                                          " bytes; ABI " + std::to_string(FM_ABI_MAJOR) + ".0 needs at least " +
+                                          std::to_string(kMinApiSize) + " (" + host + ")");
   }
   std::shared_ptr<Backend> b(new Backend());
   b->api_ = api;
@@ -106,6 +110,15 @@ std::shared_ptr<Tensor> Backend::empty(DLDevice device, DLDataType dtype, const 
     }
     bytes *= d;
   }
+  const std::string what = dtype_name(dtype) + shape_string(shape) + " on " + device_name(device);
+  // Plugins of ABI 1.0 do not know FM_ALLOC_ZEROED: the host zeroes host
+  // memory itself, and cannot zero device memory without the plugin.
+  const bool zero_here = (flags & FM_ALLOC_ZEROED) != 0 && api_->abi_minor < 1;
+  const bool host_memory = device.device_type == kDLCPU || device.device_type == kDLCUDAHost;
+  if (zero_here && !host_memory) {
+    throw Error(FM_ERROR_UNSUPPORTED, "backend '" + name_ + "' (plugin ABI " + abi_version() +
+                                          ") cannot zero-fill a new result on " + device_name(device) + "; pass out=");
+  }
   FmTensorAllocArgs args{};
   args.struct_size = sizeof(args);
   args.backend = handle_;
@@ -115,9 +128,16 @@ std::shared_ptr<Tensor> Backend::empty(DLDevice device, DLDataType dtype, const 
   args.shape = shape.data();
   args.stream = stream;
   args.flags = flags;
-  if (FmError* e = api_->tensor_alloc(&args)) raise_error(e, "allocating " + dtype_name(dtype) + shape_string(shape) +
-                                                 " on " + device_name(device));
+  if (FmError* e = api_->tensor_alloc(&args)) raise_error(e, "allocating " + what);
+  if (args.result == nullptr) throw Error(FM_ERROR_INTERNAL, "backend '" + name_ + "' tensor_alloc returned no tensor for " + what);
   auto t = Tensor::adopt(args.result);
+  if (t->shape() != shape || t->dtype() != dtype || t->device().device_type != device.device_type ||
+      t->device().device_id != device.device_id || !t->is_compact()) {
+    throw Error(FM_ERROR_INTERNAL, "backend '" + name_ + "' tensor_alloc returned " + dtype_name(t->dtype()) +
+                                       shape_string(t->shape()) + " on " + device_name(t->device()) +
+                                       " (compact: " + (t->is_compact() ? "yes" : "no") + ") for " + what);
+  }
+  if (zero_here) std::memset(reinterpret_cast<void*>(t->data_ptr()), 0, size_t(bytes));
   t->set_producer(shared_from_this(), stream);
   return t;
 }
@@ -130,8 +150,9 @@ std::shared_ptr<ExpertStack> Backend::create_stack(const StackSpec& spec, const 
   if (spec.group_size != -1 && spec.group_size < 1) {
     throw_value_error("ExpertStack: group_size must be -1 or positive; got " + std::to_string(spec.group_size));
   }
-  if (spec.num_experts < 1 || spec.k < 1 || spec.n_per_expert < 1) {
-    throw_value_error("ExpertStack: num_experts, k and n_per_expert must be positive; got " +
+  if (spec.num_experts < 1 || spec.k < 1 || spec.n_per_expert < 1 || spec.num_experts > kMaxTensorBytes ||
+      spec.k > kMaxTensorBytes || spec.n_per_expert > kMaxTensorBytes) {
+    throw_value_error("ExpertStack: num_experts, k and n_per_expert must be in [1, 2^48]; got " +
                       std::to_string(spec.num_experts) + ", " + std::to_string(spec.k) + ", " +
                       std::to_string(spec.n_per_expert));
   }
@@ -169,7 +190,7 @@ std::shared_ptr<ExpertStack> Backend::create_stack(const StackSpec& spec, const 
     expect_dim(*g_idx, 0, e, {op, "g_idx"}, "num_experts");
     expect_dim(*g_idx, 1, spec.k, {op, "g_idx"}, "k");
     on_host_or_device(*g_idx, {op, "g_idx"});
-    if (g_idx->device().device_type == kDLCPU) {
+    if (host_readable(g_idx->device())) {
       const auto* v = reinterpret_cast<const int32_t*>(g_idx->data_ptr());
       for (int64_t i = 0; i < g_idx->numel(); ++i) {
         if (v[i] < 0 || v[i] >= g) {
@@ -178,6 +199,10 @@ std::shared_ptr<ExpertStack> Backend::create_stack(const StackSpec& spec, const 
         }
       }
     }
+  }
+  if (spec.group_size < spec.k && spec.group_size > INT32_MAX) {
+    throw_value_error("ExpertStack: group_size " + std::to_string(spec.group_size) + " must be below 2^31 (or at least k " +
+                      std::to_string(spec.k) + ": one group)");
   }
   FmStackCreateArgs args{};
   args.struct_size = sizeof(args);
@@ -188,7 +213,9 @@ std::shared_ptr<ExpertStack> Backend::create_stack(const StackSpec& spec, const 
   args.k = spec.k;
   args.n_per_expert = n;
   args.bits = spec.bits;
-  args.group_size = spec.group_size;
+  // A group at least K long is the single group -1 spells, whatever its size
+  // (the ABI's field is 32-bit).
+  args.group_size = spec.group_size >= spec.k ? -1 : int32_t(spec.group_size);
   args.qweight = &qweight.dl();
   args.scales = &scales.dl();
   args.zeros = zeros != nullptr ? &zeros->dl() : nullptr;
@@ -199,11 +226,16 @@ std::shared_ptr<ExpertStack> Backend::create_stack(const StackSpec& spec, const 
 }
 
 int64_t max_num_tokens_padded(int64_t num_pairs, int64_t num_local_experts, int64_t block_size) {
-  if (num_pairs < 0 || num_local_experts < 0 || block_size < 1 || block_size > kMaxBlockSize ||
-      num_local_experts > kMaxTensorBytes / block_size) {
-    throw_value_error("routing buffers: block_size must be in [1, " + std::to_string(kMaxBlockSize) + "] and counts >= 0; got " +
-                      std::to_string(num_pairs) + " pairs, " + std::to_string(num_local_experts) + " experts, block_size " +
-                      std::to_string(block_size));
+  const std::string got = "; got " + std::to_string(num_pairs) + " pairs, " + std::to_string(num_local_experts) +
+                          " local experts, block_size " + std::to_string(block_size);
+  if (num_pairs < 0 || num_local_experts < 0 || block_size < 1 || block_size > kMaxBlockSize) {
+    throw_value_error("routing buffers: block_size must be in [1, " + std::to_string(kMaxBlockSize) + "] and counts >= 0" + got);
+  }
+  // Each term is checked before the sum is formed, so nothing can wrap.
+  const int64_t room = kMaxRoutingIndex - std::min(num_pairs, kMaxRoutingIndex);
+  if (num_pairs > kMaxRoutingIndex || (block_size > 1 && num_local_experts > room / (block_size - 1))) {
+    throw_value_error("routing buffers: num_tokens * top_k + num_local_experts * (block_size - 1) must be at most 2^31 - 1 "
+                      "(the routing arrays hold int32 positions)" + got);
   }
   return num_pairs + num_local_experts * (block_size - 1);
 }
@@ -216,7 +248,10 @@ void Backend::moe_align_block_size(const Tensor& topk_ids, int64_t num_experts, 
     throw_value_error("moe_align_block_size: block_size must be in [1, " + std::to_string(kMaxBlockSize) + "]; got " +
                       std::to_string(block_size));
   }
-  if (num_experts < 1) throw_value_error("moe_align_block_size: num_experts must be positive; got " + std::to_string(num_experts));
+  if (num_experts < 1 || num_experts > kMaxRoutingIndex) {
+    throw_value_error("moe_align_block_size: num_experts must be in [1, 2^31 - 1] (expert ids are int32); got " +
+                      std::to_string(num_experts));
+  }
   expect_rank(topk_ids, 2, {op, "topk_ids"});
   expect_dtype_in(topk_ids, {kInt32, kInt64}, {op, "topk_ids"});
   expect_compact(topk_ids, {op, "topk_ids"});
@@ -228,9 +263,9 @@ void Backend::moe_align_block_size(const Tensor& topk_ids, int64_t num_experts, 
     expect_dim(*expert_map, 0, num_experts, {op, "expert_map"}, "num_experts");
     expect_compact(*expert_map, {op, "expert_map"});
     expect_device(*expert_map, topk_ids.device(), {op, "expert_map"}, "topk_ids' device");
-    if (expert_map->device().device_type == kDLCPU) {
+    if (host_readable(expert_map->device())) {
       const auto* m = reinterpret_cast<const int32_t*>(expert_map->data_ptr());
-      int32_t max_local = -1;
+      int64_t max_local = -1;  // + 1 below must not wrap for a map naming 2^31 - 1
       for (int64_t i = 0; i < num_experts; ++i) {
         if (m[i] < -1) {
           throw_value_error("moe_align_block_size: expert_map[" + std::to_string(i) + "] = " + std::to_string(m[i]) +
@@ -252,7 +287,12 @@ void Backend::moe_align_block_size(const Tensor& topk_ids, int64_t num_experts, 
     expect_compact(*t, {op, name});
     expect_device(*t, topk_ids.device(), {op, name}, "topk_ids' device");
     expect_writable(*t, {op, name});
+    expect_disjoint(*t, topk_ids, {op, name}, "topk_ids");
+    if (expert_map != nullptr) expect_disjoint(*t, *expert_map, {op, name}, "expert_map");
   }
+  expect_disjoint(sorted_token_ids, expert_ids, {op, "sorted_token_ids"}, "expert_ids");
+  expect_disjoint(sorted_token_ids, num_tokens_post_padded, {op, "sorted_token_ids"}, "num_tokens_post_padded");
+  expect_disjoint(expert_ids, num_tokens_post_padded, {op, "expert_ids"}, "num_tokens_post_padded");
   FmAlignArgs args{};
   args.struct_size = sizeof(args);
   args.backend = handle_;
@@ -282,6 +322,7 @@ void Backend::gated_activation(const Tensor& input, Tensor& out, void* stream) {
   expect_rows_contiguous(input, {op, "input"});
   expect_rows_contiguous(out, {op, "out"});
   expect_writable(out, {op, "out"});
+  expect_disjoint(out, input, {op, "out"}, "input");
   FmGatedActivationArgs args{sizeof(args), handle_, FM_ACTIVATION_SILU, &input.dl(), out.mutable_dl(), stream};
   if (FmError* e = api_->gated_activation(&args)) raise_error(e, op);
 }
@@ -305,11 +346,15 @@ void Backend::moe_sum(const Tensor& input, const Tensor& topk_ids, int64_t num_e
   expect_rows_contiguous(input, {op, "input"});
   expect_rows_contiguous(out, {op, "out"});
   expect_writable(out, {op, "out"});
+  expect_disjoint(out, input, {op, "out"}, "input");
+  expect_disjoint(out, topk_ids, {op, "out"}, "topk_ids");
   if (expert_map != nullptr) {
     expect_rank(*expert_map, 1, {op, "expert_map"});
     expect_dtype(*expert_map, kInt32, {op, "expert_map"});
     expect_dim(*expert_map, 0, num_experts, {op, "expert_map"}, "num_experts");
+    expect_compact(*expert_map, {op, "expert_map"});
     expect_device(*expert_map, input.device(), {op, "expert_map"}, "the input's device");
+    expect_disjoint(out, *expert_map, {op, "out"}, "expert_map");
   }
   FmMoeSumArgs args{sizeof(args), handle_, &input.dl(), &topk_ids.dl(), num_experts,
                     expert_map != nullptr ? &expert_map->dl() : nullptr, out.mutable_dl(), stream};
@@ -370,12 +415,16 @@ std::vector<ExpertStack::Segment> ExpertStack::view_segments(int64_t offset, int
   return segments;
 }
 
-void ExpertStack::check_gemm_io(const char* op, const Tensor& x, int64_t n, const Tensor* bias, const Tensor& out) const {
+void ExpertStack::check_x(const char* op, const Tensor& x) const {
   expect_rank(x, 2, {op, "x"});
   expect_device(x, spec_.device, {op, "x"}, "the stack's device");
   expect_dtype(x, spec_.dtype, {op, "x"}, "the stack's dtype");
   expect_dim(x, 1, spec_.k, {op, "x"}, "the stack's k");
   expect_rows_contiguous(x, {op, "x"});
+}
+
+void ExpertStack::check_gemm_io(const char* op, const Tensor& x, int64_t n, const Tensor* bias, const Tensor& out) const {
+  check_x(op, x);
   expect_rank(out, 2, {op, "out"});
   expect_device(out, spec_.device, {op, "out"}, "the stack's device");
   expect_dtype_in(out, {spec_.dtype, kFloat32}, {op, "out"});
@@ -388,11 +437,39 @@ void ExpertStack::check_gemm_io(const char* op, const Tensor& x, int64_t n, cons
     expect_dtype(*bias, spec_.dtype, {op, "bias"}, "the stack's dtype");
     expect_dim(*bias, 0, n, {op, "bias"}, "the output width n");
     expect_compact(*bias, {op, "bias"});
+    expect_disjoint(out, *bias, {op, "out"}, "bias");
+  }
+  expect_disjoint(out, x, {op, "out"}, "x");
+}
+
+void ExpertStack::check_dispatch_table(const Tensor& dispatches) const {
+  const char* op = "gemm_batched";
+  expect_rank(dispatches, 2, {op, "dispatches"});
+  expect_dim(dispatches, 1, 4, {op, "dispatches"}, "rows (expert, in_row, out_row, m)");
+  expect_compact(dispatches, {op, "dispatches"});
+  if (host_readable(dispatches.device())) {
+    expect_dtype(dispatches, kInt64, {op, "dispatches"});
+  } else {
+    expect_device(dispatches, spec_.device, {op, "dispatches"}, "the host or the stack's device");
+    expect_dtype_in(dispatches, {kInt32, kInt64}, {op, "dispatches"});
+    if (backend_->abi_minor() < 1) {
+      throw Error(FM_ERROR_UNSUPPORTED, "gemm_batched: backend '" + backend_->name() + "' (plugin ABI " +
+                                            backend_->abi_version() +
+                                            ") reads dispatch rows on the host; pass dispatches as a host array");
+    }
   }
 }
 
-void ExpertStack::check_host_dispatches(const Tensor& dispatches, int64_t x_rows, int64_t out_rows) const {
+int64_t ExpertStack::batched_output_rows(const Tensor& x, const Tensor& dispatches) const {
+  check_x("gemm_batched", x);
+  check_dispatch_table(dispatches);
+  if (!host_readable(dispatches.device())) throw_value_error("gemm_batched: dispatches must be a host array to size a result");
+  return check_host_dispatches(dispatches, x.dim(0), -1);
+}
+
+int64_t ExpertStack::check_host_dispatches(const Tensor& dispatches, int64_t x_rows, int64_t out_rows) const {
   const auto* d = reinterpret_cast<const int64_t*>(dispatches.data_ptr());
+  int64_t rows_needed = 0;
   for (int64_t i = 0; i < dispatches.dim(0); ++i) {
     const int64_t e = d[4 * i], in_row = d[4 * i + 1], out_row = d[4 * i + 2], m = d[4 * i + 3];
     const std::string row = "gemm_batched: dispatches[" + std::to_string(i) + "] = (expert " + std::to_string(e) +
@@ -404,10 +481,15 @@ void ExpertStack::check_host_dispatches(const Tensor& dispatches, int64_t x_rows
     if (in_row < 0 || in_row > x_rows || m > x_rows - in_row) {
       throw_value_error(row + "input rows exceed x's " + std::to_string(x_rows) + " rows");
     }
-    if (out_row < 0 || out_row > out_rows || m > out_rows - out_row) {
+    if (out_rows >= 0 && (out_row < 0 || out_row > out_rows || m > out_rows - out_row)) {
       throw_value_error(row + "output rows exceed out's " + std::to_string(out_rows) + " rows");
     }
+    if (out_rows < 0 && (out_row < 0 || out_row > kMaxTensorBytes || m > kMaxTensorBytes - out_row)) {
+      throw_value_error(row + "output rows exceed 2^48, the most a new result may hold");
+    }
+    rows_needed = std::max(rows_needed, out_row + m);  // m = 0 too: every row lies inside the result
   }
+  return rows_needed;
 }
 
 void ExpertStack::gemm_batched(const Tensor& x, const Tensor& dispatches, int64_t col_begin, int64_t n,
@@ -416,21 +498,9 @@ void ExpertStack::gemm_batched(const Tensor& x, const Tensor& dispatches, int64_
   check_column_window(col_begin, n, op);
   // The arrays first: a wrong x is reported as x, not as a dispatch problem.
   check_gemm_io(op, x, n, bias, out);
-  expect_rank(dispatches, 2, {op, "dispatches"});
-  expect_dim(dispatches, 1, 4, {op, "dispatches"}, "rows (expert, in_row, out_row, m)");
-  expect_compact(dispatches, {op, "dispatches"});
-  if (dispatches.device().device_type == kDLCPU) {
-    expect_dtype(dispatches, kInt64, {op, "dispatches"});
-    check_host_dispatches(dispatches, x.dim(0), out.dim(0));
-  } else {
-    expect_device(dispatches, spec_.device, {op, "dispatches"}, "the host or the stack's device");
-    expect_dtype_in(dispatches, {kInt32, kInt64}, {op, "dispatches"});
-    if (backend_->abi_minor() < 1) {
-      throw Error(FM_ERROR_UNSUPPORTED, "gemm_batched: backend '" + backend_->name() + "' (plugin ABI " +
-                                            backend_->abi_version() +
-                                            ") reads dispatch rows on the host; pass dispatches as a host array");
-    }
-  }
+  check_dispatch_table(dispatches);
+  expect_disjoint(out, dispatches, {op, "out"}, "dispatches");
+  if (host_readable(dispatches.device())) check_host_dispatches(dispatches, x.dim(0), out.dim(0));
   launch_batched(x.dl(), dispatches.dl(), col_begin, n, bias != nullptr ? &bias->dl() : nullptr, *out.mutable_dl(),
                  stream, op);
 }
@@ -486,16 +556,16 @@ void ExpertStack::gemm_routed(const Tensor& x, const Tensor& sorted_token_ids, c
                               const Tensor& num_tokens_post_padded, int64_t block_size, int64_t top_k,
                               const Tensor* topk_weights, Tensor& out, void* stream) {
   const char* op = "gemm_routed";
-  if (block_size < 1 || top_k < 1) {
-    throw_value_error("gemm_routed: block_size and top_k must be positive; got " + std::to_string(block_size) + " and " +
-                      std::to_string(top_k));
+  if (block_size < 1 || block_size > kMaxBlockSize || top_k < 1 || top_k > kMaxRoutingIndex) {
+    throw_value_error("gemm_routed: block_size must be in [1, " + std::to_string(kMaxBlockSize) +
+                      "] and top_k in [1, 2^31 - 1]; got " + std::to_string(block_size) + " and " + std::to_string(top_k));
   }
-  expect_rank(x, 2, {op, "x"});
-  expect_device(x, spec_.device, {op, "x"}, "the stack's device");
-  expect_dtype(x, spec_.dtype, {op, "x"}, "the stack's dtype");
-  expect_dim(x, 1, spec_.k, {op, "x"}, "the stack's k");
-  expect_rows_contiguous(x, {op, "x"});
+  check_x(op, x);
   const int64_t num_tokens = x.dim(0);
+  if (num_tokens > kMaxRoutingIndex / top_k) {
+    throw_value_error("gemm_routed: num_tokens " + std::to_string(num_tokens) + " x top_k " + std::to_string(top_k) +
+                      " exceeds 2^31 - 1 (routing ids are int32)");
+  }
   for (auto [t, name] : {std::pair<const Tensor*, const char*>{&sorted_token_ids, "sorted_token_ids"},
                          {&expert_ids, "expert_ids"},
                          {&num_tokens_post_padded, "num_tokens_post_padded"}}) {
@@ -521,7 +591,12 @@ void ExpertStack::gemm_routed(const Tensor& x, const Tensor& sorted_token_ids, c
     expect_dim(*topk_weights, 0, num_tokens, {op, "topk_weights"}, "num_tokens");
     expect_dim(*topk_weights, 1, top_k, {op, "topk_weights"}, "top_k");
     expect_compact(*topk_weights, {op, "topk_weights"});
+    expect_disjoint(out, *topk_weights, {op, "out"}, "topk_weights");
   }
+  expect_disjoint(out, x, {op, "out"}, "x");
+  expect_disjoint(out, sorted_token_ids, {op, "out"}, "sorted_token_ids");
+  expect_disjoint(out, expert_ids, {op, "out"}, "expert_ids");
+  expect_disjoint(out, num_tokens_post_padded, {op, "out"}, "num_tokens_post_padded");
   FmGemmRoutedArgs args{};
   args.struct_size = sizeof(args);
   args.stack = handle_;

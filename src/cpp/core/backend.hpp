@@ -23,8 +23,8 @@ struct StackSpec {
   int64_t k = 0;
   int64_t n_per_expert = 0;
   int32_t bits = 4;
-  int32_t group_size = 128;  // -1: one group over K
-  int64_t num_groups() const { return group_size == -1 ? 1 : (k + group_size - 1) / group_size; }
+  int64_t group_size = 128;  // -1 (or any size >= k): one group over K
+  int64_t num_groups() const { return group_size == -1 || group_size >= k ? 1 : (k + group_size - 1) / group_size; }
   int64_t packed_k() const { return (k + (32 / bits) - 1) / (32 / bits); }
 };
 
@@ -80,9 +80,12 @@ class Backend : public std::enable_shared_from_this<Backend> {
 // Limits that keep size arithmetic far from overflow (int64 and 32-bit kernel indices).
 inline constexpr int64_t kMaxTensorBytes = int64_t(1) << 48;
 inline constexpr int64_t kMaxBlockSize = 1 << 16;
+// Routing arrays are int32: every position and pair index must fit.
+inline constexpr int64_t kMaxRoutingIndex = INT32_MAX;
 
 // The number of sorted-id slots moe_align_block_size may fill:
 // every (token, k) pair, plus up to block_size - 1 padding slots per local expert.
+// Refuses counts whose positions would not fit the int32 routing arrays.
 int64_t max_num_tokens_padded(int64_t num_pairs, int64_t num_local_experts, int64_t block_size);
 
 class ExpertStack {
@@ -104,6 +107,11 @@ class ExpertStack {
   // Validates a Linear view's window [offset, offset + n) of the stacked N;
   // `op` names the caller in the message.
   void check_view(int64_t offset, int64_t n, const char* op) const { view_segments(offset, n, op); }
+
+  // The rows a new gemm_batched result needs, max(out_row + m), after checking
+  // x and every host dispatch row against x: a bad row is named before
+  // anything is allocated for it.
+  int64_t batched_output_rows(const Tensor& x, const Tensor& dispatches) const;
 
   // `dispatches` on the host (int64, every row checked) or on the stack's
   // device (int32/int64, rows checked by the kernels: plugin.h).
@@ -129,8 +137,12 @@ class ExpertStack {
   std::vector<Segment> view_segments(int64_t offset, int64_t n, const char* op) const;
   // A column window [col_begin, col_begin + n) inside one expert.
   void check_column_window(int64_t col_begin, int64_t n, const char* op) const;
+  void check_x(const char* op, const Tensor& x) const;
   void check_gemm_io(const char* op, const Tensor& x, int64_t n, const Tensor* bias, const Tensor& out) const;
-  void check_host_dispatches(const Tensor& dispatches, int64_t x_rows, int64_t out_rows) const;
+  void check_dispatch_table(const Tensor& dispatches) const;
+  // Checks every row against x's rows and, when out_rows >= 0, out's; returns
+  // max(out_row + m).
+  int64_t check_host_dispatches(const Tensor& dispatches, int64_t x_rows, int64_t out_rows) const;
   void launch_batched(const DLTensor& x, const DLTensor& dispatches, int64_t col_begin, int64_t n,
                       const DLTensor* bias, DLTensor& out, void* stream, const char* op);
 

@@ -1,5 +1,7 @@
 #include "tensor.hpp"
 
+#include <algorithm>
+
 #include "backend.hpp"
 #include "dtype.hpp"
 #include "error.hpp"
@@ -8,20 +10,20 @@ namespace ferrum {
 
 std::shared_ptr<Tensor> Tensor::adopt(DLManagedTensorVersioned* managed) {
   std::shared_ptr<Tensor> t(new Tensor());
-  t->init_from(managed->dl_tensor);
-  t->read_only_ = (managed->flags & DLPACK_FLAG_BITMASK_READ_ONLY) != 0;
   t->release_ = [managed] {
     if (managed->deleter != nullptr) managed->deleter(managed);
   };
+  t->read_only_ = (managed->flags & DLPACK_FLAG_BITMASK_READ_ONLY) != 0;
+  t->init_from(managed->dl_tensor);
   return t;
 }
 
 std::shared_ptr<Tensor> Tensor::adopt_legacy(DLManagedTensor* managed) {
   std::shared_ptr<Tensor> t(new Tensor());
-  t->init_from(managed->dl_tensor);
   t->release_ = [managed] {
     if (managed->deleter != nullptr) managed->deleter(managed);
   };
+  t->init_from(managed->dl_tensor);
   return t;
 }
 
@@ -29,7 +31,31 @@ Tensor::~Tensor() {
   if (release_) release_();
 }
 
+namespace {
+
+constexpr int kMaxRank = 32;
+
+// a * b when it stays within [0, limit]; false when it does not (or would overflow).
+bool product_within(int64_t a, int64_t b, int64_t limit, int64_t* result) {
+  int64_t p;
+  if (__builtin_mul_overflow(a, b, &p) || p > limit) return false;
+  *result = p;
+  return true;
+}
+
+}  // namespace
+
+// Metadata comes from any DLPack producer: it is checked before anything reads
+// it, so every later size computation (numel, stride times extent, byte
+// ranges) stays far from int64 overflow. Memory a producer lies about (a shape
+// larger than its buffer) cannot be detected by any consumer.
 void Tensor::init_from(const DLTensor& t) {
+  const std::string what = "DLPack tensor";
+  if (t.ndim < 0 || t.ndim > kMaxRank) {
+    throw_value_error(what + ": ndim " + std::to_string(t.ndim) + " is not in [0, " + std::to_string(kMaxRank) + "]");
+  }
+  if (t.ndim > 0 && t.shape == nullptr) throw_value_error(what + ": shape is NULL for ndim " + std::to_string(t.ndim));
+  if (t.dtype.bits == 0 || t.dtype.lanes == 0) throw_value_error(what + ": dtype " + dtype_name(t.dtype) + " has no size");
   dl_ = t;
   shape_.assign(t.shape, t.shape + t.ndim);
   dl_.shape = shape_.data();
@@ -37,6 +63,33 @@ void Tensor::init_from(const DLTensor& t) {
     strides_.assign(t.strides, t.strides + t.ndim);
     dl_.strides = strides_.data();
   }
+  const int64_t item = dtype_bytes(t.dtype);
+  const std::string too_big = what + ": shape " + shape_string(shape_) + " of " + dtype_name(t.dtype);
+  // Zero dimensions left out: an empty tensor's other dimensions multiply
+  // within bounds too, so no product of any of them can overflow.
+  int64_t bytes = item;
+  bool empty = false;
+  for (int64_t d : shape_) {
+    if (d < 0) throw_value_error(too_big + " has a negative dimension");
+    empty = empty || d == 0;
+    if (d != 0 && !product_within(bytes, d, kMaxTensorBytes, &bytes)) throw_value_error(too_big + " exceeds 2^48 bytes");
+  }
+  if (!strides_.empty()) {
+    // The farthest element from the first, in bytes, bounds every stride product.
+    int64_t span = 0;
+    for (int i = 0; i < t.ndim && !empty; ++i) {
+      if (shape_[i] <= 1) continue;
+      int64_t reach;
+      const int64_t s = strides_[i];
+      if (s == INT64_MIN || !product_within(s < 0 ? -s : s, shape_[i] - 1, kMaxTensorBytes, &reach) ||
+          !product_within(reach, item, kMaxTensorBytes, &reach) || reach > kMaxTensorBytes - span) {
+        throw_value_error(what + ": strides " + shape_string(strides_) + " for shape " + shape_string(shape_) +
+                          " reach past 2^48 bytes");
+      }
+      span += reach;
+    }
+  }
+  if (t.data == nullptr && !empty) throw_value_error(what + ": data is NULL for shape " + shape_string(shape_));
 }
 
 std::vector<int64_t> Tensor::strides() const {
@@ -68,11 +121,16 @@ bool Tensor::is_compact() const {
 }
 
 std::shared_ptr<Tensor> Tensor::view_of(const DLTensor& dl, std::vector<int64_t> shape) {
+  // The shape and memory were checked when this tensor was imported, or by view().
   std::shared_ptr<Tensor> t(new Tensor());
-  t->init_from(dl);
+  t->dl_ = dl;
   t->shape_ = std::move(shape);
   t->dl_.shape = t->shape_.data();
   t->dl_.ndim = int32_t(t->shape_.size());
+  if (dl.strides != nullptr) {
+    t->strides_.assign(dl.strides, dl.strides + t->shape_.size());
+    t->dl_.strides = t->strides_.data();
+  }
   t->read_only_ = read_only_;
   t->base_ = shared_from_this();
   t->producer_backend_ = producer_backend_;
@@ -92,27 +150,27 @@ std::shared_ptr<Tensor> Tensor::retyped(DLDataType dtype) {
 
 std::shared_ptr<Tensor> Tensor::view(const std::vector<int64_t>& shape) {
   if (!is_compact()) throw_value_error("view: the tensor must be contiguous; got strides " + shape_string(strides()));
-  // Multiplied only while the product stays within what the tensor holds, so
-  // a hostile shape cannot wrap to a small count.
+  // The nonzero dimensions are multiplied only while the product stays within
+  // what the tensor holds (or, for an empty view, within 2^48 bytes, as on
+  // import), so a hostile shape cannot wrap to a small count.
   const int64_t have = numel();
   bool zero = false;
   for (int64_t d : shape) {
     if (d < 0) throw_value_error("view: negative dimension in " + shape_string(shape));
     zero = zero || d == 0;
   }
+  const int64_t limit = zero ? kMaxTensorBytes / dtype_bytes(dl_.dtype) : have;
   int64_t n = 1;
   for (int64_t d : shape) {
-    if (zero) { n = 0; break; }
-    if (n > have / d) { n = have + 1; break; }
+    if (d == 0) continue;
+    if (n > limit / d) {
+      throw_value_error("view: shape " + shape_string(shape) + " needs more elements than the tensor's " +
+                        std::to_string(have));
+    }
     n *= d;
-  }
-  if (n > have) {
-    throw_value_error("view: shape " + shape_string(shape) + " needs more elements than the tensor's " +
-                      std::to_string(have));
   }
   DLTensor dl = dl_;
   dl.strides = nullptr;  // compact, so the new shape's row-major strides hold
-  dl.ndim = 0;
   return view_of(dl, shape);
 }
 
@@ -249,6 +307,65 @@ void expect_compact(const Tensor& t, Arg arg) {
     throw_value_error(prefix(arg) + " must be contiguous (compact row-major); got strides " +
                       shape_string(t.strides()) + " for shape " + shape_string(t.shape()) +
                       " (pass a contiguous copy)");
+  }
+}
+
+namespace {
+
+// The bytes a tensor covers as `rows` ranges of `row_bytes`, `step` apart
+// (one range for a compact tensor). A layout without such a form is covered
+// by its bounding range, which can only report more overlap, never less.
+struct RowRanges {
+  int64_t first, rows, step, row_bytes;
+};
+
+RowRanges row_ranges(const Tensor& t) {
+  const int64_t item = dtype_bytes(t.dtype());
+  const auto first = int64_t(t.data_ptr());
+  if (t.is_compact()) return {first, 1, 0, t.numel() * item};
+  const std::vector<int64_t> s = t.strides();
+  if (t.ndim() == 2 && s[0] > 0 && (t.dim(1) <= 1 || s[1] == 1) && s[0] >= t.dim(1)) {
+    return {first, t.dim(0), s[0] * item, t.dim(1) * item};
+  }
+  int64_t lo = 0, hi = 0;
+  for (int i = 0; i < t.ndim(); ++i) {
+    const int64_t reach = s[i] * (t.dim(i) - 1) * item;
+    (reach < 0 ? lo : hi) += reach;
+  }
+  return {first + lo, 1, 0, hi - lo + item};
+}
+
+bool same_memory(DLDevice a, DLDevice b) {
+  auto host = [](DLDevice d) { return d.device_type == kDLCPU || d.device_type == kDLCUDAHost; };
+  if (host(a) || host(b)) return host(a) && host(b);
+  return a.device_type == b.device_type && a.device_id == b.device_id;
+}
+
+bool overlaps(const Tensor& a, const Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0 || !same_memory(a.device(), b.device())) return false;
+  RowRanges p = row_ranges(a), q = row_ranges(b);
+  const int64_t p_end = p.first + (p.rows - 1) * p.step + p.row_bytes;
+  const int64_t q_end = q.first + (q.rows - 1) * q.step + q.row_bytes;
+  if (p.first >= q_end || q.first >= p_end) return false;
+  if (p.rows > q.rows) std::swap(p, q);
+  if (q.rows == 1) q.step = 1;  // any positive step: only row 0 exists
+  // For each row of p, the rows j of q with q.first + j * step in (start - row_bytes, end).
+  auto floor_div = [](int64_t a, int64_t b) { return a / b - ((a % b != 0) && ((a < 0) != (b < 0))); };
+  for (int64_t i = 0; i < p.rows; ++i) {
+    const int64_t start = p.first + i * p.step, end = start + p.row_bytes;
+    const int64_t lo = std::max<int64_t>(floor_div(start - q.row_bytes - q.first, q.step) + 1, 0);
+    const int64_t hi = std::min<int64_t>(-floor_div(-(end - q.first), q.step) - 1, q.rows - 1);
+    if (lo <= hi) return true;
+  }
+  return false;
+}
+
+}  // namespace
+
+void expect_disjoint(const Tensor& out, const Tensor& input, Arg out_arg, const char* input_name) {
+  if (overlaps(out, input)) {
+    throw_value_error(prefix(out_arg) + " overlaps " + input_name +
+                      " in memory; an output is written while the inputs are read: pass a separate array");
   }
 }
 

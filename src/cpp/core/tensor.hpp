@@ -22,6 +22,8 @@ class Backend;
 
 class Tensor : public std::enable_shared_from_this<Tensor> {
  public:
+  // Both take ownership even when they throw (the deleter then runs at once):
+  // a producer's shape, strides and dtype are checked on import (see init_from).
   static std::shared_ptr<Tensor> adopt(DLManagedTensorVersioned* managed);
   static std::shared_ptr<Tensor> adopt_legacy(DLManagedTensor* managed);
   ~Tensor();
@@ -92,6 +94,12 @@ void expect_dim_at_least(const Tensor& t, int axis, int64_t size, Arg arg, const
 void expect_rows_contiguous(const Tensor& t, Arg arg);
 void expect_compact(const Tensor& t, Arg arg);
 void expect_writable(const Tensor& t, Arg arg);
+// `out` shares no byte with `input` (an output written while an input is still
+// read would change the input under the kernel). Exact for rank-2 row ranges,
+// so disjoint column windows of one buffer pass.
+void expect_disjoint(const Tensor& out, const Tensor& input, Arg out_arg, const char* input_name);
 std::string shape_string(const std::vector<int64_t>& shape);
+// Memory the host can read: the CPU's, and pinned host memory.
+inline bool host_readable(DLDevice d) { return d.device_type == kDLCPU || d.device_type == kDLCUDAHost; }
 
 }  // namespace ferrum

@@ -21,6 +21,32 @@ namespace {
 void* as_stream(uintptr_t handle) { return reinterpret_cast<void*>(handle); }
 const Tensor* opt(const std::optional<TensorPtr>& t) { return t ? t->get() : nullptr; }
 
+// An int argument of __dlpack__ as int64, or a TypeError/ValueError naming it
+// (pybind11's own casts would raise an anonymous RuntimeError).
+int64_t dlpack_int(py::handle value, const char* name) {
+  if (!PyLong_Check(value.ptr()) || PyBool_Check(value.ptr())) {
+    throw ferrum::Error(FM_ERROR_TYPE, std::string("__dlpack__: ") + name + " must be an int; got " +
+                                           py::str(py::repr(value)).cast<std::string>());
+  }
+  int overflow = 0;
+  const long long v = PyLong_AsLongLongAndOverflow(value.ptr(), &overflow);
+  if (overflow != 0) {
+    throw ferrum::Error(FM_ERROR_INVALID_ARGUMENT, std::string("__dlpack__: ") + name + " " +
+                                                       py::str(value).cast<std::string>() + " does not fit in 64 bits");
+  }
+  return v;
+}
+
+// (a, b) of ints, as __dlpack__'s max_version and dl_device are.
+std::pair<int64_t, int64_t> dlpack_pair(py::handle value, const char* name) {
+  if (!PyTuple_Check(value.ptr()) || PyTuple_Size(value.ptr()) != 2) {
+    throw ferrum::Error(FM_ERROR_TYPE, std::string("__dlpack__: ") + name + " must be a tuple of two ints; got " +
+                                           py::str(py::repr(value)).cast<std::string>());
+  }
+  py::tuple t = py::reinterpret_borrow<py::tuple>(value);
+  return {dlpack_int(t[0], name), dlpack_int(t[1], name)};
+}
+
 py::dict build_info() {
   py::dict d;
 #if defined(__clang__)
@@ -79,17 +105,29 @@ PYBIND11_MODULE(_core, m) {
       .def(
           "__dlpack__",
           [](Tensor& t, py::object stream, py::object max_version, py::object dl_device, py::object copy) {
-            if (!copy.is_none() && copy.cast<bool>()) {
+            if (!copy.is_none() && !PyBool_Check(copy.ptr())) {
+              throw ferrum::Error(FM_ERROR_TYPE, "__dlpack__: copy must be a bool or None; got " +
+                                                     py::str(py::repr(copy)).cast<std::string>());
+            }
+            if (copy.is(py::bool_(true))) {
               throw ferrum::Error(FM_ERROR_UNSUPPORTED, "__dlpack__: copy=True is not supported; ferrum tensors export without copying");
             }
             if (!dl_device.is_none()) {
-              auto [type, id] = dl_device.cast<std::pair<int, int>>();
+              auto [type, id] = dlpack_pair(dl_device, "dl_device");
               if (type != int(t.device().device_type) || id != t.device().device_id) {
                 throw ferrum::Error(FM_ERROR_UNSUPPORTED, "__dlpack__: cannot export to another device");
               }
             }
-            t.prepare_export(stream.is_none() ? (t.device().device_type == kDLCPU ? -1 : 1) : stream.cast<int64_t>());
-            bool versioned = !max_version.is_none() && max_version.cast<std::pair<int, int>>().first >= 1;
+            const bool versioned = !max_version.is_none() && dlpack_pair(max_version, "max_version").first >= 1;
+            int64_t consumer = t.device().device_type == kDLCPU ? -1 : 1;
+            if (!stream.is_none()) {
+              consumer = dlpack_int(stream, "stream");
+              if (consumer < -1) {
+                throw ferrum::Error(FM_ERROR_INVALID_ARGUMENT, "__dlpack__: stream must be -1, None or a stream handle >= 0; got " +
+                                                                   std::to_string(consumer));
+              }
+            }
+            t.prepare_export(consumer);
             return ferrum::python::export_capsule(t.shared_from_this(), versioned);
           },
           py::kw_only(), py::arg("stream") = py::none(), py::arg("max_version") = py::none(),
@@ -131,7 +169,7 @@ PYBIND11_MODULE(_core, m) {
       .def(
           "create_stack",
           [](Backend& b, int device_type, int device_id, const std::string& dtype, int64_t num_experts, int64_t k,
-             int64_t n_per_expert, int bits, int group_size, const TensorPtr& qweight, const TensorPtr& scales,
+             int64_t n_per_expert, int bits, int64_t group_size, const TensorPtr& qweight, const TensorPtr& scales,
              const std::optional<TensorPtr>& zeros, const std::optional<TensorPtr>& g_idx, uintptr_t stream) {
             ferrum::StackSpec spec;
             spec.device = DLDevice{DLDeviceType(device_type), device_id};
@@ -188,6 +226,7 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("resident_bytes", &ExpertStack::resident_bytes)
       .def_property_readonly("workspace_bytes", &ExpertStack::workspace_bytes)
       .def("check_view", &ExpertStack::check_view, py::arg("offset"), py::arg("n"), py::arg("op"))
+      .def("batched_output_rows", &ExpertStack::batched_output_rows, py::arg("x"), py::arg("dispatches"))
       .def(
           "gemm_batched",
           [](ExpertStack& s, const TensorPtr& x, const TensorPtr& dispatches, int64_t col_begin, int64_t n,

@@ -23,13 +23,20 @@
  *  - No C++ exception, STL type or Python object crosses this boundary.
  *  - Tensors are DLTensor*. The host has validated every tensor it passes
  *    (dtype, device, rank, shape, in-bounds host-side indices) before the
- *    call; the plugin may rely on what each field's comment promises.
+ *    call; the plugin may rely on what each field's comment promises. Every
+ *    tensor is under 2^48 bytes, so products of its dimensions, strides and
+ *    element size fit in int64; an output never shares memory with an input
+ *    of the same call. Host-side means host-readable: kDLCPU or kDLCUDAHost.
  *    Device-resident index arrays are NOT validated by the host: kernels must
  *    skip out-of-range entries rather than access memory out of bounds.
  *  - `stream` is a backend-specific stream handle (cudaStream_t for CUDA;
  *    ignored by the CPU backend). NULL means the legacy default stream.
  *  - Calls on one FmStack may come from several threads at once; a plugin
- *    serialises whatever mutable state it keeps.
+ *    serialises whatever mutable state it keeps. Work queued on two streams
+ *    at once may race on state a stack keeps on the device (a split-K
+ *    workspace): the plugin documents whether its stacks allow that.
+ *
+ * docs/plugins.md is the manual built on this header.
  */
 #ifndef FERRUM_MOE_PLUGIN_H_
 #define FERRUM_MOE_PLUGIN_H_
@@ -116,7 +123,11 @@ typedef enum {
   FM_ALLOC_ZEROED = 2,
 } FmAllocFlags;
 
-/* A new tensor owned by the caller: it calls result->deleter exactly once. */
+/* A new tensor owned by the caller: it calls result->deleter exactly once.
+ * The result must have exactly the requested device, dtype and shape and be
+ * compact (the host checks, and refuses a mismatch as FM_ERROR_INTERNAL). A
+ * plugin of ABI 1.0 never sees FM_ALLOC_ZEROED honoured by itself: the host
+ * zeroes host memory for it and refuses zeroed device results. */
 typedef struct FmTensorAllocArgs {
   size_t struct_size;
   FmBackend* backend;
@@ -170,8 +181,8 @@ typedef struct FmStackProperties {
  * for i < m, j < n.
  *
  * `dispatches` is compact [D, 4], in one of two places:
- *  - on the host (kDLCPU): int64, every row checked by the host (expert in
- *    [0, E), m >= 0, rows inside x and out);
+ *  - on the host (kDLCPU or kDLCUDAHost): int64, every row checked by the
+ *    host (expert in [0, E), m >= 0, rows inside x and out, m = 0 rows too);
  *  - on the stack's device (ABI 1.1; the host passes these only to plugins of
  *    minor version >= 1): int32 or int64, NOT checked and not readable by the
  *    host without a synchronisation. The kernels read the rows and skip every
@@ -205,14 +216,19 @@ typedef struct FmGemmRoutedArgs {
   const DLTensor* sorted_token_ids;       /* int32 [P], same device as x */
   const DLTensor* expert_ids;             /* int32 [P / block_size] (local ids; -1 = skip) */
   const DLTensor* num_tokens_post_padded; /* int32 [1] */
-  int64_t block_size;
-  int64_t top_k;
+  int64_t block_size;                     /* in [1, 65536] */
+  int64_t top_k;                          /* num_tokens * top_k <= 2^31 - 1 */
   const DLTensor* topk_weights;           /* float32 [num_tokens, top_k], or NULL */
   DLTensor* out;                          /* [num_tokens * top_k, N], stack dtype or float32 */
   void* stream;
 } FmGemmRoutedArgs;
 
-/* vLLM's moe_align_block_size with invalid and non-local experts dropped. */
+/* vLLM's moe_align_block_size with invalid and non-local experts dropped.
+ * num_tokens * top_k + num_local_experts * (block_size - 1) <= 2^31 - 1, so
+ * every position and pair index fits the int32 outputs; block_size <= 65536.
+ * A host-side expert_map has entries >= -1 and num_local_experts is its
+ * maximum + 1; a device-resident map is unchecked (num_local_experts is then
+ * num_experts) and entries outside [0, num_local_experts) must be dropped. */
 typedef struct FmAlignArgs {
   size_t struct_size;
   FmBackend* backend;

@@ -1,0 +1,140 @@
+"""The plugin ABI's versioning rules (plugin.h), on copies of the CPU plugin's
+own function table with their version fields and size changed: a newer minor
+version loads, another major version or a truncated table is refused naming
+the plugin and both versions, and a 1.0 plugin (which knows no
+FM_ALLOC_ZEROED) still hands out zero-filled new results."""
+
+import ctypes
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import ferrum_moe as fm
+from ferrum_moe.arrays import import_array
+
+from conftest import random_activations, random_weight, rel_error
+from handmade_dlpack import DLDataType, DLDevice, DLManagedTensorVersioned
+
+POINTER_SIZE = ctypes.sizeof(ctypes.c_void_p)
+FUNCTIONS = ["initialize", "destroy", "get_info", "tensor_alloc", "stack_create", "stack_destroy",
+             "stack_get_properties", "stack_gemm_batched", "stack_gemm_routed", "stack_zero_workspace",
+             "moe_align_block_size", "gated_activation", "moe_sum", "stream_order"]
+
+
+class ApiHead(ctypes.Structure):
+    _fields_ = [("struct_size", ctypes.c_size_t), ("abi_major", ctypes.c_uint32), ("abi_minor", ctypes.c_uint32),
+                ("name", ctypes.c_char_p), ("version", ctypes.c_char_p)]
+
+
+class FmBackendApi(ctypes.Structure):
+    _fields_ = ApiHead._fields_ + [(name, ctypes.c_void_p) for name in FUNCTIONS]
+
+
+ABI_1_0_SIZE = ctypes.sizeof(FmBackendApi)  # the table of ABI 1.0 ends with stream_order
+
+_capsule_new = ctypes.pythonapi.PyCapsule_New
+_capsule_new.restype = ctypes.py_object
+_capsule_new.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+
+
+def cpu_table() -> FmBackendApi:
+    library = ctypes.CDLL(str(Path(fm._core.__file__).parent / "lib" / "libferrum_moe_cpu.so"))
+    library.fm_backend_get_api.restype = ctypes.c_void_p
+    return FmBackendApi.from_address(library.fm_backend_get_api())
+
+
+class Table:
+    """A copy of the CPU plugin's table in a buffer of `struct_size` bytes
+    (zero past the functions it knows), with the given version."""
+
+    def __init__(self, *, major=1, minor=1, struct_size=ABI_1_0_SIZE):
+        self.buffer = ctypes.create_string_buffer(max(struct_size, ABI_1_0_SIZE))
+        self.api = FmBackendApi.from_buffer(self.buffer)
+        ctypes.memmove(self.buffer, ctypes.addressof(cpu_table()), ABI_1_0_SIZE)
+        self.api.struct_size, self.api.abi_major, self.api.abi_minor = struct_size, major, minor
+
+    def capsule(self):
+        return _capsule_new(ctypes.addressof(self.buffer), b"ferrum_moe.backend_api", None)
+
+    def load(self):
+        return fm._core.Backend.load(self.capsule())
+
+
+def stack_on(backend, weights, dtype):
+    """An fm.ExpertStack built on a Backend loaded outside discovery."""
+    def arr(a, name):
+        return import_array(np.ascontiguousarray(a), name)
+
+    np_dtype = {"float32": np.float32, "float16": np.float16}[dtype]
+    w = weights[0]
+    qweight = np.stack([x.qweight for x in weights])
+    scales = np.stack([x.scales for x in weights]).astype(np_dtype)
+    zeros = np.stack([x.zeros() for x in weights]).astype(np.uint8)
+    core = backend.create_stack(1, 0, dtype, len(weights), w.k, w.n, w.bits, w.group_size, arr(qweight, "qweight"),
+                                arr(scales, "scales"), arr(zeros, "zeros"), None)
+    return fm.ExpertStack(core)
+
+
+def test_a_plugin_of_a_newer_minor_version_loads_and_computes(rng):
+    table = Table(minor=7, struct_size=ABI_1_0_SIZE + 2 * POINTER_SIZE)  # two functions this host does not know
+    backend = table.load()
+    assert backend.abi_version == "1.7" and backend.name == "cpu"
+    weights = [random_weight(rng, 128, 32, group_size=32, sym=False, dtype="float32") for _ in range(2)]
+    x = random_activations(rng, (5, 128), "float32")
+    y = stack_on(backend, weights, "float32").gemm_batched(x, [[1, 0, 0, 5]])
+    assert rel_error(y, x.astype(np.float64) @ weights[1].dequantize(np.float64)) < 2e-5
+
+
+@pytest.mark.parametrize("major", [0, 2])
+def test_a_plugin_of_another_major_version_is_refused_naming_both(major):
+    with pytest.raises(NotImplementedError, match=rf"plugin 'cpu' {fm.__version__} \(ABI {major}\.1\) is incompatible "
+                                                  r"with this ferrum-moe \(ABI 1\.1\): rebuild the plugin"):
+        Table(major=major).load()
+
+
+def test_a_truncated_table_is_refused_naming_the_plugin_and_both_versions():
+    short = ABI_1_0_SIZE - POINTER_SIZE  # stream_order missing
+    with pytest.raises(NotImplementedError, match=rf"plugin 'cpu' {fm.__version__} \(ABI 1\.1\) has a function table of "
+                                                  rf"{short} bytes; ABI 1\.0 needs at least {ABI_1_0_SIZE} "
+                                                  r"\(this ferrum-moe \(ABI 1\.1\)\)"):
+        Table(struct_size=short).load()
+    with pytest.raises(NotImplementedError, match=r"plugin '\?' \? \(ABI 1\.1\) has a function table of 8 bytes"):
+        Table(struct_size=8).load()  # too short to hold even its name
+
+
+class FmTensorAllocArgs(ctypes.Structure):
+    _fields_ = [("struct_size", ctypes.c_size_t), ("backend", ctypes.c_void_p), ("device", DLDevice),
+                ("dtype", DLDataType), ("ndim", ctypes.c_int32), ("shape", ctypes.POINTER(ctypes.c_int64)),
+                ("stream", ctypes.c_void_p), ("result", ctypes.POINTER(DLManagedTensorVersioned)),
+                ("flags", ctypes.c_uint32)]
+
+
+ALLOC = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.POINTER(FmTensorAllocArgs))
+
+
+def test_a_1_0_plugin_gets_zero_filled_results_from_the_host(rng):
+    """An ABI 1.0 allocator cannot know FM_ALLOC_ZEROED: this one fills every
+    new tensor with 0xFF bytes (NaN in float16). The host zeroes host memory
+    for it, so rows no dispatch writes still read zero."""
+    table = Table(minor=0)
+    real_alloc = ALLOC(table.api.tensor_alloc)
+
+    def garbage_alloc(args):
+        error = real_alloc(args)
+        if error is None:
+            a, t = args.contents, args.contents.result.contents.dl_tensor
+            nbytes = int(np.prod([a.shape[i] for i in range(a.ndim)])) * (a.dtype.bits // 8)
+            ctypes.memset(t.data, 0xFF, nbytes)
+        return error
+
+    table.keep = ALLOC(garbage_alloc)  # the table points into this callback: it lives as long
+    table.api.tensor_alloc = ctypes.cast(table.keep, ctypes.c_void_p)
+    backend = table.load()
+    assert backend.abi_version == "1.0"
+    assert np.all(np.isnan(np.from_dlpack(backend.empty(1, 0, "float16", [4, 4])))), "the allocator really is dirty"
+    weights = [random_weight(rng, 64, 32, group_size=32) for _ in range(2)]
+    x = random_activations(rng, (3, 64), "float16")
+    y = stack_on(backend, weights, "float16").gemm_batched(x, [[1, 0, 2, 3]])
+    assert y.shape == (5, 32) and np.all(y[:2] == 0)
+    assert rel_error(y[2:], x.astype(np.float64) @ weights[1].dequantize(np.float64)) < 3e-3

@@ -131,14 +131,20 @@ class Mainloop {
     constexpr int kRowsPerPass = kThreads / Traits::kAChunksPerRow;
     const uint32_t dst = shared_address(stage) + a_dst_;
     if (io_.x_vector_loads && perm_ == nullptr) {
-      // Whole slices copy 16 bytes of every used row; only the last slice of a
-      // K that is not a multiple of kTileK counts its valid columns.
+      // Rows that hold no token are not copied at all: row i of the product
+      // depends only on row i of A, and unused rows are never stored or
+      // reduced, so whatever their shared memory holds is harmless (at decode
+      // that leaves most warps without a copy). Used rows past K are
+      // zero-filled: the padded weight rows are not zero in the integer
+      // (scale-after) dequant. Only the last slice of a K that is not a
+      // multiple of kTileK counts its valid columns.
       const bool whole = (kt + 1) * kTileK <= w_.k;
       const int tail_bytes = max(0, min(8, w_.k - k)) * static_cast<int>(sizeof(T));
 #pragma unroll
       for (int u = 0; u < Traits::kAChunksPerThread; ++u) {
         const int64_t offset = a_row_offset_[u];
-        const int bytes = offset < 0 ? 0 : whole ? 16 : tail_bytes;
+        if (offset < 0) continue;
+        const int bytes = whole ? 16 : tail_bytes;
         const void* src = bytes > 0 ? static_cast<const void*>(x + offset + k) : io_.x;
         cp_async_16(dst + u * kRowsPerPass * Traits::kARowBytes, src, bytes);
       }

@@ -38,7 +38,7 @@ struct GemmTraits {
 };
 
 // Where each of a CTA's rows comes from and goes to; -1 marks an unused row
-// (its A row reads as zero and its results are not stored).
+// (its A row may hold anything: its results are neither stored nor reduced).
 template <int kRows>
 struct RowTable {
   int64_t x_offset[kRows];  // element offset of the row in x

@@ -197,51 +197,6 @@ def _inputs(rng, m, e=8, hidden=256):
     return xh, tw, ids
 
 
-def test_a_moe_layer_replays_in_a_torch_cuda_graph(rng):
-    w13, w2, layer = _layer(rng)
-    m = 8
-    xh, tw, ids = _inputs(rng, m)
-    x, twd, idsd = cuda(xh), cuda(tw), cuda(ids)
-    out = torch.empty(m, 256, device="cuda", dtype=torch.float16)
-    s = torch.cuda.Stream()
-    with torch.cuda.stream(s):
-        layer(x, twd, idsd, out=out, stream=s)  # warm-up sizes the workspace
-    s.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=s):
-        layer(x, twd, idsd, out=out, stream=s)
-    xh2, tw2, ids2 = _inputs(rng, m)
-    x.copy_(cuda(xh2)), twd.copy_(cuda(tw2)), idsd.copy_(cuda(ids2))
-    out.fill_(float("nan"))
-    graph.replay()
-    torch.cuda.synchronize()
-    assert rel_error(out, reference_moe(xh2, w13, w2, tw2, ids2)) < 3e-3
-
-
-def test_a_moe_layer_replays_in_a_cupy_graph(rng):
-    cupy = pytest.importorskip("cupy")
-    w13, w2, layer = _layer(rng)
-    m = 4
-    xh, tw, ids = _inputs(rng, m)
-    s = cupy.cuda.Stream(non_blocking=True)
-    with s:
-        x, twd, idsd = cupy.asarray(xh), cupy.asarray(tw), cupy.asarray(ids)
-        out = cupy.empty((m, 256), cupy.float16)
-        layer(x, twd, idsd, out=out, stream=s)
-        s.synchronize()
-        s.begin_capture()
-        layer(x, twd, idsd, out=out, stream=s)
-        graph = s.end_capture()
-        xh2, tw2, ids2 = _inputs(rng, m)
-        x[...] = cupy.asarray(xh2)
-        twd[...] = cupy.asarray(tw2)
-        idsd[...] = cupy.asarray(ids2)
-        out.fill(cupy.nan)
-        graph.launch(stream=s)
-        s.synchronize()
-    assert rel_error(cupy.asnumpy(out), reference_moe(xh2, w13, w2, tw2, ids2)) < 3e-3
-
-
 @pytest.mark.parametrize("k, n", [(4096, 256), (448, 256), (200, 72)])
 def test_stream_k_decode_is_exact_across_calls_and_graph_replays(rng, k, n):
     """Decode GEMMs deal K slices out to one wave of CTAs (stream-K): a tile
@@ -330,8 +285,10 @@ def _routings(rng, m, e=8, top_k=2):
     return {"spread": spread, "hot expert": hot, "few experts": few, "invalid ids": invalid}
 
 
-@pytest.mark.parametrize("layer_kind", ["fused_moe", "MoE"])
-def test_the_moe_layer_captures_in_a_torch_graph_on_its_first_call(rng, layer_kind):
+@pytest.mark.parametrize("layer_kind, warm", [("fused_moe", False), ("MoE", False), ("MoE", True)])
+def test_the_moe_layer_captures_in_a_torch_graph(rng, layer_kind, warm):
+    """torch.cuda.graph capture, on the first call of the function or layer, or
+    after a warm-up call; replays with new inputs and routings."""
     w13, w2, layer = _layer(rng)
     m = 6
     xh, tw, ids = _inputs(rng, m)
@@ -340,8 +297,12 @@ def test_the_moe_layer_captures_in_a_torch_graph_on_its_first_call(rng, layer_ki
     run = (lambda s: fm.fused_moe(x, layer.w13, layer.w2, twd, idsd, out=out, stream=s)) if layer_kind == "fused_moe" \
         else (lambda s: layer(x, twd, idsd, out=out, stream=s))
     s = torch.cuda.Stream()
+    if warm:
+        with torch.cuda.stream(s):
+            run(s)
+        s.synchronize()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=s):  # the first call of this layer or function
+    with torch.cuda.graph(graph, stream=s):
         run(s)
     for name, ids2 in _routings(rng, m).items():
         xh2, tw2 = random_activations(rng, (m, 256), "float16"), rng.random((m, 2)).astype(np.float32)
@@ -352,7 +313,10 @@ def test_the_moe_layer_captures_in_a_torch_graph_on_its_first_call(rng, layer_ki
         assert rel_error(out, reference_moe(xh2, w13, w2, tw2, ids2)) < 3e-3, name
 
 
-def test_fused_moe_captures_in_a_cupy_graph_on_its_first_call(rng):
+@pytest.mark.parametrize("layer_kind, warm", [("fused_moe", False), ("MoE", False), ("MoE", True)])
+def test_the_moe_layer_captures_in_a_cupy_graph(rng, layer_kind, warm):
+    """CuPy stream capture, on the first call or after a warm-up call; replays
+    with new inputs and routings."""
     cupy = pytest.importorskip("cupy")
     w13, w2, layer = _layer(rng)
     m = 5
@@ -361,9 +325,13 @@ def test_fused_moe_captures_in_a_cupy_graph_on_its_first_call(rng):
     with s:
         x, twd, idsd = cupy.asarray(xh), cupy.asarray(tw), cupy.asarray(ids)
         out = cupy.empty((m, 256), cupy.float16)
+        run = (lambda: fm.fused_moe(x, layer.w13, layer.w2, twd, idsd, out=out, stream=s)) \
+            if layer_kind == "fused_moe" else (lambda: layer(x, twd, idsd, out=out, stream=s))
+        if warm:
+            run()
         s.synchronize()
         s.begin_capture()
-        fm.fused_moe(x, layer.w13, layer.w2, twd, idsd, out=out, stream=s)
+        run()
         graph = s.end_capture()
         for name, ids2 in _routings(rng, m).items():
             xh2, tw2 = random_activations(rng, (m, 256), "float16"), rng.random((m, 2)).astype(np.float32)

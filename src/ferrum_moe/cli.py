@@ -111,13 +111,19 @@ def _demo(args) -> int:
     y = np.asarray(y.float().cpu() if hasattr(y, "cpu") else y, dtype=np.float64)
 
     ref = _reference(xq.astype(np.float64), w13, w2, topk_weights, topk_ids)
-    rel = float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
-    tolerance = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 3e-2}[args.dtype]
     active = len(np.unique(topk_ids))
     weight_bytes = active * sum(w.qweight.nbytes + w.scales.size * 2 for w in (w13[0], w2[0]))
+    return _check_and_report(y, ref, args, seconds, "", active, weight_bytes, "INT4 weight traffic")
+
+
+def _check_and_report(y, ref, args, seconds: float, what: str, active: int, weight_bytes: int, traffic: str) -> int:
+    """Prints the error against the float64 reference and the speed; 1 when the
+    result is off by more than the dtype allows."""
+    rel = float(np.linalg.norm(y - ref) / max(np.linalg.norm(ref), 1e-30))
+    tolerance = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 3e-2}[args.dtype]
     print(f"relative error vs float64 reference: {rel:.2e} (tolerance {tolerance:.0e})")
-    print(f"time: {seconds * 1e3:.2f} ms median of {args.repeats}; {args.tokens / seconds:,.0f} tokens/s; "
-          f"{active} active experts, {weight_bytes / seconds / 1e9:.2f} GB/s of INT4 weight traffic")
+    print(f"time: {seconds * 1e3:.2f} ms median of {args.repeats}{what}; {args.tokens / seconds:,.0f} tokens/s; "
+          f"{active} active experts, {weight_bytes / seconds / 1e9:.2f} GB/s of {traffic}")
     if not np.isfinite(rel) or rel > tolerance:
         print("FAILED: the result does not match the reference", file=sys.stderr)
         return 1
@@ -252,17 +258,8 @@ def _run(args) -> int:
                 shared *= 1 / (1 + np.exp(-(x64 @ ckpt.read(t.shared_gate).astype(np.float64).T)))
             ref += shared
             weight_bytes += t.shared.nbytes
-    rel = float(np.linalg.norm(y - ref) / max(np.linalg.norm(ref), 1e-30))
-    tolerance = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 3e-2}[args.dtype]
-    print(f"relative error vs float64 reference: {rel:.2e} (tolerance {tolerance:.0e})")
-    print(f"time: {seconds * 1e3:.2f} ms median of {args.repeats} (route + experts + shared); "
-          f"{args.tokens / seconds:,.0f} tokens/s; {len(active)} active experts, "
-          f"{weight_bytes / seconds / 1e9:.2f} GB/s of quantized weights")
-    if not np.isfinite(rel) or rel > tolerance:
-        print("FAILED: the result does not match the reference", file=sys.stderr)
-        return 1
-    print("OK")
-    return 0
+    return _check_and_report(y, ref, args, seconds, " (route + experts + shared)", len(active), weight_bytes,
+                             "quantized weights")
 
 
 def main(argv=None) -> int:

@@ -98,8 +98,10 @@ inline void require_compact(const DLTensor& t, const char* op, const char* arg) 
   }
 }
 
+// Any tensor with no element passes: its strides are meaningless (numpy 2 and
+// torch export zero strides for empty arrays).
 inline void require_unit_last_stride(const DLTensor& t, const char* op, const char* arg) {
-  if (t.ndim > 0 && t.shape[t.ndim - 1] > 1 && stride(t, t.ndim - 1) != 1) {
+  if (t.ndim > 0 && numel(t) > 0 && t.shape[t.ndim - 1] > 1 && stride(t, t.ndim - 1) != 1) {
     throw Error(FM_ERROR_INVALID_ARGUMENT,
                 std::string(op) + ": " + arg + " must have stride 1 in its last dimension; got " +
                     std::to_string(stride(t, t.ndim - 1)));

@@ -96,7 +96,7 @@ def tensor_core_rate(dtype=torch.float16) -> float:
 def random_stacked(rng, e: int, k: int, n: int) -> dict:
     """Stacked symmetric INT4 GPTQ arrays of random codes and scales (host
     numpy, the form fm.ExpertStack.from_gptq and the peer both take)."""
-    qweight = np.frombuffer(rng.bytes(e * (k // 8) * n * 4), np.int32).reshape(e, k // 8, n)
+    qweight = np.frombuffer(bytearray(rng.bytes(e * (k // 8) * n * 4)), np.int32).reshape(e, k // 8, n)
     scales = (rng.random((e, k // GROUP, n), np.float32) * 0.02 + 0.005).astype(np.float16)
     return dict(qweight=qweight, scales=scales, bits=4, group_size=GROUP)
 

@@ -1,11 +1,17 @@
 """Property-based fuzzing of checkpoint files (hypothesis). Small checkpoints in
-the published layouts (tests/model_dirs.py) are mutated at random: bytes of a
-shard flipped, overwritten, cut, inserted or appended anywhere (the length
-prefix, the header, the data); shard headers edited as JSON (dtypes, shapes,
-data offsets, entries, __metadata__) and as text (not UTF-8, nested past any
-recursion limit, numbers past Python's digit limit); config.json and the
-quantization config given wrong types, odd values, missing keys or junk; the
-shard index pointed at missing, wrong or outside files.
+the published layouts (tests/model_dirs.py) are mutated at random:
+
+- bytes of a shard flipped, overwritten, cut, inserted or appended anywhere
+  (the length prefix, the header, the data), or a tensor's byte set to one that
+  makes a float NaN, Inf or huge, an 8-bit zero point 0xFF, an index negative;
+- shard headers edited as JSON (dtypes, shapes, data offsets, entries renamed,
+  copied, dropped or swapped, __metadata__) and as text (not UTF-8, a byte-order
+  mark, nesting past any recursion limit, numbers past Python's digit limit);
+- config.json and the quantization config: wrong types, values near valid
+  ones, missing keys, junk files; a key the loader reads set alone to a value
+  of the wrong JSON type must be refused by name;
+- the shard index pointed at missing, wrong or outside files, shards removed,
+  renamed or duplicated.
 
 Every load runs in a worker process (fuzz_worker.py) with a time limit and an
 address-space limit, and must either succeed with the numbers the files hold,
@@ -38,8 +44,9 @@ from model_dirs import AWQ_ORDER, NAMES, Quant, base_config, moe_layers, write_m
 
 INDEX = "model.safetensors.index.json"
 # A load of these checkpoints takes milliseconds and a few MB: a minute or
-# 256 MiB (the worker itself holds about 60) means something runs away, far
-# below what the lying sizes the fuzzing writes (up to 2^64 bytes) would take.
+# 256 MiB (the worker holds about 50 after a load) means something runs away,
+# far below what the sizes the fuzzing makes files claim (up to 2^64 bytes)
+# would take.
 TIMEOUT_S = 60
 PEAK_RSS = 256 * 2**20
 ADDRESS_SPACE = 4 * 2**30  # past it an allocation fails instead of taking the shared machine's memory
@@ -118,7 +125,8 @@ class Files:
         self._parsed = {}
         index = path / INDEX
         if index.exists():
-            self.where = {name: path / shard for name, shard in json.loads(index.read_text())["weight_map"].items()}
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.where = {name: path / shard for name, shard in weight_map.items()}
         else:
             self.where = {name: file for file in sorted(path.glob("*.safetensors")) for name in self._file(file)[0]}
 

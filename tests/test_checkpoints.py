@@ -404,6 +404,8 @@ BROKEN = {  # id: (edit of the directory, what the message must say)
         r"at \[2, 5\]\)"),
     "model_type not a string": (lambda p: _edit_config(p, model_type=["qwen3_moe"]),
                                 r"config.json: model_type \['qwen3_moe'\] is not a MoE architecture"),
+    "bits as a string": (lambda p: _edit_config(p, q_bits="4"),
+                         r"quantization_config in .*config.json: bits must be an integer; got '4'"),
     "mlp_only_layers 0": (lambda p: _edit_config(p, mlp_only_layers=0),
                           r"config.json: mlp_only_layers must be a list of layer indices; got 0"),
 }
@@ -470,10 +472,21 @@ def test_an_8_bit_v1_zero_point_of_256_is_refused_with_its_tensor(tmp_path, rng)
     # Byte 1 of word 1 of group 0: column 5's stored zero - 1, 0xFF.
     _edit_tensors(tmp_path, _set(f"{EXPERT}.up_proj.qzeros", lambda a: np.where(
         np.arange(a.size).reshape(a.shape) == 1, a | np.int32(0xFF << 8), a)))
-    with pytest.raises(fm.CheckpointError, match=rf"model.safetensors: tensor {EXPERT}.up_proj.qzeros: the stored 8-bit "
-                                                 r"v1 zero point of group 0, column 5 is 0xFF, which means a zero point "
-                                                 r"of 256"):
+    with pytest.raises(fm.CheckpointError, match=rf"model.safetensors: tensor {EXPERT}.up_proj.qzeros: the stored "
+                                                 r"8-bit v1 zero point of group 0, column 5 is 0xFF, which means a zero "
+                                                 r"point of 256"):
         fm.load_moe_layers(tmp_path, progress=False)
+
+
+def test_scales_past_float16s_range_are_refused_for_float16_only(tmp_path, rng):
+    """float32 scales of 1e5 would be infinite as float16 activations; bfloat16 and float32 hold them."""
+    write_model(tmp_path, base_config("qwen3_moe"), Quant(), rng)
+    _edit_tensors(tmp_path, _set(f"{EXPERT}.down_proj.scales", lambda a: _poison((1, 2), 1e5)(a.astype(np.float32))))
+    with pytest.raises(fm.CheckpointError, match=rf"model.safetensors: tensor {EXPERT}.down_proj.scales: 1 of its "
+                                                 r"values exceed float16's range \(65504\) \(the first at \[1, 2\]\): "
+                                                 r"load the layers with dtype='bfloat16' or 'float32'"):
+        fm.load_moe_layers(tmp_path, progress=False)
+    assert list(fm.load_moe_layers(tmp_path, dtype="float32", progress=False)) == [0, 1]
 
 
 def test_names_that_are_not_layer_or_expert_indices_are_ignored(tmp_path, rng):

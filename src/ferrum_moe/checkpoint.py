@@ -242,7 +242,8 @@ def _quant_config(directory: Path, config: dict) -> QuantConfig:
         value = q[key]
         if kind is int and (not isinstance(value, int) or isinstance(value, bool)) or \
                 kind is bool and not isinstance(value, bool) or kind is str and not isinstance(value, str):
-            raise CheckpointError(f"{source}: {key} must be a {kind.__name__}; got {quote(value)}")
+            wanted = {int: "an integer", bool: "true or false", str: "a string"}[kind]
+            raise CheckpointError(f"{source}: {key} must be {wanted}; got {quote(value)}")
         return value
 
     method = field("quant_method", str, "gptq").lower()  # quantize_config.json predates quant_method
@@ -314,7 +315,8 @@ class Checkpoint:
     def _read_index(self, index: Path) -> dict[str, Path]:
         weight_map = _read_json(index, "safetensors index").get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names")
+            raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names; got "
+                                  f"{quote(weight_map)}")
         shards = {}
         for shard in sorted(set(weight_map.values())):
             relative = Path(shard)

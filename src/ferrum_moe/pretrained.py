@@ -97,23 +97,34 @@ def quantized_module(ckpt: Checkpoint, name: str, k: int, n: int) -> QuantizedMo
     return QuantizedModule(name, k, n, t)
 
 
-def read_finite(ckpt: Checkpoint, info: TensorInfo) -> np.ndarray:
+def read_finite(ckpt: Checkpoint, info: TensorInfo, dtype: str | None = None) -> np.ndarray:
     """The data of float tensor ``info``, refused if any value is NaN or
     infinite: scales, routers and their biases never are, and one NaN scale
-    turns the output of every token routed to its expert into NaN."""
+    turns the output of every token routed to its expert into NaN. ``dtype``:
+    the activation dtype the values will be cast to; for float16, values past
+    its range (bfloat16 and float32 files can hold them) are refused too, as
+    the cast would make them infinite."""
     a = ckpt.read(info)
-    bad = ~np.isfinite(a.astype(np.float32))
-    if bad.any():
-        first = [int(i) for i in np.unravel_index(np.argmax(bad), bad.shape)]
-        raise CheckpointError(f"{info.where()}: {int(bad.sum())} of its values are NaN or infinite (the first at "
-                              f"{first}): the file is damaged")
+    values = a.astype(np.float32)
+    _refuse_any(info, ~np.isfinite(values), "are NaN or infinite", ": the file is damaged")
+    if dtype == "float16":
+        _refuse_any(info, np.abs(values) > np.finfo(np.float16).max, "exceed float16's range (65504)",
+                    ": load the layers with dtype='bfloat16' or 'float32'")
     return a
 
 
-def read_module(ckpt: Checkpoint, module: QuantizedModule) -> GPTQWeight:
-    """The data of ``module`` as a GPTQWeight, its values checked."""
+def _refuse_any(info: TensorInfo, bad: np.ndarray, what: str, advice: str) -> None:
+    if bad.any():
+        first = [int(i) for i in np.unravel_index(np.argmax(bad), bad.shape)]
+        raise CheckpointError(f"{info.where()}: {int(bad.sum())} of its values {what} (the first at {first}){advice}")
+
+
+def read_module(ckpt: Checkpoint, module: QuantizedModule, dtype: str | None = None) -> GPTQWeight:
+    """The data of ``module`` as a GPTQWeight, its values checked (its scales
+    against ``dtype``, the activation dtype, as read_finite says)."""
     q = ckpt.quant
-    a = {key: read_finite(ckpt, info) if key == "scales" else ckpt.read(info) for key, info in module.tensors.items()}
+    a = {key: read_finite(ckpt, info, dtype) if key == "scales" else ckpt.read(info)
+         for key, info in module.tensors.items()}
     if "bias" in a and np.any(a["bias"].astype(np.float32) != 0):
         raise CheckpointError(f"{module.tensors['bias'].where()}: a nonzero bias; ferrum-moe's MoE experts have "
                               "none (Mixtral, Qwen-MoE and DeepSeek experts are bias-free)")
@@ -192,11 +203,11 @@ def _mlp(ckpt: Checkpoint, name, hidden: int, intermediate: int) -> MLPModules:
                       quantized_module(ckpt, name("down"), intermediate, hidden))
 
 
-def read_mlp(ckpt: Checkpoint, m: MLPModules) -> tuple[GPTQWeight, GPTQWeight]:
-    """(w13 = [gate | up], w2 = down) of one expert."""
-    gate, up = read_module(ckpt, m.gate), read_module(ckpt, m.up)
+def read_mlp(ckpt: Checkpoint, m: MLPModules, dtype: str | None = None) -> tuple[GPTQWeight, GPTQWeight]:
+    """(w13 = [gate | up], w2 = down) of one expert, to run in activation dtype ``dtype``."""
+    gate, up = read_module(ckpt, m.gate, dtype), read_module(ckpt, m.up, dtype)
     g_idx = " and ".join(module.tensors["g_idx"].where() for module in (m.gate, m.up) if "g_idx" in module.tensors)
-    return join_gate_up(gate, up, g_idx), read_module(ckpt, m.down)
+    return join_gate_up(gate, up, g_idx), read_module(ckpt, m.down, dtype)
 
 
 @dataclasses.dataclass
@@ -299,7 +310,7 @@ def _to_stack(weights: list[GPTQWeight], what: str, backend, device, dtype) -> E
 def _read_layer(ckpt: Checkpoint, spec: ModelSpec, t: LayerTensors, backend: str, device, dtype: str, bar) -> MoE:
     w13, w2 = [], []
     for modules in t.experts:
-        a, b = read_mlp(ckpt, modules)
+        a, b = read_mlp(ckpt, modules, dtype)
         w13.append(a)
         w2.append(b)
         bar.update(1)
@@ -310,7 +321,7 @@ def _read_layer(ckpt: Checkpoint, spec: ModelSpec, t: LayerTensors, backend: str
     bias = None if t.correction_bias is None else read_finite(ckpt, t.correction_bias)
     layer.router = Router(read_finite(ckpt, t.router), spec.routing, bias)
     if t.shared is not None:
-        a, b = read_mlp(ckpt, t.shared)
+        a, b = read_mlp(ckpt, t.shared, dtype)
         mlp = MoE(_to_stack([a], f"{where}: shared expert's w13", backend, device, dtype),
                   _to_stack([b], f"{where}: shared expert's w2", backend, device, dtype), top_k=1)
         layer.shared_expert = SharedExpert(mlp, None if t.shared_gate is None else read_finite(ckpt, t.shared_gate))

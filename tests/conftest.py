@@ -3,6 +3,7 @@ array library) every API test runs on. The references live in ferrum_moe.testing
 
 from __future__ import annotations
 
+import functools
 import os
 
 import ml_dtypes
@@ -81,15 +82,18 @@ def target(request) -> Target:
     return request.param
 
 
-# Property-based tests (test_properties.py): a fixed budget per test, scaled by
-# the profile FERRUM_MOE_HYPOTHESIS names. "ci" (the default) keeps the whole
-# run to a few hundred inputs; "thorough" (25x) is the run before a release.
+# Property-based tests (test_properties.py, test_checkpoint_fuzz.py): a fixed
+# budget per test, scaled by the profile FERRUM_MOE_HYPOTHESIS names. "ci" (the
+# default) keeps the whole run to about a thousand inputs; "thorough" (25x) is
+# the run before a release.
 HYPOTHESIS_PROFILES = {"ci": 1, "thorough": 25}
 HYPOTHESIS_PROFILE = os.environ.get("FERRUM_MOE_HYPOTHESIS", "ci")
 if HYPOTHESIS_PROFILE not in HYPOTHESIS_PROFILES:
     raise ValueError(f"FERRUM_MOE_HYPOTHESIS: expected one of {sorted(HYPOTHESIS_PROFILES)}; got {HYPOTHESIS_PROFILE!r}")
-# Inputs each property test ran, reported at the end of the session.
+# Inputs each property test ran, reported at the end of the session, and for
+# tests that sort their inputs by outcome (loaded, refused, ...) how many had each.
 hypothesis_inputs: dict[str, int] = {}
+hypothesis_outcomes: dict[str, dict[str, int]] = {}
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -98,4 +102,22 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(f"hypothesis ({HYPOTHESIS_PROFILE} profile): {total} inputs over "
                                     f"{len(hypothesis_inputs)} property tests")
         for name, count in sorted(hypothesis_inputs.items()):
-            terminalreporter.write_line(f"  {count:6d}  {name}")
+            outcomes = ", ".join(f"{k} {v}" for k, v in sorted(hypothesis_outcomes.get(name, {}).items()))
+            terminalreporter.write_line(f"  {count:6d}  {name}" + (f" ({outcomes})" if outcomes else ""))
+
+
+def budget(examples: int):
+    """Settings of a property test of `examples` inputs in the ci profile."""
+    from hypothesis import HealthCheck, settings
+
+    return settings(max_examples=examples * HYPOTHESIS_PROFILES[HYPOTHESIS_PROFILE], deadline=None,
+                    suppress_health_check=list(HealthCheck), print_blob=True)
+
+
+def counted(test):
+    """Counts every input the test runs (shrinking included) for the session's report."""
+    @functools.wraps(test)
+    def run(*args, **kwargs):
+        hypothesis_inputs[test.__name__] = hypothesis_inputs.get(test.__name__, 0) + 1
+        return test(*args, **kwargs)
+    return run

@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import struct
+import time
 
 import numpy as np
 import pytest
@@ -235,7 +236,12 @@ def _overlapping(header, data):
     return header, data
 
 
-def _gap(header, data):  # passes the header checks; safetensors itself refuses it, and is wrapped
+def _unknown_dtype(header, data):  # passes the header checks (a tensor never read); safetensors refuses the file
+    header["model.norm.weight"]["dtype"] = "Q4_0"
+    return header, data
+
+
+def _gap(header, data):  # the last tensor moved 8 bytes on, the file 8 bytes longer
     last = max(header.values(), key=lambda e: e["data_offsets"][1] if isinstance(e, dict) and "data_offsets" in e
                else -1)
     last["data_offsets"] = [o + 8 for o in last["data_offsets"]]
@@ -246,7 +252,7 @@ BROKEN = {  # id: (edit of the directory, what the message must say)
     "no config.json": (lambda p: (p / "config.json").unlink(),
                        r"config.json does not exist: is .* a model directory\?"),
     "config.json not JSON": (lambda p: (p / "config.json").write_text("{"),
-                             r"config.json: not valid JSON \(config.json\): Expecting"),
+                             r"config.json: the config.json is not valid JSON: Expecting"),
     "unknown model_type": (lambda p: _edit_config(p, model_type="llama"),
                            r"model_type 'llama' is not a MoE architecture ferrum-moe reads \(supported: mixtral"),
     "gelu experts": (lambda p: _edit_config(p, hidden_act="gelu"), r"hidden_act 'gelu' is not supported"),
@@ -341,8 +347,12 @@ BROKEN = {  # id: (edit of the directory, what the message must say)
                                                     r"not valid JSON"),
     "not a safetensors file": (lambda p: _shard_of(p, "model.embed_tokens.weight").write_bytes(b"abc"),
                                r"model-00001-of-00002.safetensors: 3 bytes, shorter than the 8-byte header length"),
-    "gap safetensors refuses": (lambda p: _rewrite(p, "model.norm.weight", _gap),
-                                r"model-00002-of-00002.safetensors: tensor .*: cannot be read: SafetensorError"),
+    "gap in the data": (lambda p: _rewrite(p, "model.norm.weight", _gap),
+                        r"model-00002-of-00002.safetensors: bytes \d+ to \d+ of the data section belong to no tensor "
+                        r"\(a gap before tensor .*\): the header is wrong"),
+    "a dtype safetensors does not know": (lambda p: _rewrite(p, "model.norm.weight", _unknown_dtype),
+                                          r"model-00002-of-00002.safetensors: tensor .*: cannot be read: "
+                                          r"SafetensorError"),
     "index names a missing shard": (lambda p: _shard_of(p, "model.norm.weight").unlink(),
                                     r"model.safetensors.index.json: names shard model-00002-of-00002.safetensors "
                                     r"\(\d+ tensors\), but .* does not exist"),
@@ -355,7 +365,79 @@ BROKEN = {  # id: (edit of the directory, what the message must say)
     "a tensor in two files": (lambda p: (_edit_tensors(p, lambda t: None), shutil.copy(
         p / "model.safetensors", p / "copy.safetensors")), r"tensor .* is also in .*: which one is meant is ambiguous"),
     "no tensors": (lambda p: [f.unlink() for f in p.glob("*.safetensors*")], r"no .safetensors files"),
+    # Found by fuzzing (tests/test_checkpoint_fuzz.py): each raised RecursionError, TypeError or a ValueError that
+    # named no file, or loaded NaN.
+    "header nested too deeply": (
+        lambda p: _rewrite_text(p, "model.norm.weight", lambda t: b'{"x":' + b"[" * 100_000 + b"]" * 100_000 + b","
+                                + t[1:]),
+        r"model-00002-of-00002.safetensors: the safetensors header nests JSON arrays or objects too deeply to be read"),
+    "a header number past int()'s digit limit": (
+        lambda p: _rewrite_text(p, "model.norm.weight", lambda t: b'{"x":' + b"9" * 5000 + b"," + t[1:]),
+        r"model-00002-of-00002.safetensors: the safetensors header is not valid JSON: Exceeds the limit \(4300 "
+        r"digits\)"),
+    "config.json nested too deeply": (lambda p: (p / "config.json").write_bytes(b"[" * 100_000 + b"]" * 100_000),
+                                      r"config.json: the config.json nests JSON arrays or objects too deeply"),
+    "config.json not UTF-8": (
+        lambda p: (p / "config.json").write_bytes((p / "config.json").read_bytes().replace(b'"silu"', b'"s\xffilu"')),
+        r"config.json: the config.json is not UTF-8 text: 'utf-8' codec can't decode byte 0xff"),
+    "dtype not a string": (lambda p: _rewrite(p, f"{EXPERT}.gate_proj.scales",
+                                              _header_field(f"{EXPERT}.gate_proj.scales", "dtype", ["F16"])),
+                           rf"model-0000\d-of-00002.safetensors: tensor {EXPERT}.gate_proj.scales: dtype must be a "
+                           r"string such as \"F16\"; got \['F16'\]"),
+    "a name of 5000 characters, cut in the message": (
+        lambda p: _rewrite(p, "model.norm.weight", _header_field("model.layers." + "9" * 5000 + ".x", "dtype", 5)),
+        r"model-00002-of-00002.safetensors: tensor model\.layers\.9{87}\.\.\.\(5015 characters\)\.\.\.9{48}\.x: "
+        r"dtype must be a string such as \"F16\"; got 5$"),
+    "__metadata__ not strings": (
+        lambda p: _rewrite(p, "model.norm.weight", lambda h, d: ({**h, "__metadata__": {"format": 1}}, d)),
+        r"model-00002-of-00002.safetensors: the header's __metadata__ must map names to strings \(safetensors "
+        r"refuses anything else\); got \{'format': 1\}"),
+    "bytes appended": (lambda p: _append(_shard_of(p, "model.embed_tokens.weight"), bytes(8)),
+                       r"model-00001-of-00002.safetensors: the data section holds \d+ bytes, but its tensors end at "
+                       r"byte \d+: bytes were added to the file"),
+    "a NaN scale": (lambda p: _edit_tensors(p, _set(f"{EXPERT}.up_proj.scales", _poison((1, 7), np.nan))),
+                    rf"model.safetensors: tensor {EXPERT}.up_proj.scales: 1 of its values are NaN or infinite \(the "
+                    r"first at \[1, 7\]\)"),
+    "an infinite router weight": (
+        lambda p: _edit_tensors(p, _set("model.layers.1.mlp.gate.weight", _poison((2, 5), np.inf))),
+        r"model.safetensors: tensor model.layers.1.mlp.gate.weight: 1 of its values are NaN or infinite \(the first "
+        r"at \[2, 5\]\)"),
+    "model_type not a string": (lambda p: _edit_config(p, model_type=["qwen3_moe"]),
+                                r"config.json: model_type \['qwen3_moe'\] is not a MoE architecture"),
+    "bits as a string": (lambda p: _edit_config(p, q_bits="4"),
+                         r"quantization_config in .*config.json: bits must be an integer; got '4'"),
+    "mlp_only_layers 0": (lambda p: _edit_config(p, mlp_only_layers=0),
+                          r"config.json: mlp_only_layers must be a list of layer indices; got 0"),
 }
+
+
+def _rewrite_text(path, name, edit):
+    """Rewrites the header text of the shard holding ``name``: edit(bytes) -> bytes."""
+    file = _shard_of(path, name)
+    raw = file.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    text = edit(raw[8:8 + n])
+    file.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n:])
+
+
+def _header_field(name, field, value):
+    """An edit for _rewrite: header entry ``name`` (a new, empty tensor if absent) gets ``field`` = ``value``."""
+    def edit(header, data):
+        header.setdefault(name, {"dtype": "F16", "shape": [0], "data_offsets": [0, 0]})[field] = value
+        return header, data
+    return edit
+
+
+def _append(file, data):
+    file.write_bytes(file.read_bytes() + data)
+
+
+def _poison(index, value):
+    def poison(a):
+        a = a.copy()
+        a[index] = value
+        return a
+    return poison
 
 
 def _claim_header_bytes(file, n):
@@ -380,15 +462,62 @@ def good(tmp_path, rng):
 def test_a_broken_checkpoint_is_refused_with_the_file_and_tensor_named(good, case):
     edit, message = BROKEN[case]
     edit(good)
-    with pytest.raises((fm.CheckpointError, ValueError)) as info:
+    with pytest.raises(fm.CheckpointError) as info:
         fm.load_moe_layers(good, progress=False)
     assert re.search(message, str(info.value)), str(info.value)
+
+
+def test_an_8_bit_v1_zero_point_of_256_is_refused_with_its_tensor(tmp_path, rng):
+    write_model(tmp_path, base_config("qwen3_moe"), Quant(bits=8, sym=False), rng)
+    # Byte 1 of word 1 of group 0: column 5's stored zero - 1, 0xFF.
+    _edit_tensors(tmp_path, _set(f"{EXPERT}.up_proj.qzeros", lambda a: np.where(
+        np.arange(a.size).reshape(a.shape) == 1, a | np.int32(0xFF << 8), a)))
+    with pytest.raises(fm.CheckpointError, match=rf"model.safetensors: tensor {EXPERT}.up_proj.qzeros: the stored "
+                                                 r"8-bit v1 zero point of group 0, column 5 is 0xFF, which means a zero "
+                                                 r"point of 256"):
+        fm.load_moe_layers(tmp_path, progress=False)
+
+
+def test_scales_past_float16s_range_are_refused_for_float16_only(tmp_path, rng):
+    """float32 scales of 1e5 would be infinite as float16 activations; bfloat16 and float32 hold them."""
+    write_model(tmp_path, base_config("qwen3_moe"), Quant(), rng)
+    _edit_tensors(tmp_path, _set(f"{EXPERT}.down_proj.scales", lambda a: _poison((1, 2), 1e5)(a.astype(np.float32))))
+    with pytest.raises(fm.CheckpointError, match=rf"model.safetensors: tensor {EXPERT}.down_proj.scales: 1 of its "
+                                                 r"values exceed float16's range \(65504\) \(the first at \[1, 2\]\): "
+                                                 r"load the layers with dtype='bfloat16' or 'float32'"):
+        fm.load_moe_layers(tmp_path, progress=False)
+    assert list(fm.load_moe_layers(tmp_path, dtype="float32", progress=False)) == [0, 1]
+
+
+def test_names_that_are_not_layer_or_expert_indices_are_ignored(tmp_path, rng):
+    """Only indices as module names write them count (no leading zeros, ASCII
+    digits, at most 18): a 5000-digit one went past int()'s digit limit."""
+    config, refs = _write(tmp_path, rng, "mixtral-gptq-v1-sym-int4")
+    odd = ["model.layers." + "9" * 5000 + ".input_layernorm.weight", "model.layers.01.input_layernorm.weight",
+           "model.layers.\u0661.input_layernorm.weight", "model.layers.0.block_sparse_moe.experts.08.w1.qweight"]
+    _edit_tensors(tmp_path, lambda t: t.update(dict.fromkeys(odd, np.ones(4, np.float16))))
+    layers = fm.load_moe_layers(tmp_path, progress=False)
+    assert list(layers) == [0, 1]
+    for i, layer in layers.items():
+        _check_layer(config, refs[i], layer, rng)
+
+
+def test_a_shape_of_200000_huge_dimensions_is_refused_at_once(good):
+    """Multiplying out 200,000 dimensions of 2^64 took about two minutes (time
+    quadratic in the digits); the size stops at the first factor past 2^64."""
+    _rewrite(good, "model.norm.weight", _header_field("model.norm.weight", "shape", [2**64] * 200_000))
+    start = time.perf_counter()
+    with pytest.raises(fm.CheckpointError, match=r"model-00002-of-00002.safetensors: tensor model.norm.weight: shape "
+                                                 r"\[18446744073709551616, .*\] of F16 needs more than 2\^64 bytes"):
+        fm.load_moe_layers(good, progress=False)
+    assert time.perf_counter() - start < 10
 
 
 def test_act_order_gate_and_up_must_share_g_idx(tmp_path, rng):
     write_model(tmp_path, base_config("qwen3_moe"), Quant(act_order=True), rng)
     _edit_tensors(tmp_path, _set(f"{EXPERT}.up_proj.g_idx", lambda a: np.roll(a, 1)))
-    with pytest.raises(fm.CheckpointError, match=rf"{EXPERT}.gate_proj and {EXPERT}.up_proj: gate and up have "
+    with pytest.raises(fm.CheckpointError, match=rf"model.safetensors: tensor {EXPERT}.gate_proj.g_idx and .*"
+                                                 rf"model.safetensors: tensor {EXPERT}.up_proj.g_idx: gate and up have "
                                                  r"different g_idx \(act-order\)"):
         fm.load_moe_layers(tmp_path, progress=False)
 
@@ -396,7 +525,8 @@ def test_act_order_gate_and_up_must_share_g_idx(tmp_path, rng):
 def test_awq_needs_n_in_whole_words(tmp_path, rng):
     write_model(tmp_path, base_config("mixtral"), Quant(method="awq"), rng)
     _edit_config(tmp_path, intermediate_size=44)
-    with pytest.raises(fm.CheckpointError, match=r"experts.0.w1: N=44 \(from config.json\) is not a multiple of 8"):
+    with pytest.raises(fm.CheckpointError, match=r"config.json: N=44 of model.layers.0.block_sparse_moe.experts.0.w1 "
+                                                 r"\(from its sizes\) is not a multiple of 8"):
         fm.load_moe_layers(tmp_path, progress=False)
 
 

@@ -9,15 +9,13 @@ crash the process run in a child process (fuzz_worker.py), so a crash fails
 the test that caused it. The budget per test is fixed and scaled by the
 FERRUM_MOE_HYPOTHESIS profile (conftest.py); the session prints the count."""
 
-import functools
-
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
-import conftest
 import ferrum_moe as fm
+from conftest import budget, counted
 from ferrum_moe.arrays import to_caller
 from ferrum_moe.testing import NUMPY_DTYPES, random_weight
 from fuzz_worker import Worker, guarded_output
@@ -33,21 +31,6 @@ HOSTILE_INT64 = st.one_of(st.integers(-3, 12), st.sampled_from([-1, 2**31 - 1, 2
                           st.integers(-2**63, 2**63 - 1))
 HOSTILE_INT32 = st.one_of(st.integers(-3, 30), st.sampled_from([-1, 2**31 - 1, -2**31, 2**30]),
                           st.integers(-2**31, 2**31 - 1))
-
-
-def budget(examples: int):
-    """A property test of `examples` inputs in the ci profile."""
-    return settings(max_examples=examples * conftest.HYPOTHESIS_PROFILES[conftest.HYPOTHESIS_PROFILE], deadline=None,
-                    suppress_health_check=list(HealthCheck), print_blob=True)
-
-
-def counted(test):
-    """Counts every input the test runs (shrinking included) for the session's report."""
-    @functools.wraps(test)
-    def run(*args, **kwargs):
-        conftest.hypothesis_inputs[test.__name__] = conftest.hypothesis_inputs.get(test.__name__, 0) + 1
-        return test(*args, **kwargs)
-    return run
 
 
 @pytest.fixture(scope="module")

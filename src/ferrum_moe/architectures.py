@@ -14,7 +14,7 @@ import math
 import numbers
 import re
 
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, quote
 from .router import RoutingRule
 
 
@@ -125,7 +125,7 @@ class _Config:
                 raise CheckpointError(f"{self.source}: {key} is missing")
             return default
         if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-            raise CheckpointError(f"{self.source}: {key} must be an integer >= {minimum}; got {value!r}")
+            raise CheckpointError(f"{self.source}: {key} must be an integer >= {minimum}; got {quote(value)}")
         return value
 
     def float(self, key, default) -> float:
@@ -133,7 +133,7 @@ class _Config:
         if value is None:
             return default
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
-            raise CheckpointError(f"{self.source}: {key} must be a positive number; got {value!r}")
+            raise CheckpointError(f"{self.source}: {key} must be a positive number; got {quote(value)}")
         return float(value)
 
     def bool(self, key, default) -> bool:
@@ -141,7 +141,7 @@ class _Config:
         if value is None:
             return default
         if not isinstance(value, bool):
-            raise CheckpointError(f"{self.source}: {key} must be true or false; got {value!r}")
+            raise CheckpointError(f"{self.source}: {key} must be true or false; got {quote(value)}")
         return value
 
     def choice(self, key, default, allowed) -> str:
@@ -149,14 +149,16 @@ class _Config:
         if value is None:
             return default
         if value not in allowed:
-            raise CheckpointError(f"{self.source}: {key} {value!r} is not supported (supported: "
+            raise CheckpointError(f"{self.source}: {key} {quote(value)} is not supported (supported: "
                                   f"{', '.join(allowed)})")
         return value
 
     def int_list(self, key) -> list[int]:
-        value = self.config.get(key) or []
+        value = self.config.get(key)
+        if value is None:
+            return []
         if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-            raise CheckpointError(f"{self.source}: {key} must be a list of layer indices; got {value!r}")
+            raise CheckpointError(f"{self.source}: {key} must be a list of layer indices; got {quote(value)}")
         return value
 
 
@@ -176,12 +178,12 @@ def parse(config: dict, source: str, layers_present) -> ModelSpec:
     layer indices that have tensors (config numbers are checked against it)."""
     c = _Config(config, source)
     model_type = config.get("model_type")
-    if model_type not in LAYOUTS:
-        raise CheckpointError(f"{source}: model_type {model_type!r} is not a MoE architecture ferrum-moe reads "
+    if not isinstance(model_type, str) or model_type not in LAYOUTS:
+        raise CheckpointError(f"{source}: model_type {quote(model_type)} is not a MoE architecture ferrum-moe reads "
                               f"(supported: {', '.join(LAYOUTS)})")
     act = config.get("hidden_act", "silu")
     if act != "silu":
-        raise CheckpointError(f"{source}: hidden_act {act!r} is not supported: ferrum-moe's experts compute "
+        raise CheckpointError(f"{source}: hidden_act {quote(act)} is not supported: ferrum-moe's experts compute "
                               "silu(gate) * up")
     num_layers = c.int("num_hidden_layers")
     present = {i for i in layers_present if i < num_layers}
@@ -234,15 +236,22 @@ def parse(config: dict, source: str, layers_present) -> ModelSpec:
                      shared_intermediate, tuple(moe_layers), dense_rule, rule, source)
 
 
+# An index as module names write it (str of an int: no leading zeros, ASCII
+# digits); the 18-digit cap keeps int() far from its digit limit on names a file
+# makes up. Other spellings are not layer or expert names: the loader never
+# looks tensors up by them.
+_INDEX = r"(0|[1-9][0-9]{0,17})"
+
+
 def layer_indices(names) -> set[int]:
     """The layer indices N of tensors named model.layers.N.*."""
-    pattern = re.compile(r"model\.layers\.(\d+)\.")
+    pattern = re.compile(rf"model\.layers\.{_INDEX}\.")
     return {int(m.group(1)) for m in map(pattern.match, names) if m}
 
 
 def expert_indices(names, spec: ModelSpec) -> dict[int, set[int]]:
     """For each layer, the expert indices E of tensors named {block}.experts.E.*."""
-    pattern = re.compile(rf"model\.layers\.(\d+)\.{re.escape(spec.layout.block)}\.experts\.(\d+)\.")
+    pattern = re.compile(rf"model\.layers\.{_INDEX}\.{re.escape(spec.layout.block)}\.experts\.{_INDEX}\.")
     found: dict[int, set[int]] = {}
     for m in map(pattern.match, names):
         if m:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
+import reprlib
 import struct
 from pathlib import Path
 
@@ -27,6 +27,22 @@ MAX_HEADER_BYTES = 100_000_000
 DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
                "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8}
 FLOAT_DTYPES = ("F16", "BF16", "F32")
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 60, 60
+
+
+def quote(value) -> str:
+    """repr() of a value read from a file, cut short: a message of the loader
+    quotes what it found, not all of it."""
+    return _REPR.repr(value)
+
+
+def _cut(name: str, limit: int = 200) -> str:
+    """A tensor name as messages quote it: past ``limit`` characters (no real
+    tensor's name is that long) only its two ends."""
+    return name if len(name) <= limit else f"{name[:limit // 2]}...({len(name)} characters)...{name[-limit // 4:]}"
 
 
 class CheckpointError(ValueError):
@@ -45,20 +61,31 @@ class TensorInfo:
     nbytes: int
 
     def where(self) -> str:
-        return f"{self.file}: tensor {self.name}"
+        return f"{self.file}: tensor {_cut(self.name)}"
+
+
+def _parse_json(raw: bytes, where, what: str):
+    """JSON text as the standard defines it (UTF-8); every way it can fail is a
+    CheckpointError naming ``where``, including nesting past Python's recursion
+    limit and integers past its limit on digits."""
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{where}: {what} is not UTF-8 text: {e}") from None
+    except RecursionError:
+        raise CheckpointError(f"{where}: {what} nests JSON arrays or objects too deeply to be read") from None
+    except ValueError as e:  # JSONDecodeError, or an integer of more digits than int() converts
+        raise CheckpointError(f"{where}: {what} is not valid JSON: {e}") from None
 
 
 def _read_json(path: Path, what: str) -> dict:
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise CheckpointError(f"{path} does not exist: is {path.parent} a model directory?") from None
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read the {what}: {e}") from None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({what}): {e}") from None
+    value = _parse_json(raw, path, f"the {what}")
     if not isinstance(value, dict):
         raise CheckpointError(f"{path}: the {what} must be a JSON object; got {type(value).__name__}")
     return value
@@ -83,10 +110,7 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
             raw = f.read(header_len)
     except OSError as e:
         raise CheckpointError(f"{file}: cannot read: {e}") from None
-    try:
-        header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{file}: the safetensors header is not valid JSON: {e}") from None
+    header = _parse_json(raw, file, "the safetensors header")
     if not isinstance(header, dict):
         raise CheckpointError(f"{file}: the safetensors header must be a JSON object; got {type(header).__name__}")
     data_len = size - 8 - header_len
@@ -95,17 +119,21 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        where = f"{file}: tensor {name}"
+        where = f"{file}: tensor {_cut(name)}"
         if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
-            raise CheckpointError(f"{where}: the header entry must hold dtype, shape and data_offsets; got {entry!r}")
+            raise CheckpointError(f"{where}: the header entry must hold dtype, shape and data_offsets; got "
+                                  f"{quote(entry)}")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not isinstance(dtype, str):
+            raise CheckpointError(f"{where}: dtype must be a string such as \"F16\"; got {quote(dtype)}")
         if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
                                                   for d in shape):
-            raise CheckpointError(f"{where}: shape must be a list of non-negative integers; got {shape!r}")
+            raise CheckpointError(f"{where}: shape must be a list of non-negative integers; got {quote(shape)}")
         if (not isinstance(offsets, list) or len(offsets) != 2
                 or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
                 or not 0 <= offsets[0] <= offsets[1]):
-            raise CheckpointError(f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end; got {offsets!r}")
+            raise CheckpointError(f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end; got "
+                                  f"{quote(offsets)}")
         begin, end = offsets
         if end > data_len:
             raise CheckpointError(f"{where}: its data ends at byte {end} of the data section, but the file holds "
@@ -114,18 +142,48 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
             # Other dtypes (4- or 6-bit floats, ...) are never read here; safetensors checks their sizes.
             nbytes = end - begin
         else:
-            nbytes = math.prod(shape) * DTYPE_BYTES[dtype]  # Python ints: no overflow
+            nbytes = _nbytes(shape, DTYPE_BYTES[dtype])
             if nbytes != end - begin:
-                raise CheckpointError(f"{where}: shape {shape} of {dtype} needs {nbytes} bytes, but its data_offsets "
-                                      f"[{begin}, {end}] span {end - begin}: the header is wrong")
+                needs = "more than 2^64" if nbytes is None else str(nbytes)
+                raise CheckpointError(f"{where}: shape {quote(shape)} of {dtype} needs {needs} bytes, but its "
+                                      f"data_offsets [{begin}, {end}] span {end - begin}: the header is wrong")
         spans.append((begin, end, name))
         tensors[name] = TensorInfo(name, file, dtype, tuple(shape), nbytes)
+    metadata = header.get("__metadata__")
+    if metadata is not None and (not isinstance(metadata, dict) or
+                                 not all(isinstance(v, str) for v in metadata.values())):
+        raise CheckpointError(f"{file}: the header's __metadata__ must map names to strings (safetensors refuses "
+                              f"anything else); got {quote(metadata)}")
+    # safetensors reads a file only if its tensors tile the data section: sorted
+    # by offset, each starts where the one before ends, the last ends at its end.
     spans.sort()
-    for (_, prev_end, prev), (begin, _, name) in zip(spans, spans[1:]):
-        if begin < prev_end:
-            raise CheckpointError(f"{file}: tensor {name} starts at byte {begin}, inside tensor {prev} (which ends at "
-                                  f"{prev_end}): the header is wrong")
+    covered, prev = 0, None
+    for begin, end, name in spans:
+        if begin < covered:
+            raise CheckpointError(f"{file}: tensor {_cut(name)} starts at byte {begin}, inside tensor {_cut(prev)} "
+                                  f"(which ends at {covered}): the header is wrong")
+        if begin > covered:
+            raise CheckpointError(f"{file}: bytes {covered} to {begin} of the data section belong to no tensor (a "
+                                  f"gap before tensor {_cut(name)}): the header is wrong")
+        covered, prev = end, name
+    if covered != data_len:
+        raise CheckpointError(f"{file}: the data section holds {data_len} bytes, but its tensors end at byte "
+                              f"{covered}: bytes were added to the file, or its header is wrong")
     return tensors
+
+
+def _nbytes(shape: list[int], itemsize: int) -> int | None:
+    """The bytes of a tensor of ``shape``, or None past 2^64 (no file holds
+    that many): the product of a long list of huge dimensions takes time
+    quadratic in its digits, so it stops at the first factor that passes."""
+    if 0 in shape:
+        return 0
+    n = itemsize
+    for d in shape:
+        n *= d
+        if n > 2**64:
+            return None
+    return n
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,7 +242,8 @@ def _quant_config(directory: Path, config: dict) -> QuantConfig:
         value = q[key]
         if kind is int and (not isinstance(value, int) or isinstance(value, bool)) or \
                 kind is bool and not isinstance(value, bool) or kind is str and not isinstance(value, str):
-            raise CheckpointError(f"{source}: {key} must be a {kind.__name__}; got {value!r}")
+            wanted = {int: "an integer", bool: "true or false", str: "a string"}[kind]
+            raise CheckpointError(f"{source}: {key} must be {wanted}; got {quote(value)}")
         return value
 
     method = field("quant_method", str, "gptq").lower()  # quantize_config.json predates quant_method
@@ -192,7 +251,8 @@ def _quant_config(directory: Path, config: dict) -> QuantConfig:
     group_size = field("group_size", int, required=True)
     not_convert = field("modules_to_not_convert", list, [])
     if not isinstance(not_convert, list) or not all(isinstance(m, str) for m in not_convert):
-        raise CheckpointError(f"{source}: modules_to_not_convert must be a list of module names; got {not_convert!r}")
+        raise CheckpointError(f"{source}: modules_to_not_convert must be a list of module names; got "
+                              f"{quote(not_convert)}")
     if group_size != -1 and group_size < 1:
         raise CheckpointError(f"{source}: group_size must be -1 or positive; got {group_size}")
     if method == "gptq":
@@ -200,7 +260,7 @@ def _quant_config(directory: Path, config: dict) -> QuantConfig:
             raise CheckpointError(f"{source}: bits must be 4 or 8 (the GPTQ widths ferrum-moe runs); got {bits}")
         fmt = field("checkpoint_format", str, "gptq")
         if fmt not in ("gptq", "gptq_v2"):
-            raise CheckpointError(f"{source}: checkpoint_format {fmt!r} is not supported (expected 'gptq' or "
+            raise CheckpointError(f"{source}: checkpoint_format {quote(fmt)} is not supported (expected 'gptq' or "
                                   "'gptq_v2'): re-export the model in GPTQ format")
         return QuantConfig("gptq", bits, group_size, field("sym", bool, True), field("desc_act", bool, False), fmt,
                            tuple(not_convert), source)
@@ -209,13 +269,13 @@ def _quant_config(directory: Path, config: dict) -> QuantConfig:
             raise CheckpointError(f"{source}: AWQ bits must be 4; got {bits}")
         version = field("version", str, "gemm")
         if version.lower() != "gemm":
-            raise CheckpointError(f"{source}: AWQ version {version!r} is not supported: only 'gemm' checkpoints "
+            raise CheckpointError(f"{source}: AWQ version {quote(version)} is not supported: only 'gemm' checkpoints "
                                   "(qweight [K, N/8]) are read")
         if not field("zero_point", bool, True):
             raise CheckpointError(f"{source}: AWQ zero_point false is not supported (AWQ gemm checkpoints carry "
                                   "zero points)")
         return QuantConfig("awq", 4, group_size, False, False, "awq", tuple(not_convert), source)
-    raise CheckpointError(f"{source}: quant_method {method!r} is not supported: ferrum-moe loads 'gptq' and 'awq'")
+    raise CheckpointError(f"{source}: quant_method {quote(method)} is not supported: ferrum-moe loads 'gptq' and 'awq'")
 
 
 class Checkpoint:
@@ -248,19 +308,20 @@ class Checkpoint:
             for file in files:
                 for name in self._header(file):
                     if name in self._weight_map:
-                        raise CheckpointError(f"{file}: tensor {name} is also in {self._weight_map[name]}: "
+                        raise CheckpointError(f"{file}: tensor {_cut(name)} is also in {self._weight_map[name]}: "
                                               "which one is meant is ambiguous")
                     self._weight_map[name] = file
 
     def _read_index(self, index: Path) -> dict[str, Path]:
         weight_map = _read_json(index, "safetensors index").get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names")
+            raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names; got "
+                                  f"{quote(weight_map)}")
         shards = {}
         for shard in sorted(set(weight_map.values())):
             relative = Path(shard)
             if relative.is_absolute() or ".." in relative.parts:
-                raise CheckpointError(f"{index}: shard {shard!r} lies outside the model directory")
+                raise CheckpointError(f"{index}: shard {quote(shard)} lies outside the model directory")
             file = self.path / relative
             if not file.is_file():
                 count = sum(v == shard for v in weight_map.values())

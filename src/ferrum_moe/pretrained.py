@@ -18,7 +18,7 @@ import numpy as np
 
 from . import awq, gptq
 from .architectures import ModelSpec, expert_indices, layer_indices, naming_found, parse
-from .checkpoint import FLOAT_DTYPES, Checkpoint, CheckpointError, QuantConfig, TensorInfo
+from .checkpoint import FLOAT_DTYPES, Checkpoint, CheckpointError, QuantConfig, TensorInfo, quote
 from .discovery import get_backend, parse_device, resolve
 from .gptq import GPTQWeight
 from .moe import MoE, fused_moe
@@ -54,7 +54,7 @@ def quantized_module(ckpt: Checkpoint, name: str, k: int, n: int) -> QuantizedMo
     q = ckpt.quant
     entry = q.not_converted_by(name)
     if entry is not None:
-        raise CheckpointError(f"{q.source}: modules_to_not_convert entry {entry!r} keeps {name} unquantized; "
+        raise CheckpointError(f"{q.source}: modules_to_not_convert entry {quote(entry)} keeps {name} unquantized; "
                               "ferrum-moe runs GPTQ/AWQ-quantized experts only")
     if not ckpt.has(f"{name}.qweight") and ckpt.has(f"{name}.weight"):
         info = ckpt.info(f"{name}.weight")
@@ -66,8 +66,8 @@ def quantized_module(ckpt: Checkpoint, name: str, k: int, n: int) -> QuantizedMo
     t: dict[str, TensorInfo] = {}
     if q.method == "awq":
         if n % 8:
-            raise CheckpointError(f"{name}: N={n} (from config.json) is not a multiple of 8, which AWQ's packing "
-                                  "along N needs")
+            raise CheckpointError(f"{ckpt.path / 'config.json'}: N={n} of {name} (from its sizes) is not a multiple "
+                                  "of 8, which AWQ's packing along N needs")
         t["qweight"] = ckpt.expect(f"{name}.qweight", ("I32",), (k, n // 8),
                                    f"AWQ: 4-bit codes of N={n} packed along N")
         t["qzeros"] = ckpt.expect(f"{name}.qzeros", ("I32",), (groups, n // 8), f"AWQ zero points, {group_what}")
@@ -97,10 +97,34 @@ def quantized_module(ckpt: Checkpoint, name: str, k: int, n: int) -> QuantizedMo
     return QuantizedModule(name, k, n, t)
 
 
-def read_module(ckpt: Checkpoint, module: QuantizedModule) -> GPTQWeight:
-    """The data of ``module`` as a GPTQWeight, its values checked."""
+def read_finite(ckpt: Checkpoint, info: TensorInfo, dtype: str | None = None) -> np.ndarray:
+    """The data of float tensor ``info``, refused if any value is NaN or
+    infinite: scales, routers and their biases never are, and one NaN scale
+    turns the output of every token routed to its expert into NaN. ``dtype``:
+    the activation dtype the values will be cast to; for float16, values past
+    its range (bfloat16 and float32 files can hold them) are refused too, as
+    the cast would make them infinite."""
+    a = ckpt.read(info)
+    values = a.astype(np.float32)
+    _refuse_any(info, ~np.isfinite(values), "are NaN or infinite", ": the file is damaged")
+    if dtype == "float16":
+        _refuse_any(info, np.abs(values) > np.finfo(np.float16).max, "exceed float16's range (65504)",
+                    ": load the layers with dtype='bfloat16' or 'float32'")
+    return a
+
+
+def _refuse_any(info: TensorInfo, bad: np.ndarray, what: str, advice: str) -> None:
+    if bad.any():
+        first = [int(i) for i in np.unravel_index(np.argmax(bad), bad.shape)]
+        raise CheckpointError(f"{info.where()}: {int(bad.sum())} of its values {what} (the first at {first}){advice}")
+
+
+def read_module(ckpt: Checkpoint, module: QuantizedModule, dtype: str | None = None) -> GPTQWeight:
+    """The data of ``module`` as a GPTQWeight, its values checked (its scales
+    against ``dtype``, the activation dtype, as read_finite says)."""
     q = ckpt.quant
-    a = {key: ckpt.read(info) for key, info in module.tensors.items()}
+    a = {key: read_finite(ckpt, info, dtype) if key == "scales" else ckpt.read(info)
+         for key, info in module.tensors.items()}
     if "bias" in a and np.any(a["bias"].astype(np.float32) != 0):
         raise CheckpointError(f"{module.tensors['bias'].where()}: a nonzero bias; ferrum-moe's MoE experts have "
                               "none (Mixtral, Qwen-MoE and DeepSeek experts are bias-free)")
@@ -122,8 +146,16 @@ def read_module(ckpt: Checkpoint, module: QuantizedModule) -> GPTQWeight:
                                   "disagree")
     w = GPTQWeight(a["qweight"], a["scales"], a.get("qzeros"), g_idx, bits=q.bits, group_size=q.group_size,
                    sym=q.sym, checkpoint_format=q.checkpoint_format, k=module.k)
-    if q.sym and w.qzeros is not None:
-        zeros = w.zeros()
+    if w.qzeros is None:
+        return w
+    zeros = w.zeros()
+    if zeros.max() > 255:  # only 8-bit v1 gets here: its stored zero - 1 of 0xFF means 256
+        g, col = (int(i) for i in np.unravel_index(np.argmax(zeros), zeros.shape))
+        raise CheckpointError(
+            f"{module.tensors['qzeros'].where()}: the stored 8-bit v1 zero point of group {g}, column {col} is 0xFF, "
+            "which means a zero point of 256, outside the [0, 255] that kernels hold; such a checkpoint is not "
+            "supported")
+    if q.sym:
         mid = 1 << (q.bits - 1)
         if np.any(zeros != mid):
             raise CheckpointError(
@@ -136,7 +168,8 @@ def read_module(ckpt: Checkpoint, module: QuantizedModule) -> GPTQWeight:
 
 def join_gate_up(gate: GPTQWeight, up: GPTQWeight, where: str) -> GPTQWeight:
     """w13 = [gate | up] along N: the codes and scales side by side, the stored
-    zero points repacked (gate's N need not fill whole words)."""
+    zero points repacked (gate's N need not fill whole words). ``where`` names
+    their g_idx tensors, if any."""
     if (gate.g_idx is None) != (up.g_idx is None) or gate.g_idx is not None and not np.array_equal(gate.g_idx,
                                                                                                    up.g_idx):
         raise CheckpointError(f"{where}: gate and up have different g_idx (act-order); ferrum-moe runs [gate | up] "
@@ -170,10 +203,11 @@ def _mlp(ckpt: Checkpoint, name, hidden: int, intermediate: int) -> MLPModules:
                       quantized_module(ckpt, name("down"), intermediate, hidden))
 
 
-def read_mlp(ckpt: Checkpoint, m: MLPModules) -> tuple[GPTQWeight, GPTQWeight]:
-    """(w13 = [gate | up], w2 = down) of one expert."""
-    gate, up = read_module(ckpt, m.gate), read_module(ckpt, m.up)
-    return join_gate_up(gate, up, f"{m.gate.name} and {m.up.name}"), read_module(ckpt, m.down)
+def read_mlp(ckpt: Checkpoint, m: MLPModules, dtype: str | None = None) -> tuple[GPTQWeight, GPTQWeight]:
+    """(w13 = [gate | up], w2 = down) of one expert, to run in activation dtype ``dtype``."""
+    gate, up = read_module(ckpt, m.gate, dtype), read_module(ckpt, m.up, dtype)
+    g_idx = " and ".join(module.tensors["g_idx"].where() for module in (m.gate, m.up) if "g_idx" in module.tensors)
+    return join_gate_up(gate, up, g_idx), read_module(ckpt, m.down, dtype)
 
 
 @dataclasses.dataclass
@@ -276,7 +310,7 @@ def _to_stack(weights: list[GPTQWeight], what: str, backend, device, dtype) -> E
 def _read_layer(ckpt: Checkpoint, spec: ModelSpec, t: LayerTensors, backend: str, device, dtype: str, bar) -> MoE:
     w13, w2 = [], []
     for modules in t.experts:
-        a, b = read_mlp(ckpt, modules)
+        a, b = read_mlp(ckpt, modules, dtype)
         w13.append(a)
         w2.append(b)
         bar.update(1)
@@ -284,13 +318,13 @@ def _read_layer(ckpt: Checkpoint, spec: ModelSpec, t: LayerTensors, backend: str
     layer = MoE(_to_stack(w13, f"{where}: experts' w13 [gate | up]", backend, device, dtype),
                 _to_stack(w2, f"{where}: experts' w2 (down)", backend, device, dtype), top_k=spec.top_k)
     del w13, w2
-    bias = None if t.correction_bias is None else ckpt.read(t.correction_bias)
-    layer.router = Router(ckpt.read(t.router), spec.routing, bias)
+    bias = None if t.correction_bias is None else read_finite(ckpt, t.correction_bias)
+    layer.router = Router(read_finite(ckpt, t.router), spec.routing, bias)
     if t.shared is not None:
-        a, b = read_mlp(ckpt, t.shared)
+        a, b = read_mlp(ckpt, t.shared, dtype)
         mlp = MoE(_to_stack([a], f"{where}: shared expert's w13", backend, device, dtype),
                   _to_stack([b], f"{where}: shared expert's w2", backend, device, dtype), top_k=1)
-        layer.shared_expert = SharedExpert(mlp, None if t.shared_gate is None else ckpt.read(t.shared_gate))
+        layer.shared_expert = SharedExpert(mlp, None if t.shared_gate is None else read_finite(ckpt, t.shared_gate))
         bar.update(1)
     return layer
 

@@ -440,3 +440,16 @@ def test_a_layer_needs_torch_distributed_initialized(small, monkeypatch):
     with pytest.raises(RuntimeError, match="torch.distributed is not initialized: call "
                                            "torch.distributed.init_process_group first"):
         _layer_error(small[0])
+
+
+def test_the_example_runs_under_torchrun():
+    """examples/expert_parallel.py in 2 processes: each rank checks its tokens against float64."""
+    example = Path(__file__).parents[1] / "examples" / "expert_parallel.py"
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(example), "--experts", "8", "--top-k", "2", "--hidden", "128", "--intermediate", "64",
+                          "--tokens", "5", "--max-tokens", "8"],
+                         env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    lines = sorted(line for line in run.stdout.splitlines() if line.startswith("rank "))
+    assert [line.split(":")[0] for line in lines] == ["rank 0/2 (cpu)", "rank 1/2 (cpu)"]
+    assert all(line.endswith("(ok)") for line in lines), lines

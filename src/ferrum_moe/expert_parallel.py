@@ -7,7 +7,7 @@ One forward, on every rank of the group at once:
 
   dispatch  each home token goes once to every rank that owns at least one of
             its experts, as one packed row [hidden state | router weights |
-            global expert ids] (rows per peer first, then the rows);
+            global expert ids] (the split sizes first, then the rows);
   compute   the owner runs its local experts over the rows it received: pairs
             of other ranks' experts are dropped by expert_map inside align, and
             the owner's partial top-k sum comes out in float32;
@@ -39,7 +39,7 @@ class Placement:
     rank must own at least one (a backend cannot hold an empty stack).
     """
 
-    def __init__(self, owner, world_size: int, *, kind: str = "custom"):
+    def __init__(self, owner, world_size: int):
         if isinstance(world_size, bool) or not isinstance(world_size, (int, np.integer)) or world_size < 1:
             raise ValueError(f"Placement: world_size must be a positive int; got {world_size!r}")
         owner = np.asarray(owner)
@@ -56,7 +56,7 @@ class Placement:
         self.owner = owner.astype(np.int32)
         self.owner.flags.writeable = False
         self.world_size = int(world_size)
-        self.kind = kind
+        self._kind = None  # the constructor that made it, for repr
         # Local id of each global expert on its owner: how many earlier experts that owner holds.
         self._local_id = np.empty(owner.size, np.int32)
         for r in range(world_size):
@@ -70,13 +70,17 @@ class Placement:
         _check_counts(num_experts, world_size, "contiguous")
         base, extra = divmod(num_experts, world_size)
         sizes = [base + (r < extra) for r in range(world_size)]
-        return cls(np.repeat(np.arange(world_size), sizes), world_size, kind="contiguous")
+        placement = cls(np.repeat(np.arange(world_size), sizes), world_size)
+        placement._kind = "contiguous"
+        return placement
 
     @classmethod
     def round_robin(cls, num_experts: int, world_size: int) -> "Placement":
         """Global expert g lives on rank g % world_size."""
         _check_counts(num_experts, world_size, "round_robin")
-        return cls(np.arange(num_experts) % world_size, world_size, kind="round_robin")
+        placement = cls(np.arange(num_experts) % world_size, world_size)
+        placement._kind = "round_robin"
+        return placement
 
     @property
     def num_experts(self) -> int:
@@ -97,13 +101,9 @@ class Placement:
         experts other ranks own (fm.fused_moe's expert_map)."""
         return np.where(self.owner == self._rank(rank), self._local_id, -1).astype(np.int32)
 
-    def __eq__(self, other) -> bool:
-        return isinstance(other, Placement) and other.world_size == self.world_size and \
-            np.array_equal(other.owner, self.owner)
-
     def __repr__(self) -> str:
-        if self.kind != "custom":
-            return f"Placement.{self.kind}({self.num_experts}, {self.world_size})"
+        if self._kind is not None:
+            return f"Placement.{self._kind}({self.num_experts}, {self.world_size})"
         return f"Placement(owner={self.owner.tolist()}, world_size={self.world_size})"
 
 

@@ -9,7 +9,8 @@ process), with each rank's time split into dispatch, compute and combine.
 threads split evenly between the ranks. So on the CPU both use the same cores,
 and the ratio of their tokens/s is the cost of the exchange, not a speed-up.
 The phase times come from calls with a barrier between the phases (each phase's
-own cost; the slowest rank's median); the total from calls without.
+own cost, on the slowest rank); the total from calls without. Every time is the
+best of several calls: on a shared machine, other work only ever adds time.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -74,7 +74,7 @@ def run_single(args) -> dict:
             layer(x, tw, ids)
             sync(torch, args.device)
             times.append(time.perf_counter() - start)
-        rows[m] = dict(total=statistics.median(times))
+        rows[m] = dict(total=min(times))
     return rows
 
 
@@ -121,7 +121,7 @@ def run_rank(args) -> dict:
             layer(x, tw, ids)
             sync(torch, args.device)
             totals.append(time.perf_counter() - start)
-        mine = dict({p: statistics.median(t) for p, t in phases.items()}, total=statistics.median(totals))
+        mine = dict({p: min(t) for p, t in phases.items()}, total=min(totals))
         every = [None] * args.world_size
         dist.all_gather_object(every, mine)
         rows[m] = {key: max(r[key] for r in every) for key in mine}  # the slowest rank sets the pace
@@ -168,6 +168,7 @@ def main() -> None:
         return
 
     n = args.world_size
+    load_before = os.getloadavg()
     print(f"{n} processes x {max(args.threads // n, 1)} threads vs 1 process x {args.threads} threads, "
           f"device {args.device}; tokens/s counts every rank's tokens")
     print(f"{'model':<18} {'M/rank':>6} {'procs':>5} {'dispatch ms':>11} {'compute ms':>10} {'combine ms':>10} "
@@ -191,9 +192,12 @@ def main() -> None:
                       f"{rate_n / rate1:>8.2f}x", flush=True)
                 results.append(dict(model=model, tokens_per_rank=m, world_size=n, single=one, expert_parallel=many,
                                     tokens_per_s_single=rate1, tokens_per_s_expert_parallel=rate_n))
+    load = dict(before=load_before, after=os.getloadavg())
+    print(f"load average (1, 5, 15 min) before {load['before']}, after {load['after']}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(device=args.device, threads=args.threads, world_size=n, rows=results), f, indent=1)
+            json.dump(dict(device=args.device, threads=args.threads, world_size=n, load_average=load, rows=results), f,
+                      indent=1)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ from ferrum_moe.testing import NUMPY_DTYPES
 
 
 def placement(kind: str, num_experts: int, world_size: int) -> fm.Placement:
+    if kind == "skewed":  # rank 0 owns all but one expert per other rank
+        return fm.Placement([0] * (num_experts - world_size + 1) + list(range(1, world_size)), world_size)
     return getattr(fm.Placement, kind)(num_experts, world_size)
 
 

@@ -62,6 +62,7 @@ def matching_specs() -> list[dict]:
             _spec(f"invalid-ids-are-dropped-{mode}", shape="deepseek", max_tokens=max_tokens, ids="with-invalid"),
             _spec(f"replicated-fewer-tokens-than-ranks-{mode}", tokens="replicated", max_tokens=max_tokens,
                   counts="one"),
+            _spec(f"rank-0-owns-nearly-every-expert-{mode}", shape="qwen3", placement="skewed", max_tokens=max_tokens),
         ]
     specs.append(_spec("numpy-in-numpy-out", shape="qwen3", numpy=True))
     return specs
@@ -73,7 +74,7 @@ def refusal_specs() -> list[dict]:
             _spec("a-rank-holds-the-wrong-experts", drop_expert_on_rank=1)]
 
 
-def _placement(kind: str, world_size: int, rank: int) -> str:
+def _placement(kind: str, rank: int) -> str:
     if kind == "per-rank":  # rank 0 differs from the others
         return "contiguous" if rank == 0 else "round_robin"
     return kind
@@ -152,7 +153,7 @@ class Runs:
         for spec in matching_specs() + refusal_specs():
             case = dict(spec, shape=dict(SHAPES[spec["shape"]], name=spec["shape"]),
                         calls=_draw_calls(spec, rng, world_size))
-            case["placement"] = [_placement(spec["placement"], world_size, r) for r in range(world_size)]
+            case["placement"] = [_placement(spec["placement"], r) for r in range(world_size)]
             cases.append(case)
         case_dir = self.tmp_dir / f"world{world_size}"
         case_dir.mkdir()

@@ -165,7 +165,11 @@ def main() -> None:
         if args.rank == 0:
             with open(args.out, "w") as f:
                 json.dump(rows, f)
-        return
+        # A gloo worker thread may still be releasing the last collective's
+        # tensors, which takes the GIL: during interpreter shutdown that aborts
+        # the process (pytorch/pytorch#179291). The results are written.
+        sys.stdout.flush()
+        os._exit(0)
 
     n = args.world_size
     load_before = os.getloadavg()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 import numpy as np
@@ -75,13 +76,19 @@ def main() -> None:
     def run():
         return layer(x, topk_weights, topk_ids)
 
-    run()  # warms up: the layer's buffers reach their size, so a capture allocates none of them
+    run()
     if args.cuda_graph:
         if args.device != "cuda" or args.max_tokens is None:
             parser.error("--cuda-graph needs --device cuda and --max-tokens")
         out = torch.empty(args.tokens, args.hidden, dtype=torch.float16, device=device)
+        # fm.MoE keeps its buffers per stream: warm up on the stream the capture records.
+        capture_stream = torch.cuda.Stream()
+        capture_stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(capture_stream):
+            layer(x, topk_weights, topk_ids, out=out)
+        torch.cuda.current_stream().wait_stream(capture_stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, stream=capture_stream):
             layer(x, topk_weights, topk_ids, out=out)
 
         def run():
@@ -102,8 +109,10 @@ def main() -> None:
                         topk_ids.cpu())
     err = rel_error(y.cpu(), ref)
     ok = err < REL_TOL["float16"]
-    print(f"rank {rank}/{world_size} ({device}): experts {mine}, {args.tokens} tokens, {ms:.2f} ms per layer, "
-          f"relative error vs float64 {err:.1e} ({'ok' if ok else 'FAILED'})", flush=True)
+    # One write per line: the ranks share a terminal, and unbuffered print() writes the newline apart.
+    sys.stdout.write(f"rank {rank}/{world_size} ({device}): experts {mine}, {args.tokens} tokens, {ms:.2f} ms per "
+                     f"layer, relative error vs float64 {err:.1e} ({'ok' if ok else 'FAILED'})\n")
+    sys.stdout.flush()
     dist.destroy_process_group()
     raise SystemExit(0 if ok else 1)
 

@@ -8,6 +8,7 @@ each rank raised) for the test to compare against single-process references.
 
 from __future__ import annotations
 
+import os
 import pickle
 import sys
 from pathlib import Path
@@ -40,8 +41,32 @@ def to_numpy(t) -> np.ndarray:
     return t.numpy()
 
 
+def run_checkpoint_case(case: dict, rank: int, world_size: int) -> dict:
+    """One layer of a checkpoint directory: {"output": layer.forward of this
+    rank's tokens, "read": the names of every tensor this rank read}."""
+    read = []
+    original = fm.checkpoint.Checkpoint.read
+
+    def recording(self, info):
+        read.append(info.name)
+        return original(self, info)
+
+    fm.checkpoint.Checkpoint.read = recording
+    try:
+        num_experts = case["num_experts"] - 2 if case.get("bad_rank") == rank else case["num_experts"]
+        p = placement(case["placement"][rank], num_experts, world_size)
+        layer = fm.load_expert_parallel_layer(case["path"], case["layer"], placement=p)
+    except ValueError as e:
+        return {"error": f"{type(e).__name__}: {e}"}
+    finally:
+        fm.checkpoint.Checkpoint.read = original
+    return {"output": to_numpy(layer.forward(to_torch(case["x"][rank]))).copy(), "read": read}
+
+
 def run_case(case: dict, weights: dict, rank: int, world_size: int) -> dict:
     """{"outputs": [per call], "types": [...]} or {"error": message}."""
+    if case.get("kind") == "checkpoint":
+        return run_checkpoint_case(case, rank, world_size)
     shape = case["shape"]
     p = placement(case["placement"][rank] if isinstance(case["placement"], list) else case["placement"],
                   shape["num_experts"], world_size)
@@ -81,6 +106,11 @@ def main() -> None:
     with open(case_dir / f"rank{rank}.pkl", "wb") as f:
         pickle.dump(results, f)
     dist.destroy_process_group()
+    # A gloo worker thread may still be releasing the last collective's tensors,
+    # which takes the GIL: during interpreter shutdown that aborts the process
+    # (pytorch/pytorch#179291). The results are written; skip the shutdown.
+    sys.stdout.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

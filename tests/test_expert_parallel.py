@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 import ferrum_moe as fm
-from conftest import NUMPY_DTYPES, REL_TOL, random_activations, random_weight, reference_moe, rel_error
+from conftest import NUMPY_DTYPES, REL_TOL, as64, random_activations, random_weight, reference_moe, rel_error
+from model_dirs import Quant, base_config, moe_layers, reference_forward, write_model
 
 torch = pytest.importorskip("torch")
 dist = pytest.importorskip("torch.distributed")
@@ -72,6 +73,10 @@ def refusal_specs() -> list[dict]:
     """Cases every rank must refuse when building the layer."""
     return [_spec("ranks-disagree-on-placement", placement="per-rank"),
             _spec("a-rank-holds-the-wrong-experts", drop_expert_on_rank=1)]
+
+
+# Published layouts with a shared expert (Qwen2-MoE's gated), and DeepSeek-V2's group-limited routing.
+CHECKPOINTS = {"qwen2_moe": dict(experts=8, top_k=2), "deepseek_v2": dict(experts=8, top_k=2)}
 
 
 def _placement(kind: str, rank: int) -> str:
@@ -157,8 +162,20 @@ class Runs:
             cases.append(case)
         case_dir = self.tmp_dir / f"world{world_size}"
         case_dir.mkdir()
+        for model_type, shape in CHECKPOINTS.items():
+            config = base_config(model_type, **shape)
+            refs = write_model(case_dir / model_type, config, Quant(), rng)
+            layer = moe_layers(config)[0]
+            for kind in ("contiguous", "round_robin"):
+                counts = rng.integers(0, MAX_TOKENS + 1, world_size)
+                cases.append(dict(name=f"checkpoint-{model_type}-{kind}", kind="checkpoint", path=str(case_dir /
+                                  model_type), layer=layer, num_experts=shape["experts"], placement=[kind] * world_size,
+                                  x=[random_activations(rng, (m, config["hidden_size"]), "float16") for m in counts],
+                                  config=config, ref=refs[layer]))
+        # Rank 1 asks for a placement of too few experts: every rank must refuse.
+        cases.append(dict(cases[-1], name="checkpoint-a-rank-with-a-bad-placement", bad_rank=1))
         with open(case_dir / "cases.pkl", "wb") as f:
-            pickle.dump((cases, self.weights), f)
+            pickle.dump(([{k: v for k, v in c.items() if k not in ("config", "ref")} for c in cases], self.weights), f)
         env = dict(os.environ, OMP_NUM_THREADS="1")
         procs = [subprocess.Popen([sys.executable, str(WORKER), str(case_dir), str(r), str(world_size)], env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -212,6 +229,40 @@ def test_expert_parallel_matches_one_process(runs, weights, world_size, name):
             assert rel_error(y, ref) < REL_TOL[shape["dtype"]], f"call {i}: differs from float64"
 
 
+@pytest.mark.parametrize("placement", ["contiguous", "round_robin"])
+@pytest.mark.parametrize("model_type", list(CHECKPOINTS))
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_a_checkpoint_layer_loads_each_ranks_experts_only(runs, world_size, model_type, placement):
+    """fm.load_expert_parallel_layer: each rank reads its experts (and the router
+    and the shared expert), and layer.forward gives the model's output."""
+    cases, results = runs.get(world_size)
+    case = cases[f"checkpoint-{model_type}-{placement}"]
+    p = getattr(fm.Placement, placement)(case["num_experts"], world_size)
+    for r in range(world_size):
+        experts_read = {int(name.split(".experts.")[1].split(".")[0])
+                        for name in results[r][case["name"]]["read"] if ".experts." in name}
+        assert experts_read == set(p.local_experts(r)), f"rank {r} read experts {sorted(experts_read)}"
+        assert any(name.endswith(".gate.weight") for name in results[r][case["name"]]["read"]), "the router"
+        assert any(".shared_expert" in name for name in results[r][case["name"]]["read"]), "the shared expert"
+    x = np.concatenate(case["x"])
+    y = np.concatenate([results[r][case["name"]]["output"] for r in range(world_size)])
+    single = fm.MoE.from_pretrained(case["path"], case["layer"], progress=False).forward(x)
+    assert rel_error(y, single) <= ONE_ROUNDING["float16"]
+    assert rel_error(y, reference_forward(case["config"], case["ref"], as64(x))) < REL_TOL["float16"]
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_a_rank_that_cannot_load_its_experts_fails_every_rank(runs, world_size):
+    cases, results = runs.get(world_size)
+    case = cases["checkpoint-a-rank-with-a-bad-placement"]
+    own = (f"ValueError: load_expert_parallel_layer: placement must be an fm.Placement of the layer's 8 experts over "
+           f"the group's {world_size} ranks; got Placement.round_robin(6, {world_size})")
+    assert results[1][case["name"]]["error"] == own
+    for r in set(range(world_size)) - {1}:
+        assert results[r][case["name"]]["error"] == (f"ValueError: load_expert_parallel_layer: rank 1 could not read "
+                                                     f"its experts ({own}), so no rank can run the layer")
+
+
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
 def test_every_rank_refuses_a_layer_the_ranks_disagree_on(runs, world_size):
     _, results = runs.get(world_size)
@@ -232,7 +283,7 @@ def test_a_rank_with_the_wrong_experts_fails_every_rank(runs, world_size):
     for r in set(range(world_size)) - {1}:
         assert results[r]["a-rank-holds-the-wrong-experts"]["error"] == (
             f"ValueError: ExpertParallelMoE: rank 1 could not build its part of the layer ({own}), so no rank can "
-            "run it")
+            "run the layer")
 
 
 # ---- Placement --------------------------------------------------------------------------------------------
@@ -434,6 +485,23 @@ def test_an_out_of_the_wrong_shape_is_refused(one_rank, small):
     with pytest.raises(ValueError, match=r"out must be \[num_tokens=9, hidden=128\] float16; got shape \[9, 128\], "
                                          r"torch.float32"):
         layer(x, tw, ids, out=torch.empty(9, 128))
+
+
+def test_route_needs_a_router(one_rank, small):
+    stacks, x, _, _, _ = small
+    layer = fm.ExpertParallelMoE(*stacks, top_k=2, placement=fm.Placement.contiguous(8, 1))
+    with pytest.raises(ValueError, match=r"ExpertParallelMoE.route: this layer has no router \(only layers from "
+                                         r"fm.load_expert_parallel_layer have one\)"):
+        layer.forward(x)
+
+
+def test_a_placement_that_does_not_fit_the_checkpoint_is_refused(one_rank, tmp_path, rng):
+    write_model(tmp_path, base_config("mixtral", experts=8), Quant(), rng)
+    with pytest.raises(ValueError, match=r"load_expert_parallel_layer: placement must be an fm.Placement of the "
+                                         r"layer's 8 experts over the group's 1 ranks; got Placement.contiguous\(6, 1\)"):
+        fm.load_expert_parallel_layer(tmp_path, 0, placement=fm.Placement.contiguous(6, 1))
+    with pytest.raises(ValueError, match="layer 7 does not exist: .*config.json has num_hidden_layers 2"):
+        fm.load_expert_parallel_layer(tmp_path, 7)
 
 
 def test_a_layer_needs_torch_distributed_initialized(small, monkeypatch):

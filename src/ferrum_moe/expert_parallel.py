@@ -138,6 +138,38 @@ class Dispatched:
     num_tokens: int
 
 
+def _membership(group, who: str):
+    """(group, its size, this process's rank in it); the default group for None."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(f"{who}: torch.distributed is not initialized: call torch.distributed.init_process_group "
+                           "first (torchrun sets up its environment)")
+    group = group if group is not None else dist.group.WORLD
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ValueError(f"{who}: this process is not a member of the group it was given")
+    return group, dist.get_world_size(group), rank
+
+
+def _gather_or_raise(group, world_size: int, problem: Exception | None, view, who: str, what: str) -> list:
+    """Every rank's ``view``, once no rank has a ``problem``. With one, every
+    rank raises (the rank that had it, its own error), so a check that fails on
+    one rank cannot leave the others waiting in a later collective."""
+    import torch.distributed as dist
+
+    mine = dict(problem=None if problem is None else f"{type(problem).__name__}: {problem}", view=view)
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, mine, group=group)
+    if problem is not None:
+        raise problem
+    for r, theirs in enumerate(gathered):
+        if theirs["problem"] is not None:
+            raise ValueError(f"{who}: rank {r} could not {what} ({theirs['problem']}), so no rank can run the "
+                             "layer")
+    return [theirs["view"] for theirs in gathered]
+
+
 class ExpertParallelMoE:
     """A MoE layer whose experts are split over the ranks of a torch.distributed
     process group. Every rank builds one from its own experts and calls it at
@@ -157,42 +189,26 @@ class ExpertParallelMoE:
 
     def __init__(self, w13_shard: ExpertStack, w2_shard: ExpertStack, *, top_k: int, placement: Placement,
                  group=None, tokens: str = "sharded", max_tokens: int | None = None, block_size: int | None = None):
-        import torch.distributed as dist
-
-        if not dist.is_available() or not dist.is_initialized():
-            raise RuntimeError("ExpertParallelMoE: torch.distributed is not initialized: call "
-                               "torch.distributed.init_process_group first (torchrun sets up its environment)")
-        self.group = group if group is not None else dist.group.WORLD
-        self.world_size = dist.get_world_size(self.group)
-        self.rank = dist.get_rank(self.group)
-        if self.rank < 0:
-            raise ValueError("ExpertParallelMoE: this process is not a member of the group it was given")
+        self.group, self.world_size, self.rank = _membership(group, "ExpertParallelMoE")
         # Building the layer is a collective: every rank's checks are gathered
         # before any rank raises, so a rank with bad arguments fails all of them
         # together instead of leaving the others waiting in their first exchange.
+        problem = view = None
         try:
             self._build(w13_shard, w2_shard, top_k, placement, tokens, max_tokens, block_size)
-            problem = None
         except (TypeError, ValueError) as e:
             problem = e
-        mine = dict(problem=None) if problem is None else dict(problem=f"{type(problem).__name__}: {problem}")
         agreed = ("placement", "top_k", "hidden", "intermediate", "dtype", "tokens", "max_tokens")
         if problem is None:
-            mine.update(placement=placement.owner.tolist(), top_k=self.top_k, hidden=self.hidden,
+            view = dict(placement=placement.owner.tolist(), top_k=self.top_k, hidden=self.hidden,
                         intermediate=w2_shard.k, dtype=self.dtype, tokens=tokens, max_tokens=max_tokens,
                         placement_repr=repr(placement))
-        views = [None] * self.world_size
-        dist.all_gather_object(views, mine, group=self.group)
-        if problem is not None:
-            raise problem
-        for r, view in enumerate(views):
-            if view["problem"] is not None:
-                raise ValueError(f"ExpertParallelMoE: rank {r} could not build its part of the layer ("
-                                 f"{view['problem']}), so no rank can run it")
+        views = _gather_or_raise(self.group, self.world_size, problem, view, "ExpertParallelMoE",
+                                 "build its part of the layer")
         for key in agreed:
-            values = [view[key] for view in views]
+            values = [v[key] for v in views]
             if any(v != values[0] for v in values):
-                shown = [view["placement_repr"] for view in views] if key == "placement" else values
+                shown = [v["placement_repr"] for v in views] if key == "placement" else values
                 per_rank = ", ".join(f"rank {r}: {v}" for r, v in enumerate(shown))
                 raise ValueError(f"ExpertParallelMoE: the ranks disagree on {key} ({per_rank}); every rank must "
                                  "build the layer with the same arguments and expert shapes")
@@ -269,6 +285,30 @@ class ExpertParallelMoE:
         return (f"ExpertParallelMoE(rank {self.rank} of {self.world_size}, {self.placement!r}, "
                 f"local experts {self.placement.local_experts(self.rank)}, top_k={self.top_k}, "
                 f"hidden={self.hidden}, dtype={self.dtype}, tokens={self.tokens!r}, max_tokens={self.max_tokens})")
+
+    # Set by fm.load_expert_parallel_layer: the model's router (a
+    # ferrum_moe.router.Router) and its shared expert MLP, if it has one.
+    router = None
+    shared_expert = None
+
+    def route(self, hidden_states):
+        """hidden_states [num_tokens, hidden] -> (topk_weights float32, topk_ids
+        int32) [num_tokens, top_k] by the model's own router rule, on the host
+        (as fm.MoE.route)."""
+        if self.router is None:
+            raise ValueError("ExpertParallelMoE.route: this layer has no router (only layers from "
+                             "fm.load_expert_parallel_layer have one); pass topk_weights and topk_ids to the layer")
+        return self.router(hidden_states)
+
+    def forward(self, hidden_states):
+        """The whole layer as the model computes it on this rank's tokens: route,
+        the routed experts (wherever they live), plus the shared experts, which
+        every rank holds whole and runs on the tokens it was given."""
+        topk_weights, topk_ids = self.route(hidden_states)
+        out = self(hidden_states, topk_weights, topk_ids)
+        if self.shared_expert is not None:
+            out = out + self.shared_expert(hidden_states)
+        return out
 
     # ---- inputs ------------------------------------------------------------------------------------------
 
@@ -467,3 +507,65 @@ def _all_gather_single(output, input, group):
     # torch 2.13 renamed all_gather_into_tensor (now deprecated) to all_gather_single.
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     gather(output, input, group=group)
+
+
+def load_expert_parallel_layer(path, layer: int, *, placement: Placement | None = None, group=None,
+                               backend: str = "auto", device="cpu", dtype: str = "float16", tokens: str = "sharded",
+                               max_tokens: int | None = None, progress: bool = False) -> ExpertParallelMoE:
+    """MoE layer ``layer`` of a published GPTQ/AWQ checkpoint (as
+    fm.load_moe_layers reads them) split over the ranks of ``group``; every
+    rank calls it at once. Each rank checks every header of the layer (no data),
+    then reads only the experts ``placement`` gives it (default
+    Placement.contiguous over the group), and the router and the shared expert,
+    which every rank holds whole. Returns this rank's fm.ExpertParallelMoE, with
+    ``route`` and ``forward`` as fm.MoE.from_pretrained's layers have them.
+    A check that fails on any rank raises on every rank."""
+    from tqdm import tqdm
+
+    from .architectures import expert_indices
+    from .discovery import parse_device, resolve
+    from .pretrained import SharedExpert, _to_stack, layer_tensors, open_model, read_mlp
+    from .router import Router
+    from .stack import _check_dtype
+
+    group, world_size, rank = _membership(group, "load_expert_parallel_layer")
+    problem = loaded = None
+    try:
+        b = resolve(backend, parse_device(device)).name
+        dtype = _check_dtype(dtype)
+        ckpt, spec = open_model(path)
+        with ckpt:
+            i = spec.check_layer(layer)
+            t = layer_tensors(ckpt, spec, i, expert_indices(ckpt.names(), spec))
+            placement = placement if placement is not None else Placement.contiguous(spec.num_experts, world_size)
+            if not isinstance(placement, Placement) or placement.num_experts != spec.num_experts or \
+                    placement.world_size != world_size:
+                raise ValueError(f"load_expert_parallel_layer: placement must be an fm.Placement of the layer's "
+                                 f"{spec.num_experts} experts over the group's {world_size} ranks; got {placement!r}")
+            mine = placement.local_experts(rank)
+            where = f"{ckpt.path}: layer {i}"
+            w13, w2 = [], []
+            for g in tqdm(mine, unit="expert", desc=f"rank {rank}: {ckpt.path.name}", disable=not progress):
+                a, c = read_mlp(ckpt, t.experts[g])
+                w13.append(a)
+                w2.append(c)
+            stacks = (_to_stack(w13, f"{where}: rank {rank}'s experts' w13 [gate | up]", b, device, dtype),
+                      _to_stack(w2, f"{where}: rank {rank}'s experts' w2 (down)", b, device, dtype))
+            del w13, w2
+            bias = None if t.correction_bias is None else ckpt.read(t.correction_bias)
+            router = Router(ckpt.read(t.router), spec.routing, bias)
+            shared = None
+            if t.shared is not None:
+                a, c = read_mlp(ckpt, t.shared)
+                mlp = MoE(_to_stack([a], f"{where}: shared expert's w13", b, device, dtype),
+                          _to_stack([c], f"{where}: shared expert's w2", b, device, dtype), top_k=1)
+                shared = SharedExpert(mlp, None if t.shared_gate is None else ckpt.read(t.shared_gate))
+            loaded = (stacks, spec.top_k, router, shared)
+    except (ValueError, TypeError, NotImplementedError) as e:  # fm.CheckpointError is a ValueError
+        problem = e
+    _gather_or_raise(group, world_size, problem, None, "load_expert_parallel_layer", "read its experts")
+    stacks, top_k, router, shared = loaded
+    ep = ExpertParallelMoE(*stacks, top_k=top_k, placement=placement, group=group, tokens=tokens,
+                           max_tokens=max_tokens)
+    ep.router, ep.shared_expert = router, shared
+    return ep

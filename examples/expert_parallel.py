@@ -46,6 +46,8 @@ def main() -> None:
     parser.add_argument("--cuda-graph", action="store_true", help="capture the layer in a CUDA graph and replay it")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if args.cuda_graph and (args.device != "cuda" or args.max_tokens is None):
+        parser.error("--cuda-graph needs --device cuda and --max-tokens (a graph cannot replay host-read split sizes)")
 
     if args.device == "cuda":
         # NVLink multicast (NVLS) can take a host's GPUs out of service on the lent machines.
@@ -78,8 +80,6 @@ def main() -> None:
 
     run()
     if args.cuda_graph:
-        if args.device != "cuda" or args.max_tokens is None:
-            parser.error("--cuda-graph needs --device cuda and --max-tokens")
         out = torch.empty(args.tokens, args.hidden, dtype=torch.float16, device=device)
         # fm.MoE keeps its buffers per stream: warm up on the stream the capture records.
         capture_stream = torch.cuda.Stream()

@@ -185,6 +185,8 @@ class ExpertParallelMoE:
     all-to-all splits (one host read of the split sizes per call), or the most
     tokens a call may pass (per rank when sharded, in all when replicated) for
     fixed-capacity exchanges with no host read: CUDA-graph capturable.
+    block_size: the local layer's routing block (fm.MoE's; None picks one per
+    call).
     """
 
     def __init__(self, w13_shard: ExpertStack, w2_shard: ExpertStack, *, top_k: int, placement: Placement,

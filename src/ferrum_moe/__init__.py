@@ -10,6 +10,7 @@ from pathlib import Path
 from . import _core, awq, gptq
 from ._core import Tensor
 from .discovery import BackendInfo, BackendUnavailableError, backends, get_backend
+from .expert_parallel import ExpertParallelMoE, Placement, load_expert_parallel_layer
 from .gptq import GPTQWeight
 from .moe import MoE, fused_moe
 from .checkpoint import CheckpointError
@@ -34,8 +35,9 @@ def get_cmake_dir() -> str:
 
 
 __all__ = [
-    "BackendInfo", "BackendUnavailableError", "ExpertStack", "GPTQWeight", "Linear", "MoE", "Routing", "Tensor",
-    "awq", "backends", "fused_moe", "get_backend", "get_cmake_dir", "get_include", "gptq", "moe_align_block_size",
-    "routing_buffer_sizes",
+    "BackendInfo", "BackendUnavailableError", "ExpertParallelMoE", "ExpertStack", "GPTQWeight", "Linear", "MoE",
+    "Placement", "Routing", "Tensor",
+    "awq", "backends", "fused_moe", "get_backend", "get_cmake_dir", "get_include", "gptq", "load_expert_parallel_layer",
+    "moe_align_block_size", "routing_buffer_sizes",
 ]
 __all__ += ["CheckpointError", "load_moe_layers"]

@@ -115,7 +115,7 @@ def test_windows_inside_and_across_column_blocks(rng, m, offset, width):
 def test_routed_layers_across_many_experts(rng, dtype, m):
     """Many experts with few rows each (the stream kernels, all in one call)
     and a few with many (the tile kernels), router weights on the rows."""
-    e, hidden, inter, top_k = 16, 256, 96, 4
+    e, hidden, inter, top_k = 16, 200, 100, 4  # widths past the last 16 lanes: the elementwise steps' tails
     w13 = [random_weight(rng, hidden, 2 * inter, group_size=64, dtype=dtype) for _ in range(e)]
     w2 = [random_weight(rng, inter, hidden, group_size=32, sym=False, dtype=dtype) for _ in range(e)]
     s13, s2 = fm.ExpertStack.from_gptq(w13, dtype=dtype), fm.ExpertStack.from_gptq(w2, dtype=dtype)
@@ -127,6 +127,35 @@ def test_routed_layers_across_many_experts(rng, dtype, m):
     out = poisoned((m, hidden), dtype)
     fm.fused_moe(x, s13, s2, tw, ids, out=out)
     assert rel_error(out, reference_moe(x, w13, w2, tw, ids)) < REL_TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_silu_and_mul_across_its_range(rng, dtype):
+    """The vectorized e^x over the whole float range: saturation both ways,
+    NaN kept, rows wider than the vector with a tail."""
+    from ferrum_moe.arrays import import_array
+
+    n = 100
+    gate = rng.standard_normal((3, n)) * 4
+    gate[0, :12] = [-1e30, -100, -88, -87, -20, -1e-30, 0, 1e-30, 20, 87, 100, 1e30]
+    gate[1, 5] = np.nan
+    with np.errstate(over="ignore"):
+        x = np.concatenate([gate, rng.standard_normal((3, n))], axis=1).astype(NUMPY_DTYPES[dtype])
+    out = poisoned((3, n), dtype)
+    backend = fm.ExpertStack.from_gptq([random_weight(rng, 32, 16, group_size=32)], dtype="float16")._core.backend
+    backend.gated_activation(import_array(x, "x"), import_array(out, "out"), 0)
+    g, u = as64(x[:, :n]), as64(x[:, n:])  # 1e30 is infinite in float16: so is its result
+    with np.errstate(all="ignore"):
+        ref = g / (1 + np.exp(-g)) * u
+    got = as64(out)
+    assert np.isnan(got[1, 5]) and np.array_equal(np.isnan(got), np.isnan(ref))
+    assert np.array_equal(got[np.isinf(ref)], ref[np.isinf(ref)])
+    ok = np.isfinite(ref)
+    # Relative: e^x's 3e-7 or the output's rounding. Absolute: float16's subnormal
+    # spacing; for float32 and bfloat16 the smallest normal, as a result below it
+    # (silu of g < -88.7) may come out zero.
+    rtol, atol = {"float32": (1e-6, 2.0 ** -126), "float16": (2 ** -10, 2.0 ** -24), "bfloat16": (2 ** -7, 2.0 ** -126)}[dtype]
+    assert np.all(np.abs(got[ok] - ref[ok]) <= rtol * np.abs(ref[ok]) + atol)
 
 
 PARENT_ONLY = pytest.mark.skipif(os.environ.get(CHILD) == "1", reason="independent of the kernel set: parent only")

@@ -5,7 +5,6 @@
 // nothing is dequantized. The GEMM kernels (kernels.hpp) are chosen per
 // instruction set at run time; gemm.cpp runs them.
 #include <algorithm>
-#include <cmath>
 #include <cstring>
 #include <memory>
 #include <string>
@@ -200,13 +199,8 @@ class CpuBackend final : public plugin::Backend {
     const void* in = tensor_data(a.input);
     void* out = tensor_data(a.out);
     const auto lock = exclusive_compute();
-#pragma omp parallel for schedule(static) num_threads(threads_)
-    for (int64_t r = 0; r < rows; ++r) {
-      for (int64_t j = 0; j < n; ++j) {
-        const float g = load_float(in, r * is + j, kind), u = load_float(in, r * is + n + j, kind);
-        store_float(out, r * os + j, g / (1.0f + std::exp(-g)) * u, kind);
-      }
-    }
+#pragma omp parallel for schedule(static) num_threads(threads_for(rows * n * 3 * float_bytes(kind)))
+    for (int64_t r = 0; r < rows; ++r) kernels_.silu_mul(float_at(in, r * is, kind), float_at(out, r * os, kind), n, kind);
   }
 
   void moe_sum(const FmMoeSumArgs& a) override {
@@ -217,19 +211,18 @@ class CpuBackend final : public plugin::Backend {
     const void* in = tensor_data(a.input);
     void* out = tensor_data(a.out);
     const auto lock = exclusive_compute();
-#pragma omp parallel num_threads(threads_)
+#pragma omp parallel num_threads(threads_for(tokens * top_k * h * float_bytes(in_kind)))
     {
-      std::vector<float> acc(static_cast<size_t>(h));
+      std::vector<const void*> rows(static_cast<size_t>(top_k));
 #pragma omp for schedule(static)
       for (int64_t t = 0; t < tokens; ++t) {
-        std::fill(acc.begin(), acc.end(), 0.0f);
+        int64_t count = 0;
         for (int64_t j = 0; j < top_k; ++j) {
           const int64_t g = load_index(*a.topk_ids, t * top_k + j);
           if (g < 0 || g >= a.num_experts || (map != nullptr && map[g] < 0)) continue;
-          const int64_t row = (t * top_k + j) * is;
-          for (int64_t c = 0; c < h; ++c) acc[size_t(c)] += load_float(in, row + c, in_kind);
+          rows[size_t(count++)] = float_at(in, (t * top_k + j) * is, in_kind);
         }
-        for (int64_t c = 0; c < h; ++c) store_float(out, t * os + c, acc[size_t(c)], out_kind);
+        kernels_.sum_rows(rows.data(), count, in_kind, float_at(out, t * os, out_kind), out_kind, h);
       }
     }
   }

@@ -13,9 +13,9 @@ namespace {
 
 // Rows of one tile item: a multiple of the micro-kernels' 6 rows and of AMX's 16.
 constexpr int64_t kItemRows = 96;
-// Least work for which a call takes one more thread: bytes of codes plus one
-// per 8 multiply-adds (the rate ratio of the stream and tile kernels), about
-// 10 us of one core.
+// Least work for which a call takes one more thread (threads_for): about
+// 10 us of one core. 8 multiply-adds count as one byte: the rate ratio of the
+// tile and stream kernels.
 constexpr int64_t kWorkPerThread = 256 << 10;
 // Rows packed by one task of the packing phase (a multiple of every row_align).
 constexpr int64_t kPackRows = 32;
@@ -61,6 +61,8 @@ int compute_threads() {
   return threads;
 }
 
+int threads_for(int64_t work) { return int(std::clamp<int64_t>(work / kWorkPerThread, 1, compute_threads())); }
+
 std::unique_lock<std::mutex> exclusive_compute() { return std::unique_lock<std::mutex>(state().mutex); }
 
 void gemm(const KernelSet& kernels, const PackedWeights& w, Float dtype, const DLTensor& x, const std::vector<Job>& jobs,
@@ -97,10 +99,9 @@ void gemm(const KernelSet& kernels, const PackedWeights& w, Float dtype, const D
     max_item_rows = std::max(max_item_rows, std::min(kItemRows, m));
   }
   if (s.items.empty()) return;
-  // A call too small to repay waking a thread team runs on the calling thread.
   int64_t work = 0;
   for (const Item& it : s.items) work += it.blocks * kBlockCols * kpad * (w.bits + it.rows) / 8;
-  const int threads = int(std::clamp<int64_t>(work / kWorkPerThread, 1, std::min<int64_t>(compute_threads(), int64_t(s.items.size()))));
+  const int threads = int(std::min<int64_t>(threads_for(work), int64_t(s.items.size())));
   const int64_t acc_bytes = round_up(max_item_rows * kMaxItemBlocks * kBlockCols * 4, 64);
   const int64_t scratch_bytes = acc_bytes + kTileScratchBytes;
   const int64_t xs_at = round_up(a_bytes, 64), scratch_at = xs_at + round_up(xs_floats * 4, 64);

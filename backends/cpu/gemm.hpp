@@ -24,6 +24,11 @@ struct Job {
 // value is an error.
 int compute_threads();
 
+// Threads for a call of `work` (bytes streamed, plus one per 8 multiply-adds):
+// one per kWorkPerThread, at most compute_threads(). A call too small to repay
+// waking a thread team runs on the calling thread.
+int threads_for(int64_t work);
+
 // Held around every parallel region of the backend: calls from several host
 // threads run one after another, each with all the threads, instead of
 // oversubscribing the cores with one team per caller.

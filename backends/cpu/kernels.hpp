@@ -90,6 +90,10 @@ struct KernelSet {
   KernelPath f32;
   KernelPath bf16;                  // bf16.pack == nullptr: none on this ISA
   void (*store)(const StoreArgs&);
+  // The MoE layer's elementwise steps, one row each: out[j] = silu(in[j]) *
+  // in[n + j]; out[c] = the sum of rows[i][c] over i, in float32.
+  void (*silu_mul)(const void* in, void* out, int64_t n, Float kind);
+  void (*sum_rows)(const void* const* rows, int64_t count, Float in_kind, void* out, Float out_kind, int64_t n);
 };
 
 // The best set this CPU runs, or the one FERRUM_MOE_CPU_ISA names (an error
@@ -99,21 +103,23 @@ const KernelSet& select_kernels();
 // The kernels of each instruction set (kernels_<isa>.cpp). The driver runs
 // the stream kernel for jobs of at most kStreamRows rows, the tile kernel for
 // the rest; both take any number of rows.
-#define FERRUM_CPU_F32_KERNELS(ns, rows)            \
+#define FERRUM_CPU_F32_KERNELS(ns, stream_rows)     \
   namespace ns {                                    \
-  inline constexpr int64_t kStreamRows = rows;      \
+  inline constexpr int64_t kStreamRows = stream_rows; \
   void pack_f32(const PackArgs& p);                 \
   void stream_f32(const TileArgs& t);               \
   void tile_f32(const TileArgs& t);                 \
   void store(const StoreArgs& s);                   \
+  void silu_mul(const void* in, void* out, int64_t n, Float kind); \
+  void sum_rows(const void* const* rows, int64_t count, Float in_kind, void* out, Float out_kind, int64_t n); \
   }
 FERRUM_CPU_F32_KERNELS(generic, 4)
-FERRUM_CPU_F32_KERNELS(avx2, 2)
-FERRUM_CPU_F32_KERNELS(avx512, 4)
+FERRUM_CPU_F32_KERNELS(avx2, 4)
+FERRUM_CPU_F32_KERNELS(avx512, 8)
 #undef FERRUM_CPU_F32_KERNELS
 
 namespace avx512bf16 {
-inline constexpr int64_t kStreamRows = 4;
+inline constexpr int64_t kStreamRows = 8;
 void pack_bf16(const PackArgs& p);
 void stream_bf16(const TileArgs& t);
 void tile_bf16(const TileArgs& t);

@@ -3,6 +3,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 
 #include "kernels.hpp"
 
@@ -24,6 +25,25 @@ inline VF vadd(VF a, VF b) { return {_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.
 inline VF vmul(VF a, VF b) { return {_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)}; }
 inline VF vfma(VF a, VF b, VF c) { return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)}; }
 inline VF vfnma(VF a, VF b, VF c) { return {_mm256_fnmadd_ps(a.lo, b.lo, c.lo), _mm256_fnmadd_ps(a.hi, b.hi, c.hi)}; }
+inline VF vdiv(VF a, VF b) { return {_mm256_div_ps(a.lo, b.lo), _mm256_div_ps(a.hi, b.hi)}; }
+inline VF vmin(VF a, VF b) { return {_mm256_min_ps(a.lo, b.lo), _mm256_min_ps(a.hi, b.hi)}; }
+inline VF vmax(VF a, VF b) { return {_mm256_max_ps(a.lo, b.lo), _mm256_max_ps(a.hi, b.hi)}; }
+inline VF vround(VF a) {
+  constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  return {_mm256_round_ps(a.lo, kNearest), _mm256_round_ps(a.hi, kNearest)};
+}
+// a * 2^n for integral n in [-252, 254], as a * 2^(n/2) * 2^(n - n/2): each
+// factor's exponent fits the exponent bits, and the product over- or
+// underflows as it should.
+inline __m256 ldexp8(__m256 a, __m256 n) {
+  const __m256i n1 = _mm256_srai_epi32(_mm256_cvtps_epi32(n), 1);
+  const __m256i n2 = _mm256_sub_epi32(_mm256_cvtps_epi32(n), n1);
+  const __m256i bias = _mm256_set1_epi32(127);
+  const __m256 f1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, bias), 23));
+  const __m256 f2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n2, bias), 23));
+  return _mm256_mul_ps(_mm256_mul_ps(a, f1), f2);
+}
+inline VF vldexp(VF a, VF n) { return {ldexp8(a.lo, n.lo), ldexp8(a.hi, n.hi)}; }
 inline float vsum(VF a) {
   const __m256 s = _mm256_add_ps(a.lo, a.hi);
   __m128 q = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
@@ -87,5 +107,6 @@ constexpr int kMicroRows = 6, kMicroPanels = 1;
 
 #include "kernels_common.inc"
 #include "kernels_f32.inc"
+#include "kernels_elementwise.inc"
 
 }  // namespace ferrum::cpu::avx2

@@ -3,6 +3,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 
 #include "kernels.hpp"
 
@@ -18,5 +19,6 @@ constexpr int kMicroRows = 6, kMicroPanels = 4;
 
 #include "kernels_common.inc"
 #include "kernels_f32.inc"
+#include "kernels_elementwise.inc"
 
 }  // namespace ferrum::cpu::avx512

@@ -1,6 +1,7 @@
 // The float32 kernels in portable C++ (any CPU; the compiler vectorizes the
 // 16-lane loops for the baseline instruction set).
 #include <algorithm>
+#include <cmath>
 
 #include "kernels.hpp"
 
@@ -30,6 +31,11 @@ inline VF vadd(VF a, VF b) { return map([&](int i) { return a.v[i] + b.v[i]; });
 inline VF vmul(VF a, VF b) { return map([&](int i) { return a.v[i] * b.v[i]; }); }
 inline VF vfma(VF a, VF b, VF c) { return map([&](int i) { return a.v[i] * b.v[i] + c.v[i]; }); }
 inline VF vfnma(VF a, VF b, VF c) { return map([&](int i) { return c.v[i] - a.v[i] * b.v[i]; }); }
+inline VF vdiv(VF a, VF b) { return map([&](int i) { return a.v[i] / b.v[i]; }); }
+inline VF vmin(VF a, VF b) { return map([&](int i) { return a.v[i] < b.v[i] ? a.v[i] : b.v[i]; }); }
+inline VF vmax(VF a, VF b) { return map([&](int i) { return a.v[i] > b.v[i] ? a.v[i] : b.v[i]; }); }
+inline VF vround(VF a) { return map([&](int i) { return std::nearbyint(a.v[i]); }); }
+inline VF vldexp(VF a, VF n) { return map([&](int i) { return std::ldexp(a.v[i], int(n.v[i])); }); }
 inline float vsum(VF a) {
   float s = 0.0f;
   for (float x : a.v) s += x;
@@ -55,5 +61,6 @@ constexpr int kMicroRows = 4, kMicroPanels = 4;
 
 #include "kernels_common.inc"
 #include "kernels_f32.inc"
+#include "kernels_elementwise.inc"
 
 }  // namespace ferrum::cpu::generic

@@ -21,29 +21,37 @@ const KernelSet kGeneric{
     "generic",
     {&generic::pack_f32, &generic::stream_f32, &generic::tile_f32, generic::kStreamRows, 4, 1, "float32 (portable C++)"},
     {},
-    &generic::store};
+    &generic::store,
+    &generic::silu_mul,
+    &generic::sum_rows};
 
 #if !defined(FERRUM_MOE_NO_X86_KERNELS)
 const KernelSet kAvx2{
     "avx2",
     {&avx2::pack_f32, &avx2::stream_f32, &avx2::tile_f32, avx2::kStreamRows, 4, 1, "float32 FMA (AVX2)"},
     {},
-    &avx2::store};
+    &avx2::store,
+    &avx2::silu_mul,
+    &avx2::sum_rows};
 const KernelPath kAvx512F32{&avx512::pack_f32, &avx512::stream_f32, &avx512::tile_f32, avx512::kStreamRows, 4, 1,
                             "float32 FMA (AVX-512)"};
-const KernelSet kAvx512{"avx512", kAvx512F32, {}, &avx512::store};
+const KernelSet kAvx512{"avx512", kAvx512F32, {}, &avx512::store, &avx512::silu_mul, &avx512::sum_rows};
 const KernelSet kAvx512Bf16{
     "avx512bf16",
     kAvx512F32,
     {&avx512bf16::pack_bf16, &avx512bf16::stream_bf16, &avx512bf16::tile_bf16, avx512bf16::kStreamRows, 2, 1,
      "bfloat16 vdpbf16ps (AVX512-BF16)"},
-    &avx512::store};
+    &avx512::store,
+    &avx512::silu_mul,
+    &avx512::sum_rows};
 const KernelSet kAmx{
     "amx",
     kAvx512F32,
     {&avx512bf16::pack_bf16, &avx512bf16::stream_bf16, &amx::tile_bf16, avx512bf16::kStreamRows, 2, 16,
      "bfloat16 AMX tiles, vdpbf16ps streams (AMX-BF16)"},
-    &avx512::store};
+    &avx512::store,
+    &avx512::silu_mul,
+    &avx512::sum_rows};
 
 struct CpuFeatures {
   bool avx2 = false, avx512 = false, avx512bf16 = false, amx = false;

@@ -19,6 +19,15 @@ constexpr size_t kHugePage = size_t(1) << 21;
 
 const void* tensor_data(const DLTensor* t) { return plugin::data_start(*t); }
 
+// A GPTQ 4-bit word (row r of 8 in nibble r) in the layout's order: rows 0, 2,
+// 4, 6 in the low half, 1, 3, 5, 7 in the high half (layout.hpp).
+uint32_t pair_nibbles(uint32_t x) {
+  uint32_t even = x & 0x0F0F0F0Fu, odd = (x >> 4) & 0x0F0F0F0Fu;
+  even = (even | (even >> 4)) & 0x00FF00FFu;
+  odd = (odd | (odd >> 4)) & 0x00FF00FFu;
+  return ((even | (even >> 8)) & 0xFFFFu) | ((odd | (odd >> 8)) << 16);
+}
+
 }  // namespace
 
 AlignedBuffer::AlignedBuffer(size_t bytes) : bytes_(bytes) {
@@ -112,30 +121,38 @@ PackedWeights pack_weights(const FmStackCreateArgs& a) {
     return (qw[(e * packed_k + r / per_word) * N + c] >> (w.bits * (r % per_word))) & ((1u << w.bits) - 1u);
   };
   w.codes = AlignedBuffer(size_t(E * w.blocks * w.block_words()) * 4);
-  const int64_t lanes = w.words * kLanes;
 #pragma omp parallel for collapse(2) schedule(dynamic, 1)
   for (int64_t e = 0; e < E; ++e) {
     for (int64_t b = 0; b < w.blocks; ++b) {
       auto* out = const_cast<uint32_t*>(w.block_codes(e, b));
+      const int64_t c0 = b * kBlockCols, valid = std::min<int64_t>(kBlockCols, N - c0);
       for (int64_t kg = 0; kg < w.kgroups; ++kg) {
-        for (int64_t p = 0; p < kPanels; ++p) {
-          for (int64_t j = 0; j < lanes; ++j) {
-            const int64_t word = j / kLanes, c = b * kBlockCols + p * kLanes + j % kLanes;
+        // One k-group of the block, [panel][word][lane]: with 4-bit codes (one
+        // word) simply the block's 64 columns in order.
+        uint32_t* dst = out + kg * w.kgroup_words();
+        if (identity && w.bits == 4 && valid == kBlockCols && kg < packed_k) {
+          const uint32_t* src = qw + (e * packed_k + kg) * N + c0;  // the common case, vectorized
+          for (int64_t j = 0; j < kBlockCols; ++j) dst[j] = pair_nibbles(src[j]);
+          continue;
+        }
+        for (int64_t word = 0; word < w.words; ++word) {
+          for (int64_t j = 0; j < kBlockCols; ++j) {
+            const int64_t c = c0 + j;
             uint32_t v = 0;
-            if (c < N && identity && w.bits == 4) {
-              const uint32_t src = kg < packed_k ? qw[(e * packed_k + kg) * N + c] : 0u;
-              for (int i = 0; i < 8; ++i) v |= ((src >> (4 * kNibbleRow[i])) & 15u) << (4 * i);
-            } else if (c < N && identity) {
+            if (j >= valid) {
+            } else if (identity && w.bits == 4) {
+              v = kg < packed_k ? pair_nibbles(qw[(e * packed_k + kg) * N + c]) : 0u;
+            } else if (identity) {
               const int64_t src = kg * 2 + word;
               v = src < packed_k ? qw[(e * packed_k + src) * N + c] : 0u;
-            } else if (c < N) {
+            } else {
               for (int i = 0; i < per_word; ++i) {
                 const int64_t row = kg * kKGroup + (w.bits == 4 ? kNibbleRow[i] : 4 * word + i);
                 const int32_t src = w.source_row[size_t(e * w.kpad() + row)];
                 if (src >= 0) v |= code(e, src, c) << (w.bits * i);
               }
             }
-            out[(kg * kPanels + p) * lanes + j] = v;
+            dst[((j / kLanes) * w.words + word) * kLanes + j % kLanes] = v;
           }
         }
       }

@@ -12,9 +12,14 @@ Limits (benchmarks/machine_limits.c, built here with the system C compiler):
   memory floor             INT4 codes + bf16 scales / the best multi-threaded
                            streaming-read bandwidth (a 1 GiB buffer on huge pages)
   compute roof             FLOPs / the peak rate of vdpbf16ps (bf16) or FMA (fp32)
-Every timed call follows a cache flush (a 256 MiB read), so weights come from
-memory as in a model too large for the caches; each figure is the median of
-repeats (fewer for slow cases), with its spread recorded.
+Weights come from memory, as in a model too large for the caches: every
+contender holds enough copies of its weights that the calls cycling through
+them read 96 MiB (three times this machine's L3) between two calls on the same
+copy, so each call's weights come from memory while the code and the Python
+objects stay as warm as between a model's layers (a whole-cache flush before
+each call would also make the Python call path cold and time that instead).
+MoE layers cycle through different routings instead. Each figure is the median
+of repeats (fewer for slow cases), with its spread recorded.
 
 Single experts (K x N) run at M in 1 .. 1024, whole MoE layers (routing, both
 GEMMs, activation, top-k sum) at M in 1, 16, 256 with PyTorch's per-expert
@@ -47,6 +52,8 @@ import ferrum_moe as fm  # noqa: E402
 from ferrum_moe.gptq import unpack  # noqa: E402
 from ferrum_moe.testing import random_codes_weight  # noqa: E402
 
+COLD_BYTES = 96 << 20  # weights cycled through between two calls on the same copy
+
 EXPERTS = [(2048, 1536, "Qwen3-30B-A3B w13"), (768, 2048, "Qwen3-30B-A3B w2"), (4096, 28672, "Mixtral w13"),
            (7168, 4096, "DeepSeek-V3 w13")]
 ROWS = [1, 2, 4, 16, 64, 256, 1024]
@@ -57,7 +64,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 class Machine:
-    """machine_limits.c: bandwidth, peak rates and the cache flush."""
+    """machine_limits.c: read bandwidth and peak rates."""
 
     def __init__(self, threads: int):
         self.threads = threads
@@ -72,19 +79,13 @@ class Machine:
         self.lib.ml_read.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_size_t]
         self.lib.ml_peak_flops.restype = ctypes.c_double
         self.lib.ml_peak_flops.argtypes = [ctypes.c_int, ctypes.c_int]
-        self._flush_bytes = 256 << 20
-        self._flush = self.lib.ml_alloc(self._flush_bytes)
-
-    def flush(self) -> None:
-        self.lib.ml_read(self._flush, self._flush_bytes, self.threads, 0)
 
     def read_bandwidth(self) -> dict:
         n = 1 << 30
         buf = self.lib.ml_alloc(n)
         best = {}
-        for ahead in (0, 1024, 4096):
-            rates = [n / self.lib.ml_read(buf, n, self.threads, ahead) for _ in range(7)]
-            best[ahead] = rates
+        for ahead in (0, 1024, 2048, 4096, 8192):
+            best[ahead] = [n / self.lib.ml_read(buf, n, self.threads, ahead) for _ in range(10)]
         self.lib.ml_free(ctypes.c_void_p(buf))
         ahead, rates = max(best.items(), key=lambda kv: max(kv[1]))
         return dict(bytes_per_s=max(rates), median=statistics.median(rates), prefetch_ahead=ahead)
@@ -93,22 +94,29 @@ class Machine:
         return max(self.lib.ml_peak_flops(self.threads, kind) for _ in range(3))
 
 
-def measure(fn, machine: Machine, budget_s: float = 2.0) -> dict:
-    """Median seconds of repeats, each after a cache flush; fewer repeats when slow."""
-    fn()
-    machine.flush()
+def measure(calls, budget_s: float = 2.0) -> dict:
+    """Median seconds of repeats cycling through `calls` (one per copy of the
+    weights, or per routing), after one pass over all of them; fewer repeats
+    when slow."""
+    for call in calls:
+        call()
     t = time.perf_counter()
-    fn()
+    calls[0]()
     first = time.perf_counter() - t
     reps = int(min(15, max(3, budget_s / max(first, 1e-6))))
     times = []
-    for _ in range(reps):
-        machine.flush()
+    for i in range(reps):
+        call = calls[(i + 1) % len(calls)]
         t = time.perf_counter()
-        fn()
+        call()
         times.append(time.perf_counter() - t)
     med = statistics.median(times)
-    return dict(s=med, min=min(times), max=max(times), reps=reps)
+    return dict(s=med, min=min(times), max=max(times), reps=reps, copies=len(calls))
+
+
+def copies(nbytes: int) -> int:
+    """Copies such that the others, read between two calls on one, hold COLD_BYTES."""
+    return 1 + -(-COLD_BYTES // nbytes)
 
 
 def int4_bytes(k: int, n: int) -> int:
@@ -140,10 +148,14 @@ def rel(a, b) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def expert_rows(machine: Machine, rng, k, n, name, rows, bw, peak_bf16, peak_f32, peers=True) -> list[dict]:
+def expert_rows(rng, k, n, name, rows, bw, peak_bf16, peak_f32, peers=True) -> list[dict]:
     e = Expert(rng, k, n, dense=("bf16", "f32") if peers else ())
-    ours_bf16 = fm.Linear.from_gptq(e.w, dtype="bfloat16")
-    ours_f32 = fm.Linear.from_gptq(e.w, dtype="float32")
+    cycle = copies(int4_bytes(k, n))
+    ours_bf16 = [fm.Linear.from_gptq(e.w, dtype="bfloat16") for _ in range(cycle)]
+    ours_f32 = [fm.Linear.from_gptq(e.w, dtype="float32") for _ in range(cycle)]
+    int4 = [(e.int4.clone(), e.scale_zero.clone()) for _ in range(cycle)]
+    dense_bf16 = [e.bf16.clone() for _ in range(copies(k * n * 2))] if peers else []
+    dense_f32 = [e.f32.clone() for _ in range(copies(k * n * 4))] if peers else []
     out = []
     for m in rows:
         xb = torch.randn(m, k).to(torch.bfloat16)
@@ -151,13 +163,16 @@ def expert_rows(machine: Machine, rng, k, n, name, rows, bw, peak_bf16, peak_f32
         ob, of = torch.empty(m, n, dtype=torch.bfloat16), torch.empty(m, n)
         r = dict(case=name, k=k, n=n, m=m, floor_s=int4_bytes(k, n) / bw, roof_bf16_s=2 * m * k * n / peak_bf16,
                  roof_f32_s=2 * m * k * n / peak_f32)
-        r["ours_bf16"] = measure(lambda: ours_bf16(xb, out=ob), machine)
-        r["ours_f32"] = measure(lambda: ours_f32(xf, out=of), machine)
-        r["torch_int4"] = measure(lambda: e.torch_int4(xb), machine)
+        r["ours_bf16"] = measure([lambda lin=lin: lin(xb, out=ob) for lin in ours_bf16])
+        r["ours_f32"] = measure([lambda lin=lin: lin(xf, out=of) for lin in ours_f32])
+        r["torch_int4"] = measure([lambda w=w: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, w[0], GROUP, w[1])
+                                   for w in int4])
         if peers:
-            r["torch_bf16"] = measure(lambda: F.linear(xb, e.bf16), machine)
-            r["torch_f32"] = measure(lambda: F.linear(xf, e.f32), machine)
+            r["torch_bf16"] = measure([lambda w=w: F.linear(xb, w) for w in dense_bf16])
+            r["torch_f32"] = measure([lambda w=w: F.linear(xf, w) for w in dense_f32])
             ref = F.linear(xf, e.f32)
+            ours_bf16[0](xb, out=ob)
+            ours_f32[0](xf, out=of)
             r["error"] = dict(ours_bf16=rel(ob, ref), ours_f32=rel(of, ref), torch_int4=rel(e.torch_int4(xb), ref))
         out.append(r)
         print_expert_row(r)
@@ -189,28 +204,31 @@ class Layer:
         return out.to(x.dtype)
 
 
-def moe_rows(machine: Machine, rng, name, shape, rows, bw) -> list[dict]:
+def moe_rows(rng, name, shape, rows, bw, routings=8) -> list[dict]:
     layer = Layer(rng, *shape)
     e, top_k, hidden, inter = shape
     out = []
     for m in rows:
         g = torch.Generator().manual_seed(m)
         x = torch.randn(m, hidden, generator=g).to(torch.bfloat16)
-        ids = torch.argsort(torch.randn(m, e, generator=g), dim=1)[:, :top_k].to(torch.int32)
-        tw = torch.softmax(torch.randn(m, top_k, generator=g), dim=1)
+        # Different experts call after call (each routing's weights cold), the same token count.
+        cases = [(torch.argsort(torch.randn(m, e, generator=g), dim=1)[:, :top_k].to(torch.int32),
+                  torch.softmax(torch.randn(m, top_k, generator=g), dim=1)) for _ in range(routings)]
         y = torch.empty(m, hidden, dtype=torch.bfloat16)
-        active = len(torch.unique(ids))
+        active = statistics.mean(len(torch.unique(ids)) for ids, _ in cases)
         r = dict(case=f"MoE {name}", m=m, active_experts=active, floor_s=active * layer.expert_bytes / bw)
-        r["ours_bf16"] = measure(lambda: layer.ours(x, tw, ids, out=y), machine)
-        r["torch_int4"] = measure(lambda: layer.torch_loop(x, tw, ids, "int4"), machine)
-        r["torch_bf16"] = measure(lambda: layer.torch_loop(x, tw, ids, "bf16"), machine)
+        r["ours_bf16"] = measure([lambda c=c: layer.ours(x, c[1], c[0], out=y) for c in cases])
+        r["torch_int4"] = measure([lambda c=c: layer.torch_loop(x, c[1], c[0], "int4") for c in cases])
+        r["torch_bf16"] = measure([lambda c=c: layer.torch_loop(x, c[1], c[0], "bf16") for c in cases])
+        ids, tw = cases[0]
+        layer.ours(x, tw, ids, out=y)
         r["error"] = dict(ours_bf16=rel(y, layer.torch_loop(x, tw, ids, "bf16")))
         out.append(r)
         print_moe_row(r)
     return out
 
 
-def concurrency(machine: Machine, rng) -> dict:
+def concurrency(rng) -> dict:
     """Two Python threads calling at once against the same calls one after another."""
     e = Expert(rng, 4096, 28672, dense=())
     lin = fm.Linear.from_gptq(e.w, dtype="bfloat16")
@@ -253,7 +271,7 @@ def print_expert_row(r):
 
 def print_moe_row(r):
     ob = r["ours_bf16"]
-    print(f"{r['case']:<26} M={r['m']:<4} ({r['active_experts']:>3} experts) ours {fmt_ms(ob):>9} ms | torch int4 loop "
+    print(f"{r['case']:<26} M={r['m']:<4} ({r['active_experts']:>5.1f} experts) ours {fmt_ms(ob):>9} ms | torch int4 loop "
           f"{fmt_ms(r['torch_int4']):>9} | torch bf16 loop {fmt_ms(r['torch_bf16']):>9} | ours/floor "
           f"{ob['s'] / r['floor_s']:.2f}", flush=True)
 
@@ -305,7 +323,7 @@ def markdown(res) -> str:
               "ours / floor | int4 loop / ours | bf16 loop / ours |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in res["moe"]:
         ob = r["ours_bf16"]
-        lines.append(f"| {r['case'][4:]} | {r['m']} | {r['active_experts']} | {r['floor_s'] * 1e3:.3f} | {fmt_ms(ob)} | "
+        lines.append(f"| {r['case'][4:]} | {r['m']} | {r['active_experts']:.1f} | {r['floor_s'] * 1e3:.3f} | {fmt_ms(ob)} | "
                      f"{fmt_ms(r['torch_int4'])} | {fmt_ms(r['torch_bf16'])} | {ob['s'] / r['floor_s']:.2f} | "
                      f"{ratio(r['torch_int4'], ob)} | {ratio(r['torch_bf16'], ob)} |")
     if "one_thread" in res:
@@ -390,18 +408,17 @@ def main() -> None:
           f"(prefetch {read['prefetch_ahead']}), peak bf16 {peak_bf16 / 1e9:.0f} GFLOP/s, fp32 {peak_f32 / 1e9:.0f} GFLOP/s",
           flush=True)
     if args.one_thread:
-        res["experts"] = expert_rows(machine, rng, 4096, 28672, "Mixtral w13", [1, 16, 256], bw, peak_bf16, peak_f32,
-                                     peers=False)
-        res["moe"] = moe_rows(machine, rng, "Qwen3-30B-A3B", MODELS["Qwen3-30B-A3B"], [1, 16], bw)
+        res["experts"] = expert_rows(rng, 4096, 28672, "Mixtral w13", [1, 16, 256], bw, peak_bf16, peak_f32, peers=False)
+        res["moe"] = moe_rows(rng, "Qwen3-30B-A3B", MODELS["Qwen3-30B-A3B"], [1, 16], bw)
         json.dump(res, sys.stdout)
         return
     res["experts"] = []
     for k, n, name in EXPERTS:
-        res["experts"] += expert_rows(machine, rng, k, n, name, ROWS, bw, peak_bf16, peak_f32)
+        res["experts"] += expert_rows(rng, k, n, name, ROWS, bw, peak_bf16, peak_f32)
     res["moe"] = []
     for name, shape in MODELS.items():
-        res["moe"] += moe_rows(machine, rng, name, shape, MOE_ROWS, bw)
-    res["concurrency"] = concurrency(machine, rng)
+        res["moe"] += moe_rows(rng, name, shape, MOE_ROWS, bw)
+    res["concurrency"] = concurrency(rng)
     one = subprocess.run([sys.executable, __file__, "--one-thread"], env=dict(os.environ, FERRUM_MOE_NUM_THREADS="1"),
                          capture_output=True, text=True, check=True)
     res["one_thread"] = json.loads(one.stdout.splitlines()[-1])

@@ -1,15 +1,14 @@
 /* The machine's limits for benchmarks/bench_cpu.py, measured in the same run
  * as everything it compares: how fast all threads together stream-read a
- * buffer far larger than the caches (the memory roof), the peak rate of the
- * widest float32 FMA and bf16 dot-product instructions (the compute roofs),
- * and a cache flush (a read of another buffer) run before each timed call.
+ * buffer far larger than the caches (the memory roof), and the peak rate of
+ * the widest float32 FMA and bf16 dot-product instructions (the compute roofs).
  *
  * Built by the benchmark with the system C compiler (-O3 -march=native
  * -fopenmp) and loaded with ctypes; not part of the library. Buffers are
  * 2 MiB-aligned and advised to use huge pages, as the CPU backend's weights
- * are. Each thread sums its own contiguous slice with eight independent
- * accumulators (the compiler vectorizes them), prefetching `ahead` bytes
- * ahead (0: the hardware prefetchers alone); the benchmark keeps the best. */
+ * are. Each thread sums its own contiguous slice into four vector
+ * accumulators, prefetching `ahead` bytes ahead (0: the hardware prefetchers
+ * alone); the benchmark keeps the best. */
 #include <immintrin.h>
 #include <omp.h>
 #include <stdint.h>

@@ -11,8 +11,9 @@
 namespace ferrum::cpu {
 namespace {
 
-// Rows of one tile item: a multiple of the micro-kernels' 6 rows and of AMX's 16.
-constexpr int64_t kItemRows = 96;
+// Rows of one tile item: a multiple of the micro-kernels' 6 rows and of AMX's
+// 16; 144 measured a few percent above 48, 96 and 240 (docs/cpu-kernels.md).
+constexpr int64_t kItemRows = 144;
 // Least work for which a call takes one more thread (threads_for): about
 // 10 us of one core. 8 multiply-adds count as one byte: the rate ratio of the
 // tile and stream kernels.
@@ -100,7 +101,11 @@ void gemm(const KernelSet& kernels, const PackedWeights& w, Float dtype, const D
   }
   if (s.items.empty()) return;
   int64_t work = 0;
-  for (const Item& it : s.items) work += it.blocks * kBlockCols * kpad * (w.bits + it.rows) / 8;
+  bool streams_only = true;
+  for (const Item& it : s.items) {
+    work += it.blocks * kBlockCols * kpad * (w.bits + it.rows) / 8;
+    streams_only = streams_only && it.rows <= path.stream_rows;
+  }
   const int threads = int(std::min<int64_t>(threads_for(work), int64_t(s.items.size())));
   const int64_t acc_bytes = round_up(max_item_rows * kMaxItemBlocks * kBlockCols * 4, 64);
   const int64_t scratch_bytes = acc_bytes + kTileScratchBytes;
@@ -134,9 +139,7 @@ void gemm(const KernelSet& kernels, const PackedWeights& w, Float dtype, const D
     }
     char* scratch = arena + scratch_at + omp_get_thread_num() * scratch_bytes;
     auto* acc = reinterpret_cast<float*>(scratch);
-#pragma omp for schedule(dynamic, 1)
-    for (size_t i = 0; i < s.items.size(); ++i) {
-      const Item& it = s.items[i];
+    auto run = [&](const Item& it) {
       const Job& job = jobs[size_t(it.job)];
       const int64_t nu = w.unit_begin[size_t(job.expert) + 1] - w.unit_begin[size_t(job.expert)];
       const TileArgs t{&w,
@@ -159,6 +162,15 @@ void gemm(const KernelSet& kernels, const PackedWeights& w, Float dtype, const D
       st.out_rows = job.out_rows.data() + it.row_begin;
       st.row_scale = job.row_scale.empty() ? nullptr : job.row_scale.data() + it.row_begin;
       kernels.store(st);
+    };
+    if (streams_only) {
+      // Equal items, each thread a contiguous run of them: one stream through
+      // memory per thread, which its prefetches carry from item to item.
+#pragma omp for schedule(static)
+      for (size_t i = 0; i < s.items.size(); ++i) run(s.items[i]);
+    } else {
+#pragma omp for schedule(dynamic, 1)
+      for (size_t i = 0; i < s.items.size(); ++i) run(s.items[i]);
     }
   }
 }

@@ -10,12 +10,13 @@ bf16 scales):
   torch bf16 / fp32        F.linear on the dequantized weights (oneDNN / MKL)
 Limits (benchmarks/machine_limits.c, built here with the system C compiler):
   memory floor             INT4 codes + bf16 scales / the best multi-threaded
-                           streaming-read bandwidth (a 1 GiB buffer on huge pages)
+                           streaming-read bandwidth (1 GiB of distinct data on
+                           huge pages)
   compute roof             FLOPs / the peak rate of vdpbf16ps (bf16) or FMA (fp32)
 Weights come from memory, as in a model too large for the caches: every
 contender holds enough copies of its weights that the calls cycling through
-them read 96 MiB (three times this machine's L3) between two calls on the same
-copy, so each call's weights come from memory while the code and the Python
+them read 256 MiB (eight times this machine's L3) between two calls on the
+same copy, so each call's weights come from memory while the code and the Python
 objects stay as warm as between a model's layers (a whole-cache flush before
 each call would also make the Python call path cold and time that instead).
 MoE layers cycle through different routings instead. Each figure is the median
@@ -52,7 +53,7 @@ import ferrum_moe as fm  # noqa: E402
 from ferrum_moe.gptq import unpack  # noqa: E402
 from ferrum_moe.testing import random_codes_weight  # noqa: E402
 
-COLD_BYTES = 96 << 20  # weights cycled through between two calls on the same copy
+COLD_BYTES = 256 << 20  # weights cycled through between two calls on the same copy
 
 EXPERTS = [(2048, 1536, "Qwen3-30B-A3B w13"), (768, 2048, "Qwen3-30B-A3B w2"), (4096, 28672, "Mixtral w13"),
            (7168, 4096, "DeepSeek-V3 w13")]
@@ -84,7 +85,7 @@ class Machine:
         n = 1 << 30
         buf = self.lib.ml_alloc(n)
         best = {}
-        for ahead in (0, 1024, 2048, 4096, 8192):
+        for ahead in (0, 1024, 2048, 4096, 8192, 16384):
             best[ahead] = [n / self.lib.ml_read(buf, n, self.threads, ahead) for _ in range(10)]
         self.lib.ml_free(ctypes.c_void_p(buf))
         ahead, rates = max(best.items(), key=lambda kv: max(kv[1]))
@@ -204,7 +205,7 @@ class Layer:
         return out.to(x.dtype)
 
 
-def moe_rows(rng, name, shape, rows, bw, routings=8) -> list[dict]:
+def moe_rows(rng, name, shape, rows, bw, routings=16) -> list[dict]:
     layer = Layer(rng, *shape)
     e, top_k, hidden, inter = shape
     out = []
@@ -251,6 +252,16 @@ def concurrency(rng) -> dict:
         th.join()
     together = time.perf_counter() - t
     return dict(calls=2 * calls, serial_s=serial, two_threads_s=together)
+
+
+def call_overhead(rng) -> float:
+    """Seconds of a warm fm.Linear call on a 64 x 64 stack: the fixed cost of a
+    call through the Python API (DLPack import, checks, dispatch) that every
+    single-expert figure includes."""
+    w = random_codes_weight(rng, 64, 64, group_size=64, scale_dtype=ml_dtypes.bfloat16)
+    lin = fm.Linear.from_gptq(w, dtype="bfloat16")
+    x, y = torch.randn(1, 64).to(torch.bfloat16), torch.empty(1, 64, dtype=torch.bfloat16)
+    return measure([lambda: lin(x, out=y)] * 200, budget_s=1.0)["s"]
 
 
 def fmt_ms(d) -> str:
@@ -308,7 +319,8 @@ def markdown(res) -> str:
     lines = [f"{m['cpu']}, {m['threads']} threads, {m['date']}; {res['backend']}; PyTorch {m['torch']}. Measured in "
              f"the same run: read bandwidth {m['read']['bytes_per_s'] / 1e9:.1f} GB/s (best; median "
              f"{m['read']['median'] / 1e9:.1f}), peak vdpbf16ps {m['peak_bf16'] / 1e9:.0f} GFLOP/s, peak FMA "
-             f"{m['peak_f32'] / 1e9:.0f} GFLOP/s.", "",
+             f"{m['peak_f32'] / 1e9:.0f} GFLOP/s; a warm fm.Linear call on a 64 x 64 stack takes "
+             f"{m['call_overhead_s'] * 1e6:.1f} us (the fixed cost in every row below).", "",
              "| expert K x N | M | ours bf16 ms | GB/s | GFLOP/s | ours fp32 ms | torch int4 ms | torch bf16 ms | "
              "torch fp32 ms | int4 / ours | bf16 / ours | fp32 / ours fp32 | floor / ours |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -403,6 +415,7 @@ def main() -> None:
     res = dict(backend=cpu.description, machine=dict(
         cpu=cpu_model(), threads=threads, date=datetime.date.today().isoformat(), torch=torch.__version__, read=read,
         peak_bf16=peak_bf16, peak_f32=peak_f32, load_before=os.getloadavg()))
+    res["machine"]["call_overhead_s"] = call_overhead(rng)
     bw = read["bytes_per_s"]
     print(f"{res['machine']['cpu']}, {threads} threads; ferrum-moe {cpu.description}; read {bw / 1e9:.1f} GB/s "
           f"(prefetch {read['prefetch_ahead']}), peak bf16 {peak_bf16 / 1e9:.0f} GFLOP/s, fp32 {peak_f32 / 1e9:.0f} GFLOP/s",

@@ -84,8 +84,6 @@ void tile_bf16(const TileArgs& t) {
   const int64_t kpad = w.kpad(), ld = t.blocks * kBlockCols;
   auto* tile = static_cast<uint32_t*>(t.scratch);
   alignas(64) float c[32 * 32];
-  for (int64_t r = 0; r < t.m; ++r)
-    for (int64_t j = 0; j < ld; j += kLanes) vstore(t.acc + r * ld + j, vzero());
   configure();
   for (int64_t u = 0; u < nu; ++u) {
     const int64_t k0 = int64_t(units[u].kg_begin) * kKGroup;
@@ -106,7 +104,7 @@ void tile_bf16(const TileArgs& t) {
           for (int64_t i = 0; i < rows; ++i)
             for (int p = 0; p < 2; ++p)
               apply_unit(t.acc + (r + i) * ld + b * kBlockCols + (2 * half + p) * kLanes, ps[p], vload(c + i * 32 + p * kLanes),
-                         t.xs[(r + i) * nu + u]);
+                         t.xs[(r + i) * nu + u], u == 0);
         }
       }
     }

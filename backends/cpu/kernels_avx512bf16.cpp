@@ -72,13 +72,13 @@ void stream_unit(const TileArgs& t, int64_t b, int64_t u, int64_t r0) {
     for (int r = 0; r < MR; ++r) {
       __m512 sum = c[0][r][p];
       if constexpr (S == 2) sum = _mm512_add_ps(sum, c[S - 1][r][p]);
-      apply_unit(acc + r * ld + p * kLanes, ps, VF{sum}, t.xs[(r0 + r) * nu + u]);
+      apply_unit(acc + r * ld + p * kLanes, ps, VF{sum}, t.xs[(r0 + r) * nu + u], u == 0);
     }
   }
 }
 
 // MR rows x 64 columns over one unit of an expanded tile, applied to acc.
-template <int MR>
+template <int MR, bool kFirst>
 void micro(const uint16_t* a, int64_t lda, const uint32_t* tile, int64_t pairs, const PanelScales* ps, const float* xs,
            int64_t xs_stride, float* acc, int64_t ld) {
   __m512 c[MR][kPanels];
@@ -96,15 +96,18 @@ void micro(const uint16_t* a, int64_t lda, const uint32_t* tile, int64_t pairs, 
     }
   }
   for (int r = 0; r < MR; ++r)
-    for (int p = 0; p < kPanels; ++p) apply_unit(acc + r * ld + p * kLanes, ps[p], VF{c[r][p]}, xs[r * xs_stride]);
+    for (int p = 0; p < kPanels; ++p) apply_unit(acc + r * ld + p * kLanes, ps[p], VF{c[r][p]}, xs[r * xs_stride], kFirst);
 }
 
 template <int MR>
 void micro_rows(int64_t rows, const uint16_t* a, int64_t lda, const uint32_t* tile, int64_t pairs, const PanelScales* ps,
-                const float* xs, int64_t xs_stride, float* acc, int64_t ld) {
+                const float* xs, int64_t xs_stride, float* acc, int64_t ld, bool first) {
   if constexpr (MR > 0) {
-    if (rows == MR) return micro<MR>(a, lda, tile, pairs, ps, xs, xs_stride, acc, ld);
-    micro_rows<MR - 1>(rows, a, lda, tile, pairs, ps, xs, xs_stride, acc, ld);
+    // The first unit's flag as a template argument: as a run-time one it cost
+    // two accumulators spilled in the loop.
+    if (rows == MR && first) return micro<MR, true>(a, lda, tile, pairs, ps, xs, xs_stride, acc, ld);
+    if (rows == MR) return micro<MR, false>(a, lda, tile, pairs, ps, xs, xs_stride, acc, ld);
+    micro_rows<MR - 1>(rows, a, lda, tile, pairs, ps, xs, xs_stride, acc, ld, first);
   }
 }
 
@@ -143,9 +146,6 @@ void pack_bf16(const PackArgs& p) {
 
 void stream_bf16(const TileArgs& t) {
   const int64_t nu = t.w->unit_begin[size_t(t.expert) + 1] - t.w->unit_begin[size_t(t.expert)];
-  const int64_t ld = t.blocks * kBlockCols;
-  for (int64_t r = 0; r < t.m; ++r)
-    for (int64_t j = 0; j < ld; j += kLanes) vstore(t.acc + r * ld + j, vzero());
   for (int64_t b = 0; b < t.blocks; ++b) {
     for (int64_t u = 0; u < nu; ++u) {
       // Row chunks inside the unit: its 4 KiB of codes stay in L1 between them.
@@ -167,8 +167,6 @@ void tile_bf16(const TileArgs& t) {
   const int64_t nu = units_of(w, t.expert, &units);
   const int64_t kpad = w.kpad(), ld = t.blocks * kBlockCols;
   auto* tile = static_cast<uint32_t*>(t.scratch);
-  for (int64_t r = 0; r < t.m; ++r)
-    for (int64_t j = 0; j < ld; j += kLanes) vstore(t.acc + r * ld + j, vzero());
   for (int64_t u = 0; u < nu; ++u) {
     const int64_t k0 = int64_t(units[u].kg_begin) * kKGroup;
     const int64_t pairs = int64_t(units[u].kg_end - units[u].kg_begin) * (kKGroup / 2);
@@ -179,7 +177,7 @@ void tile_bf16(const TileArgs& t) {
       for (int p = 0; p < kPanels; ++p) ps[p] = panel_scales(w, t.expert, t.block_begin + b, units[u].group, p, kCodeOffset);
       for (int64_t r = 0; r < t.m; r += kMicroRows) {
         micro_rows<kMicroRows>(std::min<int64_t>(kMicroRows, t.m - r), static_cast<const uint16_t*>(t.a) + r * kpad + k0,
-                               kpad, tile, pairs, ps, t.xs + r * nu + u, nu, t.acc + r * ld + b * kBlockCols, ld);
+                               kpad, tile, pairs, ps, t.xs + r * nu + u, nu, t.acc + r * ld + b * kBlockCols, ld, u == 0);
       }
     }
   }

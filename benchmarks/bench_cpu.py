@@ -14,12 +14,12 @@ Limits (benchmarks/machine_limits.c, built here with the system C compiler):
                            huge pages)
   compute roof             FLOPs / the peak rate of vdpbf16ps (bf16) or FMA (fp32)
 Weights come from memory, as in a model too large for the caches: every
-contender holds enough copies of its weights that the calls cycling through
-them read 256 MiB (eight times this machine's L3) between two calls on the
-same copy, so each call's weights come from memory while the code and the Python
-objects stay as warm as between a model's layers (a whole-cache flush before
-each call would also make the Python call path cold and time that instead).
-MoE layers cycle through different routings instead. Each figure is the median
+contender holds enough copies of its weights (each its own random codes) that
+the calls cycling through them read 256 MiB (eight times this machine's L3)
+between two calls on the same copy, so each call's weights come from memory
+while the code and the Python objects stay as warm as between a model's layers
+(a whole-cache flush before each call would also make the Python call path
+cold and time that instead). MoE layers cycle through different routings. Each figure is the median
 of repeats (fewer for slow cases), with its spread recorded.
 
 Single experts (K x N) run at M in 1 .. 1024, whole MoE layers (routing, both
@@ -135,9 +135,10 @@ class Expert:
         self.int4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.from_numpy(q.T.copy()), 1)
         # torch's int4 dequantizes (q - 8) * scale + zero.
         self.scale_zero = torch.stack([scales, torch.zeros_like(scales)], -1).to(torch.bfloat16).contiguous()
+        self.bf16 = self.f32 = None
         if dense:
             w = ((torch.from_numpy(q).float() - 8) * scales.repeat_interleave(GROUP, 0)[:k]).T  # [N, K]: nn.Linear's layout
-            self.bf16 = w.to(torch.bfloat16).contiguous()
+            self.bf16 = w.to(torch.bfloat16).contiguous() if "bf16" in dense else None
             self.f32 = w.contiguous() if "f32" in dense else None
 
     def torch_int4(self, x):
@@ -150,13 +151,18 @@ def rel(a, b) -> float:
 
 
 def expert_rows(rng, k, n, name, rows, bw, peak_bf16, peak_f32, peers=True) -> list[dict]:
-    e = Expert(rng, k, n, dense=("bf16", "f32") if peers else ())
+    # Every copy its own random codes: copies of equal bytes can share physical
+    # pages (merged below the VM) and then read from cache.
     cycle = copies(int4_bytes(k, n))
-    ours_bf16 = [fm.Linear.from_gptq(e.w, dtype="bfloat16") for _ in range(cycle)]
-    ours_f32 = [fm.Linear.from_gptq(e.w, dtype="float32") for _ in range(cycle)]
-    int4 = [(e.int4.clone(), e.scale_zero.clone()) for _ in range(cycle)]
-    dense_bf16 = [e.bf16.clone() for _ in range(copies(k * n * 2))] if peers else []
-    dense_f32 = [e.f32.clone() for _ in range(copies(k * n * 4))] if peers else []
+    cycle_bf16, cycle_f32 = (copies(k * n * 2), copies(k * n * 4)) if peers else (0, 0)
+    experts = [Expert(rng, k, n, dense=("bf16",) * (i < cycle_bf16) + ("f32",) * (i < cycle_f32))
+               for i in range(max(cycle, cycle_bf16, cycle_f32))]
+    e = experts[0]
+    ours_bf16 = [fm.Linear.from_gptq(x.w, dtype="bfloat16") for x in experts[:cycle]]
+    ours_f32 = [fm.Linear.from_gptq(x.w, dtype="float32") for x in experts[:cycle]]
+    int4 = [(x.int4, x.scale_zero) for x in experts[:cycle]]
+    dense_bf16 = [x.bf16 for x in experts[:cycle_bf16]]
+    dense_f32 = [x.f32 for x in experts[:cycle_f32]]
     out = []
     for m in rows:
         xb = torch.randn(m, k).to(torch.bfloat16)

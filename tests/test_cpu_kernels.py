@@ -14,6 +14,8 @@ scaled by sum_k |x_k| |w_kn|."""
 
 import json
 import os
+import platform
+import shutil
 import subprocess
 import sys
 import threading
@@ -235,6 +237,30 @@ def test_the_description_names_the_kernels_in_use():
     if os.environ.get("FERRUM_MOE_CPU_ISA"):
         assert isa == os.environ["FERRUM_MOE_CPU_ISA"]
     assert ("vdpbf16ps" in cpu.description) == (isa in ("avx512bf16", "amx"))
+
+
+@PARENT_ONLY
+def test_the_amx_kernel_matches_avx512bf16_with_the_tiles_emulated(tmp_path):
+    """The AMX tile kernel never runs on a machine without AMX; its addressing
+    is checked by building it with the tile instructions written in C++
+    (tests/native/amx_emulation.hpp) against the AVX512-BF16 kernel."""
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if cxx is None or platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("needs a C++ compiler on x86-64")
+    with open("/proc/cpuinfo") as f:
+        if "avx512_bf16" not in f.read():
+            pytest.skip("the check runs the AVX512-BF16 kernel beside the emulated AMX one")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cpu = os.path.join(root, "backends", "cpu")
+    exe = str(tmp_path / "amx_check")
+    subprocess.run([cxx, "-std=c++17", "-O1", "-fopenmp", "-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512vl",
+                    "-mavx512bw", "-mavx512dq", "-mavx512bf16", "-I" + os.path.join(root, "src", "cpp", "include"),
+                    "-I" + cpu, "-include", os.path.join(root, "tests", "native", "amx_emulation.hpp"),
+                    os.path.join(cpu, "layout.cpp"), os.path.join(cpu, "kernels_avx512bf16.cpp"),
+                    os.path.join(cpu, "kernels_amx.cpp"), os.path.join(root, "tests", "native", "amx_check.cpp"), "-o", exe],
+                   check=True, capture_output=True, timeout=240)
+    r = subprocess.run([exe], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.endswith("ok\n"), r.stdout + r.stderr
 
 
 @PARENT_ONLY

@@ -1,13 +1,15 @@
 // The bfloat16 tile kernel on AMX (Intel Sapphire Rapids and later).
 //
-// UNTESTED ON HARDWARE: the machines this was written on have no AMX (AMD
-// Zen 5, 2026-12); it compiles, is selected only where CPUID, XCR0 and Linux's
-// ARCH_REQ_XCOMP_PERM all grant AMX, and falls back to the AVX512-BF16 kernel
-// otherwise. Everything around the tile multiply is the tested AVX512-BF16
+// NEVER RUN ON HARDWARE: the machines this was written on have no AMX (AMD
+// Zen 5, 2026-12). It is selected only where CPUID, XCR0 and Linux's
+// ARCH_REQ_XCOMP_PERM all grant AMX. Its addressing is checked against the
+// AVX512-BF16 kernel with the tile instructions emulated in C++
+// (tests/native/amx_check.cpp); the tile configuration and the instructions
+// themselves are not. Everything around the tile multiply is the AVX512-BF16
 // code: the same expanded tile (bf16 pairs 128 + q, [pair][64], which is AMX's
 // B layout with a 256-byte row stride), the same packed activations (rows
-// padded to 16 with zeros: KernelPath::row_align) and the same per-unit
-// scale epilogue, applied to the C tiles stored to memory.
+// padded to 16 with zeros: KernelPath::row_align) and the same per-unit scale
+// epilogue, applied to the C tiles stored to memory.
 #include <immintrin.h>
 
 #include <algorithm>

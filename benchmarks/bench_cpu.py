@@ -81,12 +81,11 @@ class Machine:
         self.lib.ml_peak_flops.restype = ctypes.c_double
         self.lib.ml_peak_flops.argtypes = [ctypes.c_int, ctypes.c_int]
 
-    def read_bandwidth(self) -> dict:
+    def read_bandwidth(self, distances=(0, 1024, 2048, 4096, 8192, 16384), reps: int = 10) -> dict:
+        """Best (and median) bytes/s of reading 1 GiB with all threads, over prefetch distances."""
         n = 1 << 30
         buf = self.lib.ml_alloc(n)
-        best = {}
-        for ahead in (0, 1024, 2048, 4096, 8192, 16384):
-            best[ahead] = [n / self.lib.ml_read(buf, n, self.threads, ahead) for _ in range(10)]
+        best = {ahead: [n / self.lib.ml_read(buf, n, self.threads, ahead) for _ in range(reps)] for ahead in distances}
         self.lib.ml_free(ctypes.c_void_p(buf))
         ahead, rates = max(best.items(), key=lambda kv: max(kv[1]))
         return dict(bytes_per_s=max(rates), median=statistics.median(rates), prefetch_ahead=ahead)
@@ -150,7 +149,13 @@ def rel(a, b) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def expert_rows(rng, k, n, name, rows, bw, peak_bf16, peak_f32, peers=True) -> list[dict]:
+def local_bandwidth(machine: Machine, ahead: int) -> float:
+    """The read bandwidth again, just before a case: this VM's memory rate drifts
+    (35-75 GB/s over one afternoon), so each floor uses the rate of its moment."""
+    return machine.read_bandwidth((0, ahead), reps=5)["bytes_per_s"]
+
+
+def expert_rows(machine, ahead, rng, k, n, name, rows, peak_bf16, peak_f32, peers=True) -> list[dict]:
     # Every copy its own random codes: copies of equal bytes can share physical
     # pages (merged below the VM) and then read from cache.
     cycle = copies(int4_bytes(k, n))
@@ -164,11 +169,13 @@ def expert_rows(rng, k, n, name, rows, bw, peak_bf16, peak_f32, peers=True) -> l
     dense_bf16 = [x.bf16 for x in experts[:cycle_bf16]]
     dense_f32 = [x.f32 for x in experts[:cycle_f32]]
     out = []
+    bw = local_bandwidth(machine, ahead)
     for m in rows:
         xb = torch.randn(m, k).to(torch.bfloat16)
         xf = xb.float()
         ob, of = torch.empty(m, n, dtype=torch.bfloat16), torch.empty(m, n)
-        r = dict(case=name, k=k, n=n, m=m, floor_s=int4_bytes(k, n) / bw, roof_bf16_s=2 * m * k * n / peak_bf16,
+        r = dict(case=name, k=k, n=n, m=m, read_bytes_per_s=bw, floor_s=int4_bytes(k, n) / bw,
+                 roof_bf16_s=2 * m * k * n / peak_bf16,
                  roof_f32_s=2 * m * k * n / peak_f32)
         r["ours_bf16"] = measure([lambda lin=lin: lin(xb, out=ob) for lin in ours_bf16])
         r["ours_f32"] = measure([lambda lin=lin: lin(xf, out=of) for lin in ours_f32])
@@ -211,10 +218,11 @@ class Layer:
         return out.to(x.dtype)
 
 
-def moe_rows(rng, name, shape, rows, bw, routings=16) -> list[dict]:
+def moe_rows(machine, ahead, rng, name, shape, rows, routings=16) -> list[dict]:
     layer = Layer(rng, *shape)
     e, top_k, hidden, inter = shape
     out = []
+    bw = local_bandwidth(machine, ahead)
     for m in rows:
         g = torch.Generator().manual_seed(m)
         x = torch.randn(m, hidden, generator=g).to(torch.bfloat16)
@@ -223,7 +231,8 @@ def moe_rows(rng, name, shape, rows, bw, routings=16) -> list[dict]:
                   torch.softmax(torch.randn(m, top_k, generator=g), dim=1)) for _ in range(routings)]
         y = torch.empty(m, hidden, dtype=torch.bfloat16)
         active = statistics.mean(len(torch.unique(ids)) for ids, _ in cases)
-        r = dict(case=f"MoE {name}", m=m, active_experts=active, floor_s=active * layer.expert_bytes / bw)
+        r = dict(case=f"MoE {name}", m=m, active_experts=active, read_bytes_per_s=bw,
+                 floor_s=active * layer.expert_bytes / bw)
         r["ours_bf16"] = measure([lambda c=c: layer.ours(x, c[1], c[0], out=y) for c in cases])
         r["torch_int4"] = measure([lambda c=c: layer.torch_loop(x, c[1], c[0], "int4") for c in cases])
         r["torch_bf16"] = measure([lambda c=c: layer.torch_loop(x, c[1], c[0], "bf16") for c in cases])
@@ -323,25 +332,28 @@ def targets(res) -> list[str]:
 def markdown(res) -> str:
     m = res["machine"]
     lines = [f"{m['cpu']}, {m['threads']} threads, {m['date']}; {res['backend']}; PyTorch {m['torch']}. Measured in "
-             f"the same run: read bandwidth {m['read']['bytes_per_s'] / 1e9:.1f} GB/s (best; median "
-             f"{m['read']['median'] / 1e9:.1f}), peak vdpbf16ps {m['peak_bf16'] / 1e9:.0f} GFLOP/s, peak FMA "
+             f"the same run: read bandwidth {m['read']['bytes_per_s'] / 1e9:.1f} GB/s at the start (best; median "
+             f"{m['read']['median'] / 1e9:.1f}; again before each case: the read GB/s columns), peak vdpbf16ps {m['peak_bf16'] / 1e9:.0f} GFLOP/s, peak FMA "
              f"{m['peak_f32'] / 1e9:.0f} GFLOP/s; a warm fm.Linear call on a 64 x 64 stack takes "
              f"{m['call_overhead_s'] * 1e6:.1f} us (the fixed cost in every row below).", "",
              "| expert K x N | M | ours bf16 ms | GB/s | GFLOP/s | ours fp32 ms | torch int4 ms | torch bf16 ms | "
-             "torch fp32 ms | int4 / ours | bf16 / ours | fp32 / ours fp32 | floor / ours |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "torch fp32 ms | int4 / ours | bf16 / ours | fp32 / ours fp32 | read GB/s | floor / ours |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in res["experts"]:
         ob = r["ours_bf16"]
         lines.append(
             f"| {r['case']} {r['k']} x {r['n']} | {r['m']} | {fmt_ms(ob)} | {int4_bytes(r['k'], r['n']) / ob['s'] / 1e9:.1f} | "
             f"{2 * r['m'] * r['k'] * r['n'] / ob['s'] / 1e9:.0f} | {fmt_ms(r['ours_f32'])} | {fmt_ms(r['torch_int4'])} | "
             f"{fmt_ms(r.get('torch_bf16'))} | {fmt_ms(r.get('torch_f32'))} | {ratio(r['torch_int4'], ob)} | "
-            f"{ratio(r.get('torch_bf16'), ob)} | {ratio(r.get('torch_f32'), r['ours_f32'])} | {r['floor_s'] / ob['s']:.0%} |")
-    lines += ["", "| layer | M | active experts | floor ms | ours bf16 ms | torch int4 loop ms | torch bf16 loop ms | "
-              "ours / floor | int4 loop / ours | bf16 loop / ours |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+            f"{ratio(r.get('torch_bf16'), ob)} | {ratio(r.get('torch_f32'), r['ours_f32'])} | "
+            f"{r['read_bytes_per_s'] / 1e9:.1f} | {r['floor_s'] / ob['s']:.0%} |")
+    lines += ["", "| layer | M | active experts | read GB/s | floor ms | ours bf16 ms | torch int4 loop ms | "
+              "torch bf16 loop ms | ours / floor | int4 loop / ours | bf16 loop / ours |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in res["moe"]:
         ob = r["ours_bf16"]
-        lines.append(f"| {r['case'][4:]} | {r['m']} | {r['active_experts']:.1f} | {r['floor_s'] * 1e3:.3f} | {fmt_ms(ob)} | "
+        lines.append(f"| {r['case'][4:]} | {r['m']} | {r['active_experts']:.1f} | {r['read_bytes_per_s'] / 1e9:.1f} | "
+                     f"{r['floor_s'] * 1e3:.3f} | {fmt_ms(ob)} | "
                      f"{fmt_ms(r['torch_int4'])} | {fmt_ms(r['torch_bf16'])} | {ob['s'] / r['floor_s']:.2f} | "
                      f"{ratio(r['torch_int4'], ob)} | {ratio(r['torch_bf16'], ob)} |")
     if "one_thread" in res:
@@ -422,21 +434,22 @@ def main() -> None:
         cpu=cpu_model(), threads=threads, date=datetime.date.today().isoformat(), torch=torch.__version__, read=read,
         peak_bf16=peak_bf16, peak_f32=peak_f32, load_before=os.getloadavg()))
     res["machine"]["call_overhead_s"] = call_overhead(rng)
-    bw = read["bytes_per_s"]
+    bw, ahead = read["bytes_per_s"], read["prefetch_ahead"]
     print(f"{res['machine']['cpu']}, {threads} threads; ferrum-moe {cpu.description}; read {bw / 1e9:.1f} GB/s "
           f"(prefetch {read['prefetch_ahead']}), peak bf16 {peak_bf16 / 1e9:.0f} GFLOP/s, fp32 {peak_f32 / 1e9:.0f} GFLOP/s",
           flush=True)
     if args.one_thread:
-        res["experts"] = expert_rows(rng, 4096, 28672, "Mixtral w13", [1, 16, 256], bw, peak_bf16, peak_f32, peers=False)
-        res["moe"] = moe_rows(rng, "Qwen3-30B-A3B", MODELS["Qwen3-30B-A3B"], [1, 16], bw)
+        res["experts"] = expert_rows(machine, ahead, rng, 4096, 28672, "Mixtral w13", [1, 16, 256], peak_bf16, peak_f32,
+                                     peers=False)
+        res["moe"] = moe_rows(machine, ahead, rng, "Qwen3-30B-A3B", MODELS["Qwen3-30B-A3B"], [1, 16])
         json.dump(res, sys.stdout)
         return
     res["experts"] = []
     for k, n, name in EXPERTS:
-        res["experts"] += expert_rows(rng, k, n, name, ROWS, bw, peak_bf16, peak_f32)
+        res["experts"] += expert_rows(machine, ahead, rng, k, n, name, ROWS, peak_bf16, peak_f32)
     res["moe"] = []
     for name, shape in MODELS.items():
-        res["moe"] += moe_rows(rng, name, shape, MOE_ROWS, bw)
+        res["moe"] += moe_rows(machine, ahead, rng, name, shape, MOE_ROWS)
     res["concurrency"] = concurrency(rng)
     one = subprocess.run([sys.executable, __file__, "--one-thread"], env=dict(os.environ, FERRUM_MOE_NUM_THREADS="1"),
                          capture_output=True, text=True, check=True)

@@ -15,6 +15,14 @@ inline Float float_kind(DLDataType t) {
   return t.bits == 16 ? Float::f16 : Float::f32;
 }
 
+inline int64_t float_bytes(Float kind) { return kind == Float::f32 ? 4 : 2; }
+
+// Element i of an array of `kind`.
+inline const void* float_at(const void* base, int64_t i, Float kind) {
+  return static_cast<const char*>(base) + i * float_bytes(kind);
+}
+inline void* float_at(void* base, int64_t i, Float kind) { return static_cast<char*>(base) + i * float_bytes(kind); }
+
 inline float bf16_to_float(uint16_t h) {
   uint32_t bits = uint32_t(h) << 16;
   float f;

@@ -1,14 +1,10 @@
 // The CPU backend: a plugin built only on plugin.hpp, registered through the
 // `ferrum_moe.backends` entry point like any third-party backend.
 //
-// Weights stay packed: the GPTQ words are regrouped into 16-column panels
-// ([expert][panel][packed_k][16], the same bytes in another order) so the
-// kernel streams each panel's K contiguously; scales become float32 and
-// zero points stay uint8. Nothing is dequantized at load.
-#include <omp.h>
-
+// Weights stay packed, regrouped at load into the layout of layout.hpp;
+// nothing is dequantized. The GEMM kernels (kernels.hpp) are chosen per
+// instruction set at run time; gemm.cpp runs them.
 #include <algorithm>
-#include <cmath>
 #include <cstring>
 #include <memory>
 #include <string>
@@ -16,7 +12,9 @@
 
 #include "convert.hpp"
 #include "ferrum_moe/plugin.hpp"
-#include "panel_kernel.hpp"
+#include "gemm.hpp"
+#include "kernels.hpp"
+#include "layout.hpp"
 
 namespace ferrum::cpu {
 namespace {
@@ -27,67 +25,22 @@ using plugin::row_stride;
 
 void* tensor_data(const DLTensor* t) { return data_start(*t); }
 
-// One matmul job: rows of x (by index) times one expert's column window,
-// written to rows of out, each optionally scaled.
-struct Job {
-  int64_t expert;
-  std::vector<int64_t> in_rows;
-  std::vector<int64_t> out_rows;
-  std::vector<float> row_scale;  // empty: 1
-};
-
 class CpuStack final : public plugin::Stack {
  public:
-  CpuStack(const FmStackCreateArgs& a, KernelChoice kernel) : kernel_(kernel) {
+  CpuStack(const FmStackCreateArgs& a, const KernelSet& kernels) : kernels_(kernels) {
     if (a.device.device_type != kDLCPU) {
       throw Error(FM_ERROR_INVALID_ARGUMENT, "the CPU backend holds stacks on the cpu device only");
     }
     dtype_ = float_kind(a.dtype);
     e_ = a.num_experts;
-    k_ = a.k;
     n_ = a.n_per_expert;
-    bits_ = a.bits;
-    group_size_ = a.group_size;
-    num_groups_ = group_size_ == -1 ? 1 : (k_ + group_size_ - 1) / group_size_;
-    packed_k_ = (k_ + 32 / bits_ - 1) / (32 / bits_);
-    panels_ = (n_ + kPanel - 1) / kPanel;
-    n_padded_ = panels_ * kPanel;
-
-    // Regroup packed words into panels; padded columns get code 0 and scale 0.
-    q_.assign(size_t(e_ * panels_ * packed_k_ * kPanel), 0u);
-    const auto* qw = static_cast<const uint32_t*>(tensor_data(a.qweight));
-    for (int64_t e = 0; e < e_; ++e)
-      for (int64_t w = 0; w < packed_k_; ++w)
-        for (int64_t c = 0; c < n_; ++c)
-          q_[size_t(((e * panels_ + c / kPanel) * packed_k_ + w) * kPanel + c % kPanel)] =
-              qw[(e * packed_k_ + w) * n_ + c];
-
-    scales_.assign(size_t(e_ * num_groups_ * n_padded_), 0.0f);
-    const Float sk = float_kind(a.scales->dtype);
-    for (int64_t e = 0; e < e_; ++e)
-      for (int64_t g = 0; g < num_groups_; ++g)
-        for (int64_t c = 0; c < n_; ++c)
-          scales_[size_t((e * num_groups_ + g) * n_padded_ + c)] =
-              load_float(tensor_data(a.scales), (e * num_groups_ + g) * n_ + c, sk);
-    if (a.zeros != nullptr) {
-      zeros_.assign(size_t(e_ * num_groups_ * n_padded_), 0);
-      const auto* z = static_cast<const uint8_t*>(tensor_data(a.zeros));
-      for (int64_t e = 0; e < e_; ++e)
-        for (int64_t g = 0; g < num_groups_; ++g)
-          std::memcpy(&zeros_[size_t((e * num_groups_ + g) * n_padded_)], z + (e * num_groups_ + g) * n_, size_t(n_));
-    }
-    group_of_k_.resize(size_t(e_ * k_));
-    const auto* gi = a.g_idx != nullptr ? static_cast<const int32_t*>(tensor_data(a.g_idx)) : nullptr;
-    for (int64_t e = 0; e < e_; ++e)
-      for (int64_t kk = 0; kk < k_; ++kk)
-        group_of_k_[size_t(e * k_ + kk)] =
-            gi != nullptr ? gi[e * k_ + kk] : (group_size_ == -1 ? 0 : int32_t(kk / group_size_));
+    w_ = pack_weights(a);
   }
 
   FmStackProperties properties() const override {
     FmStackProperties p{};
-    p.column_alignment = kPanel;
-    p.resident_bytes = int64_t(q_.size() * 4 + scales_.size() * 4 + zeros_.size() + group_of_k_.size() * 4);
+    p.column_alignment = kLanes;
+    p.resident_bytes = w_.resident_bytes();
     p.workspace_bytes = 0;
     return p;
   }
@@ -105,7 +58,7 @@ class CpuStack final : public plugin::Stack {
       }
       jobs.push_back(std::move(job));
     }
-    run(*a.x, jobs, a.col_begin, a.n, a.bias, *a.out);
+    gemm(kernels_, w_, dtype_, *a.x, jobs, a.col_begin, a.n, a.bias, *a.out);
   }
 
   void gemm_routed(const FmGemmRoutedArgs& a) override {
@@ -134,87 +87,16 @@ class CpuStack final : public plugin::Stack {
     std::vector<Job> jobs;
     for (Job& j : by_expert)
       if (!j.in_rows.empty()) jobs.push_back(std::move(j));
-    run(*a.x, jobs, 0, n_, nullptr, *a.out);
+    gemm(kernels_, w_, dtype_, *a.x, jobs, 0, n_, nullptr, *a.out);
   }
 
   void zero_workspace(void*) override {}  // the CPU kernels keep no state between calls
 
  private:
-  void run(const DLTensor& x, const std::vector<Job>& jobs, int64_t col_begin, int64_t n, const DLTensor* bias,
-           DLTensor& out) const {
-    if (jobs.empty()) return;
-    // float32 view of x: borrowed when x already is float32, else converted once.
-    const int64_t rows = x.shape[0], xs = row_stride(x);
-    std::vector<float> converted;
-    std::vector<const float*> x_rows(static_cast<size_t>(rows));
-    if (dtype_ == Float::f32) {
-      for (int64_t r = 0; r < rows; ++r) x_rows[size_t(r)] = static_cast<const float*>(data_start(x)) + r * xs;
-    } else {
-      converted.resize(size_t(rows * k_));
-#pragma omp parallel for schedule(static)
-      for (int64_t r = 0; r < rows; ++r)
-        for (int64_t c = 0; c < k_; ++c) converted[size_t(r * k_ + c)] = load_float(data_start(x), r * xs + c, dtype_);
-      for (int64_t r = 0; r < rows; ++r) x_rows[size_t(r)] = converted.data() + r * k_;
-    }
-    const int64_t first_panel = col_begin / kPanel;
-    const int64_t last_panel = (col_begin + n - 1) / kPanel;
-    const int64_t window_panels = last_panel - first_panel + 1;
-    const int64_t tasks = int64_t(jobs.size()) * window_panels;
-    const Float out_kind = float_kind(out.dtype);
-    const int64_t os = row_stride(out);
-    void* out_data = data_start(out);
-    const Float bias_kind = bias != nullptr ? float_kind(bias->dtype) : Float::f32;
-
-#pragma omp parallel
-    {
-      std::vector<float> wbuf(static_cast<size_t>(kKBlock * kPanel));
-      std::vector<float> acc;
-      std::vector<const float*> job_rows;
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t task = 0; task < tasks; ++task) {
-        const Job& job = jobs[size_t(task / window_panels)];
-        const int64_t panel = first_panel + task % window_panels;
-        const int64_t m = int64_t(job.in_rows.size());
-        acc.resize(size_t(m * kPanel));
-        job_rows.resize(size_t(m));
-        for (int64_t i = 0; i < m; ++i) job_rows[size_t(i)] = x_rows[size_t(job.in_rows[size_t(i)])];
-        const int64_t sbase = job.expert * num_groups_ * n_padded_ + panel * kPanel;
-        PanelTask t{};
-        t.x_rows = job_rows.data();
-        t.m = m;
-        t.k = k_;
-        t.bits = bits_;
-        t.q = q_.data() + (job.expert * panels_ + panel) * packed_k_ * kPanel;
-        t.scales = scales_.data() + sbase;
-        t.zeros = zeros_.empty() ? nullptr : zeros_.data() + sbase;
-        t.scale_stride = n_padded_;
-        t.group_of_k = group_of_k_.data() + job.expert * k_;
-        t.acc = acc.data();
-        t.wbuf = wbuf.data();
-        kernel_.kernel(t);
-        // Epilogue: the panel's columns inside the window, scaled, biased, converted.
-        const int64_t c_lo = std::max(panel * kPanel, col_begin);
-        const int64_t c_hi = std::min(panel * kPanel + kPanel, col_begin + n);
-        for (int64_t i = 0; i < m; ++i) {
-          const float s = job.row_scale.empty() ? 1.0f : job.row_scale[size_t(i)];
-          const int64_t orow = job.out_rows[size_t(i)];
-          for (int64_t c = c_lo; c < c_hi; ++c) {
-            float v = acc[size_t(i * kPanel + (c - panel * kPanel))] * s;
-            if (bias != nullptr) v += load_float(data_start(*bias), c - col_begin, bias_kind);
-            store_float(out_data, orow * os + (c - col_begin), v, out_kind);
-          }
-        }
-      }
-    }
-  }
-
-  KernelChoice kernel_;
+  const KernelSet& kernels_;
   Float dtype_;
-  int64_t e_, k_, n_, bits_, group_size_, num_groups_, packed_k_, panels_, n_padded_;
-  std::vector<uint32_t> q_;
-  std::vector<float> scales_;
-  std::vector<uint8_t> zeros_;
-  std::vector<int32_t> group_of_k_;
+  int64_t e_, n_;
+  PackedWeights w_;
 };
 
 // manager_ctx of a tensor this backend allocates.
@@ -226,11 +108,13 @@ struct HostAllocation {
 
 class CpuBackend final : public plugin::Backend {
  public:
-  explicit CpuBackend(const FmHostServices* services) : plugin::Backend(services), kernel_(select_panel_kernel()) {}
+  explicit CpuBackend(const FmHostServices* services)
+      : plugin::Backend(services), kernels_(select_kernels()), threads_(compute_threads()) {}
 
   plugin::BackendInfo info() override {
     plugin::BackendInfo i;
-    i.description = std::string(kernel_.isa) + ", " + std::to_string(omp_get_max_threads()) + " OpenMP threads";
+    i.description = std::string(kernels_.isa) + ": " + (kernels_.bf16.pack != nullptr ? kernels_.bf16.name + std::string(", ") : "") +
+                    kernels_.f32.name + "; " + std::to_string(threads_) + (threads_ == 1 ? " thread" : " threads");
     i.device_types = {kDLCPU};
     i.device_count = 1;
     return i;
@@ -275,7 +159,7 @@ class CpuBackend final : public plugin::Backend {
         throw Error(FM_ERROR_INVALID_ARGUMENT, "the CPU backend reads stack weights from host memory only");
       }
     }
-    return std::make_unique<CpuStack>(a, kernel_);
+    return std::make_unique<CpuStack>(a, kernels_);
   }
 
   void moe_align_block_size(const FmAlignArgs& a) override {
@@ -318,13 +202,9 @@ class CpuBackend final : public plugin::Backend {
     const Float kind = float_kind(a.input->dtype);
     const void* in = tensor_data(a.input);
     void* out = tensor_data(a.out);
-#pragma omp parallel for schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
-      for (int64_t j = 0; j < n; ++j) {
-        const float g = load_float(in, r * is + j, kind), u = load_float(in, r * is + n + j, kind);
-        store_float(out, r * os + j, g / (1.0f + std::exp(-g)) * u, kind);
-      }
-    }
+    const auto lock = exclusive_compute();
+#pragma omp parallel for schedule(static) num_threads(threads_for(rows * n * 3 * float_bytes(kind)))
+    for (int64_t r = 0; r < rows; ++r) kernels_.silu_mul(float_at(in, r * is, kind), float_at(out, r * os, kind), n, kind);
   }
 
   void moe_sum(const FmMoeSumArgs& a) override {
@@ -334,25 +214,26 @@ class CpuBackend final : public plugin::Backend {
     const int32_t* map = a.expert_map != nullptr ? static_cast<const int32_t*>(tensor_data(a.expert_map)) : nullptr;
     const void* in = tensor_data(a.input);
     void* out = tensor_data(a.out);
-#pragma omp parallel
+    const auto lock = exclusive_compute();
+#pragma omp parallel num_threads(threads_for(tokens * top_k * h * float_bytes(in_kind)))
     {
-      std::vector<float> acc(static_cast<size_t>(h));
+      std::vector<const void*> rows(static_cast<size_t>(top_k));
 #pragma omp for schedule(static)
       for (int64_t t = 0; t < tokens; ++t) {
-        std::fill(acc.begin(), acc.end(), 0.0f);
+        int64_t count = 0;
         for (int64_t j = 0; j < top_k; ++j) {
           const int64_t g = load_index(*a.topk_ids, t * top_k + j);
           if (g < 0 || g >= a.num_experts || (map != nullptr && map[g] < 0)) continue;
-          const int64_t row = (t * top_k + j) * is;
-          for (int64_t c = 0; c < h; ++c) acc[size_t(c)] += load_float(in, row + c, in_kind);
+          rows[size_t(count++)] = float_at(in, (t * top_k + j) * is, in_kind);
         }
-        for (int64_t c = 0; c < h; ++c) store_float(out, t * os + c, acc[size_t(c)], out_kind);
+        kernels_.sum_rows(rows.data(), count, in_kind, float_at(out, t * os, out_kind), out_kind, h);
       }
     }
   }
 
  private:
-  KernelChoice kernel_;
+  const KernelSet& kernels_;
+  int threads_;
 };
 
 }  // namespace

@@ -1,6 +1,0 @@
-// accumulate_panel for the avx512 instruction set (flags set in CMakeLists.txt).
-#include "panel_kernel.hpp"
-
-namespace ferrum::cpu::avx512 {
-#include "panel_kernel.inc"
-}  // namespace ferrum::cpu::avx512

@@ -68,12 +68,13 @@ class Routing:
 
 
 def default_block_size(num_pairs: int, num_experts: int) -> int:
-    """A routing block near the expected pairs per expert: 16 for decode, up to 64."""
+    """A routing block near the expected pairs per expert: 16 for decode, up to
+    128 at prefill (the CUDA backend's largest tile on Hopper)."""
     per_expert = num_pairs / max(num_experts, 1)
-    for size in (16, 32):
+    for size in (16, 32, 64):
         if per_expert <= size:
             return size
-    return 64
+    return 128
 
 
 def _align(backend, topk_ids_t, block_size, num_experts, map_t, stream, workspace=None):

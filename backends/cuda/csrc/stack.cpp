@@ -122,6 +122,8 @@ CudaStack::CudaStack(const FmStackCreateArgs& args)
   cudaDeviceProp prop{};
   check_cuda(cudaGetDeviceProperties(&prop, device_), "cudaGetDeviceProperties");
   num_sms_ = prop.multiProcessorCount;
+  // The 128-token wgmma prefill tiles are built for sm_90a.
+  hopper_ = prop.major == 9 && prop.minor == 0;
   if (prop.major < kMinComputeCapabilityMajor) {
     throw Error(FM_ERROR_UNSUPPORTED, "the CUDA backend needs compute capability 8.0 or newer; cuda:" +
                                           std::to_string(device_) + " (" + prop.name + ") is " +
@@ -298,6 +300,12 @@ void CudaStack::zero_workspace(void* stream) {
              "zero_workspace: stream-K counters");
 }
 
+int CudaStack::rows_per_cta_for(int64_t rows) const {
+  if (rows <= gemm::kSmallRowsPerCta) return gemm::kSmallRowsPerCta;
+  if (rows < gemm::kWgmmaRowsPerCta || !hopper_) return gemm::kLargeRowsPerCta;
+  return gemm::kWgmmaRowsPerCta;
+}
+
 int CudaStack::plan_schedule(int64_t tiles_x, int64_t n_tiles, int rows_per_cta, gemm::StreamK& schedule) const {
   schedule = {nullptr, nullptr, static_cast<int32_t>(tiles_x), static_cast<int32_t>(n_tiles)};
   const int64_t tiles = tiles_x * n_tiles;
@@ -305,7 +313,12 @@ int CudaStack::plan_schedule(int64_t tiles_x, int64_t n_tiles, int rows_per_cta,
   if (tiles > kMaxGridX) {
     throw Error(FM_ERROR_UNSUPPORTED, std::to_string(tiles) + " output tiles exceed the CUDA grid limit");
   }
-  const int64_t slots = std::min<int64_t>(gemm::kStreamKCounters, gemm::kStreamKSlotFloats / (rows_per_cta * kTileN));
+  // The 128-token (wgmma) tiles keep their accumulators in another layout than
+  // the slots': they are never shared.
+  const int64_t slots = rows_per_cta == gemm::kWgmmaRowsPerCta
+                            ? 0
+                            : std::min<int64_t>(gemm::kStreamKCounters,
+                                                gemm::kStreamKSlotFloats / (rows_per_cta * kTileN));
   if (tiles > slots || tiles == 0) return static_cast<int>(tiles);  // one CTA per tile
   const int64_t wave = int64_t(ctas_per_sm_[rows_per_cta == gemm::kLargeRowsPerCta]) * num_sms_;
   const int64_t slices = tiles * (k_padded_ / kTileK);
@@ -376,8 +389,7 @@ void CudaStack::gemm_batched(const FmGemmBatchedArgs& args) {
   int64_t max_rows = 0;
   for (int64_t d = 0; d < num_dispatches; ++d) max_rows = std::max(max_rows, field(d, 3));
   if (max_rows == 0) return;
-  const int rows_per_cta = max_rows <= gemm::kSmallRowsPerCta ? gemm::kSmallRowsPerCta
-                                                              : gemm::kLargeRowsPerCta;
+  const int rows_per_cta = rows_per_cta_for(max_rows);
   const int64_t first_n_tile = args.col_begin / kTileN;
   const int64_t num_n_tiles = (args.col_begin + args.n - 1) / kTileN - first_n_tile + 1;
   params.first_n_tile = static_cast<int32_t>(first_n_tile);
@@ -424,9 +436,7 @@ void CudaStack::gemm_batched_device_table(const FmGemmBatchedArgs& args, const g
   if (max_rows == 0) return;
   // The expected height of one dispatch picks the tile: decode tables (a row or
   // a few per dispatch) get 16-row CTAs and stream-K.
-  const int rows_per_cta = ceil_div(max_rows, params.num_dispatches) <= gemm::kSmallRowsPerCta
-                               ? gemm::kSmallRowsPerCta
-                               : gemm::kLargeRowsPerCta;
+  const int rows_per_cta = rows_per_cta_for(ceil_div(max_rows, params.num_dispatches));
   const int64_t chunks = ceil_div(max_rows, rows_per_cta);
   constexpr int64_t kMaxGridX = std::numeric_limits<int32_t>::max();
   if (chunks > kMaxGridX / params.num_dispatches) {
@@ -477,10 +487,9 @@ void CudaStack::gemm_routed(const FmGemmRoutedArgs& args) {
   }
   if (params.num_blocks == 0 || params.num_pairs == 0) return;
 
-  // 64-row CTAs for routing blocks of 64+ rows; smaller blocks are covered by
-  // 16-row CTAs so few rows are wasted on padding.
-  const int rows_per_cta = args.block_size >= gemm::kLargeRowsPerCta ? gemm::kLargeRowsPerCta
-                                                                     : gemm::kSmallRowsPerCta;
+  // Routing blocks are covered by CTAs of at most their height, so few rows
+  // are wasted on padding.
+  const int rows_per_cta = rows_per_cta_for(args.block_size);
   params.chunks_per_block = static_cast<int32_t>(ceil_div(args.block_size, rows_per_cta));
   // plugin.h: only the first num_tokens * top_k routing blocks are processed
   // (each block moe_align_block_size fills holds at least one pair), so the

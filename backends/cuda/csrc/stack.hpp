@@ -34,6 +34,8 @@ class CudaStack final : public ferrum::plugin::Stack {
   // Fills the launch's schedule (gemm/params.hpp, StreamK) for tiles_x x
   // n_tiles output tiles; returns the stream-K CTA count, or 0 for a plain grid.
   int plan_schedule(int64_t tiles_x, int64_t n_tiles, int rows_per_cta, gemm::StreamK& schedule) const;
+  // The CTA height for blocks of `rows` rows: 16, 64, or 128 (Hopper wgmma).
+  int rows_per_cta_for(int64_t rows) const;
 
   int device_;
   DLDataType dtype_;
@@ -54,6 +56,7 @@ class CudaStack final : public ferrum::plugin::Stack {
   DeviceBuffer row_group_;
   gemm::QuantWeights weights_{};
   int num_sms_ = 0;
+  bool hopper_ = false;
   int ctas_per_sm_[2] = {1, 1};  // resident 16- and 64-row CTAs per SM (occupancy): a stream-K wave
   // Stream-K workspace (gemm/params.hpp, StreamK): tile slots (512 of 16 rows,
   // or 128 of 64) and their counters. Calls on one stack from concurrently

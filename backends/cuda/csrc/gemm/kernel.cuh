@@ -28,8 +28,11 @@ template <class T, int kBits, int kMTiles, class FillRows>
 __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& io, const StreamK& schedule,
                                            int first_n_tile, RowTable<kMTiles * kMmaM>& rows,
                                            FillRows&& fill_rows) {
-  extern __shared__ uint4 smem[];
+  extern __shared__ uint4 smem_raw[];
   using Loop = Mainloop<T, kBits, kMTiles>;
+  using Traits = GemmTraits<T, kBits, kMTiles>;
+  uint8_t* smem = reinterpret_cast<uint8_t*>(
+      (reinterpret_cast<uintptr_t>(smem_raw) + Traits::kSmemAlignment - 1) & ~uintptr_t(Traits::kSmemAlignment - 1));
   const int64_t k_tiles = w.k_tiles;
   const int64_t total = static_cast<int64_t>(schedule.tiles_x) * schedule.n_tiles * k_tiles;
   int64_t begin = total * blockIdx.x / gridDim.x;
@@ -44,12 +47,16 @@ __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& 
     if (expert < 0) continue;
     typename Loop::Accumulators acc;
     const int n_tile = first_n_tile + static_cast<int>(tile % schedule.n_tiles);
-    Loop(w, io, rows, expert, n_tile, reinterpret_cast<uint8_t*>(smem)).run(acc, kt_begin, kt_end);
-    if (kt_end - kt_begin < k_tiles &&
-        !reduce_stream_k<kMTiles>(schedule, tile, kt_end - kt_begin, static_cast<int>(k_tiles), rows, acc)) {
-      continue;
+    Loop(w, io, rows, expert, n_tile, smem).run(acc, kt_begin, kt_end);
+    if constexpr (Loop::kWgmma) {
+      store_results_wgmma<T>(io, rows, n_tile, acc);  // one CTA per tile: the host plans no sharing
+    } else {
+      if (kt_end - kt_begin < k_tiles &&
+          !reduce_stream_k<kMTiles>(schedule, tile, kt_end - kt_begin, static_cast<int>(k_tiles), rows, acc)) {
+        continue;
+      }
+      store_results<T, kMTiles>(io, rows, n_tile, acc);
     }
-    store_results<T, kMTiles>(io, rows, n_tile, acc);
   }
 }
 

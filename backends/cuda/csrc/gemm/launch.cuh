@@ -16,22 +16,20 @@ namespace ferrum_moe_cuda::gemm {
 // Calls body(std::integral_constant<int, kBits>, std::integral_constant<int, kMTiles>).
 template <class Body>
 cudaError_t with_specialisation(int bits, int rows_per_cta, Body&& body) {
-  const bool large = rows_per_cta == kLargeRowsPerCta;
-  if (bits == 4) {
-    return large ? body(std::integral_constant<int, 4>{}, std::integral_constant<int, 4>{})
-                 : body(std::integral_constant<int, 4>{}, std::integral_constant<int, 1>{});
-  }
-  if (bits == 8) {
-    return large ? body(std::integral_constant<int, 8>{}, std::integral_constant<int, 4>{})
-                 : body(std::integral_constant<int, 8>{}, std::integral_constant<int, 1>{});
-  }
+  auto with_rows = [&](auto b) {
+    if (rows_per_cta == kWgmmaRowsPerCta) return body(b, std::integral_constant<int, kWgmmaRowsPerCta / kMmaM>{});
+    if (rows_per_cta == kLargeRowsPerCta) return body(b, std::integral_constant<int, kLargeRowsPerCta / kMmaM>{});
+    return body(b, std::integral_constant<int, kSmallRowsPerCta / kMmaM>{});
+  };
+  if (bits == 4) return with_rows(std::integral_constant<int, 4>{});
+  if (bits == 8) return with_rows(std::integral_constant<int, 8>{});
   return cudaErrorInvalidValue;
 }
 
 template <class T>
 cudaError_t configure_gemm_kernels_for(int bits) {
   cudaError_t status = cudaSuccess;
-  for (int rows : {kSmallRowsPerCta, kLargeRowsPerCta}) {
+  for (int rows : {kSmallRowsPerCta, kLargeRowsPerCta, kWgmmaRowsPerCta}) {
     status = with_specialisation(bits, rows, [](auto b, auto m) {
       constexpr int kBits = decltype(b)::value;
       constexpr int kMTiles = decltype(m)::value;

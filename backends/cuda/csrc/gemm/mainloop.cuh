@@ -16,6 +16,7 @@
 #include "gemm/params.hpp"
 #include "gemm/ptx.cuh"
 #include "gemm/traits.cuh"
+#include "gemm/wgmma.cuh"
 
 namespace ferrum_moe_cuda::gemm {
 
@@ -36,7 +37,12 @@ class Mainloop {
   // Symmetric quantization stores no zeros: the zero point is mid-range.
   static constexpr uint32_t kSymmetricZero = 1u << (kBits - 1);
 
-  using Accumulators = float[kMTiles][kNFrags][4];
+  // 128-token tiles (kWgmmaRowsPerCta, Hopper prefill): the warpgroup's
+  // weights are wgmma's register A operand (C^T = W^T X^T), the A tile of
+  // tokens its shared-memory B operand; two m64n128k16 per k-step (the warp's
+  // n8 blocks 0-1 and 2-3), accumulators in the wgmma D layout.
+  static constexpr bool kWgmma = kMTiles * kMmaM == kWgmmaRowsPerCta;
+  using Accumulators = std::conditional_t<kWgmma, float[2][64], float[kMTiles][kNFrags][4]>;
   // The 16-row (decode) tiles accumulate exact integer weights per group and
   // scale the partial sums once per group: there the dequant, not the MMA,
   // bounds the rate. 64-row tiles spread one scaled dequant over four MMAs
@@ -339,49 +345,91 @@ class Mainloop {
       words[4 * j + 3] = v.w;
     }
     const int k_base = kt * kTileK;
+    // wgmma A registers: {b0(nt), b0(nt + 1), b1(nt), b1(nt + 1)} is the m16
+    // A fragment of the 16 weight columns of n8 blocks nt and nt + 1.
+    [[maybe_unused]] uint32_t wgmma_a[kKSteps][2][4];
 #pragma unroll
     for (int ks = 0; ks < kKSteps; ++ks) {
       if constexpr (kMode == GroupMode::kStep) {
         if (step_in_group == steps_per_group_) next_group<kAfter>(group, step_in_group, gp, upcoming, sums, acc);
         ++step_in_group;
       }
-      uint32_t a[kMTiles][4];
+      if constexpr (kWgmma) {
 #pragma unroll
-      for (int mt = 0; mt < kMTiles; ++mt)
-        ldmatrix_x4(a[mt], shared_address(a_stage + a_offset_[ks] + mt * kMmaM * Traits::kARowBytes));
+        for (int nt = 0; nt < kNFrags; ++nt) {
+          const uint32_t word = words[Tile::word_of_fragment(ks * kNFrags + nt)];
 #pragma unroll
-      for (int nt = 0; nt < kNFrags; ++nt) {
-        const int f = ks * kNFrags + nt;
-        const uint32_t word = words[Tile::word_of_fragment(f)];
-        uint32_t b[2];
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int pair = Tile::pair_of_fragment(f, half);
-          if constexpr (kAfter) {
-            b[half] = dequant_pair_int<T, kBits>(word, pair, gp.zeros[nt]);
-          } else {
-            PairQuantParams pq;
-            if constexpr (kMode == GroupMode::kRow) {
-              pq = row_quant_params(k_base + fragment_k(f, lane_, half, 0), column_[nt]);
-            } else {
-              pq = gp.q[nt];
-            }
-            b[half] = dequant_pair<T, kBits>(word, pair, pq.zero_codes, pq.scale_bits);
-          }
+          for (int half = 0; half < 2; ++half)
+            wgmma_a[ks][nt / 2][2 * half + nt % 2] = dequant_scaled<kMode>(word, ks * kNFrags + nt, half, k_base, gp);
         }
+      } else {
+        uint32_t a[kMTiles][4];
 #pragma unroll
-        for (int mt = 0; mt < kMTiles; ++mt) mma_16816<T>(sums[mt][nt], a[mt], b);
+        for (int mt = 0; mt < kMTiles; ++mt)
+          ldmatrix_x4(a[mt], shared_address(a_stage + a_offset_[ks] + mt * kMmaM * Traits::kARowBytes));
+#pragma unroll
+        for (int nt = 0; nt < kNFrags; ++nt) {
+          const int f = ks * kNFrags + nt;
+          const uint32_t word = words[Tile::word_of_fragment(f)];
+          uint32_t b[2];
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            if constexpr (kAfter) {
+              b[half] = dequant_pair_int<T, kBits>(word, Tile::pair_of_fragment(f, half), gp.zeros[nt]);
+            } else {
+              b[half] = dequant_scaled<kMode>(word, f, half, k_base, gp);
+            }
+          }
+#pragma unroll
+          for (int mt = 0; mt < kMTiles; ++mt) mma_16816<T>(sums[mt][nt], a[mt], b);
+        }
       }
+    }
+    if constexpr (kWgmma) {
+      // The whole slice's eight wgmmas in one group; waited for before the
+      // registers go out of scope and before the next barrier lets the
+      // stage be refilled. (Overlap comes from the SM's other CTA.)
+      const uint32_t a_base = shared_address(a_stage);
+      wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < kKSteps; ++ks) {
+        const uint64_t desc = smem_descriptor_sw128(a_base + ks * kMmaK * static_cast<int>(sizeof(T)));
+        wgmma_m64n128k16_rs<T>(sums[0], wgmma_a[ks][0], desc);
+        wgmma_m64n128k16_rs<T>(sums[1], wgmma_a[ks][1], desc);
+      }
+      wgmma_commit_group();
+      wgmma_wait_group<0>();
     }
   }
 
+  // One B register (two k rows of one column) dequantized and scaled, from
+  // the slice's group (kSlice, kStep) or each row's group (kRow).
+  template <GroupMode kMode>
+  __device__ __forceinline__ uint32_t dequant_scaled(uint32_t word, int f, int half, int k_base,
+                                                     const GroupParams& gp) const {
+    PairQuantParams pq;
+    if constexpr (kMode == GroupMode::kRow) {
+      pq = row_quant_params(k_base + fragment_k(f, lane_, half, 0), column_[f % kNFrags]);
+    } else {
+      pq = gp.q[f % kNFrags];
+    }
+    return dequant_pair<T, kBits>(word, Tile::pair_of_fragment(f, half), pq.zero_codes, pq.scale_bits);
+  }
+
   static __device__ __forceinline__ void zero(Accumulators& a) {
+    if constexpr (kWgmma) {
 #pragma unroll
-    for (int mt = 0; mt < kMTiles; ++mt)
+      for (int h = 0; h < 2; ++h)
 #pragma unroll
-      for (int nt = 0; nt < kNFrags; ++nt)
+        for (int i = 0; i < 64; ++i) a[h][i] = 0.0f;
+    } else {
 #pragma unroll
-        for (int i = 0; i < 4; ++i) a[mt][nt][i] = 0.0f;
+      for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < kNFrags; ++nt)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) a[mt][nt][i] = 0.0f;
+    }
   }
 
   const QuantWeights& w_;

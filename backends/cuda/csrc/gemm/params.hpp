@@ -132,6 +132,8 @@ struct RoutedParams {
 // Rows of A one CTA multiplies: 1 or 4 mma tiles of 16 tokens.
 constexpr int kSmallRowsPerCta = 16;
 constexpr int kLargeRowsPerCta = 64;
+// Tokens of one Hopper prefill CTA (wgmma, compute capability 9.0 only).
+constexpr int kWgmmaRowsPerCta = 128;
 
 // Raises the kernels' dynamic shared memory limit on the current device (the
 // 64-row INT8 variant needs more than the default 48 KiB). Call once per

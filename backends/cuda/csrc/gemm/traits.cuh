@@ -30,7 +30,11 @@ struct GemmTraits {
   static_assert(kAChunksPerThread * kThreads == kRows * kAChunksPerRow, "even A split");
 
   static constexpr int kBStageBytes = Tile::kBytes;
-  static constexpr int kSmemBytes = kStages * (kAStageBytes + kBStageBytes);
+  // wgmma reads the A tile through a 128-byte-swizzle descriptor, whose
+  // pattern is anchored at 1024-byte boundaries: the stages start aligned (the
+  // dynamic shared memory base is rounded up, hence the slack).
+  static constexpr int kSmemAlignment = 1024;
+  static constexpr int kSmemBytes = kStages * (kAStageBytes + kBStageBytes) + kSmemAlignment;
 
   static __device__ __forceinline__ int a_offset(int row, int chunk) {
     return row * kARowBytes + ((chunk ^ (row % 8)) * 16);

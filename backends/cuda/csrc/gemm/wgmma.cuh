@@ -1,0 +1,92 @@
+// Hopper warpgroup MMA (wgmma, sm_90a), one wrapper per instruction, and the
+// shared-memory matrix descriptor. Used by the 128-token prefill tiles: the
+// weights are wgmma's A operand from registers (C^T = W^T X^T, 64 weight
+// columns per instruction, 16 per warp), the activation tile is its B operand
+// in shared memory. Compiled to a trap on other architectures: the host only
+// launches 128-token tiles on compute capability 9.0.
+#ifndef FERRUM_MOE_CUDA_GEMM_WGMMA_CUH_
+#define FERRUM_MOE_CUDA_GEMM_WGMMA_CUH_
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <type_traits>
+
+namespace ferrum_moe_cuda::gemm {
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define FERRUM_MOE_WGMMA 1
+#endif
+
+// Tokens per wgmma (its N) and per 128-token CTA.
+constexpr int kWgmmaN = 128;
+
+// Descriptor of a K-major operand in shared memory with the 128-byte swizzle:
+// rows of 64 16-bit elements (128 bytes), 16-byte chunks XOR-ed with row % 8
+// (the A tile's layout, traits.cuh), 8-row groups 1024 bytes apart. The tile
+// must start 1024-byte aligned; a k-step of 16 elements adds 32 bytes.
+__device__ __forceinline__ uint64_t smem_descriptor_sw128(uint32_t smem_address) {
+  constexpr uint64_t kStrideBytes = 1024;   // between 8-row core-matrix groups
+  constexpr uint64_t kLeadingBytes = 16;    // ignored by swizzled K-major layouts
+  constexpr uint64_t kSwizzle128B = 1;
+  return (static_cast<uint64_t>((smem_address & 0x3FFFF) >> 4)) | ((kLeadingBytes >> 4) << 16) |
+         ((kStrideBytes >> 4) << 32) | (kSwizzle128B << 62);
+}
+
+__device__ __forceinline__ void wgmma_fence() {
+#ifdef FERRUM_MOE_WGMMA
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void wgmma_commit_group() {
+#ifdef FERRUM_MOE_WGMMA
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+
+template <int kPending>
+__device__ __forceinline__ void wgmma_wait_group() {
+#ifdef FERRUM_MOE_WGMMA
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
+#endif
+}
+
+// acc (64 x 128 fp32, the warpgroup's) += A (64 x 16, registers: this warp's
+// 16 rows in the mma.m16n8k16 A-fragment layout) * B (16 x 128, K-major in
+// shared memory at `desc`).
+template <class T>
+__device__ __forceinline__ void wgmma_m64n128k16_rs(float (&acc)[64], const uint32_t (&a)[4], uint64_t desc) {
+#ifdef FERRUM_MOE_WGMMA
+#define FM_ACC8(i) "+f"(acc[i]), "+f"(acc[i + 1]), "+f"(acc[i + 2]), "+f"(acc[i + 3]), \
+                   "+f"(acc[i + 4]), "+f"(acc[i + 5]), "+f"(acc[i + 6]), "+f"(acc[i + 7])
+#define FM_WGMMA_RS(TYPE)                                                                                   \
+  asm volatile(                                                                                            \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"                                                          \
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE " "                                     \
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                            \
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "                   \
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "                    \
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "                   \
+      "{%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"                                                       \
+      : FM_ACC8(0), FM_ACC8(8), FM_ACC8(16), FM_ACC8(24), FM_ACC8(32), FM_ACC8(40), FM_ACC8(48), FM_ACC8(56) \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc))
+  if constexpr (std::is_same_v<T, __half>) {
+    FM_WGMMA_RS("f16");
+  } else {
+    FM_WGMMA_RS("bf16");
+  }
+#undef FM_WGMMA_RS
+#undef FM_ACC8
+#else
+  (void)acc;
+  (void)a;
+  (void)desc;
+  __trap();
+#endif
+}
+
+}  // namespace ferrum_moe_cuda::gemm
+
+#endif  // FERRUM_MOE_CUDA_GEMM_WGMMA_CUH_

@@ -302,6 +302,7 @@ class Mainloop {
       // the barrier also tells every thread that slice kt-1's stage, which the
       // next load overwrites, has been consumed by all warps.
       cp_async_wait<kStages - 2>();
+      if constexpr (kWgmma) fence_proxy_async_shared();
       __syncthreads();
       const int next = i + kStages - 1;
       if (next < k_tiles) load_slice(kt_begin + next, next % kStages);

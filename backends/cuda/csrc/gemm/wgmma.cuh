@@ -40,6 +40,15 @@ __device__ __forceinline__ void wgmma_fence() {
 #endif
 }
 
+// Makes this thread's generic-proxy writes to shared memory (cp.async, st.shared)
+// visible to the async proxy that wgmma reads its shared operand through;
+// issued by the writers before the barrier that hands the tile over.
+__device__ __forceinline__ void fence_proxy_async_shared() {
+#ifdef FERRUM_MOE_WGMMA
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ void wgmma_commit_group() {
 #ifdef FERRUM_MOE_WGMMA
   asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");

@@ -27,15 +27,17 @@ def _dtype_ok(target, dtype):
 
 @pytest.mark.parametrize("bits, group_size, sym, act_order", FORMATS)
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
-def test_gemm_batched_matches_float64(rng, target, dtype, bits, group_size, sym, act_order):
+@pytest.mark.parametrize("rows", [4, 40, 200])  # the CUDA backend's 16-, 64- and 128-row tiles
+def test_gemm_batched_matches_float64(rng, target, dtype, bits, group_size, sym, act_order, rows):
     _dtype_ok(target, dtype)
     e, k, n = 3, 320, 96  # 320 = a partial last group for 64 and 128
     weights = [random_weight(rng, k, n, bits=bits, group_size=group_size, sym=sym, act_order=act_order, dtype=dtype)
                for _ in range(e)]
     stack = target.stack(weights, dtype)
-    x = random_activations(rng, (9, k), dtype)
-    dispatches = np.array([[2, 0, 5, 4], [0, 4, 0, 5], [1, 1, 10, 0], [1, 8, 9, 1]])
-    out = target.put(poisoned((12, n), dtype))
+    r = rows
+    x = random_activations(rng, (2 * r + 1, k), dtype)
+    dispatches = np.array([[2, 0, r + 1, r], [0, r, 0, r + 1], [1, 1, 2 * r + 2, 0], [1, 2 * r, 2 * r + 1, 1]])
+    out = target.put(poisoned((2 * r + 4, n), dtype))
     result = stack.gemm_batched(target.put(x), dispatches, out=out)
     assert result is out
     got = as64(target.get(out))
@@ -43,7 +45,7 @@ def test_gemm_batched_matches_float64(rng, target, dtype, bits, group_size, sym,
         ref = as64(x[in_row:in_row + m]) @ weights[expert].dequantize(np.float64)
         if m:
             assert rel_error(got[out_row:out_row + m], ref) < REL_TOL[dtype]
-    assert np.all(np.isnan(got[[10, 11]])), "rows no dispatch names must stay untouched"
+    assert np.all(np.isnan(got[[2 * r + 2, 2 * r + 3]])), "rows no dispatch names must stay untouched"
 
 
 def test_gemm_batched_returns_a_new_array_of_the_callers_type(rng, target):
@@ -95,17 +97,19 @@ def test_float32_output_skips_the_16_bit_rounding(rng, target):
 
 
 @pytest.mark.parametrize("with_weights", [False, True])
-def test_gemm_routed_matches_float64(rng, target, with_weights):
+@pytest.mark.parametrize("block_size, m", [(4, 11), (64, 150), (128, 300)])  # every CUDA tile height
+def test_gemm_routed_matches_float64(rng, target, with_weights, block_size, m):
     dtype = target.dtypes[-1]
-    e, k, n, m, top_k = 6, 128, 64, 11, 2
+    e, k, n, top_k = 6, 128, 64, 2
     weights = [random_weight(rng, k, n, group_size=64, dtype=dtype) for _ in range(e)]
+    dense = [w.dequantize(np.float64) for w in weights]
     stack = target.stack(weights, dtype)
     x = random_activations(rng, (m, k), dtype)
     ids = rng.integers(0, e, (m, top_k)).astype(np.int32)
     ids[3, 1] = -1  # dropped pairs: their output rows stay untouched
     ids[7, 0] = e
     tw = rng.random((m, top_k)).astype(np.float32)
-    routing = fm.moe_align_block_size(target.put(ids), 4, e)
+    routing = fm.moe_align_block_size(target.put(ids), block_size, e)
     out = target.put(poisoned((m * top_k, n), dtype))
     stack.gemm_routed(target.put(x), routing, topk_weights=target.put(tw) if with_weights else None, out=out)
     got = as64(target.get(out))
@@ -114,7 +118,7 @@ def test_gemm_routed_matches_float64(rng, target, with_weights):
         if not 0 <= ids[t, j] < e:
             assert np.all(np.isnan(got[p]))
             continue
-        ref = as64(x[t]) @ weights[ids[t, j]].dequantize(np.float64) * (tw[t, j] if with_weights else 1.0)
+        ref = as64(x[t]) @ dense[ids[t, j]] * (tw[t, j] if with_weights else 1.0)
         assert rel_error(got[p], ref) < REL_TOL[dtype]
 
 
@@ -162,7 +166,7 @@ def _routing_inputs(rng, m, e, top_k):
     return tw, ids
 
 
-@pytest.mark.parametrize("m", [1, 5, 64])
+@pytest.mark.parametrize("m", [1, 5, 64, 600])  # 600: routing blocks of 128
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_fused_moe_matches_float64(rng, target, dtype, m):
     _dtype_ok(target, dtype)

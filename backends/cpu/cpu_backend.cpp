@@ -66,8 +66,10 @@ class CpuStack final : public plugin::Stack {
     const auto* experts = static_cast<const int32_t*>(tensor_data(a.expert_ids));
     const int64_t capacity = a.sorted_token_ids->shape[0];
     const int64_t num_pairs = a.x->shape[0] * a.top_k;
-    // plugin.h: blocks past num_pairs hold no work in moe_align_block_size output.
-    const int64_t num_blocks = std::min<int64_t>(a.expert_ids->shape[0], num_pairs);
+    // plugin.h: the blocks moe_align_block_size can fill, each expert's whole
+    // but at most one; past them no block holds work.
+    const int64_t num_blocks =
+        std::min({a.expert_ids->shape[0], num_pairs, (num_pairs + a.block_size - 1) / a.block_size + std::min(e_, num_pairs)});
     // Host-visible indices: every out-of-range entry is skipped, never followed.
     const int64_t post = std::clamp<int64_t>(*static_cast<const int32_t*>(tensor_data(a.num_tokens_post_padded)), 0, capacity);
     const float* weights = a.topk_weights != nullptr ? static_cast<const float*>(tensor_data(a.topk_weights)) : nullptr;

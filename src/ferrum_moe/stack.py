@@ -152,9 +152,10 @@ class ExpertStack:
         x: [num_tokens, k]; topk_weights: float32 [num_tokens, top_k]; out:
         [num_tokens * top_k, n_per_expert], stack dtype or float32, sharing no
         memory with the inputs. Rows of pairs routed to no local expert are left
-        as they were in ``out``, zero in a new result. Only the first
-        num_tokens * top_k routing blocks are read (moe_align_block_size never
-        fills more). Returns out, or a new zero-filled array of x's type.
+        as they were in ``out``, zero in a new result. With pairs =
+        num_tokens * top_k, only the first min(pairs, ceil(pairs / block_size)
+        + min(num_experts, pairs)) routing blocks are read (moe_align_block_size
+        never fills more). Returns out, or a new zero-filled array of x's type.
         """
         from .routing import Routing
 

@@ -31,8 +31,10 @@ __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& 
   extern __shared__ uint4 smem_raw[];
   using Loop = Mainloop<T, kBits, kMTiles>;
   using Traits = GemmTraits<T, kBits, kMTiles>;
-  uint8_t* smem = reinterpret_cast<uint8_t*>(
-      (reinterpret_cast<uintptr_t>(smem_raw) + Traits::kSmemAlignment - 1) & ~uintptr_t(Traits::kSmemAlignment - 1));
+  // Rounded up to kSmemAlignment by offsetting the pointer (not through an
+  // integer cast, which would turn every access into a generic one).
+  constexpr uint32_t kAlign = Traits::kSmemAlignment;
+  uint8_t* smem = reinterpret_cast<uint8_t*>(smem_raw) + (kAlign - shared_address(smem_raw) % kAlign) % kAlign;
   const int64_t k_tiles = w.k_tiles;
   const int64_t total = static_cast<int64_t>(schedule.tiles_x) * schedule.n_tiles * k_tiles;
   int64_t begin = total * blockIdx.x / gridDim.x;

@@ -32,6 +32,12 @@ constexpr int kKSteps = kTileK / kMmaK;     // 4 mma k-steps per K slice
 constexpr int kNFrags = kWarpN / kMmaN;     // 4 n8 fragments per warp
 constexpr int kFragsPerWarp = kKSteps * kNFrags;  // 16 B fragments per warp per K slice
 
+// Rows of A one CTA multiplies: 1 or 4 mma tiles of 16 tokens, or 128 tokens
+// in one Hopper warpgroup's wgmma tiles (compute capability 9.0 only).
+constexpr int kSmallRowsPerCta = 16;
+constexpr int kLargeRowsPerCta = 64;
+constexpr int kWgmmaRowsPerCta = 128;
+
 // Each lane holds 4 codes of every B fragment (k = 2t, 2t+1, 2t+8, 2t+9 for
 // t = lane % 4, column = lane / 4), so a warp's K slice is 16 fragments x 4
 // codes per lane. The repack stores them so a lane fetches exactly its own

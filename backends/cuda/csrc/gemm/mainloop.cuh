@@ -48,6 +48,17 @@ class Mainloop {
   // bounds the rate. 64-row tiles spread one scaled dequant over four MMAs
   // and keep a single accumulator set (registers).
   static constexpr bool kScaleAfter = kMTiles == 1;
+  // Slices loaded ahead of the one computed. wgmma reads its shared operand
+  // asynchronously: a slice's last k-steps are still in flight while the next
+  // slice is dequantized, so a stage is refilled only two slices after its use.
+#ifdef FM_WGMMA_SLICE_WAIT
+  static constexpr int kLoadAhead = kStages - 1;
+#else
+  static constexpr int kLoadAhead = kWgmma ? kStages - 2 : kStages - 1;
+#endif
+  // wgmma groups (one per k-step) left in flight while the next k-step's
+  // weights are dequantized: each holds its own registers until it completes.
+  static constexpr int kWgmmaInFlight = 1;
 
   __device__ Mainloop(const QuantWeights& w, const GemmIO& io, const RowTable<kRows>& rows,
                       int expert, int n_tile, uint8_t* smem)
@@ -79,9 +90,10 @@ class Mainloop {
     steps_per_group_ = w.group_size / kMmaK;
     a_chunk_ = threadIdx.x % Traits::kAChunksPerRow;
     a_dst_ = Traits::a_offset(threadIdx.x / Traits::kAChunksPerRow, a_chunk_);
+    if constexpr (kCacheRowOffsets) {
 #pragma unroll
-    for (int u = 0; u < Traits::kAChunksPerThread; ++u)
-      a_row_offset_[u] = rows.x_offset[threadIdx.x / Traits::kAChunksPerRow + u * (kThreads / Traits::kAChunksPerRow)];
+      for (int u = 0; u < Traits::kAChunksPerThread; ++u) a_row_offset_[u] = row_offset(u);
+    }
     // ldmatrix x4: lanes 0-15 address rows 0-15 at k 0-7 of a k-step, lanes
     // 16-31 the same rows at k 8-15. Rows 16 apart share a swizzle, so m-tile
     // mt only adds mt * 16 rows to these.
@@ -94,7 +106,7 @@ class Mainloop {
     zero(acc);
     const int k_tiles = kt_end - kt_begin;
 #pragma unroll
-    for (int s = 0; s < kStages - 1; ++s) {
+    for (int s = 0; s < kLoadAhead; ++s) {
       if (s < k_tiles) load_slice(kt_begin + s, s);
       cp_async_commit();
     }
@@ -109,6 +121,7 @@ class Mainloop {
       slices<GroupMode::kStep>(acc, kt_begin, k_tiles);
     }
     cp_async_wait<0>();
+    if constexpr (kWgmma) wgmma_wait_group<0>();
   }
 
  private:
@@ -145,14 +158,21 @@ class Mainloop {
       // (scale-after) dequant. Only the last slice of a K that is not a
       // multiple of kTileK counts its valid columns.
       const bool whole = (kt + 1) * kTileK <= w_.k;
+      if (whole) {  // the common case, kept to an address add per copy
+#pragma unroll
+        for (int u = 0; u < Traits::kAChunksPerThread; ++u) {
+          const int64_t offset = kCacheRowOffsets ? a_row_offset_[u] : row_offset(u);
+          if (offset >= 0) cp_async_16(dst + u * kRowsPerPass * Traits::kARowBytes, x + offset + k);
+        }
+        return;
+      }
       const int tail_bytes = max(0, min(8, w_.k - k)) * static_cast<int>(sizeof(T));
 #pragma unroll
       for (int u = 0; u < Traits::kAChunksPerThread; ++u) {
-        const int64_t offset = a_row_offset_[u];
+        const int64_t offset = kCacheRowOffsets ? a_row_offset_[u] : row_offset(u);
         if (offset < 0) continue;
-        const int bytes = whole ? 16 : tail_bytes;
-        const void* src = bytes > 0 ? static_cast<const void*>(x + offset + k) : io_.x;
-        cp_async_16(dst + u * kRowsPerPass * Traits::kARowBytes, src, bytes);
+        const void* src = tail_bytes > 0 ? static_cast<const void*>(x + offset + k) : io_.x;
+        cp_async_16(dst + u * kRowsPerPass * Traits::kARowBytes, src, tail_bytes);
       }
       return;
     }
@@ -160,10 +180,15 @@ class Mainloop {
     for (int u = 0; u < Traits::kAChunksPerThread; ++u) {
       uint32_t packed[4];
 #pragma unroll
-      for (int e = 0; e < 4; ++e) packed[e] = load_x_pair(x, a_row_offset_[u], k + 2 * e);
+      for (int e = 0; e < 4; ++e) packed[e] = load_x_pair(x, kCacheRowOffsets ? a_row_offset_[u] : row_offset(u), k + 2 * e);
       *reinterpret_cast<uint4*>(stage + a_dst_ + u * kRowsPerPass * Traits::kARowBytes) =
           make_uint4(packed[0], packed[1], packed[2], packed[3]);
     }
+  }
+
+  // x offset of the u-th row this thread copies.
+  __device__ __forceinline__ int64_t row_offset(int u) const {
+    return rows_.x_offset[threadIdx.x / Traits::kAChunksPerRow + u * (kThreads / Traits::kAChunksPerRow)];
   }
 
   // x[row, k] and x[row, k + 1] as one 32-bit word (lower k in the low half),
@@ -298,13 +323,14 @@ class Mainloop {
     }
     for (int i = 0; i < k_tiles; ++i) {
       const int kt = kt_begin + i;
-      // Slice kt has landed once at most kStages-2 later groups are pending;
-      // the barrier also tells every thread that slice kt-1's stage, which the
-      // next load overwrites, has been consumed by all warps.
-      cp_async_wait<kStages - 2>();
+      // Slice kt has landed once at most kLoadAhead-1 later groups are pending;
+      // the barrier also tells every thread that the stage the next load
+      // overwrites (slice kt-1's; wgmma: kt-2's, whose groups every warp has
+      // waited for) has been consumed by all warps.
+      cp_async_wait<kLoadAhead - 1>();
       if constexpr (kWgmma) fence_proxy_async_shared();
       __syncthreads();
-      const int next = i + kStages - 1;
+      const int next = i + kLoadAhead;
       if (next < k_tiles) load_slice(kt_begin + next, next % kStages);
       cp_async_commit();  // empty groups at the tail keep the wait count uniform
       if constexpr (kMode == GroupMode::kSlice) {
@@ -346,9 +372,6 @@ class Mainloop {
       words[4 * j + 3] = v.w;
     }
     const int k_base = kt * kTileK;
-    // wgmma A registers: {b0(nt), b0(nt + 1), b1(nt), b1(nt + 1)} is the m16
-    // A fragment of the 16 weight columns of n8 blocks nt and nt + 1.
-    [[maybe_unused]] uint32_t wgmma_a[kKSteps][2][4];
 #pragma unroll
     for (int ks = 0; ks < kKSteps; ++ks) {
       if constexpr (kMode == GroupMode::kStep) {
@@ -356,13 +379,26 @@ class Mainloop {
         ++step_in_group;
       }
       if constexpr (kWgmma) {
+        // wgmma A registers: {b0(nt), b0(nt + 1), b1(nt), b1(nt + 1)} is the
+        // m16 A fragment of the 16 weight columns of n8 blocks nt and nt + 1.
+        uint32_t a[2][4];
 #pragma unroll
         for (int nt = 0; nt < kNFrags; ++nt) {
           const uint32_t word = words[Tile::word_of_fragment(ks * kNFrags + nt)];
 #pragma unroll
           for (int half = 0; half < 2; ++half)
-            wgmma_a[ks][nt / 2][2 * half + nt % 2] = dequant_scaled<kMode>(word, ks * kNFrags + nt, half, k_base, gp);
+            a[nt / 2][2 * half + nt % 2] = dequant_scaled<kMode>(word, ks * kNFrags + nt, half, k_base, gp);
         }
+        // Issued as soon as dequantized; the warp goes on to the next k-step
+        // while the tensor cores work (at most kWgmmaInFlight groups behind).
+        const uint64_t desc = smem_descriptor_sw128(shared_address(a_stage) + ks * kMmaK * static_cast<int>(sizeof(T)));
+        wgmma_fence();
+        wgmma_m64n128k16_rs<T>(sums[0], a[0], desc);
+        wgmma_m64n128k16_rs<T>(sums[1], a[1], desc);
+        wgmma_commit_group();
+#ifndef FM_WGMMA_SLICE_WAIT
+        wgmma_wait_group<kWgmmaInFlight>();
+#endif
       } else {
         uint32_t a[kMTiles][4];
 #pragma unroll
@@ -386,21 +422,9 @@ class Mainloop {
         }
       }
     }
-    if constexpr (kWgmma) {
-      // The whole slice's eight wgmmas in one group; waited for before the
-      // registers go out of scope and before the next barrier lets the
-      // stage be refilled. (Overlap comes from the SM's other CTA.)
-      const uint32_t a_base = shared_address(a_stage);
-      wgmma_fence();
-#pragma unroll
-      for (int ks = 0; ks < kKSteps; ++ks) {
-        const uint64_t desc = smem_descriptor_sw128(a_base + ks * kMmaK * static_cast<int>(sizeof(T)));
-        wgmma_m64n128k16_rs<T>(sums[0], wgmma_a[ks][0], desc);
-        wgmma_m64n128k16_rs<T>(sums[1], wgmma_a[ks][1], desc);
-      }
-      wgmma_commit_group();
-      wgmma_wait_group<0>();
-    }
+#ifdef FM_WGMMA_SLICE_WAIT
+    if constexpr (kWgmma) wgmma_wait_group<0>();
+#endif
   }
 
   // One B register (two k rows of one column) dequantized and scaled, from
@@ -452,7 +476,11 @@ class Mainloop {
   int a_offset_[kKSteps];
   int a_chunk_;                                        // the 8-column chunk of K this thread copies
   int a_dst_;                                          // its byte offset in an A stage
-  int64_t a_row_offset_[Traits::kAChunksPerThread];   // x offsets of its rows (-1: unused)
+  // x offsets of its rows (-1: unused), kept in registers for up to 4 rows
+  // (the 128-row tiles need those registers for their accumulators and read
+  // the offsets from the row table in shared memory at each copy).
+  static constexpr bool kCacheRowOffsets = Traits::kAChunksPerThread <= 4;
+  int64_t a_row_offset_[kCacheRowOffsets ? Traits::kAChunksPerThread : 1];
 };
 
 }  // namespace ferrum_moe_cuda::gemm

@@ -8,6 +8,8 @@
 
 #include <cstdint>
 
+#include "gemm/layout.hpp"
+
 namespace ferrum_moe_cuda::gemm {
 
 enum class ComputeType { kFloat16, kBFloat16 };
@@ -128,12 +130,6 @@ struct RoutedParams {
   int64_t topk_weights_stride0;
   int64_t topk_weights_stride1;
 };
-
-// Rows of A one CTA multiplies: 1 or 4 mma tiles of 16 tokens.
-constexpr int kSmallRowsPerCta = 16;
-constexpr int kLargeRowsPerCta = 64;
-// Tokens of one Hopper prefill CTA (wgmma, compute capability 9.0 only).
-constexpr int kWgmmaRowsPerCta = 128;
 
 // Raises the kernels' dynamic shared memory limit on the current device (the
 // 64-row INT8 variant needs more than the default 48 KiB). Call once per

@@ -205,10 +205,12 @@ typedef struct FmGemmBatchedArgs {
  * position p < *num_tokens_post_padded with id = sorted_token_ids[p] < num_tokens * top_k
  * and e = expert_ids[p / block_size] in [0, E):
  *   out[id, :] = x[id / top_k, :] @ W_e (* topk_weights.flat[id] when given).
- * Only blocks p / block_size < num_tokens * top_k are read: every block that
- * moe_align_block_size fills holds at least one pair, so no more can hold work
- * (this lets a backend size its grid by the token count, not by every expert's
- * worst-case padding). Rows of `out` no valid id names are left untouched. */
+ * With pairs = num_tokens * top_k, only the first
+ *   min(pairs, ceil(pairs / block_size) + min(E, pairs))
+ * blocks are read: moe_align_block_size fills ceil(n_e / block_size) blocks per
+ * expert holding n_e pairs, at most one of them partial, so no more can hold
+ * work (this lets a backend size its grid by the token count, not by every
+ * expert's worst-case padding). Rows of `out` no valid id names are left untouched. */
 typedef struct FmGemmRoutedArgs {
   size_t struct_size;
   FmStack* stack;

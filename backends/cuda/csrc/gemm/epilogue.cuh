@@ -34,70 +34,29 @@ __device__ __forceinline__ T float_to(float value) {
   }
 }
 
-// Accumulator element i of fragment (mt, nt) sits at row mt*16 + lane/4
-// (+8 for i >= 2) and column nt*8 + 2*(lane%4) + i%2 of the warp's columns.
-template <class T, int kMTiles>
-__device__ void store_results(const GemmIO& io, const RowTable<kMTiles * kMmaM>& rows, int n_tile,
-                              const float (&acc)[kMTiles][kNFrags][4]) {
+// Accumulator r of this thread sits at the tile's row and column that
+// AccumulatorLayout (traits.cuh) gives for the mainloop's instruction.
+template <class T, int kRows, bool kWgmma>
+__device__ void store_results(const GemmIO& io, const RowTable<kRows>& rows, int n_tile,
+                              const typename AccumulatorLayout<kRows, kWgmma>::Flat& acc) {
+  using Layout = AccumulatorLayout<kRows, kWgmma>;
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
 #pragma unroll
-  for (int mt = 0; mt < kMTiles; ++mt) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int row = mt * kMmaM + lane / 4 + (i / 2) * 8;
-      const int64_t out_row = rows.out_row[row];
-      if (out_row < 0) continue;
-      const float weight = rows.weight[row];
-#pragma unroll
-      for (int nt = 0; nt < kNFrags; ++nt) {
-        const int64_t column =
-            static_cast<int64_t>(n_tile) * kTileN + warp * kWarpN + nt * kMmaN + 2 * (lane % 4) + i % 2;
-        const int64_t j = column - io.col_begin;
-        if (j < 0 || j >= io.n) continue;
-        float value = acc[mt][nt][i];
-        if (io.bias != nullptr) value += raw_to_float<T>(io.bias[j]);
-        value *= weight;
-        const int64_t index = out_row * io.out_row_stride + j * io.out_col_stride;
-        if (io.out_float32) {
-          static_cast<float*>(io.out)[index] = value;
-        } else {
-          static_cast<T*>(io.out)[index] = float_to<T>(value);
-        }
-      }
-    }
-  }
-}
-
-// The 128-token wgmma tiles hold C^T: accumulator [h][4i + e] of lane l in
-// warp w is weight column w*32 + h*16 + l/4 (+8 for e >= 2) of the tile, token
-// row 8i + 2(l%4) + e%2 (the wgmma m64nN D layout, rows = weight columns).
-template <class T>
-__device__ void store_results_wgmma(const GemmIO& io, const RowTable<kWgmmaRowsPerCta>& rows, int n_tile,
-                                    const float (&acc)[2][64]) {
-  const int warp = threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int64_t column = static_cast<int64_t>(n_tile) * kTileN + warp * kWarpN + h * 16 + lane / 4 + (e / 2) * 8;
-      const int64_t j = column - io.col_begin;
-      if (j < 0 || j >= io.n) continue;
-      const float bias = io.bias != nullptr ? raw_to_float<T>(io.bias[j]) : 0.0f;
-#pragma unroll
-      for (int i = 0; i < kWgmmaRowsPerCta / 8; ++i) {
-        const int row = 8 * i + 2 * (lane % 4) + e % 2;
-        const int64_t out_row = rows.out_row[row];
-        if (out_row < 0) continue;
-        const float value = (acc[h][4 * i + e] + bias) * rows.weight[row];
-        const int64_t index = out_row * io.out_row_stride + j * io.out_col_stride;
-        if (io.out_float32) {
-          static_cast<float*>(io.out)[index] = value;
-        } else {
-          static_cast<T*>(io.out)[index] = float_to<T>(value);
-        }
-      }
+  for (int r = 0; r < Layout::kCount; ++r) {
+    const int row = Layout::row(r, lane);
+    const int64_t out_row = rows.out_row[row];
+    if (out_row < 0) continue;
+    const int64_t j = static_cast<int64_t>(n_tile) * kTileN + Layout::column(r, warp, lane) - io.col_begin;
+    if (j < 0 || j >= io.n) continue;
+    float value = acc[r];
+    if (io.bias != nullptr) value += raw_to_float<T>(io.bias[j]);
+    value *= rows.weight[row];
+    const int64_t index = out_row * io.out_row_stride + j * io.out_col_stride;
+    if (io.out_float32) {
+      static_cast<float*>(io.out)[index] = value;
+    } else {
+      static_cast<T*>(io.out)[index] = float_to<T>(value);
     }
   }
 }

@@ -50,15 +50,16 @@ __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& 
     typename Loop::Accumulators acc;
     const int n_tile = first_n_tile + static_cast<int>(tile % schedule.n_tiles);
     Loop(w, io, rows, expert, n_tile, smem).run(acc, kt_begin, kt_end);
-    if constexpr (Loop::kWgmma) {
-      store_results_wgmma<T>(io, rows, n_tile, acc);  // one CTA per tile: the host plans no sharing
-    } else {
-      if (kt_end - kt_begin < k_tiles &&
-          !reduce_stream_k<kMTiles>(schedule, tile, kt_end - kt_begin, static_cast<int>(k_tiles), rows, acc)) {
-        continue;
-      }
-      store_results<T, kMTiles>(io, rows, n_tile, acc);
+    constexpr int kRows = kMTiles * kMmaM;
+    auto& flat = reinterpret_cast<typename AccumulatorLayout<kRows, Loop::kWgmma>::Flat&>(acc);
+    // The host shares no 128-row tile between CTAs (plan_schedule): its
+    // reduction is not compiled.
+    if (kRows != kWgmmaRowsPerCta && kt_end - kt_begin < k_tiles &&
+        !reduce_stream_k<kRows, Loop::kWgmma>(schedule, tile, kt_end - kt_begin, static_cast<int>(k_tiles), rows,
+                                               flat)) {
+      continue;
     }
+    store_results<T, kRows, Loop::kWgmma>(io, rows, n_tile, flat);
   }
 }
 

@@ -37,12 +37,12 @@ class Mainloop {
   // Symmetric quantization stores no zeros: the zero point is mid-range.
   static constexpr uint32_t kSymmetricZero = 1u << (kBits - 1);
 
-  // 128-token tiles (kWgmmaRowsPerCta, Hopper prefill): the warpgroup's
-  // weights are wgmma's register A operand (C^T = W^T X^T), the A tile of
-  // tokens its shared-memory B operand; two m64n128k16 per k-step (the warp's
-  // n8 blocks 0-1 and 2-3), accumulators in the wgmma D layout.
-  static constexpr bool kWgmma = kMTiles * kMmaM == kWgmmaRowsPerCta;
-  using Accumulators = std::conditional_t<kWgmma, float[2][64], float[kMTiles][kNFrags][4]>;
+  // 128-token tiles, and 64-token tiles in sm_90a code (Hopper): the
+  // warpgroup's weights are wgmma's register A operand (C^T = W^T X^T), the A
+  // tile of tokens its shared-memory B operand; two m64nNk16 per k-step (the
+  // warp's n8 blocks 0-1 and 2-3), accumulators in the wgmma D layout.
+  static constexpr bool kWgmma = kRows == kWgmmaRowsPerCta || (kRows == kLargeRowsPerCta && kHasWgmma);
+  using Accumulators = std::conditional_t<kWgmma, float[2][kRows / 2], float[kMTiles][kNFrags][4]>;
   // The 16-row (decode) tiles accumulate exact integer weights per group and
   // scale the partial sums once per group: there the dequant, not the MMA,
   // bounds the rate. 64-row tiles spread one scaled dequant over four MMAs
@@ -393,8 +393,8 @@ class Mainloop {
         // while the tensor cores work (at most kWgmmaInFlight groups behind).
         const uint64_t desc = smem_descriptor_sw128(shared_address(a_stage) + ks * kMmaK * static_cast<int>(sizeof(T)));
         wgmma_fence();
-        wgmma_m64n128k16_rs<T>(sums[0], a[0], desc);
-        wgmma_m64n128k16_rs<T>(sums[1], a[1], desc);
+        wgmma_rs<T, kRows>(sums[0], a[0], desc);
+        wgmma_rs<T, kRows>(sums[1], a[1], desc);
         wgmma_commit_group();
 #ifndef FM_WGMMA_SLICE_WAIT
         wgmma_wait_group<kWgmmaInFlight>();
@@ -446,7 +446,7 @@ class Mainloop {
 #pragma unroll
       for (int h = 0; h < 2; ++h)
 #pragma unroll
-        for (int i = 0; i < 64; ++i) a[h][i] = 0.0f;
+        for (int i = 0; i < kRows / 2; ++i) a[h][i] = 0.0f;
     } else {
 #pragma unroll
       for (int mt = 0; mt < kMTiles; ++mt)

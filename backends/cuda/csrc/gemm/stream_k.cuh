@@ -16,28 +16,21 @@ namespace ferrum_moe_cuda::gemm {
 // the tile's slot. Returns true in the CTA that completes the tile, with `acc`
 // replaced by the total and the slot and counter reset; false in the others,
 // which then store nothing.
-template <int kMTiles>
+template <int kRows, bool kWgmma>
 __device__ bool reduce_stream_k(const StreamK& schedule, int64_t tile, int slices, int k_tiles,
-                               const RowTable<kMTiles * kMmaM>& rows, float (&acc)[kMTiles][kNFrags][4]) {
+                               const RowTable<kRows>& rows, typename AccumulatorLayout<kRows, kWgmma>::Flat& acc) {
+  using Layout = AccumulatorLayout<kRows, kWgmma>;
   __shared__ int is_last;
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
-  float* slot = schedule.partials + tile * (kMTiles * kMmaM * kTileN);
-  // Accumulator element i of fragment (mt, nt): row mt*16 + lane/4 (+8 for i >= 2),
-  // column warp*32 + nt*8 + 2*(lane%4) + i%2 (the mma.m16n8 C layout).
-  auto index = [&](int mt, int nt, int i) {
-    const int row = mt * kMmaM + lane / 4 + (i / 2) * 8;
-    return row * kTileN + warp * kWarpN + nt * kMmaN + 2 * (lane % 4) + i % 2;
-  };
+  float* slot = schedule.partials + tile * (kRows * kTileN);
   // Visits the accumulators of rows that hold a token (the others stay zero).
   auto for_each_used = [&](auto&& visit) {
 #pragma unroll
-    for (int mt = 0; mt < kMTiles; ++mt)
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-        if (rows.out_row[mt * kMmaM + lane / 4 + (i / 2) * 8] >= 0)
-#pragma unroll
-          for (int nt = 0; nt < kNFrags; ++nt) visit(acc[mt][nt][i], slot + index(mt, nt, i));
+    for (int r = 0; r < Layout::kCount; ++r) {
+      const int row = Layout::row(r, lane);
+      if (rows.out_row[row] >= 0) visit(acc[r], slot + row * kTileN + Layout::column(r, warp, lane));
+    }
   };
   for_each_used([](float value, float* p) { atomicAdd(p, value); });
   // Release: every thread's adds are visible device-wide before the count.

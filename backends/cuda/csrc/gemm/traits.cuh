@@ -17,10 +17,10 @@ struct GemmTraits {
   static constexpr int kRows = kMTiles * kMmaM;
   // 4 stages: three K slices in flight while the fourth is computed, enough
   // to cover global-memory latency at this tile size.
-  // The 128-row wgmma tiles keep one stage more: their stages are refilled
-  // two slices after use (mainloop.cuh, kLoadAhead); five still let two CTAs
-  // share an SM.
-  static constexpr int kStages = kRows == kWgmmaRowsPerCta ? 5 : 4;
+  // The 64- and 128-row tiles keep one stage more: with wgmma their stages
+  // are refilled two slices after use (mainloop.cuh, kLoadAhead); five still
+  // let two CTAs share an SM (which their registers allow anyway).
+  static constexpr int kStages = kRows >= kLargeRowsPerCta ? 5 : 4;
 
   // A tile in shared memory: kRows rows of kTileK elements (128 bytes), stored
   // as 16-byte chunks XOR-swizzled by row % 8 so the 8 row addresses of one
@@ -41,6 +41,40 @@ struct GemmTraits {
 
   static __device__ __forceinline__ int a_offset(int row, int chunk) {
     return row * kARowBytes + ((chunk ^ (row % 8)) * 16);
+  }
+};
+
+// A thread's fp32 accumulators of the CTA's kRows x kTileN tile, seen as one
+// flat array (the mainloop keeps them as float[kMTiles][kNFrags][4] for
+// mma.sync or float[2][kRows / 2] for wgmma, both contiguous): register r sits
+// at row(r), column(r) of the tile. The epilogue and the stream-K reduction
+// walk this, so they serve either instruction.
+template <int kRows, bool kWgmma>
+struct AccumulatorLayout {
+  static constexpr int kCount = kRows * kTileN / kThreads;
+  using Flat = float[kCount];
+
+  // mma.m16n8k16 C fragments: (mt, nt, i) -> row mt*16 + lane/4 (+8 for
+  // i >= 2), column warp*32 + nt*8 + 2*(lane%4) + i%2.
+  // wgmma m64nN D (rows = weight columns): [h][4j + e] -> token row
+  // 8j + 2*(lane%4) + e%2, column warp*32 + h*16 + lane/4 (+8 for e >= 2).
+  static __device__ __forceinline__ int row(int r, int lane) {
+    if constexpr (kWgmma) {
+      const int e = r % 4, j = (r % (kRows / 2)) / 4;
+      return 8 * j + 2 * (lane % 4) + e % 2;
+    } else {
+      const int i = r % 4, mt = r / (4 * kNFrags);
+      return mt * kMmaM + lane / 4 + (i / 2) * 8;
+    }
+  }
+  static __device__ __forceinline__ int column(int r, int warp, int lane) {
+    if constexpr (kWgmma) {
+      const int e = r % 4, h = r / (kRows / 2);
+      return warp * kWarpN + h * 16 + lane / 4 + (e / 2) * 8;
+    } else {
+      const int i = r % 4, nt = (r / 4) % kNFrags;
+      return warp * kWarpN + nt * kMmaN + 2 * (lane % 4) + i % 2;
+    }
   }
 };
 

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build the core and the CUDA plugin, run the tests,
 # the sanitizers and the benchmarks, and print a short summary last.
-#   bash benchmarks/device.sh [build] [test] [sanitize] [bench] [linear] [profile]
+#   bash benchmarks/device.sh [build] [test] [cpu] [sanitize] [bench] [linear] [profile]
 # (default: all but profile). PROFILE_ARGS picks the layer for ncu (profile_moe.py's options).
+# cpu: the CPU kernel tests on the GPU machine's host CPU (a Xeon with AMX-BF16:
+# the only place the AMX kernels run for real).
 # sanitize: compute-sanitizer memcheck, racecheck and synccheck over cuda_smoke.py and tests/test_cuda.py.
 # The CUDA plugin wheel is taken from .dist/ when one is there (built on a
 # machine without a GPU: `pip wheel --no-build-isolation --no-deps ./backends/cuda -w .dist`),
@@ -38,6 +40,12 @@ if has test; then
   t=$(now)
   python3 -m pytest -q -p no:cacheprovider tests/ -k "cuda" 2>&1 | tee "$OUT/pytest-cuda.log" | tail -25
   summary+=("tests (cuda targets): $(tail -1 "$OUT/pytest-cuda.log") in $(( $(now) - t )) s")
+fi
+
+if has cpu; then
+  t=$(now)
+  python3 -m pytest -q -p no:cacheprovider tests/test_cpu_kernels.py 2>&1 | tee "$OUT/pytest-cpu.log" | tail -5
+  summary+=("CPU kernel tests: $(tail -1 "$OUT/pytest-cpu.log") in $(( $(now) - t )) s; $(ferrum-moe info | grep -m1 '^  cpu' | sed 's/  */ /g')")
 fi
 
 if has sanitize; then

@@ -9,6 +9,8 @@ crash the process run in a child process (fuzz_worker.py), so a crash fails
 the test that caused it. The budget per test is fixed and scaled by the
 FERRUM_MOE_HYPOTHESIS profile (conftest.py); the session prints the count."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 from hypothesis import assume, given
@@ -113,6 +115,17 @@ def dense(weights):
     return [w.dequantize(np.float64) for w in weights]
 
 
+def magnitudes(weights):
+    """Per weight, what the kernels' float32 rounding scales with: |w| plus
+    twice the zero offset |z s|. The CPU kernels take the zero point out of the
+    dot product (s * sum(x q) - z s * sum(x)), so their rounding error follows
+    |q s| + |z s| <= |w| + 2 |z s|, not |w| alone (near the zero point the two
+    terms cancel)."""
+    return [np.abs(w.dequantize(np.float64)) +
+            2 * np.abs(dataclasses.replace(w, qweight=np.zeros_like(w.qweight)).dequantize(np.float64))
+            for w in weights]
+
+
 def assert_within(got, ref, bound, what=""):
     """Non-finite exactly where the reference is; elsewhere |got - ref| <= bound."""
     got = np.asarray(got, np.float64)
@@ -123,29 +136,31 @@ def assert_within(got, ref, bound, what=""):
     assert np.all(excess <= 0), f"{what}: error {err[np.argmax(excess)]:.3g} over its bound {bound[finite][np.argmax(excess)]:.3g}"
 
 
-def gemm_bound(x64, w64, out_dtype):
-    """float32 accumulation over K plus the rounding of the output."""
+def gemm_bound(x64, mag, out_dtype):
+    """float32 accumulation over K plus the rounding of the output; `mag` from
+    magnitudes()."""
     with np.errstate(invalid="ignore"):
-        magnitude = np.abs(x64) @ np.abs(w64)
-    k = w64.shape[0]
+        magnitude = np.abs(x64) @ mag
+    k = mag.shape[0]
     return (k + 2) * 2 * F32 * magnitude + UNIT_ROUNDOFF[out_dtype] * magnitude + \
         float(np.finfo(NUMPY_DTYPES[out_dtype]).smallest_subnormal)
 
 
-def batched_reference(x, w64, rows, height, n):
+def batched_reference(x, w64, mags, rows, height, n):
     """Rows no dispatch writes stay NaN (out=) or zero (a new result): NaN here, the caller decides."""
     ref, magnitude_rows = np.full((height, n), np.nan), []
     x64 = np.asarray(x, np.float64)
     for e, i, o, m in rows:
         if m:
             ref[o:o + m] = x64[i:i + m] @ w64[e]
-            magnitude_rows.append((o, m, x64[i:i + m], w64[e]))
+            magnitude_rows.append((o, m, x64[i:i + m], mags[e]))
     return ref, magnitude_rows
 
 
-def check_batched(got, x_values, w64, rows, out_dtype, untouched):
+def check_batched(got, x_values, weights, rows, out_dtype, untouched):
+    w64 = dense(weights)
     height, n = got.shape[0], w64[0].shape[1]
-    ref, parts = batched_reference(x_values, w64, rows, height, n)
+    ref, parts = batched_reference(x_values, w64, magnitudes(weights), rows, height, n)
     bound = np.zeros((height, n))
     for o, m, xs, w in parts:
         bound[o:o + m] = gemm_bound(xs, w, out_dtype)
@@ -171,18 +186,17 @@ def test_gemm_batched_matches_float64(data, case):
     x_values = activations(data.draw, rng, (x_rows, k), dtype)
     x = placed(data.draw, x_values, dtype)
     rows = dispatch_rows(data.draw, len(weights), x_rows)
-    w64 = dense(weights)
     if data.draw(st.booleans()):
         got = as_numpy(stack.gemm_batched(x, np.array(rows, np.int64).reshape(-1, 4)))
         assert got.shape == (max([o + m for _, _, o, m in rows] or [0]), n)
-        check_batched(got, x_values, w64, rows, dtype, untouched="zero")
+        check_batched(got, x_values, weights, rows, dtype, untouched="zero")
     else:
         out_dtype = data.draw(st.sampled_from([dtype, "float32"]))
         height = max([o + m for _, _, o, m in rows] or [0]) + data.draw(st.integers(0, 2))
         backing, out = guarded_output(height, n + data.draw(st.integers(0, 3)), out_dtype, data.draw(st.integers(0, 2)))
         before = backing.copy()
         assert stack.gemm_batched(x, rows, out=out) is out
-        check_batched(out[:, :n], x_values, w64, rows, out_dtype, untouched="nan")
+        check_batched(out[:, :n], x_values, weights, rows, out_dtype, untouched="nan")
         # Nothing outside out's first n columns changes: guard rows and columns, out's columns past n.
         written = np.zeros(backing.shape, bool)
         r0, c0 = divmod((out.ctypes.data - backing.ctypes.data) // backing.itemsize, backing.shape[1])
@@ -202,12 +216,13 @@ def test_linear_views_match_float64(data, case):
     offset = data.draw(st.sampled_from(edges[:-1]))
     n = data.draw(st.sampled_from([c for c in edges if c > offset])) - offset
     dense_window = np.concatenate(dense(weights), axis=1)[:, offset:offset + n]
+    mag_window = np.concatenate(magnitudes(weights), axis=1)[:, offset:offset + n]
     bias = activations(data.draw, rng, (n,), dtype, specials=()) if data.draw(st.booleans()) else None
     x_values = activations(data.draw, rng, (data.draw(st.integers(0, 9)), stack.k), dtype)
     got = as_numpy(stack.expert_linear(offset, n, bias=bias)(placed(data.draw, x_values, dtype)))
     x64 = x_values.astype(np.float64)
     ref = x64 @ dense_window + (0 if bias is None else bias.astype(np.float64))
-    bound = gemm_bound(x64, dense_window, dtype) + (0 if bias is None else 2 * UNIT_ROUNDOFF[dtype] * np.abs(ref))
+    bound = gemm_bound(x64, mag_window, dtype) + (0 if bias is None else 2 * UNIT_ROUNDOFF[dtype] * np.abs(ref))
     assert_within(got, ref, bound, "Linear")
 
 
@@ -264,7 +279,7 @@ def test_gemm_routed_matches_float64(data, case):
     fresh = data.draw(st.booleans())
     out = None if fresh else np.full((num_tokens * top_k, n), np.nan, NUMPY_DTYPES[dtype])
     got = as_numpy(stack.gemm_routed(placed(data.draw, x_values, dtype), routing, topk_weights=tw, out=out))
-    w64, x64 = dense(weights), x_values.astype(np.float64)
+    w64, mags, x64 = dense(weights), magnitudes(weights), x_values.astype(np.float64)
     for p in range(num_tokens * top_k):
         t, j = divmod(p, top_k)
         if not 0 <= ids[t, j] < e:
@@ -272,7 +287,7 @@ def test_gemm_routed_matches_float64(data, case):
             continue
         scale = 1.0 if tw is None else float(tw[t, j])
         ref = x64[t] @ w64[ids[t, j]] * scale
-        assert_within(got[p], ref, gemm_bound(x64[t], w64[ids[t, j]], dtype) * abs(scale) * (1 + 4 * F32),
+        assert_within(got[p], ref, gemm_bound(x64[t], mags[ids[t, j]], dtype) * abs(scale) * (1 + 4 * F32),
                       f"pair {p}")
 
 
@@ -282,7 +297,7 @@ def moe_reference_and_bound(x, w13, w2, tw, ids, expert_map, n_global, on_input,
     activation buffers to `dtype` (propagated through silu, |silu'| < 1.1),
     the float32 top-k sum and the output's rounding."""
     u, inter, hidden = UNIT_ROUNDOFF[dtype], w2[0].k, w2[0].n
-    d13, d2 = dense(w13), dense(w2)
+    d13, d2, m13, m2 = dense(w13), dense(w2), magnitudes(w13), magnitudes(w2)
     x64 = x.astype(np.float64)
     ref, bound = np.zeros((x.shape[0], hidden)), np.zeros((x.shape[0], hidden))
     with np.errstate(all="ignore"):
@@ -293,7 +308,7 @@ def moe_reference_and_bound(x, w13, w2, tw, ids, expert_map, n_global, on_input,
                 if not 0 <= g < n_global or e < 0:
                     continue
                 w = float(tw[t, j])
-                h, h_mag = x64[t] @ d13[e], np.abs(x64[t]) @ np.abs(d13[e])
+                h, h_mag = x64[t] @ d13[e], np.abs(x64[t]) @ m13[e]
                 if on_input:
                     h, h_mag = h * w, h_mag * abs(w)
                 h_err = ((w13[0].k + 2) * 2 * F32 + u) * h_mag
@@ -303,7 +318,7 @@ def moe_reference_and_bound(x, w13, w2, tw, ids, expert_map, n_global, on_input,
                 act_err = 1.1 * np.abs(up) * h_err[:inter] + np.abs(silu) * h_err[inter:] + \
                     1.1 * h_err[:inter] * h_err[inter:] + u * np.abs(act)
                 y = act @ d2[e]
-                y_err = act_err @ np.abs(d2[e]) + (inter + 2) * 2 * F32 * (np.abs(act) @ np.abs(d2[e]))
+                y_err = act_err @ np.abs(d2[e]) + (inter + 2) * 2 * F32 * (np.abs(act) @ m2[e])
                 scale = 1.0 if on_input else w
                 ref[t] += scale * y
                 bound[t] += abs(scale) * (y_err + ids.shape[1] * 2 * F32 * np.abs(y))
@@ -399,7 +414,7 @@ def test_hostile_dispatch_rows_are_computed_or_named(data, worker):
         guards[1:out_rows + 1, out[3]:out[3] + n] = False
         assert np.all(np.isnan(backing[guards].astype(np.float64))), "written outside out"
     if not written_twice:
-        check_batched(got, x, dense(weights), [r for r in rows], out_dtype, untouched)
+        check_batched(got, x, weights, [r for r in rows], out_dtype, untouched)
 
 
 @budget(60)
@@ -438,14 +453,14 @@ def test_lying_routing_arrays_are_skipped_never_followed(data, worker):
         ex, pair = int(expert_ids[b]), int(sorted_ids[p])
         if 0 <= ex < e and 0 <= pair < pairs:
             writers.setdefault(pair, []).append(ex)
-    w64, x64 = dense(weights), x.astype(np.float64)
+    w64, mags, x64 = dense(weights), magnitudes(weights), x.astype(np.float64)
     for pair in range(pairs):
         if pair not in writers:
             assert np.all(np.isnan(got[pair])), f"pair {pair} was written though no valid entry names it"
             continue
         scale = 1.0 if tw is None else float(tw.flat[pair])
         t = pair // top_k
-        candidates = [(x64[t] @ w64[ex] * scale, gemm_bound(x64[t], w64[ex], dtype) * (1 + 4 * F32)) for ex in
+        candidates = [(x64[t] @ w64[ex] * scale, gemm_bound(x64[t], mags[ex], dtype) * (1 + 4 * F32)) for ex in
                       set(writers[pair])]
         assert any(np.all(np.abs(got[pair] - ref) <= bound) for ref, bound in candidates), f"pair {pair}"
 
@@ -585,4 +600,4 @@ def test_out_is_refused_exactly_when_it_shares_memory_with_x(data):
         np.testing.assert_array_equal(buf, before)
     else:
         stack.gemm_batched(x, [[0, 0, 0, m]], out=out)
-        assert_within(out, expected, gemm_bound(x.astype(np.float64), weights[0].dequantize(np.float64), "float32"))
+        assert_within(out, expected, gemm_bound(x.astype(np.float64), magnitudes(weights)[0], "float32"))

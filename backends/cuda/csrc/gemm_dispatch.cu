@@ -4,8 +4,27 @@
 
 #include "gemm/launch.hpp"
 #include "gemm/params.hpp"
+#include "gemm/wgmma.cuh"
 
 namespace ferrum_moe_cuda::gemm {
+
+namespace {
+__global__ void wgmma_probe_kernel(int* built) { *built = kHasWgmma ? 1 : 0; }
+}  // namespace
+
+cudaError_t wgmma_tiles_built(bool* built) {
+  *built = false;
+  int* flag = nullptr;
+  cudaError_t status = cudaMalloc(&flag, sizeof(int));
+  if (status != cudaSuccess) return status;
+  int value = 0;
+  wgmma_probe_kernel<<<1, 1>>>(flag);
+  status = cudaGetLastError();
+  if (status == cudaSuccess) status = cudaMemcpy(&value, flag, sizeof(int), cudaMemcpyDeviceToHost);
+  cudaFree(flag);
+  *built = value == 1;
+  return status;
+}
 
 cudaError_t configure_gemm_kernels(ComputeType type, int bits) {
   return type == ComputeType::kFloat16 ? configure_gemm_kernels_for<__half>(bits)

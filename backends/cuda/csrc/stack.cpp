@@ -122,14 +122,16 @@ CudaStack::CudaStack(const FmStackCreateArgs& args)
   cudaDeviceProp prop{};
   check_cuda(cudaGetDeviceProperties(&prop, device_), "cudaGetDeviceProperties");
   num_sms_ = prop.multiProcessorCount;
-  // The 128-token wgmma prefill tiles are built for sm_90a.
-  hopper_ = prop.major == 9 && prop.minor == 0;
   if (prop.major < kMinComputeCapabilityMajor) {
     throw Error(FM_ERROR_UNSUPPORTED, "the CUDA backend needs compute capability 8.0 or newer; cuda:" +
                                           std::to_string(device_) + " (" + prop.name + ") is " +
                                           std::to_string(prop.major) + "." +
                                           std::to_string(prop.minor));
   }
+
+  // The 128-token tiles exist only in an sm_90a build (gemm/wgmma.cuh): asked
+  // of the code loaded for this device, not of its compute capability.
+  if (prop.major == 9 && prop.minor == 0) check_cuda(gemm::wgmma_tiles_built(&wgmma_tiles_), "wgmma probe");
 
   num_groups_ = group_size_ > 0 ? ceil_div(k_, group_size_) : 1;
   k_padded_ = ceil_div(k_, kTileK) * kTileK;
@@ -302,7 +304,7 @@ void CudaStack::zero_workspace(void* stream) {
 
 int CudaStack::rows_per_cta_for(int64_t rows) const {
   if (rows <= gemm::kSmallRowsPerCta) return gemm::kSmallRowsPerCta;
-  if (rows < gemm::kWgmmaRowsPerCta || !hopper_) return gemm::kLargeRowsPerCta;
+  if (rows < gemm::kWgmmaRowsPerCta || !wgmma_tiles_) return gemm::kLargeRowsPerCta;
   return gemm::kWgmmaRowsPerCta;
 }
 

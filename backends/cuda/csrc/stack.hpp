@@ -56,7 +56,7 @@ class CudaStack final : public ferrum::plugin::Stack {
   DeviceBuffer row_group_;
   gemm::QuantWeights weights_{};
   int num_sms_ = 0;
-  bool hopper_ = false;
+  bool wgmma_tiles_ = false;  // the loaded code has the 128-token wgmma tiles (sm_90a)
   int ctas_per_sm_[2] = {1, 1};  // resident 16- and 64-row CTAs per SM (occupancy): a stream-K wave
   // Stream-K workspace (gemm/params.hpp, StreamK): tile slots (512 of 16 rows,
   // or 128 of 64) and their counters. Calls on one stack from concurrently

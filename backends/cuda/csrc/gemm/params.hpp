@@ -135,6 +135,9 @@ struct RoutedParams {
 // 64-row INT8 variant needs more than the default 48 KiB). Call once per
 // device before launching, outside any stream capture.
 cudaError_t configure_gemm_kernels(ComputeType type, int bits);
+// Whether the code loaded for the current device has the wgmma tiles (an sm_90a
+// build on compute capability 9.0; a plain sm_90 or PTX build does not).
+cudaError_t wgmma_tiles_built(bool* built);
 // How many routed CTAs of rows_per_cta rows one SM holds at once (registers,
 // shared memory).
 cudaError_t gemm_ctas_per_sm(ComputeType type, int bits, int rows_per_cta, int* ctas);

@@ -16,6 +16,7 @@ export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/ferrum-out}
 mkdir -p "$OUT"
 stages=${*:-build test sanitize bench linear}
+SANITIZE_TIMEOUT=${SANITIZE_TIMEOUT:-1800}  # seconds per tool and program (rc 124: it ran out)
 summary=()
 has() { [[ " $stages " == *" $1 "* ]]; }
 now() { date +%s; }
@@ -53,10 +54,11 @@ if has sanitize; then
   # left out (the same kernels at sizes the tools would take hours over).
   for tool in memcheck racecheck synccheck; do
     t=$(now)
-    compute-sanitizer --tool $tool --error-exitcode 9 python3 benchmarks/cuda_smoke.py >"$OUT/sanitize-$tool.log" 2>&1
+    timeout "$SANITIZE_TIMEOUT" compute-sanitizer --tool $tool --error-exitcode 9 python3 benchmarks/cuda_smoke.py \
+      >"$OUT/sanitize-$tool.log" 2>&1
     rc=$?
-    compute-sanitizer --tool $tool --error-exitcode 9 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda.py \
-      -k "not model_shapes" >>"$OUT/sanitize-$tool.log" 2>&1 || rc=$?
+    timeout "$SANITIZE_TIMEOUT" compute-sanitizer --tool $tool --error-exitcode 9 python3 -m pytest -q -x \
+      -p no:cacheprovider tests/test_cuda.py -k "not model_shapes" >>"$OUT/sanitize-$tool.log" 2>&1 || rc=$?
     summary+=("compute-sanitizer $tool: rc=$rc, $(grep 'SUMMARY' "$OUT/sanitize-$tool.log" | sed 's/=* *//' | tr '\n' ' ')in $(( $(now) - t )) s")
     tail -3 "$OUT/sanitize-$tool.log"
   done

@@ -182,6 +182,25 @@ def test_streams_order_work_with_the_callers_stream(rng):
     assert rel_error(y, xh.astype(np.float64) @ weights[1].dequantize(np.float64)) < 3e-3
 
 
+def test_a_result_read_on_another_stream_waits_for_its_producer(rng):
+    """The result comes back to torch while torch's current stream is not the
+    one the GEMM ran on: DLPack's export orders the consumer's stream after the
+    producer's (the producer is held back by a sleep, so without the order the
+    copy below would read the zero-filled buffer)."""
+    weights, stack = _small_stack(rng)
+    xh = random_activations(rng, (64, 128), "float16")
+    x = cuda(xh)
+    producer, consumer = torch.cuda.Stream(), torch.cuda.Stream()
+    producer.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(producer):
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time before the GEMM
+    with torch.cuda.stream(consumer):
+        y = stack.gemm_batched(x, [[1, 0, 0, 64]], stream=producer)
+        seen = y.clone()  # queued on the consumer's stream
+    torch.cuda.synchronize()
+    assert rel_error(seen, xh.astype(np.float64) @ weights[1].dequantize(np.float64)) < 3e-3
+
+
 def _layer(rng, dtype="float16", e=8, hidden=256, inter=128):
     w13 = [random_weight(rng, hidden, 2 * inter, group_size=64, dtype=dtype) for _ in range(e)]
     w2 = [random_weight(rng, inter, hidden, group_size=64, dtype=dtype) for _ in range(e)]

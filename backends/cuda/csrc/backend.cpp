@@ -295,6 +295,20 @@ class CudaBackend final : public ferrum::plugin::Backend {
     check_cuda(launch_moe_sum(params, as_stream(args.stream)), "moe_sum kernel launch");
   }
 
+  // plugin.h: a result handed through DLPack to a consumer on another stream
+  // (JAX's, or a caller's second stream) must not be read before the work
+  // queued on its producing stream is done.
+  void stream_order(DLDevice device, void* producer, void* consumer) override {
+    if (producer == consumer) return;
+    DeviceGuard guard(device.device_id);
+    cudaEvent_t done = nullptr;
+    check_cuda(cudaEventCreateWithFlags(&done, cudaEventDisableTiming), "stream_order: cudaEventCreate");
+    cudaError_t status = cudaEventRecord(done, as_stream(producer));
+    if (status == cudaSuccess) status = cudaStreamWaitEvent(as_stream(consumer), done, 0);
+    cudaEventDestroy(done);  // released once the wait is satisfied
+    check_cuda(status, "stream_order: ordering the consumer's stream after the producer's");
+  }
+
  private:
   int device_count_ = 0;
   std::string description_;

@@ -41,7 +41,11 @@ class Mainloop {
   // warpgroup's weights are wgmma's register A operand (C^T = W^T X^T), the A
   // tile of tokens its shared-memory B operand; two m64nNk16 per k-step (the
   // warp's n8 blocks 0-1 and 2-3), accumulators in the wgmma D layout.
+#ifdef FM_NO_WGMMA64
+  static constexpr bool kWgmma = kRows == kWgmmaRowsPerCta;
+#else
   static constexpr bool kWgmma = kRows == kWgmmaRowsPerCta || (kRows == kLargeRowsPerCta && kHasWgmma);
+#endif
   using Accumulators = std::conditional_t<kWgmma, float[2][kRows / 2], float[kMTiles][kNFrags][4]>;
   // The 16-row (decode) tiles accumulate exact integer weights per group and
   // scale the partial sums once per group: there the dequant, not the MMA,

@@ -37,15 +37,12 @@ class Mainloop {
   // Symmetric quantization stores no zeros: the zero point is mid-range.
   static constexpr uint32_t kSymmetricZero = 1u << (kBits - 1);
 
-  // 128-token tiles, and 64-token tiles in sm_90a code (Hopper): the
-  // warpgroup's weights are wgmma's register A operand (C^T = W^T X^T), the A
-  // tile of tokens its shared-memory B operand; two m64nNk16 per k-step (the
-  // warp's n8 blocks 0-1 and 2-3), accumulators in the wgmma D layout.
-#ifdef FM_NO_WGMMA64
+  // 128-token tiles (Hopper, sm_90a): the warpgroup's weights are wgmma's
+  // register A operand (C^T = W^T X^T), the A tile of tokens its shared-memory
+  // B operand; two m64n128k16 per k-step (the warp's n8 blocks 0-1 and 2-3),
+  // accumulators in the wgmma D layout. (64-token tiles on wgmma measured no
+  // faster than on mma.sync: kernel-notes v12.)
   static constexpr bool kWgmma = kRows == kWgmmaRowsPerCta;
-#else
-  static constexpr bool kWgmma = kRows == kWgmmaRowsPerCta || (kRows == kLargeRowsPerCta && kHasWgmma);
-#endif
   using Accumulators = std::conditional_t<kWgmma, float[2][kRows / 2], float[kMTiles][kNFrags][4]>;
   // The 16-row (decode) tiles accumulate exact integer weights per group and
   // scale the partial sums once per group: there the dequant, not the MMA,
@@ -55,11 +52,7 @@ class Mainloop {
   // Slices loaded ahead of the one computed. wgmma reads its shared operand
   // asynchronously: a slice's last k-steps are still in flight while the next
   // slice is dequantized, so a stage is refilled only two slices after its use.
-#ifdef FM_WGMMA_SLICE_WAIT
-  static constexpr int kLoadAhead = kStages - 1;
-#else
   static constexpr int kLoadAhead = kWgmma ? kStages - 2 : kStages - 1;
-#endif
   // wgmma groups (one per k-step) left in flight while the next k-step's
   // weights are dequantized: each holds its own registers until it completes.
   static constexpr int kWgmmaInFlight = 1;
@@ -397,12 +390,10 @@ class Mainloop {
         // while the tensor cores work (at most kWgmmaInFlight groups behind).
         const uint64_t desc = smem_descriptor_sw128(shared_address(a_stage) + ks * kMmaK * static_cast<int>(sizeof(T)));
         wgmma_fence();
-        wgmma_rs<T, kRows>(sums[0], a[0], desc);
-        wgmma_rs<T, kRows>(sums[1], a[1], desc);
+        wgmma_m64n128k16_rs<T>(sums[0], a[0], desc);
+        wgmma_m64n128k16_rs<T>(sums[1], a[1], desc);
         wgmma_commit_group();
-#ifndef FM_WGMMA_SLICE_WAIT
         wgmma_wait_group<kWgmmaInFlight>();
-#endif
       } else {
         uint32_t a[kMTiles][4];
 #pragma unroll
@@ -426,9 +417,6 @@ class Mainloop {
         }
       }
     }
-#ifdef FM_WGMMA_SLICE_WAIT
-    if constexpr (kWgmma) wgmma_wait_group<0>();
-#endif
   }
 
   // One B register (two k rows of one column) dequantized and scaled, from

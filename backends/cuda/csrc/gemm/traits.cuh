@@ -17,10 +17,10 @@ struct GemmTraits {
   static constexpr int kRows = kMTiles * kMmaM;
   // 4 stages: three K slices in flight while the fourth is computed, enough
   // to cover global-memory latency at this tile size.
-  // The 64- and 128-row tiles keep one stage more: with wgmma their stages
-  // are refilled two slices after use (mainloop.cuh, kLoadAhead); five still
-  // let two CTAs share an SM (which their registers allow anyway).
-  static constexpr int kStages = kRows >= kLargeRowsPerCta ? 5 : 4;
+  // The 128-row (wgmma) tiles keep one stage more: their stages are refilled
+  // two slices after use (mainloop.cuh, kLoadAhead); five still let two CTAs
+  // share an SM (which their registers allow anyway).
+  static constexpr int kStages = kRows == kWgmmaRowsPerCta ? 5 : 4;
 
   // A tile in shared memory: kRows rows of kTileK elements (128 bytes), stored
   // as 16-byte chunks XOR-swizzled by row % 8 so the 8 row addresses of one

@@ -1,6 +1,5 @@
 // Hopper warpgroup MMA (wgmma, sm_90a), one wrapper per instruction, and the
-// shared-memory matrix descriptor. Used by the 64- and 128-token tiles on
-// Hopper: the weights are wgmma's A operand from registers (C^T = W^T X^T, 64
+// shared-memory matrix descriptor. Used by the 128-token tiles on Hopper: the weights are wgmma's A operand from registers (C^T = W^T X^T, 64
 // weight columns per instruction, 16 per warp), the activation tile is its B
 // operand in shared memory. Compiled to a trap on other architectures.
 #ifndef FERRUM_MOE_CUDA_GEMM_WGMMA_CUH_
@@ -14,9 +13,9 @@
 
 namespace ferrum_moe_cuda::gemm {
 
-// kHasWgmma: this compilation pass is sm_90a device code, where the 64- and
-// 128-token tiles use wgmma (elsewhere 64-token tiles use mma.sync, and the
-// 128-token tiles, which the host launches only on compute capability 9.0, trap).
+// kHasWgmma: this compilation pass is sm_90a device code, which has the
+// 128-token wgmma tiles (elsewhere they trap; the host asks the loaded code,
+// gemm_dispatch.cu, before it picks them).
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define FERRUM_MOE_WGMMA 1
 constexpr bool kHasWgmma = true;
@@ -64,38 +63,25 @@ __device__ __forceinline__ void wgmma_wait_group() {
 #endif
 }
 
-// acc (64 x kN fp32, the warpgroup's) += A (64 x 16, registers: this warp's
-// 16 rows in the mma.m16n8k16 A-fragment layout) * B (16 x kN, K-major in
-// shared memory at `desc`); kN = 64 or 128 tokens.
-template <class T, int kN>
-__device__ __forceinline__ void wgmma_rs(float (&acc)[kN / 2], const uint32_t (&a)[4], uint64_t desc) {
-  static_assert(kN == 64 || kN == 128, "64 or 128 tokens per wgmma");
+// acc (64 x 128 fp32, the warpgroup's) += A (64 x 16, registers: this warp's
+// 16 rows in the mma.m16n8k16 A-fragment layout) * B (16 x 128 tokens, K-major
+// in shared memory at `desc`).
+template <class T>
+__device__ __forceinline__ void wgmma_m64n128k16_rs(float (&acc)[64], const uint32_t (&a)[4], uint64_t desc) {
 #ifdef FERRUM_MOE_WGMMA
 #define FM_ACC8(i) "+f"(acc[i]), "+f"(acc[i + 1]), "+f"(acc[i + 2]), "+f"(acc[i + 3]), \
                    "+f"(acc[i + 4]), "+f"(acc[i + 5]), "+f"(acc[i + 6]), "+f"(acc[i + 7])
-#define FM_WGMMA_RS(SHAPE, TYPE, D, A, ...)                                                       \
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"                                         \
-               "wgmma.mma_async.sync.aligned." SHAPE ".f32." TYPE "." TYPE " {" D "}, {" A "}, " \
-               "%" #__VA_ARGS__ ", p, 1, 1, 0;\n}\n"                                               \
-               : FM_ACC_OPERANDS                                                                   \
+#define FM_WGMMA_RS(TYPE)                                                                               \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"                                               \
+               "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "                  \
+               "{%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"                                            \
+               : FM_ACC8(0), FM_ACC8(8), FM_ACC8(16), FM_ACC8(24), FM_ACC8(32), FM_ACC8(40), FM_ACC8(48), \
+                 FM_ACC8(56)                                                                             \
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc))
-  constexpr bool kHalf = std::is_same_v<T, __half>;
-  if constexpr (kN == 128) {
-#define FM_ACC_OPERANDS FM_ACC8(0), FM_ACC8(8), FM_ACC8(16), FM_ACC8(24), FM_ACC8(32), FM_ACC8(40), FM_ACC8(48), FM_ACC8(56)
-    if constexpr (kHalf) {
-      FM_WGMMA_RS("m64n128k16", "f16", "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63", "%64, %65, %66, %67", 68);
-    } else {
-      FM_WGMMA_RS("m64n128k16", "bf16", "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63", "%64, %65, %66, %67", 68);
-    }
-#undef FM_ACC_OPERANDS
+  if constexpr (std::is_same_v<T, __half>) {
+    FM_WGMMA_RS("f16");
   } else {
-#define FM_ACC_OPERANDS FM_ACC8(0), FM_ACC8(8), FM_ACC8(16), FM_ACC8(24)
-    if constexpr (kHalf) {
-      FM_WGMMA_RS("m64n64k16", "f16", "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31", "%32, %33, %34, %35", 36);
-    } else {
-      FM_WGMMA_RS("m64n64k16", "bf16", "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31", "%32, %33, %34, %35", 36);
-    }
-#undef FM_ACC_OPERANDS
+    FM_WGMMA_RS("bf16");
   }
 #undef FM_WGMMA_RS
 #undef FM_ACC8

@@ -115,15 +115,25 @@ def dense(weights):
     return [w.dequantize(np.float64) for w in weights]
 
 
-def magnitudes(weights):
+def magnitudes(weights, dtype):
     """Per weight, what the kernels' float32 rounding scales with: |w| plus
     twice the zero offset |z s|. The CPU kernels take the zero point out of the
     dot product (s * sum(x q) - z s * sum(x)), so their rounding error follows
     |q s| + |z s| <= |w| + 2 |z s|, not |w| alone (near the zero point the two
-    terms cancel)."""
-    return [np.abs(w.dequantize(np.float64)) +
-            2 * np.abs(dataclasses.replace(w, qweight=np.zeros_like(w.qweight)).dequantize(np.float64))
-            for w in weights]
+    terms cancel). Their bfloat16 kernels read a code as the bf16 number 128 + q
+    (docs/cpu-kernels.md) and take 128 + z out instead: 2 * 128 |s| more."""
+    def with_codes(w, word):
+        return dataclasses.replace(w, qweight=np.full_like(w.qweight, word)).dequantize(np.float64)
+
+    out = []
+    for w in weights:
+        zero_offset = np.abs(with_codes(w, 0))
+        mag = np.abs(w.dequantize(np.float64)) + 2 * zero_offset
+        if dtype == "bfloat16":
+            ones = 0x11111111 if w.bits == 4 else 0x01010101  # every code 1: one step above code 0
+            mag += 2 * 128 * np.abs(with_codes(w, ones) - with_codes(w, 0))
+        out.append(mag)
+    return out
 
 
 def assert_within(got, ref, bound, what=""):
@@ -157,10 +167,10 @@ def batched_reference(x, w64, mags, rows, height, n):
     return ref, magnitude_rows
 
 
-def check_batched(got, x_values, weights, rows, out_dtype, untouched):
+def check_batched(got, x_values, weights, dtype, rows, out_dtype, untouched):
     w64 = dense(weights)
     height, n = got.shape[0], w64[0].shape[1]
-    ref, parts = batched_reference(x_values, w64, magnitudes(weights), rows, height, n)
+    ref, parts = batched_reference(x_values, w64, magnitudes(weights, dtype), rows, height, n)
     bound = np.zeros((height, n))
     for o, m, xs, w in parts:
         bound[o:o + m] = gemm_bound(xs, w, out_dtype)
@@ -189,14 +199,14 @@ def test_gemm_batched_matches_float64(data, case):
     if data.draw(st.booleans()):
         got = as_numpy(stack.gemm_batched(x, np.array(rows, np.int64).reshape(-1, 4)))
         assert got.shape == (max([o + m for _, _, o, m in rows] or [0]), n)
-        check_batched(got, x_values, weights, rows, dtype, untouched="zero")
+        check_batched(got, x_values, weights, dtype, rows, dtype, untouched="zero")
     else:
         out_dtype = data.draw(st.sampled_from([dtype, "float32"]))
         height = max([o + m for _, _, o, m in rows] or [0]) + data.draw(st.integers(0, 2))
         backing, out = guarded_output(height, n + data.draw(st.integers(0, 3)), out_dtype, data.draw(st.integers(0, 2)))
         before = backing.copy()
         assert stack.gemm_batched(x, rows, out=out) is out
-        check_batched(out[:, :n], x_values, weights, rows, out_dtype, untouched="nan")
+        check_batched(out[:, :n], x_values, weights, dtype, rows, out_dtype, untouched="nan")
         # Nothing outside out's first n columns changes: guard rows and columns, out's columns past n.
         written = np.zeros(backing.shape, bool)
         r0, c0 = divmod((out.ctypes.data - backing.ctypes.data) // backing.itemsize, backing.shape[1])
@@ -216,7 +226,7 @@ def test_linear_views_match_float64(data, case):
     offset = data.draw(st.sampled_from(edges[:-1]))
     n = data.draw(st.sampled_from([c for c in edges if c > offset])) - offset
     dense_window = np.concatenate(dense(weights), axis=1)[:, offset:offset + n]
-    mag_window = np.concatenate(magnitudes(weights), axis=1)[:, offset:offset + n]
+    mag_window = np.concatenate(magnitudes(weights, dtype), axis=1)[:, offset:offset + n]
     bias = activations(data.draw, rng, (n,), dtype, specials=()) if data.draw(st.booleans()) else None
     x_values = activations(data.draw, rng, (data.draw(st.integers(0, 9)), stack.k), dtype)
     got = as_numpy(stack.expert_linear(offset, n, bias=bias)(placed(data.draw, x_values, dtype)))
@@ -279,7 +289,7 @@ def test_gemm_routed_matches_float64(data, case):
     fresh = data.draw(st.booleans())
     out = None if fresh else np.full((num_tokens * top_k, n), np.nan, NUMPY_DTYPES[dtype])
     got = as_numpy(stack.gemm_routed(placed(data.draw, x_values, dtype), routing, topk_weights=tw, out=out))
-    w64, mags, x64 = dense(weights), magnitudes(weights), x_values.astype(np.float64)
+    w64, mags, x64 = dense(weights), magnitudes(weights, dtype), x_values.astype(np.float64)
     for p in range(num_tokens * top_k):
         t, j = divmod(p, top_k)
         if not 0 <= ids[t, j] < e:
@@ -297,7 +307,7 @@ def moe_reference_and_bound(x, w13, w2, tw, ids, expert_map, n_global, on_input,
     activation buffers to `dtype` (propagated through silu, |silu'| < 1.1),
     the float32 top-k sum and the output's rounding."""
     u, inter, hidden = UNIT_ROUNDOFF[dtype], w2[0].k, w2[0].n
-    d13, d2, m13, m2 = dense(w13), dense(w2), magnitudes(w13), magnitudes(w2)
+    d13, d2, m13, m2 = dense(w13), dense(w2), magnitudes(w13, dtype), magnitudes(w2, dtype)
     x64 = x.astype(np.float64)
     ref, bound = np.zeros((x.shape[0], hidden)), np.zeros((x.shape[0], hidden))
     with np.errstate(all="ignore"):
@@ -414,7 +424,7 @@ def test_hostile_dispatch_rows_are_computed_or_named(data, worker):
         guards[1:out_rows + 1, out[3]:out[3] + n] = False
         assert np.all(np.isnan(backing[guards].astype(np.float64))), "written outside out"
     if not written_twice:
-        check_batched(got, x, weights, [r for r in rows], out_dtype, untouched)
+        check_batched(got, x, weights, dtype, [r for r in rows], out_dtype, untouched)
 
 
 @budget(60)
@@ -453,7 +463,7 @@ def test_lying_routing_arrays_are_skipped_never_followed(data, worker):
         ex, pair = int(expert_ids[b]), int(sorted_ids[p])
         if 0 <= ex < e and 0 <= pair < pairs:
             writers.setdefault(pair, []).append(ex)
-    w64, mags, x64 = dense(weights), magnitudes(weights), x.astype(np.float64)
+    w64, mags, x64 = dense(weights), magnitudes(weights, dtype), x.astype(np.float64)
     for pair in range(pairs):
         if pair not in writers:
             assert np.all(np.isnan(got[pair])), f"pair {pair} was written though no valid entry names it"
@@ -600,4 +610,4 @@ def test_out_is_refused_exactly_when_it_shares_memory_with_x(data):
         np.testing.assert_array_equal(buf, before)
     else:
         stack.gemm_batched(x, [[0, 0, 0, m]], out=out)
-        assert_within(out, expected, gemm_bound(x.astype(np.float64), magnitudes(weights)[0], "float32"))
+        assert_within(out, expected, gemm_bound(x.astype(np.float64), magnitudes(weights, "float32")[0], "float32"))

@@ -68,8 +68,7 @@ class CpuStack final : public plugin::Stack {
     const int64_t num_pairs = a.x->shape[0] * a.top_k;
     // plugin.h: the blocks moe_align_block_size can fill, each expert's whole
     // but at most one; past them no block holds work.
-    const int64_t num_blocks =
-        std::min({a.expert_ids->shape[0], num_pairs, (num_pairs + a.block_size - 1) / a.block_size + std::min(e_, num_pairs)});
+    const int64_t num_blocks = fm_routed_blocks_read(a.expert_ids->shape[0], num_pairs, a.block_size, e_);
     // Host-visible indices: every out-of-range entry is skipped, never followed.
     const int64_t post = std::clamp<int64_t>(*static_cast<const int32_t*>(tensor_data(a.num_tokens_post_padded)), 0, capacity);
     const float* weights = a.topk_weights != nullptr ? static_cast<const float*>(tensor_data(a.topk_weights)) : nullptr;

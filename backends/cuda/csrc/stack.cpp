@@ -315,8 +315,8 @@ int CudaStack::plan_schedule(int64_t tiles_x, int64_t n_tiles, int rows_per_cta,
   if (tiles > kMaxGridX) {
     throw Error(FM_ERROR_UNSUPPORTED, std::to_string(tiles) + " output tiles exceed the CUDA grid limit");
   }
-  // The 128-token (wgmma) tiles keep their accumulators in another layout than
-  // the slots': they are never shared.
+  // 128-row tiles are never shared: their reduction is not compiled (prefill
+  // has tiles enough for a wave) and the occupancy table has no entry for them.
   const int64_t slots = rows_per_cta == gemm::kWgmmaRowsPerCta
                             ? 0
                             : std::min<int64_t>(gemm::kStreamKCounters,
@@ -495,14 +495,10 @@ void CudaStack::gemm_routed(const FmGemmRoutedArgs& args) {
   const int rows_per_cta = args.block_size < gemm::kLargeRowsPerCta ? gemm::kSmallRowsPerCta
                                                                      : rows_per_cta_for(args.block_size);
   params.chunks_per_block = static_cast<int32_t>(ceil_div(args.block_size, rows_per_cta));
-  // plugin.h: only the first num_tokens * top_k routing blocks are processed
-  // (each block moe_align_block_size fills holds at least one pair), so the
-  // grid follows the token count rather than every expert's worst-case
-  // padding. Tighter still: blocks that hold pairs number at most
-  // ceil(pairs / block_size) plus one partial block per expert with a pair.
+  // plugin.h: only the blocks moe_align_block_size can fill are read, so the
+  // grid follows the token count rather than every expert's worst-case padding.
   const int64_t grid_blocks =
-      std::min({params.num_blocks, params.num_pairs,
-                ceil_div(params.num_pairs, args.block_size) + std::min(num_experts_, params.num_pairs)});
+      fm_routed_blocks_read(params.num_blocks, params.num_pairs, args.block_size, num_experts_);
   constexpr int64_t kMaxGridX = std::numeric_limits<int32_t>::max();
   if (grid_blocks * params.chunks_per_block > kMaxGridX) {
     throw Error(FM_ERROR_UNSUPPORTED,

@@ -158,7 +158,7 @@ class Mainloop {
       if (whole) {  // the common case, kept to an address add per copy
 #pragma unroll
         for (int u = 0; u < Traits::kAChunksPerThread; ++u) {
-          const int64_t offset = kCacheRowOffsets ? a_row_offset_[u] : row_offset(u);
+          const int64_t offset = x_offset(u);
           if (offset >= 0) cp_async_16(dst + u * kRowsPerPass * Traits::kARowBytes, x + offset + k);
         }
         return;
@@ -166,7 +166,7 @@ class Mainloop {
       const int tail_bytes = max(0, min(8, w_.k - k)) * static_cast<int>(sizeof(T));
 #pragma unroll
       for (int u = 0; u < Traits::kAChunksPerThread; ++u) {
-        const int64_t offset = kCacheRowOffsets ? a_row_offset_[u] : row_offset(u);
+        const int64_t offset = x_offset(u);
         if (offset < 0) continue;
         const void* src = tail_bytes > 0 ? static_cast<const void*>(x + offset + k) : io_.x;
         cp_async_16(dst + u * kRowsPerPass * Traits::kARowBytes, src, tail_bytes);
@@ -177,13 +177,18 @@ class Mainloop {
     for (int u = 0; u < Traits::kAChunksPerThread; ++u) {
       uint32_t packed[4];
 #pragma unroll
-      for (int e = 0; e < 4; ++e) packed[e] = load_x_pair(x, kCacheRowOffsets ? a_row_offset_[u] : row_offset(u), k + 2 * e);
+      for (int e = 0; e < 4; ++e) packed[e] = load_x_pair(x, x_offset(u), k + 2 * e);
       *reinterpret_cast<uint4*>(stage + a_dst_ + u * kRowsPerPass * Traits::kARowBytes) =
           make_uint4(packed[0], packed[1], packed[2], packed[3]);
     }
   }
 
-  // x offset of the u-th row this thread copies.
+  // x offset of the u-th row this thread copies (-1: unused): from registers,
+  // or the row table (kCacheRowOffsets).
+  __device__ __forceinline__ int64_t x_offset(int u) const {
+    if constexpr (kCacheRowOffsets) return a_row_offset_[u];
+    return row_offset(u);
+  }
   __device__ __forceinline__ int64_t row_offset(int u) const {
     return rows_.x_offset[threadIdx.x / Traits::kAChunksPerRow + u * (kThreads / Traits::kAChunksPerRow)];
   }

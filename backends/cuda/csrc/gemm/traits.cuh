@@ -33,10 +33,11 @@ struct GemmTraits {
   static_assert(kAChunksPerThread * kThreads == kRows * kAChunksPerRow, "even A split");
 
   static constexpr int kBStageBytes = Tile::kBytes;
-  // wgmma reads the A tile through a 128-byte-swizzle descriptor, whose
-  // pattern is anchored at 1024-byte boundaries: the stages start aligned (the
-  // dynamic shared memory base is rounded up, hence the slack).
-  static constexpr int kSmemAlignment = 1024;
+  // wgmma (128-row tiles) reads the A tile through a 128-byte-swizzle
+  // descriptor, whose pattern is anchored at 1024-byte boundaries: the stages
+  // start aligned (the dynamic shared memory base is rounded up, hence the
+  // slack); the mma.sync tiles need 16 bytes.
+  static constexpr int kSmemAlignment = kRows == kWgmmaRowsPerCta ? 1024 : 16;
   static constexpr int kSmemBytes = kStages * (kAStageBytes + kBStageBytes) + kSmemAlignment;
 
   static __device__ __forceinline__ int a_offset(int row, int chunk) {

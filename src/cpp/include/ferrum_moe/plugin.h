@@ -211,6 +211,16 @@ typedef struct FmGemmBatchedArgs {
  * expert holding n_e pairs, at most one of them partial, so no more can hold
  * work (this lets a backend size its grid by the token count, not by every
  * expert's worst-case padding). Rows of `out` no valid id names are left untouched. */
+/* The routing blocks gemm_routed reads (see above), one definition for every
+ * backend; the arguments are non-negative and block_size >= 1. */
+static inline int64_t fm_routed_blocks_read(int64_t num_blocks, int64_t num_pairs, int64_t block_size,
+                                            int64_t num_experts) {
+  const int64_t experts_with_pairs = num_experts < num_pairs ? num_experts : num_pairs;
+  int64_t bound = (num_pairs + block_size - 1) / block_size + experts_with_pairs;
+  if (bound > num_pairs) bound = num_pairs;
+  return bound < num_blocks ? bound : num_blocks;
+}
+
 typedef struct FmGemmRoutedArgs {
   size_t struct_size;
   FmStack* stack;

@@ -309,6 +309,9 @@ int CudaStack::rows_per_cta_for(int64_t rows) const {
 }
 
 int CudaStack::plan_schedule(int64_t tiles_x, int64_t n_tiles, int rows_per_cta, gemm::StreamK& schedule) const {
+  // A 128-row CTA covers two 128-column tiles (two warpgroups): its column
+  // tiles are counted in pairs.
+  if (rows_per_cta == gemm::kWgmmaRowsPerCta) n_tiles = ceil_div(n_tiles, int64_t{2});
   schedule = {nullptr, nullptr, static_cast<int32_t>(tiles_x), static_cast<int32_t>(n_tiles)};
   const int64_t tiles = tiles_x * n_tiles;
   constexpr int64_t kMaxGridX = std::numeric_limits<int32_t>::max();

@@ -48,7 +48,8 @@ __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& 
     const int expert = fill_rows(tile / schedule.n_tiles, rows);
     if (expert < 0) continue;
     typename Loop::Accumulators acc;
-    const int n_tile = first_n_tile + static_cast<int>(tile % schedule.n_tiles);
+    // The CTA's first 128-column tile; a second warpgroup takes the next one.
+    const int n_tile = first_n_tile + Traits::kWarpgroups * static_cast<int>(tile % schedule.n_tiles);
     Loop(w, io, rows, expert, n_tile, smem).run(acc, kt_begin, kt_end);
     constexpr int kRows = kMTiles * kMmaM;
     auto& flat = reinterpret_cast<typename AccumulatorLayout<kRows, Loop::kWgmma>::Flat&>(acc);
@@ -65,7 +66,7 @@ __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& 
 
 // Host dispatch rows, split into work items of up to kRows rows on the host.
 template <class T, int kBits, int kMTiles>
-__global__ void __launch_bounds__(kThreads, kMinCtasPerSm<kMTiles>)
+__global__ void __launch_bounds__(GemmTraits<T, kBits, kMTiles>::kCtaThreads, kMinCtasPerSm<kMTiles>)
     gemm_batched_kernel(const __grid_constant__ BatchedParams p) {
   constexpr int kRows = kMTiles * kMmaM;
   __shared__ RowTable<kRows> rows;
@@ -89,7 +90,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm<kMTiles>)
 // could overflow. Tile row x is chunk x % chunks_per_dispatch of dispatch
 // x / chunks_per_dispatch.
 template <class T, int kBits, int kMTiles>
-__global__ void __launch_bounds__(kThreads, kMinCtasPerSm<kMTiles>)
+__global__ void __launch_bounds__(GemmTraits<T, kBits, kMTiles>::kCtaThreads, kMinCtasPerSm<kMTiles>)
     gemm_device_dispatch_kernel(const __grid_constant__ DeviceDispatchParams p) {
   constexpr int kRows = kMTiles * kMmaM;
   __shared__ RowTable<kRows> rows;
@@ -123,7 +124,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtasPerSm<kMTiles>)
 // Every index read from device memory is range-checked before use: the host
 // never saw these arrays.
 template <class T, int kBits, int kMTiles>
-__global__ void __launch_bounds__(kThreads, kMinCtasPerSm<kMTiles>)
+__global__ void __launch_bounds__(GemmTraits<T, kBits, kMTiles>::kCtaThreads, kMinCtasPerSm<kMTiles>)
     gemm_routed_kernel(const __grid_constant__ RoutedParams p) {
   constexpr int kRows = kMTiles * kMmaM;
   __shared__ RowTable<kRows> rows;

@@ -53,7 +53,8 @@ cudaError_t gemm_ctas_per_sm_for(int bits, int rows_per_cta, int* ctas) {
   return with_specialisation(bits, rows_per_cta, [&](auto b, auto m) {
     constexpr int kBits = decltype(b)::value;
     constexpr int kMTiles = decltype(m)::value;
-    return cudaOccupancyMaxActiveBlocksPerMultiprocessor(ctas, gemm_routed_kernel<T, kBits, kMTiles>, kThreads,
+    return cudaOccupancyMaxActiveBlocksPerMultiprocessor(ctas, gemm_routed_kernel<T, kBits, kMTiles>,
+                                                         GemmTraits<T, kBits, kMTiles>::kCtaThreads,
                                                          GemmTraits<T, kBits, kMTiles>::kSmemBytes);
   });
 }
@@ -67,7 +68,7 @@ cudaError_t launch_gemm_batched_for(const BatchedParams& params, int bits, int r
   return with_specialisation(bits, rows_per_cta, [&](auto b, auto m) {
     constexpr int kBits = decltype(b)::value;
     constexpr int kMTiles = decltype(m)::value;
-    gemm_batched_kernel<T, kBits, kMTiles><<<schedule_grid(ctas), kThreads,
+    gemm_batched_kernel<T, kBits, kMTiles><<<schedule_grid(ctas), GemmTraits<T, kBits, kMTiles>::kCtaThreads,
                                              GemmTraits<T, kBits, kMTiles>::kSmemBytes, stream>>>(params);
     return cudaGetLastError();
   });
@@ -79,7 +80,7 @@ cudaError_t launch_gemm_device_dispatch_for(const DeviceDispatchParams& params, 
   return with_specialisation(bits, rows_per_cta, [&](auto b, auto m) {
     constexpr int kBits = decltype(b)::value;
     constexpr int kMTiles = decltype(m)::value;
-    gemm_device_dispatch_kernel<T, kBits, kMTiles><<<schedule_grid(ctas), kThreads,
+    gemm_device_dispatch_kernel<T, kBits, kMTiles><<<schedule_grid(ctas), GemmTraits<T, kBits, kMTiles>::kCtaThreads,
                                                      GemmTraits<T, kBits, kMTiles>::kSmemBytes, stream>>>(params);
     return cudaGetLastError();
   });
@@ -91,7 +92,7 @@ cudaError_t launch_gemm_routed_for(const RoutedParams& params, int bits, int row
   return with_specialisation(bits, rows_per_cta, [&](auto b, auto m) {
     constexpr int kBits = decltype(b)::value;
     constexpr int kMTiles = decltype(m)::value;
-    gemm_routed_kernel<T, kBits, kMTiles><<<schedule_grid(ctas), kThreads,
+    gemm_routed_kernel<T, kBits, kMTiles><<<schedule_grid(ctas), GemmTraits<T, kBits, kMTiles>::kCtaThreads,
                                             GemmTraits<T, kBits, kMTiles>::kSmemBytes, stream>>>(params);
     return cudaGetLastError();
   });

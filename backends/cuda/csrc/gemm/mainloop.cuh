@@ -58,16 +58,18 @@ class Mainloop {
   static constexpr int kWgmmaInFlight = 1;
 
   __device__ Mainloop(const QuantWeights& w, const GemmIO& io, const RowTable<kRows>& rows,
-                      int expert, int n_tile, uint8_t* smem)
+                      int expert, int cta_n_tile, uint8_t* smem)
       : w_(w),
         io_(io),
         rows_(rows),
         expert_(expert),
-        n_tile_(n_tile),
-        warp_(threadIdx.x / 32),
+        warp_((threadIdx.x % kThreads) / 32),
         lane_(threadIdx.x % 32),
         a_smem_(smem),
-        b_smem_(smem + kStages * Traits::kAStageBytes) {
+        b_smem_(smem + kStages * Traits::kAStageBytes + (threadIdx.x / kThreads) * Tile::kBytes) {
+    // A second warpgroup takes the next 128 columns (clamped to the stack's
+    // last tile: columns past the window are never stored).
+    const int n_tile = min(cta_n_tile + static_cast<int>(threadIdx.x / kThreads), w.n_tiles - 1);
     // The lane's first 16-byte load of K slice 0; slice kt is kt * kUint4s on.
     b_src_ = static_cast<const uint4*>(w.tiles) +
              (static_cast<int64_t>(expert) * w.n_tiles + n_tile) * w.k_tiles * Tile::kUint4s +
@@ -144,7 +146,7 @@ class Mainloop {
   __device__ void load_a(int kt, uint8_t* stage) const {
     const auto* x = static_cast<const uint16_t*>(io_.x);
     const int k = kt * kTileK + a_chunk_ * 8;
-    constexpr int kRowsPerPass = kThreads / Traits::kAChunksPerRow;
+    constexpr int kRowsPerPass = Traits::kCtaThreads / Traits::kAChunksPerRow;
     const uint32_t dst = shared_address(stage) + a_dst_;
     if (io_.x_vector_loads && perm_ == nullptr) {
       // Rows that hold no token are not copied at all: row i of the product
@@ -190,7 +192,7 @@ class Mainloop {
     return row_offset(u);
   }
   __device__ __forceinline__ int64_t row_offset(int u) const {
-    return rows_.x_offset[threadIdx.x / Traits::kAChunksPerRow + u * (kThreads / Traits::kAChunksPerRow)];
+    return rows_.x_offset[threadIdx.x / Traits::kAChunksPerRow + u * (Traits::kCtaThreads / Traits::kAChunksPerRow)];
   }
 
   // x[row, k] and x[row, k + 1] as one 32-bit word (lower k in the low half),
@@ -458,7 +460,6 @@ class Mainloop {
   const GemmIO& io_;
   const RowTable<kRows>& rows_;
   const int expert_;
-  const int n_tile_;
   const int warp_;
   const int lane_;
   uint8_t* const a_smem_;
@@ -476,7 +477,7 @@ class Mainloop {
   // x offsets of its rows (-1: unused), kept in registers for up to 4 rows
   // (the 128-row tiles need those registers for their accumulators and read
   // the offsets from the row table in shared memory at each copy).
-  static constexpr bool kCacheRowOffsets = Traits::kAChunksPerThread <= 4;
+  static constexpr bool kCacheRowOffsets = Traits::kAChunksPerThread <= 4 && !kWgmma;
   int64_t a_row_offset_[kCacheRowOffsets ? Traits::kAChunksPerThread : 1];
 };
 

@@ -15,6 +15,10 @@ struct GemmTraits {
   using Tile = WeightTileLayout<kBits>;
 
   static constexpr int kRows = kMTiles * kMmaM;
+  // The 128-row (wgmma) tiles run two warpgroups of 4 warps, each on its own
+  // 128 columns, both on one token tile: the token copy per FLOP halves.
+  static constexpr int kWarpgroups = kRows == kWgmmaRowsPerCta ? 2 : 1;
+  static constexpr int kCtaThreads = kWarpgroups * kThreads;
   // 4 stages: three K slices in flight while the fourth is computed, enough
   // to cover global-memory latency at this tile size.
   // The 128-row (wgmma) tiles keep one stage more: their stages are refilled
@@ -28,11 +32,11 @@ struct GemmTraits {
   static constexpr int kARowBytes = kTileK * static_cast<int>(sizeof(T));
   static constexpr int kAChunksPerRow = kARowBytes / 16;
   static constexpr int kAStageBytes = kRows * kARowBytes;
-  static constexpr int kAChunksPerThread = kRows * kAChunksPerRow / kThreads;
+  static constexpr int kAChunksPerThread = kRows * kAChunksPerRow / kCtaThreads;
   static_assert(kAChunksPerRow == 8, "the swizzle assumes 8 chunks per row");
-  static_assert(kAChunksPerThread * kThreads == kRows * kAChunksPerRow, "even A split");
+  static_assert(kAChunksPerThread * kCtaThreads == kRows * kAChunksPerRow, "even A split");
 
-  static constexpr int kBStageBytes = Tile::kBytes;
+  static constexpr int kBStageBytes = Tile::kBytes * kWarpgroups;
   // wgmma (128-row tiles) reads the A tile through a 128-byte-swizzle
   // descriptor, whose pattern is anchored at 1024-byte boundaries: the stages
   // start aligned (the dynamic shared memory base is rounded up, hence the
@@ -52,7 +56,7 @@ struct GemmTraits {
 // walk this, so they serve either instruction.
 template <int kRows, bool kWgmma>
 struct AccumulatorLayout {
-  static constexpr int kCount = kRows * kTileN / kThreads;
+  static constexpr int kCount = kRows * kTileN / kThreads;  // per warpgroup's 128 columns
   using Flat = float[kCount];
 
   // mma.m16n8k16 C fragments: (mt, nt, i) -> row mt*16 + lane/4 (+8 for

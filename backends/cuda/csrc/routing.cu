@@ -1,4 +1,4 @@
-// moe_align_block_size in one CTA:
+// moe_align_block_size:
 //   1. count the pairs of each local expert (shared-memory atomics);
 //   2. exclusive scan of the counts padded to block_size -> segment offsets,
 //      num_tokens_post_padded, and expert_ids per block (-1 past the end);
@@ -9,7 +9,9 @@
 // no sort. Otherwise step 3 walks the pairs in chunks; within a chunk a block radix sort of
 // (expert, position-in-chunk) keys groups pairs by expert while keeping their
 // order (the position makes every key unique, so the sort's stability does
-// not matter), and per-expert cursors carry the count across chunks.
+// not matter), and per-expert cursors carry the count across chunks. Past
+// kMultiCtaPairs pairs the chunks are counted and scattered by one CTA each,
+// with one CTA between them turning the per-chunk counts into prefixes.
 #include "routing.hpp"
 
 #include <cub/block/block_radix_sort.cuh>
@@ -27,70 +29,78 @@ constexpr int kChunkBits = 11;                            // bits of a position 
 static_assert((1 << kChunkBits) == kChunk, "key layout: expert << kChunkBits | position");
 constexpr int kExpertsPerThread = static_cast<int>(kMaxAlignLocalExperts) / kAlignThreads;
 static_assert(kExpertsPerThread * kAlignThreads == kMaxAlignLocalExperts, "even expert split");
+// Up to this many pairs one CTA aligns everything; more are counted and
+// scattered by one CTA per chunk (the single CTA walked its chunks one after
+// another: ~200 us at M = 4096 x top-8).
+constexpr int64_t kMultiCtaPairs = 4 * kChunk;
 
 // Number of bits needed to hold values 0..value.
 __device__ __forceinline__ int bit_width(unsigned value) { return 32 - __clz(value); }
 
-template <class Index>
-__global__ void __launch_bounds__(kAlignThreads) moe_align_block_size_kernel(AlignParams p) {
-  using Sort = cub::BlockRadixSort<unsigned, kAlignThreads, kItemsPerThread>;
-  using Scan = cub::BlockScan<int, kAlignThreads>;
-  __shared__ union {
+using Sort = cub::BlockRadixSort<unsigned, kAlignThreads, kItemsPerThread>;
+using Scan = cub::BlockScan<int, kAlignThreads>;
+
+struct AlignShared {
+  union {
     typename Sort::TempStorage sort;
     typename Scan::TempStorage scan;
   } temp;
-  __shared__ int counts[kMaxAlignLocalExperts];
-  __shared__ int offsets[kMaxAlignLocalExperts + 1];
-  __shared__ int cursor[kMaxAlignLocalExperts];
-  __shared__ int segment_start[kMaxAlignLocalExperts];
-  __shared__ int sorted_experts[kChunk];
+  int counts[kMaxAlignLocalExperts];
+  int offsets[kMaxAlignLocalExperts + 1];  // each expert's segment start in sorted_token_ids
+  int cursor[kMaxAlignLocalExperts];       // pairs of the expert placed before this chunk
+  int segment_start[kMaxAlignLocalExperts];
+  int sorted_experts[kChunk];
+};
 
-  const auto* topk_ids = static_cast<const Index*>(p.topk_ids);
+template <class Index>
+struct Pairs {
+  const AlignParams& p;
+  __device__ int64_t count() const { return p.num_tokens * p.top_k; }
+  __device__ int expert(int64_t pair) const {
+    return local_expert_of(static_cast<const Index*>(p.topk_ids), p.topk_ids_stride0, p.topk_ids_stride1,
+                           pair / p.top_k, pair % p.top_k, p.num_experts, p.expert_map, p.num_local_experts);
+  }
+};
+
+// counts[e] = pairs of local expert e among pairs [begin, end).
+template <class Index>
+__device__ void count_pairs(const Pairs<Index>& pairs, AlignShared& s, int64_t begin, int64_t end) {
+  for (int e = threadIdx.x; e < pairs.p.num_local_experts; e += kAlignThreads) s.counts[e] = 0;
+  __syncthreads();
+  for (int64_t pair = begin + threadIdx.x; pair < end; pair += kAlignThreads) {
+    const int e = pairs.expert(pair);
+    if (e >= 0) atomicAdd(&s.counts[e], 1);
+  }
+  __syncthreads();
+}
+
+// From every expert's total in s.counts: each segment's start (s.offsets), the
+// padded total, and the expert of every routing block (-1 past the end).
+__device__ void place_segments(const AlignParams& p, AlignShared& s) {
   const int num_local = p.num_local_experts;
-  const int64_t num_pairs = p.num_tokens * p.top_k;
-  const int32_t sentinel = static_cast<int32_t>(num_pairs);
   const int tid = threadIdx.x;
-  auto expert_of_pair = [&](int64_t pair) {
-    return local_expert_of(topk_ids, p.topk_ids_stride0, p.topk_ids_stride1, pair / p.top_k,
-                           pair % p.top_k, p.num_experts, p.expert_map, num_local);
-  };
-
-  for (int e = tid; e < num_local; e += kAlignThreads) {
-    counts[e] = 0;
-    cursor[e] = 0;
-  }
-  __syncthreads();
-
-  for (int64_t pair = tid; pair < num_pairs; pair += kAlignThreads) {
-    const int e = expert_of_pair(pair);
-    if (e >= 0) atomicAdd(&counts[e], 1);
-  }
-  __syncthreads();
-
   int padded[kExpertsPerThread];
   int thread_total = 0;
 #pragma unroll
   for (int i = 0; i < kExpertsPerThread; ++i) {
     const int e = tid * kExpertsPerThread + i;
-    padded[i] = e < num_local ? (counts[e] + p.block_size - 1) / p.block_size * p.block_size : 0;
+    padded[i] = e < num_local ? (s.counts[e] + p.block_size - 1) / p.block_size * p.block_size : 0;
     thread_total += padded[i];
   }
   int thread_offset = 0;
   int total = 0;
-  Scan(temp.scan).ExclusiveSum(thread_total, thread_offset, total);
+  Scan(s.temp.scan).ExclusiveSum(thread_total, thread_offset, total);
 #pragma unroll
   for (int i = 0; i < kExpertsPerThread; ++i) {
     const int e = tid * kExpertsPerThread + i;
-    if (e < num_local) offsets[e] = thread_offset;
+    if (e < num_local) s.offsets[e] = thread_offset;
     thread_offset += padded[i];
   }
   if (tid == 0) {
-    offsets[num_local] = total;
+    s.offsets[num_local] = total;
     *p.num_tokens_post_padded = total;
   }
   __syncthreads();
-
-  for (int64_t q = tid; q < p.sorted_len; q += kAlignThreads) p.sorted_token_ids[q] = sentinel;
   for (int64_t b = tid; b < p.expert_ids_len; b += kAlignThreads) {
     const int64_t position = b * p.block_size;
     int expert = -1;
@@ -100,88 +110,189 @@ __global__ void __launch_bounds__(kAlignThreads) moe_align_block_size_kernel(Ali
       int lo = 0, hi = num_local;  // offsets[lo] <= position < offsets[hi]
       while (hi - lo > 1) {
         const int mid = (lo + hi) / 2;
-        if (offsets[mid] <= position) lo = mid; else hi = mid;
+        if (s.offsets[mid] <= position) lo = mid; else hi = mid;
       }
       expert = lo;
     }
     p.expert_ids[b] = expert;
   }
-  // Orders the sentinel fill before the scatter below, across threads.
+}
+
+__device__ void fill_sentinel(const AlignParams& p, int64_t first, int64_t step) {
+  const int32_t sentinel = static_cast<int32_t>(p.num_tokens * p.top_k);
+  for (int64_t q = first; q < p.sorted_len; q += step) p.sorted_token_ids[q] = sentinel;
+}
+
+// Scatters pairs [base, base + kChunk) into their experts' segments, in
+// increasing pair order, after the s.cursor[e] pairs of expert e placed before
+// them: a block radix sort of (expert, position-in-chunk) keys groups the
+// chunk's pairs by expert while keeping their order (the position makes every
+// key unique, so the sort's stability does not matter). With `advance`, the
+// cursors then count this chunk's pairs too.
+template <class Index>
+__device__ void scatter_chunk(const Pairs<Index>& pairs, AlignShared& s, int64_t base, bool advance) {
+  const AlignParams& p = pairs.p;
+  const int num_local = p.num_local_experts;
+  const int tid = threadIdx.x;
+  const unsigned invalid_key_expert = static_cast<unsigned>(num_local);
+  const int end_bit = kChunkBits + bit_width(invalid_key_expert);
+  unsigned keys[kItemsPerThread];
+#pragma unroll
+  for (int i = 0; i < kItemsPerThread; ++i) {
+    const int position = tid * kItemsPerThread + i;
+    const int64_t pair = base + position;
+    const int e = pair < pairs.count() ? pairs.expert(pair) : -1;
+    const unsigned expert = e >= 0 ? static_cast<unsigned>(e) : invalid_key_expert;
+    keys[i] = (expert << kChunkBits) | static_cast<unsigned>(position);
+  }
+  Sort(s.temp.sort).Sort(keys, 0, end_bit);  // blocked: item i of thread t is rank t * 8 + i
+
+#pragma unroll
+  for (int i = 0; i < kItemsPerThread; ++i)
+    s.sorted_experts[tid * kItemsPerThread + i] = static_cast<int>(keys[i] >> kChunkBits);
+  __syncthreads();
+
+#pragma unroll
+  for (int i = 0; i < kItemsPerThread; ++i) {
+    const int rank = tid * kItemsPerThread + i;
+    const int e = s.sorted_experts[rank];
+    if (e < num_local && (rank == 0 || s.sorted_experts[rank - 1] != e)) s.segment_start[e] = rank;
+  }
+  __syncthreads();
+
+#pragma unroll
+  for (int i = 0; i < kItemsPerThread; ++i) {
+    const int rank = tid * kItemsPerThread + i;
+    const int e = s.sorted_experts[rank];
+    if (e >= num_local) continue;
+    const int64_t destination = static_cast<int64_t>(s.offsets[e]) + s.cursor[e] + (rank - s.segment_start[e]);
+    if (destination < p.sorted_len)
+      p.sorted_token_ids[destination] = static_cast<int32_t>(base + (keys[i] & (kChunk - 1)));
+  }
+  __syncthreads();
+  if (!advance) return;
+
+  // The last rank of each expert's run advances that expert's cursor.
+#pragma unroll
+  for (int i = 0; i < kItemsPerThread; ++i) {
+    const int rank = tid * kItemsPerThread + i;
+    const int e = s.sorted_experts[rank];
+    if (e < num_local && (rank == kChunk - 1 || s.sorted_experts[rank + 1] != e))
+      s.cursor[e] += rank - s.segment_start[e] + 1;
+  }
+  __syncthreads();
+}
+
+// The whole of align in one CTA (up to kMultiCtaPairs pairs).
+template <class Index>
+__global__ void __launch_bounds__(kAlignThreads) moe_align_block_size_kernel(AlignParams p) {
+  __shared__ AlignShared s;
+  const Pairs<Index> pairs{p};
+  const int64_t num_pairs = pairs.count();
+  const int tid = threadIdx.x;
+  count_pairs(pairs, s, 0, num_pairs);
+  place_segments(p, s);
+  fill_sentinel(p, tid, kAlignThreads);
+  for (int e = tid; e < p.num_local_experts; e += kAlignThreads) s.cursor[e] = 0;
+  // Orders the sentinel fill and the cursors before the scatter below, across threads.
   __syncthreads();
 
   if (num_pairs <= kAlignThreads) {
-    int* expert_of = sorted_experts;  // one entry per pair
-    const int e = tid < num_pairs ? expert_of_pair(tid) : -1;
+    // Decode (at most one pair per thread): each thread places its pair at its
+    // rank among the earlier pairs of the same expert; no sort.
+    int* expert_of = s.sorted_experts;  // one entry per pair
+    const int e = tid < num_pairs ? pairs.expert(tid) : -1;
     expert_of[tid] = e;
     __syncthreads();
     if (e >= 0) {
       int rank = 0;
       for (int j = 0; j < tid; ++j) rank += expert_of[j] == e;
-      const int64_t destination = static_cast<int64_t>(offsets[e]) + rank;
+      const int64_t destination = static_cast<int64_t>(s.offsets[e]) + rank;
       if (destination < p.sorted_len) p.sorted_token_ids[destination] = tid;
     }
     return;
   }
+  for (int64_t base = 0; base < num_pairs; base += kChunk) scatter_chunk(pairs, s, base, true);
+}
 
-  const unsigned invalid_key_expert = static_cast<unsigned>(num_local);
-  const int end_bit = kChunkBits + bit_width(invalid_key_expert);
-  for (int64_t base = 0; base < num_pairs; base += kChunk) {
-    unsigned keys[kItemsPerThread];
-#pragma unroll
-    for (int i = 0; i < kItemsPerThread; ++i) {
-      const int position = tid * kItemsPerThread + i;
-      const int64_t pair = base + position;
-      const int e = pair < num_pairs ? expert_of_pair(pair) : -1;
-      const unsigned expert = e >= 0 ? static_cast<unsigned>(e) : invalid_key_expert;
-      keys[i] = (expert << kChunkBits) | static_cast<unsigned>(position);
+// Many chunks: one CTA per chunk counts its pairs per expert into
+// chunk_counts[chunk][e] (and the CTAs fill the sentinel between them)...
+template <class Index>
+__global__ void __launch_bounds__(kAlignThreads) align_count_kernel(AlignParams p, int32_t* chunk_counts) {
+  __shared__ AlignShared s;
+  const Pairs<Index> pairs{p};
+  const int64_t base = static_cast<int64_t>(blockIdx.x) * kChunk;
+  count_pairs(pairs, s, base, min(base + kChunk, pairs.count()));
+  for (int e = threadIdx.x; e < p.num_local_experts; e += kAlignThreads)
+    chunk_counts[static_cast<int64_t>(blockIdx.x) * p.num_local_experts + e] = s.counts[e];
+  fill_sentinel(p, static_cast<int64_t>(blockIdx.x) * kAlignThreads + threadIdx.x,
+                static_cast<int64_t>(gridDim.x) * kAlignThreads);
+}
+
+// ... one CTA turns the counts into each chunk's per-expert prefix (in place)
+// and the experts' segments ...
+__global__ void __launch_bounds__(kAlignThreads) align_segments_kernel(AlignParams p, int32_t* chunk_counts,
+                                                                       int32_t* offsets, int num_chunks) {
+  __shared__ AlignShared s;
+  const int num_local = p.num_local_experts;
+  for (int e = threadIdx.x; e < num_local; e += kAlignThreads) {
+    int running = 0;
+    for (int c = 0; c < num_chunks; ++c) {
+      int32_t& count = chunk_counts[static_cast<int64_t>(c) * num_local + e];
+      const int value = count;
+      count = running;
+      running += value;
     }
-    Sort(temp.sort).Sort(keys, 0, end_bit);  // blocked: item i of thread t is rank t * 8 + i
-
-#pragma unroll
-    for (int i = 0; i < kItemsPerThread; ++i)
-      sorted_experts[tid * kItemsPerThread + i] = static_cast<int>(keys[i] >> kChunkBits);
-    __syncthreads();
-
-#pragma unroll
-    for (int i = 0; i < kItemsPerThread; ++i) {
-      const int rank = tid * kItemsPerThread + i;
-      const int e = sorted_experts[rank];
-      if (e < num_local && (rank == 0 || sorted_experts[rank - 1] != e)) segment_start[e] = rank;
-    }
-    __syncthreads();
-
-#pragma unroll
-    for (int i = 0; i < kItemsPerThread; ++i) {
-      const int rank = tid * kItemsPerThread + i;
-      const int e = sorted_experts[rank];
-      if (e >= num_local) continue;
-      const int64_t destination = static_cast<int64_t>(offsets[e]) + cursor[e] + (rank - segment_start[e]);
-      if (destination < p.sorted_len)
-        p.sorted_token_ids[destination] = static_cast<int32_t>(base + (keys[i] & (kChunk - 1)));
-    }
-    __syncthreads();
-
-    // The last rank of each expert's run advances that expert's cursor.
-#pragma unroll
-    for (int i = 0; i < kItemsPerThread; ++i) {
-      const int rank = tid * kItemsPerThread + i;
-      const int e = sorted_experts[rank];
-      if (e < num_local && (rank == kChunk - 1 || sorted_experts[rank + 1] != e))
-        cursor[e] += rank - segment_start[e] + 1;
-    }
-    __syncthreads();
+    s.counts[e] = running;
   }
+  __syncthreads();
+  place_segments(p, s);
+  __syncthreads();
+  for (int e = threadIdx.x; e <= num_local; e += kAlignThreads) offsets[e] = s.offsets[e];
+}
+
+// ... and one CTA per chunk places its pairs after the earlier chunks' ones.
+template <class Index>
+__global__ void __launch_bounds__(kAlignThreads) align_scatter_kernel(AlignParams p, const int32_t* chunk_counts,
+                                                                      const int32_t* offsets) {
+  __shared__ AlignShared s;
+  const Pairs<Index> pairs{p};
+  for (int e = threadIdx.x; e < p.num_local_experts; e += kAlignThreads) {
+    s.offsets[e] = offsets[e];
+    s.cursor[e] = chunk_counts[static_cast<int64_t>(blockIdx.x) * p.num_local_experts + e];
+  }
+  __syncthreads();
+  scatter_chunk(pairs, s, static_cast<int64_t>(blockIdx.x) * kChunk, false);
+}
+
+template <class Index>
+cudaError_t launch_align(const AlignParams& params, cudaStream_t stream) {
+  const int64_t num_pairs = params.num_tokens * params.top_k;
+  if (num_pairs <= kMultiCtaPairs) {
+    moe_align_block_size_kernel<Index><<<1, kAlignThreads, 0, stream>>>(params);
+    return cudaGetLastError();
+  }
+  // num_pairs < 2^31 (plugin.h), so the chunk count fits an int.
+  const int num_chunks = static_cast<int>((num_pairs + kChunk - 1) / kChunk);
+  const size_t table = static_cast<size_t>(num_chunks) * params.num_local_experts;
+  int32_t* workspace = nullptr;
+  // Stream-ordered (a graph memory node under capture), freed after the scatter.
+  cudaError_t status = cudaMallocAsync(reinterpret_cast<void**>(&workspace),
+                                       (table + params.num_local_experts + 1) * sizeof(int32_t), stream);
+  if (status != cudaSuccess) return status;
+  int32_t* offsets = workspace + table;
+  align_count_kernel<Index><<<num_chunks, kAlignThreads, 0, stream>>>(params, workspace);
+  align_segments_kernel<<<1, kAlignThreads, 0, stream>>>(params, workspace, offsets, num_chunks);
+  align_scatter_kernel<Index><<<num_chunks, kAlignThreads, 0, stream>>>(params, workspace, offsets);
+  status = cudaGetLastError();
+  const cudaError_t freed = cudaFreeAsync(workspace, stream);
+  return status != cudaSuccess ? status : freed;
 }
 
 }  // namespace
 
 cudaError_t launch_moe_align_block_size(const AlignParams& params, cudaStream_t stream) {
-  if (params.topk_ids_int64) {
-    moe_align_block_size_kernel<int64_t><<<1, kAlignThreads, 0, stream>>>(params);
-  } else {
-    moe_align_block_size_kernel<int32_t><<<1, kAlignThreads, 0, stream>>>(params);
-  }
-  return cudaGetLastError();
+  return params.topk_ids_int64 ? launch_align<int64_t>(params, stream) : launch_align<int32_t>(params, stream);
 }
 
 }  // namespace ferrum_moe_cuda

@@ -1,5 +1,6 @@
-// moe_align_block_size on the device (plugin.h FmAlignArgs): one CTA, no
-// host synchronisation, so it can be captured in a CUDA graph.
+// moe_align_block_size on the device (plugin.h FmAlignArgs): one CTA, or for
+// many pairs one CTA per chunk of pairs (a stream-ordered workspace); no host
+// synchronisation, so it can be captured in a CUDA graph.
 #ifndef FERRUM_MOE_CUDA_ROUTING_HPP_
 #define FERRUM_MOE_CUDA_ROUTING_HPP_
 

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build the core and the CUDA plugin, run the tests,
 # the sanitizers and the benchmarks, and print a short summary last.
-#   bash benchmarks/device.sh [build] [test] [cpu] [sanitize] [bench] [linear] [profile]
-# (default: all but profile). PROFILE_ARGS picks the layer for ncu (profile_moe.py's options).
+#   bash benchmarks/device.sh [build | plugin] [test] [cpu] [sanitize] [bench] [linear] [profile]
+# (default: build test sanitize bench linear). plugin: install only the CUDA plugin (an A/B
+# run of another .dist wheel on the core already installed). PROFILE_ARGS picks the layer for ncu (profile_moe.py's options).
 # cpu: the CPU kernel tests on the GPU machine's host CPU (a Xeon with AMX-BF16:
 # the only place the AMX kernels run for real).
-# sanitize: compute-sanitizer memcheck, racecheck and synccheck over cuda_smoke.py and tests/test_cuda.py.
+# sanitize: compute-sanitizer memcheck, racecheck and synccheck over cuda_smoke.py and the CUDA tests.
 # The CUDA plugin wheel is taken from .dist/ when one is there (built on a
 # machine without a GPU: `pip wheel --no-build-isolation --no-deps ./backends/cuda -w .dist`),
 # which saves the device the compile. BENCH_ARGS / LINEAR_ARGS pass options on.
@@ -21,10 +22,10 @@ summary=()
 has() { [[ " $stages " == *" $1 "* ]]; }
 now() { date +%s; }
 
-if has build; then
+if has build || has plugin; then
   t=$(now)
-  python3 -m pip install -q --no-build-isolation --no-deps . >"$OUT/build-core.log" 2>&1
-  rc=$?
+  rc=0
+  has build && { python3 -m pip install -q --no-build-isolation --no-deps . >"$OUT/build-core.log" 2>&1 || rc=$?; }
   if ls .dist/ferrum_moe_cuda-*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-deps --force-reinstall .dist/ferrum_moe_cuda-*.whl >"$OUT/build-cuda.log" 2>&1 || rc=$?
     what="core built, CUDA plugin from .dist"
@@ -32,8 +33,9 @@ if has build; then
     python3 -m pip install -q --no-build-isolation --no-deps -v ./backends/cuda >"$OUT/build-cuda.log" 2>&1 || rc=$?
     what="core and CUDA plugin built"
   fi
+  has build || what="CUDA plugin from .dist"
   summary+=("build: rc=$rc ($what) in $(( $(now) - t )) s")
-  [ $rc -eq 0 ] || { tail -30 "$OUT/build-core.log" "$OUT/build-cuda.log"; }
+  [ $rc -eq 0 ] || { tail -30 "$OUT"/build-*.log; }
   ferrum-moe info
 fi
 
@@ -50,18 +52,35 @@ if has cpu; then
 fi
 
 if has sanitize; then
-  # Each tool over the smoke script and the CUDA tests; the model-shape sweep is
-  # left out (the same kernels at sizes the tools would take hours over).
+  # memcheck, racecheck and synccheck over the smoke script and the CUDA tests
+  # (tests/ -k cuda; the model-shape sweep left out: the same kernels at sizes the tools would
+  # take hours over). The tests run in SANITIZE_SHARDS processes per tool, all
+  # at once on the one GPU (the tools' cost is mostly host-side); JAX must not
+  # preallocate most of the GPU in each of them.
+  t=$(now)
+  export XLA_PYTHON_CLIENT_PREALLOCATE=false
+  shards=${SANITIZE_SHARDS:-4}
+  python3 -m pytest -q --collect-only -p no:cacheprovider tests/ -k "cuda and not model_shapes" \
+    | grep '::' >"$OUT/sanitize-tests.txt"
+  san() {  # tool, log, program...
+    local tool=$1 log=$2; shift 2
+    timeout "$SANITIZE_TIMEOUT" compute-sanitizer --tool "$tool" --error-exitcode 9 "$@" >"$log" 2>&1
+    echo "rc=$?" >>"$log"
+  }
   for tool in memcheck racecheck synccheck; do
-    t=$(now)
-    timeout "$SANITIZE_TIMEOUT" compute-sanitizer --tool $tool --error-exitcode 9 python3 benchmarks/cuda_smoke.py \
-      >"$OUT/sanitize-$tool.log" 2>&1
-    rc=$?
-    timeout "$SANITIZE_TIMEOUT" compute-sanitizer --tool $tool --error-exitcode 9 python3 -m pytest -q -x \
-      -p no:cacheprovider tests/test_cuda.py -k "not model_shapes" >>"$OUT/sanitize-$tool.log" 2>&1 || rc=$?
-    summary+=("compute-sanitizer $tool: rc=$rc, $(grep 'SUMMARY' "$OUT/sanitize-$tool.log" | sed 's/=* *//' | tr '\n' ' ')in $(( $(now) - t )) s")
-    tail -3 "$OUT/sanitize-$tool.log"
+    san $tool "$OUT/san-$tool-smoke.log" python3 benchmarks/cuda_smoke.py &
+    for ((i = 0; i < shards; i++)); do
+      san $tool "$OUT/san-$tool-$i.log" python3 benchmarks/pytest_shard.py "$OUT/sanitize-tests.txt" "$shards" "$i" &
+    done
   done
+  wait
+  for tool in memcheck racecheck synccheck; do
+    cat "$OUT"/san-$tool-*.log >"$OUT/sanitize-$tool.log"
+    rm -f "$OUT"/san-$tool-*.log
+    summary+=("compute-sanitizer $tool: $(grep -E '^rc=' "$OUT/sanitize-$tool.log" | tr '\n' ' ')| $(grep -E 'SUMMARY' "$OUT/sanitize-$tool.log" | sed 's/=* *//' | sort | uniq -c | tr '\n' ' ')| $(grep -E '^=+ .*(passed|failed|error)' "$OUT/sanitize-$tool.log" | tr -d '=' | tr '\n' ' ')")
+  done
+  summary+=("sanitizers: $(wc -l <"$OUT/sanitize-tests.txt") tests in $shards shards per tool, $(( $(now) - t )) s in all")
+  rm -f "$OUT/sanitize-tests.txt"
 fi
 
 if has bench; then

@@ -8,7 +8,11 @@ same weights and the same seeded routing for every library. Prints a table and
 writes JSON (--json).
 
     python benchmarks/bench_moe.py [--models mixtral,...] [--tokens 1,16,...]
-        [--dtypes float16,bfloat16] [--grouped-from 256] [--json out.json]
+        [--dtypes float16,bfloat16] [--grouped-from 256] [--block-sizes 16,32,64,128] [--json out.json]
+
+--block-sizes also times ferrum-moe with each of those routing block sizes (the
+block size picks the CUDA tile height): the measurements behind
+routing.default_block_size.
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ def main() -> None:
     parser.add_argument("--dtypes", default="float16")
     parser.add_argument("--grouped-from", type=int, default=256, help="time the bf16 grouped GEMM from this M up")
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--block-sizes", default="", help="also time ferrum-moe at these routing block sizes")
     parser.add_argument("--json")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
@@ -81,6 +86,8 @@ def main() -> None:
         for dtype in args.dtypes.split(","):
             tdtype = TORCH_DTYPES[dtype]
             layer = fm.MoE(ferrum_stack(w13, dtype), ferrum_stack(w2, dtype), top_k=top_k)
+            by_block = {int(b): fm.MoE(layer.w13, layer.w2, top_k=top_k, block_size=int(b))
+                        for b in args.block_sizes.split(",") if b}
             peer = None
             if vmm is not None:
                 peer = vmm.VllmMarlinMoE(w13["qweight"], w13["scales"], w2["qweight"], w2["scales"],
@@ -91,6 +98,10 @@ def main() -> None:
                 out = torch.empty(m, hidden, device="cuda", dtype=tdtype)
                 ours = time_graph(lambda s: layer(x, tw, ids, out=out, stream=s), flush, args.repeats)
                 row = dict(model=model, dtype=dtype, m=m, ferrum_us=ours, device=device)
+                if by_block:
+                    row["ferrum_us_by_block_size"] = {
+                        b: time_graph(lambda s, lb=lb: lb(x, tw, ids, out=out, stream=s), flush, args.repeats)
+                        for b, lb in by_block.items()}
                 if peer is not None:
                     peer.prepare(x, tw, ids)
                     row["vllm_us"] = time_graph(lambda s: peer(stream=s), flush, args.repeats)
@@ -111,7 +122,9 @@ def main() -> None:
                 print(f"{model:<17} {dtype:<8} M={m:<6} ferrum {ours:9.1f} us  vLLM {row.get('vllm_us', float('nan')):9.1f}"
                       f"  grouped {row.get('grouped_bf16_us', float('nan')):9.1f}  floors {row['memory_floor_us']:7.1f}"
                       f" / {row['compute_floor_us']:8.1f}", flush=True)
-            del layer, peer
+                if by_block:
+                    print("    by block size: " + ", ".join(f"{b}: {t:.1f}" for b, t in row["ferrum_us_by_block_size"].items()))
+            del layer, peer, by_block
             torch.cuda.empty_cache()
     print()
     print("| layer | dtype | M | memory floor us | compute floor us | vLLM Marlin MoE us | torch bf16 grouped us "

@@ -17,15 +17,18 @@ for dtype, tdtype in (("float16", torch.float16), ("bfloat16", torch.bfloat16)):
                                             checkpoint_format="gptq_v2"))
         stack = fm.ExpertStack.from_gptq(weights, device="cuda", dtype=dtype)
         x = torch.randn(170, k, device="cuda", dtype=tdtype)
-        # 16-, 64- and (Hopper) 128-row tiles.
-        stack.gemm_batched(x, [[0, 0, 0, 5], [3, 5, 5, 32]])
+        # 16-, 32-, 64- and (Hopper) 128-row tiles.
+        stack.gemm_batched(x, [[0, 0, 0, 5], [3, 5, 5, 13]])
+        stack.gemm_batched(x, [[2, 9, 0, 30]])
+        stack.gemm_batched(x, [[3, 5, 5, 50]])
         stack.gemm_batched(x, [[1, 37, 0, 133]])
-        for block_size in (16, 64, 128):
+        for block_size in (16, 32, 64, 128):
             ids = torch.randint(0, e, (170, 2), device="cuda", dtype=torch.int32)
             routing = fm.moe_align_block_size(ids, block_size, e)
             stack.gemm_routed(x, routing, topk_weights=torch.rand(170, 2, device="cuda"))
-    # Long K, few tokens: the stream-K launch of 64-row tiles and its reduction.
+    # Long K, few tokens: the stream-K launches of 32- and 64-row tiles and their reduction.
     lin = fm.Linear.from_gptq(fm.gptq.quantize(rng.standard_normal((4096, 256))), device="cuda", dtype=dtype)
+    lin(torch.randn(24, 4096, device="cuda", dtype=tdtype))
     lin(torch.randn(40, 4096, device="cuda", dtype=tdtype))
     w13 = fm.ExpertStack.from_gptq([fm.gptq.quantize(rng.standard_normal((256, 256)))] * 4, device="cuda", dtype=dtype)
     w2 = fm.ExpertStack.from_gptq([fm.gptq.quantize(rng.standard_normal((128, 256)))] * 4, device="cuda", dtype=dtype)

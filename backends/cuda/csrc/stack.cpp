@@ -160,8 +160,8 @@ CudaStack::CudaStack(const FmStackCreateArgs& args)
   check_cuda(gemm::configure_gemm_kernels(compute_type_, bits_), "configuring the GEMM kernels");
   // Stream-K fills every SM with as many CTAs as fit at once: one wave, as
   // many loads in flight as the SM holds, no tail.
-  for (int rows : {gemm::kSmallRowsPerCta, gemm::kLargeRowsPerCta}) {
-    check_cuda(gemm::gemm_ctas_per_sm(compute_type_, bits_, rows, &ctas_per_sm_[rows == gemm::kLargeRowsPerCta]),
+  for (int rows : {gemm::kSmallRowsPerCta, gemm::kMediumRowsPerCta, gemm::kLargeRowsPerCta}) {
+    check_cuda(gemm::gemm_ctas_per_sm(compute_type_, bits_, rows, &ctas_per_sm_[occupancy_index(rows)]),
                "querying the GEMM kernels' occupancy");
   }
   check_cuda(cudaStreamSynchronize(stream), "stack_create: finishing the load");
@@ -304,6 +304,7 @@ void CudaStack::zero_workspace(void* stream) {
 
 int CudaStack::rows_per_cta_for(int64_t rows) const {
   if (rows <= gemm::kSmallRowsPerCta) return gemm::kSmallRowsPerCta;
+  if (rows <= gemm::kMediumRowsPerCta) return gemm::kMediumRowsPerCta;
   if (rows < gemm::kWgmmaRowsPerCta || !wgmma_tiles_) return gemm::kLargeRowsPerCta;
   return gemm::kWgmmaRowsPerCta;
 }
@@ -325,7 +326,7 @@ int CudaStack::plan_schedule(int64_t tiles_x, int64_t n_tiles, int rows_per_cta,
                             : std::min<int64_t>(gemm::kStreamKCounters,
                                                 gemm::kStreamKSlotFloats / (rows_per_cta * kTileN));
   if (tiles > slots || tiles == 0) return static_cast<int>(tiles);  // one CTA per tile
-  const int64_t wave = int64_t(ctas_per_sm_[rows_per_cta == gemm::kLargeRowsPerCta]) * num_sms_;
+  const int64_t wave = int64_t(ctas_per_sm_[occupancy_index(rows_per_cta)]) * num_sms_;
   const int64_t slices = tiles * (k_padded_ / kTileK);
   const int64_t ctas = std::clamp<int64_t>(slices / kStreamKMinSlices, 1, wave);
   schedule.partials = stream_k_partials_.get<float>();
@@ -492,11 +493,13 @@ void CudaStack::gemm_routed(const FmGemmRoutedArgs& args) {
   }
   if (params.num_blocks == 0 || params.num_pairs == 0) return;
 
-  // Routing blocks under 64 rows are covered by 16-row CTAs (a block of 32 in
-  // a 64-row tile would leave half of it padding: 20% slower at DeepSeek-V3
-  // M = 1024); 64 and more by 64-row tiles, 128 and more on Hopper by 128.
-  const int rows_per_cta = args.block_size < gemm::kLargeRowsPerCta ? gemm::kSmallRowsPerCta
-                                                                     : rows_per_cta_for(args.block_size);
+  // Routing blocks of up to 16 rows run on 16-row CTAs, up to 63 on 32-row
+  // CTAs (one weight stream per 32 tokens; a 64-row tile would leave half of
+  // a block of 32 padding: 20% slower at DeepSeek-V3 M = 1024), 64 and more
+  // on 64-row tiles, 128 and more on Hopper on 128.
+  const int rows_per_cta = args.block_size < gemm::kLargeRowsPerCta
+                               ? rows_per_cta_for(std::min<int64_t>(args.block_size, gemm::kMediumRowsPerCta))
+                               : rows_per_cta_for(args.block_size);
   params.chunks_per_block = static_cast<int32_t>(ceil_div(args.block_size, rows_per_cta));
   // plugin.h: only the blocks moe_align_block_size can fill are read, so the
   // grid follows the token count rather than every expert's worst-case padding.

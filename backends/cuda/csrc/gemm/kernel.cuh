@@ -15,10 +15,12 @@
 
 namespace ferrum_moe_cuda::gemm {
 
-// Resident CTAs per SM the register allocation must allow: decode tiles need
-// warps in flight to cover memory latency (stream-K fills the SMs with them).
+// Resident CTAs per SM the register allocation must allow: the 16- and
+// 32-row tiles are memory-bound and need warps in flight to cover the latency
+// (stream-K fills the SMs with them); the 32-row tile's two accumulator sets
+// (integer partial sums and scaled sums) spill at 128 registers, not at 168.
 template <int kMTiles>
-constexpr int kMinCtasPerSm = kMTiles == 1 ? 4 : 1;
+constexpr int kMinCtasPerSm = kMTiles == 1 ? 4 : kMTiles == 2 ? 3 : 1;
 
 // Runs every (tile, K range) this CTA owns under `schedule` (params.hpp,
 // StreamK). fill_rows(x, rows) writes the row table of tile row x and returns

@@ -19,6 +19,7 @@ cudaError_t with_specialisation(int bits, int rows_per_cta, Body&& body) {
   auto with_rows = [&](auto b) {
     if (rows_per_cta == kWgmmaRowsPerCta) return body(b, std::integral_constant<int, kWgmmaRowsPerCta / kMmaM>{});
     if (rows_per_cta == kLargeRowsPerCta) return body(b, std::integral_constant<int, kLargeRowsPerCta / kMmaM>{});
+    if (rows_per_cta == kMediumRowsPerCta) return body(b, std::integral_constant<int, kMediumRowsPerCta / kMmaM>{});
     return body(b, std::integral_constant<int, kSmallRowsPerCta / kMmaM>{});
   };
   if (bits == 4) return with_rows(std::integral_constant<int, 4>{});
@@ -29,7 +30,7 @@ cudaError_t with_specialisation(int bits, int rows_per_cta, Body&& body) {
 template <class T>
 cudaError_t configure_gemm_kernels_for(int bits) {
   cudaError_t status = cudaSuccess;
-  for (int rows : {kSmallRowsPerCta, kLargeRowsPerCta, kWgmmaRowsPerCta}) {
+  for (int rows : {kSmallRowsPerCta, kMediumRowsPerCta, kLargeRowsPerCta, kWgmmaRowsPerCta}) {
     status = with_specialisation(bits, rows, [](auto b, auto m) {
       constexpr int kBits = decltype(b)::value;
       constexpr int kMTiles = decltype(m)::value;

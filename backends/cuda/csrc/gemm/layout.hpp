@@ -20,7 +20,7 @@ constexpr int kMmaM = 16;
 constexpr int kMmaN = 8;
 constexpr int kMmaK = 16;
 
-// A CTA computes (16 or 64 tokens) x kTileN columns, streaming K in kTileK
+// A CTA computes (16, 32 or 64 tokens) x kTileN columns, streaming K in kTileK
 // slices. 4 warps split the columns, 32 each, and all of them walk the same K
 // slice, so one A tile in shared memory feeds every warp.
 constexpr int kWarps = 4;
@@ -32,9 +32,10 @@ constexpr int kKSteps = kTileK / kMmaK;     // 4 mma k-steps per K slice
 constexpr int kNFrags = kWarpN / kMmaN;     // 4 n8 fragments per warp
 constexpr int kFragsPerWarp = kKSteps * kNFrags;  // 16 B fragments per warp per K slice
 
-// Rows of A one CTA multiplies: 1 or 4 mma tiles of 16 tokens, or 128 tokens
-// in one Hopper warpgroup's wgmma tiles (compute capability 9.0 only).
+// Rows of A one CTA multiplies: 1, 2 or 4 mma tiles of 16 tokens, or 128
+// tokens in the Hopper warpgroups' wgmma tiles (compute capability 9.0 only).
 constexpr int kSmallRowsPerCta = 16;
+constexpr int kMediumRowsPerCta = 32;
 constexpr int kLargeRowsPerCta = 64;
 constexpr int kWgmmaRowsPerCta = 128;
 

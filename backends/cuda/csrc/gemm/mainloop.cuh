@@ -44,11 +44,11 @@ class Mainloop {
   // faster than on mma.sync: kernel-notes v12.)
   static constexpr bool kWgmma = kRows == kWgmmaRowsPerCta;
   using Accumulators = std::conditional_t<kWgmma, float[2][kRows / 2], float[kMTiles][kNFrags][4]>;
-  // The 16-row (decode) tiles accumulate exact integer weights per group and
+  // The 16- and 32-row tiles accumulate exact integer weights per group and
   // scale the partial sums once per group: there the dequant, not the MMA,
   // bounds the rate. 64-row tiles spread one scaled dequant over four MMAs
   // and keep a single accumulator set (registers).
-  static constexpr bool kScaleAfter = kMTiles == 1;
+  static constexpr bool kScaleAfter = kMTiles <= 2;
   // Slices loaded ahead of the one computed. wgmma reads its shared operand
   // asynchronously: a slice's last k-steps are still in flight while the next
   // slice is dequantized, so a stage is refilled only two slices after its use.

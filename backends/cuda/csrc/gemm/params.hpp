@@ -143,7 +143,7 @@ cudaError_t wgmma_tiles_built(bool* built);
 cudaError_t gemm_ctas_per_sm(ComputeType type, int bits, int rows_per_cta, int* ctas);
 
 // grid = (ctas), walking params.schedule (StreamK). rows_per_cta is
-// kSmallRowsPerCta or kLargeRowsPerCta. Routed: tiles_x = routing blocks
+// one of layout.hpp's k*RowsPerCta. Routed: tiles_x = routing blocks
 // processed x chunks_per_block; blocks past them are not processed (see
 // stack.cpp for why none can hold work).
 cudaError_t launch_gemm_batched(const BatchedParams& params, ComputeType type, int bits,

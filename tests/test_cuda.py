@@ -8,7 +8,7 @@ import pytest
 
 import ferrum_moe as fm
 
-from conftest import poisoned, random_activations, random_weight, reference_moe, rel_error
+from conftest import REL_TOL, poisoned, random_activations, random_weight, reference_moe, rel_error
 from ferrum_moe.testing import random_codes_weight
 
 pytestmark = pytest.mark.skipif(not any(b.name == "cuda" and b.available for b in fm.backends()),
@@ -244,6 +244,37 @@ def test_stream_k_decode_is_exact_across_calls_and_graph_replays(rng, k, n):
         graph.replay()
         torch.cuda.synchronize()
         assert rel_error(out, xh.astype(np.float64) @ dense) < 3e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_prefill_tiles_that_fill_the_gpu_match_float64(rng, dtype):
+    """Launches of 128-row tiles below one per SM run on 64-row tiles (stream-K);
+    at these sizes (>= 132 tiles of 128 x 256) they run on the Hopper wgmma
+    tiles, which the small shapes of test_api.py no longer reach."""
+    e, k, n = 4, 128, 66 * 256
+    name = str(dtype).split(".")[1]
+    weights = [random_weight(rng, k, n, group_size=64, sym=False) for _ in range(e)]
+    dense = [w.dequantize(np.float64) for w in weights]
+    stack = fm.ExpertStack.from_gptq(weights, device="cuda", dtype=name)
+    x = cuda(rng.standard_normal((600, k)).astype(np.float32)).to(dtype)
+    x64 = x.cpu().double().numpy()
+    tol = REL_TOL[name]
+    # gemm_batched: two dispatches of 256 and 300 rows (2 + 3 tiles of 128 rows).
+    out = torch.full((600, n), float("nan"), device="cuda", dtype=dtype)
+    stack.gemm_batched(x, np.array([[1, 0, 0, 256], [3, 256, 256, 300]]), out=out)
+    got = out.cpu().double().numpy()
+    assert rel_error(got[:256], x64[:256] @ dense[1]) < tol
+    assert rel_error(got[256:556], x64[256:556] @ dense[3]) < tol
+    assert np.all(np.isnan(got[556:]))
+    # gemm_routed: blocks of 128 over 1,200 pairs.
+    ids = rng.integers(0, e, (600, 2)).astype(np.int32)
+    routing = fm.moe_align_block_size(cuda(ids), 128, e)
+    out = torch.full((1200, n), float("nan"), device="cuda", dtype=dtype)
+    stack.gemm_routed(x, routing, out=out)
+    got = out.cpu().double().numpy()
+    for expert in range(e):
+        pairs = np.flatnonzero(ids.reshape(-1) == expert)
+        assert rel_error(got[pairs], x64[pairs // 2] @ dense[expert]) < tol
 
 
 @pytest.mark.parametrize("index_dtype", [np.int32, np.int64])

@@ -16,7 +16,9 @@ def main() -> int:
     mine = ids[i::n]
     if not mine:
         return 0
-    return pytest.main(["-v", "-p", "no:cacheprovider", "--durations=5", *mine])
+    # A test still running after 60 s gets every thread's Python stack dumped
+    # into the log: under the sanitizers that tells a slow test from a stuck one.
+    return pytest.main(["-v", "-p", "no:cacheprovider", "--durations=5", "-o", "faulthandler_timeout=60", *mine])
 
 
 if __name__ == "__main__":

@@ -248,9 +248,9 @@ def test_stream_k_decode_is_exact_across_calls_and_graph_replays(rng, k, n):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_prefill_tiles_that_fill_the_gpu_match_float64(rng, dtype):
-    """Launches of 128-row tiles below one per SM run on 64-row tiles (stream-K);
-    at these sizes (>= 132 tiles of 128 x 256) they run on the Hopper wgmma
-    tiles, which the small shapes of test_api.py no longer reach."""
+    """Launches of 128-row tiles for under 3/4 of the SMs run on 64-row tiles
+    (stream-K); at these sizes (>= 132 tiles of 128 x 256) they run on the
+    Hopper wgmma tiles, which the small shapes of test_api.py no longer reach."""
     e, k, n = 4, 128, 66 * 256
     name = str(dtype).split(".")[1]
     weights = [random_weight(rng, k, n, group_size=64, sym=False) for _ in range(e)]

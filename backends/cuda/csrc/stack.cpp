@@ -309,12 +309,15 @@ int CudaStack::rows_per_cta_for(int64_t rows) const {
   return gemm::kWgmmaRowsPerCta;
 }
 
-// A 128-row launch of fewer CTAs than SMs leaves SMs idle, while 64-row tiles
-// split K under stream-K: measured on the H200 (2026-12-03), Linear 7168 x 2048
-// at M = 256 took 187 us on 16 CTAs of 128 x 256 against 70 us on 64-row tiles.
+// A 128-row launch that leaves many SMs idle loses to 64-row tiles, which
+// split K under stream-K or at least fill more SMs. Measured on the H200
+// (2026-12-03), Linear 128 x 256 tiles against 64-row ones: 16 tiles (7168 x
+// 2048, M = 256) 187 / 68 us, 32 tiles 309 / 162, 64 tiles (M = 1024) 178 /
+// 134; but 128 tiles (14336 x 4096, M = 1024: 97% of the SMs) 311 / 479.
 int CudaStack::fill_the_gpu(int rows_per_cta, int64_t row_tiles, int64_t n_tiles) const {
   if (rows_per_cta != gemm::kWgmmaRowsPerCta) return rows_per_cta;
-  return row_tiles * ceil_div(n_tiles, int64_t{2}) < num_sms_ ? gemm::kLargeRowsPerCta : rows_per_cta;
+  const int64_t tiles = row_tiles * ceil_div(n_tiles, int64_t{2});
+  return tiles * 4 < int64_t{num_sms_} * 3 ? gemm::kLargeRowsPerCta : rows_per_cta;
 }
 
 int CudaStack::plan_schedule(int64_t tiles_x, int64_t n_tiles, int rows_per_cta, gemm::StreamK& schedule) const {

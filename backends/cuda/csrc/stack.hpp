@@ -37,7 +37,7 @@ class CudaStack final : public ferrum::plugin::Stack {
   // The CTA height for blocks of `rows` rows: 16, 32, 64, or 128 (Hopper wgmma).
   int rows_per_cta_for(int64_t rows) const;
   // rows_per_cta, or 64 where 128-row tiles (never shared between CTAs) would
-  // number fewer than the SMs: row_tiles of 128 rows times n_tiles columns.
+  // fill under 3/4 of the SMs: row_tiles of 128 rows times n_tiles columns.
   int fill_the_gpu(int rows_per_cta, int64_t row_tiles, int64_t n_tiles) const;
 
   int device_;

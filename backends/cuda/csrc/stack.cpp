@@ -302,11 +302,16 @@ void CudaStack::zero_workspace(void* stream) {
              "zero_workspace: stream-K counters");
 }
 
+// On Hopper the 64-row tiles lost to both 32- and 128-row ones at every load
+// the block-size sweep measured (H200, 2026-12-03, kernel-notes "Block sizes":
+// 64 tokens per expert 618 / 719 / 702 us on 32 / 64 / 128, 96 tokens 714 /
+// 803 / 663): up to 64 rows run as 32-row CTAs there, more on the wgmma tiles.
+// Elsewhere the 64-row tiles are the prefill tile.
 int CudaStack::rows_per_cta_for(int64_t rows) const {
   if (rows <= gemm::kSmallRowsPerCta) return gemm::kSmallRowsPerCta;
   if (rows <= gemm::kMediumRowsPerCta) return gemm::kMediumRowsPerCta;
-  if (rows < gemm::kWgmmaRowsPerCta || !wgmma_tiles_) return gemm::kLargeRowsPerCta;
-  return gemm::kWgmmaRowsPerCta;
+  if (!wgmma_tiles_) return gemm::kLargeRowsPerCta;
+  return rows <= gemm::kLargeRowsPerCta ? gemm::kMediumRowsPerCta : gemm::kWgmmaRowsPerCta;
 }
 
 // A 128-row launch that leaves many SMs idle loses to 64-row tiles, which
@@ -508,8 +513,8 @@ void CudaStack::gemm_routed(const FmGemmRoutedArgs& args) {
 
   // Routing blocks of up to 16 rows run on 16-row CTAs, up to 63 on 32-row
   // CTAs (one weight stream per 32 tokens; a 64-row tile would leave half of
-  // a block of 32 padding: 20% slower at DeepSeek-V3 M = 1024), 64 and more
-  // on 64-row tiles, 128 and more on Hopper on 128.
+  // a block of 32 padding: 20% slower at DeepSeek-V3 M = 1024), larger ones
+  // as rows_per_cta_for says.
   // plugin.h: only the blocks moe_align_block_size can fill are read, so the
   // grid follows the token count rather than every expert's worst-case padding.
   const int64_t grid_blocks =

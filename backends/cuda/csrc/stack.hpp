@@ -34,7 +34,8 @@ class CudaStack final : public ferrum::plugin::Stack {
   // Fills the launch's schedule (gemm/params.hpp, StreamK) for tiles_x x
   // n_tiles output tiles; returns the stream-K CTA count, or 0 for a plain grid.
   int plan_schedule(int64_t tiles_x, int64_t n_tiles, int rows_per_cta, gemm::StreamK& schedule) const;
-  // The CTA height for blocks of `rows` rows: 16, 32, 64, or 128 (Hopper wgmma).
+  // The CTA height for blocks of `rows` rows: 16, 32, 64 (before Hopper), or
+  // 128 (Hopper wgmma).
   int rows_per_cta_for(int64_t rows) const;
   // rows_per_cta, or 64 where 128-row tiles (never shared between CTAs) would
   // fill under 3/4 of the SMs: row_tiles of 128 rows times n_tiles columns.

@@ -6,7 +6,8 @@
 # run of another .dist wheel on the core already installed), e.g. with wheels of two branches
 # built here into .dist-a and .dist-b and carried along:
 #   cp -r .dist-a .dist; OUT=$OUT/a bash benchmarks/device.sh build test bench
-#   rm -rf .dist; cp -r .dist-b .dist; OUT=$OUT/b bash benchmarks/device.sh plugin test bench PROFILE_ARGS picks the layer for ncu (profile_moe.py's options).
+#   rm -rf .dist; cp -r .dist-b .dist; OUT=$OUT/b bash benchmarks/device.sh plugin test bench
+# PROFILE_ARGS picks the layer for ncu (profile_moe.py's options).
 # cpu: the CPU kernel tests on the GPU machine's host CPU (a Xeon with AMX-BF16:
 # the only place the AMX kernels run for real).
 # sanitize: compute-sanitizer memcheck, racecheck and synccheck over cuda_smoke.py and the CUDA tests.
@@ -31,12 +32,12 @@ if has build || has plugin; then
   has build && { python3 -m pip install -q --no-build-isolation --no-deps . >"$OUT/build-core.log" 2>&1 || rc=$?; }
   if ls .dist/ferrum_moe_cuda-*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-deps --force-reinstall .dist/ferrum_moe_cuda-*.whl >"$OUT/build-cuda.log" 2>&1 || rc=$?
-    what="core built, CUDA plugin from .dist"
+    what="CUDA plugin from .dist"
   else
     python3 -m pip install -q --no-build-isolation --no-deps -v ./backends/cuda >"$OUT/build-cuda.log" 2>&1 || rc=$?
-    what="core and CUDA plugin built"
+    what="CUDA plugin built"
   fi
-  has build || what="CUDA plugin from .dist"
+  has build && what="core built, $what"
   summary+=("build: rc=$rc ($what) in $(( $(now) - t )) s")
   [ $rc -eq 0 ] || { tail -30 "$OUT"/build-*.log; }
   ferrum-moe info

@@ -321,14 +321,12 @@ int CudaStack::rows_per_cta_for(int64_t rows) const {
 // 134; but 128 tiles (14336 x 4096, M = 1024: 97% of the SMs) 311 / 479.
 int CudaStack::fill_the_gpu(int rows_per_cta, int64_t row_tiles, int64_t n_tiles) const {
   if (rows_per_cta != gemm::kWgmmaRowsPerCta) return rows_per_cta;
-  const int64_t tiles = row_tiles * ceil_div(n_tiles, int64_t{2});
+  const int64_t tiles = row_tiles * ceil_div(n_tiles, int64_t{gemm::kWgmmaColumnTilesPerCta});
   return tiles * 4 < int64_t{num_sms_} * 3 ? gemm::kLargeRowsPerCta : rows_per_cta;
 }
 
 int CudaStack::plan_schedule(int64_t tiles_x, int64_t n_tiles, int rows_per_cta, gemm::StreamK& schedule) const {
-  // A 128-row CTA covers two 128-column tiles (two warpgroups): its column
-  // tiles are counted in pairs.
-  if (rows_per_cta == gemm::kWgmmaRowsPerCta) n_tiles = ceil_div(n_tiles, int64_t{2});
+  if (rows_per_cta == gemm::kWgmmaRowsPerCta) n_tiles = ceil_div(n_tiles, int64_t{gemm::kWgmmaColumnTilesPerCta});
   schedule = {nullptr, nullptr, static_cast<int32_t>(tiles_x), static_cast<int32_t>(n_tiles)};
   const int64_t tiles = tiles_x * n_tiles;
   constexpr int64_t kMaxGridX = std::numeric_limits<int32_t>::max();
@@ -409,12 +407,14 @@ void CudaStack::gemm_batched(const FmGemmBatchedArgs& args) {
   auto field = [&](int64_t d, int c) { return table[d * s0 + c * s1]; };
 
   int64_t max_rows = 0;
-  for (int64_t d = 0; d < num_dispatches; ++d) max_rows = std::max(max_rows, field(d, 3));
+  int64_t row_tiles = 0;  // of 128 rows
+  for (int64_t d = 0; d < num_dispatches; ++d) {
+    max_rows = std::max(max_rows, field(d, 3));
+    row_tiles += ceil_div(field(d, 3), int64_t{gemm::kWgmmaRowsPerCta});
+  }
   if (max_rows == 0) return;
   const int64_t first_n_tile = args.col_begin / kTileN;
   const int64_t num_n_tiles = (args.col_begin + args.n - 1) / kTileN - first_n_tile + 1;
-  int64_t row_tiles = 0;  // of 128 rows
-  for (int64_t d = 0; d < num_dispatches; ++d) row_tiles += ceil_div(field(d, 3), int64_t{gemm::kWgmmaRowsPerCta});
   const int rows_per_cta = fill_the_gpu(rows_per_cta_for(max_rows), row_tiles, num_n_tiles);
   params.first_n_tile = static_cast<int32_t>(first_n_tile);
 
@@ -519,11 +519,12 @@ void CudaStack::gemm_routed(const FmGemmRoutedArgs& args) {
   // grid follows the token count rather than every expert's worst-case padding.
   const int64_t grid_blocks =
       fm_routed_blocks_read(params.num_blocks, params.num_pairs, args.block_size, num_experts_);
+  const int64_t block_rows = args.block_size < gemm::kLargeRowsPerCta
+                                 ? std::min<int64_t>(args.block_size, gemm::kMediumRowsPerCta)
+                                 : args.block_size;
   const int rows_per_cta =
-      args.block_size < gemm::kLargeRowsPerCta
-          ? rows_per_cta_for(std::min<int64_t>(args.block_size, gemm::kMediumRowsPerCta))
-          : fill_the_gpu(rows_per_cta_for(args.block_size),
-                         grid_blocks * ceil_div(args.block_size, int64_t{gemm::kWgmmaRowsPerCta}), weights_.n_tiles);
+      fill_the_gpu(rows_per_cta_for(block_rows),
+                   grid_blocks * ceil_div(args.block_size, int64_t{gemm::kWgmmaRowsPerCta}), weights_.n_tiles);
   params.chunks_per_block = static_cast<int32_t>(ceil_div(args.block_size, rows_per_cta));
   constexpr int64_t kMaxGridX = std::numeric_limits<int32_t>::max();
   if (grid_blocks * params.chunks_per_block > kMaxGridX) {

@@ -38,6 +38,9 @@ constexpr int kSmallRowsPerCta = 16;
 constexpr int kMediumRowsPerCta = 32;
 constexpr int kLargeRowsPerCta = 64;
 constexpr int kWgmmaRowsPerCta = 128;
+// A 128-row CTA runs one warpgroup per 128-column tile on two adjacent tiles,
+// so the host counts its column tiles in pairs.
+constexpr int kWgmmaColumnTilesPerCta = 2;
 
 // Each lane holds 4 codes of every B fragment (k = 2t, 2t+1, 2t+8, 2t+9 for
 // t = lane % 4, column = lane / 4), so a warp's K slice is 16 fragments x 4

@@ -17,7 +17,7 @@ struct GemmTraits {
   static constexpr int kRows = kMTiles * kMmaM;
   // The 128-row (wgmma) tiles run two warpgroups of 4 warps, each on its own
   // 128 columns, both on one token tile: the token copy per FLOP halves.
-  static constexpr int kWarpgroups = kRows == kWgmmaRowsPerCta ? 2 : 1;
+  static constexpr int kWarpgroups = kRows == kWgmmaRowsPerCta ? kWgmmaColumnTilesPerCta : 1;
   static constexpr int kCtaThreads = kWarpgroups * kThreads;
   // 4 stages: three K slices in flight while the fourth is computed, enough
   // to cover global-memory latency at this tile size.

@@ -335,13 +335,20 @@ class Mainloop {
       if constexpr (kWgmma) fence_proxy_async_shared();
       __syncthreads();
       const int next = i + kLoadAhead;
-      if (next < k_tiles) load_slice(kt_begin + next, next % kStages);
-      cp_async_commit();  // empty groups at the tail keep the wait count uniform
+      auto issue_loads = [&] {
+        if (next < k_tiles) load_slice(kt_begin + next, next % kStages);
+        cp_async_commit();  // empty groups at the tail keep the wait count uniform
+      };
+      // mma.sync tiles copy first; wgmma tiles once the slice's first k-step
+      // is issued, so that the tensor cores have work while the warps spend
+      // their issue slots on the copies' addresses (compute_slice).
+      if constexpr (!kWgmma) issue_loads();
       if constexpr (kMode == GroupMode::kSlice) {
         if (step_in_group == steps_per_group_) next_group(group, step_in_group, gp, upcoming, part, acc);
         step_in_group += kKSteps;
       }
-      compute_slice<kMode>(kt, i % kStages, group, step_in_group, gp, upcoming, kAfter ? part : acc, acc);
+      compute_slice<kMode>(kt, i % kStages, group, step_in_group, gp, upcoming, kAfter ? part : acc, acc,
+                           issue_loads);
     }
     if constexpr (kAfter) flush_group(part, gp, acc);
   }
@@ -360,9 +367,12 @@ class Mainloop {
   // bytes it copied: conflict-free 16-byte reads), A fragments by ldmatrix,
   // then per k-step and fragment: dequantize two registers, one MMA per m-tile
   // into `sums` (the group's partial sums, or acc itself when scaling before).
-  template <GroupMode kMode>
+  // wgmma tiles call issue_loads() after the first k-step's wgmmas are
+  // issued; mma.sync tiles have issued them before.
+  template <GroupMode kMode, class IssueLoads>
   __device__ void compute_slice(int kt, int stage, int& group, int& step_in_group, GroupParams& gp,
-                                RawGroup& upcoming, Accumulators& sums, Accumulators& acc) const {
+                                RawGroup& upcoming, Accumulators& sums, Accumulators& acc,
+                                IssueLoads&& issue_loads) const {
     constexpr bool kAfter = kScaleAfter && kMode != GroupMode::kRow;
     const uint8_t* a_stage = a_smem_ + stage * Traits::kAStageBytes;
     const auto* b_stage = reinterpret_cast<const uint4*>(b_smem_ + stage * Traits::kBStageBytes);
@@ -401,6 +411,7 @@ class Mainloop {
         wgmma_m64n128k16_rs<T>(sums[1], a[1], desc);
         wgmma_commit_group();
         wgmma_wait_group<kWgmmaInFlight>();
+        if (ks == 0) issue_loads();
       } else {
         uint32_t a[kMTiles][4];
 #pragma unroll

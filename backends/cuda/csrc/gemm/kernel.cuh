@@ -26,10 +26,14 @@ constexpr int kMinCtasPerSm = kMTiles == 1 ? 4 : kMTiles == 2 ? 3 : 1;
 // StreamK). fill_rows(x, rows) writes the row table of tile row x and returns
 // its expert, or -1 when the tile holds no work; it is called by every thread
 // and must end with a barrier, and its answer is the same in every thread.
-// Registers per thread of the warp-specialised tiles' roles after setmaxnreg
-// (128 x 40 + 256 x 232 <= 65,536): the producer holds addresses only.
+// Registers per thread of the warp-specialised tiles' roles after setmaxnreg:
+// the producer holds addresses only. The pool is what the launch allocated,
+// 384 threads x 168 (65,536 / 384 rounded down to a multiple of 8).
+constexpr int kLaunchRegisters = 168;
 constexpr int kProducerRegisters = 40;
 constexpr int kConsumerRegisters = 232;
+static_assert(128 * kProducerRegisters + 256 * kConsumerRegisters <= 384 * kLaunchRegisters,
+              "the roles' registers must fit the launch's pool, or setmaxnreg.inc waits forever");
 
 template <class T, int kBits, int kMTiles, class FillRows>
 __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& io, const StreamK& schedule,
@@ -72,6 +76,12 @@ __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& 
     // Published by the walk's first barrier.
     if (threadIdx.x == 0) barriers.init(Traits::kProducerThreads, Traits::kCtaThreads - Traits::kProducerThreads);
     int pipe = 0;  // slices the CTA's pipeline has passed (the barriers' phases)
+    // Each role walks the tiles in its own register regime (one setmaxnreg
+    // each, so ptxas allocates each branch on its own budget). The walk's
+    // barriers are then reached from two branches; every warp reaches them
+    // converged, as in CUTLASS's warp-specialised kernels (PTX formally asks
+    // the aligned barrier to be the same instruction in every thread; the
+    // unaligned barrier.sync compiled to 300+ bytes of spills here).
     if (threadIdx.x < Traits::kProducerThreads) {
       registers_decrease<kProducerRegisters>();
       walk([&](int64_t, int expert, int n_tile, int kt_begin, int kt_end) {
@@ -81,10 +91,11 @@ __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& 
     } else {
       registers_increase<kConsumerRegisters>();
       walk([&](int64_t, int expert, int n_tile, int kt_begin, int kt_end) {
+        // 128-row tiles are never shared between CTAs (plan_schedule): there
+        // is no reduction to finish a part of one.
         typename Loop::Accumulators acc;
         Loop(w, io, rows, expert, n_tile, smem).run(acc, kt_begin, kt_end, &barriers, pipe);
         pipe += kt_end - kt_begin;
-        // 128-row tiles are never shared between CTAs (plan_schedule).
         store_results<T, kRows, Loop::kWgmma>(io, rows, n_tile, flat_of(acc), Loop::compute_tid());
       });
     }

@@ -79,7 +79,8 @@ class Mainloop {
   // This thread's index among the computing threads (the warp-specialised
   // tiles' copying warpgroup comes first; its threads get 0 here, unused).
   static __device__ __forceinline__ int compute_tid() {
-    return max(static_cast<int>(threadIdx.x) - Traits::kProducerThreads, 0);
+    if constexpr (Traits::kWarpSpecialized) return max(static_cast<int>(threadIdx.x) - Traits::kProducerThreads, 0);
+    return static_cast<int>(threadIdx.x);
   }
 
   __device__ Mainloop(const QuantWeights& w, const GemmIO& io, const RowTable<kRows>& rows,
@@ -139,6 +140,10 @@ class Mainloop {
   // kLoadAhead slices of copies in flight. `pipe`: slices the CTA's pipeline
   // passed before this tile.
   __device__ void produce(Barriers& barriers, int pipe, int kt_begin, int kt_end) const {
+    // Slice j is marked full in the iteration that waits for the release of
+    // slice j + kLoadAhead - kStages, which needs slice j + kLoadAhead -
+    // kStages + 1 full: more copies in flight would wait on themselves.
+    static_assert(kLoadAhead <= kStages - 2, "the producer's lag must leave a stage between it and the consumers");
     const int k_tiles = kt_end - kt_begin;
     for (int i = 0; i < k_tiles + kLoadAhead; ++i) {
       if (i < k_tiles) {
@@ -406,7 +411,7 @@ class Mainloop {
     }
     for (int i = 0; i < k_tiles; ++i) {
       const int kt = kt_begin + i;
-      const int slice = pipe + i;
+      const int slice = Traits::kWarpSpecialized ? pipe + i : i;
       if constexpr (Traits::kWarpSpecialized) {
         mbarrier_wait(&barriers->full[slice % kStages], (slice / kStages) & 1);
       } else {

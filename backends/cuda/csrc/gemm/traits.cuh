@@ -28,8 +28,8 @@ struct GemmTraits {
   // 4 stages: three K slices in flight while the fourth is computed, enough
   // to cover global-memory latency at this tile size.
   // The 128-row (wgmma) tiles keep one stage more: their stages are refilled
-  // two slices after use (mainloop.cuh, kLoadAhead); five still let two CTAs
-  // share an SM (which their registers allow anyway).
+  // two slices after use (mainloop.cuh, kLoadAhead). (Their registers allow
+  // one CTA per SM.)
   static constexpr int kStages = kRows == kWgmmaRowsPerCta ? 5 : 4;
 
   // A tile in shared memory: kRows rows of kTileK elements (128 bytes), stored

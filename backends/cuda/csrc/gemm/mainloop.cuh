@@ -27,15 +27,26 @@ struct PairQuantParams {
   uint32_t scale_bits;
 };
 
-// The warp-specialised tiles' stage handshake: full[s] completes when the
-// producer's copies of the slice in stage s have landed (one arrival per
-// producer thread, after its own copies and an async-proxy fence), empty[s]
-// when every computing thread is done with it. Phase p of stage s belongs to
-// the CTA's slice s + p * kStages (slices counted over all its tiles).
+// The warp-specialised tiles' stage handshake (slices counted over all the
+// CTA's tiles): full[s] completes when the producer's copies of the slice in
+// stage s have landed (one arrival per producer thread, after its own copies
+// and an async-proxy fence); phase p of full[s] is slice s + p * kStages.
+// empty[(j - 1) % kStages] completes when every computing thread, in slice
+// j, is done with slice j - 1: each slice releases the one before it without
+// a branch, so the CTA's first "releases slice -1", an extra first phase of
+// empty[kStages - 1] (empty_parity counts it).
 template <int kStages>
 struct PipelineBarriers {
   uint64_t full[kStages];
   uint64_t empty[kStages];
+
+  // Parity of the phase of empty[slice % kStages] that releases slice
+  // slice - kStages (slice >= kStages): phase (slice + 1) / kStages - 1
+  // (one more than the plain count for the last stage, whose first phase
+  // is slice -1's).
+  static __device__ __forceinline__ uint32_t empty_parity(int slice) {
+    return static_cast<uint32_t>((slice + 1) / kStages + 1) & 1;
+  }
 
   __device__ void init(int producers, int consumers) {
     for (int s = 0; s < kStages; ++s) {
@@ -148,7 +159,7 @@ class Mainloop {
     for (int i = 0; i < k_tiles + kLoadAhead; ++i) {
       if (i < k_tiles) {
         const int slice = pipe + i;
-        if (slice >= kStages) mbarrier_wait(&barriers.empty[slice % kStages], (slice / kStages - 1) & 1);
+        if (slice >= kStages) mbarrier_wait(&barriers.empty[slice % kStages], Barriers::empty_parity(slice));
         load_slice(kt_begin + i, slice % kStages);
       }
       cp_async_commit();  // empty groups at the tail keep the wait count uniform
@@ -186,7 +197,7 @@ class Mainloop {
     }
     if constexpr (Traits::kWarpSpecialized) {
       wgmma_wait_group<0>();
-      if (k_tiles > 0) mbarrier_arrive(&barriers->empty[(pipe + k_tiles - 1) % kStages]);
+      // The tile's last slice is released by the next tile's first.
     } else {
       cp_async_wait<0>();
       if constexpr (kWgmma) wgmma_wait_group<0>();
@@ -428,7 +439,10 @@ class Mainloop {
       // previous slice's groups are all done and its stage goes back.
       auto issue_loads = [&] {
         if constexpr (Traits::kWarpSpecialized) {
-          if (i > 0) mbarrier_arrive(&barriers->empty[(slice - 1) % kStages]);
+          // Unconditional: any branch between the wgmmas in flight and the
+          // next k-step's dequant makes ptxas serialize every wgmma (C7513).
+          // The CTA's first slice "releases slice -1" (PipelineBarriers).
+          mbarrier_arrive(&barriers->empty[(slice + kStages - 1) % kStages]);
         } else {
           if (next < k_tiles) load_slice(kt_begin + next, next % kStages);
           cp_async_commit();  // empty groups at the tail keep the wait count uniform

@@ -61,8 +61,7 @@ __device__ __forceinline__ void mbarrier_init(uint64_t* bar, int count) {
 
 __device__ __forceinline__ void mbarrier_arrive(uint64_t* bar) {
 #ifdef FERRUM_MOE_WGMMA
-  asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" ::"r"(
-                   static_cast<uint32_t>(__cvta_generic_to_shared(bar)))
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(bar)))
                : "memory");
 #endif
 }

@@ -30,8 +30,8 @@ constexpr int kMinCtasPerSm = kMTiles == 1 ? 4 : kMTiles == 2 ? 3 : 1;
 // the producer holds addresses only. The pool is what the launch allocated,
 // 384 threads x 168 (65,536 / 384 rounded down to a multiple of 8).
 constexpr int kLaunchRegisters = 168;
-constexpr int kProducerRegisters = 40;
-constexpr int kConsumerRegisters = 232;
+constexpr int kProducerRegisters = 56;
+constexpr int kConsumerRegisters = 224;
 static_assert(128 * kProducerRegisters + 256 * kConsumerRegisters <= 384 * kLaunchRegisters,
               "the roles' registers must fit the launch's pool, or setmaxnreg.inc waits forever");
 

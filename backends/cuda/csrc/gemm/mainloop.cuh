@@ -156,11 +156,45 @@ class Mainloop {
     // kStages + 1 full: more copies in flight would wait on themselves.
     static_assert(kLoadAhead <= kStages - 2, "the producer's lag must leave a stage between it and the consumers");
     const int k_tiles = kt_end - kt_begin;
+    // The producer issues every copy of the CTA, one warp per scheduler: at
+    // the generic copy's ~20 instructions per chunk it, not the tensor cores,
+    // set the pace (kernel notes, v17). Whole aligned slices take a copy of
+    // two or three instructions: the row's source in 16-byte units from x
+    // (32 bits: register room), kept from the tile's start, and a cp.async
+    // whose byte count zero-fills unused rows (harmless: their results are
+    // never stored) instead of branching; their source is row 0, which every
+    // slice of the fast path has.
+    constexpr int kA = Traits::kAChunksPerThread;
+    constexpr int kRowsPerPass = Traits::kCopyThreads / Traits::kAChunksPerRow;
+    constexpr int kChunksPerSlice = kTileK * static_cast<int>(sizeof(T)) / 16;
+    bool fast = io_.x_vector_loads && perm_ == nullptr;
+    const auto* x_chunks = static_cast<const uint4*>(io_.x);
+    uint32_t a_unit[kA];
+    uint32_t used_rows = 0;
+#pragma unroll
+    for (int u = 0; u < kA; ++u) {
+      const int64_t offset = row_offset(u);
+      used_rows |= static_cast<uint32_t>(offset >= 0) << u;
+      const int64_t unit = (max(offset, int64_t{0}) + a_chunk_ * 8) / 8;
+      fast = fast && unit + w_.k / 8 <= UINT32_MAX;  // an x past 64 GiB takes the generic copy
+      a_unit[u] = static_cast<uint32_t>(unit);
+    }
     for (int i = 0; i < k_tiles + kLoadAhead; ++i) {
       if (i < k_tiles) {
         const int slice = pipe + i;
+        const int kt = kt_begin + i;
         if (slice >= kStages) mbarrier_wait(&barriers.empty[slice % kStages], Barriers::empty_parity(slice));
-        load_slice(kt_begin + i, slice % kStages);
+        uint8_t* a_stage = a_smem_ + (slice % kStages) * Traits::kAStageBytes;
+        if (fast && (kt + 1) * kTileK <= w_.k) {
+          const uint32_t dst = shared_address(a_stage) + a_dst_;
+          const uint4* src = x_chunks + static_cast<uint32_t>(kt * kChunksPerSlice);
+#pragma unroll
+          for (int u = 0; u < kA; ++u)
+            cp_async_16(dst + u * kRowsPerPass * Traits::kARowBytes, src + a_unit[u], ((used_rows >> u) & 1) * 16);
+        } else {
+          load_a(kt, a_stage);
+        }
+        load_b(kt, b_smem_ + (slice % kStages) * Traits::kBStageBytes);
       }
       cp_async_commit();  // empty groups at the tail keep the wait count uniform
       if (i >= kLoadAhead) {

@@ -35,13 +35,14 @@ __device__ __forceinline__ T float_to(float value) {
 }
 
 // Accumulator r of this thread sits at the tile's row and column that
-// AccumulatorLayout (traits.cuh) gives for the mainloop's instruction.
+// AccumulatorLayout (traits.cuh) gives for the mainloop's instruction. `tid`:
+// the thread's index among the computing threads.
 template <class T, int kRows, bool kWgmma>
 __device__ void store_results(const GemmIO& io, const RowTable<kRows>& rows, int n_tile,
-                              const typename AccumulatorLayout<kRows, kWgmma>::Flat& acc) {
+                              const typename AccumulatorLayout<kRows, kWgmma>::Flat& acc, int tid) {
   using Layout = AccumulatorLayout<kRows, kWgmma>;
-  const int warp = threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
+  const int warp = tid / 32;
+  const int lane = tid % 32;
 #pragma unroll
   for (int r = 0; r < Layout::kCount; ++r) {
     const int row = Layout::row(r, lane);

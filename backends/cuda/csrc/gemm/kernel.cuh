@@ -26,6 +26,15 @@ constexpr int kMinCtasPerSm = kMTiles == 1 ? 4 : kMTiles == 2 ? 3 : 1;
 // StreamK). fill_rows(x, rows) writes the row table of tile row x and returns
 // its expert, or -1 when the tile holds no work; it is called by every thread
 // and must end with a barrier, and its answer is the same in every thread.
+// Registers per thread of the warp-specialised tiles' roles after setmaxnreg:
+// the producer holds addresses only. The pool is what the launch allocated,
+// 384 threads x 168 (65,536 / 384 rounded down to a multiple of 8).
+constexpr int kLaunchRegisters = 168;
+constexpr int kProducerRegisters = 56;
+constexpr int kConsumerRegisters = 224;
+static_assert(128 * kProducerRegisters + 256 * kConsumerRegisters <= 384 * kLaunchRegisters,
+              "the roles' registers must fit the launch's pool, or setmaxnreg.inc waits forever");
+
 template <class T, int kBits, int kMTiles, class FillRows>
 __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& io, const StreamK& schedule,
                                            int first_n_tile, RowTable<kMTiles * kMmaM>& rows,
@@ -33,36 +42,77 @@ __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& 
   extern __shared__ uint4 smem_raw[];
   using Loop = Mainloop<T, kBits, kMTiles>;
   using Traits = GemmTraits<T, kBits, kMTiles>;
+  constexpr int kRows = kMTiles * kMmaM;
   // Rounded up to kSmemAlignment by offsetting the pointer (not through an
   // integer cast, which would turn every access into a generic one).
   constexpr uint32_t kAlign = Traits::kSmemAlignment;
   uint8_t* smem = reinterpret_cast<uint8_t*>(smem_raw) + (kAlign - shared_address(smem_raw) % kAlign) % kAlign;
   const int64_t k_tiles = w.k_tiles;
   const int64_t total = static_cast<int64_t>(schedule.tiles_x) * schedule.n_tiles * k_tiles;
-  int64_t begin = total * blockIdx.x / gridDim.x;
+  const int64_t begin = total * blockIdx.x / gridDim.x;
   const int64_t end = total * (blockIdx.x + 1) / gridDim.x;
-  while (begin < end) {
-    const int64_t tile = begin / k_tiles;
-    const int kt_begin = static_cast<int>(begin - tile * k_tiles);
-    const int kt_end = static_cast<int>(min(k_tiles, kt_begin + (end - begin)));
-    begin += kt_end - kt_begin;
-    __syncthreads();  // the previous tile's epilogue is done with `rows`
-    const int expert = fill_rows(tile / schedule.n_tiles, rows);
-    if (expert < 0) continue;
-    typename Loop::Accumulators acc;
-    // The CTA's first 128-column tile; a second warpgroup takes the next one.
-    const int n_tile = first_n_tile + Traits::kWarpgroups * static_cast<int>(tile % schedule.n_tiles);
-    Loop(w, io, rows, expert, n_tile, smem).run(acc, kt_begin, kt_end);
-    constexpr int kRows = kMTiles * kMmaM;
-    auto& flat = reinterpret_cast<typename AccumulatorLayout<kRows, Loop::kWgmma>::Flat&>(acc);
-    // The host shares no 128-row tile between CTAs (plan_schedule): its
-    // reduction is not compiled.
-    if (kRows != kWgmmaRowsPerCta && kt_end - kt_begin < k_tiles &&
-        !reduce_stream_k<kRows, Loop::kWgmma>(schedule, tile, kt_end - kt_begin, static_cast<int>(k_tiles), rows,
-                                               flat)) {
-      continue;
+  // Calls body(tile, expert, n_tile, kt_begin, kt_end) for every (tile, K
+  // range) this CTA owns; every thread of the CTA walks the same pieces.
+  auto walk = [&](auto&& body) {
+    int64_t at = begin;
+    while (at < end) {
+      const int64_t tile = at / k_tiles;
+      const int kt_begin = static_cast<int>(at - tile * k_tiles);
+      const int kt_end = static_cast<int>(min(k_tiles, kt_begin + (end - at)));
+      at += kt_end - kt_begin;
+      __syncthreads();  // the previous tile's epilogue is done with `rows`
+      const int expert = fill_rows(tile / schedule.n_tiles, rows);
+      if (expert < 0) continue;
+      // The CTA's first 128-column tile; a second warpgroup takes the next one.
+      const int n_tile = first_n_tile + Traits::kWarpgroups * static_cast<int>(tile % schedule.n_tiles);
+      body(tile, expert, n_tile, kt_begin, kt_end);
     }
-    store_results<T, kRows, Loop::kWgmma>(io, rows, n_tile, flat);
+  };
+  auto flat_of = [](typename Loop::Accumulators& acc) -> auto& {
+    return reinterpret_cast<typename AccumulatorLayout<kRows, Loop::kWgmma>::Flat&>(acc);
+  };
+  if constexpr (Traits::kWarpSpecialized) {
+    __shared__ typename Loop::Barriers barriers;
+    // Published by the walk's first barrier.
+    if (threadIdx.x == 0) barriers.init(Traits::kProducerThreads, Traits::kCtaThreads - Traits::kProducerThreads);
+    int pipe = 0;  // slices the CTA's pipeline has passed (the barriers' phases)
+    // Each role walks the tiles in its own register regime (one setmaxnreg
+    // each, so ptxas allocates each branch on its own budget). The walk's
+    // barriers are then reached from two branches; every warp reaches them
+    // converged, as in CUTLASS's warp-specialised kernels (PTX formally asks
+    // the aligned barrier to be the same instruction in every thread; the
+    // unaligned barrier.sync compiled to 300+ bytes of spills here).
+    if (threadIdx.x < Traits::kProducerThreads) {
+      registers_decrease<kProducerRegisters>();
+      walk([&](int64_t, int expert, int n_tile, int kt_begin, int kt_end) {
+        Loop(w, io, rows, expert, n_tile, smem).produce(barriers, pipe, kt_begin, kt_end);
+        pipe += kt_end - kt_begin;
+      });
+    } else {
+      registers_increase<kConsumerRegisters>();
+      walk([&](int64_t, int expert, int n_tile, int kt_begin, int kt_end) {
+        // 128-row tiles are never shared between CTAs (plan_schedule): there
+        // is no reduction to finish a part of one.
+        typename Loop::Accumulators acc;
+        Loop(w, io, rows, expert, n_tile, smem).run(acc, kt_begin, kt_end, &barriers, pipe);
+        pipe += kt_end - kt_begin;
+        store_results<T, kRows, Loop::kWgmma>(io, rows, n_tile, flat_of(acc), Loop::compute_tid());
+      });
+    }
+  } else {
+    walk([&](int64_t tile, int expert, int n_tile, int kt_begin, int kt_end) {
+      typename Loop::Accumulators acc;
+      Loop(w, io, rows, expert, n_tile, smem).run(acc, kt_begin, kt_end);
+      auto& flat = flat_of(acc);
+      // The host shares no 128-row tile between CTAs (plan_schedule): its
+      // reduction is not compiled.
+      if (kRows != kWgmmaRowsPerCta && kt_end - kt_begin < k_tiles &&
+          !reduce_stream_k<kRows, Loop::kWgmma>(schedule, tile, kt_end - kt_begin, static_cast<int>(k_tiles),
+                                                 rows, flat)) {
+        return;
+      }
+      store_results<T, kRows, Loop::kWgmma>(io, rows, n_tile, flat, static_cast<int>(threadIdx.x));
+    });
   }
 }
 

@@ -27,6 +27,35 @@ struct PairQuantParams {
   uint32_t scale_bits;
 };
 
+// The warp-specialised tiles' stage handshake (slices counted over all the
+// CTA's tiles): full[s] completes when the producer's copies of the slice in
+// stage s have landed (one arrival per producer thread, after its own copies
+// and an async-proxy fence); phase p of full[s] is slice s + p * kStages.
+// empty[(j - 1) % kStages] completes when every computing thread, in slice
+// j, is done with slice j - 1: each slice releases the one before it without
+// a branch, so the CTA's first "releases slice -1", an extra first phase of
+// empty[kStages - 1] (empty_parity counts it).
+template <int kStages>
+struct PipelineBarriers {
+  uint64_t full[kStages];
+  uint64_t empty[kStages];
+
+  // Parity of the phase of empty[slice % kStages] that releases slice
+  // slice - kStages (slice >= kStages): phase (slice + 1) / kStages - 1
+  // (one more than the plain count for the last stage, whose first phase
+  // is slice -1's).
+  static __device__ __forceinline__ uint32_t empty_parity(int slice) {
+    return static_cast<uint32_t>((slice + 1) / kStages + 1) & 1;
+  }
+
+  __device__ void init(int producers, int consumers) {
+    for (int s = 0; s < kStages; ++s) {
+      mbarrier_init(&full[s], producers);
+      mbarrier_init(&empty[s], consumers);
+    }
+  }
+};
+
 template <class T, int kBits, int kMTiles>
 class Mainloop {
  public:
@@ -56,6 +85,14 @@ class Mainloop {
   // wgmma groups (one per k-step) left in flight while the next k-step's
   // weights are dequantized: each holds its own registers until it completes.
   static constexpr int kWgmmaInFlight = 1;
+  using Barriers = PipelineBarriers<kStages>;
+
+  // This thread's index among the computing threads (the warp-specialised
+  // tiles' copying warpgroup comes first; its threads get 0 here, unused).
+  static __device__ __forceinline__ int compute_tid() {
+    if constexpr (Traits::kWarpSpecialized) return max(static_cast<int>(threadIdx.x) - Traits::kProducerThreads, 0);
+    return static_cast<int>(threadIdx.x);
+  }
 
   __device__ Mainloop(const QuantWeights& w, const GemmIO& io, const RowTable<kRows>& rows,
                       int expert, int cta_n_tile, uint8_t* smem)
@@ -63,17 +100,25 @@ class Mainloop {
         io_(io),
         rows_(rows),
         expert_(expert),
-        warp_((threadIdx.x % kThreads) / 32),
+        warp_((compute_tid() % kThreads) / 32),
         lane_(threadIdx.x % 32),
         a_smem_(smem),
-        b_smem_(smem + kStages * Traits::kAStageBytes + (threadIdx.x / kThreads) * Tile::kBytes) {
+        b_smem_(smem + kStages * Traits::kAStageBytes + (compute_tid() / kThreads) * Tile::kBytes) {
     // A second warpgroup takes the next 128 columns (clamped to the stack's
     // last tile: columns past the window are never stored).
-    const int n_tile = min(cta_n_tile + static_cast<int>(threadIdx.x / kThreads), w.n_tiles - 1);
+    const int n_tile = min(cta_n_tile + compute_tid() / kThreads, w.n_tiles - 1);
     // The lane's first 16-byte load of K slice 0; slice kt is kt * kUint4s on.
-    b_src_ = static_cast<const uint4*>(w.tiles) +
-             (static_cast<int64_t>(expert) * w.n_tiles + n_tile) * w.k_tiles * Tile::kUint4s +
-             Tile::uint4_index(warp_, 0, lane_);
+    // (The warp-specialised producer copies both warpgroups' tiles whole.)
+    const auto* tiles = static_cast<const uint4*>(w.tiles);
+    if constexpr (Traits::kWarpSpecialized) {
+      b_src_ = tiles + (static_cast<int64_t>(expert) * w.n_tiles + min(cta_n_tile, w.n_tiles - 1)) * w.k_tiles *
+                           Tile::kUint4s + threadIdx.x;
+      b_src_second_ = tiles + (static_cast<int64_t>(expert) * w.n_tiles + min(cta_n_tile + 1, w.n_tiles - 1)) *
+                                  w.k_tiles * Tile::kUint4s + threadIdx.x;
+    } else {
+      b_src_ = tiles + (static_cast<int64_t>(expert) * w.n_tiles + n_tile) * w.k_tiles * Tile::kUint4s +
+               Tile::uint4_index(warp_, 0, lane_);
+    }
     perm_ = w.perm != nullptr ? w.perm + static_cast<int64_t>(expert) * w.k : nullptr;
     // Address math hoisted out of the k-loop (v1 spent most of its issue slots
     // here): the expert's scale/zero planes, and the lane's column in each of
@@ -100,27 +145,97 @@ class Mainloop {
     for (int ks = 0; ks < kKSteps; ++ks) a_offset_[ks] = Traits::a_offset(lane_ % 16, ks * 2 + lane_ / 16);
   }
 
+  // The warp-specialised producer: copies slices [kt_begin, kt_end) into the
+  // stages, slice i once the computing threads have released slice
+  // i - kStages, and marks each full once its copies have landed, keeping
+  // kLoadAhead slices of copies in flight. `pipe`: slices the CTA's pipeline
+  // passed before this tile.
+  __device__ void produce(Barriers& barriers, int pipe, int kt_begin, int kt_end) const {
+    // Slice j is marked full in the iteration that waits for the release of
+    // slice j + kLoadAhead - kStages, which needs slice j + kLoadAhead -
+    // kStages + 1 full: more copies in flight would wait on themselves.
+    static_assert(kLoadAhead <= kStages - 2, "the producer's lag must leave a stage between it and the consumers");
+    const int k_tiles = kt_end - kt_begin;
+    // The producer issues every copy of the CTA, one warp per scheduler: at
+    // the generic copy's ~20 instructions per chunk it, not the tensor cores,
+    // set the pace (kernel notes, v17). Whole aligned slices take a copy of
+    // two or three instructions: the row's source in 16-byte units from x
+    // (32 bits: register room), kept from the tile's start, and a cp.async
+    // whose byte count zero-fills unused rows (harmless: their results are
+    // never stored) instead of branching; their source is row 0, which every
+    // slice of the fast path has.
+    constexpr int kA = Traits::kAChunksPerThread;
+    constexpr int kRowsPerPass = Traits::kCopyThreads / Traits::kAChunksPerRow;
+    constexpr int kChunksPerSlice = kTileK * static_cast<int>(sizeof(T)) / 16;
+    bool fast = io_.x_vector_loads && perm_ == nullptr;
+    const auto* x_chunks = static_cast<const uint4*>(io_.x);
+    uint32_t a_unit[kA];
+    uint32_t used_rows = 0;
+#pragma unroll
+    for (int u = 0; u < kA; ++u) {
+      const int64_t offset = row_offset(u);
+      used_rows |= static_cast<uint32_t>(offset >= 0) << u;
+      const int64_t unit = (max(offset, int64_t{0}) + a_chunk_ * 8) / 8;
+      fast = fast && unit + w_.k / 8 <= UINT32_MAX;  // an x past 64 GiB takes the generic copy
+      a_unit[u] = static_cast<uint32_t>(unit);
+    }
+    for (int i = 0; i < k_tiles + kLoadAhead; ++i) {
+      if (i < k_tiles) {
+        const int slice = pipe + i;
+        const int kt = kt_begin + i;
+        if (slice >= kStages) mbarrier_wait(&barriers.empty[slice % kStages], Barriers::empty_parity(slice));
+        uint8_t* a_stage = a_smem_ + (slice % kStages) * Traits::kAStageBytes;
+        if (fast && (kt + 1) * kTileK <= w_.k) {
+          const uint32_t dst = shared_address(a_stage) + a_dst_;
+          const uint4* src = x_chunks + static_cast<uint32_t>(kt * kChunksPerSlice);
+#pragma unroll
+          for (int u = 0; u < kA; ++u)
+            cp_async_16(dst + u * kRowsPerPass * Traits::kARowBytes, src + a_unit[u], ((used_rows >> u) & 1) * 16);
+        } else {
+          load_a(kt, a_stage);
+        }
+        load_b(kt, b_smem_ + (slice % kStages) * Traits::kBStageBytes);
+      }
+      cp_async_commit();  // empty groups at the tail keep the wait count uniform
+      if (i >= kLoadAhead) {
+        cp_async_wait<kLoadAhead>();
+        fence_proxy_async_shared();  // wgmma reads the A tile through the async proxy
+        mbarrier_arrive(&barriers.full[(pipe + i - kLoadAhead) % kStages]);
+      }
+    }
+  }
+
   // Accumulates K slices [kt_begin, kt_end) (all of K, or a stream-K share).
-  __device__ void run(Accumulators& acc, int kt_begin, int kt_end) const {
+  // Warp-specialised tiles take their slices from the producer through
+  // `barriers` (`pipe` as for produce()); the others copy them themselves.
+  __device__ void run(Accumulators& acc, int kt_begin, int kt_end, Barriers* barriers = nullptr,
+                      int pipe = 0) const {
     zero(acc);
     const int k_tiles = kt_end - kt_begin;
+    if constexpr (!Traits::kWarpSpecialized) {
 #pragma unroll
-    for (int s = 0; s < kLoadAhead; ++s) {
-      if (s < k_tiles) load_slice(kt_begin + s, s);
-      cp_async_commit();
+      for (int s = 0; s < kLoadAhead; ++s) {
+        if (s < k_tiles) load_slice(kt_begin + s, s);
+        cp_async_commit();
+      }
     }
     // Groups of a multiple of kTileK rows (128, 64, -1: the common ones) hold
     // whole slices and are tracked per slice; other multiples of 16 per k-step;
     // anything else (act-order, odd group sizes) per row through row_group.
     if (w_.row_group != nullptr) {
-      slices<GroupMode::kRow>(acc, kt_begin, k_tiles);
+      slices<GroupMode::kRow>(acc, kt_begin, k_tiles, barriers, pipe);
     } else if (steps_per_group_ % kKSteps == 0) {
-      slices<GroupMode::kSlice>(acc, kt_begin, k_tiles);
+      slices<GroupMode::kSlice>(acc, kt_begin, k_tiles, barriers, pipe);
     } else {
-      slices<GroupMode::kStep>(acc, kt_begin, k_tiles);
+      slices<GroupMode::kStep>(acc, kt_begin, k_tiles, barriers, pipe);
     }
-    cp_async_wait<0>();
-    if constexpr (kWgmma) wgmma_wait_group<0>();
+    if constexpr (Traits::kWarpSpecialized) {
+      wgmma_wait_group<0>();
+      // The tile's last slice is released by the next tile's first.
+    } else {
+      cp_async_wait<0>();
+      if constexpr (kWgmma) wgmma_wait_group<0>();
+    }
   }
 
  private:
@@ -129,8 +244,22 @@ class Mainloop {
     load_b(kt, b_smem_ + stage * Traits::kBStageBytes);
   }
 
-  // A lane's loads j sit 32 uint4s apart (layout.hpp, uint4_index).
+  // A lane's loads j sit 32 uint4s apart (layout.hpp, uint4_index). The
+  // warp-specialised producer copies both warpgroups' tiles in their order.
   __device__ void load_b(int kt, uint8_t* stage) const {
+    if constexpr (Traits::kWarpSpecialized) {
+      const int64_t slice = static_cast<int64_t>(kt) * Tile::kUint4s;
+      const uint32_t dst = shared_address(stage) + threadIdx.x * 16;
+      constexpr int kPerThread = Tile::kUint4s / Traits::kProducerThreads;
+      static_assert(kPerThread * Traits::kProducerThreads == Tile::kUint4s, "even B split");
+#pragma unroll
+      for (int j = 0; j < kPerThread; ++j) {
+        const int q = j * Traits::kProducerThreads;
+        cp_async_16(dst + q * 16, b_src_ + slice + q);
+        cp_async_16(dst + Tile::kBytes + q * 16, b_src_second_ + slice + q);
+      }
+      return;
+    }
     const uint4* src = b_src_ + static_cast<int64_t>(kt) * Tile::kUint4s;
     const uint32_t dst = shared_address(stage) + Tile::uint4_index(warp_, 0, lane_) * 16;
 #pragma unroll
@@ -146,7 +275,7 @@ class Mainloop {
   __device__ void load_a(int kt, uint8_t* stage) const {
     const auto* x = static_cast<const uint16_t*>(io_.x);
     const int k = kt * kTileK + a_chunk_ * 8;
-    constexpr int kRowsPerPass = Traits::kCtaThreads / Traits::kAChunksPerRow;
+    constexpr int kRowsPerPass = Traits::kCopyThreads / Traits::kAChunksPerRow;
     const uint32_t dst = shared_address(stage) + a_dst_;
     if (io_.x_vector_loads && perm_ == nullptr) {
       // Rows that hold no token are not copied at all: row i of the product
@@ -192,7 +321,7 @@ class Mainloop {
     return row_offset(u);
   }
   __device__ __forceinline__ int64_t row_offset(int u) const {
-    return rows_.x_offset[threadIdx.x / Traits::kAChunksPerRow + u * (Traits::kCtaThreads / Traits::kAChunksPerRow)];
+    return rows_.x_offset[threadIdx.x / Traits::kAChunksPerRow + u * (Traits::kCopyThreads / Traits::kAChunksPerRow)];
   }
 
   // x[row, k] and x[row, k + 1] as one 32-bit word (lower k in the low half),
@@ -308,7 +437,7 @@ class Mainloop {
   // kMode says. Scale-after tiles accumulate a group's integer products in
   // `part` and fold them into `acc` at each group boundary.
   template <GroupMode kMode>
-  __device__ void slices(Accumulators& acc, int kt_begin, int k_tiles) const {
+  __device__ void slices(Accumulators& acc, int kt_begin, int k_tiles, Barriers* barriers, int pipe) const {
     constexpr bool kAfter = kScaleAfter && kMode != GroupMode::kRow;
     Accumulators part;
     if constexpr (kAfter) zero(part);
@@ -327,21 +456,42 @@ class Mainloop {
     }
     for (int i = 0; i < k_tiles; ++i) {
       const int kt = kt_begin + i;
-      // Slice kt has landed once at most kLoadAhead-1 later groups are pending;
-      // the barrier also tells every thread that the stage the next load
-      // overwrites (slice kt-1's; wgmma: kt-2's, whose groups every warp has
-      // waited for) has been consumed by all warps.
-      cp_async_wait<kLoadAhead - 1>();
-      if constexpr (kWgmma) fence_proxy_async_shared();
-      __syncthreads();
+      const int slice = Traits::kWarpSpecialized ? pipe + i : i;
+      if constexpr (Traits::kWarpSpecialized) {
+        mbarrier_wait(&barriers->full[slice % kStages], (slice / kStages) & 1);
+      } else {
+        // Slice kt has landed once at most kLoadAhead-1 later groups are pending;
+        // the barrier also tells every thread that the stage the next load
+        // overwrites (slice kt-1's; wgmma: kt-2's, whose groups every warp has
+        // waited for) has been consumed by all warps.
+        cp_async_wait<kLoadAhead - 1>();
+        if constexpr (kWgmma) fence_proxy_async_shared();
+        __syncthreads();
+      }
       const int next = i + kLoadAhead;
-      if (next < k_tiles) load_slice(kt_begin + next, next % kStages);
-      cp_async_commit();  // empty groups at the tail keep the wait count uniform
+      // Warp-specialised: once the first k-step's wgmma wait has returned, the
+      // previous slice's groups are all done and its stage goes back.
+      auto issue_loads = [&] {
+        if constexpr (Traits::kWarpSpecialized) {
+          // Unconditional: any branch between the wgmmas in flight and the
+          // next k-step's dequant makes ptxas serialize every wgmma (C7513).
+          // The CTA's first slice "releases slice -1" (PipelineBarriers).
+          mbarrier_arrive(&barriers->empty[(slice + kStages - 1) % kStages]);
+        } else {
+          if (next < k_tiles) load_slice(kt_begin + next, next % kStages);
+          cp_async_commit();  // empty groups at the tail keep the wait count uniform
+        }
+      };
+      // mma.sync tiles copy first; wgmma tiles once the slice's first k-step
+      // is issued, so that the tensor cores have work while the warps spend
+      // their issue slots on the copies' addresses (compute_slice).
+      if constexpr (!kWgmma) issue_loads();
       if constexpr (kMode == GroupMode::kSlice) {
         if (step_in_group == steps_per_group_) next_group(group, step_in_group, gp, upcoming, part, acc);
         step_in_group += kKSteps;
       }
-      compute_slice<kMode>(kt, i % kStages, group, step_in_group, gp, upcoming, kAfter ? part : acc, acc);
+      compute_slice<kMode>(kt, slice % kStages, group, step_in_group, gp, upcoming, kAfter ? part : acc, acc,
+                           issue_loads);
     }
     if constexpr (kAfter) flush_group(part, gp, acc);
   }
@@ -360,9 +510,12 @@ class Mainloop {
   // bytes it copied: conflict-free 16-byte reads), A fragments by ldmatrix,
   // then per k-step and fragment: dequantize two registers, one MMA per m-tile
   // into `sums` (the group's partial sums, or acc itself when scaling before).
-  template <GroupMode kMode>
+  // wgmma tiles call issue_loads() after the first k-step's wgmmas are
+  // issued; mma.sync tiles have issued them before.
+  template <GroupMode kMode, class IssueLoads>
   __device__ void compute_slice(int kt, int stage, int& group, int& step_in_group, GroupParams& gp,
-                                RawGroup& upcoming, Accumulators& sums, Accumulators& acc) const {
+                                RawGroup& upcoming, Accumulators& sums, Accumulators& acc,
+                                IssueLoads&& issue_loads) const {
     constexpr bool kAfter = kScaleAfter && kMode != GroupMode::kRow;
     const uint8_t* a_stage = a_smem_ + stage * Traits::kAStageBytes;
     const auto* b_stage = reinterpret_cast<const uint4*>(b_smem_ + stage * Traits::kBStageBytes);
@@ -401,6 +554,7 @@ class Mainloop {
         wgmma_m64n128k16_rs<T>(sums[1], a[1], desc);
         wgmma_commit_group();
         wgmma_wait_group<kWgmmaInFlight>();
+        if (ks == 0) issue_loads();
       } else {
         uint32_t a[kMTiles][4];
 #pragma unroll
@@ -465,6 +619,7 @@ class Mainloop {
   uint8_t* const a_smem_;
   uint8_t* const b_smem_;
   const uint4* b_src_;
+  const uint4* b_src_second_;  // the warp-specialised producer's second tile
   const int32_t* perm_;
   const uint16_t* scales_;
   const uint8_t* zeros_;

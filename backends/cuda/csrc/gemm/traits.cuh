@@ -18,7 +18,13 @@ struct GemmTraits {
   // The 128-row (wgmma) tiles run two warpgroups of 4 warps, each on its own
   // 128 columns, both on one token tile: the token copy per FLOP halves.
   static constexpr int kWarpgroups = kRows == kWgmmaRowsPerCta ? kWgmmaColumnTilesPerCta : 1;
-  static constexpr int kCtaThreads = kWarpgroups * kThreads;
+  // The 128-row tiles are warp-specialised: a third warpgroup (the first 128
+  // threads) only copies, the two computing ones only dequantize and issue
+  // wgmma (mainloop.cuh). The other tiles copy with all their threads.
+  static constexpr bool kWarpSpecialized = kRows == kWgmmaRowsPerCta;
+  static constexpr int kProducerThreads = kWarpSpecialized ? kThreads : 0;
+  static constexpr int kCtaThreads = kProducerThreads + kWarpgroups * kThreads;
+  static constexpr int kCopyThreads = kWarpSpecialized ? kProducerThreads : kCtaThreads;
   // 4 stages: three K slices in flight while the fourth is computed, enough
   // to cover global-memory latency at this tile size.
   // The 128-row (wgmma) tiles keep one stage more: their stages are refilled
@@ -32,9 +38,9 @@ struct GemmTraits {
   static constexpr int kARowBytes = kTileK * static_cast<int>(sizeof(T));
   static constexpr int kAChunksPerRow = kARowBytes / 16;
   static constexpr int kAStageBytes = kRows * kARowBytes;
-  static constexpr int kAChunksPerThread = kRows * kAChunksPerRow / kCtaThreads;
+  static constexpr int kAChunksPerThread = kRows * kAChunksPerRow / kCopyThreads;
   static_assert(kAChunksPerRow == 8, "the swizzle assumes 8 chunks per row");
-  static_assert(kAChunksPerThread * kCtaThreads == kRows * kAChunksPerRow, "even A split");
+  static_assert(kAChunksPerThread * kCopyThreads == kRows * kAChunksPerRow, "even A split");
 
   static constexpr int kBStageBytes = Tile::kBytes * kWarpgroups;
   // wgmma (128-row tiles) reads the A tile through a 128-byte-swizzle

@@ -50,6 +50,48 @@ __device__ __forceinline__ void fence_proxy_async_shared() {
 #endif
 }
 
+// Shared-memory barriers of the warp-specialised pipeline (sm_90).
+__device__ __forceinline__ void mbarrier_init(uint64_t* bar, int count) {
+#ifdef FERRUM_MOE_WGMMA
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(bar))),
+               "r"(count)
+               : "memory");
+#endif
+}
+
+__device__ __forceinline__ void mbarrier_arrive(uint64_t* bar) {
+#ifdef FERRUM_MOE_WGMMA
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(bar)))
+               : "memory");
+#endif
+}
+
+// Waits until the phase of parity `parity` has completed.
+__device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
+#ifdef FERRUM_MOE_WGMMA
+  asm volatile(
+      "{\n.reg .pred done;\nwait:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra wait;\n}\n" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(bar))),
+      "r"(parity)
+      : "memory");
+#endif
+}
+
+// Hands registers between warpgroups: every warp of a warpgroup runs it.
+template <int kRegisters>
+__device__ __forceinline__ void registers_decrease() {
+#ifdef FERRUM_MOE_WGMMA
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegisters));
+#endif
+}
+template <int kRegisters>
+__device__ __forceinline__ void registers_increase() {
+#ifdef FERRUM_MOE_WGMMA
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegisters));
+#endif
+}
+
 __device__ __forceinline__ void wgmma_commit_group() {
 #ifdef FERRUM_MOE_WGMMA
   asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "dependent_launch.cuh"
 #include "routing.cuh"
 
 namespace ferrum_moe_cuda {
@@ -45,6 +46,7 @@ __device__ __forceinline__ void store_float(T* ptr, float value) {
 template <class In, class Out>
 __global__ void __launch_bounds__(kElementwiseThreads)
     gated_silu_kernel(GatedActivationParams p) {
+  dependent_grid_begin();
   const auto* input = static_cast<const In*>(p.input);
   auto* out = static_cast<Out*>(p.out);
   const int64_t total = p.rows * p.n;
@@ -64,6 +66,7 @@ __global__ void __launch_bounds__(kElementwiseThreads)
 
 template <class In, class Out, class Index>
 __global__ void __launch_bounds__(kElementwiseThreads) moe_sum_kernel(MoeSumParams p) {
+  dependent_grid_begin();
   const auto* input = static_cast<const In*>(p.input);
   const auto* topk_ids = static_cast<const Index*>(p.topk_ids);
   auto* out = static_cast<Out*>(p.out);
@@ -111,8 +114,7 @@ cudaError_t launch_gated_silu(const GatedActivationParams& params, cudaStream_t 
     return with_scalar_type(params.out_type, [&](auto* out_tag) {
       using In = std::remove_pointer_t<decltype(in_tag)>;
       using Out = std::remove_pointer_t<decltype(out_tag)>;
-      gated_silu_kernel<In, Out><<<grid_for(total), kElementwiseThreads, 0, stream>>>(params);
-      return cudaGetLastError();
+      return launch_dependent(gated_silu_kernel<In, Out>, grid_for(total), kElementwiseThreads, 0, stream, params);
     });
   });
 }
@@ -124,14 +126,11 @@ cudaError_t launch_moe_sum(const MoeSumParams& params, cudaStream_t stream) {
     return with_scalar_type(params.out_type, [&](auto* out_tag) {
       using In = std::remove_pointer_t<decltype(in_tag)>;
       using Out = std::remove_pointer_t<decltype(out_tag)>;
-      if (params.topk_ids_int64) {
-        moe_sum_kernel<In, Out, int64_t>
-            <<<grid_for(total), kElementwiseThreads, 0, stream>>>(params);
-      } else {
-        moe_sum_kernel<In, Out, int32_t>
-            <<<grid_for(total), kElementwiseThreads, 0, stream>>>(params);
-      }
-      return cudaGetLastError();
+      return params.topk_ids_int64
+                 ? launch_dependent(moe_sum_kernel<In, Out, int64_t>, grid_for(total), kElementwiseThreads, 0, stream,
+                                    params)
+                 : launch_dependent(moe_sum_kernel<In, Out, int32_t>, grid_for(total), kElementwiseThreads, 0, stream,
+                                    params);
     });
   });
 }

@@ -17,6 +17,7 @@
 #include <cub/block/block_radix_sort.cuh>
 #include <cub/block/block_scan.cuh>
 
+#include "dependent_launch.cuh"
 #include "routing.cuh"
 
 namespace ferrum_moe_cuda {
@@ -186,6 +187,7 @@ __device__ void scatter_chunk(const Pairs<Index>& pairs, AlignShared& s, int64_t
 // The whole of align in one CTA (up to kMultiCtaPairs pairs).
 template <class Index>
 __global__ void __launch_bounds__(kAlignThreads) moe_align_block_size_kernel(AlignParams p) {
+  dependent_grid_begin();
   __shared__ AlignShared s;
   const Pairs<Index> pairs{p};
   const int64_t num_pairs = pairs.count();
@@ -219,6 +221,7 @@ __global__ void __launch_bounds__(kAlignThreads) moe_align_block_size_kernel(Ali
 // chunk_counts[chunk][e] (and the CTAs fill the sentinel between them)...
 template <class Index>
 __global__ void __launch_bounds__(kAlignThreads) align_count_kernel(AlignParams p, int32_t* chunk_counts) {
+  dependent_grid_begin();
   __shared__ AlignShared s;
   const Pairs<Index> pairs{p};
   const int64_t base = static_cast<int64_t>(blockIdx.x) * kChunk;
@@ -233,6 +236,7 @@ __global__ void __launch_bounds__(kAlignThreads) align_count_kernel(AlignParams 
 // and the experts' segments ...
 __global__ void __launch_bounds__(kAlignThreads) align_segments_kernel(AlignParams p, int32_t* chunk_counts,
                                                                        int32_t* offsets, int num_chunks) {
+  dependent_grid_begin();
   __shared__ AlignShared s;
   const int num_local = p.num_local_experts;
   for (int e = threadIdx.x; e < num_local; e += kAlignThreads) {
@@ -255,6 +259,7 @@ __global__ void __launch_bounds__(kAlignThreads) align_segments_kernel(AlignPara
 template <class Index>
 __global__ void __launch_bounds__(kAlignThreads) align_scatter_kernel(AlignParams p, const int32_t* chunk_counts,
                                                                       const int32_t* offsets) {
+  dependent_grid_begin();
   __shared__ AlignShared s;
   const Pairs<Index> pairs{p};
   for (int e = threadIdx.x; e < p.num_local_experts; e += kAlignThreads) {
@@ -269,8 +274,7 @@ template <class Index>
 cudaError_t launch_align(const AlignParams& params, cudaStream_t stream) {
   const int64_t num_pairs = params.num_tokens * params.top_k;
   if (num_pairs <= kMultiCtaPairs) {
-    moe_align_block_size_kernel<Index><<<1, kAlignThreads, 0, stream>>>(params);
-    return cudaGetLastError();
+    return launch_dependent(moe_align_block_size_kernel<Index>, 1, kAlignThreads, 0, stream, params);
   }
   // num_pairs < 2^31 (plugin.h), so the chunk count fits an int.
   const int num_chunks = static_cast<int>((num_pairs + kChunk - 1) / kChunk);
@@ -281,10 +285,15 @@ cudaError_t launch_align(const AlignParams& params, cudaStream_t stream) {
                                        (table + params.num_local_experts + 1) * sizeof(int32_t), stream);
   if (status != cudaSuccess) return status;
   int32_t* offsets = workspace + table;
-  align_count_kernel<Index><<<num_chunks, kAlignThreads, 0, stream>>>(params, workspace);
-  align_segments_kernel<<<1, kAlignThreads, 0, stream>>>(params, workspace, offsets, num_chunks);
-  align_scatter_kernel<Index><<<num_chunks, kAlignThreads, 0, stream>>>(params, workspace, offsets);
-  status = cudaGetLastError();
+  status = launch_dependent(align_count_kernel<Index>, num_chunks, kAlignThreads, 0, stream, params, workspace);
+  if (status == cudaSuccess) {
+    status = launch_dependent(align_segments_kernel, 1, kAlignThreads, 0, stream, params, workspace, offsets,
+                              num_chunks);
+  }
+  if (status == cudaSuccess) {
+    status = launch_dependent(align_scatter_kernel<Index>, num_chunks, kAlignThreads, 0, stream, params, workspace,
+                              static_cast<const int32_t*>(offsets));
+  }
   const cudaError_t freed = cudaFreeAsync(workspace, stream);
   return status != cudaSuccess ? status : freed;
 }

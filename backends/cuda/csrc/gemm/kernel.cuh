@@ -6,6 +6,7 @@
 
 #include <cstdint>
 
+#include "dependent_launch.cuh"
 #include "gemm/epilogue.cuh"
 #include "gemm/layout.hpp"
 #include "gemm/mainloop.cuh"
@@ -39,6 +40,7 @@ template <class T, int kBits, int kMTiles, class FillRows>
 __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& io, const StreamK& schedule,
                                            int first_n_tile, RowTable<kMTiles * kMmaM>& rows,
                                            FillRows&& fill_rows) {
+  dependent_grid_begin();
   extern __shared__ uint4 smem_raw[];
   using Loop = Mainloop<T, kBits, kMTiles>;
   using Traits = GemmTraits<T, kBits, kMTiles>;

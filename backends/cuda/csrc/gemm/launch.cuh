@@ -7,6 +7,7 @@
 
 #include <utility>
 
+#include "dependent_launch.cuh"
 #include "gemm/kernel.cuh"
 #include "gemm/launch.hpp"
 #include "gemm/traits.cuh"
@@ -69,9 +70,9 @@ cudaError_t launch_gemm_batched_for(const BatchedParams& params, int bits, int r
   return with_specialisation(bits, rows_per_cta, [&](auto b, auto m) {
     constexpr int kBits = decltype(b)::value;
     constexpr int kMTiles = decltype(m)::value;
-    gemm_batched_kernel<T, kBits, kMTiles><<<schedule_grid(ctas), GemmTraits<T, kBits, kMTiles>::kCtaThreads,
-                                             GemmTraits<T, kBits, kMTiles>::kSmemBytes, stream>>>(params);
-    return cudaGetLastError();
+    return launch_dependent(gemm_batched_kernel<T, kBits, kMTiles>, schedule_grid(ctas),
+                            GemmTraits<T, kBits, kMTiles>::kCtaThreads, GemmTraits<T, kBits, kMTiles>::kSmemBytes,
+                            stream, params);
   });
 }
 
@@ -81,9 +82,9 @@ cudaError_t launch_gemm_device_dispatch_for(const DeviceDispatchParams& params, 
   return with_specialisation(bits, rows_per_cta, [&](auto b, auto m) {
     constexpr int kBits = decltype(b)::value;
     constexpr int kMTiles = decltype(m)::value;
-    gemm_device_dispatch_kernel<T, kBits, kMTiles><<<schedule_grid(ctas), GemmTraits<T, kBits, kMTiles>::kCtaThreads,
-                                                     GemmTraits<T, kBits, kMTiles>::kSmemBytes, stream>>>(params);
-    return cudaGetLastError();
+    return launch_dependent(gemm_device_dispatch_kernel<T, kBits, kMTiles>, schedule_grid(ctas),
+                            GemmTraits<T, kBits, kMTiles>::kCtaThreads, GemmTraits<T, kBits, kMTiles>::kSmemBytes,
+                            stream, params);
   });
 }
 
@@ -93,9 +94,9 @@ cudaError_t launch_gemm_routed_for(const RoutedParams& params, int bits, int row
   return with_specialisation(bits, rows_per_cta, [&](auto b, auto m) {
     constexpr int kBits = decltype(b)::value;
     constexpr int kMTiles = decltype(m)::value;
-    gemm_routed_kernel<T, kBits, kMTiles><<<schedule_grid(ctas), GemmTraits<T, kBits, kMTiles>::kCtaThreads,
-                                            GemmTraits<T, kBits, kMTiles>::kSmemBytes, stream>>>(params);
-    return cudaGetLastError();
+    return launch_dependent(gemm_routed_kernel<T, kBits, kMTiles>, schedule_grid(ctas),
+                            GemmTraits<T, kBits, kMTiles>::kCtaThreads, GemmTraits<T, kBits, kMTiles>::kSmemBytes,
+                            stream, params);
   });
 }
 

@@ -1,0 +1,84 @@
+// Programmatic dependent launch (compute capability 9.0+). The layer's kernels
+// (align, GEMMs, activation, top-k sum) are launched so that each may be placed
+// on the GPU while the kernel before it on the stream finishes, instead of
+// after it has drained: the launch and the CTA set-up of the next kernel hide
+// behind the last wave of the previous one. Each such kernel starts with
+// dependent_grid_begin(), which waits for its predecessor's results before any
+// of them is read, so the order of results on the stream is unchanged.
+#ifndef FERRUM_MOE_CUDA_DEPENDENT_LAUNCH_CUH_
+#define FERRUM_MOE_CUDA_DEPENDENT_LAUNCH_CUH_
+
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <utility>
+
+namespace ferrum_moe_cuda {
+
+// The first statement of every kernel launched by launch_dependent. It lets
+// the next kernel on the stream launch (the runtime places its CTAs once every
+// CTA of this grid has started and as they leave), then waits until the grid
+// before this one has completed and its memory operations are visible. On
+// devices before sm_90, and in launches without the attribute, both are no-ops.
+__device__ __forceinline__ void dependent_grid_begin() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+namespace {
+
+// Compiled with the same flags as the kernels of the translation unit that
+// includes this header: the code the runtime loaded for it tells whether
+// those kernels hold the griddepcontrol instructions.
+__global__ void dependent_launch_probe() {}
+
+// Whether this translation unit's kernels may be launched with the attribute:
+// the device has it (compute capability 9.0+) and the loaded code was
+// compiled for it (PTX 9.0+: a build whose sm_90 code is JIT-compiled from
+// older PTX has no griddepcontrol.wait, and its kernels must wait for their
+// predecessor the plain way). Asked once per device.
+bool dependent_launch_supported() {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<signed char> known[kMaxDevices] = {};  // 0 unknown, 1 no, 2 yes
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices) return false;
+  signed char state = known[device].load(std::memory_order_relaxed);
+  if (state == 0) {
+    int major = 0;
+    cudaFuncAttributes probe{};
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+        cudaFuncGetAttributes(&probe, dependent_launch_probe) != cudaSuccess) {
+      return false;
+    }
+    state = major >= 9 && probe.ptxVersion >= 90 ? 2 : 1;
+    known[device].store(state, std::memory_order_relaxed);
+  }
+  return state == 2;
+}
+
+}  // namespace
+
+// kernel<<<grid, block, smem, stream>>>(args...) with programmatic stream
+// serialization allowed where the device has it. The kernel must begin with
+// dependent_grid_begin().
+template <class... Params, class... Args>
+cudaError_t launch_dependent(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem_bytes,
+                             cudaStream_t stream, Args&&... args) {
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem_bytes;
+  config.stream = stream;
+  config.attrs = &attribute;
+  config.numAttrs = dependent_launch_supported() ? 1 : 0;
+  return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+}
+
+}  // namespace ferrum_moe_cuda
+
+#endif  // FERRUM_MOE_CUDA_DEPENDENT_LAUNCH_CUH_

@@ -1,5 +1,8 @@
 """Runs each CUDA kernel family once on small inputs (every format x dtype, routed,
-batched, align, activation, sum): the workload compute-sanitizer checks."""
+batched, align, activation, sum), and one layer called from four threads: the
+workload compute-sanitizer checks."""
+
+import threading
 
 import numpy as np
 import torch
@@ -39,4 +42,26 @@ for dtype, tdtype in (("float16", torch.float16), ("bfloat16", torch.bfloat16)):
     for _ in range(2):
         lin(torch.randn(1, 4096, device="cuda", dtype=tdtype))
 torch.cuda.synchronize()
+# One layer from four threads on one stream (the eight-thread CUDA test, small
+# enough for the tools): every thread's results equal the serial calls'.
+layer = fm.MoE(w13, w2, top_k=2)
+calls = [(torch.randn(m, 256, device="cuda", dtype=tdtype), torch.rand(m, 2, device="cuda"),
+          torch.randint(0, 4, (m, 2), device="cuda", dtype=torch.int32)) for m in (1, 5, 9, 17, 3, 12, 7, 2)]
+serial = [layer(*call).cpu() for call in calls]
+threaded = [None] * len(calls)
+start = threading.Barrier(4)
+
+
+def work(first: int) -> None:
+    start.wait()
+    for j in range(first, len(calls), 4):
+        threaded[j] = layer(*calls[j]).cpu()
+
+
+threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+assert all(torch.equal(a, b) for a, b in zip(threaded, serial)), "threaded layer calls differ from serial ones"
 print("cuda smoke: every kernel family ran")

@@ -1,7 +1,10 @@
 // The GEMM mainloop: a kStages-deep cp.async pipeline over K slices. Per
 // slice, every thread copies its own weight codes (16-byte loads, layout.hpp)
 // and a share of the A tile; then each warp dequantizes its 32 columns in
-// registers and issues mma.sync against ldmatrix'ed A fragments.
+// registers and issues mma.sync against ldmatrix'ed A fragments. The 128-row
+// (Hopper) tiles are warp-specialised instead: a producer warpgroup copies
+// (produce()), two computing warpgroups dequantize and issue wgmma, and the
+// stages pass between them through mbarriers (PipelineBarriers).
 #ifndef FERRUM_MOE_CUDA_GEMM_MAINLOOP_CUH_
 #define FERRUM_MOE_CUDA_GEMM_MAINLOOP_CUH_
 
@@ -469,9 +472,11 @@ class Mainloop {
         __syncthreads();
       }
       const int next = i + kLoadAhead;
-      // Warp-specialised: once the first k-step's wgmma wait has returned, the
-      // previous slice's groups are all done and its stage goes back.
-      auto issue_loads = [&] {
+      // The tiles that copy for themselves issue slice `next`'s copies; the
+      // warp-specialised ones hand the previous slice's stage back to the
+      // producer once the first k-step's wgmma wait has returned (its groups
+      // are then all done).
+      auto advance_pipeline = [&] {
         if constexpr (Traits::kWarpSpecialized) {
           // Unconditional: any branch between the wgmmas in flight and the
           // next k-step's dequant makes ptxas serialize every wgmma (C7513).
@@ -482,16 +487,15 @@ class Mainloop {
           cp_async_commit();  // empty groups at the tail keep the wait count uniform
         }
       };
-      // mma.sync tiles copy first; wgmma tiles once the slice's first k-step
-      // is issued, so that the tensor cores have work while the warps spend
-      // their issue slots on the copies' addresses (compute_slice).
-      if constexpr (!kWgmma) issue_loads();
+      // mma.sync tiles copy before computing; wgmma tiles advance from inside
+      // compute_slice, after the first k-step.
+      if constexpr (!kWgmma) advance_pipeline();
       if constexpr (kMode == GroupMode::kSlice) {
         if (step_in_group == steps_per_group_) next_group(group, step_in_group, gp, upcoming, part, acc);
         step_in_group += kKSteps;
       }
       compute_slice<kMode>(kt, slice % kStages, group, step_in_group, gp, upcoming, kAfter ? part : acc, acc,
-                           issue_loads);
+                           advance_pipeline);
     }
     if constexpr (kAfter) flush_group(part, gp, acc);
   }
@@ -510,12 +514,12 @@ class Mainloop {
   // bytes it copied: conflict-free 16-byte reads), A fragments by ldmatrix,
   // then per k-step and fragment: dequantize two registers, one MMA per m-tile
   // into `sums` (the group's partial sums, or acc itself when scaling before).
-  // wgmma tiles call issue_loads() after the first k-step's wgmmas are
-  // issued; mma.sync tiles have issued them before.
-  template <GroupMode kMode, class IssueLoads>
+  // wgmma tiles call advance_pipeline() after the first k-step's wgmma wait;
+  // mma.sync tiles have called it before.
+  template <GroupMode kMode, class AdvancePipeline>
   __device__ void compute_slice(int kt, int stage, int& group, int& step_in_group, GroupParams& gp,
                                 RawGroup& upcoming, Accumulators& sums, Accumulators& acc,
-                                IssueLoads&& issue_loads) const {
+                                AdvancePipeline&& advance_pipeline) const {
     constexpr bool kAfter = kScaleAfter && kMode != GroupMode::kRow;
     const uint8_t* a_stage = a_smem_ + stage * Traits::kAStageBytes;
     const auto* b_stage = reinterpret_cast<const uint4*>(b_smem_ + stage * Traits::kBStageBytes);
@@ -554,7 +558,7 @@ class Mainloop {
         wgmma_m64n128k16_rs<T>(sums[1], a[1], desc);
         wgmma_commit_group();
         wgmma_wait_group<kWgmmaInFlight>();
-        if (ks == 0) issue_loads();
+        if (ks == 0) advance_pipeline();
       } else {
         uint32_t a[kMTiles][4];
 #pragma unroll

@@ -106,9 +106,7 @@ __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& 
       typename Loop::Accumulators acc;
       Loop(w, io, rows, expert, n_tile, smem).run(acc, kt_begin, kt_end);
       auto& flat = flat_of(acc);
-      // The host shares no 128-row tile between CTAs (plan_schedule): its
-      // reduction is not compiled.
-      if (kRows != kWgmmaRowsPerCta && kt_end - kt_begin < k_tiles &&
+      if (kt_end - kt_begin < k_tiles &&
           !reduce_stream_k<kRows, Loop::kWgmma>(schedule, tile, kt_end - kt_begin, static_cast<int>(k_tiles),
                                                  rows, flat)) {
         return;

@@ -75,6 +75,8 @@ class Mainloop {
   // accumulators in the wgmma D layout. (64-token tiles on wgmma measured no
   // faster than on mma.sync: kernel-notes v12.)
   static constexpr bool kWgmma = kRows == kWgmmaRowsPerCta;
+  static_assert(kWgmma == Traits::kWarpSpecialized,
+                "the wgmma tiles are the warp-specialised ones: the copying tiles' pipeline below has no wgmma");
   using Accumulators = std::conditional_t<kWgmma, float[2][kRows / 2], float[kMTiles][kNFrags][4]>;
   // The 16- and 32-row tiles accumulate exact integer weights per group and
   // scale the partial sums once per group: there the dequant, not the MMA,
@@ -237,7 +239,6 @@ class Mainloop {
       // The tile's last slice is released by the next tile's first.
     } else {
       cp_async_wait<0>();
-      if constexpr (kWgmma) wgmma_wait_group<0>();
     }
   }
 
@@ -465,10 +466,8 @@ class Mainloop {
       } else {
         // Slice kt has landed once at most kLoadAhead-1 later groups are pending;
         // the barrier also tells every thread that the stage the next load
-        // overwrites (slice kt-1's; wgmma: kt-2's, whose groups every warp has
-        // waited for) has been consumed by all warps.
+        // overwrites (slice kt-1's) has been consumed by all warps.
         cp_async_wait<kLoadAhead - 1>();
-        if constexpr (kWgmma) fence_proxy_async_shared();
         __syncthreads();
       }
       const int next = i + kLoadAhead;
@@ -634,9 +633,9 @@ class Mainloop {
   int a_chunk_;                                        // the 8-column chunk of K this thread copies
   int a_dst_;                                          // its byte offset in an A stage
   // x offsets of its rows (-1: unused), kept in registers for up to 4 rows
-  // (the 128-row tiles need those registers for their accumulators and read
-  // the offsets from the row table in shared memory at each copy).
-  static constexpr bool kCacheRowOffsets = Traits::kAChunksPerThread <= 4 && !kWgmma;
+  // (the warp-specialised producer, with 8, keeps them as 16-byte units in
+  // produce() and reads the row table only for the generic copy).
+  static constexpr bool kCacheRowOffsets = Traits::kAChunksPerThread <= 4;
   int64_t a_row_offset_[kCacheRowOffsets ? Traits::kAChunksPerThread : 1];
 };
 

@@ -108,7 +108,8 @@ class Mainloop {
         warp_((compute_tid() % kThreads) / 32),
         lane_(threadIdx.x % 32),
         a_smem_(smem),
-        b_smem_(smem + kStages * Traits::kAStageBytes + (compute_tid() / kThreads) * Tile::kBytes) {
+        b_smem_(smem + kStages * Traits::kAStageBytes + (compute_tid() / kThreads) * Tile::kBytes),
+        quant_smem_(smem + kStages * (Traits::kAStageBytes + Traits::kBStageBytes)) {
     // A second warpgroup takes the next 128 columns (clamped to the stack's
     // last tile: columns past the window are never stored).
     const int n_tile = min(cta_n_tile + compute_tid() / kThreads, w.n_tiles - 1);
@@ -137,6 +138,7 @@ class Mainloop {
       c_column_[nt] = n_tile * kTileN + warp_ * kWarpN + nt * kMmaN + 2 * (lane_ % 4);
     }
     steps_per_group_ = w.group_size / kMmaK;
+    first_n_tile_ = cta_n_tile;
     a_chunk_ = threadIdx.x % Traits::kAChunksPerRow;
     a_dst_ = Traits::a_offset(threadIdx.x / Traits::kAChunksPerRow, a_chunk_);
     if constexpr (kCacheRowOffsets) {
@@ -184,11 +186,26 @@ class Mainloop {
       fast = fast && unit + w_.k / 8 <= UINT32_MAX;  // an x past 64 GiB takes the generic copy
       a_unit[u] = static_cast<uint32_t>(unit);
     }
+    // Groups of whole slices (the computing warps' GroupMode::kSlice): each
+    // slice's group scales and zeros go into its stage (the slice's group,
+    // counted without a division per slice).
+    const GroupCopy group_src = slice_groups() ? group_copy() : GroupCopy{nullptr, 0, 0};
+    const int slices_per_group = max(steps_per_group_ / kKSteps, 1);
+    int group = kt_begin / slices_per_group;
+    int group_slices_left = slices_per_group - kt_begin % slices_per_group;
     for (int i = 0; i < k_tiles + kLoadAhead; ++i) {
       if (i < k_tiles) {
         const int slice = pipe + i;
         const int kt = kt_begin + i;
         if (slice >= kStages) mbarrier_wait(&barriers.empty[slice % kStages], Barriers::empty_parity(slice));
+        if (group_src.src != nullptr) {
+          cp_async_16(shared_address(quant_smem_ + (slice % kStages) * Traits::kQuantStageBytes) + group_src.dst,
+                      group_src.src + static_cast<int64_t>(min(group, w_.num_groups - 1)) * group_src.stride);
+        }
+        if (--group_slices_left == 0) {
+          ++group;
+          group_slices_left = slices_per_group;
+        }
         uint8_t* a_stage = a_smem_ + (slice % kStages) * Traits::kAStageBytes;
         if (fast && (kt + 1) * kTileK <= w_.k) {
           const uint32_t dst = shared_address(a_stage) + a_dst_;
@@ -210,6 +227,38 @@ class Mainloop {
     }
   }
 
+  // Whether every K slice lies in one quantization group (GroupMode::kSlice).
+  __device__ bool slice_groups() const { return w_.row_group == nullptr && steps_per_group_ % kKSteps == 0; }
+
+  // The warp-specialised producer's share of a slice's quantization area:
+  // one 16-byte chunk of a weight tile's group scales (threads 0-31) or zero
+  // codes (32-47, asymmetric weights), from the tile's start on.
+  struct GroupCopy {
+    const uint8_t* src;  // the chunk in group 0 (null: this thread copies none)
+    uint32_t stride;     // bytes from one group's row to the next
+    uint32_t dst;        // byte offset in a stage's area
+  };
+
+  __device__ GroupCopy group_copy() const {
+    constexpr int kScaleChunksPerTile = kTileN * 2 / 16;
+    constexpr int kZeroChunksPerTile = kTileN / 16;
+    constexpr int kScaleChunks = Traits::kWarpgroups * kScaleChunksPerTile;
+    const int t = static_cast<int>(threadIdx.x);
+    if (t < kScaleChunks) {
+      const int tile = t / kScaleChunksPerTile, chunk = t % kScaleChunksPerTile;
+      const int64_t column = static_cast<int64_t>(min(first_n_tile_ + tile, w_.n_tiles - 1)) * kTileN + chunk * 8;
+      return {reinterpret_cast<const uint8_t*>(scales_ + column), static_cast<uint32_t>(w_.n_padded * 2),
+              static_cast<uint32_t>((tile * kTileN + chunk * 8) * 2)};
+    }
+    if (zeros_ != nullptr && t < kScaleChunks + Traits::kWarpgroups * kZeroChunksPerTile) {
+      const int tile = (t - kScaleChunks) / kZeroChunksPerTile, chunk = (t - kScaleChunks) % kZeroChunksPerTile;
+      const int64_t column = static_cast<int64_t>(min(first_n_tile_ + tile, w_.n_tiles - 1)) * kTileN + chunk * 16;
+      return {zeros_ + column, static_cast<uint32_t>(w_.n_padded),
+              static_cast<uint32_t>(Traits::kWarpgroups * kTileN * 2 + tile * kTileN + chunk * 16)};
+    }
+    return {nullptr, 0, 0};
+  }
+
   // Accumulates K slices [kt_begin, kt_end) (all of K, or a stream-K share).
   // Warp-specialised tiles take their slices from the producer through
   // `barriers` (`pipe` as for produce()); the others copy them themselves.
@@ -229,7 +278,7 @@ class Mainloop {
     // anything else (act-order, odd group sizes) per row through row_group.
     if (w_.row_group != nullptr) {
       slices<GroupMode::kRow>(acc, kt_begin, k_tiles, barriers, pipe);
-    } else if (steps_per_group_ % kKSteps == 0) {
+    } else if (slice_groups()) {
       slices<GroupMode::kSlice>(acc, kt_begin, k_tiles, barriers, pipe);
     } else {
       slices<GroupMode::kStep>(acc, kt_begin, k_tiles, barriers, pipe);
@@ -384,6 +433,19 @@ class Mainloop {
     }
   }
 
+  // A computing thread's raw group parameters from the stage's quantization
+  // area (what fetch_group reads from global memory for the other tiles).
+  __device__ void stage_group(int stage, RawGroup& raw) const {
+    const uint8_t* area = quant_smem_ + stage * Traits::kQuantStageBytes;
+    const int first_column = (compute_tid() / kThreads) * kTileN;
+#pragma unroll
+    for (int nt = 0; nt < kNFrags; ++nt) {
+      const int column = first_column + fragment_n(nt, warp_, lane_);
+      raw.scale[nt] = reinterpret_cast<const uint16_t*>(area)[column];
+      raw.zero[nt] = zeros_ != nullptr ? area[Traits::kWarpgroups * kTileN * 2 + column] : kSymmetricZero;
+    }
+  }
+
   // `first`: the CTA's first group, where symmetric zero operands are set up
   // (they never change afterwards).
   __device__ void decode_group(const RawGroup& raw, GroupParams& gp, bool first) const {
@@ -450,13 +512,18 @@ class Mainloop {
     // The group of the next k-step and how many of its steps are done: one
     // division per CTA, then counting.
     int group = 0, step_in_group = 0;
+    // Warp-specialised tiles with whole-slice groups read each group's
+    // parameters from the stage that holds its first slice.
+    constexpr bool kStaged = Traits::kWarpSpecialized && kMode == GroupMode::kSlice;
     if constexpr (kMode != GroupMode::kRow) {
       const int first_step = kt_begin * kKSteps;
       group = first_step / steps_per_group_;
       step_in_group = first_step - group * steps_per_group_;
-      fetch_group(group, upcoming);
-      decode_group(upcoming, gp, true);
-      fetch_group(group + 1, upcoming);
+      if constexpr (!kStaged) {
+        fetch_group(group, upcoming);
+        decode_group(upcoming, gp, true);
+        fetch_group(group + 1, upcoming);
+      }
     }
     for (int i = 0; i < k_tiles; ++i) {
       const int kt = kt_begin + i;
@@ -489,7 +556,15 @@ class Mainloop {
       // mma.sync tiles copy before computing; wgmma tiles advance from inside
       // compute_slice, after the first k-step.
       if constexpr (!kWgmma) advance_pipeline();
-      if constexpr (kMode == GroupMode::kSlice) {
+      if constexpr (kStaged) {
+        if (i == 0 || step_in_group == steps_per_group_) {
+          step_in_group = i == 0 ? step_in_group : 0;
+          RawGroup raw;
+          stage_group(slice % kStages, raw);
+          decode_group(raw, gp, i == 0);
+        }
+        step_in_group += kKSteps;
+      } else if constexpr (kMode == GroupMode::kSlice) {
         if (step_in_group == steps_per_group_) next_group(group, step_in_group, gp, upcoming, part, acc);
         step_in_group += kKSteps;
       }
@@ -621,6 +696,7 @@ class Mainloop {
   const int lane_;
   uint8_t* const a_smem_;
   uint8_t* const b_smem_;
+  uint8_t* const quant_smem_;  // warp-specialised: per stage, the slice's group scales and zeros
   const uint4* b_src_;
   const uint4* b_src_second_;  // the warp-specialised producer's second tile
   const int32_t* perm_;
@@ -629,6 +705,7 @@ class Mainloop {
   int column_[kNFrags];    // the lane's B-fragment column in each n8 block
   int c_column_[kNFrags];  // the first of its two C-fragment columns
   int steps_per_group_;
+  int first_n_tile_;  // the CTA's first 128-column tile
   int a_offset_[kKSteps];
   int a_chunk_;                                        // the 8-column chunk of K this thread copies
   int a_dst_;                                          // its byte offset in an A stage

@@ -48,7 +48,12 @@ struct GemmTraits {
   // start aligned (the dynamic shared memory base is rounded up, hence the
   // slack); the mma.sync tiles need 16 bytes.
   static constexpr int kSmemAlignment = kRows == kWgmmaRowsPerCta ? 1024 : 16;
-  static constexpr int kSmemBytes = kStages * (kAStageBytes + kBStageBytes) + kSmemAlignment;
+  // Warp-specialised tiles: next to each slice, its group's scales (fp16/bf16
+  // bits) and zero codes for both weight tiles, copied by the producer, so
+  // the computing warps never wait on global memory (kernel notes, v19).
+  static constexpr int kQuantStageBytes = kWarpSpecialized ? kWarpgroups * kTileN * 3 : 0;
+  static constexpr int kSmemBytes =
+      kStages * (kAStageBytes + kBStageBytes + kQuantStageBytes) + kSmemAlignment;
 
   static __device__ __forceinline__ int a_offset(int row, int chunk) {
     return row * kARowBytes + ((chunk ^ (row % 8)) * 16);

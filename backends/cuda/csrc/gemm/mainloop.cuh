@@ -132,11 +132,8 @@ class Mainloop {
     const int64_t plane = static_cast<int64_t>(expert) * w.num_groups * w.n_padded;
     scales_ = w.scales + plane;
     zeros_ = w.zeros != nullptr ? w.zeros + plane : nullptr;
-#pragma unroll
-    for (int nt = 0; nt < kNFrags; ++nt) {
-      column_[nt] = n_tile * kTileN + fragment_n(nt, warp_, lane_);
-      c_column_[nt] = n_tile * kTileN + warp_ * kWarpN + nt * kMmaN + 2 * (lane_ % 4);
-    }
+    column_ = n_tile * kTileN + fragment_n(0, warp_, lane_);
+    c_column_ = n_tile * kTileN + warp_ * kWarpN + 2 * (lane_ % 4);
     steps_per_group_ = w.group_size / kMmaK;
     first_n_tile_ = cta_n_tile;
     a_chunk_ = threadIdx.x % Traits::kAChunksPerRow;
@@ -419,16 +416,25 @@ class Mainloop {
 
   // Uniform groups: a 16-row k-step never straddles a group boundary
   // (group_size % 16 == 0), so one scale and zero serve a whole fragment.
+  // The lane's columns in its fragments are kMmaN apart: one address per
+  // group, the fragments at constant offsets from it.
   __device__ void fetch_group(int group, RawGroup& raw) const {
     const int64_t row = static_cast<int64_t>(min(group, w_.num_groups - 1)) * w_.n_padded;
+    const uint16_t* scales = scales_ + row + (kScaleAfter ? c_column_ : column_);
+    // Asymmetric weights only: one uniform branch around the zero codes, not
+    // a predicate on each of their instructions (issued even when off).
+    if (zeros_ != nullptr) {
+      const uint8_t* zeros = zeros_ + row + column_;
+#pragma unroll
+      for (int nt = 0; nt < kNFrags; ++nt) raw.zero[nt] = __ldg(zeros + nt * kMmaN);
+    }
 #pragma unroll
     for (int nt = 0; nt < kNFrags; ++nt) {
-      if (zeros_ != nullptr) raw.zero[nt] = __ldg(zeros_ + row + column_[nt]);
       if constexpr (kScaleAfter) {
         // Two adjacent columns, one 4-byte load (n_padded and the column are even).
-        raw.scale[nt] = __ldg(reinterpret_cast<const uint32_t*>(scales_ + row + c_column_[nt]));
+        raw.scale[nt] = __ldg(reinterpret_cast<const uint32_t*>(scales + nt * kMmaN));
       } else {
-        raw.scale[nt] = __ldg(scales_ + row + column_[nt]);
+        raw.scale[nt] = __ldg(scales + nt * kMmaN);
       }
     }
   }
@@ -449,14 +455,19 @@ class Mainloop {
   // `first`: the CTA's first group, where symmetric zero operands are set up
   // (they never change afterwards).
   __device__ void decode_group(const RawGroup& raw, GroupParams& gp, bool first) const {
+    if constexpr (kScaleAfter) {
+      if (zeros_ != nullptr || first) {
+#pragma unroll
+        for (int nt = 0; nt < kNFrags; ++nt)
+          gp.zeros[nt] = int_zero_operands<T, kBits>(zeros_ != nullptr ? raw.zero[nt] : kSymmetricZero);
+      }
+    }
 #pragma unroll
     for (int nt = 0; nt < kNFrags; ++nt) {
-      const bool zero_changes = zeros_ != nullptr || first;
-      const uint32_t z = zeros_ != nullptr ? raw.zero[nt] : kSymmetricZero;
       if constexpr (kScaleAfter) {
-        if (zero_changes) gp.zeros[nt] = int_zero_operands<T, kBits>(z);
         gp.scale[nt] = scales_to_float2(raw.scale[nt]);
       } else {
+        const uint32_t z = zeros_ != nullptr ? raw.zero[nt] : kSymmetricZero;
         gp.q[nt] = {zero_operand<T, kBits>(z | (z << 16)), raw.scale[nt] | (raw.scale[nt] << 16)};
       }
     }
@@ -665,7 +676,7 @@ class Mainloop {
                                                      const GroupParams& gp) const {
     PairQuantParams pq;
     if constexpr (kMode == GroupMode::kRow) {
-      pq = row_quant_params(k_base + fragment_k(f, lane_, half, 0), column_[f % kNFrags]);
+      pq = row_quant_params(k_base + fragment_k(f, lane_, half, 0), column_ + (f % kNFrags) * kMmaN);
     } else {
       pq = gp.q[f % kNFrags];
     }
@@ -702,8 +713,8 @@ class Mainloop {
   const int32_t* perm_;
   const uint16_t* scales_;
   const uint8_t* zeros_;
-  int column_[kNFrags];    // the lane's B-fragment column in each n8 block
-  int c_column_[kNFrags];  // the first of its two C-fragment columns
+  int column_;    // the lane's B-fragment column in n8 block 0 (block nt: + nt * kMmaN)
+  int c_column_;  // the first of its two C-fragment columns in block 0
   int steps_per_group_;
   int first_n_tile_;  // the CTA's first 128-column tile
   int a_offset_[kKSteps];

@@ -3,6 +3,7 @@ batched, align, activation, sum), and one layer called from four threads: the
 workload compute-sanitizer checks."""
 
 import threading
+import time
 
 import numpy as np
 import torch
@@ -10,6 +11,13 @@ import torch
 import ferrum_moe as fm
 
 rng = np.random.default_rng(1)
+began = time.monotonic()
+
+
+def progress(what: str) -> None:  # under the sanitizers a stage can take minutes: say where it is
+    print(f"cuda smoke {time.monotonic() - began:7.1f} s: {what}", flush=True)
+
+
 for dtype, tdtype in (("float16", torch.float16), ("bfloat16", torch.bfloat16)):
     for bits, group_size, sym, act_order in ((4, 128, True, False), (4, 32, False, True), (8, 64, False, False)):
         k, n, e = 256, 128, 4
@@ -19,6 +27,7 @@ for dtype, tdtype in (("float16", torch.float16), ("bfloat16", torch.bfloat16)):
             weights.append(fm.gptq.quantize(rng.standard_normal((k, n)), bits, group_size, sym, g_idx=g_idx,
                                             checkpoint_format="gptq_v2"))
         stack = fm.ExpertStack.from_gptq(weights, device="cuda", dtype=dtype)
+        progress(f"{dtype} INT{bits} g{group_size}{' act-order' if act_order else ''}")
         x = torch.randn(170, k, device="cuda", dtype=tdtype)
         # 16-, 32-, 64- and (Hopper) 128-row tiles.
         stack.gemm_batched(x, [[0, 0, 0, 5], [3, 5, 5, 13]])
@@ -42,6 +51,7 @@ for dtype, tdtype in (("float16", torch.float16), ("bfloat16", torch.bfloat16)):
     for _ in range(2):
         lin(torch.randn(1, 4096, device="cuda", dtype=tdtype))
 torch.cuda.synchronize()
+progress("one layer from four threads")
 # One layer from four threads on one stream (the eight-thread CUDA test, small
 # enough for the tools): every thread's results equal the serial calls'.
 layer = fm.MoE(w13, w2, top_k=2)

@@ -27,9 +27,10 @@ def _dtype_ok(target, dtype):
 
 @pytest.mark.parametrize("bits, group_size, sym, act_order", FORMATS)
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
-# Every CUDA tile height: 16 and 32 rows; 40 (64-row tiles before Hopper, two
-# 32-row ones on it); 200 (128-row, or 64-row ones when too few to fill the GPU).
-@pytest.mark.parametrize("rows", [4, 24, 40, 200])
+# Every CUDA tile height: 8 (the swapped decode tile), 16 and 32 rows; 40
+# (64-row tiles before Hopper, two 32-row ones on it); 200 (128-row, or 64-row
+# ones when too few to fill the GPU).
+@pytest.mark.parametrize("rows", [4, 12, 24, 40, 200])
 def test_gemm_batched_matches_float64(rng, target, dtype, bits, group_size, sym, act_order, rows):
     _dtype_ok(target, dtype)
     e, k, n = 3, 320, 96  # 320 = a partial last group for 64 and 128
@@ -100,7 +101,7 @@ def test_float32_output_skips_the_16_bit_rounding(rng, target):
 
 @pytest.mark.parametrize("with_weights", [False, True])
 # Every CUDA tile height, as for gemm_batched (48: two 32-row chunks).
-@pytest.mark.parametrize("block_size, m", [(4, 11), (32, 70), (48, 70), (64, 150), (128, 300)])
+@pytest.mark.parametrize("block_size, m", [(4, 11), (8, 30), (16, 40), (32, 70), (48, 70), (64, 150), (128, 300)])
 def test_gemm_routed_matches_float64(rng, target, with_weights, block_size, m):
     dtype = target.dtypes[-1]
     e, k, n, top_k = 6, 128, 64, 2

@@ -68,13 +68,18 @@ class Routing:
 
 
 def default_block_size(num_pairs: int, num_experts: int) -> int:
-    """The routing block for the expected pairs per expert: 16 up to 16, 32 up
-    to 64, then 128. The block picks the CUDA backend's tile height, and the
-    choice follows a sweep of every block size over four models (H200,
-    2026-12-03, docs/kernel-notes.md "Block sizes"): 32-row tiles beat 64-row ones
-    at every load measured (Qwen3-30B-A3B at 64 pairs per expert: 618 against
-    719 us), and 128 (Hopper wgmma tiles) wins from 96 pairs per expert on."""
+    """The routing block for the expected pairs per expert: 8 up to 4, 16 up to
+    16, 32 up to 64, then 128. The block picks the CUDA backend's tile height,
+    and the choice follows a sweep of every block size over four models (H200,
+    2026-12-03, docs/kernel-notes.md "Block sizes"): the 8-row decode tile
+    up to 4 pairs per expert (Mixtral M = 16: 310 against 337 us on 16-row
+    tiles; at 8 pairs, 442 against 374: each block streams its expert's
+    weights again), 32-row tiles beat 64-row ones at every load
+    measured (Qwen3-30B-A3B at 64 pairs per expert: 618 against 719 us), and
+    128 (Hopper wgmma tiles) wins from 96 pairs per expert on."""
     per_expert = num_pairs / max(num_experts, 1)
+    if per_expert <= 4:
+        return 8
     if per_expert <= 16:
         return 16
     return 32 if per_expert <= 64 else 128

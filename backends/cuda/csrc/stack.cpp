@@ -160,7 +160,7 @@ CudaStack::CudaStack(const FmStackCreateArgs& args)
   check_cuda(gemm::configure_gemm_kernels(compute_type_, bits_), "configuring the GEMM kernels");
   // Stream-K fills every SM with as many CTAs as fit at once: one wave, as
   // many loads in flight as the SM holds, no tail.
-  for (int rows : {gemm::kSmallRowsPerCta, gemm::kMediumRowsPerCta, gemm::kLargeRowsPerCta}) {
+  for (int rows : {gemm::kTinyRowsPerCta, gemm::kSmallRowsPerCta, gemm::kMediumRowsPerCta, gemm::kLargeRowsPerCta}) {
     check_cuda(gemm::gemm_ctas_per_sm(compute_type_, bits_, rows, &ctas_per_sm_[occupancy_index(rows)]),
                "querying the GEMM kernels' occupancy");
   }
@@ -308,6 +308,7 @@ void CudaStack::zero_workspace(void* stream) {
 // 803 / 663): up to 64 rows run as 32-row CTAs there, more on the wgmma tiles.
 // Elsewhere the 64-row tiles are the prefill tile.
 int CudaStack::rows_per_cta_for(int64_t rows) const {
+  if (rows <= gemm::kTinyRowsPerCta) return gemm::kTinyRowsPerCta;
   if (rows <= gemm::kSmallRowsPerCta) return gemm::kSmallRowsPerCta;
   if (rows <= gemm::kMediumRowsPerCta) return gemm::kMediumRowsPerCta;
   if (!wgmma_tiles_) return gemm::kLargeRowsPerCta;

@@ -62,8 +62,11 @@ class CudaStack final : public ferrum::plugin::Stack {
   int num_sms_ = 0;
   bool wgmma_tiles_ = false;  // the loaded code has the 128-token wgmma tiles (sm_90a)
   // Resident 16-, 32- and 64-row CTAs per SM (occupancy): a stream-K wave.
-  int ctas_per_sm_[3] = {1, 1, 1};
-  static int occupancy_index(int rows_per_cta) { return rows_per_cta / gemm::kMediumRowsPerCta; }
+  int ctas_per_sm_[4] = {1, 1, 1, 1};  // 8-, 16-, 32- and 64-row tiles
+  static int occupancy_index(int rows_per_cta) {
+    return rows_per_cta <= gemm::kTinyRowsPerCta ? 0 : rows_per_cta <= gemm::kSmallRowsPerCta ? 1
+                                                     : rows_per_cta <= gemm::kMediumRowsPerCta ? 2 : 3;
+  }
   // Stream-K workspace (gemm/params.hpp, StreamK): tile slots (512 of 16 rows,
   // 256 of 32 or 128 of 64) and their counters. Calls on one stack from concurrently
   // running streams would share it: a stack's GEMMs must be stream-ordered.

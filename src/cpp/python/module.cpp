@@ -164,8 +164,11 @@ PYBIND11_MODULE(_core, m) {
             return b.empty(DLDevice{DLDeviceType(device_type), device_id}, ferrum::dtype_from_name(dtype, "empty"), shape,
                            as_stream(stream), flags);
           },
-          py::arg("device_type"), py::arg("device_id"), py::arg("dtype"), py::arg("shape"), py::arg("stream") = 0,
-          py::arg("temporary") = false, py::arg("zeroed") = false)
+          // A device allocation can block (cudaMalloc synchronizes): never
+          // with the GIL held (compute-sanitizer's Python backtraces deadlocked
+          // on it, reliability.md).
+          py::call_guard<py::gil_scoped_release>(), py::arg("device_type"), py::arg("device_id"), py::arg("dtype"),
+          py::arg("shape"), py::arg("stream") = 0, py::arg("temporary") = false, py::arg("zeroed") = false)
       .def(
           "create_stack",
           [](Backend& b, int device_type, int device_id, const std::string& dtype, int64_t num_experts, int64_t k,

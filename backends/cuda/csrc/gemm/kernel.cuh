@@ -16,12 +16,14 @@
 
 namespace ferrum_moe_cuda::gemm {
 
-// Resident CTAs per SM the register allocation must allow: the 16- and
-// 32-row tiles are memory-bound and need warps in flight to cover the latency
+// Resident CTAs per SM the register allocation must allow: the 8- to 32-row
+// tiles are memory-bound and need warps in flight to cover the latency
 // (stream-K fills the SMs with them); the 32-row tile's two accumulator sets
 // (integer partial sums and scaled sums) spill at 128 registers, not at 168.
-template <int kMTiles>
-constexpr int kMinCtasPerSm = kMTiles == 1 ? 4 : kMTiles == 2 ? 3 : 1;
+// (The 8-row tile at 5 CTAs per SM, 96 registers, spilled in its slice loop
+// and measured 3% slower over the decode rows: kernel notes, v21.)
+template <int kRows>
+constexpr int kMinCtasPerSm = kRows <= kSmallRowsPerCta ? 4 : kRows == kMediumRowsPerCta ? 3 : 1;
 
 // Runs every (tile, K range) this CTA owns under `schedule` (params.hpp,
 // StreamK). fill_rows(x, rows) writes the row table of tile row x and returns
@@ -36,15 +38,14 @@ constexpr int kConsumerRegisters = 224;
 static_assert(128 * kProducerRegisters + 256 * kConsumerRegisters <= 384 * kLaunchRegisters,
               "the roles' registers must fit the launch's pool, or setmaxnreg.inc waits forever");
 
-template <class T, int kBits, int kMTiles, class FillRows>
+template <class T, int kBits, int kRows, class FillRows>
 __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& io, const StreamK& schedule,
-                                           int first_n_tile, RowTable<kMTiles * kMmaM>& rows,
+                                           int first_n_tile, RowTable<kRows>& rows,
                                            FillRows&& fill_rows) {
   dependent_grid_begin();
   extern __shared__ uint4 smem_raw[];
-  using Loop = Mainloop<T, kBits, kMTiles>;
-  using Traits = GemmTraits<T, kBits, kMTiles>;
-  constexpr int kRows = kMTiles * kMmaM;
+  using Loop = Mainloop<T, kBits, kRows>;
+  using Traits = GemmTraits<T, kBits, kRows>;
   // Rounded up to kSmemAlignment by offsetting the pointer (not through an
   // integer cast, which would turn every access into a generic one).
   constexpr uint32_t kAlign = Traits::kSmemAlignment;
@@ -117,12 +118,11 @@ __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& 
 }
 
 // Host dispatch rows, split into work items of up to kRows rows on the host.
-template <class T, int kBits, int kMTiles>
-__global__ void __launch_bounds__(GemmTraits<T, kBits, kMTiles>::kCtaThreads, kMinCtasPerSm<kMTiles>)
+template <class T, int kBits, int kRows>
+__global__ void __launch_bounds__(GemmTraits<T, kBits, kRows>::kCtaThreads, kMinCtasPerSm<kRows>)
     gemm_batched_kernel(const __grid_constant__ BatchedParams p) {
-  constexpr int kRows = kMTiles * kMmaM;
   __shared__ RowTable<kRows> rows;
-  gemm_tiles<T, kBits, kMTiles>(p.w, p.io, p.schedule, p.first_n_tile, rows,
+  gemm_tiles<T, kBits, kRows>(p.w, p.io, p.schedule, p.first_n_tile, rows,
                                 [&](int64_t x, RowTable<kRows>& table) {
     const BatchedWorkItem& item = p.items[x];
     if (threadIdx.x < kRows) {
@@ -141,12 +141,11 @@ __global__ void __launch_bounds__(GemmTraits<T, kBits, kMTiles>::kCtaThreads, kM
 // rows or m are out of range is skipped, compared without forming sums that
 // could overflow. Tile row x is chunk x % chunks_per_dispatch of dispatch
 // x / chunks_per_dispatch.
-template <class T, int kBits, int kMTiles>
-__global__ void __launch_bounds__(GemmTraits<T, kBits, kMTiles>::kCtaThreads, kMinCtasPerSm<kMTiles>)
+template <class T, int kBits, int kRows>
+__global__ void __launch_bounds__(GemmTraits<T, kBits, kRows>::kCtaThreads, kMinCtasPerSm<kRows>)
     gemm_device_dispatch_kernel(const __grid_constant__ DeviceDispatchParams p) {
-  constexpr int kRows = kMTiles * kMmaM;
   __shared__ RowTable<kRows> rows;
-  gemm_tiles<T, kBits, kMTiles>(p.w, p.io, p.schedule, p.first_n_tile, rows,
+  gemm_tiles<T, kBits, kRows>(p.w, p.io, p.schedule, p.first_n_tile, rows,
                                 [&](int64_t x, RowTable<kRows>& table) {
     const int64_t d = x / p.chunks_per_dispatch;
     const int64_t first = (x % p.chunks_per_dispatch) * kRows;
@@ -175,12 +174,11 @@ __global__ void __launch_bounds__(GemmTraits<T, kBits, kMTiles>::kCtaThreads, kM
 // Tile row x is chunk x % chunks_per_block of routing block x / chunks_per_block.
 // Every index read from device memory is range-checked before use: the host
 // never saw these arrays.
-template <class T, int kBits, int kMTiles>
-__global__ void __launch_bounds__(GemmTraits<T, kBits, kMTiles>::kCtaThreads, kMinCtasPerSm<kMTiles>)
+template <class T, int kBits, int kRows>
+__global__ void __launch_bounds__(GemmTraits<T, kBits, kRows>::kCtaThreads, kMinCtasPerSm<kRows>)
     gemm_routed_kernel(const __grid_constant__ RoutedParams p) {
-  constexpr int kRows = kMTiles * kMmaM;
   __shared__ RowTable<kRows> rows;
-  gemm_tiles<T, kBits, kMTiles>(p.w, p.io, p.schedule, 0, rows, [&](int64_t x, RowTable<kRows>& table) {
+  gemm_tiles<T, kBits, kRows>(p.w, p.io, p.schedule, 0, rows, [&](int64_t x, RowTable<kRows>& table) {
     const int64_t block = x / p.chunks_per_block;
     const int64_t chunk = x % p.chunks_per_block;
     const int64_t block_start = block * p.block_size;

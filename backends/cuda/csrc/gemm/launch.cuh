@@ -14,14 +14,16 @@
 
 namespace ferrum_moe_cuda::gemm {
 
-// Calls body(std::integral_constant<int, kBits>, std::integral_constant<int, kMTiles>).
+// Calls body(std::integral_constant<int, kBits>, std::integral_constant<int, kRows>).
 template <class Body>
 cudaError_t with_specialisation(int bits, int rows_per_cta, Body&& body) {
   auto with_rows = [&](auto b) {
-    if (rows_per_cta == kWgmmaRowsPerCta) return body(b, std::integral_constant<int, kWgmmaRowsPerCta / kMmaM>{});
-    if (rows_per_cta == kLargeRowsPerCta) return body(b, std::integral_constant<int, kLargeRowsPerCta / kMmaM>{});
-    if (rows_per_cta == kMediumRowsPerCta) return body(b, std::integral_constant<int, kMediumRowsPerCta / kMmaM>{});
-    return body(b, std::integral_constant<int, kSmallRowsPerCta / kMmaM>{});
+    if (rows_per_cta == kWgmmaRowsPerCta) return body(b, std::integral_constant<int, kWgmmaRowsPerCta>{});
+    if (rows_per_cta == kLargeRowsPerCta) return body(b, std::integral_constant<int, kLargeRowsPerCta>{});
+    if (rows_per_cta == kMediumRowsPerCta) return body(b, std::integral_constant<int, kMediumRowsPerCta>{});
+    if (rows_per_cta == kSmallRowsPerCta) return body(b, std::integral_constant<int, kSmallRowsPerCta>{});
+    if (rows_per_cta == kTinyRowsPerCta) return body(b, std::integral_constant<int, kTinyRowsPerCta>{});
+    return cudaErrorInvalidValue;
   };
   if (bits == 4) return with_rows(std::integral_constant<int, 4>{});
   if (bits == 8) return with_rows(std::integral_constant<int, 8>{});
@@ -31,18 +33,18 @@ cudaError_t with_specialisation(int bits, int rows_per_cta, Body&& body) {
 template <class T>
 cudaError_t configure_gemm_kernels_for(int bits) {
   cudaError_t status = cudaSuccess;
-  for (int rows : {kSmallRowsPerCta, kMediumRowsPerCta, kLargeRowsPerCta, kWgmmaRowsPerCta}) {
+  for (int rows : {kTinyRowsPerCta, kSmallRowsPerCta, kMediumRowsPerCta, kLargeRowsPerCta, kWgmmaRowsPerCta}) {
     status = with_specialisation(bits, rows, [](auto b, auto m) {
       constexpr int kBits = decltype(b)::value;
-      constexpr int kMTiles = decltype(m)::value;
-      constexpr int kSmem = GemmTraits<T, kBits, kMTiles>::kSmemBytes;
-      cudaError_t s = cudaFuncSetAttribute(gemm_batched_kernel<T, kBits, kMTiles>,
+      constexpr int kRows = decltype(m)::value;
+      constexpr int kSmem = GemmTraits<T, kBits, kRows>::kSmemBytes;
+      cudaError_t s = cudaFuncSetAttribute(gemm_batched_kernel<T, kBits, kRows>,
                                            cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
       if (s != cudaSuccess) return s;
-      s = cudaFuncSetAttribute(gemm_device_dispatch_kernel<T, kBits, kMTiles>,
+      s = cudaFuncSetAttribute(gemm_device_dispatch_kernel<T, kBits, kRows>,
                                cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
       if (s != cudaSuccess) return s;
-      return cudaFuncSetAttribute(gemm_routed_kernel<T, kBits, kMTiles>,
+      return cudaFuncSetAttribute(gemm_routed_kernel<T, kBits, kRows>,
                                   cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
     });
     if (status != cudaSuccess) return status;
@@ -54,10 +56,10 @@ template <class T>
 cudaError_t gemm_ctas_per_sm_for(int bits, int rows_per_cta, int* ctas) {
   return with_specialisation(bits, rows_per_cta, [&](auto b, auto m) {
     constexpr int kBits = decltype(b)::value;
-    constexpr int kMTiles = decltype(m)::value;
-    return cudaOccupancyMaxActiveBlocksPerMultiprocessor(ctas, gemm_routed_kernel<T, kBits, kMTiles>,
-                                                         GemmTraits<T, kBits, kMTiles>::kCtaThreads,
-                                                         GemmTraits<T, kBits, kMTiles>::kSmemBytes);
+    constexpr int kRows = decltype(m)::value;
+    return cudaOccupancyMaxActiveBlocksPerMultiprocessor(ctas, gemm_routed_kernel<T, kBits, kRows>,
+                                                         GemmTraits<T, kBits, kRows>::kCtaThreads,
+                                                         GemmTraits<T, kBits, kRows>::kSmemBytes);
   });
 }
 
@@ -69,9 +71,9 @@ cudaError_t launch_gemm_batched_for(const BatchedParams& params, int bits, int r
                                     cudaStream_t stream) {
   return with_specialisation(bits, rows_per_cta, [&](auto b, auto m) {
     constexpr int kBits = decltype(b)::value;
-    constexpr int kMTiles = decltype(m)::value;
-    return launch_dependent(gemm_batched_kernel<T, kBits, kMTiles>, schedule_grid(ctas),
-                            GemmTraits<T, kBits, kMTiles>::kCtaThreads, GemmTraits<T, kBits, kMTiles>::kSmemBytes,
+    constexpr int kRows = decltype(m)::value;
+    return launch_dependent(gemm_batched_kernel<T, kBits, kRows>, schedule_grid(ctas),
+                            GemmTraits<T, kBits, kRows>::kCtaThreads, GemmTraits<T, kBits, kRows>::kSmemBytes,
                             stream, params);
   });
 }
@@ -81,9 +83,9 @@ cudaError_t launch_gemm_device_dispatch_for(const DeviceDispatchParams& params, 
                                             int ctas, cudaStream_t stream) {
   return with_specialisation(bits, rows_per_cta, [&](auto b, auto m) {
     constexpr int kBits = decltype(b)::value;
-    constexpr int kMTiles = decltype(m)::value;
-    return launch_dependent(gemm_device_dispatch_kernel<T, kBits, kMTiles>, schedule_grid(ctas),
-                            GemmTraits<T, kBits, kMTiles>::kCtaThreads, GemmTraits<T, kBits, kMTiles>::kSmemBytes,
+    constexpr int kRows = decltype(m)::value;
+    return launch_dependent(gemm_device_dispatch_kernel<T, kBits, kRows>, schedule_grid(ctas),
+                            GemmTraits<T, kBits, kRows>::kCtaThreads, GemmTraits<T, kBits, kRows>::kSmemBytes,
                             stream, params);
   });
 }
@@ -93,9 +95,9 @@ cudaError_t launch_gemm_routed_for(const RoutedParams& params, int bits, int row
                                    cudaStream_t stream) {
   return with_specialisation(bits, rows_per_cta, [&](auto b, auto m) {
     constexpr int kBits = decltype(b)::value;
-    constexpr int kMTiles = decltype(m)::value;
-    return launch_dependent(gemm_routed_kernel<T, kBits, kMTiles>, schedule_grid(ctas),
-                            GemmTraits<T, kBits, kMTiles>::kCtaThreads, GemmTraits<T, kBits, kMTiles>::kSmemBytes,
+    constexpr int kRows = decltype(m)::value;
+    return launch_dependent(gemm_routed_kernel<T, kBits, kRows>, schedule_grid(ctas),
+                            GemmTraits<T, kBits, kRows>::kCtaThreads, GemmTraits<T, kBits, kRows>::kSmemBytes,
                             stream, params);
   });
 }

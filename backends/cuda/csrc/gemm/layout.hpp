@@ -32,8 +32,11 @@ constexpr int kKSteps = kTileK / kMmaK;     // 4 mma k-steps per K slice
 constexpr int kNFrags = kWarpN / kMmaN;     // 4 n8 fragments per warp
 constexpr int kFragsPerWarp = kKSteps * kNFrags;  // 16 B fragments per warp per K slice
 
-// Rows of A one CTA multiplies: 1, 2 or 4 mma tiles of 16 tokens, or 128
-// tokens in the Hopper warpgroups' wgmma tiles (compute capability 9.0 only).
+// Rows of A one CTA multiplies: 8 tokens (the weights as the MMA's 16-row
+// operand, the tokens as its 8 columns: decode), 1, 2 or 4 mma tiles of 16
+// tokens, or 128 tokens in the Hopper warpgroups' wgmma tiles (compute
+// capability 9.0 only).
+constexpr int kTinyRowsPerCta = 8;
 constexpr int kSmallRowsPerCta = 16;
 constexpr int kMediumRowsPerCta = 32;
 constexpr int kLargeRowsPerCta = 64;

@@ -59,10 +59,10 @@ struct PipelineBarriers {
   }
 };
 
-template <class T, int kBits, int kMTiles>
+template <class T, int kBits, int kTileRows>
 class Mainloop {
  public:
-  using Traits = GemmTraits<T, kBits, kMTiles>;
+  using Traits = GemmTraits<T, kBits, kTileRows>;
   using Tile = typename Traits::Tile;
   static constexpr int kRows = Traits::kRows;
   static constexpr int kStages = Traits::kStages;
@@ -77,12 +77,19 @@ class Mainloop {
   static constexpr bool kWgmma = kRows == kWgmmaRowsPerCta;
   static_assert(kWgmma == Traits::kWarpSpecialized,
                 "the wgmma tiles are the warp-specialised ones: the copying tiles' pipeline below has no wgmma");
-  using Accumulators = std::conditional_t<kWgmma, float[2][kRows / 2], float[kMTiles][kNFrags][4]>;
-  // The 16- and 32-row tiles accumulate exact integer weights per group and
+  // 8-token tiles (decode) swap mma.sync's operands the same way: the
+  // dequantized weights are the m16 A operand (16 columns), the tokens the n8
+  // B operand, so one MMA covers 16 columns instead of 8 and idle token rows
+  // cost half the MMAs, ldmatrix reads and accumulators of a 16-row tile.
+  static constexpr bool kSwapped = Traits::kSwapped;
+  static constexpr int kMTiles = kRows / kMmaM;  // m16 token tiles of the other mma.sync tiles
+  using Accumulators = std::conditional_t<
+      kWgmma, float[2][kRows / 2], std::conditional_t<kSwapped, float[2][4], float[kMTiles > 0 ? kMTiles : 1][kNFrags][4]>>;
+  // The 8- to 32-row tiles accumulate exact integer weights per group and
   // scale the partial sums once per group: there the dequant, not the MMA,
   // bounds the rate. 64-row tiles spread one scaled dequant over four MMAs
   // and keep a single accumulator set (registers).
-  static constexpr bool kScaleAfter = kMTiles <= 2;
+  static constexpr bool kScaleAfter = kRows <= kMediumRowsPerCta;
   // Slices loaded ahead of the one computed. wgmma reads its shared operand
   // asynchronously: a slice's last k-steps are still in flight while the next
   // slice is dequantized, so a stage is refilled only two slices after its use.
@@ -144,9 +151,14 @@ class Mainloop {
     }
     // ldmatrix x4: lanes 0-15 address rows 0-15 at k 0-7 of a k-step, lanes
     // 16-31 the same rows at k 8-15. Rows 16 apart share a swizzle, so m-tile
-    // mt only adds mt * 16 rows to these.
+    // mt only adds mt * 16 rows to these. Swapped (8 rows): lanes 8j-8j+7
+    // address the 8 rows at chunk 4p + j, the B fragments of k-steps 2p and
+    // 2p + 1 (entry p).
 #pragma unroll
-    for (int ks = 0; ks < kKSteps; ++ks) a_offset_[ks] = Traits::a_offset(lane_ % 16, ks * 2 + lane_ / 16);
+    for (int ks = 0; ks < kKSteps; ++ks) {
+      a_offset_[ks] = kSwapped ? Traits::a_offset(lane_ % 8, (4 * ks + lane_ / 8) % Traits::kAChunksPerRow)
+                               : Traits::a_offset(lane_ % 16, ks * 2 + lane_ / 16);
+    }
   }
 
   // The warp-specialised producer: copies slices [kt_begin, kt_end) into the
@@ -323,6 +335,7 @@ class Mainloop {
   // chunk a_chunk_ of rows threadIdx.x / 8 + 16u: the same chunk and swizzle
   // for every u, so only the rows' x offsets differ (read once per CTA).
   __device__ void load_a(int kt, uint8_t* stage) const {
+    if (Traits::kACopyThreads < Traits::kCopyThreads && threadIdx.x >= Traits::kACopyThreads) return;
     const auto* x = static_cast<const uint16_t*>(io_.x);
     const int k = kt * kTileK + a_chunk_ * 8;
     constexpr int kRowsPerPass = Traits::kCopyThreads / Traits::kAChunksPerRow;
@@ -371,6 +384,7 @@ class Mainloop {
     return row_offset(u);
   }
   __device__ __forceinline__ int64_t row_offset(int u) const {
+    if (Traits::kACopyThreads < Traits::kCopyThreads && threadIdx.x >= Traits::kACopyThreads) return -1;
     return rows_.x_offset[threadIdx.x / Traits::kAChunksPerRow + u * (Traits::kCopyThreads / Traits::kAChunksPerRow)];
   }
 
@@ -410,7 +424,7 @@ class Mainloop {
   // waits on global memory: v8 stalled every warp on these loads at each
   // group boundary.
   struct RawGroup {
-    uint32_t scale[kNFrags];  // scale-after: the two C-fragment columns; else the B column
+    uint32_t scale[kNFrags];  // scale-after mma.sync: the two C-fragment columns; else the B column
     uint32_t zero[kNFrags];   // zero codes (asymmetric weights only)
   };
 
@@ -420,7 +434,10 @@ class Mainloop {
   // group, the fragments at constant offsets from it.
   __device__ void fetch_group(int group, RawGroup& raw) const {
     const int64_t row = static_cast<int64_t>(min(group, w_.num_groups - 1)) * w_.n_padded;
-    const uint16_t* scales = scales_ + row + (kScaleAfter ? c_column_ : column_);
+    // Scale-after mma.sync tiles scale two adjacent C columns per fragment;
+    // the others (the swapped tiles too) the fragment's one B column.
+    constexpr bool kColumnPair = kScaleAfter && !kSwapped;
+    const uint16_t* scales = scales_ + row + (kColumnPair ? c_column_ : column_);
     // Asymmetric weights only: one uniform branch around the zero codes, not
     // a predicate on each of their instructions (issued even when off).
     if (zeros_ != nullptr) {
@@ -430,7 +447,7 @@ class Mainloop {
     }
 #pragma unroll
     for (int nt = 0; nt < kNFrags; ++nt) {
-      if constexpr (kScaleAfter) {
+      if constexpr (kColumnPair) {
         // Two adjacent columns, one 4-byte load (n_padded and the column are even).
         raw.scale[nt] = __ldg(reinterpret_cast<const uint32_t*>(scales + nt * kMmaN));
       } else {
@@ -464,7 +481,9 @@ class Mainloop {
     }
 #pragma unroll
     for (int nt = 0; nt < kNFrags; ++nt) {
-      if constexpr (kScaleAfter) {
+      if constexpr (kScaleAfter && kSwapped) {
+        gp.scale[nt].x = scales_to_float2(raw.scale[nt]).x;  // one column: the low half
+      } else if constexpr (kScaleAfter) {
         gp.scale[nt] = scales_to_float2(raw.scale[nt]);
       } else {
         const uint32_t z = zeros_ != nullptr ? raw.zero[nt] : kSymmetricZero;
@@ -483,7 +502,14 @@ class Mainloop {
 
   // acc += part * the group's column scales; part starts the next group at 0.
   __device__ static void flush_group(Accumulators& part, const GroupParams& gp, Accumulators& acc) {
-    if constexpr (kScaleAfter) {
+    if constexpr (kScaleAfter && kSwapped) {
+      // [h][i] holds column h * 16 + lane / 4 (+ 8 for i >= 2): n8 block 2h + i / 2.
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[h][i] += part[h][i] * gp.scale[2 * h + i / 2].x;
+      zero(part);
+    } else if constexpr (kScaleAfter) {
 #pragma unroll
       for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
@@ -618,6 +644,7 @@ class Mainloop {
       words[4 * j + 3] = v.w;
     }
     const int k_base = kt * kTileK;
+    uint32_t tokens[4];  // swapped: the B fragments of k-steps ks and ks + 1 (ks even)
 #pragma unroll
     for (int ks = 0; ks < kKSteps; ++ks) {
       if constexpr (kMode == GroupMode::kStep) {
@@ -644,6 +671,28 @@ class Mainloop {
         wgmma_commit_group();
         wgmma_wait_group<kWgmmaInFlight>();
         if (ks == 0) advance_pipeline();
+      } else if constexpr (kSwapped) {
+        // The weights as the A operand, composed as for wgmma; ldmatrix of
+        // the token rows gives b0, b1 (k 2t.., token lane / 4) of two k-steps.
+        if (ks % 2 == 0) ldmatrix_x4(tokens, shared_address(a_stage + a_offset_[ks / 2]));
+        uint32_t a[2][4];
+#pragma unroll
+        for (int nt = 0; nt < kNFrags; ++nt) {
+          const int f = ks * kNFrags + nt;
+          const uint32_t word = words[Tile::word_of_fragment(f)];
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            if constexpr (kAfter) {
+              a[nt / 2][2 * half + nt % 2] =
+                  dequant_pair_int<T, kBits>(word, Tile::pair_of_fragment(f, half), gp.zeros[nt]);
+            } else {
+              a[nt / 2][2 * half + nt % 2] = dequant_scaled<kMode>(word, f, half, k_base, gp);
+            }
+          }
+        }
+        const uint32_t b[2] = {tokens[2 * (ks % 2)], tokens[2 * (ks % 2) + 1]};
+        mma_16816<T>(sums[0], a[0], b);
+        mma_16816<T>(sums[1], a[1], b);
       } else {
         uint32_t a[kMTiles][4];
 #pragma unroll
@@ -684,7 +733,12 @@ class Mainloop {
   }
 
   static __device__ __forceinline__ void zero(Accumulators& a) {
-    if constexpr (kWgmma) {
+    if constexpr (kSwapped) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) a[h][i] = 0.0f;
+    } else if constexpr (kWgmma) {
 #pragma unroll
       for (int h = 0; h < 2; ++h)
 #pragma unroll

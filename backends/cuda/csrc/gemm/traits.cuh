@@ -9,12 +9,15 @@
 
 namespace ferrum_moe_cuda::gemm {
 
-template <class T, int kBits, int kMTiles>
+template <class T, int kBits, int kTileRows>
 struct GemmTraits {
   static_assert(sizeof(T) == 2, "fp16 or bf16 activations");
   using Tile = WeightTileLayout<kBits>;
 
-  static constexpr int kRows = kMTiles * kMmaM;
+  static constexpr int kRows = kTileRows;
+  // The 8-row tiles swap the MMA's operands: the dequantized weights are its
+  // 16-row A operand (16 columns), the tokens its 8 B columns (mainloop.cuh).
+  static constexpr bool kSwapped = kRows == kTinyRowsPerCta;
   // The 128-row (wgmma) tiles run two warpgroups of 4 warps, each on its own
   // 128 columns, both on one token tile: the token copy per FLOP halves.
   static constexpr int kWarpgroups = kRows == kWgmmaRowsPerCta ? kWgmmaColumnTilesPerCta : 1;
@@ -38,9 +41,12 @@ struct GemmTraits {
   static constexpr int kARowBytes = kTileK * static_cast<int>(sizeof(T));
   static constexpr int kAChunksPerRow = kARowBytes / 16;
   static constexpr int kAStageBytes = kRows * kARowBytes;
-  static constexpr int kAChunksPerThread = kRows * kAChunksPerRow / kCopyThreads;
+  // Threads that copy A chunks: all of them, but only the first 64 of the
+  // 8-row tiles (one chunk each).
+  static constexpr int kACopyThreads = kRows * kAChunksPerRow < kCopyThreads ? kRows * kAChunksPerRow : kCopyThreads;
+  static constexpr int kAChunksPerThread = kRows * kAChunksPerRow / kACopyThreads;
   static_assert(kAChunksPerRow == 8, "the swizzle assumes 8 chunks per row");
-  static_assert(kAChunksPerThread * kCopyThreads == kRows * kAChunksPerRow, "even A split");
+  static_assert(kAChunksPerThread * kACopyThreads == kRows * kAChunksPerRow, "even A split");
 
   static constexpr int kBStageBytes = Tile::kBytes * kWarpgroups;
   // wgmma (128-row tiles) reads the A tile through a 128-byte-swizzle
@@ -61,10 +67,11 @@ struct GemmTraits {
 };
 
 // A thread's fp32 accumulators of the CTA's kRows x kTileN tile, seen as one
-// flat array (the mainloop keeps them as float[kMTiles][kNFrags][4] for
-// mma.sync or float[2][kRows / 2] for wgmma, both contiguous): register r sits
-// at row(r), column(r) of the tile. The epilogue and the stream-K reduction
-// walk this, so they serve either instruction.
+// flat array (the mainloop keeps them as float[kRows / 16][kNFrags][4] for
+// mma.sync, float[2][4] for the 8-row tiles' swapped mma.sync, or
+// float[2][kRows / 2] for wgmma, all contiguous): register r sits at row(r),
+// column(r) of the tile. The epilogue and the stream-K reduction walk this,
+// so they serve every instruction.
 template <int kRows, bool kWgmma>
 struct AccumulatorLayout {
   static constexpr int kCount = kRows * kTileN / kThreads;  // per warpgroup's 128 columns
@@ -72,10 +79,15 @@ struct AccumulatorLayout {
 
   // mma.m16n8k16 C fragments: (mt, nt, i) -> row mt*16 + lane/4 (+8 for
   // i >= 2), column warp*32 + nt*8 + 2*(lane%4) + i%2.
+  // Swapped (8 rows; the D rows are weight columns): [h][i] -> token row
+  // 2*(lane%4) + i%2, column warp*32 + h*16 + lane/4 (+8 for i >= 2).
   // wgmma m64nN D (rows = weight columns): [h][4j + e] -> token row
   // 8j + 2*(lane%4) + e%2, column warp*32 + h*16 + lane/4 (+8 for e >= 2).
+  static constexpr bool kSwapped = kRows == kTinyRowsPerCta;
   static __device__ __forceinline__ int row(int r, int lane) {
-    if constexpr (kWgmma) {
+    if constexpr (kSwapped) {
+      return 2 * (lane % 4) + r % 2;
+    } else if constexpr (kWgmma) {
       const int e = r % 4, j = (r % (kRows / 2)) / 4;
       return 8 * j + 2 * (lane % 4) + e % 2;
     } else {
@@ -84,7 +96,9 @@ struct AccumulatorLayout {
     }
   }
   static __device__ __forceinline__ int column(int r, int warp, int lane) {
-    if constexpr (kWgmma) {
+    if constexpr (kSwapped) {
+      return warp * kWarpN + (r / 4) * 16 + lane / 4 + ((r % 4) / 2) * 8;
+    } else if constexpr (kWgmma) {
       const int e = r % 4, h = r / (kRows / 2);
       return warp * kWarpN + h * 16 + lane / 4 + (e / 2) * 8;
     } else {

@@ -186,7 +186,11 @@ def unpack_awq(words):
 
 
 def dense(files, name, k, quant):
-    """(W [k, N] float64, bias [N]) of quantized Linear ``name``, y = x @ W + bias."""
+    """(W [k, N] float64, bias [N], M [k, N]) of quantized Linear ``name``, y = x @ W + bias.
+    M is what the CPU kernels' float32 rounding scales with per weight, |W| + 2 |z s|:
+    they take the zero point out of the dot product (s * sum(x q) - z s * sum(x)), so
+    near the zero point their error follows |q s| + |z s|, not |W| (as in
+    test_properties.magnitudes)."""
     method, bits, group_size, v1 = quant
     scales = files[f"{name}.scales"].astype(np.float64)
     groups, n = scales.shape
@@ -203,7 +207,9 @@ def dense(files, name, k, quant):
     else:
         g_idx = np.zeros(k, np.int64) if group_size == -1 else np.arange(k) // group_size
     bias = files[f"{name}.bias"].astype(np.float64) if files.has(f"{name}.bias") else np.zeros(n)
-    return (codes - zeros[g_idx]) * scales[g_idx], bias
+    zero_offset = np.abs(zeros[g_idx] * scales[g_idx])
+    w = (codes - zeros[g_idx]) * scales[g_idx]
+    return w, bias, np.abs(w) + 2 * zero_offset
 
 
 def gamma(n):
@@ -216,18 +222,18 @@ def mlp_and_bound(x, gate, up, down):
     """silu(x @ G + g) * (x @ U + u) @ D + d in float64, a bound on what float32
     kernels may differ by (accumulation, the rounding of the activation
     buffer, |silu'| < 1.1), and the largest magnitude met on the way."""
-    (g_w, g_b), (u_w, u_b), (d_w, d_b) = gate, up, down
+    (g_w, g_b, g_m), (u_w, u_b, u_m), (d_w, d_b, d_m) = gate, up, down
     ax = np.abs(x)
     g, u = x @ g_w + g_b, x @ u_w + u_b
-    g_err, u_err = gamma(x.shape[1]) * (ax @ np.abs(g_w)), gamma(x.shape[1]) * (ax @ np.abs(u_w))
+    g_err, u_err = gamma(x.shape[1]) * (ax @ g_m), gamma(x.shape[1]) * (ax @ u_m)
     with np.errstate(over="ignore"):  # exp(-g) of a very negative g: inf, and silu(g) = -0 as it should
         silu = g / (1 + np.exp(-g))
     h = silu * u
     h_err = 1.1 * np.abs(u) * g_err + np.abs(silu) * u_err + 1.1 * g_err * u_err + F32 * np.abs(h)
     y = h @ d_w + d_b
-    y_mag = np.abs(h) @ np.abs(d_w)
+    y_mag = np.abs(h) @ d_m
     y_err = h_err @ np.abs(d_w) + gamma(h.shape[1]) * y_mag + F32 * np.abs(y)
-    largest = max(np.max(ax @ np.abs(g_w)), np.max(ax @ np.abs(u_w)), np.max(y_mag), 0.0)
+    largest = max(np.max(ax @ g_m), np.max(ax @ u_m), np.max(y_mag), 0.0)
     return y, 2 * y_err, largest
 
 

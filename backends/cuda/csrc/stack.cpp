@@ -341,7 +341,7 @@ int CudaStack::plan_schedule(int64_t tiles_x, int64_t n_tiles, int rows_per_cta,
                             : std::min<int64_t>(gemm::kStreamKCounters,
                                                 gemm::kStreamKSlotFloats / (rows_per_cta * kTileN));
   if (tiles > slots || tiles == 0) return static_cast<int>(tiles);  // one CTA per tile
-  const int64_t wave = int64_t(ctas_per_sm_[occupancy_index(rows_per_cta)]) * num_sms_;
+  const int64_t wave = std::max<int64_t>(int64_t(ctas_per_sm_[occupancy_index(rows_per_cta)]) * num_sms_, 1);
   const int64_t slices = tiles * (k_padded_ / kTileK);
   const int64_t ctas = std::clamp<int64_t>(slices / kStreamKMinSlices, 1, wave);
   schedule.partials = stream_k_partials_.get<float>();
@@ -460,7 +460,7 @@ void CudaStack::gemm_batched_device_table(const FmGemmBatchedArgs& args, const g
   const int64_t max_rows = std::min(params.x_rows, params.out_rows);
   if (max_rows == 0) return;
   // The expected height of one dispatch picks the tile: decode tables (a row or
-  // a few per dispatch) get 16-row CTAs and stream-K.
+  // a few per dispatch) get 8- or 16-row CTAs and stream-K.
   const int rows_per_cta = rows_per_cta_for(ceil_div(max_rows, params.num_dispatches));
   const int64_t chunks = ceil_div(max_rows, rows_per_cta);
   constexpr int64_t kMaxGridX = std::numeric_limits<int32_t>::max();
@@ -512,7 +512,7 @@ void CudaStack::gemm_routed(const FmGemmRoutedArgs& args) {
   }
   if (params.num_blocks == 0 || params.num_pairs == 0) return;
 
-  // Routing blocks of up to 16 rows run on 16-row CTAs, up to 63 on 32-row
+  // Routing blocks of up to 8 rows run on 8-row CTAs, up to 16 on 16-row ones, up to 63 on 32-row
   // CTAs (one weight stream per 32 tokens; a 64-row tile would leave half of
   // a block of 32 padding: 20% slower at DeepSeek-V3 M = 1024), larger ones
   // as rows_per_cta_for says.

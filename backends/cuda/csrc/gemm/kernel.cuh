@@ -20,8 +20,9 @@ namespace ferrum_moe_cuda::gemm {
 // tiles are memory-bound and need warps in flight to cover the latency
 // (stream-K fills the SMs with them); the 32-row tile's two accumulator sets
 // (integer partial sums and scaled sums) spill at 128 registers, not at 168.
-// (The 8-row tile at 5 CTAs per SM, 96 registers, spilled in its slice loop
-// and measured 3% slower over the decode rows: kernel notes, v21.)
+// (The 8-row tiles spill 8-24 bytes outside their slice loops at 4 CTAs per
+// SM; at 5, 96 registers, they spilled inside them and measured 3% slower
+// over the decode rows: kernel notes, v21.)
 template <int kRows>
 constexpr int kMinCtasPerSm = kRows <= kSmallRowsPerCta ? 4 : kRows == kMediumRowsPerCta ? 3 : 1;
 

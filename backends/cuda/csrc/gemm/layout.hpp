@@ -20,7 +20,7 @@ constexpr int kMmaM = 16;
 constexpr int kMmaN = 8;
 constexpr int kMmaK = 16;
 
-// A CTA computes (16, 32 or 64 tokens) x kTileN columns, streaming K in kTileK
+// A CTA computes (8, 16, 32 or 64 tokens) x kTileN columns, streaming K in kTileK
 // slices. 4 warps split the columns, 32 each, and all of them walk the same K
 // slice, so one A tile in shared memory feeds every warp.
 constexpr int kWarps = 4;

@@ -1,7 +1,7 @@
 // The GEMM mainloop: a kStages-deep cp.async pipeline over K slices. Per
 // slice, every thread copies its own weight codes (16-byte loads, layout.hpp)
 // and a share of the A tile; then each warp dequantizes its 32 columns in
-// registers and issues mma.sync against ldmatrix'ed A fragments. The 128-row
+// registers and issues mma.sync against ldmatrix'ed token fragments. The 128-row
 // (Hopper) tiles are warp-specialised instead: a producer warpgroup copies
 // (produce()), two computing warpgroups dequantize and issue wgmma, and the
 // stages pass between them through mbarriers (PipelineBarriers).
@@ -83,8 +83,11 @@ class Mainloop {
   // cost half the MMAs, ldmatrix reads and accumulators of a 16-row tile.
   static constexpr bool kSwapped = Traits::kSwapped;
   static constexpr int kMTiles = kRows / kMmaM;  // m16 token tiles of the other mma.sync tiles
-  using Accumulators = std::conditional_t<
-      kWgmma, float[2][kRows / 2], std::conditional_t<kSwapped, float[2][4], float[kMTiles > 0 ? kMTiles : 1][kNFrags][4]>>;
+  // (The mma.sync shape's extent is a placeholder where kMTiles is 0: the
+  // swapped tiles take the middle type.)
+  using Accumulators =
+      std::conditional_t<kWgmma, float[2][kRows / 2],
+                         std::conditional_t<kSwapped, float[2][4], float[kMTiles > 0 ? kMTiles : 1][kNFrags][4]>>;
   // The 8- to 32-row tiles accumulate exact integer weights per group and
   // scale the partial sums once per group: there the dequant, not the MMA,
   // bounds the rate. 64-row tiles spread one scaled dequant over four MMAs
@@ -155,8 +158,8 @@ class Mainloop {
     // address the 8 rows at chunk 4p + j, the B fragments of k-steps 2p and
     // 2p + 1 (entry p).
 #pragma unroll
-    for (int ks = 0; ks < kKSteps; ++ks) {
-      a_offset_[ks] = kSwapped ? Traits::a_offset(lane_ % 8, (4 * ks + lane_ / 8) % Traits::kAChunksPerRow)
+    for (int ks = 0; ks < (kSwapped ? kKSteps / 2 : kKSteps); ++ks) {
+      a_offset_[ks] = kSwapped ? Traits::a_offset(lane_ % 8, 4 * ks + lane_ / 8)
                                : Traits::a_offset(lane_ % 16, ks * 2 + lane_ / 16);
     }
   }
@@ -409,7 +412,8 @@ class Mainloop {
 
   // One group's parameters for the lane's kNFrags fragments. Scale-after: the
   // zero operands of its B columns and the scales of its two C-fragment
-  // columns (fp32); scale-before: zero operand and scale of its B columns.
+  // columns (fp32; in the swapped 8-row tiles a D row is the B column itself:
+  // .x only); scale-before: zero operand and scale of its B columns.
   struct AfterParams {
     IntZeros zeros[kNFrags];
     float2 scale[kNFrags];
@@ -622,8 +626,9 @@ class Mainloop {
   }
 
   // One K slice: B codes from shared memory (each lane reads back exactly the
-  // bytes it copied: conflict-free 16-byte reads), A fragments by ldmatrix,
+  // bytes it copied: conflict-free 16-byte reads), token fragments by ldmatrix,
   // then per k-step and fragment: dequantize two registers, one MMA per m-tile
+  // (the swapped 8-row tiles: one MMA per 16 columns)
   // into `sums` (the group's partial sums, or acc itself when scaling before).
   // wgmma tiles call advance_pipeline() after the first k-step's wgmma wait;
   // mma.sync tiles have called it before.

@@ -7,6 +7,7 @@
 # built here into .dist-a and .dist-b and carried along:
 #   cp -r .dist-a .dist; OUT=$OUT/a bash benchmarks/device.sh build test bench
 #   rm -rf .dist; cp -r .dist-b .dist; OUT=$OUT/b bash benchmarks/device.sh plugin test bench
+#   python3 benchmarks/compare_runs.py a=$OUT/a/bench-moe.json b=$OUT/b/bench-moe.json
 # PROFILE_ARGS picks the layer for ncu (profile_moe.py's options).
 # cpu: the CPU kernel tests on the GPU machine's host CPU (a Xeon with AMX-BF16:
 # the only place the AMX kernels run for real).

@@ -512,10 +512,10 @@ void CudaStack::gemm_routed(const FmGemmRoutedArgs& args) {
   }
   if (params.num_blocks == 0 || params.num_pairs == 0) return;
 
-  // Routing blocks of up to 8 rows run on 8-row CTAs, up to 16 on 16-row ones, up to 63 on 32-row
-  // CTAs (one weight stream per 32 tokens; a 64-row tile would leave half of
-  // a block of 32 padding: 20% slower at DeepSeek-V3 M = 1024), larger ones
-  // as rows_per_cta_for says.
+  // Routing blocks of up to 8 rows run on 8-row CTAs, up to 16 on 16-row
+  // ones, up to 63 on 32-row ones (one weight stream per 32 tokens; a 64-row
+  // tile would leave half of a block of 32 padding: 20% slower at DeepSeek-V3
+  // M = 1024), larger ones as rows_per_cta_for says.
   // plugin.h: only the blocks moe_align_block_size can fill are read, so the
   // grid follows the token count rather than every expert's worst-case padding.
   const int64_t grid_blocks =

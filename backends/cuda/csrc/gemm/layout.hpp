@@ -37,6 +37,8 @@ constexpr int kFragsPerWarp = kKSteps * kNFrags;  // 16 B fragments per warp per
 // tokens, or 128 tokens in the Hopper warpgroups' wgmma tiles (compute
 // capability 9.0 only).
 constexpr int kTinyRowsPerCta = 8;
+// Whether a tile of `rows` rows swaps mma.sync's operands (the 8-row tiles).
+FM_HOST_DEVICE constexpr bool swaps_mma_operands(int rows) { return rows == kTinyRowsPerCta; }
 constexpr int kSmallRowsPerCta = 16;
 constexpr int kMediumRowsPerCta = 32;
 constexpr int kLargeRowsPerCta = 64;

@@ -338,7 +338,7 @@ class Mainloop {
   // chunk a_chunk_ of rows threadIdx.x / 8 + 16u: the same chunk and swizzle
   // for every u, so only the rows' x offsets differ (read once per CTA).
   __device__ void load_a(int kt, uint8_t* stage) const {
-    if (Traits::kACopyThreads < Traits::kCopyThreads && threadIdx.x >= Traits::kACopyThreads) return;
+    if (!copies_a()) return;
     const auto* x = static_cast<const uint16_t*>(io_.x);
     const int k = kt * kTileK + a_chunk_ * 8;
     constexpr int kRowsPerPass = Traits::kCopyThreads / Traits::kAChunksPerRow;
@@ -386,8 +386,12 @@ class Mainloop {
     if constexpr (kCacheRowOffsets) return a_row_offset_[u];
     return row_offset(u);
   }
+  // Whether this thread copies A chunks (all do, but the first 64 of the 8-row tiles).
+  static __device__ __forceinline__ bool copies_a() {
+    return Traits::kACopyThreads == Traits::kCopyThreads || threadIdx.x < Traits::kACopyThreads;
+  }
   __device__ __forceinline__ int64_t row_offset(int u) const {
-    if (Traits::kACopyThreads < Traits::kCopyThreads && threadIdx.x >= Traits::kACopyThreads) return -1;
+    if (!copies_a()) return -1;
     return rows_.x_offset[threadIdx.x / Traits::kAChunksPerRow + u * (Traits::kCopyThreads / Traits::kAChunksPerRow)];
   }
 
@@ -657,16 +661,8 @@ class Mainloop {
         ++step_in_group;
       }
       if constexpr (kWgmma) {
-        // wgmma A registers: {b0(nt), b0(nt + 1), b1(nt), b1(nt + 1)} is the
-        // m16 A fragment of the 16 weight columns of n8 blocks nt and nt + 1.
         uint32_t a[2][4];
-#pragma unroll
-        for (int nt = 0; nt < kNFrags; ++nt) {
-          const uint32_t word = words[Tile::word_of_fragment(ks * kNFrags + nt)];
-#pragma unroll
-          for (int half = 0; half < 2; ++half)
-            a[nt / 2][2 * half + nt % 2] = dequant_scaled<kMode>(word, ks * kNFrags + nt, half, k_base, gp);
-        }
+        dequant_column_pairs<kMode, kAfter>(words, ks, k_base, gp, a);
         // Issued as soon as dequantized; the warp goes on to the next k-step
         // while the tensor cores work (at most kWgmmaInFlight groups behind).
         const uint64_t desc = smem_descriptor_sw128(shared_address(a_stage) + ks * kMmaK * static_cast<int>(sizeof(T)));
@@ -681,20 +677,7 @@ class Mainloop {
         // the token rows gives b0, b1 (k 2t.., token lane / 4) of two k-steps.
         if (ks % 2 == 0) ldmatrix_x4(tokens, shared_address(a_stage + a_offset_[ks / 2]));
         uint32_t a[2][4];
-#pragma unroll
-        for (int nt = 0; nt < kNFrags; ++nt) {
-          const int f = ks * kNFrags + nt;
-          const uint32_t word = words[Tile::word_of_fragment(f)];
-#pragma unroll
-          for (int half = 0; half < 2; ++half) {
-            if constexpr (kAfter) {
-              a[nt / 2][2 * half + nt % 2] =
-                  dequant_pair_int<T, kBits>(word, Tile::pair_of_fragment(f, half), gp.zeros[nt]);
-            } else {
-              a[nt / 2][2 * half + nt % 2] = dequant_scaled<kMode>(word, f, half, k_base, gp);
-            }
-          }
-        }
+        dequant_column_pairs<kMode, kAfter>(words, ks, k_base, gp, a);
         const uint32_t b[2] = {tokens[2 * (ks % 2)], tokens[2 * (ks % 2) + 1]};
         mma_16816<T>(sums[0], a[0], b);
         mma_16816<T>(sums[1], a[1], b);
@@ -723,6 +706,29 @@ class Mainloop {
     }
   }
 
+  // k-step ks's weights as two m16 A fragments (wgmma's register operand, and
+  // the swapped 8-row tiles' mma.sync A): {b0(nt), b0(nt + 1), b1(nt),
+  // b1(nt + 1)} is the fragment of the 16 weight columns of n8 blocks nt and
+  // nt + 1. kAfter: exact integers (scaled per group later); else scaled.
+  template <GroupMode kMode, bool kAfter>
+  __device__ __forceinline__ void dequant_column_pairs(const uint32_t (&words)[Tile::kWordsPerLane], int ks,
+                                                       int k_base, const GroupParams& gp, uint32_t (&a)[2][4]) const {
+#pragma unroll
+    for (int nt = 0; nt < kNFrags; ++nt) {
+      const int f = ks * kNFrags + nt;
+      const uint32_t word = words[Tile::word_of_fragment(f)];
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        if constexpr (kAfter) {
+          a[nt / 2][2 * half + nt % 2] =
+              dequant_pair_int<T, kBits>(word, Tile::pair_of_fragment(f, half), gp.zeros[nt]);
+        } else {
+          a[nt / 2][2 * half + nt % 2] = dequant_scaled<kMode>(word, f, half, k_base, gp);
+        }
+      }
+    }
+  }
+
   // One B register (two k rows of one column) dequantized and scaled, from
   // the slice's group (kSlice, kStep) or each row's group (kRow).
   template <GroupMode kMode>
@@ -737,25 +743,12 @@ class Mainloop {
     return dequant_pair<T, kBits>(word, Tile::pair_of_fragment(f, half), pq.zero_codes, pq.scale_bits);
   }
 
+  // Every instruction's accumulators are one contiguous float array.
   static __device__ __forceinline__ void zero(Accumulators& a) {
-    if constexpr (kSwapped) {
+    constexpr int kCount = sizeof(Accumulators) / sizeof(float);
+    auto& flat = reinterpret_cast<float(&)[kCount]>(a);
 #pragma unroll
-      for (int h = 0; h < 2; ++h)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) a[h][i] = 0.0f;
-    } else if constexpr (kWgmma) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h)
-#pragma unroll
-        for (int i = 0; i < kRows / 2; ++i) a[h][i] = 0.0f;
-    } else {
-#pragma unroll
-      for (int mt = 0; mt < kMTiles; ++mt)
-#pragma unroll
-        for (int nt = 0; nt < kNFrags; ++nt)
-#pragma unroll
-          for (int i = 0; i < 4; ++i) a[mt][nt][i] = 0.0f;
-    }
+    for (int i = 0; i < kCount; ++i) flat[i] = 0.0f;
   }
 
   const QuantWeights& w_;

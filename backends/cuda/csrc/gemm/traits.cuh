@@ -17,7 +17,7 @@ struct GemmTraits {
   static constexpr int kRows = kTileRows;
   // The 8-row tiles swap the MMA's operands: the dequantized weights are its
   // 16-row A operand (16 columns), the tokens its 8 B columns (mainloop.cuh).
-  static constexpr bool kSwapped = kRows == kTinyRowsPerCta;
+  static constexpr bool kSwapped = swaps_mma_operands(kRows);
   // The 128-row (wgmma) tiles run two warpgroups of 4 warps, each on its own
   // 128 columns, both on one token tile: the token copy per FLOP halves.
   static constexpr int kWarpgroups = kRows == kWgmmaRowsPerCta ? kWgmmaColumnTilesPerCta : 1;
@@ -83,7 +83,7 @@ struct AccumulatorLayout {
   // 2*(lane%4) + i%2, column warp*32 + h*16 + lane/4 (+8 for i >= 2).
   // wgmma m64nN D (rows = weight columns): [h][4j + e] -> token row
   // 8j + 2*(lane%4) + e%2, column warp*32 + h*16 + lane/4 (+8 for e >= 2).
-  static constexpr bool kSwapped = kRows == kTinyRowsPerCta;
+  static constexpr bool kSwapped = swaps_mma_operands(kRows);
   static __device__ __forceinline__ int row(int r, int lane) {
     if constexpr (kSwapped) {
       return 2 * (lane % 4) + r % 2;

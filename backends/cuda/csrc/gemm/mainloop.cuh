@@ -304,6 +304,66 @@ class Mainloop {
   }
 
  private:
+  // Where the copying tiles' next slice comes from and goes to, kept from
+  // slice to slice (v22): the weight source and the A sources advance by one
+  // slice and the stage turns, so a whole slice's copies are the cp.async
+  // themselves and a few adds (v21 recomputed both addresses, 64-bit, per
+  // slice: ~25 instructions per warp and slice at the decode tiles).
+  struct CopyCursor {
+    const uint4* b;                                      // the lane's weight chunks of slice kt
+    const uint16_t* a[Traits::kAChunksPerThread];        // its A chunks' sources (x itself: unused row)
+    uint32_t used_rows;                                  // bit u: A chunk u is a token's
+    uint32_t a_base;                                     // shared address of its A chunk 0 in stage 0
+    uint32_t b_base;                                     // and of its weight chunk 0
+    int kt;
+    int stage;
+    int fast_end;  // slices before it are whole, of aligned x without act-order: the sources above
+  };
+
+  __device__ CopyCursor copy_cursor(int kt, int stage) const {
+    CopyCursor c{};
+    if constexpr (!Traits::kWarpSpecialized) {
+      const auto* x = static_cast<const uint16_t*>(io_.x);
+      c.b = b_src_ + static_cast<int64_t>(kt) * Tile::kUint4s;
+#pragma unroll
+      for (int u = 0; u < Traits::kAChunksPerThread; ++u) {
+        const int64_t offset = x_offset(u);
+        c.used_rows |= static_cast<uint32_t>(offset >= 0) << u;
+        c.a[u] = offset >= 0 ? x + offset + static_cast<int64_t>(kt) * kTileK + a_chunk_ * 8 : x;
+      }
+      c.a_base = shared_address(a_smem_) + a_dst_;
+      c.b_base = shared_address(b_smem_) + Tile::uint4_index(warp_, 0, lane_) * 16;
+      c.kt = kt;
+      c.stage = stage;
+      c.fast_end = io_.x_vector_loads && perm_ == nullptr ? w_.k / kTileK : 0;
+    }
+    return c;
+  }
+
+  // Issues slice c.kt's copies into stage c.stage and advances c by a slice.
+  // Whole slices of aligned x without act-order take the cursor's sources;
+  // the rest the generic load_a.
+  __device__ void copy_next(CopyCursor& c) const {
+    constexpr int kRowsPerPass = Traits::kCopyThreads / Traits::kAChunksPerRow;
+    if (c.kt < c.fast_end) {
+      const uint32_t dst = c.a_base + c.stage * Traits::kAStageBytes;
+#pragma unroll
+      for (int u = 0; u < Traits::kAChunksPerThread; ++u) {
+        if ((c.used_rows >> u) & 1) cp_async_16(dst + u * kRowsPerPass * Traits::kARowBytes, c.a[u]);
+      }
+    } else {
+      load_a(c.kt, a_smem_ + c.stage * Traits::kAStageBytes);
+    }
+    const uint32_t b_dst = c.b_base + c.stage * Traits::kBStageBytes;
+#pragma unroll
+    for (int j = 0; j < Tile::kLoadsPerLane; ++j) cp_async_16(b_dst + j * 32 * 16, c.b + j * 32, 16);
+#pragma unroll
+    for (int u = 0; u < Traits::kAChunksPerThread; ++u) c.a[u] += kTileK;
+    c.b += Tile::kUint4s;
+    ++c.kt;
+    c.stage = c.stage + 1 == kStages ? 0 : c.stage + 1;
+  }
+
   __device__ void load_slice(int kt, int stage) const {
     load_a(kt, a_smem_ + stage * Traits::kAStageBytes);
     load_b(kt, b_smem_ + stage * Traits::kBStageBytes);
@@ -557,6 +617,8 @@ class Mainloop {
     // The group of the next k-step and how many of its steps are done: one
     // division per CTA, then counting.
     int group = 0, step_in_group = 0;
+    // The copying tiles' next copy (slice kt_begin + kLoadAhead on).
+    CopyCursor cursor = copy_cursor(kt_begin + kLoadAhead, kLoadAhead % kStages);
     // Warp-specialised tiles with whole-slice groups read each group's
     // parameters from the stage that holds its first slice.
     constexpr bool kStaged = Traits::kWarpSpecialized && kMode == GroupMode::kSlice;
@@ -594,7 +656,7 @@ class Mainloop {
           // The CTA's first slice "releases slice -1" (PipelineBarriers).
           mbarrier_arrive(&barriers->empty[(slice + kStages - 1) % kStages]);
         } else {
-          if (next < k_tiles) load_slice(kt_begin + next, next % kStages);
+          if (next < k_tiles) copy_next(cursor);
           cp_async_commit();  // empty groups at the tail keep the wait count uniform
         }
       };

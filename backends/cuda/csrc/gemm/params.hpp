@@ -63,10 +63,12 @@ constexpr int kMaxBatchedWorkItems = 128;
 // tile = x * n_tiles + y, x a work item / routed chunk / dispatch chunk, y an
 // n tile of the launch. grid = (ctas): the tiles x k_tiles K slices are dealt
 // out in tile-major order, CTA c taking slices [c * W / ctas, (c + 1) * W / ctas).
-// With ctas = tiles that is one tile per CTA. When the tiles fit the slots of
-// the workspace (stream-K), ctas is one full wave instead, and every SM
-// streams the same share of the weights whatever the tile count (a split
-// count, or one CTA per tile, leaves a partial wave). A tile whose slices
+// With ctas = tiles that is one tile per CTA; with ctas = tiles x s (split-K),
+// s CTAs per tile whose ranges start at tile boundaries, chosen when that
+// fills at least 90% of a wave (CudaStack::plan_schedule). Otherwise, when the
+// tiles fit the slots of the workspace (stream-K), ctas is one full wave, and
+// every SM streams the same share of the weights whatever the tile count, at
+// the cost of CTAs whose range crosses into a second tile. A tile whose slices
 // span several CTAs meets in its fp32 slot: each CTA adds its partial sum,
 // then its slice count to the tile's counter; the one completing k_tiles
 // stores the total through the epilogue and zeroes the slot and the counter,

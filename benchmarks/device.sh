@@ -11,7 +11,8 @@
 # PROFILE_ARGS picks the layer for ncu (profile_moe.py's options).
 # cpu: the CPU kernel tests on the GPU machine's host CPU (a Xeon with AMX-BF16:
 # the only place the AMX kernels run for real).
-# sanitize: compute-sanitizer memcheck, racecheck and synccheck over cuda_smoke.py and the CUDA tests.
+# sanitize: compute-sanitizer memcheck, racecheck and synccheck over cuda_smoke.py and the CUDA tests
+# (SANITIZE_K: the pytest -k expression picking them).
 # The CUDA plugin wheel is taken from .dist/ when one is there (built on a
 # machine without a GPU: `pip wheel --no-build-isolation --no-deps ./backends/cuda -w .dist`),
 # which saves the device the compile. BENCH_ARGS / LINEAR_ARGS pass options on.
@@ -65,7 +66,7 @@ if has sanitize; then
   t=$(now)
   export XLA_PYTHON_CLIENT_PREALLOCATE=false
   shards=${SANITIZE_SHARDS:-4}
-  python3 -m pytest -q --collect-only -p no:cacheprovider tests/ -k "cuda and not model_shapes" \
+  python3 -m pytest -q --collect-only -p no:cacheprovider tests/ -k "${SANITIZE_K:-cuda and not model_shapes}" \
     | grep '::' >"$OUT/sanitize-tests.txt"
   san() {  # tool, log, program...
     local tool=$1 log=$2; shift 2

@@ -26,10 +26,18 @@ namespace ferrum_moe_cuda::gemm {
 template <int kRows>
 constexpr int kMinCtasPerSm = kRows <= kSmallRowsPerCta ? 4 : kRows == kMediumRowsPerCta ? 3 : 1;
 
+// What fill_rows answers for one tile row: its expert (the same in every
+// thread; -1 for none) and whether this thread's table row holds work. The
+// tile runs when some thread's does (padding-only chunks do no work).
+struct TileRows {
+  int expert;
+  bool used;
+};
+
 // Runs every (tile, K range) this CTA owns under `schedule` (params.hpp,
-// StreamK). fill_rows(x, rows) writes the row table of tile row x and returns
-// its expert, or -1 when the tile holds no work; it is called by every thread
-// and must end with a barrier, and its answer is the same in every thread.
+// StreamK). fill_rows(x, rows) writes the row table of tile row x (threads
+// below kRows write row threadIdx.x) and answers a TileRows; it is called by
+// every thread and holds no barrier (the walk's barriers publish the table).
 // Registers per thread of the warp-specialised tiles' roles after setmaxnreg:
 // the producer holds addresses only. The pool is what the launch allocated,
 // 384 threads x 168 (65,536 / 384 rounded down to a multiple of 8).
@@ -51,6 +59,9 @@ __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& 
   // integer cast, which would turn every access into a generic one).
   constexpr uint32_t kAlign = Traits::kSmemAlignment;
   uint8_t* smem = reinterpret_cast<uint8_t*>(smem_raw) + (kAlign - shared_address(smem_raw) % kAlign) % kAlign;
+  // The warp-specialised tiles reach the walk's barriers from their two role
+  // branches: those need PTX's non-aligned barrier forms.
+  constexpr bool kRoles = Traits::kWarpSpecialized;
   const int64_t k_tiles = w.k_tiles;
   const int64_t total = static_cast<int64_t>(schedule.tiles_x) * schedule.n_tiles * k_tiles;
   const int64_t begin = total * blockIdx.x / gridDim.x;
@@ -64,8 +75,9 @@ __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& 
       const int kt_begin = static_cast<int>(at - tile * k_tiles);
       const int kt_end = static_cast<int>(min(k_tiles, kt_begin + (end - at)));
       at += kt_end - kt_begin;
-      __syncthreads();  // the previous tile's epilogue is done with `rows`
-      const int expert = fill_rows(tile / schedule.n_tiles, rows);
+      cta_barrier<kRoles>();  // the previous tile's epilogue is done with `rows`
+      const TileRows filled = fill_rows(tile / schedule.n_tiles, rows);
+      const int expert = cta_barrier_or<kRoles>(filled.used) ? filled.expert : -1;
       if (expert < 0) continue;
       // The CTA's first 128-column tile; a second warpgroup takes the next one.
       const int n_tile = first_n_tile + Traits::kWarpgroups * static_cast<int>(tile % schedule.n_tiles);
@@ -82,10 +94,9 @@ __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& 
     int pipe = 0;  // slices the CTA's pipeline has passed (the barriers' phases)
     // Each role walks the tiles in its own register regime (one setmaxnreg
     // each, so ptxas allocates each branch on its own budget). The walk's
-    // barriers are then reached from two branches; every warp reaches them
-    // converged, as in CUTLASS's warp-specialised kernels (PTX formally asks
-    // the aligned barrier to be the same instruction in every thread; the
-    // unaligned barrier.sync compiled to 300+ bytes of spills here).
+    // barriers are then reached from two branches: different instructions,
+    // which only the non-aligned barriers allow (with __syncthreads here,
+    // compute-sanitizer's synccheck reported "divergent threads in block").
     if (threadIdx.x < Traits::kProducerThreads) {
       registers_decrease<kProducerRegisters>();
       walk([&](int64_t, int expert, int n_tile, int kt_begin, int kt_end) {
@@ -133,8 +144,7 @@ __global__ void __launch_bounds__(GemmTraits<T, kBits, kRows>::kCtaThreads, kMin
       table.out_row[r] = used ? item.out_row + r : -1;
       table.weight[r] = 1.0f;
     }
-    __syncthreads();
-    return static_cast<int>(item.expert);
+    return TileRows{static_cast<int>(item.expert), true};  // the host makes items of 1+ rows
   });
 }
 
@@ -167,8 +177,7 @@ __global__ void __launch_bounds__(GemmTraits<T, kBits, kRows>::kCtaThreads, kMin
       table.out_row[threadIdx.x] = used ? out_row + r : -1;
       table.weight[threadIdx.x] = 1.0f;
     }
-    __syncthreads();
-    return valid ? static_cast<int>(expert) : -1;
+    return TileRows{valid ? static_cast<int>(expert) : -1, valid};  // a valid chunk holds row `first`
   });
 }
 
@@ -203,7 +212,7 @@ __global__ void __launch_bounds__(GemmTraits<T, kBits, kRows>::kCtaThreads, kMin
                             : 1.0f;
     }
     // Padding-only chunks (all sentinels) and bad experts do no work.
-    return __syncthreads_or(used) ? expert : -1;
+    return TileRows{expert, used};
   });
 }
 

@@ -66,7 +66,11 @@ __device__ __forceinline__ void mbarrier_arrive(uint64_t* bar) {
 #endif
 }
 
-// Waits until the phase of parity `parity` has completed.
+// Waits until the phase of parity `parity` has completed. The lanes of a warp
+// may leave the polling loop in different rounds (nothing in the ISA keeps
+// them together); the warp reconverges before what follows, wgmma and the
+// walk's barriers, which need whole warps (compute-sanitizer's synccheck saw
+// warps reach the next tile's barrier split).
 __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
 #ifdef FERRUM_MOE_WGMMA
   asm volatile(
@@ -75,6 +79,7 @@ __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
       "@!done bra wait;\n}\n" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(bar))),
       "r"(parity)
       : "memory");
+  __syncwarp();
 #endif
 }
 

@@ -59,9 +59,6 @@ __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& 
   // integer cast, which would turn every access into a generic one).
   constexpr uint32_t kAlign = Traits::kSmemAlignment;
   uint8_t* smem = reinterpret_cast<uint8_t*>(smem_raw) + (kAlign - shared_address(smem_raw) % kAlign) % kAlign;
-  // The warp-specialised tiles reach the walk's barriers from their two role
-  // branches: those need PTX's non-aligned barrier forms.
-  constexpr bool kRoles = Traits::kWarpSpecialized;
   const int64_t k_tiles = w.k_tiles;
   const int64_t total = static_cast<int64_t>(schedule.tiles_x) * schedule.n_tiles * k_tiles;
   const int64_t begin = total * blockIdx.x / gridDim.x;
@@ -75,9 +72,9 @@ __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& 
       const int kt_begin = static_cast<int>(at - tile * k_tiles);
       const int kt_end = static_cast<int>(min(k_tiles, kt_begin + (end - at)));
       at += kt_end - kt_begin;
-      cta_barrier<kRoles>();  // the previous tile's epilogue is done with `rows`
+      cta_barrier<Traits::kWarpSpecialized>();  // the previous tile's epilogue is done with `rows`
       const TileRows filled = fill_rows(tile / schedule.n_tiles, rows);
-      const int expert = cta_barrier_or<kRoles>(filled.used) ? filled.expert : -1;
+      const int expert = cta_barrier_or<Traits::kWarpSpecialized>(filled.used) ? filled.expert : -1;
       if (expert < 0) continue;
       // The CTA's first 128-column tile; a second warpgroup takes the next one.
       const int n_tile = first_n_tile + Traits::kWarpgroups * static_cast<int>(tile % schedule.n_tiles);
@@ -95,8 +92,9 @@ __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& 
     // Each role walks the tiles in its own register regime (one setmaxnreg
     // each, so ptxas allocates each branch on its own budget). The walk's
     // barriers are then reached from two branches: different instructions,
-    // which only the non-aligned barriers allow (with __syncthreads here,
-    // compute-sanitizer's synccheck reported "divergent threads in block").
+    // which PTX allows only for the non-aligned barriers (the same SASS as
+    // __syncthreads; synccheck still reports "divergent thread(s) in block"
+    // here when a CTA walks several tiles: docs/reliability.md).
     if (threadIdx.x < Traits::kProducerThreads) {
       registers_decrease<kProducerRegisters>();
       walk([&](int64_t, int expert, int n_tile, int kt_begin, int kt_end) {

@@ -69,8 +69,8 @@ __device__ __forceinline__ void mbarrier_arrive(uint64_t* bar) {
 // Waits until the phase of parity `parity` has completed. The lanes of a warp
 // may leave the polling loop in different rounds (nothing in the ISA keeps
 // them together); the warp reconverges before what follows, wgmma and the
-// walk's barriers, which need whole warps (compute-sanitizer's synccheck saw
-// warps reach the next tile's barrier split).
+// walk's barriers, which need whole warps (synccheck's report at the
+// consumers' walk barrier went away with this).
 __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
 #ifdef FERRUM_MOE_WGMMA
   asm volatile(

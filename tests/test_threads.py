@@ -142,3 +142,52 @@ def test_layer_workspaces_are_per_thread(rng, threads):
     assert len({id(a) for a, _, _ in results}) == threads
     pointers = [p for _, _, ptrs in results for p in ptrs.values()]
     assert len(set(pointers)) == len(pointers), "two threads share an intermediate buffer"
+
+
+def test_dropping_a_tensor_runs_its_deleter_without_the_gil(tmp_path):
+    """A deleter (for a CUDA result: a device free, which waits for the device)
+    runs with the GIL let go, whether the Tensor is dropped by Python or by a
+    consumer of its export: nothing stalls the other Python threads, and no
+    tool that takes the GIL inside the driver can deadlock against it. The
+    deleter here is C that records PyGILState_Check() (a Python deleter would
+    take the GIL itself)."""
+    import ctypes
+    import shutil
+    import subprocess
+
+    from ferrum_moe.arrays import import_array
+    from handmade_dlpack import DELETER, Producer, _alive
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler to build the recording deleter")
+    source = tmp_path / "deleter.c"
+    source.write_text("int PyGILState_Check(void);\n"
+                      "int gil_held = -1, calls = 0;\n"
+                      "void recording_deleter(void* self) { (void)self; gil_held = PyGILState_Check(); ++calls; }\n")
+    library = tmp_path / "libdeleter.so"
+    subprocess.run([cc, "-shared", "-fPIC", "-o", str(library), str(source)], check=True)
+    lib = ctypes.CDLL(str(library))
+    gil_held, calls = ctypes.c_int.in_dll(lib, "gil_held"), ctypes.c_int.in_dll(lib, "calls")
+    deleter = DELETER(ctypes.cast(lib.recording_deleter, ctypes.c_void_p).value)
+
+    def tensor():
+        producer = Producer(np.arange(12, dtype=np.float32), (3, 4))
+        producer._managed.deleter = deleter
+        t = import_array(producer, "x")
+        _alive.discard(producer)  # the C deleter does not; the test holds the memory
+        return producer, t
+
+    producer, t = tensor()
+    gil_held.value = -1
+    del t
+    assert (calls.value, gil_held.value) == (1, 0)
+
+    producer, t = tensor()
+    exported = np.from_dlpack(t)
+    del t
+    assert calls.value == 1  # the export keeps the Tensor alive
+    np.testing.assert_array_equal(exported, np.arange(12, dtype=np.float32).reshape(3, 4))
+    gil_held.value = -1
+    del exported
+    assert (calls.value, gil_held.value) == (2, 0)

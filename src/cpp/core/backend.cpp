@@ -6,6 +6,7 @@
 
 #include "dtype.hpp"
 #include "error.hpp"
+#include "release.hpp"
 
 // The host's side of an FmError: plugins create it through the services table.
 struct FmError {
@@ -77,7 +78,7 @@ std::shared_ptr<Backend> Backend::load(const FmBackendApi* api) {
 }
 
 Backend::~Backend() {
-  if (handle_ != nullptr) api_->destroy(handle_);
+  if (handle_ != nullptr) run_release([](void* self) { auto* b = static_cast<Backend*>(self); b->api_->destroy(b->handle_); }, this);
 }
 
 std::string Backend::abi_version() const {
@@ -374,7 +375,10 @@ ExpertStack::ExpertStack(std::shared_ptr<Backend> backend, FmStack* handle, cons
   if (props_.column_alignment < 1) props_.column_alignment = 1;
 }
 
-ExpertStack::~ExpertStack() { backend_->api().stack_destroy(handle_); }
+ExpertStack::~ExpertStack() {
+  run_release([](void* self) { auto* s = static_cast<ExpertStack*>(self); s->backend_->api().stack_destroy(s->handle_); },
+              this);
+}
 
 void ExpertStack::check_column_window(int64_t col_begin, int64_t n, const char* op) const {
   const int64_t npe = spec_.n_per_expert, a = props_.column_alignment;

@@ -5,6 +5,7 @@
 #include "backend.hpp"
 #include "dtype.hpp"
 #include "error.hpp"
+#include "release.hpp"
 
 namespace ferrum {
 
@@ -28,7 +29,7 @@ std::shared_ptr<Tensor> Tensor::adopt_legacy(DLManagedTensor* managed) {
 }
 
 Tensor::~Tensor() {
-  if (release_) release_();
+  if (release_) run_release([](void* release) { (*static_cast<std::function<void()>*>(release))(); }, &release_);
 }
 
 namespace {

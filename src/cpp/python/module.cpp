@@ -7,6 +7,7 @@
 #include "../core/backend.hpp"
 #include "../core/dtype.hpp"
 #include "../core/error.hpp"
+#include "../core/release.hpp"
 #include "../core/tensor.hpp"
 #include "dlpack_capsule.hpp"
 
@@ -61,10 +62,34 @@ py::dict build_info() {
   return d;
 }
 
+// Releases (a backend's free or destroy) run without the GIL when the
+// dropping thread holds it: a device free waits for the device, which must
+// not stall every Python thread, nor deadlock with a tool that takes the GIL
+// inside the driver (docs/reliability.md). Not while the interpreter shuts
+// down, when a thread may no longer take the GIL back.
+bool interpreter_finalizing() {
+#if PY_VERSION_HEX >= 0x030D0000
+  return Py_IsFinalizing() != 0;
+#else
+  return _Py_IsFinalizing() != 0;
+#endif
+}
+
+void release_without_gil(void (*release)(void*), void* context) {
+  if (PyGILState_Check() == 0 || interpreter_finalizing()) {
+    release(context);
+    return;
+  }
+  PyThreadState* state = PyEval_SaveThread();
+  release(context);
+  PyEval_RestoreThread(state);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "ferrum-moe core: DLPack tensors, the plugin host, expert stacks (bindings only)";
+  ferrum::set_release_runner(&release_without_gil);
 
   static py::exception<ferrum::Error> base_error(m, "CoreError", PyExc_RuntimeError);
   py::register_exception_translator([](std::exception_ptr p) {

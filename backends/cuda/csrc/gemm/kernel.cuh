@@ -13,6 +13,7 @@
 #include "gemm/params.hpp"
 #include "gemm/stream_k.cuh"
 #include "gemm/traits.cuh"
+#include "gemm/wgmma.cuh"
 
 namespace ferrum_moe_cuda::gemm {
 
@@ -34,10 +35,6 @@ struct TileRows {
   bool used;
 };
 
-// Runs every (tile, K range) this CTA owns under `schedule` (params.hpp,
-// StreamK). fill_rows(x, rows) writes the row table of tile row x (threads
-// below kRows write row threadIdx.x) and answers a TileRows; it is called by
-// every thread and holds no barrier (the walk's barriers publish the table).
 // Registers per thread of the warp-specialised tiles' roles after setmaxnreg:
 // the producer holds addresses only. The pool is what the launch allocated,
 // 384 threads x 168 (65,536 / 384 rounded down to a multiple of 8).
@@ -47,10 +44,37 @@ constexpr int kConsumerRegisters = 224;
 static_assert(128 * kProducerRegisters + 256 * kConsumerRegisters <= 384 * kLaunchRegisters,
               "the roles' registers must fit the launch's pool, or setmaxnreg.inc waits forever");
 
+// How the warp-specialised tiles' producer hands each piece's rows to the
+// computing warpgroups, double-buffered: the producer fills rows[s] and
+// expert[s] (-1: the piece does no work), then every producer thread arrives
+// on filled[s]; every computing thread arrives on drained[s] once its
+// epilogue is done with rows[s]. Phase p of either barrier of slot s is
+// the CTA's piece s + 2p. The roles thus never meet at a CTA barrier inside
+// the walk (two branches reaching one barrier is what synccheck reports as
+// divergence), and the producer fills the next piece's rows and starts its
+// copies while the computing threads still store the last one.
+template <int kRows>
+struct RowHandoff {
+  RowTable<kRows> rows[2];
+  int expert[2];
+  uint64_t filled[2];
+  uint64_t drained[2];
+
+  __device__ void init(int producers, int consumers) {
+    for (int s = 0; s < 2; ++s) {
+      mbarrier_init(&filled[s], producers);
+      mbarrier_init(&drained[s], consumers);
+    }
+  }
+};
+
+// Runs every (tile, K range) this CTA owns under `schedule` (params.hpp,
+// StreamK). fill_rows(x, table, r) writes row r of tile row x's row table
+// when r < kRows (r: the thread's index among the threads that fill) and
+// answers a TileRows; it holds no barrier (the caller's publish the table).
 template <class T, int kBits, int kRows, class FillRows>
 __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& io, const StreamK& schedule,
-                                           int first_n_tile, RowTable<kRows>& rows,
-                                           FillRows&& fill_rows) {
+                                           int first_n_tile, FillRows&& fill_rows) {
   dependent_grid_begin();
   extern __shared__ uint4 smem_raw[];
   using Loop = Mainloop<T, kBits, kRows>;
@@ -63,57 +87,81 @@ __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& 
   const int64_t total = static_cast<int64_t>(schedule.tiles_x) * schedule.n_tiles * k_tiles;
   const int64_t begin = total * blockIdx.x / gridDim.x;
   const int64_t end = total * (blockIdx.x + 1) / gridDim.x;
-  // Calls body(tile, expert, n_tile, kt_begin, kt_end) for every (tile, K
-  // range) this CTA owns; every thread of the CTA walks the same pieces.
-  auto walk = [&](auto&& body) {
+  // Calls piece(tile, kt_begin, kt_end) for every (tile, K range) this CTA
+  // owns, in order; every thread walks the same pieces.
+  auto walk = [&](auto&& piece) {
     int64_t at = begin;
     while (at < end) {
       const int64_t tile = at / k_tiles;
       const int kt_begin = static_cast<int>(at - tile * k_tiles);
       const int kt_end = static_cast<int>(min(k_tiles, kt_begin + (end - at)));
       at += kt_end - kt_begin;
-      cta_barrier<Traits::kWarpSpecialized>();  // the previous tile's epilogue is done with `rows`
-      const TileRows filled = fill_rows(tile / schedule.n_tiles, rows);
-      const int expert = cta_barrier_or<Traits::kWarpSpecialized>(filled.used) ? filled.expert : -1;
-      if (expert < 0) continue;
-      // The CTA's first 128-column tile; a second warpgroup takes the next one.
-      const int n_tile = first_n_tile + Traits::kWarpgroups * static_cast<int>(tile % schedule.n_tiles);
-      body(tile, expert, n_tile, kt_begin, kt_end);
+      piece(tile, kt_begin, kt_end);
     }
+  };
+  // The CTA's first 128-column tile of `tile`; a second warpgroup takes the next one.
+  auto n_tile_of = [&](int64_t tile) {
+    return first_n_tile + Traits::kWarpgroups * static_cast<int>(tile % schedule.n_tiles);
   };
   auto flat_of = [](typename Loop::Accumulators& acc) -> auto& {
     return reinterpret_cast<typename AccumulatorLayout<kRows, Loop::kWgmma>::Flat&>(acc);
   };
   if constexpr (Traits::kWarpSpecialized) {
+    constexpr int kConsumerThreads = Traits::kCtaThreads - Traits::kProducerThreads;
+    static_assert(kRows <= Traits::kProducerThreads, "the producer fills a whole row table");
     __shared__ typename Loop::Barriers barriers;
-    // Published by the walk's first barrier.
-    if (threadIdx.x == 0) barriers.init(Traits::kProducerThreads, Traits::kCtaThreads - Traits::kProducerThreads);
-    int pipe = 0;  // slices the CTA's pipeline has passed (the barriers' phases)
+    __shared__ RowHandoff<kRows> handoff;
+    if (threadIdx.x == 0) {
+      barriers.init(Traits::kProducerThreads, kConsumerThreads);
+      handoff.init(Traits::kProducerThreads, kConsumerThreads);
+    }
+    __syncthreads();  // publishes the barriers; the last barrier the roles share
+    int pipe = 0;     // slices the CTA's pipeline has passed (the stage barriers' phases)
+    int piece = 0;    // pieces walked (the handoff's phases)
     // Each role walks the tiles in its own register regime (one setmaxnreg
-    // each, so ptxas allocates each branch on its own budget). The walk's
-    // barriers are then reached from two branches: different instructions,
-    // which PTX allows only for the non-aligned barriers (the same SASS as
-    // __syncthreads; synccheck still reports "divergent thread(s) in block"
-    // here when a CTA walks several tiles: docs/reliability.md).
+    // each, so ptxas allocates each branch on its own budget).
     if (threadIdx.x < Traits::kProducerThreads) {
       registers_decrease<kProducerRegisters>();
-      walk([&](int64_t, int expert, int n_tile, int kt_begin, int kt_end) {
-        Loop(w, io, rows, expert, n_tile, smem).produce(barriers, pipe, kt_begin, kt_end);
+      const ThreadGroup producers{1, Traits::kProducerThreads};
+      walk([&](int64_t tile, int kt_begin, int kt_end) {
+        const int s = piece % 2;
+        if (piece >= 2) mbarrier_wait(&handoff.drained[s], (piece / 2 - 1) & 1);
+        ++piece;
+        const TileRows filled = fill_rows(tile / schedule.n_tiles, handoff.rows[s], threadIdx.x);
+        const int expert = producers.sync_or(filled.used) ? filled.expert : -1;
+        if (threadIdx.x == 0) handoff.expert[s] = expert;
+        mbarrier_arrive(&handoff.filled[s]);
+        if (expert < 0) return;
+        Loop(w, io, handoff.rows[s], expert, n_tile_of(tile), smem).produce(barriers, pipe, kt_begin, kt_end);
         pipe += kt_end - kt_begin;
       });
     } else {
       registers_increase<kConsumerRegisters>();
-      walk([&](int64_t, int expert, int n_tile, int kt_begin, int kt_end) {
-        // 128-row tiles are never shared between CTAs (plan_schedule): there
-        // is no reduction to finish a part of one.
-        typename Loop::Accumulators acc;
-        Loop(w, io, rows, expert, n_tile, smem).run(acc, kt_begin, kt_end, &barriers, pipe);
-        pipe += kt_end - kt_begin;
-        store_results<T, kRows, Loop::kWgmma>(io, rows, n_tile, flat_of(acc), Loop::compute_tid());
+      walk([&](int64_t tile, int kt_begin, int kt_end) {
+        const int s = piece % 2;
+        mbarrier_wait(&handoff.filled[s], (piece / 2) & 1);
+        ++piece;
+        const int expert = handoff.expert[s];
+        if (expert >= 0) {
+          // 128-row tiles are never shared between CTAs (plan_schedule):
+          // there is no reduction to finish a part of one.
+          const int n_tile = n_tile_of(tile);
+          typename Loop::Accumulators acc;
+          Loop(w, io, handoff.rows[s], expert, n_tile, smem).run(acc, kt_begin, kt_end, &barriers, pipe);
+          pipe += kt_end - kt_begin;
+          store_results<T, kRows, Loop::kWgmma>(io, handoff.rows[s], n_tile, flat_of(acc), Loop::compute_tid());
+        }
+        mbarrier_arrive(&handoff.drained[s]);
       });
     }
   } else {
-    walk([&](int64_t tile, int expert, int n_tile, int kt_begin, int kt_end) {
+    __shared__ RowTable<kRows> rows;
+    walk([&](int64_t tile, int kt_begin, int kt_end) {
+      __syncthreads();  // the previous piece's epilogue is done with `rows`
+      const TileRows filled = fill_rows(tile / schedule.n_tiles, rows, threadIdx.x);
+      const int expert = __syncthreads_or(filled.used) ? filled.expert : -1;
+      if (expert < 0) return;
+      const int n_tile = n_tile_of(tile);
       typename Loop::Accumulators acc;
       Loop(w, io, rows, expert, n_tile, smem).run(acc, kt_begin, kt_end);
       auto& flat = flat_of(acc);
@@ -131,12 +179,10 @@ __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& 
 template <class T, int kBits, int kRows>
 __global__ void __launch_bounds__(GemmTraits<T, kBits, kRows>::kCtaThreads, kMinCtasPerSm<kRows>)
     gemm_batched_kernel(const __grid_constant__ BatchedParams p) {
-  __shared__ RowTable<kRows> rows;
-  gemm_tiles<T, kBits, kRows>(p.w, p.io, p.schedule, p.first_n_tile, rows,
-                                [&](int64_t x, RowTable<kRows>& table) {
+  gemm_tiles<T, kBits, kRows>(p.w, p.io, p.schedule, p.first_n_tile,
+                              [&](int64_t x, RowTable<kRows>& table, int r) {
     const BatchedWorkItem& item = p.items[x];
-    if (threadIdx.x < kRows) {
-      const int r = threadIdx.x;
+    if (r < kRows) {
       const bool used = r < item.rows;
       table.x_offset[r] = used ? (item.x_row + r) * p.io.x_row_stride : -1;
       table.out_row[r] = used ? item.out_row + r : -1;
@@ -153,9 +199,8 @@ __global__ void __launch_bounds__(GemmTraits<T, kBits, kRows>::kCtaThreads, kMin
 template <class T, int kBits, int kRows>
 __global__ void __launch_bounds__(GemmTraits<T, kBits, kRows>::kCtaThreads, kMinCtasPerSm<kRows>)
     gemm_device_dispatch_kernel(const __grid_constant__ DeviceDispatchParams p) {
-  __shared__ RowTable<kRows> rows;
-  gemm_tiles<T, kBits, kRows>(p.w, p.io, p.schedule, p.first_n_tile, rows,
-                                [&](int64_t x, RowTable<kRows>& table) {
+  gemm_tiles<T, kBits, kRows>(p.w, p.io, p.schedule, p.first_n_tile,
+                              [&](int64_t x, RowTable<kRows>& table, int r) {
     const int64_t d = x / p.chunks_per_dispatch;
     const int64_t first = (x % p.chunks_per_dispatch) * kRows;
     int64_t field[4];
@@ -168,12 +213,12 @@ __global__ void __launch_bounds__(GemmTraits<T, kBits, kRows>::kCtaThreads, kMin
     const bool valid = expert >= 0 && expert < p.w.num_experts && m > 0 && in_row >= 0 &&
                        in_row <= p.x_rows && m <= p.x_rows - in_row && out_row >= 0 &&
                        out_row <= p.out_rows && m <= p.out_rows - out_row && first < m;
-    if (valid && threadIdx.x < kRows) {
-      const int64_t r = first + threadIdx.x;
-      const bool used = r < m;
-      table.x_offset[threadIdx.x] = used ? (in_row + r) * p.io.x_row_stride : -1;
-      table.out_row[threadIdx.x] = used ? out_row + r : -1;
-      table.weight[threadIdx.x] = 1.0f;
+    if (valid && r < kRows) {
+      const int64_t row = first + r;
+      const bool used = row < m;
+      table.x_offset[r] = used ? (in_row + row) * p.io.x_row_stride : -1;
+      table.out_row[r] = used ? out_row + row : -1;
+      table.weight[r] = 1.0f;
     }
     return TileRows{valid ? static_cast<int>(expert) : -1, valid};  // a valid chunk holds row `first`
   });
@@ -185,16 +230,14 @@ __global__ void __launch_bounds__(GemmTraits<T, kBits, kRows>::kCtaThreads, kMin
 template <class T, int kBits, int kRows>
 __global__ void __launch_bounds__(GemmTraits<T, kBits, kRows>::kCtaThreads, kMinCtasPerSm<kRows>)
     gemm_routed_kernel(const __grid_constant__ RoutedParams p) {
-  __shared__ RowTable<kRows> rows;
-  gemm_tiles<T, kBits, kRows>(p.w, p.io, p.schedule, 0, rows, [&](int64_t x, RowTable<kRows>& table) {
+  gemm_tiles<T, kBits, kRows>(p.w, p.io, p.schedule, 0, [&](int64_t x, RowTable<kRows>& table, int r) {
     const int64_t block = x / p.chunks_per_block;
     const int64_t chunk = x % p.chunks_per_block;
     const int64_t block_start = block * p.block_size;
     const int64_t padded_tokens = *p.num_tokens_post_padded;
     const int32_t expert = block_start < padded_tokens ? p.expert_ids[block] : -1;
     bool used = false;
-    if (threadIdx.x < kRows && expert >= 0 && expert < p.w.num_experts) {
-      const int r = threadIdx.x;
+    if (r < kRows && expert >= 0 && expert < p.w.num_experts) {
       const int64_t in_block = chunk * kRows + r;
       const int64_t position = block_start + in_block;
       int64_t id = -1;

@@ -75,34 +75,24 @@ __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&acc)[4], const 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
-// CTA-wide barriers. kFromBranches: the threads reach it from different
-// instructions (the warp-specialised roles' branches), which PTX allows for the
-// non-aligned forms only; otherwise the aligned ones (__syncthreads).
-template <bool kFromBranches>
-__device__ __forceinline__ void cta_barrier() {
-  if constexpr (kFromBranches) {
-    asm volatile("barrier.sync 0;\n" ::: "memory");
-  } else {
-    __syncthreads();
-  }
-}
+// `threads` threads of the CTA, whole warps, that synchronise among
+// themselves on their own barrier `id` (1-15; 0 is __syncthreads').
+struct ThreadGroup {
+  int id;
+  int threads;
 
-// As cta_barrier; answers whether `vote` holds in some thread of the CTA.
-template <bool kFromBranches>
-__device__ __forceinline__ bool cta_barrier_or(bool vote) {
-  if constexpr (kFromBranches) {
+  // Answers whether `vote` holds in some thread of the group; a barrier.
+  __device__ __forceinline__ bool sync_or(bool vote) const {
     uint32_t any;
     asm volatile(
         "{\n .reg .pred vote, any;\n setp.ne.u32 vote, %1, 0;\n"
-        " barrier.red.or.pred any, 0, vote;\n selp.u32 %0, 1, 0, any;\n}\n"
+        " barrier.red.or.pred any, %2, %3, vote;\n selp.u32 %0, 1, 0, any;\n}\n"
         : "=r"(any)
-        : "r"(static_cast<uint32_t>(vote))
+        : "r"(static_cast<uint32_t>(vote)), "r"(id), "r"(threads)
         : "memory");
     return any != 0;
-  } else {
-    return __syncthreads_or(vote) != 0;
   }
-}
+};
 
 }  // namespace ferrum_moe_cuda::gemm
 

@@ -1,7 +1,10 @@
 """Runs each CUDA kernel family once on small inputs (every format x dtype, routed,
 batched, align, activation, sum), and one layer called from four threads: the
-workload compute-sanitizer checks."""
+workload compute-sanitizer checks. --threads-only --threads 8 --calls 32
+--copy-in-threads is the eight-thread CUDA test's workload (device.sh's hang
+stage: it does not finish under racecheck, docs/reliability.md)."""
 
+import argparse
 import threading
 import time
 
@@ -10,6 +13,13 @@ import torch
 
 import ferrum_moe as fm
 
+parser = argparse.ArgumentParser(description=__doc__)
+parser.add_argument("--threads", type=int, default=4, help="threads calling one layer")
+parser.add_argument("--calls", type=int, default=8, help="layer calls, spread over the threads")
+parser.add_argument("--threads-only", action="store_true", help="skip the kernel families")
+parser.add_argument("--copy-in-threads", action="store_true",
+                    help="each call copies its inputs from the host (as the eight-thread test does)")
+args = parser.parse_args()
 rng = np.random.default_rng(1)
 began = time.monotonic()
 
@@ -18,7 +28,7 @@ def progress(what: str) -> None:  # under the sanitizers a stage can take minute
     print(f"cuda smoke {time.monotonic() - began:7.1f} s: {what}", flush=True)
 
 
-for dtype, tdtype in (("float16", torch.float16), ("bfloat16", torch.bfloat16)):
+for dtype, tdtype in () if args.threads_only else (("float16", torch.float16), ("bfloat16", torch.bfloat16)):
     for bits, group_size, sym, act_order in ((4, 128, True, False), (4, 32, False, True), (8, 64, False, False)):
         k, n, e = 256, 128, 4
         weights = []
@@ -51,27 +61,40 @@ for dtype, tdtype in (("float16", torch.float16), ("bfloat16", torch.bfloat16)):
     for _ in range(2):
         lin(torch.randn(1, 4096, device="cuda", dtype=tdtype))
 torch.cuda.synchronize()
-progress("one layer from four threads")
-# One layer from four threads on one stream (the eight-thread CUDA test, small
-# enough for the tools): every thread's results equal the serial calls'.
+progress(f"one layer from {args.threads} threads, {args.calls} calls")
+# One layer from several threads on one stream (the eight-thread CUDA test,
+# smaller by default for the tools): every thread's results equal the serial calls'.
+dtype = "float16"
+w13 = fm.ExpertStack.from_gptq([fm.gptq.quantize(rng.standard_normal((256, 256)))] * 4, device="cuda", dtype=dtype)
+w2 = fm.ExpertStack.from_gptq([fm.gptq.quantize(rng.standard_normal((128, 256)))] * 4, device="cuda", dtype=dtype)
 layer = fm.MoE(w13, w2, top_k=2)
-calls = [(torch.randn(m, 256, device="cuda", dtype=tdtype), torch.rand(m, 2, device="cuda"),
-          torch.randint(0, 4, (m, 2), device="cuda", dtype=torch.int32)) for m in (1, 5, 9, 17, 3, 12, 7, 2)]
-serial = [layer(*call).cpu() for call in calls]
-threaded = [None] * len(calls)
-start = threading.Barrier(4)
+sizes = [int(m) for m in rng.integers(1, 24, args.calls)]
+host_calls = [((rng.standard_normal((m, 256)) / 4).astype(np.float16), rng.random((m, 2)).astype(np.float32),
+               rng.integers(0, 4, (m, 2)).astype(np.int32)) for m in sizes]
+
+
+def call(j: int) -> torch.Tensor:
+    x, tw, ids = (torch.from_numpy(a).cuda() for a in host_calls[j]) if args.copy_in_threads else device_calls[j]
+    return layer(x, tw, ids).cpu()
+
+
+device_calls = [tuple(torch.from_numpy(a).cuda() for a in c) for c in host_calls]
+serial = [call(j) for j in range(args.calls)]
+threaded = [None] * args.calls
+start = threading.Barrier(args.threads)
 
 
 def work(first: int) -> None:
     start.wait()
-    for j in range(first, len(calls), 4):
-        threaded[j] = layer(*calls[j]).cpu()
+    for j in range(first, args.calls, args.threads):
+        threaded[j] = call(j)
+        progress(f"thread {first}: call {j} done")
 
 
-threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+threads = [threading.Thread(target=work, args=(i,)) for i in range(args.threads)]
 for t in threads:
     t.start()
 for t in threads:
     t.join()
 assert all(torch.equal(a, b) for a, b in zip(threaded, serial)), "threaded layer calls differ from serial ones"
-print("cuda smoke: every kernel family ran")
+print("cuda smoke: every kernel family ran" if not args.threads_only else "cuda smoke: the threaded layer ran")

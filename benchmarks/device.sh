@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build the core and the CUDA plugin, run the tests,
 # the sanitizers and the benchmarks, and print a short summary last.
-#   bash benchmarks/device.sh [build | plugin] [test] [cpu] [sanitize] [bench] [linear] [profile]
+#   bash benchmarks/device.sh [build | plugin] [test] [cpu] [sanitize] [hang] [bench] [linear] [profile]
 # (default: build test sanitize bench linear). plugin: install only the CUDA plugin (an A/B
 # run of another .dist wheel on the core already installed), e.g. with wheels of two branches
 # built here into .dist-a and .dist-b and carried along:
@@ -13,6 +13,8 @@
 # the only place the AMX kernels run for real).
 # sanitize: compute-sanitizer memcheck, racecheck and synccheck over cuda_smoke.py and the CUDA tests
 # (SANITIZE_K: the pytest -k expression picking them).
+# hang: the eight-thread layer workload under HANG_TOOL (racecheck), where it does not finish
+# (docs/reliability.md); after HANG_AFTER seconds, cuda-gdb's host and device view of it.
 # The CUDA plugin wheel is taken from .dist/ when one is there (built on a
 # machine without a GPU: `pip wheel --no-build-isolation --no-deps ./backends/cuda -w .dist`),
 # which saves the device the compile. BENCH_ARGS / LINEAR_ARGS pass options on.
@@ -87,6 +89,25 @@ if has sanitize; then
   done
   summary+=("sanitizers: $(wc -l <"$OUT/sanitize-tests.txt") tests in $shards shards per tool, $(( $(now) - t )) s in all")
   rm -f "$OUT/sanitize-tests.txt"
+fi
+
+if has hang; then
+  t=$(now)
+  compute-sanitizer --tool "${HANG_TOOL:-racecheck}" python3 benchmarks/cuda_smoke.py --threads-only --threads 8 \
+    --calls 32 --copy-in-threads >"$OUT/hang.log" 2>&1 &
+  tool_pid=$!
+  sleep "${HANG_AFTER:-90}"
+  pid=$(ps -eo pid,comm,args | awk '$2 ~ /^python/ && /cuda_smoke/ {print $1}' | tail -1)
+  if kill -0 "$tool_pid" 2>/dev/null && [ -n "$pid" ]; then
+    timeout 120 cuda-gdb -p "$pid" -batch -ex "set pagination off" -ex "info cuda kernels" \
+      -ex "thread apply all bt 16" >"$OUT/hang-stacks.txt" 2>&1
+    gdb_rc=$?
+    summary+=("hang: running after ${HANG_AFTER:-90} s ($(grep -c 'call .* done' "$OUT/hang.log") threaded calls done); cuda-gdb rc=$gdb_rc, hang-stacks.txt")
+    kill -9 "$pid" "$tool_pid" 2>/dev/null
+  else
+    wait "$tool_pid"
+    summary+=("hang: finished, rc=$? in $(( $(now) - t )) s: $(tail -1 "$OUT/hang.log")")
+  fi
 fi
 
 if has bench; then

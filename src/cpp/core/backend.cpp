@@ -78,7 +78,8 @@ std::shared_ptr<Backend> Backend::load(const FmBackendApi* api) {
 }
 
 Backend::~Backend() {
-  if (handle_ != nullptr) run_release([](void* self) { auto* b = static_cast<Backend*>(self); b->api_->destroy(b->handle_); }, this);
+  if (handle_ == nullptr) return;
+  run_release([](void* self) { auto* b = static_cast<Backend*>(self); b->api_->destroy(b->handle_); }, this);
 }
 
 std::string Backend::abi_version() const {

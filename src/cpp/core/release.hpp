@@ -2,9 +2,9 @@
 // a Tensor, an ExpertStack or a Backend goes: a backend's deleter (a device
 // free waits for the device), a stack's or a backend's destroy. An embedder
 // that holds a lock while it drops references installs a runner that lets
-// go of it around the call (the Python binding lets go of the GIL:
-// docs/reliability.md, "Dropping a CUDA result"); without one, it runs in
-// place.
+// go of it around the call (the Python binding lets go of the GIL: a device
+// free under it stalled every Python thread, docs/reliability.md); without
+// one, it runs in place.
 #pragma once
 
 namespace ferrum {

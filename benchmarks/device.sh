@@ -12,7 +12,8 @@
 # cpu: the CPU kernel tests on the GPU machine's host CPU (a Xeon with AMX-BF16:
 # the only place the AMX kernels run for real).
 # sanitize: compute-sanitizer memcheck, racecheck and synccheck over cuda_smoke.py and the CUDA tests
-# (SANITIZE_K: the pytest -k expression picking them).
+# (SANITIZE_K: the pytest -k expression picking them; by default the model-shape sweep and the
+# eight-thread layer test are left out, the latter deadlocks under racecheck: the hang stage).
 # hang: the eight-thread layer workload under HANG_TOOL (racecheck), where it does not finish
 # (docs/reliability.md); after HANG_AFTER seconds, cuda-gdb's host and device view of it.
 # The CUDA plugin wheel is taken from .dist/ when one is there (built on a
@@ -68,7 +69,7 @@ if has sanitize; then
   t=$(now)
   export XLA_PYTHON_CLIENT_PREALLOCATE=false
   shards=${SANITIZE_SHARDS:-4}
-  python3 -m pytest -q --collect-only -p no:cacheprovider tests/ -k "${SANITIZE_K:-cuda and not model_shapes}" \
+  python3 -m pytest -q --collect-only -p no:cacheprovider tests/ -k "${SANITIZE_K:-cuda and not model_shapes and not 8_threads}" \
     | grep '::' >"$OUT/sanitize-tests.txt"
   san() {  # tool, log, program...
     local tool=$1 log=$2; shift 2

@@ -78,7 +78,7 @@ def call(j: int) -> torch.Tensor:
     return layer(x, tw, ids).cpu()
 
 
-device_calls = [tuple(torch.from_numpy(a).cuda() for a in c) for c in host_calls]
+device_calls = [] if args.copy_in_threads else [tuple(torch.from_numpy(a).cuda() for a in c) for c in host_calls]
 serial = [call(j) for j in range(args.calls)]
 threaded = [None] * args.calls
 start = threading.Barrier(args.threads)

@@ -80,9 +80,8 @@ void release_without_gil(void (*release)(void*), void* context) {
     release(context);
     return;
   }
-  PyThreadState* state = PyEval_SaveThread();
+  py::gil_scoped_release unlocked;
   release(context);
-  PyEval_RestoreThread(state);
 }
 
 }  // namespace

@@ -122,13 +122,12 @@ __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& 
     // each, so ptxas allocates each branch on its own budget).
     if (threadIdx.x < Traits::kProducerThreads) {
       registers_decrease<kProducerRegisters>();
-      const ThreadGroup producers{1, Traits::kProducerThreads};
       walk([&](int64_t tile, int kt_begin, int kt_end) {
         const int s = piece % 2;
         if (piece >= 2) mbarrier_wait(&handoff.drained[s], (piece / 2 - 1) & 1);
         ++piece;
         const TileRows filled = fill_rows(tile / schedule.n_tiles, handoff.rows[s], threadIdx.x);
-        const int expert = producers.sync_or(filled.used) ? filled.expert : -1;
+        const int expert = named_barrier_or<1, Traits::kProducerThreads>(filled.used) ? filled.expert : -1;
         if (threadIdx.x == 0) handoff.expert[s] = expert;
         mbarrier_arrive(&handoff.filled[s]);
         if (expert < 0) return;

@@ -75,24 +75,26 @@ __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&acc)[4], const 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
-// `threads` threads of the CTA, whole warps, that synchronise among
-// themselves on their own barrier `id` (1-15; 0 is __syncthreads').
-struct ThreadGroup {
-  int id;
-  int threads;
+// Barrier kId (1-15; 0 is __syncthreads') over kThreads threads, whole warps;
+// answers whether `vote` holds in some of them.
+template <int kId, int kThreads>
+__device__ __forceinline__ bool named_barrier_or(bool vote) {
+  uint32_t any;
+  asm volatile(
+      "{\n .reg .pred vote, any;\n setp.ne.u32 vote, %1, 0;\n"
+      " barrier.red.or.pred any, %2, %3, vote;\n selp.u32 %0, 1, 0, any;\n}\n"
+      : "=r"(any)
+      : "r"(static_cast<uint32_t>(vote)), "n"(kId), "n"(kThreads)
+      : "memory");
+  return any != 0;
+}
 
-  // Answers whether `vote` holds in some thread of the group; a barrier.
-  __device__ __forceinline__ bool sync_or(bool vote) const {
-    uint32_t any;
-    asm volatile(
-        "{\n .reg .pred vote, any;\n setp.ne.u32 vote, %1, 0;\n"
-        " barrier.red.or.pred any, %2, %3, vote;\n selp.u32 %0, 1, 0, any;\n}\n"
-        : "=r"(any)
-        : "r"(static_cast<uint32_t>(vote)), "r"(id), "r"(threads)
-        : "memory");
-    return any != 0;
-  }
-};
+// atom.add with release and acquire semantics at GPU scope; answers the old value.
+__device__ __forceinline__ int atomic_add_acq_rel(int32_t* counter, int value) {
+  int old;
+  asm volatile("atom.add.acq_rel.gpu.global.s32 %0, [%1], %2;\n" : "=r"(old) : "l"(counter), "r"(value) : "memory");
+  return old;
+}
 
 }  // namespace ferrum_moe_cuda::gemm
 

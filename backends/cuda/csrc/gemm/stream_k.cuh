@@ -8,16 +8,10 @@
 
 #include "gemm/layout.hpp"
 #include "gemm/params.hpp"
+#include "gemm/ptx.cuh"
 #include "gemm/traits.cuh"
 
 namespace ferrum_moe_cuda::gemm {
-
-// atomicAdd with release and acquire semantics at GPU scope.
-__device__ __forceinline__ int counter_add_acq_rel(int32_t* counter, int value) {
-  int old;
-  asm volatile("atom.add.acq_rel.gpu.global.s32 %0, [%1], %2;\n" : "=r"(old) : "l"(counter), "r"(value) : "memory");
-  return old;
-}
 
 // Adds this CTA's accumulators (`slices` of the tile's k_tiles K slices) into
 // the tile's slot. Returns true in the CTA that completes the tile, with `acc`
@@ -45,7 +39,7 @@ __device__ bool reduce_stream_k(const StreamK& schedule, int64_t tile, int slice
   // the split-K semaphore pattern: no fence in every thread, each of which
   // waited for its own adds to land (7% of the decode GEMMs' stall samples).
   __syncthreads();
-  if (threadIdx.x == 0) is_last = counter_add_acq_rel(schedule.counters + tile, slices) + slices == k_tiles;
+  if (threadIdx.x == 0) is_last = atomic_add_acq_rel(schedule.counters + tile, slices) + slices == k_tiles;
   __syncthreads();
   if (!is_last) return false;
   // The other CTAs' adds, read from L2 (ld.cg), not a stale L1 line.

@@ -21,7 +21,6 @@ using gemm::kTileN;
 
 // A stream-K CTA gets at least this many K slices: the pipeline fill
 // (kStages - 1 slices) and the reduction amortise over them.
-constexpr int64_t kStreamKMinSlices = 4;
 
 // The uniform-group fast path needs every 16-row mma k-step inside one group.
 constexpr int64_t kUniformGroupMultiple = gemm::kMmaK;
@@ -350,16 +349,13 @@ int CudaStack::plan_schedule(int64_t tiles_x, int64_t n_tiles, int rows_per_cta,
   // tile and pays a second prologue and reduction (v23; 21% of the decode
   // GEMM's stall samples sat in that per-piece code, kernel notes). Otherwise
   // stream-K's even share.
-  const int64_t splits = std::min(wave / tiles, k_tiles / kStreamKMinSlices);
-  if (splits >= 1 && tiles * splits * 10 >= wave * 9) {
-    schedule.partials = splits > 1 ? stream_k_partials_.get<float>() : nullptr;
-    schedule.counters = splits > 1 ? stream_k_counters_.get<int32_t>() : nullptr;
-    return static_cast<int>(tiles * splits);
-  }
-  const int64_t ctas = std::clamp<int64_t>(slices / kStreamKMinSlices, 1, wave);
+  const int64_t splits = std::min(wave / tiles, k_tiles / gemm::kStreamKMinSlices);
+  // The slots go with every launch that fits them, split or not: a routed
+  // launch's kernel may spread fewer live tiles over its grid (kernel.cuh).
   schedule.partials = stream_k_partials_.get<float>();
   schedule.counters = stream_k_counters_.get<int32_t>();
-  return static_cast<int>(ctas);
+  if (splits >= 1 && tiles * splits * 10 >= wave * 9) return static_cast<int>(tiles * splits);
+  return static_cast<int>(std::clamp<int64_t>(slices / gemm::kStreamKMinSlices, 1, wave));
 }
 
 gemm::GemmIO CudaStack::make_io(const DLTensor& x, DLTensor& out, const char* op) const {

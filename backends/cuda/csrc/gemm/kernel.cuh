@@ -72,9 +72,9 @@ struct RowHandoff {
 // StreamK). fill_rows(x, table, r) writes row r of tile row x's row table
 // when r < kRows (r: the thread's index among the threads that fill) and
 // answers a TileRows; it holds no barrier (the caller's publish the table).
-template <class T, int kBits, int kRows, class FillRows>
+template <class T, int kBits, int kRows, class FillRows, class LiveTileRows>
 __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& io, const StreamK& schedule,
-                                           int first_n_tile, FillRows&& fill_rows) {
+                                           int first_n_tile, FillRows&& fill_rows, LiveTileRows&& live_tile_rows) {
   dependent_grid_begin();
   extern __shared__ uint4 smem_raw[];
   using Loop = Mainloop<T, kBits, kRows>;
@@ -84,9 +84,28 @@ __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& 
   constexpr uint32_t kAlign = Traits::kSmemAlignment;
   uint8_t* smem = reinterpret_cast<uint8_t*>(smem_raw) + (kAlign - shared_address(smem_raw) % kAlign) % kAlign;
   const int64_t k_tiles = w.k_tiles;
-  const int64_t total = static_cast<int64_t>(schedule.tiles_x) * schedule.n_tiles * k_tiles;
-  const int64_t begin = total * blockIdx.x / gridDim.x;
-  const int64_t end = total * (blockIdx.x + 1) / gridDim.x;
+  // The tile rows whose work the grid shares, and the CTAs that take it. The
+  // host plans for every tile row it launched; a routed launch's rows past
+  // what the routing filled (read here, after the wait for the kernel that
+  // wrote it) hold nothing. When the schedule has stream-K slots, those rows'
+  // CTAs take a share of the live ones instead of idling: plan_schedule's
+  // rule (tile-aligned splits when they fill 90% of the grid, else an even
+  // share of the slices, at least kStreamKMinSlices each) on the live rows.
+  // (The warp-specialised tiles never share a tile: no slots.)
+  int64_t tiles_x = schedule.tiles_x;
+  int64_t ctas = gridDim.x;
+  if (!Traits::kWarpSpecialized && schedule.partials != nullptr) {
+    const int64_t live = live_tile_rows();
+    if (live < tiles_x) {
+      tiles_x = max(live, int64_t{0});
+      const int64_t tiles = tiles_x * schedule.n_tiles;
+      ctas = min(ctas, max(tiles * k_tiles / kStreamKMinSlices, int64_t{1}));
+      if (tiles > 0 && ctas >= tiles && tiles * (ctas / tiles) * 10 >= ctas * 9) ctas = tiles * (ctas / tiles);
+    }
+  }
+  const int64_t total = tiles_x * schedule.n_tiles * k_tiles;
+  const int64_t begin = blockIdx.x < ctas ? total * blockIdx.x / ctas : 0;
+  const int64_t end = blockIdx.x < ctas ? total * (blockIdx.x + 1) / ctas : 0;
   // Calls piece(tile, kt_begin, kt_end) for every (tile, K range) this CTA
   // owns, in order; every thread walks the same pieces.
   auto walk = [&](auto&& piece) {
@@ -188,7 +207,7 @@ __global__ void __launch_bounds__(GemmTraits<T, kBits, kRows>::kCtaThreads, kMin
       table.weight[r] = 1.0f;
     }
     return TileRows{static_cast<int>(item.expert), true};  // the host makes items of 1+ rows
-  });
+  }, [&] { return int64_t{p.schedule.tiles_x}; });
 }
 
 // A dispatch table in device memory the host never read: a row whose expert,
@@ -220,7 +239,7 @@ __global__ void __launch_bounds__(GemmTraits<T, kBits, kRows>::kCtaThreads, kMin
       table.weight[r] = 1.0f;
     }
     return TileRows{valid ? static_cast<int>(expert) : -1, valid};  // a valid chunk holds row `first`
-  });
+  }, [&] { return int64_t{p.schedule.tiles_x}; });
 }
 
 // Tile row x is chunk x % chunks_per_block of routing block x / chunks_per_block.
@@ -253,6 +272,12 @@ __global__ void __launch_bounds__(GemmTraits<T, kBits, kRows>::kCtaThreads, kMin
     }
     // Padding-only chunks (all sentinels) and bad experts do no work.
     return TileRows{expert, used};
+  }, [&] {
+    // The blocks that start below num_tokens_post_padded; the host launched
+    // fm_routed_blocks_read's bound (plugin.h), usually more.
+    const int64_t padded = *p.num_tokens_post_padded;
+    const int64_t blocks = padded > 0 ? (padded - 1) / p.block_size + 1 : 0;
+    return blocks * p.chunks_per_block;
   });
 }
 

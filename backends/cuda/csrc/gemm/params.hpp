@@ -80,11 +80,14 @@ struct StreamK {
   int32_t n_tiles;
 };
 
-// The workspace of a stack: slots of kStreamKSlotFloats floats (512 tiles of
-// 16 x 128, or 128 of 64 x 128: 4 MiB) and their counters. Launches with more
-// tiles fill the GPU without sharing one.
+// The workspace of a stack: slots of kStreamKSlotFloats floats (1,024 tiles
+// of 8 x 128, 512 of 16 x 128, or 128 of 64 x 128: 4 MiB) and their counters.
+// Launches with more tiles fill the GPU without sharing one.
 constexpr int kStreamKSlotFloats = 512 * 16 * 128;
-constexpr int kStreamKCounters = 512;
+constexpr int kStreamKCounters = 1024;
+// The fewest K slices a CTA's share of a shared tile gets (a piece's prologue
+// and reduction would cost more than a shorter share saves).
+constexpr int kStreamKMinSlices = 4;
 
 struct BatchedParams {
   QuantWeights w;

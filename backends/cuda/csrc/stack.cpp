@@ -341,21 +341,11 @@ int CudaStack::plan_schedule(int64_t tiles_x, int64_t n_tiles, int rows_per_cta,
                                                 gemm::kStreamKSlotFloats / (rows_per_cta * kTileN));
   if (tiles > slots || tiles == 0) return static_cast<int>(tiles);  // one CTA per tile
   const int64_t wave = std::max<int64_t>(int64_t(ctas_per_sm_[occupancy_index(rows_per_cta)]) * num_sms_, 1);
-  const int64_t k_tiles = k_padded_ / kTileK;
-  const int64_t slices = tiles * k_tiles;
-  // Split-K when it fills the wave: `splits` CTAs per tile cover each tile's
-  // K in equal parts (the kernel's ranges start at tile boundaries when the
-  // grid is a multiple of the tile count), so no CTA crosses into a second
-  // tile and pays a second prologue and reduction (v23; 21% of the decode
-  // GEMM's stall samples sat in that per-piece code, kernel notes). Otherwise
-  // stream-K's even share.
-  const int64_t splits = std::min(wave / tiles, k_tiles / gemm::kStreamKMinSlices);
   // The slots go with every launch that fits them, split or not: a routed
   // launch's kernel may spread fewer live tiles over its grid (kernel.cuh).
   schedule.partials = stream_k_partials_.get<float>();
   schedule.counters = stream_k_counters_.get<int32_t>();
-  if (splits >= 1 && tiles * splits * 10 >= wave * 9) return static_cast<int>(tiles * splits);
-  return static_cast<int>(std::clamp<int64_t>(slices / gemm::kStreamKMinSlices, 1, wave));
+  return static_cast<int>(gemm::stream_k_ctas(tiles, k_padded_ / kTileK, wave));
 }
 
 gemm::GemmIO CudaStack::make_io(const DLTensor& x, DLTensor& out, const char* op) const {

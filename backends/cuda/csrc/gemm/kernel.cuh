@@ -87,20 +87,16 @@ __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& 
   // The tile rows whose work the grid shares, and the CTAs that take it. The
   // host plans for every tile row it launched; a routed launch's rows past
   // what the routing filled (read here, after the wait for the kernel that
-  // wrote it) hold nothing. When the schedule has stream-K slots, those rows'
-  // CTAs take a share of the live ones instead of idling: plan_schedule's
-  // rule (tile-aligned splits when they fill 90% of the grid, else an even
-  // share of the slices, at least kStreamKMinSlices each) on the live rows.
-  // (The warp-specialised tiles never share a tile: no slots.)
+  // wrote it) hold nothing. When the schedule has stream-K slots, the grid
+  // plans again on the live rows (stream_k_ctas) instead of leaving their
+  // CTAs idle. (The warp-specialised tiles never share a tile: no slots.)
   int64_t tiles_x = schedule.tiles_x;
   int64_t ctas = gridDim.x;
   if (!Traits::kWarpSpecialized && schedule.partials != nullptr) {
     const int64_t live = live_tile_rows();
     if (live < tiles_x) {
       tiles_x = max(live, int64_t{0});
-      const int64_t tiles = tiles_x * schedule.n_tiles;
-      ctas = min(ctas, max(tiles * k_tiles / kStreamKMinSlices, int64_t{1}));
-      if (tiles > 0 && ctas >= tiles && tiles * (ctas / tiles) * 10 >= ctas * 9) ctas = tiles * (ctas / tiles);
+      ctas = tiles_x > 0 ? stream_k_ctas(tiles_x * schedule.n_tiles, k_tiles, ctas) : 0;
     }
   }
   const int64_t total = tiles_x * schedule.n_tiles * k_tiles;

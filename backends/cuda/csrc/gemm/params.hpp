@@ -89,6 +89,22 @@ constexpr int kStreamKCounters = 1024;
 // and reduction would cost more than a shorter share saves).
 constexpr int kStreamKMinSlices = 4;
 
+// How many CTAs of a wave of `wave` share `tiles` tiles of k_tiles K slices
+// (tiles >= 1): `splits` CTAs per tile on tile-aligned K ranges when they fill
+// at least 90% of the wave, so every CTA has one piece (one prologue, at most
+// one reduction: v23, 21% of the decode GEMM's stall samples sat in the
+// per-piece code); otherwise stream-K's even share of the slices, at least
+// kStreamKMinSlices each. The kernel's ranges, total * b / ctas, start at tile
+// boundaries when ctas is a multiple of tiles. The host plans the launch with
+// it; a routed kernel plans again on the tile rows the routing filled.
+inline FM_HOST_DEVICE constexpr int64_t stream_k_ctas(int64_t tiles, int64_t k_tiles, int64_t wave) {
+  const int64_t most = k_tiles / kStreamKMinSlices;
+  const int64_t splits = wave / tiles < most ? wave / tiles : most;
+  if (splits >= 1 && tiles * splits * 10 >= wave * 9) return tiles * splits;
+  const int64_t even = tiles * k_tiles / kStreamKMinSlices;
+  return even < 1 ? 1 : even > wave ? wave : even;
+}
+
 struct BatchedParams {
   QuantWeights w;
   GemmIO io;

@@ -89,20 +89,33 @@ constexpr int kStreamKCounters = 1024;
 // and reduction would cost more than a shorter share saves).
 constexpr int kStreamKMinSlices = 4;
 
+// What a CTA's extra (tile, K range) piece costs, in K slices of streaming:
+// the pipeline refill after the piece boundary (about one memory latency) and
+// the partial sums' reduction. v26's first rule (aligned splits only when they
+// filled 90% of the wave) sent Qwen3-30B-A3B's M = 4 w2 (448 live tiles of 12
+// slices on 512 CTAs) to stream-K, 10.5 slices and two pieces per CTA, and the
+// layer took 19% longer than 12 slices and one piece.
+constexpr int kStreamKPieceSlices = 4;
+
 // How many CTAs of a wave of `wave` share `tiles` tiles of k_tiles K slices
-// (tiles >= 1): `splits` CTAs per tile on tile-aligned K ranges when they fill
-// at least 90% of the wave, so every CTA has one piece (one prologue, at most
-// one reduction: v23, 21% of the decode GEMM's stall samples sat in the
-// per-piece code); otherwise stream-K's even share of the slices, at least
-// kStreamKMinSlices each. The kernel's ranges, total * b / ctas, start at tile
-// boundaries when ctas is a multiple of tiles. The host plans the launch with
-// it; a routed kernel plans again on the tile rows the routing filled.
+// (tiles >= 1): `splits` CTAs per tile on tile-aligned K ranges (one piece per
+// CTA: one prologue, at most one reduction), or stream-K's even share of the
+// slices over the wave, at least kStreamKMinSlices each (mostly two pieces per
+// CTA), whichever leaves the busiest CTA less to do, counting a piece as
+// kStreamKPieceSlices slices. The kernel's ranges, total * b / ctas, start at
+// tile boundaries when ctas is a multiple of tiles. The host plans the launch
+// with it; a routed kernel plans again on the tile rows the routing filled.
 inline FM_HOST_DEVICE constexpr int64_t stream_k_ctas(int64_t tiles, int64_t k_tiles, int64_t wave) {
   const int64_t most = k_tiles / kStreamKMinSlices;
   const int64_t splits = wave / tiles < most ? wave / tiles : most;
-  if (splits >= 1 && tiles * splits * 10 >= wave * 9) return tiles * splits;
-  const int64_t even = tiles * k_tiles / kStreamKMinSlices;
-  return even < 1 ? 1 : even > wave ? wave : even;
+  const int64_t even_share = tiles * k_tiles / kStreamKMinSlices;
+  const int64_t even = even_share < 1 ? 1 : even_share > wave ? wave : even_share;
+  if (splits >= 1) {
+    const int64_t aligned_cost = ceil_div(k_tiles, splits) + kStreamKPieceSlices;
+    const int64_t stream_k_cost = ceil_div(tiles * k_tiles, even) + 2 * kStreamKPieceSlices;
+    if (aligned_cost <= stream_k_cost) return tiles * splits;
+  }
+  return even;
 }
 
 struct BatchedParams {

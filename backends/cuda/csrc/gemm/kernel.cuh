@@ -92,7 +92,7 @@ __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& 
   // CTAs idle. (The warp-specialised tiles never share a tile: no slots.)
   int64_t tiles_x = schedule.tiles_x;
   int64_t ctas = gridDim.x;
-  if (!Traits::kWarpSpecialized && schedule.partials != nullptr) {
+  if (!Traits::kWarpSpecialized && schedule.partials != nullptr && schedule.spread_live_rows) {
     const int64_t live = live_tile_rows();
     if (live < tiles_x) {
       tiles_x = max(live, int64_t{0});

@@ -78,6 +78,10 @@ struct StreamK {
   int32_t* counters;  // [slots]
   int32_t tiles_x;
   int32_t n_tiles;
+  // A routed launch whose routing may fill fewer tile rows than tiles_x (the
+  // host's bound) spreads the live ones over its grid (kernel.cuh); 0: it
+  // takes the host's plan as it is, without reading the routing first.
+  int32_t spread_live_rows;
 };
 
 // The workspace of a stack: slots of kStreamKSlotFloats floats (1,024 tiles

@@ -87,9 +87,10 @@ __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& 
   // The tile rows whose work the grid shares, and the CTAs that take it. The
   // host plans for every tile row it launched; a routed launch's rows past
   // what the routing filled (read here, after the wait for the kernel that
-  // wrote it) hold nothing. When the schedule has stream-K slots, the grid
-  // plans again on the live rows (stream_k_ctas) instead of leaving their
-  // CTAs idle. (The warp-specialised tiles never share a tile: no slots.)
+  // wrote it) hold nothing. When the host asks for it (spread_live_rows) and
+  // the schedule has stream-K slots, the grid plans again on the live rows
+  // (stream_k_ctas) instead of leaving their CTAs idle. (The warp-specialised
+  // tiles never share a tile: no slots.)
   int64_t tiles_x = schedule.tiles_x;
   int64_t ctas = gridDim.x;
   if (!Traits::kWarpSpecialized && schedule.partials != nullptr && schedule.spread_live_rows) {

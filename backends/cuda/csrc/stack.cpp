@@ -325,7 +325,8 @@ int CudaStack::fill_the_gpu(int rows_per_cta, int64_t row_tiles, int64_t n_tiles
   return tiles * 4 < int64_t{num_sms_} * 3 ? gemm::kLargeRowsPerCta : rows_per_cta;
 }
 
-int CudaStack::plan_schedule(int64_t tiles_x, int64_t n_tiles, int rows_per_cta, gemm::StreamK& schedule) const {
+int CudaStack::plan_schedule(int64_t tiles_x, int64_t n_tiles, int rows_per_cta, gemm::StreamK& schedule,
+                             bool live_rows) const {
   if (rows_per_cta == gemm::kWgmmaRowsPerCta) n_tiles = ceil_div(n_tiles, int64_t{gemm::kWgmmaColumnTilesPerCta});
   schedule = {nullptr, nullptr, static_cast<int32_t>(tiles_x), static_cast<int32_t>(n_tiles), 0};
   const int64_t tiles = tiles_x * n_tiles;
@@ -345,6 +346,7 @@ int CudaStack::plan_schedule(int64_t tiles_x, int64_t n_tiles, int rows_per_cta,
   // launch's kernel may spread fewer live tiles over its grid (kernel.cuh).
   schedule.partials = stream_k_partials_.get<float>();
   schedule.counters = stream_k_counters_.get<int32_t>();
+  if (live_rows) schedule.live_rows_wave = static_cast<int32_t>(wave);
   return static_cast<int>(gemm::stream_k_ctas(tiles, k_padded_ / kTileK, wave));
 }
 
@@ -532,15 +534,15 @@ void CudaStack::gemm_routed(const FmGemmRoutedArgs& args) {
                 "gemm_routed: " + std::to_string(grid_blocks) + " routing blocks of " +
                     std::to_string(args.block_size) + " rows exceed the CUDA grid limit");
   }
-  const int ctas = plan_schedule(grid_blocks * params.chunks_per_block, weights_.n_tiles, rows_per_cta,
-                                 params.schedule);
   // With pairs enough for experts to repeat, the bound (one block per pair,
   // capped) counts blocks the routing does not fill (Mixtral M = 2: 4 planned,
-  // 2 filled in the benchmark), and the kernel spreads the filled ones over
-  // the grid. With fewer, the bound is nearly exact, and reading the routing
+  // 2 filled in the benchmark), and the kernel plans again for the filled
+  // ones. With fewer, the bound is nearly exact, and reading the routing
   // before the first copy costs the kernel more than the spread saves
   // (Qwen3-30B-A3B M = 4, 32 pairs of 128 experts: 5% slower; kernel notes, v26).
-  params.schedule.spread_live_rows = params.num_pairs * 2 >= num_experts_;
+  const bool experts_repeat = params.num_pairs * 2 >= num_experts_;
+  const int ctas = plan_schedule(grid_blocks * params.chunks_per_block, weights_.n_tiles, rows_per_cta,
+                                 params.schedule, experts_repeat);
   check_cuda(gemm::launch_gemm_routed(params, compute_type_, bits_, rows_per_cta, ctas, as_stream(args.stream)),
              "gemm_routed kernel launch");
 }

@@ -32,8 +32,10 @@ class CudaStack final : public ferrum::plugin::Stack {
   gemm::GemmIO make_io(const DLTensor& x, DLTensor& out, const char* op) const;
   void gemm_batched_device_table(const FmGemmBatchedArgs& args, const gemm::BatchedParams& batched);
   // Fills the launch's schedule (gemm/params.hpp, StreamK) for tiles_x x
-  // n_tiles output tiles; returns the stream-K CTA count, or 0 for a plain grid.
-  int plan_schedule(int64_t tiles_x, int64_t n_tiles, int rows_per_cta, gemm::StreamK& schedule) const;
+  // n_tiles output tiles; returns the grid's CTA count. live_rows: a routed
+  // launch whose kernel plans again for the tile rows its routing filled.
+  int plan_schedule(int64_t tiles_x, int64_t n_tiles, int rows_per_cta, gemm::StreamK& schedule,
+                    bool live_rows = false) const;
   // The CTA height for blocks of `rows` rows: 8, 16, 32, 64 (before Hopper),
   // or 128 (Hopper wgmma).
   int rows_per_cta_for(int64_t rows) const;

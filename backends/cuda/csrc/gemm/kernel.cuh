@@ -87,17 +87,18 @@ __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& 
   // The tile rows whose work the grid shares, and the CTAs that take it. The
   // host plans for every tile row it launched; a routed launch's rows past
   // what the routing filled (read here, after the wait for the kernel that
-  // wrote it) hold nothing. When the host asks for it (spread_live_rows) and
+  // wrote it) hold nothing. When the host asks for it (live_rows_wave) and
   // the schedule has stream-K slots, the grid plans again on the live rows
   // (stream_k_ctas) instead of leaving their CTAs idle. (The warp-specialised
   // tiles never share a tile: no slots.)
   int64_t tiles_x = schedule.tiles_x;
   int64_t ctas = gridDim.x;
-  if (!Traits::kWarpSpecialized && schedule.partials != nullptr && schedule.spread_live_rows) {
+  if (!Traits::kWarpSpecialized && schedule.partials != nullptr && schedule.live_rows_wave > 0) {
     const int64_t live = live_tile_rows();
     if (live < tiles_x) {
       tiles_x = max(live, int64_t{0});
-      ctas = tiles_x > 0 ? stream_k_ctas(tiles_x * schedule.n_tiles, k_tiles, ctas) : 0;
+      const int64_t wave = min(static_cast<int64_t>(schedule.live_rows_wave), ctas);
+      ctas = tiles_x > 0 ? stream_k_ctas(tiles_x * schedule.n_tiles, k_tiles, wave) : 0;
     }
   }
   const int64_t total = tiles_x * schedule.n_tiles * k_tiles;

@@ -79,9 +79,10 @@ struct StreamK {
   int32_t tiles_x;
   int32_t n_tiles;
   // A routed launch whose routing may fill fewer tile rows than tiles_x (the
-  // host's bound) spreads the live ones over its grid (kernel.cuh); 0: it
-  // takes the host's plan as it is, without reading the routing first.
-  int32_t spread_live_rows;
+  // host's bound) plans again for the live ones (kernel.cuh) over this wave
+  // (the host's, at most the grid); 0: it takes the host's plan as it is,
+  // without reading the routing first.
+  int32_t live_rows_wave;
 };
 
 // The workspace of a stack: slots of kStreamKSlotFloats floats (1,024 tiles
@@ -102,14 +103,18 @@ constexpr int kStreamKMinSlices = 4;
 constexpr int kStreamKPieceSlices = 4;
 
 // How many CTAs of a wave of `wave` share `tiles` tiles of k_tiles K slices
-// (tiles >= 1): `splits` CTAs per tile on tile-aligned K ranges (one piece per
-// CTA: one prologue, at most one reduction), or stream-K's even share of the
+// (tiles >= 1). A wave or more of tiles: one CTA per tile (the SMs stream
+// the weights at their rate whatever the spread: stream-K over 1.5-2 waves
+// of DeepSeek-V3 M = 2-4 and Qwen3-30B-A3B M = 8 tiles measured 2-3% slower).
+// Fewer: `splits` CTAs per tile on tile-aligned K ranges (one piece per CTA:
+// one prologue, at most one reduction), or stream-K's even share of the
 // slices over the wave, at least kStreamKMinSlices each (mostly two pieces per
 // CTA), whichever leaves the busiest CTA less to do, counting a piece as
 // kStreamKPieceSlices slices. The kernel's ranges, total * b / ctas, start at
 // tile boundaries when ctas is a multiple of tiles. The host plans the launch
 // with it; a routed kernel plans again on the tile rows the routing filled.
 inline FM_HOST_DEVICE constexpr int64_t stream_k_ctas(int64_t tiles, int64_t k_tiles, int64_t wave) {
+  if (tiles >= wave) return tiles;
   const int64_t most = k_tiles / kStreamKMinSlices;
   const int64_t splits = wave / tiles < most ? wave / tiles : most;
   const int64_t even_share = tiles * k_tiles / kStreamKMinSlices;

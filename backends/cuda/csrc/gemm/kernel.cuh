@@ -97,8 +97,11 @@ __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& 
     const int64_t live = live_tile_rows();
     if (live < tiles_x) {
       tiles_x = max(live, int64_t{0});
+      // At most the grid: a wave or more of live tiles takes one CTA per tile
+      // (stream_k_ctas), which is more than a grid planned for an even share
+      // of few slices (K under 4 slices) holds; capped, CTAs share tiles.
       const int64_t wave = min(static_cast<int64_t>(schedule.live_rows_wave), ctas);
-      ctas = tiles_x > 0 ? stream_k_ctas(tiles_x * schedule.n_tiles, k_tiles, wave) : 0;
+      ctas = tiles_x > 0 ? min(stream_k_ctas(tiles_x * schedule.n_tiles, k_tiles, wave), ctas) : 0;
     }
   }
   const int64_t total = tiles_x * schedule.n_tiles * k_tiles;

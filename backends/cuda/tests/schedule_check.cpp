@@ -1,0 +1,71 @@
+// Host-only check of the split-K plan (gemm/params.hpp, stream_k_ctas) that the
+// host's launches and the routed kernel's re-plan share: its invariants over a
+// sweep of tile counts, K lengths and waves, and the plans the H200
+// measurements chose (kernel notes, v26). Needs no GPU: build with
+// -DFERRUM_MOE_CUDA_BUILD_TESTS=ON and run ctest.
+#include <cstdint>
+#include <cstdio>
+
+#include "gemm/params.hpp"
+
+namespace {
+
+using ferrum_moe_cuda::gemm::kStreamKMinSlices;
+using ferrum_moe_cuda::gemm::stream_k_ctas;
+
+int errors = 0;
+
+void expect(bool ok, const char* what, int64_t tiles, int64_t k_tiles, int64_t wave, int64_t got) {
+  if (ok) return;
+  if (errors++ < 10)
+    std::printf("stream_k_ctas(%lld, %lld, %lld) = %lld: %s\n", static_cast<long long>(tiles),
+                static_cast<long long>(k_tiles), static_cast<long long>(wave), static_cast<long long>(got), what);
+}
+
+void check_invariants(int64_t tiles, int64_t k_tiles, int64_t wave) {
+  const int64_t ctas = stream_k_ctas(tiles, k_tiles, wave);
+  expect(ctas >= 1, "at least one CTA", tiles, k_tiles, wave, ctas);
+  if (tiles >= wave) {
+    expect(ctas == tiles, "a wave or more of tiles: one CTA per tile", tiles, k_tiles, wave, ctas);
+    return;
+  }
+  expect(ctas <= wave, "at most a wave when the tiles are fewer", tiles, k_tiles, wave, ctas);
+  if (ctas % tiles == 0 && ctas > tiles) {
+    expect(k_tiles / (ctas / tiles) >= kStreamKMinSlices, "aligned splits of at least kStreamKMinSlices slices",
+           tiles, k_tiles, wave, ctas);
+  }
+  if (ctas % tiles != 0) {
+    expect(ctas == 1 || tiles * k_tiles / ctas >= kStreamKMinSlices || tiles * k_tiles < kStreamKMinSlices,
+           "stream-K shares of at least kStreamKMinSlices slices", tiles, k_tiles, wave, ctas);
+  }
+}
+
+void check_plan(int64_t tiles, int64_t k_tiles, int64_t wave, int64_t expected, const char* layer) {
+  const int64_t ctas = stream_k_ctas(tiles, k_tiles, wave);
+  if (ctas != expected && errors++ < 10)
+    std::printf("%s: stream_k_ctas(%lld, %lld, %lld) = %lld, measured best %lld\n", layer,
+                static_cast<long long>(tiles), static_cast<long long>(k_tiles), static_cast<long long>(wave),
+                static_cast<long long>(ctas), static_cast<long long>(expected));
+}
+
+}  // namespace
+
+int main() {
+  int64_t cases = 0;
+  for (int64_t tiles = 1; tiles <= 1100; tiles += tiles < 64 ? 1 : 7) {
+    for (int64_t k_tiles : {1, 2, 3, 4, 5, 8, 12, 22, 32, 64, 112, 224, 448}) {
+      for (int64_t wave : {1, 132, 264, 396, 512, 528, 660, 896}) {
+        check_invariants(tiles, k_tiles, wave);
+        ++cases;
+      }
+    }
+  }
+  // Plans the H200 measured best (2026-12-04, 8-row tiles, 4 CTAs per SM).
+  check_plan(448, 12, 512, 448, "Qwen3-30B-A3B M = 4 w2, 448 live tiles on a 512-CTA grid: one piece each");
+  check_plan(64, 224, 512, 512, "Mixtral M = 2 w2, 64 live tiles: 8 aligned splits");
+  check_plan(448, 64, 528, 528, "Mixtral M = 1 w13: stream-K over the wave");
+  check_plan(96, 32, 528, 480, "Qwen3-30B-A3B M = 1 w13: 5 aligned splits");
+  check_plan(768, 32, 528, 768, "Qwen3-30B-A3B M = 8 w13: a wave or more, one CTA per tile");
+  std::printf("schedule: %lld plans checked: %s\n", static_cast<long long>(cases), errors == 0 ? "ok" : "FAILED");
+  return errors == 0 ? 0 : 1;
+}

@@ -19,9 +19,6 @@ using gemm::ceil_div;
 using gemm::kTileK;
 using gemm::kTileN;
 
-// A stream-K CTA gets at least this many K slices: the pipeline fill
-// (kStages - 1 slices) and the reduction amortise over them.
-
 // The uniform-group fast path needs every 16-row mma k-step inside one group.
 constexpr int64_t kUniformGroupMultiple = gemm::kMmaK;
 // Kernel indices of K and N are 32-bit; N tiles also index gridDim.y.

@@ -3,11 +3,8 @@
 # the sanitizers and the benchmarks, and print a short summary last.
 #   bash benchmarks/device.sh [build | plugin] [test] [cpu] [sanitize] [hang] [bench] [linear] [profile]
 # (default: build test sanitize bench linear). plugin: install only the CUDA plugin (an A/B
-# run of another .dist wheel on the core already installed), e.g. with wheels of two branches
-# built here into .dist-a and .dist-b and carried along:
-#   cp -r .dist-a .dist; OUT=$OUT/a bash benchmarks/device.sh build test bench
-#   rm -rf .dist; cp -r .dist-b .dist; OUT=$OUT/b bash benchmarks/device.sh plugin test bench
-#   python3 benchmarks/compare_runs.py a=$OUT/a/bench-moe.json b=$OUT/b/bench-moe.json
+# run of another .dist wheel on the core already installed); benchmarks/device_ab.sh runs a
+# whole A/B of wheels built elsewhere that way, in both orders.
 # PROFILE_ARGS picks the layer for ncu (profile_moe.py's options).
 # cpu: the CPU kernel tests on the GPU machine's host CPU (a Xeon with AMX-BF16:
 # the only place the AMX kernels run for real).

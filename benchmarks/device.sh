@@ -5,7 +5,7 @@
 # (default: build test sanitize bench linear). plugin: install only the CUDA plugin (an A/B
 # run of another .dist wheel on the core already installed); benchmarks/device_ab.sh runs a
 # whole A/B of wheels built elsewhere that way, in both orders.
-# PROFILE_ARGS picks the layer for ncu (profile_moe.py's options).
+# PROFILE_ARGS picks the layers for ncu (profile_moe.py's options, ';' between layers).
 # cpu: the CPU kernel tests on the GPU machine's host CPU (a Xeon with AMX-BF16:
 # the only place the AMX kernels run for real).
 # sanitize: compute-sanitizer memcheck, racecheck and synccheck over cuda_smoke.py and the CUDA tests
@@ -74,7 +74,12 @@ if has sanitize; then
     echo "rc=$?" >>"$log"
   }
   for tool in memcheck racecheck synccheck; do
-    san $tool "$OUT/san-$tool-smoke.log" python3 benchmarks/cuda_smoke.py &
+    # racecheck loses track of launches from several host threads (its "Internal Sanitizer
+    # Error", counted as a hazard: docs/reliability.md); its races are within a CTA, so one
+    # thread makes the same launches
+    threads=4
+    [ $tool = racecheck ] && threads=1
+    san $tool "$OUT/san-$tool-smoke.log" python3 benchmarks/cuda_smoke.py --threads $threads &
     for ((i = 0; i < shards; i++)); do
       san $tool "$OUT/san-$tool-$i.log" python3 benchmarks/pytest_shard.py "$OUT/sanitize-tests.txt" "$shards" "$i" &
     done
@@ -113,12 +118,20 @@ if has bench; then
 fi
 
 if has profile; then
-  # ncu on the two routed GEMMs of one layer call (after two warm-up calls).
-  (cd benchmarks && ncu -k regex:gemm_routed --launch-skip 4 --launch-count 2 \
-      --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats \
-      --section LaunchStats --section MemoryWorkloadAnalysis \
-      python3 profile_moe.py ${PROFILE_ARGS:---model mixtral --tokens 1}) >"$OUT/ncu.txt" 2>&1
-  summary+=("ncu: rc=$? ($(grep -c 'gemm_routed' "$OUT/ncu.txt") kernel reports in ncu.txt)")
+  # ncu over one layer call per PROFILE_ARGS entry (';'-separated profile_moe.py options, after
+  # its warm-up calls): every kernel's duration with nothing overlapping (ncu serialises the
+  # launches that programmatic dependent launch overlaps), then the two routed GEMMs' stall
+  # reasons and the SASS lines they stall on.
+  IFS=';' read -ra layers <<<"${PROFILE_ARGS:---model mixtral --tokens 1}"
+  for i in "${!layers[@]}"; do
+    (cd benchmarks && ncu -k "regex:gemm_routed|gated_silu|moe_align|moe_sum" --launch-skip 10 --launch-count 5 --section SpeedOfLight \
+        python3 profile_moe.py ${layers[i]}) >"$OUT/ncu-times-$i.txt" 2>&1
+    (cd benchmarks && ncu -k regex:gemm_routed --launch-skip 6 --launch-count 2 \
+        --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats \
+        --section LaunchStats --section MemoryWorkloadAnalysis --section SourceCounters --print-details all \
+        python3 profile_moe.py ${layers[i]}) >"$OUT/ncu-$i.txt" 2>&1
+    summary+=("ncu ${layers[i]}: rc=$? (ncu-$i.txt, ncu-times-$i.txt)")
+  done
 fi
 
 if has linear; then

@@ -5,8 +5,12 @@ of a call is none of them: the launches and the waits between dependent
 kernels. L2 is flushed before each call, as in bench_moe.py. A kernel launched
 early by programmatic dependent launch counts its wait for the one before it
 as its own time, so "the rest" is a lower bound (negative: kernels overlapped).
+--steps adds what each step of the layer's chain adds to the graph replay
+(the chain cut after each step, the overlap included), and the chain without
+the align step (its routing computed once beforehand): what fusing or removing
+a step can save.
 
-    python benchmarks/profile_moe.py [--model mixtral] [--tokens 1]
+    python benchmarks/profile_moe.py [--model mixtral] [--tokens 1] [--steps]
 """
 
 import argparse
@@ -15,6 +19,9 @@ import numpy as np
 import torch
 
 import ferrum_moe as fm
+from ferrum_moe.arrays import import_array, import_output, stream_handle
+from ferrum_moe.moe import _Workspace
+from ferrum_moe.routing import _align, default_block_size
 
 from gpu_bench import MODELS, ferrum_stack, random_stacked, time_graph
 
@@ -23,6 +30,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="mixtral")
     parser.add_argument("--tokens", default="1")
+    parser.add_argument("--steps", action="store_true", help="graph-replay time of each prefix of the chain")
     args = parser.parse_args()
     e, top_k, hidden, inter = MODELS[args.model]
     rng = np.random.default_rng(0)
@@ -51,6 +59,47 @@ def main() -> None:
                 print(f"  {evt.device_time_total / 10:9.1f}  x{evt.count // 10:<3} {evt.key[:100]}")
         print(f"  kernels {kernels_us:.1f} us; the layer's graph replay {graph_us:.1f} us; "
               f"the rest (launches, dependent waits) {graph_us - kernels_us:.1f} us")
+        if args.steps:
+            step_times(layer, x, tw, ids, out, flush)
+
+
+def step_times(layer, x, tw, ids, out, flush) -> None:
+    """The layer's five launches (as moe._forward makes them, routing weights on
+    the second GEMM) timed as graphs cut after each step, and without align."""
+    w13, w2 = layer.w13, layer.w2
+    core, dev = w13._core.backend, tuple(w13._core.device)
+    m, top_k = ids.shape
+    e = w13.num_experts
+    block = default_block_size(m * top_k, e)
+    h = stream_handle(torch.cuda.current_stream())
+    xt, idt, twt = import_array(x, "x", h), import_array(ids, "topk_ids", h), import_array(tw, "topk_weights", h)
+    tw_pairs, ot = twt.view([m * top_k, 1]), import_output(out, "out", h)
+    ws = _Workspace()
+    gate_up = ws.take("gate_up", core, dev, w13.dtype, [m * top_k, 2 * w2.k], h)
+    act = ws.take("act", core, dev, w13.dtype, [m * top_k, w2.k], h)
+    down = ws.take("down", core, dev, "float32", [m * top_k, w13.k], h)
+    sorted_ids, expert_ids, post = _align(core, idt, block, e, None, h, ws)
+    torch.cuda.synchronize()
+    steps = [
+        ("align", lambda s: _align(core, idt, block, e, None, s, ws)),
+        ("w13 GEMM", lambda s: w13._core.gemm_routed(xt, sorted_ids, expert_ids, post, block, top_k, None, gate_up, s)),
+        ("activation", lambda s: core.gated_activation(gate_up, act, s)),
+        ("w2 GEMM", lambda s: w2._core.gemm_routed(act, sorted_ids, expert_ids, post, block, 1, tw_pairs, down, s)),
+        ("top-k sum", lambda s: core.moe_sum(down, idt, e, None, ot, s)),
+    ]
+
+    def chain(first: int, last: int) -> float:
+        def run(stream) -> None:
+            for _, step in steps[first:last + 1]:
+                step(stream_handle(stream))
+        return time_graph(run, flush, 30)
+
+    before = 0.0
+    for i, (name, _) in enumerate(steps):
+        upto = chain(0, i)
+        print(f"  up to {name:<11} {upto:7.1f} us (+{upto - before:5.1f})")
+        before = upto
+    print(f"  without align: {chain(1, len(steps) - 1):.1f} us")
 
 
 if __name__ == "__main__":

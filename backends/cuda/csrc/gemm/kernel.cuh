@@ -253,15 +253,20 @@ __global__ void __launch_bounds__(GemmTraits<T, kBits, kRows>::kCtaThreads, kMin
     const int64_t block = x / p.chunks_per_block;
     const int64_t chunk = x % p.chunks_per_block;
     const int64_t block_start = block * p.block_size;
+    const int64_t in_block = chunk * kRows + r;
+    const int64_t position = block_start + in_block;
+    // The block's expert and the row's pair are read beside the padded count,
+    // not after it (each within its array's length, which the host knows):
+    // one dependent global read fewer before the CTA's first copies (kernel notes, v31).
+    // Entries past the padded count are read and then dropped.
+    const int32_t listed_expert = block < p.num_blocks ? p.expert_ids[block] : -1;
+    const bool in_table = r < kRows && in_block < p.block_size && position < p.num_positions;
+    const int32_t listed_id = in_table ? p.sorted_token_ids[position] : -1;
     const int64_t padded_tokens = *p.num_tokens_post_padded;
-    const int32_t expert = block_start < padded_tokens ? p.expert_ids[block] : -1;
+    const int32_t expert = block_start < padded_tokens ? listed_expert : -1;
     bool used = false;
     if (r < kRows && expert >= 0 && expert < p.w.num_experts) {
-      const int64_t in_block = chunk * kRows + r;
-      const int64_t position = block_start + in_block;
-      int64_t id = -1;
-      if (in_block < p.block_size && position < p.num_positions && position < padded_tokens)
-        id = p.sorted_token_ids[position];
+      const int64_t id = position < padded_tokens ? listed_id : -1;
       used = id >= 0 && id < p.num_pairs;
       const int64_t token = used ? id / p.top_k : 0;
       table.x_offset[r] = used ? token * p.io.x_row_stride : -1;

@@ -33,9 +33,11 @@ run() {  # label, out folder, stages...
   stage=plugin  # the core is built once
   echo "$label ($(basename "$out")): $(grep -E '^tests|^build' "$out.log" | tr '\n' ' ')at $(( $(date +%s) - start )) s"
 }
+tests=()
 for label in ${AB_TEST:-}; do
   run "$label" "$OUT/test-$label" test
   grep -E "^FAILED" "$OUT/test-$label/pytest-cuda.log" | head -20
+  tests+=("$label: $(tail -1 "$OUT/test-$label/pytest-cuda.log")")
 done
 order=("${labels[@]}")
 for ((i = ${#labels[@]} - 1; i >= 0; i--)); do order+=("${labels[i]}"); done
@@ -51,3 +53,5 @@ done
 find "$OUT" -name "build-*.log" -delete
 echo
 python3 benchmarks/compare_runs.py "${runs[@]}"
+# The tests' summaries again, last: a caller that keeps only the tail still has them.
+[ ${#tests[@]} -gt 0 ] && printf 'CUDA tests, %s\n' "${tests[@]}"

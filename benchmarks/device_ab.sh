@@ -54,4 +54,4 @@ find "$OUT" -name "build-*.log" -delete
 echo
 python3 benchmarks/compare_runs.py "${runs[@]}"
 # The tests' summaries again, last: a caller that keeps only the tail still has them.
-[ ${#tests[@]} -gt 0 ] && printf 'CUDA tests, %s\n' "${tests[@]}"
+if [ ${#tests[@]} -gt 0 ]; then printf 'CUDA tests, %s\n' "${tests[@]}"; fi

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build the core and the CUDA plugin, run the tests,
 # the sanitizers and the benchmarks, and print a short summary last.
-#   bash benchmarks/device.sh [build | plugin] [test] [cpu] [sanitize] [hang] [bench] [linear] [profile]
+#   bash benchmarks/device.sh [build | plugin] [test] [cpu] [sanitize] [hang] [bench] [linear] [align] [profile]
 # (default: build test sanitize bench linear). plugin: install only the CUDA plugin (an A/B
 # run of another .dist wheel on the core already installed); benchmarks/device_ab.sh runs a
 # whole A/B of wheels built elsewhere that way, in both orders.
@@ -134,6 +134,10 @@ if has profile; then
   done
 fi
 
+if has align; then
+  (cd benchmarks && python3 bench_align.py --json "$OUT/bench-align.json") 2>&1 | tee "$OUT/bench-align.log" | grep -v "^|"
+fi
+
 if has linear; then
   (cd benchmarks && python3 bench_linear.py ${LINEAR_ARGS:-} --json "$OUT/bench-linear.json") 2>&1 | tee "$OUT/bench-linear.log" | grep -v "^|"
 fi
@@ -141,6 +145,6 @@ fi
 echo
 echo "== summary =="
 printf '%s\n' "${summary[@]}"
-for f in "$OUT"/bench-moe.log "$OUT"/bench-linear.log; do
+for f in "$OUT"/bench-moe.log "$OUT"/bench-linear.log "$OUT"/bench-align.log; do
   [ -f "$f" ] && grep "^|" "$f"
 done

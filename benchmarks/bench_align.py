@@ -1,8 +1,8 @@
 """moe_align_block_size alone: ferrum-moe's against vLLM's (the peer's own
 kernel, ../shared/peers), same routing, same block size (vLLM's rule for the
 layer at that M), CUDA-graph replay, median of 30; both write into buffers
-allocated beforehand (ours: a layer's workspace, as fm.MoE runs it). Issue 10 asks for M = 16384
-x top-8 in a few tens of microseconds.
+allocated beforehand (ours: a layer's workspace, as fm.MoE runs it). Issue 10
+asks for M = 16384 x top-8 in a few tens of microseconds.
 
     python benchmarks/bench_align.py [--tokens 1,64,1024,4096,16384] [--json out.json]
 """
@@ -29,6 +29,8 @@ def main() -> None:
     if vmm is None:
         print("vLLM's align skipped:", why)
     flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    core = resolve("auto", (2, torch.cuda.current_device()))  # kDLCUDA
+    ops = vmm._load() if vmm is not None else None
     rows = []
     print("| experts, top-k | M | block | ferrum-moe us | vLLM us | ferrum / vLLM |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
@@ -36,14 +38,13 @@ def main() -> None:
         for m in (int(t) for t in args.tokens.split(",")):
             _, ids = routing(m, e, top_k)
             block = vmm.vllm_block_size_m(m, top_k, e) if vmm is not None else default_block_size(m * top_k, e)
-            ws, core = _Workspace(), resolve("auto", (2, torch.cuda.current_device()))
+            ws = _Workspace()
             ids_t = import_array(ids, "topk_ids", stream_handle(torch.cuda.current_stream()))
             ours = time_graph(lambda s: _align(core, ids_t, block, e, None, stream_handle(s), ws), flush, 30)
             theirs = float("nan")
             if vmm is not None:
                 padded, blocks = vmm.vllm_align_sizes(ids.numel(), e, block)
                 out = [torch.empty(n, dtype=torch.int32, device="cuda") for n in (padded, blocks, 1)]
-                ops = vmm._load()
 
                 def vllm_align(s):
                     with torch.cuda.stream(s):

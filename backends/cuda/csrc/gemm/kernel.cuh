@@ -186,7 +186,7 @@ __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& 
       auto& flat = flat_of(acc);
       if (kt_end - kt_begin < k_tiles &&
           !reduce_stream_k<kRows, Loop::kWgmma>(schedule, tile, kt_end - kt_begin, static_cast<int>(k_tiles),
-                                                 rows, flat)) {
+                                                 kt_end == k_tiles, rows, flat)) {
         return;
       }
       store_results<T, kRows, Loop::kWgmma>(io, rows, n_tile, flat, static_cast<int>(threadIdx.x));

@@ -89,11 +89,16 @@ __device__ __forceinline__ bool named_barrier_or(bool vote) {
   return any != 0;
 }
 
-// atom.add with release and acquire semantics at GPU scope; answers the old value.
-__device__ __forceinline__ int atomic_add_acq_rel(int32_t* counter, int value) {
-  int old;
-  asm volatile("atom.add.acq_rel.gpu.global.s32 %0, [%1], %2;\n" : "=r"(old) : "l"(counter), "r"(value) : "memory");
-  return old;
+// red.add with release semantics at GPU scope (no value back: nothing to wait for).
+__device__ __forceinline__ void atomic_add_release(int32_t* counter, int value) {
+  asm volatile("red.release.gpu.global.add.s32 [%0], %1;\n" ::"l"(counter), "r"(value) : "memory");
+}
+
+// ld with acquire semantics at GPU scope.
+__device__ __forceinline__ int load_acquire(const int32_t* address) {
+  int value;
+  asm volatile("ld.acquire.gpu.global.s32 %0, [%1];\n" : "=r"(value) : "l"(address) : "memory");
+  return value;
 }
 
 }  // namespace ferrum_moe_cuda::gemm

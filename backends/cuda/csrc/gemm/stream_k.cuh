@@ -13,18 +13,24 @@
 
 namespace ferrum_moe_cuda::gemm {
 
-// Adds this CTA's accumulators (`slices` of the tile's k_tiles K slices) into
-// the tile's slot. Returns true in the CTA that completes the tile, with `acc`
-// replaced by the total and the slot and counter reset; false in the others,
-// which then store nothing.
+// Meets the tile's other K ranges in its slot. The CTA with the tile's last K
+// range (`last_range`) completes it: it waits until the others' slices are
+// counted, then takes their sums from the slot and adds its own accumulators
+// (returns true, `acc` the total, slot and counter reset). The others add
+// their accumulators into the slot and count their slices (return false: they
+// store nothing). The completing CTA neither adds nor counts: one fence and
+// one atomic round trip fewer on the chain that ends the launch (v32).
+// Waiting cannot deadlock: the ranges before a tile's last belong to CTAs of
+// lower index (params.hpp, StreamK), which the GPU dispatches first, and a
+// CTA only ever waits for lower ones.
 template <int kRows, bool kWgmma>
-__device__ bool reduce_stream_k(const StreamK& schedule, int64_t tile, int slices, int k_tiles,
+__device__ bool reduce_stream_k(const StreamK& schedule, int64_t tile, int slices, int k_tiles, bool last_range,
                                const RowTable<kRows>& rows, typename AccumulatorLayout<kRows, kWgmma>::Flat& acc) {
   using Layout = AccumulatorLayout<kRows, kWgmma>;
-  __shared__ int is_last;
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   float* slot = schedule.partials + tile * (kRows * kTileN);
+  int32_t* counter = schedule.counters + tile;
   // Visits the accumulators of rows that hold a token (the others stay zero).
   auto for_each_used = [&](auto&& visit) {
 #pragma unroll
@@ -33,21 +39,26 @@ __device__ bool reduce_stream_k(const StreamK& schedule, int64_t tile, int slice
       if (rows.out_row[row] >= 0) visit(acc[r], slot + row * kTileN + Layout::column(r, warp, lane));
     }
   };
-  for_each_used([](float value, float* p) { atomicAdd(p, value); });
-  // One thread publishes the CTA's adds (the CTA barrier orders them before
-  // its release) and learns whether it completes the tile (its acquire),
-  // the split-K semaphore pattern: no fence in every thread, each of which
-  // waited for its own adds to land (7% of the decode GEMMs' stall samples).
+  if (!last_range) {
+    for_each_used([](float value, float* p) { atomicAdd(p, value); });
+    // One thread publishes the CTA's adds (the CTA barrier orders them before
+    // its release): the split-K semaphore pattern, no fence in every thread.
+    __syncthreads();
+    if (threadIdx.x == 0) atomic_add_release(counter, slices);
+    return false;
+  }
+  // One thread waits for the other ranges (acquire: their adds are visible
+  // after it), the CTA barrier passes that on.
+  if (threadIdx.x == 0) {
+    while (load_acquire(counter) != k_tiles - slices) __nanosleep(64);
+  }
   __syncthreads();
-  if (threadIdx.x == 0) is_last = atomic_add_acq_rel(schedule.counters + tile, slices) + slices == k_tiles;
-  __syncthreads();
-  if (!is_last) return false;
   // The other CTAs' adds, read from L2 (ld.cg), not a stale L1 line.
   for_each_used([](float& value, float* p) {
-    value = __ldcg(p);
+    value += __ldcg(p);
     *p = 0.0f;
   });
-  if (threadIdx.x == 0) schedule.counters[tile] = 0;
+  if (threadIdx.x == 0) *counter = 0;
   return true;
 }
 

@@ -69,10 +69,11 @@ constexpr int kMaxBatchedWorkItems = 128;
 // tiles fit the slots of the workspace (stream-K), ctas is one full wave, and
 // every SM streams the same share of the weights whatever the tile count, at
 // the cost of CTAs whose range crosses into a second tile. A tile whose slices
-// span several CTAs meets in its fp32 slot: each CTA adds its partial sum,
-// then its slice count to the tile's counter; the one completing k_tiles
-// stores the total through the epilogue and zeroes the slot and the counter,
-// so both are zero between launches (graph replays too).
+// span several CTAs meets in its fp32 slot: each CTA but the one holding the
+// tile's last K range adds its partial sum, then its slice count to the tile's
+// counter; that one waits for the count, adds the slot to its own sums, stores
+// the total through the epilogue and zeroes the slot and the counter, so both
+// are zero between launches (graph replays too; stream_k.cuh).
 struct StreamK {
   float* partials;    // [slots][rows_per_cta * kTileN], or null: no tile is shared
   int32_t* counters;  // [slots]

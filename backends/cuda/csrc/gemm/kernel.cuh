@@ -119,6 +119,20 @@ __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& 
       piece(tile, kt_begin, kt_end);
     }
   };
+  // The same pieces, last first. Under stream-K only a CTA's first piece can
+  // hold a shared tile's last K range, whose reduction waits for the lower
+  // CTAs' parts (stream_k.cuh); walked last, it waits after every part this
+  // CTA owes other tiles is counted, so no wait ever waits on another wait.
+  auto walk_back = [&](auto&& piece) {
+    int64_t at = end;
+    while (at > begin) {
+      const int64_t tile = (at - 1) / k_tiles;
+      const int kt_end = static_cast<int>(at - tile * k_tiles);
+      const int kt_begin = static_cast<int>(max(int64_t{0}, kt_end - (at - begin)));
+      at -= kt_end - kt_begin;
+      piece(tile, kt_begin, kt_end);
+    }
+  };
   // The CTA's first 128-column tile of `tile`; a second warpgroup takes the next one.
   auto n_tile_of = [&](int64_t tile) {
     return first_n_tile + Traits::kWarpgroups * static_cast<int>(tile % schedule.n_tiles);
@@ -175,7 +189,7 @@ __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& 
     }
   } else {
     __shared__ RowTable<kRows> rows;
-    walk([&](int64_t tile, int kt_begin, int kt_end) {
+    walk_back([&](int64_t tile, int kt_begin, int kt_end) {
       __syncthreads();  // the previous piece's epilogue is done with `rows`
       const TileRows filled = fill_rows(tile / schedule.n_tiles, rows, threadIdx.x);
       const int expert = __syncthreads_or(filled.used) ? filled.expert : -1;

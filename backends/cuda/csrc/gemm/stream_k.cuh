@@ -24,8 +24,8 @@ namespace ferrum_moe_cuda::gemm {
 // lower index (params.hpp, StreamK), which the GPU dispatches first, and a
 // CTA only ever waits for lower ones. Nor do waits chain: a CTA walks its
 // pieces last first (kernel.cuh), so its one wait comes after its other parts
-// are counted (walked first, v32 measured 4.8x slower on Mixtral M = 1: each
-// CTA waited on its lower neighbour's wait, 132 waits in a row).
+// are counted (walked first, the first v32 measured up to 4.8x slower: a CTA
+// waited on its lower neighbour, which was itself waiting, across the grid).
 template <int kRows, bool kWgmma>
 __device__ bool reduce_stream_k(const StreamK& schedule, int64_t tile, int slices, int k_tiles, bool last_range,
                                const RowTable<kRows>& rows, typename AccumulatorLayout<kRows, kWgmma>::Flat& acc) {

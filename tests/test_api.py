@@ -126,6 +126,45 @@ def test_gemm_routed_matches_float64(rng, target, with_weights, block_size, m):
         assert rel_error(got[p], ref) < REL_TOL[dtype]
 
 
+@pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
+@pytest.mark.parametrize("with_map", [False, True])
+@pytest.mark.parametrize("m", [1, 9])
+def test_pair_routed_gemm_matches_float64(rng, target, index_dtype, with_map, m):
+    """gemm_routed's pair routing (ABI 1.2; what the layer runs for one token):
+    every (token, k) pair its own block, its expert read from topk_ids through
+    expert_map; ids outside [0, num_experts) and non-local ones are skipped."""
+    from ferrum_moe.arrays import import_array, import_output
+
+    dtype = target.dtypes[-1]
+    n_global, e, k, n, top_k = 10, 6, 128, 64, 3
+    weights = [random_weight(rng, k, n, group_size=64, dtype=dtype) for _ in range(e)]
+    dense = [w.dequantize(np.float64) for w in weights]
+    stack = target.stack(weights, dtype)
+    expert_map = np.full(n_global, -1, np.int32)
+    expert_map[rng.permutation(n_global)[:e]] = np.arange(e)
+    if not with_map:
+        expert_map = None
+    x = random_activations(rng, (m, k), dtype)
+    ids = rng.integers(0, n_global if with_map else e, (m, top_k)).astype(index_dtype)
+    ids[0, 0] = -1  # skipped: out of range, its row stays as it was
+    ids[-1, -1] = n_global + 5
+    tw = rng.random((m, top_k)).astype(np.float32)
+    out = target.put(poisoned((m * top_k, n), dtype))
+    stack._core.gemm_routed_pairs(import_array(target.put(x), "x"), import_array(target.put(ids), "topk_ids"),
+                                  n_global if with_map else e,
+                                  None if expert_map is None else import_array(target.put(expert_map), "expert_map"),
+                                  import_array(target.put(tw), "topk_weights"), import_output(out, "out"))
+    got = as64(target.get(out))
+    for p in range(m * top_k):
+        t, j = divmod(p, top_k)
+        g = int(ids[t, j])
+        local = (expert_map[g] if expert_map is not None else g) if 0 <= g < (n_global if with_map else e) else -1
+        if local < 0:
+            assert np.all(np.isnan(got[p])), f"pair {p} (id {g}) was written"
+            continue
+        assert rel_error(got[p], as64(x[t]) @ dense[local] * tw[t, j]) < REL_TOL[dtype]
+
+
 @pytest.mark.parametrize("m", [1, 3, 256, 2256])
 @pytest.mark.parametrize("top_k", [1, 2, 8])
 @pytest.mark.parametrize("e", [8, 128, 257])
@@ -183,9 +222,10 @@ def test_fused_moe_matches_float64(rng, target, dtype, m):
     assert rel_error(target.get(out), reference_moe(x, w13, w2, tw, ids)) < REL_TOL[dtype]
 
 
-def test_fused_moe_with_an_expert_map_drops_non_local_pairs(rng, target):
+@pytest.mark.parametrize("m", [1, 20])  # 1: pair routing, no align
+def test_fused_moe_with_an_expert_map_drops_non_local_pairs(rng, target, m):
     dtype = target.dtypes[-1]
-    n_global, m, top_k = 12, 20, 3
+    n_global, top_k = 12, 3
     expert_map = np.full(n_global, -1, np.int32)
     expert_map[[1, 4, 6, 7, 10]] = np.arange(5)
     w13, w2, s13, s2 = _moe_case(rng, target, dtype, e=5)
@@ -196,11 +236,12 @@ def test_fused_moe_with_an_expert_map_drops_non_local_pairs(rng, target):
     assert rel_error(target.get(y), ref) < REL_TOL[dtype]
 
 
-def test_fused_moe_applies_router_weights_on_the_input(rng, target):
+@pytest.mark.parametrize("m", [1, 6])
+def test_fused_moe_applies_router_weights_on_the_input(rng, target, m):
     dtype = target.dtypes[-1]
     w13, w2, s13, s2 = _moe_case(rng, target, dtype)
-    x = random_activations(rng, (6, 128), dtype)
-    tw, ids = _routing_inputs(rng, 6, 8, 1)
+    x = random_activations(rng, (m, 128), dtype)
+    tw, ids = _routing_inputs(rng, m, 8, 1)
     y = fm.fused_moe(target.put(x), s13, s2, target.put(tw), target.put(ids), apply_router_weight_on_input=True)
     assert rel_error(target.get(y), reference_moe(x, w13, w2, tw, ids, on_input=True)) < REL_TOL[dtype]
 

@@ -109,6 +109,34 @@ def test_routing_arguments_are_checked(rng, stack):
         stack.gemm_routed(x16(5), (1, 2, 3))
 
 
+def test_pair_routing_arguments_are_checked(rng, stack):
+    """gemm_routed's pair routing (ABI 1.2), as the layer calls it for one token."""
+    from ferrum_moe.arrays import import_array
+
+    def call(x=x16(2), ids=np.zeros((2, 3), np.int32), num_experts=4, expert_map=None, tw=None,
+             out=np.zeros((6, 32), np.float16)):
+        def t(a, name):
+            return None if a is None else import_array(a, name)
+        stack._core.gemm_routed_pairs(t(x, "x"), t(ids, "topk_ids"), num_experts, t(expert_map, "expert_map"),
+                                      t(tw, "topk_weights"), t(out, "out"))
+
+    call()
+    with pytest.raises(TypeError, match="gemm_routed: topk_ids must have dtype int32 or int64; got float32"):
+        call(ids=np.zeros((2, 3), np.float32))
+    with pytest.raises(ValueError, match=r"gemm_routed: topk_ids has shape \[3, 3\]; dimension 0 must be 2 \(x's rows\)"):
+        call(ids=np.zeros((3, 3), np.int32))
+    with pytest.raises(ValueError, match=r"gemm_routed: num_experts must be in \[1, 2\^31 - 1\].*; got 0"):
+        call(num_experts=0)
+    with pytest.raises(ValueError, match=r"gemm_routed: expert_map has shape \[3\]; dimension 0 must be 4 \(num_experts\)"):
+        call(expert_map=np.zeros(3, np.int32))
+    with pytest.raises(ValueError, match=r"gemm_routed: expert_map\[1\] = -2; entries must be a local expert id"):
+        call(expert_map=np.array([0, -2, 1, 2], np.int32))
+    with pytest.raises(ValueError, match=r"gemm_routed: out has shape \[4, 32\]; dimension 0 must be 6 \(num_tokens \* top_k\)"):
+        call(out=np.zeros((4, 32), np.float16))
+    with pytest.raises(ValueError, match=r"gemm_routed: topk_weights has shape \[2, 2\]; dimension 1 must be 3 \(top_k\)"):
+        call(tw=np.ones((2, 2), np.float32))
+
+
 def test_corrupt_host_routing_is_skipped_never_followed(rng, stack):
     """Routing arrays built by hand with out-of-range entries: every bad entry is
     skipped (the contract for device-resident indices too), nothing else happens."""

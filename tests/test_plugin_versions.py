@@ -1,8 +1,9 @@
 """The plugin ABI's versioning rules (plugin.h), on copies of the CPU plugin's
 own function table with their version fields and size changed: a newer minor
 version loads, another major version or a truncated table is refused naming
-the plugin and both versions, and a 1.0 plugin (which knows no
-FM_ALLOC_ZEROED) still hands out zero-filled new results."""
+the plugin and both versions, a 1.0 plugin (which knows no
+FM_ALLOC_ZEROED) still hands out zero-filled new results, and a 1.1 plugin
+(which knows no pair routing) gets align's routing from the layer."""
 
 import ctypes
 from pathlib import Path
@@ -32,6 +33,7 @@ class FmBackendApi(ctypes.Structure):
 
 
 ABI_1_0_SIZE = ctypes.sizeof(FmBackendApi)  # the table of ABI 1.0 ends with stream_order
+HOST_ABI = fm._core.build_info()["abi"].replace(".", r"\.")  # this ferrum-moe's, as a pattern
 
 _capsule_new = ctypes.pythonapi.PyCapsule_New
 _capsule_new.restype = ctypes.py_object
@@ -89,7 +91,7 @@ def test_a_plugin_of_a_newer_minor_version_loads_and_computes(rng):
 @pytest.mark.parametrize("major", [0, 2])
 def test_a_plugin_of_another_major_version_is_refused_naming_both(major):
     with pytest.raises(NotImplementedError, match=rf"plugin 'cpu' {fm.__version__} \(ABI {major}\.1\) is incompatible "
-                                                  r"with this ferrum-moe \(ABI 1\.1\): rebuild the plugin"):
+                                                  rf"with this ferrum-moe \(ABI {HOST_ABI}\): rebuild the plugin"):
         Table(major=major).load()
 
 
@@ -97,7 +99,7 @@ def test_a_truncated_table_is_refused_naming_the_plugin_and_both_versions():
     short = ABI_1_0_SIZE - POINTER_SIZE  # stream_order missing
     with pytest.raises(NotImplementedError, match=rf"plugin 'cpu' {fm.__version__} \(ABI 1\.1\) has a function table of "
                                                   rf"{short} bytes; ABI 1\.0 needs at least {ABI_1_0_SIZE} "
-                                                  r"\(this ferrum-moe \(ABI 1\.1\)\)"):
+                                                  rf"\(this ferrum-moe \(ABI {HOST_ABI}\)\)"):
         Table(struct_size=short).load()
     with pytest.raises(NotImplementedError, match=r"plugin '\?' \? \(ABI 1\.1\) has a function table of 8 bytes"):
         Table(struct_size=8).load()  # too short to hold even its name
@@ -138,3 +140,28 @@ def test_a_1_0_plugin_gets_zero_filled_results_from_the_host(rng):
     y = stack_on(backend, weights, "float16").gemm_batched(x, [[1, 0, 2, 3]])
     assert y.shape == (5, 32) and np.all(y[:2] == 0)
     assert rel_error(y[2:], x.astype(np.float64) @ weights[1].dequantize(np.float64)) < 3e-3
+
+
+def test_a_1_1_plugin_gets_no_pair_routing(rng):
+    """Pair routing (ABI 1.2) is not asked of an older plugin: the layer aligns
+    a single token's pairs for it, and a direct call says what is missing."""
+    backend = Table(minor=1).load()
+    assert not backend.has_pair_routing
+    e, top_k, k, inter = 4, 2, 64, 32
+    w13 = [random_weight(rng, k, 2 * inter, group_size=32, dtype="float32") for _ in range(e)]
+    w2 = [random_weight(rng, inter, k, group_size=32, dtype="float32") for _ in range(e)]
+    s13, s2 = stack_on(backend, w13, "float32"), stack_on(backend, w2, "float32")
+    x = random_activations(rng, (1, k), "float32")
+    ids = np.array([[3, 1]], dtype=np.int32)
+    tw = rng.random((1, top_k)).astype(np.float32)
+    got = fm.fused_moe(x, s13, s2, tw, ids)
+    want = np.zeros((1, k))
+    for j in range(top_k):
+        h = x.astype(np.float64) @ w13[ids[0, j]].dequantize(np.float64)
+        act = h[:, :inter] / (1 + np.exp(-h[:, :inter])) * h[:, inter:]
+        want += tw[0, j] * (act @ w2[ids[0, j]].dequantize(np.float64))
+    assert rel_error(got, want) < 1e-4
+    out = import_array(np.zeros((top_k, 2 * inter), np.float32), "out")
+    with pytest.raises(NotImplementedError, match=r"gemm_routed: backend 'cpu' \(ABI 1\.1\) has no pair routing "
+                                                  r"\(ABI 1\.2\): route the pairs with moe_align_block_size"):
+        s13._core.gemm_routed_pairs(import_array(x, "x"), import_array(ids, "topk_ids"), e, None, None, out)

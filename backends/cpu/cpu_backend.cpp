@@ -62,6 +62,7 @@ class CpuStack final : public plugin::Stack {
   }
 
   void gemm_routed(const FmGemmRoutedArgs& a) override {
+    if (a.sorted_token_ids == nullptr) return gemm_pairs(a);
     const auto* sorted = static_cast<const int32_t*>(tensor_data(a.sorted_token_ids));
     const auto* experts = static_cast<const int32_t*>(tensor_data(a.expert_ids));
     const int64_t capacity = a.sorted_token_ids->shape[0];
@@ -79,21 +80,47 @@ class CpuStack final : public plugin::Stack {
       const int64_t e = experts[b];
       const int64_t id = sorted[p];
       if (e < 0 || e >= e_ || id < 0 || id >= num_pairs) continue;
-      Job& job = by_expert[size_t(e)];
-      job.expert = e;
-      job.in_rows.push_back(id / a.top_k);
-      job.out_rows.push_back(id);
-      if (weights != nullptr) job.row_scale.push_back(weights[id]);
+      add_pair(by_expert[size_t(e)], e, id, a.top_k, weights);
     }
+    run_experts(a, by_expert);
+  }
+
+  void zero_workspace(void*) override {}  // the CPU kernels keep no state between calls
+
+ private:
+  // Pair routing (plugin.h, ABI 1.2): pair p's expert from topk_ids, through
+  // expert_map; ids or local ids out of range are skipped.
+  void gemm_pairs(const FmGemmRoutedArgs& a) {
+    const int64_t num_pairs = a.x->shape[0] * a.top_k;
+    const int32_t* map = a.expert_map != nullptr ? static_cast<const int32_t*>(tensor_data(a.expert_map)) : nullptr;
+    const float* weights = a.topk_weights != nullptr ? static_cast<const float*>(tensor_data(a.topk_weights)) : nullptr;
+    std::vector<Job> by_expert(static_cast<size_t>(e_));
+    for (int64_t p = 0; p < num_pairs; ++p) {
+      const int64_t g = load_index(*a.topk_ids, p);
+      if (g < 0 || g >= a.num_experts) continue;
+      const int64_t e = map != nullptr ? map[g] : g;
+      if (e < 0 || e >= e_) continue;
+      add_pair(by_expert[size_t(e)], e, p, a.top_k, weights);
+    }
+    run_experts(a, by_expert);
+  }
+
+  // Pair `id` (token id / top_k) as a row of expert e's job.
+  static void add_pair(Job& job, int64_t e, int64_t id, int64_t top_k, const float* weights) {
+    job.expert = e;
+    job.in_rows.push_back(id / top_k);
+    job.out_rows.push_back(id);
+    if (weights != nullptr) job.row_scale.push_back(weights[id]);
+  }
+
+  // The jobs of the experts that got pairs, computed into a.out.
+  void run_experts(const FmGemmRoutedArgs& a, std::vector<Job>& by_expert) const {
     std::vector<Job> jobs;
     for (Job& j : by_expert)
       if (!j.in_rows.empty()) jobs.push_back(std::move(j));
     gemm(kernels_, w_, dtype_, *a.x, jobs, 0, n_, nullptr, *a.out);
   }
 
-  void zero_workspace(void*) override {}  // the CPU kernels keep no state between calls
-
- private:
   const KernelSet& kernels_;
   Float dtype_;
   int64_t e_, n_;

@@ -1,5 +1,6 @@
 """A whole MoE layer: align -> w13 GEMM -> silu(gate) * up -> w2 GEMM with the
-router weight -> top-k sum accumulated in float32."""
+router weight -> top-k sum accumulated in float32 (one token: no align, the
+GEMMs route each pair themselves where the backend can)."""
 
 from __future__ import annotations
 
@@ -109,11 +110,16 @@ def _forward(x, w13: ExpertStack, w2: ExpertStack, topk_weights, topk_ids, activ
         _check_local_ids(np.from_dlpack(map_t), w13, "fused_moe")
     core = w13._core.backend
     dev = tuple(w13._core.device)
-    if block_size is None:
-        block_size = default_block_size(num_tokens * top_k, w13.num_experts)
-    ws = workspace or _Workspace(temporary=True)
-    sorted_ids, expert_ids, post = _align(core, ids, block_size, num_experts, map_t, s, ws)
     pairs = num_tokens * top_k
+    # One token: align would put each of its pairs in a block of its own (its
+    # experts differ), so backends that can (ABI 1.2) read topk_ids in the
+    # GEMMs themselves and no align runs. An explicit block_size keeps align.
+    pair_routing = block_size is None and num_tokens == 1 and core.has_pair_routing and ids.is_compact
+    if block_size is None:
+        block_size = default_block_size(pairs, w13.num_experts)
+    ws = workspace or _Workspace(temporary=True)
+    if not pair_routing:
+        routing = _align(core, ids, block_size, num_experts, map_t, s, ws)
     buf = {name: ws.take(name, core, dev, dtype, [pairs, width], s)
            for name, dtype, width in (("gate_up", w13.dtype, 2 * inter), ("act", w13.dtype, inter))}
     if map_t is None or host_map:
@@ -125,9 +131,15 @@ def _forward(x, w13: ExpertStack, w2: ExpertStack, topk_weights, topk_ids, activ
         buf["down"] = core.empty(dev[0], dev[1], "float32", [pairs, hidden], s, temporary=True, zeroed=True)
     first_weights = tw if apply_router_weight_on_input else None
     second_weights = None if apply_router_weight_on_input else tw_pairs
-    w13._core.gemm_routed(xt, sorted_ids, expert_ids, post, block_size, top_k, first_weights, buf["gate_up"], s)
-    core.gated_activation(buf["gate_up"], buf["act"], s)
-    w2._core.gemm_routed(buf["act"], sorted_ids, expert_ids, post, block_size, 1, second_weights, buf["down"], s)
+    if pair_routing:
+        w13._core.gemm_routed_pairs(xt, ids, num_experts, map_t, first_weights, buf["gate_up"], s)
+        core.gated_activation(buf["gate_up"], buf["act"], s)
+        w2._core.gemm_routed_pairs(buf["act"], ids.view([pairs, 1]), num_experts, map_t, second_weights,
+                                   buf["down"], s)
+    else:
+        w13._core.gemm_routed(xt, *routing, block_size, top_k, first_weights, buf["gate_up"], s)
+        core.gated_activation(buf["gate_up"], buf["act"], s)
+        w2._core.gemm_routed(buf["act"], *routing, block_size, 1, second_weights, buf["down"], s)
     ot = import_output(out, "out", s) if out is not None else core.empty(dev[0], dev[1], w13.dtype, [num_tokens, hidden], s)
     core.moe_sum(buf["down"], ids, num_experts, map_t, ot, s)
     return out if out is not None else to_caller(ot, x)

@@ -486,6 +486,15 @@ void CudaStack::gemm_routed(const FmGemmRoutedArgs& args) {
   params.io.col_begin = 0;
   params.io.n = n_;
 
+  params.top_k = args.top_k;
+  params.num_pairs = args.x->shape[0] * args.top_k;
+  if (args.topk_weights != nullptr) {
+    require_on_device(*args.topk_weights, device_, kOp, "topk_weights");
+    params.topk_weights = data_ptr<const float>(*args.topk_weights);
+    params.topk_weights_stride0 = stride(*args.topk_weights, 0);
+    params.topk_weights_stride1 = stride(*args.topk_weights, 1);
+  }
+  if (args.sorted_token_ids == nullptr) return gemm_routed_pairs(args, params);
   const DLTensor& sorted_token_ids = *args.sorted_token_ids;
   const DLTensor& expert_ids = *args.expert_ids;
   const DLTensor& num_tokens_post_padded = *args.num_tokens_post_padded;
@@ -500,14 +509,6 @@ void CudaStack::gemm_routed(const FmGemmRoutedArgs& args) {
   params.num_blocks = expert_ids.shape[0];
   params.num_tokens_post_padded = data_ptr<const int32_t>(num_tokens_post_padded);
   params.block_size = args.block_size;
-  params.top_k = args.top_k;
-  params.num_pairs = args.x->shape[0] * args.top_k;
-  if (args.topk_weights != nullptr) {
-    require_on_device(*args.topk_weights, device_, kOp, "topk_weights");
-    params.topk_weights = data_ptr<const float>(*args.topk_weights);
-    params.topk_weights_stride0 = stride(*args.topk_weights, 0);
-    params.topk_weights_stride1 = stride(*args.topk_weights, 1);
-  }
   if (params.num_blocks == 0 || params.num_pairs == 0) return;
 
   // Routing blocks of up to 8 rows run on 8-row CTAs, up to 16 on 16-row
@@ -540,6 +541,31 @@ void CudaStack::gemm_routed(const FmGemmRoutedArgs& args) {
   const bool experts_repeat = params.num_pairs * 2 >= num_experts_;
   const int ctas = plan_schedule(grid_blocks * params.chunks_per_block, weights_.n_tiles, rows_per_cta,
                                  params.schedule, experts_repeat);
+  check_cuda(gemm::launch_gemm_routed(params, compute_type_, bits_, rows_per_cta, ctas, as_stream(args.stream)),
+             "gemm_routed kernel launch");
+}
+
+// Pair routing (plugin.h, ABI 1.2): one routing block of one row per pair, on
+// the 8-row tiles; every block the grid holds is filled, so no re-plan.
+void CudaStack::gemm_routed_pairs(const FmGemmRoutedArgs& args, gemm::RoutedParams& params) {
+  constexpr const char* kOp = "gemm_routed";
+  const DLTensor& topk_ids = *args.topk_ids;
+  require_on_device(topk_ids, device_, kOp, "topk_ids");
+  params.topk_ids = data_ptr<const void>(topk_ids);
+  params.topk_ids_int64 = topk_ids.dtype.bits == 64;
+  params.topk_ids_stride0 = stride(topk_ids, 0);
+  params.topk_ids_stride1 = stride(topk_ids, 1);
+  params.num_global_experts = args.num_experts;
+  if (args.expert_map != nullptr) {
+    require_on_device(*args.expert_map, device_, kOp, "expert_map");
+    params.expert_map = data_ptr<const int32_t>(*args.expert_map);
+  }
+  params.block_size = 1;
+  params.num_blocks = params.num_pairs;
+  params.chunks_per_block = 1;
+  if (params.num_pairs == 0) return;
+  constexpr int rows_per_cta = gemm::kTinyRowsPerCta;
+  const int ctas = plan_schedule(params.num_pairs, weights_.n_tiles, rows_per_cta, params.schedule, false);
   check_cuda(gemm::launch_gemm_routed(params, compute_type_, bits_, rows_per_cta, ctas, as_stream(args.stream)),
              "gemm_routed kernel launch");
 }

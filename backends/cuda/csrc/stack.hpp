@@ -31,6 +31,8 @@ class CudaStack final : public ferrum::plugin::Stack {
   void load_weights(const FmStackCreateArgs& args, cudaStream_t stream);
   gemm::GemmIO make_io(const DLTensor& x, DLTensor& out, const char* op) const;
   void gemm_batched_device_table(const FmGemmBatchedArgs& args, const gemm::BatchedParams& batched);
+  // gemm_routed's pair routing (plugin.h, ABI 1.2); `params` holds the rest.
+  void gemm_routed_pairs(const FmGemmRoutedArgs& args, gemm::RoutedParams& params);
   // Fills the launch's schedule (gemm/params.hpp, StreamK) for tiles_x x
   // n_tiles output tiles; returns the grid's CTA count. live_rows: a routed
   // launch whose kernel plans again for the tile rows its routing filled.

@@ -242,6 +242,40 @@ int64_t max_num_tokens_padded(int64_t num_pairs, int64_t num_local_experts, int6
   return num_pairs + num_local_experts * (block_size - 1);
 }
 
+namespace {
+
+// The checks of an expert_map beside topk_ids (align, pair-routed GEMMs):
+// answers the local id bound, its largest entry + 1 when the host can read
+// it, else num_experts (a device map is the kernels' to range-check).
+int64_t check_expert_map(const char* op, const Tensor* expert_map, int64_t num_experts, const Tensor& topk_ids) {
+  if (expert_map == nullptr) return num_experts;
+  expect_rank(*expert_map, 1, {op, "expert_map"});
+  expect_dtype(*expert_map, kInt32, {op, "expert_map"});
+  expect_dim(*expert_map, 0, num_experts, {op, "expert_map"}, "num_experts");
+  expect_compact(*expert_map, {op, "expert_map"});
+  expect_device(*expert_map, topk_ids.device(), {op, "expert_map"}, "topk_ids' device");
+  if (!host_readable(expert_map->device())) return num_experts;
+  const auto* m = reinterpret_cast<const int32_t*>(expert_map->data_ptr());
+  int64_t max_local = -1;  // + 1 below must not wrap for a map naming 2^31 - 1
+  for (int64_t i = 0; i < num_experts; ++i) {
+    if (m[i] < -1) {
+      throw_value_error(std::string(op) + ": expert_map[" + std::to_string(i) + "] = " + std::to_string(m[i]) +
+                        "; entries must be a local expert id >= 0 or -1 (not local)");
+    }
+    if (m[i] > max_local) max_local = m[i];
+  }
+  return max_local + 1;
+}
+
+void check_num_experts(const char* op, int64_t num_experts) {
+  if (num_experts < 1 || num_experts > kMaxRoutingIndex) {
+    throw_value_error(std::string(op) + ": num_experts must be in [1, 2^31 - 1] (expert ids are int32); got " +
+                      std::to_string(num_experts));
+  }
+}
+
+}  // namespace
+
 void Backend::moe_align_block_size(const Tensor& topk_ids, int64_t num_experts, int64_t block_size,
                                    const Tensor* expert_map, Tensor& sorted_token_ids, Tensor& expert_ids,
                                    Tensor& num_tokens_post_padded, void* stream) {
@@ -250,34 +284,12 @@ void Backend::moe_align_block_size(const Tensor& topk_ids, int64_t num_experts, 
     throw_value_error("moe_align_block_size: block_size must be in [1, " + std::to_string(kMaxBlockSize) + "]; got " +
                       std::to_string(block_size));
   }
-  if (num_experts < 1 || num_experts > kMaxRoutingIndex) {
-    throw_value_error("moe_align_block_size: num_experts must be in [1, 2^31 - 1] (expert ids are int32); got " +
-                      std::to_string(num_experts));
-  }
+  check_num_experts(op, num_experts);
   expect_rank(topk_ids, 2, {op, "topk_ids"});
   expect_dtype_in(topk_ids, {kInt32, kInt64}, {op, "topk_ids"});
   expect_compact(topk_ids, {op, "topk_ids"});
   check_device(topk_ids, {op, "topk_ids"});
-  int64_t num_local = num_experts;
-  if (expert_map != nullptr) {
-    expect_rank(*expert_map, 1, {op, "expert_map"});
-    expect_dtype(*expert_map, kInt32, {op, "expert_map"});
-    expect_dim(*expert_map, 0, num_experts, {op, "expert_map"}, "num_experts");
-    expect_compact(*expert_map, {op, "expert_map"});
-    expect_device(*expert_map, topk_ids.device(), {op, "expert_map"}, "topk_ids' device");
-    if (host_readable(expert_map->device())) {
-      const auto* m = reinterpret_cast<const int32_t*>(expert_map->data_ptr());
-      int64_t max_local = -1;  // + 1 below must not wrap for a map naming 2^31 - 1
-      for (int64_t i = 0; i < num_experts; ++i) {
-        if (m[i] < -1) {
-          throw_value_error("moe_align_block_size: expert_map[" + std::to_string(i) + "] = " + std::to_string(m[i]) +
-                            "; entries must be a local expert id >= 0 or -1 (not local)");
-        }
-        if (m[i] > max_local) max_local = m[i];
-      }
-      num_local = max_local + 1;
-    }
-  }
+  const int64_t num_local = check_expert_map(op, expert_map, num_experts, topk_ids);
   const int64_t padded = max_num_tokens_padded(topk_ids.numel(), num_local, block_size);
   const int64_t blocks = (padded + block_size - 1) / block_size;
   for (auto [t, name, len] : {std::tuple<Tensor*, const char*, int64_t>{&sorted_token_ids, "sorted_token_ids", padded},
@@ -557,31 +569,16 @@ void ExpertStack::launch_batched(const DLTensor& x, const DLTensor& dispatches, 
   if (FmError* e = backend_->api().stack_gemm_batched(&args)) raise_error(e, op);
 }
 
-void ExpertStack::gemm_routed(const Tensor& x, const Tensor& sorted_token_ids, const Tensor& expert_ids,
-                              const Tensor& num_tokens_post_padded, int64_t block_size, int64_t top_k,
-                              const Tensor* topk_weights, Tensor& out, void* stream) {
-  const char* op = "gemm_routed";
-  if (block_size < 1 || block_size > kMaxBlockSize || top_k < 1 || top_k > kMaxRoutingIndex) {
-    throw_value_error("gemm_routed: block_size must be in [1, " + std::to_string(kMaxBlockSize) +
-                      "] and top_k in [1, 2^31 - 1]; got " + std::to_string(block_size) + " and " + std::to_string(top_k));
-  }
+// What both routings of gemm_routed check: x, the pair count, topk_weights and
+// out. Answers num_tokens.
+int64_t ExpertStack::check_routed_io(const char* op, const Tensor& x, int64_t top_k, const Tensor* topk_weights,
+                                     const Tensor& out) const {
   check_x(op, x);
   const int64_t num_tokens = x.dim(0);
   if (num_tokens > kMaxRoutingIndex / top_k) {
-    throw_value_error("gemm_routed: num_tokens " + std::to_string(num_tokens) + " x top_k " + std::to_string(top_k) +
-                      " exceeds 2^31 - 1 (routing ids are int32)");
+    throw_value_error(std::string(op) + ": num_tokens " + std::to_string(num_tokens) + " x top_k " +
+                      std::to_string(top_k) + " exceeds 2^31 - 1 (routing ids are int32)");
   }
-  for (auto [t, name] : {std::pair<const Tensor*, const char*>{&sorted_token_ids, "sorted_token_ids"},
-                         {&expert_ids, "expert_ids"},
-                         {&num_tokens_post_padded, "num_tokens_post_padded"}}) {
-    expect_rank(*t, 1, {op, name});
-    expect_dtype(*t, kInt32, {op, name});
-    expect_device(*t, spec_.device, {op, name}, "the stack's device");
-    expect_compact(*t, {op, name});
-  }
-  const int64_t blocks = (sorted_token_ids.dim(0) + block_size - 1) / block_size;
-  expect_dim_at_least(expert_ids, 0, blocks, {op, "expert_ids"}, "one per block of sorted_token_ids");
-  expect_dim(num_tokens_post_padded, 0, 1, {op, "num_tokens_post_padded"}, "a single count");
   expect_rank(out, 2, {op, "out"});
   expect_device(out, spec_.device, {op, "out"}, "the stack's device");
   expect_dtype_in(out, {spec_.dtype, kFloat32}, {op, "out"});
@@ -599,9 +596,30 @@ void ExpertStack::gemm_routed(const Tensor& x, const Tensor& sorted_token_ids, c
     expect_disjoint(out, *topk_weights, {op, "out"}, "topk_weights");
   }
   expect_disjoint(out, x, {op, "out"}, "x");
-  expect_disjoint(out, sorted_token_ids, {op, "out"}, "sorted_token_ids");
-  expect_disjoint(out, expert_ids, {op, "out"}, "expert_ids");
-  expect_disjoint(out, num_tokens_post_padded, {op, "out"}, "num_tokens_post_padded");
+  return num_tokens;
+}
+
+void ExpertStack::gemm_routed(const Tensor& x, const Tensor& sorted_token_ids, const Tensor& expert_ids,
+                              const Tensor& num_tokens_post_padded, int64_t block_size, int64_t top_k,
+                              const Tensor* topk_weights, Tensor& out, void* stream) {
+  const char* op = "gemm_routed";
+  if (block_size < 1 || block_size > kMaxBlockSize || top_k < 1 || top_k > kMaxRoutingIndex) {
+    throw_value_error("gemm_routed: block_size must be in [1, " + std::to_string(kMaxBlockSize) +
+                      "] and top_k in [1, 2^31 - 1]; got " + std::to_string(block_size) + " and " + std::to_string(top_k));
+  }
+  check_routed_io(op, x, top_k, topk_weights, out);
+  for (auto [t, name] : {std::pair<const Tensor*, const char*>{&sorted_token_ids, "sorted_token_ids"},
+                         {&expert_ids, "expert_ids"},
+                         {&num_tokens_post_padded, "num_tokens_post_padded"}}) {
+    expect_rank(*t, 1, {op, name});
+    expect_dtype(*t, kInt32, {op, name});
+    expect_device(*t, spec_.device, {op, name}, "the stack's device");
+    expect_compact(*t, {op, name});
+    expect_disjoint(out, *t, {op, "out"}, name);
+  }
+  const int64_t blocks = (sorted_token_ids.dim(0) + block_size - 1) / block_size;
+  expect_dim_at_least(expert_ids, 0, blocks, {op, "expert_ids"}, "one per block of sorted_token_ids");
+  expect_dim(num_tokens_post_padded, 0, 1, {op, "num_tokens_post_padded"}, "a single count");
   FmGemmRoutedArgs args{};
   args.struct_size = sizeof(args);
   args.stack = handle_;
@@ -614,6 +632,42 @@ void ExpertStack::gemm_routed(const Tensor& x, const Tensor& sorted_token_ids, c
   args.topk_weights = topk_weights != nullptr ? &topk_weights->dl() : nullptr;
   args.out = out.mutable_dl();
   args.stream = stream;
+  if (FmError* e = backend_->api().stack_gemm_routed(&args)) raise_error(e, op);
+}
+
+void ExpertStack::gemm_routed_pairs(const Tensor& x, const Tensor& topk_ids, int64_t num_experts,
+                                    const Tensor* expert_map, const Tensor* topk_weights, Tensor& out, void* stream) {
+  const char* op = "gemm_routed";
+  if (!backend_->has_pair_routing()) {
+    throw Error(FM_ERROR_UNSUPPORTED, "gemm_routed: backend '" + backend_->name() + "' (ABI " + backend_->abi_version() +
+                                          ") has no pair routing (ABI 1.2): route the pairs with moe_align_block_size");
+  }
+  check_num_experts(op, num_experts);
+  expect_rank(topk_ids, 2, {op, "topk_ids"});
+  expect_dtype_in(topk_ids, {kInt32, kInt64}, {op, "topk_ids"});
+  expect_device(topk_ids, spec_.device, {op, "topk_ids"}, "the stack's device");
+  expect_compact(topk_ids, {op, "topk_ids"});
+  const int64_t top_k = topk_ids.dim(1);
+  if (top_k < 1 || top_k > kMaxRoutingIndex) {
+    throw_value_error("gemm_routed: topk_ids must have 1 to 2^31 - 1 columns (top_k); got " + std::to_string(top_k));
+  }
+  const int64_t num_tokens = check_routed_io(op, x, top_k, topk_weights, out);
+  expect_dim(topk_ids, 0, num_tokens, {op, "topk_ids"}, "x's rows");
+  check_expert_map(op, expert_map, num_experts, topk_ids);
+  expect_disjoint(out, topk_ids, {op, "out"}, "topk_ids");
+  if (expert_map != nullptr) expect_disjoint(out, *expert_map, {op, "out"}, "expert_map");
+  FmGemmRoutedArgs args{};
+  args.struct_size = sizeof(args);
+  args.stack = handle_;
+  args.x = &x.dl();
+  args.block_size = 1;
+  args.top_k = top_k;
+  args.topk_weights = topk_weights != nullptr ? &topk_weights->dl() : nullptr;
+  args.out = out.mutable_dl();
+  args.stream = stream;
+  args.topk_ids = &topk_ids.dl();
+  args.num_experts = num_experts;
+  args.expert_map = expert_map != nullptr ? &expert_map->dl() : nullptr;
   if (FmError* e = backend_->api().stack_gemm_routed(&args)) raise_error(e, op);
 }
 

@@ -42,6 +42,8 @@ class Backend : public std::enable_shared_from_this<Backend> {
   int32_t device_count() const { return device_count_; }
   std::string abi_version() const;
   uint32_t abi_minor() const { return api_->abi_minor; }
+  // Whether stack_gemm_routed takes pair routing (ABI 1.2, plugin.h).
+  bool has_pair_routing() const { return api_->abi_minor >= 2; }
   bool serves(DLDevice device) const;
 
   // A new tensor from the backend's allocator; `flags` are FmAllocFlags
@@ -124,6 +126,10 @@ class ExpertStack {
   void gemm_routed(const Tensor& x, const Tensor& sorted_token_ids, const Tensor& expert_ids,
                    const Tensor& num_tokens_post_padded, int64_t block_size, int64_t top_k,
                    const Tensor* topk_weights, Tensor& out, void* stream);
+  // gemm_routed with pair routing (plugin.h): every (token, k) pair its own
+  // block, its expert read from topk_ids (through expert_map); no align.
+  void gemm_routed_pairs(const Tensor& x, const Tensor& topk_ids, int64_t num_experts, const Tensor* expert_map,
+                         const Tensor* topk_weights, Tensor& out, void* stream);
   void zero_workspace(void* stream);
 
  private:
@@ -138,6 +144,8 @@ class ExpertStack {
   // A column window [col_begin, col_begin + n) inside one expert.
   void check_column_window(int64_t col_begin, int64_t n, const char* op) const;
   void check_x(const char* op, const Tensor& x) const;
+  int64_t check_routed_io(const char* op, const Tensor& x, int64_t top_k, const Tensor* topk_weights,
+                          const Tensor& out) const;
   void check_gemm_io(const char* op, const Tensor& x, int64_t n, const Tensor* bias, const Tensor& out) const;
   void check_dispatch_table(const Tensor& dispatches) const;
   // Checks every row against x's rows and, when out_rows >= 0, out's; returns

@@ -180,6 +180,7 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("device_types", &Backend::device_types)
       .def_property_readonly("device_count", &Backend::device_count)
       .def_property_readonly("abi_version", &Backend::abi_version)
+      .def_property_readonly("has_pair_routing", &Backend::has_pair_routing)
       .def(
           "empty",
           [](Backend& b, int device_type, int device_id, const std::string& dtype, std::vector<int64_t> shape,
@@ -278,6 +279,16 @@ PYBIND11_MODULE(_core, m) {
           },
           py::call_guard<py::gil_scoped_release>(), py::arg("x"), py::arg("sorted_token_ids"), py::arg("expert_ids"), py::arg("num_tokens_post_padded"),
           py::arg("block_size"), py::arg("top_k"), py::arg("topk_weights"), py::arg("out"), py::arg("stream") = 0)
+      .def(
+          "gemm_routed_pairs",
+          [](ExpertStack& s, const TensorPtr& x, const TensorPtr& topk_ids, int64_t num_experts,
+             const std::optional<TensorPtr>& expert_map, const std::optional<TensorPtr>& topk_weights,
+             const TensorPtr& out, uintptr_t stream) {
+            s.gemm_routed_pairs(*x, *topk_ids, num_experts, opt(expert_map), opt(topk_weights), *out,
+                                as_stream(stream));
+          },
+          py::call_guard<py::gil_scoped_release>(), py::arg("x"), py::arg("topk_ids"), py::arg("num_experts"),
+          py::arg("expert_map"), py::arg("topk_weights"), py::arg("out"), py::arg("stream") = 0)
       .def(
           "zero_workspace", [](ExpertStack& s, uintptr_t stream) { s.zero_workspace(as_stream(stream)); },
           py::call_guard<py::gil_scoped_release>(), py::arg("stream") = 0);

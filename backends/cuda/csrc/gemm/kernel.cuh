@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "dependent_launch.cuh"
+#include "routing.cuh"
 #include "gemm/epilogue.cuh"
 #include "gemm/layout.hpp"
 #include "gemm/mainloop.cuh"
@@ -264,6 +265,29 @@ template <class T, int kBits, int kRows>
 __global__ void __launch_bounds__(GemmTraits<T, kBits, kRows>::kCtaThreads, kMinCtasPerSm<kRows>)
     gemm_routed_kernel(const __grid_constant__ RoutedParams p) {
   gemm_tiles<T, kBits, kRows>(p.w, p.io, p.schedule, 0, [&](int64_t x, RowTable<kRows>& table, int r) {
+    if (p.sorted_token_ids == nullptr) {
+      // Pair routing: tile row x is pair x alone (blocks of one row, one chunk).
+      const int64_t token = x / p.top_k, slot = x % p.top_k;
+      int expert = -1;
+      if (x < p.num_pairs) {
+        expert = p.topk_ids_int64
+                     ? local_expert_of(static_cast<const int64_t*>(p.topk_ids), p.topk_ids_stride0,
+                                       p.topk_ids_stride1, token, slot, p.num_global_experts, p.expert_map,
+                                       p.w.num_experts)
+                     : local_expert_of(static_cast<const int32_t*>(p.topk_ids), p.topk_ids_stride0,
+                                       p.topk_ids_stride1, token, slot, p.num_global_experts, p.expert_map,
+                                       p.w.num_experts);
+      }
+      const bool used = r == 0 && expert >= 0;
+      if (r < kRows) {
+        table.x_offset[r] = used ? token * p.io.x_row_stride : -1;
+        table.out_row[r] = used ? x : -1;
+        table.weight[r] = used && p.topk_weights != nullptr
+                              ? p.topk_weights[token * p.topk_weights_stride0 + slot * p.topk_weights_stride1]
+                              : 1.0f;
+      }
+      return TileRows{expert, used};
+    }
     const int64_t block = x / p.chunks_per_block;
     const int64_t chunk = x % p.chunks_per_block;
     const int64_t block_start = block * p.block_size;
@@ -294,7 +318,9 @@ __global__ void __launch_bounds__(GemmTraits<T, kBits, kRows>::kCtaThreads, kMin
     return TileRows{expert, used};
   }, [&] {
     // The blocks that start below num_tokens_post_padded; the host launched
-    // fm_routed_blocks_read's bound (plugin.h), usually more.
+    // fm_routed_blocks_read's bound (plugin.h), usually more. (Pair routing
+    // fills every block it launches: the host asks for no re-plan.)
+    if (p.num_tokens_post_padded == nullptr) return int64_t{p.schedule.tiles_x};
     const int64_t padded = *p.num_tokens_post_padded;
     const int64_t blocks = padded > 0 ? (padded - 1) / p.block_size + 1 : 0;
     return blocks * p.chunks_per_block;

@@ -161,7 +161,7 @@ struct RoutedParams {
   QuantWeights w;
   GemmIO io;
   StreamK schedule;
-  const int32_t* sorted_token_ids;
+  const int32_t* sorted_token_ids;  // null: pair routing (plugin.h, ABI 1.2), from topk_ids below
   int64_t num_positions;       // len(sorted_token_ids)
   const int32_t* expert_ids;   // [num_blocks]
   int64_t num_blocks;
@@ -173,6 +173,14 @@ struct RoutedParams {
   const float* topk_weights;   // or null
   int64_t topk_weights_stride0;
   int64_t topk_weights_stride1;
+  // Pair routing: routing block x (of one row) is pair x, its expert the
+  // stack's local id of topk_ids[x / top_k, x % top_k] (through expert_map).
+  const void* topk_ids;
+  bool topk_ids_int64;
+  int64_t topk_ids_stride0;
+  int64_t topk_ids_stride1;
+  int64_t num_global_experts;
+  const int32_t* expert_map;   // or null
 };
 
 // Raises the kernels' dynamic shared memory limit on the current device (the

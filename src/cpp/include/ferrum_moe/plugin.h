@@ -47,7 +47,7 @@
 #include "ferrum_moe/dlpack.h"
 
 #define FM_ABI_MAJOR 1
-#define FM_ABI_MINOR 1
+#define FM_ABI_MINOR 2
 
 /* Capsule name an entry point's object must carry. */
 #define FM_BACKEND_CAPSULE_NAME "ferrum_moe.backend_api"
@@ -210,7 +210,18 @@ typedef struct FmGemmBatchedArgs {
  * blocks are read: moe_align_block_size fills ceil(n_e / block_size) blocks per
  * expert holding n_e pairs, at most one of them partial, so no more can hold
  * work (this lets a backend size its grid by the token count, not by every
- * expert's worst-case padding). Rows of `out` no valid id names are left untouched. */
+ * expert's worst-case padding). Rows of `out` no valid id names are left untouched.
+ *
+ * Pair routing (ABI 1.2; the host passes it only to plugins of minor version
+ * >= 2): sorted_token_ids, expert_ids and num_tokens_post_padded are NULL and
+ * block_size is 1; every pair p = t * top_k + j (t < num_tokens, j < top_k) is
+ * its own block, with e the stack's local expert of g = topk_ids[t, j]:
+ * expert_map[g] when a map is given, else g, for g in [0, num_experts):
+ *   out[p, :] = x[t, :] @ W_e (* topk_weights.flat[p] when given).
+ * Pairs whose g or e is out of range ([0, num_experts), [0, E)) are skipped:
+ * topk_ids and a device-resident expert_map are NOT checked by the host. The
+ * layer uses it where align would only put each pair in a block of its own
+ * (one token): the GEMMs read topk_ids themselves, and no align runs. */
 /* The routing blocks gemm_routed reads (see above), one definition for every
  * backend; the arguments are non-negative and block_size >= 1. */
 static inline int64_t fm_routed_blocks_read(int64_t num_blocks, int64_t num_pairs, int64_t block_size,
@@ -233,6 +244,10 @@ typedef struct FmGemmRoutedArgs {
   const DLTensor* topk_weights;           /* float32 [num_tokens, top_k], or NULL */
   DLTensor* out;                          /* [num_tokens * top_k, N], stack dtype or float32 */
   void* stream;
+  /* ABI 1.2, pair routing (above); NULL / 0 otherwise. */
+  const DLTensor* topk_ids;               /* int32 or int64 [num_tokens, top_k], same device as x */
+  int64_t num_experts;                    /* bound of the global ids in topk_ids */
+  const DLTensor* expert_map;             /* int32 [num_experts] global -> local id or -1, or NULL */
 } FmGemmRoutedArgs;
 
 /* vLLM's moe_align_block_size with invalid and non-local experts dropped.

@@ -14,7 +14,7 @@ import pytest
 import ferrum_moe as fm
 from ferrum_moe.arrays import import_array
 
-from conftest import random_activations, random_weight, rel_error
+from conftest import random_activations, random_weight, reference_moe, rel_error
 from handmade_dlpack import DLDataType, DLDevice, DLManagedTensorVersioned
 
 POINTER_SIZE = ctypes.sizeof(ctypes.c_void_p)
@@ -154,14 +154,59 @@ def test_a_1_1_plugin_gets_no_pair_routing(rng):
     x = random_activations(rng, (1, k), "float32")
     ids = np.array([[3, 1]], dtype=np.int32)
     tw = rng.random((1, top_k)).astype(np.float32)
-    got = fm.fused_moe(x, s13, s2, tw, ids)
-    want = np.zeros((1, k))
-    for j in range(top_k):
-        h = x.astype(np.float64) @ w13[ids[0, j]].dequantize(np.float64)
-        act = h[:, :inter] / (1 + np.exp(-h[:, :inter])) * h[:, inter:]
-        want += tw[0, j] * (act @ w2[ids[0, j]].dequantize(np.float64))
-    assert rel_error(got, want) < 1e-4
+    assert rel_error(fm.fused_moe(x, s13, s2, tw, ids), reference_moe(x, w13, w2, tw, ids)) < 1e-4
     out = import_array(np.zeros((top_k, 2 * inter), np.float32), "out")
     with pytest.raises(NotImplementedError, match=r"gemm_routed: backend 'cpu' \(ABI 1\.1\) has no pair routing "
                                                   r"\(ABI 1\.2\): route the pairs with moe_align_block_size"):
         s13._core.gemm_routed_pairs(import_array(x, "x"), import_array(ids, "topk_ids"), e, None, None, out)
+
+
+class FmHostServices(ctypes.Structure):
+    _fields_ = [("struct_size", ctypes.c_size_t), ("error_new", ctypes.c_void_p), ("host_alloc", ctypes.c_void_p),
+                ("host_free", ctypes.c_void_p)]
+
+
+class FmInitArgs(ctypes.Structure):
+    _fields_ = [("struct_size", ctypes.c_size_t), ("services", ctypes.POINTER(FmHostServices)),
+                ("backend", ctypes.c_void_p)]
+
+
+class FmGemmRoutedArgsHead(ctypes.Structure):  # up to sorted_token_ids, all this test reads
+    _fields_ = [("struct_size", ctypes.c_size_t), ("stack", ctypes.c_void_p), ("x", ctypes.c_void_p),
+                ("sorted_token_ids", ctypes.c_void_p)]
+
+
+INIT = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.POINTER(FmInitArgs))
+ROUTED = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.POINTER(FmGemmRoutedArgsHead))
+ERROR_NEW = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p)
+
+
+def test_a_1_2_plugin_that_refuses_pair_routing_gets_align(rng):
+    """A plugin built against ABI 1.2 that does not implement pair routing
+    raises FM_ERROR_UNSUPPORTED for it (plugins.md); the layer then aligns."""
+    table = Table(minor=2)
+    real_init, real_routed = INIT(table.api.initialize), ROUTED(table.api.stack_gemm_routed)
+    services, refused = {}, []
+
+    def init(args):
+        services["error_new"] = ERROR_NEW(args.contents.services.contents.error_new)
+        return real_init(args)
+
+    def routed(args):
+        if args.contents.sorted_token_ids is None:
+            refused.append(True)
+            return services["error_new"](3, b"no pair routing in this plugin")  # FM_ERROR_UNSUPPORTED
+        return real_routed(args)
+
+    table.keep = INIT(init), ROUTED(routed)
+    table.api.initialize, table.api.stack_gemm_routed = (ctypes.cast(f, ctypes.c_void_p) for f in table.keep)
+    backend = table.load()
+    assert backend.has_pair_routing
+    e, k, inter = 4, 64, 32
+    w13 = [random_weight(rng, k, 2 * inter, group_size=32, dtype="float32") for _ in range(e)]
+    w2 = [random_weight(rng, inter, k, group_size=32, dtype="float32") for _ in range(e)]
+    x = random_activations(rng, (1, k), "float32")
+    ids, tw = np.array([[2, 0]], np.int32), rng.random((1, 2)).astype(np.float32)
+    got = fm.fused_moe(x, stack_on(backend, w13, "float32"), stack_on(backend, w2, "float32"), tw, ids)
+    assert refused, "the layer did not ask for pair routing"
+    assert rel_error(got, reference_moe(x, w13, w2, tw, ids)) < 1e-4

@@ -118,8 +118,6 @@ def _forward(x, w13: ExpertStack, w2: ExpertStack, topk_weights, topk_ids, activ
     if block_size is None:
         block_size = default_block_size(pairs, w13.num_experts)
     ws = workspace or _Workspace(temporary=True)
-    if not pair_routing:
-        routing = _align(core, ids, block_size, num_experts, map_t, s, ws)
     buf = {name: ws.take(name, core, dev, dtype, [pairs, width], s)
            for name, dtype, width in (("gate_up", w13.dtype, 2 * inter), ("act", w13.dtype, inter))}
     if map_t is None or host_map:
@@ -132,13 +130,18 @@ def _forward(x, w13: ExpertStack, w2: ExpertStack, topk_weights, topk_ids, activ
     first_weights = tw if apply_router_weight_on_input else None
     second_weights = None if apply_router_weight_on_input else tw_pairs
     if pair_routing:
-        w13._core.gemm_routed_pairs(xt, ids, num_experts, map_t, first_weights, buf["gate_up"], s)
-        core.gated_activation(buf["gate_up"], buf["act"], s)
+        try:
+            w13._core.gemm_routed_pairs(xt, ids, num_experts, map_t, first_weights, buf["gate_up"], s)
+        except NotImplementedError:  # a plugin built against ABI 1.2 without it (plugins.md): align
+            pair_routing = False
+    if not pair_routing:
+        routing = _align(core, ids, block_size, num_experts, map_t, s, ws)
+        w13._core.gemm_routed(xt, *routing, block_size, top_k, first_weights, buf["gate_up"], s)
+    core.gated_activation(buf["gate_up"], buf["act"], s)
+    if pair_routing:
         w2._core.gemm_routed_pairs(buf["act"], ids.view([pairs, 1]), num_experts, map_t, second_weights,
                                    buf["down"], s)
     else:
-        w13._core.gemm_routed(xt, *routing, block_size, top_k, first_weights, buf["gate_up"], s)
-        core.gated_activation(buf["gate_up"], buf["act"], s)
         w2._core.gemm_routed(buf["act"], *routing, block_size, 1, second_weights, buf["down"], s)
     ot = import_output(out, "out", s) if out is not None else core.empty(dev[0], dev[1], w13.dtype, [num_tokens, hidden], s)
     core.moe_sum(buf["down"], ids, num_experts, map_t, ot, s)

@@ -143,7 +143,7 @@ def check_backend(backend: str, *, device: str = "cpu", dtype: str = "float16", 
                   seed: int = 0) -> Report:
     """Runs the API on `backend` against float64 references: gemm_batched over
     several formats, expert views with bias, align, gemm_routed and a whole
-    fused_moe layer; then what a backend must guard: zero-token inputs,
+    fused_moe layer (also of one token: pair routing, ABI 1.2); then what a backend must guard: zero-token inputs,
     zero-filled new results (FM_ALLOC_ZEROED) and routing with out-of-range
     entries. Operations the backend refuses with NotImplementedError are
     reported as unsupported, not failed. `put`/`get` move host numpy arrays to
@@ -202,17 +202,19 @@ def check_backend(backend: str, *, device: str = "cpu", dtype: str = "float16", 
 
     run("moe_align_block_size", align)
 
-    def layer():
+    def layer(m):
         e, hidden, inter = 8, 128, 64
         w13 = [random_weight(rng, hidden, 2 * inter, group_size=64, dtype=dtype) for _ in range(e)]
         w2 = [random_weight(rng, inter, hidden, group_size=64, dtype=dtype) for _ in range(e)]
-        x = random_activations(rng, (9, hidden), dtype)
-        ids = np.stack([rng.permutation(e)[:2] for _ in range(9)]).astype(np.int32)
-        tw = rng.random((9, 2)).astype(np.float32)
+        x = random_activations(rng, (m, hidden), dtype)
+        ids = np.stack([rng.permutation(e)[:2] for _ in range(m)]).astype(np.int32)
+        tw = rng.random((m, 2)).astype(np.float32)
         y = fm.fused_moe(put(x), stack(w13), stack(w2), put(tw), put(ids))
         return rel_error(get(y), reference_moe(x, w13, w2, tw, ids))
 
-    run("fused_moe", layer)
+    run("fused_moe", lambda: layer(9))
+    # One token: gemm_routed's pair routing where the plugin has ABI 1.2.
+    run("fused_moe, one token", lambda: layer(1))
 
     def zero_tokens():
         weights = [random_weight(rng, 64, 32, group_size=32, dtype=dtype) for _ in range(2)]

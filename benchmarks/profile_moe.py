@@ -6,8 +6,9 @@ kernels. L2 is flushed before each call, as in bench_moe.py. A kernel launched
 early by programmatic dependent launch counts its wait for the one before it
 as its own time, so "the rest" is a lower bound (negative: kernels overlapped).
 --steps adds what each step of the layer's chain adds to the graph replay
-(the chain cut after each step, the overlap included), and the chain without
-the align step (its routing computed once beforehand): what fusing or removing
+(the chain cut after each step, the overlap included), the chain without
+the align step (its routing computed once beforehand), and the chain on pair
+routing (no align: ABI 1.2) at the same token count: what fusing or removing
 a step can save.
 
     python benchmarks/profile_moe.py [--model mixtral] [--tokens 1] [--steps]
@@ -100,6 +101,17 @@ def step_times(layer, x, tw, ids, out, flush) -> None:
         print(f"  up to {name:<11} {upto:7.1f} us (+{upto - before:5.1f})")
         before = upto
     print(f"  without align: {chain(1, len(steps) - 1):.1f} us")
+    if core.has_pair_routing:
+        # The same chain on pair routing (ABI 1.2), at any token count: what
+        # the layer's rule for when to skip align should weigh.
+        pair_ids = idt.view([m * top_k, 1])
+        steps = [
+            ("w13 GEMM", lambda s: w13._core.gemm_routed_pairs(xt, idt, e, None, None, gate_up, s)),
+            steps[2],
+            ("w2 GEMM", lambda s: w2._core.gemm_routed_pairs(act, pair_ids, e, None, tw_pairs, down, s)),
+            steps[4],
+        ]
+        print(f"  pair-routed: {chain(0, len(steps) - 1):.1f} us")
 
 
 if __name__ == "__main__":

@@ -6,12 +6,12 @@
 //      into its expert's segment, in increasing pair order.
 // Decode (at most one pair per thread): each thread places its pair at its
 // rank among the earlier pairs of the same expert, read from shared memory;
-// no sort. Otherwise step 3 walks the pairs in chunks; within a chunk a block radix sort of
-// (expert, position-in-chunk) keys groups pairs by expert while keeping their
-// order (the position makes every key unique, so the sort's stability does
-// not matter), and per-expert cursors carry the count across chunks. Past
-// kMultiCtaPairs pairs the chunks are counted and scattered by one CTA each,
-// with one CTA between them turning the per-chunk counts into prefixes.
+// no sort. Otherwise the pairs go in chunks; within a chunk a block radix sort
+// of (expert, position-in-chunk) keys groups pairs by expert while keeping
+// their order (the position makes every key unique, so the sort's stability
+// does not matter). One chunk is aligned by one CTA; more are counted and
+// scattered by one CTA each, with one CTA between them turning the per-chunk
+// counts into each chunk's per-expert start.
 #include "routing.hpp"
 
 #include <cub/block/block_radix_sort.cuh>
@@ -30,10 +30,10 @@ constexpr int kChunkBits = 11;                            // bits of a position 
 static_assert((1 << kChunkBits) == kChunk, "key layout: expert << kChunkBits | position");
 constexpr int kExpertsPerThread = static_cast<int>(kMaxAlignLocalExperts) / kAlignThreads;
 static_assert(kExpertsPerThread * kAlignThreads == kMaxAlignLocalExperts, "even expert split");
-// Up to this many pairs one CTA aligns everything; more are counted and
-// scattered by one CTA per chunk (the single CTA walked its chunks one after
-// another: ~200 us at M = 4096 x top-8).
-constexpr int64_t kMultiCtaPairs = 4 * kChunk;
+// Up to one chunk of pairs one CTA aligns everything; more are counted and
+// scattered by one CTA per chunk. (A single CTA walking its chunks one after
+// another cost ~13 us a chunk: 55 us at 8,192 pairs, vLLM's align 12 us.)
+constexpr int64_t kMultiCtaPairs = kChunk;
 
 // Number of bits needed to hold values 0..value.
 __device__ __forceinline__ int bit_width(unsigned value) { return 32 - __clz(value); }
@@ -63,14 +63,22 @@ struct Pairs {
   }
 };
 
-// counts[e] = pairs of local expert e among pairs [begin, end).
+// counts[e] = pairs of local expert e among pairs [begin, end), at most one
+// chunk: each thread reads all its pairs' experts before counting any (one
+// round trip, not one per pair).
 template <class Index>
 __device__ void count_pairs(const Pairs<Index>& pairs, AlignShared& s, int64_t begin, int64_t end) {
   for (int e = threadIdx.x; e < pairs.p.num_local_experts; e += kAlignThreads) s.counts[e] = 0;
+  int experts[kItemsPerThread];
+#pragma unroll
+  for (int i = 0; i < kItemsPerThread; ++i) {
+    const int64_t pair = begin + i * kAlignThreads + threadIdx.x;
+    experts[i] = pair < end ? pairs.expert(pair) : -1;
+  }
   __syncthreads();
-  for (int64_t pair = begin + threadIdx.x; pair < end; pair += kAlignThreads) {
-    const int e = pairs.expert(pair);
-    if (e >= 0) atomicAdd(&s.counts[e], 1);
+#pragma unroll
+  for (int i = 0; i < kItemsPerThread; ++i) {
+    if (experts[i] >= 0) atomicAdd(&s.counts[experts[i]], 1);
   }
   __syncthreads();
 }
@@ -128,10 +136,9 @@ __device__ void fill_sentinel(const AlignParams& p, int64_t first, int64_t step)
 // increasing pair order, after the s.cursor[e] pairs of expert e placed before
 // them: a block radix sort of (expert, position-in-chunk) keys groups the
 // chunk's pairs by expert while keeping their order (the position makes every
-// key unique, so the sort's stability does not matter). With `advance`, the
-// cursors then count this chunk's pairs too.
+// key unique, so the sort's stability does not matter).
 template <class Index>
-__device__ void scatter_chunk(const Pairs<Index>& pairs, AlignShared& s, int64_t base, bool advance) {
+__device__ void scatter_chunk(const Pairs<Index>& pairs, AlignShared& s, int64_t base) {
   const AlignParams& p = pairs.p;
   const int num_local = p.num_local_experts;
   const int tid = threadIdx.x;
@@ -170,21 +177,9 @@ __device__ void scatter_chunk(const Pairs<Index>& pairs, AlignShared& s, int64_t
     if (destination < p.sorted_len)
       p.sorted_token_ids[destination] = static_cast<int32_t>(base + (keys[i] & (kChunk - 1)));
   }
-  __syncthreads();
-  if (!advance) return;
-
-  // The last rank of each expert's run advances that expert's cursor.
-#pragma unroll
-  for (int i = 0; i < kItemsPerThread; ++i) {
-    const int rank = tid * kItemsPerThread + i;
-    const int e = s.sorted_experts[rank];
-    if (e < num_local && (rank == kChunk - 1 || s.sorted_experts[rank + 1] != e))
-      s.cursor[e] += rank - s.segment_start[e] + 1;
-  }
-  __syncthreads();
 }
 
-// The whole of align in one CTA (up to kMultiCtaPairs pairs).
+// The whole of align in one CTA (up to one chunk of pairs).
 template <class Index>
 __global__ void __launch_bounds__(kAlignThreads) moe_align_block_size_kernel(AlignParams p) {
   dependent_grid_begin();
@@ -214,7 +209,7 @@ __global__ void __launch_bounds__(kAlignThreads) moe_align_block_size_kernel(Ali
     }
     return;
   }
-  for (int64_t base = 0; base < num_pairs; base += kChunk) scatter_chunk(pairs, s, base, true);
+  scatter_chunk(pairs, s, 0);
 }
 
 // Many chunks: one CTA per chunk counts its pairs per expert into
@@ -241,11 +236,18 @@ __global__ void __launch_bounds__(kAlignThreads) align_segments_kernel(AlignPara
   const int num_local = p.num_local_experts;
   for (int e = threadIdx.x; e < num_local; e += kAlignThreads) {
     int running = 0;
-    for (int c = 0; c < num_chunks; ++c) {
-      int32_t& count = chunk_counts[static_cast<int64_t>(c) * num_local + e];
-      const int value = count;
-      count = running;
-      running += value;
+    // kItemsPerThread chunks' counts read before any is rewritten: one round
+    // trip per group, not per chunk.
+    for (int first = 0; first < num_chunks; first += kItemsPerThread) {
+      int values[kItemsPerThread];
+#pragma unroll
+      for (int i = 0; i < kItemsPerThread; ++i)
+        values[i] = first + i < num_chunks ? chunk_counts[static_cast<int64_t>(first + i) * num_local + e] : 0;
+#pragma unroll
+      for (int i = 0; i < kItemsPerThread; ++i) {
+        if (first + i < num_chunks) chunk_counts[static_cast<int64_t>(first + i) * num_local + e] = running;
+        running += values[i];
+      }
     }
     s.counts[e] = running;
   }
@@ -267,7 +269,7 @@ __global__ void __launch_bounds__(kAlignThreads) align_scatter_kernel(AlignParam
     s.cursor[e] = chunk_counts[static_cast<int64_t>(blockIdx.x) * p.num_local_experts + e];
   }
   __syncthreads();
-  scatter_chunk(pairs, s, static_cast<int64_t>(blockIdx.x) * kChunk, false);
+  scatter_chunk(pairs, s, static_cast<int64_t>(blockIdx.x) * kChunk);
 }
 
 template <class Index>

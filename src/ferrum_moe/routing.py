@@ -68,19 +68,20 @@ class Routing:
 
 
 def default_block_size(num_pairs: int, num_experts: int) -> int:
-    """The routing block for the expected pairs per expert: 8 up to 4, 16 up to
-    16, 32 up to 64, then 128. The block picks the CUDA backend's tile height,
-    and the choice follows a sweep of every block size over four models (H200,
-    2026-12-03, docs/kernel-notes.md "Block sizes"): the 8-row decode tile
-    up to 4 pairs per expert (Mixtral M = 16: 310 against 337 us on 16-row
-    tiles; at 8 pairs, 442 against 374: each block streams its expert's
-    weights again), 32-row tiles beat 64-row ones at every load
-    measured (Qwen3-30B-A3B at 64 pairs per expert: 618 against 719 us), and
-    128 (Hopper wgmma tiles) wins from 96 pairs per expert on."""
+    """The routing block for the expected pairs per expert: 8 up to 6, 16 under
+    16, 32 up to 64, then 128. The block picks the CUDA backend's tile height;
+    the bounds follow a sweep of blocks 8, 16, 32 and 128 over four models at
+    M = 4-1024 (H200, 2026-12-04, docs/kernel-notes.md "Block sizes after
+    v34"): the 8-row tile up to 6 pairs per expert (DeepSeek-V2-Lite M = 64:
+    139 against 145 us on 16-row tiles; at 8 pairs Mixtral M = 32 355 against
+    300: each block streams its expert's weights again), 32-row tiles from 16
+    (Mixtral M = 64: 403 against 472 us), and 128 (Hopper wgmma tiles) past 64
+    (Qwen3-30B-A3B at 64: 555 against 668 us; DeepSeek-V2-Lite at 96: 634
+    against 656)."""
     per_expert = num_pairs / max(num_experts, 1)
-    if per_expert <= 4:
+    if per_expert <= 6:
         return 8
-    if per_expert <= 16:
+    if per_expert < 16:
         return 16
     return 32 if per_expert <= 64 else 128
 

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build the core and the CUDA plugin, run the tests,
 # the sanitizers and the benchmarks, and print a short summary last.
-#   bash benchmarks/device.sh [build | plugin] [test] [cpu] [sanitize] [hang] [bench] [linear] [align] [profile]
+#   bash benchmarks/device.sh [build | plugin] [test] [cpu] [sanitize] [hang] [bench] [linear] [align] [steps] [profile]
 # (default: build test sanitize bench linear). plugin: install only the CUDA plugin (an A/B
 # run of another .dist wheel on the core already installed); benchmarks/device_ab.sh runs a
 # whole A/B of wheels built elsewhere that way, in both orders.
-# PROFILE_ARGS picks the layers for ncu (profile_moe.py's options, ';' between layers).
+# PROFILE_ARGS picks the layers for ncu, STEPS_ARGS those for profile_moe.py --steps
+# (profile_moe.py's options, ';' between layers).
 # cpu: the CPU kernel tests on the GPU machine's host CPU (a Xeon with AMX-BF16:
 # the only place the AMX kernels run for real).
 # sanitize: compute-sanitizer memcheck, racecheck and synccheck over cuda_smoke.py and the CUDA tests
@@ -115,6 +116,16 @@ fi
 
 if has bench; then
   (cd benchmarks && python3 bench_moe.py ${BENCH_ARGS:-} --json "$OUT/bench-moe.json") 2>&1 | tee "$OUT/bench-moe.log" | grep -v "^|"
+fi
+
+if has steps; then
+  # profile_moe.py --steps per STEPS_ARGS entry (';'-separated profile_moe.py options): each
+  # step's share of the layer's graph replay (dependent launch on, as the benchmark runs it).
+  IFS=';' read -ra layers <<<"${STEPS_ARGS:---model mixtral --tokens 1}"
+  for args in "${layers[@]}"; do
+    echo "== steps $args"
+    (cd benchmarks && python3 profile_moe.py --steps $args 2>&1 | grep -E "^==|up to|without|pair-routed|graph replay") | tee -a "$OUT/steps.log"
+  done
 fi
 
 if has profile; then

@@ -7,7 +7,9 @@
 #   bash benchmarks/device_ab.sh LABEL=DIR [LABEL=DIR ...]
 #   e.g. AB_TEST="v29" bash benchmarks/device_ab.sh main=.dist-main v29=.dist-v29
 # The first wheel is the base of the comparison. BENCH_ARGS as for device.sh
-# (default: the 28 fp16 decode rows of the four layers). Results go to $OUT.
+# (default: the 28 fp16 decode rows of the four layers). AB_STAGES: the device.sh
+# stages run per wheel (default bench; e.g. "steps" with STEPS_ARGS, each wheel's
+# launch chain step by step). Results go to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/ferrum-out}
@@ -47,11 +49,12 @@ for label in "${order[@]}"; do
   name=$label
   [ -n "${seen[$label]:-}" ] && name="$label.2"
   seen[$label]=1
-  run "$label" "$OUT/$name" bench
+  run "$label" "$OUT/$name" ${AB_STAGES:-bench}
   runs+=("$name=$OUT/$name/bench-moe.json")
+  [ -f "$OUT/$name/steps.log" ] && { echo "-- $name"; cat "$OUT/$name/steps.log"; }
 done
 find "$OUT" -name "build-*.log" -delete
 echo
-python3 benchmarks/compare_runs.py "${runs[@]}"
+[ -f "$OUT/${labels[0]}/bench-moe.json" ] && python3 benchmarks/compare_runs.py "${runs[@]}"
 # The tests' summaries again, last: a caller that keeps only the tail still has them.
 if [ ${#tests[@]} -gt 0 ]; then printf 'CUDA tests, %s\n' "${tests[@]}"; fi

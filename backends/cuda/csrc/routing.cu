@@ -30,10 +30,6 @@ constexpr int kChunkBits = 11;                            // bits of a position 
 static_assert((1 << kChunkBits) == kChunk, "key layout: expert << kChunkBits | position");
 constexpr int kExpertsPerThread = static_cast<int>(kMaxAlignLocalExperts) / kAlignThreads;
 static_assert(kExpertsPerThread * kAlignThreads == kMaxAlignLocalExperts, "even expert split");
-// Up to one chunk of pairs one CTA aligns everything; more are counted and
-// scattered by one CTA per chunk. (A single CTA walking its chunks one after
-// another cost ~13 us a chunk: 55 us at 8,192 pairs, vLLM's align 12 us.)
-constexpr int64_t kMultiCtaPairs = kChunk;
 
 // Number of bits needed to hold values 0..value.
 __device__ __forceinline__ int bit_width(unsigned value) { return 32 - __clz(value); }
@@ -275,7 +271,11 @@ __global__ void __launch_bounds__(kAlignThreads) align_scatter_kernel(AlignParam
 template <class Index>
 cudaError_t launch_align(const AlignParams& params, cudaStream_t stream) {
   const int64_t num_pairs = params.num_tokens * params.top_k;
-  if (num_pairs <= kMultiCtaPairs) {
+  // Up to one chunk of pairs one CTA aligns everything (count_pairs and
+  // scatter_chunk cover one chunk); more are counted and scattered by one CTA
+  // per chunk. (A single CTA walking its chunks one after another cost ~13 us
+  // a chunk: 55 us at 8,192 pairs, vLLM's align 12 us.)
+  if (num_pairs <= kChunk) {
     return launch_dependent(moe_align_block_size_kernel<Index>, 1, kAlignThreads, 0, stream, params);
   }
   // num_pairs < 2^31 (plugin.h), so the chunk count fits an int.

@@ -4,17 +4,16 @@
 //      num_tokens_post_padded, and expert_ids per block (-1 past the end);
 //   3. fill sorted_token_ids with the sentinel, then scatter every valid pair
 //      into its expert's segment, in increasing pair order.
-// Decode (at most one pair per thread): each thread places its pair at its
-// rank among the earlier pairs of the same expert, read from shared memory;
-// no sort. Otherwise the pairs go in chunks; within a chunk a block radix sort
-// of (expert, position-in-chunk) keys groups pairs by expert while keeping
-// their order (the position makes every key unique, so the sort's stability
-// does not matter). One chunk is aligned by one CTA; more are counted and
-// scattered by one CTA each, with one CTA between them turning the per-chunk
-// counts into each chunk's per-expert start.
+// Step 3 goes in chunks of kChunk pairs, each in kItemsPerThread rounds of one
+// pair per thread: a pair's rank among the earlier pairs of its expert is the
+// count placed before the round (a per-expert cursor), plus those of its
+// round in earlier warps (a per-warp histogram), plus those in earlier lanes
+// of its warp (__match_any_sync): pair order without a sort. One chunk is
+// aligned by one CTA; more are counted and scattered by one CTA each, with one
+// CTA between them turning the per-chunk counts into each chunk's per-expert
+// start.
 #include "routing.hpp"
 
-#include <cub/block/block_radix_sort.cuh>
 #include <cub/block/block_scan.cuh>
 
 #include "dependent_launch.cuh"
@@ -25,28 +24,19 @@ namespace {
 
 constexpr int kAlignThreads = 256;
 constexpr int kItemsPerThread = 8;
-constexpr int kChunk = kAlignThreads * kItemsPerThread;  // pairs sorted per round
-constexpr int kChunkBits = 11;                            // bits of a position in a chunk
-static_assert((1 << kChunkBits) == kChunk, "key layout: expert << kChunkBits | position");
+constexpr int kChunk = kAlignThreads * kItemsPerThread;  // pairs a CTA places, one per thread and round
+constexpr int kAlignWarps = kAlignThreads / 32;
 constexpr int kExpertsPerThread = static_cast<int>(kMaxAlignLocalExperts) / kAlignThreads;
 static_assert(kExpertsPerThread * kAlignThreads == kMaxAlignLocalExperts, "even expert split");
 
-// Number of bits needed to hold values 0..value.
-__device__ __forceinline__ int bit_width(unsigned value) { return 32 - __clz(value); }
-
-using Sort = cub::BlockRadixSort<unsigned, kAlignThreads, kItemsPerThread>;
 using Scan = cub::BlockScan<int, kAlignThreads>;
 
 struct AlignShared {
-  union {
-    typename Sort::TempStorage sort;
-    typename Scan::TempStorage scan;
-  } temp;
+  typename Scan::TempStorage scan;
   int counts[kMaxAlignLocalExperts];
   int offsets[kMaxAlignLocalExperts + 1];  // each expert's segment start in sorted_token_ids
-  int cursor[kMaxAlignLocalExperts];       // pairs of the expert placed before this chunk
-  int segment_start[kMaxAlignLocalExperts];
-  int sorted_experts[kChunk];
+  int cursor[kMaxAlignLocalExperts];       // pairs of the expert placed before this round
+  uint8_t warp_counts[kAlignWarps][kMaxAlignLocalExperts];  // a round's pairs per warp and expert (<= 32)
 };
 
 template <class Index>
@@ -94,7 +84,7 @@ __device__ void place_segments(const AlignParams& p, AlignShared& s) {
   }
   int thread_offset = 0;
   int total = 0;
-  Scan(s.temp.scan).ExclusiveSum(thread_total, thread_offset, total);
+  Scan(s.scan).ExclusiveSum(thread_total, thread_offset, total);
 #pragma unroll
   for (int i = 0; i < kExpertsPerThread; ++i) {
     const int e = tid * kExpertsPerThread + i;
@@ -128,51 +118,47 @@ __device__ void fill_sentinel(const AlignParams& p, int64_t first, int64_t step)
   for (int64_t q = first; q < p.sorted_len; q += step) p.sorted_token_ids[q] = sentinel;
 }
 
+__device__ void clear_warp_counts(AlignShared& s) {
+  auto* words = reinterpret_cast<uint32_t*>(&s.warp_counts[0][0]);
+  for (int i = threadIdx.x; i < static_cast<int>(sizeof(s.warp_counts) / 4); i += kAlignThreads) words[i] = 0;
+}
+
 // Scatters pairs [base, base + kChunk) into their experts' segments, in
 // increasing pair order, after the s.cursor[e] pairs of expert e placed before
-// them: a block radix sort of (expert, position-in-chunk) keys groups the
-// chunk's pairs by expert while keeping their order (the position makes every
-// key unique, so the sort's stability does not matter).
+// them (the cursors advance; s.warp_counts is zero on entry and on return).
 template <class Index>
 __device__ void scatter_chunk(const Pairs<Index>& pairs, AlignShared& s, int64_t base) {
   const AlignParams& p = pairs.p;
-  const int num_local = p.num_local_experts;
   const int tid = threadIdx.x;
-  const unsigned invalid_key_expert = static_cast<unsigned>(num_local);
-  const int end_bit = kChunkBits + bit_width(invalid_key_expert);
-  unsigned keys[kItemsPerThread];
+  const int warp = tid / 32, lane = tid % 32;
+  int experts[kItemsPerThread];  // every round's expert read first: one round trip
 #pragma unroll
   for (int i = 0; i < kItemsPerThread; ++i) {
-    const int position = tid * kItemsPerThread + i;
-    const int64_t pair = base + position;
-    const int e = pair < pairs.count() ? pairs.expert(pair) : -1;
-    const unsigned expert = e >= 0 ? static_cast<unsigned>(e) : invalid_key_expert;
-    keys[i] = (expert << kChunkBits) | static_cast<unsigned>(position);
+    const int64_t pair = base + i * kAlignThreads + tid;
+    experts[i] = pair < pairs.count() ? pairs.expert(pair) : -1;
   }
-  Sort(s.temp.sort).Sort(keys, 0, end_bit);  // blocked: item i of thread t is rank t * 8 + i
-
 #pragma unroll
-  for (int i = 0; i < kItemsPerThread; ++i)
-    s.sorted_experts[tid * kItemsPerThread + i] = static_cast<int>(keys[i] >> kChunkBits);
+  for (int i = 0; i < kItemsPerThread; ++i) {
+    if (base + i * kAlignThreads >= pairs.count()) break;  // the same in every thread: no round left
+    const int e = experts[i];
+    const unsigned same = __match_any_sync(0xffffffffu, e);  // lanes of this warp with the same expert
+    const bool leader = lane == __ffs(same) - 1;
+    if (e >= 0 && leader) s.warp_counts[warp][e] = static_cast<uint8_t>(__popc(same));
+    __syncthreads();  // the round's histogram (and the last round's cursors) complete
+    if (e >= 0) {
+      int rank = s.cursor[e] + __popc(same & ((1u << lane) - 1));
+      for (int w = 0; w < warp; ++w) rank += s.warp_counts[w][e];
+      const int64_t destination = static_cast<int64_t>(s.offsets[e]) + rank;
+      if (destination < p.sorted_len) p.sorted_token_ids[destination] = static_cast<int32_t>(base + i * kAlignThreads + tid);
+    }
+    __syncthreads();  // every rank read before the cursors move and the histogram clears
+    if (e >= 0 && leader) {
+      atomicAdd(&s.cursor[e], __popc(same));
+      s.warp_counts[warp][e] = 0;
+    }
+    __syncwarp();  // this warp's clears before its next round's counts
+  }
   __syncthreads();
-
-#pragma unroll
-  for (int i = 0; i < kItemsPerThread; ++i) {
-    const int rank = tid * kItemsPerThread + i;
-    const int e = s.sorted_experts[rank];
-    if (e < num_local && (rank == 0 || s.sorted_experts[rank - 1] != e)) s.segment_start[e] = rank;
-  }
-  __syncthreads();
-
-#pragma unroll
-  for (int i = 0; i < kItemsPerThread; ++i) {
-    const int rank = tid * kItemsPerThread + i;
-    const int e = s.sorted_experts[rank];
-    if (e >= num_local) continue;
-    const int64_t destination = static_cast<int64_t>(s.offsets[e]) + s.cursor[e] + (rank - s.segment_start[e]);
-    if (destination < p.sorted_len)
-      p.sorted_token_ids[destination] = static_cast<int32_t>(base + (keys[i] & (kChunk - 1)));
-  }
 }
 
 // The whole of align in one CTA (up to one chunk of pairs).
@@ -187,24 +173,9 @@ __global__ void __launch_bounds__(kAlignThreads) moe_align_block_size_kernel(Ali
   place_segments(p, s);
   fill_sentinel(p, tid, kAlignThreads);
   for (int e = tid; e < p.num_local_experts; e += kAlignThreads) s.cursor[e] = 0;
-  // Orders the sentinel fill and the cursors before the scatter below, across threads.
+  clear_warp_counts(s);
+  // Orders the sentinel fill, the cursors and the histogram before the scatter, across threads.
   __syncthreads();
-
-  if (num_pairs <= kAlignThreads) {
-    // Decode (at most one pair per thread): each thread places its pair at its
-    // rank among the earlier pairs of the same expert; no sort.
-    int* expert_of = s.sorted_experts;  // one entry per pair
-    const int e = tid < num_pairs ? pairs.expert(tid) : -1;
-    expert_of[tid] = e;
-    __syncthreads();
-    if (e >= 0) {
-      int rank = 0;
-      for (int j = 0; j < tid; ++j) rank += expert_of[j] == e;
-      const int64_t destination = static_cast<int64_t>(s.offsets[e]) + rank;
-      if (destination < p.sorted_len) p.sorted_token_ids[destination] = tid;
-    }
-    return;
-  }
   scatter_chunk(pairs, s, 0);
 }
 
@@ -264,6 +235,7 @@ __global__ void __launch_bounds__(kAlignThreads) align_scatter_kernel(AlignParam
     s.offsets[e] = offsets[e];
     s.cursor[e] = chunk_counts[static_cast<int64_t>(blockIdx.x) * p.num_local_experts + e];
   }
+  clear_warp_counts(s);
   __syncthreads();
   scatter_chunk(pairs, s, static_cast<int64_t>(blockIdx.x) * kChunk);
 }

@@ -94,8 +94,10 @@ __global__ void __launch_bounds__(kElementwiseThreads)
 #pragma unroll
     for (int i = 0; i < kVector; ++i) {
       // silu(g) = g * sigmoid(g); for very negative g, expf overflows to inf
-      // and the quotient is (-)0, the correct limit.
-      result[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+      // and the quotient is (-)0, the correct limit. __fdividef (2 ulp; its
+      // divisor here is 1 or more) has no slow path to branch to, so a
+      // thread's kVector quotients overlap.
+      result[i] = __fdividef(gate[i], 1.0f + expf(-gate[i])) * up[i];
     }
     store_floats(out + r * p.out_row_stride + group * kVector, result);
   });
@@ -111,14 +113,14 @@ __global__ void __launch_bounds__(kElementwiseThreads) moe_sum_kernel(MoeSumPara
     float sum[kVector] = {};
     for (int64_t slot = 0; slot < p.top_k; ++slot) {
       // Pairs of invalid or non-local experts were never computed (their rows
-      // may hold garbage): skip them rather than add them.
-      const int local = local_expert_of(topk_ids, p.topk_ids_stride0, p.topk_ids_stride1, t, slot,
-                                        p.num_experts, p.expert_map, kNoLocalExpertBound);
-      if (local < 0) continue;
+      // may hold garbage): their values are read (the row is in the buffer)
+      // but not added, so no row read waits for its pair's id.
+      const bool valid = local_expert_of(topk_ids, p.topk_ids_stride0, p.topk_ids_stride1, t, slot,
+                                         p.num_experts, p.expert_map, kNoLocalExpertBound) >= 0;
       float values[kVector];
       load_floats(input + (t * p.top_k + slot) * p.input_row_stride + group * kVector, values);
 #pragma unroll
-      for (int i = 0; i < kVector; ++i) sum[i] += values[i];
+      for (int i = 0; i < kVector; ++i) sum[i] += valid ? values[i] : 0.0f;
     }
     store_floats(out + t * p.out_row_stride + group * kVector, sum);
   });

@@ -20,9 +20,16 @@ namespace ferrum_moe_cuda {
 // CTA of this grid has started and as they leave), then waits until the grid
 // before this one has completed and its memory operations are visible. On
 // devices before sm_90, and in launches without the attribute, both are no-ops.
-__device__ __forceinline__ void dependent_grid_begin() {
+//
+// release_next = false leaves the next kernel to launch as this grid's CTAs
+// leave. A grid of more CTAs than SMs should pass it: released at once, the
+// next kernel's CTAs are placed while this grid's later waves still hold the
+// SMs, and a stream-K GEMM placed so ran 30% slower (H200, 2026-12-04: the
+// 2-D activation before Mixtral's w2 at M = 64, 132 -> 174 us; kernel notes,
+// "v35").
+__device__ __forceinline__ void dependent_grid_begin(bool release_next = true) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+  if (release_next) asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
 #endif
 }
@@ -56,6 +63,19 @@ bool dependent_launch_supported() {
     known[device].store(state, std::memory_order_relaxed);
   }
   return state == 2;
+}
+
+// The SM count of the current device, asked once per device (0 if unknown).
+inline int multiprocessor_count() {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> known[kMaxDevices] = {};
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices) return 0;
+  int count = known[device].load(std::memory_order_relaxed);
+  if (count == 0 && cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) == cudaSuccess) {
+    known[device].store(count, std::memory_order_relaxed);
+  }
+  return count;
 }
 
 }  // namespace

@@ -82,8 +82,8 @@ __device__ __forceinline__ void for_each_group(int64_t rows, int64_t columns, Vi
 
 template <class In, class Out, int kVector>
 __global__ void __launch_bounds__(kElementwiseThreads)
-    gated_silu_kernel(GatedActivationParams p) {
-  dependent_grid_begin();
+    gated_silu_kernel(GatedActivationParams p, bool release_next) {
+  dependent_grid_begin(release_next);
   const auto* input = static_cast<const In*>(p.input);
   auto* out = static_cast<Out*>(p.out);
   for_each_group(p.rows, p.n / kVector, [&](int64_t r, int64_t group) {
@@ -104,8 +104,8 @@ __global__ void __launch_bounds__(kElementwiseThreads)
 }
 
 template <class In, class Out, class Index, int kVector>
-__global__ void __launch_bounds__(kElementwiseThreads) moe_sum_kernel(MoeSumParams p) {
-  dependent_grid_begin();
+__global__ void __launch_bounds__(kElementwiseThreads) moe_sum_kernel(MoeSumParams p, bool release_next) {
+  dependent_grid_begin(release_next);
   const auto* input = static_cast<const In*>(p.input);
   const auto* topk_ids = static_cast<const Index*>(p.topk_ids);
   auto* out = static_cast<Out*>(p.out);
@@ -162,18 +162,20 @@ dim3 grid_for(int64_t rows, int64_t groups) {
 }
 
 // Launches kernel<kWideVector> when the operands' rows are whole aligned
-// packs, else kernel<1>.
+// packs, else kernel<1>; the next kernel is released at once only when the
+// grid fits one CTA per SM (dependent_launch.cuh).
 template <class In, class Out, class Params, class Kernel>
 cudaError_t launch_packed(Kernel&& kernel_of, const Params& params, const void* input, int64_t input_row_stride,
                           const void* out, int64_t out_row_stride, int64_t rows, int64_t length,
                           cudaStream_t stream) {
   constexpr int kWide = kWideVector<In, Out>;
-  if (packs_fit<In, Out>(kWide, input, input_row_stride, out, out_row_stride, length)) {
-    return launch_dependent(kernel_of(std::integral_constant<int, kWide>{}), grid_for(rows, length / kWide),
-                            kElementwiseThreads, 0, stream, params);
-  }
-  return launch_dependent(kernel_of(std::integral_constant<int, 1>{}), grid_for(rows, length), kElementwiseThreads,
-                          0, stream, params);
+  const bool wide = packs_fit<In, Out>(kWide, input, input_row_stride, out, out_row_stride, length);
+  const dim3 grid = grid_for(rows, wide ? length / kWide : length);
+  const bool release_next = int64_t{grid.x} * grid.y <= multiprocessor_count();
+  return wide ? launch_dependent(kernel_of(std::integral_constant<int, kWide>{}), grid, kElementwiseThreads, 0,
+                                 stream, params, release_next)
+              : launch_dependent(kernel_of(std::integral_constant<int, 1>{}), grid, kElementwiseThreads, 0, stream,
+                                 params, release_next);
 }
 
 }  // namespace

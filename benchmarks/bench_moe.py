@@ -7,7 +7,7 @@ Timing: CUDA-graph replay, L2 flushed before each, median of --repeats; the
 same weights and the same seeded routing for every library. Prints a table and
 writes JSON (--json).
 
-    python benchmarks/bench_moe.py [--models mixtral,...] [--tokens 1,16,...]
+    python benchmarks/bench_moe.py [--models mixtral,...,name:E:top_k:hidden:inter] [--tokens 1,16,...]
         [--dtypes float16,bfloat16] [--grouped-from 256] [--block-sizes 16,32,64,128] [--json out.json]
 
 --block-sizes also times ferrum-moe with each of those routing block sizes (the
@@ -23,8 +23,8 @@ import json
 import numpy as np
 import torch
 
-from gpu_bench import (BYTES_PER_WEIGHT, GROUP, MODELS, copy_bandwidth, dequantized_bf16, ferrum_stack, peer_module,
-                       random_stacked, routing, tensor_core_rate, time_graph)
+from gpu_bench import (BYTES_PER_WEIGHT, GROUP, MODELS, copy_bandwidth, dequantized_bf16, ferrum_stack, layer_shape,
+                       peer_module, random_stacked, routing, tensor_core_rate, time_graph)
 
 import ferrum_moe as fm
 
@@ -74,7 +74,7 @@ def main() -> None:
     flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     rows = []
     for model in args.models.split(","):
-        e, top_k, hidden, inter = MODELS[model]
+        e, top_k, hidden, inter = layer_shape(model)
         w13, w2 = random_stacked(rng, e, hidden, 2 * inter), random_stacked(rng, e, inter, hidden)
         expert_bytes = 3 * hidden * inter * BYTES_PER_WEIGHT
         tokens = [int(t) for t in args.tokens.split(",")]
@@ -97,7 +97,8 @@ def main() -> None:
                 x = torch.randn(m, hidden, device="cuda", dtype=tdtype) * 0.5
                 out = torch.empty(m, hidden, device="cuda", dtype=tdtype)
                 ours = time_graph(lambda s: layer(x, tw, ids, out=out, stream=s), flush, args.repeats)
-                row = dict(model=model, dtype=dtype, m=m, ferrum_us=ours, device=device)
+                row = dict(model=model.split(":")[0], experts=e, top_k=top_k, hidden=hidden, inter=inter, dtype=dtype,
+                           m=m, ferrum_us=ours, device=device)
                 if by_block:
                     row["ferrum_us_by_block_size"] = {
                         b: time_graph(lambda s, lb=lb: lb(x, tw, ids, out=out, stream=s), flush, args.repeats)

@@ -11,6 +11,7 @@ import numpy as np
 from . import _core
 from ._checks import MAX_BLOCK_SIZE, checked_int
 from .arrays import host_copy, import_array, import_output, stream_handle, to_caller
+from .block_tables import tuned_block_size
 from .routing import _align, default_block_size
 from .discovery import device_name
 from .stack import ExpertStack
@@ -116,7 +117,8 @@ def _forward(x, w13: ExpertStack, w2: ExpertStack, topk_weights, topk_ids, activ
     # GEMMs themselves and no align runs. An explicit block_size keeps align.
     pair_routing = block_size is None and num_tokens == 1 and core.has_pair_routing and ids.is_compact
     if block_size is None:
-        block_size = default_block_size(pairs, w13.num_experts)
+        block_size = tuned_block_size(core.name, core.description, w13.num_experts, top_k, hidden, inter, w13.dtype,
+                                      num_tokens) or default_block_size(pairs, w13.num_experts)
     ws = workspace or _Workspace(temporary=True)
     buf = {name: ws.take(name, core, dev, dtype, [pairs, width], s)
            for name, dtype, width in (("gate_up", w13.dtype, 2 * inter), ("act", w13.dtype, inter))}
@@ -161,8 +163,11 @@ def fused_moe(x, w13: ExpertStack, w2: ExpertStack, topk_weights, topk_ids, *, a
     host map naming a local expert the stacks lack is refused; a device map is
     not read on the host, so such pairs are skipped and the second GEMM's
     output is zero-filled (a stream-ordered temporary). apply_router_weight_on_input scales the first GEMM's output instead of the
-    second's. The top-k sum accumulates in float32. Returns out, or a new
-    [num_tokens, hidden] array of x's type.
+    second's. The top-k sum accumulates in float32. block_size: the routing
+    block (on CUDA, the GEMM tile height); by default a measured block table's
+    (block_tables.py) where one has this layer, device and token count, else
+    routing.default_block_size's rule. Returns out, or a new [num_tokens,
+    hidden] array of x's type.
     """
     return _forward(x, w13, w2, topk_weights, topk_ids, activation, apply_router_weight_on_input, expert_map, out,
                     stream, block_size, None)

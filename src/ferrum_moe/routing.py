@@ -69,7 +69,8 @@ class Routing:
 
 def default_block_size(num_pairs: int, num_experts: int) -> int:
     """The routing block for the expected pairs per expert: 8 up to 6, 16 under
-    16, 32 up to 64, then 128. The block picks the CUDA backend's tile height;
+    16, 32 up to 64, then 128 (the layer asks a measured block table first:
+    block_tables.py). The block picks the CUDA backend's tile height;
     the bounds follow a sweep of blocks 8, 16, 32 and 128 over four models at
     M = 4-1024 (H200, 2026-12-04, docs/kernel-notes.md "Block sizes after
     v34"): the 8-row tile up to 6 pairs per expert (DeepSeek-V2-Lite M = 64:

@@ -1,0 +1,152 @@
+"""Measured routing block sizes: per backend, device, layer shape and token count.
+
+The routing block size picks how many rows of an expert one tile of the routed
+GEMMs takes (on CUDA, the tile height), and no one rule is best for every
+layer: a block table records, for the layers it was measured on, the fastest
+block at each token count a sweep timed. ``fused_moe`` and ``MoE`` ask the
+tables before ``routing.default_block_size``'s rule, when the caller passes no
+block size:
+
+- the tables named by ``FERRUM_MOE_BLOCK_TABLES`` (paths, separated by
+  ``os.pathsep``), first to last, then
+- the tables shipped in ``ferrum_moe/block_tables/`` (written by
+  ``benchmarks/write_block_table.py`` from ``bench_moe.py --block-sizes``).
+
+A table applies where its backend name equals the stack's backend's, its
+device string occurs in the backend's description (e.g. ``NVIDIA H200``), and
+a layer entry has the stack's experts, top-k, hidden and intermediate sizes and
+dtype. Within an entry a measured token count takes its block, and a count
+between two measured ones takes theirs where both have the same; between two
+that differ (where the crossover lies was not measured), below the first and
+past the last, the rule decides. The format (schema 1)::
+
+    {"schema": 1, "backend": "cuda", "device": "NVIDIA H200",
+     "measured": "2026-12-04", "source": "...",
+     "layers": [{"experts": 8, "top_k": 2, "hidden": 4096, "inter": 14336,
+                 "dtype": "float16", "blocks": [[4, 8], [32, 16], [64, 32]]}]}
+
+``blocks`` holds [token count, block size] pairs in increasing token count.
+A malformed table is refused with an error naming its file and field.
+"""
+from __future__ import annotations
+
+import bisect
+import functools
+import json
+import os
+import pathlib
+
+from ._checks import MAX_BLOCK_SIZE
+
+SCHEMA = 1
+ENV = "FERRUM_MOE_BLOCK_TABLES"
+SHIPPED = pathlib.Path(__file__).parent / "block_tables"
+_DTYPES = ("float16", "bfloat16", "float32")
+
+
+def _field(doc: dict, key: str, kind, where: str):
+    if key not in doc:
+        raise ValueError(f"{where}: missing field {key!r}")
+    value = doc[key]
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ValueError(f"{where}: {key!r} must be an integer; got {value!r}")
+    if kind is not int and not isinstance(value, kind):
+        raise ValueError(f"{where}: {key!r} must be a {kind.__name__}; got {type(value).__name__}")
+    return value
+
+
+def parse_table(doc, where: str) -> dict:
+    """Checks one table (a parsed JSON document) and answers {(backend, device,
+    experts, top_k, hidden, inter, dtype): (token counts, blocks)}; `where`
+    names it in errors."""
+    if not isinstance(doc, dict):
+        raise ValueError(f"{where}: a block table is a JSON object; got {type(doc).__name__}")
+    if _field(doc, "schema", int, where) != SCHEMA:
+        raise ValueError(f"{where}: schema {doc['schema']} is not supported (this ferrum-moe reads schema {SCHEMA})")
+    backend = _field(doc, "backend", str, where)
+    device = _field(doc, "device", str, where)
+    if not backend or not device:
+        raise ValueError(f"{where}: 'backend' and 'device' must not be empty")
+    entries = {}
+    for i, layer in enumerate(_field(doc, "layers", list, where)):
+        at = f"{where}: layers[{i}]"
+        if not isinstance(layer, dict):
+            raise ValueError(f"{at} must be an object; got {type(layer).__name__}")
+        shape = []
+        for key in ("experts", "top_k", "hidden", "inter"):
+            value = _field(layer, key, int, at)
+            if value < 1:
+                raise ValueError(f"{at}: {key!r} must be at least 1; got {value}")
+            shape.append(value)
+        dtype = _field(layer, "dtype", str, at)
+        if dtype not in _DTYPES:
+            raise ValueError(f"{at}: 'dtype' must be one of {_DTYPES}; got {dtype!r}")
+        counts, blocks = [], []
+        for j, pair in enumerate(_field(layer, "blocks", list, at)):
+            if (not isinstance(pair, list) or len(pair) != 2
+                    or any(isinstance(v, bool) or not isinstance(v, int) for v in pair)):
+                raise ValueError(f"{at}: blocks[{j}] must be [token count, block size] integers; got {pair!r}")
+            m, block = pair
+            if m < 1 or (counts and m <= counts[-1]):
+                raise ValueError(f"{at}: blocks[{j}]: token counts must be positive and increasing; got {m} "
+                                 f"after {counts[-1] if counts else 'nothing'}")
+            if not 1 <= block <= MAX_BLOCK_SIZE:
+                raise ValueError(f"{at}: blocks[{j}]: block size must be in [1, {MAX_BLOCK_SIZE}]; got {block}")
+            counts.append(m)
+            blocks.append(block)
+        if not counts:
+            raise ValueError(f"{at}: 'blocks' is empty")
+        key = (backend, device, *shape, dtype)
+        if key in entries:
+            raise ValueError(f"{at}: a second entry for experts {shape[0]}, top_k {shape[1]}, hidden {shape[2]}, "
+                             f"inter {shape[3]}, {dtype}")
+        entries[key] = (tuple(counts), tuple(blocks))
+    return entries
+
+
+def read_table(path) -> dict:
+    """parse_table of the JSON file at `path`."""
+    path = pathlib.Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except OSError as e:
+        raise ValueError(f"block table {path}: cannot be read ({e.strerror or e})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"block table {path}: not JSON ({e})") from None
+    return parse_table(doc, f"block table {path}")
+
+
+@functools.lru_cache(maxsize=None)
+def _tables(env_value: str) -> tuple[dict, ...]:
+    """Every table in lookup order: the environment's, then the shipped ones
+    (read once per value of the environment variable)."""
+    paths = [p for p in env_value.split(os.pathsep) if p]
+    paths += sorted(SHIPPED.glob("*.json"))
+    return tuple(read_table(p) for p in paths)
+
+
+@functools.lru_cache(maxsize=4096)
+def _entry(env_value: str, backend: str, description: str, experts: int, top_k: int, hidden: int, inter: int,
+           dtype: str):
+    for table in _tables(env_value):
+        for (b, device, *shape, d), entry in table.items():
+            if b == backend and device in description and tuple(shape) == (experts, top_k, hidden, inter) \
+                    and d == dtype:
+                return entry
+    return None
+
+
+def tuned_block_size(backend: str, description: str, experts: int, top_k: int, hidden: int, inter: int,
+                     dtype: str, num_tokens: int) -> int | None:
+    """The measured block for this layer and token count, or None where no
+    table has it (module docstring: which table, which count)."""
+    entry = _entry(os.environ.get(ENV, ""), backend, description, experts, top_k, hidden, inter, dtype)
+    if entry is None:
+        return None
+    counts, blocks = entry
+    at = bisect.bisect_left(counts, num_tokens)
+    if at == len(counts):
+        return None
+    if counts[at] == num_tokens:
+        return blocks[at]
+    return blocks[at] if at > 0 and blocks[at - 1] == blocks[at] else None

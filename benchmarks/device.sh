@@ -2,11 +2,12 @@
 # One call on the GPU machine: build the core and the CUDA plugin, run the tests,
 # the sanitizers and the benchmarks, and print a short summary last.
 #   bash benchmarks/device.sh [build | plugin] [test] [cpu] [sanitize] [hang] [bench] [linear] [align] [steps] [profile]
+#                             [source]
 # (default: build test sanitize bench linear). plugin: install only the CUDA plugin (an A/B
 # run of another .dist wheel on the core already installed); benchmarks/device_ab.sh runs a
 # whole A/B of wheels built elsewhere that way, in both orders.
-# PROFILE_ARGS picks the layers for ncu, STEPS_ARGS those for profile_moe.py --steps
-# (profile_moe.py's options, ';' between layers).
+# PROFILE_ARGS picks the layers for ncu, STEPS_ARGS those for profile_moe.py --steps, SOURCE_ARGS
+# those for the per-instruction samples of one routed GEMM (profile_moe.py's options, ';' between layers).
 # cpu: the CPU kernel tests on the GPU machine's host CPU (a Xeon with AMX-BF16:
 # the only place the AMX kernels run for real).
 # sanitize: compute-sanitizer memcheck, racecheck and synccheck over cuda_smoke.py and the CUDA tests
@@ -142,6 +143,24 @@ if has profile; then
         --section LaunchStats --section MemoryWorkloadAnalysis --section SourceCounters --print-details all \
         python3 profile_moe.py ${layers[i]}) >"$OUT/ncu-$i.txt" 2>&1
     summary+=("ncu ${layers[i]}: rc=$? (ncu-$i.txt, ncu-times-$i.txt)")
+  done
+fi
+
+if has source; then
+  # The first routed GEMM of one layer call per SOURCE_ARGS entry (';'-separated profile_moe.py
+  # options; SOURCE_SKIP routed launches skipped first: the warm-up calls'), sampled per SASS
+  # instruction: ncu's source page as CSV (gzipped) and ncu_source.py's summary of it (by
+  # opcode, by producer / consumer role, the top instructions).
+  IFS=';' read -ra layers <<<"${SOURCE_ARGS:---model mixtral --tokens 4096}"
+  for i in "${!layers[@]}"; do
+    (cd benchmarks && ncu -k regex:gemm_routed --launch-skip "${SOURCE_SKIP:-6}" --launch-count 1 \
+        --section SourceCounters --section WarpStateStats -o "$OUT/source-$i" python3 profile_moe.py ${layers[i]}) \
+      >"$OUT/source-$i.log" 2>&1
+    ncu -i "$OUT/source-$i.ncu-rep" --page source --csv --print-source sass >"$OUT/source-$i.csv" 2>>"$OUT/source-$i.log" ||
+      ncu -i "$OUT/source-$i.ncu-rep" --page source --csv >"$OUT/source-$i.csv" 2>>"$OUT/source-$i.log"
+    python3 benchmarks/ncu_source.py "$OUT/source-$i.csv" >"$OUT/source-$i.txt" 2>&1
+    gzip -f "$OUT/source-$i.csv" && rm -f "$OUT/source-$i.ncu-rep"
+    summary+=("source ${layers[i]}: $(head -1 "$OUT/source-$i.txt") (source-$i.txt, source-$i.csv.gz)")
   done
 fi
 

@@ -70,6 +70,14 @@ def _check_local_ids(host_map: np.ndarray, w13: ExpertStack, op: str) -> None:
                          f"{w13.num_experts} (local ids must be in [0, {w13.num_experts}) or -1)")
 
 
+def layer_block_size(w13: ExpertStack, w2: ExpertStack, top_k: int, num_tokens: int) -> int:
+    """The routing block a layer call takes when its caller names none: a
+    measured block table's (block_tables.py), else routing.default_block_size's."""
+    core = w13._core.backend
+    return (tuned_block_size(core.name, core.description, w13.num_experts, top_k, w13.k, w2.k, w13.dtype, num_tokens)
+            or default_block_size(num_tokens * top_k, w13.num_experts))
+
+
 def _forward(x, w13: ExpertStack, w2: ExpertStack, topk_weights, topk_ids, activation: str,
              apply_router_weight_on_input: bool, expert_map, out, stream, block_size, workspace: _Workspace | None):
     _check_pair(w13, w2)
@@ -117,8 +125,7 @@ def _forward(x, w13: ExpertStack, w2: ExpertStack, topk_weights, topk_ids, activ
     # GEMMs themselves and no align runs. An explicit block_size keeps align.
     pair_routing = block_size is None and num_tokens == 1 and core.has_pair_routing and ids.is_compact
     if block_size is None:
-        block_size = tuned_block_size(core.name, core.description, w13.num_experts, top_k, hidden, inter, w13.dtype,
-                                      num_tokens) or default_block_size(pairs, w13.num_experts)
+        block_size = layer_block_size(w13, w2, top_k, num_tokens)
     ws = workspace or _Workspace(temporary=True)
     buf = {name: ws.take(name, core, dev, dtype, [pairs, width], s)
            for name, dtype, width in (("gate_up", w13.dtype, 2 * inter), ("act", w13.dtype, inter))}

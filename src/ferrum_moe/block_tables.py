@@ -13,7 +13,9 @@ block size:
   ``benchmarks/write_block_table.py`` from ``bench_moe.py --block-sizes``).
 
 A table applies where its backend name equals the stack's backend's, its
-device string occurs in the backend's description (e.g. ``NVIDIA H200``), and
+device string occurs in the backend's description (e.g. ``NVIDIA H200``; the
+CUDA backend's names its first device, so a machine of mixed GPUs matches by
+that one), and
 a layer entry has the stack's experts, top-k, hidden and intermediate sizes and
 dtype. Within an entry a measured token count takes its block, and a count
 between two measured ones takes theirs where both have the same; between two

@@ -1,7 +1,8 @@
 """The host's cost of a call through the Python API: warm calls of fm.MoE,
 fm.fused_moe and fm.Linear on layers so small that the kernels take next to
 nothing, numpy in and out on the CPU backend (and torch on CUDA where a GPU is
-there: the time to issue a call, not to run it).
+there, timed to a synchronize after the calls: the slower of issuing and running
+them, at these sizes issuing).
 
     python benchmarks/bench_host.py [--calls 4000] [--repeats 5]
 

@@ -12,7 +12,8 @@ writes JSON (--json).
 
 --block-sizes also times ferrum-moe with each of those routing block sizes (the
 block size picks the CUDA tile height): the measurements behind
-routing.default_block_size.
+routing.default_block_size's rule and the block tables
+(benchmarks/write_block_table.py, src/ferrum_moe/block_tables.py).
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ def main() -> None:
                 out = torch.empty(m, hidden, device="cuda", dtype=tdtype)
                 ours = time_graph(lambda s: layer(x, tw, ids, out=out, stream=s), flush, args.repeats)
                 row = dict(model=model.split(":")[0], experts=e, top_k=top_k, hidden=hidden, inter=inter, dtype=dtype,
-                           m=m, ferrum_us=ours, device=device)
+                           bits=4, group_size=GROUP, m=m, ferrum_us=ours, device=device)
                 if by_block:
                     row["ferrum_us_by_block_size"] = {
                         b: time_graph(lambda s, lb=lb: lb(x, tw, ids, out=out, stream=s), flush, args.repeats)

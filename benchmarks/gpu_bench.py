@@ -21,19 +21,19 @@ MODELS = {  # experts, top_k, hidden, intermediate
     "deepseek-v3": (256, 8, 7168, 2048),
 }
 GROUP = 128
+# Bytes per INT4 weight with its share of the fp16 group scale.
+BYTES_PER_WEIGHT = 0.5 + 2 / GROUP
 
 
 def layer_shape(spec: str) -> tuple[int, int, int, int]:
     """(experts, top_k, hidden, intermediate) of a MODELS name, or of
-    'name:E:top_k:hidden:intermediate' for any other layer."""
+    'name:E:top_k:hidden:inter' for any other layer."""
     if spec in MODELS:
         return MODELS[spec]
     parts = spec.split(":")
     if len(parts) != 5 or not all(p.isdigit() and int(p) > 0 for p in parts[1:]):
-        raise SystemExit(f"model {spec!r}: one of {', '.join(MODELS)}, or name:E:top_k:hidden:intermediate")
+        raise SystemExit(f"model {spec!r}: one of {', '.join(MODELS)}, or name:E:top_k:hidden:inter")
     return tuple(int(p) for p in parts[1:])
-# Bytes per INT4 weight with its share of the fp16 group scale.
-BYTES_PER_WEIGHT = 0.5 + 2 / GROUP
 
 
 def peer_module():

@@ -6,7 +6,7 @@
 
 Prints the sampled warp states by opcode, the instructions holding the most samples,
 and the samples split by role in a warp-specialised kernel: each instruction goes
-with the nearer (by address) of the producer's copies (LDGSTS, UBLKCP, UTMALDG) and
+with the nearer (by address) of the producer's copies (LDGSTS, UBLKCP, UTMALDG, UTMAPF) and
 the consumers' MMAs (HGMMA, HMMA); ncu lays a branch's two sides out as address
 ranges, so the split is close, not exact. Only the columns it finds are used:
 the address, the SASS text and the sampling counts (ncu's names vary by version).
@@ -51,7 +51,7 @@ def read_rows(path: str):
 
     address = column("address")
     source = column("source", avoid=("file", "line"))
-    samples = column("sampling", "all")
+    samples = column("sampling", "(all")
     if samples is None:
         samples = column("samples", avoid=("not",))
     not_issued = column("not-issued")

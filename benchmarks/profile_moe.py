@@ -24,16 +24,16 @@ from ferrum_moe.arrays import import_array, import_output, stream_handle
 from ferrum_moe.moe import _Workspace, layer_block_size
 from ferrum_moe.routing import _align
 
-from gpu_bench import MODELS, ferrum_stack, random_stacked, time_graph
+from gpu_bench import ferrum_stack, layer_shape, random_stacked, time_graph
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model", default="mixtral")
+    parser.add_argument("--model", default="mixtral", help="a gpu_bench.MODELS name, or name:E:top_k:hidden:inter")
     parser.add_argument("--tokens", default="1")
     parser.add_argument("--steps", action="store_true", help="graph-replay time of each prefix of the chain")
     args = parser.parse_args()
-    e, top_k, hidden, inter = MODELS[args.model]
+    e, top_k, hidden, inter = layer_shape(args.model)
     rng = np.random.default_rng(0)
     flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     layer = fm.MoE(ferrum_stack(random_stacked(rng, e, hidden, 2 * inter), "float16"),

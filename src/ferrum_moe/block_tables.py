@@ -9,15 +9,15 @@ block size:
 
 - the tables named by ``FERRUM_MOE_BLOCK_TABLES`` (paths, separated by
   ``os.pathsep``), first to last, then
-- the tables shipped in ``ferrum_moe/block_tables/`` (written by
+- the tables shipped in ``ferrum_moe/block_tables_data/`` (written by
   ``benchmarks/write_block_table.py`` from ``bench_moe.py --block-sizes``).
 
 A table applies where its backend name equals the stack's backend's, its
-device string occurs in the backend's description (e.g. ``NVIDIA H200``; the
-CUDA backend's names its first device, so a machine of mixed GPUs matches by
-that one), and
-a layer entry has the stack's experts, top-k, hidden and intermediate sizes and
-dtype. Within an entry a measured token count takes its block, and a count
+device string equals the backend's description or one of its comma-separated
+fields (``NVIDIA H200`` in ``CUDA sm_90, NVIDIA H200, 132 SMs``; the CUDA
+backend's names its first device, so a machine of mixed GPUs matches by that
+one), and a layer entry has the stacks' experts, top-k, hidden and
+intermediate sizes, dtype, bits and group size. Within an entry a measured token count takes its block, and a count
 between two measured ones takes theirs where both have the same; between two
 that differ (where the crossover lies was not measured), below the first and
 past the last, the rule decides. The format (schema 1)::
@@ -25,7 +25,8 @@ past the last, the rule decides. The format (schema 1)::
     {"schema": 1, "backend": "cuda", "device": "NVIDIA H200",
      "measured": "2026-12-04", "source": "...",
      "layers": [{"experts": 8, "top_k": 2, "hidden": 4096, "inter": 14336,
-                 "dtype": "float16", "blocks": [[4, 8], [32, 16], [64, 32]]}]}
+                 "dtype": "float16", "bits": 4, "group_size": 128,
+                 "blocks": [[4, 8], [32, 16], [64, 32]]}]}
 
 ``blocks`` holds [token count, block size] pairs in increasing token count.
 A malformed table is refused with an error naming its file and field.
@@ -42,7 +43,7 @@ from ._checks import MAX_BLOCK_SIZE
 
 SCHEMA = 1
 ENV = "FERRUM_MOE_BLOCK_TABLES"
-SHIPPED = pathlib.Path(__file__).parent / "block_tables"
+SHIPPED = pathlib.Path(__file__).parent / "block_tables_data"
 _DTYPES = ("float16", "bfloat16", "float32")
 
 
@@ -59,8 +60,8 @@ def _field(doc: dict, key: str, kind, where: str):
 
 def parse_table(doc, where: str) -> dict:
     """Checks one table (a parsed JSON document) and answers {(backend, device,
-    experts, top_k, hidden, inter, dtype): (token counts, blocks)}; `where`
-    names it in errors."""
+    experts, top_k, hidden, inter, dtype, bits, group_size): (token counts,
+    blocks)}; `where` names it in errors."""
     if not isinstance(doc, dict):
         raise ValueError(f"{where}: a block table is a JSON object; got {type(doc).__name__}")
     if _field(doc, "schema", int, where) != SCHEMA:
@@ -83,6 +84,12 @@ def parse_table(doc, where: str) -> dict:
         dtype = _field(layer, "dtype", str, at)
         if dtype not in _DTYPES:
             raise ValueError(f"{at}: 'dtype' must be one of {_DTYPES}; got {dtype!r}")
+        bits = _field(layer, "bits", int, at)
+        if bits not in (4, 8):
+            raise ValueError(f"{at}: 'bits' must be 4 or 8; got {bits}")
+        group_size = _field(layer, "group_size", int, at)
+        if group_size < 1 and group_size != -1:
+            raise ValueError(f"{at}: 'group_size' must be positive or -1 (one group); got {group_size}")
         counts, blocks = [], []
         for j, pair in enumerate(_field(layer, "blocks", list, at)):
             if (not isinstance(pair, list) or len(pair) != 2
@@ -98,10 +105,10 @@ def parse_table(doc, where: str) -> dict:
             blocks.append(block)
         if not counts:
             raise ValueError(f"{at}: 'blocks' is empty")
-        key = (backend, device, *shape, dtype)
+        key = (backend, device, *shape, dtype, bits, group_size)
         if key in entries:
             raise ValueError(f"{at}: a second entry for experts {shape[0]}, top_k {shape[1]}, hidden {shape[2]}, "
-                             f"inter {shape[3]}, {dtype}")
+                             f"inter {shape[3]}, {dtype}, {bits} bits, group size {group_size}")
         entries[key] = (tuple(counts), tuple(blocks))
     return entries
 
@@ -110,11 +117,11 @@ def read_table(path) -> dict:
     """parse_table of the JSON file at `path`."""
     path = pathlib.Path(path)
     try:
-        doc = json.loads(path.read_text())
+        doc = json.loads(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise ValueError(f"block table {path}: cannot be read ({e.strerror or e})") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"block table {path}: not JSON ({e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"block table {path}: not JSON text ({e})") from None
     return parse_table(doc, f"block table {path}")
 
 
@@ -128,21 +135,21 @@ def _tables(env_value: str) -> tuple[dict, ...]:
 
 
 @functools.lru_cache(maxsize=4096)
-def _entry(env_value: str, backend: str, description: str, experts: int, top_k: int, hidden: int, inter: int,
-           dtype: str):
+def _entry(env_value: str, backend: str, description: str, layer: tuple):
+    names = {description, *(field.strip() for field in description.split(","))}
     for table in _tables(env_value):
-        for (b, device, *shape, d), entry in table.items():
-            if b == backend and device in description and tuple(shape) == (experts, top_k, hidden, inter) \
-                    and d == dtype:
+        for (b, device, *key), entry in table.items():
+            if b == backend and device in names and tuple(key) == layer:
                 return entry
     return None
 
 
-def tuned_block_size(backend: str, description: str, experts: int, top_k: int, hidden: int, inter: int,
-                     dtype: str, num_tokens: int) -> int | None:
+def measured_block_size(backend: str, description: str, experts: int, top_k: int, hidden: int, inter: int,
+                        dtype: str, bits: int, group_size: int, num_tokens: int) -> int | None:
     """The measured block for this layer and token count, or None where no
     table has it (module docstring: which table, which count)."""
-    entry = _entry(os.environ.get(ENV, ""), backend, description, experts, top_k, hidden, inter, dtype)
+    entry = _entry(os.environ.get(ENV, ""), backend, description,
+                   (experts, top_k, hidden, inter, dtype, bits, group_size))
     if entry is None:
         return None
     counts, blocks = entry

@@ -12,7 +12,7 @@ import numpy as np
 from . import _core
 from ._checks import MAX_BLOCK_SIZE, checked_int
 from .arrays import host_copy, import_array, import_output, stream_handle, to_caller
-from .block_tables import tuned_block_size
+from .block_tables import measured_block_size
 from .routing import _align, default_block_size
 from .discovery import device_name
 from .stack import ExpertStack
@@ -33,7 +33,7 @@ class _Workspace:
         self._temporary = temporary
 
     def take(self, name: str, backend, device, dtype: str, shape, stream: int) -> _core.Tensor:
-        numel = math.prod(shape)  # (np.prod costs ~5 us a call, six calls a layer)
+        numel = math.prod(shape)  # (np.prod costs ~3 us a call, six calls a layer)
         buf = self._buffers.get(name)
         if buf is None or buf.dtype != dtype or tuple(buf.device) != device or buf.shape[0] < numel:
             buf = backend.empty(device[0], device[1], dtype, [max(numel, 1)], stream, temporary=self._temporary)
@@ -75,7 +75,8 @@ def layer_block_size(w13: ExpertStack, w2: ExpertStack, top_k: int, num_tokens: 
     """The routing block a layer call takes when its caller names none: a
     measured block table's (block_tables.py), else routing.default_block_size's."""
     core = w13._core.backend
-    return (tuned_block_size(core.name, core.description, w13.num_experts, top_k, w13.k, w2.k, w13.dtype, num_tokens)
+    return (measured_block_size(core.name, core.description, w13.num_experts, top_k, w13.k, w2.k, w13.dtype,
+                                w13.bits, w13.group_size, num_tokens)
             or default_block_size(num_tokens * top_k, w13.num_experts))
 
 
@@ -125,8 +126,6 @@ def _forward(x, w13: ExpertStack, w2: ExpertStack, topk_weights, topk_ids, activ
     # experts differ), so backends that can (ABI 1.2) read topk_ids in the
     # GEMMs themselves and no align runs. An explicit block_size keeps align.
     pair_routing = block_size is None and num_tokens == 1 and core.has_pair_routing and ids.is_compact
-    if block_size is None:
-        block_size = layer_block_size(w13, w2, top_k, num_tokens)
     ws = workspace or _Workspace(temporary=True)
     buf = {name: ws.take(name, core, dev, dtype, [pairs, width], s)
            for name, dtype, width in (("gate_up", w13.dtype, 2 * inter), ("act", w13.dtype, inter))}
@@ -145,6 +144,8 @@ def _forward(x, w13: ExpertStack, w2: ExpertStack, topk_weights, topk_ids, activ
         except NotImplementedError:  # a plugin built against ABI 1.2 without it (plugins.md): align
             pair_routing = False
     if not pair_routing:
+        if block_size is None:
+            block_size = layer_block_size(w13, w2, top_k, num_tokens)
         routing = _align(core, ids, block_size, num_experts, map_t, s, ws)
         w13._core.gemm_routed(xt, *routing, block_size, top_k, first_weights, buf["gate_up"], s)
     core.gated_activation(buf["gate_up"], buf["act"], s)
@@ -183,10 +184,13 @@ def fused_moe(x, w13: ExpertStack, w2: ExpertStack, topk_weights, topk_ids, *, a
 
 
 class MoE:
-    """A MoE layer that keeps its intermediate buffers between calls: after one
-    call at the largest token count, calls with ``out=`` allocate nothing (CUDA-graph
-    capturable on backends whose kernels are), except, with a device-resident
-    ``expert_map``, one zero-filled stream-ordered buffer per call (see fused_moe).
+    """A MoE layer that keeps its intermediate buffers between calls, grown only
+    when a call needs more: once it has run at the token counts it will see
+    (the routing buffers' sizes follow the block size, which follows the token
+    count, so the largest count alone may not cover a smaller one's), calls with
+    ``out=`` allocate nothing (CUDA-graph capturable on backends whose kernels
+    are), except, with a device-resident ``expert_map``, one zero-filled
+    stream-ordered buffer per call (see fused_moe).
 
     Safe to call from several threads at once: each (thread, stream) pair has
     its own buffers, so no call waits for another. On CUDA a stack must not

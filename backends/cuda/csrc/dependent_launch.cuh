@@ -22,7 +22,7 @@ namespace ferrum_moe_cuda {
 // devices before sm_90, and in launches without the attribute, both are no-ops.
 //
 // release_next = false leaves the next kernel to launch as this grid's CTAs
-// leave. A grid of more CTAs than SMs should pass it: released at once, the
+// leave. A grid of more CTAs than SMs should pass false: released at once, the
 // next kernel's CTAs are placed while this grid's later waves still hold the
 // SMs, and a stream-K GEMM placed so ran 30% slower (H200, 2026-12-04: the
 // 2-D activation before Mixtral's w2 at M = 64, 132 -> 174 us; kernel notes,

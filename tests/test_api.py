@@ -270,6 +270,31 @@ def test_a_moe_layer_reuses_its_workspace_across_token_counts(rng, target):
         assert rel_error(target.get(out), reference_moe(x, w13, w2, tw, ids)) < REL_TOL[dtype]
 
 
+def test_a_moe_layer_run_at_its_largest_token_count_allocates_nothing_at_smaller_ones(rng, target):
+    """The routing buffers cover every default block: a layer warmed at M = 600
+    (blocks of 128 here) keeps its buffers at M = 20 (blocks of 8, more of them)
+    and at every count between (what capturing a CUDA graph per batch size needs)."""
+    dtype = target.dtypes[-1]
+    w13, w2, s13, s2 = _moe_case(rng, target, dtype)
+    layer = fm.MoE(s13, s2, top_k=2)
+    stream = fm.arrays.stream_handle(None)
+
+    def run(m):
+        x = random_activations(rng, (m, 128), dtype)
+        tw, ids = _routing_inputs(rng, m, 8, 2)
+        out = target.put(poisoned((m, 128), dtype))
+        layer(target.put(x), target.put(tw), target.put(ids), out=out)
+        assert rel_error(target.get(out), reference_moe(x, w13, w2, tw, ids)) < REL_TOL[dtype]
+
+    run(600)
+    buffers = dict(layer._workspace(stream)._buffers)
+    assert {"sorted_token_ids", "expert_ids"} <= buffers.keys()
+    for m in (20, 2, 257, 64, 599, 200, 130):  # 200: blocks of 32, 21 of them against 600's 18
+        run(m)
+        assert {name: id(b) for name, b in layer._workspace(stream)._buffers.items()} == \
+            {name: id(b) for name, b in buffers.items()}, f"a buffer was reallocated at M = {m}"
+
+
 def test_expert_views_and_bias(rng, target):
     dtype = target.dtypes[-1]
     e, k, n = 4, 64, 128

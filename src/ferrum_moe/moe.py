@@ -32,11 +32,14 @@ class _Workspace:
         self._buffers: dict[str, _core.Tensor] = {}
         self._temporary = temporary
 
-    def take(self, name: str, backend, device, dtype: str, shape, stream: int) -> _core.Tensor:
+    def take(self, name: str, backend, device, dtype: str, shape, stream: int, capacity: int = 0) -> _core.Tensor:
+        """A view of `shape` on buffer `name`, grown (to `capacity` elements
+        when that is more) if it holds fewer."""
         numel = math.prod(shape)  # (np.prod costs ~3 us a call, six calls a layer)
         buf = self._buffers.get(name)
         if buf is None or buf.dtype != dtype or tuple(buf.device) != device or buf.shape[0] < numel:
-            buf = backend.empty(device[0], device[1], dtype, [max(numel, 1)], stream, temporary=self._temporary)
+            buf = backend.empty(device[0], device[1], dtype, [max(numel, capacity, 1)], stream,
+                                temporary=self._temporary)
             self._buffers[name] = buf
         return buf.view(list(shape))
 
@@ -184,13 +187,12 @@ def fused_moe(x, w13: ExpertStack, w2: ExpertStack, topk_weights, topk_ids, *, a
 
 
 class MoE:
-    """A MoE layer that keeps its intermediate buffers between calls, grown only
-    when a call needs more: once it has run at the token counts it will see
-    (the routing buffers' sizes follow the block size, which follows the token
-    count, so the largest count alone may not cover a smaller one's), calls with
-    ``out=`` allocate nothing (CUDA-graph capturable on backends whose kernels
-    are), except, with a device-resident ``expert_map``, one zero-filled
-    stream-ordered buffer per call (see fused_moe).
+    """A MoE layer that keeps its intermediate buffers between calls: after one
+    call at the largest token count, calls with ``out=`` allocate nothing
+    (CUDA-graph capturable on backends whose kernels are) while the routing
+    block stays within 8-128 (every default block: the routing buffers are
+    sized for all of them), except, with a device-resident ``expert_map``, one
+    zero-filled stream-ordered buffer per call (see fused_moe).
 
     Safe to call from several threads at once: each (thread, stream) pair has
     its own buffers, so no call waits for another. On CUDA a stack must not

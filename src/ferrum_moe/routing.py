@@ -67,6 +67,9 @@ class Routing:
                 import_array(self.num_tokens_post_padded, "num_tokens_post_padded", stream))
 
 
+_SMALLEST_DEFAULT_BLOCK, _LARGEST_DEFAULT_BLOCK = 8, 128  # default_block_size's range
+
+
 def default_block_size(num_pairs: int, num_experts: int) -> int:
     """The routing block for the expected pairs per expert: 8 up to 6, 16 under
     16, 32 up to 64, then 128 (the layer asks a measured block table first:
@@ -100,8 +103,19 @@ def _align(backend, topk_ids_t, block_size, num_experts, map_t, stream, workspac
     if workspace is None:
         sorted_ids, expert_ids, post = (backend.empty(dev[0], dev[1], "int32", [n], stream) for n in (padded, blocks, 1))
     else:
-        sorted_ids, expert_ids, post = (workspace.take(name, backend, dev, "int32", [n], stream) for name, n in
-                                        (("sorted_token_ids", padded), ("expert_ids", blocks), ("post", 1)))
+        # Grown for every default block (8-128) at this token count: the padded
+        # length grows with the block and the block count falls, so a layer
+        # that has run at its largest count allocates nothing at a smaller one
+        # whose block is smaller (what CUDA-graph capture needs).
+        # (The arguments were checked by routing_buffer_sizes above.)
+        pairs = num_tokens * top_k
+        largest, smallest = max(block_size, _LARGEST_DEFAULT_BLOCK), min(block_size, _SMALLEST_DEFAULT_BLOCK)
+        most_padded = _core.max_num_tokens_padded(pairs, num_local, largest)
+        most_blocks = -(-_core.max_num_tokens_padded(pairs, num_local, smallest) // smallest)
+        sorted_ids, expert_ids, post = (workspace.take(name, backend, dev, "int32", [n], stream, capacity)
+                                        for name, n, capacity in (("sorted_token_ids", padded, most_padded),
+                                                                  ("expert_ids", blocks, most_blocks),
+                                                                  ("post", 1, 1)))
     backend.moe_align_block_size(topk_ids_t, num_experts, block_size, map_t, sorted_ids, expert_ids, post, stream)
     return sorted_ids, expert_ids, post
 

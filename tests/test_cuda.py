@@ -530,3 +530,32 @@ def test_moe_sum_matches_float64(rng, out_dtype, hidden, offset, index_dtype):
     assert np.all(np.abs(got - ref) <= rtol * np.abs(ref) + 1e-6 * top_k)
     if offset:
         assert torch.isnan(out_wide[:, :offset]).all()
+
+
+@pytest.mark.parametrize("offset", [0, 1])  # vector and scalar kernels
+def test_elementwise_kernels_loop_past_the_grids_row_limit(rng, offset):
+    """140,000 activation rows and 70,000 tokens to sum: more than a grid's
+    65,535 along y (the kernels' row loop), and more CTAs than SMs (the launch
+    that does not release the next kernel early)."""
+    from ferrum_moe.arrays import import_array
+
+    rows, n, top_k = 140_000, 16, 2
+    stream = torch.cuda.current_stream().cuda_stream
+    backend = _cuda_backend(rng)
+    wide = torch.from_numpy(rng.standard_normal((rows, 2 * n + offset))).to("cuda", torch.float16)
+    x = wide[:, offset:]
+    out = torch.full((rows, n + offset), float("nan"), device="cuda", dtype=torch.float16)[:, offset:]
+    backend.gated_activation(import_array(x, "x"), import_array(out, "out"), stream)
+    pairs = torch.full((rows, n + offset), float("nan"), device="cuda", dtype=torch.float32)[:, offset:]
+    pairs.copy_(out.float())
+    ids = torch.zeros((rows // top_k, top_k), device="cuda", dtype=torch.int32)
+    summed = torch.full((rows // top_k, n + offset), float("nan"), device="cuda", dtype=torch.float32)[:, offset:]
+    backend.moe_sum(import_array(pairs, "x"), import_array(ids, "topk_ids"), 1, None, import_array(summed, "out"),
+                    stream)
+    torch.cuda.synchronize()
+    g, u = x[:, :n].double().cpu().numpy(), x[:, n:].double().cpu().numpy()
+    ref = g / (1 + np.exp(-g)) * u
+    got = out.double().cpu().numpy()
+    assert np.all(np.abs(got - ref) <= 2 ** -10 * np.abs(ref) + 1e-6)
+    ref_sum = got.reshape(rows // top_k, top_k, n).sum(axis=1)
+    assert np.all(np.abs(summed.double().cpu().numpy() - ref_sum) <= 1e-6 * (1 + np.abs(ref_sum)))

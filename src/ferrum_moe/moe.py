@@ -30,18 +30,28 @@ class _Workspace:
 
     def __init__(self, temporary: bool = False):
         self._buffers: dict[str, _core.Tensor] = {}
+        # The last view taken of each buffer, by what was asked: a layer called
+        # at one token count over and over (decode) takes the same views each
+        # time, and making one costs about a microsecond.
+        self._views: dict[str, tuple[tuple, _core.Tensor]] = {}
         self._temporary = temporary
 
     def take(self, name: str, backend, device, dtype: str, shape, stream: int, capacity: int = 0) -> _core.Tensor:
         """A view of `shape` on buffer `name`, grown (to `capacity` elements
         when that is more) if it holds fewer."""
+        asked = (dtype, device, tuple(shape), capacity)
+        last = self._views.get(name)
+        if last is not None and last[0] == asked:
+            return last[1]
         numel = math.prod(shape)  # (np.prod costs ~3 us a call, six calls a layer)
         buf = self._buffers.get(name)
         if buf is None or buf.dtype != dtype or tuple(buf.device) != device or buf.shape[0] < numel:
             buf = backend.empty(device[0], device[1], dtype, [max(numel, capacity, 1)], stream,
                                 temporary=self._temporary)
             self._buffers[name] = buf
-        return buf.view(list(shape))
+        view = buf.view(list(shape))
+        self._views[name] = (asked, view)
+        return view
 
 
 def _check_pair(w13: ExpertStack, w2: ExpertStack) -> None:

@@ -471,23 +471,23 @@ def _cuda_backend(rng):
     return _small_stack(rng)[1]._core.backend
 
 
-# (width, column offset): whole aligned 16-byte packs per row (the vector
-# kernels), an odd width, and rows starting one element past a pack (both the
-# scalar kernels).
-ELEMENTWISE_LAYOUTS = [(1024, 0), (13, 0), (1024, 1)]
+# (width, input column offset, output column offset): whole aligned 16-byte
+# packs per row (the vector kernels); an odd width, rows starting one element
+# past a pack, and aligned input with an unaligned output (the scalar kernels).
+ELEMENTWISE_LAYOUTS = [(1024, 0, 0), (13, 0, 0), (1024, 1, 1), (1024, 0, 1)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("n, offset", ELEMENTWISE_LAYOUTS)
-def test_gated_activation_matches_float64(rng, dtype, n, offset):
+@pytest.mark.parametrize("n, offset, out_offset", ELEMENTWISE_LAYOUTS)
+def test_gated_activation_matches_float64(rng, dtype, n, offset, out_offset):
     from ferrum_moe.arrays import import_array
 
     rows = 5
     wide = torch.from_numpy(rng.standard_normal((rows, 2 * n + offset)) * 4).to("cuda", dtype)
     wide[0, offset:offset + 4] = torch.tensor([-1e4, -100.0, 100.0, float("nan")])  # saturation, NaN kept
     x = wide[:, offset:]
-    out_wide = torch.full((rows, n + offset), float("nan"), device="cuda", dtype=dtype)
-    out = out_wide[:, offset:]
+    out_wide = torch.full((rows, n + out_offset), float("nan"), device="cuda", dtype=dtype)
+    out = out_wide[:, out_offset:]
     _cuda_backend(rng).gated_activation(import_array(x, "x"), import_array(out, "out"),
                                          torch.cuda.current_stream().cuda_stream)
     torch.cuda.synchronize()
@@ -499,14 +499,14 @@ def test_gated_activation_matches_float64(rng, dtype, n, offset):
     ok = np.isfinite(ref)
     rtol = {torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7, torch.float32: 1e-6}[dtype]
     assert np.all(np.abs(got[ok] - ref[ok]) <= rtol * np.abs(ref[ok]) + 1e-6)
-    if offset:
-        assert torch.isnan(out_wide[:, :offset]).all()  # nothing before the view was written
+    if out_offset:
+        assert torch.isnan(out_wide[:, :out_offset]).all()  # nothing before the view was written
 
 
 @pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("hidden, offset", ELEMENTWISE_LAYOUTS)
+@pytest.mark.parametrize("hidden, offset, out_offset", ELEMENTWISE_LAYOUTS)
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
-def test_moe_sum_matches_float64(rng, out_dtype, hidden, offset, index_dtype):
+def test_moe_sum_matches_float64(rng, out_dtype, hidden, offset, out_offset, index_dtype):
     from ferrum_moe.arrays import import_array
 
     tokens, top_k, e = 7, 3, 6
@@ -516,8 +516,8 @@ def test_moe_sum_matches_float64(rng, out_dtype, hidden, offset, index_dtype):
     wide[top_k * 1 + 2] = float("nan")
     wide[top_k * 4 + 0] = float("nan")
     x = wide[:, offset:]
-    out_wide = torch.full((tokens, hidden + offset), float("nan"), device="cuda", dtype=out_dtype)
-    out = out_wide[:, offset:]
+    out_wide = torch.full((tokens, hidden + out_offset), float("nan"), device="cuda", dtype=out_dtype)
+    out = out_wide[:, out_offset:]
     ids_t = torch.from_numpy(ids).to("cuda", index_dtype)
     _cuda_backend(rng).moe_sum(import_array(x, "x"), import_array(ids_t, "topk_ids"), e, None,
                                import_array(out, "out"), torch.cuda.current_stream().cuda_stream)
@@ -528,8 +528,8 @@ def test_moe_sum_matches_float64(rng, out_dtype, hidden, offset, index_dtype):
     got = out.double().cpu().numpy()
     rtol = {torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7, torch.float32: 1e-6}[out_dtype]
     assert np.all(np.abs(got - ref) <= rtol * np.abs(ref) + 1e-6 * top_k)
-    if offset:
-        assert torch.isnan(out_wide[:, :offset]).all()
+    if out_offset:
+        assert torch.isnan(out_wide[:, :out_offset]).all()
 
 
 @pytest.mark.parametrize("offset", [0, 1])  # vector and scalar kernels

@@ -67,7 +67,7 @@ class Routing:
                 import_array(self.num_tokens_post_padded, "num_tokens_post_padded", stream))
 
 
-_SMALLEST_DEFAULT_BLOCK, _LARGEST_DEFAULT_BLOCK = 8, 128  # default_block_size's range
+_SMALLEST_DEFAULT_BLOCK, _LARGEST_DEFAULT_BLOCK = 8, 128  # default_block_size's range (_align sizes for it)
 
 
 def default_block_size(num_pairs: int, num_experts: int) -> int:
@@ -84,10 +84,10 @@ def default_block_size(num_pairs: int, num_experts: int) -> int:
     against 656)."""
     per_expert = num_pairs / max(num_experts, 1)
     if per_expert <= 6:
-        return 8
+        return _SMALLEST_DEFAULT_BLOCK
     if per_expert < 16:
         return 16
-    return 32 if per_expert <= 64 else 128
+    return 32 if per_expert <= 64 else _LARGEST_DEFAULT_BLOCK
 
 
 def _align(backend, topk_ids_t, block_size, num_experts, map_t, stream, workspace=None):

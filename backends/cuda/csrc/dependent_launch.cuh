@@ -36,6 +36,23 @@ __device__ __forceinline__ void dependent_grid_begin(bool release_next = true) {
 
 namespace {
 
+constexpr int kMaxCachedDevices = 64;
+
+// query(device) for the current device, asked once per device and kept in
+// `known` (0: not asked yet); 0 where the device is unknown or the query
+// fails (answers 0), which is asked again next time.
+template <class Query>
+int once_per_device(std::atomic<int> (&known)[kMaxCachedDevices], Query&& query) {
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxCachedDevices) return 0;
+  int value = known[device].load(std::memory_order_relaxed);
+  if (value == 0) {
+    value = query(device);
+    known[device].store(value, std::memory_order_relaxed);
+  }
+  return value;
+}
+
 // Compiled with the same flags as the kernels of the translation unit that
 // includes this header: the code the runtime loaded for it tells whether
 // those kernels hold the griddepcontrol instructions.
@@ -47,35 +64,16 @@ __global__ void dependent_launch_probe() {}
 // older PTX has no griddepcontrol.wait, and its kernels must wait for their
 // predecessor the plain way). Asked once per device.
 bool dependent_launch_supported() {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<signed char> known[kMaxDevices] = {};  // 0 unknown, 1 no, 2 yes
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices) return false;
-  signed char state = known[device].load(std::memory_order_relaxed);
-  if (state == 0) {
-    int major = 0;
-    cudaFuncAttributes probe{};
-    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
-        cudaFuncGetAttributes(&probe, dependent_launch_probe) != cudaSuccess) {
-      return false;
-    }
-    state = major >= 9 && probe.ptxVersion >= 90 ? 2 : 1;
-    known[device].store(state, std::memory_order_relaxed);
-  }
-  return state == 2;
-}
-
-// The SM count of the current device, asked once per device (0 if unknown).
-inline int multiprocessor_count() {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> known[kMaxDevices] = {};
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices) return 0;
-  int count = known[device].load(std::memory_order_relaxed);
-  if (count == 0 && cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) == cudaSuccess) {
-    known[device].store(count, std::memory_order_relaxed);
-  }
-  return count;
+  static std::atomic<int> known[kMaxCachedDevices] = {};  // 0 unknown, 1 no, 2 yes
+  return once_per_device(known, [](int device) {
+           int major = 0;
+           cudaFuncAttributes probe{};
+           if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+               cudaFuncGetAttributes(&probe, dependent_launch_probe) != cudaSuccess) {
+             return 0;
+           }
+           return major >= 9 && probe.ptxVersion >= 90 ? 2 : 1;
+         }) == 2;
 }
 
 }  // namespace

@@ -9,6 +9,7 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <type_traits>
 
@@ -159,6 +160,15 @@ dim3 grid_for(int64_t rows, int64_t groups) {
   const int64_t x = std::clamp<int64_t>((groups + kElementwiseThreads - 1) / kElementwiseThreads, 1,
                                         kElementwiseMaxBlocks);
   return dim3(static_cast<unsigned>(x), static_cast<unsigned>(std::clamp<int64_t>(rows, 1, 65535)));
+}
+
+// The SM count of the current device, asked once per device (0 if unknown).
+int multiprocessor_count() {
+  static std::atomic<int> known[kMaxCachedDevices] = {};
+  return once_per_device(known, [](int device) {
+    int count = 0;
+    return cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) == cudaSuccess ? count : 0;
+  });
 }
 
 // Launches kernel<kWideVector> when the operands' rows are whole aligned

@@ -149,7 +149,8 @@ __device__ void scatter_chunk(const Pairs<Index>& pairs, AlignShared& s, int64_t
       int rank = s.cursor[e] + __popc(same & ((1u << lane) - 1));
       for (int w = 0; w < warp; ++w) rank += s.warp_counts[w][e];
       const int64_t destination = static_cast<int64_t>(s.offsets[e]) + rank;
-      if (destination < p.sorted_len) p.sorted_token_ids[destination] = static_cast<int32_t>(base + i * kAlignThreads + tid);
+      const int64_t pair = base + i * kAlignThreads + tid;
+      if (destination < p.sorted_len) p.sorted_token_ids[destination] = static_cast<int32_t>(pair);
     }
     __syncthreads();  // every rank read before the cursors move and the histogram clears
     if (e >= 0 && leader) {

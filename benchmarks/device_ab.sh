@@ -21,6 +21,8 @@ declare -A dirs
 for arg in "$@"; do
   label=${arg%%=*} dir=${arg#*=}
   ls "$dir"/ferrum_moe_cuda-*.whl >/dev/null 2>&1 || { echo "device_ab: no wheel in $dir ($arg)" >&2; exit 2; }
+  # each run copies its wheel to .dist: a wheel kept there would be deleted by the first copy
+  [ "$(realpath "$dir")" != "$(realpath .dist 2>/dev/null)" ] || { echo "device_ab: $arg: keep the wheel in a .dist-* folder, not .dist" >&2; exit 2; }
   labels+=("$label")
   dirs[$label]=$dir
 done

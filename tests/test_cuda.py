@@ -277,6 +277,41 @@ def test_prefill_tiles_that_fill_the_gpu_match_float64(rng, dtype):
         assert rel_error(got[pairs], x64[pairs // 2] @ dense[expert]) < tol
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_prefill_tiles_store_windows_bias_and_every_output_layout(rng, dtype):
+    """The wgmma tiles' results leave through 16-byte row stores where the output
+    allows (compute dtype, unit column stride, 16-byte aligned base and rows, a window
+    starting on an 8-column boundary) and element by element elsewhere. Windows
+    whose end cuts an 8-column chunk or whose start is off the boundary, with a bias,
+    into float32, into a view 2 bytes off alignment and rows of a stride that is
+    not a multiple of 8: each matches float64 and writes no column outside."""
+    name = str(dtype).split(".")[1]
+    k, n_stack, m = 128, 67 * 256, 600  # 5 row tiles x 66+ column tiles: the wgmma tiles
+    weight = random_weight(rng, k, n_stack, group_size=64, sym=False)
+    dense = weight.dequantize(np.float64)
+    stack = fm.ExpertStack.from_gptq([weight], device="cuda", dtype=name)
+    x = cuda(rng.standard_normal((m, k)).astype(np.float32)).to(dtype)
+    x64 = x.cpu().double().numpy()
+    tol = REL_TOL[name]
+    for offset, n in [(8, 66 * 256 - 5), (3, 66 * 256 + 1), (0, 66 * 256)]:
+        bias = cuda(rng.standard_normal(n).astype(np.float32)).to(dtype)
+        layer = stack.expert_linear(offset, n, bias=bias)
+        expect = x64 @ dense[:, offset:offset + n] + bias.cpu().double().numpy()
+        padded = (n + 7) // 8 * 8
+        layouts = {
+            "16-byte rows": torch.full((m, padded + 8), float("nan"), device="cuda", dtype=dtype),
+            "float32": torch.full((m, padded + 8), float("nan"), device="cuda"),
+            "2 bytes off": torch.full((m * (padded + 8) + 1,), float("nan"), device="cuda", dtype=dtype)[1:]
+            .view(m, padded + 8),
+            "odd row stride": torch.full((m, padded + 9), float("nan"), device="cuda", dtype=dtype),
+        }
+        for what, backing in layouts.items():
+            layer(x, out=backing[:, :n])
+            got = backing.double().cpu().numpy()
+            assert rel_error(got[:, :n], expect) < tol, (offset, n, what)
+            assert np.all(np.isnan(got[:, n:])), f"columns past the window written ({offset}, {n}, {what})"
+
+
 @pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
 def test_device_dispatch_rows_out_of_range_are_skipped_never_followed(rng, index_dtype):
     """A device-resident table the host never reads: rows with a bad expert,

@@ -10,9 +10,12 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "gemm/dequant.cuh"
 #include "gemm/layout.hpp"
 #include "gemm/params.hpp"
+#include "gemm/ptx.cuh"
 #include "gemm/traits.cuh"
+#include "gemm/wgmma.cuh"
 
 namespace ferrum_moe_cuda::gemm {
 
@@ -31,6 +34,16 @@ __device__ __forceinline__ T float_to(float value) {
     return __float2half_rn(value);
   } else {
     return __float2bfloat16_rn(value);
+  }
+}
+
+// Two floats as one 32-bit word of the compute dtype (the first in the low half).
+template <class T>
+__device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {
+  if constexpr (std::is_same_v<T, __half>) {
+    return u32_of(__floats2half2_rn(lo, hi));
+  } else {
+    return u32_of(__floats2bfloat162_rn(lo, hi));
   }
 }
 
@@ -58,6 +71,88 @@ __device__ void store_results(const GemmIO& io, const RowTable<kRows>& rows, int
       static_cast<float*>(io.out)[index] = value;
     } else {
       static_cast<T*>(io.out)[index] = float_to<T>(value);
+    }
+  }
+}
+
+// Whether the wgmma tiles' results can leave through store_results_staged:
+// compute-dtype output with unit column stride, its base and rows 16-byte
+// aligned, and a window starting on an 8-column boundary.
+__device__ __forceinline__ bool stores_vectors(const GemmIO& io) {
+  return !io.out_float32 && io.out_col_stride == 1 && io.out_row_stride % 8 == 0 && io.col_begin % 8 == 0 &&
+         reinterpret_cast<uintptr_t>(io.out) % 16 == 0;
+}
+
+// The wgmma tiles' epilogue where stores_vectors(io) (v40): each computing
+// warpgroup converts its 128-column results (+ bias, * router weight) to the
+// compute dtype and stores them transposed into its staging area with
+// stmatrix (token rows of 16-byte chunks, XOR-swizzled by row % 8 so the 8
+// rows of one matrix hit 8 bank groups), then writes each used token row's
+// 256 bytes with 16-byte stores. (store_results would take 128 scalar stores per thread,
+// with the index math and checks of each: a quarter of the warps' samples at
+// Mixtral M = 4096.) `tid`: the thread's index among the computing threads;
+// `staging`: GemmTraits::kStagingBytes of shared memory.
+template <class T, int kRows>
+__device__ void store_results_staged(const GemmIO& io, const RowTable<kRows>& rows, int n_tile,
+                                     const typename AccumulatorLayout<kRows, true>::Flat& acc, int tid,
+                                     uint8_t* staging) {
+  constexpr int kRowBytes = kTileN * static_cast<int>(sizeof(T));
+  constexpr int kChunks = kRowBytes / 16;
+  constexpr int kHalf = kRows / 2;  // accumulators per 64-column wgmma (the flat layout's [h][4j + e])
+  const int group = tid / kThreads, t = tid % kThreads, warp = t / 32, lane = t % 32;
+  uint8_t* tile = staging + group * kRows * kRowBytes;
+  // Column (within the window) of this warpgroup's first column.
+  const int64_t first = static_cast<int64_t>(n_tile + group) * kTileN - io.col_begin;
+  // The thread's four columns: warp * 32 + h * 16 + b * 8 + lane / 4.
+  float bias[2][2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+#pragma unroll
+    for (int b = 0; b < 2; ++b) {
+      const int64_t j = first + warp * kWarpN + h * 16 + b * 8 + lane / 4;
+      bias[h][b] = io.bias != nullptr && j >= 0 && j < io.n ? raw_to_float<T>(io.bias[j]) : 0.0f;
+    }
+  }
+  const int barrier = 2 + group;           // 1 is the producer's (kernel.cuh)
+  named_barrier_sync(barrier, kThreads);   // the previous tile's readback is done with the area
+  const uint32_t area = shared_address(tile);
+#pragma unroll
+  for (int j = 0; j < kRows / 8; ++j) {
+    // Token rows 8j + 2 * (lane % 4) and the next: matrix i = 2h + b holds
+    // columns warp * 32 + h * 16 + b * 8 .. + 7 of token rows 8j .. 8j + 7.
+    const int token = 8 * j + 2 * (lane % 4);
+    const float w0 = rows.weight[token], w1 = rows.weight[token + 1];
+    uint32_t regs[4];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+#pragma unroll
+      for (int b = 0; b < 2; ++b) {
+        const int r = h * kHalf + 4 * j + 2 * b;
+        regs[2 * h + b] = pack_pair<T>((acc[r] + bias[h][b]) * w0, (acc[r + 1] + bias[h][b]) * w1);
+      }
+    }
+    const int row = 8 * j + lane % 8, chunk = warp * 4 + lane / 8;
+    stmatrix_x4_trans(area + row * kRowBytes + ((chunk ^ (row % 8)) * 16), regs);
+  }
+  named_barrier_sync(barrier, kThreads);
+  const int chunk = t % kChunks;
+  const int64_t j0 = first + chunk * 8;
+  const bool whole = j0 >= 0 && j0 + 8 <= io.n;
+  constexpr int kRowsPerPass = kThreads / kChunks;
+#pragma unroll 4
+  for (int row = t / kChunks; row < kRows; row += kRowsPerPass) {
+    const int64_t out_row = rows.out_row[row];
+    if (out_row < 0) continue;
+    const uint4 v = *reinterpret_cast<const uint4*>(tile + row * kRowBytes + ((chunk ^ (row % 8)) * 16));
+    uint16_t* dst = static_cast<uint16_t*>(io.out) + out_row * io.out_row_stride + j0;
+    if (whole) {
+      *reinterpret_cast<uint4*>(dst) = v;
+    } else {
+      const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        if (j0 + e >= 0 && j0 + e < io.n) dst[e] = static_cast<uint16_t>(words[e / 2] >> (16 * (e % 2)));
+      }
     }
   }
 }

@@ -183,7 +183,12 @@ __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& 
           typename Loop::Accumulators acc;
           Loop(w, io, handoff.rows[s], expert, n_tile, smem).run(acc, kt_begin, kt_end, &barriers, pipe);
           pipe += kt_end - kt_begin;
-          store_results<T, kRows, Loop::kWgmma>(io, handoff.rows[s], n_tile, flat_of(acc), Loop::compute_tid());
+          if (Traits::kStagedStores && stores_vectors(io)) {
+            store_results_staged<T, kRows>(io, handoff.rows[s], n_tile, flat_of(acc), Loop::compute_tid(),
+                                           smem + Traits::kStagingOffset);
+          } else {
+            store_results<T, kRows, Loop::kWgmma>(io, handoff.rows[s], n_tile, flat_of(acc), Loop::compute_tid());
+          }
         }
         mbarrier_arrive(&handoff.drained[s]);
       });

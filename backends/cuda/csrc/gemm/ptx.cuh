@@ -89,6 +89,11 @@ __device__ __forceinline__ bool named_barrier_or(bool vote) {
   return any != 0;
 }
 
+// Barrier `id` (1-15) over `threads` threads, whole warps.
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
 // red.add with release semantics at GPU scope (no value back: nothing to wait for).
 __device__ __forceinline__ void atomic_add_release(int32_t* counter, int value) {
   asm volatile("red.release.gpu.global.add.s32 [%0], %1;\n" ::"l"(counter), "r"(value) : "memory");

@@ -9,6 +9,12 @@
 
 namespace ferrum_moe_cuda::gemm {
 
+// Shared memory a CTA may hold on sm_90 (static and dynamic together), and
+// what the kernels' static barriers and row tables take of it (kernel.cuh,
+// with room to spare).
+constexpr int kMaxSmemPerCta = 227 * 1024;
+constexpr int kStaticSmemReserve = 8 * 1024;
+
 template <class T, int kBits, int kTileRows>
 struct GemmTraits {
   static_assert(sizeof(T) == 2, "fp16 or bf16 activations");
@@ -58,8 +64,19 @@ struct GemmTraits {
   // bits) and zero codes for both weight tiles, copied by the producer, so
   // the computing warps never wait on global memory (kernel notes, v19).
   static constexpr int kQuantStageBytes = kWarpSpecialized ? kWarpgroups * kTileN * 3 : 0;
-  static constexpr int kSmemBytes =
-      kStages * (kAStageBytes + kBStageBytes + kQuantStageBytes) + kSmemAlignment;
+  // Warp-specialised tiles: each computing warpgroup's results, converted to
+  // the compute dtype, pass through their own kRows x kTileN area on the way
+  // out (epilogue.cuh, store_results_staged), apart from the stages that the
+  // producer is already filling with the next tile's slices.
+  // Only where it fits: the 8-bit tiles' stages (twice the weight bytes) leave
+  // no room, and they keep store_results.
+  static constexpr int kStagingOffset = kStages * (kAStageBytes + kBStageBytes + kQuantStageBytes);
+  static constexpr int kFullStagingBytes = kWarpgroups * kRows * kTileN * static_cast<int>(sizeof(T));
+  static constexpr bool kStagedStores =
+      kWarpSpecialized && kStagingOffset + kFullStagingBytes + kSmemAlignment + kStaticSmemReserve <= kMaxSmemPerCta;
+  static constexpr int kStagingBytes = kStagedStores ? kFullStagingBytes : 0;
+  static constexpr int kSmemBytes = kStagingOffset + kStagingBytes + kSmemAlignment;
+  static_assert(kSmemBytes + kStaticSmemReserve <= kMaxSmemPerCta, "a CTA's shared memory past sm_90's limit");
 
   static __device__ __forceinline__ int a_offset(int row, int chunk) {
     return row * kARowBytes + ((chunk ^ (row % 8)) * 16);

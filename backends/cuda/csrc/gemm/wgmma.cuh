@@ -83,6 +83,18 @@ __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
 #endif
 }
 
+// Four 8x8 b16 matrices stored transposed: lanes 8i..8i+7 give the shared
+// addresses of matrix i's stored rows, and register i holds matrix i in the
+// mma C-fragment order (row lane / 4, columns 2 * (lane % 4) and the next),
+// so element (r, c) lands in stored row c, column r.
+__device__ __forceinline__ void stmatrix_x4_trans(uint32_t address, const uint32_t (&regs)[4]) {
+#ifdef FERRUM_MOE_WGMMA
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(address),
+               "r"(regs[0]), "r"(regs[1]), "r"(regs[2]), "r"(regs[3])
+               : "memory");
+#endif
+}
+
 // Hands registers between warpgroups: every warp of a warpgroup runs it.
 template <int kRegisters>
 __device__ __forceinline__ void registers_decrease() {

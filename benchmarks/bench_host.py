@@ -6,7 +6,9 @@ them, at these sizes issuing).
 
     python benchmarks/bench_host.py [--calls 4000] [--repeats 5]
 
-Prints the median over the repeats of the mean time per call, in microseconds.
+Prints the median over the repeats of the mean time per call, in microseconds, and the
+pieces of one array's import (the import, the device context it enters, the producer's
+__dlpack__), untimed by a synchronize.
 """
 from __future__ import annotations
 
@@ -58,6 +60,19 @@ def rows_for(backend: str, device: str, put, dtype: str, calls: int, repeats: in
                                                              synchronize)))
         rows.append((backend, "fm.Linear(out=)", m, per_call_us(lambda: linear(x, out=out), calls, repeats,
                                                                 synchronize)))
+    # The pieces of an import, one array at a time (on CUDA: where a torch tensor's share goes).
+    from ferrum_moe.arrays import _device_context, import_array
+    x = put(rng.standard_normal((1, HIDDEN)).astype(np_dtype))
+
+    def enter_context():
+        with _device_context(x):
+            pass
+
+    stream = 1 if device == "cuda" else None  # the legacy default stream, as import_array asks for it
+    rows.append((backend, "  import_array(x)", 1, per_call_us(lambda: import_array(x, "x"), calls, repeats)))
+    rows.append((backend, "  _device_context(x)", 1, per_call_us(enter_context, calls, repeats)))
+    rows.append((backend, "  x.__dlpack__()", 1, per_call_us(lambda: x.__dlpack__(max_version=(1, 1), stream=stream),
+                                                               calls, repeats)))
     return rows
 
 

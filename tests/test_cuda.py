@@ -182,6 +182,31 @@ def test_streams_order_work_with_the_callers_stream(rng):
     assert rel_error(y, xh.astype(np.float64) @ weights[1].dequantize(np.float64)) < 3e-3
 
 
+def test_torch_tensors_take_the_protocol_only_where_a_stream_needs_ordering(monkeypatch):
+    """A CUDA tensor whose device's current PyTorch stream is the call's stream is
+    exported through PyTorch's C export (nothing to order); where the streams
+    differ, the protocol runs and orders PyTorch's stream before the call's."""
+    from ferrum_moe.arrays import import_array
+    x = torch.randn(4, 8, device="cuda")
+    streams = []
+    export = torch.Tensor.__dlpack__
+
+    def spy(self, *args, **kwargs):
+        streams.append(kwargs.get("stream"))
+        return export(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "__dlpack__", spy)
+    side = torch.cuda.Stream()
+    assert import_array(x, "x").data_ptr == x.data_ptr()  # both on the legacy default stream
+    with torch.cuda.stream(side):
+        import_array(x, "x", side.cuda_stream)  # both on `side`
+    assert streams == []
+    with torch.cuda.stream(side):
+        import_array(x, "x")  # PyTorch on `side`, the call on the legacy default (1 in DLPack)
+    import_array(x, "x", side.cuda_stream)  # PyTorch on its default, the call on `side`
+    assert streams == [1, side.cuda_stream]
+
+
 def test_a_result_read_on_another_stream_waits_for_its_producer(rng):
     """The result comes back to torch while torch's current stream is not the
     one the GEMM ran on: DLPack's export orders the consumer's stream after the

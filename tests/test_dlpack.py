@@ -48,6 +48,29 @@ def test_torch_round_trip_is_zero_copy(rng, dtype):
     assert torch.equal(back, a)
 
 
+def test_plain_torch_tensors_skip_the_protocols_python_subclasses_keep_it(rng, monkeypatch):
+    """A plain CPU tensor is exported through PyTorch's C export (the Python of its
+    __dlpack__ and __dlpack_device__ is most of an import's cost); a subclass, which
+    may override the protocol, and a tensor that needs a gradient go through it."""
+    a = torch.from_numpy(numpy_array(rng, (3, 5), "float32"))[:, 1:]
+
+    class Marked(torch.Tensor):
+        pass
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the protocol ran")
+
+    monkeypatch.setattr(torch.Tensor, "__dlpack__", refuse)
+    t = import_array(a, "a")
+    assert t.data_ptr == a.data_ptr() and t.shape == (3, 4) and t.strides == (5, 1)
+    np.testing.assert_array_equal(np.from_dlpack(t), a.numpy())
+    with pytest.raises(AssertionError, match="the protocol ran"):
+        import_array(a.as_subclass(Marked), "b")
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="^g: .*gradient"):
+        import_array(torch.zeros(2, 3, requires_grad=True), "g")
+
+
 def test_strided_and_sliced_views_keep_their_layout(rng):
     base = numpy_array(rng, (10, 12), "float32")
     view = base[2::3, 1:9:2]

@@ -64,6 +64,9 @@ def import_array(obj, name: str, stream: int = 0) -> Tensor:
         return obj
     if _is_numpy_bfloat16(obj):  # ml_dtypes' bfloat16: numpy cannot export it, its bits can
         return import_array(obj.view(np.uint16), name, stream).retyped("bfloat16")
+    capsule = _plain_torch_capsule(obj, stream)
+    if capsule is not None:
+        return _from_capsule(capsule, name)
     if not hasattr(obj, "__dlpack__") or not hasattr(obj, "__dlpack_device__"):
         raise TypeError(
             f"{name}: expected an array with __dlpack__ and __dlpack_device__ (numpy, CuPy, PyTorch, JAX, ...); "
@@ -84,10 +87,38 @@ def import_array(obj, name: str, stream: int = 0) -> Tensor:
             raise ValueError(f"{name}: the array cannot be exported through DLPack: {e}") from None
     if type(capsule).__name__ != "PyCapsule":
         raise TypeError(f"{name}: __dlpack__() returned {type(capsule).__name__}, not a DLPack capsule")
+    return _from_capsule(capsule, name)
+
+
+def _from_capsule(capsule, name: str) -> Tensor:
     try:
         return Tensor.from_capsule(capsule)
     except (TypeError, ValueError) as e:  # a producer's bad metadata, named by the argument it came as
         raise type(e)(f"{name}: {e}") from None
+
+
+def _plain_torch_capsule(obj, stream: int):
+    """A DLPack capsule of a plain PyTorch tensor through PyTorch's C export
+    (``torch.utils.dlpack.to_dlpack``), skipping the Python of its ``__dlpack__``
+    and ``__dlpack_device__`` (most of a torch tensor's import: ~6 of 7 us on a
+    CPU, more on CUDA, where they look the current device and two streams up), where
+    that protocol would do nothing more: a CPU tensor, or a CUDA tensor whose
+    device's current PyTorch stream is ``stream`` (nothing to order). None
+    otherwise (a subclass, a tensor the protocol refuses, another stream): the
+    protocol runs."""
+    if type(obj).__name__ != "Tensor" or type(obj).__module__ != "torch":
+        return None
+    import torch
+
+    if type(obj) is not torch.Tensor or obj.requires_grad or obj.is_conj() or obj.layout is not torch.strided:
+        return None
+    device = obj.device
+    if device.type == "cuda":
+        if torch.version.hip is not None or torch.cuda.current_stream(device).cuda_stream != stream:
+            return None
+    elif device.type != "cpu":
+        return None
+    return torch.utils.dlpack.to_dlpack(obj)
 
 
 def import_output(obj, name: str, stream: int = 0) -> Tensor:

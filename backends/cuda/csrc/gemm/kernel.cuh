@@ -146,6 +146,7 @@ __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& 
     static_assert(kRows <= Traits::kProducerThreads, "the producer fills a whole row table");
     __shared__ typename Loop::Barriers barriers;
     __shared__ RowHandoff<kRows> handoff;
+    static_assert(sizeof(barriers) + sizeof(handoff) <= kStaticSmemReserve, "traits.cuh's reserve for these");
     if (threadIdx.x == 0) {
       barriers.init(Traits::kProducerThreads, kConsumerThreads);
       handoff.init(Traits::kProducerThreads, kConsumerThreads);
@@ -195,6 +196,7 @@ __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& 
     }
   } else {
     __shared__ RowTable<kRows> rows;
+    static_assert(sizeof(rows) <= kStaticSmemReserve, "traits.cuh's reserve for the row table");
     walk_back([&](int64_t tile, int kt_begin, int kt_end) {
       __syncthreads();  // the previous piece's epilogue is done with `rows`
       const TileRows filled = fill_rows(tile / schedule.n_tiles, rows, threadIdx.x);

@@ -172,6 +172,7 @@ __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& 
       });
     } else {
       registers_increase<kConsumerRegisters>();
+      const bool staged = Traits::kStagedStores && stores_vectors(io);  // the same for every tile
       walk([&](int64_t tile, int kt_begin, int kt_end) {
         const int s = piece % 2;
         mbarrier_wait(&handoff.filled[s], (piece / 2) & 1);
@@ -184,7 +185,7 @@ __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& 
           typename Loop::Accumulators acc;
           Loop(w, io, handoff.rows[s], expert, n_tile, smem).run(acc, kt_begin, kt_end, &barriers, pipe);
           pipe += kt_end - kt_begin;
-          if (Traits::kStagedStores && stores_vectors(io)) {
+          if (staged) {
             store_results_staged<T, kRows>(io, handoff.rows[s], n_tile, flat_of(acc), Loop::compute_tid(),
                                            smem + Traits::kStagingOffset);
           } else {

@@ -263,6 +263,8 @@ BROKEN = {  # id: (edit of the directory, what the message must say)
     "marlin format": (lambda p: _edit_config(p, q_checkpoint_format="marlin"), r"checkpoint_format 'marlin'"),
     "AWQ gemv": (lambda p: _edit_config(p, q_quant_method="awq", q_version="gemv"), r"AWQ version 'gemv'"),
     "group_size 0": (lambda p: _edit_config(p, q_group_size=0), r"group_size must be -1 or positive; got 0"),
+    "group_size 2**63": (lambda p: _edit_config(p, q_group_size=2**63),
+                         r"group_size must be at most 9223372036854775807 .*; got 9223372036854775808"),
     "more layers than tensors": (lambda p: _edit_config(p, num_hidden_layers=5),
                                  r"num_hidden_layers is 5, but only 2 of those layers have tensors; the first "
                                  r"missing is layer 2 \(no tensor model.layers.2.\*\)"),

@@ -116,6 +116,7 @@ def test_awq_converts_exactly(rng):
     (dict(g_idx=np.zeros(240, np.int32)),
      r"g_idx has length 240; qweight's 32 packed rows hold K in \[249, 256\]"),
     (dict(g_idx=np.zeros(256, np.float32)), "g_idx must hold integer group indices; got dtype float32"),
+    (dict(group_size=2**63), r"group_size must be at most 9223372036854775807 \(any size >= K is one group\)"),
     (dict(sym=False), "qzeros is required when sym=False"),
     (dict(qzeros=np.zeros((2, 1), np.float32), sym=False), "qzeros must hold int32 words; got dtype float32"),
 ])

@@ -10,6 +10,8 @@ import numpy as np
 MAX_ROUTING_INDEX = 2**31 - 1
 # The routing block of moe_align_block_size and gemm_routed (the core's kMaxBlockSize).
 MAX_BLOCK_SIZE = 2**16
+# A quantization group's rows (the core's int64 group_size; any size >= K is one group).
+MAX_GROUP_SIZE = 2**63 - 1
 
 
 def checked_int(value, name: str, low: int | None = None, high: int | None = None) -> int:

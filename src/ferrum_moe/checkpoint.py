@@ -21,6 +21,8 @@ from pathlib import Path
 import ml_dtypes  # noqa: F401  registers numpy's "bfloat16", which safetensors' numpy reader asks for
 import numpy as np
 
+from ._checks import MAX_GROUP_SIZE
+
 INDEX_FILE = "model.safetensors.index.json"
 # safetensors' own limit: a larger header is refused before it is read.
 MAX_HEADER_BYTES = 100_000_000
@@ -255,6 +257,9 @@ def _quant_config(directory: Path, config: dict) -> QuantConfig:
                               f"{quote(not_convert)}")
     if group_size != -1 and group_size < 1:
         raise CheckpointError(f"{source}: group_size must be -1 or positive; got {group_size}")
+    if group_size > MAX_GROUP_SIZE:
+        raise CheckpointError(f"{source}: group_size must be at most {MAX_GROUP_SIZE} (any size >= K is one group); "
+                              f"got {group_size}")
     if method == "gptq":
         if bits not in (4, 8):
             raise CheckpointError(f"{source}: bits must be 4 or 8 (the GPTQ widths ferrum-moe runs); got {bits}")

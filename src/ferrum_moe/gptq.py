@@ -15,6 +15,8 @@ import dataclasses
 
 import numpy as np
 
+from ._checks import MAX_GROUP_SIZE
+
 _FORMATS = ("gptq", "gptq_v2")
 
 
@@ -30,6 +32,8 @@ def num_groups(k: int, group_size: int) -> int:
         return 1
     if group_size < 1:
         raise ValueError(f"group_size must be -1 or positive; got {group_size}")
+    if group_size > MAX_GROUP_SIZE:
+        raise ValueError(f"group_size must be at most {MAX_GROUP_SIZE} (any size >= K is one group); got {group_size}")
     return -(-k // group_size)
 
 

@@ -295,6 +295,23 @@ def test_a_moe_layer_run_at_its_largest_token_count_allocates_nothing_at_smaller
             {name: id(b) for name, b in buffers.items()}, f"a buffer was reallocated at M = {m}"
 
 
+def test_a_stacks_facts_are_its_cores_and_read_only(rng, target):
+    """ExpertStack reads its facts from the core once (a layer call asks for a
+    dozen); they stay what the core says, and cannot be set."""
+    dtype = target.dtypes[-1]
+    stack = target.stack([random_weight(rng, 96, 64, group_size=32, dtype=dtype) for _ in range(3)], dtype)
+    core = stack._core
+    assert (stack.num_experts, stack.k, stack.n_per_expert, stack.bits, stack.group_size, stack.dtype) == \
+        (3, 96, 64, 4, 32, dtype) == (core.num_experts, core.k, core.n_per_expert, core.bits, core.group_size,
+                                       core.dtype)
+    assert (stack.backend, stack.column_alignment, stack.resident_bytes) == \
+        (core.backend.name, core.column_alignment, core.resident_bytes)
+    assert stack.device == fm.discovery.device_name(tuple(core.device))
+    for name in ("num_experts", "k", "dtype", "backend", "device"):
+        with pytest.raises(AttributeError):
+            setattr(stack, name, 1)
+
+
 def test_expert_views_and_bias(rng, target):
     dtype = target.dtypes[-1]
     e, k, n = 4, 64, 128

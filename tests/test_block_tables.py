@@ -225,3 +225,41 @@ def test_the_layer_runs_the_tables_block_and_stays_exact(rng, target, user_table
     used.clear()
     fm.fused_moe(target.put(x), s13, s2, target.put(tw), target.put(ids), out=out, block_size=64)
     assert used == [64]
+
+
+def test_a_layer_keeps_the_block_it_chose_for_a_token_count(rng, target, user_tables, monkeypatch):
+    """fm.MoE asks the tables at a token count's first call and keeps the answer
+    (a decode step would otherwise pay the lookup every call); a new layer reads
+    the tables as they are then."""
+    dtype = target.dtypes[-1]
+    e, top_k, hidden, inter, m = 8, 2, 128, 96, 5
+    info, = [b for b in fm.backends() if b.name == target.backend]
+
+    def table(block):
+        return _table([_layer([[m, block]], experts=e, top_k=top_k, hidden=hidden, inter=inter, dtype=dtype,
+                              group_size=32)], backend=target.backend, device=info.description)
+
+    used = []
+    real_align = moe_module._align
+
+    def recording_align(core, ids, block_size, *args, **kwargs):
+        used.append(block_size)
+        return real_align(core, ids, block_size, *args, **kwargs)
+
+    monkeypatch.setattr(moe_module, "_align", recording_align)
+    w13 = [random_weight(rng, hidden, 2 * inter, group_size=32, dtype=dtype) for _ in range(e)]
+    w2 = [random_weight(rng, inter, hidden, group_size=32, dtype=dtype) for _ in range(e)]
+    s13, s2 = target.stack(w13, dtype), target.stack(w2, dtype)
+    x = random_activations(rng, (m, hidden), dtype)
+    ids = np.argsort(-rng.standard_normal((m, e)), axis=1)[:, :top_k].astype(np.int32)
+    tw = rng.random((m, top_k)).astype(np.float32)
+    user_tables(table(16))
+    layer = fm.MoE(s13, s2, top_k=top_k)
+    for block in (16, 32):  # the second table reaches only the new layer
+        user_tables(table(block))
+        for _ in range(2):
+            out = target.put(poisoned((m, hidden), dtype))
+            layer(target.put(x), target.put(tw), target.put(ids), out=out)
+            assert rel_error(target.get(out), reference_moe(x, w13, w2, tw, ids)) < REL_TOL[dtype]
+    fm.MoE(s13, s2, top_k=top_k)(target.put(x), target.put(tw), target.put(ids))
+    assert used == [16, 16, 16, 16, 32]

@@ -115,6 +115,20 @@ def test_numpy_bfloat16_imports_through_ml_dtypes(rng):
     np.testing.assert_array_equal(back.view(np.uint16), a.view(np.uint16))
 
 
+def test_numpy_subclasses_import_like_numpy(rng, tmp_path):
+    """numpy arrays take a shorter path than other producers (no device to ask,
+    no stream to order): subclasses, memory maps and their bfloat16 too."""
+    a = numpy_array(rng, (3, 4), "bfloat16")
+    mapped = np.lib.format.open_memmap(tmp_path / "a.npy", mode="w+", dtype=np.float32, shape=(3, 4))
+    mapped[:] = numpy_array(rng, (3, 4), "float32")
+    for array, dtype in ((a.view(np.recarray), "bfloat16"), (mapped, "float32"),
+                         (mapped.view(np.uint32).view(ml_dtypes.bfloat16)[:, ::2], "bfloat16")):
+        t = import_array(array, "a")
+        assert (t.dtype, t.shape, t.data_ptr) == (dtype, array.shape, array.ctypes.data)
+        np.testing.assert_array_equal(np.from_dlpack(t.retyped("uint16") if dtype == "bfloat16" else t),
+                                      array.view(np.uint16) if dtype == "bfloat16" else array)
+
+
 def test_a_capsule_is_consumed_once(rng):
     a = numpy_array(rng, (4,), "float32")
     capsule = a.__dlpack__()

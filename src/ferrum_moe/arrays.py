@@ -50,20 +50,18 @@ def _producer_stream(device_type: int, handle: int):
     return handle if handle != 0 else 1
 
 
-def _is_numpy_bfloat16(obj) -> bool:
-    # ml_dtypes' types have kind 'V'; numpy's dtype.name is a slow Python
-    # property (2 of a warm call's ~12 us), the scalar type's name is not.
-    return isinstance(obj, np.ndarray) and obj.dtype.kind == "V" and obj.dtype.type.__name__ == "bfloat16"
-
-
 def import_array(obj, name: str, stream: int = 0) -> Tensor:
     """Imports ``obj`` zero-copy as a ferrum Tensor; ``name`` is the argument's
     name for error messages. The producer orders its pending work before
     ``stream``."""
     if isinstance(obj, Tensor):
         return obj
-    if _is_numpy_bfloat16(obj):  # ml_dtypes' bfloat16: numpy cannot export it, its bits can
-        return import_array(obj.view(np.uint16), name, stream).retyped("bfloat16")
+    if isinstance(obj, np.ndarray):  # host memory: nothing to order, no device to enter
+        # ml_dtypes' bfloat16 (kind "V"; numpy's dtype.name is a slow Python
+        # property, the scalar type's name is not): numpy cannot export it, its bits can
+        if obj.dtype.kind == "V" and obj.dtype.type.__name__ == "bfloat16":
+            return import_array(obj.view(np.uint16), name).retyped("bfloat16")
+        return _from_capsule(_export(obj, None, name), name)
     capsule = _plain_torch_capsule(obj, stream)
     if capsule is not None:
         return _from_capsule(capsule, name)
@@ -77,17 +75,21 @@ def import_array(obj, name: str, stream: int = 0) -> Tensor:
             all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in device)):
         raise TypeError(f"{name}: __dlpack_device__() must return (device_type, device_id) ints; got {device!r}")
     producer_stream = _producer_stream(int(device[0]), stream)
-    context = _device_context(obj)
-    with context:
-        try:
-            capsule = obj.__dlpack__(max_version=(1, 1), stream=producer_stream)
-        except TypeError:  # producers older than DLPack 1.0 take no max_version
-            capsule = obj.__dlpack__(stream=producer_stream)
-        except BufferError as e:
-            raise ValueError(f"{name}: the array cannot be exported through DLPack: {e}") from None
+    with _device_context(obj):
+        capsule = _export(obj, producer_stream, name)
     if type(capsule).__name__ != "PyCapsule":
         raise TypeError(f"{name}: __dlpack__() returned {type(capsule).__name__}, not a DLPack capsule")
     return _from_capsule(capsule, name)
+
+
+def _export(obj, producer_stream, name: str):
+    """``obj.__dlpack__`` for ``producer_stream``, asking for DLPack 1.x."""
+    try:
+        return obj.__dlpack__(max_version=(1, 1), stream=producer_stream)
+    except TypeError:  # producers older than DLPack 1.0 take no max_version
+        return obj.__dlpack__(stream=producer_stream)
+    except BufferError as e:
+        raise ValueError(f"{name}: the array cannot be exported through DLPack: {e}") from None
 
 
 def _from_capsule(capsule, name: str) -> Tensor:
@@ -113,13 +115,23 @@ def _plain_torch_capsule(obj, stream: int):
 
     if type(obj) is not torch.Tensor or obj.requires_grad or obj.is_conj() or obj.layout is not torch.strided:
         return None
-    device = obj.device
-    if device.type == "cuda":
-        if torch.version.hip is not None or torch.cuda.current_stream(device).cuda_stream != stream:
+    if obj.is_cuda:
+        if torch.version.hip is not None or _current_torch_stream(torch, obj.get_device()) != stream:
             return None
-    elif device.type != "cpu":
+    elif not obj.is_cpu:
         return None
     return torch.utils.dlpack.to_dlpack(obj)
+
+
+def _current_torch_stream(torch, device_index: int) -> int:
+    """The raw handle of PyTorch's current stream on CUDA device
+    ``device_index``: through the C function behind
+    ``torch.cuda.current_stream(i).cuda_stream`` where this PyTorch has it (the
+    public call builds a Stream object in Python first), else the public call."""
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if raw is not None:
+        return raw(device_index)
+    return torch.cuda.current_stream(device_index).cuda_stream
 
 
 def import_output(obj, name: str, stream: int = 0) -> Tensor:

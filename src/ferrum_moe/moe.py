@@ -18,6 +18,7 @@ from .discovery import device_name
 from .stack import ExpertStack
 
 _ACTIVATIONS = ("silu",)
+_MAX_KEPT_BLOCKS = 1024  # token counts a layer remembers its block for
 
 
 class _Workspace:
@@ -35,6 +36,9 @@ class _Workspace:
         # time, and making one costs about a microsecond.
         self._views: dict[str, tuple[tuple, _core.Tensor]] = {}
         self._temporary = temporary
+        # The routing block chosen at each token count (layer_block_size asks
+        # the environment and the tables: about 2 us a call).
+        self.blocks: dict[int, int] = {}
 
     def take(self, name: str, backend, device, dtype: str, shape, stream: int, capacity: int = 0) -> _core.Tensor:
         """A view of `shape` on buffer `name`, grown (to `capacity` elements
@@ -87,9 +91,8 @@ def _check_local_ids(host_map: np.ndarray, w13: ExpertStack, op: str) -> None:
 def layer_block_size(w13: ExpertStack, w2: ExpertStack, top_k: int, num_tokens: int) -> int:
     """The routing block a layer call takes when its caller names none: a
     measured block table's (block_tables.py), else routing.default_block_size's."""
-    core = w13._core.backend
-    return (measured_block_size(core.name, core.description, w13.num_experts, top_k, w13.k, w2.k, w13.dtype,
-                                w13.bits, w13.group_size, num_tokens)
+    return (measured_block_size(w13.backend, w13._backend_description, w13.num_experts, top_k, w13.k, w2.k,
+                                w13.dtype, w13.bits, w13.group_size, num_tokens)
             or default_block_size(num_tokens * top_k, w13.num_experts))
 
 
@@ -112,7 +115,7 @@ def _forward(x, w13: ExpertStack, w2: ExpertStack, topk_weights, topk_ids, activ
         raise ValueError(f"fused_moe: topk_weights has shape {list(topk_weights.shape)}; expected {list(ids.shape)} (topk_ids')")
     num_tokens, top_k = ids.shape
     hidden, inter = w13.k, w2.k
-    stack_device = tuple(w13._core.device)
+    stack_device = w13._device
     for name, t in (("x", xt), ("topk_ids", ids)):
         if tuple(t.device) != stack_device:
             raise ValueError(f"fused_moe: {name} is on {device_name(tuple(t.device))}; the stacks are on "
@@ -132,8 +135,8 @@ def _forward(x, w13: ExpertStack, w2: ExpertStack, topk_weights, topk_ids, activ
     host_map = map_t is not None and map_t.device[0] == 1
     if host_map:
         _check_local_ids(np.from_dlpack(map_t), w13, "fused_moe")
-    core = w13._core.backend
-    dev = tuple(w13._core.device)
+    core = w13._backend
+    dev = stack_device
     pairs = num_tokens * top_k
     # One token: align would put each of its pairs in a block of its own (its
     # experts differ), so backends that can (ABI 1.2) read topk_ids in the
@@ -158,7 +161,11 @@ def _forward(x, w13: ExpertStack, w2: ExpertStack, topk_weights, topk_ids, activ
             pair_routing = False
     if not pair_routing:
         if block_size is None:
-            block_size = layer_block_size(w13, w2, top_k, num_tokens)
+            block_size = ws.blocks.get(num_tokens)
+            if block_size is None:
+                if len(ws.blocks) >= _MAX_KEPT_BLOCKS:
+                    ws.blocks.clear()
+                block_size = ws.blocks[num_tokens] = layer_block_size(w13, w2, top_k, num_tokens)
         routing = _align(core, ids, block_size, num_experts, map_t, s, ws)
         w13._core.gemm_routed(xt, *routing, block_size, top_k, first_weights, buf["gate_up"], s)
     core.gated_activation(buf["gate_up"], buf["act"], s)
@@ -208,7 +215,9 @@ class MoE:
     its own buffers, so no call waits for another. On CUDA a stack must not
     run on two streams at once (its split-K workspace is per stack): calls on
     different streams need their own stacks, or the caller orders the streams.
-    ``expert_map`` is checked once here, a device-resident one by one host read."""
+    ``expert_map`` is checked once here, a device-resident one by one host read.
+    Without a ``block_size`` the layer picks the routing block (block tables,
+    then the rule: fused_moe) at a token count's first call and keeps it."""
 
     def __init__(self, w13: ExpertStack, w2: ExpertStack, *, top_k: int, activation: str = "silu",
                  apply_router_weight_on_input: bool = False, expert_map=None, block_size: int | None = None):

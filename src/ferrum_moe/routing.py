@@ -15,6 +15,7 @@ ceil(that / block_size).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 
@@ -90,6 +91,25 @@ def default_block_size(num_pairs: int, num_experts: int) -> int:
     return 32 if per_expert <= 64 else _LARGEST_DEFAULT_BLOCK
 
 
+_cached_buffer_sizes = functools.lru_cache(maxsize=256)(routing_buffer_sizes)  # a decode step asks the same
+
+
+@functools.lru_cache(maxsize=256)
+def _capacities(num_pairs: int, num_local: int, block_size: int, padded: int, blocks: int) -> tuple[int, int]:
+    """The sizes a layer's routing buffers are grown to: enough for every
+    default block (8-128) at this token count. The padded length grows with the
+    block and the block count falls, so a layer that has run at its largest
+    count allocates nothing at a smaller one whose block is smaller (what
+    CUDA-graph capture needs). Where the largest block's padding would not fit
+    the int32 positions, this block's own sizes."""
+    largest, smallest = max(block_size, _LARGEST_DEFAULT_BLOCK), min(block_size, _SMALLEST_DEFAULT_BLOCK)
+    try:
+        most_padded = _core.max_num_tokens_padded(num_pairs, num_local, largest)
+    except ValueError:
+        return padded, blocks
+    return most_padded, -(-_core.max_num_tokens_padded(num_pairs, num_local, smallest) // smallest)
+
+
 def _align(backend, topk_ids_t, block_size, num_experts, map_t, stream, workspace=None):
     """Runs the backend's align into new buffers, or into views of
     ``workspace``'s (a moe._Workspace)."""
@@ -98,20 +118,13 @@ def _align(backend, topk_ids_t, block_size, num_experts, map_t, stream, workspac
     if map_t is not None and map_t.device[0] == 1:
         host_map = np.from_dlpack(map_t)
         num_local = int(host_map.max(initial=-1)) + 1
-    padded, blocks = routing_buffer_sizes(num_tokens, top_k, num_local, block_size)
+    padded, blocks = _cached_buffer_sizes(num_tokens, top_k, num_local, block_size)
     dev = tuple(topk_ids_t.device)
     if workspace is None:
         sorted_ids, expert_ids, post = (backend.empty(dev[0], dev[1], "int32", [n], stream) for n in (padded, blocks, 1))
     else:
-        # Grown for every default block (8-128) at this token count: the padded
-        # length grows with the block and the block count falls, so a layer
-        # that has run at its largest count allocates nothing at a smaller one
-        # whose block is smaller (what CUDA-graph capture needs).
         # (The arguments were checked by routing_buffer_sizes above.)
-        pairs = num_tokens * top_k
-        largest, smallest = max(block_size, _LARGEST_DEFAULT_BLOCK), min(block_size, _SMALLEST_DEFAULT_BLOCK)
-        most_padded = _core.max_num_tokens_padded(pairs, num_local, largest)
-        most_blocks = -(-_core.max_num_tokens_padded(pairs, num_local, smallest) // smallest)
+        most_padded, most_blocks = _capacities(num_tokens * top_k, num_local, block_size, padded, blocks)
         sorted_ids, expert_ids, post = (workspace.take(name, backend, dev, "int32", [n], stream, capacity)
                                         for name, n, capacity in (("sorted_token_ids", padded, most_padded),
                                                                   ("expert_ids", blocks, most_blocks),

@@ -58,12 +58,22 @@ def _stack_weights(weights) -> tuple[list[GPTQWeight], int, int, int, int]:
     return weights, first.k, first.n, first.bits, first.group_size
 
 
+_FACTS = ("num_experts", "k", "n_per_expert", "bits", "group_size", "dtype", "column_alignment", "resident_bytes")
+
+
 class ExpertStack:
     """E experts of one matmul role (w13 = [gate | up] along N, or w2), each
     W_e [K, n_per_expert], quantized, held by one backend on one device."""
 
     def __init__(self, core: _core.ExpertStack):
         self._core = core
+        # A stack never changes: its facts are read from the core once, not
+        # through a binding on every call (a layer call asks for a dozen).
+        self._backend = core.backend  # the _core.Backend
+        self._device = tuple(core.device)  # (DLDevice type, id)
+        self._backend_description = self._backend.description
+        self._facts = {name: getattr(core, name) for name in _FACTS}
+        self._facts.update(backend=self._backend.name, device=device_name(self._device))
 
     @classmethod
     def from_gptq(cls, weights: Sequence[GPTQWeight] | GPTQWeight, *, backend: str = "auto",
@@ -100,16 +110,16 @@ class ExpertStack:
         )
         return cls(core)
 
-    num_experts = property(lambda self: self._core.num_experts)
-    k = property(lambda self: self._core.k)
-    n_per_expert = property(lambda self: self._core.n_per_expert)
-    bits = property(lambda self: self._core.bits)
-    group_size = property(lambda self: self._core.group_size)
-    dtype = property(lambda self: self._core.dtype)
-    backend = property(lambda self: self._core.backend.name)
-    device = property(lambda self: device_name(tuple(self._core.device)))
-    column_alignment = property(lambda self: self._core.column_alignment)
-    resident_bytes = property(lambda self: self._core.resident_bytes)
+    num_experts = property(lambda self: self._facts["num_experts"])
+    k = property(lambda self: self._facts["k"])
+    n_per_expert = property(lambda self: self._facts["n_per_expert"])
+    bits = property(lambda self: self._facts["bits"])
+    group_size = property(lambda self: self._facts["group_size"])
+    dtype = property(lambda self: self._facts["dtype"])
+    backend = property(lambda self: self._facts["backend"])
+    device = property(lambda self: self._facts["device"])
+    column_alignment = property(lambda self: self._facts["column_alignment"])
+    resident_bytes = property(lambda self: self._facts["resident_bytes"])
 
     def __repr__(self) -> str:
         return (f"ExpertStack(num_experts={self.num_experts}, k={self.k}, n_per_expert={self.n_per_expert}, "
@@ -117,8 +127,8 @@ class ExpertStack:
                 f"device={self.device!r})")
 
     def _empty(self, shape, dtype: str, stream: int, zeroed: bool = False) -> _core.Tensor:
-        dev = tuple(self._core.device)
-        return self._core.backend.empty(dev[0], dev[1], dtype, list(shape), stream, zeroed=zeroed)
+        dev = self._device
+        return self._backend.empty(dev[0], dev[1], dtype, list(shape), stream, zeroed=zeroed)
 
     def gemm_batched(self, x, dispatches, *, out=None, stream=None):
         """For each dispatch row (expert, in_row, out_row, m):

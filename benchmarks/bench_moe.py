@@ -8,7 +8,7 @@ same weights and the same seeded routing for every library. Prints a table and
 writes JSON (--json).
 
     python benchmarks/bench_moe.py [--models mixtral,...,name:E:top_k:hidden:inter] [--tokens 1,16,...]
-        [--dtypes float16,bfloat16] [--grouped-from 256] [--block-sizes 16,32,64,128] [--json out.json]
+        [--dtypes float16,bfloat16] [--grouped-from 256] [--block-sizes 16,32,64,128] [--bits 4|8] [--json out.json]
 
 --block-sizes also times ferrum-moe with each of those routing block sizes (the
 block size picks the CUDA tile height): the measurements behind
@@ -24,7 +24,7 @@ import json
 import numpy as np
 import torch
 
-from gpu_bench import (BYTES_PER_WEIGHT, GROUP, MODELS, copy_bandwidth, dequantized_bf16, ferrum_stack, layer_shape,
+from gpu_bench import (GROUP, MODELS, bytes_per_weight, copy_bandwidth, dequantized_bf16, ferrum_stack, layer_shape,
                        peer_module, random_stacked, routing, tensor_core_rate, time_graph)
 
 import ferrum_moe as fm
@@ -63,21 +63,25 @@ def main() -> None:
     parser.add_argument("--grouped-from", type=int, default=256, help="time the bf16 grouped GEMM from this M up")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--block-sizes", default="", help="also time ferrum-moe at these routing block sizes")
+    parser.add_argument("--bits", type=int, choices=(4, 8), default=4,
+                        help="the experts' code width (the peer runs INT4 only: skipped at 8)")
     parser.add_argument("--json")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     bw, rate = copy_bandwidth(), tensor_core_rate()
     device = torch.cuda.get_device_name()
-    print(f"{device}: copy {bw / 1e12:.2f} TB/s, fp16 matmul {rate / 1e12:.0f} TFLOP/s")
-    vmm, why = peer_module()
+    print(f"{device}: copy {bw / 1e12:.2f} TB/s, fp16 matmul {rate / 1e12:.0f} TFLOP/s; INT{args.bits} experts, "
+          f"group {GROUP}")
+    vmm, why = peer_module() if args.bits == 4 else (None, "it runs INT4 weights only")
     if vmm is None:
         print("vLLM Marlin MoE peer skipped:", why)
     flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     rows = []
     for model in args.models.split(","):
         e, top_k, hidden, inter = layer_shape(model)
-        w13, w2 = random_stacked(rng, e, hidden, 2 * inter), random_stacked(rng, e, inter, hidden)
-        expert_bytes = 3 * hidden * inter * BYTES_PER_WEIGHT
+        w13 = random_stacked(rng, e, hidden, 2 * inter, args.bits)
+        w2 = random_stacked(rng, e, inter, hidden, args.bits)
+        expert_bytes = 3 * hidden * inter * bytes_per_weight(args.bits)
         tokens = [int(t) for t in args.tokens.split(",")]
         if model in ("mixtral", "deepseek-v3") and args.big_tokens != "none":
             tokens += [int(t) for t in args.big_tokens.split(",")]
@@ -99,7 +103,7 @@ def main() -> None:
                 out = torch.empty(m, hidden, device="cuda", dtype=tdtype)
                 ours = time_graph(lambda s: layer(x, tw, ids, out=out, stream=s), flush, args.repeats)
                 row = dict(model=model.split(":")[0], experts=e, top_k=top_k, hidden=hidden, inter=inter, dtype=dtype,
-                           bits=4, group_size=GROUP, m=m, ferrum_us=ours, device=device)
+                           bits=args.bits, group_size=GROUP, m=m, ferrum_us=ours, device=device)
                 if by_block:
                     row["ferrum_us_by_block_size"] = {
                         b: time_graph(lambda s, lb=lb: lb(x, tw, ids, out=out, stream=s), flush, args.repeats)

@@ -22,7 +22,12 @@ MODELS = {  # experts, top_k, hidden, intermediate
 }
 GROUP = 128
 # Bytes per INT4 weight with its share of the fp16 group scale.
-BYTES_PER_WEIGHT = 0.5 + 2 / GROUP
+def bytes_per_weight(bits: int = 4) -> float:
+    """A weight's code and its share of its group's fp16 scale."""
+    return bits / 8 + 2 / GROUP
+
+
+BYTES_PER_WEIGHT = bytes_per_weight(4)
 
 
 def layer_shape(spec: str) -> tuple[int, int, int, int]:
@@ -104,12 +109,15 @@ def tensor_core_rate(dtype=torch.float16) -> float:
     return 2 * 8192**3 * 10 / (start.elapsed_time(end) * 1e-3)
 
 
-def random_stacked(rng, e: int, k: int, n: int) -> dict:
-    """Stacked symmetric INT4 GPTQ arrays of random codes and scales (host
-    numpy, the form fm.ExpertStack.from_gptq and the peer both take)."""
-    qweight = np.frombuffer(bytearray(rng.bytes(e * (k // 8) * n * 4)), np.int32).reshape(e, k // 8, n)
+def random_stacked(rng, e: int, k: int, n: int, bits: int = 4) -> dict:
+    """Stacked symmetric GPTQ arrays (INT4 or INT8) of random codes and scales
+    (host numpy, the form fm.ExpertStack.from_gptq and, for INT4, the peer take)."""
+    per_word = 32 // bits
+    qweight = np.frombuffer(bytearray(rng.bytes(e * (k // per_word) * n * 4)), np.int32).reshape(e, k // per_word, n)
     scales = (rng.random((e, k // GROUP, n), np.float32) * 0.02 + 0.005).astype(np.float16)
-    return dict(qweight=qweight, scales=scales, bits=4, group_size=GROUP)
+    if bits == 8:
+        scales /= 16  # codes span 16x the range: the same magnitude of weights
+    return dict(qweight=qweight, scales=scales, bits=bits, group_size=GROUP)
 
 
 def ferrum_stack(stacked: dict, dtype: str) -> fm.ExpertStack:
@@ -121,12 +129,14 @@ def dequantized_bf16(stacked: dict) -> torch.Tensor:
     torch's grouped GEMM wants its right operand): the dense bar's weights."""
     q = torch.from_numpy(stacked["qweight"])
     s = torch.from_numpy(stacked["scales"])
+    bits = stacked["bits"]
+    per_word = 32 // bits
     e, kw, n = q.shape
-    out = torch.empty(e, n, kw * 8, device="cuda", dtype=torch.bfloat16)
-    shifts = torch.arange(0, 32, 4, device="cuda", dtype=torch.int32).view(1, 8, 1)
+    out = torch.empty(e, n, kw * per_word, device="cuda", dtype=torch.bfloat16)
+    shifts = torch.arange(0, 32, bits, device="cuda", dtype=torch.int32).view(1, per_word, 1)
     for i in range(e):  # one expert at a time: the int32 codes of all of them would not fit
-        codes = ((q[i].cuda().unsqueeze(1) >> shifts) & 0xF).reshape(kw * 8, n)
-        w = (codes - 8).to(torch.bfloat16) * s[i].cuda().to(torch.bfloat16).repeat_interleave(GROUP, dim=0)
+        codes = ((q[i].cuda().unsqueeze(1) >> shifts) & ((1 << bits) - 1)).reshape(kw * per_word, n)
+        w = (codes - (1 << (bits - 1))).to(torch.bfloat16) * s[i].cuda().to(torch.bfloat16).repeat_interleave(GROUP, dim=0)
         out[i] = w.t()
     return out.transpose(1, 2)
 

@@ -204,13 +204,13 @@ def test_the_layer_runs_the_tables_block_and_stays_exact(rng, target, user_table
     user_tables(_table([_layer(table_blocks, experts=e, top_k=top_k, hidden=hidden, inter=inter, dtype=dtype,
                                group_size=32)], backend=target.backend, device=info.description))
     used = []
-    real_align = moe_module._align
+    real_buffers = moe_module._routing_buffers
 
-    def recording_align(core, ids, block_size, *args, **kwargs):
+    def recording_buffers(core, ids, block_size, *args, **kwargs):
         used.append(block_size)
-        return real_align(core, ids, block_size, *args, **kwargs)
+        return real_buffers(core, ids, block_size, *args, **kwargs)
 
-    monkeypatch.setattr(moe_module, "_align", recording_align)
+    monkeypatch.setattr(moe_module, "_routing_buffers", recording_buffers)
     w13 = [random_weight(rng, hidden, 2 * inter, group_size=32, dtype=dtype) for _ in range(e)]
     w2 = [random_weight(rng, inter, hidden, group_size=32, dtype=dtype) for _ in range(e)]
     s13, s2 = target.stack(w13, dtype), target.stack(w2, dtype)
@@ -240,13 +240,13 @@ def test_a_layer_keeps_the_block_it_chose_for_a_token_count(rng, target, user_ta
                               group_size=32)], backend=target.backend, device=info.description)
 
     used = []
-    real_align = moe_module._align
+    real_buffers = moe_module._routing_buffers
 
-    def recording_align(core, ids, block_size, *args, **kwargs):
+    def recording_buffers(core, ids, block_size, *args, **kwargs):
         used.append(block_size)
-        return real_align(core, ids, block_size, *args, **kwargs)
+        return real_buffers(core, ids, block_size, *args, **kwargs)
 
-    monkeypatch.setattr(moe_module, "_align", recording_align)
+    monkeypatch.setattr(moe_module, "_routing_buffers", recording_buffers)
     w13 = [random_weight(rng, hidden, 2 * inter, group_size=32, dtype=dtype) for _ in range(e)]
     w2 = [random_weight(rng, inter, hidden, group_size=32, dtype=dtype) for _ in range(e)]
     s13, s2 = target.stack(w13, dtype), target.stack(w2, dtype)

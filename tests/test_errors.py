@@ -411,3 +411,36 @@ def test_stack_sizes_that_would_wrap_the_repack_are_refused_before_the_backend()
     with pytest.raises(ValueError, match=r"ExpertStack: num_experts, k and n_per_expert must be in \[1, 2\^48\]; got 1, "
                                          r"1125899906842624, 1"):
         cpu.create_stack(1, 0, "float16", 1, 2**50, 1, 4, -1, qweight, scales, None, None)
+
+
+def test_the_cores_layer_steps_check_their_own_arguments(rng):
+    """fm.MoE hands a call's steps to the core in one go (core/moe.hpp); called
+    directly, the core still names what is missing or does not match, before
+    it queues anything."""
+    from ferrum_moe import _core
+    from ferrum_moe.arrays import import_array
+
+    w13 = fm.ExpertStack.from_gptq([random_weight(rng, 64, 64, group_size=32) for _ in range(4)], dtype="float16")
+    w2 = fm.ExpertStack.from_gptq([random_weight(rng, 32, 64, group_size=32) for _ in range(4)], dtype="float16")
+    t = {name: import_array(a, name) for name, a in (
+        ("x", np.ones((2, 64), np.float16)), ("ids", np.array([[0, 1], [2, 3]], np.int32)),
+        ("tw", np.full((2, 2), 0.5, np.float32)), ("tw3", np.full((2, 3), 0.5, np.float32)),
+        ("gate_up", np.zeros((4, 64), np.float16)), ("act", np.zeros((4, 32), np.float16)),
+        ("down", np.zeros((4, 64), np.float32)))}
+    out = np.full((2, 64), 7, np.float16)
+    ot = import_array(out, "out")
+    tail = (t["gate_up"], t["act"], t["down"], ot, 0)
+
+    def layer(tw, block_size, *routing):
+        _core.moe_layer(w13._core, w2._core, t["x"], t["ids"], tw, None, 4, False, block_size, *routing, *tail)
+
+    with pytest.raises(ValueError, match=r"moe_layer: topk_weights has shape \[2, 3\]; dimension 1 must be 2 "
+                                         r"\(topk_ids' columns\)"):
+        layer(t["tw3"], 0, None, None, None)
+    with pytest.raises(ValueError, match="moe_layer: a routing block needs align's three output buffers"):
+        layer(t["tw"], 8, None, None, None)
+    assert np.all(out == 7)
+    layer(t["tw"], 0, None, None, None)  # pair routing: every pair its own block
+    ref = fm.fused_moe(np.ones((2, 64), np.float16), w13, w2, np.full((2, 2), 0.5, np.float32),
+                       np.array([[0, 1], [2, 3]], np.int32), block_size=8)
+    assert rel_error(out, ref) < 2e-3

@@ -13,7 +13,7 @@ from . import _core
 from ._checks import MAX_BLOCK_SIZE, checked_int
 from .arrays import host_copy, import_array, import_output, stream_handle, to_caller
 from .block_tables import measured_block_size
-from .routing import _align, default_block_size
+from .routing import _routing_buffers, default_block_size
 from .discovery import device_name
 from .stack import ExpertStack
 
@@ -125,8 +125,7 @@ def _forward(x, w13: ExpertStack, w2: ExpertStack, topk_weights, topk_ids, activ
     if tuple(tw.device) != stack_device:
         raise ValueError(f"fused_moe: topk_weights is on {device_name(tuple(tw.device))}; the stacks are on "
                          f"{w13.device}: pass topk_weights on {w13.device}")
-    tw_pairs = tw.view([num_tokens * top_k, 1]) if tw.is_compact else None
-    if tw_pairs is None:
+    if not tw.is_compact:
         raise ValueError("fused_moe: topk_weights must be contiguous")
     map_t = None if expert_map is None else import_array(expert_map, "expert_map", s)
     num_experts = map_t.shape[0] if map_t is not None else w13.num_experts
@@ -152,11 +151,13 @@ def _forward(x, w13: ExpertStack, w2: ExpertStack, topk_weights, topk_ids, activ
         # it sends past the stacks' experts are skipped by both GEMMs, so their
         # rows of the second one must read as zero when the top-k sum adds them.
         buf["down"] = core.empty(dev[0], dev[1], "float32", [pairs, hidden], s, temporary=True, zeroed=True)
-    first_weights = tw if apply_router_weight_on_input else None
-    second_weights = None if apply_router_weight_on_input else tw_pairs
+    ot = import_output(out, "out", s) if out is not None else core.empty(dev[0], dev[1], w13.dtype, [num_tokens, hidden], s)
+    # The steps run in the core, one after another (core/moe.hpp).
+    steps = (w13._core, w2._core, xt, ids, tw, map_t, num_experts, apply_router_weight_on_input)
+    buffers = (buf["gate_up"], buf["act"], buf["down"], ot, s)
     if pair_routing:
         try:
-            w13._core.gemm_routed_pairs(xt, ids, num_experts, map_t, first_weights, buf["gate_up"], s)
+            _core.moe_layer(*steps, 0, None, None, None, *buffers)
         except NotImplementedError:  # a plugin built against ABI 1.2 without it (plugins.md): align
             pair_routing = False
     if not pair_routing:
@@ -166,16 +167,8 @@ def _forward(x, w13: ExpertStack, w2: ExpertStack, topk_weights, topk_ids, activ
                 if len(ws.blocks) >= _MAX_KEPT_BLOCKS:
                     ws.blocks.clear()
                 block_size = ws.blocks[num_tokens] = layer_block_size(w13, w2, top_k, num_tokens)
-        routing = _align(core, ids, block_size, num_experts, map_t, s, ws)
-        w13._core.gemm_routed(xt, *routing, block_size, top_k, first_weights, buf["gate_up"], s)
-    core.gated_activation(buf["gate_up"], buf["act"], s)
-    if pair_routing:
-        w2._core.gemm_routed_pairs(buf["act"], ids.view([pairs, 1]), num_experts, map_t, second_weights,
-                                   buf["down"], s)
-    else:
-        w2._core.gemm_routed(buf["act"], *routing, block_size, 1, second_weights, buf["down"], s)
-    ot = import_output(out, "out", s) if out is not None else core.empty(dev[0], dev[1], w13.dtype, [num_tokens, hidden], s)
-    core.moe_sum(buf["down"], ids, num_experts, map_t, ot, s)
+        _core.moe_layer(*steps, block_size, *_routing_buffers(core, ids, block_size, num_experts, map_t, s, ws),
+                        *buffers)
     return out if out is not None else to_caller(ot, x)
 
 

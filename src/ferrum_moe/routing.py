@@ -68,7 +68,7 @@ class Routing:
                 import_array(self.num_tokens_post_padded, "num_tokens_post_padded", stream))
 
 
-_SMALLEST_DEFAULT_BLOCK, _LARGEST_DEFAULT_BLOCK = 8, 128  # default_block_size's range (_align sizes for it)
+_SMALLEST_DEFAULT_BLOCK, _LARGEST_DEFAULT_BLOCK = 8, 128  # default_block_size's range (_capacities sizes for it)
 
 
 def default_block_size(num_pairs: int, num_experts: int) -> int:
@@ -110,9 +110,10 @@ def _capacities(num_pairs: int, num_local: int, block_size: int, padded: int, bl
     return most_padded, -(-_core.max_num_tokens_padded(num_pairs, num_local, smallest) // smallest)
 
 
-def _align(backend, topk_ids_t, block_size, num_experts, map_t, stream, workspace=None):
-    """Runs the backend's align into new buffers, or into views of
-    ``workspace``'s (a moe._Workspace)."""
+def _routing_buffers(backend, topk_ids_t, block_size, num_experts, map_t, stream, workspace=None):
+    """Buffers for align's output (sorted_token_ids, expert_ids,
+    num_tokens_post_padded): new ones, or views of ``workspace``'s (a
+    moe._Workspace)."""
     num_tokens, top_k = topk_ids_t.shape
     num_local = num_experts
     if map_t is not None and map_t.device[0] == 1:
@@ -129,8 +130,14 @@ def _align(backend, topk_ids_t, block_size, num_experts, map_t, stream, workspac
                                         for name, n, capacity in (("sorted_token_ids", padded, most_padded),
                                                                   ("expert_ids", blocks, most_blocks),
                                                                   ("post", 1, 1)))
-    backend.moe_align_block_size(topk_ids_t, num_experts, block_size, map_t, sorted_ids, expert_ids, post, stream)
     return sorted_ids, expert_ids, post
+
+
+def _align(backend, topk_ids_t, block_size, num_experts, map_t, stream, workspace=None):
+    """Runs the backend's align into _routing_buffers' buffers; returns them."""
+    buffers = _routing_buffers(backend, topk_ids_t, block_size, num_experts, map_t, stream, workspace)
+    backend.moe_align_block_size(topk_ids_t, num_experts, block_size, map_t, *buffers, stream)
+    return buffers
 
 
 def moe_align_block_size(topk_ids, block_size: int, num_experts: int, *, expert_map=None, backend: str = "auto",

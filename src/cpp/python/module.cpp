@@ -7,6 +7,7 @@
 #include "../core/backend.hpp"
 #include "../core/dtype.hpp"
 #include "../core/error.hpp"
+#include "../core/moe.hpp"
 #include "../core/release.hpp"
 #include "../core/tensor.hpp"
 #include "dlpack_capsule.hpp"
@@ -110,6 +111,37 @@ PYBIND11_MODULE(_core, m) {
   m.def("build_info", &build_info);
   m.def("max_num_tokens_padded", &ferrum::max_num_tokens_padded, py::arg("num_pairs"),
         py::arg("num_local_experts"), py::arg("block_size"));
+
+  m.def(
+      "moe_layer",
+      [](ExpertStack& w13, ExpertStack& w2, const TensorPtr& x, const TensorPtr& topk_ids,
+         const TensorPtr& topk_weights, const std::optional<TensorPtr>& expert_map, int64_t num_experts,
+         bool weights_on_input, int64_t block_size, const std::optional<TensorPtr>& sorted_token_ids,
+         const std::optional<TensorPtr>& expert_ids, const std::optional<TensorPtr>& num_tokens_post_padded,
+         const TensorPtr& gate_up, const TensorPtr& act, const TensorPtr& down, const TensorPtr& out,
+         uintptr_t stream) {
+        ferrum::MoeLayerCall call;
+        call.x = x.get();
+        call.topk_ids = topk_ids.get();
+        call.topk_weights = topk_weights.get();
+        call.expert_map = opt(expert_map);
+        call.num_experts = num_experts;
+        call.weights_on_input = weights_on_input;
+        call.block_size = block_size;
+        call.sorted_token_ids = sorted_token_ids ? sorted_token_ids->get() : nullptr;
+        call.expert_ids = expert_ids ? expert_ids->get() : nullptr;
+        call.num_tokens_post_padded = num_tokens_post_padded ? num_tokens_post_padded->get() : nullptr;
+        call.gate_up = gate_up.get();
+        call.act = act.get();
+        call.down = down.get();
+        call.out = out.get();
+        call.stream = as_stream(stream);
+        ferrum::run_moe_layer(w13, w2, call);
+      },
+      py::call_guard<py::gil_scoped_release>(), py::arg("w13"), py::arg("w2"), py::arg("x"), py::arg("topk_ids"),
+      py::arg("topk_weights"), py::arg("expert_map"), py::arg("num_experts"), py::arg("weights_on_input"),
+      py::arg("block_size"), py::arg("sorted_token_ids"), py::arg("expert_ids"), py::arg("num_tokens_post_padded"),
+      py::arg("gate_up"), py::arg("act"), py::arg("down"), py::arg("out"), py::arg("stream") = 0);
 
   py::class_<Tensor, TensorPtr>(m, "Tensor",
                                 "An array ferrum-moe holds: imported through DLPack or allocated by a backend. "

@@ -1,0 +1,54 @@
+#include "moe.hpp"
+
+#include <string>
+
+#include "error.hpp"
+
+namespace ferrum {
+
+void run_moe_layer(ExpertStack& w13, ExpertStack& w2, const MoeLayerCall& c) {
+  for (auto [t, name] : {std::pair<const void*, const char*>{c.x, "x"}, {c.topk_ids, "topk_ids"},
+                         {c.topk_weights, "topk_weights"}, {c.gate_up, "gate_up"}, {c.act, "act"},
+                         {c.down, "down"}, {c.out, "out"}}) {
+    if (t == nullptr) throw Error(FM_ERROR_INVALID_ARGUMENT, std::string("moe_layer: ") + name + " is missing");
+  }
+  const bool pair_routing = c.block_size == 0;
+  if (!pair_routing && (c.sorted_token_ids == nullptr || c.expert_ids == nullptr ||
+                        c.num_tokens_post_padded == nullptr)) {
+    throw Error(FM_ERROR_INVALID_ARGUMENT, "moe_layer: a routing block needs align's three output buffers");
+  }
+  if (w13.backend() != w2.backend()) {
+    throw_value_error("moe_layer: w13 is on backend '" + w13.backend()->name() + "', w2 on '" +
+                      w2.backend()->name() + "'");
+  }
+  expect_rank(*c.topk_ids, 2, {"moe_layer", "topk_ids"});
+  expect_rank(*c.topk_weights, 2, {"moe_layer", "topk_weights"});
+  expect_dim(*c.topk_weights, 0, c.topk_ids->dim(0), {"moe_layer", "topk_weights"}, "topk_ids' rows");
+  expect_dim(*c.topk_weights, 1, c.topk_ids->dim(1), {"moe_layer", "topk_weights"}, "topk_ids' columns");
+  expect_compact(*c.topk_weights, {"moe_layer", "topk_weights"});
+  const int64_t pairs = c.topk_ids->dim(0) * c.topk_ids->dim(1);  // an imported tensor's: fits int64
+  // The second GEMM is pair-indexed: its "tokens" are the pairs, top_k 1.
+  const auto weights_by_pair = c.topk_weights->view({pairs, 1});
+  const Tensor* first_weights = c.weights_on_input ? c.topk_weights : nullptr;
+  const Tensor* second_weights = c.weights_on_input ? nullptr : weights_by_pair.get();
+  Backend& backend = *w13.backend();
+  if (pair_routing) {
+    w13.gemm_routed_pairs(*c.x, *c.topk_ids, c.num_experts, c.expert_map, first_weights, *c.gate_up, c.stream);
+  } else {
+    backend.moe_align_block_size(*c.topk_ids, c.num_experts, c.block_size, c.expert_map, *c.sorted_token_ids,
+                                 *c.expert_ids, *c.num_tokens_post_padded, c.stream);
+    w13.gemm_routed(*c.x, *c.sorted_token_ids, *c.expert_ids, *c.num_tokens_post_padded, c.block_size,
+                    c.topk_ids->dim(1), first_weights, *c.gate_up, c.stream);
+  }
+  backend.gated_activation(*c.gate_up, *c.act, c.stream);
+  if (pair_routing) {
+    const auto ids_by_pair = c.topk_ids->view({pairs, 1});
+    w2.gemm_routed_pairs(*c.act, *ids_by_pair, c.num_experts, c.expert_map, second_weights, *c.down, c.stream);
+  } else {
+    w2.gemm_routed(*c.act, *c.sorted_token_ids, *c.expert_ids, *c.num_tokens_post_padded, c.block_size, 1,
+                   second_weights, *c.down, c.stream);
+  }
+  backend.moe_sum(*c.down, *c.topk_ids, c.num_experts, c.expert_map, *c.out, c.stream);
+}
+
+}  // namespace ferrum

@@ -54,6 +54,31 @@ def user_tables(tmp_path, monkeypatch):
     return write
 
 
+def _small_layer(rng, target, dtype, m, e, top_k, hidden, inter):
+    """Weights (GPTQ, group 32), their stacks and one call's x, topk_ids and
+    topk_weights (host arrays)."""
+    w13 = [random_weight(rng, hidden, 2 * inter, group_size=32, dtype=dtype) for _ in range(e)]
+    w2 = [random_weight(rng, inter, hidden, group_size=32, dtype=dtype) for _ in range(e)]
+    x = random_activations(rng, (m, hidden), dtype)
+    ids = np.argsort(-rng.standard_normal((m, e)), axis=1)[:, :top_k].astype(np.int32)
+    tw = rng.random((m, top_k)).astype(np.float32)
+    return w13, w2, target.stack(w13, dtype), target.stack(w2, dtype), x, ids, tw
+
+
+@pytest.fixture
+def used_blocks(monkeypatch):
+    """The routing block of every aligned layer call, in order."""
+    used = []
+    real_buffers = moe_module._routing_buffers
+
+    def recording_buffers(core, ids, block_size, *args, **kwargs):
+        used.append(block_size)
+        return real_buffers(core, ids, block_size, *args, **kwargs)
+
+    monkeypatch.setattr(moe_module, "_routing_buffers", recording_buffers)
+    return used
+
+
 def test_the_shipped_tables_parse():
     tables = sorted(block_tables.SHIPPED.glob("*.json"))
     assert H200_TABLE in tables
@@ -194,7 +219,7 @@ def test_a_layer_call_names_a_bad_table(rng, user_tables):
 
 
 @pytest.mark.parametrize("m", [5, 20, 130])
-def test_the_layer_runs_the_tables_block_and_stays_exact(rng, target, user_tables, monkeypatch, m):
+def test_the_layer_runs_the_tables_block_and_stays_exact(rng, target, user_tables, used_blocks, m):
     dtype = target.dtypes[-1]
     e, top_k, hidden, inter = 8, 2, 128, 96
     info, = [b for b in fm.backends() if b.name == target.backend]
@@ -203,31 +228,18 @@ def test_the_layer_runs_the_tables_block_and_stays_exact(rng, target, user_table
     assert [default_block_size(m_ * top_k, e) for m_, _ in table_blocks] == [8, 8, 32]
     user_tables(_table([_layer(table_blocks, experts=e, top_k=top_k, hidden=hidden, inter=inter, dtype=dtype,
                                group_size=32)], backend=target.backend, device=info.description))
-    used = []
-    real_buffers = moe_module._routing_buffers
-
-    def recording_buffers(core, ids, block_size, *args, **kwargs):
-        used.append(block_size)
-        return real_buffers(core, ids, block_size, *args, **kwargs)
-
-    monkeypatch.setattr(moe_module, "_routing_buffers", recording_buffers)
-    w13 = [random_weight(rng, hidden, 2 * inter, group_size=32, dtype=dtype) for _ in range(e)]
-    w2 = [random_weight(rng, inter, hidden, group_size=32, dtype=dtype) for _ in range(e)]
-    s13, s2 = target.stack(w13, dtype), target.stack(w2, dtype)
-    x = random_activations(rng, (m, hidden), dtype)
-    ids = np.argsort(-rng.standard_normal((m, e)), axis=1)[:, :top_k].astype(np.int32)
-    tw = rng.random((m, top_k)).astype(np.float32)
+    w13, w2, s13, s2, x, ids, tw = _small_layer(rng, target, dtype, m, e, top_k, hidden, inter)
     out = target.put(poisoned((m, hidden), dtype))
     fm.fused_moe(target.put(x), s13, s2, target.put(tw), target.put(ids), out=out)
-    assert used == [dict(table_blocks)[m]]
+    assert used_blocks == [dict(table_blocks)[m]]
     assert rel_error(target.get(out), reference_moe(x, w13, w2, tw, ids)) < REL_TOL[dtype]
     # A block the caller names wins over the table.
-    used.clear()
+    used_blocks.clear()
     fm.fused_moe(target.put(x), s13, s2, target.put(tw), target.put(ids), out=out, block_size=64)
-    assert used == [64]
+    assert used_blocks == [64]
 
 
-def test_a_layer_keeps_the_block_it_chose_for_a_token_count(rng, target, user_tables, monkeypatch):
+def test_a_layer_keeps_the_block_it_chose_for_a_token_count(rng, target, user_tables, used_blocks):
     """fm.MoE asks the tables at a token count's first call and keeps the answer
     (a decode step would otherwise pay the lookup every call); a new layer reads
     the tables as they are then."""
@@ -239,20 +251,7 @@ def test_a_layer_keeps_the_block_it_chose_for_a_token_count(rng, target, user_ta
         return _table([_layer([[m, block]], experts=e, top_k=top_k, hidden=hidden, inter=inter, dtype=dtype,
                               group_size=32)], backend=target.backend, device=info.description)
 
-    used = []
-    real_buffers = moe_module._routing_buffers
-
-    def recording_buffers(core, ids, block_size, *args, **kwargs):
-        used.append(block_size)
-        return real_buffers(core, ids, block_size, *args, **kwargs)
-
-    monkeypatch.setattr(moe_module, "_routing_buffers", recording_buffers)
-    w13 = [random_weight(rng, hidden, 2 * inter, group_size=32, dtype=dtype) for _ in range(e)]
-    w2 = [random_weight(rng, inter, hidden, group_size=32, dtype=dtype) for _ in range(e)]
-    s13, s2 = target.stack(w13, dtype), target.stack(w2, dtype)
-    x = random_activations(rng, (m, hidden), dtype)
-    ids = np.argsort(-rng.standard_normal((m, e)), axis=1)[:, :top_k].astype(np.int32)
-    tw = rng.random((m, top_k)).astype(np.float32)
+    w13, w2, s13, s2, x, ids, tw = _small_layer(rng, target, dtype, m, e, top_k, hidden, inter)
     user_tables(table(16))
     layer = fm.MoE(s13, s2, top_k=top_k)
     for block in (16, 32):  # the second table reaches only the new layer
@@ -262,4 +261,4 @@ def test_a_layer_keeps_the_block_it_chose_for_a_token_count(rng, target, user_ta
             layer(target.put(x), target.put(tw), target.put(ids), out=out)
             assert rel_error(target.get(out), reference_moe(x, w13, w2, tw, ids)) < REL_TOL[dtype]
     fm.MoE(s13, s2, top_k=top_k)(target.put(x), target.put(tw), target.put(ids))
-    assert used == [16, 16, 16, 16, 32]
+    assert used_blocks == [16, 16, 16, 16, 32]

@@ -210,3 +210,43 @@ def test_a_1_2_plugin_that_refuses_pair_routing_gets_align(rng):
     got = fm.fused_moe(x, stack_on(backend, w13, "float32"), stack_on(backend, w2, "float32"), tw, ids)
     assert refused, "the layer did not ask for pair routing"
     assert rel_error(got, reference_moe(x, w13, w2, tw, ids)) < 1e-4
+
+
+class FmGatedActivationArgsHead(ctypes.Structure):
+    _fields_ = [("struct_size", ctypes.c_size_t)]
+
+
+ACTIVATION = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.POINTER(FmGatedActivationArgsHead))
+
+
+def test_a_later_steps_refusal_is_raised_once_not_retried_through_align(rng):
+    """Only a refusal of pair routing itself sends a one-token layer to align:
+    a plugin that refuses a later step (here the activation) gets the error,
+    and the first GEMM is not run a second time."""
+    table = Table(minor=2)
+    real_init, real_routed = INIT(table.api.initialize), ROUTED(table.api.stack_gemm_routed)
+    services, routed_calls = {}, []
+
+    def init(args):
+        services["error_new"] = ERROR_NEW(args.contents.services.contents.error_new)
+        return real_init(args)
+
+    def routed(args):
+        routed_calls.append(args.contents.sorted_token_ids is None)
+        return real_routed(args)
+
+    def activation(args):
+        return services["error_new"](3, b"no activation in this plugin")  # FM_ERROR_UNSUPPORTED
+
+    table.keep = INIT(init), ROUTED(routed), ACTIVATION(activation)
+    table.api.initialize, table.api.stack_gemm_routed, table.api.gated_activation = (
+        ctypes.cast(f, ctypes.c_void_p) for f in table.keep)
+    backend = table.load()
+    e, k, inter = 4, 64, 32
+    w13 = [random_weight(rng, k, 2 * inter, group_size=32, dtype="float32") for _ in range(e)]
+    w2 = [random_weight(rng, inter, k, group_size=32, dtype="float32") for _ in range(e)]
+    x = random_activations(rng, (1, k), "float32")
+    ids, tw = np.array([[2, 0]], np.int32), rng.random((1, 2)).astype(np.float32)
+    with pytest.raises(NotImplementedError, match="gated_activation: no activation in this plugin"):
+        fm.fused_moe(x, stack_on(backend, w13, "float32"), stack_on(backend, w2, "float32"), tw, ids)
+    assert routed_calls == [True], "one pair-routed GEMM, and no second run through align"

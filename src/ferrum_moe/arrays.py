@@ -130,7 +130,10 @@ def _current_torch_stream(torch, device_index: int) -> int:
     public call builds a Stream object in Python first), else the public call."""
     raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
     if raw is not None:
-        return raw(device_index)
+        try:
+            return raw(device_index)
+        except (TypeError, RuntimeError):  # a PyTorch whose private function changed
+            pass
     return torch.cuda.current_stream(device_index).cuda_stream
 
 

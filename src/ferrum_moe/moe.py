@@ -155,12 +155,8 @@ def _forward(x, w13: ExpertStack, w2: ExpertStack, topk_weights, topk_ids, activ
     # The steps run in the core, one after another (core/moe.hpp).
     steps = (w13._core, w2._core, xt, ids, tw, map_t, num_experts, apply_router_weight_on_input)
     buffers = (buf["gate_up"], buf["act"], buf["down"], ot, s)
-    if pair_routing:
-        try:
-            _core.moe_layer(*steps, 0, None, None, None, *buffers)
-        except NotImplementedError:  # a plugin built against ABI 1.2 without it (plugins.md): align
-            pair_routing = False
-    if not pair_routing:
+    # False: the plugin refused pair routing (ABI 1.2 without it, plugins.md) and nothing ran.
+    if not pair_routing or not _core.moe_layer(*steps, 0, None, None, None, *buffers):
         if block_size is None:
             block_size = ws.blocks.get(num_tokens)
             if block_size is None:

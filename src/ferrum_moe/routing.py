@@ -91,10 +91,10 @@ def default_block_size(num_pairs: int, num_experts: int) -> int:
     return 32 if per_expert <= 64 else _LARGEST_DEFAULT_BLOCK
 
 
-_cached_buffer_sizes = functools.lru_cache(maxsize=256)(routing_buffer_sizes)  # a decode step asks the same
+_cached_buffer_sizes = functools.lru_cache(maxsize=256, typed=True)(routing_buffer_sizes)  # a decode step asks the same
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=256, typed=True)
 def _capacities(num_pairs: int, num_local: int, block_size: int, padded: int, blocks: int) -> tuple[int, int]:
     """The sizes a layer's routing buffers are grown to: enough for every
     default block (8-128) at this token count. The padded length grows with the

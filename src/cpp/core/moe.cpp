@@ -6,7 +6,7 @@
 
 namespace ferrum {
 
-void run_moe_layer(ExpertStack& w13, ExpertStack& w2, const MoeLayerCall& c) {
+bool run_moe_layer(ExpertStack& w13, ExpertStack& w2, const MoeLayerCall& c) {
   for (auto [t, name] : {std::pair<const void*, const char*>{c.x, "x"}, {c.topk_ids, "topk_ids"},
                          {c.topk_weights, "topk_weights"}, {c.gate_up, "gate_up"}, {c.act, "act"},
                          {c.down, "down"}, {c.out, "out"}}) {
@@ -16,10 +16,6 @@ void run_moe_layer(ExpertStack& w13, ExpertStack& w2, const MoeLayerCall& c) {
   if (!pair_routing && (c.sorted_token_ids == nullptr || c.expert_ids == nullptr ||
                         c.num_tokens_post_padded == nullptr)) {
     throw Error(FM_ERROR_INVALID_ARGUMENT, "moe_layer: a routing block needs align's three output buffers");
-  }
-  if (w13.backend() != w2.backend()) {
-    throw_value_error("moe_layer: w13 is on backend '" + w13.backend()->name() + "', w2 on '" +
-                      w2.backend()->name() + "'");
   }
   expect_rank(*c.topk_ids, 2, {"moe_layer", "topk_ids"});
   expect_rank(*c.topk_weights, 2, {"moe_layer", "topk_weights"});
@@ -33,7 +29,15 @@ void run_moe_layer(ExpertStack& w13, ExpertStack& w2, const MoeLayerCall& c) {
   const Tensor* second_weights = c.weights_on_input ? nullptr : weights_by_pair.get();
   Backend& backend = *w13.backend();
   if (pair_routing) {
-    w13.gemm_routed_pairs(*c.x, *c.topk_ids, c.num_experts, c.expert_map, first_weights, *c.gate_up, c.stream);
+    try {
+      w13.gemm_routed_pairs(*c.x, *c.topk_ids, c.num_experts, c.expert_map, first_weights, *c.gate_up, c.stream);
+    } catch (const Error& e) {
+      // A plugin without pair routing (ABI 1.1, or 1.2 that refuses it:
+      // plugins.md) queued nothing: the caller aligns instead. A refusal by a
+      // later step is an error, not a reason to run the steps again.
+      if (e.code() == FM_ERROR_UNSUPPORTED) return false;
+      throw;
+    }
   } else {
     backend.moe_align_block_size(*c.topk_ids, c.num_experts, c.block_size, c.expert_map, *c.sorted_token_ids,
                                  *c.expert_ids, *c.num_tokens_post_padded, c.stream);
@@ -49,6 +53,7 @@ void run_moe_layer(ExpertStack& w13, ExpertStack& w2, const MoeLayerCall& c) {
                    second_weights, *c.down, c.stream);
   }
   backend.moe_sum(*c.down, *c.topk_ids, c.num_experts, c.expert_map, *c.out, c.stream);
+  return true;
 }
 
 }  // namespace ferrum

@@ -31,8 +31,10 @@ struct MoeLayerCall {
   void* stream = nullptr;
 };
 
-// Throws ferrum::Error naming the step and argument at the first refusal;
-// the steps before it have then been queued.
-void run_moe_layer(ExpertStack& w13, ExpertStack& w2, const MoeLayerCall& call);
+// False, with nothing queued, where the call asks for pair routing and the
+// backend refuses it as unsupported (the caller then aligns). Otherwise throws
+// ferrum::Error naming the step and argument at the first refusal (the steps
+// before it have then been queued), or answers true.
+bool run_moe_layer(ExpertStack& w13, ExpertStack& w2, const MoeLayerCall& call);
 
 }  // namespace ferrum

@@ -136,7 +136,7 @@ PYBIND11_MODULE(_core, m) {
         call.down = down.get();
         call.out = out.get();
         call.stream = as_stream(stream);
-        ferrum::run_moe_layer(w13, w2, call);
+        return ferrum::run_moe_layer(w13, w2, call);
       },
       py::call_guard<py::gil_scoped_release>(), py::arg("w13"), py::arg("w2"), py::arg("x"), py::arg("topk_ids"),
       py::arg("topk_weights"), py::arg("expert_map"), py::arg("num_experts"), py::arg("weights_on_input"),

@@ -10,6 +10,10 @@ writes JSON (--json).
     python benchmarks/bench_moe.py [--models mixtral,...,name:E:top_k:hidden:inter] [--tokens 1,16,...]
         [--dtypes float16,bfloat16] [--grouped-from 256] [--block-sizes 16,32,64,128] [--bits 4|8] [--json out.json]
 
+The read floor (up to --read-floor-to tokens, CuPy): a plain streaming kernel
+reading the call's active experts' bytes, w13's then w2's, timed the same way:
+what two dependent launches over those bytes cost before any dequant or math.
+
 --block-sizes also times ferrum-moe with each of those routing block sizes (the
 block size picks the CUDA tile height): the measurements behind
 routing.default_block_size's rule and the block tables
@@ -24,8 +28,8 @@ import json
 import numpy as np
 import torch
 
-from gpu_bench import (GROUP, MODELS, bytes_per_weight, copy_bandwidth, dequantized_bf16, ferrum_stack, layer_shape,
-                       peer_module, random_stacked, routing, tensor_core_rate, time_graph)
+from gpu_bench import (GROUP, MODELS, ReadFloor, bytes_per_weight, copy_bandwidth, dequantized_bf16, ferrum_stack,
+                       layer_shape, peer_module, random_stacked, routing, tensor_core_rate, time_graph)
 
 import ferrum_moe as fm
 
@@ -63,6 +67,8 @@ def main() -> None:
     parser.add_argument("--grouped-from", type=int, default=256, help="time the bf16 grouped GEMM from this M up")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--block-sizes", default="", help="also time ferrum-moe at these routing block sizes")
+    parser.add_argument("--read-floor-to", type=int, default=64,
+                        help="time reading the active experts' bytes with a plain kernel up to this M (0: never)")
     parser.add_argument("--bits", type=int, choices=(4, 8), default=4,
                         help="the experts' code width (the peer runs INT4 only: skipped at 8)")
     parser.add_argument("--json")
@@ -85,6 +91,10 @@ def main() -> None:
         tokens = [int(t) for t in args.tokens.split(",")]
         if model in ("mixtral", "deepseek-v3") and args.big_tokens != "none":
             tokens += [int(t) for t in args.big_tokens.split(",")]
+        read_floor, read_us = None, {}
+        if any(m <= args.read_floor_to for m in tokens):
+            read_floor = ReadFloor.make(e, int(2 * hidden * inter * bytes_per_weight(args.bits)),
+                                        int(hidden * inter * bytes_per_weight(args.bits)))
         grouped = None
         if any(m >= args.grouped_from for m in tokens):
             grouped = grouped_layer(dequantized_bf16(w13), dequantized_bf16(w2), top_k)
@@ -123,24 +133,35 @@ def main() -> None:
                         grouped = None
                 active = len(torch.unique(ids))
                 row["memory_floor_us"] = active * expert_bytes / bw * 1e6
+                if read_floor is not None and m <= args.read_floor_to:
+                    try:
+                        if m not in read_us:  # the same bytes for every dtype: timed once per token count
+                            read_us[m] = read_floor.us(ids, flush, args.repeats)
+                        row["read_floor_us"] = read_us[m]
+                    except Exception as exc:  # an auxiliary column: never the benchmark's end
+                        print("read floor skipped:", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+                        read_floor = None
                 row["compute_floor_us"] = 2 * m * top_k * 3 * hidden * inter / rate * 1e6
                 rows.append(row)
                 print(f"{model:<17} {dtype:<8} M={m:<6} ferrum {ours:9.1f} us  vLLM {row.get('vllm_us', float('nan')):9.1f}"
                       f"  grouped {row.get('grouped_bf16_us', float('nan')):9.1f}  floors {row['memory_floor_us']:7.1f}"
-                      f" / {row['compute_floor_us']:8.1f}", flush=True)
+                      f" / {row['compute_floor_us']:8.1f}  read {row.get('read_floor_us', float('nan')):7.1f}", flush=True)
                 if by_block:
                     print("    by block size: " + ", ".join(f"{b}: {t:.1f}" for b, t in row["ferrum_us_by_block_size"].items()))
             del layer, peer, by_block
             torch.cuda.empty_cache()
+        del read_floor
     print()
-    print("| layer | dtype | M | memory floor us | compute floor us | vLLM Marlin MoE us | torch bf16 grouped us "
-          "| ferrum-moe us | ferrum / vLLM | floor / ferrum |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| layer | dtype | M | memory floor us | read floor us | compute floor us | vLLM Marlin MoE us "
+          "| torch bf16 grouped us | ferrum-moe us | ferrum / vLLM | floor / ferrum |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         floor = max(r["memory_floor_us"], r["compute_floor_us"])
         v, g = r.get("vllm_us"), r.get("grouped_bf16_us")
         ratio = r["ferrum_us"] / v if v else None
-        print(f"| {r['model']} | {r['dtype']} | {r['m']} | {r['memory_floor_us']:.1f} | {r['compute_floor_us']:.1f} | "
+        rf = r.get("read_floor_us")
+        print(f"| {r['model']} | {r['dtype']} | {r['m']} | {r['memory_floor_us']:.1f} | "
+              f"{f'{rf:.1f}' if rf else '-'} | {r['compute_floor_us']:.1f} | "
               f"{f'{v:.1f}' if v else '-'} | {f'{g:.1f}' if g else '-'} | {r['ferrum_us']:.1f} | "
               f"{f'{ratio:.2f}' if v else '-'} | "
               f"{floor / r['ferrum_us']:.0%} |")

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build the core and the CUDA plugin, run the tests,
 # the sanitizers and the benchmarks, and print a short summary last.
-#   bash benchmarks/device.sh [build | plugin] [test] [cpu] [sanitize] [hang] [bench] [linear] [align] [steps] [profile]
-#                             [source]
+#   bash benchmarks/device.sh [build | plugin] [test] [cpu] [sanitize] [hang] [bench] [linear] [align] [host] [steps]
+#                             [profile] [source]
 # (default: build test sanitize bench linear). plugin: install only the CUDA plugin (an A/B
 # run of another .dist wheel on the core already installed); benchmarks/device_ab.sh runs a
 # whole A/B of wheels built elsewhere that way, in both orders.
 # PROFILE_ARGS picks the layers for ncu, STEPS_ARGS those for profile_moe.py --steps, SOURCE_ARGS
 # those for the per-instruction samples of one routed GEMM (profile_moe.py's options, ';' between layers).
+# host: bench_host.py, the host's cost of a call (CPU and CUDA), each step's issue time.
 # cpu: the CPU kernel tests on the GPU machine's host CPU (a Xeon with AMX-BF16:
 # the only place the AMX kernels run for real).
 # sanitize: compute-sanitizer memcheck, racecheck and synccheck over cuda_smoke.py and the CUDA tests
@@ -168,6 +169,10 @@ if has align; then
   (cd benchmarks && python3 bench_align.py --json "$OUT/bench-align.json") 2>&1 | tee "$OUT/bench-align.log" | grep -v "^|"
 fi
 
+if has host; then
+  python3 benchmarks/bench_host.py 2>&1 | tee "$OUT/bench-host.log" | grep -v "^|"
+fi
+
 if has linear; then
   (cd benchmarks && python3 bench_linear.py ${LINEAR_ARGS:-} --json "$OUT/bench-linear.json") 2>&1 | tee "$OUT/bench-linear.log" | grep -v "^|"
 fi
@@ -175,6 +180,6 @@ fi
 echo
 echo "== summary =="
 printf '%s\n' "${summary[@]}"
-for f in "$OUT"/bench-moe.log "$OUT"/bench-linear.log "$OUT"/bench-align.log; do
+for f in "$OUT"/bench-moe.log "$OUT"/bench-linear.log "$OUT"/bench-align.log "$OUT"/bench-host.log; do
   [ -f "$f" ] && grep "^|" "$f"
 done

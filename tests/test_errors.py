@@ -278,6 +278,19 @@ def test_routing_buffers_hold_int32_positions_up_to_the_limit():
         fm.routing_buffer_sizes(2**31 - 65535 * 32767, 1, 32767, 65536)
 
 
+def test_a_layers_routing_buffers_grow_for_other_blocks_only_where_their_positions_fit():
+    """A layer's routing buffers are grown for every default block (8-128) at a
+    token count; where the largest block's padding would pass the int32
+    positions, they hold this block's own sizes instead of refusing the call."""
+    from ferrum_moe.routing import _capacities
+
+    experts = (2**31 - 1) // 127 + 1  # block 128's padding alone passes 2^31 - 1; block 1 pads nothing
+    assert _capacities(4, experts, 1, 4, 4) == (4, 4)
+    padded, blocks = fm.routing_buffer_sizes(2, 2, 8, 16)
+    assert _capacities(4, 8, 16, padded, blocks) == (fm.routing_buffer_sizes(2, 2, 8, 128)[0],
+                                                      -(-fm.routing_buffer_sizes(2, 2, 8, 8)[0] // 8))
+
+
 @pytest.mark.parametrize("call, error, message", [
     (lambda s: s.gemm_batched(x16(), [[0, 0, 0, 1]], stream=2**64), ValueError,
      r"stream: a stream handle is in \[0, 2\*\*63\); got 18446744073709551616"),

@@ -238,6 +238,10 @@ def test_export_arguments_are_named(rng, kwargs, error, message):
         t.__dlpack__(**kwargs)
 
 
+def _old_refusing_export(self, stream=None):
+    raise BufferError("read-only")
+
+
 @pytest.mark.parametrize("producer, error, message", [
     (type("NoDevice", (), {"__dlpack__": lambda self, **k: None})(), TypeError,
      r"x: expected an array with __dlpack__ and __dlpack_device__ .*; got NoDevice"),
@@ -245,6 +249,10 @@ def test_export_arguments_are_named(rng, kwargs, error, message):
      TypeError, r"x: __dlpack_device__\(\) must return \(device_type, device_id\) ints; got 'cpu'"),
     (type("NotACapsule", (), {"__dlpack__": lambda self, **k: 42, "__dlpack_device__": lambda self: (1, 0)})(),
      TypeError, r"x: __dlpack__\(\) returned int, not a DLPack capsule"),
+    # A producer of DLPack 0.x (no max_version) that refuses the export, as numpy
+    # before 2.1 refused a read-only array.
+    (type("OldRefusing", (), {"__dlpack__": _old_refusing_export, "__dlpack_device__": lambda self: (1, 0)})(),
+     ValueError, r"x: the array cannot be exported through DLPack: read-only"),
 ])
 def test_broken_producers_are_named(producer, error, message):
     with pytest.raises(error, match=message):

@@ -11,6 +11,7 @@ FERRUM_MOE_HYPOTHESIS profile (conftest.py); the session prints the count."""
 
 import dataclasses
 
+import ml_dtypes
 import numpy as np
 import pytest
 from hypothesis import assume, given
@@ -153,7 +154,7 @@ def gemm_bound(x64, mag, out_dtype):
         magnitude = np.abs(x64) @ mag
     k = mag.shape[0]
     return (k + 2) * 2 * F32 * magnitude + UNIT_ROUNDOFF[out_dtype] * magnitude + \
-        float(np.finfo(NUMPY_DTYPES[out_dtype]).smallest_subnormal)
+        float(ml_dtypes.finfo(NUMPY_DTYPES[out_dtype]).smallest_subnormal)
 
 
 def batched_reference(x, w64, mags, rows, height, n):
@@ -332,7 +333,7 @@ def moe_reference_and_bound(x, w13, w2, tw, ids, expert_map, n_global, on_input,
                 scale = 1.0 if on_input else w
                 ref[t] += scale * y
                 bound[t] += abs(scale) * (y_err + ids.shape[1] * 2 * F32 * np.abs(y))
-    return ref, 2 * bound + u * np.abs(ref) + float(np.finfo(NUMPY_DTYPES[dtype]).smallest_subnormal)
+    return ref, 2 * bound + u * np.abs(ref) + float(ml_dtypes.finfo(NUMPY_DTYPES[dtype]).smallest_subnormal)
 
 
 @budget(25)

@@ -85,9 +85,10 @@ def import_array(obj, name: str, stream: int = 0) -> Tensor:
 def _export(obj, producer_stream, name: str):
     """``obj.__dlpack__`` for ``producer_stream``, asking for DLPack 1.x."""
     try:
-        return obj.__dlpack__(max_version=(1, 1), stream=producer_stream)
-    except TypeError:  # producers older than DLPack 1.0 take no max_version
-        return obj.__dlpack__(stream=producer_stream)
+        try:
+            return obj.__dlpack__(max_version=(1, 1), stream=producer_stream)
+        except TypeError:  # producers older than DLPack 1.0 take no max_version
+            return obj.__dlpack__(stream=producer_stream)
     except BufferError as e:
         raise ValueError(f"{name}: the array cannot be exported through DLPack: {e}") from None
 

@@ -46,11 +46,18 @@ def cpu_table() -> FmBackendApi:
     return FmBackendApi.from_address(library.fm_backend_get_api())
 
 
+# Every table made here, kept for the life of the process: a loaded backend
+# holds a plain pointer to its table (a real plugin's lives in the library), and
+# the backend may outlive the test that made it (its stacks, the core's release).
+_TABLES = []
+
+
 class Table:
     """A copy of the CPU plugin's table in a buffer of `struct_size` bytes
     (zero past the functions it knows), with the given version."""
 
     def __init__(self, *, major=1, minor=1, struct_size=ABI_1_0_SIZE):
+        _TABLES.append(self)
         self.buffer = ctypes.create_string_buffer(max(struct_size, ABI_1_0_SIZE))
         self.api = FmBackendApi.from_buffer(self.buffer)
         ctypes.memmove(self.buffer, ctypes.addressof(cpu_table()), ABI_1_0_SIZE)

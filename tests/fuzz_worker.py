@@ -221,16 +221,27 @@ class Worker:
             status = self._process.wait()
             self._log.seek(0)
             last_words = self._log.read().decode(errors="replace")[-2000:]
-            self._process = None
+            self._close_pipes()
             what = f"no reply within {self.timeout} s (killed)" if hung else f"the worker died (exit status {status})"
             raise WorkerDied(f"{what} running {name}: {last_words}")
         reply, self.peak_rss = answer
         return reply
 
+    def _close_pipes(self):
+        """Lets go of a finished child's pipes (and of the child)."""
+        for pipe in (self._process.stdin, self._process.stdout):
+            try:
+                pipe.close()
+            except BrokenPipeError:  # unflushed bytes for a child that is gone
+                pass
+        self._process = None
+
     def close(self):
-        if self._process is not None and self._process.poll() is None:
-            self._process.stdin.close()
-            self._process.wait(timeout=30)
+        if self._process is not None:
+            if self._process.poll() is None:
+                self._process.stdin.close()  # the child's end of requests: it returns
+                self._process.wait(timeout=30)
+            self._close_pipes()
         self._log.close()
 
 

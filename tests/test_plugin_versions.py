@@ -188,33 +188,56 @@ ROUTED = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.POINTER(FmGemmRoutedArgsHead))
 ERROR_NEW = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p)
 
 
-def test_a_1_2_plugin_that_refuses_pair_routing_gets_align(rng):
-    """A plugin built against ABI 1.2 that does not implement pair routing
-    raises FM_ERROR_UNSUPPORTED for it (plugins.md); the layer then aligns."""
-    table = Table(minor=2)
-    real_init, real_routed = INIT(table.api.initialize), ROUTED(table.api.stack_gemm_routed)
-    services, refused = {}, []
+class HookedTable(Table):
+    """A Table whose functions named in `hooks` (name -> (prototype, fn(table,
+    args))) are replaced by Python ones; `original[name]` calls the CPU
+    plugin's, and `refuse(message)` makes the FM_ERROR_UNSUPPORTED error a
+    plugin returns (through the services that initialize received)."""
 
-    def init(args):
-        services["error_new"] = ERROR_NEW(args.contents.services.contents.error_new)
-        return real_init(args)
+    def __init__(self, *, minor, **hooks):
+        super().__init__(minor=minor)
+        self.original = {name: proto(getattr(self.api, name)) for name, (proto, _) in hooks.items()}
+        real_init = INIT(self.api.initialize)
 
-    def routed(args):
-        if args.contents.sorted_token_ids is None:
-            refused.append(True)
-            return services["error_new"](3, b"no pair routing in this plugin")  # FM_ERROR_UNSUPPORTED
-        return real_routed(args)
+        def init(args):
+            self.error_new = ERROR_NEW(args.contents.services.contents.error_new)
+            return real_init(args)
 
-    table.keep = INIT(init), ROUTED(routed)
-    table.api.initialize, table.api.stack_gemm_routed = (ctypes.cast(f, ctypes.c_void_p) for f in table.keep)
-    backend = table.load()
-    assert backend.has_pair_routing
+        self.keep = {"initialize": INIT(init)}  # the table points into these callbacks: they live as long
+        self.keep.update({name: proto(lambda args, fn=fn: fn(self, args)) for name, (proto, fn) in hooks.items()})
+        for name, f in self.keep.items():
+            setattr(self.api, name, ctypes.cast(f, ctypes.c_void_p))
+
+    def refuse(self, message: bytes):
+        return self.error_new(3, message)  # FM_ERROR_UNSUPPORTED
+
+
+def one_token_layer(rng, backend):
+    """A 4-expert float32 layer's weights, its stacks on `backend` and one
+    token's x, topk_ids and topk_weights."""
     e, k, inter = 4, 64, 32
     w13 = [random_weight(rng, k, 2 * inter, group_size=32, dtype="float32") for _ in range(e)]
     w2 = [random_weight(rng, inter, k, group_size=32, dtype="float32") for _ in range(e)]
     x = random_activations(rng, (1, k), "float32")
     ids, tw = np.array([[2, 0]], np.int32), rng.random((1, 2)).astype(np.float32)
-    got = fm.fused_moe(x, stack_on(backend, w13, "float32"), stack_on(backend, w2, "float32"), tw, ids)
+    return w13, w2, stack_on(backend, w13, "float32"), stack_on(backend, w2, "float32"), x, ids, tw
+
+
+def test_a_1_2_plugin_that_refuses_pair_routing_gets_align(rng):
+    """A plugin built against ABI 1.2 that does not implement pair routing
+    raises FM_ERROR_UNSUPPORTED for it (plugins.md); the layer then aligns."""
+    refused = []
+
+    def routed(table, args):
+        if args.contents.sorted_token_ids is None:
+            refused.append(True)
+            return table.refuse(b"no pair routing in this plugin")
+        return table.original["stack_gemm_routed"](args)
+
+    backend = HookedTable(minor=2, stack_gemm_routed=(ROUTED, routed)).load()
+    assert backend.has_pair_routing
+    w13, w2, s13, s2, x, ids, tw = one_token_layer(rng, backend)
+    got = fm.fused_moe(x, s13, s2, tw, ids)
     assert refused, "the layer did not ask for pair routing"
     assert rel_error(got, reference_moe(x, w13, w2, tw, ids)) < 1e-4
 
@@ -230,30 +253,16 @@ def test_a_later_steps_refusal_is_raised_once_not_retried_through_align(rng):
     """Only a refusal of pair routing itself sends a one-token layer to align:
     a plugin that refuses a later step (here the activation) gets the error,
     and the first GEMM is not run a second time."""
-    table = Table(minor=2)
-    real_init, real_routed = INIT(table.api.initialize), ROUTED(table.api.stack_gemm_routed)
-    services, routed_calls = {}, []
+    routed_calls = []
 
-    def init(args):
-        services["error_new"] = ERROR_NEW(args.contents.services.contents.error_new)
-        return real_init(args)
-
-    def routed(args):
+    def routed(table, args):
         routed_calls.append(args.contents.sorted_token_ids is None)
-        return real_routed(args)
+        return table.original["stack_gemm_routed"](args)
 
-    def activation(args):
-        return services["error_new"](3, b"no activation in this plugin")  # FM_ERROR_UNSUPPORTED
-
-    table.keep = INIT(init), ROUTED(routed), ACTIVATION(activation)
-    table.api.initialize, table.api.stack_gemm_routed, table.api.gated_activation = (
-        ctypes.cast(f, ctypes.c_void_p) for f in table.keep)
-    backend = table.load()
-    e, k, inter = 4, 64, 32
-    w13 = [random_weight(rng, k, 2 * inter, group_size=32, dtype="float32") for _ in range(e)]
-    w2 = [random_weight(rng, inter, k, group_size=32, dtype="float32") for _ in range(e)]
-    x = random_activations(rng, (1, k), "float32")
-    ids, tw = np.array([[2, 0]], np.int32), rng.random((1, 2)).astype(np.float32)
+    backend = HookedTable(minor=2, stack_gemm_routed=(ROUTED, routed),
+                          gated_activation=(ACTIVATION, lambda table, args: table.refuse(
+                              b"no activation in this plugin"))).load()
+    _, _, s13, s2, x, ids, tw = one_token_layer(rng, backend)
     with pytest.raises(NotImplementedError, match="gated_activation: no activation in this plugin"):
-        fm.fused_moe(x, stack_on(backend, w13, "float32"), stack_on(backend, w2, "float32"), tw, ids)
+        fm.fused_moe(x, s13, s2, tw, ids)
     assert routed_calls == [True], "one pair-routed GEMM, and no second run through align"

@@ -38,7 +38,16 @@ class _Workspace:
         self._temporary = temporary
         # The routing block chosen at each token count (layer_block_size asks
         # the environment and the tables: about 2 us a call).
-        self.blocks: dict[int, int] = {}
+        self._blocks: dict[int, int] = {}
+
+    def block_for(self, num_tokens: int, choose) -> int:
+        """The routing block kept for `num_tokens`, or choose()'s, then kept."""
+        block = self._blocks.get(num_tokens)
+        if block is None:
+            if len(self._blocks) >= _MAX_KEPT_BLOCKS:
+                self._blocks.clear()
+            block = self._blocks[num_tokens] = choose()
+        return block
 
     def take(self, name: str, backend, device, dtype: str, shape, stream: int, capacity: int = 0) -> _core.Tensor:
         """A view of `shape` on buffer `name`, grown (to `capacity` elements
@@ -158,11 +167,7 @@ def _forward(x, w13: ExpertStack, w2: ExpertStack, topk_weights, topk_ids, activ
     # False: the plugin refused pair routing (ABI 1.2 without it, plugins.md) and nothing ran.
     if not pair_routing or not _core.moe_layer(*steps, 0, None, None, None, *buffers):
         if block_size is None:
-            block_size = ws.blocks.get(num_tokens)
-            if block_size is None:
-                if len(ws.blocks) >= _MAX_KEPT_BLOCKS:
-                    ws.blocks.clear()
-                block_size = ws.blocks[num_tokens] = layer_block_size(w13, w2, top_k, num_tokens)
+            block_size = ws.block_for(num_tokens, lambda: layer_block_size(w13, w2, top_k, num_tokens))
         _core.moe_layer(*steps, block_size, *_routing_buffers(core, ids, block_size, num_experts, map_t, s, ws),
                         *buffers)
     return out if out is not None else to_caller(ot, x)

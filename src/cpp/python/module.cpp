@@ -217,7 +217,8 @@ PYBIND11_MODULE(_core, m) {
           "empty",
           [](Backend& b, int device_type, int device_id, const std::string& dtype, std::vector<int64_t> shape,
              uintptr_t stream, bool temporary, bool zeroed) {
-            const uint32_t flags = (temporary ? uint32_t{FM_ALLOC_TEMPORARY} : 0u) | (zeroed ? uint32_t{FM_ALLOC_ZEROED} : 0u);
+            const uint32_t flags =
+                (temporary ? uint32_t{FM_ALLOC_TEMPORARY} : 0u) | (zeroed ? uint32_t{FM_ALLOC_ZEROED} : 0u);
             return b.empty(DLDevice{DLDeviceType(device_type), device_id}, ferrum::dtype_from_name(dtype, "empty"), shape,
                            as_stream(stream), flags);
           },

@@ -4,9 +4,10 @@
  * finds it through the Python entry-point group `ferrum_moe.backends`: each
  * entry point returns a PyCapsule named "ferrum_moe.backend_api" holding a
  * `const FmBackendApi*`, which must stay valid for the life of the process
- * (static storage: the host keeps the pointer, not the capsule). A plugin shipped as a plain shared library exports
- * `fm_backend_get_api` and lets `ferrum_moe.plugin.capsule_from_library` build
- * that capsule, so the plugin itself never links against Python.
+ * (static storage: the host keeps the pointer, not the capsule). A plugin
+ * shipped as a plain shared library exports `fm_backend_get_api` and lets
+ * `ferrum_moe.plugin.capsule_from_library` build that capsule, so the plugin
+ * itself never links against Python.
  *
  * Versioning rules
  *  - `abi_major` must equal the host's FM_ABI_MAJOR, or the host refuses the

@@ -9,7 +9,8 @@
 # The first wheel is the base of the comparison. BENCH_ARGS as for device.sh
 # (default: the 28 fp16 decode rows of the four layers). AB_STAGES: the device.sh
 # stages run per wheel (default bench; e.g. "steps" with STEPS_ARGS, each wheel's
-# launch chain step by step). Results go to $OUT.
+# launch chain step by step, or "linear" with LINEAR_ARGS: bench_linear.py's
+# table compared as bench_moe.py's is). Results go to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/ferrum-out}
@@ -52,11 +53,16 @@ for label in "${order[@]}"; do
   [ -n "${seen[$label]:-}" ] && name="$label.2"
   seen[$label]=1
   run "$label" "$OUT/$name" ${AB_STAGES:-bench}
-  runs+=("$name=$OUT/$name/bench-moe.json")
+  runs+=("$name")
   [ -f "$OUT/$name/steps.log" ] && { echo "-- $name"; cat "$OUT/$name/steps.log"; }
 done
 find "$OUT" -name "build-*.log" -delete
-echo
-[ -f "$OUT/${labels[0]}/bench-moe.json" ] && python3 benchmarks/compare_runs.py "${runs[@]}"
+for json in bench-moe.json bench-linear.json; do
+  [ -f "$OUT/${labels[0]}/$json" ] || continue
+  specs=()
+  for name in "${runs[@]}"; do specs+=("$name=$OUT/$name/$json"); done
+  echo
+  python3 benchmarks/compare_runs.py "${specs[@]}"
+done
 # The tests' summaries again, last: a caller that keeps only the tail still has them.
 if [ ${#tests[@]} -gt 0 ]; then printf 'CUDA tests, %s\n' "${tests[@]}"; fi

@@ -99,6 +99,53 @@ void micro(const uint16_t* a, int64_t lda, const uint32_t* tile, int64_t pairs, 
     for (int p = 0; p < kPanels; ++p) apply_unit(acc + r * ld + p * kLanes, ps[p], VF{c[r][p]}, xs[r * xs_stride], kFirst);
 }
 
+// The first MR rows of a block's unit, dequantizing its codes as they go
+// and storing the pairs into `tile` for the later rows' passes (micro): the
+// expansion's shifts, logic ops and stores issue beside this pass's dot
+// products instead of in a loop of their own, where they took 19% of the
+// tile kernel's time at 16 rows (docs/cpu-kernels.md).
+template <int MR, bool kFirst>
+void micro_expanding(const uint16_t* a, int64_t lda, const PackedWeights& w, const uint32_t* codes, const Unit& unit,
+                     uint32_t* tile, const PanelScales* ps, const float* xs, int64_t xs_stride, float* acc, int64_t ld) {
+  __m512 c[MR][kPanels];
+  for (auto& cr : c)
+    for (__m512& v : cr) v = _mm512_setzero_ps();
+  const int64_t kgw = w.kgroup_words();
+  for (int64_t kg = unit.kg_begin; kg < unit.kg_end; ++kg) {
+    const uint32_t* line = codes + kg * kgw;
+    for (int64_t l = 0; l < kgw; l += kLanes) prefetch(line + kPrefetchKGroups * kgw + l);
+    const int64_t kp0 = (kg - unit.kg_begin) * (kKGroup / 2);
+#pragma GCC unroll 4
+    for (int i = 0; i < kKGroup / 2; ++i) {
+      __m512bh bv[kPanels];
+#pragma GCC unroll 4
+      for (int p = 0; p < kPanels; ++p) {
+        bv[p] = code_pairs(_mm512_load_si512(line + p * kLanes), unsigned(i));
+        _mm512_store_si512(tile + (kp0 + i) * kBlockCols + p * kLanes, (__m512i)bv[p]);
+      }
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+        const __m512bh av = pair_at(a + r * lda + 2 * (kp0 + i));
+#pragma GCC unroll 4
+        for (int p = 0; p < kPanels; ++p) c[r][p] = _mm512_dpbf16_ps(c[r][p], av, bv[p]);
+      }
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int p = 0; p < kPanels; ++p) apply_unit(acc + r * ld + p * kLanes, ps[p], VF{c[r][p]}, xs[r * xs_stride], kFirst);
+}
+
+template <int MR>
+void micro_expanding_rows(int64_t rows, const uint16_t* a, int64_t lda, const PackedWeights& w, const uint32_t* codes,
+                          const Unit& unit, uint32_t* tile, const PanelScales* ps, const float* xs, int64_t xs_stride,
+                          float* acc, int64_t ld, bool first) {
+  if constexpr (MR > 0) {
+    if (rows == MR && first) return micro_expanding<MR, true>(a, lda, w, codes, unit, tile, ps, xs, xs_stride, acc, ld);
+    if (rows == MR) return micro_expanding<MR, false>(a, lda, w, codes, unit, tile, ps, xs, xs_stride, acc, ld);
+    micro_expanding_rows<MR - 1>(rows, a, lda, w, codes, unit, tile, ps, xs, xs_stride, acc, ld, first);
+  }
+}
+
 template <int MR>
 void micro_rows(int64_t rows, const uint16_t* a, int64_t lda, const uint32_t* tile, int64_t pairs, const PanelScales* ps,
                 const float* xs, int64_t xs_stride, float* acc, int64_t ld, bool first) {
@@ -171,11 +218,15 @@ void tile_bf16(const TileArgs& t) {
     const int64_t k0 = int64_t(units[u].kg_begin) * kKGroup;
     const int64_t pairs = int64_t(units[u].kg_end - units[u].kg_begin) * (kKGroup / 2);
     for (int64_t b = 0; b < t.blocks; ++b) {
-      // One block's unit at a time: its expanded tile (16 KiB) stays in L1.
-      expand_unit(w, w.block_codes(t.expert, t.block_begin + b), units[u], tile);
+      // One block's unit at a time: its expanded tile (16 KiB) stays in L1,
+      // written by the first rows' pass.
       PanelScales ps[kPanels];
       for (int p = 0; p < kPanels; ++p) ps[p] = panel_scales(w, t.expert, t.block_begin + b, units[u].group, p, kCodeOffset);
-      for (int64_t r = 0; r < t.m; r += kMicroRows) {
+      const uint16_t* a = static_cast<const uint16_t*>(t.a) + k0;
+      micro_expanding_rows<kMicroRows>(std::min<int64_t>(kMicroRows, t.m), a, kpad, w,
+                                       w.block_codes(t.expert, t.block_begin + b), units[u], tile, ps, t.xs + u, nu,
+                                       t.acc + b * kBlockCols, ld, u == 0);
+      for (int64_t r = kMicroRows; r < t.m; r += kMicroRows) {
         micro_rows<kMicroRows>(std::min<int64_t>(kMicroRows, t.m - r), static_cast<const uint16_t*>(t.a) + r * kpad + k0,
                                kpad, tile, pairs, ps, t.xs + r * nu + u, nu, t.acc + r * ld + b * kBlockCols, ld, u == 0);
       }

@@ -10,7 +10,8 @@
 # those for the per-instruction samples of one routed GEMM (profile_moe.py's options, ';' between layers).
 # host: bench_host.py, the host's cost of a call (CPU and CUDA), each step's issue time.
 # cpu: the CPU kernel tests on the GPU machine's host CPU (a Xeon with AMX-BF16:
-# the only place the AMX kernels run for real).
+# the only place the AMX kernels run for real), then bench_cpu_isa.py: the AMX and
+# AVX512-BF16 kernels beside oneDNN's bf16 matmul on 2 threads.
 # sanitize: compute-sanitizer memcheck, racecheck and synccheck over cuda_smoke.py and the CUDA tests
 # (SANITIZE_K: the pytest -k expression picking them; by default the model-shape sweep and the
 # eight-thread layer test are left out, the latter deadlocks under racecheck: the hang stage).
@@ -58,6 +59,8 @@ if has cpu; then
   t=$(now)
   python3 -m pytest -q -p no:cacheprovider tests/test_cpu_kernels.py 2>&1 | tee "$OUT/pytest-cpu.log" | tail -5
   summary+=("CPU kernel tests: $(tail -1 "$OUT/pytest-cpu.log") in $(( $(now) - t )) s; $(ferrum-moe info | grep -m1 '^  cpu' | sed 's/  */ /g')")
+  python3 benchmarks/bench_cpu_isa.py --threads 2 --isas amx,avx512bf16 --json "$OUT/bench-cpu-isa.json" 2>&1 |
+    tee "$OUT/bench-cpu-isa.log" | tail -9
 fi
 
 if has sanitize; then

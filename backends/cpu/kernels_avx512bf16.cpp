@@ -135,29 +135,6 @@ void micro_expanding(const uint16_t* a, int64_t lda, const PackedWeights& w, con
     for (int p = 0; p < kPanels; ++p) apply_unit(acc + r * ld + p * kLanes, ps[p], VF{c[r][p]}, xs[r * xs_stride], kFirst);
 }
 
-template <int MR>
-void micro_expanding_rows(int64_t rows, const uint16_t* a, int64_t lda, const PackedWeights& w, const uint32_t* codes,
-                          const Unit& unit, uint32_t* tile, const PanelScales* ps, const float* xs, int64_t xs_stride,
-                          float* acc, int64_t ld, bool first) {
-  if constexpr (MR > 0) {
-    if (rows == MR && first) return micro_expanding<MR, true>(a, lda, w, codes, unit, tile, ps, xs, xs_stride, acc, ld);
-    if (rows == MR) return micro_expanding<MR, false>(a, lda, w, codes, unit, tile, ps, xs, xs_stride, acc, ld);
-    micro_expanding_rows<MR - 1>(rows, a, lda, w, codes, unit, tile, ps, xs, xs_stride, acc, ld, first);
-  }
-}
-
-template <int MR>
-void micro_rows(int64_t rows, const uint16_t* a, int64_t lda, const uint32_t* tile, int64_t pairs, const PanelScales* ps,
-                const float* xs, int64_t xs_stride, float* acc, int64_t ld, bool first) {
-  if constexpr (MR > 0) {
-    // The first unit's flag as a template argument: as a run-time one it cost
-    // two accumulators spilled in the loop.
-    if (rows == MR && first) return micro<MR, true>(a, lda, tile, pairs, ps, xs, xs_stride, acc, ld);
-    if (rows == MR) return micro<MR, false>(a, lda, tile, pairs, ps, xs, xs_stride, acc, ld);
-    micro_rows<MR - 1>(rows, a, lda, tile, pairs, ps, xs, xs_stride, acc, ld, first);
-  }
-}
-
 // Sums of one packed bf16 row over each unit.
 void unit_sums(const Unit* units, int64_t nu, const uint16_t* row, float* xs) {
   for (int64_t u = 0; u < nu; ++u) {
@@ -223,12 +200,15 @@ void tile_bf16(const TileArgs& t) {
       PanelScales ps[kPanels];
       for (int p = 0; p < kPanels; ++p) ps[p] = panel_scales(w, t.expert, t.block_begin + b, units[u].group, p, kCodeOffset);
       const uint16_t* a = static_cast<const uint16_t*>(t.a) + k0;
-      micro_expanding_rows<kMicroRows>(std::min<int64_t>(kMicroRows, t.m), a, kpad, w,
-                                       w.block_codes(t.expert, t.block_begin + b), units[u], tile, ps, t.xs + u, nu,
-                                       t.acc + b * kBlockCols, ld, u == 0);
+      const uint32_t* codes = w.block_codes(t.expert, t.block_begin + b);
+      float* acc = t.acc + b * kBlockCols;
+      with_rows<kMicroRows>(std::min<int64_t>(kMicroRows, t.m), u == 0, [&](auto mr, auto first) {
+        micro_expanding<decltype(mr)::value, decltype(first)::value>(a, kpad, w, codes, units[u], tile, ps, t.xs + u, nu, acc, ld);
+      });
       for (int64_t r = kMicroRows; r < t.m; r += kMicroRows) {
-        micro_rows<kMicroRows>(std::min<int64_t>(kMicroRows, t.m - r), static_cast<const uint16_t*>(t.a) + r * kpad + k0,
-                               kpad, tile, pairs, ps, t.xs + r * nu + u, nu, t.acc + r * ld + b * kBlockCols, ld, u == 0);
+        with_rows<kMicroRows>(std::min<int64_t>(kMicroRows, t.m - r), u == 0, [&](auto mr, auto first) {
+          micro<decltype(mr)::value, decltype(first)::value>(a + r * kpad, kpad, tile, pairs, ps, t.xs + r * nu + u, nu, acc + r * ld, ld);
+        });
       }
     }
   }

@@ -1,7 +1,7 @@
 """The CPU backend's kernel sets side by side on one machine: each set this CPU
 runs (FERRUM_MOE_CPU_ISA, one child process each) on the same bf16 Linear
-shapes, with PyTorch's bf16 matmul on the dequantized weights (oneDNN, which
-uses AMX where the CPU has it) in the same run. Weights L3-sized or larger,
+shapes, with PyTorch's bf16 matmul on bf16 weights of the same shape (oneDNN,
+which uses AMX where the CPU has it) in the same run. Weights L3-sized or larger,
 warm: this compares the kernels' compute rates, not the memory.
 
     python benchmarks/bench_cpu_isa.py [--threads 2] [--isas amx,avx512bf16,...] [--shapes 4096x4096,...]
@@ -17,29 +17,35 @@ import subprocess
 import sys
 import time
 
-CHILD = r"""
-import json, sys, time
-import numpy as np, ml_dtypes, ferrum_moe as fm
-from ferrum_moe.testing import random_codes_weight
-shapes, rows = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-rng = np.random.default_rng(0)
-out = {"rows": []}
-for k, n in shapes:
-    w = random_codes_weight(rng, k, n, scale_dtype=np.float32)
-    lin = fm.Linear.from_gptq(w, dtype="bfloat16")
-    for m in rows:
-        x = rng.standard_normal((m, k)).astype(ml_dtypes.bfloat16)
-        y = np.empty((m, n), ml_dtypes.bfloat16)
-        lin(x, out=y)
-        reps, best = max(2, 2000 // m), float("inf")
-        for _ in range(5):
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                lin(x, out=y)
-            best = min(best, (time.perf_counter() - t0) / reps)
-        out["rows"].append({"k": k, "n": n, "m": m, "s": best})
-print(json.dumps(out))
-"""
+def best_seconds(call, m: int) -> float:
+    """The best of 5 timings of a warm call, each a mean over enough repeats."""
+    call()
+    reps, best = max(2, 2000 // m), float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            call()
+        best = min(best, (time.perf_counter() - t0) / reps)
+    return best
+
+
+def ferrum_rows(shapes, rows) -> list[dict]:
+    """fm.Linear in bfloat16 with the kernel set FERRUM_MOE_CPU_ISA picked."""
+    import ml_dtypes
+    import numpy as np
+
+    import ferrum_moe as fm
+    from ferrum_moe.testing import random_codes_weight
+
+    rng = np.random.default_rng(0)
+    out = []
+    for k, n in shapes:
+        lin = fm.Linear.from_gptq(random_codes_weight(rng, k, n, scale_dtype=np.float32), dtype="bfloat16")
+        for m in rows:
+            x = rng.standard_normal((m, k)).astype(ml_dtypes.bfloat16)
+            y = np.empty((m, n), ml_dtypes.bfloat16)
+            out.append({"k": k, "n": n, "m": m, "s": best_seconds(lambda: lin(x, out=y), m)})
+    return out
 
 
 def torch_rows(shapes, rows, threads):
@@ -50,14 +56,7 @@ def torch_rows(shapes, rows, threads):
         w = torch.randn(n, k, dtype=torch.bfloat16)
         for m in rows:
             x = torch.randn(m, k, dtype=torch.bfloat16)
-            torch.nn.functional.linear(x, w)
-            reps, best = max(2, 2000 // m), float("inf")
-            for _ in range(5):
-                t0 = time.perf_counter()
-                for _ in range(reps):
-                    torch.nn.functional.linear(x, w)
-                best = min(best, (time.perf_counter() - t0) / reps)
-            result[(k, n, m)] = best
+            result[(k, n, m)] = best_seconds(lambda: torch.nn.functional.linear(x, w), m)
     return result
 
 
@@ -68,13 +67,17 @@ def main() -> None:
     parser.add_argument("--rows", default="16,64,256")
     parser.add_argument("--isas", default="amx,avx512bf16,avx512,avx2,generic")
     parser.add_argument("--json")
+    parser.add_argument("--child", action="store_true", help="(internal) one kernel set's rows, as JSON")
     args = parser.parse_args()
     shapes = [[int(v) for v in s.split("x")] for s in args.shapes.split(",")]
     rows = [int(r) for r in args.rows.split(",")]
+    if args.child:
+        print(json.dumps({"rows": ferrum_rows(shapes, rows)}))
+        return
     env = dict(os.environ, FERRUM_MOE_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads))
     runs = {}
     for isa in args.isas.split(","):
-        done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(shapes), json.dumps(rows)],
+        done = subprocess.run([sys.executable, __file__, "--child", "--shapes", args.shapes, "--rows", args.rows],
                               env=dict(env, FERRUM_MOE_CPU_ISA=isa), capture_output=True, text=True)
         if done.returncode != 0:
             print(f"{isa}: not run here ({done.stderr.strip().splitlines()[-1] if done.stderr.strip() else 'failed'})")

@@ -147,13 +147,15 @@ def assert_within(got, ref, bound, what=""):
     assert np.all(excess <= 0), f"{what}: error {err[np.argmax(excess)]:.3g} over its bound {bound[finite][np.argmax(excess)]:.3g}"
 
 
-def gemm_bound(x64, mag, out_dtype):
-    """float32 accumulation over K plus the rounding of the output; `mag` from
-    magnitudes()."""
+def gemm_bound(x64, mag, out_dtype, scale=1.0):
+    """float32 accumulation over K, times the router weight `scale` (with its
+    own rounding), plus the rounding of the output; `mag` from magnitudes().
+    The output's smallest subnormal is its absolute rounding step near zero,
+    after the scale: it is not scaled."""
     with np.errstate(invalid="ignore"):
-        magnitude = np.abs(x64) @ mag
+        magnitude = np.abs(x64) @ mag * abs(scale)
     k = mag.shape[0]
-    return (k + 2) * 2 * F32 * magnitude + UNIT_ROUNDOFF[out_dtype] * magnitude + \
+    return ((k + 2) * 2 * F32 * magnitude + UNIT_ROUNDOFF[out_dtype] * magnitude) * (1 + 4 * F32) + \
         float(ml_dtypes.finfo(NUMPY_DTYPES[out_dtype]).smallest_subnormal)
 
 
@@ -298,8 +300,7 @@ def test_gemm_routed_matches_float64(data, case):
             continue
         scale = 1.0 if tw is None else float(tw[t, j])
         ref = x64[t] @ w64[ids[t, j]] * scale
-        assert_within(got[p], ref, gemm_bound(x64[t], mags[ids[t, j]], dtype) * abs(scale) * (1 + 4 * F32),
-                      f"pair {p}")
+        assert_within(got[p], ref, gemm_bound(x64[t], mags[ids[t, j]], dtype, scale), f"pair {p}")
 
 
 def moe_reference_and_bound(x, w13, w2, tw, ids, expert_map, n_global, on_input, dtype):

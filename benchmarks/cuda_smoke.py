@@ -1,6 +1,7 @@
 """Runs each CUDA kernel family once on small inputs (every format x dtype, routed,
-batched, align, activation, sum), and one layer called from four threads: the
-workload compute-sanitizer checks. --threads-only --threads 8 --calls 32
+batched, align, activation, sum), dense Linears of long K (--linear), and one layer
+called from four threads: the workload compute-sanitizer checks. --linear-only
+--linear KxNxM runs one shape alone (a probe). --threads-only --threads 8 --calls 32
 --copy-in-threads is the eight-thread CUDA test's workload (device.sh's hang
 stage: it does not finish under racecheck, docs/reliability.md)."""
 
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 
 import ferrum_moe as fm
+from ferrum_moe.testing import random_codes_weight
 
 parser = argparse.ArgumentParser(description=__doc__)
 parser.add_argument("--threads", type=int, default=4, help="threads calling one layer")
@@ -19,6 +21,10 @@ parser.add_argument("--calls", type=int, default=8, help="layer calls, spread ov
 parser.add_argument("--threads-only", action="store_true", help="skip the kernel families")
 parser.add_argument("--copy-in-threads", action="store_true",
                     help="each call copies its inputs from the host (as the eight-thread test does)")
+parser.add_argument("--linear", default="4096x2048x256,1024x16896x256",
+                    help="fp16 Linear calls, KxNxM[,...]; the default: long K at M = 256, 16 tiles of 128 x 256 "
+                         "(too few for the SMs) and 132 of them (the Hopper 128-row tiles, 16 K slices each)")
+parser.add_argument("--linear-only", action="store_true", help="only the --linear calls (a sanitizer probe)")
 args = parser.parse_args()
 rng = np.random.default_rng(1)
 began = time.monotonic()
@@ -27,6 +33,16 @@ began = time.monotonic()
 def progress(what: str) -> None:  # under the sanitizers a stage can take minutes: say where it is
     print(f"cuda smoke {time.monotonic() - began:7.1f} s: {what}", flush=True)
 
+
+for shape in args.linear.split(",") if args.linear and not args.threads_only else ():
+    k, n, m = (int(v) for v in shape.split("x"))
+    progress(f"Linear {k} x {n}, M = {m}")
+    lin = fm.Linear.from_gptq(random_codes_weight(rng, k, n), device="cuda", dtype="float16")
+    lin(torch.randn(m, k, device="cuda", dtype=torch.float16) / 8)
+    torch.cuda.synchronize()
+if args.linear_only:
+    print("cuda smoke: the Linear calls ran")
+    raise SystemExit(0)
 
 for dtype, tdtype in () if args.threads_only else (("float16", torch.float16), ("bfloat16", torch.bfloat16)):
     for bits, group_size, sym, act_order in ((4, 128, True, False), (4, 32, False, True), (8, 64, False, False)):

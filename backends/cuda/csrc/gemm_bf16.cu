@@ -5,7 +5,7 @@
 
 namespace ferrum_moe_cuda::gemm {
 
-template cudaError_t configure_gemm_kernels_for<__nv_bfloat16>(int);
+template cudaError_t configure_gemm_kernels_for<__nv_bfloat16>(int, bool);
 template cudaError_t gemm_ctas_per_sm_for<__nv_bfloat16>(int, int, int*);
 template cudaError_t launch_gemm_batched_for<__nv_bfloat16>(const BatchedParams&, int, int, int, cudaStream_t);
 template cudaError_t launch_gemm_device_dispatch_for<__nv_bfloat16>(const DeviceDispatchParams&, int, int, int,

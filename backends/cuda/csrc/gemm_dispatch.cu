@@ -26,9 +26,9 @@ cudaError_t wgmma_tiles_built(bool* built) {
   return status;
 }
 
-cudaError_t configure_gemm_kernels(ComputeType type, int bits) {
-  return type == ComputeType::kFloat16 ? configure_gemm_kernels_for<__half>(bits)
-                                       : configure_gemm_kernels_for<__nv_bfloat16>(bits);
+cudaError_t configure_gemm_kernels(ComputeType type, int bits, bool wgmma_tiles) {
+  return type == ComputeType::kFloat16 ? configure_gemm_kernels_for<__half>(bits, wgmma_tiles)
+                                       : configure_gemm_kernels_for<__nv_bfloat16>(bits, wgmma_tiles);
 }
 
 cudaError_t gemm_ctas_per_sm(ComputeType type, int bits, int rows_per_cta, int* ctas) {

@@ -5,7 +5,7 @@
 
 namespace ferrum_moe_cuda::gemm {
 
-template cudaError_t configure_gemm_kernels_for<__half>(int);
+template cudaError_t configure_gemm_kernels_for<__half>(int, bool);
 template cudaError_t gemm_ctas_per_sm_for<__half>(int, int, int*);
 template cudaError_t launch_gemm_batched_for<__half>(const BatchedParams&, int, int, int, cudaStream_t);
 template cudaError_t launch_gemm_device_dispatch_for<__half>(const DeviceDispatchParams&, int, int, int,

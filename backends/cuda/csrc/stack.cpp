@@ -153,7 +153,7 @@ CudaStack::CudaStack(const FmStackCreateArgs& args)
   stream_k_partials_ = DeviceBuffer(size_t(gemm::kStreamKSlotFloats) * sizeof(float), "stream-K partials");
   stream_k_counters_ = DeviceBuffer(size_t(gemm::kStreamKCounters) * sizeof(int32_t), "stream-K counters");
   zero_workspace(args.stream);
-  check_cuda(gemm::configure_gemm_kernels(compute_type_, bits_), "configuring the GEMM kernels");
+  check_cuda(gemm::configure_gemm_kernels(compute_type_, bits_, wgmma_tiles_), "configuring the GEMM kernels");
   // Stream-K fills every SM with as many CTAs as fit at once: one wave, as
   // many loads in flight as the SM holds, no tail.
   for (int rows : {gemm::kTinyRowsPerCta, gemm::kSmallRowsPerCta, gemm::kMediumRowsPerCta, gemm::kLargeRowsPerCta}) {

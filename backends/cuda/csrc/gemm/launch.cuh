@@ -31,9 +31,12 @@ cudaError_t with_specialisation(int bits, int rows_per_cta, Body&& body) {
 }
 
 template <class T>
-cudaError_t configure_gemm_kernels_for(int bits) {
+cudaError_t configure_gemm_kernels_for(int bits, bool wgmma_tiles) {
   cudaError_t status = cudaSuccess;
   for (int rows : {kTinyRowsPerCta, kSmallRowsPerCta, kMediumRowsPerCta, kLargeRowsPerCta, kWgmmaRowsPerCta}) {
+    // The 128-row tiles' ~190 KB is more than a CTA may hold before Hopper
+    // (A100: 163 KB): asking for it there fails. They only run on sm_90a.
+    if (rows == kWgmmaRowsPerCta && !wgmma_tiles) continue;
     status = with_specialisation(bits, rows, [](auto b, auto m) {
       constexpr int kBits = decltype(b)::value;
       constexpr int kRows = decltype(m)::value;

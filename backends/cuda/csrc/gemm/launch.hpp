@@ -11,7 +11,7 @@
 namespace ferrum_moe_cuda::gemm {
 
 template <class T>
-cudaError_t configure_gemm_kernels_for(int bits);
+cudaError_t configure_gemm_kernels_for(int bits, bool wgmma_tiles);
 template <class T>
 cudaError_t gemm_ctas_per_sm_for(int bits, int rows_per_cta, int* ctas);
 template <class T>

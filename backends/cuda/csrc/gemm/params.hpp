@@ -184,9 +184,10 @@ struct RoutedParams {
 };
 
 // Raises the kernels' dynamic shared memory limit on the current device (the
-// 64-row INT8 variant needs more than the default 48 KiB). Call once per
-// device before launching, outside any stream capture.
-cudaError_t configure_gemm_kernels(ComputeType type, int bits);
+// 64-row INT8 variant needs more than the default 48 KiB), the 128-row tiles'
+// only where they run (wgmma_tiles_built). Call once per device before
+// launching, outside any stream capture.
+cudaError_t configure_gemm_kernels(ComputeType type, int bits, bool wgmma_tiles);
 // Whether the code loaded for the current device has the wgmma tiles (an sm_90a
 // build on compute capability 9.0; a plain sm_90 or PTX build does not).
 cudaError_t wgmma_tiles_built(bool* built);

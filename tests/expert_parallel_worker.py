@@ -22,8 +22,13 @@ from ferrum_moe.testing import NUMPY_DTYPES
 
 
 def placement(kind: str, num_experts: int, world_size: int) -> fm.Placement:
-    if kind == "skewed":  # rank 0 owns all but one expert per other rank
+    if kind == "skewed":  # rank 0 holds all but one expert per other rank
         return fm.Placement([0] * (num_experts - world_size + 1) + list(range(1, world_size)), world_size)
+    if kind == "balanced":  # the low ids hot, a slot more per rank than needed: replicas of the hottest
+        return fm.Placement.balanced(np.arange(num_experts, 0, -1) ** 2, world_size,
+                                     -(-num_experts // world_size) + 1)
+    if kind == "everywhere":  # every rank holds every expert: no pair travels
+        return fm.Placement([list(range(world_size))] * num_experts, world_size)
     return getattr(fm.Placement, kind)(num_experts, world_size)
 
 
@@ -64,7 +69,8 @@ def run_checkpoint_case(case: dict, rank: int, world_size: int) -> dict:
 
 
 def run_case(case: dict, weights: dict, rank: int, world_size: int) -> dict:
-    """{"outputs": [per call], "types": [...]} or {"error": message}."""
+    """{"outputs": [per call], "types": [...], "sends": [per call, the rows
+    dispatch sent to each rank (exact sharded exchanges)]} or {"error": message}."""
     if case.get("kind") == "checkpoint":
         return run_checkpoint_case(case, rank, world_size)
     shape = case["shape"]
@@ -77,14 +83,16 @@ def run_case(case: dict, weights: dict, rank: int, world_size: int) -> dict:
     stacks = [fm.ExpertStack.from_gptq([w[g] for g in mine], dtype=shape["dtype"]) for w in (w13, w2)]
     try:
         layer = fm.ExpertParallelMoE(*stacks, top_k=shape["top_k"], placement=p, tokens=case["tokens"],
-                                     max_tokens=case["max_tokens"])
+                                     max_tokens=case["max_tokens"], apply_router_weight_on_input=case["on_input"])
     except (ValueError, TypeError) as e:
         return {"error": f"{type(e).__name__}: {e}"}
-    outputs, types = [], []
+    outputs, types, sends = [], [], []
     for i, call in enumerate(case["calls"]):
         x, tw, ids = call["x"][rank], call["topk_weights"][rank], call["topk_ids"][rank]
         if not case["numpy"]:
             x, tw, ids = to_torch(x), to_torch(tw), to_torch(ids)
+        if case["tokens"] == "sharded" and case["max_tokens"] is None:  # the rows sent to each rank
+            sends.append(layer.dispatch(x, tw, ids).send_rows)
         if i == 0:  # first call into a NaN-poisoned out=, later ones into new arrays
             out = np.full((x.shape[0], shape["hidden"]), np.nan, NUMPY_DTYPES[shape["dtype"]])
             out = out if case["numpy"] else to_torch(out)
@@ -94,7 +102,7 @@ def run_case(case: dict, weights: dict, rank: int, world_size: int) -> dict:
             y = layer(x, tw, ids)
         types.append(type(y).__module__.split(".")[0])
         outputs.append(to_numpy(y).copy())
-    return {"outputs": outputs, "types": types}
+    return {"outputs": outputs, "types": types, "sends": sends}
 
 
 def main() -> None:

@@ -42,16 +42,16 @@ MAX_TOKENS = 12
 
 
 def _spec(name, shape="mixtral", placement="contiguous", tokens="sharded", max_tokens=None, counts="random",
-          ids="random", numpy=False, drop_expert_on_rank=None):
+          ids="random", numpy=False, drop_expert_on_rank=None, on_input=False):
     return dict(name=name, shape=shape, placement=placement, tokens=tokens, max_tokens=max_tokens, counts=counts,
-                ids=ids, numpy=numpy, drop_expert_on_rank=drop_expert_on_rank)
+                ids=ids, numpy=numpy, drop_expert_on_rank=drop_expert_on_rank, on_input=on_input)
 
 
 def matching_specs() -> list[dict]:
     """Cases whose outputs must match one process's."""
     specs = []
     for shape in SHAPES:
-        for placement in ("contiguous", "round_robin"):
+        for placement in ("contiguous", "round_robin", "balanced"):
             for tokens in ("sharded", "replicated"):
                 for mode, max_tokens in (("exact", None), ("fixed", MAX_TOKENS)):
                     specs.append(_spec(f"{shape}-{placement}-{tokens}-{mode}", shape, placement, tokens, max_tokens))
@@ -66,6 +66,10 @@ def matching_specs() -> list[dict]:
             _spec(f"rank-0-owns-nearly-every-expert-{mode}", shape="qwen3", placement="skewed", max_tokens=max_tokens),
         ]
     specs.append(_spec("numpy-in-numpy-out", shape="qwen3", numpy=True))
+    specs.append(_spec("every-rank-holds-every-expert", shape="deepseek", placement="everywhere"))
+    for tokens in ("sharded", "replicated"):
+        specs.append(_spec(f"router-weight-on-input-{tokens}", shape="qwen3", placement="balanced", tokens=tokens,
+                           on_input=True))
     return specs
 
 
@@ -219,14 +223,47 @@ def test_expert_parallel_matches_one_process(runs, weights, world_size, name):
         # The tokens as one process sees them: every rank's (sharded), or the one set (replicated).
         ranks = range(world_size) if case["tokens"] == "sharded" else range(1)
         x, tw, ids = (np.concatenate([call[key][r] for r in ranks]) for key in ("x", "topk_weights", "topk_ids"))
-        single = fm.fused_moe(x, s13, s2, tw, ids)
-        ref = reference_moe(x, w13, w2, tw, ids, num_experts=shape["num_experts"])
+        single = fm.fused_moe(x, s13, s2, tw, ids, apply_router_weight_on_input=case["on_input"])
+        ref = reference_moe(x, w13, w2, tw, ids, num_experts=shape["num_experts"], on_input=case["on_input"])
         outputs = [results[r][name]["outputs"][i] for r in range(world_size)]
         got = [np.concatenate(outputs)] if case["tokens"] == "sharded" else outputs
         for y in got:  # replicated: every rank returns every token's output
             assert y.shape == x.shape and y.dtype == NUMPY_DTYPES[shape["dtype"]]
             assert rel_error(y, single) <= ONE_ROUNDING[shape["dtype"]], f"call {i}: differs from one process"
             assert rel_error(y, ref) < REL_TOL[shape["dtype"]], f"call {i}: differs from float64"
+
+
+def _rows_by_the_rule(placement, rank: int, ids: np.ndarray) -> list[int]:
+    """The rows a rank's dispatch sends each rank, by Placement's rule in a plain
+    loop: a pair goes to the home rank where it holds the expert, else to
+    replica (rank + t * top_k + j) % replicas; a token once to each rank."""
+    rows = [0] * placement.world_size
+    for t in range(ids.shape[0]):
+        dests = set()
+        for j, g in enumerate(ids[t].tolist()):
+            if 0 <= g < placement.num_experts:
+                held = placement.replicas[g]
+                dests.add(rank if rank in held else held[(rank + t * ids.shape[1] + j) % len(held)])
+        for d in dests:
+            rows[d] += 1
+    return rows
+
+
+@pytest.mark.parametrize("name", [s["name"] for s in matching_specs()
+                                  if s["tokens"] == "sharded" and s["max_tokens"] is None])
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_each_pair_goes_to_the_rank_the_placement_picks(runs, world_size, name):
+    """The split sizes each rank sent, against the rule: with replicas a pair
+    is computed once, on its home rank's replica or one chosen by position
+    (the outputs matching one process say it is computed exactly once)."""
+    from expert_parallel_worker import placement
+
+    cases, results = runs.get(world_size)
+    case = cases[name]
+    for r in range(world_size):
+        p = placement(case["placement"][r], case["shape"]["num_experts"], world_size)
+        for i, call in enumerate(case["calls"]):
+            assert results[r][name]["sends"][i] == _rows_by_the_rule(p, r, call["topk_ids"][r]), f"rank {r}, call {i}"
 
 
 @pytest.mark.parametrize("placement", ["contiguous", "round_robin"])
@@ -313,12 +350,87 @@ def test_round_robin_placement_deals_experts_in_turn(num_experts, world_size):
                                             for g in range(num_experts)]
 
 
+def test_replicas_are_local_experts_of_every_rank_holding_them():
+    p = fm.Placement([[1, 0], 1, 0, [0, 1, 2], 2], 3)
+    assert p.replicas == ((0, 1), (1,), (0,), (0, 1, 2), (2,))
+    assert [p.local_experts(r) for r in range(3)] == [[0, 2, 3], [0, 1, 3], [3, 4]]
+    assert [p.expert_map(r).tolist() for r in range(3)] == [[0, -1, 1, 2, -1], [0, 1, -1, 2, -1],
+                                                          [-1, -1, -1, 0, 1]]
+    assert repr(p) == "Placement(ranks=[[0, 1], 1, 0, [0, 1, 2], 2], world_size=3)"
+
+
+def _rank_loads(p, load) -> np.ndarray:
+    """Each rank's share of the load, a replica taking an even part of its expert's."""
+    loads = np.zeros(p.world_size)
+    for g, held in enumerate(p.replicas):
+        loads[list(held)] += load[g] / len(held)
+    return loads
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4, 8])
+def test_balanced_placement_fills_every_rank_and_evens_the_load(rng, world_size):
+    for _ in range(20):
+        num_experts = int(rng.integers(world_size, 6 * world_size + 2))
+        least = -(-num_experts // world_size)
+        slots = int(rng.integers(least, min(num_experts, least + 3) + 1))
+        load = rng.pareto(1.0, num_experts) * 100 if rng.random() < 0.5 else rng.integers(0, 4, num_experts) * 1.0
+        p = fm.Placement.balanced(load, world_size, slots)
+        assert [len(p.local_experts(r)) for r in range(world_size)] == [slots] * world_size
+        copies = np.array([len(held) for held in p.replicas])
+        assert copies.sum() == world_size * slots and copies.min() >= 1
+        # The replicas went where they carry the most: no expert with more
+        # replicas carries less per replica than another could have with one more.
+        share = load / copies
+        for g in np.flatnonzero(copies > 1):
+            assert load[g] / (copies[g] - 1) >= share[copies < world_size].max(initial=0) - 1e-9
+        # Greedy packing's bound: no rank above the mean by more than one replica's share.
+        assert _rank_loads(p, load).max() <= load.sum() / world_size + share.max() + 1e-9
+
+
+def test_balanced_placement_replicates_a_hot_expert_on_every_rank():
+    load = np.array([1000.0] + [1.0] * 7)
+    p = fm.Placement.balanced(load, 4, 3)  # 12 slots, 4 extra: three go to expert 0
+    assert p.replicas[0] == (0, 1, 2, 3)
+    assert sorted(len(held) for held in p.replicas[1:]) == [1] * 6 + [2]
+    assert _rank_loads(p, load).max() < _rank_loads(fm.Placement.contiguous(8, 4), load).max() / 3
+
+
+def test_packing_finishes_an_order_the_greedy_alone_cannot():
+    """A hand-made order (not balanced's own) where every rank with room holds
+    the last expert already: a full rank hands an expert over and takes it."""
+    from ferrum_moe.expert_parallel import _pack
+
+    order = [4, 5, 2, 2, 1, 0, 3, 6, 6]
+    holds = _pack(order, np.array([1.0, 1.0, 0.0, 0.0, 2.0, 3.0, 1.0]), 3, 3)
+    assert holds.sum(0).tolist() == [3, 3, 3]
+    assert holds.sum(1).tolist() == np.bincount(order, minlength=7).tolist()
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: fm.Placement.balanced([1.0, -1.0], 2), r"Placement.balanced: load\[1\] = -1.0; loads must be finite"),
+    (lambda: fm.Placement.balanced([1.0, np.nan], 2), r"Placement.balanced: load\[1\] = nan"),
+    (lambda: fm.Placement.balanced([[1.0]], 1), r"Placement.balanced: load must be a non-empty 1-D array"),
+    (lambda: fm.Placement.balanced(["a"], 1), r"Placement.balanced: load must be a non-empty 1-D array of numbers"),
+    (lambda: fm.Placement.balanced([1.0] * 5, 2, 2), r"experts_per_rank must be an int in \[3, 5\] .*; got 2"),
+    (lambda: fm.Placement.balanced([1.0] * 5, 2, 6), r"experts_per_rank must be an int in \[3, 5\] .*; got 6"),
+    (lambda: fm.Placement.balanced([1.0] * 3, 4), "Placement.balanced: 3 experts cannot be split over 4 ranks"),
+])
+def test_balanced_placement_refuses_bad_loads(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda: fm.Placement.contiguous(3, 4), "Placement.contiguous: 3 experts cannot be split over 4 ranks"),
     (lambda: fm.Placement.round_robin(0, 2), "Placement.round_robin: num_experts must be a positive int; got 0"),
-    (lambda: fm.Placement([0, 1, 2], 2), r"Placement: owner\[2\] = 2; ranks must be in \[0, 2\)"),
-    (lambda: fm.Placement([0, 0, 2], 3), r"Placement: rank 1 owns no expert \(owners per rank \[2, 0, 1\]\)"),
-    (lambda: fm.Placement([[0, 1]], 2), "Placement: owner must be a non-empty 1-D int array"),
+    (lambda: fm.Placement([0, 1, 2], 2), r"Placement: ranks\[2\] names rank 2; ranks must be in \[0, 2\)"),
+    (lambda: fm.Placement([0, [1, 5]], 2), r"Placement: ranks\[1\] names rank 5; ranks must be in \[0, 2\)"),
+    (lambda: fm.Placement([0, 0, 2], 3), r"Placement: rank 1 holds no expert \(experts per rank \[2, 0, 1\]\)"),
+    (lambda: fm.Placement([[0, 0], 1], 2), r"Placement: ranks\[0\] = \[0, 0\] names a rank twice"),
+    (lambda: fm.Placement([[], 1], 2), r"Placement: ranks\[0\] must be a rank or a non-empty list of ranks"),
+    (lambda: fm.Placement([True, 1], 2), r"Placement: ranks\[0\] must be a rank or a non-empty list of ranks"),
+    (lambda: fm.Placement(np.zeros((2, 2), int), 2), r"Placement: ranks must be a sequence .*shape \[2, 2\]"),
+    (lambda: fm.Placement([], 2), "Placement: ranks must be a non-empty sequence"),
     (lambda: fm.Placement.contiguous(8, 2).local_experts(2), r"Placement: rank must be an int in \[0, 2\); got 2"),
 ])
 def test_placement_refuses_what_cannot_be_placed(make, message):
@@ -434,6 +546,7 @@ def _layer_error(stacks, **kwargs):
     (dict(top_k=0), ValueError, r"top_k must be an int in \[1, 8\]"),
     (dict(tokens="split"), ValueError, r"tokens must be one of \('sharded', 'replicated'\); got 'split'"),
     (dict(max_tokens=0), ValueError, r"max_tokens must be None or a positive int; got 0"),
+    (dict(apply_router_weight_on_input="yes"), TypeError, r"apply_router_weight_on_input must be a bool; got str"),
 ])
 def test_bad_layer_arguments_are_refused(one_rank, small, kwargs, error, message):
     with pytest.raises(error, match="ExpertParallelMoE: " + message):

@@ -5,12 +5,15 @@ an ``expert_map``).
 
 One forward, on every rank of the group at once:
 
-  dispatch  each home token goes once to every rank that owns at least one of
-            its experts, as one packed row [hidden state | router weights |
-            global expert ids] (the split sizes first, then the rows);
-  compute   the owner runs its local experts over the rows it received: pairs
-            of other ranks' experts are dropped by expert_map inside align, and
-            the owner's partial top-k sum comes out in float32;
+  dispatch  each pair picks the rank that computes it (its expert's only rank,
+            or for a replicated expert the home rank's own replica, else one
+            by the pair's position); each home token goes once to every rank
+            picked for one of its pairs, as one packed row [hidden state |
+            router weights | global expert ids, -1 for the pairs that rank
+            does not compute] (the split sizes first, then the rows);
+  compute   that rank runs its local experts over the rows it received (the
+            -1 pairs are dropped inside align), and its partial top-k sum
+            comes out in float32;
   combine   the partial sums travel back by the reverse all-to-all and the home
             rank adds them in float32, rounding once to the layer's dtype.
 
@@ -32,46 +35,62 @@ TOKENS = ("sharded", "replicated")
 
 
 class Placement:
-    """Which rank owns each of ``num_experts`` global experts. A rank's local
-    expert ids follow global order: local id i is the i-th global expert it owns.
+    """Which ranks hold each of ``num_experts`` global experts: one rank, or
+    several for a replicated expert (a hot one, so its pairs spread over more
+    ranks). A pair routed to a replicated expert is computed by exactly one of
+    its replicas: the home rank's own where it holds one (the pair never
+    travels), else replica ``(home_rank + t * top_k + j) % replicas`` for pair
+    j of home token t. A rank's local expert ids follow global order: local id
+    i is the i-th global expert it holds.
 
-    owner: int [num_experts], a rank in [0, world_size) per global expert; every
-    rank must own at least one (a backend cannot hold an empty stack).
+    ranks: per global expert, a rank in [0, world_size), or a non-empty
+    sequence of distinct ranks (its replicas). Every rank must hold at least
+    one expert (a backend cannot hold an empty stack).
     """
 
-    def __init__(self, owner, world_size: int):
+    def __init__(self, ranks, world_size: int):
         if isinstance(world_size, bool) or not isinstance(world_size, (int, np.integer)) or world_size < 1:
             raise ValueError(f"Placement: world_size must be a positive int; got {world_size!r}")
-        owner = np.asarray(owner)
-        if owner.ndim != 1 or owner.size == 0 or (owner.dtype.kind not in "iu"):
-            raise ValueError(f"Placement: owner must be a non-empty 1-D int array (a rank per global expert); got "
-                             f"shape {list(owner.shape)}, dtype {owner.dtype}")
-        bad = np.flatnonzero((owner < 0) | (owner >= world_size))
-        if bad.size:
-            raise ValueError(f"Placement: owner[{bad[0]}] = {owner[bad[0]]}; ranks must be in [0, {world_size})")
-        counts = np.bincount(owner, minlength=world_size)
-        if not counts.all():
-            raise ValueError(f"Placement: rank {int(np.argmin(counts))} owns no expert (owners per rank "
-                             f"{counts.tolist()}); every rank must own at least one")
-        self.owner = owner.astype(np.int32)
-        self.owner.flags.writeable = False
+        if isinstance(ranks, np.ndarray) and ranks.ndim != 1:
+            raise ValueError(f"Placement: ranks must be a sequence (a rank or a list of ranks per global expert); "
+                             f"got an array of shape {list(ranks.shape)}")
+        if isinstance(ranks, (str, bytes)) or not hasattr(ranks, "__len__") or len(ranks) == 0:
+            raise ValueError("Placement: ranks must be a non-empty sequence (a rank or a list of ranks per global "
+                             f"expert); got {ranks!r}")
+        replicas = []
+        for g, held in enumerate(ranks):
+            held = [held] if _is_int(held) else held
+            if isinstance(held, (str, bytes)) or not hasattr(held, "__len__") or len(held) == 0 or \
+                    not all(_is_int(r) for r in held):
+                raise ValueError(f"Placement: ranks[{g}] must be a rank or a non-empty list of ranks; got {held!r}")
+            bad = [int(r) for r in held if not 0 <= r < world_size]
+            if bad:
+                raise ValueError(f"Placement: ranks[{g}] names rank {bad[0]}; ranks must be in [0, {world_size})")
+            if len(set(int(r) for r in held)) != len(held):
+                raise ValueError(f"Placement: ranks[{g}] = {[int(r) for r in held]} names a rank twice; a rank "
+                                 "holds at most one replica of an expert")
+            replicas.append(tuple(sorted(int(r) for r in held)))
+        self.replicas: tuple[tuple[int, ...], ...] = tuple(replicas)
         self.world_size = int(world_size)
+        # holds[g, r]: rank r holds expert g.
+        self._holds = np.zeros((len(replicas), self.world_size), bool)
+        for g, held in enumerate(replicas):
+            self._holds[g, list(held)] = True
+        counts = self._holds.sum(0)
+        if not counts.all():
+            raise ValueError(f"Placement: rank {int(np.argmin(counts))} holds no expert (experts per rank "
+                             f"{counts.tolist()}); every rank must hold at least one")
         self._kind = None  # the constructor that made it, for repr
-        # Local id of each global expert on its owner: how many earlier experts that owner holds.
-        self._local_id = np.empty(owner.size, np.int32)
-        for r in range(world_size):
-            mine = np.flatnonzero(owner == r)
-            self._local_id[mine] = np.arange(mine.size)
 
     @classmethod
     def contiguous(cls, num_experts: int, world_size: int) -> "Placement":
-        """Rank r owns a contiguous run of global ids; the first num_experts %
-        world_size ranks own one more (as vLLM places experts)."""
+        """Rank r holds a contiguous run of global ids; the first num_experts %
+        world_size ranks hold one more (as vLLM places experts)."""
         _check_counts(num_experts, world_size, "contiguous")
         base, extra = divmod(num_experts, world_size)
         sizes = [base + (r < extra) for r in range(world_size)]
         placement = cls(np.repeat(np.arange(world_size), sizes), world_size)
-        placement._kind = "contiguous"
+        placement._kind = f"contiguous({num_experts}, {world_size})"
         return placement
 
     @classmethod
@@ -79,12 +98,61 @@ class Placement:
         """Global expert g lives on rank g % world_size."""
         _check_counts(num_experts, world_size, "round_robin")
         placement = cls(np.arange(num_experts) % world_size, world_size)
-        placement._kind = "round_robin"
+        placement._kind = f"round_robin({num_experts}, {world_size})"
         return placement
+
+    @classmethod
+    def balanced(cls, load, world_size: int, experts_per_rank: int | None = None) -> "Placement":
+        """Every rank holds ``experts_per_rank`` experts, and the ranks' shares of
+        ``load`` come out as even as a greedy packing makes them.
+
+        load: per global expert, how much of the routing it gets (pair counts
+        from a run, e.g. ``torch.bincount(topk_ids.flatten(), minlength=E)``
+        summed over ranks, or expected shares): non-negative and finite.
+        experts_per_rank: slots per rank, in [ceil(E / world_size), E]
+        (default the least). The slots past one per expert go to replicas,
+        each to the expert whose replicas carry the most load each; then the
+        replicas, heaviest first, each go to the least-loaded rank with a free
+        slot that does not hold that expert yet. A replica is assumed to take
+        an even share of its expert's load (what dispatch's rule gives when
+        the ranks route alike)."""
+        load = np.asarray(load)
+        if load.ndim != 1 or load.size == 0 or load.dtype.kind not in "iuf":
+            raise ValueError(f"Placement.balanced: load must be a non-empty 1-D array of numbers (one per global "
+                             f"expert); got shape {list(load.shape)}, dtype {load.dtype}")
+        load = load.astype(np.float64)
+        bad = np.flatnonzero(~np.isfinite(load) | (load < 0))
+        if bad.size:
+            raise ValueError(f"Placement.balanced: load[{bad[0]}] = {load[bad[0]]}; loads must be finite and "
+                             "non-negative")
+        num_experts = load.size
+        _check_counts(num_experts, world_size, "balanced")
+        least = -(-num_experts // world_size)
+        if experts_per_rank is None:
+            experts_per_rank = least
+        if isinstance(experts_per_rank, bool) or not isinstance(experts_per_rank, (int, np.integer)) or \
+                not least <= experts_per_rank <= num_experts:
+            raise ValueError(f"Placement.balanced: experts_per_rank must be an int in [{least}, {num_experts}] (every "
+                             f"expert placed, no rank with two replicas of one); got {experts_per_rank!r}")
+        slots = int(experts_per_rank)
+
+        # How many replicas each expert gets: each further slot to the expert
+        # whose replicas would each carry the most (ties: fewer replicas, then
+        # the lower id).
+        copies = np.ones(num_experts, np.int64)
+        for _ in range(world_size * slots - num_experts):
+            share = np.where(copies < world_size, load / copies, -1.0)
+            best = np.flatnonzero(share == share.max())
+            copies[best[np.argmin(copies[best])]] += 1
+
+        share = load / copies
+        order = [g for g in sorted(range(num_experts), key=lambda e: (-share[e], e)) for _ in range(copies[g])]
+        holds = _pack(order, share, world_size, slots)
+        return cls([np.flatnonzero(holds[g]).tolist() for g in range(num_experts)], world_size)
 
     @property
     def num_experts(self) -> int:
-        return int(self.owner.size)
+        return len(self.replicas)
 
     def _rank(self, rank) -> int:
         if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not 0 <= rank < self.world_size:
@@ -92,19 +160,59 @@ class Placement:
         return int(rank)
 
     def local_experts(self, rank: int) -> list[int]:
-        """The global ids ``rank`` owns, in local-id order: the experts to load
+        """The global ids ``rank`` holds, in local-id order: the experts to load
         on that rank (fm.ExpertStack.from_gptq([weights[g] for g in ...]))."""
-        return np.flatnonzero(self.owner == self._rank(rank)).tolist()
+        return np.flatnonzero(self._holds[:, self._rank(rank)]).tolist()
 
     def expert_map(self, rank: int) -> np.ndarray:
         """int32 [num_experts]: global id -> ``rank``'s local id, or -1 for
-        experts other ranks own (fm.fused_moe's expert_map)."""
-        return np.where(self.owner == self._rank(rank), self._local_id, -1).astype(np.int32)
+        experts it does not hold (fm.fused_moe's expert_map)."""
+        mine = self._holds[:, self._rank(rank)]
+        return np.where(mine, np.cumsum(mine) - 1, -1).astype(np.int32)
 
     def __repr__(self) -> str:
         if self._kind is not None:
-            return f"Placement.{self._kind}({self.num_experts}, {self.world_size})"
-        return f"Placement(owner={self.owner.tolist()}, world_size={self.world_size})"
+            return f"Placement.{self._kind}"
+        shown = [held[0] if len(held) == 1 else list(held) for held in self.replicas]
+        return f"Placement(ranks={shown}, world_size={self.world_size})"
+
+
+def _pack(order: list[int], share: np.ndarray, world_size: int, slots: int) -> np.ndarray:
+    """holds [experts, world_size]: the replicas in ``order`` (expert ids, an
+    expert's replicas one after another) each on the least-loaded rank with a
+    free slot that does not hold that expert yet (then the one with the most
+    room, then the lowest), every rank filling its ``slots``."""
+    holds = np.zeros((share.size, world_size), bool)
+    rank_load = np.zeros(world_size)
+    free = np.full(world_size, slots)
+    for g in order:
+        open_ = np.flatnonzero((free > 0) & ~holds[g])
+        if open_.size:
+            r = open_[np.lexsort((open_, -free[open_], rank_load[open_]))[0]]
+        else:
+            # Every rank with room holds g already (the greedy order has not been
+            # seen to come here, but nothing rules it out): the least-loaded full
+            # rank q without g hands p, a rank with room, one of its experts that
+            # p lacks (there is one: q holds more experts than p), and takes g.
+            p = int(np.flatnonzero(free > 0)[0])
+            without = np.flatnonzero(~holds[g])
+            q = int(without[np.argmin(rank_load[without])])
+            movable = np.flatnonzero(holds[:, q] & ~holds[:, p])
+            h = int(movable[np.argmin(share[movable])])
+            holds[h, q], holds[h, p] = False, True
+            rank_load[q] -= share[h]
+            rank_load[p] += share[h]
+            free[p] -= 1
+            free[q] += 1
+            r = q
+        holds[g, r] = True
+        rank_load[r] += share[g]
+        free[r] -= 1
+    return holds
+
+
+def _is_int(value) -> bool:
+    return not isinstance(value, (bool, np.bool_)) and isinstance(value, (int, np.integer))
 
 
 def _check_counts(num_experts, world_size, kind: str) -> None:
@@ -113,7 +221,7 @@ def _check_counts(num_experts, world_size, kind: str) -> None:
             raise ValueError(f"Placement.{kind}: {name} must be a positive int; got {value!r}")
     if num_experts < world_size:
         raise ValueError(f"Placement.{kind}: {num_experts} experts cannot be split over {world_size} ranks: every "
-                         "rank must own at least one")
+                         "rank must hold at least one")
 
 
 @dataclasses.dataclass
@@ -186,24 +294,29 @@ class ExpertParallelMoE:
     tokens a call may pass (per rank when sharded, in all when replicated) for
     fixed-capacity exchanges with no host read: CUDA-graph capturable.
     block_size: the local layer's routing block (fm.MoE's; None picks one per
-    call).
+    call). apply_router_weight_on_input: scale the first GEMM's output by the
+    router weight instead of the second's (fm.fused_moe's; Llama 4's order).
     """
 
     def __init__(self, w13_shard: ExpertStack, w2_shard: ExpertStack, *, top_k: int, placement: Placement,
-                 group=None, tokens: str = "sharded", max_tokens: int | None = None, block_size: int | None = None):
+                 group=None, tokens: str = "sharded", max_tokens: int | None = None, block_size: int | None = None,
+                 apply_router_weight_on_input: bool = False):
         self.group, self.world_size, self.rank = _membership(group, "ExpertParallelMoE")
         # Building the layer is a collective: every rank's checks are gathered
         # before any rank raises, so a rank with bad arguments fails all of them
         # together instead of leaving the others waiting in their first exchange.
         problem = view = None
         try:
-            self._build(w13_shard, w2_shard, top_k, placement, tokens, max_tokens, block_size)
+            self._build(w13_shard, w2_shard, top_k, placement, tokens, max_tokens, block_size,
+                        apply_router_weight_on_input)
         except (TypeError, ValueError) as e:
             problem = e
-        agreed = ("placement", "top_k", "hidden", "intermediate", "dtype", "tokens", "max_tokens")
+        agreed = ("placement", "top_k", "hidden", "intermediate", "dtype", "tokens", "max_tokens",
+                  "apply_router_weight_on_input")
         if problem is None:
-            view = dict(placement=placement.owner.tolist(), top_k=self.top_k, hidden=self.hidden,
+            view = dict(placement=[list(held) for held in placement.replicas], top_k=self.top_k, hidden=self.hidden,
                         intermediate=w2_shard.k, dtype=self.dtype, tokens=tokens, max_tokens=max_tokens,
+                        apply_router_weight_on_input=bool(apply_router_weight_on_input),
                         placement_repr=repr(placement))
         views = _gather_or_raise(self.group, self.world_size, problem, view, "ExpertParallelMoE",
                                  "build its part of the layer")
@@ -216,7 +329,8 @@ class ExpertParallelMoE:
                                  "build the layer with the same arguments and expert shapes")
         self._allocate()
 
-    def _build(self, w13_shard, w2_shard, top_k, placement, tokens, max_tokens, block_size) -> None:
+    def _build(self, w13_shard, w2_shard, top_k, placement, tokens, max_tokens, block_size,
+               apply_router_weight_on_input) -> None:
         """This rank's checks and state; raises on bad arguments."""
         import torch
 
@@ -244,6 +358,9 @@ class ExpertParallelMoE:
         if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer))
                                        or max_tokens < 1):
             raise ValueError(f"{name}: max_tokens must be None or a positive int; got {max_tokens!r}")
+        if not isinstance(apply_router_weight_on_input, (bool, np.bool_)):
+            raise TypeError(f"{name}: apply_router_weight_on_input must be a bool; got "
+                            f"{type(apply_router_weight_on_input).__name__}")
         self.placement, self.top_k, self.tokens, self.max_tokens = placement, int(top_k), tokens, max_tokens
         self.num_experts = placement.num_experts
         self.hidden = w13_shard.k
@@ -252,8 +369,16 @@ class ExpertParallelMoE:
         self.device = torch.device("cpu") if kind == 1 else torch.device("cuda", index)
         self._torch_dtype = getattr(torch, self.dtype)
         self.expert_map = torch.from_numpy(placement.expert_map(self.rank)).to(self.device)
-        self._owner = torch.from_numpy(placement.owner.astype(np.int64)).to(self.device)
-        self._local = MoE(w13_shard, w2_shard, top_k=self.top_k, expert_map=self.expert_map, block_size=block_size)
+        # Where this rank's pairs go (Placement's rule): the expert's replicas
+        # (padded by repeating them), how many, and whether this rank holds it.
+        replicas = placement.replicas
+        widest = max(len(held) for held in replicas)
+        table = np.array([[held[i % len(held)] for i in range(widest)] for held in replicas], np.int64)
+        self._replica_ranks = torch.from_numpy(table).to(self.device)
+        self._replica_counts = torch.tensor([len(held) for held in replicas], dtype=torch.int64, device=self.device)
+        self._held_here = torch.from_numpy(placement.expert_map(self.rank) >= 0).to(self.device)
+        self._local = MoE(w13_shard, w2_shard, top_k=self.top_k, expert_map=self.expert_map, block_size=block_size,
+                          apply_router_weight_on_input=bool(apply_router_weight_on_input))
 
     def _allocate(self) -> None:
         import torch
@@ -353,8 +478,8 @@ class ExpertParallelMoE:
     # ---- the three phases --------------------------------------------------------------------------------
 
     def dispatch(self, x, topk_weights, topk_ids) -> Dispatched:
-        """Sends this rank's home tokens to the ranks owning their experts and
-        receives the rows other ranks send here. x: [num_tokens, hidden] in the
+        """Sends this rank's home tokens to the ranks that compute their pairs
+        (fm.Placement's rule) and receives the rows other ranks send here. x: [num_tokens, hidden] in the
         layer's dtype; topk_weights: float32 [num_tokens, top_k]; topk_ids:
         int32/int64 [num_tokens, top_k] global ids (ids outside [0, num_experts)
         are dropped, as fm.fused_moe drops them)."""
@@ -367,9 +492,14 @@ class ExpertParallelMoE:
             raise ValueError(f"ExpertParallelMoE: dispatch got {m} tokens; this layer sends at most "
                              f"{self.capacity} per rank (max_tokens={self.max_tokens}, tokens={self.tokens!r})")
         valid = (ids >= 0) & (ids < self.num_experts)
-        owner = torch.where(valid, self._owner[ids.clamp(0, self.num_experts - 1)], n)
-        # sends[t, p]: token t has at least one expert on rank p (column n collects dropped pairs).
-        sends = torch.zeros(m, n + 1, dtype=torch.bool, device=dev).scatter_(1, owner, True)[:, :n]
+        expert = ids.clamp(0, self.num_experts - 1).long()
+        # The rank computing each pair: this rank where it holds the expert, else
+        # replica (rank + t * top_k + j) % replicas; n for dropped pairs.
+        pick = (torch.arange(m * self.top_k, device=dev).view(m, self.top_k) + self.rank) % self._replica_counts[expert]
+        pair_rank = torch.where(self._held_here[expert], self.rank, self._replica_ranks[expert, pick])
+        pair_rank = torch.where(valid, pair_rank, n)
+        # sends[t, p]: a pair of token t is computed on rank p (column n collects dropped pairs).
+        sends = torch.zeros(m, n + 1, dtype=torch.bool, device=dev).scatter_(1, pair_rank, True)[:, :n]
         slot = sends.cumsum(0) - 1  # t's place among the tokens sent to p
 
         if self.capacity is None:
@@ -396,12 +526,21 @@ class ExpertParallelMoE:
         # dropped (t, p) all land on the extra last entry.
         source = torch.full((total_send + 1,), m, dtype=torch.int64, device=dev)
         source.scatter_(0, dest.reshape(-1), torch.arange(m, device=dev).repeat_interleave(n))
+        # And its destination (n for unused slots).
+        row_rank = torch.full((total_send + 1,), n, dtype=torch.int64, device=dev)
+        row_rank.scatter_(0, dest.reshape(-1), torch.arange(n, device=dev).repeat(m))
         if self.capacity is None:
             send = torch.index_select(packed, 0, source[:total_send])
             recv = torch.empty(total_recv, self.row_bytes, dtype=torch.uint8, device=dev)
         else:
             send = torch.index_select(packed, 0, source[:total_send], out=self._send)
             recv = self._recv
+        # A row carries the ids of the pairs its destination computes, -1 for the
+        # others: a rank holding a replica of a pair's expert that another rank
+        # was picked for must not compute that pair too.
+        computed_there = torch.cat([pair_rank, pair_rank.new_full((1, self.top_k), n)])[source[:total_send]] == \
+            row_rank[:total_send, None]
+        send[:, self._ids_at:self._ids_at + 4 * self.top_k].view(torch.int32).masked_fill_(~computed_there, -1)
         dist.all_to_all_single(recv, send, recv_rows, send_rows, group=self.group)
 
         return Dispatched(

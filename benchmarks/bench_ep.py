@@ -3,6 +3,7 @@
 process), with each rank's time split into dispatch, compute and combine.
 
     python benchmarks/bench_ep.py [--world-size 2] [--tokens 1 64 1024] [--json out.json]
+        [--skew 1.0 --placements contiguous balanced --extra-slots 8]
 
 "1 process" runs fm.MoE with every expert on world_size x M tokens, using all
 --threads cores; "N processes" runs fm.ExpertParallelMoE with M tokens per rank,
@@ -31,12 +32,33 @@ def repeats_for(num_tokens: int) -> int:
     return 7 if num_tokens <= 256 else 3
 
 
-def layer_inputs(torch, seed: int, m: int, num_experts: int, top_k: int, hidden: int, device):
-    """m tokens routed by random logits (top-k, renormalized)."""
+def layer_inputs(torch, seed: int, m: int, num_experts: int, top_k: int, hidden: int, device, skew: float = 0.0):
+    """m tokens routed by random logits (top-k, renormalized). skew > 0 makes
+    some experts popular: expert g's logits gain skew * log(1 / (1 + its place
+    in a fixed random order)), a Zipf-like preference, the same on every rank."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(m, hidden, generator=gen).half()
-    weights, ids = torch.softmax(torch.randn(m, num_experts, generator=gen), -1).topk(top_k, -1)
+    logits = torch.randn(m, num_experts, generator=gen)
+    if skew:
+        place = torch.randperm(num_experts, generator=torch.Generator().manual_seed(12345))
+        logits -= skew * torch.log1p(place.float())
+    weights, ids = torch.softmax(logits, -1).topk(top_k, -1)
     return x.to(device), (weights / weights.sum(-1, keepdim=True)).to(device), ids.int().to(device)
+
+
+def make_placement(args, torch, dist, num_experts: int, top_k: int, hidden: int):
+    """args.placement over the group; "balanced" from the pair counts of a
+    calibration batch of 1024 tokens per rank (summed over the ranks, as a
+    serving engine would count them), with --extra-slots more slots a rank."""
+    import ferrum_moe as fm
+
+    if args.placement == "contiguous":
+        return fm.Placement.contiguous(num_experts, args.world_size)
+    _, _, ids = layer_inputs(torch, 7919 + args.rank, 1024, num_experts, top_k, hidden, "cpu", args.skew)
+    load = torch.bincount(ids.flatten().long(), minlength=num_experts)
+    dist.all_reduce(load)
+    slots = -(-num_experts // args.world_size) + args.extra_slots
+    return fm.Placement.balanced(load.numpy(), args.world_size, min(slots, num_experts))
 
 
 def stacks(experts, hidden: int, inter: int, device):
@@ -65,7 +87,7 @@ def run_single(args) -> dict:
     layer = fm.MoE(*stacks(range(e), hidden, inter, args.device), top_k=top_k)
     rows = {}
     for m in args.tokens:
-        x, tw, ids = layer_inputs(torch, m, args.world_size * m, e, top_k, hidden, args.device)
+        x, tw, ids = layer_inputs(torch, m, args.world_size * m, e, top_k, hidden, args.device, args.skew)
         layer(x, tw, ids)
         times = []
         for _ in range(repeats_for(m)):
@@ -91,12 +113,13 @@ def run_rank(args) -> dict:
     dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo",
                             init_method=f"file://{args.store}", rank=args.rank, world_size=args.world_size)
     e, top_k, hidden, inter = MODELS[args.model]
-    placement = fm.Placement.contiguous(e, args.world_size)
+    placement = make_placement(args, torch, dist, e, top_k, hidden)
     layer = fm.ExpertParallelMoE(*stacks(placement.local_experts(args.rank), hidden, inter, args.device),
                                  top_k=top_k, placement=placement)
     rows = {}
     for m in args.tokens:
-        x, tw, ids = layer_inputs(torch, 1000 * m + args.rank, m, e, top_k, hidden, args.device)
+        x, tw, ids = layer_inputs(torch, 1000 * m + args.rank, m, e, top_k, hidden, args.device, args.skew)
+        pairs = int((layer.dispatch(x, tw, ids).topk_ids >= 0).sum())  # the pairs this rank computes
         layer(x, tw, ids)
         phases = {"dispatch": [], "compute": [], "combine": []}
         for _ in range(repeats_for(m)):
@@ -123,8 +146,9 @@ def run_rank(args) -> dict:
             totals.append(time.perf_counter() - start)
         mine = dict({p: min(t) for p, t in phases.items()}, total=min(totals))
         every = [None] * args.world_size
-        dist.all_gather_object(every, mine)
+        dist.all_gather_object(every, dict(mine, pairs=pairs))
         rows[m] = {key: max(r[key] for r in every) for key in mine}  # the slowest rank sets the pace
+        rows[m].update(compute_fastest=min(r["compute"] for r in every), pairs=[r["pairs"] for r in every])
     dist.destroy_process_group()
     return rows
 
@@ -134,6 +158,7 @@ def launch(args, role: str, threads: int, rank: int = 0, store: str = "") -> sub
     cmd = [sys.executable, __file__, "--role", role, "--model", args.model, "--device", args.device,
            "--world-size", str(args.world_size), "--rank", str(rank), "--store", store, "--out", str(out),
            "--tokens", *map(str, args.tokens)]
+    cmd += ["--skew", str(args.skew), "--placement", args.placement, "--extra-slots", str(args.extra_slots)]
     return subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS=str(threads), NCCL_NVLS_ENABLE="0"))
 
 
@@ -152,7 +177,14 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--device", default="cpu", help="cpu, or cuda (rank r on cuda:r)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads in all")
+    parser.add_argument("--skew", type=float, default=0.0,
+                        help="Zipf-like expert popularity (0: uniform random routing)")
+    parser.add_argument("--placements", nargs="+", default=["contiguous"], choices=("contiguous", "balanced"),
+                        help="expert placements to run (balanced: from a calibration batch's pair counts)")
+    parser.add_argument("--extra-slots", type=int, default=0,
+                        help="balanced: slots per rank past ceil(experts / world size), for replicas")
     parser.add_argument("--json")
+    parser.add_argument("--placement", default="contiguous", help=argparse.SUPPRESS)
     parser.add_argument("--role", choices=("main", "single", "rank"), default="main", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
@@ -174,28 +206,37 @@ def main() -> None:
     n = args.world_size
     load_before = os.getloadavg()
     print(f"{n} processes x {max(args.threads // n, 1)} threads vs 1 process x {args.threads} threads, "
-          f"device {args.device}; tokens/s counts every rank's tokens")
-    print(f"{'model':<18} {'M/rank':>6} {'procs':>5} {'dispatch ms':>11} {'compute ms':>10} {'combine ms':>10} "
-          f"{'total ms':>9} {'tokens/s':>9} {'vs 1 proc':>9}")
+          f"device {args.device}, routing skew {args.skew}; tokens/s counts every rank's tokens; compute: the "
+          "slowest rank (the fastest's in brackets); pairs: those each rank computes")
+    print(f"{'model':<18} {'M/rank':>6} {'procs':>5} {'placement':<10} {'dispatch ms':>11} {'compute ms':>18} "
+          f"{'combine ms':>10} {'total ms':>9} {'tokens/s':>9} {'vs 1 proc':>9}  pairs")
     results = []
     with tempfile.TemporaryDirectory() as scratch:
         args.scratch = scratch
         for model in args.models:
             args.model = model
             single = collect(args, [launch(args, "single", args.threads)], "single")
-            store = str(Path(scratch) / f"store-{model}")
-            ranks = collect(args, [launch(args, "rank", max(args.threads // n, 1), r, store) for r in range(n)],
-                            "rank")
+            by_placement = {}
+            for placement in args.placements:
+                args.placement = placement
+                store = str(Path(scratch) / f"store-{model}-{placement}")
+                by_placement[placement] = collect(
+                    args, [launch(args, "rank", max(args.threads // n, 1), r, store) for r in range(n)], "rank")
             for m in args.tokens:
-                one, many = single[m], ranks[m]
-                rate1, rate_n = n * m / one["total"], n * m / many["total"]
-                print(f"{model:<18} {m:>6} {1:>5} {'':>11} {one['total'] * 1e3:>10.2f} {'':>10} "
+                one = single[m]
+                rate1 = n * m / one["total"]
+                print(f"{model:<18} {m:>6} {1:>5} {'':<10} {'':>11} {one['total'] * 1e3:>18.2f} {'':>10} "
                       f"{one['total'] * 1e3:>9.2f} {rate1:>9.0f} {'':>9}")
-                print(f"{model:<18} {m:>6} {n:>5} {many['dispatch'] * 1e3:>11.2f} {many['compute'] * 1e3:>10.2f} "
-                      f"{many['combine'] * 1e3:>10.2f} {many['total'] * 1e3:>9.2f} {rate_n:>9.0f} "
-                      f"{rate_n / rate1:>8.2f}x", flush=True)
-                results.append(dict(model=model, tokens_per_rank=m, world_size=n, single=one, expert_parallel=many,
-                                    tokens_per_s_single=rate1, tokens_per_s_expert_parallel=rate_n))
+                for placement, ranks in by_placement.items():
+                    many = ranks[m]
+                    rate_n = n * m / many["total"]
+                    compute = f"{many['compute'] * 1e3:.2f} ({many['compute_fastest'] * 1e3:.2f})"
+                    print(f"{model:<18} {m:>6} {n:>5} {placement:<10} {many['dispatch'] * 1e3:>11.2f} {compute:>18} "
+                          f"{many['combine'] * 1e3:>10.2f} {many['total'] * 1e3:>9.2f} {rate_n:>9.0f} "
+                          f"{rate_n / rate1:>8.2f}x  {many['pairs']}", flush=True)
+                    results.append(dict(model=model, tokens_per_rank=m, world_size=n, placement=placement,
+                                        skew=args.skew, single=one, expert_parallel=many, tokens_per_s_single=rate1,
+                                        tokens_per_s_expert_parallel=rate_n))
     load = dict(before=load_before, after=os.getloadavg())
     print(f"load average (1, 5, 15 min) before {load['before']}, after {load['after']}")
     if args.json:

@@ -41,7 +41,8 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--intermediate", type=int, default=128)
     parser.add_argument("--tokens", type=int, default=16, help="tokens per rank")
-    parser.add_argument("--placement", choices=("contiguous", "round_robin"), default="contiguous")
+    parser.add_argument("--placement", choices=("contiguous", "round_robin", "balanced"), default="contiguous",
+                        help="balanced: from the router's pair counts on a calibration batch, a slot more a rank")
     parser.add_argument("--max-tokens", type=int, help="fixed-capacity exchange (no host reads; capturable)")
     parser.add_argument("--cuda-graph", action="store_true", help="capture the layer in a CUDA graph and replay it")
     parser.add_argument("--seed", type=int, default=0)
@@ -60,7 +61,23 @@ def main() -> None:
     dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
     rank, world_size = dist.get_rank(), dist.get_world_size()
 
-    placement = getattr(fm.Placement, args.placement)(args.experts, world_size)
+    gate = torch.randn(args.hidden, args.experts, generator=torch.Generator().manual_seed(args.seed)) / 16
+
+    def route(x):
+        topk_weights, topk_ids = torch.softmax(x.float() @ gate, dim=-1).topk(args.top_k, dim=-1)
+        return topk_weights / topk_weights.sum(-1, keepdim=True), topk_ids.int()
+
+    if args.placement == "balanced":
+        # Count the pairs the router gives each expert on a calibration batch,
+        # over every rank, and replicate the busiest (one slot more a rank).
+        calibration = torch.randn(256, args.hidden, generator=torch.Generator().manual_seed(args.seed * 1000 + 999 -
+                                                                                           rank))
+        load = torch.bincount(route(calibration)[1].flatten().long(), minlength=args.experts)
+        dist.all_reduce(load)
+        placement = fm.Placement.balanced(load.numpy(), world_size, min(-(-args.experts // world_size) + 1,
+                                                                        args.experts))
+    else:
+        placement = getattr(fm.Placement, args.placement)(args.experts, world_size)
     mine = placement.local_experts(rank)
     local = [expert_weights(args.seed, g, args.hidden, args.intermediate) for g in mine]
     w13 = fm.ExpertStack.from_gptq([w for w, _ in local], device=device, dtype="float16")
@@ -70,10 +87,8 @@ def main() -> None:
     # This rank's tokens and the router's choice for them.
     gen = torch.Generator().manual_seed(args.seed * 1000 + rank)
     x = torch.randn(args.tokens, args.hidden, generator=gen).half()
-    gate = torch.randn(args.hidden, args.experts, generator=torch.Generator().manual_seed(args.seed)) / 16
-    topk_weights, topk_ids = torch.softmax(x.float() @ gate, dim=-1).topk(args.top_k, dim=-1)
-    topk_weights = topk_weights / topk_weights.sum(-1, keepdim=True)
-    x, topk_weights, topk_ids = (t.to(device) for t in (x, topk_weights, topk_ids.int()))
+    topk_weights, topk_ids = route(x)
+    x, topk_weights, topk_ids = (t.to(device) for t in (x, topk_weights, topk_ids))
 
     def run():
         return layer(x, topk_weights, topk_ids)

@@ -624,12 +624,13 @@ def test_a_layer_needs_torch_distributed_initialized(small, monkeypatch):
         _layer_error(small[0])
 
 
-def test_the_example_runs_under_torchrun():
+@pytest.mark.parametrize("placement", ["contiguous", "balanced"])
+def test_the_example_runs_under_torchrun(placement):
     """examples/expert_parallel.py in 2 processes: each rank checks its tokens against float64."""
     example = Path(__file__).parents[1] / "examples" / "expert_parallel.py"
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                           str(example), "--experts", "8", "--top-k", "2", "--hidden", "128", "--intermediate", "64",
-                          "--tokens", "5", "--max-tokens", "8"],
+                          "--tokens", "5", "--max-tokens", "8", "--placement", placement],
                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
     lines = sorted(line for line in run.stdout.splitlines() if line.startswith("rank "))

@@ -22,6 +22,9 @@ NAMES = {  # model_type: (MoE block, (gate, up, down), shared expert module, sha
     "qwen3_moe": ("mlp", ("gate_proj", "up_proj", "down_proj"), None, None),
     "deepseek_v2": ("mlp", ("gate_proj", "up_proj", "down_proj"), "shared_experts", None),
     "deepseek_v3": ("mlp", ("gate_proj", "up_proj", "down_proj"), "shared_experts", None),
+    "glm4_moe": ("mlp", ("gate_proj", "up_proj", "down_proj"), "shared_experts", None),
+    "dots1": ("mlp", ("gate_proj", "up_proj", "down_proj"), "shared_experts", None),
+    "olmoe": ("mlp", ("gate_proj", "up_proj", "down_proj"), None, None),
 }
 
 
@@ -108,6 +111,9 @@ def silu_mlp(x, gate, up, down):
     return (g / (1.0 + np.exp(-g)) * u) @ down
 
 
+SIGMOID_ROUTED = ("deepseek_v3", "glm4_moe", "dots1")  # sigmoid scores, noaux_tc
+
+
 def reference_route(config: dict, ref: LayerRef, x64: np.ndarray):
     """Per token, [(expert, weight)] by the model's rule, a plain loop in float64."""
     mt = config["model_type"]
@@ -115,7 +121,7 @@ def reference_route(config: dict, ref: LayerRef, x64: np.ndarray):
     out = []
     for row in x64 @ ref.router.T:
         e = len(row)
-        if mt == "deepseek_v3":
+        if mt in SIGMOID_ROUTED:
             scores = [1.0 / (1.0 + np.exp(-v)) for v in row]
         else:
             m = max(row)
@@ -123,23 +129,25 @@ def reference_route(config: dict, ref: LayerRef, x64: np.ndarray):
             scores = [v / sum(exp) for v in exp]
         choice = [s + (ref.bias[i] if ref.bias is not None else 0.0) for i, s in enumerate(scores)]
         allowed = set(range(e))
-        method = config.get("topk_method", "noaux_tc" if mt == "deepseek_v3" else "greedy")
-        if mt.startswith("deepseek") and method != "greedy":
-            size = e // config["n_group"]
+        method = config.get("topk_method", "noaux_tc" if mt in SIGMOID_ROUTED else "greedy")
+        if method != "greedy":
+            n_group = config.get("n_group", 1)
+            size = e // n_group
             groups = []
-            for g in range(config["n_group"]):
+            for g in range(n_group):
                 members = sorted(choice[g * size:(g + 1) * size], reverse=True)
                 groups.append((sum(members[:2]) if method == "noaux_tc" else members[0], g))
-            kept = [g for _, g in sorted(groups, reverse=True)[:config["topk_group"]]]
+            kept = [g for _, g in sorted(groups, reverse=True)[:config.get("topk_group", 1)]]
             allowed = {g * size + i for g in kept for i in range(size)}
         chosen = sorted(allowed, key=lambda i: -choice[i])[:top_k]
         weights = [scores[i] for i in chosen]
-        norm = config.get("norm_topk_prob", False)
-        renormalize = {"mixtral": True, "qwen2_moe": norm, "qwen3_moe": norm}.get(mt, top_k > 1 and norm)
+        norm = config.get("norm_topk_prob", mt == "glm4_moe")  # the transformers classes' defaults
+        renormalize = {"mixtral": True, "qwen2_moe": norm, "qwen3_moe": norm, "olmoe": norm, "glm4_moe": norm,
+                       "dots1": norm}.get(mt, top_k > 1 and norm)
         if renormalize:
             weights = [w / sum(weights) for w in weights]
-        if mt == "deepseek_v3" or mt == "deepseek_v2" and not renormalize:  # DeepSeek's own code
-            weights = [w * config["routed_scaling_factor"] for w in weights]
+        if mt in SIGMOID_ROUTED or mt == "deepseek_v2" and not renormalize:  # DeepSeek's own code
+            weights = [w * config.get("routed_scaling_factor", 1.0) for w in weights]
         out.append(list(zip(chosen, weights)))
     return out
 
@@ -162,12 +170,21 @@ def base_config(model_type: str, *, hidden=64, intermediate=48, experts=8, top_k
     configuration classes)."""
     c = {"architectures": [{"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
                             "qwen3_moe": "Qwen3MoeForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM",
-                            "deepseek_v3": "DeepseekV3ForCausalLM"}[model_type]],
+                            "deepseek_v3": "DeepseekV3ForCausalLM", "glm4_moe": "Glm4MoeForCausalLM",
+                            "dots1": "Dots1ForCausalLM", "olmoe": "OlmoeForCausalLM"}[model_type]],
          "model_type": model_type, "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": 4,
          "hidden_act": "silu", "vocab_size": 32, "torch_dtype": "float16", "num_experts_per_tok": top_k,
          "intermediate_size": 96}
     if model_type == "mixtral":
         c.update(num_local_experts=experts, intermediate_size=intermediate)
+    elif model_type == "olmoe":
+        c.update(num_experts=experts, intermediate_size=intermediate, norm_topk_prob=False)
+    elif model_type in ("glm4_moe", "dots1"):
+        # As GLM-4.5-Air and dots.llm1 publish them: no topk_method or
+        # scoring_func keys; one group; renormalised (GLM) or not (dots).
+        c.update(n_routed_experts=experts, moe_intermediate_size=intermediate, n_shared_experts=1,
+                 first_k_dense_replace=1, n_group=1, topk_group=1, routed_scaling_factor=1.5,
+                 norm_topk_prob=model_type == "glm4_moe")
     elif model_type.startswith("qwen"):
         c.update(num_experts=experts, moe_intermediate_size=intermediate, decoder_sparse_step=1, mlp_only_layers=[],
                  norm_topk_prob=model_type == "qwen3_moe")
@@ -180,17 +197,17 @@ def base_config(model_type: str, *, hidden=64, intermediate=48, experts=8, top_k
                  topk_method="noaux_tc" if v3 else "group_limited_greedy", scoring_func="sigmoid" if v3 else "softmax",
                  routed_scaling_factor=2.5 if v3 else 16.0, norm_topk_prob=v3)
     c.update(extra)
-    return c
+    return {k: v for k, v in c.items() if v is not None}  # None: leave the key out (its default applies)
 
 
 def moe_layers(c: dict) -> list[int]:
     """The MoE layers by the architectures' own rules, restated."""
     n, mt = c["num_hidden_layers"], c["model_type"]
-    if mt == "mixtral":
+    if mt in ("mixtral", "olmoe"):
         return list(range(n))
     if mt.startswith("qwen"):
         return [i for i in range(n) if i not in c["mlp_only_layers"] and (i + 1) % c["decoder_sparse_step"] == 0]
-    return [i for i in range(c["first_k_dense_replace"], n) if i % c["moe_layer_freq"] == 0]
+    return [i for i in range(c["first_k_dense_replace"], n) if i % c.get("moe_layer_freq", 1) == 0]
 
 
 def write_model(path: Path, config: dict, q: Quant, rng, *, shards: int = 1, separate_quant_file: bool = False,
@@ -228,14 +245,14 @@ def write_model(path: Path, config: dict, q: Quant, rng, *, shards: int = 1, sep
         router = (rng.standard_normal((num_experts, hidden)) / np.sqrt(hidden) * 4).astype(router_dtype)
         tensors[f"{prefix}.gate.weight"] = router
         bias = None
-        if mt == "deepseek_v3":
+        if mt in SIGMOID_ROUTED:
             bias = (rng.standard_normal(num_experts) * 0.1).astype(np.float32)
             tensors[f"{prefix}.gate.e_score_correction_bias"] = bias
         experts = [mlp(f"{prefix}.experts.{e}", inter) for e in range(num_experts)]
         shared = shared_gate = None
-        if shared_name and (mt == "qwen2_moe" or config.get("n_shared_experts")):
-            size = config["shared_expert_intermediate_size"] if mt == "qwen2_moe" else \
-                inter * config["n_shared_experts"]
+        n_shared = config.get("n_shared_experts", 1 if mt == "glm4_moe" else 0)  # GLM-4.5's default: one
+        if shared_name and (mt == "qwen2_moe" or n_shared):
+            size = config["shared_expert_intermediate_size"] if mt == "qwen2_moe" else inter * n_shared
             shared = mlp(f"{prefix}.{shared_name}", size)
             if shared_gate_name:
                 shared_gate = (rng.standard_normal((1, hidden)) / np.sqrt(hidden)).astype(router_dtype)

@@ -40,6 +40,18 @@ MODELS = {  # id: (config class, model class, config arguments, quantization)
         dict(n_routed_experts=8, num_experts_per_tok=3, moe_intermediate_size=48, n_shared_experts=2, q_lora_rank=None,
              topk_method="group_limited_greedy", routed_scaling_factor=2.0, **MLA),
         Quant(bits=8, act_order=True)),
+    "glm4_moe-gptq-grouped": (
+        "Glm4MoeConfig", "Glm4MoeForCausalLM",
+        dict(n_routed_experts=8, num_experts_per_tok=3, moe_intermediate_size=48, n_shared_experts=1,
+             first_k_dense_replace=1, n_group=2, topk_group=1, routed_scaling_factor=1.5, head_dim=16),
+        Quant(sym=False)),
+    "dots1-awq": (
+        "Dots1Config", "Dots1ForCausalLM",
+        dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=48, n_shared_experts=2,
+             first_k_dense_replace=1, head_dim=16),
+        Quant(method="awq")),
+    "olmoe-gptq-int8": ("OlmoeConfig", "OlmoeForCausalLM", dict(num_experts=8, num_experts_per_tok=3),
+                        Quant(bits=8)),
     "deepseek_v3-awq": (
         "DeepseekV3Config", "DeepseekV3ForCausalLM",
         dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=48, n_shared_experts=1, q_lora_rank=16,
@@ -115,7 +127,7 @@ def test_a_transformers_checkpoint_computes_what_transformers_computes(tmp_path,
                                                              "_can_set_experts_implementation") else {}
     reference = getattr(transformers, model_class).from_pretrained(tmp_path / "float64", dtype=torch.float64, **eager)
     layers = fm.load_moe_layers(tmp_path / "quantized", progress=False)
-    assert list(layers) == ([1, 2] if "deepseek" in case else [0, 1, 2])
+    assert list(layers) == list(range(getattr(config, "first_k_dense_replace", None) or 0, 3))
     for i, layer in layers.items():
         decoder_layer = reference.model.layers[i]
         block = getattr(decoder_layer, "block_sparse_moe", None) or decoder_layer.mlp

@@ -36,7 +36,14 @@ LAYOUTS = {
     "qwen3_moe": Layout("Qwen3-MoE", "mlp", _PROJ),
     "deepseek_v2": Layout("DeepSeek-V2", "mlp", _PROJ, "shared_experts"),
     "deepseek_v3": Layout("DeepSeek-V3", "mlp", _PROJ, "shared_experts"),
+    "glm4_moe": Layout("GLM-4.5", "mlp", _PROJ, "shared_experts"),
+    "dots1": Layout("dots.llm1", "mlp", _PROJ, "shared_experts"),
+    "olmoe": Layout("OLMoE", "mlp", _PROJ),
 }
+# The architectures that route as DeepSeek-V3 does (sigmoid scores, noaux_tc),
+# with their own defaults: {model_type: (norm_topk_prob, routed_scaling_factor,
+# first_k_dense_replace)}. GLM-4.5 and dots.llm1 renormalise at any top-k.
+_V3_ROUTING = {"deepseek_v3": (True, 2.5, 0), "glm4_moe": (True, 1.0, 1), "dots1": (False, 1.0, 0)}
 ROLES = ("gate", "up", "down")
 
 
@@ -162,9 +169,9 @@ class _Config:
         return value
 
 
-def _group_limits(c: _Config, num_experts: int, top_k: int) -> tuple[int, int]:
-    n_group = c.int("n_group")
-    topk_group = c.int("topk_group")
+def _group_limits(c: _Config, num_experts: int, top_k: int, default=None) -> tuple[int, int]:
+    n_group = c.int("n_group", default=default)
+    topk_group = c.int("topk_group", default=default)
     if num_experts % n_group:
         raise CheckpointError(f"{c.source}: n_group {n_group} does not divide the {num_experts} experts")
     if topk_group > n_group or top_k > topk_group * (num_experts // n_group):
@@ -199,6 +206,11 @@ def parse(config: dict, source: str, layers_present) -> ModelSpec:
         intermediate = c.int("intermediate_size")
         moe_layers, dense_rule = list(range(num_layers)), "every Mixtral layer is MoE"
         rule = RoutingRule("softmax", "greedy", top_k, renormalize=True)
+    elif model_type == "olmoe":
+        num_experts = c.int("num_experts")
+        intermediate = c.int("intermediate_size")
+        moe_layers, dense_rule = list(range(num_layers)), "every OLMoE layer is MoE"
+        rule = RoutingRule("softmax", "greedy", top_k, renormalize=c.bool("norm_topk_prob", False))
     elif model_type in ("qwen2_moe", "qwen3_moe"):
         num_experts = c.int("num_experts", "num_local_experts")
         intermediate = c.int("moe_intermediate_size")
@@ -213,20 +225,27 @@ def parse(config: dict, source: str, layers_present) -> ModelSpec:
     else:
         num_experts = c.int("n_routed_experts", "num_experts", "num_local_experts")
         intermediate = c.int("moe_intermediate_size")
-        first_dense = c.int("first_k_dense_replace", default=0, minimum=0)
+        v3 = model_type in _V3_ROUTING
+        norm_default, factor_default, first_dense_default = _V3_ROUTING.get(model_type, (False, 1.0, 0))
+        first_dense = c.int("first_k_dense_replace", default=first_dense_default, minimum=0)
         freq = c.int("moe_layer_freq", default=1)
         moe_layers = [i for i in range(first_dense, num_layers) if i % freq == 0]
         dense_rule = f"first_k_dense_replace {first_dense}, moe_layer_freq {freq}"
-        shared_intermediate = intermediate * c.int("n_shared_experts", default=0, minimum=0)
-        v3 = model_type == "deepseek_v3"
+        shared_intermediate = intermediate * c.int("n_shared_experts", default=1 if model_type == "glm4_moe" else 0,
+                                                   minimum=0)
         c.choice("scoring_func", "sigmoid" if v3 else "softmax", ["sigmoid"] if v3 else ["softmax"])
         method = c.choice("topk_method", "noaux_tc" if v3 else "greedy",
                           ["noaux_tc"] if v3 else ["greedy", "group_limited_greedy"])
         # DeepSeek's own code: renormalise only for top_k > 1; V2 scales only weights it does not renormalise.
-        renormalize = top_k > 1 and c.bool("norm_topk_prob", v3)
-        factor = c.float("routed_scaling_factor", 2.5 if v3 else 1.0)
+        renormalize = c.bool("norm_topk_prob", norm_default) and (top_k > 1 or not model_type.startswith("deepseek"))
+        factor = c.float("routed_scaling_factor", factor_default)
         scaling = factor if v3 or not renormalize else 1.0
-        n_group, topk_group = (1, 1) if method == "greedy" else _group_limits(c, num_experts, top_k)
+        if method == "greedy":
+            n_group, topk_group = 1, 1
+        elif model_type.startswith("deepseek"):
+            n_group, topk_group = _group_limits(c, num_experts, top_k)
+        else:  # GLM-4.5 and dots.llm1 default to one group
+            n_group, topk_group = _group_limits(c, num_experts, top_k, default=1)
         rule = RoutingRule("sigmoid" if v3 else "softmax", method, top_k, renormalize, scaling, n_group, topk_group)
     if top_k > num_experts:
         raise CheckpointError(f"{source}: num_experts_per_tok {top_k} exceeds the {num_experts} experts")

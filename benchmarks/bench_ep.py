@@ -55,10 +55,10 @@ def make_placement(args, torch, dist, num_experts: int, top_k: int, hidden: int)
     if args.placement == "contiguous":
         return fm.Placement.contiguous(num_experts, args.world_size)
     _, _, ids = layer_inputs(torch, 7919 + args.rank, 1024, num_experts, top_k, hidden, "cpu", args.skew)
-    load = torch.bincount(ids.flatten().long(), minlength=num_experts)
-    dist.all_reduce(load)
+    load = torch.bincount(ids.flatten().long(), minlength=num_experts).to(args.device)
+    dist.all_reduce(load)  # on the group's device: NCCL reduces CUDA tensors only
     slots = -(-num_experts // args.world_size) + args.extra_slots
-    return fm.Placement.balanced(load.numpy(), args.world_size, min(slots, num_experts))
+    return fm.Placement.balanced(load.cpu().numpy(), args.world_size, min(slots, num_experts))
 
 
 def stacks(experts, hidden: int, inter: int, device):

@@ -72,9 +72,9 @@ def main() -> None:
         # over every rank, and replicate the busiest (one slot more a rank).
         calibration = torch.randn(256, args.hidden, generator=torch.Generator().manual_seed(args.seed * 1000 + 999 -
                                                                                            rank))
-        load = torch.bincount(route(calibration)[1].flatten().long(), minlength=args.experts)
-        dist.all_reduce(load)
-        placement = fm.Placement.balanced(load.numpy(), world_size, min(-(-args.experts // world_size) + 1,
+        load = torch.bincount(route(calibration)[1].flatten().long(), minlength=args.experts).to(device)
+        dist.all_reduce(load)  # on the group's device: NCCL reduces CUDA tensors only
+        placement = fm.Placement.balanced(load.cpu().numpy(), world_size, min(-(-args.experts // world_size) + 1,
                                                                         args.experts))
     else:
         placement = getattr(fm.Placement, args.placement)(args.experts, world_size)

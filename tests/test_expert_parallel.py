@@ -236,14 +236,16 @@ def test_expert_parallel_matches_one_process(runs, weights, world_size, name):
 def _rows_by_the_rule(placement, rank: int, ids: np.ndarray) -> list[int]:
     """The rows a rank's dispatch sends each rank, by Placement's rule in a plain
     loop: a pair goes to the home rank where it holds the expert, else to
-    replica (rank + t * top_k + j) % replicas; a token once to each rank."""
+    replica (t + the ranks below this one lacking the expert) % replicas; a
+    token once to each rank."""
     rows = [0] * placement.world_size
     for t in range(ids.shape[0]):
         dests = set()
-        for j, g in enumerate(ids[t].tolist()):
+        for g in ids[t].tolist():
             if 0 <= g < placement.num_experts:
                 held = placement.replicas[g]
-                dests.add(rank if rank in held else held[(rank + t * ids.shape[1] + j) % len(held)])
+                lacking_below = len([r for r in range(rank) if r not in held])
+                dests.add(rank if rank in held else held[(t + lacking_below) % len(held)])
         for d in dests:
             rows[d] += 1
     return rows
@@ -350,6 +352,12 @@ def test_round_robin_placement_deals_experts_in_turn(num_experts, world_size):
                                             for g in range(num_experts)]
 
 
+def test_a_placement_takes_numpy_and_torch_ranks():
+    for ranks in (np.array([0, 1, 0, 1]), torch.tensor([0, 1, 0, 1]), [np.int32(0), 1, 0, [1]]):
+        p = fm.Placement(ranks, 2)
+        assert p.replicas == ((0,), (1,), (0,), (1,)) and p.local_experts(1) == [1, 3]
+
+
 def test_replicas_are_local_experts_of_every_rank_holding_them():
     p = fm.Placement([[1, 0], 1, 0, [0, 1, 2], 2], 3)
     assert p.replicas == ((0, 1), (1,), (0,), (0, 1, 2), (2,))
@@ -430,6 +438,7 @@ def test_balanced_placement_refuses_bad_loads(make, message):
     (lambda: fm.Placement([[], 1], 2), r"Placement: ranks\[0\] must be a rank or a non-empty list of ranks"),
     (lambda: fm.Placement([True, 1], 2), r"Placement: ranks\[0\] must be a rank or a non-empty list of ranks"),
     (lambda: fm.Placement(np.zeros((2, 2), int), 2), r"Placement: ranks must be a sequence .*shape \[2, 2\]"),
+    (lambda: fm.Placement(torch.zeros((2, 2), dtype=torch.int64), 2), r"Placement: ranks must be a sequence"),
     (lambda: fm.Placement([], 2), "Placement: ranks must be a non-empty sequence"),
     (lambda: fm.Placement.contiguous(8, 2).local_experts(2), r"Placement: rank must be an int in \[0, 2\); got 2"),
 ])

@@ -39,9 +39,11 @@ class Placement:
     several for a replicated expert (a hot one, so its pairs spread over more
     ranks). A pair routed to a replicated expert is computed by exactly one of
     its replicas: the home rank's own where it holds one (the pair never
-    travels), else replica ``(home_rank + t * top_k + j) % replicas`` for pair
-    j of home token t. A rank's local expert ids follow global order: local id
-    i is the i-th global expert it holds.
+    travels), else replica ``(t + h) % replicas`` for home token t, where h
+    counts the ranks below the home rank that lack the expert (so the ranks
+    that lack it take turns over its replicas, and each rank's tokens too). A
+    rank's local expert ids follow global order: local id i is the i-th global
+    expert it holds.
 
     ranks: per global expert, a rank in [0, world_size), or a non-empty
     sequence of distinct ranks (its replicas). Every rank must hold at least
@@ -51,9 +53,11 @@ class Placement:
     def __init__(self, ranks, world_size: int):
         if isinstance(world_size, bool) or not isinstance(world_size, (int, np.integer)) or world_size < 1:
             raise ValueError(f"Placement: world_size must be a positive int; got {world_size!r}")
-        if isinstance(ranks, np.ndarray) and ranks.ndim != 1:
-            raise ValueError(f"Placement: ranks must be a sequence (a rank or a list of ranks per global expert); "
-                             f"got an array of shape {list(ranks.shape)}")
+        if hasattr(ranks, "tolist") and not isinstance(ranks, (list, tuple)):  # numpy, PyTorch, ...
+            if len(getattr(ranks, "shape", ())) != 1:
+                raise ValueError(f"Placement: ranks must be a sequence (a rank or a list of ranks per global expert); "
+                                 f"got an array of shape {list(getattr(ranks, 'shape', ()))}")
+            ranks = ranks.tolist()
         if isinstance(ranks, (str, bytes)) or not hasattr(ranks, "__len__") or len(ranks) == 0:
             raise ValueError("Placement: ranks must be a non-empty sequence (a rank or a list of ranks per global "
                              f"expert); got {ranks!r}")
@@ -370,12 +374,15 @@ class ExpertParallelMoE:
         self._torch_dtype = getattr(torch, self.dtype)
         self.expert_map = torch.from_numpy(placement.expert_map(self.rank)).to(self.device)
         # Where this rank's pairs go (Placement's rule): the expert's replicas
-        # (padded by repeating them), how many, and whether this rank holds it.
+        # (padded by repeating them), how many, how many ranks below this one
+        # lack it, and whether this rank holds it.
         replicas = placement.replicas
         widest = max(len(held) for held in replicas)
         table = np.array([[held[i % len(held)] for i in range(widest)] for held in replicas], np.int64)
+        lacking_below = [sum(1 for r in range(self.rank) if r not in held) for held in replicas]
         self._replica_ranks = torch.from_numpy(table).to(self.device)
         self._replica_counts = torch.tensor([len(held) for held in replicas], dtype=torch.int64, device=self.device)
+        self._turn = torch.tensor(lacking_below, dtype=torch.int64, device=self.device)
         self._held_here = torch.from_numpy(placement.expert_map(self.rank) >= 0).to(self.device)
         self._local = MoE(w13_shard, w2_shard, top_k=self.top_k, expert_map=self.expert_map, block_size=block_size,
                           apply_router_weight_on_input=bool(apply_router_weight_on_input))
@@ -494,8 +501,8 @@ class ExpertParallelMoE:
         valid = (ids >= 0) & (ids < self.num_experts)
         expert = ids.clamp(0, self.num_experts - 1).long()
         # The rank computing each pair: this rank where it holds the expert, else
-        # replica (rank + t * top_k + j) % replicas; n for dropped pairs.
-        pick = (torch.arange(m * self.top_k, device=dev).view(m, self.top_k) + self.rank) % self._replica_counts[expert]
+        # replica (t + ranks below this one lacking it) % replicas; n for dropped pairs.
+        pick = (torch.arange(m, device=dev)[:, None] + self._turn[expert]) % self._replica_counts[expert]
         pair_rank = torch.where(self._held_here[expert], self.rank, self._replica_ranks[expert, pick])
         pair_rank = torch.where(valid, pair_rank, n)
         # sends[t, p]: a pair of token t is computed on rank p (column n collects dropped pairs).
@@ -589,7 +596,7 @@ class ExpertParallelMoE:
 
     def __call__(self, x, topk_weights, topk_ids, *, out=None):
         """y[t] = sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t]), each
-        expert computed on the rank that owns it (the math of fm.fused_moe).
+        expert computed on the rank the placement picks (the math of fm.fused_moe).
 
         x: [num_tokens, hidden] in the layer's dtype; topk_weights: float32
         [num_tokens, top_k]; topk_ids: int32/int64 [num_tokens, top_k] global

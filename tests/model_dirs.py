@@ -20,6 +20,7 @@ NAMES = {  # model_type: (MoE block, (gate, up, down), shared expert module, sha
     "mixtral": ("block_sparse_moe", ("w1", "w3", "w2"), None, None),
     "qwen2_moe": ("mlp", ("gate_proj", "up_proj", "down_proj"), "shared_expert", "shared_expert_gate"),
     "qwen3_moe": ("mlp", ("gate_proj", "up_proj", "down_proj"), None, None),
+    "qwen3_next": ("mlp", ("gate_proj", "up_proj", "down_proj"), "shared_expert", "shared_expert_gate"),
     "deepseek_v2": ("mlp", ("gate_proj", "up_proj", "down_proj"), "shared_experts", None),
     "deepseek_v3": ("mlp", ("gate_proj", "up_proj", "down_proj"), "shared_experts", None),
     "glm4_moe": ("mlp", ("gate_proj", "up_proj", "down_proj"), "shared_experts", None),
@@ -141,9 +142,9 @@ def reference_route(config: dict, ref: LayerRef, x64: np.ndarray):
             allowed = {g * size + i for g in kept for i in range(size)}
         chosen = sorted(allowed, key=lambda i: -choice[i])[:top_k]
         weights = [scores[i] for i in chosen]
-        norm = config.get("norm_topk_prob", mt == "glm4_moe")  # the transformers classes' defaults
-        renormalize = {"mixtral": True, "qwen2_moe": norm, "qwen3_moe": norm, "olmoe": norm, "glm4_moe": norm,
-                       "dots1": norm}.get(mt, top_k > 1 and norm)
+        norm = config.get("norm_topk_prob", mt in ("glm4_moe", "qwen3_next"))  # the transformers classes' defaults
+        renormalize = {"mixtral": True, "qwen2_moe": norm, "qwen3_moe": norm, "qwen3_next": norm, "olmoe": norm,
+                       "glm4_moe": norm, "dots1": norm}.get(mt, top_k > 1 and norm)
         if renormalize:
             weights = [w / sum(weights) for w in weights]
         if mt in SIGMOID_ROUTED or mt == "deepseek_v2" and not renormalize:  # DeepSeek's own code
@@ -169,7 +170,8 @@ def base_config(model_type: str, *, hidden=64, intermediate=48, experts=8, top_k
     """A config.json as published models write it (keys of the transformers
     configuration classes)."""
     c = {"architectures": [{"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-                            "qwen3_moe": "Qwen3MoeForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM",
+                            "qwen3_moe": "Qwen3MoeForCausalLM", "qwen3_next": "Qwen3NextForCausalLM",
+                            "deepseek_v2": "DeepseekV2ForCausalLM",
                             "deepseek_v3": "DeepseekV3ForCausalLM", "glm4_moe": "Glm4MoeForCausalLM",
                             "dots1": "Dots1ForCausalLM", "olmoe": "OlmoeForCausalLM"}[model_type]],
          "model_type": model_type, "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": 4,
@@ -187,8 +189,8 @@ def base_config(model_type: str, *, hidden=64, intermediate=48, experts=8, top_k
                  norm_topk_prob=model_type == "glm4_moe")
     elif model_type.startswith("qwen"):
         c.update(num_experts=experts, moe_intermediate_size=intermediate, decoder_sparse_step=1, mlp_only_layers=[],
-                 norm_topk_prob=model_type == "qwen3_moe")
-        if model_type == "qwen2_moe":
+                 norm_topk_prob={"qwen3_moe": True, "qwen2_moe": False}.get(model_type))  # qwen3_next: the default
+        if model_type != "qwen3_moe":
             c["shared_expert_intermediate_size"] = 80
     else:
         v3 = model_type == "deepseek_v3"
@@ -251,8 +253,8 @@ def write_model(path: Path, config: dict, q: Quant, rng, *, shards: int = 1, sep
         experts = [mlp(f"{prefix}.experts.{e}", inter) for e in range(num_experts)]
         shared = shared_gate = None
         n_shared = config.get("n_shared_experts", 1 if mt == "glm4_moe" else 0)  # GLM-4.5's default: one
-        if shared_name and (mt == "qwen2_moe" or n_shared):
-            size = config["shared_expert_intermediate_size"] if mt == "qwen2_moe" else inter * n_shared
+        if shared_name and (mt in ("qwen2_moe", "qwen3_next") or n_shared):
+            size = config["shared_expert_intermediate_size"] if mt.startswith("qwen") else inter * n_shared
             shared = mlp(f"{prefix}.{shared_name}", size)
             if shared_gate_name:
                 shared_gate = (rng.standard_normal((1, hidden)) / np.sqrt(hidden)).astype(router_dtype)

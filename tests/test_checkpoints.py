@@ -35,6 +35,8 @@ CASES = {  # id: (model_type, quantization, config changes, shards, quantize_con
     "deepseek_v3-awq-noaux-tc": ("deepseek_v3", Quant(method="awq"), {"layers": 3}, 2, False),
     "deepseek_v3-gptq-v2-int8-no-shared": (
         "deepseek_v3", Quant(bits=8, sym=False, checkpoint_format="gptq_v2"), {"n_shared_experts": 0}, 1, False),
+    "qwen3_next-gptq-shared-gate-default-renormalised": (
+        "qwen3_next", Quant(sym=False), {"layers": 3, "mlp_only_layers": [1]}, 2, False),
     "glm4_moe-gptq-one-group-renormalised": ("glm4_moe", Quant(), {"layers": 3}, 2, False),
     "glm4_moe-awq-top1-grouped-defaults": (
         "glm4_moe", Quant(method="awq"), {"top_k": 1, "n_group": 4, "topk_group": 2, "norm_topk_prob": None,

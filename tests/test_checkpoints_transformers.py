@@ -40,6 +40,12 @@ MODELS = {  # id: (config class, model class, config arguments, quantization)
         dict(n_routed_experts=8, num_experts_per_tok=3, moe_intermediate_size=48, n_shared_experts=2, q_lora_rank=None,
              topk_method="group_limited_greedy", routed_scaling_factor=2.0, **MLA),
         Quant(bits=8, act_order=True)),
+    "qwen3_next-gptq-shared-gate": (
+        "Qwen3NextConfig", "Qwen3NextForCausalLM",
+        dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48, shared_expert_intermediate_size=80,
+             head_dim=16, linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=8,
+             linear_value_head_dim=8, layer_types=["linear_attention", "full_attention", "linear_attention"]),
+        Quant()),
     "glm4_moe-gptq-grouped": (
         "Glm4MoeConfig", "Glm4MoeForCausalLM",
         dict(n_routed_experts=8, num_experts_per_tok=3, moe_intermediate_size=48, n_shared_experts=1,

@@ -34,6 +34,7 @@ LAYOUTS = {
     "mixtral": Layout("Mixtral", "block_sparse_moe", ("w1", "w3", "w2")),
     "qwen2_moe": Layout("Qwen2-MoE", "mlp", _PROJ, "shared_expert", "shared_expert_gate"),
     "qwen3_moe": Layout("Qwen3-MoE", "mlp", _PROJ),
+    "qwen3_next": Layout("Qwen3-Next", "mlp", _PROJ, "shared_expert", "shared_expert_gate"),
     "deepseek_v2": Layout("DeepSeek-V2", "mlp", _PROJ, "shared_experts"),
     "deepseek_v3": Layout("DeepSeek-V3", "mlp", _PROJ, "shared_experts"),
     "glm4_moe": Layout("GLM-4.5", "mlp", _PROJ, "shared_experts"),
@@ -211,7 +212,7 @@ def parse(config: dict, source: str, layers_present) -> ModelSpec:
         intermediate = c.int("intermediate_size")
         moe_layers, dense_rule = list(range(num_layers)), "every OLMoE layer is MoE"
         rule = RoutingRule("softmax", "greedy", top_k, renormalize=c.bool("norm_topk_prob", False))
-    elif model_type in ("qwen2_moe", "qwen3_moe"):
+    elif model_type in ("qwen2_moe", "qwen3_moe", "qwen3_next"):
         num_experts = c.int("num_experts", "num_local_experts")
         intermediate = c.int("moe_intermediate_size")
         step = c.int("decoder_sparse_step", default=1)
@@ -219,8 +220,9 @@ def parse(config: dict, source: str, layers_present) -> ModelSpec:
         dense = set(mlp_only)
         moe_layers = [i for i in range(num_layers) if i not in dense and (i + 1) % step == 0]
         dense_rule = f"decoder_sparse_step {step}, mlp_only_layers {mlp_only}"
-        rule = RoutingRule("softmax", "greedy", top_k, renormalize=c.bool("norm_topk_prob", False))
-        if model_type == "qwen2_moe":
+        rule = RoutingRule("softmax", "greedy", top_k,
+                           renormalize=c.bool("norm_topk_prob", model_type == "qwen3_next"))
+        if model_type != "qwen3_moe":
             shared_intermediate = c.int("shared_expert_intermediate_size")
     else:
         num_experts = c.int("n_routed_experts", "num_experts", "num_local_experts")

@@ -21,7 +21,7 @@ import json
 import pathlib
 import sys
 
-from ferrum_moe.block_tables import SCHEMA, parse_table
+from ferrum_moe.block_tables import SCHEMA, best_block, format_table, parse_table
 from ferrum_moe.routing import default_block_size
 
 SHAPE = ("experts", "top_k", "hidden", "inter")
@@ -36,14 +36,6 @@ def _shape(row: dict) -> tuple[int, ...]:
         sys.path.insert(0, here)
     from gpu_bench import MODELS  # imports torch: only for results older than the shape in each row
     return MODELS[row["model"]]
-
-
-def best_block(times: dict[str, float], rule: int, margin: float) -> int:
-    """The fastest block, or the rule's where it is within `margin` of it."""
-    fastest = min(times, key=lambda b: times[b])
-    if str(rule) in times and times[str(rule)] <= times[fastest] * (1 + margin):
-        return rule
-    return int(fastest)
 
 
 def table_from_results(results: list[dict], *, backend: str, device: str | None, measured: str, source: str,
@@ -62,6 +54,7 @@ def table_from_results(results: list[dict], *, backend: str, device: str | None,
             key = (*shape, row["dtype"], row.get("bits", 4), row.get("group_size", 128))
             names.setdefault(key, row["model"])
             m = int(row["m"])
+            times = {int(block): t for block, t in times.items()}
             best.setdefault(key, {})[m] = best_block(times, default_block_size(m * shape[1], shape[0]), margin)
     if device is None:
         if len(devices) != 1 or None in devices:
@@ -95,9 +88,7 @@ def main() -> int:
     if not table["layers"]:
         print("no row timed several block sizes (run bench_moe.py with --block-sizes)", file=sys.stderr)
         return 1
-    head = json.dumps({key: value for key, value in table.items() if key != "layers"}, indent=1)
-    layers = ",\n".join("  " + json.dumps(layer) for layer in table["layers"])  # a layer a line
-    pathlib.Path(args.out).write_text(f"{head[:-2]},\n \"layers\": [\n{layers}\n ]\n}}\n")
+    pathlib.Path(args.out).write_text(format_table(table))
     for layer in table["layers"]:
         print(f"{layer['model']} {layer['dtype']}: " + ", ".join(f"M={m}: {b}" for m, b in layer["blocks"]))
     return 0

@@ -15,6 +15,21 @@ from ferrum_moe.testing import (NUMPY_DTYPES, REL_TOL, as64, poisoned, random_ac
                                 random_weight, reference_align, reference_moe, rel_error)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def empty_block_table_cache(tmp_path_factory):
+    """The suite never reads the block tables this machine tuned for its own
+    layers (fm.tune_block_sizes): the cache is an empty directory of its own."""
+    from ferrum_moe import block_tables
+
+    before = os.environ.get(block_tables.CACHE_ENV)
+    os.environ[block_tables.CACHE_ENV] = str(tmp_path_factory.mktemp("ferrum-moe-cache"))
+    yield
+    if before is None:
+        del os.environ[block_tables.CACHE_ENV]
+    else:
+        os.environ[block_tables.CACHE_ENV] = before
+
+
 @pytest.fixture
 def rng(request):
     """A fresh generator per test; its seed is printed so a failure can be replayed

@@ -15,6 +15,7 @@ import ferrum_moe as fm
 from ferrum_moe import block_tables
 from ferrum_moe import moe as moe_module
 from ferrum_moe.routing import default_block_size
+from conftest import TARGETS
 from ferrum_moe.testing import REL_TOL, poisoned, random_activations, random_weight, reference_moe, rel_error
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -262,3 +263,153 @@ def test_a_layer_keeps_the_block_it_chose_for_a_token_count(rng, target, user_ta
             assert rel_error(target.get(out), reference_moe(x, w13, w2, tw, ids)) < REL_TOL[dtype]
     fm.MoE(s13, s2, top_k=top_k)(target.put(x), target.put(tw), target.put(ids))
     assert used_blocks == [16, 16, 16, 16, 32]
+
+
+# ---- tuning on this machine (fm.tune_block_sizes, ferrum-moe tune) ----------------------------------------
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """A cache directory of this test's own."""
+    monkeypatch.setenv(block_tables.CACHE_ENV, str(tmp_path / "cache"))
+    block_tables.reread()
+    yield tmp_path / "cache" / "block_tables"
+    block_tables.reread()
+
+
+DEVICES = list({(t.backend, t.device): t for t in TARGETS}.values())  # one target per backend and device
+
+
+def _stacks(rng, target, e=8, hidden=64, inter=32, dtype="float16"):
+    w13 = [random_weight(rng, hidden, 2 * inter, group_size=32, dtype=dtype) for _ in range(e)]
+    w2 = [random_weight(rng, inter, hidden, group_size=32, dtype=dtype) for _ in range(e)]
+    return w13, w2, target.stack(w13, dtype), target.stack(w2, dtype)
+
+
+def test_best_block_keeps_the_rule_within_the_margin():
+    assert block_tables.best_block({8: 1.00, 16: 1.01, 32: 0.99}, 16, 0.03) == 16
+    assert block_tables.best_block({8: 1.00, 16: 1.05, 32: 0.99}, 16, 0.03) == 32
+    assert block_tables.best_block({8: 1.00, 32: 0.99}, 16, 0.03) == 32, "a rule not swept cannot be kept"
+
+
+@pytest.mark.parametrize("target", DEVICES, ids=repr)
+def test_tuning_times_every_block_and_keeps_the_fastest_or_the_rule(rng, target, cache):
+    _, _, s13, s2 = _stacks(rng, target)
+    seen = []
+    result = fm.tune_block_sizes(s13, s2, top_k=2, token_counts=[16, 1], blocks=[16, 8], seconds=0.002, rounds=2,
+                                 progress=seen.append)
+    assert [c.tokens for c in result.counts] == [1, 16] and seen == result.counts
+    for c in result.counts:
+        assert sorted(c.times_us) == [8, 16] and all(0 < t < 1e6 for t in c.times_us.values())
+        assert c.rule == default_block_size(c.tokens * 2, 8)
+        assert c.block == block_tables.best_block(c.times_us, c.rule, 0.03)
+    assert result.path.parent == cache and result.device == s13._backend_description
+    assert block_tables.read_table(result.path)
+
+
+@pytest.mark.parametrize("target", DEVICES, ids=repr)
+def test_a_tuned_block_is_what_later_calls_take(rng, target, cache, used_blocks, monkeypatch):
+    """Block 16 made to win at 8 tokens (the rule says 8): the table written
+    says so, the lookup answers it, and a new layer runs it and stays exact."""
+    from ferrum_moe import tuning
+
+    w13, w2, s13, s2 = _stacks(rng, target)
+    lookup = (target.backend, s13._backend_description, 8, 2, 64, 32, "float16", 4, 32, 8)
+    assert block_tables.measured_block_size(*lookup) is None, "read before tuning: the process must read again"
+    fake = iter([5.0, 1.0, 5.0, 5.0] * 4)  # per count, block 8 then 16: 16 wins at the first count only
+    timer = tuning._timer(s13, 0.001)
+    monkeypatch.setattr(tuning, "_timer", lambda stack, seconds: timer)
+    monkeypatch.setattr(timer, "time", lambda call: next(fake) * 1e-3)
+    result = fm.tune_block_sizes(s13, s2, top_k=2, token_counts=[8, 64], blocks=[8, 16], rounds=1)
+    assert [(c.tokens, c.block) for c in result.counts] == [(8, 16), (64, 8)]
+    assert block_tables.measured_block_size(*lookup) == 16
+    x = random_activations(rng, (8, 64), "float16")
+    ids = np.argsort(-rng.standard_normal((8, 8)), axis=1)[:, :2].astype(np.int32)
+    tw = rng.random((8, 2)).astype(np.float32)
+    out = target.put(poisoned((8, 64), "float16"))
+    used_blocks.clear()
+    fm.MoE(s13, s2, top_k=2)(target.put(x), target.put(tw), target.put(ids), out=out)
+    assert used_blocks == [16]
+    assert rel_error(target.get(out), reference_moe(x, w13, w2, tw, ids)) < REL_TOL["float16"]
+
+
+def test_tuning_merges_with_the_table_it_finds(rng, cache, monkeypatch):
+    from ferrum_moe import tuning
+
+    target = TARGETS[0]
+    _, _, a13, a2 = _stacks(rng, target)
+    _, _, b13, b2 = _stacks(rng, target, e=4, inter=16)
+    first = fm.tune_block_sizes(a13, a2, top_k=2, token_counts=[1, 4], blocks=[8], seconds=0.001, rounds=1)
+    fm.tune_block_sizes(b13, b2, top_k=1, token_counts=[2], blocks=[8], seconds=0.001, rounds=1)
+    again = fm.tune_block_sizes(a13, a2, top_k=2, token_counts=[4, 32], blocks=[16], seconds=0.001, rounds=1)
+    assert again.path == first.path and sorted(cache.iterdir()) == [first.path]
+    layers = {(layer["experts"], layer["top_k"]): layer["blocks"] for layer in json.loads(first.path.read_text())["layers"]}
+    assert layers == {(8, 2): [[1, 8], [4, 16], [32, 16]], (4, 1): [[2, 8]]}, "kept, replaced, added"
+    assert tuning.table_file(target.backend, a13._backend_description) == first.path
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(token_counts=[]), ValueError, "token_counts must not be empty"),
+    (dict(token_counts=[0]), ValueError, r"token_counts must be in \[1, 1048576\]; got 0"),
+    (dict(token_counts="16"), TypeError, "token_counts must be a sequence of ints; got str"),
+    (dict(blocks=[8, 2**17]), ValueError, r"blocks must be in \[1, 65536\]; got 131072"),
+    (dict(margin=1.5), ValueError, r"margin must be a number in \[0, 1\); got 1.5"),
+    (dict(seconds=0), ValueError, r"seconds must be a number in \(0, 60\]; got 0"),
+    (dict(rounds=0), ValueError, "rounds must be"),
+    (dict(top_k=9), ValueError, r"top_k must be in \[1, 8\] \(the stacks' experts\); got 9"),
+])
+def test_tuning_refuses_bad_arguments_by_name(rng, cache, kwargs, error, message):
+    _, _, s13, s2 = _stacks(rng, TARGETS[0])
+    args = dict(top_k=2, token_counts=[1], blocks=[8], seconds=0.001)
+    args.update(kwargs)
+    with pytest.raises(error, match="tune_block_sizes: " + message):
+        fm.tune_block_sizes(s13, s2, **args)
+    assert not cache.exists(), "nothing is written for a refused sweep"
+
+
+def test_a_damaged_cache_table_is_named_not_replaced(rng, cache):
+    _, _, s13, s2 = _stacks(rng, TARGETS[0])
+    from ferrum_moe import tuning
+
+    path = tuning.table_file("cpu", s13._backend_description)
+    path.parent.mkdir(parents=True)
+    path.write_text('{"schema": 1, "backend": "cpu"')
+    with pytest.raises(ValueError, match=f"block table {re.escape(str(path))}: not JSON text"):
+        fm.tune_block_sizes(s13, s2, top_k=2, token_counts=[1], blocks=[8], seconds=0.001)
+    assert path.read_text() == '{"schema": 1, "backend": "cpu"'
+    with pytest.raises(ValueError, match=f"block table {re.escape(str(path))}: not JSON text"):
+        fm.MoE(s13, s2, top_k=2)(*(a for a in _one_call(rng)))
+
+
+def _one_call(rng):
+    x = random_activations(rng, (3, 64), "float16")
+    return x, rng.random((3, 2)).astype(np.float32), np.argsort(-rng.standard_normal((3, 8)), axis=1)[:, :2] \
+        .astype(np.int32)
+
+
+def test_an_unwritable_cache_is_named_with_the_way_out(rng, tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv(block_tables.CACHE_ENV, str(blocker))
+    _, _, s13, s2 = _stacks(rng, TARGETS[0])
+    with pytest.raises(OSError, match=r"cannot write the block table .*file/block_tables/cpu-.*\.json .*set "
+                                      r"FERRUM_MOE_CACHE_DIR to a writable directory, or pass save=False"):
+        fm.tune_block_sizes(s13, s2, top_k=2, token_counts=[1], blocks=[8], seconds=0.001)
+    assert fm.tune_block_sizes(s13, s2, top_k=2, token_counts=[1], blocks=[8], seconds=0.001, save=False).path is None
+
+
+def test_the_cli_tunes_a_checkpoints_layer_shape(tmp_path, rng, cache, capsys):
+    from ferrum_moe import cli
+    from model_dirs import Quant, base_config, write_model
+
+    write_model(tmp_path / "model", base_config("qwen3_moe", experts=8, top_k=2), Quant(bits=8, group_size=32), rng)
+    assert cli.main(["tune", str(tmp_path / "model"), "--tokens", "1", "4", "--blocks", "8", "16",
+                     "--seconds", "0.001"]) == 0
+    printed = capsys.readouterr().out
+    assert "Qwen3-MoE" in printed and "8 experts, top-2, hidden 64, intermediate 48; float16, INT8 group 32" in printed
+    assert re.search(r"^\s+1\s+[\d.]+\*?\s+[\d.]+\*?\s+8\s+(8|16)$", printed, re.M), printed
+    path, = cache.iterdir()
+    layer, = json.loads(path.read_text())["layers"]
+    assert (layer["experts"], layer["top_k"], layer["hidden"], layer["inter"], layer["bits"], layer["group_size"]) == \
+        (8, 2, 64, 48, 8, 32)
+    assert [m for m, _ in layer["blocks"]] == [1, 4]

@@ -17,6 +17,7 @@ from .checkpoint import CheckpointError
 from .pretrained import load_moe_layers
 from .routing import Routing, moe_align_block_size, routing_buffer_sizes
 from .stack import ExpertStack, Linear
+from .tuning import tune_block_sizes
 
 try:
     __version__ = importlib.metadata.version("ferrum-moe")
@@ -38,6 +39,6 @@ __all__ = [
     "BackendInfo", "BackendUnavailableError", "ExpertParallelMoE", "ExpertStack", "GPTQWeight", "Linear", "MoE",
     "Placement", "Routing", "Tensor",
     "awq", "backends", "fused_moe", "get_backend", "get_cmake_dir", "get_include", "gptq", "load_expert_parallel_layer",
-    "moe_align_block_size", "routing_buffer_sizes",
+    "moe_align_block_size", "routing_buffer_sizes", "tune_block_sizes",
 ]
 __all__ += ["CheckpointError", "load_moe_layers"]

@@ -9,8 +9,16 @@ block size:
 
 - the tables named by ``FERRUM_MOE_BLOCK_TABLES`` (paths, separated by
   ``os.pathsep``), first to last, then
+- the tables ``fm.tune_block_sizes`` (``ferrum-moe tune``) measured on this
+  machine, in ``cache_dir()``: ``$FERRUM_MOE_CACHE_DIR/block_tables``, else
+  ``$XDG_CACHE_HOME/ferrum-moe/block_tables``, else
+  ``~/.cache/ferrum-moe/block_tables``, then
 - the tables shipped in ``ferrum_moe/block_tables_data/`` (written by
   ``benchmarks/write_block_table.py`` from ``bench_moe.py --block-sizes``).
+
+The files are read once per process (per value of the variables above); a
+tuning run in the process reads them again, and a layer keeps the block it
+chose for a token count.
 
 A table applies where its backend name equals the stack's backend's, its
 device string equals the backend's description or one of its comma-separated
@@ -43,6 +51,7 @@ from ._checks import MAX_BLOCK_SIZE
 
 SCHEMA = 1
 ENV = "FERRUM_MOE_BLOCK_TABLES"
+CACHE_ENV = "FERRUM_MOE_CACHE_DIR"
 SHIPPED = pathlib.Path(__file__).parent / "block_tables_data"
 _DTYPES = ("float16", "bfloat16", "float32")
 
@@ -113,6 +122,13 @@ def parse_table(doc, where: str) -> dict:
     return entries
 
 
+def format_table(table: dict) -> str:
+    """A table as JSON text, one layer entry a line."""
+    head = json.dumps({key: value for key, value in table.items() if key != "layers"}, indent=1)
+    layers = ",\n".join("  " + json.dumps(layer) for layer in table["layers"])
+    return f"{head[:-2]},\n \"layers\": [\n{layers}\n ]\n}}\n"
+
+
 def read_table(path) -> dict:
     """parse_table of the JSON file at `path`."""
     path = pathlib.Path(path)
@@ -125,19 +141,50 @@ def read_table(path) -> dict:
     return parse_table(doc, f"block table {path}")
 
 
+def _cache_dir(cache_root: str | None, xdg_cache: str | None) -> pathlib.Path:
+    if cache_root:
+        return pathlib.Path(cache_root) / "block_tables"
+    return (pathlib.Path(xdg_cache) if xdg_cache else pathlib.Path.home() / ".cache") / "ferrum-moe" / "block_tables"
+
+
+def _locations() -> tuple[str, str | None, str | None]:
+    """What decides which tables there are (cheap to read on every call)."""
+    return os.environ.get(ENV, ""), os.environ.get(CACHE_ENV), os.environ.get("XDG_CACHE_HOME")
+
+
+def cache_dir() -> pathlib.Path:
+    """Where the tables tuned on this machine live (module docstring)."""
+    return _cache_dir(*_locations()[1:])
+
+
 @functools.lru_cache(maxsize=None)
-def _tables(env_value: str) -> tuple[dict, ...]:
-    """Every table in lookup order: the environment's, then the shipped ones
-    (read once per value of the environment variable)."""
+def _tables(env_value: str, cache_root: str | None, xdg_cache: str | None) -> tuple[dict, ...]:
+    """Every table in lookup order: the environment's, the tuned ones, then
+    the shipped ones (read once per value of the variables)."""
     paths = [p for p in env_value.split(os.pathsep) if p]
+    paths += sorted(_cache_dir(cache_root, xdg_cache).glob("*.json"))
     paths += sorted(SHIPPED.glob("*.json"))
     return tuple(read_table(p) for p in paths)
 
 
+def reread() -> None:
+    """Forgets the tables read so far (after a tuning run wrote one)."""
+    _tables.cache_clear()
+    _entry.cache_clear()
+
+
+def best_block(times: dict[int, float], rule: int, margin: float) -> int:
+    """The fastest block of a sweep (block -> time), or the rule's where it is
+    within ``margin`` of it: a sweep's repeats differ by a few percent, so a
+    table departs from the rule only where a block wins by more."""
+    fastest = min(times, key=lambda b: (times[b], b))
+    return rule if rule in times and times[rule] <= times[fastest] * (1 + margin) else fastest
+
+
 @functools.lru_cache(maxsize=4096)
-def _entry(env_value: str, backend: str, description: str, layer: tuple):
+def _entry(locations: tuple, backend: str, description: str, layer: tuple):
     names = {description, *(field.strip() for field in description.split(","))}
-    for table in _tables(env_value):
+    for table in _tables(*locations):
         for (b, device, *key), entry in table.items():
             if b == backend and device in names and tuple(key) == layer:
                 return entry
@@ -148,8 +195,7 @@ def measured_block_size(backend: str, description: str, experts: int, top_k: int
                         dtype: str, bits: int, group_size: int, num_tokens: int) -> int | None:
     """The measured block for this layer and token count, or None where no
     table has it (module docstring: which table, which count)."""
-    entry = _entry(os.environ.get(ENV, ""), backend, description,
-                   (experts, top_k, hidden, inter, dtype, bits, group_size))
+    entry = _entry(_locations(), backend, description, (experts, top_k, hidden, inter, dtype, bits, group_size))
     if entry is None:
         return None
     counts, blocks = entry

@@ -1,5 +1,7 @@
-"""The ferrum-moe command: `info` (version, build, backends, devices) and `demo`
-(a whole MoE layer on random GPTQ INT4 weights, checked against float64)."""
+"""The ferrum-moe command: `info` (version, build, backends, devices), `demo`
+(a whole MoE layer on random GPTQ INT4 weights, checked against float64),
+`inspect` and `run` (a published checkpoint), and `tune` (the routing block
+sizes of a layer shape, measured here and kept for later calls)."""
 
 from __future__ import annotations
 
@@ -262,6 +264,44 @@ def _run(args) -> int:
                              "quantized weights")
 
 
+def _tune(args) -> int:
+    import ferrum_moe as fm
+    from ferrum_moe.testing import random_codes_weight
+
+    if args.path is not None:
+        from ferrum_moe.pretrained import open_model
+
+        ckpt, spec = open_model(args.path)
+        with ckpt:
+            quant = ckpt.quant
+        e, top_k, hidden, inter = spec.num_experts, spec.top_k, spec.hidden, spec.intermediate
+        bits, group_size, what = quant.bits, quant.group_size, f"{spec.layout.title} ({ckpt.path})"
+    else:
+        e, top_k, hidden, inter = SHAPES[args.shape]
+        bits, group_size, what = args.bits, args.group_size, args.shape
+    print(f"{what}: {e} experts, top-{top_k}, hidden {hidden}, intermediate {inter}; {args.dtype}, INT{bits} group "
+          f"{group_size}")
+    rng = np.random.default_rng(0)
+    stacks = [fm.ExpertStack.from_gptq([random_codes_weight(rng, k, n, group_size=group_size, bits=bits)
+                                        for _ in _progress(range(e), desc)],
+                                       backend=args.backend, device=args.device, dtype=args.dtype)
+              for k, n, desc in ((hidden, 2 * inter, "random w13 codes"), (inter, hidden, "random w2 codes"))]
+    print(f"backend '{stacks[0].backend}' ({stacks[0]._backend_description}); random tokens and routing; "
+          "us per layer call by block size (* kept)")
+    width = max(len(str(b)) for b in args.blocks) + 9
+    print(f"{'tokens':>7} " + "".join(f"{'block ' + str(b):>{width}}" for b in args.blocks) + f"{'rule':>6}{'kept':>6}")
+
+    def report(c) -> None:
+        cells = "".join(f"{c.times_us[b]:>{width - 1}.1f}{'*' if b == c.block else ' '}" for b in args.blocks)
+        print(f"{c.tokens:>7} {cells}{c.rule:>6}{c.block:>6}", flush=True)
+
+    result = fm.tune_block_sizes(*stacks, top_k=top_k, token_counts=args.tokens, blocks=args.blocks,
+                                 margin=args.margin, seconds=args.seconds, save=not args.no_save, progress=report)
+    if result.path is not None:
+        print(f"written to {result.path}: fused_moe and MoE take these blocks for this layer shape on this device")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="ferrum-moe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -287,16 +327,30 @@ def main(argv=None) -> int:
     run.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float16")
     run.add_argument("--repeats", type=int, default=5)
     run.add_argument("--seed", type=int, default=0)
+    tune = sub.add_parser("tune", help="measure the routing block sizes of a layer shape here and keep the fastest")
+    tune.add_argument("path", nargs="?", help="a model directory: its layer shape and quantization (default: --shape)")
+    tune.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-30b-a3b")
+    tune.add_argument("--bits", type=int, choices=(4, 8), default=4, help="with --shape")
+    tune.add_argument("--group-size", type=int, default=128, help="with --shape")
+    tune.add_argument("--backend", default="auto")
+    tune.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    tune.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float16")
+    tune.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048,
+                                                                4096])
+    tune.add_argument("--blocks", type=int, nargs="+", default=[8, 16, 32, 64, 128])
+    tune.add_argument("--margin", type=float, default=0.03, help="keep the rule's block within this of the fastest")
+    tune.add_argument("--seconds", type=float, default=0.05, help="time per measurement")
+    tune.add_argument("--no-save", action="store_true", help="print only; write no table")
     args = parser.parse_args(argv)
     if args.command == "info":
         return _info(args)
-    if args.command in ("inspect", "run"):
+    if args.command in ("inspect", "run", "tune"):
         from ferrum_moe import BackendUnavailableError
 
         if args.command == "run" and (args.tokens < 1 or args.repeats < 1):
             parser.error("--tokens and --repeats must be at least 1")
         try:
-            return (_inspect if args.command == "inspect" else _run)(args)
+            return {"inspect": _inspect, "run": _run, "tune": _tune}[args.command](args)
         except (ValueError, NotImplementedError, BackendUnavailableError) as e:
             # A checkpoint or backend that cannot run it: the message is the answer, not a traceback.
             print(f"ferrum-moe {args.command}: {e}", file=sys.stderr)

@@ -43,12 +43,13 @@ def random_weight(rng, k, n, *, bits=4, group_size=128, sym=True, act_order=Fals
                             scale_dtype=NUMPY_DTYPES[dtype])
 
 
-def random_codes_weight(rng, k, n, *, group_size=128, scale_dtype=np.float16) -> fm.GPTQWeight:
-    """A symmetric INT4 GPTQ matrix of uniformly random codes and scales, as a
-    checkpoint holds them: fast to make at model size (no float weights)."""
-    qweight = rng.integers(-(2**31), 2**31, (-(-k // 8), n), dtype=np.int64).astype(np.int32)
+def random_codes_weight(rng, k, n, *, group_size=128, scale_dtype=np.float16, bits=4) -> fm.GPTQWeight:
+    """A symmetric GPTQ matrix (INT4 or INT8) of uniformly random codes and
+    scales, as a checkpoint holds them: fast to make at model size (no float
+    weights)."""
+    qweight = rng.integers(-(2**31), 2**31, (-(-k // (32 // bits)), n), dtype=np.int64).astype(np.int32)
     scales = (rng.random((fm.gptq.num_groups(k, group_size), n)) * 0.02 + 0.005).astype(scale_dtype)
-    return fm.GPTQWeight(qweight, scales, None, bits=4, group_size=group_size, k=k)
+    return fm.GPTQWeight(qweight, scales, None, bits=bits, group_size=group_size, k=k)
 
 
 def random_activations(rng, shape, dtype: str) -> np.ndarray:

@@ -1,0 +1,273 @@
+"""Routing block sizes measured on this machine: ``tune_block_sizes`` times a
+layer at each token count with each candidate block and keeps the fastest in
+the block-table cache, where ``fused_moe`` and ``MoE`` find it
+(block_tables.py: after ``FERRUM_MOE_BLOCK_TABLES``, before the shipped tables).
+
+The inputs are random: tokens of normal values, each routed to ``top_k``
+distinct experts drawn uniformly (a real model's routing is less even, so a
+layer whose experts are very unevenly loaded may prefer other blocks). Host
+backends are timed by the wall clock; CUDA layers by CUDA events around a graph
+replay of one call, with the L2 cache flushed before each, as the benchmarks
+time them (this needs PyTorch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import math
+import os
+import pathlib
+import re
+import statistics
+import tempfile
+import time
+
+import numpy as np
+
+from . import block_tables
+from ._checks import MAX_BLOCK_SIZE, checked_int
+from .routing import default_block_size
+from .stack import ExpertStack
+
+DEFAULT_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+DEFAULT_BLOCKS = (8, 16, 32, 64, 128)
+MAX_TOKENS = 1 << 20  # a sweep's largest batch: [tokens, hidden] inputs are allocated per count
+
+
+@dataclasses.dataclass
+class TunedCount:
+    """One token count of a sweep: each block's time per call (microseconds),
+    the rule's block, and the block kept (the fastest, or the rule's within
+    the margin)."""
+
+    tokens: int
+    times_us: dict[int, float]
+    rule: int
+    block: int
+
+
+@dataclasses.dataclass
+class TuneResult:
+    """A sweep: where it was run, what it kept, and the table file written (None
+    with ``save=False``)."""
+
+    backend: str
+    device: str
+    counts: list[TunedCount]
+    path: pathlib.Path | None
+
+
+def _check(w13, w2, top_k, token_counts, blocks, margin, seconds, rounds) -> tuple[list[int], list[int]]:
+    """The token counts and blocks, sorted, once every argument is known good."""
+    from .moe import _check_pair
+
+    _check_pair(w13, w2)
+    if top_k > w13.num_experts:
+        raise ValueError(f"tune_block_sizes: top_k must be in [1, {w13.num_experts}] (the stacks' experts); "
+                         f"got {top_k}")
+    lists = []
+    for name, values, high in (("token_counts", token_counts, MAX_TOKENS), ("blocks", blocks, MAX_BLOCK_SIZE)):
+        if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+            raise TypeError(f"tune_block_sizes: {name} must be a sequence of ints; got {type(values).__name__}")
+        values = [checked_int(v, f"tune_block_sizes: {name}", 1, high) for v in values]
+        if not values:
+            raise ValueError(f"tune_block_sizes: {name} must not be empty")
+        lists.append(sorted(set(values)))
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < 1:
+        raise ValueError(f"tune_block_sizes: margin must be a number in [0, 1); got {margin!r}")
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds <= 60 or \
+            not math.isfinite(seconds):
+        raise ValueError(f"tune_block_sizes: seconds must be a number in (0, 60]; got {seconds!r}")
+    checked_int(rounds, "tune_block_sizes: rounds", 1, 100)
+    return lists[0], lists[1]
+
+
+def _inputs(rng, m: int, hidden: int, experts: int, top_k: int, dtype: str):
+    """x [m, hidden], topk_weights float32 and topk_ids int32 [m, top_k] (host)."""
+    from .testing import NUMPY_DTYPES
+
+    x = rng.standard_normal((m, hidden), dtype=np.float32).astype(NUMPY_DTYPES[dtype])
+    logits = rng.standard_normal((m, experts), dtype=np.float32)
+    ids = np.argsort(-logits, axis=1)[:, :top_k].astype(np.int32)
+    chosen = np.exp(np.take_along_axis(logits, ids, axis=1))
+    return x, (chosen / chosen.sum(axis=1, keepdims=True)).astype(np.float32), ids
+
+
+class _HostTimer:
+    """Wall-clock time per call: calls in a row for ``seconds``, the best of
+    the rounds the caller runs."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def put(self, a: np.ndarray):
+        return a
+
+    def empty_like(self, a):
+        return np.empty_like(a)
+
+    def prepare(self, call):
+        call()  # warm: sizes the layer's buffers
+        return call
+
+    def time(self, call) -> float:
+        calls, start = 0, time.perf_counter()
+        while True:
+            call()
+            calls += 1
+            elapsed = time.perf_counter() - start
+            if elapsed >= self.seconds:
+                return elapsed / calls
+
+
+class _CudaTimer:
+    """CUDA events around a graph replay of one call, the L2 cache flushed
+    before each replay: the median of the replays that fit ``seconds``."""
+
+    def __init__(self, seconds: float, index: int):
+        try:
+            import torch
+        except ImportError:
+            raise NotImplementedError("tune_block_sizes: timing a CUDA layer needs PyTorch (CUDA events and "
+                                      "graphs); install torch") from None
+        self.torch, self.seconds = torch, seconds
+        self.device = torch.device("cuda", index)
+        l2 = torch.cuda.get_device_properties(self.device).L2_cache_size
+        self.flush = torch.empty(max(2 * l2, 1 << 20), dtype=torch.uint8, device=self.device)
+        # One stream for every warm-up and capture: a layer keeps its buffers per
+        # stream, so a stream per graph would hold a workspace per graph.
+        self.stream = torch.cuda.Stream(self.device)
+
+    def put(self, a: np.ndarray):
+        torch = self.torch
+        if a.dtype.name == "bfloat16":  # ml_dtypes' type: torch takes its bits
+            return torch.from_numpy(a.view(np.uint16)).to(self.device).view(torch.bfloat16)
+        return torch.from_numpy(a).to(self.device)
+
+    def empty_like(self, a):
+        return self.torch.empty_like(a)
+
+    def prepare(self, call):
+        torch, stream = self.torch, self.stream
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            call()  # warm on the stream the capture records: the layer keeps buffers per stream
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            call()
+        return graph.replay
+
+    def time(self, replay) -> float:
+        torch = self.torch
+        times, spent = [], 0.0
+        while len(times) < 5 or (spent < self.seconds and len(times) < 200):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.flush.zero_()
+            start.record()
+            replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+            spent += times[-1]
+        return statistics.median(times)
+
+
+def _timer(stack: ExpertStack, seconds: float):
+    kind, index = tuple(stack._core.device)
+    if kind == 1:
+        return _HostTimer(seconds)
+    if kind == 2:
+        return _CudaTimer(seconds, index)
+    raise NotImplementedError(f"tune_block_sizes: no timer for {stack.device} (host and CUDA devices only)")
+
+
+def tune_block_sizes(w13: ExpertStack, w2: ExpertStack, *, top_k: int, token_counts=DEFAULT_TOKENS,
+                     blocks=DEFAULT_BLOCKS, margin: float = 0.03, seconds: float = 0.05, rounds: int = 3,
+                     seed: int = 0, save: bool = True, progress=None) -> TuneResult:
+    """Times the layer (w13, w2, top_k) at each token count with each routing
+    block, keeps per count the fastest block (or the rule's where it is within
+    ``margin``), and, with ``save``, writes them to this machine's block-table
+    cache (``block_tables.cache_dir()``), merged with what it held: later
+    layer calls on this backend, device description and layer shape (experts,
+    top-k, sizes, dtype, bits, group size) take them when no block is named.
+
+    seconds: the time per (count, block) measurement (a round); rounds: how
+    many, interleaved over the blocks, the best kept on host backends (CUDA
+    takes the median of its replays). progress: called with a TunedCount as
+    each count is done."""
+    top_k = checked_int(top_k, "tune_block_sizes: top_k", 1)
+    counts, candidates = _check(w13, w2, top_k, token_counts, blocks, margin, seconds, rounds)
+    from .moe import MoE
+
+    timer = _timer(w13, seconds)
+    rng = np.random.default_rng(seed)
+    layers = {b: MoE(w13, w2, top_k=top_k, block_size=b) for b in candidates}
+    result = TuneResult(w13.backend, w13._backend_description, [], None)
+    for m in counts:
+        x, tw, ids = (timer.put(a) for a in _inputs(rng, m, w13.k, w13.num_experts, top_k, w13.dtype))
+        out = timer.empty_like(x)
+        calls = {b: timer.prepare(lambda layer=layer: layer(x, tw, ids, out=out)) for b, layer in layers.items()}
+        times: dict[int, float] = {}
+        for _ in range(rounds):
+            for b, call in calls.items():
+                t = timer.time(call)
+                times[b] = min(times.get(b, t), t)
+        rule = default_block_size(m * top_k, w13.num_experts)
+        tuned = TunedCount(m, {b: t * 1e6 for b, t in times.items()}, rule, block_tables.best_block(times, rule, margin))
+        result.counts.append(tuned)
+        if progress is not None:
+            progress(tuned)
+        del calls
+    if save:
+        result.path = _save(w13, w2, top_k, result)
+    return result
+
+
+def table_file(backend: str, device: str) -> pathlib.Path:
+    """The cache file of one backend and device description."""
+    slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")[:48]
+    digest = hashlib.sha1(device.encode()).hexdigest()[:8]
+    return block_tables.cache_dir() / f"{backend}-{slug}-{digest}.json"
+
+
+def _save(w13: ExpertStack, w2: ExpertStack, top_k: int, result: TuneResult) -> pathlib.Path:
+    """Merges the sweep into the cache table of its backend and device
+    (written whole to a temporary file, then renamed over the old one)."""
+    from . import __version__
+
+    path = table_file(result.backend, result.device)
+    shape = dict(experts=w13.num_experts, top_k=top_k, hidden=w13.k, inter=w2.k, dtype=w13.dtype, bits=w13.bits,
+                 group_size=w13.group_size)
+    layers = []
+    if path.exists():
+        block_tables.read_table(path)  # refuses a damaged file by name before anything is replaced
+        layers = json.loads(path.read_text(encoding="utf-8"))["layers"]
+    mine = next((layer for layer in layers if all(layer[k] == v for k, v in shape.items())), None)
+    blocks = dict(mine["blocks"]) if mine else {}
+    blocks.update({c.tokens: c.block for c in result.counts})
+    if mine is None:
+        mine = dict(shape)
+        layers.append(mine)
+    mine["blocks"] = [[m, blocks[m]] for m in sorted(blocks)]
+    table = dict(schema=block_tables.SCHEMA, backend=result.backend, device=result.device,
+                 measured=datetime.date.today().isoformat(),
+                 source=f"fm.tune_block_sizes (ferrum-moe {__version__})", layers=layers)
+    block_tables.parse_table(table, f"the table for {path}")  # what the lookup will accept
+    written = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False, encoding="utf-8") as f:
+            written = f.name
+            f.write(block_tables.format_table(table))
+        os.replace(written, path)
+    except OSError as e:
+        if written is not None and os.path.exists(written):
+            os.unlink(written)
+        raise OSError(f"tune_block_sizes: cannot write the block table {path} ({e.strerror or e}); set "
+                      f"{block_tables.CACHE_ENV} to a writable directory, or pass save=False") from None
+    block_tables.reread()
+    return path

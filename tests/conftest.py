@@ -23,11 +23,13 @@ def empty_block_table_cache(tmp_path_factory):
 
     before = os.environ.get(block_tables.CACHE_ENV)
     os.environ[block_tables.CACHE_ENV] = str(tmp_path_factory.mktemp("ferrum-moe-cache"))
+    block_tables.reread()
     yield
     if before is None:
         del os.environ[block_tables.CACHE_ENV]
     else:
         os.environ[block_tables.CACHE_ENV] = before
+    block_tables.reread()
 
 
 @pytest.fixture

@@ -333,6 +333,26 @@ def test_a_tuned_block_is_what_later_calls_take(rng, target, cache, used_blocks,
     assert rel_error(target.get(out), reference_moe(x, w13, w2, tw, ids)) < REL_TOL["float16"]
 
 
+@pytest.mark.parametrize("target", DEVICES, ids=repr)
+def test_the_timer_runs_the_layer_it_times(rng, target, cache):
+    """What a sweep times is the layer's call: one replay (a graph on CUDA)
+    writes the layer's output."""
+    from ferrum_moe import tuning
+
+    w13, w2, s13, s2 = _stacks(rng, target)
+    timer = tuning._timer(s13, 0.001)
+    x, tw, ids = tuning._inputs(rng, 5, 64, 8, 2, "float16")
+    xs, tws, idss = (timer.put(a) for a in (x, tw, ids))
+    out = timer.put(poisoned((5, 64), "float16"))  # numpy on a host backend, torch on CUDA
+    layer = fm.MoE(s13, s2, top_k=2, block_size=16)
+    replay = timer.prepare(lambda: layer(xs, tws, idss, out=out, stream=timer.stream))
+    out[...] = timer.put(poisoned((5, 64), "float16"))  # poisoned again after the warm-up and capture
+    replay()
+    assert timer.time(replay) > 0
+    got = out if isinstance(out, np.ndarray) else out.cpu().numpy()
+    assert rel_error(got, reference_moe(x, w13, w2, tw, ids)) < REL_TOL["float16"]
+
+
 def test_tuning_merges_with_the_table_it_finds(rng, cache, monkeypatch):
     from ferrum_moe import tuning
 
@@ -350,11 +370,13 @@ def test_tuning_merges_with_the_table_it_finds(rng, cache, monkeypatch):
 
 @pytest.mark.parametrize("kwargs, error, message", [
     (dict(token_counts=[]), ValueError, "token_counts must not be empty"),
-    (dict(token_counts=[0]), ValueError, r"token_counts must be in \[1, 1048576\]; got 0"),
+    (dict(token_counts=[4, 0]), ValueError, r"token_counts\[1\] must be in \[1, 1048576\]; got 0"),
     (dict(token_counts="16"), TypeError, "token_counts must be a sequence of ints; got str"),
-    (dict(blocks=[8, 2**17]), ValueError, r"blocks must be in \[1, 65536\]; got 131072"),
-    (dict(margin=1.5), ValueError, r"margin must be a number in \[0, 1\); got 1.5"),
-    (dict(seconds=0), ValueError, r"seconds must be a number in \(0, 60\]; got 0"),
+    (dict(blocks=[8, 2**17]), ValueError, r"blocks\[1\] must be in \[1, 65536\]; got 131072"),
+    (dict(margin=1.5), ValueError, r"margin must be in \[0, 1\); got 1.5"),
+    (dict(margin="0.1"), TypeError, r"margin must be a number; got str"),
+    (dict(seconds=0), ValueError, r"seconds must be in \(0, 60\]; got 0"),
+    (dict(seed=-1), ValueError, r"seed must be in >= 0; got -1"),
     (dict(rounds=0), ValueError, "rounds must be"),
     (dict(top_k=9), ValueError, r"top_k must be in \[1, 8\] \(the stacks' experts\); got 9"),
 ])
@@ -374,11 +396,14 @@ def test_a_damaged_cache_table_is_named_not_replaced(rng, cache):
     path = tuning.table_file("cpu", s13._backend_description)
     path.parent.mkdir(parents=True)
     path.write_text('{"schema": 1, "backend": "cpu"')
-    with pytest.raises(ValueError, match=f"block table {re.escape(str(path))}: not JSON text"):
+    with pytest.raises(ValueError, match=f"tune_block_sizes: block table {re.escape(str(path))}: not JSON text .*; "
+                                         "delete it to start a new one"):
         fm.tune_block_sizes(s13, s2, top_k=2, token_counts=[1], blocks=[8], seconds=0.001)
     assert path.read_text() == '{"schema": 1, "backend": "cpu"'
-    with pytest.raises(ValueError, match=f"block table {re.escape(str(path))}: not JSON text"):
-        fm.MoE(s13, s2, top_k=2)(*(a for a in _one_call(rng)))
+    # A layer call does not fail on it: the table is skipped, with a warning naming it.
+    with pytest.warns(UserWarning, match=f"block table {re.escape(str(path))}: not JSON text .*; skipped"):
+        y = fm.MoE(s13, s2, top_k=2)(*_one_call(rng))
+    assert y.shape == (3, 64)
 
 
 def _one_call(rng):
@@ -402,11 +427,13 @@ def test_the_cli_tunes_a_checkpoints_layer_shape(tmp_path, rng, cache, capsys):
     from ferrum_moe import cli
     from model_dirs import Quant, base_config, write_model
 
-    write_model(tmp_path / "model", base_config("qwen3_moe", experts=8, top_k=2), Quant(bits=8, group_size=32), rng)
+    write_model(tmp_path / "model", base_config("qwen3_moe", experts=8, top_k=2),
+                Quant(bits=8, group_size=32, sym=False, act_order=True), rng)
     assert cli.main(["tune", str(tmp_path / "model"), "--tokens", "1", "4", "--blocks", "8", "16",
                      "--seconds", "0.001"]) == 0
     printed = capsys.readouterr().out
-    assert "Qwen3-MoE" in printed and "8 experts, top-2, hidden 64, intermediate 48; float16, INT8 group 32" in printed
+    assert "Qwen3-MoE" in printed and \
+        "8 experts, top-2, hidden 64, intermediate 48; float16, INT8 group 32, zero points, act-order" in printed
     assert re.search(r"^\s+1\s+[\d.]+\*?\s+[\d.]+\*?\s+8\s+(8|16)$", printed, re.M), printed
     path, = cache.iterdir()
     layer, = json.loads(path.read_text())["layers"]

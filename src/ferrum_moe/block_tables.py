@@ -16,9 +16,12 @@ block size:
 - the tables shipped in ``ferrum_moe/block_tables_data/`` (written by
   ``benchmarks/write_block_table.py`` from ``bench_moe.py --block-sizes``).
 
-The files are read once per process (per value of the variables above); a
-tuning run in the process reads them again, and a layer keeps the block it
-chose for a token count.
+The files are read once per process (per value of ``FERRUM_MOE_BLOCK_TABLES``;
+the cache directory is found at the first lookup); a tuning run in the process
+reads them again, and a layer keeps the block it chose for a token count. A
+malformed table named by the variable or shipped is an error; one in the cache
+is skipped with a warning (``ferrum-moe tune`` refuses to merge into it: delete
+it to start again).
 
 A table applies where its backend name equals the stack's backend's, its
 device string equals the backend's description or one of its comma-separated
@@ -46,6 +49,7 @@ import functools
 import json
 import os
 import pathlib
+import warnings
 
 from ._checks import MAX_BLOCK_SIZE
 
@@ -141,34 +145,54 @@ def read_table(path) -> dict:
     return parse_table(doc, f"block table {path}")
 
 
-def _cache_dir(cache_root: str | None, xdg_cache: str | None) -> pathlib.Path:
-    if cache_root:
-        return pathlib.Path(cache_root) / "block_tables"
-    return (pathlib.Path(xdg_cache) if xdg_cache else pathlib.Path.home() / ".cache") / "ferrum-moe" / "block_tables"
+def cache_dir() -> pathlib.Path | None:
+    """Where the tables tuned on this machine live (module docstring); None
+    where neither variable is set and there is no home directory."""
+    root = os.environ.get(CACHE_ENV)
+    if root:
+        return pathlib.Path(root) / "block_tables"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    try:
+        base = pathlib.Path(xdg) if xdg else pathlib.Path.home() / ".cache"
+    except RuntimeError:  # no home directory
+        return None
+    return base / "ferrum-moe" / "block_tables"
 
 
-def _locations() -> tuple[str, str | None, str | None]:
-    """What decides which tables there are (cheap to read on every call)."""
-    return os.environ.get(ENV, ""), os.environ.get(CACHE_ENV), os.environ.get("XDG_CACHE_HOME")
+_lookup_cache_dir: str | None = None  # cache_dir() as the lookups found it ("" for none); reread() forgets it
 
 
-def cache_dir() -> pathlib.Path:
-    """Where the tables tuned on this machine live (module docstring)."""
-    return _cache_dir(*_locations()[1:])
+def _cache_for_lookup() -> str:
+    global _lookup_cache_dir
+    if _lookup_cache_dir is None:
+        found = cache_dir()
+        _lookup_cache_dir = "" if found is None else str(found)
+    return _lookup_cache_dir
+
+
+def _read_cached(path) -> dict:
+    try:
+        return read_table(path)
+    except ValueError as e:
+        warnings.warn(f"{e}; skipped (delete it: ferrum-moe tune writes a new one)", stacklevel=2)
+        return {}
 
 
 @functools.lru_cache(maxsize=None)
-def _tables(env_value: str, cache_root: str | None, xdg_cache: str | None) -> tuple[dict, ...]:
+def _tables(env_value: str, cache: str) -> tuple[dict, ...]:
     """Every table in lookup order: the environment's, the tuned ones, then
-    the shipped ones (read once per value of the variables)."""
-    paths = [p for p in env_value.split(os.pathsep) if p]
-    paths += sorted(_cache_dir(cache_root, xdg_cache).glob("*.json"))
-    paths += sorted(SHIPPED.glob("*.json"))
-    return tuple(read_table(p) for p in paths)
+    the shipped ones (read once per value of the variable and cache)."""
+    tables = [read_table(p) for p in env_value.split(os.pathsep) if p]
+    if cache:
+        tables += [_read_cached(p) for p in sorted(pathlib.Path(cache).glob("*.json"))]
+    return tuple(tables + [read_table(p) for p in sorted(SHIPPED.glob("*.json"))])
 
 
 def reread() -> None:
-    """Forgets the tables read so far (after a tuning run wrote one)."""
+    """Forgets the tables read so far and where the cache is (after a tuning
+    run wrote one, or the cache variables changed)."""
+    global _lookup_cache_dir
+    _lookup_cache_dir = None
     _tables.cache_clear()
     _entry.cache_clear()
 
@@ -182,9 +206,9 @@ def best_block(times: dict[int, float], rule: int, margin: float) -> int:
 
 
 @functools.lru_cache(maxsize=4096)
-def _entry(locations: tuple, backend: str, description: str, layer: tuple):
+def _entry(env_value: str, cache: str, backend: str, description: str, layer: tuple):
     names = {description, *(field.strip() for field in description.split(","))}
-    for table in _tables(*locations):
+    for table in _tables(env_value, cache):
         for (b, device, *key), entry in table.items():
             if b == backend and device in names and tuple(key) == layer:
                 return entry
@@ -195,7 +219,8 @@ def measured_block_size(backend: str, description: str, experts: int, top_k: int
                         dtype: str, bits: int, group_size: int, num_tokens: int) -> int | None:
     """The measured block for this layer and token count, or None where no
     table has it (module docstring: which table, which count)."""
-    entry = _entry(_locations(), backend, description, (experts, top_k, hidden, inter, dtype, bits, group_size))
+    entry = _entry(os.environ.get(ENV, ""), _cache_for_lookup(), backend, description,
+                   (experts, top_k, hidden, inter, dtype, bits, group_size))
     if entry is None:
         return None
     counts, blocks = entry

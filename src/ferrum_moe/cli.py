@@ -276,13 +276,16 @@ def _tune(args) -> int:
             quant = ckpt.quant
         e, top_k, hidden, inter = spec.num_experts, spec.top_k, spec.hidden, spec.intermediate
         bits, group_size, what = quant.bits, quant.group_size, f"{spec.layout.title} ({ckpt.path})"
+        sym, act_order = quant.sym and quant.method != "awq", quant.desc_act  # AWQ stores zero points
     else:
         e, top_k, hidden, inter = SHAPES[args.shape]
         bits, group_size, what = args.bits, args.group_size, args.shape
+        sym, act_order = True, False
     print(f"{what}: {e} experts, top-{top_k}, hidden {hidden}, intermediate {inter}; {args.dtype}, INT{bits} group "
-          f"{group_size}")
+          f"{group_size}{'' if sym else ', zero points'}{', act-order' if act_order else ''}")
     rng = np.random.default_rng(0)
-    stacks = [fm.ExpertStack.from_gptq([random_codes_weight(rng, k, n, group_size=group_size, bits=bits)
+    stacks = [fm.ExpertStack.from_gptq([random_codes_weight(rng, k, n, group_size=group_size, bits=bits, sym=sym,
+                                                            act_order=act_order)
                                         for _ in _progress(range(e), desc)],
                                        backend=args.backend, device=args.device, dtype=args.dtype)
               for k, n, desc in ((hidden, 2 * inter, "random w13 codes"), (inter, hidden, "random w2 codes"))]
@@ -351,7 +354,7 @@ def main(argv=None) -> int:
             parser.error("--tokens and --repeats must be at least 1")
         try:
             return {"inspect": _inspect, "run": _run, "tune": _tune}[args.command](args)
-        except (ValueError, NotImplementedError, BackendUnavailableError) as e:
+        except (ValueError, NotImplementedError, BackendUnavailableError, OSError) as e:
             # A checkpoint or backend that cannot run it: the message is the answer, not a traceback.
             print(f"ferrum-moe {args.command}: {e}", file=sys.stderr)
             return 2

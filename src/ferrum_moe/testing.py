@@ -43,13 +43,19 @@ def random_weight(rng, k, n, *, bits=4, group_size=128, sym=True, act_order=Fals
                             scale_dtype=NUMPY_DTYPES[dtype])
 
 
-def random_codes_weight(rng, k, n, *, group_size=128, scale_dtype=np.float16, bits=4) -> fm.GPTQWeight:
-    """A symmetric GPTQ matrix (INT4 or INT8) of uniformly random codes and
-    scales, as a checkpoint holds them: fast to make at model size (no float
-    weights)."""
-    qweight = rng.integers(-(2**31), 2**31, (-(-k // (32 // bits)), n), dtype=np.int64).astype(np.int32)
-    scales = (rng.random((fm.gptq.num_groups(k, group_size), n)) * 0.02 + 0.005).astype(scale_dtype)
-    return fm.GPTQWeight(qweight, scales, None, bits=bits, group_size=group_size, k=k)
+def random_codes_weight(rng, k, n, *, group_size=128, scale_dtype=np.float16, bits=4, sym=True,
+                        act_order=False) -> fm.GPTQWeight:
+    """A GPTQ matrix (INT4 or INT8) of uniformly random codes and scales (and
+    zero points where asymmetric; act-order's shuffled group of each row), as
+    a checkpoint holds them: fast to make at model size (no float weights)."""
+    per_word = 32 // bits
+    groups = fm.gptq.num_groups(k, group_size)
+    qweight = rng.integers(-(2**31), 2**31, (-(-k // per_word), n), dtype=np.int64).astype(np.int32)
+    scales = (rng.random((groups, n)) * 0.02 + 0.005).astype(scale_dtype)
+    # GPTQ v1 stores zero - 1: stored codes up to 2^bits - 2 (all ones would be a zero of 2^bits).
+    qzeros = None if sym else fm.gptq.pack(rng.integers(0, 2**bits - 1, (groups, n)), bits, axis=1)
+    g_idx = (rng.permutation(k) * groups // k).astype(np.int32) if act_order else None
+    return fm.GPTQWeight(qweight, scales, qzeros, g_idx, bits=bits, group_size=group_size, sym=sym, k=k)
 
 
 def random_activations(rng, shape, dtype: str) -> np.ndarray:

@@ -8,7 +8,9 @@ distinct experts drawn uniformly (a real model's routing is less even, so a
 layer whose experts are very unevenly loaded may prefer other blocks). Host
 backends are timed by the wall clock; CUDA layers by CUDA events around a graph
 replay of one call, with the L2 cache flushed before each, as the benchmarks
-time them (this needs PyTorch).
+time them (this needs PyTorch). One token is not swept by default: a layer
+call of one token routes each pair as its own block where the backend can
+(CPU and CUDA do), and asks no table.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from ._checks import MAX_BLOCK_SIZE, checked_int
 from .routing import default_block_size
 from .stack import ExpertStack
 
-DEFAULT_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+DEFAULT_TOKENS = (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 DEFAULT_BLOCKS = (8, 16, 32, 64, 128)
 MAX_TOKENS = 1 << 20  # a sweep's largest batch: [tokens, hidden] inputs are allocated per count
 
@@ -60,7 +62,7 @@ class TuneResult:
     path: pathlib.Path | None
 
 
-def _check(w13, w2, top_k, token_counts, blocks, margin, seconds, rounds) -> tuple[list[int], list[int]]:
+def _check(w13, w2, top_k, token_counts, blocks, margin, seconds, rounds, seed) -> tuple[list[int], list[int]]:
     """The token counts and blocks, sorted, once every argument is known good."""
     from .moe import _check_pair
 
@@ -72,16 +74,19 @@ def _check(w13, w2, top_k, token_counts, blocks, margin, seconds, rounds) -> tup
     for name, values, high in (("token_counts", token_counts, MAX_TOKENS), ("blocks", blocks, MAX_BLOCK_SIZE)):
         if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
             raise TypeError(f"tune_block_sizes: {name} must be a sequence of ints; got {type(values).__name__}")
-        values = [checked_int(v, f"tune_block_sizes: {name}", 1, high) for v in values]
+        values = [checked_int(v, f"tune_block_sizes: {name}[{i}]", 1, high) for i, v in enumerate(values)]
         if not values:
             raise ValueError(f"tune_block_sizes: {name} must not be empty")
         lists.append(sorted(set(values)))
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < 1:
-        raise ValueError(f"tune_block_sizes: margin must be a number in [0, 1); got {margin!r}")
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds <= 60 or \
-            not math.isfinite(seconds):
-        raise ValueError(f"tune_block_sizes: seconds must be a number in (0, 60]; got {seconds!r}")
+    for name, value, low, high in (("margin", margin, 0, 1), ("seconds", seconds, 0, 60)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"tune_block_sizes: {name} must be a number; got {type(value).__name__}")
+    if not 0 <= margin < 1:
+        raise ValueError(f"tune_block_sizes: margin must be in [0, 1); got {margin!r}")
+    if not (0 < seconds <= 60 and math.isfinite(seconds)):
+        raise ValueError(f"tune_block_sizes: seconds must be in (0, 60]; got {seconds!r}")
     checked_int(rounds, "tune_block_sizes: rounds", 1, 100)
+    checked_int(seed, "tune_block_sizes: seed", 0)
     return lists[0], lists[1]
 
 
@@ -99,6 +104,8 @@ def _inputs(rng, m: int, hidden: int, experts: int, top_k: int, dtype: str):
 class _HostTimer:
     """Wall-clock time per call: calls in a row for ``seconds``, the best of
     the rounds the caller runs."""
+
+    stream = None  # the layer's calls take no stream
 
     def __init__(self, seconds: float):
         self.seconds = seconds
@@ -135,16 +142,16 @@ class _CudaTimer:
                                       "graphs); install torch") from None
         self.torch, self.seconds = torch, seconds
         self.device = torch.device("cuda", index)
-        l2 = torch.cuda.get_device_properties(self.device).L2_cache_size
+        l2 = getattr(torch.cuda.get_device_properties(self.device), "L2_cache_size", 64 << 20)
         self.flush = torch.empty(max(2 * l2, 1 << 20), dtype=torch.uint8, device=self.device)
-        # One stream for every warm-up and capture: a layer keeps its buffers per
-        # stream, so a stream per graph would hold a workspace per graph.
+        # The stream of every warm-up, capture and replay (the layer's calls pass
+        # it): one for all, as a layer keeps its buffers per stream.
         self.stream = torch.cuda.Stream(self.device)
 
     def put(self, a: np.ndarray):
         torch = self.torch
-        if a.dtype.name == "bfloat16":  # ml_dtypes' type: torch takes its bits
-            return torch.from_numpy(a.view(np.uint16)).to(self.device).view(torch.bfloat16)
+        if a.dtype.name == "bfloat16":  # ml_dtypes' type: torch takes its bits (as int16: torch < 2.3 has no uint16)
+            return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16).to(self.device)
         return torch.from_numpy(a).to(self.device)
 
     def empty_like(self, a):
@@ -152,27 +159,28 @@ class _CudaTimer:
 
     def prepare(self, call):
         torch, stream = self.torch, self.stream
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            call()  # warm on the stream the capture records: the layer keeps buffers per stream
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
-            call()
+        with torch.cuda.device(self.device):
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                call()  # warm: sizes the layer's buffers for this stream before the capture
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=stream):
+                call()
         return graph.replay
 
     def time(self, replay) -> float:
         torch = self.torch
         times, spent = [], 0.0
-        while len(times) < 5 or (spent < self.seconds and len(times) < 200):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            self.flush.zero_()
-            start.record()
-            replay()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-            spent += times[-1]
+        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+            while len(times) < 5 or (spent < self.seconds and len(times) < 200):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                self.flush.zero_()
+                start.record(self.stream)
+                replay()
+                end.record(self.stream)
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+                spent += times[-1]
         return statistics.median(times)
 
 
@@ -196,11 +204,11 @@ def tune_block_sizes(w13: ExpertStack, w2: ExpertStack, *, top_k: int, token_cou
     top-k, sizes, dtype, bits, group size) take them when no block is named.
 
     seconds: the time per (count, block) measurement (a round); rounds: how
-    many, interleaved over the blocks, the best kept on host backends (CUDA
-    takes the median of its replays). progress: called with a TunedCount as
-    each count is done."""
+    many, interleaved over the blocks, the best round kept (a round on CUDA
+    is the median of its replays). progress: called with a TunedCount as each
+    count is done. Layers already built keep the blocks they chose."""
     top_k = checked_int(top_k, "tune_block_sizes: top_k", 1)
-    counts, candidates = _check(w13, w2, top_k, token_counts, blocks, margin, seconds, rounds)
+    counts, candidates = _check(w13, w2, top_k, token_counts, blocks, margin, seconds, rounds, seed)
     from .moe import MoE
 
     timer = _timer(w13, seconds)
@@ -210,7 +218,8 @@ def tune_block_sizes(w13: ExpertStack, w2: ExpertStack, *, top_k: int, token_cou
     for m in counts:
         x, tw, ids = (timer.put(a) for a in _inputs(rng, m, w13.k, w13.num_experts, top_k, w13.dtype))
         out = timer.empty_like(x)
-        calls = {b: timer.prepare(lambda layer=layer: layer(x, tw, ids, out=out)) for b, layer in layers.items()}
+        calls = {b: timer.prepare(lambda layer=layer: layer(x, tw, ids, out=out, stream=timer.stream))
+                 for b, layer in layers.items()}
         times: dict[int, float] = {}
         for _ in range(rounds):
             for b, call in calls.items():
@@ -229,14 +238,19 @@ def tune_block_sizes(w13: ExpertStack, w2: ExpertStack, *, top_k: int, token_cou
 
 def table_file(backend: str, device: str) -> pathlib.Path:
     """The cache file of one backend and device description."""
+    where = block_tables.cache_dir()
+    if where is None:
+        raise OSError(f"tune_block_sizes: there is no home directory for the block-table cache; set "
+                      f"{block_tables.CACHE_ENV} to a writable directory, or pass save=False")
     slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")[:48]
     digest = hashlib.sha1(device.encode()).hexdigest()[:8]
-    return block_tables.cache_dir() / f"{backend}-{slug}-{digest}.json"
+    return where / f"{backend}-{slug}-{digest}.json"
 
 
 def _save(w13: ExpertStack, w2: ExpertStack, top_k: int, result: TuneResult) -> pathlib.Path:
     """Merges the sweep into the cache table of its backend and device
-    (written whole to a temporary file, then renamed over the old one)."""
+    (written whole to a temporary file, then renamed over the old one; of two
+    tuning runs at once, the later write wins)."""
     from . import __version__
 
     path = table_file(result.backend, result.device)
@@ -244,7 +258,10 @@ def _save(w13: ExpertStack, w2: ExpertStack, top_k: int, result: TuneResult) -> 
                  group_size=w13.group_size)
     layers = []
     if path.exists():
-        block_tables.read_table(path)  # refuses a damaged file by name before anything is replaced
+        try:
+            block_tables.read_table(path)  # a damaged file is refused by name before anything is replaced
+        except ValueError as e:
+            raise ValueError(f"tune_block_sizes: {e}; delete it to start a new one") from None
         layers = json.loads(path.read_text(encoding="utf-8"))["layers"]
     mine = next((layer for layer in layers if all(layer[k] == v for k, v in shape.items())), None)
     blocks = dict(mine["blocks"]) if mine else {}
@@ -264,10 +281,12 @@ def _save(w13: ExpertStack, w2: ExpertStack, top_k: int, result: TuneResult) -> 
             written = f.name
             f.write(block_tables.format_table(table))
         os.replace(written, path)
+        written = None
     except OSError as e:
-        if written is not None and os.path.exists(written):
-            os.unlink(written)
         raise OSError(f"tune_block_sizes: cannot write the block table {path} ({e.strerror or e}); set "
                       f"{block_tables.CACHE_ENV} to a writable directory, or pass save=False") from None
+    finally:
+        if written is not None and os.path.exists(written):  # not renamed: an error or an interrupt
+            os.unlink(written)
     block_tables.reread()
     return path

@@ -52,7 +52,7 @@ def pack_awq(codes: np.ndarray) -> np.ndarray:
 @dataclasses.dataclass
 class Quant:
     """How a test checkpoint is quantized: method "gptq" (checkpoint_format
-    "gptq" or "gptq_v2") or "awq"."""
+    "gptq" or "gptq_v2"), "awq" or "compressed-tensors" (pack-quantized)."""
 
     method: str = "gptq"
     bits: int = 4
@@ -62,6 +62,16 @@ class Quant:
     checkpoint_format: str = "gptq"
 
     def config(self) -> dict:
+        if self.method == "compressed-tensors":  # as llm-compressor writes a W4A16 / W8A16 model
+            weights = {"num_bits": self.bits, "type": "int", "symmetric": self.sym, "dynamic": False,
+                       "strategy": "channel" if self.group_size == -1 else "group",
+                       "group_size": None if self.group_size == -1 else self.group_size,
+                       "actorder": "group" if self.act_order else None, "observer": "minmax"}
+            return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+                    "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
+                                                  "output_activations": None, "format": "pack-quantized"}},
+                    "ignore": ["lm_head", "re:.*mlp.gate$", "re:.*block_sparse_moe.gate$", "re:.*shared_expert_gate$"],
+                    "kv_cache_scheme": None}
         if self.method == "awq":
             return {"quant_method": "awq", "bits": 4, "group_size": self.group_size, "zero_point": True,
                     "version": "gemm", "modules_to_not_convert": ["gate"]}
@@ -83,12 +93,21 @@ def quantized_linear(rng, k: int, n: int, q: Quant, g_idx=None):
     codes = rng.integers(0, maxq + 1, (k, n))
     if q.sym:
         zeros = np.full((groups, n), 1 << (q.bits - 1))
-    else:  # v1 stores zero - 1, so its zeros start at 1
+    else:  # GPTQ v1 stores zero - 1, so its zeros start at 1
         zeros = rng.integers(1 if q.checkpoint_format == "gptq" and q.method == "gptq" else 0, maxq + 1, (groups, n))
     scales = ((rng.random((groups, n)) + 0.5) / (maxq * np.sqrt(k))).astype(np.float16)
     dense = (codes - zeros[g_idx]) * scales.astype(np.float64)[g_idx]
     if q.method == "awq":
         tensors = {"qweight": pack_awq(codes), "qzeros": pack_awq(zeros), "scales": scales}
+    elif q.method == "compressed-tensors":
+        # The Linear's [n, k] layout: codes (signed value + 2^(bits-1)) packed along k, per-column scales and zero
+        # points (packed along n), the shape.
+        tensors = {"weight_packed": pack_along_rows(codes, q.bits).T.copy(), "weight_scale": scales.T.copy(),
+                   "weight_shape": np.array([n, k], np.int64)}
+        if not q.sym:
+            tensors["weight_zero_point"] = pack_along_rows(zeros.T, q.bits)
+        if q.act_order:
+            tensors["weight_g_idx"] = g_idx
     else:
         stored = zeros - 1 if q.checkpoint_format == "gptq" else zeros
         tensors = {"qweight": pack_along_rows(codes, q.bits), "qzeros": pack_along_rows(stored.T, q.bits).T.copy(),

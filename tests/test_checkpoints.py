@@ -3,6 +3,7 @@ DeepSeek-V2/V3), written on the fly in their layouts by tests/model_dirs.py:
 every layout loads with one call and matches float64 (routing and the whole
 layer), and every broken directory is refused with the file and tensor named."""
 
+import importlib
 import json
 import re
 import shutil
@@ -35,6 +36,11 @@ CASES = {  # id: (model_type, quantization, config changes, shards, quantize_con
     "deepseek_v3-awq-noaux-tc": ("deepseek_v3", Quant(method="awq"), {"layers": 3}, 2, False),
     "deepseek_v3-gptq-v2-int8-no-shared": (
         "deepseek_v3", Quant(bits=8, sym=False, checkpoint_format="gptq_v2"), {"n_shared_experts": 0}, 1, False),
+    "qwen3-compressed-tensors-w4a16": ("qwen3_moe", Quant(method="compressed-tensors"), {}, 2, False),
+    "mixtral-compressed-tensors-w8a16-asym-act-order": (
+        "mixtral", Quant(method="compressed-tensors", bits=8, sym=False, act_order=True), {}, 1, False),
+    "deepseek_v3-compressed-tensors-per-channel-partial-words": (
+        "deepseek_v3", Quant(method="compressed-tensors", group_size=-1, sym=False), {"intermediate": 36}, 1, False),
     "qwen3_next-gptq-shared-gate-default-renormalised": (
         "qwen3_next", Quant(sym=False), {"layers": 3, "mlp_only_layers": [1]}, 2, False),
     "glm4_moe-gptq-one-group-renormalised": ("glm4_moe", Quant(), {"layers": 3}, 2, False),
@@ -627,3 +633,93 @@ def test_runs_reference_dequantizes_block_by_block_exactly(rng, columns):
     w = random_weight(rng, 64, 36, bits=4, group_size=16, sym=False, act_order=True)  # 36: a partial zero word
     x64 = rng.standard_normal((3, 64))
     np.testing.assert_allclose(_times_dequantized(x64, w, columns), x64 @ w.dequantize(np.float64), rtol=1e-12)
+
+
+def _compressed_tensors_packer():
+    """compressed-tensors' own pack_to_int32 (its module moved between versions)."""
+    pytest.importorskip("torch")
+    for where in ("compressed_tensors.compressors.pack_quantized.helpers",
+                  "compressed_tensors.compressors.quantized_compressors.pack_quantized"):
+        try:
+            return importlib.import_module(where).pack_to_int32
+        except (ImportError, AttributeError):
+            continue
+    pytest.skip("compressed-tensors is not installed (pip install compressed-tensors)")
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_compressed_tensors_own_packing_reads_as_its_values(rng, bits):
+    """The reader against the format's own writer: signed values and zero points
+    packed by compressed-tensors come out as (q - zero) * scale."""
+    import torch
+
+    from ferrum_moe.pretrained import QuantizedModule, _from_compressed_tensors
+
+    pack_to_int32 = _compressed_tensors_packer()
+    n, k, group = 20, 84, 12  # words that end part-filled along both packed axes
+    low, high = -(1 << (bits - 1)), 1 << (bits - 1)
+    q = rng.integers(low, high, (n, k)).astype(np.int8)
+    zp = rng.integers(low, high, (n, k // group)).astype(np.int8)
+    scale = (rng.random((n, k // group)) + 0.5).astype(np.float16)
+    tensors = {"weight_packed": pack_to_int32(torch.from_numpy(q), bits).numpy(), "weight_scale": scale,
+               "weight_shape": np.array([n, k]),
+               "weight_zero_point": pack_to_int32(torch.from_numpy(zp), bits, packed_dim=0).numpy()}
+    a = _from_compressed_tensors(QuantizedModule("m", k, n, {}), tensors, bits)
+    w = fm.GPTQWeight(a["qweight"], a["scales"], a["qzeros"], bits=bits, group_size=group, sym=False,
+                      checkpoint_format="gptq_v2", k=k)
+    g = np.arange(k) // group
+    expected = ((q.astype(np.float64) - zp[:, g]) * scale.astype(np.float64)[:, g]).T
+    np.testing.assert_array_equal(w.dequantize(np.float64), expected)
+
+
+@pytest.fixture
+def compressed(tmp_path, rng):
+    """A qwen3_moe W4A16 checkpoint as llm-compressor writes it (pack-quantized, group 32)."""
+    write_model(tmp_path, base_config("qwen3_moe"), Quant(method="compressed-tensors"), rng)
+    return tmp_path
+
+
+def _edit_scheme(path, **changes):
+    config = json.loads((path / "config.json").read_text())
+    q = config["quantization_config"]
+    for key, value in changes.items():
+        if key == "group":
+            q["config_groups"]["group_1"] = value
+        elif key in ("format", "ignore"):
+            q[key] = value
+        elif key == "input_activations":
+            q["config_groups"]["group_0"][key] = value
+        else:
+            q["config_groups"]["group_0"]["weights"][key] = value
+    (path / "config.json").write_text(json.dumps(config))
+
+
+COMPRESSED_BROKEN = {
+    "other format": (dict(format="marlin-24"), r"compressed-tensors format 'marlin-24' is not supported"),
+    "activations quantized": (dict(input_activations={"num_bits": 8, "type": "int"}),
+                              r"config_groups.group_0 quantizes activations too; ferrum-moe runs weight-only"),
+    "fp8 weights": (dict(type="float", num_bits=8), r"group_0.weights: 'float' with num_bits 8 is not supported"),
+    "tensor strategy": (dict(strategy="tensor"), r"strategy 'tensor' is not supported"),
+    "bad group size": (dict(group_size=0), r"group_size must be an integer in \[1, .*\] for strategy 'group'; got 0"),
+    "unknown actorder": (dict(actorder="dynamic"), r"actorder 'dynamic' is not supported"),
+    "two schemes": (dict(group={"targets": ["re:.*self_attn.*"], "weights": {
+        "num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"}}),
+        r"config_groups hold different weight schemes \(group_0: int4, group 32, sym; group_1: int8, group -1, sym\)"),
+    "experts ignored": (dict(ignore=["lm_head", "re:.*experts.*"]),
+                        r"ignore entry 're:.\*experts.\*' keeps model.layers.0.mlp.experts.0.gate_proj unquantized"),
+}
+
+
+@pytest.mark.parametrize("case", COMPRESSED_BROKEN)
+def test_a_compressed_tensors_checkpoint_outside_its_scheme_is_refused(compressed, case):
+    changes, message = COMPRESSED_BROKEN[case]
+    _edit_scheme(compressed, **changes)
+    with pytest.raises(fm.CheckpointError, match=message):
+        fm.load_moe_layers(compressed, progress=False)
+
+
+def test_a_compressed_tensors_weight_shape_that_disagrees_is_named(compressed):
+    _edit_tensors(compressed, _set(f"{EXPERT}.down_proj.weight_shape", lambda a: a[::-1].copy()))
+    with pytest.raises(fm.CheckpointError, match=rf"tensor {EXPERT}.down_proj.weight_shape: holds \[48, 64\]; the "
+                                                 rf"layer's sizes make {EXPERT}.down_proj \[N, K\] = \[64, 48\]"):
+        fm.load_moe_layers(compressed, progress=False)

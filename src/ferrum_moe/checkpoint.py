@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import reprlib
 import struct
 from pathlib import Path
@@ -192,8 +193,13 @@ def _nbytes(shape: list[int], itemsize: int) -> int | None:
 class QuantConfig:
     """How a checkpoint's weights are quantized, as its quantization config says.
 
-    method "gptq" (checkpoint_format "gptq": v1, zero - 1 stored; or "gptq_v2")
-    or "awq" (AutoAWQ's gemm layout, 4-bit, zero points; checkpoint_format "awq").
+    method "gptq" (checkpoint_format "gptq": v1, zero - 1 stored; or "gptq_v2"),
+    "awq" (AutoAWQ's gemm layout, 4-bit, zero points; checkpoint_format "awq")
+    or "compressed-tensors" (llm-compressor's pack-quantized weight-only int
+    layout; checkpoint_format "pack-quantized"). modules_to_not_convert: GPTQ's
+    and AWQ's entries match whole dotted parts of a module's name;
+    compressed-tensors' ``ignore`` entries match the whole name, or with "re:"
+    a regular expression from its start.
     """
 
     method: str
@@ -209,6 +215,9 @@ class QuantConfig:
         group = "per column (group_size -1)" if self.group_size == -1 else f"group {self.group_size}"
         if self.method == "awq":
             return f"AWQ {self.bits}-bit, {group}, zero points, version gemm"
+        if self.method == "compressed-tensors":
+            return (f"compressed-tensors pack-quantized int{self.bits}, {group}, "
+                    f"{'symmetric' if self.sym else 'zero points'}{', act-order' if self.desc_act else ''}")
         return (f"GPTQ {self.bits}-bit, {group}, {'sym' if self.sym else 'asym (zero points)'}, "
                 f"desc_act {str(self.desc_act).lower()}, checkpoint_format {self.checkpoint_format}")
 
@@ -218,6 +227,10 @@ class QuantConfig:
         as whole parts ("gate" covers "mlp.gate" but not "mlp.gate_proj")."""
         parts = module.split(".")
         for entry in self.modules_to_not_convert:
+            if self.method == "compressed-tensors":
+                if entry == "Linear" or (re.match(entry[3:], module) if entry.startswith("re:") else entry == module):
+                    return entry
+                continue
             want = entry.split(".")
             if any(parts[i:i + len(want)] == want for i in range(len(parts) - len(want) + 1)):
                 return entry
@@ -232,7 +245,7 @@ def _quant_config(directory: Path, config: dict) -> QuantConfig:
             str(directory / "quantize_config.json")
     else:
         raise CheckpointError(f"{directory}: config.json has no quantization_config and there is no "
-                              "quantize_config.json: ferrum-moe loads GPTQ- and AWQ-quantized checkpoints")
+                              "quantize_config.json: ferrum-moe loads GPTQ-, AWQ- and compressed-tensors-quantized checkpoints")
     if not isinstance(q, dict):
         raise CheckpointError(f"{source}: must be a JSON object; got {type(q).__name__}")
 
@@ -249,6 +262,8 @@ def _quant_config(directory: Path, config: dict) -> QuantConfig:
         return value
 
     method = field("quant_method", str, "gptq").lower()  # quantize_config.json predates quant_method
+    if method == "compressed-tensors":
+        return _compressed_tensors_config(q, source)
     bits = field("bits", int, required=True)
     group_size = field("group_size", int, required=True)
     not_convert = field("modules_to_not_convert", list, [])
@@ -280,7 +295,68 @@ def _quant_config(directory: Path, config: dict) -> QuantConfig:
             raise CheckpointError(f"{source}: AWQ zero_point false is not supported (AWQ gemm checkpoints carry "
                                   "zero points)")
         return QuantConfig("awq", 4, group_size, False, False, "awq", tuple(not_convert), source)
-    raise CheckpointError(f"{source}: quant_method {quote(method)} is not supported: ferrum-moe loads 'gptq' and 'awq'")
+    raise CheckpointError(f"{source}: quant_method {quote(method)} is not supported: ferrum-moe loads 'gptq', 'awq' "
+                          "and 'compressed-tensors'")
+
+
+_ACTORDER = {None: False, False: False, "weight": False, "static": False, "group": True, True: True}
+
+
+def _compressed_tensors_config(q: dict, source: str) -> QuantConfig:
+    """llm-compressor's weight-only int checkpoints (W4A16, W8A16): one weight
+    scheme for every quantized Linear, packed ("pack-quantized")."""
+    fmt = q.get("format")
+    if fmt != "pack-quantized":
+        raise CheckpointError(f"{source}: compressed-tensors format {quote(fmt)} is not supported: ferrum-moe reads "
+                              "'pack-quantized' (int4/int8 weights packed into int32, as W4A16 and W8A16 are saved)")
+    groups = q.get("config_groups")
+    if not isinstance(groups, dict) or not groups:
+        raise CheckpointError(f"{source}: config_groups must be a non-empty object of quantization schemes; got "
+                              f"{quote(groups)}")
+    schemes = {}
+    for name, group in groups.items():
+        at = f"{source}: config_groups.{name}"
+        if not isinstance(group, dict) or not isinstance(group.get("weights"), dict):
+            raise CheckpointError(f"{at} must be an object with a 'weights' scheme; got {quote(group)}")
+        if group.get("input_activations") is not None or group.get("output_activations") is not None:
+            raise CheckpointError(f"{at} quantizes activations too; ferrum-moe runs weight-only schemes (W4A16, "
+                                  "W8A16)")
+        if group.get("format") not in (None, "pack-quantized"):
+            raise CheckpointError(f"{at}: format {quote(group.get('format'))} is not supported (expected "
+                                  "'pack-quantized')")
+        w = group["weights"]
+        bits, kind, strategy = w.get("num_bits"), w.get("type", "int"), w.get("strategy")
+        if bits not in (4, 8) or isinstance(bits, bool) or kind != "int":
+            raise CheckpointError(f"{at}.weights: {quote(kind)} with num_bits {quote(bits)} is not supported: "
+                                  "ferrum-moe runs int weights of 4 or 8 bits")
+        if strategy == "group":
+            group_size = w.get("group_size")
+            if isinstance(group_size, bool) or not isinstance(group_size, int) or not 1 <= group_size <= MAX_GROUP_SIZE:
+                raise CheckpointError(f"{at}.weights: group_size must be an integer in [1, {MAX_GROUP_SIZE}] for "
+                                      f"strategy 'group'; got {quote(group_size)}")
+        elif strategy == "channel":
+            group_size = -1  # one scale per output column
+        else:
+            raise CheckpointError(f"{at}.weights: strategy {quote(strategy)} is not supported (expected 'group' or "
+                                  "'channel')")
+        if not isinstance(w.get("symmetric", True), bool) or w.get("dynamic", False) is not False:
+            raise CheckpointError(f"{at}.weights: symmetric must be true or false and dynamic false; got symmetric "
+                                  f"{quote(w.get('symmetric'))}, dynamic {quote(w.get('dynamic'))}")
+        actorder = w.get("actorder")
+        if not isinstance(actorder, (str, bool, type(None))) or actorder not in _ACTORDER:
+            raise CheckpointError(f"{at}.weights: actorder {quote(actorder)} is not supported (expected null, "
+                                  "'group', 'weight' or 'static')")
+        schemes[(bits, group_size, w.get("symmetric", True), _ACTORDER[actorder])] = name
+    if len(schemes) > 1:
+        shown = "; ".join(f"{name}: int{b}, group {g}, {'sym' if sym else 'asym'}"
+                          for (b, g, sym, _), name in schemes.items())
+        raise CheckpointError(f"{source}: config_groups hold different weight schemes ({shown}); ferrum-moe reads "
+                              "checkpoints with one")
+    (bits, group_size, sym, act_order), = schemes
+    ignore = q.get("ignore") or []
+    if not isinstance(ignore, list) or not all(isinstance(m, str) for m in ignore):
+        raise CheckpointError(f"{source}: ignore must be a list of module names; got {quote(ignore)}")
+    return QuantConfig("compressed-tensors", bits, group_size, sym, act_order, "pack-quantized", tuple(ignore), source)
 
 
 class Checkpoint:

@@ -589,7 +589,8 @@ def test_inspect_prints_the_layout_quantization_and_bytes(tmp_path, rng, capsys)
                  "layers: 3; MoE: 1-2; dense: 0 (decoder_sparse_step 1, mlp_only_layers [0])",
                  "experts: 8 per MoE layer, top-2; hidden 64, expert intermediate 48",
                  "shared experts: one MLP (shared_expert), intermediate 80, scaled by sigmoid(shared_expert_gate)",
-                 "quantization: GPTQ 8-bit, group 32, asym (zero points), desc_act false, checkpoint_format gptq",
+                 "quantization of the experts: GPTQ 8-bit, group 32, asym (zero points), desc_act false, "
+                 "checkpoint_format gptq",
                  "files: 2 .safetensors, index model.safetensors.index.json"):
         assert line in out, out
     from safetensors.numpy import load_file
@@ -648,26 +649,29 @@ def _compressed_tensors_packer():
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_compressed_tensors_own_packing_reads_as_its_values(rng, bits):
-    """The reader against the format's own writer: signed values and zero points
-    packed by compressed-tensors come out as (q - zero) * scale."""
+@pytest.mark.parametrize("sym, group", [(False, 12), (True, 12), (False, -1)])
+def test_compressed_tensors_own_packing_reads_as_its_values(rng, bits, sym, group):
+    """The reader against the format's own writer: signed values (and zero
+    points) packed by compressed-tensors come out as (q - zero) * scale."""
     import torch
 
     from ferrum_moe.pretrained import QuantizedModule, _from_compressed_tensors
 
     pack_to_int32 = _compressed_tensors_packer()
-    n, k, group = 20, 84, 12  # words that end part-filled along both packed axes
+    n, k = 20, 84  # words that end part-filled along both packed axes
+    groups = 1 if group == -1 else k // group
     low, high = -(1 << (bits - 1)), 1 << (bits - 1)
     q = rng.integers(low, high, (n, k)).astype(np.int8)
-    zp = rng.integers(low, high, (n, k // group)).astype(np.int8)
-    scale = (rng.random((n, k // group)) + 0.5).astype(np.float16)
+    zp = np.zeros((n, groups), np.int8) if sym else rng.integers(low, high, (n, groups)).astype(np.int8)
+    scale = (rng.random((n, groups)) + 0.5).astype(np.float16)
     tensors = {"weight_packed": pack_to_int32(torch.from_numpy(q), bits).numpy(), "weight_scale": scale,
-               "weight_shape": np.array([n, k]),
-               "weight_zero_point": pack_to_int32(torch.from_numpy(zp), bits, packed_dim=0).numpy()}
-    a = _from_compressed_tensors(QuantizedModule("m", k, n, {}), tensors, bits)
-    w = fm.GPTQWeight(a["qweight"], a["scales"], a["qzeros"], bits=bits, group_size=group, sym=False,
+               "weight_shape": np.array([n, k])}
+    if not sym:
+        tensors["weight_zero_point"] = pack_to_int32(torch.from_numpy(zp), bits, packed_dim=0).numpy()
+    a = _from_compressed_tensors(QuantizedModule("m", k, n, {}, None), tensors, bits)
+    w = fm.GPTQWeight(a["qweight"], a["scales"], a.get("qzeros"), bits=bits, group_size=group, sym=sym,
                       checkpoint_format="gptq_v2", k=k)
-    g = np.arange(k) // group
+    g = np.zeros(k, int) if group == -1 else np.arange(k) // group
     expected = ((q.astype(np.float64) - zp[:, g]) * scale.astype(np.float64)[:, g]).T
     np.testing.assert_array_equal(w.dequantize(np.float64), expected)
 
@@ -687,7 +691,7 @@ def _edit_scheme(path, **changes):
             q["config_groups"]["group_1"] = value
         elif key in ("format", "ignore"):
             q[key] = value
-        elif key == "input_activations":
+        elif key in ("input_activations", "targets"):
             q["config_groups"]["group_0"][key] = value
         else:
             q["config_groups"]["group_0"]["weights"][key] = value
@@ -697,16 +701,21 @@ def _edit_scheme(path, **changes):
 COMPRESSED_BROKEN = {
     "other format": (dict(format="marlin-24"), r"compressed-tensors format 'marlin-24' is not supported"),
     "activations quantized": (dict(input_activations={"num_bits": 8, "type": "int"}),
-                              r"config_groups.group_0 quantizes activations too; ferrum-moe runs weight-only"),
-    "fp8 weights": (dict(type="float", num_bits=8), r"group_0.weights: 'float' with num_bits 8 is not supported"),
+                              r"config_groups.group_0 \(which targets model.layers.0.mlp.experts.0.gate_proj\) "
+                              r"quantizes activations too; ferrum-moe runs weight-only"),
+    "fp8 weights": (dict(type="float", num_bits=8), r"group_0 .*\.weights: 'float' with num_bits 8 is not supported"),
     "tensor strategy": (dict(strategy="tensor"), r"strategy 'tensor' is not supported"),
-    "bad group size": (dict(group_size=0), r"group_size must be an integer in \[1, .*\] for strategy 'group'; got 0"),
-    "unknown actorder": (dict(actorder="dynamic"), r"actorder 'dynamic' is not supported"),
-    "two schemes": (dict(group={"targets": ["re:.*self_attn.*"], "weights": {
+    "bad group size": (dict(group_size=0), r"group_size must be a positive integer for strategy 'group'; got 0"),
+    "unknown actorder": (dict(actorder="sideways"), r"actorder 'sideways' is not supported"),
+    "two schemes for the experts": (dict(group={"targets": ["re:.*experts.*"], "weights": {
         "num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"}}),
-        r"config_groups hold different weight schemes \(group_0: int4, group 32, sym; group_1: int8, group -1, sym\)"),
+        r"config groups with different weight schemes all target model.layers.0.mlp.experts.0.gate_proj \(group_0: "
+        r"int4, group 32, sym, act-order false; group_1: int8, group -1, sym, act-order false\)"),
     "experts ignored": (dict(ignore=["lm_head", "re:.*experts.*"]),
                         r"ignore entry 're:.\*experts.\*' keeps model.layers.0.mlp.experts.0.gate_proj unquantized"),
+    "a broken pattern": (dict(ignore=["re:(mlp"]), r"ignore: entry 're:\(mlp' is not a regular expression"),
+    "no group for the experts": (dict(targets=["re:.*self_attn.*"]),
+                                 r"no config_groups target matches model.layers.0.mlp.experts.0.gate_proj"),
 }
 
 
@@ -723,3 +732,32 @@ def test_a_compressed_tensors_weight_shape_that_disagrees_is_named(compressed):
     with pytest.raises(fm.CheckpointError, match=rf"tensor {EXPERT}.down_proj.weight_shape: holds \[48, 64\]; the "
                                                  rf"layer's sizes make {EXPERT}.down_proj \[N, K\] = \[64, 48\]"):
         fm.load_moe_layers(compressed, progress=False)
+
+
+def test_attention_quantized_otherwise_does_not_stop_the_experts(tmp_path, rng):
+    """A mixed-precision config (FP8 attention with its activations, int4
+    experts): each module takes its own group's scheme, and the experts load."""
+    config = base_config("qwen3_moe")
+    refs = write_model(tmp_path, config, Quant(method="compressed-tensors", act_order=True), rng)
+    edited = json.loads((tmp_path / "config.json").read_text())
+    q = edited["quantization_config"]
+    q["format"] = "mixed-precision"
+    q["config_groups"]["group_0"]["targets"] = ["re:.*mlp\\.experts.*"]
+    q["config_groups"]["group_0"]["weights"]["actorder"] = "dynamic"  # compressed-tensors' alias of "group"
+    q["config_groups"]["group_1"] = {"targets": ["re:.*self_attn.*"], "format": "float-quantized",
+                                     "weights": {"num_bits": 8, "type": "float", "strategy": "tensor"},
+                                     "input_activations": {"num_bits": 8, "type": "float", "dynamic": True}}
+    (tmp_path / "config.json").write_text(json.dumps(edited))
+    layers = fm.load_moe_layers(tmp_path, progress=False)
+    for i, layer in layers.items():
+        _check_layer(config, refs[i], layer, rng)
+
+
+def test_a_g_idx_left_unset_reads_as_rows_in_order(tmp_path, rng):
+    """llm-compressor starts g_idx at -1 and an expert no calibration token
+    reached may keep it: compressed-tensors then takes the rows in order."""
+    config = base_config("qwen3_moe")
+    refs = write_model(tmp_path, config, Quant(method="compressed-tensors"), rng)
+    _edit_tensors(tmp_path, lambda t: t.__setitem__(f"{EXPERT}.gate_proj.weight_g_idx", np.full(64, -1, np.int32)))
+    layers = fm.load_moe_layers(tmp_path, progress=False)
+    _check_layer(config, refs[1], layers[1], rng)

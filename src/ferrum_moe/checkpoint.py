@@ -196,7 +196,8 @@ class QuantConfig:
     method "gptq" (checkpoint_format "gptq": v1, zero - 1 stored; or "gptq_v2"),
     "awq" (AutoAWQ's gemm layout, 4-bit, zero points; checkpoint_format "awq")
     or "compressed-tensors" (llm-compressor's pack-quantized weight-only int
-    layout; checkpoint_format "pack-quantized"). modules_to_not_convert: GPTQ's
+    layout; checkpoint_format its "format": each module's scheme comes from
+    for_module). modules_to_not_convert: GPTQ's
     and AWQ's entries match whole dotted parts of a module's name;
     compressed-tensors' ``ignore`` entries match the whole name, or with "re:"
     a regular expression from its start.
@@ -210,12 +211,39 @@ class QuantConfig:
     checkpoint_format: str
     modules_to_not_convert: tuple[str, ...]
     source: str
+    # compressed-tensors: its config groups, (name, targets, group) each; a
+    # module's scheme is its group's (for_module). Empty for GPTQ and AWQ.
+    groups: tuple = ()
+
+    def for_module(self, module: str) -> "QuantConfig":
+        """The scheme that quantizes ``module``: the checkpoint's for GPTQ and
+        AWQ; for compressed-tensors, that of the config group whose targets
+        match it, checked to be one ferrum-moe runs."""
+        if self.method != "compressed-tensors":
+            return self
+        schemes: dict[tuple, list[str]] = {}
+        for name, targets, group in self.groups:
+            if any(_matches(t, module) for t in targets):
+                at = f"{self.source}: config_groups.{name} (which targets {module})"
+                schemes.setdefault(_weight_scheme(group, self.checkpoint_format, at), []).append(name)
+        if not schemes:
+            raise CheckpointError(f"{self.source}: no config_groups target matches {module}, so the checkpoint does "
+                                  "not say how it is quantized")
+        if len(schemes) > 1:
+            shown = "; ".join(f"{', '.join(names)}: int{b}, group {g}, {'sym' if sym else 'asym'}, act-order "
+                              f"{str(act).lower()}" for (b, g, sym, act), names in schemes.items())
+            raise CheckpointError(f"{self.source}: config groups with different weight schemes all target {module} "
+                                  f"({shown})")
+        (bits, group_size, sym, act_order), = schemes
+        return dataclasses.replace(self, bits=bits, group_size=group_size, sym=sym, desc_act=act_order)
 
     def describe(self) -> str:
         group = "per column (group_size -1)" if self.group_size == -1 else f"group {self.group_size}"
         if self.method == "awq":
             return f"AWQ {self.bits}-bit, {group}, zero points, version gemm"
         if self.method == "compressed-tensors":
+            if not self.bits:  # the checkpoint's config, before a module chose its group
+                return f"compressed-tensors {self.checkpoint_format}, config groups {', '.join(n for n, _, _ in self.groups)}"
             return (f"compressed-tensors pack-quantized int{self.bits}, {group}, "
                     f"{'symmetric' if self.sym else 'zero points'}{', act-order' if self.desc_act else ''}")
         return (f"GPTQ {self.bits}-bit, {group}, {'sym' if self.sym else 'asym (zero points)'}, "
@@ -228,7 +256,7 @@ class QuantConfig:
         parts = module.split(".")
         for entry in self.modules_to_not_convert:
             if self.method == "compressed-tensors":
-                if entry == "Linear" or (re.match(entry[3:], module) if entry.startswith("re:") else entry == module):
+                if _matches(entry, module):
                     return entry
                 continue
             want = entry.split(".")
@@ -299,64 +327,93 @@ def _quant_config(directory: Path, config: dict) -> QuantConfig:
                           "and 'compressed-tensors'")
 
 
-_ACTORDER = {None: False, False: False, "weight": False, "static": False, "group": True, True: True}
+# compressed-tensors' actorder values ("dynamic" is its alias of "group"): whether rows carry a g_idx.
+_ACTORDER = {None: False, False: False, "weight": False, "static": False, "group": True, "dynamic": True, True: True}
 
 
 def _compressed_tensors_config(q: dict, source: str) -> QuantConfig:
-    """llm-compressor's weight-only int checkpoints (W4A16, W8A16): one weight
-    scheme for every quantized Linear, packed ("pack-quantized")."""
+    """llm-compressor's checkpoints. The config groups are kept as written and
+    each module takes the scheme of the group whose targets match it
+    (QuantConfig.for_module), so attention quantized some other way (FP8, W8A8)
+    does not stop the experts loading; the experts' own scheme must be
+    weight-only int, pack-quantized."""
     fmt = q.get("format")
-    if fmt != "pack-quantized":
+    if fmt not in ("pack-quantized", "mixed-precision"):
         raise CheckpointError(f"{source}: compressed-tensors format {quote(fmt)} is not supported: ferrum-moe reads "
-                              "'pack-quantized' (int4/int8 weights packed into int32, as W4A16 and W8A16 are saved)")
+                              "'pack-quantized' (int4/int8 weights packed into int32, as W4A16 and W8A16 are saved), "
+                              "alone or in 'mixed-precision'")
     groups = q.get("config_groups")
     if not isinstance(groups, dict) or not groups:
         raise CheckpointError(f"{source}: config_groups must be a non-empty object of quantization schemes; got "
                               f"{quote(groups)}")
-    schemes = {}
+    kept = []
     for name, group in groups.items():
-        at = f"{source}: config_groups.{name}"
-        if not isinstance(group, dict) or not isinstance(group.get("weights"), dict):
-            raise CheckpointError(f"{at} must be an object with a 'weights' scheme; got {quote(group)}")
-        if group.get("input_activations") is not None or group.get("output_activations") is not None:
-            raise CheckpointError(f"{at} quantizes activations too; ferrum-moe runs weight-only schemes (W4A16, "
-                                  "W8A16)")
-        if group.get("format") not in (None, "pack-quantized"):
-            raise CheckpointError(f"{at}: format {quote(group.get('format'))} is not supported (expected "
-                                  "'pack-quantized')")
-        w = group["weights"]
-        bits, kind, strategy = w.get("num_bits"), w.get("type", "int"), w.get("strategy")
-        if bits not in (4, 8) or isinstance(bits, bool) or kind != "int":
-            raise CheckpointError(f"{at}.weights: {quote(kind)} with num_bits {quote(bits)} is not supported: "
-                                  "ferrum-moe runs int weights of 4 or 8 bits")
-        if strategy == "group":
-            group_size = w.get("group_size")
-            if isinstance(group_size, bool) or not isinstance(group_size, int) or not 1 <= group_size <= MAX_GROUP_SIZE:
-                raise CheckpointError(f"{at}.weights: group_size must be an integer in [1, {MAX_GROUP_SIZE}] for "
-                                      f"strategy 'group'; got {quote(group_size)}")
-        elif strategy == "channel":
-            group_size = -1  # one scale per output column
-        else:
-            raise CheckpointError(f"{at}.weights: strategy {quote(strategy)} is not supported (expected 'group' or "
-                                  "'channel')")
-        if not isinstance(w.get("symmetric", True), bool) or w.get("dynamic", False) is not False:
-            raise CheckpointError(f"{at}.weights: symmetric must be true or false and dynamic false; got symmetric "
-                                  f"{quote(w.get('symmetric'))}, dynamic {quote(w.get('dynamic'))}")
-        actorder = w.get("actorder")
-        if not isinstance(actorder, (str, bool, type(None))) or actorder not in _ACTORDER:
-            raise CheckpointError(f"{at}.weights: actorder {quote(actorder)} is not supported (expected null, "
-                                  "'group', 'weight' or 'static')")
-        schemes[(bits, group_size, w.get("symmetric", True), _ACTORDER[actorder])] = name
-    if len(schemes) > 1:
-        shown = "; ".join(f"{name}: int{b}, group {g}, {'sym' if sym else 'asym'}"
-                          for (b, g, sym, _), name in schemes.items())
-        raise CheckpointError(f"{source}: config_groups hold different weight schemes ({shown}); ferrum-moe reads "
-                              "checkpoints with one")
-    (bits, group_size, sym, act_order), = schemes
+        targets = group.get("targets") if isinstance(group, dict) else None
+        if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+            raise CheckpointError(f"{source}: config_groups.{name} must be an object with 'targets', a list of module "
+                                  f"names, patterns or class names; got {quote(group)}")
+        _check_patterns(targets, f"{source}: config_groups.{name}.targets")
+        kept.append((name, tuple(targets), group))
     ignore = q.get("ignore") or []
     if not isinstance(ignore, list) or not all(isinstance(m, str) for m in ignore):
         raise CheckpointError(f"{source}: ignore must be a list of module names; got {quote(ignore)}")
-    return QuantConfig("compressed-tensors", bits, group_size, sym, act_order, "pack-quantized", tuple(ignore), source)
+    _check_patterns(ignore, f"{source}: ignore")
+    return QuantConfig("compressed-tensors", 0, 0, True, False, fmt, tuple(ignore), source, tuple(kept))
+
+
+def _check_patterns(entries: list[str], where: str) -> None:
+    for entry in entries:
+        if entry.startswith("re:"):
+            try:
+                re.compile(entry[3:])
+            except re.error as e:
+                raise CheckpointError(f"{where}: entry {quote(entry)} is not a regular expression ({e})") from None
+
+
+def _matches(entry: str, module: str) -> bool:
+    """compressed-tensors' rule: "re:" and a pattern matched from the name's
+    start, else the whole name, or a class name (every projection is a Linear)."""
+    if entry.startswith("re:"):
+        return re.match(entry[3:], module) is not None
+    return entry in (module, "Linear")
+
+
+def _weight_scheme(group: dict, fmt: str, at: str) -> tuple[int, int, bool, bool]:
+    """(bits, group_size, symmetric, act-order) of a config group that
+    quantizes an expert: weight-only int, pack-quantized."""
+    if group.get("input_activations") is not None or group.get("output_activations") is not None:
+        raise CheckpointError(f"{at} quantizes activations too; ferrum-moe runs weight-only schemes (W4A16, W8A16)")
+    fmt = group.get("format") or fmt
+    if fmt != "pack-quantized":
+        raise CheckpointError(f"{at}: format {quote(fmt)} is not supported (expected 'pack-quantized')")
+    w = group.get("weights")
+    if not isinstance(w, dict):
+        raise CheckpointError(f"{at}.weights must be an object (the weight scheme); got {quote(w)}")
+    bits, kind = w.get("num_bits"), w.get("type", "int")
+    if bits not in (4, 8) or isinstance(bits, bool) or kind != "int":
+        raise CheckpointError(f"{at}.weights: {quote(kind)} with num_bits {quote(bits)} is not supported: ferrum-moe "
+                              "runs int weights of 4 or 8 bits")
+    group_size, strategy = w.get("group_size"), w.get("strategy")
+    if strategy is None and isinstance(group_size, int) and not isinstance(group_size, bool):
+        strategy = "group" if group_size > 0 else "channel" if group_size == -1 else None  # as compressed-tensors infers
+    if strategy == "group":
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or not 1 <= group_size <= MAX_GROUP_SIZE:
+            raise CheckpointError(f"{at}.weights: group_size must be a positive integer for strategy 'group'; got "
+                                  f"{quote(group_size)}")
+    elif strategy == "channel":
+        group_size = -1  # one scale per output column
+    else:
+        raise CheckpointError(f"{at}.weights: strategy {quote(strategy)} is not supported (expected 'group' or "
+                              "'channel')")
+    sym = w.get("symmetric", True)
+    if not isinstance(sym, bool) or w.get("dynamic", False) is not False:
+        raise CheckpointError(f"{at}.weights: symmetric must be true or false and dynamic false; got symmetric "
+                              f"{quote(sym)}, dynamic {quote(w.get('dynamic'))}")
+    actorder = w.get("actorder")
+    if not isinstance(actorder, (str, bool, type(None))) or actorder not in _ACTORDER:
+        raise CheckpointError(f"{at}.weights: actorder {quote(actorder)} is not supported (expected null, 'group', "
+                              "'dynamic', 'weight' or 'static')")
+    return bits, group_size, sym, _ACTORDER[actorder]
 
 
 class Checkpoint:

@@ -143,10 +143,11 @@ def _size(nbytes: int) -> str:
 def _inspect(args) -> int:
     import ferrum_moe as fm
     from ferrum_moe.architectures import expert_indices, ranges
-    from ferrum_moe.pretrained import layer_tensors, open_model, probe_backend
+    from ferrum_moe.pretrained import expert_quant, layer_tensors, open_model, probe_backend
 
     ckpt, spec = open_model(args.path)
     with ckpt:
+        quant = expert_quant(ckpt, spec)
         found = expert_indices(ckpt.names(), spec)
         tensors = {i: layer_tensors(ckpt, spec, i, found) for i in spec.moe_layers}
         dense = sorted(set(range(spec.num_layers)) - set(spec.moe_layers))
@@ -161,9 +162,9 @@ def _inspect(args) -> int:
         else:
             print("shared experts: none")
         print(f"routing: {spec.routing.describe()}")
-        print(f"quantization: {ckpt.quant.describe()} (from {ckpt.quant.source})")
-        if ckpt.quant.modules_to_not_convert:
-            print(f"  kept unquantized: {', '.join(ckpt.quant.modules_to_not_convert)}")
+        print(f"quantization of the experts: {quant.describe()} (from {quant.source})")
+        if quant.modules_to_not_convert:
+            print(f"  kept unquantized: {', '.join(quant.modules_to_not_convert)}")
         index = f", index {ckpt.index_file.name}" if ckpt.index_file else ""
         print(f"files: {len(ckpt.files)} .safetensors{index}")
         by_size: dict[int, list[int]] = {}
@@ -180,7 +181,7 @@ def _inspect(args) -> int:
             print(f"  {b.name:<8} unavailable: {b.error}")
             continue
         device = "cpu" if "cpu" in b.device_types else f"{b.device_types[0]}:0"
-        reason = probe_backend(b.name, device, spec, ckpt.quant, args.dtype)
+        reason = probe_backend(b.name, device, spec, quant, args.dtype)
         print(f"  {b.name:<8} {'can run it on ' + device if reason is None else 'cannot run it: ' + reason}")
     return 0
 
@@ -212,12 +213,13 @@ def _run(args) -> int:
 
     import ferrum_moe as fm
     from ferrum_moe.architectures import expert_indices
-    from ferrum_moe.pretrained import layer_tensors, open_model, read_mlp
+    from ferrum_moe.pretrained import expert_quant, layer_tensors, open_model, read_mlp
 
     ckpt, spec = open_model(args.path)
     index = spec.moe_layers[0] if args.layer is None else spec.check_layer(args.layer)
     print(f"{spec.layout.title} layer {index}: {spec.num_experts} experts, top-{spec.top_k}, hidden {spec.hidden}, "
-          f"intermediate {spec.intermediate}; {ckpt.quant.describe()}; {args.tokens} tokens, {args.dtype}")
+          f"intermediate {spec.intermediate}; {expert_quant(ckpt, spec).describe()}; {args.tokens} tokens, "
+          f"{args.dtype}")
     t0 = time.perf_counter()
     layer = fm.MoE.from_pretrained(args.path, index, backend=args.backend, device=args.device, dtype=args.dtype)
     print(f"loaded in {time.perf_counter() - t0:.1f} s on backend '{layer.w13.backend}' ({layer.w13.device})")
@@ -269,11 +271,11 @@ def _tune(args) -> int:
     from ferrum_moe.testing import random_codes_weight
 
     if args.path is not None:
-        from ferrum_moe.pretrained import open_model
+        from ferrum_moe.pretrained import expert_quant, open_model
 
         ckpt, spec = open_model(args.path)
         with ckpt:
-            quant = ckpt.quant
+            quant = expert_quant(ckpt, spec)
         e, top_k, hidden, inter = spec.num_experts, spec.top_k, spec.hidden, spec.intermediate
         bits, group_size, what = quant.bits, quant.group_size, f"{spec.layout.title} ({ckpt.path})"
         sym, act_order = quant.sym and quant.method != "awq", quant.desc_act  # AWQ stores zero points

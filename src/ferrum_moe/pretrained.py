@@ -42,6 +42,7 @@ class QuantizedModule:
     k: int
     n: int
     tensors: dict[str, TensorInfo]
+    quant: QuantConfig  # its scheme (QuantConfig.for_module)
 
     @property
     def nbytes(self) -> int:
@@ -63,6 +64,7 @@ def quantized_module(ckpt: Checkpoint, name: str, k: int, n: int) -> QuantizedMo
         raise CheckpointError(f"{info.where()}: the checkpoint keeps {name} unquantized (a float weight, "
                               f"{info.dtype} {list(info.shape)}, and no {packed}); ferrum-moe runs quantized experts "
                               "only")
+    q = q.for_module(name)
     groups = gptq.num_groups(k, q.group_size)
     group_what = f"{groups} groups of group_size {q.group_size} over K={k}, as {q.source} says"
     t: dict[str, TensorInfo] = {}
@@ -108,7 +110,7 @@ def quantized_module(ckpt: Checkpoint, name: str, k: int, n: int) -> QuantizedMo
             t["g_idx"] = ckpt.expect(f"{name}.g_idx", ("I32", "I64"), (k,), "the group of each input row")
     if ckpt.has(f"{name}.bias"):
         t["bias"] = ckpt.expect(f"{name}.bias", FLOAT_DTYPES, (n,), "one per output column")
-    return QuantizedModule(name, k, n, t)
+    return QuantizedModule(name, k, n, t, q)
 
 
 def read_finite(ckpt: Checkpoint, info: TensorInfo, dtype: str | None = None) -> np.ndarray:
@@ -136,7 +138,7 @@ def _refuse_any(info: TensorInfo, bad: np.ndarray, what: str, advice: str) -> No
 def read_module(ckpt: Checkpoint, module: QuantizedModule, dtype: str | None = None) -> GPTQWeight:
     """The data of ``module`` as a GPTQWeight, its values checked (its scales
     against ``dtype``, the activation dtype, as read_finite says)."""
-    q = ckpt.quant
+    q = module.quant
     a = {key: read_finite(ckpt, info, dtype) if key in ("scales", "weight_scale") else ckpt.read(info)
          for key, info in module.tensors.items()}
     # Where a GPTQ-layout tensor came from, for messages (compressed-tensors names them otherwise).
@@ -202,7 +204,7 @@ def _from_compressed_tensors(module: QuantizedModule, a: dict, bits: int) -> dic
     if "weight_zero_point" in a:
         zeros = gptq.unpack(a["weight_zero_point"], bits, module.n, axis=0)  # [n, groups]
         out["qzeros"] = gptq.pack(zeros.T, bits, axis=1)
-    if "weight_g_idx" in a:
+    if "weight_g_idx" in a and not np.any(a["weight_g_idx"] == -1):  # -1: never set, the rows are in order
         out["g_idx"] = a["weight_g_idx"]
     return out
 
@@ -409,6 +411,12 @@ def _probe_weight(k: int, n: int, bits: int, group_size: int, asym: bool, act_or
     g_idx = (np.arange(k)[::-1] * groups // k).astype(np.int32) if act_order else None  # rows out of group order
     return GPTQWeight(np.zeros((-(-k // per), n), np.int32), np.ones((groups, n), np.float16), qzeros, g_idx,
                       bits=bits, group_size=group_size, sym=not asym, checkpoint_format="gptq_v2", k=k)
+
+
+def expert_quant(ckpt: Checkpoint, spec: ModelSpec) -> QuantConfig:
+    """The scheme of the model's experts (the first MoE layer's first gate
+    projection's: a checkpoint quantizes its experts alike)."""
+    return ckpt.quant.for_module(spec.expert(spec.moe_layers[0], 0, "gate"))
 
 
 def probe_backend(backend: str, device, spec: ModelSpec, quant: QuantConfig, dtype: str) -> str | None:

@@ -23,6 +23,7 @@ NAMES = {  # model_type: (MoE block, (gate, up, down), shared expert module, sha
     "qwen3_next": ("mlp", ("gate_proj", "up_proj", "down_proj"), "shared_expert", "shared_expert_gate"),
     "deepseek_v2": ("mlp", ("gate_proj", "up_proj", "down_proj"), "shared_experts", None),
     "deepseek_v3": ("mlp", ("gate_proj", "up_proj", "down_proj"), "shared_experts", None),
+    "kimi_k2": ("mlp", ("gate_proj", "up_proj", "down_proj"), "shared_experts", None),
     "glm4_moe": ("mlp", ("gate_proj", "up_proj", "down_proj"), "shared_experts", None),
     "dots1": ("mlp", ("gate_proj", "up_proj", "down_proj"), "shared_experts", None),
     "olmoe": ("mlp", ("gate_proj", "up_proj", "down_proj"), None, None),
@@ -131,7 +132,7 @@ def silu_mlp(x, gate, up, down):
     return (g / (1.0 + np.exp(-g)) * u) @ down
 
 
-SIGMOID_ROUTED = ("deepseek_v3", "glm4_moe", "dots1")  # sigmoid scores, noaux_tc
+SIGMOID_ROUTED = ("deepseek_v3", "kimi_k2", "glm4_moe", "dots1")  # sigmoid scores, noaux_tc
 
 
 def reference_route(config: dict, ref: LayerRef, x64: np.ndarray):
@@ -191,7 +192,8 @@ def base_config(model_type: str, *, hidden=64, intermediate=48, experts=8, top_k
     c = {"architectures": [{"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
                             "qwen3_moe": "Qwen3MoeForCausalLM", "qwen3_next": "Qwen3NextForCausalLM",
                             "deepseek_v2": "DeepseekV2ForCausalLM",
-                            "deepseek_v3": "DeepseekV3ForCausalLM", "glm4_moe": "Glm4MoeForCausalLM",
+                            "deepseek_v3": "DeepseekV3ForCausalLM", "kimi_k2": "DeepseekV3ForCausalLM",
+                            "glm4_moe": "Glm4MoeForCausalLM",
                             "dots1": "Dots1ForCausalLM", "olmoe": "OlmoeForCausalLM"}[model_type]],
          "model_type": model_type, "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": 4,
          "hidden_act": "silu", "vocab_size": 32, "torch_dtype": "float16", "num_experts_per_tok": top_k,
@@ -212,7 +214,7 @@ def base_config(model_type: str, *, hidden=64, intermediate=48, experts=8, top_k
         if model_type != "qwen3_moe":
             c["shared_expert_intermediate_size"] = 80
     else:
-        v3 = model_type == "deepseek_v3"
+        v3 = model_type in ("deepseek_v3", "kimi_k2")
         c.update(n_routed_experts=experts, moe_intermediate_size=intermediate, n_shared_experts=1,
                  first_k_dense_replace=1, moe_layer_freq=1, n_group=4, topk_group=2,
                  topk_method="noaux_tc" if v3 else "group_limited_greedy", scoring_func="sigmoid" if v3 else "softmax",

@@ -37,6 +37,7 @@ LAYOUTS = {
     "qwen3_next": Layout("Qwen3-Next", "mlp", _PROJ, "shared_expert", "shared_expert_gate"),
     "deepseek_v2": Layout("DeepSeek-V2", "mlp", _PROJ, "shared_experts"),
     "deepseek_v3": Layout("DeepSeek-V3", "mlp", _PROJ, "shared_experts"),
+    "kimi_k2": Layout("Kimi-K2", "mlp", _PROJ, "shared_experts"),  # DeepSeek-V3's model, named apart
     "glm4_moe": Layout("GLM-4.5", "mlp", _PROJ, "shared_experts"),
     "dots1": Layout("dots.llm1", "mlp", _PROJ, "shared_experts"),
     "olmoe": Layout("OLMoE", "mlp", _PROJ),
@@ -44,7 +45,9 @@ LAYOUTS = {
 # The architectures that route as DeepSeek-V3 does (sigmoid scores, noaux_tc),
 # with their own defaults: {model_type: (norm_topk_prob, routed_scaling_factor,
 # first_k_dense_replace)}. GLM-4.5 and dots.llm1 renormalise at any top-k.
-_V3_ROUTING = {"deepseek_v3": (True, 2.5, 0), "glm4_moe": (True, 1.0, 1), "dots1": (False, 1.0, 0)}
+_V3_ROUTING = {"deepseek_v3": (True, 2.5, 0), "kimi_k2": (True, 2.5, 0), "glm4_moe": (True, 1.0, 1),
+               "dots1": (False, 1.0, 0)}
+_DEEPSEEK = ("deepseek_v2", "deepseek_v3", "kimi_k2")  # DeepSeek's own modeling code and its rules
 ROLES = ("gate", "up", "down")
 
 
@@ -239,12 +242,12 @@ def parse(config: dict, source: str, layers_present) -> ModelSpec:
         method = c.choice("topk_method", "noaux_tc" if v3 else "greedy",
                           ["noaux_tc"] if v3 else ["greedy", "group_limited_greedy"])
         # DeepSeek's own code: renormalise only for top_k > 1; V2 scales only weights it does not renormalise.
-        renormalize = c.bool("norm_topk_prob", norm_default) and (top_k > 1 or not model_type.startswith("deepseek"))
+        renormalize = c.bool("norm_topk_prob", norm_default) and (top_k > 1 or model_type not in _DEEPSEEK)
         factor = c.float("routed_scaling_factor", factor_default)
         scaling = factor if v3 or not renormalize else 1.0
         if method == "greedy":
             n_group, topk_group = 1, 1
-        elif model_type.startswith("deepseek"):
+        elif model_type in _DEEPSEEK:
             n_group, topk_group = _group_limits(c, num_experts, top_k)
         else:  # GLM-4.5 and dots.llm1 default to one group
             n_group, topk_group = _group_limits(c, num_experts, top_k, default=1)

@@ -18,6 +18,7 @@ from safetensors.numpy import save_file
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # slot i of an AWQ word holds column 8j + AWQ_ORDER[i]
 NAMES = {  # model_type: (MoE block, (gate, up, down), shared expert module, shared expert gate)
     "mixtral": ("block_sparse_moe", ("w1", "w3", "w2"), None, None),
+    "minimax_m2": ("block_sparse_moe", ("w1", "w3", "w2"), None, None),
     "qwen2_moe": ("mlp", ("gate_proj", "up_proj", "down_proj"), "shared_expert", "shared_expert_gate"),
     "qwen3_moe": ("mlp", ("gate_proj", "up_proj", "down_proj"), None, None),
     "qwen3_next": ("mlp", ("gate_proj", "up_proj", "down_proj"), "shared_expert", "shared_expert_gate"),
@@ -132,7 +133,7 @@ def silu_mlp(x, gate, up, down):
     return (g / (1.0 + np.exp(-g)) * u) @ down
 
 
-SIGMOID_ROUTED = ("deepseek_v3", "kimi_k2", "glm4_moe", "dots1")  # sigmoid scores, noaux_tc
+SIGMOID_ROUTED = ("deepseek_v3", "kimi_k2", "glm4_moe", "dots1", "minimax_m2")  # sigmoid scores, noaux_tc
 
 
 def reference_route(config: dict, ref: LayerRef, x64: np.ndarray):
@@ -163,7 +164,7 @@ def reference_route(config: dict, ref: LayerRef, x64: np.ndarray):
         chosen = sorted(allowed, key=lambda i: -choice[i])[:top_k]
         weights = [scores[i] for i in chosen]
         norm = config.get("norm_topk_prob", mt in ("glm4_moe", "qwen3_next"))  # the transformers classes' defaults
-        renormalize = {"mixtral": True, "qwen2_moe": norm, "qwen3_moe": norm, "qwen3_next": norm, "olmoe": norm,
+        renormalize = {"mixtral": True, "minimax_m2": True, "qwen2_moe": norm, "qwen3_moe": norm, "qwen3_next": norm, "olmoe": norm,
                        "glm4_moe": norm, "dots1": norm}.get(mt, top_k > 1 and norm)
         if renormalize:
             weights = [w / sum(weights) for w in weights]
@@ -193,12 +194,12 @@ def base_config(model_type: str, *, hidden=64, intermediate=48, experts=8, top_k
                             "qwen3_moe": "Qwen3MoeForCausalLM", "qwen3_next": "Qwen3NextForCausalLM",
                             "deepseek_v2": "DeepseekV2ForCausalLM",
                             "deepseek_v3": "DeepseekV3ForCausalLM", "kimi_k2": "DeepseekV3ForCausalLM",
-                            "glm4_moe": "Glm4MoeForCausalLM",
+                            "glm4_moe": "Glm4MoeForCausalLM", "minimax_m2": "MiniMaxM2ForCausalLM",
                             "dots1": "Dots1ForCausalLM", "olmoe": "OlmoeForCausalLM"}[model_type]],
          "model_type": model_type, "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": 4,
          "hidden_act": "silu", "vocab_size": 32, "torch_dtype": "float16", "num_experts_per_tok": top_k,
          "intermediate_size": 96}
-    if model_type == "mixtral":
+    if model_type in ("mixtral", "minimax_m2"):
         c.update(num_local_experts=experts, intermediate_size=intermediate)
     elif model_type == "olmoe":
         c.update(num_experts=experts, intermediate_size=intermediate, norm_topk_prob=False)
@@ -226,7 +227,7 @@ def base_config(model_type: str, *, hidden=64, intermediate=48, experts=8, top_k
 def moe_layers(c: dict) -> list[int]:
     """The MoE layers by the architectures' own rules, restated."""
     n, mt = c["num_hidden_layers"], c["model_type"]
-    if mt in ("mixtral", "olmoe"):
+    if mt in ("mixtral", "olmoe", "minimax_m2"):
         return list(range(n))
     if mt.startswith("qwen"):
         return [i for i in range(n) if i not in c["mlp_only_layers"] and (i + 1) % c["decoder_sparse_step"] == 0]
@@ -270,7 +271,8 @@ def write_model(path: Path, config: dict, q: Quant, rng, *, shards: int = 1, sep
         bias = None
         if mt in SIGMOID_ROUTED:
             bias = (rng.standard_normal(num_experts) * 0.1).astype(np.float32)
-            tensors[f"{prefix}.gate.e_score_correction_bias"] = bias
+            where = "e_score_correction_bias" if mt == "minimax_m2" else "gate.e_score_correction_bias"
+            tensors[f"{prefix}.{where}"] = bias
         experts = [mlp(f"{prefix}.experts.{e}", inter) for e in range(num_experts)]
         shared = shared_gate = None
         n_shared = config.get("n_shared_experts", 1 if mt == "glm4_moe" else 0)  # GLM-4.5's default: one

@@ -36,6 +36,7 @@ CASES = {  # id: (model_type, quantization, config changes, shards, quantize_con
     "deepseek_v3-awq-noaux-tc": ("deepseek_v3", Quant(method="awq"), {"layers": 3}, 2, False),
     "deepseek_v3-gptq-v2-int8-no-shared": (
         "deepseek_v3", Quant(bits=8, sym=False, checkpoint_format="gptq_v2"), {"n_shared_experts": 0}, 1, False),
+    "minimax_m2-awq-block-level-bias": ("minimax_m2", Quant(method="awq"), {"top_k": 3}, 2, False),
     "kimi_k2-compressed-tensors-int4-group-32": (  # as Kimi-K2-Thinking ships: DeepSeek-V3's model, int4 experts
         "kimi_k2", Quant(method="compressed-tensors", group_size=32), {"layers": 3, "routed_scaling_factor": 2.827},
         2, False),

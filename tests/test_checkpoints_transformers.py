@@ -56,6 +56,8 @@ MODELS = {  # id: (config class, model class, config arguments, quantization)
         dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=48, n_shared_experts=2,
              first_k_dense_replace=1, head_dim=16),
         Quant(method="awq")),
+    "minimax_m2-gptq": ("MiniMaxM2Config", "MiniMaxM2ForCausalLM",
+                        dict(num_local_experts=8, num_experts_per_tok=3, head_dim=16), Quant(sym=False)),
     "olmoe-gptq-int8": ("OlmoeConfig", "OlmoeForCausalLM", dict(num_experts=8, num_experts_per_tok=3),
                         Quant(bits=8)),
     "deepseek_v3-awq": (

@@ -27,11 +27,13 @@ class Layout:
     projections: tuple[str, str, str]  # gate, up, down
     shared: str | None = None  # the shared expert MLP's module, if the model has one
     shared_gate: str | None = None  # a float [1, hidden] Linear whose sigmoid scales the shared expert
+    bias: str = "gate.e_score_correction_bias"  # the noaux_tc routers' correction bias, under the block
 
 
 _PROJ = ("gate_proj", "up_proj", "down_proj")
 LAYOUTS = {
     "mixtral": Layout("Mixtral", "block_sparse_moe", ("w1", "w3", "w2")),
+    "minimax_m2": Layout("MiniMax-M2", "block_sparse_moe", ("w1", "w3", "w2"), bias="e_score_correction_bias"),
     "qwen2_moe": Layout("Qwen2-MoE", "mlp", _PROJ, "shared_expert", "shared_expert_gate"),
     "qwen3_moe": Layout("Qwen3-MoE", "mlp", _PROJ),
     "qwen3_next": Layout("Qwen3-Next", "mlp", _PROJ, "shared_expert", "shared_expert_gate"),
@@ -84,7 +86,7 @@ class ModelSpec:
         return f"{self.block(layer)}.gate.weight"
 
     def correction_bias(self, layer: int) -> str:
-        return f"{self.block(layer)}.gate.e_score_correction_bias"
+        return f"{self.block(layer)}.{self.layout.bias}"
 
     def shared_gate_weight(self, layer: int) -> str:
         return f"{self.block(layer)}.{self.layout.shared_gate}.weight"
@@ -210,6 +212,12 @@ def parse(config: dict, source: str, layers_present) -> ModelSpec:
         intermediate = c.int("intermediate_size")
         moe_layers, dense_rule = list(range(num_layers)), "every Mixtral layer is MoE"
         rule = RoutingRule("softmax", "greedy", top_k, renormalize=True)
+    elif model_type == "minimax_m2":
+        # Sigmoid scores; the top-k of score + bias, all experts competing; weights renormalised.
+        num_experts = c.int("num_local_experts", "num_experts")
+        intermediate = c.int("intermediate_size")
+        moe_layers, dense_rule = list(range(num_layers)), "every MiniMax-M2 layer is MoE"
+        rule = RoutingRule("sigmoid", "noaux_tc", top_k, renormalize=True)
     elif model_type == "olmoe":
         num_experts = c.int("num_experts")
         intermediate = c.int("intermediate_size")

@@ -51,7 +51,10 @@ def select_experts(logits: np.ndarray, rule: RoutingRule, correction_bias: np.nd
         shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
         scores = shifted / shifted.sum(axis=1, keepdims=True)
     else:
-        scores = np.float32(0.5) * np.tanh(np.float32(0.5) * logits) + np.float32(0.5)  # sigmoid, no overflow
+        # sigmoid without overflow, and to float32's relative precision for small
+        # scores too (0.5 * tanh(x / 2) + 0.5 loses it where tanh nears -1)
+        e = np.exp(-np.abs(logits))
+        scores = np.where(logits >= 0, 1 / (1 + e), e / (1 + e)).astype(np.float32)
     choice = scores if correction_bias is None else scores + correction_bias
     if rule.topk_method != "greedy":
         tokens, experts = choice.shape

@@ -668,10 +668,11 @@ def test_compressed_tensors_own_packing_reads_as_its_values(rng, bits, sym, grou
     q = rng.integers(low, high, (n, k)).astype(np.int8)
     zp = np.zeros((n, groups), np.int8) if sym else rng.integers(low, high, (n, groups)).astype(np.int8)
     scale = (rng.random((n, groups)) + 0.5).astype(np.float16)
-    tensors = {"weight_packed": pack_to_int32(torch.from_numpy(q), bits).numpy(), "weight_scale": scale,
-               "weight_shape": np.array([n, k])}
+    # Under the roles quantized_module gives them (weight_packed as qweight, ...).
+    tensors = {"qweight": pack_to_int32(torch.from_numpy(q), bits).numpy(), "scales": scale,
+               "shape": np.array([n, k])}
     if not sym:
-        tensors["weight_zero_point"] = pack_to_int32(torch.from_numpy(zp), bits, packed_dim=0).numpy()
+        tensors["qzeros"] = pack_to_int32(torch.from_numpy(zp), bits, packed_dim=0).numpy()
     a = _from_compressed_tensors(QuantizedModule("m", k, n, {}, None), tensors, bits)
     w = fm.GPTQWeight(a["qweight"], a["scales"], a.get("qzeros"), bits=bits, group_size=group, sym=sym,
                       checkpoint_format="gptq_v2", k=k)

@@ -11,6 +11,8 @@ import time
 
 import numpy as np
 
+from ferrum_moe.tuning import DEFAULT_BLOCKS, DEFAULT_TOKENS
+
 SHAPES = {  # (num_experts, top_k, hidden, intermediate)
     "qwen3-30b-a3b": (128, 8, 2048, 768),
     "mixtral": (8, 2, 4096, 14336),
@@ -83,11 +85,10 @@ def _demo(args) -> int:
     print(f"random INT4 weights made and loaded in {time.perf_counter() - t0:.1f} s on backend '{s13.backend}' "
           f"({s13.device})")
 
+    from ferrum_moe.testing import random_routing
+
     x = rng.standard_normal((args.tokens, hidden), dtype=np.float32)
-    logits = rng.standard_normal((args.tokens, e))
-    topk_ids = np.argsort(-logits, axis=1)[:, :top_k].astype(np.int32)
-    chosen = np.take_along_axis(logits, topk_ids, axis=1)
-    topk_weights = (np.exp(chosen) / np.exp(chosen).sum(axis=1, keepdims=True)).astype(np.float32)
+    topk_weights, topk_ids = random_routing(rng, args.tokens, e, top_k)
     np_dtype = ml_dtypes.bfloat16 if args.dtype == "bfloat16" else np.dtype(args.dtype)
     xq = x.astype(np_dtype)
     host_in = xq, topk_weights, topk_ids
@@ -278,7 +279,7 @@ def _tune(args) -> int:
             quant = expert_quant(ckpt, spec)
         e, top_k, hidden, inter = spec.num_experts, spec.top_k, spec.hidden, spec.intermediate
         bits, group_size, what = quant.bits, quant.group_size, f"{spec.layout.title} ({ckpt.path})"
-        sym, act_order = quant.sym and quant.method != "awq", quant.desc_act  # AWQ stores zero points
+        sym, act_order = quant.sym, quant.desc_act
     else:
         e, top_k, hidden, inter = SHAPES[args.shape]
         bits, group_size, what = args.bits, args.group_size, args.shape
@@ -340,9 +341,8 @@ def main(argv=None) -> int:
     tune.add_argument("--backend", default="auto")
     tune.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     tune.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float16")
-    tune.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048,
-                                                                4096])
-    tune.add_argument("--blocks", type=int, nargs="+", default=[8, 16, 32, 64, 128])
+    tune.add_argument("--tokens", type=int, nargs="+", default=list(DEFAULT_TOKENS))
+    tune.add_argument("--blocks", type=int, nargs="+", default=list(DEFAULT_BLOCKS))
     tune.add_argument("--margin", type=float, default=0.03, help="keep the rule's block within this of the fastest")
     tune.add_argument("--seconds", type=float, default=0.05, help="time per measurement")
     tune.add_argument("--no-save", action="store_true", help="print only; write no table")

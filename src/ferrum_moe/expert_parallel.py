@@ -9,11 +9,12 @@ One forward, on every rank of the group at once:
             or for a replicated expert the home rank's own replica, else one
             by the pair's position); each home token goes once to every rank
             picked for one of its pairs, as one packed row [hidden state |
-            router weights | global expert ids, -1 for the pairs that rank
-            does not compute] (the split sizes first, then the rows);
-  compute   that rank runs its local experts over the rows it received (the
-            -1 pairs are dropped inside align), and its partial top-k sum
-            comes out in float32;
+            router weights | global expert ids; with replicas, -1 for the
+            pairs that rank does not compute] (the split sizes first, then
+            the rows);
+  compute   that rank runs its local experts over the rows it received (-1
+            pairs and other ranks' experts are dropped by expert_map inside
+            align), and its partial top-k sum comes out in float32;
   combine   the partial sums travel back by the reverse all-to-all and the home
             rank adds them in float32, rounding once to the layer's dtype.
 
@@ -374,16 +375,16 @@ class ExpertParallelMoE:
         self._torch_dtype = getattr(torch, self.dtype)
         self.expert_map = torch.from_numpy(placement.expert_map(self.rank)).to(self.device)
         # Where this rank's pairs go (Placement's rule): the expert's replicas
-        # (padded by repeating them), how many, how many ranks below this one
-        # lack it, and whether this rank holds it.
+        # (padded by repeating them), how many, and how many ranks below this
+        # one lack it. Without replicas the first column is each expert's rank.
         replicas = placement.replicas
         widest = max(len(held) for held in replicas)
+        self._has_replicas = widest > 1
         table = np.array([[held[i % len(held)] for i in range(widest)] for held in replicas], np.int64)
         lacking_below = [sum(1 for r in range(self.rank) if r not in held) for held in replicas]
         self._replica_ranks = torch.from_numpy(table).to(self.device)
         self._replica_counts = torch.tensor([len(held) for held in replicas], dtype=torch.int64, device=self.device)
         self._turn = torch.tensor(lacking_below, dtype=torch.int64, device=self.device)
-        self._held_here = torch.from_numpy(placement.expert_map(self.rank) >= 0).to(self.device)
         self._local = MoE(w13_shard, w2_shard, top_k=self.top_k, expert_map=self.expert_map, block_size=block_size,
                           apply_router_weight_on_input=bool(apply_router_weight_on_input))
 
@@ -502,8 +503,11 @@ class ExpertParallelMoE:
         expert = ids.clamp(0, self.num_experts - 1).long()
         # The rank computing each pair: this rank where it holds the expert, else
         # replica (t + ranks below this one lacking it) % replicas; n for dropped pairs.
-        pick = (torch.arange(m, device=dev)[:, None] + self._turn[expert]) % self._replica_counts[expert]
-        pair_rank = torch.where(self._held_here[expert], self.rank, self._replica_ranks[expert, pick])
+        if self._has_replicas:
+            pick = (torch.arange(m, device=dev)[:, None] + self._turn[expert]) % self._replica_counts[expert]
+            pair_rank = torch.where(self.expert_map[expert] >= 0, self.rank, self._replica_ranks[expert, pick])
+        else:
+            pair_rank = self._replica_ranks[expert, 0]  # each expert's one rank
         pair_rank = torch.where(valid, pair_rank, n)
         # sends[t, p]: a pair of token t is computed on rank p (column n collects dropped pairs).
         sends = torch.zeros(m, n + 1, dtype=torch.bool, device=dev).scatter_(1, pair_rank, True)[:, :n]
@@ -533,21 +537,23 @@ class ExpertParallelMoE:
         # dropped (t, p) all land on the extra last entry.
         source = torch.full((total_send + 1,), m, dtype=torch.int64, device=dev)
         source.scatter_(0, dest.reshape(-1), torch.arange(m, device=dev).repeat_interleave(n))
-        # And its destination (n for unused slots).
-        row_rank = torch.full((total_send + 1,), n, dtype=torch.int64, device=dev)
-        row_rank.scatter_(0, dest.reshape(-1), torch.arange(n, device=dev).repeat(m))
         if self.capacity is None:
             send = torch.index_select(packed, 0, source[:total_send])
             recv = torch.empty(total_recv, self.row_bytes, dtype=torch.uint8, device=dev)
         else:
             send = torch.index_select(packed, 0, source[:total_send], out=self._send)
             recv = self._recv
-        # A row carries the ids of the pairs its destination computes, -1 for the
-        # others: a rank holding a replica of a pair's expert that another rank
-        # was picked for must not compute that pair too.
-        computed_there = torch.cat([pair_rank, pair_rank.new_full((1, self.top_k), n)])[source[:total_send]] == \
-            row_rank[:total_send, None]
-        send[:, self._ids_at:self._ids_at + 4 * self.top_k].view(torch.int32).masked_fill_(~computed_there, -1)
+        if self._has_replicas:
+            # A row carries the ids of the pairs its destination computes, -1 for
+            # the others: a rank holding a replica of a pair's expert that another
+            # rank was picked for must not compute that pair too. (Without
+            # replicas each rank holds only the experts it computes, and its
+            # expert_map drops the others' pairs.)
+            row_rank = torch.full((total_send + 1,), n, dtype=torch.int64, device=dev)  # n: unused slots
+            row_rank.scatter_(0, dest.reshape(-1), torch.arange(n, device=dev).repeat(m))
+            computed_there = torch.cat([pair_rank, pair_rank.new_full((1, self.top_k), n)])[source[:total_send]] == \
+                row_rank[:total_send, None]
+            send[:, self._ids_at:self._ids_at + 4 * self.top_k].view(torch.int32).masked_fill_(~computed_there, -1)
         dist.all_to_all_single(recv, send, recv_rows, send_rows, group=self.group)
 
         return Dispatched(

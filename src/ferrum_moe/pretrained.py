@@ -36,7 +36,10 @@ def open_model(path) -> tuple[Checkpoint, ModelSpec]:
 @dataclasses.dataclass
 class QuantizedModule:
     """The header entries of one quantized Linear (qweight, scales, and where
-    present qzeros, g_idx, bias), checked against its [k, n] shape."""
+    present qzeros, g_idx, bias), checked against its [k, n] shape. A
+    compressed-tensors Linear's tensors sit under the same roles (its
+    weight_packed as qweight, weight_zero_point as qzeros, ..., weight_shape as
+    shape) in their own [n, k] layout, until _from_compressed_tensors turns them."""
 
     name: str
     k: int
@@ -70,16 +73,15 @@ def quantized_module(ckpt: Checkpoint, name: str, k: int, n: int) -> QuantizedMo
     t: dict[str, TensorInfo] = {}
     if q.method == "compressed-tensors":
         # A Linear's own [n, k] layout: codes packed along k, scales and zero points per (column, group).
-        words = -(-k * q.bits // 32)
-        t["weight_packed"] = ckpt.expect(f"{name}.weight_packed", ("I32",), (n, words),
-                                         f"{q.bits}-bit codes of K={k} packed along K, a row per output column")
-        t["weight_scale"] = ckpt.expect(f"{name}.weight_scale", FLOAT_DTYPES, (n, groups), group_what)
-        t["weight_shape"] = ckpt.expect(f"{name}.weight_shape", ("I64", "I32"), (2,), f"[N, K] = [{n}, {k}]")
+        t["qweight"] = ckpt.expect(f"{name}.weight_packed", ("I32",), (n, -(-k * q.bits // 32)),
+                                   f"{q.bits}-bit codes of K={k} packed along K, a row per output column")
+        t["scales"] = ckpt.expect(f"{name}.weight_scale", FLOAT_DTYPES, (n, groups), group_what)
+        t["shape"] = ckpt.expect(f"{name}.weight_shape", ("I64", "I32"), (2,), f"[N, K] = [{n}, {k}]")
         if ckpt.has(f"{name}.weight_zero_point") or not q.sym:
-            t["weight_zero_point"] = ckpt.expect(f"{name}.weight_zero_point", ("I32",), (-(-n * q.bits // 32), groups),
-                                                 f"{q.bits}-bit zero points packed along N, {group_what}")
+            t["qzeros"] = ckpt.expect(f"{name}.weight_zero_point", ("I32",), (-(-n * q.bits // 32), groups),
+                                      f"{q.bits}-bit zero points packed along N, {group_what}")
         if ckpt.has(f"{name}.weight_g_idx") or q.desc_act:
-            t["weight_g_idx"] = ckpt.expect(f"{name}.weight_g_idx", ("I32", "I64"), (k,), "the group of each input row")
+            t["g_idx"] = ckpt.expect(f"{name}.weight_g_idx", ("I32", "I64"), (k,), "the group of each input row")
     elif q.method == "awq":
         if n % 8:
             raise CheckpointError(f"{ckpt.path / 'config.json'}: N={n} of {name} (from its sizes) is not a multiple "
@@ -139,13 +141,8 @@ def read_module(ckpt: Checkpoint, module: QuantizedModule, dtype: str | None = N
     """The data of ``module`` as a GPTQWeight, its values checked (its scales
     against ``dtype``, the activation dtype, as read_finite says)."""
     q = module.quant
-    a = {key: read_finite(ckpt, info, dtype) if key in ("scales", "weight_scale") else ckpt.read(info)
+    a = {key: read_finite(ckpt, info, dtype) if key == "scales" else ckpt.read(info)
          for key, info in module.tensors.items()}
-    # Where a GPTQ-layout tensor came from, for messages (compressed-tensors names them otherwise).
-    stored = {"g_idx": "weight_g_idx", "qzeros": "weight_zero_point"} if q.method == "compressed-tensors" else {}
-
-    def where(key: str) -> str:
-        return module.tensors[stored.get(key, key)].where()
 
     if "bias" in a and np.any(a["bias"].astype(np.float32) != 0):
         raise CheckpointError(f"{module.tensors['bias'].where()}: a nonzero bias; ferrum-moe's MoE experts have "
@@ -159,13 +156,13 @@ def read_module(ckpt: Checkpoint, module: QuantizedModule, dtype: str | None = N
         g_idx = g_idx.astype(np.int64)
         groups = gptq.num_groups(module.k, q.group_size)
         if g_idx.size and (g_idx.min() < 0 or g_idx.max() >= groups):
-            raise CheckpointError(f"{where('g_idx')}: values must be group indices in [0, {groups}); "
+            raise CheckpointError(f"{module.tensors['g_idx'].where()}: values must be group indices in [0, {groups}); "
                                   f"got [{g_idx.min()}, {g_idx.max()}]")
         in_order = np.zeros(module.k, np.int64) if q.group_size == -1 else np.arange(module.k) // q.group_size
         if np.array_equal(g_idx, in_order):
             g_idx = None  # rows in group order: the plain (faster) path computes the same
         elif not q.desc_act:
-            raise CheckpointError(f"{where('g_idx')}: rows are not in group order (k // "
+            raise CheckpointError(f"{module.tensors['g_idx'].where()}: rows are not in group order (k // "
                                   f"{q.group_size}), but {q.source} says desc_act false: the config and the tensors "
                                   "disagree")
     fmt = "gptq_v2" if q.method == "compressed-tensors" else q.checkpoint_format  # its zero points are true ones
@@ -177,14 +174,14 @@ def read_module(ckpt: Checkpoint, module: QuantizedModule, dtype: str | None = N
     if zeros.max() > 255:  # only 8-bit v1 gets here: its stored zero - 1 of 0xFF means 256
         g, col = (int(i) for i in np.unravel_index(np.argmax(zeros), zeros.shape))
         raise CheckpointError(
-            f"{where('qzeros')}: the stored 8-bit v1 zero point of group {g}, column {col} is 0xFF, "
+            f"{module.tensors['qzeros'].where()}: the stored 8-bit v1 zero point of group {g}, column {col} is 0xFF, "
             "which means a zero point of 256, outside the [0, 255] that kernels hold; such a checkpoint is not "
             "supported")
     if q.sym:
         mid = 1 << (q.bits - 1)
         if np.any(zeros != mid):
             raise CheckpointError(
-                f"{where('qzeros')}: {q.source} says sym true, but the zero points range over "
+                f"{module.tensors['qzeros'].where()}: {q.source} says sym true, but the zero points range over "
                 f"[{zeros.min()}, {zeros.max()}] (symmetric {q.bits}-bit weights have {mid} everywhere; "
                 f"checkpoint_format {q.checkpoint_format}): the config and the tensors disagree")
         w.qzeros = None  # all at the midpoint: the stack needs no zero points
@@ -192,20 +189,21 @@ def read_module(ckpt: Checkpoint, module: QuantizedModule, dtype: str | None = N
 
 
 def _from_compressed_tensors(module: QuantizedModule, a: dict, bits: int) -> dict:
-    """A pack-quantized Linear's tensors in GPTQ's layout (qweight, scales,
-    qzeros with the true zero points, g_idx). Its stored codes and zero points
-    are the signed values plus 2^(bits-1), so code - zero is the same in both."""
-    shape = a["weight_shape"].astype(np.int64).tolist()
+    """A pack-quantized Linear's tensors (under QuantizedModule's roles, in its
+    [n, k] layout) in GPTQ's layout, with the true zero points. Its stored codes
+    and zero points are the signed values plus 2^(bits-1), so code - zero is
+    the same in both."""
+    shape = a["shape"].astype(np.int64).tolist()
     if shape != [module.n, module.k]:
-        raise CheckpointError(f"{module.tensors['weight_shape'].where()}: holds {shape}; the layer's sizes make "
+        raise CheckpointError(f"{module.tensors['shape'].where()}: holds {shape}; the layer's sizes make "
                               f"{module.name} [N, K] = [{module.n}, {module.k}]")
-    codes = gptq.unpack(a["weight_packed"], bits, module.k, axis=1)  # [n, k]
-    out = {"qweight": gptq.pack(codes.T, bits, axis=0), "scales": np.ascontiguousarray(a["weight_scale"].T)}
-    if "weight_zero_point" in a:
-        zeros = gptq.unpack(a["weight_zero_point"], bits, module.n, axis=0)  # [n, groups]
+    codes = gptq.unpack(a["qweight"], bits, module.k, axis=1)  # [n, k]
+    out = {"qweight": gptq.pack(codes.T, bits, axis=0), "scales": np.ascontiguousarray(a["scales"].T)}
+    if "qzeros" in a:
+        zeros = gptq.unpack(a["qzeros"], bits, module.n, axis=0)  # [n, groups]
         out["qzeros"] = gptq.pack(zeros.T, bits, axis=1)
-    if "weight_g_idx" in a and not np.any(a["weight_g_idx"] == -1):  # -1: never set, the rows are in order
-        out["g_idx"] = a["weight_g_idx"]
+    if "g_idx" in a and not np.any(a["g_idx"] == -1):  # -1: never set, the rows are in order
+        out["g_idx"] = a["g_idx"]
     return out
 
 
@@ -249,8 +247,7 @@ def _mlp(ckpt: Checkpoint, name, hidden: int, intermediate: int) -> MLPModules:
 def read_mlp(ckpt: Checkpoint, m: MLPModules, dtype: str | None = None) -> tuple[GPTQWeight, GPTQWeight]:
     """(w13 = [gate | up], w2 = down) of one expert, to run in activation dtype ``dtype``."""
     gate, up = read_module(ckpt, m.gate, dtype), read_module(ckpt, m.up, dtype)
-    g_idx = " and ".join(module.tensors[key].where() for module in (m.gate, m.up) for key in ("g_idx", "weight_g_idx")
-                         if key in module.tensors)
+    g_idx = " and ".join(module.tensors["g_idx"].where() for module in (m.gate, m.up) if "g_idx" in module.tensors)
     return join_gate_up(gate, up, g_idx), read_module(ckpt, m.down, dtype)
 
 

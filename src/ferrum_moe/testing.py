@@ -35,10 +35,7 @@ def random_weight(rng, k, n, *, bits=4, group_size=128, sym=True, act_order=Fals
     """A GPTQ matrix quantized from random floats; scales stored in ``dtype`` so
     dequantize() is exactly what a kernel computing in that dtype sees."""
     w = rng.standard_normal((k, n)) / np.sqrt(k)
-    g_idx = None
-    if act_order:
-        groups = fm.gptq.num_groups(k, group_size)
-        g_idx = (rng.permutation(k) * groups // k).astype(np.int32)  # every group, shuffled rows
+    g_idx = _act_order_g_idx(rng, k, fm.gptq.num_groups(k, group_size)) if act_order else None
     return fm.gptq.quantize(w, bits, group_size, sym, g_idx=g_idx, checkpoint_format=checkpoint_format,
                             scale_dtype=NUMPY_DTYPES[dtype])
 
@@ -54,8 +51,22 @@ def random_codes_weight(rng, k, n, *, group_size=128, scale_dtype=np.float16, bi
     scales = (rng.random((groups, n)) * 0.02 + 0.005).astype(scale_dtype)
     # GPTQ v1 stores zero - 1: stored codes up to 2^bits - 2 (all ones would be a zero of 2^bits).
     qzeros = None if sym else fm.gptq.pack(rng.integers(0, 2**bits - 1, (groups, n)), bits, axis=1)
-    g_idx = (rng.permutation(k) * groups // k).astype(np.int32) if act_order else None
+    g_idx = _act_order_g_idx(rng, k, groups) if act_order else None
     return fm.GPTQWeight(qweight, scales, qzeros, g_idx, bits=bits, group_size=group_size, sym=sym, k=k)
+
+
+def _act_order_g_idx(rng, k: int, groups: int) -> np.ndarray:
+    """Act-order's g_idx: every group, its rows shuffled over K."""
+    return (rng.permutation(k) * groups // k).astype(np.int32)
+
+
+def random_routing(rng, tokens: int, experts: int, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(topk_weights float32, topk_ids int32), [tokens, top_k]: each token's
+    top_k distinct experts of random logits, weighted by their softmax."""
+    logits = rng.standard_normal((tokens, experts))
+    ids = np.argsort(-logits, axis=1)[:, :top_k].astype(np.int32)
+    chosen = np.exp(np.take_along_axis(logits, ids, axis=1))
+    return (chosen / chosen.sum(axis=1, keepdims=True)).astype(np.float32), ids
 
 
 def random_activations(rng, shape, dtype: str) -> np.ndarray:

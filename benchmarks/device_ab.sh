@@ -28,7 +28,7 @@ for arg in "$@"; do
   dirs[$label]=$dir
 done
 start=$(date +%s)
-stage=build
+stage=${AB_CORE:-build}  # AB_CORE=plugin: the core is installed already (earlier in the call)
 use() { rm -rf .dist && cp -r "${dirs[$1]}" .dist; }
 run() {  # label, out folder, stages...
   local label=$1 out=$2

@@ -37,14 +37,16 @@ struct PairQuantParams {
 // empty[(j - 1) % kStages] completes when every computing thread, in slice
 // j, is done with slice j - 1: each slice releases the one before it without
 // a branch, so the CTA's first "releases slice -1", an extra first phase of
-// empty[kStages - 1] (empty_parity counts it).
+// empty[kStages - 1] (empty_parity counts it), which the producer waits for
+// before slice kStages - 1 as for any other release: every phase a
+// computing thread arrives on after its first was waited for.
 template <int kStages>
 struct PipelineBarriers {
   uint64_t full[kStages];
   uint64_t empty[kStages];
 
   // Parity of the phase of empty[slice % kStages] that releases slice
-  // slice - kStages (slice >= kStages): phase (slice + 1) / kStages - 1
+  // slice - kStages (slice >= kStages - 1): phase (slice + 1) / kStages - 1
   // (one more than the plain count for the last stage, whose first phase
   // is slice -1's).
   static __device__ __forceinline__ uint32_t empty_parity(int slice) {
@@ -209,7 +211,7 @@ class Mainloop {
       if (i < k_tiles) {
         const int slice = pipe + i;
         const int kt = kt_begin + i;
-        if (slice >= kStages) mbarrier_wait(&barriers.empty[slice % kStages], Barriers::empty_parity(slice));
+        if (slice >= kStages - 1) mbarrier_wait(&barriers.empty[slice % kStages], Barriers::empty_parity(slice));
         if (group_src.src != nullptr) {
           cp_async_16(shared_address(quant_smem_ + (slice % kStages) * Traits::kQuantStageBytes) + group_src.dst,
                       group_src.src + static_cast<int64_t>(min(group, w_.num_groups - 1)) * group_src.stride);

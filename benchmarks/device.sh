@@ -19,7 +19,10 @@
 # (docs/reliability.md); after HANG_AFTER seconds, cuda-gdb's host and device view of it.
 # The CUDA plugin wheel is taken from .dist/ when one is there (built on a
 # machine without a GPU: `pip wheel --no-build-isolation --no-deps ./backends/cuda -w .dist`),
-# which saves the device the compile. BENCH_ARGS / LINEAR_ARGS pass options on.
+# which saves the device the compile. Likewise the core from .dist-core/ (a wheel for the
+# device's Python 3.12, built here: `python3.12 -m pip wheel --no-build-isolation --no-deps .
+# -w .dist-core`; ~90 s of a cold call), built on the device where it does not import there.
+# BENCH_ARGS / LINEAR_ARGS pass options on.
 # Logs and JSON go to $OUT (the device tool's folder) or /tmp/ferrum-out.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -35,7 +38,16 @@ now() { date +%s; }
 if has build || has plugin; then
   t=$(now)
   rc=0
-  has build && { python3 -m pip install -q --no-build-isolation --no-deps . >"$OUT/build-core.log" 2>&1 || rc=$?; }
+  core="core built"
+  if has build; then
+    if ls .dist-core/ferrum_moe-*.whl >/dev/null 2>&1 &&
+       python3 -m pip install -q --no-deps --force-reinstall .dist-core/ferrum_moe-*.whl >"$OUT/build-core.log" 2>&1 &&
+       python3 -c "import ferrum_moe._core" >>"$OUT/build-core.log" 2>&1; then
+      core="core from .dist-core"
+    else
+      python3 -m pip install -q --no-build-isolation --no-deps . >>"$OUT/build-core.log" 2>&1 || rc=$?
+    fi
+  fi
   if ls .dist/ferrum_moe_cuda-*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-deps --force-reinstall .dist/ferrum_moe_cuda-*.whl >"$OUT/build-cuda.log" 2>&1 || rc=$?
     what="CUDA plugin from .dist"
@@ -43,7 +55,7 @@ if has build || has plugin; then
     python3 -m pip install -q --no-build-isolation --no-deps -v ./backends/cuda >"$OUT/build-cuda.log" 2>&1 || rc=$?
     what="CUDA plugin built"
   fi
-  has build && what="core built, $what"
+  has build && what="$core, $what"
   summary+=("build: rc=$rc ($what) in $(( $(now) - t )) s")
   [ $rc -eq 0 ] || { tail -30 "$OUT"/build-*.log; }
   ferrum-moe info

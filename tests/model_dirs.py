@@ -164,8 +164,8 @@ def reference_route(config: dict, ref: LayerRef, x64: np.ndarray):
         chosen = sorted(allowed, key=lambda i: -choice[i])[:top_k]
         weights = [scores[i] for i in chosen]
         norm = config.get("norm_topk_prob", mt in ("glm4_moe", "qwen3_next"))  # the transformers classes' defaults
-        renormalize = {"mixtral": True, "minimax_m2": True, "qwen2_moe": norm, "qwen3_moe": norm, "qwen3_next": norm, "olmoe": norm,
-                       "glm4_moe": norm, "dots1": norm}.get(mt, top_k > 1 and norm)
+        renormalize = {"mixtral": True, "minimax_m2": True, "qwen2_moe": norm, "qwen3_moe": norm, "qwen3_next": norm,
+                       "olmoe": norm, "glm4_moe": norm, "dots1": norm}.get(mt, top_k > 1 and norm)
         if renormalize:
             weights = [w / sum(weights) for w in weights]
         if mt in SIGMOID_ROUTED or mt == "deepseek_v2" and not renormalize:  # DeepSeek's own code

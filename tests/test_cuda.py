@@ -302,6 +302,82 @@ def test_prefill_tiles_that_fill_the_gpu_match_float64(rng, dtype):
         assert rel_error(got[pairs], x64[pairs // 2] @ dense[expert]) < tol
 
 
+@pytest.mark.parametrize("dtype, bits, sym, act_order", [
+    ("float16", 4, True, False), ("bfloat16", 4, False, False), ("float16", 8, False, False),
+    ("float16", 4, True, True)])
+def test_few_prefill_tiles_split_k_and_match_float64(rng, dtype, bits, sym, act_order):
+    """Too few 128 x 256 tiles for the SMs split K among CTAs where the stream-K
+    workspace holds them (params.hpp, wgmma_tiles_fill): 256 x 4096 x 2048 is 16
+    tiles of 64 K slices, 8 CTAs a tile on an H200, whose partial sums meet in
+    the tile's slot. Dense, windowed with a bias, into float32, routed; each
+    against float64, the slots clean for the next call."""
+    k, n, m = 4096, 2048, 256
+    weights = [random_weight(rng, k, n, bits=bits, group_size=128, sym=sym, act_order=act_order, dtype=dtype)
+               for _ in range(2)]
+    dense = [w.dequantize(np.float64) for w in weights]
+    stack = fm.ExpertStack.from_gptq(weights, device="cuda", dtype=dtype)
+    tdtype = getattr(torch, dtype)
+    tol = REL_TOL[dtype]
+    x = cuda(rng.standard_normal((m, k)).astype(np.float32)).to(tdtype)
+    x64 = x.cpu().double().numpy()
+    layer = stack.expert_linear(n, n)  # expert 1
+    for out_dtype in (tdtype, torch.float32, tdtype):
+        out = torch.full((m, n), float("nan"), device="cuda", dtype=out_dtype)
+        layer(x, out=out)
+        assert rel_error(out, x64 @ dense[1]) < tol, out_dtype
+    offset, width = 8, n - 24
+    bias = cuda(rng.standard_normal(width).astype(np.float32)).to(tdtype)
+    out = torch.full((m, n), float("nan"), device="cuda", dtype=tdtype)
+    stack.expert_linear(offset, width, bias=bias)(x, out=out[:, :width])
+    got = out.double().cpu().numpy()
+    assert rel_error(got[:, :width], x64 @ dense[0][:, offset:offset + width] + bias.cpu().double().numpy()) < tol
+    assert np.all(np.isnan(got[:, width:])), "columns past the window written"
+    # Routed: every token to both experts, one block of 128 rows each (the host plans
+    # for the routing's bound, the kernel again for the two blocks it filled).
+    xr = x[:128]
+    ids = cuda(np.stack([rng.permutation(2) for _ in range(128)]).astype(np.int32))
+    routing = fm.moe_align_block_size(ids, 128, 2)
+    out = torch.full((256, n), float("nan"), device="cuda", dtype=tdtype)
+    stack.gemm_routed(xr, routing, out=out)
+    got = out.double().cpu().numpy()
+    ids_np = ids.cpu().numpy().reshape(-1)
+    for expert in range(2):
+        pairs = np.flatnonzero(ids_np == expert)
+        assert rel_error(got[pairs], x64[pairs // 2] @ dense[expert]) < tol
+
+
+def test_stream_k_prefill_ranges_cross_tiles_and_replay_clean(rng):
+    """Where an even share of the slices beats aligned splits, a CTA's range of
+    128-row slices crosses from one tile into the next: 300 x 6208 x 2304 is 27
+    tiles (3 row tiles, the last with 44 rows) of 97 slices, 2,619 slices over 132
+    CTAs on an H200 (schedule_check.cpp pins that plan). Every call, graph
+    replays and eager calls alternating, matches float64: the slots and
+    counters are zero again after each launch."""
+    k, n, m = 6208, 2304, 300
+    weight = random_weight(rng, k, n, group_size=64, sym=False)
+    dense = weight.dequantize(np.float64)
+    lin = fm.Linear.from_gptq(weight, device="cuda", dtype="float16")
+    x = cuda(random_activations(rng, (m, k), "float16"))
+    out = torch.empty(m, n, device="cuda", dtype=torch.float16)
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        lin(x, out=out, stream=s)
+    s.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=s):
+        lin(x, out=out, stream=s)
+    for replay in range(3):
+        xh = random_activations(rng, (m, k), "float16")
+        x.copy_(cuda(xh))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        expect = xh.astype(np.float64) @ dense
+        assert rel_error(out, expect) < REL_TOL["float16"], replay
+        eager = lin(x)
+        assert rel_error(eager, expect) < REL_TOL["float16"], replay
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_prefill_tiles_store_windows_bias_and_every_output_layout(rng, dtype):
     """The wgmma tiles' results leave through 16-byte row stores where the output

@@ -156,7 +156,9 @@ CudaStack::CudaStack(const FmStackCreateArgs& args)
   check_cuda(gemm::configure_gemm_kernels(compute_type_, bits_, wgmma_tiles_), "configuring the GEMM kernels");
   // Stream-K fills every SM with as many CTAs as fit at once: one wave, as
   // many loads in flight as the SM holds, no tail.
-  for (int rows : {gemm::kTinyRowsPerCta, gemm::kSmallRowsPerCta, gemm::kMediumRowsPerCta, gemm::kLargeRowsPerCta}) {
+  for (int rows : {gemm::kTinyRowsPerCta, gemm::kSmallRowsPerCta, gemm::kMediumRowsPerCta, gemm::kLargeRowsPerCta,
+                   gemm::kWgmmaRowsPerCta}) {
+    if (rows == gemm::kWgmmaRowsPerCta && !wgmma_tiles_) continue;
     check_cuda(gemm::gemm_ctas_per_sm(compute_type_, bits_, rows, &ctas_per_sm_[occupancy_index(rows)]),
                "querying the GEMM kernels' occupancy");
   }
@@ -311,15 +313,12 @@ int CudaStack::rows_per_cta_for(int64_t rows) const {
   return rows <= gemm::kLargeRowsPerCta ? gemm::kMediumRowsPerCta : gemm::kWgmmaRowsPerCta;
 }
 
-// A 128-row launch that leaves many SMs idle loses to 64-row tiles, which
-// split K under stream-K or at least fill more SMs. Measured on the H200
-// (2026-12-03), Linear 128 x 256 tiles against 64-row ones: 16 tiles (7168 x
-// 2048, M = 256) 187 / 68 us, 32 tiles 309 / 162, 64 tiles (M = 1024) 178 /
-// 134; but 128 tiles (14336 x 4096, M = 1024: 97% of the SMs) 311 / 479.
+// gemm/params.hpp, wgmma_tiles_fill: 128-row tiles where they (split or not)
+// fill the GPU, else 64-row ones.
 int CudaStack::fill_the_gpu(int rows_per_cta, int64_t row_tiles, int64_t n_tiles) const {
   if (rows_per_cta != gemm::kWgmmaRowsPerCta) return rows_per_cta;
   const int64_t tiles = row_tiles * ceil_div(n_tiles, int64_t{gemm::kWgmmaColumnTilesPerCta});
-  return tiles * 4 < int64_t{num_sms_} * 3 ? gemm::kLargeRowsPerCta : rows_per_cta;
+  return gemm::wgmma_tiles_fill(tiles, k_padded_ / kTileK, num_sms_) ? rows_per_cta : gemm::kLargeRowsPerCta;
 }
 
 int CudaStack::plan_schedule(int64_t tiles_x, int64_t n_tiles, int rows_per_cta, gemm::StreamK& schedule,
@@ -331,13 +330,7 @@ int CudaStack::plan_schedule(int64_t tiles_x, int64_t n_tiles, int rows_per_cta,
   if (tiles > kMaxGridX) {
     throw Error(FM_ERROR_UNSUPPORTED, std::to_string(tiles) + " output tiles exceed the CUDA grid limit");
   }
-  // 128-row tiles are never shared: their reduction is not compiled (prefill
-  // has tiles enough for a wave) and the occupancy table has no entry for them.
-  const int64_t slots = rows_per_cta == gemm::kWgmmaRowsPerCta
-                            ? 0
-                            : std::min<int64_t>(gemm::kStreamKCounters,
-                                                gemm::kStreamKSlotFloats / (rows_per_cta * kTileN));
-  if (tiles > slots || tiles == 0) return static_cast<int>(tiles);  // one CTA per tile
+  if (tiles > gemm::stream_k_slots(rows_per_cta) || tiles == 0) return static_cast<int>(tiles);  // one CTA per tile
   const int64_t wave = std::max<int64_t>(int64_t(ctas_per_sm_[occupancy_index(rows_per_cta)]) * num_sms_, 1);
   // The slots go with every launch that fits them, split or not: a routed
   // launch's kernel may spread fewer live tiles over its grid (kernel.cuh).

@@ -90,11 +90,10 @@ __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& 
   // what the routing filled (read here, after the wait for the kernel that
   // wrote it) hold nothing. When the host asks for it (live_rows_wave) and
   // the schedule has stream-K slots, the grid plans again on the live rows
-  // (stream_k_ctas) instead of leaving their CTAs idle. (The warp-specialised
-  // tiles never share a tile: no slots.)
+  // (stream_k_ctas) instead of leaving their CTAs idle.
   int64_t tiles_x = schedule.tiles_x;
   int64_t ctas = gridDim.x;
-  if (!Traits::kWarpSpecialized && schedule.partials != nullptr && schedule.live_rows_wave > 0) {
+  if (schedule.partials != nullptr && schedule.live_rows_wave > 0) {
     const int64_t live = live_tile_rows();
     if (live < tiles_x) {
       tiles_x = max(live, int64_t{0});
@@ -109,21 +108,11 @@ __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& 
   const int64_t begin = blockIdx.x < ctas ? total * blockIdx.x / ctas : 0;
   const int64_t end = blockIdx.x < ctas ? total * (blockIdx.x + 1) / ctas : 0;
   // Calls piece(tile, kt_begin, kt_end) for every (tile, K range) this CTA
-  // owns, in order; every thread walks the same pieces.
-  auto walk = [&](auto&& piece) {
-    int64_t at = begin;
-    while (at < end) {
-      const int64_t tile = at / k_tiles;
-      const int kt_begin = static_cast<int>(at - tile * k_tiles);
-      const int kt_end = static_cast<int>(min(k_tiles, kt_begin + (end - at)));
-      at += kt_end - kt_begin;
-      piece(tile, kt_begin, kt_end);
-    }
-  };
-  // The same pieces, last first. Under stream-K only a CTA's first piece can
-  // hold a shared tile's last K range, whose reduction waits for the lower
-  // CTAs' parts (stream_k.cuh); walked last, it waits after every part this
-  // CTA owes other tiles is counted, so no wait ever waits on another wait.
+  // owns, last first; every thread walks the same pieces. Under stream-K only
+  // a CTA's first range can hold a shared tile's last K range, whose
+  // reduction waits for the lower CTAs' parts (stream_k.cuh); walked last, it
+  // waits after every part this CTA owes other tiles is counted, so no wait
+  // ever waits on another wait.
   auto walk_back = [&](auto&& piece) {
     int64_t at = end;
     while (at > begin) {
@@ -134,9 +123,11 @@ __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& 
       piece(tile, kt_begin, kt_end);
     }
   };
-  // The CTA's first 128-column tile of `tile`; a second warpgroup takes the next one.
-  auto n_tile_of = [&](int64_t tile) {
-    return first_n_tile + Traits::kWarpgroups * static_cast<int>(tile % schedule.n_tiles);
+  // Where `tile` lies (params.hpp, raster_tile): its tile row, and the CTA's
+  // first 128-column tile (a second warpgroup takes the next one).
+  auto coords_of = [&](int64_t tile) {
+    const TileCoords c = raster_tile(tile, tiles_x, schedule.n_tiles);
+    return TileCoords{c.x, first_n_tile + Traits::kWarpgroups * c.y};
   };
   auto flat_of = [](typename Loop::Accumulators& acc) -> auto& {
     return reinterpret_cast<typename AccumulatorLayout<kRows, Loop::kWgmma>::Flat&>(acc);
@@ -155,36 +146,47 @@ __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& 
     int pipe = 0;     // slices the CTA's pipeline has passed (the stage barriers' phases)
     int piece = 0;    // pieces walked (the handoff's phases)
     // Each role walks the tiles in its own register regime (one setmaxnreg
-    // each, so ptxas allocates each branch on its own budget).
+    // each, so ptxas allocates each branch on its own budget), both last
+    // first, as the other tiles (a shared tile's completing range waits last).
     if (threadIdx.x < Traits::kProducerThreads) {
       registers_decrease<kProducerRegisters>();
-      walk([&](int64_t tile, int kt_begin, int kt_end) {
+      walk_back([&](int64_t tile, int kt_begin, int kt_end) {
         const int s = piece % 2;
         if (piece >= 2) mbarrier_wait(&handoff.drained[s], (piece / 2 - 1) & 1);
         ++piece;
-        const TileRows filled = fill_rows(tile / schedule.n_tiles, handoff.rows[s], threadIdx.x);
+        const TileCoords at = coords_of(tile);
+        const TileRows filled = fill_rows(at.x, handoff.rows[s], threadIdx.x);
         const int expert = named_barrier_or<1, Traits::kProducerThreads>(filled.used) ? filled.expert : -1;
         if (threadIdx.x == 0) handoff.expert[s] = expert;
         mbarrier_arrive(&handoff.filled[s]);
         if (expert < 0) return;
-        Loop(w, io, handoff.rows[s], expert, n_tile_of(tile), smem).produce(barriers, pipe, kt_begin, kt_end);
+        Loop(w, io, handoff.rows[s], expert, static_cast<int>(at.y), smem).produce(barriers, pipe, kt_begin, kt_end);
         pipe += kt_end - kt_begin;
       });
     } else {
       registers_increase<kConsumerRegisters>();
       const bool staged = Traits::kStagedStores && stores_vectors(io);  // the same for every tile
-      walk([&](int64_t tile, int kt_begin, int kt_end) {
+      walk_back([&](int64_t tile, int kt_begin, int kt_end) {
         const int s = piece % 2;
         mbarrier_wait(&handoff.filled[s], (piece / 2) & 1);
         ++piece;
         const int expert = handoff.expert[s];
-        if (expert >= 0) {
-          // 128-row tiles are never shared between CTAs (plan_schedule):
-          // there is no reduction to finish a part of one.
-          const int n_tile = n_tile_of(tile);
-          typename Loop::Accumulators acc;
+        const int n_tile = static_cast<int>(coords_of(tile).y);
+        typename Loop::Accumulators acc;
+        bool store = expert >= 0;
+        if (store) {
           Loop(w, io, handoff.rows[s], expert, n_tile, smem).run(acc, kt_begin, kt_end, &barriers, pipe);
           pipe += kt_end - kt_begin;
+          // A shared tile (few tiles split K: plan_schedule, or the re-plan on
+          // the live rows above) meets its other ranges; only the CTA that
+          // completes it stores.
+          if (kt_end - kt_begin < k_tiles) {
+            store = reduce_stream_k_by_thread<AccumulatorLayout<kRows, true>::kCount, kConsumerThreads>(
+                schedule, tile, kt_end - kt_begin, static_cast<int>(k_tiles), kt_end == k_tiles, Loop::compute_tid(),
+                flat_of(acc));
+          }
+        }
+        if (store) {
           if (staged) {
             store_results_staged<T, kRows>(io, handoff.rows[s], n_tile, flat_of(acc), Loop::compute_tid(),
                                            smem + Traits::kStagingOffset);
@@ -200,10 +202,11 @@ __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& 
     static_assert(sizeof(rows) <= kStaticSmemReserve, "traits.cuh's reserve for the row table");
     walk_back([&](int64_t tile, int kt_begin, int kt_end) {
       __syncthreads();  // the previous piece's epilogue is done with `rows`
-      const TileRows filled = fill_rows(tile / schedule.n_tiles, rows, threadIdx.x);
+      const TileCoords at = coords_of(tile);
+      const TileRows filled = fill_rows(at.x, rows, threadIdx.x);
       const int expert = __syncthreads_or(filled.used) ? filled.expert : -1;
       if (expert < 0) return;
-      const int n_tile = n_tile_of(tile);
+      const int n_tile = static_cast<int>(at.y);
       typename Loop::Accumulators acc;
       Loop(w, io, rows, expert, n_tile, smem).run(acc, kt_begin, kt_end);
       auto& flat = flat_of(acc);

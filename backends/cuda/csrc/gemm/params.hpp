@@ -87,10 +87,19 @@ struct StreamK {
 };
 
 // The workspace of a stack: slots of kStreamKSlotFloats floats (1,024 tiles
-// of 8 x 128, 512 of 16 x 128, or 128 of 64 x 128: 4 MiB) and their counters.
-// Launches with more tiles fill the GPU without sharing one.
+// of 8 x 128, 512 of 16 x 128, 128 of 64 x 128, or 32 of the wgmma tiles'
+// 128 x 256: 4 MiB) and their counters. Launches with more tiles fill the GPU
+// without sharing one.
 constexpr int kStreamKSlotFloats = 512 * 16 * 128;
 constexpr int kStreamKCounters = 1024;
+
+// The tiles of `rows_per_cta` rows the workspace holds at once. A 128-row
+// (wgmma) tile spans both warpgroups' columns.
+inline FM_HOST_DEVICE constexpr int64_t stream_k_slots(int rows_per_cta) {
+  const int64_t floats = int64_t{rows_per_cta} * kTileN * (rows_per_cta == kWgmmaRowsPerCta ? kWgmmaColumnTilesPerCta : 1);
+  const int64_t slots = kStreamKSlotFloats / floats;
+  return slots < kStreamKCounters ? slots : kStreamKCounters;
+}
 // The fewest K slices a CTA's share of a shared tile gets (a piece's prologue
 // and reduction would cost more than a shorter share saves).
 constexpr int kStreamKMinSlices = 4;
@@ -126,6 +135,42 @@ inline FM_HOST_DEVICE constexpr int64_t stream_k_ctas(int64_t tiles, int64_t k_t
     if (aligned_cost <= stream_k_cost) return tiles * splits;
   }
   return even;
+}
+
+// Whether `tiles` 128-row (wgmma) tiles of k_tiles slices keep the 128-row
+// CTAs on num_sms SMs (one CTA each): where they fit the workspace they share
+// K (stream_k_ctas over a wave of num_sms), and the launch keeps them when
+// their CTAs fill 3/4 of the SMs; otherwise the 64-row tiles take it, which
+// split K more finely or at least fill more SMs. Measured on the H200
+// (2026-12-03), Linear 128 x 256 tiles, unshared, against 64-row ones: 16
+// tiles (7168 x 2048, M = 256) 187 / 68 us, 32 tiles 309 / 162, 64 tiles (M =
+// 1024) 178 / 134; but 128 tiles (14336 x 4096, M = 1024: 97% of the SMs) 311
+// / 479. Shared (kernel notes, v43): 16 tiles of 112 slices on 128 CTAs 31 us.
+inline FM_HOST_DEVICE constexpr bool wgmma_tiles_fill(int64_t tiles, int64_t k_tiles, int64_t num_sms) {
+  const int64_t ctas = tiles <= stream_k_slots(kWgmmaRowsPerCta) ? stream_k_ctas(tiles, k_tiles, num_sms) : tiles;
+  return ctas * 4 >= num_sms * 3;
+}
+
+// The order tiles are taken in: groups of kRasterRows tile rows, each group's
+// tiles column by column, so that the CTAs in flight at once share each
+// weight tile across the group's token tiles (routing blocks of one expert) in
+// L2. Row by row they streamed every weight tile from memory once per tile
+// row: an expert's w13 in Mixtral is 58 MB, more than L2 keeps from one of
+// its blocks to the next (M = 256: ~2.5 blocks of 32 rows per expert; M =
+// 4096: 8 token tiles of 128). Tile t of tiles_x x n_tiles is at row x,
+// column y (a bijection; the last group may have fewer rows). Under stream-K
+// it only renumbers the tiles (slots go by tile number, ranges by CTA).
+constexpr int64_t kRasterRows = 8;
+struct TileCoords {
+  int64_t x;
+  int64_t y;
+};
+inline FM_HOST_DEVICE constexpr TileCoords raster_tile(int64_t t, int64_t tiles_x, int64_t n_tiles) {
+  const int64_t group_tiles = kRasterRows * n_tiles;
+  const int64_t first = t / group_tiles * kRasterRows;
+  const int64_t rows = tiles_x - first < kRasterRows ? tiles_x - first : kRasterRows;
+  const int64_t within = t % group_tiles;
+  return {first + within % rows, within / rows};
 }
 
 struct BatchedParams {

@@ -241,6 +241,18 @@ def _inputs(rng, m, e=8, hidden=256):
     return xh, tw, ids
 
 
+def _captured_call(call) -> "torch.cuda.CUDAGraph":
+    """call(stream) run once on a side stream, then captured in a torch graph."""
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        call(s)
+    s.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=s):
+        call(s)
+    return graph
+
+
 @pytest.mark.parametrize("k, n", [(4096, 256), (448, 256), (200, 72)])
 def test_stream_k_decode_is_exact_across_calls_and_graph_replays(rng, k, n):
     """Decode GEMMs deal K slices out to one wave of CTAs (stream-K): a tile
@@ -255,13 +267,7 @@ def test_stream_k_decode_is_exact_across_calls_and_graph_replays(rng, k, n):
         assert rel_error(lin(cuda(xh)), xh.astype(np.float64) @ dense) < 3e-3
     x = cuda(random_activations(rng, (2, k), "float16"))
     out = torch.empty(2, n, device="cuda", dtype=torch.float16)
-    s = torch.cuda.Stream()
-    with torch.cuda.stream(s):
-        lin(x, out=out, stream=s)
-    s.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=s):
-        lin(x, out=out, stream=s)
+    graph = _captured_call(lambda stream: lin(x, out=out, stream=stream))
     for _ in range(3):
         xh = random_activations(rng, (2, k), "float16")
         x.copy_(cuda(xh))
@@ -359,13 +365,7 @@ def test_stream_k_prefill_ranges_cross_tiles_and_replay_clean(rng):
     lin = fm.Linear.from_gptq(weight, device="cuda", dtype="float16")
     x = cuda(random_activations(rng, (m, k), "float16"))
     out = torch.empty(m, n, device="cuda", dtype=torch.float16)
-    s = torch.cuda.Stream()
-    with torch.cuda.stream(s):
-        lin(x, out=out, stream=s)
-    s.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=s):
-        lin(x, out=out, stream=s)
+    graph = _captured_call(lambda stream: lin(x, out=out, stream=stream))
     for replay in range(3):
         xh = random_activations(rng, (m, k), "float16")
         x.copy_(cuda(xh))

@@ -241,12 +241,14 @@ def _inputs(rng, m, e=8, hidden=256):
     return xh, tw, ids
 
 
-def _captured_call(call) -> "torch.cuda.CUDAGraph":
-    """call(stream) run once on a side stream, then captured in a torch graph."""
+def _captured_call(call, warm: bool = True) -> "torch.cuda.CUDAGraph":
+    """call(stream) captured in a torch graph on a side stream (run once there
+    first where `warm`)."""
     s = torch.cuda.Stream()
-    with torch.cuda.stream(s):
-        call(s)
-    s.synchronize()
+    if warm:
+        with torch.cuda.stream(s):
+            call(s)
+        s.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, stream=s):
         call(s)
@@ -484,14 +486,7 @@ def test_the_moe_layer_captures_in_a_torch_graph(rng, layer_kind, warm):
     out = torch.empty(m, 256, device="cuda", dtype=torch.float16)
     run = (lambda s: fm.fused_moe(x, layer.w13, layer.w2, twd, idsd, out=out, stream=s)) if layer_kind == "fused_moe" \
         else (lambda s: layer(x, twd, idsd, out=out, stream=s))
-    s = torch.cuda.Stream()
-    if warm:
-        with torch.cuda.stream(s):
-            run(s)
-        s.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=s):
-        run(s)
+    graph = _captured_call(run, warm)
     for name, ids2 in _routings(rng, m).items():
         xh2, tw2 = random_activations(rng, (m, 256), "float16"), rng.random((m, 2)).astype(np.float32)
         x.copy_(cuda(xh2)), twd.copy_(cuda(tw2)), idsd.copy_(cuda(ids2))

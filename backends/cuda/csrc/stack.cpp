@@ -451,18 +451,24 @@ void CudaStack::gemm_batched_device_table(const FmGemmBatchedArgs& args, const g
   const int64_t max_rows = std::min(params.x_rows, params.out_rows);
   if (max_rows == 0) return;
   // The expected height of one dispatch picks the tile: decode tables (a row or
-  // a few per dispatch) get 8- or 16-row CTAs and stream-K.
-  const int rows_per_cta = rows_per_cta_for(ceil_div(max_rows, params.num_dispatches));
-  const int64_t chunks = ceil_div(max_rows, rows_per_cta);
+  // a few per dispatch) get 8- or 16-row CTAs and stream-K; 128-row tiles only
+  // where the grid's worst case of them fills the GPU, as for host tables.
+  const int64_t first_n_tile = args.col_begin / kTileN;
+  const int64_t num_n_tiles = (args.col_begin + args.n - 1) / kTileN - first_n_tile + 1;
+  // (Row tiles capped at the grid limit, which the check below enforces: the
+  // product stays far inside int64 whatever the table's and x's sizes.)
   constexpr int64_t kMaxGridX = std::numeric_limits<int32_t>::max();
+  const int64_t row_tiles = std::min(params.num_dispatches, kMaxGridX) *
+                            std::min(ceil_div(max_rows, int64_t{gemm::kWgmmaRowsPerCta}), kMaxGridX);
+  const int rows_per_cta = fill_the_gpu(rows_per_cta_for(ceil_div(max_rows, params.num_dispatches)),
+                                        std::min(row_tiles, kMaxGridX), num_n_tiles);
+  const int64_t chunks = ceil_div(max_rows, rows_per_cta);
   if (chunks > kMaxGridX / params.num_dispatches) {
     throw Error(FM_ERROR_UNSUPPORTED, "gemm_batched: " + std::to_string(params.num_dispatches) +
                                           " device dispatches over " + std::to_string(max_rows) +
                                           " rows exceed the CUDA grid limit");
   }
   params.chunks_per_dispatch = static_cast<int32_t>(chunks);
-  const int64_t first_n_tile = args.col_begin / kTileN;
-  const int64_t num_n_tiles = (args.col_begin + args.n - 1) / kTileN - first_n_tile + 1;
   params.first_n_tile = static_cast<int32_t>(first_n_tile);
   const int ctas = plan_schedule(params.num_dispatches * chunks, num_n_tiles, rows_per_cta, params.schedule);
   check_cuda(gemm::launch_gemm_device_dispatch(params, compute_type_, bits_, rows_per_cta, ctas,

@@ -96,10 +96,11 @@ constexpr int kStreamKCounters = 1024;
 // The tiles of `rows_per_cta` rows the workspace holds at once. A 128-row
 // (wgmma) tile spans both warpgroups' columns.
 inline FM_HOST_DEVICE constexpr int64_t stream_k_slots(int rows_per_cta) {
-  const int64_t floats = int64_t{rows_per_cta} * kTileN * (rows_per_cta == kWgmmaRowsPerCta ? kWgmmaColumnTilesPerCta : 1);
-  const int64_t slots = kStreamKSlotFloats / floats;
+  const int64_t columns = rows_per_cta == kWgmmaRowsPerCta ? kWgmmaColumnTilesPerCta * kTileN : kTileN;
+  const int64_t slots = kStreamKSlotFloats / (rows_per_cta * columns);
   return slots < kStreamKCounters ? slots : kStreamKCounters;
 }
+
 // The fewest K slices a CTA's share of a shared tile gets (a piece's prologue
 // and reduction would cost more than a shorter share saves).
 constexpr int kStreamKMinSlices = 4;
@@ -160,16 +161,20 @@ inline FM_HOST_DEVICE constexpr bool wgmma_tiles_fill(int64_t tiles, int64_t k_t
 // 4096: 8 token tiles of 128). Tile t of tiles_x x n_tiles is at row x,
 // column y (a bijection; the last group may have fewer rows). Under stream-K
 // it only renumbers the tiles (slots go by tile number, ranges by CTA).
-constexpr int64_t kRasterRows = 8;
+// Every GEMM piece computes it before its first copy, so in 32 bits: a
+// launch's tiles fit (plan_schedule refuses more than the grid holds), and
+// 32-bit divisions cost a fraction of 64-bit ones.
+constexpr uint32_t kRasterRows = 8;
 struct TileCoords {
   int64_t x;
   int64_t y;
 };
 inline FM_HOST_DEVICE constexpr TileCoords raster_tile(int64_t t, int64_t tiles_x, int64_t n_tiles) {
-  const int64_t group_tiles = kRasterRows * n_tiles;
-  const int64_t first = t / group_tiles * kRasterRows;
-  const int64_t rows = tiles_x - first < kRasterRows ? tiles_x - first : kRasterRows;
-  const int64_t within = t % group_tiles;
+  const uint32_t tile = static_cast<uint32_t>(t), group_tiles = kRasterRows * static_cast<uint32_t>(n_tiles);
+  const uint32_t first = tile / group_tiles * kRasterRows;
+  const uint32_t left = static_cast<uint32_t>(tiles_x) - first;
+  const uint32_t rows = left < kRasterRows ? left : kRasterRows;
+  const uint32_t within = tile % group_tiles;
   return {first + within % rows, within / rows};
 }
 

@@ -6,15 +6,12 @@
 // -DFERRUM_MOE_CUDA_BUILD_TESTS=ON and run ctest.
 #include <cstdint>
 #include <cstdio>
-#include <vector>
 
 #include "gemm/params.hpp"
 
 namespace {
 
-using ferrum_moe_cuda::gemm::kRasterRows;
 using ferrum_moe_cuda::gemm::kStreamKMinSlices;
-using ferrum_moe_cuda::gemm::raster_tile;
 using ferrum_moe_cuda::gemm::stream_k_ctas;
 using ferrum_moe_cuda::gemm::stream_k_slots;
 using ferrum_moe_cuda::gemm::wgmma_tiles_fill;
@@ -83,27 +80,6 @@ int main() {
   expect(!wgmma_tiles_fill(16, 12, 132), "16 tiles of 12 slices: 48 CTAs, the 64-row tiles take it", 16, 12, 132, 0);
   expect(!wgmma_tiles_fill(64, 112, 132), "64 tiles, past the slots: unshared, the 64-row tiles take it", 64, 112,
          132, 0);
-  // raster_tile visits every (row, column) of a launch once, in groups of
-  // kRasterRows rows, a group's tiles column by column.
-  for (int64_t tiles_x = 1; tiles_x <= 40; ++tiles_x) {
-    for (int64_t n_tiles : {1, 2, 3, 16, 56, 112}) {
-      std::vector<int> seen(tiles_x * n_tiles, 0);
-      bool ordered = true;
-      for (int64_t t = 0; t < tiles_x * n_tiles; ++t) {
-        const auto c = raster_tile(t, tiles_x, n_tiles);
-        if (c.x < 0 || c.x >= tiles_x || c.y < 0 || c.y >= n_tiles) {
-          expect(false, "raster_tile: a tile outside the launch", tiles_x, n_tiles, t, c.x);
-          continue;
-        }
-        ++seen[c.x * n_tiles + c.y];
-        ordered = ordered && c.x / kRasterRows == t / (kRasterRows * n_tiles);
-      }
-      for (int v : seen) expect(v == 1, "raster_tile: every tile exactly once", tiles_x, n_tiles, 0, v);
-      expect(ordered, "raster_tile: a group's tiles before the next group's", tiles_x, n_tiles, 0, 0);
-    }
-  }
-  expect(raster_tile(1, 16, 112).x == 1 && raster_tile(1, 16, 112).y == 0 && raster_tile(8, 16, 112).y == 1,
-         "raster_tile: column by column within a group", 16, 112, 0, 0);
   std::printf("schedule: %lld plans checked: %s\n", static_cast<long long>(cases), errors == 0 ? "ok" : "FAILED");
   return errors == 0 ? 0 : 1;
 }

@@ -73,7 +73,10 @@ struct RowHandoff {
 // StreamK). fill_rows(x, table, r) writes row r of tile row x's row table
 // when r < kRows (r: the thread's index among the threads that fill) and
 // answers a TileRows; it holds no barrier (the caller's publish the table).
-template <class T, int kBits, int kRows, class FillRows, class LiveTileRows>
+// kSplitsK: the code that meets other CTAs' K ranges of a tile (stream-K) is
+// compiled in; without it the launch must share no tile (launch.cuh,
+// splits_k).
+template <class T, int kBits, int kRows, bool kSplitsK, class FillRows, class LiveTileRows>
 __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& io, const StreamK& schedule,
                                            int first_n_tile, FillRows&& fill_rows, LiveTileRows&& live_tile_rows) {
   dependent_grid_begin();
@@ -93,7 +96,7 @@ __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& 
   // (stream_k_ctas) instead of leaving their CTAs idle.
   int64_t tiles_x = schedule.tiles_x;
   int64_t ctas = gridDim.x;
-  if (schedule.partials != nullptr && schedule.live_rows_wave > 0) {
+  if (kSplitsK && schedule.partials != nullptr && schedule.live_rows_wave > 0) {
     const int64_t live = live_tile_rows();
     if (live < tiles_x) {
       tiles_x = max(live, int64_t{0});
@@ -123,11 +126,9 @@ __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& 
       piece(tile, kt_begin, kt_end);
     }
   };
-  // Where `tile` lies (params.hpp, raster_tile): its tile row, and the CTA's
-  // first 128-column tile (a second warpgroup takes the next one).
-  auto coords_of = [&](int64_t tile) {
-    const TileCoords c = raster_tile(tile, tiles_x, schedule.n_tiles);
-    return TileCoords{c.x, first_n_tile + Traits::kWarpgroups * c.y};
+  // The CTA's first 128-column tile of `tile`; a second warpgroup takes the next one.
+  auto n_tile_of = [&](int64_t tile) {
+    return first_n_tile + Traits::kWarpgroups * static_cast<int>(tile % schedule.n_tiles);
   };
   auto flat_of = [](typename Loop::Accumulators& acc) -> auto& {
     return reinterpret_cast<typename AccumulatorLayout<kRows, Loop::kWgmma>::Flat&>(acc);
@@ -154,13 +155,12 @@ __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& 
         const int s = piece % 2;
         if (piece >= 2) mbarrier_wait(&handoff.drained[s], (piece / 2 - 1) & 1);
         ++piece;
-        const TileCoords at = coords_of(tile);
-        const TileRows filled = fill_rows(at.x, handoff.rows[s], threadIdx.x);
+        const TileRows filled = fill_rows(tile / schedule.n_tiles, handoff.rows[s], threadIdx.x);
         const int expert = named_barrier_or<1, Traits::kProducerThreads>(filled.used) ? filled.expert : -1;
         if (threadIdx.x == 0) handoff.expert[s] = expert;
         mbarrier_arrive(&handoff.filled[s]);
         if (expert < 0) return;
-        Loop(w, io, handoff.rows[s], expert, static_cast<int>(at.y), smem).produce(barriers, pipe, kt_begin, kt_end);
+        Loop(w, io, handoff.rows[s], expert, n_tile_of(tile), smem).produce(barriers, pipe, kt_begin, kt_end);
         pipe += kt_end - kt_begin;
       });
     } else {
@@ -171,7 +171,7 @@ __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& 
         mbarrier_wait(&handoff.filled[s], (piece / 2) & 1);
         ++piece;
         const int expert = handoff.expert[s];
-        const int n_tile = static_cast<int>(coords_of(tile).y);
+        const int n_tile = n_tile_of(tile);
         typename Loop::Accumulators acc;
         bool store = expert >= 0;
         if (store) {
@@ -180,10 +180,12 @@ __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& 
           // A shared tile (few tiles split K: plan_schedule, or the re-plan on
           // the live rows above) meets its other ranges; only the CTA that
           // completes it stores.
-          if (kt_end - kt_begin < k_tiles) {
-            store = reduce_stream_k_by_thread<AccumulatorLayout<kRows, true>::kCount, kConsumerThreads>(
-                schedule, tile, kt_end - kt_begin, static_cast<int>(k_tiles), kt_end == k_tiles, Loop::compute_tid(),
-                flat_of(acc));
+          if constexpr (kSplitsK) {
+            if (kt_end - kt_begin < k_tiles) {
+              store = reduce_stream_k_by_thread<AccumulatorLayout<kRows, true>::kCount, kConsumerThreads>(
+                  schedule, tile, kt_end - kt_begin, static_cast<int>(k_tiles), kt_end == k_tiles,
+                  Loop::compute_tid(), flat_of(acc));
+            }
           }
         }
         if (store) {
@@ -202,15 +204,14 @@ __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& 
     static_assert(sizeof(rows) <= kStaticSmemReserve, "traits.cuh's reserve for the row table");
     walk_back([&](int64_t tile, int kt_begin, int kt_end) {
       __syncthreads();  // the previous piece's epilogue is done with `rows`
-      const TileCoords at = coords_of(tile);
-      const TileRows filled = fill_rows(at.x, rows, threadIdx.x);
+      const TileRows filled = fill_rows(tile / schedule.n_tiles, rows, threadIdx.x);
       const int expert = __syncthreads_or(filled.used) ? filled.expert : -1;
       if (expert < 0) return;
-      const int n_tile = static_cast<int>(at.y);
+      const int n_tile = n_tile_of(tile);
       typename Loop::Accumulators acc;
       Loop(w, io, rows, expert, n_tile, smem).run(acc, kt_begin, kt_end);
       auto& flat = flat_of(acc);
-      if (kt_end - kt_begin < k_tiles &&
+      if (kSplitsK && kt_end - kt_begin < k_tiles &&
           !reduce_stream_k<kRows, Loop::kWgmma>(schedule, tile, kt_end - kt_begin, static_cast<int>(k_tiles),
                                                  kt_end == k_tiles, rows, flat)) {
         return;
@@ -221,10 +222,10 @@ __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& 
 }
 
 // Host dispatch rows, split into work items of up to kRows rows on the host.
-template <class T, int kBits, int kRows>
+template <class T, int kBits, int kRows, bool kSplitsK>
 __global__ void __launch_bounds__(GemmTraits<T, kBits, kRows>::kCtaThreads, kMinCtasPerSm<kRows>)
     gemm_batched_kernel(const __grid_constant__ BatchedParams p) {
-  gemm_tiles<T, kBits, kRows>(p.w, p.io, p.schedule, p.first_n_tile,
+  gemm_tiles<T, kBits, kRows, kSplitsK>(p.w, p.io, p.schedule, p.first_n_tile,
                               [&](int64_t x, RowTable<kRows>& table, int r) {
     const BatchedWorkItem& item = p.items[x];
     if (r < kRows) {
@@ -241,10 +242,10 @@ __global__ void __launch_bounds__(GemmTraits<T, kBits, kRows>::kCtaThreads, kMin
 // rows or m are out of range is skipped, compared without forming sums that
 // could overflow. Tile row x is chunk x % chunks_per_dispatch of dispatch
 // x / chunks_per_dispatch.
-template <class T, int kBits, int kRows>
+template <class T, int kBits, int kRows, bool kSplitsK>
 __global__ void __launch_bounds__(GemmTraits<T, kBits, kRows>::kCtaThreads, kMinCtasPerSm<kRows>)
     gemm_device_dispatch_kernel(const __grid_constant__ DeviceDispatchParams p) {
-  gemm_tiles<T, kBits, kRows>(p.w, p.io, p.schedule, p.first_n_tile,
+  gemm_tiles<T, kBits, kRows, kSplitsK>(p.w, p.io, p.schedule, p.first_n_tile,
                               [&](int64_t x, RowTable<kRows>& table, int r) {
     const int64_t d = x / p.chunks_per_dispatch;
     const int64_t first = (x % p.chunks_per_dispatch) * kRows;
@@ -272,10 +273,10 @@ __global__ void __launch_bounds__(GemmTraits<T, kBits, kRows>::kCtaThreads, kMin
 // Tile row x is chunk x % chunks_per_block of routing block x / chunks_per_block.
 // Every index read from device memory is range-checked before use: the host
 // never saw these arrays.
-template <class T, int kBits, int kRows>
+template <class T, int kBits, int kRows, bool kSplitsK>
 __global__ void __launch_bounds__(GemmTraits<T, kBits, kRows>::kCtaThreads, kMinCtasPerSm<kRows>)
     gemm_routed_kernel(const __grid_constant__ RoutedParams p) {
-  gemm_tiles<T, kBits, kRows>(p.w, p.io, p.schedule, 0, [&](int64_t x, RowTable<kRows>& table, int r) {
+  gemm_tiles<T, kBits, kRows, kSplitsK>(p.w, p.io, p.schedule, 0, [&](int64_t x, RowTable<kRows>& table, int r) {
     if (p.sorted_token_ids == nullptr) {
       // Pair routing: tile row x is pair x alone (blocks of one row, one chunk).
       const int64_t token = x / p.top_k, slot = x % p.top_k;

@@ -152,32 +152,6 @@ inline FM_HOST_DEVICE constexpr bool wgmma_tiles_fill(int64_t tiles, int64_t k_t
   return ctas * 4 >= num_sms * 3;
 }
 
-// The order tiles are taken in: groups of kRasterRows tile rows, each group's
-// tiles column by column, so that the CTAs in flight at once share each
-// weight tile across the group's token tiles (routing blocks of one expert) in
-// L2. Row by row they streamed every weight tile from memory once per tile
-// row: an expert's w13 in Mixtral is 58 MB, more than L2 keeps from one of
-// its blocks to the next (M = 256: ~2.5 blocks of 32 rows per expert; M =
-// 4096: 8 token tiles of 128). Tile t of tiles_x x n_tiles is at row x,
-// column y (a bijection; the last group may have fewer rows). Under stream-K
-// it only renumbers the tiles (slots go by tile number, ranges by CTA).
-// Every GEMM piece computes it before its first copy, so in 32 bits: a
-// launch's tiles fit (plan_schedule refuses more than the grid holds), and
-// 32-bit divisions cost a fraction of 64-bit ones.
-constexpr uint32_t kRasterRows = 8;
-struct TileCoords {
-  int64_t x;
-  int64_t y;
-};
-inline FM_HOST_DEVICE constexpr TileCoords raster_tile(int64_t t, int64_t tiles_x, int64_t n_tiles) {
-  const uint32_t tile = static_cast<uint32_t>(t), group_tiles = kRasterRows * static_cast<uint32_t>(n_tiles);
-  const uint32_t first = tile / group_tiles * kRasterRows;
-  const uint32_t left = static_cast<uint32_t>(tiles_x) - first;
-  const uint32_t rows = left < kRasterRows ? left : kRasterRows;
-  const uint32_t within = tile % group_tiles;
-  return {first + within % rows, within / rows};
-}
-
 struct BatchedParams {
   QuantWeights w;
   GemmIO io;

@@ -380,6 +380,33 @@ def test_stream_k_prefill_ranges_cross_tiles_and_replay_clean(rng):
         assert rel_error(eager, expect) < REL_TOL["float16"], replay
 
 
+@pytest.mark.parametrize("dtype, bits, act_order", [("float16", 4, True), ("bfloat16", 8, False)])
+def test_prefill_ctas_take_tiles_in_turn_and_match_float64(rng, dtype, bits, act_order):
+    """More 128-row tiles than a wave of CTAs: each CTA takes whole tiles in turn
+    (kernel.cuh, walk), its pipeline running on from one tile's last slices into
+    the next one's first while its warpgroups store the last: 600 x 1024 x 16896
+    is 330 tiles of 16 slices, 2-3 per CTA on 132 SMs. Eager and under graph
+    replays with fresh inputs, each against float64."""
+    k, n, m = 1024, 66 * 256, 600
+    weight = random_weight(rng, k, n, bits=bits, group_size=128, act_order=act_order, dtype=dtype)
+    dense = weight.dequantize(np.float64)
+    lin = fm.Linear.from_gptq(weight, device="cuda", dtype=dtype)
+    tdtype = getattr(torch, dtype)
+    x = cuda(random_activations(rng, (m, k), "float32")).to(tdtype)
+    out = torch.empty(m, n, device="cuda", dtype=tdtype)
+    graph = _captured_call(lambda stream: lin(x, out=out, stream=stream))
+    for replay in range(2):
+        x.copy_(cuda(random_activations(rng, (m, k), "float32")).to(tdtype))
+        expect = x.cpu().double().numpy() @ dense
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_error(out, expect) < REL_TOL[dtype], replay
+        eager = torch.full((m, n), float("nan"), device="cuda", dtype=tdtype)
+        lin(x, out=eager)
+        assert rel_error(eager, expect) < REL_TOL[dtype], replay
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_prefill_tiles_store_windows_bias_and_every_output_layout(rng, dtype):
     """The wgmma tiles' results leave through 16-byte row stores where the output

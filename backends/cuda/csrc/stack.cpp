@@ -330,8 +330,13 @@ int CudaStack::plan_schedule(int64_t tiles_x, int64_t n_tiles, int rows_per_cta,
   if (tiles > kMaxGridX) {
     throw Error(FM_ERROR_UNSUPPORTED, std::to_string(tiles) + " output tiles exceed the CUDA grid limit");
   }
-  if (tiles > gemm::stream_k_slots(rows_per_cta) || tiles == 0) return static_cast<int>(tiles);  // one CTA per tile
   const int64_t wave = std::max<int64_t>(int64_t(ctas_per_sm_[occupancy_index(rows_per_cta)]) * num_sms_, 1);
+  if (tiles > gemm::stream_k_slots(rows_per_cta) || tiles == 0) {
+    // Unshared: one CTA per tile, except the 128-row tiles, whose CTAs take
+    // whole tiles in turn over at most a wave (kernel.cuh, walk): the next
+    // tile's copies start during the last one's epilogue.
+    return static_cast<int>(rows_per_cta == gemm::kWgmmaRowsPerCta ? std::min(tiles, wave) : tiles);
+  }
   // The slots go with every launch that fits them, split or not: a routed
   // launch's kernel may spread fewer live tiles over its grid (kernel.cuh).
   schedule.partials = stream_k_partials_.get<float>();

@@ -126,6 +126,21 @@ __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& 
       piece(tile, kt_begin, kt_end);
     }
   };
+  // The warp-specialised tiles' walk. With the meeting, walk_back's ranges.
+  // Without it (the 128-row tiles' copy for launches that share no tile) the
+  // grid may hold fewer CTAs than tiles (plan_schedule: a wave), and CTA c
+  // takes whole tiles c, c + grid, c + 2 grid, ...: the CTAs in flight at
+  // once work on neighbouring tiles, as one CTA per tile did, and a CTA's
+  // producer fills the stages of its next tile while its computing warpgroups
+  // store the last one, where a new CTA would start from empty stages.
+  auto walk = [&](auto&& piece) {
+    if constexpr (kSplitsK) {
+      walk_back(piece);
+    } else {
+      const int64_t tiles = tiles_x * schedule.n_tiles;
+      for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) piece(tile, 0, static_cast<int>(k_tiles));
+    }
+  };
   // The CTA's first 128-column tile of `tile`; a second warpgroup takes the next one.
   auto n_tile_of = [&](int64_t tile) {
     return first_n_tile + Traits::kWarpgroups * static_cast<int>(tile % schedule.n_tiles);
@@ -147,11 +162,11 @@ __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& 
     int pipe = 0;     // slices the CTA's pipeline has passed (the stage barriers' phases)
     int piece = 0;    // pieces walked (the handoff's phases)
     // Each role walks the tiles in its own register regime (one setmaxnreg
-    // each, so ptxas allocates each branch on its own budget), both last
-    // first, as the other tiles (a shared tile's completing range waits last).
+    // each, so ptxas allocates each branch on its own budget), both the same
+    // walk.
     if (threadIdx.x < Traits::kProducerThreads) {
       registers_decrease<kProducerRegisters>();
-      walk_back([&](int64_t tile, int kt_begin, int kt_end) {
+      walk([&](int64_t tile, int kt_begin, int kt_end) {
         const int s = piece % 2;
         if (piece >= 2) mbarrier_wait(&handoff.drained[s], (piece / 2 - 1) & 1);
         ++piece;
@@ -166,7 +181,7 @@ __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& 
     } else {
       registers_increase<kConsumerRegisters>();
       const bool staged = Traits::kStagedStores && stores_vectors(io);  // the same for every tile
-      walk_back([&](int64_t tile, int kt_begin, int kt_end) {
+      walk([&](int64_t tile, int kt_begin, int kt_end) {
         const int s = piece % 2;
         mbarrier_wait(&handoff.filled[s], (piece / 2) & 1);
         ++piece;

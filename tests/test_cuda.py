@@ -407,6 +407,28 @@ def test_prefill_ctas_take_tiles_in_turn_and_match_float64(rng, dtype, bits, act
         assert rel_error(eager, expect) < REL_TOL[dtype], replay
 
 
+def test_prefill_ctas_skip_tiles_between_live_ones_and_match_float64(rng):
+    """Routing blocks of 256 rows on 128-row tiles: an expert's last block has a
+    second chunk past its rows, a tile row every CTA taking tiles in turn skips
+    in the middle of its walk (its producer and warpgroups stay in step). 600
+    tokens to one of 2 experts: 4 planned blocks, 8 tile rows x 66 column pairs
+    over a wave of CTAs; every pair's row against float64."""
+    e, k, n, m = 2, 256, 66 * 256, 600
+    weights = [random_weight(rng, k, n, group_size=128) for _ in range(e)]
+    dense = [w.dequantize(np.float64) for w in weights]
+    stack = fm.ExpertStack.from_gptq(weights, device="cuda", dtype="float16")
+    x = cuda(random_activations(rng, (m, k), "float16"))
+    x64 = x.cpu().double().numpy()
+    ids = rng.integers(0, e, (m, 1)).astype(np.int32)
+    routing = fm.moe_align_block_size(cuda(ids), 256, e)
+    out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.float16)
+    stack.gemm_routed(x, routing, out=out)
+    got = out.cpu().double().numpy()
+    for expert in range(e):
+        pairs = np.flatnonzero(ids.reshape(-1) == expert)
+        assert rel_error(got[pairs], x64[pairs] @ dense[expert]) < REL_TOL["float16"], expert
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_prefill_tiles_store_windows_bias_and_every_output_layout(rng, dtype):
     """The wgmma tiles' results leave through 16-byte row stores where the output

@@ -322,7 +322,7 @@ int CudaStack::fill_the_gpu(int rows_per_cta, int64_t row_tiles, int64_t n_tiles
 }
 
 int CudaStack::plan_schedule(int64_t tiles_x, int64_t n_tiles, int rows_per_cta, gemm::StreamK& schedule,
-                             bool live_rows) const {
+                             bool live_rows, bool skipped_rows_between) const {
   if (rows_per_cta == gemm::kWgmmaRowsPerCta) n_tiles = ceil_div(n_tiles, int64_t{gemm::kWgmmaColumnTilesPerCta});
   schedule = {nullptr, nullptr, static_cast<int32_t>(tiles_x), static_cast<int32_t>(n_tiles), 0};
   const int64_t tiles = tiles_x * n_tiles;
@@ -334,8 +334,13 @@ int CudaStack::plan_schedule(int64_t tiles_x, int64_t n_tiles, int rows_per_cta,
   if (tiles > gemm::stream_k_slots(rows_per_cta) || tiles == 0) {
     // Unshared: one CTA per tile, except the 128-row tiles, whose CTAs take
     // whole tiles in turn over at most a wave (kernel.cuh, walk): the next
-    // tile's copies start during the last one's epilogue.
-    return static_cast<int>(rows_per_cta == gemm::kWgmmaRowsPerCta ? std::min(tiles, wave) : tiles);
+    // tile's copies start during the last one's epilogue. Their live tiles
+    // come first (host tables: all live; routed: the blocks the routing
+    // filled, but for an expert's last block's chunks past its rows where
+    // blocks are taller than a tile), or they keep a CTA each
+    // (skipped_rows_between).
+    const bool in_turn = rows_per_cta == gemm::kWgmmaRowsPerCta && !skipped_rows_between;
+    return static_cast<int>(in_turn ? std::min(tiles, wave) : tiles);
   }
   // The slots go with every launch that fits them, split or not: a routed
   // launch's kernel may spread fewer live tiles over its grid (kernel.cuh).
@@ -475,7 +480,8 @@ void CudaStack::gemm_batched_device_table(const FmGemmBatchedArgs& args, const g
   }
   params.chunks_per_dispatch = static_cast<int32_t>(chunks);
   params.first_n_tile = static_cast<int32_t>(first_n_tile);
-  const int ctas = plan_schedule(params.num_dispatches * chunks, num_n_tiles, rows_per_cta, params.schedule);
+  const int ctas = plan_schedule(params.num_dispatches * chunks, num_n_tiles, rows_per_cta, params.schedule,
+                                 false, true);
   check_cuda(gemm::launch_gemm_device_dispatch(params, compute_type_, bits_, rows_per_cta, ctas,
                                                as_stream(args.stream)),
              "gemm_batched kernel launch");

@@ -36,8 +36,12 @@ class CudaStack final : public ferrum::plugin::Stack {
   // Fills the launch's schedule (gemm/params.hpp, StreamK) for tiles_x x
   // n_tiles output tiles; returns the grid's CTA count. live_rows: a routed
   // launch whose kernel plans again for the tile rows its routing filled.
+  // skipped_rows_between: tile rows the kernel skips may lie between live ones
+  // (a device-resident dispatch table, planned for its longest dispatch), so
+  // unshared 128-row tiles keep a CTA each: a skipped one frees its SM at
+  // once, where CTAs taking tiles in turn would pile the live ones on some.
   int plan_schedule(int64_t tiles_x, int64_t n_tiles, int rows_per_cta, gemm::StreamK& schedule,
-                    bool live_rows = false) const;
+                    bool live_rows = false, bool skipped_rows_between = false) const;
   // The CTA height for blocks of `rows` rows: 8, 16, 32, 64 (before Hopper),
   // or 128 (Hopper wgmma).
   int rows_per_cta_for(int64_t rows) const;

@@ -241,6 +241,20 @@ def _inputs(rng, m, e=8, hidden=256):
     return xh, tw, ids
 
 
+def _captured_call(call, warm: bool = True) -> "torch.cuda.CUDAGraph":
+    """call(stream) captured in a torch graph on a side stream (run once there
+    first where `warm`)."""
+    s = torch.cuda.Stream()
+    if warm:
+        with torch.cuda.stream(s):
+            call(s)
+        s.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=s):
+        call(s)
+    return graph
+
+
 @pytest.mark.parametrize("k, n", [(4096, 256), (448, 256), (200, 72)])
 def test_stream_k_decode_is_exact_across_calls_and_graph_replays(rng, k, n):
     """Decode GEMMs deal K slices out to one wave of CTAs (stream-K): a tile
@@ -255,13 +269,7 @@ def test_stream_k_decode_is_exact_across_calls_and_graph_replays(rng, k, n):
         assert rel_error(lin(cuda(xh)), xh.astype(np.float64) @ dense) < 3e-3
     x = cuda(random_activations(rng, (2, k), "float16"))
     out = torch.empty(2, n, device="cuda", dtype=torch.float16)
-    s = torch.cuda.Stream()
-    with torch.cuda.stream(s):
-        lin(x, out=out, stream=s)
-    s.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=s):
-        lin(x, out=out, stream=s)
+    graph = _captured_call(lambda stream: lin(x, out=out, stream=stream))
     for _ in range(3):
         xh = random_activations(rng, (2, k), "float16")
         x.copy_(cuda(xh))
@@ -300,6 +308,125 @@ def test_prefill_tiles_that_fill_the_gpu_match_float64(rng, dtype):
     for expert in range(e):
         pairs = np.flatnonzero(ids.reshape(-1) == expert)
         assert rel_error(got[pairs], x64[pairs // 2] @ dense[expert]) < tol
+
+
+@pytest.mark.parametrize("dtype, bits, sym, act_order", [
+    ("float16", 4, True, False), ("bfloat16", 4, False, False), ("float16", 8, False, False),
+    ("float16", 4, True, True)])
+def test_few_prefill_tiles_split_k_and_match_float64(rng, dtype, bits, sym, act_order):
+    """Too few 128 x 256 tiles for the SMs split K among CTAs where the stream-K
+    workspace holds them (params.hpp, wgmma_tiles_fill): 256 x 4096 x 2048 is 16
+    tiles of 64 K slices, 8 CTAs a tile on an H200, whose partial sums meet in
+    the tile's slot. Dense, windowed with a bias, into float32, routed; each
+    against float64, the slots clean for the next call."""
+    k, n, m = 4096, 2048, 256
+    weights = [random_weight(rng, k, n, bits=bits, group_size=128, sym=sym, act_order=act_order, dtype=dtype)
+               for _ in range(2)]
+    dense = [w.dequantize(np.float64) for w in weights]
+    stack = fm.ExpertStack.from_gptq(weights, device="cuda", dtype=dtype)
+    tdtype = getattr(torch, dtype)
+    tol = REL_TOL[dtype]
+    x = cuda(rng.standard_normal((m, k)).astype(np.float32)).to(tdtype)
+    x64 = x.cpu().double().numpy()
+    layer = stack.expert_linear(n, n)  # expert 1
+    for out_dtype in (tdtype, torch.float32, tdtype):
+        out = torch.full((m, n), float("nan"), device="cuda", dtype=out_dtype)
+        layer(x, out=out)
+        assert rel_error(out, x64 @ dense[1]) < tol, out_dtype
+    offset, width = 8, n - 24
+    bias = cuda(rng.standard_normal(width).astype(np.float32)).to(tdtype)
+    out = torch.full((m, n), float("nan"), device="cuda", dtype=tdtype)
+    stack.expert_linear(offset, width, bias=bias)(x, out=out[:, :width])
+    got = out.double().cpu().numpy()
+    assert rel_error(got[:, :width], x64 @ dense[0][:, offset:offset + width] + bias.cpu().double().numpy()) < tol
+    assert np.all(np.isnan(got[:, width:])), "columns past the window written"
+    # Routed: every token to both experts, one block of 128 rows each (the host plans
+    # for the routing's bound, the kernel again for the two blocks it filled).
+    xr = x[:128]
+    ids = cuda(np.stack([rng.permutation(2) for _ in range(128)]).astype(np.int32))
+    routing = fm.moe_align_block_size(ids, 128, 2)
+    out = torch.full((256, n), float("nan"), device="cuda", dtype=tdtype)
+    stack.gemm_routed(xr, routing, out=out)
+    got = out.double().cpu().numpy()
+    ids_np = ids.cpu().numpy().reshape(-1)
+    for expert in range(2):
+        pairs = np.flatnonzero(ids_np == expert)
+        assert rel_error(got[pairs], x64[pairs // 2] @ dense[expert]) < tol
+
+
+def test_stream_k_prefill_ranges_cross_tiles_and_replay_clean(rng):
+    """Where an even share of the slices beats aligned splits, a CTA's range of
+    128-row slices crosses from one tile into the next: 300 x 6208 x 2304 is 27
+    tiles (3 row tiles, the last with 44 rows) of 97 slices, 2,619 slices over 132
+    CTAs on an H200 (schedule_check.cpp pins that plan). Every call, graph
+    replays and eager calls alternating, matches float64: the slots and
+    counters are zero again after each launch."""
+    k, n, m = 6208, 2304, 300
+    weight = random_weight(rng, k, n, group_size=64, sym=False)
+    dense = weight.dequantize(np.float64)
+    lin = fm.Linear.from_gptq(weight, device="cuda", dtype="float16")
+    x = cuda(random_activations(rng, (m, k), "float16"))
+    out = torch.empty(m, n, device="cuda", dtype=torch.float16)
+    graph = _captured_call(lambda stream: lin(x, out=out, stream=stream))
+    for replay in range(3):
+        xh = random_activations(rng, (m, k), "float16")
+        x.copy_(cuda(xh))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        expect = xh.astype(np.float64) @ dense
+        assert rel_error(out, expect) < REL_TOL["float16"], replay
+        eager = lin(x)
+        assert rel_error(eager, expect) < REL_TOL["float16"], replay
+
+
+@pytest.mark.parametrize("dtype, bits, act_order", [("float16", 4, True), ("bfloat16", 8, False)])
+def test_prefill_ctas_take_tiles_in_turn_and_match_float64(rng, dtype, bits, act_order):
+    """More 128-row tiles than a wave of CTAs: each CTA takes whole tiles in turn
+    (kernel.cuh, walk), its pipeline running on from one tile's last slices into
+    the next one's first while its warpgroups store the last: 600 x 1024 x 16896
+    is 330 tiles of 16 slices, 2-3 per CTA on 132 SMs. Eager and under graph
+    replays with fresh inputs, each against float64."""
+    k, n, m = 1024, 66 * 256, 600
+    weight = random_weight(rng, k, n, bits=bits, group_size=128, act_order=act_order, dtype=dtype)
+    dense = weight.dequantize(np.float64)
+    lin = fm.Linear.from_gptq(weight, device="cuda", dtype=dtype)
+    tdtype = getattr(torch, dtype)
+    x = cuda(random_activations(rng, (m, k), "float32")).to(tdtype)
+    out = torch.empty(m, n, device="cuda", dtype=tdtype)
+    graph = _captured_call(lambda stream: lin(x, out=out, stream=stream))
+    for replay in range(2):
+        x.copy_(cuda(random_activations(rng, (m, k), "float32")).to(tdtype))
+        expect = x.cpu().double().numpy() @ dense
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_error(out, expect) < REL_TOL[dtype], replay
+        eager = torch.full((m, n), float("nan"), device="cuda", dtype=tdtype)
+        lin(x, out=eager)
+        assert rel_error(eager, expect) < REL_TOL[dtype], replay
+
+
+def test_prefill_ctas_skip_tiles_between_live_ones_and_match_float64(rng):
+    """Routing blocks of 256 rows on 128-row tiles: an expert's last block has a
+    second chunk past its rows, a tile row every CTA taking tiles in turn skips
+    in the middle of its walk (its producer and warpgroups stay in step). 600
+    tokens to one of 2 experts: 4 planned blocks, 8 tile rows x 66 column pairs
+    over a wave of CTAs; every pair's row against float64."""
+    e, k, n, m = 2, 256, 66 * 256, 600
+    weights = [random_weight(rng, k, n, group_size=128) for _ in range(e)]
+    dense = [w.dequantize(np.float64) for w in weights]
+    stack = fm.ExpertStack.from_gptq(weights, device="cuda", dtype="float16")
+    x = cuda(random_activations(rng, (m, k), "float16"))
+    x64 = x.cpu().double().numpy()
+    ids = rng.integers(0, e, (m, 1)).astype(np.int32)
+    routing = fm.moe_align_block_size(cuda(ids), 256, e)
+    out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.float16)
+    stack.gemm_routed(x, routing, out=out)
+    got = out.cpu().double().numpy()
+    for expert in range(e):
+        pairs = np.flatnonzero(ids.reshape(-1) == expert)
+        assert rel_error(got[pairs], x64[pairs] @ dense[expert]) < REL_TOL["float16"], expert
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -408,14 +535,7 @@ def test_the_moe_layer_captures_in_a_torch_graph(rng, layer_kind, warm):
     out = torch.empty(m, 256, device="cuda", dtype=torch.float16)
     run = (lambda s: fm.fused_moe(x, layer.w13, layer.w2, twd, idsd, out=out, stream=s)) if layer_kind == "fused_moe" \
         else (lambda s: layer(x, twd, idsd, out=out, stream=s))
-    s = torch.cuda.Stream()
-    if warm:
-        with torch.cuda.stream(s):
-            run(s)
-        s.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=s):
-        run(s)
+    graph = _captured_call(run, warm)
     for name, ids2 in _routings(rng, m).items():
         xh2, tw2 = random_activations(rng, (m, 256), "float16"), rng.random((m, 2)).astype(np.float32)
         x.copy_(cuda(xh2)), twd.copy_(cuda(tw2)), idsd.copy_(cuda(ids2))

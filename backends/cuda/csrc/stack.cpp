@@ -156,7 +156,9 @@ CudaStack::CudaStack(const FmStackCreateArgs& args)
   check_cuda(gemm::configure_gemm_kernels(compute_type_, bits_, wgmma_tiles_), "configuring the GEMM kernels");
   // Stream-K fills every SM with as many CTAs as fit at once: one wave, as
   // many loads in flight as the SM holds, no tail.
-  for (int rows : {gemm::kTinyRowsPerCta, gemm::kSmallRowsPerCta, gemm::kMediumRowsPerCta, gemm::kLargeRowsPerCta}) {
+  for (int rows : {gemm::kTinyRowsPerCta, gemm::kSmallRowsPerCta, gemm::kMediumRowsPerCta, gemm::kLargeRowsPerCta,
+                   gemm::kWgmmaRowsPerCta}) {
+    if (rows == gemm::kWgmmaRowsPerCta && !wgmma_tiles_) continue;
     check_cuda(gemm::gemm_ctas_per_sm(compute_type_, bits_, rows, &ctas_per_sm_[occupancy_index(rows)]),
                "querying the GEMM kernels' occupancy");
   }
@@ -311,19 +313,16 @@ int CudaStack::rows_per_cta_for(int64_t rows) const {
   return rows <= gemm::kLargeRowsPerCta ? gemm::kMediumRowsPerCta : gemm::kWgmmaRowsPerCta;
 }
 
-// A 128-row launch that leaves many SMs idle loses to 64-row tiles, which
-// split K under stream-K or at least fill more SMs. Measured on the H200
-// (2026-12-03), Linear 128 x 256 tiles against 64-row ones: 16 tiles (7168 x
-// 2048, M = 256) 187 / 68 us, 32 tiles 309 / 162, 64 tiles (M = 1024) 178 /
-// 134; but 128 tiles (14336 x 4096, M = 1024: 97% of the SMs) 311 / 479.
+// gemm/params.hpp, wgmma_tiles_fill: 128-row tiles where they (split or not)
+// fill the GPU, else 64-row ones.
 int CudaStack::fill_the_gpu(int rows_per_cta, int64_t row_tiles, int64_t n_tiles) const {
   if (rows_per_cta != gemm::kWgmmaRowsPerCta) return rows_per_cta;
   const int64_t tiles = row_tiles * ceil_div(n_tiles, int64_t{gemm::kWgmmaColumnTilesPerCta});
-  return tiles * 4 < int64_t{num_sms_} * 3 ? gemm::kLargeRowsPerCta : rows_per_cta;
+  return gemm::wgmma_tiles_fill(tiles, k_padded_ / kTileK, num_sms_) ? rows_per_cta : gemm::kLargeRowsPerCta;
 }
 
 int CudaStack::plan_schedule(int64_t tiles_x, int64_t n_tiles, int rows_per_cta, gemm::StreamK& schedule,
-                             bool live_rows) const {
+                             bool live_rows, bool skipped_rows_between) const {
   if (rows_per_cta == gemm::kWgmmaRowsPerCta) n_tiles = ceil_div(n_tiles, int64_t{gemm::kWgmmaColumnTilesPerCta});
   schedule = {nullptr, nullptr, static_cast<int32_t>(tiles_x), static_cast<int32_t>(n_tiles), 0};
   const int64_t tiles = tiles_x * n_tiles;
@@ -331,14 +330,18 @@ int CudaStack::plan_schedule(int64_t tiles_x, int64_t n_tiles, int rows_per_cta,
   if (tiles > kMaxGridX) {
     throw Error(FM_ERROR_UNSUPPORTED, std::to_string(tiles) + " output tiles exceed the CUDA grid limit");
   }
-  // 128-row tiles are never shared: their reduction is not compiled (prefill
-  // has tiles enough for a wave) and the occupancy table has no entry for them.
-  const int64_t slots = rows_per_cta == gemm::kWgmmaRowsPerCta
-                            ? 0
-                            : std::min<int64_t>(gemm::kStreamKCounters,
-                                                gemm::kStreamKSlotFloats / (rows_per_cta * kTileN));
-  if (tiles > slots || tiles == 0) return static_cast<int>(tiles);  // one CTA per tile
   const int64_t wave = std::max<int64_t>(int64_t(ctas_per_sm_[occupancy_index(rows_per_cta)]) * num_sms_, 1);
+  if (tiles > gemm::stream_k_slots(rows_per_cta) || tiles == 0) {
+    // Unshared: one CTA per tile, except the 128-row tiles, whose CTAs take
+    // whole tiles in turn over at most a wave (kernel.cuh, walk): the next
+    // tile's copies start during the last one's epilogue. Their live tiles
+    // come first (host tables: all live; routed: the blocks the routing
+    // filled, but for an expert's last block's chunks past its rows where
+    // blocks are taller than a tile), or they keep a CTA each
+    // (skipped_rows_between).
+    const bool in_turn = rows_per_cta == gemm::kWgmmaRowsPerCta && !skipped_rows_between;
+    return static_cast<int>(in_turn ? std::min(tiles, wave) : tiles);
+  }
   // The slots go with every launch that fits them, split or not: a routed
   // launch's kernel may spread fewer live tiles over its grid (kernel.cuh).
   schedule.partials = stream_k_partials_.get<float>();
@@ -458,20 +461,27 @@ void CudaStack::gemm_batched_device_table(const FmGemmBatchedArgs& args, const g
   const int64_t max_rows = std::min(params.x_rows, params.out_rows);
   if (max_rows == 0) return;
   // The expected height of one dispatch picks the tile: decode tables (a row or
-  // a few per dispatch) get 8- or 16-row CTAs and stream-K.
-  const int rows_per_cta = rows_per_cta_for(ceil_div(max_rows, params.num_dispatches));
-  const int64_t chunks = ceil_div(max_rows, rows_per_cta);
+  // a few per dispatch) get 8- or 16-row CTAs and stream-K; 128-row tiles only
+  // where the grid's worst case of them fills the GPU, as for host tables.
+  const int64_t first_n_tile = args.col_begin / kTileN;
+  const int64_t num_n_tiles = (args.col_begin + args.n - 1) / kTileN - first_n_tile + 1;
+  // (Row tiles capped at the grid limit, which the check below enforces: the
+  // product stays far inside int64 whatever the table's and x's sizes.)
   constexpr int64_t kMaxGridX = std::numeric_limits<int32_t>::max();
+  const int64_t row_tiles = std::min(params.num_dispatches, kMaxGridX) *
+                            std::min(ceil_div(max_rows, int64_t{gemm::kWgmmaRowsPerCta}), kMaxGridX);
+  const int rows_per_cta = fill_the_gpu(rows_per_cta_for(ceil_div(max_rows, params.num_dispatches)),
+                                        std::min(row_tiles, kMaxGridX), num_n_tiles);
+  const int64_t chunks = ceil_div(max_rows, rows_per_cta);
   if (chunks > kMaxGridX / params.num_dispatches) {
     throw Error(FM_ERROR_UNSUPPORTED, "gemm_batched: " + std::to_string(params.num_dispatches) +
                                           " device dispatches over " + std::to_string(max_rows) +
                                           " rows exceed the CUDA grid limit");
   }
   params.chunks_per_dispatch = static_cast<int32_t>(chunks);
-  const int64_t first_n_tile = args.col_begin / kTileN;
-  const int64_t num_n_tiles = (args.col_begin + args.n - 1) / kTileN - first_n_tile + 1;
   params.first_n_tile = static_cast<int32_t>(first_n_tile);
-  const int ctas = plan_schedule(params.num_dispatches * chunks, num_n_tiles, rows_per_cta, params.schedule);
+  const int ctas = plan_schedule(params.num_dispatches * chunks, num_n_tiles, rows_per_cta, params.schedule,
+                                 false, true);
   check_cuda(gemm::launch_gemm_device_dispatch(params, compute_type_, bits_, rows_per_cta, ctas,
                                                as_stream(args.stream)),
              "gemm_batched kernel launch");

@@ -36,13 +36,18 @@ class CudaStack final : public ferrum::plugin::Stack {
   // Fills the launch's schedule (gemm/params.hpp, StreamK) for tiles_x x
   // n_tiles output tiles; returns the grid's CTA count. live_rows: a routed
   // launch whose kernel plans again for the tile rows its routing filled.
+  // skipped_rows_between: tile rows the kernel skips may lie between live ones
+  // (a device-resident dispatch table, planned for its longest dispatch), so
+  // unshared 128-row tiles keep a CTA each: a skipped one frees its SM at
+  // once, where CTAs taking tiles in turn would pile the live ones on some.
   int plan_schedule(int64_t tiles_x, int64_t n_tiles, int rows_per_cta, gemm::StreamK& schedule,
-                    bool live_rows = false) const;
+                    bool live_rows = false, bool skipped_rows_between = false) const;
   // The CTA height for blocks of `rows` rows: 8, 16, 32, 64 (before Hopper),
   // or 128 (Hopper wgmma).
   int rows_per_cta_for(int64_t rows) const;
-  // rows_per_cta, or 64 where 128-row tiles (never shared between CTAs) would
-  // fill under 3/4 of the SMs: row_tiles of 128 rows times n_tiles columns.
+  // rows_per_cta, or 64 where 128-row tiles would fill under 3/4 of the SMs
+  // even sharing K (gemm/params.hpp, wgmma_tiles_fill): row_tiles of 128 rows
+  // times n_tiles columns.
   int fill_the_gpu(int rows_per_cta, int64_t row_tiles, int64_t n_tiles) const;
 
   int device_;
@@ -65,14 +70,17 @@ class CudaStack final : public ferrum::plugin::Stack {
   gemm::QuantWeights weights_{};
   int num_sms_ = 0;
   bool wgmma_tiles_ = false;  // the loaded code has the 128-token wgmma tiles (sm_90a)
-  // Resident 8-, 16-, 32- and 64-row CTAs per SM (occupancy): a stream-K wave.
-  int ctas_per_sm_[4] = {1, 1, 1, 1};
+  // Resident 8-, 16-, 32-, 64- and 128-row CTAs per SM (occupancy): a stream-K wave.
+  int ctas_per_sm_[5] = {1, 1, 1, 1, 1};
   static int occupancy_index(int rows_per_cta) {
-    return rows_per_cta <= gemm::kTinyRowsPerCta ? 0 : rows_per_cta <= gemm::kSmallRowsPerCta ? 1
-                                                     : rows_per_cta <= gemm::kMediumRowsPerCta ? 2 : 3;
+    return rows_per_cta <= gemm::kTinyRowsPerCta     ? 0
+           : rows_per_cta <= gemm::kSmallRowsPerCta  ? 1
+           : rows_per_cta <= gemm::kMediumRowsPerCta ? 2
+           : rows_per_cta <= gemm::kLargeRowsPerCta  ? 3
+                                                     : 4;
   }
-  // Stream-K workspace (gemm/params.hpp, StreamK): tile slots (512 of 8 or 16
-  // rows, 256 of 32 or 128 of 64) and their counters. Calls on one stack from concurrently
+  // Stream-K workspace (gemm/params.hpp, StreamK, stream_k_slots): tile slots
+  // and their counters. Calls on one stack from concurrently
   // running streams would share it: a stack's GEMMs must be stream-ordered.
   DeviceBuffer stream_k_partials_;
   DeviceBuffer stream_k_counters_;

@@ -1,5 +1,6 @@
-// Host-only check of the split-K plan (gemm/params.hpp, stream_k_ctas) that the
-// host's launches and the routed kernel's re-plan share: its invariants over a
+// Host-only check of the split-K plan (gemm/params.hpp, stream_k_ctas, and
+// wgmma_tiles_fill for the 128-row tiles) that the host's launches and the
+// routed kernel's re-plan share: its invariants over a
 // sweep of tile counts, K lengths and waves, and the plans the H200
 // measurements chose (kernel notes, v26). Needs no GPU: build with
 // -DFERRUM_MOE_CUDA_BUILD_TESTS=ON and run ctest.
@@ -12,6 +13,8 @@ namespace {
 
 using ferrum_moe_cuda::gemm::kStreamKMinSlices;
 using ferrum_moe_cuda::gemm::stream_k_ctas;
+using ferrum_moe_cuda::gemm::stream_k_slots;
+using ferrum_moe_cuda::gemm::wgmma_tiles_fill;
 
 int errors = 0;
 
@@ -64,6 +67,19 @@ int main() {
   check_plan(448, 64, 528, 528, "Mixtral M = 1 w13: stream-K over the wave");
   check_plan(96, 32, 528, 480, "Qwen3-30B-A3B M = 1 w13: 5 aligned splits");
   check_plan(768, 32, 528, 768, "Qwen3-30B-A3B M = 8 w13: a wave or more, one CTA per tile");
+  // The 128-row (wgmma) tiles, one CTA per SM of 132 (kernel notes, v43): the
+  // workspace's slots, which launches keep them, and their splits.
+  expect(stream_k_slots(8) == 1024 && stream_k_slots(64) == 128 && stream_k_slots(128) == 32,
+         "4 MiB of slots: 1,024 of 8 x 128, 128 of 64 x 128, 32 of 128 x 256", 0, 0, 0, stream_k_slots(128));
+  check_plan(16, 112, 132, 128, "Linear 7168 x 2048 M = 256: 8 aligned splits of 14 slices");
+  check_plan(32, 224, 132, 128, "Linear 14336 x 4096 M = 256: 4 aligned splits of 56 slices");
+  check_plan(16, 64, 132, 128, "the split test's 256 x 4096 x 2048: 8 aligned splits of 8 slices");
+  check_plan(27, 97, 132, 132, "the stream-K test's 300 x 6208 x 2304: ranges cross tiles");
+  expect(wgmma_tiles_fill(16, 112, 132) && wgmma_tiles_fill(32, 224, 132) && wgmma_tiles_fill(128, 64, 132),
+         "128-row tiles kept where they fill the SMs, split or not", 16, 112, 132, 0);
+  expect(!wgmma_tiles_fill(16, 12, 132), "16 tiles of 12 slices: 48 CTAs, the 64-row tiles take it", 16, 12, 132, 0);
+  expect(!wgmma_tiles_fill(64, 112, 132), "64 tiles, past the slots: unshared, the 64-row tiles take it", 64, 112,
+         132, 0);
   std::printf("schedule: %lld plans checked: %s\n", static_cast<long long>(cases), errors == 0 ? "ok" : "FAILED");
   return errors == 0 ? 0 : 1;
 }

@@ -73,7 +73,10 @@ struct RowHandoff {
 // StreamK). fill_rows(x, table, r) writes row r of tile row x's row table
 // when r < kRows (r: the thread's index among the threads that fill) and
 // answers a TileRows; it holds no barrier (the caller's publish the table).
-template <class T, int kBits, int kRows, class FillRows, class LiveTileRows>
+// kSplitsK: the code that meets other CTAs' K ranges of a tile (stream-K) is
+// compiled in; without it the launch must share no tile (launch.cuh,
+// splits_k).
+template <class T, int kBits, int kRows, bool kSplitsK, class FillRows, class LiveTileRows>
 __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& io, const StreamK& schedule,
                                            int first_n_tile, FillRows&& fill_rows, LiveTileRows&& live_tile_rows) {
   dependent_grid_begin();
@@ -90,11 +93,10 @@ __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& 
   // what the routing filled (read here, after the wait for the kernel that
   // wrote it) hold nothing. When the host asks for it (live_rows_wave) and
   // the schedule has stream-K slots, the grid plans again on the live rows
-  // (stream_k_ctas) instead of leaving their CTAs idle. (The warp-specialised
-  // tiles never share a tile: no slots.)
+  // (stream_k_ctas) instead of leaving their CTAs idle.
   int64_t tiles_x = schedule.tiles_x;
   int64_t ctas = gridDim.x;
-  if (!Traits::kWarpSpecialized && schedule.partials != nullptr && schedule.live_rows_wave > 0) {
+  if (kSplitsK && schedule.partials != nullptr && schedule.live_rows_wave > 0) {
     const int64_t live = live_tile_rows();
     if (live < tiles_x) {
       tiles_x = max(live, int64_t{0});
@@ -109,21 +111,11 @@ __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& 
   const int64_t begin = blockIdx.x < ctas ? total * blockIdx.x / ctas : 0;
   const int64_t end = blockIdx.x < ctas ? total * (blockIdx.x + 1) / ctas : 0;
   // Calls piece(tile, kt_begin, kt_end) for every (tile, K range) this CTA
-  // owns, in order; every thread walks the same pieces.
-  auto walk = [&](auto&& piece) {
-    int64_t at = begin;
-    while (at < end) {
-      const int64_t tile = at / k_tiles;
-      const int kt_begin = static_cast<int>(at - tile * k_tiles);
-      const int kt_end = static_cast<int>(min(k_tiles, kt_begin + (end - at)));
-      at += kt_end - kt_begin;
-      piece(tile, kt_begin, kt_end);
-    }
-  };
-  // The same pieces, last first. Under stream-K only a CTA's first piece can
-  // hold a shared tile's last K range, whose reduction waits for the lower
-  // CTAs' parts (stream_k.cuh); walked last, it waits after every part this
-  // CTA owes other tiles is counted, so no wait ever waits on another wait.
+  // owns, last first; every thread walks the same pieces. Under stream-K only
+  // a CTA's first range can hold a shared tile's last K range, whose
+  // reduction waits for the lower CTAs' parts (stream_k.cuh); walked last, it
+  // waits after every part this CTA owes other tiles is counted, so no wait
+  // ever waits on another wait.
   auto walk_back = [&](auto&& piece) {
     int64_t at = end;
     while (at > begin) {
@@ -132,6 +124,21 @@ __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& 
       const int kt_begin = static_cast<int>(max(int64_t{0}, kt_end - (at - begin)));
       at -= kt_end - kt_begin;
       piece(tile, kt_begin, kt_end);
+    }
+  };
+  // The warp-specialised tiles' walk. With the meeting, walk_back's ranges.
+  // Without it (the 128-row tiles' copy for launches that share no tile) the
+  // grid may hold fewer CTAs than tiles (plan_schedule: a wave), and CTA c
+  // takes whole tiles c, c + grid, c + 2 grid, ...: the CTAs in flight at
+  // once work on neighbouring tiles, as one CTA per tile did, and a CTA's
+  // producer fills the stages of its next tile while its computing warpgroups
+  // store the last one, where a new CTA would start from empty stages.
+  auto walk = [&](auto&& piece) {
+    if constexpr (kSplitsK) {
+      walk_back(piece);
+    } else {
+      const int64_t tiles = tiles_x * schedule.n_tiles;
+      for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) piece(tile, 0, static_cast<int>(k_tiles));
     }
   };
   // The CTA's first 128-column tile of `tile`; a second warpgroup takes the next one.
@@ -155,7 +162,8 @@ __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& 
     int pipe = 0;     // slices the CTA's pipeline has passed (the stage barriers' phases)
     int piece = 0;    // pieces walked (the handoff's phases)
     // Each role walks the tiles in its own register regime (one setmaxnreg
-    // each, so ptxas allocates each branch on its own budget).
+    // each, so ptxas allocates each branch on its own budget), both the same
+    // walk.
     if (threadIdx.x < Traits::kProducerThreads) {
       registers_decrease<kProducerRegisters>();
       walk([&](int64_t tile, int kt_begin, int kt_end) {
@@ -178,13 +186,24 @@ __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& 
         mbarrier_wait(&handoff.filled[s], (piece / 2) & 1);
         ++piece;
         const int expert = handoff.expert[s];
-        if (expert >= 0) {
-          // 128-row tiles are never shared between CTAs (plan_schedule):
-          // there is no reduction to finish a part of one.
-          const int n_tile = n_tile_of(tile);
-          typename Loop::Accumulators acc;
+        const int n_tile = n_tile_of(tile);
+        typename Loop::Accumulators acc;
+        bool store = expert >= 0;
+        if (store) {
           Loop(w, io, handoff.rows[s], expert, n_tile, smem).run(acc, kt_begin, kt_end, &barriers, pipe);
           pipe += kt_end - kt_begin;
+          // A shared tile (few tiles split K: plan_schedule, or the re-plan on
+          // the live rows above) meets its other ranges; only the CTA that
+          // completes it stores.
+          if constexpr (kSplitsK) {
+            if (kt_end - kt_begin < k_tiles) {
+              store = reduce_stream_k_by_thread<AccumulatorLayout<kRows, true>::kCount, kConsumerThreads>(
+                  schedule, tile, kt_end - kt_begin, static_cast<int>(k_tiles), kt_end == k_tiles,
+                  Loop::compute_tid(), flat_of(acc));
+            }
+          }
+        }
+        if (store) {
           if (staged) {
             store_results_staged<T, kRows>(io, handoff.rows[s], n_tile, flat_of(acc), Loop::compute_tid(),
                                            smem + Traits::kStagingOffset);
@@ -207,7 +226,7 @@ __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& 
       typename Loop::Accumulators acc;
       Loop(w, io, rows, expert, n_tile, smem).run(acc, kt_begin, kt_end);
       auto& flat = flat_of(acc);
-      if (kt_end - kt_begin < k_tiles &&
+      if (kSplitsK && kt_end - kt_begin < k_tiles &&
           !reduce_stream_k<kRows, Loop::kWgmma>(schedule, tile, kt_end - kt_begin, static_cast<int>(k_tiles),
                                                  kt_end == k_tiles, rows, flat)) {
         return;
@@ -218,10 +237,10 @@ __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& 
 }
 
 // Host dispatch rows, split into work items of up to kRows rows on the host.
-template <class T, int kBits, int kRows>
+template <class T, int kBits, int kRows, bool kSplitsK>
 __global__ void __launch_bounds__(GemmTraits<T, kBits, kRows>::kCtaThreads, kMinCtasPerSm<kRows>)
     gemm_batched_kernel(const __grid_constant__ BatchedParams p) {
-  gemm_tiles<T, kBits, kRows>(p.w, p.io, p.schedule, p.first_n_tile,
+  gemm_tiles<T, kBits, kRows, kSplitsK>(p.w, p.io, p.schedule, p.first_n_tile,
                               [&](int64_t x, RowTable<kRows>& table, int r) {
     const BatchedWorkItem& item = p.items[x];
     if (r < kRows) {
@@ -238,10 +257,10 @@ __global__ void __launch_bounds__(GemmTraits<T, kBits, kRows>::kCtaThreads, kMin
 // rows or m are out of range is skipped, compared without forming sums that
 // could overflow. Tile row x is chunk x % chunks_per_dispatch of dispatch
 // x / chunks_per_dispatch.
-template <class T, int kBits, int kRows>
+template <class T, int kBits, int kRows, bool kSplitsK>
 __global__ void __launch_bounds__(GemmTraits<T, kBits, kRows>::kCtaThreads, kMinCtasPerSm<kRows>)
     gemm_device_dispatch_kernel(const __grid_constant__ DeviceDispatchParams p) {
-  gemm_tiles<T, kBits, kRows>(p.w, p.io, p.schedule, p.first_n_tile,
+  gemm_tiles<T, kBits, kRows, kSplitsK>(p.w, p.io, p.schedule, p.first_n_tile,
                               [&](int64_t x, RowTable<kRows>& table, int r) {
     const int64_t d = x / p.chunks_per_dispatch;
     const int64_t first = (x % p.chunks_per_dispatch) * kRows;
@@ -269,10 +288,10 @@ __global__ void __launch_bounds__(GemmTraits<T, kBits, kRows>::kCtaThreads, kMin
 // Tile row x is chunk x % chunks_per_block of routing block x / chunks_per_block.
 // Every index read from device memory is range-checked before use: the host
 // never saw these arrays.
-template <class T, int kBits, int kRows>
+template <class T, int kBits, int kRows, bool kSplitsK>
 __global__ void __launch_bounds__(GemmTraits<T, kBits, kRows>::kCtaThreads, kMinCtasPerSm<kRows>)
     gemm_routed_kernel(const __grid_constant__ RoutedParams p) {
-  gemm_tiles<T, kBits, kRows>(p.w, p.io, p.schedule, 0, [&](int64_t x, RowTable<kRows>& table, int r) {
+  gemm_tiles<T, kBits, kRows, kSplitsK>(p.w, p.io, p.schedule, 0, [&](int64_t x, RowTable<kRows>& table, int r) {
     if (p.sorted_token_ids == nullptr) {
       // Pair routing: tile row x is pair x alone (blocks of one row, one chunk).
       const int64_t token = x / p.top_k, slot = x % p.top_k;

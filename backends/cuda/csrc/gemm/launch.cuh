@@ -14,15 +14,30 @@
 
 namespace ferrum_moe_cuda::gemm {
 
-// Calls body(std::integral_constant<int, kBits>, std::integral_constant<int, kRows>).
+// Whether a launch of `rows_per_cta`-row tiles under `schedule` takes the
+// kernels with the stream-K meeting compiled in (kernel.cuh, kSplitsK): the
+// mma.sync tiles always (their schedule decides at run time, at no cost);
+// the 128-row tiles only where the schedule has slots to share tiles in. In
+// the others the meeting's registers doubled their spills and cost prefill
+// 5-14% (kernel notes, v45).
+inline bool splits_k(int rows_per_cta, const StreamK& schedule) {
+  return rows_per_cta != kWgmmaRowsPerCta || schedule.partials != nullptr;
+}
+
+// Calls body(std::integral_constant<int, kBits>, std::integral_constant<int, kRows>,
+// std::bool_constant<kSplitsK>).
 template <class Body>
-cudaError_t with_specialisation(int bits, int rows_per_cta, Body&& body) {
+cudaError_t with_specialisation(int bits, int rows_per_cta, bool splits, Body&& body) {
   auto with_rows = [&](auto b) {
-    if (rows_per_cta == kWgmmaRowsPerCta) return body(b, std::integral_constant<int, kWgmmaRowsPerCta>{});
-    if (rows_per_cta == kLargeRowsPerCta) return body(b, std::integral_constant<int, kLargeRowsPerCta>{});
-    if (rows_per_cta == kMediumRowsPerCta) return body(b, std::integral_constant<int, kMediumRowsPerCta>{});
-    if (rows_per_cta == kSmallRowsPerCta) return body(b, std::integral_constant<int, kSmallRowsPerCta>{});
-    if (rows_per_cta == kTinyRowsPerCta) return body(b, std::integral_constant<int, kTinyRowsPerCta>{});
+    using Yes = std::true_type;
+    if (rows_per_cta == kWgmmaRowsPerCta) {
+      if (splits) return body(b, std::integral_constant<int, kWgmmaRowsPerCta>{}, Yes{});
+      return body(b, std::integral_constant<int, kWgmmaRowsPerCta>{}, std::false_type{});
+    }
+    if (rows_per_cta == kLargeRowsPerCta) return body(b, std::integral_constant<int, kLargeRowsPerCta>{}, Yes{});
+    if (rows_per_cta == kMediumRowsPerCta) return body(b, std::integral_constant<int, kMediumRowsPerCta>{}, Yes{});
+    if (rows_per_cta == kSmallRowsPerCta) return body(b, std::integral_constant<int, kSmallRowsPerCta>{}, Yes{});
+    if (rows_per_cta == kTinyRowsPerCta) return body(b, std::integral_constant<int, kTinyRowsPerCta>{}, Yes{});
     return cudaErrorInvalidValue;
   };
   if (bits == 4) return with_rows(std::integral_constant<int, 4>{});
@@ -37,30 +52,36 @@ cudaError_t configure_gemm_kernels_for(int bits, bool wgmma_tiles) {
     // The 128-row tiles' ~190 KB is more than a CTA may hold before Hopper
     // (A100: 163 KB): asking for it there fails. They only run on sm_90a.
     if (rows == kWgmmaRowsPerCta && !wgmma_tiles) continue;
-    status = with_specialisation(bits, rows, [](auto b, auto m) {
-      constexpr int kBits = decltype(b)::value;
-      constexpr int kRows = decltype(m)::value;
-      constexpr int kSmem = GemmTraits<T, kBits, kRows>::kSmemBytes;
-      cudaError_t s = cudaFuncSetAttribute(gemm_batched_kernel<T, kBits, kRows>,
-                                           cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-      if (s != cudaSuccess) return s;
-      s = cudaFuncSetAttribute(gemm_device_dispatch_kernel<T, kBits, kRows>,
-                               cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-      if (s != cudaSuccess) return s;
-      return cudaFuncSetAttribute(gemm_routed_kernel<T, kBits, kRows>,
-                                  cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
-    });
-    if (status != cudaSuccess) return status;
+    for (bool splits : {true, false}) {  // the 128-row tiles' two copies (splits_k)
+      if (!splits && rows != kWgmmaRowsPerCta) continue;
+      status = with_specialisation(bits, rows, splits, [](auto b, auto m, auto k) {
+        constexpr int kBits = decltype(b)::value;
+        constexpr int kRows = decltype(m)::value;
+        constexpr bool kSplitsK = decltype(k)::value;
+        constexpr int kSmem = GemmTraits<T, kBits, kRows>::kSmemBytes;
+        cudaError_t s = cudaFuncSetAttribute(gemm_batched_kernel<T, kBits, kRows, kSplitsK>,
+                                             cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+        if (s != cudaSuccess) return s;
+        s = cudaFuncSetAttribute(gemm_device_dispatch_kernel<T, kBits, kRows, kSplitsK>,
+                                 cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+        if (s != cudaSuccess) return s;
+        return cudaFuncSetAttribute(gemm_routed_kernel<T, kBits, kRows, kSplitsK>,
+                                    cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+      });
+      if (status != cudaSuccess) return status;
+    }
   }
   return status;
 }
 
 template <class T>
 cudaError_t gemm_ctas_per_sm_for(int bits, int rows_per_cta, int* ctas) {
-  return with_specialisation(bits, rows_per_cta, [&](auto b, auto m) {
+  // (The stream-K wave: the kernels that split K.)
+  return with_specialisation(bits, rows_per_cta, true, [&](auto b, auto m, auto k) {
     constexpr int kBits = decltype(b)::value;
     constexpr int kRows = decltype(m)::value;
-    return cudaOccupancyMaxActiveBlocksPerMultiprocessor(ctas, gemm_routed_kernel<T, kBits, kRows>,
+    constexpr bool kSplitsK = decltype(k)::value;
+    return cudaOccupancyMaxActiveBlocksPerMultiprocessor(ctas, gemm_routed_kernel<T, kBits, kRows, kSplitsK>,
                                                          GemmTraits<T, kBits, kRows>::kCtaThreads,
                                                          GemmTraits<T, kBits, kRows>::kSmemBytes);
   });
@@ -72,10 +93,12 @@ inline dim3 schedule_grid(int ctas) { return dim3(static_cast<unsigned>(ctas)); 
 template <class T>
 cudaError_t launch_gemm_batched_for(const BatchedParams& params, int bits, int rows_per_cta, int ctas,
                                     cudaStream_t stream) {
-  return with_specialisation(bits, rows_per_cta, [&](auto b, auto m) {
+  const bool splits = splits_k(rows_per_cta, params.schedule);
+  return with_specialisation(bits, rows_per_cta, splits, [&](auto b, auto m, auto k) {
     constexpr int kBits = decltype(b)::value;
     constexpr int kRows = decltype(m)::value;
-    return launch_dependent(gemm_batched_kernel<T, kBits, kRows>, schedule_grid(ctas),
+    constexpr bool kSplitsK = decltype(k)::value;
+    return launch_dependent(gemm_batched_kernel<T, kBits, kRows, kSplitsK>, schedule_grid(ctas),
                             GemmTraits<T, kBits, kRows>::kCtaThreads, GemmTraits<T, kBits, kRows>::kSmemBytes,
                             stream, params);
   });
@@ -84,10 +107,12 @@ cudaError_t launch_gemm_batched_for(const BatchedParams& params, int bits, int r
 template <class T>
 cudaError_t launch_gemm_device_dispatch_for(const DeviceDispatchParams& params, int bits, int rows_per_cta,
                                             int ctas, cudaStream_t stream) {
-  return with_specialisation(bits, rows_per_cta, [&](auto b, auto m) {
+  const bool splits = splits_k(rows_per_cta, params.schedule);
+  return with_specialisation(bits, rows_per_cta, splits, [&](auto b, auto m, auto k) {
     constexpr int kBits = decltype(b)::value;
     constexpr int kRows = decltype(m)::value;
-    return launch_dependent(gemm_device_dispatch_kernel<T, kBits, kRows>, schedule_grid(ctas),
+    constexpr bool kSplitsK = decltype(k)::value;
+    return launch_dependent(gemm_device_dispatch_kernel<T, kBits, kRows, kSplitsK>, schedule_grid(ctas),
                             GemmTraits<T, kBits, kRows>::kCtaThreads, GemmTraits<T, kBits, kRows>::kSmemBytes,
                             stream, params);
   });
@@ -96,10 +121,12 @@ cudaError_t launch_gemm_device_dispatch_for(const DeviceDispatchParams& params, 
 template <class T>
 cudaError_t launch_gemm_routed_for(const RoutedParams& params, int bits, int rows_per_cta, int ctas,
                                    cudaStream_t stream) {
-  return with_specialisation(bits, rows_per_cta, [&](auto b, auto m) {
+  const bool splits = splits_k(rows_per_cta, params.schedule);
+  return with_specialisation(bits, rows_per_cta, splits, [&](auto b, auto m, auto k) {
     constexpr int kBits = decltype(b)::value;
     constexpr int kRows = decltype(m)::value;
-    return launch_dependent(gemm_routed_kernel<T, kBits, kRows>, schedule_grid(ctas),
+    constexpr bool kSplitsK = decltype(k)::value;
+    return launch_dependent(gemm_routed_kernel<T, kBits, kRows, kSplitsK>, schedule_grid(ctas),
                             GemmTraits<T, kBits, kRows>::kCtaThreads, GemmTraits<T, kBits, kRows>::kSmemBytes,
                             stream, params);
   });

@@ -87,10 +87,20 @@ struct StreamK {
 };
 
 // The workspace of a stack: slots of kStreamKSlotFloats floats (1,024 tiles
-// of 8 x 128, 512 of 16 x 128, or 128 of 64 x 128: 4 MiB) and their counters.
-// Launches with more tiles fill the GPU without sharing one.
+// of 8 x 128, 512 of 16 x 128, 128 of 64 x 128, or 32 of the wgmma tiles'
+// 128 x 256: 4 MiB) and their counters. Launches with more tiles fill the GPU
+// without sharing one.
 constexpr int kStreamKSlotFloats = 512 * 16 * 128;
 constexpr int kStreamKCounters = 1024;
+
+// The tiles of `rows_per_cta` rows the workspace holds at once. A 128-row
+// (wgmma) tile spans both warpgroups' columns.
+inline FM_HOST_DEVICE constexpr int64_t stream_k_slots(int rows_per_cta) {
+  const int64_t columns = rows_per_cta == kWgmmaRowsPerCta ? kWgmmaColumnTilesPerCta * kTileN : kTileN;
+  const int64_t slots = kStreamKSlotFloats / (rows_per_cta * columns);
+  return slots < kStreamKCounters ? slots : kStreamKCounters;
+}
+
 // The fewest K slices a CTA's share of a shared tile gets (a piece's prologue
 // and reduction would cost more than a shorter share saves).
 constexpr int kStreamKMinSlices = 4;
@@ -126,6 +136,20 @@ inline FM_HOST_DEVICE constexpr int64_t stream_k_ctas(int64_t tiles, int64_t k_t
     if (aligned_cost <= stream_k_cost) return tiles * splits;
   }
   return even;
+}
+
+// Whether `tiles` 128-row (wgmma) tiles of k_tiles slices keep the 128-row
+// CTAs on num_sms SMs (one CTA each): where they fit the workspace they share
+// K (stream_k_ctas over a wave of num_sms), and the launch keeps them when
+// their CTAs fill 3/4 of the SMs; otherwise the 64-row tiles take it, which
+// split K more finely or at least fill more SMs. Measured on the H200
+// (2026-12-03), Linear 128 x 256 tiles, unshared, against 64-row ones: 16
+// tiles (7168 x 2048, M = 256) 187 / 68 us, 32 tiles 309 / 162, 64 tiles (M =
+// 1024) 178 / 134; but 128 tiles (14336 x 4096, M = 1024: 97% of the SMs) 311
+// / 479. Shared (kernel notes, v43): 16 tiles of 112 slices on 128 CTAs 31 us.
+inline FM_HOST_DEVICE constexpr bool wgmma_tiles_fill(int64_t tiles, int64_t k_tiles, int64_t num_sms) {
+  const int64_t ctas = tiles <= stream_k_slots(kWgmmaRowsPerCta) ? stream_k_ctas(tiles, k_tiles, num_sms) : tiles;
+  return ctas * 4 >= num_sms * 3;
 }
 
 struct BatchedParams {

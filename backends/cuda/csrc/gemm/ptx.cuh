@@ -99,6 +99,23 @@ __device__ __forceinline__ void atomic_add_release(int32_t* counter, int value) 
   asm volatile("red.release.gpu.global.add.s32 [%0], %1;\n" ::"l"(counter), "r"(value) : "memory");
 }
 
+// Four floats added to global memory at once, relaxed, GPU scope (sm_90's
+// vector red.add, PTX ISA 8.1: CUDA 12.1; four scalar ones elsewhere).
+// `address`: 16-byte aligned.
+__device__ __forceinline__ void red_add_f32x4(float* address, float4 value) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && \
+    (__CUDACC_VER_MAJOR__ > 12 || (__CUDACC_VER_MAJOR__ == 12 && __CUDACC_VER_MINOR__ >= 1))
+  asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(address), "f"(value.x), "f"(value.y),
+               "f"(value.z), "f"(value.w)
+               : "memory");
+#else
+  atomicAdd(address, value.x);
+  atomicAdd(address + 1, value.y);
+  atomicAdd(address + 2, value.z);
+  atomicAdd(address + 3, value.w);
+#endif
+}
+
 // ld with acquire semantics at GPU scope.
 __device__ __forceinline__ int load_acquire(const int32_t* address) {
   int value;

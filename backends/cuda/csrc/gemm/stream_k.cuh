@@ -65,6 +65,53 @@ __device__ bool reduce_stream_k(const StreamK& schedule, int64_t tile, int slice
   return true;
 }
 
+// The named barrier the warp-specialised tiles' computing threads meet on in
+// reduce_stream_k_by_thread (1 is the producer's, 2-3 the staged epilogue's:
+// kernel.cuh, epilogue.cuh).
+constexpr int kStreamKBarrier = 4;
+
+// reduce_stream_k for the warp-specialised (128-row wgmma) tiles: the same
+// meeting, among their kComputeThreads computing threads only (`tid` their
+// index; the producer warpgroup never reaches it), and each thread's
+// accumulators kept in the slot in register order, not by row and column:
+// float4 q of thread tid at q * kComputeThreads + tid, so a warp's adds and
+// reads are 512 contiguous bytes, four floats per red.add (sm_90). Rows
+// without a token add whatever their accumulators hold: they are never
+// stored, and the completing CTA zeroes the whole slot.
+template <int kCount, int kComputeThreads>
+__device__ bool reduce_stream_k_by_thread(const StreamK& schedule, int64_t tile, int slices, int k_tiles,
+                                          bool last_range, int tid, float (&acc)[kCount]) {
+  static_assert(kCount % 4 == 0, "whole float4s");
+  constexpr int kQuads = kCount / 4;
+  auto* slot = reinterpret_cast<float4*>(schedule.partials + tile * (kCount * kComputeThreads)) + tid;
+  int32_t* counter = schedule.counters + tile;
+  if (!last_range) {
+#pragma unroll
+    for (int q = 0; q < kQuads; ++q) {
+      red_add_f32x4(reinterpret_cast<float*>(slot + q * kComputeThreads),
+                    make_float4(acc[4 * q], acc[4 * q + 1], acc[4 * q + 2], acc[4 * q + 3]));
+    }
+    named_barrier_sync(kStreamKBarrier, kComputeThreads);
+    if (tid == 0) atomic_add_release(counter, slices);
+    return false;
+  }
+  if (tid == 0) {
+    while (load_acquire(counter) != k_tiles - slices) __nanosleep(64);
+  }
+  named_barrier_sync(kStreamKBarrier, kComputeThreads);
+#pragma unroll
+  for (int q = 0; q < kQuads; ++q) {
+    const float4 other = __ldcg(slot + q * kComputeThreads);
+    acc[4 * q] += other.x;
+    acc[4 * q + 1] += other.y;
+    acc[4 * q + 2] += other.z;
+    acc[4 * q + 3] += other.w;
+    slot[q * kComputeThreads] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  }
+  if (tid == 0) *counter = 0;
+  return true;
+}
+
 }  // namespace ferrum_moe_cuda::gemm
 
 #endif  // FERRUM_MOE_CUDA_GEMM_STREAM_K_CUH_

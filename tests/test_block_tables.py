@@ -23,6 +23,12 @@ H200_TABLE = block_tables.SHIPPED / "cuda-h200.json"
 H200 = "CUDA sm_90, NVIDIA H200, 132 SMs"  # the CUDA backend's description there
 MIXTRAL = dict(experts=8, top_k=2, hidden=4096, inter=14336, dtype="float16", bits=4, group_size=128)
 H200_SWEEP = REPO / "benchmarks" / "results-h200-2026-12-04-blocks-v34.json"
+# Each shipped table, the sweep it was written from, its device and date.
+SHIPPED_SWEEPS = [
+    (H200_TABLE, H200_SWEEP, "NVIDIA H200", "2026-12-04"),
+    (block_tables.SHIPPED / "cuda-h100.json", REPO / "benchmarks" / "results-h100-2026-12-05-blocks-v46.json",
+     "NVIDIA H100 80GB HBM3", "2026-12-05"),
+]
 
 
 def _table(layers, backend="cuda", device="NVIDIA H200"):
@@ -82,15 +88,17 @@ def used_blocks(monkeypatch):
 
 def test_the_shipped_tables_parse():
     tables = sorted(block_tables.SHIPPED.glob("*.json"))
-    assert H200_TABLE in tables
+    assert sorted(table for table, *_ in SHIPPED_SWEEPS) == tables
     for path in tables:
         assert block_tables.read_table(path), f"{path} has no layer"
 
 
-def test_the_h200_table_holds_its_sweeps_fastest_block_or_the_rules_within_3_percent():
-    sweep = json.loads(H200_SWEEP.read_text())
-    shipped = json.loads(H200_TABLE.read_text())
-    assert shipped["device"] == sweep["device"] == "NVIDIA H200"
+@pytest.mark.parametrize("table, sweep_path, device, measured", SHIPPED_SWEEPS)
+def test_a_shipped_table_holds_its_sweeps_fastest_block_or_the_rules_within_3_percent(table, sweep_path, device,
+                                                                                      measured):
+    sweep = json.loads(sweep_path.read_text())
+    shipped = json.loads(table.read_text())
+    assert shipped["device"] == sweep["device"] == device
     rows = 0
     for layer in shipped["layers"]:
         for m, block in layer["blocks"]:
@@ -107,15 +115,17 @@ def test_the_h200_table_holds_its_sweeps_fastest_block_or_the_rules_within_3_per
     assert rows == len([r for r in sweep["rows"] if r.get("ferrum_us_by_block_size")])
 
 
-def test_the_writer_rewrites_the_shipped_h200_table(monkeypatch):
-    pytest.importorskip("torch")  # the sweep's rows predate their shapes: the writer takes gpu_bench's (torch)
+@pytest.mark.parametrize("table, sweep_path, device, measured", SHIPPED_SWEEPS)
+def test_the_writer_rewrites_a_shipped_table(monkeypatch, table, sweep_path, device, measured):
+    pytest.importorskip("torch")  # the H200 sweep's rows predate their shapes: the writer takes gpu_bench's (torch)
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     from write_block_table import table_from_results
-    sweep = json.loads(H200_SWEEP.read_text())
-    written = table_from_results([sweep], backend="cuda", device=None, measured="2026-12-04", source="", margin=0.03)
-    assert written["layers"] == json.loads(H200_TABLE.read_text())["layers"]
+    sweep = json.loads(sweep_path.read_text())
+    written = table_from_results([sweep], backend="cuda", device=None, measured=measured, source="", margin=0.03)
+    assert written["device"] == device
+    assert written["layers"] == json.loads(table.read_text())["layers"]
     with pytest.raises(SystemExit, match="measured on"):
-        table_from_results([sweep], backend="cuda", device="NVIDIA H100", measured="", source="", margin=0.03)
+        table_from_results([sweep], backend="cuda", device="NVIDIA A100", measured="", source="", margin=0.03)
 
 
 def test_the_lookup_takes_measured_counts_and_agreeing_neighbours_only(user_tables):

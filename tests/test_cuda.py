@@ -466,6 +466,47 @@ def test_prefill_tiles_store_windows_bias_and_every_output_layout(rng, dtype):
             assert np.all(np.isnan(got[:, n:])), f"columns past the window written ({offset}, {n}, {what})"
 
 
+@pytest.mark.parametrize("dtype, bits, group_size, sym, act_order", [
+    ("float16", 4, 128, True, False),
+    ("bfloat16", 4, 64, False, False),
+    ("float16", 8, 128, True, True),
+    ("bfloat16", 4, 32, True, False),
+])
+def test_mid_m_tiles_match_float64(rng, dtype, bits, group_size, sym, act_order):
+    """Blocks of 17-64 rows run on 32-row tiles, partly filled where an
+    expert's block ends: routed blocks of 32 and of 64 (two tiles a block),
+    host dispatches of 20, 32 and 45 rows (the last in two tiles, the second
+    of 13 rows), the same table in device memory, K with a tail slice, groups
+    per slice, per k-step (32) and per row (act-order), the compute dtype and
+    float32 out; each against float64, the output poisoned."""
+    e, k, n, m = 6, 200, 66 * 256, 150
+    weights = [random_weight(rng, k, n, bits=bits, group_size=group_size, sym=sym, act_order=act_order, dtype=dtype)
+               for _ in range(e)]
+    dense = [w.dequantize(np.float64) for w in weights]
+    stack = fm.ExpertStack.from_gptq(weights, device="cuda", dtype=dtype)
+    tdtype = getattr(torch, dtype)
+    x = cuda(random_activations(rng, (m, k), "float32")).to(tdtype)
+    x64 = x.cpu().double().numpy()
+    tol = REL_TOL[dtype]
+    ids = rng.integers(0, e, (m, 2)).astype(np.int32)
+    for block in (32, 64):
+        routing = fm.moe_align_block_size(cuda(ids), block, e)
+        out = torch.full((2 * m, n), float("nan"), device="cuda", dtype=tdtype)
+        stack.gemm_routed(x, routing, out=out)
+        got = out.cpu().double().numpy()
+        for expert in range(e):
+            pairs = np.flatnonzero(ids.reshape(-1) == expert)
+            assert rel_error(got[pairs], x64[pairs // 2] @ dense[expert]) < tol, (block, expert)
+    table = np.array([[0, 0, 0, 20], [2, 20, 20, 32], [5, 52, 52, 45]])
+    for where, out_dtype in [("host", tdtype), ("host", torch.float32), ("device", tdtype)]:
+        out = torch.full((m, n), float("nan"), device="cuda", dtype=out_dtype)
+        stack.gemm_batched(x, table if where == "host" else cuda(table), out=out)
+        got = out.cpu().double().numpy()
+        for expert, row, _, rows in table:
+            assert rel_error(got[row:row + rows], x64[row:row + rows] @ dense[expert]) < tol, (where, out_dtype)
+        assert np.all(np.isnan(got[97:])), (where, out_dtype)
+
+
 @pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
 def test_device_dispatch_rows_out_of_range_are_skipped_never_followed(rng, index_dtype):
     """A device-resident table the host never reads: rows with a bad expert,

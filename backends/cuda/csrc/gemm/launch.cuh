@@ -29,15 +29,16 @@ inline bool splits_k(int rows_per_cta, const StreamK& schedule) {
 template <class Body>
 cudaError_t with_specialisation(int bits, int rows_per_cta, bool splits, Body&& body) {
   auto with_rows = [&](auto b) {
-    using Yes = std::true_type;
+    using SplitsK = std::true_type;
+    using NoSplitsK = std::false_type;
     if (rows_per_cta == kWgmmaRowsPerCta) {
-      if (splits) return body(b, std::integral_constant<int, kWgmmaRowsPerCta>{}, Yes{});
-      return body(b, std::integral_constant<int, kWgmmaRowsPerCta>{}, std::false_type{});
+      if (splits) return body(b, std::integral_constant<int, kWgmmaRowsPerCta>{}, SplitsK{});
+      return body(b, std::integral_constant<int, kWgmmaRowsPerCta>{}, NoSplitsK{});
     }
-    if (rows_per_cta == kLargeRowsPerCta) return body(b, std::integral_constant<int, kLargeRowsPerCta>{}, Yes{});
-    if (rows_per_cta == kMediumRowsPerCta) return body(b, std::integral_constant<int, kMediumRowsPerCta>{}, Yes{});
-    if (rows_per_cta == kSmallRowsPerCta) return body(b, std::integral_constant<int, kSmallRowsPerCta>{}, Yes{});
-    if (rows_per_cta == kTinyRowsPerCta) return body(b, std::integral_constant<int, kTinyRowsPerCta>{}, Yes{});
+    if (rows_per_cta == kLargeRowsPerCta) return body(b, std::integral_constant<int, kLargeRowsPerCta>{}, SplitsK{});
+    if (rows_per_cta == kMediumRowsPerCta) return body(b, std::integral_constant<int, kMediumRowsPerCta>{}, SplitsK{});
+    if (rows_per_cta == kSmallRowsPerCta) return body(b, std::integral_constant<int, kSmallRowsPerCta>{}, SplitsK{});
+    if (rows_per_cta == kTinyRowsPerCta) return body(b, std::integral_constant<int, kTinyRowsPerCta>{}, SplitsK{});
     return cudaErrorInvalidValue;
   };
   if (bits == 4) return with_rows(std::integral_constant<int, 4>{});

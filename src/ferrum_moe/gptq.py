@@ -201,6 +201,20 @@ def unstack(qweight, scales, qzeros=None, g_idx=None, *, bits: int = 4, group_si
                        checkpoint_format=checkpoint_format, k=k) for i in range(e)]
 
 
+def _round_up(s, dtype):
+    """``s`` (positive float64) in ``dtype``, rounded up where rounding to nearest
+    would land below it: a scale stored smaller than computed would clip the
+    group's extreme codes by up to maxq times the rounding error (float16
+    subnormals round by up to 2**-25, so a constant group of -1e-3 clipped by
+    2.9e-6 against a half step of 2.3e-6)."""
+    with np.errstate(over="ignore"):  # too large for dtype: inf, which quantize() names
+        stored = s.astype(dtype)
+    low = stored.astype(np.float64) < s
+    bits = np.dtype(dtype).itemsize * 8
+    up = (stored.view(f"uint{bits}") + 1).view(dtype)  # the next larger positive value
+    return np.where(low, up, stored).astype(dtype)
+
+
 def quantize(w_kn, bits: int = 4, group_size: int = 128, sym: bool = True, *, g_idx=None,
              checkpoint_format: str = "gptq", scale_dtype=np.float16) -> GPTQWeight:
     """Round-to-nearest quantization of a float [K, N] matrix (y = x @ W).
@@ -209,15 +223,18 @@ def quantize(w_kn, bits: int = 4, group_size: int = 128, sym: bool = True, *, g_
     asym: scale = (max - min) / (2**bits - 1) over a range that includes 0,
     zero = round(-min / scale); in the v1 format, which cannot store a zero of 0,
     a group with no negative weight gets zero 1 and scale max / (2**bits - 2).
-    Every dequantized weight is within half a step of the original (plus the
-    rounding of the scale to ``scale_dtype``). Codes are rounded against the scales as stored
-    (``scale_dtype``), so dequantize() is exactly what a kernel computes.
+    Scales are rounded up to ``scale_dtype`` so the stored range still covers the
+    group, and every dequantized weight is within half a step of the original.
+    Codes are rounded against the scales as stored (``scale_dtype``), so
+    dequantize() is exactly what a kernel computes.
     ``g_idx`` (int [K]) assigns rows to groups (act-order); by default row k is in
     group k // group_size.
     """
     w = np.asarray(w_kn, dtype=np.float64)
     if w.ndim != 2:
         raise ValueError(f"quantize: w must be 2-D [K, N]; got shape {w.shape}")
+    if not np.all(np.isfinite(w)):
+        raise ValueError(f"quantize: w must be finite; got {np.count_nonzero(~np.isfinite(w))} inf or NaN values")
     k, n = w.shape
     _per_word(bits)
     groups = num_groups(k, group_size)
@@ -252,8 +269,11 @@ def quantize(w_kn, bits: int = 4, group_size: int = 128, sym: bool = True, *, g_
             zeros = np.where(at_zero, 1, zeros)
     if checkpoint_format not in _FORMATS:
         raise ValueError(f"checkpoint_format must be one of {_FORMATS}; got {checkpoint_format!r}")
-    scales = np.where(s == 0, 1.0, s)
-    scales = scales.astype(scale_dtype)  # quantize against the scales actually stored
+    s = np.where(s == 0, 1.0, s)
+    scales = _round_up(s, scale_dtype)  # quantize against the scales actually stored
+    if not np.all(np.isfinite(scales.astype(np.float64))):
+        raise ValueError(f"quantize: w's scales must fit {np.dtype(scale_dtype).name}; "
+                         f"got max|w| = {float(np.max(np.abs(w))):g}")
     s_k = scales.astype(np.float64)[gi]
     q = np.clip(np.round(w / s_k) + zeros[gi], 0, maxq).astype(np.int32)
     stored = zeros - 1 if checkpoint_format == "gptq" else zeros

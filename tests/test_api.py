@@ -126,6 +126,75 @@ def test_gemm_routed_matches_float64(rng, target, with_weights, block_size, m):
         assert rel_error(got[p], ref) < REL_TOL[dtype]
 
 
+def _silu_product(y: np.ndarray) -> np.ndarray:
+    half = y.shape[-1] // 2
+    return y[..., :half] / (1.0 + np.exp(-y[..., :half])) * y[..., half:]
+
+
+@pytest.mark.parametrize("with_weights", [False, True])
+# half 128: the CPU's gated epilogue (whole 64-column blocks) and the CUDA
+# 128-row tiles'; half 32: the host's activation after the GEMM.
+@pytest.mark.parametrize("half", [32, 128])
+@pytest.mark.parametrize("block_size, m", [(4, 11), (16, 40), (128, 300)])
+@pytest.mark.parametrize("given_out", [False, True])
+def test_gated_routed_gemm_matches_float64(rng, target, with_weights, half, block_size, m, given_out):
+    """gemm_routed(activation="silu"): silu(gate) * up of the routed GEMM, in the
+    backend's epilogue (ABI 1.3) or after it."""
+    dtype = target.dtypes[-1]
+    e, k, top_k = 5, 128, 2
+    weights = [random_weight(rng, k, 2 * half, group_size=64, dtype=dtype) for _ in range(e)]
+    dense = [w.dequantize(np.float64) for w in weights]
+    stack = target.stack(weights, dtype)
+    x = random_activations(rng, (m, k), dtype)
+    ids = rng.integers(0, e, (m, top_k)).astype(np.int32)
+    ids[3, 1] = -1  # dropped pairs
+    ids[7, 0] = e
+    tw = rng.random((m, top_k)).astype(np.float32)
+    routing = fm.moe_align_block_size(target.put(ids), block_size, e)
+    out = target.put(poisoned((m * top_k, half), dtype)) if given_out else None
+    result = stack.gemm_routed(target.put(x), routing, topk_weights=target.put(tw) if with_weights else None,
+                               activation="silu", out=out)
+    assert (result is out) if given_out else target.get(result).shape == (m * top_k, half)
+    got = as64(target.get(result))
+    for p in range(m * top_k):
+        t, j = divmod(p, top_k)
+        if not 0 <= ids[t, j] < e:
+            # Untouched (the gated epilogue), or silu(0) * 0 (the host's activation over a zeroed y).
+            untouched = given_out and np.all(np.isnan(got[p]))
+            assert untouched or np.all(got[p] == 0), f"pair {p} (expert {ids[t, j]}) was written"
+            continue
+        y = as64(x[t]) @ dense[ids[t, j]] * (tw[t, j] if with_weights else 1.0)
+        assert rel_error(got[p], _silu_product(y)) < 2 * REL_TOL[dtype]
+
+
+@pytest.mark.parametrize("half", [32, 128])
+def test_gated_pair_routed_gemm_matches_float64(rng, target, half):
+    """The layer's one-token call: pair routing with the gated output and no
+    `out` (the backend writes the product or queues nothing)."""
+    from ferrum_moe.arrays import import_array, import_output
+
+    dtype = target.dtypes[-1]
+    e, k, top_k = 6, 128, 4
+    weights = [random_weight(rng, k, 2 * half, group_size=64, dtype=dtype) for _ in range(e)]
+    stack = target.stack(weights, dtype)
+    x = random_activations(rng, (1, k), dtype)
+    ids = rng.permutation(e)[:top_k].reshape(1, top_k).astype(np.int32)
+    tw = rng.random((1, top_k)).astype(np.float32)
+    gated = target.put(poisoned((top_k, half), dtype))
+    written = stack._core.gemm_routed_pairs(import_array(target.put(x), "x"), import_array(target.put(ids), "topk_ids"),
+                                            e, None, import_array(target.put(tw), "topk_weights"), None,
+                                            gated_out=import_output(gated, "gated_out"))
+    got = as64(target.get(gated))
+    if not written:
+        assert np.all(np.isnan(got)), "a backend that did not write the gated output queued work"
+        return
+    for j in range(top_k):
+        y = as64(x[0]) @ weights[ids[0, j]].dequantize(np.float64) * tw[0, j]
+        assert rel_error(got[j], _silu_product(y)) < 2 * REL_TOL[dtype]
+    if target.backend == "cpu":
+        assert written == (half % 64 == 0), "the CPU's gated epilogue takes whole 64-column blocks"
+
+
 @pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
 @pytest.mark.parametrize("with_map", [False, True])
 @pytest.mark.parametrize("m", [1, 9])

@@ -109,6 +109,40 @@ def test_routing_arguments_are_checked(rng, stack):
         stack.gemm_routed(x16(5), (1, 2, 3))
 
 
+def test_gated_routing_arguments_are_checked(rng, stack):
+    """gemm_routed(activation=...): the gated output's shape, dtype and memory,
+    in the Python API and as the layer passes both outputs to the core."""
+    from ferrum_moe.arrays import import_array
+
+    r = fm.moe_align_block_size(rng.integers(0, 4, (5, 2)), 16, 4)
+    with pytest.raises(ValueError, match="gemm_routed: activation must be None or 'silu'; got 'gelu'"):
+        stack.gemm_routed(x16(5), r, activation="gelu")
+    with pytest.raises(ValueError, match=r"gemm_routed: out has shape \[10, 32\]; dimension 1 must be 16 \(n_per_expert / 2\)"):
+        stack.gemm_routed(x16(5), r, activation="silu", out=np.zeros((10, 32), np.float16))
+    with pytest.raises(TypeError, match="gemm_routed: out must have dtype float16; got float32"):
+        stack.gemm_routed(x16(5), r, activation="silu", out=np.zeros((10, 16), np.float32))
+    odd = fm.ExpertStack.from_gptq([random_weight(rng, 64, 33, group_size=32)], dtype="float16")
+    with pytest.raises(ValueError, match=r"gemm_routed: activation needs an even n_per_expert \(\[gate \| up\]\); "
+                                         "this stack has 33"):
+        odd.gemm_routed(x16(5), fm.moe_align_block_size(np.zeros((5, 2), np.int32), 16, 1), activation="silu")
+    x = np.zeros((5, 64), np.float16)
+    with pytest.raises(ValueError, match="gemm_routed: out overlaps x in memory"):
+        stack.gemm_routed(x, r, activation="silu", out=x.reshape(10, 32)[:, :16])
+    t = lambda a, name: import_array(a, name)  # noqa: E731
+    gate_up, act = np.zeros((10, 32), np.float16), np.zeros((10, 16), np.float16)
+    with pytest.raises(ValueError, match="gemm_routed: gated_out overlaps out in memory"):
+        stack._core.gemm_routed(t(x16(5), "x"), *r.tensors(0), 16, 2, None, t(gate_up, "out"), 0,
+                                gated_out=t(gate_up[:, :16], "gated_out"))
+    with pytest.raises(ValueError, match=r"gemm_routed: gated_out has shape \[9, 16\]; dimension 0 must be 10"):
+        stack._core.gemm_routed(t(x16(5), "x"), *r.tensors(0), 16, 2, None, t(gate_up, "out"), 0,
+                                gated_out=t(act[:9], "gated_out"))
+    with pytest.raises(ValueError, match="gemm_routed: activation must be FM_ACTIVATION_SILU \\(0\\); got 7"):
+        stack._core.gemm_routed(t(x16(5), "x"), *r.tensors(0), 16, 2, None, None, 0, gated_out=t(act, "out"),
+                                activation=7)
+    with pytest.raises(ValueError, match="gemm_routed: out is missing"):
+        stack._core.gemm_routed(t(x16(5), "x"), *r.tensors(0), 16, 2, None, None, 0)
+
+
 def test_pair_routing_arguments_are_checked(rng, stack):
     """gemm_routed's pair routing (ABI 1.2), as the layer calls it for one token."""
     from ferrum_moe.arrays import import_array

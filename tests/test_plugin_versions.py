@@ -3,7 +3,8 @@ own function table with their version fields and size changed: a newer minor
 version loads, another major version or a truncated table is refused naming
 the plugin and both versions, a 1.0 plugin (which knows no
 FM_ALLOC_ZEROED) still hands out zero-filled new results, and a 1.1 plugin
-(which knows no pair routing) gets align's routing from the layer."""
+(which knows no pair routing) gets align's routing from the layer, and a 1.2
+plugin (no gated epilogue) gets the activation run by the host."""
 
 import ctypes
 from pathlib import Path
@@ -266,3 +267,50 @@ def test_a_later_steps_refusal_is_raised_once_not_retried_through_align(rng):
     with pytest.raises(NotImplementedError, match="gated_activation: no activation in this plugin"):
         fm.fused_moe(x, s13, s2, tw, ids)
     assert routed_calls == [True], "one pair-routed GEMM, and no second run through align"
+
+
+def gated_layer(rng, backend, inter):
+    """A 4-expert float32 layer of intermediate size `inter` on `backend`, and
+    3 tokens routed to 2 experts each."""
+    e, k = 4, 64
+    w13 = [random_weight(rng, k, 2 * inter, group_size=32, dtype="float32") for _ in range(e)]
+    w2 = [random_weight(rng, inter, k, group_size=32, dtype="float32") for _ in range(e)]
+    x = random_activations(rng, (3, k), "float32")
+    ids = np.array([[2, 0], [1, 3], [0, 2]], np.int32)
+    tw = rng.random((3, 2)).astype(np.float32)
+    return w13, w2, stack_on(backend, w13, "float32"), stack_on(backend, w2, "float32"), x, ids, tw
+
+
+def test_a_1_2_plugin_gets_the_activation_from_the_host(rng):
+    """The gated epilogue (ABI 1.3) is not asked of an older plugin: the host
+    runs the activation after its GEMM, in the layer and in gemm_routed."""
+    backend = Table(minor=2).load()
+    assert backend.has_pair_routing and not backend.has_gated_epilogue
+    w13, w2, s13, s2, x, ids, tw = gated_layer(rng, backend, 64)
+    assert rel_error(fm.fused_moe(x, s13, s2, tw, ids), reference_moe(x, w13, w2, tw, ids)) < 1e-4
+    routing = fm.moe_align_block_size(ids, 4, 4)
+    got = s13.gemm_routed(x, routing, activation="silu")
+    for p in range(6):
+        y = x[p // 2].astype(np.float64) @ w13[ids.flat[p]].dequantize(np.float64)
+        assert rel_error(got[p], y[:64] / (1 + np.exp(-y[:64])) * y[64:]) < 1e-4
+
+
+@pytest.mark.parametrize("inter, epilogue", [(64, True), (32, False)])
+def test_the_cpu_plugins_gated_epilogue_replaces_the_activation_step(rng, inter, epilogue):
+    """A 1.3 CPU plugin writes silu(gate) * up in its GEMM where the gate's
+    columns are whole 64-column blocks: the layer then runs no activation step;
+    elsewhere it runs one, and both agree with the float64 layer."""
+    steps = []
+
+    def activation(table, args):
+        steps.append("activation")
+        return table.original["gated_activation"](args)
+
+    backend = HookedTable(minor=3, gated_activation=(ACTIVATION, activation)).load()
+    assert backend.has_gated_epilogue
+    w13, w2, s13, s2, x, ids, tw = gated_layer(rng, backend, inter)
+    for block_size in (None, 4):  # pair routing for one token, then align's blocks
+        steps.clear()
+        got = fm.fused_moe(x[:1], s13, s2, tw[:1], ids[:1], block_size=block_size)
+        assert rel_error(got, reference_moe(x[:1], w13, w2, tw[:1], ids[:1])) < 1e-4
+        assert steps == ([] if epilogue else ["activation"])

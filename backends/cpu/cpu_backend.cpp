@@ -62,7 +62,27 @@ class CpuStack final : public plugin::Stack {
   }
 
   void gemm_routed(const FmGemmRoutedArgs& a) override {
-    if (a.sorted_token_ids == nullptr) return gemm_pairs(a);
+    std::vector<Job> jobs = routed_jobs(a);
+    gemm(kernels_, w_, dtype_, *a.x, jobs, 0, n_, nullptr, *a.out);
+  }
+
+  // Each item computes a gate block and its up block (gemm_gated), so the
+  // gate's half must be whole blocks; otherwise the host runs the activation.
+  bool gemm_routed_gated(const FmGemmRoutedArgs& a) override {
+    const int64_t half = n_ / 2;
+    if (a.activation != FM_ACTIVATION_SILU || half % kBlockCols != 0) return false;
+    std::vector<Job> jobs = routed_jobs(a);
+    gemm_gated(kernels_, w_, dtype_, *a.x, jobs, half, *a.gated_out);
+    return true;
+  }
+
+  void zero_workspace(void*) override {}  // the CPU kernels keep no state between calls
+
+ private:
+  // The jobs of the experts that got pairs: from align's blocks, or from
+  // topk_ids under pair routing.
+  std::vector<Job> routed_jobs(const FmGemmRoutedArgs& a) const {
+    if (a.sorted_token_ids == nullptr) return pair_jobs(a);
     const auto* sorted = static_cast<const int32_t*>(tensor_data(a.sorted_token_ids));
     const auto* experts = static_cast<const int32_t*>(tensor_data(a.expert_ids));
     const int64_t capacity = a.sorted_token_ids->shape[0];
@@ -82,15 +102,12 @@ class CpuStack final : public plugin::Stack {
       if (e < 0 || e >= e_ || id < 0 || id >= num_pairs) continue;
       add_pair(by_expert[size_t(e)], e, id, a.top_k, weights);
     }
-    run_experts(a, by_expert);
+    return nonempty(by_expert);
   }
 
-  void zero_workspace(void*) override {}  // the CPU kernels keep no state between calls
-
- private:
   // Pair routing (plugin.h, ABI 1.2): pair p's expert from topk_ids, through
   // expert_map; ids or local ids out of range are skipped.
-  void gemm_pairs(const FmGemmRoutedArgs& a) {
+  std::vector<Job> pair_jobs(const FmGemmRoutedArgs& a) const {
     const int64_t num_pairs = a.x->shape[0] * a.top_k;
     const int32_t* map = a.expert_map != nullptr ? static_cast<const int32_t*>(tensor_data(a.expert_map)) : nullptr;
     const float* weights = a.topk_weights != nullptr ? static_cast<const float*>(tensor_data(a.topk_weights)) : nullptr;
@@ -102,7 +119,7 @@ class CpuStack final : public plugin::Stack {
       if (e < 0 || e >= e_) continue;
       add_pair(by_expert[size_t(e)], e, p, a.top_k, weights);
     }
-    run_experts(a, by_expert);
+    return nonempty(by_expert);
   }
 
   // Pair `id` (token id / top_k) as a row of expert e's job.
@@ -113,12 +130,12 @@ class CpuStack final : public plugin::Stack {
     if (weights != nullptr) job.row_scale.push_back(weights[id]);
   }
 
-  // The jobs of the experts that got pairs, computed into a.out.
-  void run_experts(const FmGemmRoutedArgs& a, std::vector<Job>& by_expert) const {
+  // The jobs of the experts that got pairs.
+  static std::vector<Job> nonempty(std::vector<Job>& by_expert) {
     std::vector<Job> jobs;
     for (Job& j : by_expert)
       if (!j.in_rows.empty()) jobs.push_back(std::move(j));
-    gemm(kernels_, w_, dtype_, *a.x, jobs, 0, n_, nullptr, *a.out);
+    return jobs;
   }
 
   const KernelSet& kernels_;

@@ -45,6 +45,34 @@ CallState& state() {
 
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
+// The gated form's store of one item: per row, [gate | up] times the row's
+// router weight, silu(gate) * up, then the plain store of that one row
+// (`row`: room for 3 x the item's columns).
+void store_gated(const KernelSet& kernels, const Item& it, const Job& job, const float* gate, const float* up,
+                 float* row, int64_t half, const StoreArgs& base) {
+  const int64_t ld = it.blocks * kBlockCols, c0 = it.block_begin * kBlockCols;
+  const int64_t cols = std::min(c0 + ld, half) - c0;
+  float* product = row + 2 * ld;
+  for (int64_t r = 0; r < it.rows; ++r) {
+    const float scale = job.row_scale.empty() ? 1.0f : job.row_scale[size_t(it.row_begin + r)];
+    for (int64_t c = 0; c < cols; ++c) {
+      row[c] = gate[r * ld + c] * scale;
+      row[cols + c] = up[r * ld + c] * scale;
+    }
+    kernels.silu_mul(row, product, cols, Float::f32);
+    StoreArgs st = base;
+    st.acc = product;
+    st.ld = cols;
+    st.m = 1;
+    st.c0 = c0;
+    st.c_lo = c0;
+    st.c_hi = c0 + cols;
+    st.out_rows = job.out_rows.data() + it.row_begin + r;
+    st.row_scale = nullptr;
+    kernels.store(st);
+  }
+}
+
 }  // namespace
 
 int compute_threads() {
@@ -66,8 +94,13 @@ int threads_for(int64_t work) { return int(std::clamp<int64_t>(work / kWorkPerTh
 
 std::unique_lock<std::mutex> exclusive_compute() { return std::unique_lock<std::mutex>(state().mutex); }
 
-void gemm(const KernelSet& kernels, const PackedWeights& w, Float dtype, const DLTensor& x, const std::vector<Job>& jobs,
-          int64_t col_begin, int64_t n, const DLTensor* bias, DLTensor& out) {
+namespace {
+
+// Both forms: `half` 0 computes columns [col_begin, col_begin + n) into out
+// (+ bias); half > 0 the gated form over gate columns [0, half).
+void run_gemm(const KernelSet& kernels, const PackedWeights& w, Float dtype, const DLTensor& x,
+              const std::vector<Job>& jobs, int64_t col_begin, int64_t n, const DLTensor* bias, DLTensor& out,
+              int64_t half) {
   if (jobs.empty()) return;
   const auto lock = exclusive_compute();
   CallState& s = state();
@@ -100,15 +133,18 @@ void gemm(const KernelSet& kernels, const PackedWeights& w, Float dtype, const D
     max_item_rows = std::max(max_item_rows, std::min(kItemRows, m));
   }
   if (s.items.empty()) return;
+  const int64_t passes = half > 0 ? 2 : 1;  // the gated form computes each gate block and its up block
   int64_t work = 0;
   bool streams_only = true;
   for (const Item& it : s.items) {
-    work += it.blocks * kBlockCols * kpad * (w.bits + it.rows) / 8;
+    work += passes * it.blocks * kBlockCols * kpad * (w.bits + it.rows) / 8;
     streams_only = streams_only && it.rows <= path.stream_rows;
   }
   const int threads = int(std::min<int64_t>(threads_for(work), int64_t(s.items.size())));
   const int64_t acc_bytes = round_up(max_item_rows * kMaxItemBlocks * kBlockCols * 4, 64);
-  const int64_t scratch_bytes = acc_bytes + kTileScratchBytes;
+  // The gated form's second accumulators, and a row of [gate | up] and its product.
+  constexpr int64_t kGatedRowBytes = 3 * kMaxItemBlocks * kBlockCols * 4;
+  const int64_t scratch_bytes = passes * acc_bytes + kTileScratchBytes + (half > 0 ? kGatedRowBytes : 0);
   const int64_t xs_at = round_up(a_bytes, 64), scratch_at = xs_at + round_up(xs_floats * 4, 64);
   const int64_t total = scratch_at + threads * scratch_bytes;
   if (int64_t(s.arena.bytes()) < total) s.arena = AlignedBuffer(size_t(total));
@@ -139,19 +175,30 @@ void gemm(const KernelSet& kernels, const PackedWeights& w, Float dtype, const D
     }
     char* scratch = arena + scratch_at + omp_get_thread_num() * scratch_bytes;
     auto* acc = reinterpret_cast<float*>(scratch);
+    auto* up_acc = reinterpret_cast<float*>(scratch + acc_bytes);
+    char* tile_scratch = scratch + passes * acc_bytes;
+    auto* gated_row = reinterpret_cast<float*>(tile_scratch + kTileScratchBytes);
     auto run = [&](const Item& it) {
       const Job& job = jobs[size_t(it.job)];
       const int64_t nu = w.unit_begin[size_t(job.expert) + 1] - w.unit_begin[size_t(job.expert)];
-      const TileArgs t{&w,
-                       job.expert,
-                       arena + s.a_offset[size_t(it.job)] + it.row_begin * kpad * path.a_bytes,
-                       xs + s.xs_offset[size_t(it.job)] + it.row_begin * nu,
-                       it.rows,
-                       it.block_begin,
-                       it.blocks,
-                       acc,
-                       scratch + acc_bytes};
-      (it.rows <= path.stream_rows ? path.stream : path.tile)(t);
+      TileArgs t{&w,
+                 job.expert,
+                 arena + s.a_offset[size_t(it.job)] + it.row_begin * kpad * path.a_bytes,
+                 xs + s.xs_offset[size_t(it.job)] + it.row_begin * nu,
+                 it.rows,
+                 it.block_begin,
+                 it.blocks,
+                 acc,
+                 tile_scratch};
+      const auto kernel = it.rows <= path.stream_rows ? path.stream : path.tile;
+      kernel(t);
+      if (half > 0) {
+        t.block_begin += half / kBlockCols;
+        t.acc = up_acc;
+        kernel(t);
+        store_gated(kernels, it, job, acc, up_acc, gated_row, half, store_base);
+        return;
+      }
       StoreArgs st = store_base;
       st.acc = acc;
       st.ld = it.blocks * kBlockCols;
@@ -173,6 +220,18 @@ void gemm(const KernelSet& kernels, const PackedWeights& w, Float dtype, const D
       for (size_t i = 0; i < s.items.size(); ++i) run(s.items[i]);
     }
   }
+}
+
+}  // namespace
+
+void gemm(const KernelSet& kernels, const PackedWeights& w, Float dtype, const DLTensor& x, const std::vector<Job>& jobs,
+          int64_t col_begin, int64_t n, const DLTensor* bias, DLTensor& out) {
+  run_gemm(kernels, w, dtype, x, jobs, col_begin, n, bias, out, 0);
+}
+
+void gemm_gated(const KernelSet& kernels, const PackedWeights& w, Float dtype, const DLTensor& x,
+                const std::vector<Job>& jobs, int64_t half, DLTensor& out) {
+  run_gemm(kernels, w, dtype, x, jobs, 0, half, nullptr, out, half);
 }
 
 }  // namespace ferrum::cpu

@@ -37,4 +37,11 @@ std::unique_lock<std::mutex> exclusive_compute();
 void gemm(const KernelSet& kernels, const PackedWeights& w, Float dtype, const DLTensor& x, const std::vector<Job>& jobs,
           int64_t col_begin, int64_t n, const DLTensor* bias, DLTensor& out);
 
+// The gated form (plugin.h, ABI 1.3): out[r, j] = silu(y[r, j]) * y[r, half + j]
+// for j < half, y the jobs' rows over all of an expert's 2 * half columns;
+// each item computes a gate block and its up block and stores only the
+// product. half must be a multiple of kBlockCols.
+void gemm_gated(const KernelSet& kernels, const PackedWeights& w, Float dtype, const DLTensor& x,
+                const std::vector<Job>& jobs, int64_t half, DLTensor& out);
+
 }  // namespace ferrum::cpu

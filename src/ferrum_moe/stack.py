@@ -126,9 +126,9 @@ class ExpertStack:
                 f"bits={self.bits}, group_size={self.group_size}, dtype={self.dtype}, backend={self.backend!r}, "
                 f"device={self.device!r})")
 
-    def _empty(self, shape, dtype: str, stream: int, zeroed: bool = False) -> _core.Tensor:
+    def _empty(self, shape, dtype: str, stream: int, zeroed: bool = False, temporary: bool = False) -> _core.Tensor:
         dev = self._device
-        return self._backend.empty(dev[0], dev[1], dtype, list(shape), stream, zeroed=zeroed)
+        return self._backend.empty(dev[0], dev[1], dtype, list(shape), stream, temporary=temporary, zeroed=zeroed)
 
     def gemm_batched(self, x, dispatches, *, out=None, stream=None):
         """For each dispatch row (expert, in_row, out_row, m):
@@ -154,32 +154,51 @@ class ExpertStack:
         self._core.gemm_batched(xt, dt, 0, self.n_per_expert, None, ot, s)
         return out if out is not None else to_caller(ot, x)
 
-    def gemm_routed(self, x, routing, *, topk_weights=None, out=None, stream=None):
+    def gemm_routed(self, x, routing, *, topk_weights=None, activation=None, out=None, stream=None):
         """vLLM's fused-MoE GEMM over moe_align_block_size output. For each valid
-        sorted id p: out[p] = x[p // top_k] @ W_{expert of p's block}
-        (* topk_weights.flat[p]).
+        sorted id p: y[p] = x[p // top_k] @ W_{expert of p's block}
+        (* topk_weights.flat[p]), and out[p] = y[p], or with ``activation="silu"``
+        (a w13 stack, [gate | up] along an even n_per_expert)
+        out[p] = silu(y[p, :n/2]) * y[p, n/2:], which a backend may compute in
+        the GEMM's epilogue (plugin ABI 1.3) instead of a pass of its own.
 
         x: [num_tokens, k]; topk_weights: float32 [num_tokens, top_k]; out:
-        [num_tokens * top_k, n_per_expert], stack dtype or float32, sharing no
+        [num_tokens * top_k, n_per_expert] (n_per_expert / 2 with an activation),
+        stack dtype or float32 (stack dtype with an activation), sharing no
         memory with the inputs. Rows of pairs routed to no local expert are left
-        as they were in ``out``, zero in a new result. With pairs =
-        num_tokens * top_k, only the first min(pairs, ceil(pairs / block_size)
-        + min(num_experts, pairs)) routing blocks are read (moe_align_block_size
-        never fills more). Returns out, or a new zero-filled array of x's type.
+        as they were in ``out``, zero in a new result (with an activation, rows
+        of a given ``out`` may be overwritten with silu(0) * 0 = 0). With
+        pairs = num_tokens * top_k, only the first min(pairs, ceil(pairs /
+        block_size) + min(num_experts, pairs)) routing blocks are read
+        (moe_align_block_size never fills more). Returns out, or a new
+        zero-filled array of x's type.
         """
         from .routing import Routing
 
         if not isinstance(routing, Routing):
             raise TypeError(f"routing: expected fm.Routing (from fm.moe_align_block_size); got {type(routing).__name__}")
+        if activation not in (None, "silu"):
+            raise ValueError(f"gemm_routed: activation must be None or 'silu'; got {activation!r}")
+        if activation is not None and self.n_per_expert % 2:
+            raise ValueError(f"gemm_routed: activation needs an even n_per_expert ([gate | up]); this stack has "
+                             f"{self.n_per_expert}")
         s = stream_handle(stream)
         xt = import_array(x, "x", s)
         if xt.shape[0] != routing.num_tokens:
             raise ValueError(f"gemm_routed: x has {xt.shape[0]} rows; the routing was built for {routing.num_tokens} tokens")
-        ot = import_output(out, "out", s) if out is not None else \
-            self._empty([routing.num_tokens * routing.top_k, self.n_per_expert], self.dtype, s, zeroed=True)
+        pairs = routing.num_tokens * routing.top_k
+        width = self.n_per_expert if activation is None else self.n_per_expert // 2
+        ot = import_output(out, "out", s) if out is not None else self._empty([pairs, width], self.dtype, s, zeroed=True)
         tw = None if topk_weights is None else import_array(topk_weights, "topk_weights", s)
         r = routing.tensors(s)
-        self._core.gemm_routed(xt, r[0], r[1], r[2], routing.block_size, routing.top_k, tw, ot, s)
+        args = (xt, r[0], r[1], r[2], routing.block_size, routing.top_k, tw)
+        if activation is None:
+            self._core.gemm_routed(*args, ot, s)
+        elif not self._core.gemm_routed(*args, None, s, gated_out=ot):
+            # The backend has no gated epilogue for this call: y, then the activation.
+            y = self._empty([pairs, self.n_per_expert], self.dtype, s, zeroed=True, temporary=True)
+            self._core.gemm_routed(*args, y, s)
+            self._backend.gated_activation(y, ot, s)
         return out if out is not None else to_caller(ot, x)
 
     def zero_workspace(self, stream=None) -> None:

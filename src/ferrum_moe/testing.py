@@ -161,7 +161,8 @@ def check_backend(backend: str, *, device: str = "cpu", dtype: str = "float16", 
                   seed: int = 0) -> Report:
     """Runs the API on `backend` against float64 references: gemm_batched over
     several formats, expert views with bias, align, gemm_routed and a whole
-    fused_moe layer (also of one token: pair routing, ABI 1.2); then what a backend must guard: zero-token inputs,
+    fused_moe layer (also of one token: pair routing, ABI 1.2), gemm_routed's
+    gated output (ABI 1.3); then what a backend must guard: zero-token inputs,
     zero-filled new results (FM_ALLOC_ZEROED) and routing with out-of-range
     entries. Operations the backend refuses with NotImplementedError are
     reported as unsupported, not failed. `put`/`get` move host numpy arrays to
@@ -230,6 +231,18 @@ def check_backend(backend: str, *, device: str = "cpu", dtype: str = "float16", 
         y = fm.fused_moe(put(x), stack(w13), stack(w2), put(tw), put(ids))
         return rel_error(get(y), reference_moe(x, w13, w2, tw, ids))
 
+    def gated():
+        e, k, half = 4, 128, 128
+        weights = [random_weight(rng, k, 2 * half, group_size=64, dtype=dtype) for _ in range(e)]
+        x = random_activations(rng, (9, k), dtype)
+        ids = np.stack([rng.permutation(e)[:2] for _ in range(9)]).astype(np.int32)
+        routing = fm.moe_align_block_size(put(ids), 16, e, backend=backend)
+        y = as64(get(stack(weights).gemm_routed(put(x), routing, activation="silu")))
+        full = np.stack([as64(x[p // 2]) @ weights[ids.flat[p]].dequantize(np.float64) for p in range(18)])
+        return rel_error(y, full[:, :half] / (1 + np.exp(-full[:, :half])) * full[:, half:])
+
+    # The gated epilogue where the plugin has ABI 1.3, else the host's activation.
+    run("gemm_routed, silu(gate) * up", gated)
     run("fused_moe", lambda: layer(9))
     # One token: gemm_routed's pair routing where the plugin has ABI 1.2.
     run("fused_moe, one token", lambda: layer(1))

@@ -572,20 +572,14 @@ void ExpertStack::launch_batched(const DLTensor& x, const DLTensor& dispatches, 
 // What both routings of gemm_routed check: x, the pair count, topk_weights and
 // out. Answers num_tokens.
 int64_t ExpertStack::check_routed_io(const char* op, const Tensor& x, int64_t top_k, const Tensor* topk_weights,
-                                     const Tensor& out) const {
+                                     const Tensor* out, const Gated* gated) const {
   check_x(op, x);
   const int64_t num_tokens = x.dim(0);
   if (num_tokens > kMaxRoutingIndex / top_k) {
     throw_value_error(std::string(op) + ": num_tokens " + std::to_string(num_tokens) + " x top_k " +
                       std::to_string(top_k) + " exceeds 2^31 - 1 (routing ids are int32)");
   }
-  expect_rank(out, 2, {op, "out"});
-  expect_device(out, spec_.device, {op, "out"}, "the stack's device");
-  expect_dtype_in(out, {spec_.dtype, kFloat32}, {op, "out"});
-  expect_dim(out, 0, num_tokens * top_k, {op, "out"}, "num_tokens * top_k");
-  expect_dim(out, 1, spec_.n_per_expert, {op, "out"}, "n_per_expert");
-  expect_rows_contiguous(out, {op, "out"});
-  expect_writable(out, {op, "out"});
+  if (out == nullptr && gated == nullptr) throw_value_error(std::string(op) + ": out is missing");
   if (topk_weights != nullptr) {
     expect_rank(*topk_weights, 2, {op, "topk_weights"});
     expect_dtype(*topk_weights, kFloat32, {op, "topk_weights"});
@@ -593,21 +587,57 @@ int64_t ExpertStack::check_routed_io(const char* op, const Tensor& x, int64_t to
     expect_dim(*topk_weights, 0, num_tokens, {op, "topk_weights"}, "num_tokens");
     expect_dim(*topk_weights, 1, top_k, {op, "topk_weights"}, "top_k");
     expect_compact(*topk_weights, {op, "topk_weights"});
-    expect_disjoint(out, *topk_weights, {op, "out"}, "topk_weights");
   }
-  expect_disjoint(out, x, {op, "out"}, "x");
+  // Each output: its shape, and no memory shared with an input or the other output.
+  auto check_output = [&](const Tensor& o, const char* name, int64_t width, const char* width_name,
+                          std::vector<DLDataType> dtypes) {
+    expect_rank(o, 2, {op, name});
+    expect_device(o, spec_.device, {op, name}, "the stack's device");
+    expect_dtype_in(o, dtypes, {op, name});
+    expect_dim(o, 0, num_tokens * top_k, {op, name}, "num_tokens * top_k");
+    expect_dim(o, 1, width, {op, name}, width_name);
+    expect_rows_contiguous(o, {op, name});
+    expect_writable(o, {op, name});
+    if (topk_weights != nullptr) expect_disjoint(o, *topk_weights, {op, name}, "topk_weights");
+    expect_disjoint(o, x, {op, name}, "x");
+  };
+  if (out != nullptr) check_output(*out, "out", spec_.n_per_expert, "n_per_expert", {spec_.dtype, kFloat32});
+  if (gated != nullptr) {
+    if (gated->activation != int32_t{FM_ACTIVATION_SILU}) {
+      throw_value_error(std::string(op) + ": activation must be FM_ACTIVATION_SILU (0); got " +
+                        std::to_string(gated->activation));
+    }
+    if (spec_.n_per_expert % 2 != 0) {
+      throw_value_error(std::string(op) + ": a gated output needs an even n_per_expert ([gate | up]); the stack has " +
+                        std::to_string(spec_.n_per_expert));
+    }
+    // Named as the caller knows it: the only output of a call without `out`.
+    const char* name = out != nullptr ? "gated_out" : "out";
+    check_output(*gated->out, name, spec_.n_per_expert / 2, "n_per_expert / 2", {spec_.dtype});
+    if (out != nullptr) expect_disjoint(*gated->out, *out, {op, name}, "out");
+  }
   return num_tokens;
 }
 
-void ExpertStack::gemm_routed(const Tensor& x, const Tensor& sorted_token_ids, const Tensor& expert_ids,
+bool ExpertStack::launch_routed(FmGemmRoutedArgs& args, const Gated* gated, const char* op) {
+  if (gated != nullptr && backend_->has_gated_epilogue()) {
+    args.gated_out = gated->out->mutable_dl();
+    args.activation = static_cast<FmActivation>(gated->activation);
+  }
+  if (args.out == nullptr && args.gated_out == nullptr) return false;  // nothing the plugin could write
+  if (FmError* e = backend_->api().stack_gemm_routed(&args)) raise_error(e, op);
+  return args.gated_out != nullptr && args.gated_written == 1;
+}
+
+bool ExpertStack::gemm_routed(const Tensor& x, const Tensor& sorted_token_ids, const Tensor& expert_ids,
                               const Tensor& num_tokens_post_padded, int64_t block_size, int64_t top_k,
-                              const Tensor* topk_weights, Tensor& out, void* stream) {
+                              const Tensor* topk_weights, Tensor* out, void* stream, const Gated* gated) {
   const char* op = "gemm_routed";
   if (block_size < 1 || block_size > kMaxBlockSize || top_k < 1 || top_k > kMaxRoutingIndex) {
     throw_value_error("gemm_routed: block_size must be in [1, " + std::to_string(kMaxBlockSize) +
                       "] and top_k in [1, 2^31 - 1]; got " + std::to_string(block_size) + " and " + std::to_string(top_k));
   }
-  check_routed_io(op, x, top_k, topk_weights, out);
+  check_routed_io(op, x, top_k, topk_weights, out, gated);
   for (auto [t, name] : {std::pair<const Tensor*, const char*>{&sorted_token_ids, "sorted_token_ids"},
                          {&expert_ids, "expert_ids"},
                          {&num_tokens_post_padded, "num_tokens_post_padded"}}) {
@@ -615,7 +645,8 @@ void ExpertStack::gemm_routed(const Tensor& x, const Tensor& sorted_token_ids, c
     expect_dtype(*t, kInt32, {op, name});
     expect_device(*t, spec_.device, {op, name}, "the stack's device");
     expect_compact(*t, {op, name});
-    expect_disjoint(out, *t, {op, "out"}, name);
+    if (out != nullptr) expect_disjoint(*out, *t, {op, "out"}, name);
+    if (gated != nullptr) expect_disjoint(*gated->out, *t, {op, out != nullptr ? "gated_out" : "out"}, name);
   }
   const int64_t blocks = (sorted_token_ids.dim(0) + block_size - 1) / block_size;
   expect_dim_at_least(expert_ids, 0, blocks, {op, "expert_ids"}, "one per block of sorted_token_ids");
@@ -630,13 +661,14 @@ void ExpertStack::gemm_routed(const Tensor& x, const Tensor& sorted_token_ids, c
   args.block_size = block_size;
   args.top_k = top_k;
   args.topk_weights = topk_weights != nullptr ? &topk_weights->dl() : nullptr;
-  args.out = out.mutable_dl();
+  args.out = out != nullptr ? out->mutable_dl() : nullptr;
   args.stream = stream;
-  if (FmError* e = backend_->api().stack_gemm_routed(&args)) raise_error(e, op);
+  return launch_routed(args, gated, op);
 }
 
-void ExpertStack::gemm_routed_pairs(const Tensor& x, const Tensor& topk_ids, int64_t num_experts,
-                                    const Tensor* expert_map, const Tensor* topk_weights, Tensor& out, void* stream) {
+bool ExpertStack::gemm_routed_pairs(const Tensor& x, const Tensor& topk_ids, int64_t num_experts,
+                                    const Tensor* expert_map, const Tensor* topk_weights, Tensor* out, void* stream,
+                                    const Gated* gated) {
   const char* op = "gemm_routed";
   if (!backend_->has_pair_routing()) {
     throw Error(FM_ERROR_UNSUPPORTED, "gemm_routed: backend '" + backend_->name() + "' (ABI " + backend_->abi_version() +
@@ -651,11 +683,15 @@ void ExpertStack::gemm_routed_pairs(const Tensor& x, const Tensor& topk_ids, int
   if (top_k < 1 || top_k > kMaxRoutingIndex) {
     throw_value_error("gemm_routed: topk_ids must have 1 to 2^31 - 1 columns (top_k); got " + std::to_string(top_k));
   }
-  const int64_t num_tokens = check_routed_io(op, x, top_k, topk_weights, out);
+  const int64_t num_tokens = check_routed_io(op, x, top_k, topk_weights, out, gated);
   expect_dim(topk_ids, 0, num_tokens, {op, "topk_ids"}, "x's rows");
   check_expert_map(op, expert_map, num_experts, topk_ids);
-  expect_disjoint(out, topk_ids, {op, "out"}, "topk_ids");
-  if (expert_map != nullptr) expect_disjoint(out, *expert_map, {op, "out"}, "expert_map");
+  for (auto [o, name] : {std::pair<Tensor*, const char*>{out, "out"},
+                         {gated != nullptr ? gated->out : nullptr, out != nullptr ? "gated_out" : "out"}}) {
+    if (o == nullptr) continue;
+    expect_disjoint(*o, topk_ids, {op, name}, "topk_ids");
+    if (expert_map != nullptr) expect_disjoint(*o, *expert_map, {op, name}, "expert_map");
+  }
   FmGemmRoutedArgs args{};
   args.struct_size = sizeof(args);
   args.stack = handle_;
@@ -663,12 +699,12 @@ void ExpertStack::gemm_routed_pairs(const Tensor& x, const Tensor& topk_ids, int
   args.block_size = 1;
   args.top_k = top_k;
   args.topk_weights = topk_weights != nullptr ? &topk_weights->dl() : nullptr;
-  args.out = out.mutable_dl();
+  args.out = out != nullptr ? out->mutable_dl() : nullptr;
   args.stream = stream;
   args.topk_ids = &topk_ids.dl();
   args.num_experts = num_experts;
   args.expert_map = expert_map != nullptr ? &expert_map->dl() : nullptr;
-  if (FmError* e = backend_->api().stack_gemm_routed(&args)) raise_error(e, op);
+  return launch_routed(args, gated, op);
 }
 
 void ExpertStack::zero_workspace(void* stream) {

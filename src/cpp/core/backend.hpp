@@ -44,6 +44,8 @@ class Backend : public std::enable_shared_from_this<Backend> {
   uint32_t abi_minor() const { return api_->abi_minor; }
   // Whether stack_gemm_routed takes pair routing (ABI 1.2, plugin.h).
   bool has_pair_routing() const { return api_->abi_minor >= 2; }
+  // Whether stack_gemm_routed may apply the gated activation itself (ABI 1.3).
+  bool has_gated_epilogue() const { return api_->abi_minor >= 3; }
   bool serves(DLDevice device) const;
 
   // A new tensor from the backend's allocator; `flags` are FmAllocFlags
@@ -123,13 +125,23 @@ class ExpertStack {
   // of columns of the stacked N (num_experts x n_per_expert); the window may
   // cross expert boundaries.
   void linear(const Tensor& x, int64_t offset, int64_t n, const Tensor* bias, Tensor& out, void* stream);
-  void gemm_routed(const Tensor& x, const Tensor& sorted_token_ids, const Tensor& expert_ids,
+  // The gated epilogue of a routed GEMM (plugin.h, ABI 1.3): out [pairs, N / 2]
+  // may receive act(y[:, :N/2]) * y[:, N/2:] from the plugin.
+  struct Gated {
+    int32_t activation;  // an FmActivation, checked before it is passed on
+    Tensor* out;
+  };
+  // y into `out`; with `gated`, the plugin may write gated->out instead, and
+  // the answer says whether it did (`out` then holds scratch). `out` may be
+  // null with `gated`: a plugin that does not write gated->out then queues
+  // nothing. A plugin before ABI 1.3 is not asked: the answer is false.
+  bool gemm_routed(const Tensor& x, const Tensor& sorted_token_ids, const Tensor& expert_ids,
                    const Tensor& num_tokens_post_padded, int64_t block_size, int64_t top_k,
-                   const Tensor* topk_weights, Tensor& out, void* stream);
+                   const Tensor* topk_weights, Tensor* out, void* stream, const Gated* gated = nullptr);
   // gemm_routed with pair routing (plugin.h): every (token, k) pair its own
   // block, its expert read from topk_ids (through expert_map); no align.
-  void gemm_routed_pairs(const Tensor& x, const Tensor& topk_ids, int64_t num_experts, const Tensor* expert_map,
-                         const Tensor* topk_weights, Tensor& out, void* stream);
+  bool gemm_routed_pairs(const Tensor& x, const Tensor& topk_ids, int64_t num_experts, const Tensor* expert_map,
+                         const Tensor* topk_weights, Tensor* out, void* stream, const Gated* gated = nullptr);
   void zero_workspace(void* stream);
 
  private:
@@ -145,7 +157,10 @@ class ExpertStack {
   void check_column_window(int64_t col_begin, int64_t n, const char* op) const;
   void check_x(const char* op, const Tensor& x) const;
   int64_t check_routed_io(const char* op, const Tensor& x, int64_t top_k, const Tensor* topk_weights,
-                          const Tensor& out) const;
+                          const Tensor* out, const Gated* gated) const;
+  // Sends a routed call's args, with `gated` where the plugin takes it;
+  // answers whether the plugin wrote gated->out.
+  bool launch_routed(FmGemmRoutedArgs& args, const Gated* gated, const char* op);
   void check_gemm_io(const char* op, const Tensor& x, int64_t n, const Tensor* bias, const Tensor& out) const;
   void check_dispatch_table(const Tensor& dispatches) const;
   // Checks every row against x's rows and, when out_rows >= 0, out's; returns

@@ -28,9 +28,14 @@ bool run_moe_layer(ExpertStack& w13, ExpertStack& w2, const MoeLayerCall& c) {
   const Tensor* first_weights = c.weights_on_input ? c.topk_weights : nullptr;
   const Tensor* second_weights = c.weights_on_input ? nullptr : weights_by_pair.get();
   Backend& backend = *w13.backend();
+  // The plugin may apply the activation in w13's epilogue (ABI 1.3): act
+  // then needs no pass of its own over gate_up.
+  const ExpertStack::Gated gated{FM_ACTIVATION_SILU, c.act};
+  bool activated = false;
   if (pair_routing) {
     try {
-      w13.gemm_routed_pairs(*c.x, *c.topk_ids, c.num_experts, c.expert_map, first_weights, *c.gate_up, c.stream);
+      activated = w13.gemm_routed_pairs(*c.x, *c.topk_ids, c.num_experts, c.expert_map, first_weights, c.gate_up,
+                                        c.stream, &gated);
     } catch (const Error& e) {
       // A plugin without pair routing (ABI 1.1, or 1.2 that refuses it:
       // plugins.md) queued nothing: the caller aligns instead. A refusal by a
@@ -41,16 +46,16 @@ bool run_moe_layer(ExpertStack& w13, ExpertStack& w2, const MoeLayerCall& c) {
   } else {
     backend.moe_align_block_size(*c.topk_ids, c.num_experts, c.block_size, c.expert_map, *c.sorted_token_ids,
                                  *c.expert_ids, *c.num_tokens_post_padded, c.stream);
-    w13.gemm_routed(*c.x, *c.sorted_token_ids, *c.expert_ids, *c.num_tokens_post_padded, c.block_size,
-                    c.topk_ids->dim(1), first_weights, *c.gate_up, c.stream);
+    activated = w13.gemm_routed(*c.x, *c.sorted_token_ids, *c.expert_ids, *c.num_tokens_post_padded, c.block_size,
+                                c.topk_ids->dim(1), first_weights, c.gate_up, c.stream, &gated);
   }
-  backend.gated_activation(*c.gate_up, *c.act, c.stream);
+  if (!activated) backend.gated_activation(*c.gate_up, *c.act, c.stream);
   if (pair_routing) {
     const auto ids_by_pair = c.topk_ids->view({pairs, 1});
-    w2.gemm_routed_pairs(*c.act, *ids_by_pair, c.num_experts, c.expert_map, second_weights, *c.down, c.stream);
+    w2.gemm_routed_pairs(*c.act, *ids_by_pair, c.num_experts, c.expert_map, second_weights, c.down, c.stream);
   } else {
     w2.gemm_routed(*c.act, *c.sorted_token_ids, *c.expert_ids, *c.num_tokens_post_padded, c.block_size, 1,
-                   second_weights, *c.down, c.stream);
+                   second_weights, c.down, c.stream);
   }
   backend.moe_sum(*c.down, *c.topk_ids, c.num_experts, c.expert_map, *c.out, c.stream);
   return true;

@@ -22,6 +22,13 @@ namespace {
 
 void* as_stream(uintptr_t handle) { return reinterpret_cast<void*>(handle); }
 const Tensor* opt(const std::optional<TensorPtr>& t) { return t ? t->get() : nullptr; }
+Tensor* opt_out(const std::optional<TensorPtr>& t) { return t ? t->get() : nullptr; }
+
+// A routed GEMM's gated output (ExpertStack::Gated), or null.
+std::optional<ExpertStack::Gated> gated_of(const std::optional<TensorPtr>& gated_out, int32_t activation) {
+  if (!gated_out) return std::nullopt;
+  return ExpertStack::Gated{activation, gated_out->get()};
+}
 
 // An int argument of __dlpack__ as int64, or a TypeError/ValueError naming it
 // (pybind11's own casts would raise an anonymous RuntimeError).
@@ -213,6 +220,7 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("device_count", &Backend::device_count)
       .def_property_readonly("abi_version", &Backend::abi_version)
       .def_property_readonly("has_pair_routing", &Backend::has_pair_routing)
+      .def_property_readonly("has_gated_epilogue", &Backend::has_gated_epilogue)
       .def(
           "empty",
           [](Backend& b, int device_type, int device_id, const std::string& dtype, std::vector<int64_t> shape,
@@ -306,22 +314,28 @@ PYBIND11_MODULE(_core, m) {
           "gemm_routed",
           [](ExpertStack& s, const TensorPtr& x, const TensorPtr& sorted_ids, const TensorPtr& expert_ids,
              const TensorPtr& num_post, int64_t block_size, int64_t top_k, const std::optional<TensorPtr>& topk_weights,
-             const TensorPtr& out, uintptr_t stream) {
-            s.gemm_routed(*x, *sorted_ids, *expert_ids, *num_post, block_size, top_k, opt(topk_weights), *out,
-                          as_stream(stream));
+             const std::optional<TensorPtr>& out, uintptr_t stream, const std::optional<TensorPtr>& gated_out,
+             int32_t activation) {
+            const auto gated = gated_of(gated_out, activation);
+            return s.gemm_routed(*x, *sorted_ids, *expert_ids, *num_post, block_size, top_k, opt(topk_weights),
+                                 opt_out(out), as_stream(stream), gated ? &*gated : nullptr);
           },
           py::call_guard<py::gil_scoped_release>(), py::arg("x"), py::arg("sorted_token_ids"), py::arg("expert_ids"), py::arg("num_tokens_post_padded"),
-          py::arg("block_size"), py::arg("top_k"), py::arg("topk_weights"), py::arg("out"), py::arg("stream") = 0)
+          py::arg("block_size"), py::arg("top_k"), py::arg("topk_weights"), py::arg("out"), py::arg("stream") = 0,
+          py::arg("gated_out") = py::none(), py::arg("activation") = int(FM_ACTIVATION_SILU))
       .def(
           "gemm_routed_pairs",
           [](ExpertStack& s, const TensorPtr& x, const TensorPtr& topk_ids, int64_t num_experts,
              const std::optional<TensorPtr>& expert_map, const std::optional<TensorPtr>& topk_weights,
-             const TensorPtr& out, uintptr_t stream) {
-            s.gemm_routed_pairs(*x, *topk_ids, num_experts, opt(expert_map), opt(topk_weights), *out,
-                                as_stream(stream));
+             const std::optional<TensorPtr>& out, uintptr_t stream, const std::optional<TensorPtr>& gated_out,
+             int32_t activation) {
+            const auto gated = gated_of(gated_out, activation);
+            return s.gemm_routed_pairs(*x, *topk_ids, num_experts, opt(expert_map), opt(topk_weights), opt_out(out),
+                                       as_stream(stream), gated ? &*gated : nullptr);
           },
           py::call_guard<py::gil_scoped_release>(), py::arg("x"), py::arg("topk_ids"), py::arg("num_experts"),
-          py::arg("expert_map"), py::arg("topk_weights"), py::arg("out"), py::arg("stream") = 0)
+          py::arg("expert_map"), py::arg("topk_weights"), py::arg("out"), py::arg("stream") = 0,
+          py::arg("gated_out") = py::none(), py::arg("activation") = int(FM_ACTIVATION_SILU))
       .def(
           "zero_workspace", [](ExpertStack& s, uintptr_t stream) { s.zero_workspace(as_stream(stream)); },
           py::call_guard<py::gil_scoped_release>(), py::arg("stream") = 0);

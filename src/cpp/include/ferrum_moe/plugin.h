@@ -49,7 +49,7 @@
 #include "ferrum_moe/dlpack.h"
 
 #define FM_ABI_MAJOR 1
-#define FM_ABI_MINOR 2
+#define FM_ABI_MINOR 3
 
 /* Capsule name an entry point's object must carry. */
 #define FM_BACKEND_CAPSULE_NAME "ferrum_moe.backend_api"
@@ -203,6 +203,10 @@ typedef struct FmGemmBatchedArgs {
   void* stream;
 } FmGemmBatchedArgs;
 
+typedef enum {
+  FM_ACTIVATION_SILU = 0, /* silu(gate) * up */
+} FmActivation;
+
 /* vLLM's fused-MoE contract over moe_align_block_size output. For each padded
  * position p < *num_tokens_post_padded with id = sorted_token_ids[p] < num_tokens * top_k
  * and e = expert_ids[p / block_size] in [0, E):
@@ -223,7 +227,19 @@ typedef struct FmGemmBatchedArgs {
  * Pairs whose g or e is out of range ([0, num_experts), [0, E)) are skipped:
  * topk_ids and a device-resident expert_map are NOT checked by the host. The
  * layer uses it where align would only put each pair in a block of its own
- * (one token): the GEMMs read topk_ids themselves, and no align runs. */
+ * (one token): the GEMMs read topk_ids themselves, and no align runs.
+ *
+ * The gated epilogue (ABI 1.3; the host passes it only to plugins of minor
+ * version >= 3): with `gated_out` given, N is even and the stack's columns
+ * are [gate | up]. The plugin may write
+ *   gated_out[p, j] = act(y[p, j]) * y[p, N/2 + j]   for j < N/2
+ * for the y[p, :] that `out` would receive above (the router weight already
+ * applied), and set gated_written to 1; `out`'s contents are then unspecified
+ * (it may serve as scratch). Or it leaves gated_out alone, computes y into
+ * `out` as without the field and sets gated_written to 0; the host then runs
+ * the activation. `out` may be NULL when gated_out is given: a plugin that
+ * does not write gated_out then queues nothing (the host calls again with an
+ * `out`). Rows of gated_out no valid pair names are left untouched. */
 /* The routing blocks gemm_routed reads (see above), one definition for every
  * backend; the arguments are non-negative and block_size >= 1. */
 static inline int64_t fm_routed_blocks_read(int64_t num_blocks, int64_t num_pairs, int64_t block_size,
@@ -244,12 +260,17 @@ typedef struct FmGemmRoutedArgs {
   int64_t block_size;                     /* in [1, 65536] */
   int64_t top_k;                          /* num_tokens * top_k <= 2^31 - 1 */
   const DLTensor* topk_weights;           /* float32 [num_tokens, top_k], or NULL */
-  DLTensor* out;                          /* [num_tokens * top_k, N], stack dtype or float32 */
+  DLTensor* out;                          /* [num_tokens * top_k, N], stack dtype or float32;
+                                           * may be NULL with gated_out (ABI 1.3) */
   void* stream;
   /* ABI 1.2, pair routing (above); NULL / 0 otherwise. */
   const DLTensor* topk_ids;               /* int32 or int64 [num_tokens, top_k], same device as x */
   int64_t num_experts;                    /* bound of the global ids in topk_ids */
   const DLTensor* expert_map;             /* int32 [num_experts] global -> local id or -1, or NULL */
+  /* ABI 1.3, the gated epilogue (above); NULL otherwise. */
+  DLTensor* gated_out;                    /* [num_tokens * top_k, N / 2], stack dtype, or NULL */
+  FmActivation activation;                /* act, when gated_out is given */
+  int32_t gated_written;                  /* out: 1 when the plugin wrote gated_out, else 0 */
 } FmGemmRoutedArgs;
 
 /* vLLM's moe_align_block_size with invalid and non-local experts dropped.
@@ -271,10 +292,6 @@ typedef struct FmAlignArgs {
   DLTensor* num_tokens_post_padded; /* int32 [1] */
   void* stream;
 } FmAlignArgs;
-
-typedef enum {
-  FM_ACTIVATION_SILU = 0, /* silu(gate) * up */
-} FmActivation;
 
 /* out[r, j] = act(in[r, j]) * in[r, n + j] for j < n. */
 typedef struct FmGatedActivationArgs {

@@ -45,6 +45,11 @@ class Stack {
   virtual FmStackProperties properties() const = 0;
   virtual void gemm_batched(const FmGemmBatchedArgs& args) = 0;
   virtual void gemm_routed(const FmGemmRoutedArgs& args) = 0;
+  // The gated epilogue (plugin.h, ABI 1.3), asked when args.gated_out is set:
+  // answers true once it has written gated_out, or false having queued
+  // nothing, and gemm_routed then runs (when args.out is given) and the host
+  // applies the activation. A stack without its own gated epilogue keeps this.
+  virtual bool gemm_routed_gated(const FmGemmRoutedArgs& /*args*/) { return false; }
   virtual void zero_workspace(void* stream) = 0;
 };
 
@@ -156,7 +161,12 @@ struct Thunks {
     return guarded([&] { stack(a->stack)->gemm_batched(*a); });
   }
   static FmError* stack_gemm_routed(FmGemmRoutedArgs* a) {
-    return guarded([&] { stack(a->stack)->gemm_routed(*a); });
+    return guarded([&] {
+      const bool gated = FM_STRUCT_HAS(a, gated_written) && a->gated_out != nullptr;
+      const bool written = gated && stack(a->stack)->gemm_routed_gated(*a);
+      if (gated) a->gated_written = written ? 1 : 0;
+      if (!written && a->out != nullptr) stack(a->stack)->gemm_routed(*a);
+    });
   }
   static FmError* stack_zero_workspace(FmStack* s, void* stream) {
     return guarded([&] { stack(s)->zero_workspace(stream); });

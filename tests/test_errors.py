@@ -125,6 +125,11 @@ def test_gated_routing_arguments_are_checked(rng, stack):
     with pytest.raises(ValueError, match=r"gemm_routed: activation needs an even n_per_expert \(\[gate \| up\]\); "
                                          "this stack has 33"):
         odd.gemm_routed(x16(5), fm.moe_align_block_size(np.zeros((5, 2), np.int32), 16, 1), activation="silu")
+    r1 = fm.moe_align_block_size(np.zeros((5, 2), np.int32), 16, 1)
+    with pytest.raises(ValueError, match=r"gemm_routed: a gated output needs an even n_per_expert \(\[gate \| up\]\); "
+                                         "the stack has 33"):
+        odd._core.gemm_routed(import_array(x16(5), "x"), *r1.tensors(0), 16, 2, None, None, 0,
+                              gated_out=import_array(np.zeros((10, 16), np.float16), "out"))
     x = np.zeros((5, 64), np.float16)
     with pytest.raises(ValueError, match="gemm_routed: out overlaps x in memory"):
         stack.gemm_routed(x, r, activation="silu", out=x.reshape(10, 32)[:, :16])

@@ -70,7 +70,7 @@ class CpuStack final : public plugin::Stack {
   // gate's half must be whole blocks; otherwise the host runs the activation.
   bool gemm_routed_gated(const FmGemmRoutedArgs& a) override {
     const int64_t half = n_ / 2;
-    if (a.activation != FM_ACTIVATION_SILU || half % kBlockCols != 0) return false;
+    if (a.activation != FM_ACTIVATION_SILU || n_ % 2 != 0 || half % kBlockCols != 0) return false;
     std::vector<Job> jobs = routed_jobs(a);
     gemm_gated(kernels_, w_, dtype_, *a.x, jobs, half, *a.gated_out);
     return true;

@@ -45,19 +45,18 @@ CallState& state() {
 
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
-// The gated form's store of one item: per row, [gate | up] times the row's
-// router weight, silu(gate) * up, then the plain store of that one row
-// (`row`: room for 3 x the item's columns).
+// The gated form's store of one item (whole gate blocks: gemm_gated): per
+// row, [gate | up] times the row's router weight, silu(gate) * up, then the
+// plain store of that one row (`row`: room for 3 x the item's columns).
 void store_gated(const KernelSet& kernels, const Item& it, const Job& job, const float* gate, const float* up,
-                 float* row, int64_t half, const StoreArgs& base) {
-  const int64_t ld = it.blocks * kBlockCols, c0 = it.block_begin * kBlockCols;
-  const int64_t cols = std::min(c0 + ld, half) - c0;
-  float* product = row + 2 * ld;
+                 float* row, const StoreArgs& base) {
+  const int64_t cols = it.blocks * kBlockCols, c0 = it.block_begin * kBlockCols;
+  float* product = row + 2 * cols;
   for (int64_t r = 0; r < it.rows; ++r) {
     const float scale = job.row_scale.empty() ? 1.0f : job.row_scale[size_t(it.row_begin + r)];
     for (int64_t c = 0; c < cols; ++c) {
-      row[c] = gate[r * ld + c] * scale;
-      row[cols + c] = up[r * ld + c] * scale;
+      row[c] = gate[r * cols + c] * scale;
+      row[cols + c] = up[r * cols + c] * scale;
     }
     kernels.silu_mul(row, product, cols, Float::f32);
     StoreArgs st = base;
@@ -196,7 +195,7 @@ void run_gemm(const KernelSet& kernels, const PackedWeights& w, Float dtype, con
         t.block_begin += half / kBlockCols;
         t.acc = up_acc;
         kernel(t);
-        store_gated(kernels, it, job, acc, up_acc, gated_row, half, store_base);
+        store_gated(kernels, it, job, acc, up_acc, gated_row, store_base);
         return;
       }
       StoreArgs st = store_base;
@@ -231,6 +230,9 @@ void gemm(const KernelSet& kernels, const PackedWeights& w, Float dtype, const D
 
 void gemm_gated(const KernelSet& kernels, const PackedWeights& w, Float dtype, const DLTensor& x,
                 const std::vector<Job>& jobs, int64_t half, DLTensor& out) {
+  if (half <= 0 || half % kBlockCols != 0) {
+    throw plugin::Error(FM_ERROR_INTERNAL, "gemm_gated: the gate's half must be whole column blocks");
+  }
   run_gemm(kernels, w, dtype, x, jobs, 0, half, nullptr, out, half);
 }
 

@@ -236,9 +236,11 @@ def check_backend(backend: str, *, device: str = "cpu", dtype: str = "float16", 
         weights = [random_weight(rng, k, 2 * half, group_size=64, dtype=dtype) for _ in range(e)]
         x = random_activations(rng, (9, k), dtype)
         ids = np.stack([rng.permutation(e)[:2] for _ in range(9)]).astype(np.int32)
+        tw = rng.random((9, 2)).astype(np.float32)  # applied to y before the activation
         routing = fm.moe_align_block_size(put(ids), 16, e, backend=backend)
-        y = as64(get(stack(weights).gemm_routed(put(x), routing, activation="silu")))
-        full = np.stack([as64(x[p // 2]) @ weights[ids.flat[p]].dequantize(np.float64) for p in range(18)])
+        y = as64(get(stack(weights).gemm_routed(put(x), routing, topk_weights=put(tw), activation="silu")))
+        full = np.stack([as64(x[p // 2]) @ weights[ids.flat[p]].dequantize(np.float64) * float(tw.flat[p])
+                         for p in range(18)])
         return rel_error(y, full[:, :half] / (1 + np.exp(-full[:, :half])) * full[:, half:])
 
     # The gated epilogue where the plugin has ABI 1.3, else the host's activation.

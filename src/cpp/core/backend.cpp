@@ -626,7 +626,7 @@ bool ExpertStack::launch_routed(FmGemmRoutedArgs& args, const Gated* gated, cons
   }
   if (args.out == nullptr && args.gated_out == nullptr) return false;  // nothing the plugin could write
   if (FmError* e = backend_->api().stack_gemm_routed(&args)) raise_error(e, op);
-  return args.gated_out != nullptr && args.gated_written == 1;
+  return args.gated_out != nullptr && args.gated_written != 0;
 }
 
 bool ExpertStack::gemm_routed(const Tensor& x, const Tensor& sorted_token_ids, const Tensor& expert_ids,

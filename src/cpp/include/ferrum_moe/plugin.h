@@ -239,7 +239,10 @@ typedef enum {
  * `out` as without the field and sets gated_written to 0; the host then runs
  * the activation. `out` may be NULL when gated_out is given: a plugin that
  * does not write gated_out then queues nothing (the host calls again with an
- * `out`). Rows of gated_out no valid pair names are left untouched. */
+ * `out`). Rows of gated_out no valid pair names are left untouched. A plugin
+ * of minor version >= 3 must therefore at least handle a NULL `out` (answer
+ * gated_written = 0 and queue nothing), and declines an `activation` it does
+ * not know the same way (plugin.hpp's helpers do both). */
 /* The routing blocks gemm_routed reads (see above), one definition for every
  * backend; the arguments are non-negative and block_size >= 1. */
 static inline int64_t fm_routed_blocks_read(int64_t num_blocks, int64_t num_pairs, int64_t block_size,
@@ -270,7 +273,7 @@ typedef struct FmGemmRoutedArgs {
   /* ABI 1.3, the gated epilogue (above); NULL otherwise. */
   DLTensor* gated_out;                    /* [num_tokens * top_k, N / 2], stack dtype, or NULL */
   FmActivation activation;                /* act, when gated_out is given */
-  int32_t gated_written;                  /* out: 1 when the plugin wrote gated_out, else 0 */
+  int32_t gated_written;                  /* out: nonzero when the plugin wrote gated_out, else 0 */
 } FmGemmRoutedArgs;
 
 /* vLLM's moe_align_block_size with invalid and non-local experts dropped.

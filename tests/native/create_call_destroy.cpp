@@ -85,12 +85,23 @@ void round_trip(const FmBackendApi* api) {
   auto post = backend->empty(cpu, kInt32, {1}, nullptr, FM_ALLOC_TEMPORARY);
   backend->moe_align_block_size(*ids, e, 4, nullptr, *sorted_ids, *expert_ids, *post, nullptr);
   auto gate_up = backend->empty(cpu, kFloat32, {tokens * top_k, n}, nullptr, FM_ALLOC_ZEROED);
-  w13->gemm_routed(*x, *sorted_ids, *expert_ids, *post, 4, top_k, nullptr, *gate_up, nullptr);
+  w13->gemm_routed(*x, *sorted_ids, *expert_ids, *post, 4, top_k, nullptr, gate_up.get(), nullptr);
   auto act = backend->empty(cpu, kFloat32, {tokens * top_k, inter}, nullptr);
   backend->gated_activation(*gate_up, *act, nullptr);
   auto down = backend->empty(cpu, kFloat32, {tokens * top_k, k}, nullptr, FM_ALLOC_ZEROED);
-  w2->gemm_routed(*act, *sorted_ids, *expert_ids, *post, 4, 1, nullptr, *down, nullptr);
+  w2->gemm_routed(*act, *sorted_ids, *expert_ids, *post, 4, 1, nullptr, down.get(), nullptr);
   backend->moe_sum(*down, *ids, e, nullptr, *backend->empty(cpu, kFloat32, {tokens, k}, nullptr), nullptr);
+  // The gated epilogue (ABI 1.3) of a [gate | up] stack whose halves are whole 64-column blocks.
+  spec.k = k;
+  spec.n_per_expert = 128;
+  std::vector<int32_t> qweight3(size_t(e * (k / 8) * 128), 0x01234567);
+  std::vector<float> scales3(size_t(e * 2 * 128), 0.01f);
+  auto gate_up_stack = backend->create_stack(spec, *host_tensor(qweight3, {e, k / 8, 128}, kInt32),
+                                             *host_tensor(scales3, {e, 2, 128}, kFloat32), nullptr, nullptr, nullptr);
+  auto gated_out = backend->empty(cpu, kFloat32, {tokens * top_k, 64}, nullptr, FM_ALLOC_ZEROED);
+  const ExpertStack::Gated gated{FM_ACTIVATION_SILU, gated_out.get()};
+  const bool epilogue = gate_up_stack->gemm_routed(*x, *sorted_ids, *expert_ids, *post, 4, top_k, nullptr, nullptr,
+                                                   nullptr, &gated);
 
   // A refusal in the host, and errors made by the plugin (FmError objects the host frees).
   const bool refused = raises([&] {
@@ -102,7 +113,7 @@ void round_trip(const FmBackendApi* api) {
     m->deleter(m);
     return true;
   }();
-  if (!refused || !plugin_error || !exported) {
+  if (!refused || !plugin_error || !exported || !epilogue) {
     std::fprintf(stderr, "create_call_destroy: an expected error did not happen\n");
     std::exit(1);
   }

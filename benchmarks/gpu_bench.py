@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 import ferrum_moe as fm
+from ferrum_moe.testing import captured_graph
 
 MODELS = {  # experts, top_k, hidden, intermediate
     "mixtral": (8, 2, 4096, 14336),
@@ -56,14 +57,7 @@ def peer_module():
 def time_graph(fn, flush: torch.Tensor, repeats: int, warmup: bool = True) -> float:
     """Median microseconds of one replay of fn(stream) captured in a graph, L2
     flushed before each replay."""
-    s = torch.cuda.Stream()
-    if warmup:
-        with torch.cuda.stream(s):
-            fn(s)
-        s.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g, stream=s):
-        fn(s)
+    g = captured_graph(fn, warmup)
     times = []
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     for _ in range(repeats):

@@ -12,7 +12,7 @@ import pytest
 
 import ferrum_moe as fm
 from ferrum_moe.testing import (NUMPY_DTYPES, REL_TOL, as64, poisoned, random_activations,  # noqa: F401
-                                random_weight, reference_align, reference_moe, rel_error)
+                                random_weight, reference_align, reference_moe, rel_error, silu_product)
 
 
 @pytest.fixture(scope="session", autouse=True)

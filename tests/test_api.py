@@ -8,7 +8,7 @@ import pytest
 import ferrum_moe as fm
 
 from conftest import (NUMPY_DTYPES, REL_TOL, as64, poisoned, random_activations, random_weight, reference_align,
-                      reference_moe, rel_error)
+                      reference_moe, rel_error, silu_product)
 
 FORMATS = [  # bits, group_size, sym, act_order
     (4, 128, True, False),
@@ -126,11 +126,6 @@ def test_gemm_routed_matches_float64(rng, target, with_weights, block_size, m):
         assert rel_error(got[p], ref) < REL_TOL[dtype]
 
 
-def _silu_product(y: np.ndarray) -> np.ndarray:
-    half = y.shape[-1] // 2
-    return y[..., :half] / (1.0 + np.exp(-y[..., :half])) * y[..., half:]
-
-
 @pytest.mark.parametrize("with_weights", [False, True])
 # half 128: the CPU's gated epilogue (whole 64-column blocks) and the CUDA
 # 128-row tiles'; half 32: the host's activation after the GEMM.
@@ -164,7 +159,7 @@ def test_gated_routed_gemm_matches_float64(rng, target, with_weights, half, bloc
             assert untouched or np.all(got[p] == 0), f"pair {p} (expert {ids[t, j]}) was written"
             continue
         y = as64(x[t]) @ dense[ids[t, j]] * (tw[t, j] if with_weights else 1.0)
-        assert rel_error(got[p], _silu_product(y)) < 2 * REL_TOL[dtype]
+        assert rel_error(got[p], silu_product(y)) < 2 * REL_TOL[dtype]
 
 
 @pytest.mark.parametrize("half", [32, 128])
@@ -192,7 +187,7 @@ def test_gated_pair_routed_gemm_matches_float64(rng, target, half):
         return
     for j in range(top_k):
         y = as64(x[0]) @ weights[ids[0, j]].dequantize(np.float64) * tw[0, j]
-        assert rel_error(got[j], _silu_product(y)) < 2 * REL_TOL[dtype]
+        assert rel_error(got[j], silu_product(y)) < 2 * REL_TOL[dtype]
 
 
 @pytest.mark.parametrize("index_dtype", [np.int32, np.int64])

@@ -9,7 +9,7 @@ import pytest
 import ferrum_moe as fm
 
 from conftest import REL_TOL, poisoned, random_activations, random_weight, reference_moe, rel_error
-from ferrum_moe.testing import random_codes_weight
+from ferrum_moe.testing import captured_graph, random_codes_weight
 
 pytestmark = pytest.mark.skipif(not any(b.name == "cuda" and b.available for b in fm.backends()),
                                 reason="no CUDA backend (install ferrum-moe-cuda on a machine with a GPU)")
@@ -241,20 +241,6 @@ def _inputs(rng, m, e=8, hidden=256):
     return xh, tw, ids
 
 
-def _captured_call(call, warm: bool = True) -> "torch.cuda.CUDAGraph":
-    """call(stream) captured in a torch graph on a side stream (run once there
-    first where `warm`)."""
-    s = torch.cuda.Stream()
-    if warm:
-        with torch.cuda.stream(s):
-            call(s)
-        s.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=s):
-        call(s)
-    return graph
-
-
 @pytest.mark.parametrize("k, n", [(4096, 256), (448, 256), (200, 72)])
 def test_stream_k_decode_is_exact_across_calls_and_graph_replays(rng, k, n):
     """Decode GEMMs deal K slices out to one wave of CTAs (stream-K): a tile
@@ -269,7 +255,7 @@ def test_stream_k_decode_is_exact_across_calls_and_graph_replays(rng, k, n):
         assert rel_error(lin(cuda(xh)), xh.astype(np.float64) @ dense) < 3e-3
     x = cuda(random_activations(rng, (2, k), "float16"))
     out = torch.empty(2, n, device="cuda", dtype=torch.float16)
-    graph = _captured_call(lambda stream: lin(x, out=out, stream=stream))
+    graph = captured_graph(lambda stream: lin(x, out=out, stream=stream))
     for _ in range(3):
         xh = random_activations(rng, (2, k), "float16")
         x.copy_(cuda(xh))
@@ -367,7 +353,7 @@ def test_stream_k_prefill_ranges_cross_tiles_and_replay_clean(rng):
     lin = fm.Linear.from_gptq(weight, device="cuda", dtype="float16")
     x = cuda(random_activations(rng, (m, k), "float16"))
     out = torch.empty(m, n, device="cuda", dtype=torch.float16)
-    graph = _captured_call(lambda stream: lin(x, out=out, stream=stream))
+    graph = captured_graph(lambda stream: lin(x, out=out, stream=stream))
     for replay in range(3):
         xh = random_activations(rng, (m, k), "float16")
         x.copy_(cuda(xh))
@@ -394,7 +380,7 @@ def test_prefill_ctas_take_tiles_in_turn_and_match_float64(rng, dtype, bits, act
     tdtype = getattr(torch, dtype)
     x = cuda(random_activations(rng, (m, k), "float32")).to(tdtype)
     out = torch.empty(m, n, device="cuda", dtype=tdtype)
-    graph = _captured_call(lambda stream: lin(x, out=out, stream=stream))
+    graph = captured_graph(lambda stream: lin(x, out=out, stream=stream))
     for replay in range(2):
         x.copy_(cuda(random_activations(rng, (m, k), "float32")).to(tdtype))
         expect = x.cpu().double().numpy() @ dense
@@ -577,7 +563,7 @@ def test_the_moe_layer_captures_in_a_torch_graph(rng, layer_kind, warm):
     out = torch.empty(m, 256, device="cuda", dtype=torch.float16)
     run = (lambda s: fm.fused_moe(x, layer.w13, layer.w2, twd, idsd, out=out, stream=s)) if layer_kind == "fused_moe" \
         else (lambda s: layer(x, twd, idsd, out=out, stream=s))
-    graph = _captured_call(run, warm)
+    graph = captured_graph(run, warm)
     for name, ids2 in _routings(rng, m).items():
         xh2, tw2 = random_activations(rng, (m, 256), "float16"), rng.random((m, 2)).astype(np.float32)
         x.copy_(cuda(xh2)), twd.copy_(cuda(tw2)), idsd.copy_(cuda(ids2))

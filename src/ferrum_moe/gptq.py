@@ -209,10 +209,8 @@ def _round_up(s, dtype):
     2.9e-6 against a half step of 2.3e-6)."""
     with np.errstate(over="ignore"):  # too large for dtype: inf, which quantize() names
         stored = s.astype(dtype)
-    low = stored.astype(np.float64) < s
-    bits = np.dtype(dtype).itemsize * 8
-    up = (stored.view(f"uint{bits}") + 1).view(dtype)  # the next larger positive value
-    return np.where(low, up, stored).astype(dtype)
+    up = np.nextafter(stored, np.array(np.inf, dtype))
+    return np.where(stored.astype(np.float64) < s, up, stored).astype(dtype)
 
 
 def quantize(w_kn, bits: int = 4, group_size: int = 128, sym: bool = True, *, g_idx=None,

@@ -90,12 +90,18 @@ def poisoned(shape, dtype: str) -> np.ndarray:
     return np.full(shape, np.nan, dtype=NUMPY_DTYPES[dtype])
 
 
+def silu_product(y) -> np.ndarray:
+    """silu(gate) * up in float64 for y = [gate | up] along its last axis."""
+    y = as64(y)
+    half = y.shape[-1] // 2
+    return y[..., :half] / (1 + np.exp(-y[..., :half])) * y[..., half:]
+
+
 def reference_moe(x, w13, w2, topk_weights, topk_ids, *, expert_map=None, num_experts=None,
                   on_input=False) -> np.ndarray:
     """float64 MoE layer on dequantized weights, a plain loop over (token, k)."""
     x = as64(x)
     topk_ids, topk_weights = np.asarray(topk_ids), np.asarray(topk_weights, np.float64)
-    inter = w2[0].k
     out = np.zeros((x.shape[0], w2[0].n))
     n_global = num_experts if num_experts is not None else len(w13)
     dense = {}
@@ -112,8 +118,7 @@ def reference_moe(x, w13, w2, topk_weights, topk_ids, *, expert_map=None, num_ex
             h = x[t] @ dense[e][0]
             if on_input:
                 h = h * topk_weights[t, j]
-            act = h[:inter] / (1 + np.exp(-h[:inter])) * h[inter:]
-            y = act @ dense[e][1]
+            y = silu_product(h) @ dense[e][1]
             out[t] += y if on_input else topk_weights[t, j] * y
     return out
 
@@ -241,7 +246,7 @@ def check_backend(backend: str, *, device: str = "cpu", dtype: str = "float16", 
         y = as64(get(stack(weights).gemm_routed(put(x), routing, topk_weights=put(tw), activation="silu")))
         full = np.stack([as64(x[p // 2]) @ weights[ids.flat[p]].dequantize(np.float64) * float(tw.flat[p])
                          for p in range(18)])
-        return rel_error(y, full[:, :half] / (1 + np.exp(-full[:, :half])) * full[:, half:])
+        return rel_error(y, silu_product(full))
 
     # The gated epilogue where the plugin has ABI 1.3, else the host's activation.
     run("gemm_routed, silu(gate) * up", gated)
@@ -284,6 +289,23 @@ def check_backend(backend: str, *, device: str = "cpu", dtype: str = "float16", 
 
     run("routing with out-of-range entries", corrupt_routing)
     return Report(backend, results)
+
+
+def captured_graph(call, warm: bool = True):
+    """call(stream) captured in a torch CUDA graph on a new side stream (run once
+    there first where `warm`, so the capture allocates nothing); replay it with
+    .replay(). For the CUDA tests and benchmarks."""
+    import torch
+
+    stream = torch.cuda.Stream()
+    if warm:
+        with torch.cuda.stream(stream):
+            call(stream)
+        stream.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        call(stream)
+    return graph
 
 
 def _device_transfers(device: str):

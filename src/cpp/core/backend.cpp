@@ -572,7 +572,7 @@ void ExpertStack::launch_batched(const DLTensor& x, const DLTensor& dispatches, 
 // What both routings of gemm_routed check: x, the pair count, topk_weights and
 // out. Answers num_tokens.
 int64_t ExpertStack::check_routed_io(const char* op, const Tensor& x, int64_t top_k, const Tensor* topk_weights,
-                                     const Tensor* out, const Gated* gated) const {
+                                     Tensor* out, const Gated* gated) const {
   check_x(op, x);
   const int64_t num_tokens = x.dim(0);
   if (num_tokens > kMaxRoutingIndex / top_k) {
@@ -588,20 +588,6 @@ int64_t ExpertStack::check_routed_io(const char* op, const Tensor& x, int64_t to
     expect_dim(*topk_weights, 1, top_k, {op, "topk_weights"}, "top_k");
     expect_compact(*topk_weights, {op, "topk_weights"});
   }
-  // Each output: its shape, and no memory shared with an input or the other output.
-  auto check_output = [&](const Tensor& o, const char* name, int64_t width, const char* width_name,
-                          std::vector<DLDataType> dtypes) {
-    expect_rank(o, 2, {op, name});
-    expect_device(o, spec_.device, {op, name}, "the stack's device");
-    expect_dtype_in(o, dtypes, {op, name});
-    expect_dim(o, 0, num_tokens * top_k, {op, name}, "num_tokens * top_k");
-    expect_dim(o, 1, width, {op, name}, width_name);
-    expect_rows_contiguous(o, {op, name});
-    expect_writable(o, {op, name});
-    if (topk_weights != nullptr) expect_disjoint(o, *topk_weights, {op, name}, "topk_weights");
-    expect_disjoint(o, x, {op, name}, "x");
-  };
-  if (out != nullptr) check_output(*out, "out", spec_.n_per_expert, "n_per_expert", {spec_.dtype, kFloat32});
   if (gated != nullptr) {
     if (gated->activation != int32_t{FM_ACTIVATION_SILU}) {
       throw_value_error(std::string(op) + ": activation must be FM_ACTIVATION_SILU (0); got " +
@@ -611,12 +597,33 @@ int64_t ExpertStack::check_routed_io(const char* op, const Tensor& x, int64_t to
       throw_value_error(std::string(op) + ": a gated output needs an even n_per_expert ([gate | up]); the stack has " +
                         std::to_string(spec_.n_per_expert));
     }
-    // Named as the caller knows it: the only output of a call without `out`.
-    const char* name = out != nullptr ? "gated_out" : "out";
-    check_output(*gated->out, name, spec_.n_per_expert / 2, "n_per_expert / 2", {spec_.dtype});
-    if (out != nullptr) expect_disjoint(*gated->out, *out, {op, name}, "out");
+  }
+  // Each output: its shape, and no memory shared with an input or the other output.
+  for (const RoutedOutput& o : routed_outputs(out, gated)) {
+    const bool plain = o.tensor == out;
+    expect_rank(*o.tensor, 2, {op, o.name});
+    expect_device(*o.tensor, spec_.device, {op, o.name}, "the stack's device");
+    expect_dtype_in(*o.tensor, plain ? std::vector<DLDataType>{spec_.dtype, kFloat32} : std::vector{spec_.dtype},
+                    {op, o.name});
+    expect_dim(*o.tensor, 0, num_tokens * top_k, {op, o.name}, "num_tokens * top_k");
+    expect_dim(*o.tensor, 1, plain ? spec_.n_per_expert : spec_.n_per_expert / 2, {op, o.name},
+               plain ? "n_per_expert" : "n_per_expert / 2");
+    expect_rows_contiguous(*o.tensor, {op, o.name});
+    expect_writable(*o.tensor, {op, o.name});
+    if (topk_weights != nullptr) expect_disjoint(*o.tensor, *topk_weights, {op, o.name}, "topk_weights");
+    expect_disjoint(*o.tensor, x, {op, o.name}, "x");
+    if (!plain && out != nullptr) expect_disjoint(*o.tensor, *out, {op, o.name}, "out");
   }
   return num_tokens;
+}
+
+// The outputs of a routed call, named as the caller knows them: the gated
+// output is "out" where it is the call's only one.
+std::vector<ExpertStack::RoutedOutput> ExpertStack::routed_outputs(Tensor* out, const Gated* gated) {
+  std::vector<RoutedOutput> outputs;
+  if (out != nullptr) outputs.push_back({out, "out"});
+  if (gated != nullptr) outputs.push_back({gated->out, out != nullptr ? "gated_out" : "out"});
+  return outputs;
 }
 
 bool ExpertStack::launch_routed(FmGemmRoutedArgs& args, const Gated* gated, const char* op) {
@@ -645,8 +652,7 @@ bool ExpertStack::gemm_routed(const Tensor& x, const Tensor& sorted_token_ids, c
     expect_dtype(*t, kInt32, {op, name});
     expect_device(*t, spec_.device, {op, name}, "the stack's device");
     expect_compact(*t, {op, name});
-    if (out != nullptr) expect_disjoint(*out, *t, {op, "out"}, name);
-    if (gated != nullptr) expect_disjoint(*gated->out, *t, {op, out != nullptr ? "gated_out" : "out"}, name);
+    for (const RoutedOutput& o : routed_outputs(out, gated)) expect_disjoint(*o.tensor, *t, {op, o.name}, name);
   }
   const int64_t blocks = (sorted_token_ids.dim(0) + block_size - 1) / block_size;
   expect_dim_at_least(expert_ids, 0, blocks, {op, "expert_ids"}, "one per block of sorted_token_ids");
@@ -686,11 +692,9 @@ bool ExpertStack::gemm_routed_pairs(const Tensor& x, const Tensor& topk_ids, int
   const int64_t num_tokens = check_routed_io(op, x, top_k, topk_weights, out, gated);
   expect_dim(topk_ids, 0, num_tokens, {op, "topk_ids"}, "x's rows");
   check_expert_map(op, expert_map, num_experts, topk_ids);
-  for (auto [o, name] : {std::pair<Tensor*, const char*>{out, "out"},
-                         {gated != nullptr ? gated->out : nullptr, out != nullptr ? "gated_out" : "out"}}) {
-    if (o == nullptr) continue;
-    expect_disjoint(*o, topk_ids, {op, name}, "topk_ids");
-    if (expert_map != nullptr) expect_disjoint(*o, *expert_map, {op, name}, "expert_map");
+  for (const RoutedOutput& o : routed_outputs(out, gated)) {
+    expect_disjoint(*o.tensor, topk_ids, {op, o.name}, "topk_ids");
+    if (expert_map != nullptr) expect_disjoint(*o.tensor, *expert_map, {op, o.name}, "expert_map");
   }
   FmGemmRoutedArgs args{};
   args.struct_size = sizeof(args);

@@ -157,7 +157,12 @@ class ExpertStack {
   void check_column_window(int64_t col_begin, int64_t n, const char* op) const;
   void check_x(const char* op, const Tensor& x) const;
   int64_t check_routed_io(const char* op, const Tensor& x, int64_t top_k, const Tensor* topk_weights,
-                          const Tensor* out, const Gated* gated) const;
+                          Tensor* out, const Gated* gated) const;
+  struct RoutedOutput {
+    Tensor* tensor;
+    const char* name;
+  };
+  static std::vector<RoutedOutput> routed_outputs(Tensor* out, const Gated* gated);
   // Sends a routed call's args, with `gated` where the plugin takes it;
   // answers whether the plugin wrote gated->out.
   bool launch_routed(FmGemmRoutedArgs& args, const Gated* gated, const char* op);

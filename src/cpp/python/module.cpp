@@ -21,8 +21,7 @@ using TensorPtr = std::shared_ptr<Tensor>;
 namespace {
 
 void* as_stream(uintptr_t handle) { return reinterpret_cast<void*>(handle); }
-const Tensor* opt(const std::optional<TensorPtr>& t) { return t ? t->get() : nullptr; }
-Tensor* opt_out(const std::optional<TensorPtr>& t) { return t ? t->get() : nullptr; }
+Tensor* opt(const std::optional<TensorPtr>& t) { return t ? t->get() : nullptr; }
 
 // A routed GEMM's gated output (ExpertStack::Gated), or null.
 std::optional<ExpertStack::Gated> gated_of(const std::optional<TensorPtr>& gated_out, int32_t activation) {
@@ -318,7 +317,7 @@ PYBIND11_MODULE(_core, m) {
              int32_t activation) {
             const auto gated = gated_of(gated_out, activation);
             return s.gemm_routed(*x, *sorted_ids, *expert_ids, *num_post, block_size, top_k, opt(topk_weights),
-                                 opt_out(out), as_stream(stream), gated ? &*gated : nullptr);
+                                 opt(out), as_stream(stream), gated ? &*gated : nullptr);
           },
           py::call_guard<py::gil_scoped_release>(), py::arg("x"), py::arg("sorted_token_ids"), py::arg("expert_ids"), py::arg("num_tokens_post_padded"),
           py::arg("block_size"), py::arg("top_k"), py::arg("topk_weights"), py::arg("out"), py::arg("stream") = 0,
@@ -330,7 +329,7 @@ PYBIND11_MODULE(_core, m) {
              const std::optional<TensorPtr>& out, uintptr_t stream, const std::optional<TensorPtr>& gated_out,
              int32_t activation) {
             const auto gated = gated_of(gated_out, activation);
-            return s.gemm_routed_pairs(*x, *topk_ids, num_experts, opt(expert_map), opt(topk_weights), opt_out(out),
+            return s.gemm_routed_pairs(*x, *topk_ids, num_experts, opt(expert_map), opt(topk_weights), opt(out),
                                        as_stream(stream), gated ? &*gated : nullptr);
           },
           py::call_guard<py::gil_scoped_release>(), py::arg("x"), py::arg("topk_ids"), py::arg("num_experts"),

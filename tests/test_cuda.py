@@ -354,6 +354,50 @@ def test_few_prefill_tiles_split_k_and_match_float64(rng, dtype, bits, sym, act_
         assert rel_error(got[pairs], x64[pairs // 2] @ dense[expert]) < tol
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+# (k, half, tokens, experts): many unshared tiles, an odd tile count between
+# gate and up, and few tiles whose CTAs split K (the kernels' second copy).
+@pytest.mark.parametrize("k, half, m, e", [(128, 33 * 128, 600, 4), (256, 3 * 128, 2000, 6), (4096, 1024, 128, 2)])
+def test_the_gated_epilogue_of_the_prefill_tiles_matches_float64(rng, dtype, k, half, m, e):
+    """gemm_routed with gated_out on 128-row tiles (ABI 1.3): one CTA takes gate
+    tile t and up tile t + half / 128 and stores silu(gate) * up; the backend
+    says it wrote the product. Routing blocks under a tile keep the host's
+    activation (the backend answers False and launches nothing)."""
+    from ferrum_moe.arrays import import_array, import_output
+
+    weights = [random_weight(rng, k, 2 * half, group_size=128, dtype=dtype) for _ in range(e)]
+    dense = [w.dequantize(np.float64) for w in weights]
+    stack = fm.ExpertStack.from_gptq(weights, device="cuda", dtype=dtype)
+    tdtype = getattr(torch, dtype)
+    x = cuda(rng.standard_normal((m, k)).astype(np.float32)).to(tdtype)
+    x64 = x.cpu().double().numpy()
+    ids = np.stack([rng.permutation(e)[:2] for _ in range(m)]).astype(np.int32)
+    ids[5, 1] = -1  # a dropped pair: its row stays as it was
+    tw = cuda(rng.random((m, 2)).astype(np.float32))
+    for block_size, fused in ((128, True), (16, False)):
+        routing = fm.moe_align_block_size(cuda(ids), block_size, e)
+        out = torch.full((2 * m, half), float("nan"), device="cuda", dtype=tdtype)
+        written = stack._core.gemm_routed(import_array(x, "x"), *routing.tensors(0), block_size, 2,
+                                          import_array(tw, "topk_weights"), None, 0,
+                                          gated_out=import_output(out, "gated_out"))
+        assert written == fused
+        got = out.double().cpu().numpy()
+        if not fused:
+            assert np.all(np.isnan(got)), "a refused gated call launched work"
+            continue
+        assert np.all(np.isnan(got[11])), "the dropped pair's row was written"
+        tw64 = tw.cpu().double().numpy()
+        for expert in range(e):
+            pairs = np.flatnonzero(ids.reshape(-1) == expert)
+            y = x64[pairs // 2] @ dense[expert] * tw64.reshape(-1)[pairs, None]
+            ref = y[:, :half] / (1 + np.exp(-y[:, :half])) * y[:, half:]
+            assert rel_error(got[pairs], ref) < 2 * REL_TOL[dtype], expert
+    # The layer at a prefill size takes the same epilogue; the Python call too.
+    routing = fm.moe_align_block_size(cuda(ids), 128, e)
+    y = stack.gemm_routed(x, routing, topk_weights=tw, activation="silu")
+    assert y.dtype == tdtype and y.shape == (2 * m, half)
+
+
 def test_stream_k_prefill_ranges_cross_tiles_and_replay_clean(rng):
     """Where an even share of the slices beats aligned splits, a CTA's range of
     128-row slices crosses from one tile into the next: 300 x 6208 x 2304 is 27

@@ -487,14 +487,31 @@ void CudaStack::gemm_batched_device_table(const FmGemmBatchedArgs& args, const g
              "gemm_batched kernel launch");
 }
 
-void CudaStack::gemm_routed(const FmGemmRoutedArgs& args) {
+void CudaStack::gemm_routed(const FmGemmRoutedArgs& args) { launch_routed(args, *args.out, false); }
+
+bool CudaStack::gemm_routed_gated(const FmGemmRoutedArgs& args) {
+  const DLTensor& out = *args.gated_out;
+  const int64_t half = n_ / 2;
+  // store_results_gated writes 16-byte chunks of whole tiles (epilogue.cuh,
+  // stores_vectors) from the staging area only the 4-bit tiles have.
+  const bool vectors = reinterpret_cast<uintptr_t>(data_ptr<const void>(out)) % 16 == 0 &&
+                       (out.shape[0] <= 1 || stride(out, 0) % 8 == 0);
+  if (args.activation != FM_ACTIVATION_SILU || !wgmma_tiles_ || bits_ != 4 || half % kTileN != 0 || !vectors ||
+      args.sorted_token_ids == nullptr) {
+    return false;
+  }
+  return launch_routed(args, *args.gated_out, true);
+}
+
+bool CudaStack::launch_routed(const FmGemmRoutedArgs& args, DLTensor& out, bool gated) {
   constexpr const char* kOp = "gemm_routed";
   DeviceGuard guard(device_);
   gemm::RoutedParams params{};
   params.w = weights_;
-  params.io = make_io(*args.x, *args.out, kOp);
+  params.io = make_io(*args.x, out, kOp);
   params.io.col_begin = 0;
-  params.io.n = n_;
+  params.io.n = gated ? n_ / 2 : n_;
+  params.io.gate_up_tiles = gated ? static_cast<int32_t>(n_ / 2 / kTileN) : 0;
 
   params.top_k = args.top_k;
   params.num_pairs = args.x->shape[0] * args.top_k;
@@ -504,7 +521,10 @@ void CudaStack::gemm_routed(const FmGemmRoutedArgs& args) {
     params.topk_weights_stride0 = stride(*args.topk_weights, 0);
     params.topk_weights_stride1 = stride(*args.topk_weights, 1);
   }
-  if (args.sorted_token_ids == nullptr) return gemm_routed_pairs(args, params);
+  if (args.sorted_token_ids == nullptr) {
+    gemm_routed_pairs(args, params);
+    return true;
+  }
   const DLTensor& sorted_token_ids = *args.sorted_token_ids;
   const DLTensor& expert_ids = *args.expert_ids;
   const DLTensor& num_tokens_post_padded = *args.num_tokens_post_padded;
@@ -519,7 +539,7 @@ void CudaStack::gemm_routed(const FmGemmRoutedArgs& args) {
   params.num_blocks = expert_ids.shape[0];
   params.num_tokens_post_padded = data_ptr<const int32_t>(num_tokens_post_padded);
   params.block_size = args.block_size;
-  if (params.num_blocks == 0 || params.num_pairs == 0) return;
+  if (params.num_blocks == 0 || params.num_pairs == 0) return true;  // no pair to write
 
   // Routing blocks of up to 8 rows run on 8-row CTAs, up to 16 on 16-row
   // ones, up to 63 on 32-row ones (one weight stream per 32 tokens; a 64-row
@@ -535,6 +555,9 @@ void CudaStack::gemm_routed(const FmGemmRoutedArgs& args) {
   const int rows_per_cta =
       fill_the_gpu(rows_per_cta_for(block_rows),
                    grid_blocks * ceil_div(args.block_size, int64_t{gemm::kWgmmaRowsPerCta}), weights_.n_tiles);
+  // The gated epilogue pairs each gate tile with its up tile in one 128-row
+  // CTA: as many CTA tiles as the plain launch's pairs of adjacent tiles.
+  if (gated && rows_per_cta != gemm::kWgmmaRowsPerCta) return false;
   params.chunks_per_block = static_cast<int32_t>(ceil_div(args.block_size, rows_per_cta));
   constexpr int64_t kMaxGridX = std::numeric_limits<int32_t>::max();
   if (grid_blocks * params.chunks_per_block > kMaxGridX) {
@@ -553,6 +576,7 @@ void CudaStack::gemm_routed(const FmGemmRoutedArgs& args) {
                                  params.schedule, experts_repeat);
   check_cuda(gemm::launch_gemm_routed(params, compute_type_, bits_, rows_per_cta, ctas, as_stream(args.stream)),
              "gemm_routed kernel launch");
+  return true;
 }
 
 // Pair routing (plugin.h, ABI 1.2): one routing block of one row per pair, on

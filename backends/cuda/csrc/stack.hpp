@@ -22,6 +22,12 @@ class CudaStack final : public ferrum::plugin::Stack {
   FmStackProperties properties() const override;
   void gemm_batched(const FmGemmBatchedArgs& args) override;
   void gemm_routed(const FmGemmRoutedArgs& args) override;
+  // The gated epilogue (plugin.h, ABI 1.3) on the 128-row wgmma tiles of a
+  // 4-bit stack whose gate half is whole 128-column tiles, into a gated_out
+  // the staged stores can write (gemm/epilogue.cuh, store_results_gated).
+  // Other calls answer false having launched nothing (the host runs the
+  // activation after the plain GEMM).
+  bool gemm_routed_gated(const FmGemmRoutedArgs& args) override;
   // Zeroes the stream-K slots and counters (they are zero after every launch
   // that completes; this recovers from one that did not).
   void zero_workspace(void* stream) override;
@@ -31,6 +37,10 @@ class CudaStack final : public ferrum::plugin::Stack {
   void load_weights(const FmStackCreateArgs& args, cudaStream_t stream);
   gemm::GemmIO make_io(const DLTensor& x, DLTensor& out, const char* op) const;
   void gemm_batched_device_table(const FmGemmBatchedArgs& args, const gemm::BatchedParams& batched);
+  // Both forms of gemm_routed over align's blocks: y into `out`, or (gated)
+  // silu(gate) * up into it where the plan takes 128-row tiles; answers
+  // whether it launched (the plain form always does).
+  bool launch_routed(const FmGemmRoutedArgs& args, DLTensor& out, bool gated);
   // gemm_routed's pair routing (plugin.h, ABI 1.2); `params` holds the rest.
   void gemm_routed_pairs(const FmGemmRoutedArgs& args, gemm::RoutedParams& params);
   // Fills the launch's schedule (gemm/params.hpp, StreamK) for tiles_x x

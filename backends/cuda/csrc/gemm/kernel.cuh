@@ -141,9 +141,12 @@ __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& 
       for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) piece(tile, 0, static_cast<int>(k_tiles));
     }
   };
-  // The CTA's first 128-column tile of `tile`; a second warpgroup takes the next one.
+  // The CTA's first 128-column tile of `tile`; a second warpgroup takes the
+  // next one, or with the gated epilogue the up tile of this gate tile
+  // (params.hpp, GemmIO::gate_up_tiles).
+  const int tiles_per_cta = io.gate_up_tiles > 0 ? 1 : Traits::kWarpgroups;
   auto n_tile_of = [&](int64_t tile) {
-    return first_n_tile + Traits::kWarpgroups * static_cast<int>(tile % schedule.n_tiles);
+    return first_n_tile + tiles_per_cta * static_cast<int>(tile % schedule.n_tiles);
   };
   auto flat_of = [](typename Loop::Accumulators& acc) -> auto& {
     return reinterpret_cast<typename AccumulatorLayout<kRows, Loop::kWgmma>::Flat&>(acc);
@@ -181,6 +184,8 @@ __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& 
     } else {
       registers_increase<kConsumerRegisters>();
       const bool staged = Traits::kStagedStores && stores_vectors(io);  // the same for every tile
+      // The host asks for the gated epilogue only where the results can be staged.
+      const bool gated = Traits::kStagedStores && io.gate_up_tiles > 0;
       walk([&](int64_t tile, int kt_begin, int kt_end) {
         const int s = piece % 2;
         mbarrier_wait(&handoff.filled[s], (piece / 2) & 1);
@@ -204,7 +209,12 @@ __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& 
           }
         }
         if (store) {
-          if (staged) {
+          if (gated) {
+            if constexpr (Traits::kStagedStores) {
+              store_results_gated<T, kRows>(io, handoff.rows[s], n_tile, flat_of(acc), Loop::compute_tid(),
+                                            smem + Traits::kStagingOffset);
+            }
+          } else if (staged) {
             store_results_staged<T, kRows>(io, handoff.rows[s], n_tile, flat_of(acc), Loop::compute_tid(),
                                            smem + Traits::kStagingOffset);
           } else {

@@ -106,6 +106,12 @@ class Mainloop {
 
   // This thread's index among the computing threads (the warp-specialised
   // tiles' copying warpgroup comes first; its threads get 0 here, unused).
+  // Tiles from the CTA's first 128-column tile to its second warpgroup's:
+  // the next one, or the gated epilogue's up tile.
+  static __device__ __forceinline__ int second_tile_step(const GemmIO& io) {
+    return io.gate_up_tiles > 0 ? io.gate_up_tiles : 1;
+  }
+
   static __device__ __forceinline__ int compute_tid() {
     if constexpr (Traits::kWarpSpecialized) return max(static_cast<int>(threadIdx.x) - Traits::kProducerThreads, 0);
     return static_cast<int>(threadIdx.x);
@@ -123,15 +129,18 @@ class Mainloop {
         b_smem_(smem + kStages * Traits::kAStageBytes + (compute_tid() / kThreads) * Tile::kBytes),
         quant_smem_(smem + kStages * (Traits::kAStageBytes + Traits::kBStageBytes)) {
     // A second warpgroup takes the next 128 columns (clamped to the stack's
-    // last tile: columns past the window are never stored).
-    const int n_tile = min(cta_n_tile + compute_tid() / kThreads, w.n_tiles - 1);
+    // last tile: columns past the window are never stored), or the gated
+    // epilogue's up tile (params.hpp, GemmIO::gate_up_tiles).
+    const int second = Traits::kWarpgroups > 1 ? second_tile_step(io) : 1;
+    const int n_tile = min(cta_n_tile + (compute_tid() / kThreads) * second, w.n_tiles - 1);
     // The lane's first 16-byte load of K slice 0; slice kt is kt * kUint4s on.
     // (The warp-specialised producer copies both warpgroups' tiles whole.)
     const auto* tiles = static_cast<const uint4*>(w.tiles);
     if constexpr (Traits::kWarpSpecialized) {
       b_src_ = tiles + (static_cast<int64_t>(expert) * w.n_tiles + min(cta_n_tile, w.n_tiles - 1)) * w.k_tiles *
                            Tile::kUint4s + threadIdx.x;
-      b_src_second_ = tiles + (static_cast<int64_t>(expert) * w.n_tiles + min(cta_n_tile + 1, w.n_tiles - 1)) *
+      b_src_second_ = tiles + (static_cast<int64_t>(expert) * w.n_tiles +
+                               min(cta_n_tile + second_tile_step(io), w.n_tiles - 1)) *
                                   w.k_tiles * Tile::kUint4s + threadIdx.x;
     } else {
       b_src_ = tiles + (static_cast<int64_t>(expert) * w.n_tiles + n_tile) * w.k_tiles * Tile::kUint4s +
@@ -260,13 +269,15 @@ class Mainloop {
     const int t = static_cast<int>(threadIdx.x);
     if (t < kScaleChunks) {
       const int tile = t / kScaleChunksPerTile, chunk = t % kScaleChunksPerTile;
-      const int64_t column = static_cast<int64_t>(min(first_n_tile_ + tile, w_.n_tiles - 1)) * kTileN + chunk * 8;
+      const int64_t column = static_cast<int64_t>(min(first_n_tile_ + tile * second_tile_step(io_), w_.n_tiles - 1)) * kTileN +
+                             chunk * 8;
       return {reinterpret_cast<const uint8_t*>(scales_ + column), static_cast<uint32_t>(w_.n_padded * 2),
               static_cast<uint32_t>((tile * kTileN + chunk * 8) * 2)};
     }
     if (zeros_ != nullptr && t < kScaleChunks + Traits::kWarpgroups * kZeroChunksPerTile) {
       const int tile = (t - kScaleChunks) / kZeroChunksPerTile, chunk = (t - kScaleChunks) % kZeroChunksPerTile;
-      const int64_t column = static_cast<int64_t>(min(first_n_tile_ + tile, w_.n_tiles - 1)) * kTileN + chunk * 16;
+      const int64_t column = static_cast<int64_t>(min(first_n_tile_ + tile * second_tile_step(io_), w_.n_tiles - 1)) * kTileN +
+                             chunk * 16;
       return {zeros_ + column, static_cast<uint32_t>(w_.n_padded),
               static_cast<uint32_t>(Traits::kWarpgroups * kTileN * 2 + tile * kTileN + chunk * 16)};
     }

@@ -398,6 +398,64 @@ def test_the_gated_epilogue_of_the_prefill_tiles_matches_float64(rng, dtype, k, 
     assert y.dtype == tdtype and y.shape == (2 * m, half)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("bits", [4, 8])
+# (k, half): a few K slices, and a long K whose tiles split K over many CTAs.
+@pytest.mark.parametrize("k, half", [(256, 3 * 128), (4096, 2 * 128)])
+def test_the_gated_epilogue_of_the_decode_tiles_matches_float64(rng, dtype, bits, k, half):
+    """gemm_routed with gated_out on the 8-row tiles (ABI 1.3): one CTA takes a
+    64-column half of a gate tile (two warps) and the same half of its up tile
+    (the other two) and stores silu(gate) * up; pair routing (one token: the
+    layer's decode path, no `out`) and align's blocks of 8. A gate half of
+    partial tiles answers False and launches nothing."""
+    from ferrum_moe.arrays import import_array, import_output
+
+    e, top_k = 6, 4
+    weights = [random_weight(rng, k, 2 * half, bits=bits, group_size=128, dtype=dtype) for _ in range(e)]
+    dense = [w.dequantize(np.float64) for w in weights]
+    stack = fm.ExpertStack.from_gptq(weights, device="cuda", dtype=dtype)
+    tdtype = getattr(torch, dtype)
+
+    def check(got, x64, ids, tw):
+        for p in range(ids.size):
+            t, j = divmod(p, top_k)
+            if not 0 <= ids[t, j] < e:
+                assert np.all(np.isnan(got[p])), f"dropped pair {p} written"
+                continue
+            y = x64[t] @ dense[ids[t, j]] * tw[t, j]
+            assert rel_error(got[p], y[:half] / (1 + np.exp(-y[:half])) * y[half:]) < 2 * REL_TOL[dtype], p
+
+    # One token, pair routing.
+    x = cuda(rng.standard_normal((1, k)).astype(np.float32)).to(tdtype)
+    ids = rng.permutation(e)[:top_k].reshape(1, top_k).astype(np.int32)
+    ids[0, 2] = e + 3  # out of range: skipped
+    tw = rng.random((1, top_k)).astype(np.float32)
+    out = torch.full((top_k, half), float("nan"), device="cuda", dtype=tdtype)
+    assert stack._core.gemm_routed_pairs(import_array(x, "x"), import_array(cuda(ids), "topk_ids"), e, None,
+                                         import_array(cuda(tw), "topk_weights"), None, 0,
+                                         gated_out=import_output(out, "gated_out"))
+    check(out.double().cpu().numpy(), x.cpu().double().numpy(), ids, tw)
+    # Three tokens on align's blocks of 8.
+    x = cuda(rng.standard_normal((3, k)).astype(np.float32)).to(tdtype)
+    ids = np.stack([rng.permutation(e)[:top_k] for _ in range(3)]).astype(np.int32)
+    ids[1, 0] = -1
+    tw = rng.random((3, top_k)).astype(np.float32)
+    routing = fm.moe_align_block_size(cuda(ids), 8, e)
+    out = torch.full((3 * top_k, half), float("nan"), device="cuda", dtype=tdtype)
+    assert stack._core.gemm_routed(import_array(x, "x"), *routing.tensors(0), 8, top_k,
+                                   import_array(cuda(tw), "topk_weights"), None, 0,
+                                   gated_out=import_output(out, "gated_out"))
+    check(out.double().cpu().numpy(), x.cpu().double().numpy(), ids, tw)
+    # A gate half of partial tiles keeps the host's activation.
+    odd = fm.ExpertStack.from_gptq([random_weight(rng, k, 2 * 192, bits=bits, group_size=128, dtype=dtype)],
+                                   device="cuda", dtype=dtype)
+    out = torch.full((top_k, 192), float("nan"), device="cuda", dtype=tdtype)
+    assert not odd._core.gemm_routed_pairs(import_array(x[:1], "x"), import_array(cuda(np.zeros((1, top_k), np.int32)),
+                                                                                  "topk_ids"),
+                                           1, None, None, None, 0, gated_out=import_output(out, "gated_out"))
+    assert torch.isnan(out).all()
+
+
 def test_stream_k_prefill_ranges_cross_tiles_and_replay_clean(rng):
     """Where an even share of the slices beats aligned splits, a CTA's range of
     128-row slices crosses from one tile into the next: 300 x 6208 x 2304 is 27

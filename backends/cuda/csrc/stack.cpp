@@ -490,18 +490,22 @@ void CudaStack::gemm_batched_device_table(const FmGemmBatchedArgs& args, const g
 void CudaStack::gemm_routed(const FmGemmRoutedArgs& args) { launch_routed(args, *args.out, false); }
 
 bool CudaStack::gemm_routed_gated(const FmGemmRoutedArgs& args) {
-  const DLTensor& out = *args.gated_out;
-  // store_results_gated writes 16-byte chunks of whole tiles in the compute
-  // dtype (epilogue.cuh, stores_vectors) from the staging area only the 4-bit
-  // tiles have; the gate half must be whole tiles (N a multiple of 256).
-  const bool vectors = !is_float32(out.dtype) && (out.shape[1] <= 1 || stride(out, 1) == 1) &&
-                       reinterpret_cast<uintptr_t>(data_ptr<const void>(out)) % 16 == 0 &&
-                       (out.shape[0] <= 1 || stride(out, 0) % 8 == 0);
-  if (args.activation != FM_ACTIVATION_SILU || !wgmma_tiles_ || bits_ != 4 || n_ % (2 * kTileN) != 0 || !vectors ||
-      args.sorted_token_ids == nullptr) {
+  // Both tile kinds pair whole 128-column gate tiles with their up tiles (N
+  // a multiple of 256) and store the compute dtype.
+  if (args.activation != FM_ACTIVATION_SILU || n_ % (2 * kTileN) != 0 || is_float32(args.gated_out->dtype)) {
     return false;
   }
   return launch_routed(args, *args.gated_out, true);
+}
+
+// The 8-row tiles (scalar stores: any layout), and the 4-bit 128-row tiles
+// into an output their staged 16-byte stores can write (epilogue.cuh,
+// stores_vectors; the 8-bit tiles have no staging area).
+bool CudaStack::gated_epilogue_for(int rows_per_cta, const DLTensor& out) const {
+  if (rows_per_cta == gemm::kTinyRowsPerCta) return true;
+  return rows_per_cta == gemm::kWgmmaRowsPerCta && bits_ == 4 && (out.shape[1] <= 1 || stride(out, 1) == 1) &&
+         reinterpret_cast<uintptr_t>(data_ptr<const void>(out)) % 16 == 0 &&
+         (out.shape[0] <= 1 || stride(out, 0) % 8 == 0);
 }
 
 bool CudaStack::launch_routed(const FmGemmRoutedArgs& args, DLTensor& out, bool gated) {
@@ -557,8 +561,10 @@ bool CudaStack::launch_routed(const FmGemmRoutedArgs& args, DLTensor& out, bool 
       fill_the_gpu(rows_per_cta_for(block_rows),
                    grid_blocks * ceil_div(args.block_size, int64_t{gemm::kWgmmaRowsPerCta}), weights_.n_tiles);
   // The gated epilogue pairs each gate tile with its up tile in one 128-row
-  // CTA: as many CTA tiles as the plain launch's pairs of adjacent tiles.
-  if (gated && rows_per_cta != gemm::kWgmmaRowsPerCta) return false;
+  // CTA (as many CTA tiles as the plain launch's pairs of adjacent tiles), or
+  // each half of a gate tile with the same half of its up tile in one 8-row
+  // CTA (as many as the plain launch's tiles).
+  if (gated && !gated_epilogue_for(rows_per_cta, out)) return false;
   params.chunks_per_block = static_cast<int32_t>(ceil_div(args.block_size, rows_per_cta));
   constexpr int64_t kMaxGridX = std::numeric_limits<int32_t>::max();
   if (grid_blocks * params.chunks_per_block > kMaxGridX) {

@@ -22,11 +22,12 @@ class CudaStack final : public ferrum::plugin::Stack {
   FmStackProperties properties() const override;
   void gemm_batched(const FmGemmBatchedArgs& args) override;
   void gemm_routed(const FmGemmRoutedArgs& args) override;
-  // The gated epilogue (plugin.h, ABI 1.3) on the 128-row wgmma tiles of a
-  // 4-bit stack whose gate half is whole 128-column tiles, into a gated_out
-  // the staged stores can write (gemm/epilogue.cuh, store_results_gated).
-  // Other calls answer false having launched nothing (the host runs the
-  // activation after the plain GEMM).
+  // The gated epilogue (plugin.h, ABI 1.3) of a stack whose gate half is
+  // whole 128-column tiles: on the 8-row tiles (pair routing, blocks of up to
+  // 8 rows; gemm/epilogue.cuh, store_results_gated_tiny) and the 4-bit
+  // 128-row wgmma tiles into a gated_out the staged stores can write
+  // (store_results_gated). Other calls answer false having launched nothing
+  // (the host runs the activation after the plain GEMM).
   bool gemm_routed_gated(const FmGemmRoutedArgs& args) override;
   // Zeroes the stream-K slots and counters (they are zero after every launch
   // that completes; this recovers from one that did not).
@@ -41,6 +42,8 @@ class CudaStack final : public ferrum::plugin::Stack {
   // silu(gate) * up into it where the plan takes 128-row tiles; answers
   // whether it launched (the plain form always does).
   bool launch_routed(const FmGemmRoutedArgs& args, DLTensor& out, bool gated);
+  // Whether a gated launch of rows_per_cta-row tiles into `out` has its epilogue.
+  bool gated_epilogue_for(int rows_per_cta, const DLTensor& out) const;
   // gemm_routed's pair routing (plugin.h, ABI 1.2); `params` holds the rest.
   void gemm_routed_pairs(const FmGemmRoutedArgs& args, gemm::RoutedParams& params);
   // Fills the launch's schedule (gemm/params.hpp, StreamK) for tiles_x x

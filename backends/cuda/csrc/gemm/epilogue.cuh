@@ -75,6 +75,45 @@ __device__ void store_results(const GemmIO& io, const RowTable<kRows>& rows, int
   }
 }
 
+// The floats store_results_gated_tiny passes from the up warps to the gate warps.
+constexpr int kGatedTinyExchangeFloats = 2 * 32 * AccumulatorLayout<kTinyRowsPerCta, false>::kCount;
+
+// The gated epilogue on the 8-row tiles (GemmIO::gate_up_tiles; mainloop.cuh
+// places the warps): warps 2-3 hold the up columns of the gate columns warps
+// 0-1 hold, at the same accumulator of the same lane. They pass them through
+// `exchange` (kGatedTinyExchangeFloats, laid out [register][warp][lane]: no
+// bank conflicts), and warps 0-1 store silu(gate * w) * (up * w) for the
+// row's router weight w into out's column of the gate column: CTA tile
+// `cta_tile` is half cta_tile % 2 of gate tile cta_tile / 2. Every thread of
+// the CTA calls it (one __syncthreads); the caller's next piece begins with
+// its own before `exchange` is written again.
+template <class T>
+__device__ void store_results_gated_tiny(const GemmIO& io, const RowTable<kTinyRowsPerCta>& rows, int cta_tile,
+                                         const typename AccumulatorLayout<kTinyRowsPerCta, false>::Flat& acc,
+                                         int tid, float* exchange) {
+  using Layout = AccumulatorLayout<kTinyRowsPerCta, false>;
+  const int warp = tid / 32, lane = tid % 32;
+  if (warp >= 2) {
+#pragma unroll
+    for (int r = 0; r < Layout::kCount; ++r) exchange[(r * 2 + warp - 2) * 32 + lane] = acc[r];
+  }
+  __syncthreads();
+  if (warp >= 2) return;
+  const int slot = warp + 2 * (cta_tile % 2);
+  const int64_t tile_column = static_cast<int64_t>(cta_tile / 2) * kTileN;
+#pragma unroll
+  for (int r = 0; r < Layout::kCount; ++r) {
+    const int row = Layout::row(r, lane);
+    const int64_t out_row = rows.out_row[row];
+    if (out_row < 0) continue;
+    const float w = rows.weight[row];
+    const float gate = acc[r] * w, up = exchange[(r * 2 + warp) * 32 + lane] * w;
+    const int64_t j = tile_column + Layout::column(r, slot, lane);
+    static_cast<T*>(io.out)[out_row * io.out_row_stride + j * io.out_col_stride] =
+        float_to<T>(__fdividef(gate, 1.0f + expf(-gate)) * up);
+  }
+}
+
 // Whether the wgmma tiles' results can leave through store_results_staged:
 // compute-dtype output with unit column stride, its base and rows 16-byte
 // aligned, and a window starting on an 8-column boundary.

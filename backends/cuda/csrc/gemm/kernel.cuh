@@ -228,7 +228,9 @@ __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& 
     }
   } else {
     __shared__ RowTable<kRows> rows;
-    static_assert(sizeof(rows) <= kStaticSmemReserve, "traits.cuh's reserve for the row table");
+    // The 8-row tiles' gated epilogue passes the up columns through this.
+    __shared__ float exchange[kRows == kTinyRowsPerCta ? kGatedTinyExchangeFloats : 1];
+    static_assert(sizeof(rows) + sizeof(exchange) <= kStaticSmemReserve, "traits.cuh's reserve for these");
     walk_back([&](int64_t tile, int kt_begin, int kt_end) {
       __syncthreads();  // the previous piece's epilogue is done with `rows`
       const TileRows filled = fill_rows(tile / schedule.n_tiles, rows, threadIdx.x);
@@ -242,6 +244,12 @@ __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& 
           !reduce_stream_k<kRows, Loop::kWgmma>(schedule, tile, kt_end - kt_begin, static_cast<int>(k_tiles),
                                                  kt_end == k_tiles, rows, flat)) {
         return;
+      }
+      if constexpr (kRows == kTinyRowsPerCta) {
+        if (io.gate_up_tiles > 0) {
+          store_results_gated_tiny<T>(io, rows, n_tile, flat, static_cast<int>(threadIdx.x), exchange);
+          return;
+        }
       }
       store_results<T, kRows, Loop::kWgmma>(io, rows, n_tile, flat, static_cast<int>(threadIdx.x));
     });

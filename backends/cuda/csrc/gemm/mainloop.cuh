@@ -132,7 +132,20 @@ class Mainloop {
     // last tile: columns past the window are never stored), or the gated
     // epilogue's up tile (params.hpp, GemmIO::gate_up_tiles).
     const int second = Traits::kWarpgroups > 1 ? second_tile_step(io) : 1;
-    const int n_tile = min(cta_n_tile + (compute_tid() / kThreads) * second, w.n_tiles - 1);
+    int n_tile = min(cta_n_tile + (compute_tid() / kThreads) * second, w.n_tiles - 1);
+    // The warp's 32-column slot of tile n_tile. The gated epilogue on the
+    // 8-row tiles (params.hpp, GemmIO::gate_up_tiles): CTA tile y is half
+    // y % 2 of gate tile y / 2; warps 0-1 take that half's two slots of the
+    // gate tile, warps 2-3 the same slots of its up tile (epilogue.cuh,
+    // store_results_gated_tiny). The slot places the warp's weights, scales
+    // and columns; its shared-memory area stays warp_'s.
+    int slot = warp_;
+    if constexpr (kSwapped) {
+      if (io.gate_up_tiles > 0) {
+        slot = warp_ % 2 + 2 * (cta_n_tile % 2);
+        n_tile = min(cta_n_tile / 2 + (warp_ >= 2 ? io.gate_up_tiles : 0), w.n_tiles - 1);
+      }
+    }
     // The lane's first 16-byte load of K slice 0; slice kt is kt * kUint4s on.
     // (The warp-specialised producer copies both warpgroups' tiles whole.)
     const auto* tiles = static_cast<const uint4*>(w.tiles);
@@ -144,7 +157,7 @@ class Mainloop {
                                   w.k_tiles * Tile::kUint4s + threadIdx.x;
     } else {
       b_src_ = tiles + (static_cast<int64_t>(expert) * w.n_tiles + n_tile) * w.k_tiles * Tile::kUint4s +
-               Tile::uint4_index(warp_, 0, lane_);
+               Tile::uint4_index(slot, 0, lane_);
     }
     perm_ = w.perm != nullptr ? w.perm + static_cast<int64_t>(expert) * w.k : nullptr;
     // Address math hoisted out of the k-loop (v1 spent most of its issue slots
@@ -153,8 +166,8 @@ class Mainloop {
     const int64_t plane = static_cast<int64_t>(expert) * w.num_groups * w.n_padded;
     scales_ = w.scales + plane;
     zeros_ = w.zeros != nullptr ? w.zeros + plane : nullptr;
-    column_ = n_tile * kTileN + fragment_n(0, warp_, lane_);
-    c_column_ = n_tile * kTileN + warp_ * kWarpN + 2 * (lane_ % 4);
+    column_ = n_tile * kTileN + fragment_n(0, slot, lane_);
+    c_column_ = n_tile * kTileN + slot * kWarpN + 2 * (lane_ % 4);
     steps_per_group_ = w.group_size / kMmaK;
     first_n_tile_ = cta_n_tile;
     a_chunk_ = threadIdx.x % Traits::kAChunksPerRow;

@@ -1,5 +1,6 @@
 """Runs each CUDA kernel family once on small inputs (every format x dtype, routed,
-batched, align, activation, sum), dense Linears of long K (--linear), and one layer
+batched, align, activation, sum), routed GEMMs with the gated output on the 128-row
+tiles (--gated), dense Linears of long K (--linear), and one layer
 called from four threads: the workload compute-sanitizer checks. --linear-only
 --linear KxNxM runs one shape alone (a probe). --threads-only --threads 8 --calls 32
 --copy-in-threads is the eight-thread CUDA test's workload (device.sh's hang
@@ -25,6 +26,10 @@ parser.add_argument("--linear", default="4096x2048x256,1024x16896x256",
                     help="fp16 Linear calls, KxNxM[,...]; the default: long K at M = 256, 16 tiles of 128 x 256 "
                          "(too few for the SMs) and 132 of them (the Hopper 128-row tiles, 16 K slices each)")
 parser.add_argument("--linear-only", action="store_true", help="only the --linear calls (a sanitizer probe)")
+parser.add_argument("--gated", default="128x4224x600x4,4096x1024x128x2",
+                    help="routed GEMMs with the gated output (silu(gate) * up) at routing block 128, "
+                         "KxHALFxMxE[,...]; the default: 33 tiles a row unshared, and 16 tiles that split K")
+parser.add_argument("--gated-only", action="store_true", help="only the --gated calls (a sanitizer probe)")
 args = parser.parse_args()
 rng = np.random.default_rng(1)
 began = time.monotonic()
@@ -33,6 +38,19 @@ began = time.monotonic()
 def progress(what: str) -> None:  # under the sanitizers a stage can take minutes: say where it is
     print(f"cuda smoke {time.monotonic() - began:7.1f} s: {what}", flush=True)
 
+
+for shape in args.gated.split(",") if args.gated and not (args.threads_only or args.linear_only) else ():
+    k, half, m, e = (int(v) for v in shape.split("x"))
+    progress(f"gated routed GEMM {k} x 2 * {half}, M = {m}, {e} experts")
+    stack = fm.ExpertStack.from_gptq([random_codes_weight(rng, k, 2 * half) for _ in range(e)], device="cuda",
+                                     dtype="float16")
+    ids = torch.stack([torch.randperm(e, device="cuda")[:2] for _ in range(m)]).int()
+    routing = fm.moe_align_block_size(ids, 128, e)
+    stack.gemm_routed(torch.randn(m, k, device="cuda", dtype=torch.float16) / 8, routing, activation="silu")
+    torch.cuda.synchronize()
+if args.gated_only:
+    print("cuda smoke: the gated calls ran")
+    raise SystemExit(0)
 
 for shape in args.linear.split(",") if args.linear and not args.threads_only else ():
     k, n, m = (int(v) for v in shape.split("x"))

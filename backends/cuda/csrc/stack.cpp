@@ -491,12 +491,13 @@ void CudaStack::gemm_routed(const FmGemmRoutedArgs& args) { launch_routed(args, 
 
 bool CudaStack::gemm_routed_gated(const FmGemmRoutedArgs& args) {
   const DLTensor& out = *args.gated_out;
-  const int64_t half = n_ / 2;
-  // store_results_gated writes 16-byte chunks of whole tiles (epilogue.cuh,
-  // stores_vectors) from the staging area only the 4-bit tiles have.
-  const bool vectors = reinterpret_cast<uintptr_t>(data_ptr<const void>(out)) % 16 == 0 &&
+  // store_results_gated writes 16-byte chunks of whole tiles in the compute
+  // dtype (epilogue.cuh, stores_vectors) from the staging area only the 4-bit
+  // tiles have; the gate half must be whole tiles (N a multiple of 256).
+  const bool vectors = !is_float32(out.dtype) && (out.shape[1] <= 1 || stride(out, 1) == 1) &&
+                       reinterpret_cast<uintptr_t>(data_ptr<const void>(out)) % 16 == 0 &&
                        (out.shape[0] <= 1 || stride(out, 0) % 8 == 0);
-  if (args.activation != FM_ACTIVATION_SILU || !wgmma_tiles_ || bits_ != 4 || half % kTileN != 0 || !vectors ||
+  if (args.activation != FM_ACTIVATION_SILU || !wgmma_tiles_ || bits_ != 4 || n_ % (2 * kTileN) != 0 || !vectors ||
       args.sorted_token_ids == nullptr) {
     return false;
   }

@@ -180,7 +180,7 @@ constexpr int kGatedEpilogueBarrier = 5;
 // staged values as the activation kernel computes it from a stored [gate |
 // up] row (elementwise.cu), to out's 128 columns of tile n_tile. The window
 // is the whole gate half (col_begin 0, n = N / 2, a multiple of kTileN: the
-// host's condition), so every chunk is whole.
+// host's condition), so every chunk is whole; routed launches carry no bias.
 template <class T, int kRows>
 __device__ void store_results_gated(const GemmIO& io, const RowTable<kRows>& rows, int n_tile,
                                     const typename AccumulatorLayout<kRows, true>::Flat& acc, int tid,

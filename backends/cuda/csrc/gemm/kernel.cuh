@@ -184,7 +184,9 @@ __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& 
     } else {
       registers_increase<kConsumerRegisters>();
       const bool staged = Traits::kStagedStores && stores_vectors(io);  // the same for every tile
-      // The host asks for the gated epilogue only where the results can be staged.
+      // The host asks for the gated epilogue only where the results can be
+      // staged and stored as whole vectors (stack.cpp, gemm_routed_gated:
+      // what stores_vectors(io) checks, and N a multiple of 256).
       const bool gated = Traits::kStagedStores && io.gate_up_tiles > 0;
       walk([&](int64_t tile, int kt_begin, int kt_end) {
         const int s = piece % 2;

@@ -106,15 +106,15 @@ class Mainloop {
 
   // This thread's index among the computing threads (the warp-specialised
   // tiles' copying warpgroup comes first; its threads get 0 here, unused).
+  static __device__ __forceinline__ int compute_tid() {
+    if constexpr (Traits::kWarpSpecialized) return max(static_cast<int>(threadIdx.x) - Traits::kProducerThreads, 0);
+    return static_cast<int>(threadIdx.x);
+  }
+
   // Tiles from the CTA's first 128-column tile to its second warpgroup's:
   // the next one, or the gated epilogue's up tile.
   static __device__ __forceinline__ int second_tile_step(const GemmIO& io) {
     return io.gate_up_tiles > 0 ? io.gate_up_tiles : 1;
-  }
-
-  static __device__ __forceinline__ int compute_tid() {
-    if constexpr (Traits::kWarpSpecialized) return max(static_cast<int>(threadIdx.x) - Traits::kProducerThreads, 0);
-    return static_cast<int>(threadIdx.x);
   }
 
   __device__ Mainloop(const QuantWeights& w, const GemmIO& io, const RowTable<kRows>& rows,

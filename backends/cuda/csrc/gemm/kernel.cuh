@@ -236,9 +236,17 @@ __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& 
       const TileRows filled = fill_rows(tile / schedule.n_tiles, rows, threadIdx.x);
       const int expert = __syncthreads_or(filled.used) ? filled.expert : -1;
       if (expert < 0) return;
+      // The 32-row tiles' second m16 tile is empty in an expert's partly
+      // filled last block (Mixtral M = 64: ~16 pairs an expert); thread r
+      // wrote row r.
+      int live_m_tiles = Loop::kMTiles;
+      if constexpr (Loop::kMTiles == 2) {
+        const bool stores = threadIdx.x < kRows && rows.out_row[threadIdx.x] >= 0;
+        live_m_tiles = __syncthreads_or(stores && threadIdx.x >= kMmaM) ? 2 : 1;
+      }
       const int n_tile = n_tile_of(tile);
       typename Loop::Accumulators acc;
-      Loop(w, io, rows, expert, n_tile, smem).run(acc, kt_begin, kt_end);
+      Loop(w, io, rows, expert, n_tile, smem).run(acc, kt_begin, kt_end, nullptr, 0, live_m_tiles);
       auto& flat = flat_of(acc);
       if (kSplitsK && kt_end - kt_begin < k_tiles &&
           !reduce_stream_k<kRows, Loop::kWgmma>(schedule, tile, kt_end - kt_begin, static_cast<int>(k_tiles),

@@ -300,8 +300,13 @@ class Mainloop {
   // Accumulates K slices [kt_begin, kt_end) (all of K, or a stream-K share).
   // Warp-specialised tiles take their slices from the producer through
   // `barriers` (`pipe` as for produce()); the others copy them themselves.
-  __device__ void run(Accumulators& acc, int kt_begin, int kt_end, Barriers* barriers = nullptr,
-                      int pipe = 0) const {
+  // live_m_tiles: the 32-row mma.sync tiles' m16 tiles up to the last that
+  // holds a used row; at 1 (an expert's last block, partly filled) the slice
+  // loop runs without the second one's ldmatrix and MMAs, chosen here once
+  // per tile (v48's branch per m-tile inside the k-step cost more than it
+  // saved).
+  __device__ void run(Accumulators& acc, int kt_begin, int kt_end, Barriers* barriers = nullptr, int pipe = 0,
+                      int live_m_tiles = kMTiles) const {
     zero(acc);
     const int k_tiles = kt_end - kt_begin;
     if constexpr (!Traits::kWarpSpecialized) {
@@ -311,15 +316,14 @@ class Mainloop {
         cp_async_commit();
       }
     }
-    // Groups of a multiple of kTileK rows (128, 64, -1: the common ones) hold
-    // whole slices and are tracked per slice; other multiples of 16 per k-step;
-    // anything else (act-order, odd group sizes) per row through row_group.
-    if (w_.row_group != nullptr) {
-      slices<GroupMode::kRow>(acc, kt_begin, k_tiles, barriers, pipe);
-    } else if (slice_groups()) {
-      slices<GroupMode::kSlice>(acc, kt_begin, k_tiles, barriers, pipe);
+    if constexpr (kMTiles == 2 && !kWgmma) {
+      if (live_m_tiles < 2) {
+        group_modes<1>(acc, kt_begin, k_tiles, barriers, pipe);
+      } else {
+        group_modes<2>(acc, kt_begin, k_tiles, barriers, pipe);
+      }
     } else {
-      slices<GroupMode::kStep>(acc, kt_begin, k_tiles, barriers, pipe);
+      group_modes<kMTiles>(acc, kt_begin, k_tiles, barriers, pipe);
     }
     if constexpr (Traits::kWarpSpecialized) {
       wgmma_wait_group<0>();
@@ -330,6 +334,22 @@ class Mainloop {
   }
 
  private:
+  // The slice loop for the weights' group layout, on the first kLiveMTiles
+  // m16 tiles (the non-swapped mma.sync tiles; the others ignore it). Groups
+  // of a multiple of kTileK rows (128, 64, -1: the common ones) hold whole
+  // slices and are tracked per slice; other multiples of 16 per k-step;
+  // anything else (act-order, odd group sizes) per row through row_group.
+  template <int kLiveMTiles>
+  __device__ void group_modes(Accumulators& acc, int kt_begin, int k_tiles, Barriers* barriers, int pipe) const {
+    if (w_.row_group != nullptr) {
+      slices<GroupMode::kRow, kLiveMTiles>(acc, kt_begin, k_tiles, barriers, pipe);
+    } else if (slice_groups()) {
+      slices<GroupMode::kSlice, kLiveMTiles>(acc, kt_begin, k_tiles, barriers, pipe);
+    } else {
+      slices<GroupMode::kStep, kLiveMTiles>(acc, kt_begin, k_tiles, barriers, pipe);
+    }
+  }
+
   // Where the copying tiles' next slice comes from and goes to, kept from
   // slice to slice (v22): the weight source and the A sources advance by one
   // slice and the stage turns, so a whole slice's copies are the cp.async
@@ -633,7 +653,7 @@ class Mainloop {
   // The pipeline over k_tiles slices from kt_begin, with the group tracked as
   // kMode says. Scale-after tiles accumulate a group's integer products in
   // `part` and fold them into `acc` at each group boundary.
-  template <GroupMode kMode>
+  template <GroupMode kMode, int kLiveMTiles>
   __device__ void slices(Accumulators& acc, int kt_begin, int k_tiles, Barriers* barriers, int pipe) const {
     constexpr bool kAfter = kScaleAfter && kMode != GroupMode::kRow;
     Accumulators part;
@@ -701,7 +721,7 @@ class Mainloop {
         if (step_in_group == steps_per_group_) next_group(group, step_in_group, gp, upcoming, part, acc);
         step_in_group += kKSteps;
       }
-      compute_slice<kMode>(kt, slice % kStages, group, step_in_group, gp, upcoming, kAfter ? part : acc, acc,
+      compute_slice<kMode, kLiveMTiles>(kt, slice % kStages, group, step_in_group, gp, upcoming, kAfter ? part : acc, acc,
                            advance_pipeline);
     }
     if constexpr (kAfter) flush_group(part, gp, acc);
@@ -724,7 +744,7 @@ class Mainloop {
   // into `sums` (the group's partial sums, or acc itself when scaling before).
   // wgmma tiles call advance_pipeline() after the first k-step's wgmma wait;
   // mma.sync tiles have called it before.
-  template <GroupMode kMode, class AdvancePipeline>
+  template <GroupMode kMode, int kLiveMTiles, class AdvancePipeline>
   __device__ void compute_slice(int kt, int stage, int& group, int& step_in_group, GroupParams& gp,
                                 RawGroup& upcoming, Accumulators& sums, Accumulators& acc,
                                 AdvancePipeline&& advance_pipeline) const {
@@ -770,9 +790,10 @@ class Mainloop {
         mma_16816<T>(sums[0], a[0], b);
         mma_16816<T>(sums[1], a[1], b);
       } else {
-        uint32_t a[kMTiles][4];
+        static_assert(kLiveMTiles >= 1 && kLiveMTiles <= kMTiles, "live m-tiles of the tile's");
+        uint32_t a[kLiveMTiles][4];
 #pragma unroll
-        for (int mt = 0; mt < kMTiles; ++mt)
+        for (int mt = 0; mt < kLiveMTiles; ++mt)
           ldmatrix_x4(a[mt], shared_address(a_stage + a_offset_[ks] + mt * kMmaM * Traits::kARowBytes));
 #pragma unroll
         for (int nt = 0; nt < kNFrags; ++nt) {
@@ -788,7 +809,7 @@ class Mainloop {
             }
           }
 #pragma unroll
-          for (int mt = 0; mt < kMTiles; ++mt) mma_16816<T>(sums[mt][nt], a[mt], b);
+          for (int mt = 0; mt < kLiveMTiles; ++mt) mma_16816<T>(sums[mt][nt], a[mt], b);
         }
       }
     }

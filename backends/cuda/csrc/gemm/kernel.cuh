@@ -288,11 +288,13 @@ __global__ void __launch_bounds__(GemmTraits<T, kBits, kRows>::kCtaThreads, kMin
 // Pair routing (v51): before the CTA waits for the kernel before it (the
 // layer's activation, while the first GEMM may still run), it asks L2 for the
 // first p.prefetch_slices K slices of each piece it will compute, and their
-// group scales. Every address is a pair's routed expert, read from topk_ids
-// (written before the layer, not by the kernels this one waits for; a stale
-// read would only prefetch the wrong lines: a prefetch is a hint); ids out of
-// range are skipped as fill_rows skips them. The pieces are walk_back's ranges
-// of the host's plan (pair routing plans no re-plan on live rows).
+// group scales. Every address is a pair's routed expert, read from topk_ids:
+// nothing in the layer writes them, but the kernel before the first GEMM (the
+// caller's router) may, so that read races with it there; a stale read only
+// prefetches the wrong lines (a prefetch is a hint, never a result), and ids
+// out of range are skipped as fill_rows skips them. The pieces are
+// walk_back's ranges of the host's plan (pair routing plans no re-plan on
+// live rows).
 template <int kBits>
 __device__ __forceinline__ void prefetch_pair_weights(const RoutedParams& p) {
   using Tile = WeightTileLayout<kBits>;
@@ -326,8 +328,8 @@ __device__ __forceinline__ void prefetch_pair_weights(const RoutedParams& p) {
     if (p.w.row_group == nullptr) {
       const int64_t last_group = min(((kt_begin + slices) * kTileK - 1) / p.w.group_size,
                                      static_cast<int64_t>(p.w.num_groups - 1));
-      const int64_t group = kt_begin * kTileK / p.w.group_size + threadIdx.x / 2;
-      if (group <= last_group) {
+      for (int64_t group = kt_begin * kTileK / p.w.group_size + threadIdx.x / 2; group <= last_group;
+           group += blockDim.x / 2) {
         prefetch_l2(p.w.scales + (static_cast<int64_t>(expert) * p.w.num_groups + group) * p.w.n_padded +
                     n_tile * kTileN + (threadIdx.x % 2) * (kLine / 2));
       }
@@ -341,7 +343,10 @@ __device__ __forceinline__ void prefetch_pair_weights(const RoutedParams& p) {
 template <class T, int kBits, int kRows, bool kSplitsK>
 __global__ void __launch_bounds__(GemmTraits<T, kBits, kRows>::kCtaThreads, kMinCtasPerSm<kRows>)
     gemm_routed_kernel(const __grid_constant__ RoutedParams p) {
-  if (p.sorted_token_ids == nullptr && p.prefetch_slices > 0) prefetch_pair_weights<kBits>(p);
+  if (p.sorted_token_ids == nullptr && p.prefetch_slices > 0) {
+    dependent_grid_release();  // the next kernel need not wait for the prefetches
+    prefetch_pair_weights<kBits>(p);
+  }
   gemm_tiles<T, kBits, kRows, kSplitsK>(p.w, p.io, p.schedule, 0, [&](int64_t x, RowTable<kRows>& table, int r) {
     if (p.sorted_token_ids == nullptr) {
       // Pair routing: tile row x is pair x alone (blocks of one row, one chunk).

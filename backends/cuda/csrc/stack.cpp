@@ -19,6 +19,11 @@ using gemm::ceil_div;
 using gemm::kTileK;
 using gemm::kTileN;
 
+// The K slices of each piece a pair-routed CTA prefetches into L2 where the
+// launch's weights would not fit half of it (gemm/kernel.cuh,
+// prefetch_pair_weights): the first copies of its pipeline (4 stages).
+constexpr int64_t kPrefetchSlices = 4;
+
 // The uniform-group fast path needs every 16-row mma k-step inside one group.
 constexpr int64_t kUniformGroupMultiple = gemm::kMmaK;
 // Kernel indices of K and N are 32-bit; N tiles also index gridDim.y.
@@ -118,6 +123,7 @@ CudaStack::CudaStack(const FmStackCreateArgs& args)
   cudaDeviceProp prop{};
   check_cuda(cudaGetDeviceProperties(&prop, device_), "cudaGetDeviceProperties");
   num_sms_ = prop.multiProcessorCount;
+  l2_bytes_ = prop.l2CacheSize;
   if (prop.major < kMinComputeCapabilityMajor) {
     throw Error(FM_ERROR_UNSUPPORTED, "the CUDA backend needs compute capability 8.0 or newer; cuda:" +
                                           std::to_string(device_) + " (" + prop.name + ") is " +
@@ -607,6 +613,14 @@ void CudaStack::gemm_routed_pairs(const FmGemmRoutedArgs& args, gemm::RoutedPara
   if (params.num_pairs == 0) return;
   constexpr int rows_per_cta = gemm::kTinyRowsPerCta;
   const int ctas = plan_schedule(params.num_pairs, weights_.n_tiles, rows_per_cta, params.schedule, false);
+  // The weights the launch streams (at most: pairs may share an expert):
+  // where half of L2 holds them, each CTA asks for all of its pieces before
+  // it waits for the kernel before it; otherwise for the first slices of each
+  // (the pipeline's first copies), so the prefetches never evict each other.
+  const int64_t tile_bytes = int64_t{gemm::kTileN} * kTileK * bits_ / 8;
+  const int64_t k_tiles = k_padded_ / kTileK;
+  const bool fits = params.num_pairs <= l2_bytes_ / 2 / (tile_bytes * weights_.n_tiles * k_tiles);
+  params.prefetch_slices = static_cast<int32_t>(fits ? k_tiles : std::min<int64_t>(k_tiles, kPrefetchSlices));
   check_cuda(gemm::launch_gemm_routed(params, compute_type_, bits_, rows_per_cta, ctas, as_stream(args.stream)),
              "gemm_routed kernel launch");
 }

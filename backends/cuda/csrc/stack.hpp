@@ -82,6 +82,7 @@ class CudaStack final : public ferrum::plugin::Stack {
   DeviceBuffer row_group_;
   gemm::QuantWeights weights_{};
   int num_sms_ = 0;
+  int64_t l2_bytes_ = 0;
   bool wgmma_tiles_ = false;  // the loaded code has the 128-token wgmma tiles (sm_90a)
   // Resident 8-, 16-, 32-, 64- and 128-row CTAs per SM (occupancy): a stream-K wave.
   int ctas_per_sm_[5] = {1, 1, 1, 1, 1};

@@ -313,12 +313,68 @@ __global__ void __launch_bounds__(GemmTraits<T, kBits, kRows>::kCtaThreads, kMin
   }, [&] { return int64_t{p.schedule.tiles_x}; });
 }
 
+// Pair routing (v51): before the CTA waits for the kernel before it (the
+// layer's activation, while the first GEMM may still run), it asks L2 for the
+// first p.prefetch_slices K slices of each piece it will compute, and their
+// group scales. Every address is a pair's routed expert, read from topk_ids:
+// nothing in the layer writes them, but the kernel before the first GEMM (the
+// caller's router) may, so that read races with it there; a stale read only
+// prefetches the wrong lines (a prefetch is a hint, never a result), and ids
+// out of range are skipped as fill_rows skips them. The pieces are
+// walk_back's ranges of the host's plan (pair routing plans no re-plan on
+// live rows).
+template <int kBits>
+__device__ __forceinline__ void prefetch_pair_weights(const RoutedParams& p) {
+  using Tile = WeightTileLayout<kBits>;
+  constexpr int kLine = 128;
+  const int64_t k_tiles = p.w.k_tiles;
+  const int64_t total = static_cast<int64_t>(p.schedule.tiles_x) * p.schedule.n_tiles * k_tiles;
+  const int64_t begin = total * blockIdx.x / gridDim.x, end = total * (blockIdx.x + 1) / gridDim.x;
+  const auto* tiles = static_cast<const uint8_t*>(p.w.tiles);
+  for (int64_t at = begin; at < end;) {
+    const int64_t tile = at / k_tiles;
+    const int64_t kt_begin = at - tile * k_tiles;
+    const int64_t kt_end = min(k_tiles, kt_begin + (end - at));
+    at += kt_end - kt_begin;
+    const int64_t pair = tile / p.schedule.n_tiles;
+    const int64_t n_tile = tile % p.schedule.n_tiles;
+    if (pair >= p.num_pairs) continue;
+    const int expert = p.topk_ids_int64
+                           ? local_expert_of(static_cast<const int64_t*>(p.topk_ids), p.topk_ids_stride0,
+                                             p.topk_ids_stride1, pair / p.top_k, pair % p.top_k,
+                                             p.num_global_experts, p.expert_map, p.w.num_experts)
+                           : local_expert_of(static_cast<const int32_t*>(p.topk_ids), p.topk_ids_stride0,
+                                             p.topk_ids_stride1, pair / p.top_k, pair % p.top_k,
+                                             p.num_global_experts, p.expert_map, p.w.num_experts);
+    if (expert < 0) continue;
+    const int64_t slices = min(kt_end - kt_begin, static_cast<int64_t>(p.prefetch_slices));
+    const uint8_t* first = tiles + ((static_cast<int64_t>(expert) * p.w.n_tiles + n_tile) * k_tiles + kt_begin) *
+                                       Tile::kBytes;
+    for (int64_t b = threadIdx.x * kLine; b < slices * Tile::kBytes; b += blockDim.x * kLine) prefetch_l2(first + b);
+    // The group scales of those slices: 128 columns of 2 bytes per group row.
+    // (Act-order stacks, whose rows name their groups, prefetch none.)
+    if (p.w.row_group == nullptr) {
+      const int64_t last_group = min(((kt_begin + slices) * kTileK - 1) / p.w.group_size,
+                                     static_cast<int64_t>(p.w.num_groups - 1));
+      for (int64_t group = kt_begin * kTileK / p.w.group_size + threadIdx.x / 2; group <= last_group;
+           group += blockDim.x / 2) {
+        prefetch_l2(p.w.scales + (static_cast<int64_t>(expert) * p.w.num_groups + group) * p.w.n_padded +
+                    n_tile * kTileN + (threadIdx.x % 2) * (kLine / 2));
+      }
+    }
+  }
+}
+
 // Tile row x is chunk x % chunks_per_block of routing block x / chunks_per_block.
 // Every index read from device memory is range-checked before use: the host
 // never saw these arrays.
 template <class T, int kBits, int kRows, bool kSplitsK>
 __global__ void __launch_bounds__(GemmTraits<T, kBits, kRows>::kCtaThreads, kMinCtasPerSm<kRows>)
     gemm_routed_kernel(const __grid_constant__ RoutedParams p) {
+  if (p.sorted_token_ids == nullptr && p.prefetch_slices > 0) {
+    dependent_grid_release();  // the next kernel need not wait for the prefetches
+    prefetch_pair_weights<kBits>(p);
+  }
   gemm_tiles<T, kBits, kRows, kSplitsK>(p.w, p.io, p.schedule, 0, [&](int64_t x, RowTable<kRows>& table, int r) {
     if (p.sorted_token_ids == nullptr) {
       // Pair routing: tile row x is pair x alone (blocks of one row, one chunk).

@@ -211,6 +211,10 @@ struct RoutedParams {
   int64_t topk_ids_stride1;
   int64_t num_global_experts;
   const int32_t* expert_map;   // or null
+  // Pair routing: the first K slices of each of its pieces a CTA asks L2 for
+  // before it waits for the kernel before it (kernel.cuh,
+  // prefetch_pair_weights); 0: none.
+  int32_t prefetch_slices;
 };
 
 // Raises the kernels' dynamic shared memory limit on the current device (the

@@ -399,10 +399,11 @@ def test_the_gated_epilogue_of_the_prefill_tiles_matches_float64(rng, dtype, k, 
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-@pytest.mark.parametrize("bits", [4, 8])
+# Symmetric 4- and 8-bit, and asymmetric act-order (the slot places zeros and row groups too).
+@pytest.mark.parametrize("bits, sym, act_order", [(4, True, False), (8, True, False), (4, False, True)])
 # (k, half): a few K slices, and a long K whose tiles split K over many CTAs.
 @pytest.mark.parametrize("k, half", [(256, 3 * 128), (4096, 2 * 128)])
-def test_the_gated_epilogue_of_the_decode_tiles_matches_float64(rng, dtype, bits, k, half):
+def test_the_gated_epilogue_of_the_decode_tiles_matches_float64(rng, dtype, bits, sym, act_order, k, half):
     """gemm_routed with gated_out on the 8-row tiles (ABI 1.3): one CTA takes a
     64-column half of a gate tile (two warps) and the same half of its up tile
     (the other two) and stores silu(gate) * up; pair routing (one token: the
@@ -411,7 +412,8 @@ def test_the_gated_epilogue_of_the_decode_tiles_matches_float64(rng, dtype, bits
     from ferrum_moe.arrays import import_array, import_output
 
     e, top_k = 6, 4
-    weights = [random_weight(rng, k, 2 * half, bits=bits, group_size=128, dtype=dtype) for _ in range(e)]
+    weights = [random_weight(rng, k, 2 * half, bits=bits, group_size=128, sym=sym, act_order=act_order, dtype=dtype)
+               for _ in range(e)]
     dense = [w.dequantize(np.float64) for w in weights]
     stack = fm.ExpertStack.from_gptq(weights, device="cuda", dtype=dtype)
     tdtype = getattr(torch, dtype)
@@ -435,17 +437,20 @@ def test_the_gated_epilogue_of_the_decode_tiles_matches_float64(rng, dtype, bits
                                          import_array(cuda(tw), "topk_weights"), None, 0,
                                          gated_out=import_output(out, "gated_out"))
     check(out.double().cpu().numpy(), x.cpu().double().numpy(), ids, tw)
-    # Three tokens on align's blocks of 8.
+    # Three tokens on align's blocks of 8, into every other row of a wider buffer, with the
+    # plain output given too (the epilogue may use it as scratch).
     x = cuda(rng.standard_normal((3, k)).astype(np.float32)).to(tdtype)
     ids = np.stack([rng.permutation(e)[:top_k] for _ in range(3)]).astype(np.int32)
     ids[1, 0] = -1
     tw = rng.random((3, top_k)).astype(np.float32)
     routing = fm.moe_align_block_size(cuda(ids), 8, e)
-    out = torch.full((3 * top_k, half), float("nan"), device="cuda", dtype=tdtype)
+    wide = torch.full((2 * 3 * top_k, half + 8), float("nan"), device="cuda", dtype=tdtype)
+    plain = torch.zeros((3 * top_k, 2 * half), device="cuda", dtype=tdtype)
     assert stack._core.gemm_routed(import_array(x, "x"), *routing.tensors(0), 8, top_k,
-                                   import_array(cuda(tw), "topk_weights"), None, 0,
-                                   gated_out=import_output(out, "gated_out"))
-    check(out.double().cpu().numpy(), x.cpu().double().numpy(), ids, tw)
+                                   import_array(cuda(tw), "topk_weights"), import_output(plain, "out"), 0,
+                                   gated_out=import_output(wide[::2, :half], "gated_out"))
+    check(wide[::2, :half].double().cpu().numpy(), x.cpu().double().numpy(), ids, tw)
+    assert torch.isnan(wide[1::2]).all() and torch.isnan(wide[:, half:]).all(), "written outside the view"
     # A gate half of partial tiles keeps the host's activation.
     odd = fm.ExpertStack.from_gptq([random_weight(rng, k, 2 * 192, bits=bits, group_size=128, dtype=dtype)],
                                    device="cuda", dtype=dtype)

@@ -38,9 +38,10 @@ class CudaStack final : public ferrum::plugin::Stack {
   void load_weights(const FmStackCreateArgs& args, cudaStream_t stream);
   gemm::GemmIO make_io(const DLTensor& x, DLTensor& out, const char* op) const;
   void gemm_batched_device_table(const FmGemmBatchedArgs& args, const gemm::BatchedParams& batched);
-  // Both forms of gemm_routed over align's blocks: y into `out`, or (gated)
-  // silu(gate) * up into it where the plan takes 128-row tiles; answers
-  // whether it launched (the plain form always does).
+  // Both forms of gemm_routed: y into `out`, or (gated) silu(gate) * up into
+  // it where the plan's tiles have the epilogue (gated_epilogue_for; pair
+  // routing always takes 8-row tiles); answers whether it launched (the
+  // plain form always does).
   bool launch_routed(const FmGemmRoutedArgs& args, DLTensor& out, bool gated);
   // Whether a gated launch of rows_per_cta-row tiles into `out` has its epilogue.
   bool gated_epilogue_for(int rows_per_cta, const DLTensor& out) const;

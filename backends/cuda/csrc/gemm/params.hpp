@@ -44,11 +44,13 @@ struct GemmIO {
   int64_t col_begin;           // expert columns [col_begin, col_begin + n) are written,
   int64_t n;                   // to out columns 0 .. n
   const uint16_t* bias;        // [n] compute dtype, or null
-  // The gated epilogue (plugin.h, ABI 1.3; 128-row tiles with staged stores
-  // only): 0 for plain results; else the tile distance from a gate tile to
-  // its up tile (N / 2 / kTileN). A CTA's first warpgroup then takes gate
-  // tile t, its second up tile t + gate_up_tiles, and the CTA stores
-  // silu(gate) * up into out's columns of tile t (n = N / 2).
+  // The gated epilogue (plugin.h, ABI 1.3; the 128-row tiles with staged
+  // stores and the 8-row tiles only): 0 for plain results; else the tile
+  // distance from a gate tile to its up tile (N / 2 / kTileN). A 128-row
+  // CTA's first warpgroup then takes gate tile t, its second up tile
+  // t + gate_up_tiles; an 8-row CTA tile y is half y % 2 of gate tile y / 2
+  // and of its up tile (mainloop.cuh). The CTA stores silu(gate) * up into
+  // out's columns of the gate columns (n = N / 2).
   int32_t gate_up_tiles;
 };
 

@@ -128,7 +128,8 @@ def test_gemm_routed_matches_float64(rng, target, with_weights, block_size, m):
 
 @pytest.mark.parametrize("with_weights", [False, True])
 # half 128: the CPU's gated epilogue (whole 64-column blocks) and the CUDA
-# 128-row tiles'; half 32: the host's activation after the GEMM.
+# 8-row tiles' (blocks of 4; larger blocks take the host's activation); half
+# 32: the host's activation after the GEMM.
 @pytest.mark.parametrize("half", [32, 128])
 @pytest.mark.parametrize("block_size, m", [(4, 11), (16, 40), (128, 300)])
 @pytest.mark.parametrize("given_out", [False, True])

@@ -9,7 +9,7 @@ import pytest
 import ferrum_moe as fm
 
 from conftest import REL_TOL, poisoned, random_activations, random_weight, reference_moe, rel_error
-from ferrum_moe.testing import captured_graph, random_codes_weight
+from ferrum_moe.testing import captured_graph, random_codes_weight, silu_product
 
 pytestmark = pytest.mark.skipif(not any(b.name == "cuda" and b.available for b in fm.backends()),
                                 reason="no CUDA backend (install ferrum-moe-cuda on a machine with a GPU)")
@@ -338,6 +338,112 @@ def test_few_prefill_tiles_split_k_and_match_float64(rng, dtype, bits, sym, act_
     for expert in range(2):
         pairs = np.flatnonzero(ids_np == expert)
         assert rel_error(got[pairs], x64[pairs // 2] @ dense[expert]) < tol
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+# (k, half, tokens, experts): many unshared tiles, an odd tile count between
+# gate and up, and few tiles whose CTAs split K (the kernels' second copy).
+@pytest.mark.parametrize("k, half, m, e", [(128, 33 * 128, 600, 4), (256, 3 * 128, 2000, 6), (4096, 1024, 128, 2)])
+def test_the_gated_epilogue_of_the_prefill_tiles_matches_float64(rng, dtype, k, half, m, e):
+    """gemm_routed with gated_out on 128-row tiles (ABI 1.3): one CTA takes gate
+    tile t and up tile t + half / 128 and stores silu(gate) * up; the backend
+    says it wrote the product. Routing blocks under a tile keep the host's
+    activation (the backend answers False and launches nothing)."""
+    from ferrum_moe.arrays import import_array, import_output
+
+    weights = [random_weight(rng, k, 2 * half, group_size=128, dtype=dtype) for _ in range(e)]
+    dense = [w.dequantize(np.float64) for w in weights]
+    stack = fm.ExpertStack.from_gptq(weights, device="cuda", dtype=dtype)
+    tdtype = getattr(torch, dtype)
+    x = cuda(rng.standard_normal((m, k)).astype(np.float32)).to(tdtype)
+    x64 = x.cpu().double().numpy()
+    ids = np.stack([rng.permutation(e)[:2] for _ in range(m)]).astype(np.int32)
+    ids[5, 1] = -1  # a dropped pair: its row stays as it was
+    tw = cuda(rng.random((m, 2)).astype(np.float32))
+    for block_size, fused in ((128, True), (16, False)):
+        routing = fm.moe_align_block_size(cuda(ids), block_size, e)
+        out = torch.full((2 * m, half), float("nan"), device="cuda", dtype=tdtype)
+        written = stack._core.gemm_routed(import_array(x, "x"), *routing.tensors(0), block_size, 2,
+                                          import_array(tw, "topk_weights"), None, 0,
+                                          gated_out=import_output(out, "gated_out"))
+        assert written == fused
+        got = out.double().cpu().numpy()
+        if not fused:
+            assert np.all(np.isnan(got)), "a refused gated call launched work"
+            continue
+        assert np.all(np.isnan(got[11])), "the dropped pair's row was written"
+        tw64 = tw.cpu().double().numpy()
+        for expert in range(e):
+            pairs = np.flatnonzero(ids.reshape(-1) == expert)
+            y = x64[pairs // 2] @ dense[expert] * tw64.reshape(-1)[pairs, None]
+            assert rel_error(got[pairs], silu_product(y)) < 2 * REL_TOL[dtype], expert
+    # The layer at a prefill size takes the same epilogue; the Python call too.
+    routing = fm.moe_align_block_size(cuda(ids), 128, e)
+    y = stack.gemm_routed(x, routing, topk_weights=tw, activation="silu")
+    assert y.dtype == tdtype and y.shape == (2 * m, half)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+# Symmetric 4- and 8-bit, and asymmetric act-order (the slot places zeros and row groups too).
+@pytest.mark.parametrize("bits, sym, act_order", [(4, True, False), (8, True, False), (4, False, True)])
+# (k, half): a few K slices, and a long K whose tiles split K over many CTAs.
+@pytest.mark.parametrize("k, half", [(256, 3 * 128), (4096, 2 * 128)])
+def test_the_gated_epilogue_of_the_decode_tiles_matches_float64(rng, dtype, bits, sym, act_order, k, half):
+    """gemm_routed with gated_out on the 8-row tiles (ABI 1.3): one CTA takes a
+    64-column half of a gate tile (two warps) and the same half of its up tile
+    (the other two) and stores silu(gate) * up; pair routing (one token: the
+    layer's decode path, no `out`) and align's blocks of 8. A gate half of
+    partial tiles answers False and launches nothing."""
+    from ferrum_moe.arrays import import_array, import_output
+
+    e, top_k = 6, 4
+    weights = [random_weight(rng, k, 2 * half, bits=bits, group_size=128, sym=sym, act_order=act_order, dtype=dtype)
+               for _ in range(e)]
+    dense = [w.dequantize(np.float64) for w in weights]
+    stack = fm.ExpertStack.from_gptq(weights, device="cuda", dtype=dtype)
+    tdtype = getattr(torch, dtype)
+
+    def check(got, x64, ids, tw):
+        for p in range(ids.size):
+            t, j = divmod(p, top_k)
+            if not 0 <= ids[t, j] < e:
+                assert np.all(np.isnan(got[p])), f"dropped pair {p} written"
+                continue
+            y = x64[t] @ dense[ids[t, j]] * tw[t, j]
+            assert rel_error(got[p], silu_product(y)) < 2 * REL_TOL[dtype], p
+
+    # One token, pair routing.
+    x = cuda(rng.standard_normal((1, k)).astype(np.float32)).to(tdtype)
+    ids = rng.permutation(e)[:top_k].reshape(1, top_k).astype(np.int32)
+    ids[0, 2] = e + 3  # out of range: skipped
+    tw = rng.random((1, top_k)).astype(np.float32)
+    out = torch.full((top_k, half), float("nan"), device="cuda", dtype=tdtype)
+    assert stack._core.gemm_routed_pairs(import_array(x, "x"), import_array(cuda(ids), "topk_ids"), e, None,
+                                         import_array(cuda(tw), "topk_weights"), None, 0,
+                                         gated_out=import_output(out, "gated_out"))
+    check(out.double().cpu().numpy(), x.cpu().double().numpy(), ids, tw)
+    # Three tokens on align's blocks of 8, into every other row of a wider buffer, with the
+    # plain output given too (the epilogue may use it as scratch).
+    x = cuda(rng.standard_normal((3, k)).astype(np.float32)).to(tdtype)
+    ids = np.stack([rng.permutation(e)[:top_k] for _ in range(3)]).astype(np.int32)
+    ids[1, 0] = -1
+    tw = rng.random((3, top_k)).astype(np.float32)
+    routing = fm.moe_align_block_size(cuda(ids), 8, e)
+    wide = torch.full((2 * 3 * top_k, half + 8), float("nan"), device="cuda", dtype=tdtype)
+    plain = torch.zeros((3 * top_k, 2 * half), device="cuda", dtype=tdtype)
+    assert stack._core.gemm_routed(import_array(x, "x"), *routing.tensors(0), 8, top_k,
+                                   import_array(cuda(tw), "topk_weights"), import_output(plain, "out"), 0,
+                                   gated_out=import_output(wide[::2, :half], "gated_out"))
+    check(wide[::2, :half].double().cpu().numpy(), x.cpu().double().numpy(), ids, tw)
+    assert torch.isnan(wide[1::2]).all() and torch.isnan(wide[:, half:]).all(), "written outside the view"
+    # A gate half of partial tiles keeps the host's activation.
+    odd = fm.ExpertStack.from_gptq([random_weight(rng, k, 2 * 192, bits=bits, group_size=128, dtype=dtype)],
+                                   device="cuda", dtype=dtype)
+    out = torch.full((top_k, 192), float("nan"), device="cuda", dtype=tdtype)
+    assert not odd._core.gemm_routed_pairs(import_array(x[:1], "x"), import_array(cuda(np.zeros((1, top_k), np.int32)),
+                                                                                  "topk_ids"),
+                                           1, None, None, None, 0, gated_out=import_output(out, "gated_out"))
+    assert torch.isnan(out).all()
 
 
 def test_stream_k_prefill_ranges_cross_tiles_and_replay_clean(rng):

@@ -34,6 +34,16 @@ __device__ __forceinline__ void dependent_grid_begin(bool release_next = true) {
 #endif
 }
 
+// The release half of dependent_grid_begin alone, for a kernel with work to
+// issue before its wait (the pair-routed GEMMs' L2 prefetch): the next kernel
+// may launch while it does. dependent_grid_begin follows it (releasing twice
+// is harmless).
+__device__ __forceinline__ void dependent_grid_release() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
 namespace {
 
 constexpr int kMaxCachedDevices = 64;

@@ -19,6 +19,11 @@ using gemm::ceil_div;
 using gemm::kTileK;
 using gemm::kTileN;
 
+// The K slices of each piece a pair-routed CTA prefetches into L2 where the
+// launch's weights would not fit half of it (gemm/kernel.cuh,
+// prefetch_pair_weights): the first copies of its pipeline (4 stages).
+constexpr int64_t kPrefetchSlices = 4;
+
 // The uniform-group fast path needs every 16-row mma k-step inside one group.
 constexpr int64_t kUniformGroupMultiple = gemm::kMmaK;
 // Kernel indices of K and N are 32-bit; N tiles also index gridDim.y.
@@ -118,6 +123,7 @@ CudaStack::CudaStack(const FmStackCreateArgs& args)
   cudaDeviceProp prop{};
   check_cuda(cudaGetDeviceProperties(&prop, device_), "cudaGetDeviceProperties");
   num_sms_ = prop.multiProcessorCount;
+  l2_bytes_ = prop.l2CacheSize;
   if (prop.major < kMinComputeCapabilityMajor) {
     throw Error(FM_ERROR_UNSUPPORTED, "the CUDA backend needs compute capability 8.0 or newer; cuda:" +
                                           std::to_string(device_) + " (" + prop.name + ") is " +
@@ -487,14 +493,36 @@ void CudaStack::gemm_batched_device_table(const FmGemmBatchedArgs& args, const g
              "gemm_batched kernel launch");
 }
 
-void CudaStack::gemm_routed(const FmGemmRoutedArgs& args) {
+void CudaStack::gemm_routed(const FmGemmRoutedArgs& args) { launch_routed(args, *args.out, false); }
+
+bool CudaStack::gemm_routed_gated(const FmGemmRoutedArgs& args) {
+  // Both tile kinds pair whole 128-column gate tiles with their up tiles (N
+  // a multiple of 256) and store the compute dtype.
+  if (args.activation != FM_ACTIVATION_SILU || n_ % (2 * kTileN) != 0 || is_float32(args.gated_out->dtype)) {
+    return false;
+  }
+  return launch_routed(args, *args.gated_out, true);
+}
+
+// The 8-row tiles (scalar stores: any layout), and the 4-bit 128-row tiles
+// into an output their staged 16-byte stores can write (epilogue.cuh,
+// stores_vectors; the 8-bit tiles have no staging area).
+bool CudaStack::gated_epilogue_for(int rows_per_cta, const DLTensor& out) const {
+  if (rows_per_cta == gemm::kTinyRowsPerCta) return true;
+  return rows_per_cta == gemm::kWgmmaRowsPerCta && bits_ == 4 && (out.shape[1] <= 1 || stride(out, 1) == 1) &&
+         reinterpret_cast<uintptr_t>(data_ptr<const void>(out)) % 16 == 0 &&
+         (out.shape[0] <= 1 || stride(out, 0) % 8 == 0);
+}
+
+bool CudaStack::launch_routed(const FmGemmRoutedArgs& args, DLTensor& out, bool gated) {
   constexpr const char* kOp = "gemm_routed";
   DeviceGuard guard(device_);
   gemm::RoutedParams params{};
   params.w = weights_;
-  params.io = make_io(*args.x, *args.out, kOp);
+  params.io = make_io(*args.x, out, kOp);
   params.io.col_begin = 0;
-  params.io.n = n_;
+  params.io.n = gated ? n_ / 2 : n_;
+  params.io.gate_up_tiles = gated ? static_cast<int32_t>(n_ / 2 / kTileN) : 0;
 
   params.top_k = args.top_k;
   params.num_pairs = args.x->shape[0] * args.top_k;
@@ -504,7 +532,10 @@ void CudaStack::gemm_routed(const FmGemmRoutedArgs& args) {
     params.topk_weights_stride0 = stride(*args.topk_weights, 0);
     params.topk_weights_stride1 = stride(*args.topk_weights, 1);
   }
-  if (args.sorted_token_ids == nullptr) return gemm_routed_pairs(args, params);
+  if (args.sorted_token_ids == nullptr) {
+    gemm_routed_pairs(args, params);
+    return true;
+  }
   const DLTensor& sorted_token_ids = *args.sorted_token_ids;
   const DLTensor& expert_ids = *args.expert_ids;
   const DLTensor& num_tokens_post_padded = *args.num_tokens_post_padded;
@@ -519,7 +550,7 @@ void CudaStack::gemm_routed(const FmGemmRoutedArgs& args) {
   params.num_blocks = expert_ids.shape[0];
   params.num_tokens_post_padded = data_ptr<const int32_t>(num_tokens_post_padded);
   params.block_size = args.block_size;
-  if (params.num_blocks == 0 || params.num_pairs == 0) return;
+  if (params.num_blocks == 0 || params.num_pairs == 0) return true;  // no pair to write
 
   // Routing blocks of up to 8 rows run on 8-row CTAs, up to 16 on 16-row
   // ones, up to 63 on 32-row ones (one weight stream per 32 tokens; a 64-row
@@ -535,6 +566,11 @@ void CudaStack::gemm_routed(const FmGemmRoutedArgs& args) {
   const int rows_per_cta =
       fill_the_gpu(rows_per_cta_for(block_rows),
                    grid_blocks * ceil_div(args.block_size, int64_t{gemm::kWgmmaRowsPerCta}), weights_.n_tiles);
+  // The gated epilogue pairs each gate tile with its up tile in one 128-row
+  // CTA (as many CTA tiles as the plain launch's pairs of adjacent tiles), or
+  // each half of a gate tile with the same half of its up tile in one 8-row
+  // CTA (as many as the plain launch's tiles).
+  if (gated && !gated_epilogue_for(rows_per_cta, out)) return false;
   params.chunks_per_block = static_cast<int32_t>(ceil_div(args.block_size, rows_per_cta));
   constexpr int64_t kMaxGridX = std::numeric_limits<int32_t>::max();
   if (grid_blocks * params.chunks_per_block > kMaxGridX) {
@@ -553,6 +589,7 @@ void CudaStack::gemm_routed(const FmGemmRoutedArgs& args) {
                                  params.schedule, experts_repeat);
   check_cuda(gemm::launch_gemm_routed(params, compute_type_, bits_, rows_per_cta, ctas, as_stream(args.stream)),
              "gemm_routed kernel launch");
+  return true;
 }
 
 // Pair routing (plugin.h, ABI 1.2): one routing block of one row per pair, on
@@ -576,6 +613,14 @@ void CudaStack::gemm_routed_pairs(const FmGemmRoutedArgs& args, gemm::RoutedPara
   if (params.num_pairs == 0) return;
   constexpr int rows_per_cta = gemm::kTinyRowsPerCta;
   const int ctas = plan_schedule(params.num_pairs, weights_.n_tiles, rows_per_cta, params.schedule, false);
+  // The weights the launch streams (at most: pairs may share an expert):
+  // where half of L2 holds them, each CTA asks for all of its pieces before
+  // it waits for the kernel before it; otherwise for the first slices of each
+  // (the pipeline's first copies), so the prefetches never evict each other.
+  const int64_t tile_bytes = int64_t{gemm::kTileN} * kTileK * bits_ / 8;
+  const int64_t k_tiles = k_padded_ / kTileK;
+  const bool fits = params.num_pairs <= l2_bytes_ / 2 / (tile_bytes * weights_.n_tiles * k_tiles);
+  params.prefetch_slices = static_cast<int32_t>(fits ? k_tiles : std::min<int64_t>(k_tiles, kPrefetchSlices));
   check_cuda(gemm::launch_gemm_routed(params, compute_type_, bits_, rows_per_cta, ctas, as_stream(args.stream)),
              "gemm_routed kernel launch");
 }

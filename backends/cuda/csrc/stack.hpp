@@ -22,6 +22,13 @@ class CudaStack final : public ferrum::plugin::Stack {
   FmStackProperties properties() const override;
   void gemm_batched(const FmGemmBatchedArgs& args) override;
   void gemm_routed(const FmGemmRoutedArgs& args) override;
+  // The gated epilogue (plugin.h, ABI 1.3) of a stack whose gate half is
+  // whole 128-column tiles: on the 8-row tiles (pair routing, blocks of up to
+  // 8 rows; gemm/epilogue.cuh, store_results_gated_tiny) and the 4-bit
+  // 128-row wgmma tiles into a gated_out the staged stores can write
+  // (store_results_gated). Other calls answer false having launched nothing
+  // (the host runs the activation after the plain GEMM).
+  bool gemm_routed_gated(const FmGemmRoutedArgs& args) override;
   // Zeroes the stream-K slots and counters (they are zero after every launch
   // that completes; this recovers from one that did not).
   void zero_workspace(void* stream) override;
@@ -31,6 +38,13 @@ class CudaStack final : public ferrum::plugin::Stack {
   void load_weights(const FmStackCreateArgs& args, cudaStream_t stream);
   gemm::GemmIO make_io(const DLTensor& x, DLTensor& out, const char* op) const;
   void gemm_batched_device_table(const FmGemmBatchedArgs& args, const gemm::BatchedParams& batched);
+  // Both forms of gemm_routed: y into `out`, or (gated) silu(gate) * up into
+  // it where the plan's tiles have the epilogue (gated_epilogue_for; pair
+  // routing always takes 8-row tiles); answers whether it launched (the
+  // plain form always does).
+  bool launch_routed(const FmGemmRoutedArgs& args, DLTensor& out, bool gated);
+  // Whether a gated launch of rows_per_cta-row tiles into `out` has its epilogue.
+  bool gated_epilogue_for(int rows_per_cta, const DLTensor& out) const;
   // gemm_routed's pair routing (plugin.h, ABI 1.2); `params` holds the rest.
   void gemm_routed_pairs(const FmGemmRoutedArgs& args, gemm::RoutedParams& params);
   // Fills the launch's schedule (gemm/params.hpp, StreamK) for tiles_x x
@@ -69,6 +83,7 @@ class CudaStack final : public ferrum::plugin::Stack {
   DeviceBuffer row_group_;
   gemm::QuantWeights weights_{};
   int num_sms_ = 0;
+  int64_t l2_bytes_ = 0;
   bool wgmma_tiles_ = false;  // the loaded code has the 128-token wgmma tiles (sm_90a)
   // Resident 8-, 16-, 32-, 64- and 128-row CTAs per SM (occupancy): a stream-K wave.
   int ctas_per_sm_[5] = {1, 1, 1, 1, 1};

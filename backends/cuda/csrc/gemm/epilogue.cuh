@@ -75,6 +75,45 @@ __device__ void store_results(const GemmIO& io, const RowTable<kRows>& rows, int
   }
 }
 
+// The floats store_results_gated_tiny passes from the up warps to the gate warps.
+constexpr int kGatedTinyExchangeFloats = 2 * 32 * AccumulatorLayout<kTinyRowsPerCta, false>::kCount;
+
+// The gated epilogue on the 8-row tiles (GemmIO::gate_up_tiles; mainloop.cuh
+// places the warps): warps 2-3 hold the up columns of the gate columns warps
+// 0-1 hold, at the same accumulator of the same lane. They pass them through
+// `exchange` (kGatedTinyExchangeFloats, laid out [register][warp][lane]: no
+// bank conflicts), and warps 0-1 store silu(gate * w) * (up * w) for the
+// row's router weight w into out's column of the gate column: CTA tile
+// `cta_tile` is half cta_tile % 2 of gate tile cta_tile / 2. Every thread of
+// the CTA calls it (one __syncthreads); the caller's next piece begins with
+// its own before `exchange` is written again.
+template <class T>
+__device__ void store_results_gated_tiny(const GemmIO& io, const RowTable<kTinyRowsPerCta>& rows, int cta_tile,
+                                         const typename AccumulatorLayout<kTinyRowsPerCta, false>::Flat& acc,
+                                         int tid, float* exchange) {
+  using Layout = AccumulatorLayout<kTinyRowsPerCta, false>;
+  const int warp = tid / 32, lane = tid % 32;
+  if (warp >= 2) {
+#pragma unroll
+    for (int r = 0; r < Layout::kCount; ++r) exchange[(r * 2 + warp - 2) * 32 + lane] = acc[r];
+  }
+  __syncthreads();
+  if (warp >= 2) return;
+  const int slot = warp + 2 * (cta_tile % 2);
+  const int64_t tile_column = static_cast<int64_t>(cta_tile / 2) * kTileN;
+#pragma unroll
+  for (int r = 0; r < Layout::kCount; ++r) {
+    const int row = Layout::row(r, lane);
+    const int64_t out_row = rows.out_row[row];
+    if (out_row < 0) continue;
+    const float w = rows.weight[row];
+    const float gate = acc[r] * w, up = exchange[(r * 2 + warp) * 32 + lane] * w;
+    const int64_t j = tile_column + Layout::column(r, slot, lane);
+    static_cast<T*>(io.out)[out_row * io.out_row_stride + j * io.out_col_stride] =
+        float_to<T>(__fdividef(gate, 1.0f + expf(-gate)) * up);
+  }
+}
+
 // Whether the wgmma tiles' results can leave through store_results_staged:
 // compute-dtype output with unit column stride, its base and rows 16-byte
 // aligned, and a window starting on an 8-column boundary.
@@ -83,26 +122,19 @@ __device__ __forceinline__ bool stores_vectors(const GemmIO& io) {
          reinterpret_cast<uintptr_t>(io.out) % 16 == 0;
 }
 
-// The wgmma tiles' epilogue where stores_vectors(io) (v40): each computing
-// warpgroup converts its 128-column results (+ bias, * router weight) to the
-// compute dtype and stores them transposed into its staging area with
-// stmatrix (token rows of 16-byte chunks, XOR-swizzled by row % 8 so the 8
-// rows of one matrix hit 8 bank groups), then writes each used token row's
-// 256 bytes with 16-byte stores. (store_results would take 128 scalar stores per thread,
-// with the index math and checks of each: a quarter of the warps' samples at
-// Mixtral M = 4096.) `tid`: the thread's index among the computing threads;
-// `staging`: GemmTraits::kStagingBytes of shared memory.
+// Staging for the wgmma tiles' epilogues (v40): a computing warpgroup
+// converts its 128-column results (+ bias, * router weight) to the compute
+// dtype and stores them transposed into its staging area `tile` with stmatrix
+// (token rows of 16-byte chunks, XOR-swizzled by row % 8 so the 8 rows of one
+// matrix hit 8 bank groups). `first`: the window column of the warpgroup's
+// first column; `t`: the thread's index in its warpgroup.
 template <class T, int kRows>
-__device__ void store_results_staged(const GemmIO& io, const RowTable<kRows>& rows, int n_tile,
-                                     const typename AccumulatorLayout<kRows, true>::Flat& acc, int tid,
-                                     uint8_t* staging) {
+__device__ __forceinline__ void stage_results(const GemmIO& io, const RowTable<kRows>& rows, int64_t first,
+                                              const typename AccumulatorLayout<kRows, true>::Flat& acc, int t,
+                                              uint8_t* tile) {
   constexpr int kRowBytes = kTileN * static_cast<int>(sizeof(T));
-  constexpr int kChunks = kRowBytes / 16;
   constexpr int kHalf = kRows / 2;  // accumulators per 64-column wgmma (the flat layout's [h][4j + e])
-  const int group = tid / kThreads, t = tid % kThreads, warp = t / 32, lane = t % 32;
-  uint8_t* tile = staging + group * kRows * kRowBytes;
-  // Column (within the window) of this warpgroup's first column.
-  const int64_t first = static_cast<int64_t>(n_tile + group) * kTileN - io.col_begin;
+  const int warp = t / 32, lane = t % 32;
   // The thread's four columns: warp * 32 + h * 16 + b * 8 + lane / 4.
   float bias[2][2];
 #pragma unroll
@@ -113,8 +145,6 @@ __device__ void store_results_staged(const GemmIO& io, const RowTable<kRows>& ro
       bias[h][b] = io.bias != nullptr && j >= 0 && j < io.n ? raw_to_float<T>(io.bias[j]) : 0.0f;
     }
   }
-  const int barrier = 2 + group;           // 1 is the producer's (kernel.cuh)
-  named_barrier_sync(barrier, kThreads);   // the previous tile's readback is done with the area
   const uint32_t area = shared_address(tile);
 #pragma unroll
   for (int j = 0; j < kRows / 8; ++j) {
@@ -134,6 +164,27 @@ __device__ void store_results_staged(const GemmIO& io, const RowTable<kRows>& ro
     const int row = 8 * j + lane % 8, chunk = warp * 4 + lane / 8;
     stmatrix_x4_trans(area + row * kRowBytes + ((chunk ^ (row % 8)) * 16), regs);
   }
+}
+
+// The wgmma tiles' epilogue where stores_vectors(io): each warpgroup stages
+// its results (stage_results), then writes each used token row's 256 bytes
+// with 16-byte stores. (store_results would take 128 scalar stores per
+// thread, with the index math and checks of each: a quarter of the warps'
+// samples at Mixtral M = 4096.) `tid`: the thread's index among the computing
+// threads; `staging`: GemmTraits::kStagingBytes of shared memory.
+template <class T, int kRows>
+__device__ void store_results_staged(const GemmIO& io, const RowTable<kRows>& rows, int n_tile,
+                                     const typename AccumulatorLayout<kRows, true>::Flat& acc, int tid,
+                                     uint8_t* staging) {
+  constexpr int kRowBytes = kTileN * static_cast<int>(sizeof(T));
+  constexpr int kChunks = kRowBytes / 16;
+  const int group = tid / kThreads, t = tid % kThreads;
+  uint8_t* tile = staging + group * kRows * kRowBytes;
+  // Column (within the window) of this warpgroup's first column.
+  const int64_t first = static_cast<int64_t>(n_tile + group) * kTileN - io.col_begin;
+  const int barrier = 2 + group;           // 1 is the producer's (kernel.cuh)
+  named_barrier_sync(barrier, kThreads);   // the previous tile's readback is done with the area
+  stage_results<T, kRows>(io, rows, first, acc, t, tile);
   named_barrier_sync(barrier, kThreads);
   const int chunk = t % kChunks;
   const int64_t j0 = first + chunk * 8;
@@ -154,6 +205,60 @@ __device__ void store_results_staged(const GemmIO& io, const RowTable<kRows>& ro
         if (j0 + e >= 0 && j0 + e < io.n) dst[e] = static_cast<uint16_t>(words[e / 2] >> (16 * (e % 2)));
       }
     }
+  }
+}
+
+// The named barrier of both computing warpgroups in store_results_gated (1 is
+// the producer's, 2-3 store_results_staged's, 4 the stream-K reduction's).
+constexpr int kGatedEpilogueBarrier = 5;
+
+// The gated epilogue (GemmIO::gate_up_tiles): the first warpgroup holds gate
+// tile n_tile, the second its up tile; both stage their results as
+// store_results_staged does, then all 256 threads read each used token row's
+// gate and up chunks and write silu(gate) * up, computed in fp32 from the
+// staged values as the activation kernel computes it from a stored [gate |
+// up] row (elementwise.cu), to out's 128 columns of tile n_tile. The window
+// is the whole gate half (col_begin 0, n = N / 2, a multiple of kTileN: the
+// host's condition), so every chunk is whole; routed launches carry no bias.
+template <class T, int kRows>
+__device__ void store_results_gated(const GemmIO& io, const RowTable<kRows>& rows, int n_tile,
+                                    const typename AccumulatorLayout<kRows, true>::Flat& acc, int tid,
+                                    uint8_t* staging) {
+  constexpr int kRowBytes = kTileN * static_cast<int>(sizeof(T));
+  constexpr int kChunks = kRowBytes / 16;
+  constexpr int kConsumers = kWgmmaColumnTilesPerCta * kThreads;
+  const int group = tid / kThreads, t = tid % kThreads;
+  named_barrier_sync(kGatedEpilogueBarrier, kConsumers);  // the previous tile's readback is done with both areas
+  stage_results<T, kRows>(io, rows, static_cast<int64_t>(n_tile) * kTileN, acc, t,
+                          staging + group * kRows * kRowBytes);
+  named_barrier_sync(kGatedEpilogueBarrier, kConsumers);
+  const uint8_t* gate_tile = staging;
+  const uint8_t* up_tile = staging + kRows * kRowBytes;
+  const int chunk = tid % kChunks;
+  const int64_t j0 = static_cast<int64_t>(n_tile) * kTileN + chunk * 8;
+  constexpr int kRowsPerPass = kConsumers / kChunks;
+#pragma unroll 2
+  for (int row = tid / kChunks; row < kRows; row += kRowsPerPass) {
+    const int64_t out_row = rows.out_row[row];
+    if (out_row < 0) continue;
+    const int at = row * kRowBytes + ((chunk ^ (row % 8)) * 16);
+    const uint4 g = *reinterpret_cast<const uint4*>(gate_tile + at);
+    const uint4 u = *reinterpret_cast<const uint4*>(up_tile + at);
+    const uint32_t gate[4] = {g.x, g.y, g.z, g.w}, up[4] = {u.x, u.y, u.z, u.w};
+    uint32_t product[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      float value[2];
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const float gv = raw_to_float<T>(static_cast<uint16_t>(gate[i] >> (16 * e)));
+        const float uv = raw_to_float<T>(static_cast<uint16_t>(up[i] >> (16 * e)));
+        value[e] = __fdividef(gv, 1.0f + expf(-gv)) * uv;
+      }
+      product[i] = pack_pair<T>(value[0], value[1]);
+    }
+    *reinterpret_cast<uint4*>(static_cast<uint16_t*>(io.out) + out_row * io.out_row_stride + j0) =
+        make_uint4(product[0], product[1], product[2], product[3]);
   }
 }
 

@@ -141,9 +141,12 @@ __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& 
       for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) piece(tile, 0, static_cast<int>(k_tiles));
     }
   };
-  // The CTA's first 128-column tile of `tile`; a second warpgroup takes the next one.
+  // The CTA's first 128-column tile of `tile`; a second warpgroup takes the
+  // next one, or with the gated epilogue the up tile of this gate tile
+  // (params.hpp, GemmIO::gate_up_tiles).
+  const int tiles_per_cta = io.gate_up_tiles > 0 ? 1 : Traits::kWarpgroups;
   auto n_tile_of = [&](int64_t tile) {
-    return first_n_tile + Traits::kWarpgroups * static_cast<int>(tile % schedule.n_tiles);
+    return first_n_tile + tiles_per_cta * static_cast<int>(tile % schedule.n_tiles);
   };
   auto flat_of = [](typename Loop::Accumulators& acc) -> auto& {
     return reinterpret_cast<typename AccumulatorLayout<kRows, Loop::kWgmma>::Flat&>(acc);
@@ -181,6 +184,10 @@ __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& 
     } else {
       registers_increase<kConsumerRegisters>();
       const bool staged = Traits::kStagedStores && stores_vectors(io);  // the same for every tile
+      // The host asks for the gated epilogue only where the results can be
+      // staged and stored as whole vectors (stack.cpp, gemm_routed_gated:
+      // what stores_vectors(io) checks, and N a multiple of 256).
+      const bool gated = Traits::kStagedStores && io.gate_up_tiles > 0;
       walk([&](int64_t tile, int kt_begin, int kt_end) {
         const int s = piece % 2;
         mbarrier_wait(&handoff.filled[s], (piece / 2) & 1);
@@ -204,7 +211,12 @@ __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& 
           }
         }
         if (store) {
-          if (staged) {
+          if (gated) {
+            if constexpr (Traits::kStagedStores) {
+              store_results_gated<T, kRows>(io, handoff.rows[s], n_tile, flat_of(acc), Loop::compute_tid(),
+                                            smem + Traits::kStagingOffset);
+            }
+          } else if (staged) {
             store_results_staged<T, kRows>(io, handoff.rows[s], n_tile, flat_of(acc), Loop::compute_tid(),
                                            smem + Traits::kStagingOffset);
           } else {
@@ -216,20 +228,36 @@ __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& 
     }
   } else {
     __shared__ RowTable<kRows> rows;
-    static_assert(sizeof(rows) <= kStaticSmemReserve, "traits.cuh's reserve for the row table");
+    // The 8-row tiles' gated epilogue passes the up columns through this.
+    __shared__ float exchange[kRows == kTinyRowsPerCta ? kGatedTinyExchangeFloats : 1];
+    static_assert(sizeof(rows) + sizeof(exchange) <= kStaticSmemReserve, "traits.cuh's reserve for these");
     walk_back([&](int64_t tile, int kt_begin, int kt_end) {
       __syncthreads();  // the previous piece's epilogue is done with `rows`
       const TileRows filled = fill_rows(tile / schedule.n_tiles, rows, threadIdx.x);
       const int expert = __syncthreads_or(filled.used) ? filled.expert : -1;
       if (expert < 0) return;
+      // The 32-row tiles' second m16 tile is empty in an expert's partly
+      // filled last block (Mixtral M = 64: ~16 pairs an expert); thread r
+      // wrote row r.
+      int live_m_tiles = Loop::kMTiles;
+      if constexpr (Loop::kMTiles == 2) {
+        const bool stores = threadIdx.x < kRows && rows.out_row[threadIdx.x] >= 0;
+        live_m_tiles = __syncthreads_or(stores && threadIdx.x >= kMmaM) ? 2 : 1;
+      }
       const int n_tile = n_tile_of(tile);
       typename Loop::Accumulators acc;
-      Loop(w, io, rows, expert, n_tile, smem).run(acc, kt_begin, kt_end);
+      Loop(w, io, rows, expert, n_tile, smem).run(acc, kt_begin, kt_end, nullptr, 0, live_m_tiles);
       auto& flat = flat_of(acc);
       if (kSplitsK && kt_end - kt_begin < k_tiles &&
           !reduce_stream_k<kRows, Loop::kWgmma>(schedule, tile, kt_end - kt_begin, static_cast<int>(k_tiles),
                                                  kt_end == k_tiles, rows, flat)) {
         return;
+      }
+      if constexpr (kRows == kTinyRowsPerCta) {
+        if (io.gate_up_tiles > 0) {
+          store_results_gated_tiny<T>(io, rows, n_tile, flat, static_cast<int>(threadIdx.x), exchange);
+          return;
+        }
       }
       store_results<T, kRows, Loop::kWgmma>(io, rows, n_tile, flat, static_cast<int>(threadIdx.x));
     });
@@ -285,12 +313,68 @@ __global__ void __launch_bounds__(GemmTraits<T, kBits, kRows>::kCtaThreads, kMin
   }, [&] { return int64_t{p.schedule.tiles_x}; });
 }
 
+// Pair routing (v51): before the CTA waits for the kernel before it (the
+// layer's activation, while the first GEMM may still run), it asks L2 for the
+// first p.prefetch_slices K slices of each piece it will compute, and their
+// group scales. Every address is a pair's routed expert, read from topk_ids:
+// nothing in the layer writes them, but the kernel before the first GEMM (the
+// caller's router) may, so that read races with it there; a stale read only
+// prefetches the wrong lines (a prefetch is a hint, never a result), and ids
+// out of range are skipped as fill_rows skips them. The pieces are
+// walk_back's ranges of the host's plan (pair routing plans no re-plan on
+// live rows).
+template <int kBits>
+__device__ __forceinline__ void prefetch_pair_weights(const RoutedParams& p) {
+  using Tile = WeightTileLayout<kBits>;
+  constexpr int kLine = 128;
+  const int64_t k_tiles = p.w.k_tiles;
+  const int64_t total = static_cast<int64_t>(p.schedule.tiles_x) * p.schedule.n_tiles * k_tiles;
+  const int64_t begin = total * blockIdx.x / gridDim.x, end = total * (blockIdx.x + 1) / gridDim.x;
+  const auto* tiles = static_cast<const uint8_t*>(p.w.tiles);
+  for (int64_t at = begin; at < end;) {
+    const int64_t tile = at / k_tiles;
+    const int64_t kt_begin = at - tile * k_tiles;
+    const int64_t kt_end = min(k_tiles, kt_begin + (end - at));
+    at += kt_end - kt_begin;
+    const int64_t pair = tile / p.schedule.n_tiles;
+    const int64_t n_tile = tile % p.schedule.n_tiles;
+    if (pair >= p.num_pairs) continue;
+    const int expert = p.topk_ids_int64
+                           ? local_expert_of(static_cast<const int64_t*>(p.topk_ids), p.topk_ids_stride0,
+                                             p.topk_ids_stride1, pair / p.top_k, pair % p.top_k,
+                                             p.num_global_experts, p.expert_map, p.w.num_experts)
+                           : local_expert_of(static_cast<const int32_t*>(p.topk_ids), p.topk_ids_stride0,
+                                             p.topk_ids_stride1, pair / p.top_k, pair % p.top_k,
+                                             p.num_global_experts, p.expert_map, p.w.num_experts);
+    if (expert < 0) continue;
+    const int64_t slices = min(kt_end - kt_begin, static_cast<int64_t>(p.prefetch_slices));
+    const uint8_t* first = tiles + ((static_cast<int64_t>(expert) * p.w.n_tiles + n_tile) * k_tiles + kt_begin) *
+                                       Tile::kBytes;
+    for (int64_t b = threadIdx.x * kLine; b < slices * Tile::kBytes; b += blockDim.x * kLine) prefetch_l2(first + b);
+    // The group scales of those slices: 128 columns of 2 bytes per group row.
+    // (Act-order stacks, whose rows name their groups, prefetch none.)
+    if (p.w.row_group == nullptr) {
+      const int64_t last_group = min(((kt_begin + slices) * kTileK - 1) / p.w.group_size,
+                                     static_cast<int64_t>(p.w.num_groups - 1));
+      for (int64_t group = kt_begin * kTileK / p.w.group_size + threadIdx.x / 2; group <= last_group;
+           group += blockDim.x / 2) {
+        prefetch_l2(p.w.scales + (static_cast<int64_t>(expert) * p.w.num_groups + group) * p.w.n_padded +
+                    n_tile * kTileN + (threadIdx.x % 2) * (kLine / 2));
+      }
+    }
+  }
+}
+
 // Tile row x is chunk x % chunks_per_block of routing block x / chunks_per_block.
 // Every index read from device memory is range-checked before use: the host
 // never saw these arrays.
 template <class T, int kBits, int kRows, bool kSplitsK>
 __global__ void __launch_bounds__(GemmTraits<T, kBits, kRows>::kCtaThreads, kMinCtasPerSm<kRows>)
     gemm_routed_kernel(const __grid_constant__ RoutedParams p) {
+  if (p.sorted_token_ids == nullptr && p.prefetch_slices > 0) {
+    dependent_grid_release();  // the next kernel need not wait for the prefetches
+    prefetch_pair_weights<kBits>(p);
+  }
   gemm_tiles<T, kBits, kRows, kSplitsK>(p.w, p.io, p.schedule, 0, [&](int64_t x, RowTable<kRows>& table, int r) {
     if (p.sorted_token_ids == nullptr) {
       // Pair routing: tile row x is pair x alone (blocks of one row, one chunk).

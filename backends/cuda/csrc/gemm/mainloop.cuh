@@ -111,6 +111,12 @@ class Mainloop {
     return static_cast<int>(threadIdx.x);
   }
 
+  // Tiles from the CTA's first 128-column tile to its second warpgroup's:
+  // the next one, or the gated epilogue's up tile.
+  static __device__ __forceinline__ int second_tile_step(const GemmIO& io) {
+    return io.gate_up_tiles > 0 ? io.gate_up_tiles : 1;
+  }
+
   __device__ Mainloop(const QuantWeights& w, const GemmIO& io, const RowTable<kRows>& rows,
                       int expert, int cta_n_tile, uint8_t* smem)
       : w_(w),
@@ -123,19 +129,35 @@ class Mainloop {
         b_smem_(smem + kStages * Traits::kAStageBytes + (compute_tid() / kThreads) * Tile::kBytes),
         quant_smem_(smem + kStages * (Traits::kAStageBytes + Traits::kBStageBytes)) {
     // A second warpgroup takes the next 128 columns (clamped to the stack's
-    // last tile: columns past the window are never stored).
-    const int n_tile = min(cta_n_tile + compute_tid() / kThreads, w.n_tiles - 1);
+    // last tile: columns past the window are never stored), or the gated
+    // epilogue's up tile (params.hpp, GemmIO::gate_up_tiles).
+    const int second = Traits::kWarpgroups > 1 ? second_tile_step(io) : 1;
+    int n_tile = min(cta_n_tile + (compute_tid() / kThreads) * second, w.n_tiles - 1);
+    // The warp's 32-column slot of tile n_tile. The gated epilogue on the
+    // 8-row tiles (params.hpp, GemmIO::gate_up_tiles): CTA tile y is half
+    // y % 2 of gate tile y / 2; warps 0-1 take that half's two slots of the
+    // gate tile, warps 2-3 the same slots of its up tile (epilogue.cuh,
+    // store_results_gated_tiny). The slot places the warp's weights, scales
+    // and columns; its shared-memory area stays warp_'s.
+    int slot = warp_;
+    if constexpr (kSwapped) {
+      if (io.gate_up_tiles > 0) {
+        slot = warp_ % 2 + 2 * (cta_n_tile % 2);
+        n_tile = min(cta_n_tile / 2 + (warp_ >= 2 ? io.gate_up_tiles : 0), w.n_tiles - 1);
+      }
+    }
     // The lane's first 16-byte load of K slice 0; slice kt is kt * kUint4s on.
     // (The warp-specialised producer copies both warpgroups' tiles whole.)
     const auto* tiles = static_cast<const uint4*>(w.tiles);
     if constexpr (Traits::kWarpSpecialized) {
       b_src_ = tiles + (static_cast<int64_t>(expert) * w.n_tiles + min(cta_n_tile, w.n_tiles - 1)) * w.k_tiles *
                            Tile::kUint4s + threadIdx.x;
-      b_src_second_ = tiles + (static_cast<int64_t>(expert) * w.n_tiles + min(cta_n_tile + 1, w.n_tiles - 1)) *
+      b_src_second_ = tiles + (static_cast<int64_t>(expert) * w.n_tiles +
+                               min(cta_n_tile + second_tile_step(io), w.n_tiles - 1)) *
                                   w.k_tiles * Tile::kUint4s + threadIdx.x;
     } else {
       b_src_ = tiles + (static_cast<int64_t>(expert) * w.n_tiles + n_tile) * w.k_tiles * Tile::kUint4s +
-               Tile::uint4_index(warp_, 0, lane_);
+               Tile::uint4_index(slot, 0, lane_);
     }
     perm_ = w.perm != nullptr ? w.perm + static_cast<int64_t>(expert) * w.k : nullptr;
     // Address math hoisted out of the k-loop (v1 spent most of its issue slots
@@ -144,8 +166,8 @@ class Mainloop {
     const int64_t plane = static_cast<int64_t>(expert) * w.num_groups * w.n_padded;
     scales_ = w.scales + plane;
     zeros_ = w.zeros != nullptr ? w.zeros + plane : nullptr;
-    column_ = n_tile * kTileN + fragment_n(0, warp_, lane_);
-    c_column_ = n_tile * kTileN + warp_ * kWarpN + 2 * (lane_ % 4);
+    column_ = n_tile * kTileN + fragment_n(0, slot, lane_);
+    c_column_ = n_tile * kTileN + slot * kWarpN + 2 * (lane_ % 4);
     steps_per_group_ = w.group_size / kMmaK;
     first_n_tile_ = cta_n_tile;
     a_chunk_ = threadIdx.x % Traits::kAChunksPerRow;
@@ -260,13 +282,15 @@ class Mainloop {
     const int t = static_cast<int>(threadIdx.x);
     if (t < kScaleChunks) {
       const int tile = t / kScaleChunksPerTile, chunk = t % kScaleChunksPerTile;
-      const int64_t column = static_cast<int64_t>(min(first_n_tile_ + tile, w_.n_tiles - 1)) * kTileN + chunk * 8;
+      const int64_t column = static_cast<int64_t>(min(first_n_tile_ + tile * second_tile_step(io_), w_.n_tiles - 1)) * kTileN +
+                             chunk * 8;
       return {reinterpret_cast<const uint8_t*>(scales_ + column), static_cast<uint32_t>(w_.n_padded * 2),
               static_cast<uint32_t>((tile * kTileN + chunk * 8) * 2)};
     }
     if (zeros_ != nullptr && t < kScaleChunks + Traits::kWarpgroups * kZeroChunksPerTile) {
       const int tile = (t - kScaleChunks) / kZeroChunksPerTile, chunk = (t - kScaleChunks) % kZeroChunksPerTile;
-      const int64_t column = static_cast<int64_t>(min(first_n_tile_ + tile, w_.n_tiles - 1)) * kTileN + chunk * 16;
+      const int64_t column = static_cast<int64_t>(min(first_n_tile_ + tile * second_tile_step(io_), w_.n_tiles - 1)) * kTileN +
+                             chunk * 16;
       return {zeros_ + column, static_cast<uint32_t>(w_.n_padded),
               static_cast<uint32_t>(Traits::kWarpgroups * kTileN * 2 + tile * kTileN + chunk * 16)};
     }
@@ -276,8 +300,13 @@ class Mainloop {
   // Accumulates K slices [kt_begin, kt_end) (all of K, or a stream-K share).
   // Warp-specialised tiles take their slices from the producer through
   // `barriers` (`pipe` as for produce()); the others copy them themselves.
-  __device__ void run(Accumulators& acc, int kt_begin, int kt_end, Barriers* barriers = nullptr,
-                      int pipe = 0) const {
+  // live_m_tiles: the 32-row mma.sync tiles' m16 tiles up to the last that
+  // holds a used row; at 1 (an expert's last block, partly filled) the slice
+  // loop runs without the second one's ldmatrix and MMAs, chosen here once
+  // per tile (v48's branch per m-tile inside the k-step cost more than it
+  // saved).
+  __device__ void run(Accumulators& acc, int kt_begin, int kt_end, Barriers* barriers = nullptr, int pipe = 0,
+                      int live_m_tiles = kMTiles) const {
     zero(acc);
     const int k_tiles = kt_end - kt_begin;
     if constexpr (!Traits::kWarpSpecialized) {
@@ -287,15 +316,14 @@ class Mainloop {
         cp_async_commit();
       }
     }
-    // Groups of a multiple of kTileK rows (128, 64, -1: the common ones) hold
-    // whole slices and are tracked per slice; other multiples of 16 per k-step;
-    // anything else (act-order, odd group sizes) per row through row_group.
-    if (w_.row_group != nullptr) {
-      slices<GroupMode::kRow>(acc, kt_begin, k_tiles, barriers, pipe);
-    } else if (slice_groups()) {
-      slices<GroupMode::kSlice>(acc, kt_begin, k_tiles, barriers, pipe);
+    if constexpr (kMTiles == 2 && !kWgmma) {
+      if (live_m_tiles < 2) {
+        group_modes<1>(acc, kt_begin, k_tiles, barriers, pipe);
+      } else {
+        group_modes<2>(acc, kt_begin, k_tiles, barriers, pipe);
+      }
     } else {
-      slices<GroupMode::kStep>(acc, kt_begin, k_tiles, barriers, pipe);
+      group_modes<kMTiles>(acc, kt_begin, k_tiles, barriers, pipe);
     }
     if constexpr (Traits::kWarpSpecialized) {
       wgmma_wait_group<0>();
@@ -306,6 +334,22 @@ class Mainloop {
   }
 
  private:
+  // The slice loop for the weights' group layout, on the first kLiveMTiles
+  // m16 tiles (the non-swapped mma.sync tiles; the others ignore it). Groups
+  // of a multiple of kTileK rows (128, 64, -1: the common ones) hold whole
+  // slices and are tracked per slice; other multiples of 16 per k-step;
+  // anything else (act-order, odd group sizes) per row through row_group.
+  template <int kLiveMTiles>
+  __device__ void group_modes(Accumulators& acc, int kt_begin, int k_tiles, Barriers* barriers, int pipe) const {
+    if (w_.row_group != nullptr) {
+      slices<GroupMode::kRow, kLiveMTiles>(acc, kt_begin, k_tiles, barriers, pipe);
+    } else if (slice_groups()) {
+      slices<GroupMode::kSlice, kLiveMTiles>(acc, kt_begin, k_tiles, barriers, pipe);
+    } else {
+      slices<GroupMode::kStep, kLiveMTiles>(acc, kt_begin, k_tiles, barriers, pipe);
+    }
+  }
+
   // Where the copying tiles' next slice comes from and goes to, kept from
   // slice to slice (v22): the weight source and the A sources advance by one
   // slice and the stage turns, so a whole slice's copies are the cp.async
@@ -609,7 +653,7 @@ class Mainloop {
   // The pipeline over k_tiles slices from kt_begin, with the group tracked as
   // kMode says. Scale-after tiles accumulate a group's integer products in
   // `part` and fold them into `acc` at each group boundary.
-  template <GroupMode kMode>
+  template <GroupMode kMode, int kLiveMTiles>
   __device__ void slices(Accumulators& acc, int kt_begin, int k_tiles, Barriers* barriers, int pipe) const {
     constexpr bool kAfter = kScaleAfter && kMode != GroupMode::kRow;
     Accumulators part;
@@ -677,7 +721,7 @@ class Mainloop {
         if (step_in_group == steps_per_group_) next_group(group, step_in_group, gp, upcoming, part, acc);
         step_in_group += kKSteps;
       }
-      compute_slice<kMode>(kt, slice % kStages, group, step_in_group, gp, upcoming, kAfter ? part : acc, acc,
+      compute_slice<kMode, kLiveMTiles>(kt, slice % kStages, group, step_in_group, gp, upcoming, kAfter ? part : acc, acc,
                            advance_pipeline);
     }
     if constexpr (kAfter) flush_group(part, gp, acc);
@@ -700,7 +744,7 @@ class Mainloop {
   // into `sums` (the group's partial sums, or acc itself when scaling before).
   // wgmma tiles call advance_pipeline() after the first k-step's wgmma wait;
   // mma.sync tiles have called it before.
-  template <GroupMode kMode, class AdvancePipeline>
+  template <GroupMode kMode, int kLiveMTiles, class AdvancePipeline>
   __device__ void compute_slice(int kt, int stage, int& group, int& step_in_group, GroupParams& gp,
                                 RawGroup& upcoming, Accumulators& sums, Accumulators& acc,
                                 AdvancePipeline&& advance_pipeline) const {
@@ -746,9 +790,10 @@ class Mainloop {
         mma_16816<T>(sums[0], a[0], b);
         mma_16816<T>(sums[1], a[1], b);
       } else {
-        uint32_t a[kMTiles][4];
+        static_assert(kLiveMTiles >= 1 && kLiveMTiles <= kMTiles, "live m-tiles of the tile's");
+        uint32_t a[kLiveMTiles][4];
 #pragma unroll
-        for (int mt = 0; mt < kMTiles; ++mt)
+        for (int mt = 0; mt < kLiveMTiles; ++mt)
           ldmatrix_x4(a[mt], shared_address(a_stage + a_offset_[ks] + mt * kMmaM * Traits::kARowBytes));
 #pragma unroll
         for (int nt = 0; nt < kNFrags; ++nt) {
@@ -764,7 +809,7 @@ class Mainloop {
             }
           }
 #pragma unroll
-          for (int mt = 0; mt < kMTiles; ++mt) mma_16816<T>(sums[mt][nt], a[mt], b);
+          for (int mt = 0; mt < kLiveMTiles; ++mt) mma_16816<T>(sums[mt][nt], a[mt], b);
         }
       }
     }

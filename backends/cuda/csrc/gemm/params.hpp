@@ -44,6 +44,14 @@ struct GemmIO {
   int64_t col_begin;           // expert columns [col_begin, col_begin + n) are written,
   int64_t n;                   // to out columns 0 .. n
   const uint16_t* bias;        // [n] compute dtype, or null
+  // The gated epilogue (plugin.h, ABI 1.3; the 128-row tiles with staged
+  // stores and the 8-row tiles only): 0 for plain results; else the tile
+  // distance from a gate tile to its up tile (N / 2 / kTileN). A 128-row
+  // CTA's first warpgroup then takes gate tile t, its second up tile
+  // t + gate_up_tiles; an 8-row CTA tile y is half y % 2 of gate tile y / 2
+  // and of its up tile (mainloop.cuh). The CTA stores silu(gate) * up into
+  // out's columns of the gate columns (n = N / 2).
+  int32_t gate_up_tiles;
 };
 
 // One CTA row-slice of a gemm_batched dispatch: up to rows_per_cta rows.
@@ -205,6 +213,10 @@ struct RoutedParams {
   int64_t topk_ids_stride1;
   int64_t num_global_experts;
   const int32_t* expert_map;   // or null
+  // Pair routing: the first K slices of each of its pieces a CTA asks L2 for
+  // before it waits for the kernel before it (kernel.cuh,
+  // prefetch_pair_weights); 0: none.
+  int32_t prefetch_slices;
 };
 
 // Raises the kernels' dynamic shared memory limit on the current device (the

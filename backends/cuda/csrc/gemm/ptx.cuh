@@ -116,6 +116,12 @@ __device__ __forceinline__ void red_add_f32x4(float* address, float4 value) {
 #endif
 }
 
+// A hint that the 128-byte line at `address` be brought into L2 (no value,
+// no wait, no fault on the hint's own account).
+__device__ __forceinline__ void prefetch_l2(const void* address) {
+  asm volatile("prefetch.global.L2 [%0];\n" ::"l"(address));
+}
+
 // ld with acquire semantics at GPU scope.
 __device__ __forceinline__ int load_acquire(const int32_t* address) {
   int value;

@@ -66,8 +66,8 @@ __device__ bool reduce_stream_k(const StreamK& schedule, int64_t tile, int slice
 }
 
 // The named barrier the warp-specialised tiles' computing threads meet on in
-// reduce_stream_k_by_thread (1 is the producer's, 2-3 the staged epilogue's:
-// kernel.cuh, epilogue.cuh).
+// reduce_stream_k_by_thread (1 is the producer's, 2-3 the staged epilogue's,
+// 5 the gated one's: kernel.cuh, epilogue.cuh).
 constexpr int kStreamKBarrier = 4;
 
 // reduce_stream_k for the warp-specialised (128-row wgmma) tiles: the same

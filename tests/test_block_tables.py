@@ -22,10 +22,10 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 H200_TABLE = block_tables.SHIPPED / "cuda-h200.json"
 H200 = "CUDA sm_90, NVIDIA H200, 132 SMs"  # the CUDA backend's description there
 MIXTRAL = dict(experts=8, top_k=2, hidden=4096, inter=14336, dtype="float16", bits=4, group_size=128)
-H200_SWEEP = REPO / "benchmarks" / "results-h200-2026-12-04-blocks-v34.json"
+H200_SWEEP = REPO / "benchmarks" / "results-h200-2026-12-05-blocks-v52.json"
 # Each shipped table, the sweep it was written from, its device and date.
 SHIPPED_SWEEPS = [
-    (H200_TABLE, H200_SWEEP, "NVIDIA H200", "2026-12-04"),
+    (H200_TABLE, H200_SWEEP, "NVIDIA H200", "2026-12-05"),
     (block_tables.SHIPPED / "cuda-h100.json", REPO / "benchmarks" / "results-h100-2026-12-05-blocks-v46.json",
      "NVIDIA H100 80GB HBM3", "2026-12-05"),
 ]
@@ -137,8 +137,14 @@ def test_the_lookup_takes_measured_counts_and_agreeing_neighbours_only(user_tabl
     assert got == {1: None, 3: None, 4: 8, 5: 8, 10: 8, 16: 8, 17: None, 31: None, 32: 16, 40: None, 64: 32,
                    65: None, 1000: None}
     # Another backend, device, dtype, shape or quantization: not this entry.
-    for change in ({"dtype": "bfloat16"}, {"top_k": 1}, {"bits": 8}, {"group_size": 32}):
+    for change in ({"dtype": "float32"}, {"top_k": 1}, {"bits": 8}, {"group_size": 32}):
         assert block_tables.measured_block_size("cuda", H200, num_tokens=32, **{**MIXTRAL, **change}) is None
+    # bfloat16 runs float16's tiles: it takes the float16 entry until it has one of its own, which goes first.
+    bf16 = {**MIXTRAL, "dtype": "bfloat16"}
+    assert block_tables.measured_block_size("cuda", H200, num_tokens=32, **bf16) == 16
+    user_tables(_table([_layer([[4, 8], [16, 8], [32, 16], [64, 32]]), _layer([[32, 64]], dtype="bfloat16")]))
+    assert block_tables.measured_block_size("cuda", H200, num_tokens=32, **bf16) == 64
+    assert block_tables.measured_block_size("cuda", H200, num_tokens=32, **MIXTRAL) == 16
     assert block_tables.measured_block_size("cpu", H200, num_tokens=32, **MIXTRAL) is None
     assert block_tables.measured_block_size("cuda", "CUDA sm_90, NVIDIA H100, 132 SMs", num_tokens=32,
                                             **MIXTRAL) is None

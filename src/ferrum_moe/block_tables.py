@@ -28,7 +28,8 @@ device string equals the backend's description or one of its comma-separated
 fields (``NVIDIA H200`` in ``CUDA sm_90, NVIDIA H200, 132 SMs``; the CUDA
 backend's names its first device, so a machine of mixed GPUs matches by that
 one), and a layer entry has the stacks' experts, top-k, hidden and
-intermediate sizes, dtype, bits and group size. Within an entry a measured token count takes its block, and a count
+intermediate sizes, dtype, bits and group size (a float16 layer with no entry of its own takes a bfloat16
+entry, and the other way round: the same tiles run both). Within an entry a measured token count takes its block, and a count
 between two measured ones takes theirs where both have the same; between two
 that differ (where the crossover lies was not measured), below the first and
 past the last, the rule decides. The format (schema 1)::
@@ -58,6 +59,9 @@ ENV = "FERRUM_MOE_BLOCK_TABLES"
 CACHE_ENV = "FERRUM_MOE_CACHE_DIR"
 SHIPPED = pathlib.Path(__file__).parent / "block_tables_data"
 _DTYPES = ("float16", "bfloat16", "float32")
+# The 16-bit dtypes run the same tiles (the kernels differ in the conversions
+# only), so a layer with no entry of its own dtype takes the other's.
+_SAME_TILES = {"float16": ("bfloat16",), "bfloat16": ("float16",)}
 
 
 def _field(doc: dict, key: str, kind, where: str):
@@ -219,8 +223,12 @@ def measured_block_size(backend: str, description: str, experts: int, top_k: int
                         dtype: str, bits: int, group_size: int, num_tokens: int) -> int | None:
     """The measured block for this layer and token count, or None where no
     table has it (module docstring: which table, which count)."""
-    entry = _entry(os.environ.get(ENV, ""), _cache_for_lookup(), backend, description,
-                   (experts, top_k, hidden, inter, dtype, bits, group_size))
+    env_value, cache = os.environ.get(ENV, ""), _cache_for_lookup()
+    entry = None
+    for dt in (dtype, *_SAME_TILES.get(dtype, ())):
+        entry = _entry(env_value, cache, backend, description, (experts, top_k, hidden, inter, dt, bits, group_size))
+        if entry is not None:
+            break
     if entry is None:
         return None
     counts, blocks = entry

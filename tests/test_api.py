@@ -288,6 +288,41 @@ def test_fused_moe_matches_float64(rng, target, dtype, m):
     assert rel_error(target.get(out), reference_moe(x, w13, w2, tw, ids)) < REL_TOL[dtype]
 
 
+# 3 and 32 tokens of top-2 over 8 experts: experts repeat, up to 64 pairs (CUDA groups an expert's pairs into
+# one tile row, more than 8 of them into several); 40: 80 pairs, each its own block.
+@pytest.mark.parametrize("m", [3, 32, 40])
+@pytest.mark.parametrize("with_map", [False, True])
+def test_pair_routing_at_any_token_count_matches_float64(rng, target, monkeypatch, m, with_map):
+    """block_size=0 (routing.PAIR_ROUTING): no align at any token count, each
+    pair routed by the GEMMs from topk_ids; invalid and non-local ids dropped."""
+    from ferrum_moe import moe as moe_module
+
+    aligned = []
+    real_buffers = moe_module._routing_buffers
+    monkeypatch.setattr(moe_module, "_routing_buffers", lambda *a, **kw: aligned.append(a) or real_buffers(*a, **kw))
+    dtype = target.dtypes[-1]
+    e, top_k = 8, 2
+    w13, w2, s13, s2 = _moe_case(rng, target, dtype, e)
+    x = random_activations(rng, (m, 128), dtype)
+    tw, ids = _routing_inputs(rng, m, e, top_k)
+    ids[1, 0], ids[2, 1] = -1, e + 3  # dropped
+    kw, ref_kw = {}, {}
+    if with_map:  # global ids 0..e-1 onto local ones, two of them not local
+        expert_map = rng.permutation(e).astype(np.int32)
+        expert_map[expert_map >= e - 2] = -1
+        kw = dict(expert_map=target.put(expert_map))
+        ref_kw = dict(expert_map=expert_map, num_experts=e)
+    ref = reference_moe(x, w13, w2, tw, ids, **ref_kw)
+    out = target.put(poisoned((m, 128), dtype))
+    assert fm.fused_moe(target.put(x), s13, s2, target.put(tw), target.put(ids), out=out, block_size=0, **kw) is out
+    assert rel_error(target.get(out), ref) < REL_TOL[dtype]
+    layer = fm.MoE(s13, s2, top_k=top_k, block_size=fm.routing.PAIR_ROUTING, **kw)
+    for _ in range(2):  # the layer's kept buffers, twice
+        got = layer(target.put(x), target.put(tw), target.put(ids))
+        assert rel_error(target.get(got), ref) < REL_TOL[dtype]
+    assert not aligned, "pair routing aligned"
+
+
 @pytest.mark.parametrize("m", [1, 20])  # 1: pair routing, no align
 def test_fused_moe_with_an_expert_map_drops_non_local_pairs(rng, target, m):
     dtype = target.dtypes[-1]

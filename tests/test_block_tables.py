@@ -196,8 +196,8 @@ BAD_TABLES = [  # (the table, or how to spoil a good one; words the error must h
     (_table([_layer([[4, 8]], group_size=0)]), "'group_size' must be positive or -1"),
     (_table([_layer([[4]])]), "blocks[0] must be [token count, block size]"),
     (_table([_layer([[4, 8.0]])]), "blocks[0] must be [token count, block size]"),
-    (_table([_layer([[4, 0]])]), "block size must be in [1, 65536]"),
-    (_table([_layer([[4, 1 << 20]])]), "block size must be in [1, 65536]"),
+    (_table([_layer([[4, -1]])]), "block size must be in [0, 65536] (0: pair routing); got -1"),
+    (_table([_layer([[4, 1 << 20]])]), "block size must be in [0, 65536]"),
     (_table([_layer([[0, 8]])]), "positive and increasing"),
     (_table([_layer([[8, 8], [8, 16]])]), "positive and increasing"),
     (_table([_layer([[4, 8]]), _layer([[8, 16]])]), "a second entry"),
@@ -312,11 +312,11 @@ def test_best_block_keeps_the_rule_within_the_margin():
 def test_tuning_times_every_block_and_keeps_the_fastest_or_the_rule(rng, target, cache):
     _, _, s13, s2 = _stacks(rng, target)
     seen = []
-    result = fm.tune_block_sizes(s13, s2, top_k=2, token_counts=[16, 1], blocks=[16, 8], seconds=0.002, rounds=2,
+    result = fm.tune_block_sizes(s13, s2, top_k=2, token_counts=[16, 1], blocks=[16, 8, 0], seconds=0.002, rounds=2,
                                  progress=seen.append)
     assert [c.tokens for c in result.counts] == [1, 16] and seen == result.counts
-    for c in result.counts:
-        assert sorted(c.times_us) == [8, 16] and all(0 < t < 1e6 for t in c.times_us.values())
+    for c in result.counts:  # 0: pair routing
+        assert sorted(c.times_us) == [0, 8, 16] and all(0 < t < 1e6 for t in c.times_us.values())
         assert c.rule == default_block_size(c.tokens * 2, 8)
         assert c.block == block_tables.best_block(c.times_us, c.rule, 0.03)
     assert result.path.parent == cache and result.device == s13._backend_description
@@ -388,7 +388,7 @@ def test_tuning_merges_with_the_table_it_finds(rng, cache, monkeypatch):
     (dict(token_counts=[]), ValueError, "token_counts must not be empty"),
     (dict(token_counts=[4, 0]), ValueError, r"token_counts\[1\] must be in \[1, 1048576\]; got 0"),
     (dict(token_counts="16"), TypeError, "token_counts must be a sequence of ints; got str"),
-    (dict(blocks=[8, 2**17]), ValueError, r"blocks\[1\] must be in \[1, 65536\]; got 131072"),
+    (dict(blocks=[8, 2**17]), ValueError, r"blocks\[1\] must be in \[0, 65536\]; got 131072"),
     (dict(margin=1.5), ValueError, r"margin must be in \[0, 1\); got 1.5"),
     (dict(margin="0.1"), TypeError, r"margin must be a number; got str"),
     (dict(seconds=0), ValueError, r"seconds must be in \(0, 60\]; got 0"),

@@ -411,9 +411,9 @@ def test_layer_scalars_are_named(rng):
     w13, w2 = _layer_stacks(rng)
     with pytest.raises(TypeError, match=r"MoE: top_k must be an int; got 1.5 \(float\)"):
         fm.MoE(w13, w2, top_k=1.5)
-    with pytest.raises(ValueError, match=r"MoE: block_size must be in \[1, 65536\]; got 0"):
-        fm.MoE(w13, w2, top_k=1, block_size=0)
-    with pytest.raises(ValueError, match=r"fused_moe: block_size must be in \[1, 65536\]; got 9223372036854775808"):
+    with pytest.raises(ValueError, match=r"MoE: block_size must be in \[0, 65536\]; got -1"):
+        fm.MoE(w13, w2, top_k=1, block_size=-1)
+    with pytest.raises(ValueError, match=r"fused_moe: block_size must be in \[0, 65536\]; got 9223372036854775808"):
         fm.fused_moe(x16(1), w13, w2, np.ones((1, 1), np.float32), np.zeros((1, 1), np.int32), block_size=2**63)
 
 

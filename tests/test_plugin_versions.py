@@ -163,6 +163,11 @@ def test_a_1_1_plugin_gets_no_pair_routing(rng):
     ids = np.array([[3, 1]], dtype=np.int32)
     tw = rng.random((1, top_k)).astype(np.float32)
     assert rel_error(fm.fused_moe(x, s13, s2, tw, ids), reference_moe(x, w13, w2, tw, ids)) < 1e-4
+    # Named pair routing aligns too, at the rule's block.
+    x3, ids3 = random_activations(rng, (3, k), "float32"), np.array([[3, 1], [0, 3], [2, 1]], np.int32)
+    tw3 = rng.random((3, top_k)).astype(np.float32)
+    got = fm.fused_moe(x3, s13, s2, tw3, ids3, block_size=fm.routing.PAIR_ROUTING)
+    assert rel_error(got, reference_moe(x3, w13, w2, tw3, ids3)) < 1e-4
     out = import_array(np.zeros((top_k, 2 * inter), np.float32), "out")
     with pytest.raises(NotImplementedError, match=r"gemm_routed: backend 'cpu' \(ABI 1\.1\) has no pair routing "
                                                   r"\(ABI 1\.2\): route the pairs with moe_align_block_size"):

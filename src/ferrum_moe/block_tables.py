@@ -40,7 +40,8 @@ past the last, the rule decides. The format (schema 1)::
                  "dtype": "float16", "bits": 4, "group_size": 128,
                  "blocks": [[4, 8], [32, 16], [64, 32]]}]}
 
-``blocks`` holds [token count, block size] pairs in increasing token count.
+``blocks`` holds [token count, block size] pairs in increasing token count; a
+block size of 0 (``routing.PAIR_ROUTING``) says no align: each pair routes itself.
 A malformed table is refused with an error naming its file and field.
 """
 from __future__ import annotations
@@ -53,6 +54,7 @@ import pathlib
 import warnings
 
 from ._checks import MAX_BLOCK_SIZE
+from .routing import PAIR_ROUTING
 
 SCHEMA = 1
 ENV = "FERRUM_MOE_BLOCK_TABLES"
@@ -116,8 +118,9 @@ def parse_table(doc, where: str) -> dict:
             if m < 1 or (counts and m <= counts[-1]):
                 raise ValueError(f"{at}: blocks[{j}]: token counts must be positive and increasing; got {m} "
                                  f"after {counts[-1] if counts else 'nothing'}")
-            if not 1 <= block <= MAX_BLOCK_SIZE:
-                raise ValueError(f"{at}: blocks[{j}]: block size must be in [1, {MAX_BLOCK_SIZE}]; got {block}")
+            if not PAIR_ROUTING <= block <= MAX_BLOCK_SIZE:
+                raise ValueError(f"{at}: blocks[{j}]: block size must be in [{PAIR_ROUTING}, {MAX_BLOCK_SIZE}] "
+                                 f"({PAIR_ROUTING}: pair routing); got {block}")
             counts.append(m)
             blocks.append(block)
         if not counts:

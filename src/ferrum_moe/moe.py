@@ -13,7 +13,7 @@ from . import _core
 from ._checks import MAX_BLOCK_SIZE, checked_int
 from .arrays import host_copy, import_array, import_output, stream_handle, to_caller
 from .block_tables import measured_block_size
-from .routing import _routing_buffers, default_block_size
+from .routing import PAIR_ROUTING, _routing_buffers, default_block_size
 from .discovery import device_name
 from .stack import ExpertStack
 
@@ -98,11 +98,14 @@ def _check_local_ids(host_map: np.ndarray, w13: ExpertStack, op: str) -> None:
 
 
 def layer_block_size(w13: ExpertStack, w2: ExpertStack, top_k: int, num_tokens: int) -> int:
-    """The routing block a layer call takes when its caller names none: a
-    measured block table's (block_tables.py), else routing.default_block_size's."""
-    return (measured_block_size(w13.backend, w13._backend_description, w13.num_experts, top_k, w13.k, w2.k,
-                                w13.dtype, w13.bits, w13.group_size, num_tokens)
-            or default_block_size(num_tokens * top_k, w13.num_experts))
+    """The routing block a layer call takes when its caller names none: pair
+    routing for one token, a measured block table's (block_tables.py; it may
+    say PAIR_ROUTING too), else routing.default_block_size's."""
+    if num_tokens == 1:
+        return PAIR_ROUTING
+    measured = measured_block_size(w13.backend, w13._backend_description, w13.num_experts, top_k, w13.k, w2.k,
+                                   w13.dtype, w13.bits, w13.group_size, num_tokens)
+    return measured if measured is not None else default_block_size(num_tokens * top_k, w13.num_experts)
 
 
 def _forward(x, w13: ExpertStack, w2: ExpertStack, topk_weights, topk_ids, activation: str,
@@ -111,7 +114,7 @@ def _forward(x, w13: ExpertStack, w2: ExpertStack, topk_weights, topk_ids, activ
     if activation not in _ACTIVATIONS:
         raise ValueError(f"fused_moe: activation must be one of {_ACTIVATIONS}; got {activation!r}")
     if block_size is not None:
-        block_size = checked_int(block_size, "fused_moe: block_size", 1, MAX_BLOCK_SIZE)
+        block_size = checked_int(block_size, "fused_moe: block_size", PAIR_ROUTING, MAX_BLOCK_SIZE)
     s = stream_handle(stream)
     xt = import_array(x, "x", s)
     ids = import_array(topk_ids, "topk_ids", s)
@@ -146,11 +149,14 @@ def _forward(x, w13: ExpertStack, w2: ExpertStack, topk_weights, topk_ids, activ
     core = w13._backend
     dev = stack_device
     pairs = num_tokens * top_k
-    # One token: align would put each of its pairs in a block of its own (its
-    # experts differ), so backends that can (ABI 1.2) read topk_ids in the
-    # GEMMs themselves and no align runs. An explicit block_size keeps align.
-    pair_routing = block_size is None and num_tokens == 1 and core.has_pair_routing and ids.is_compact
     ws = workspace or _Workspace(temporary=True)
+    if block_size is None:
+        block_size = ws.block_for(num_tokens, lambda: layer_block_size(w13, w2, top_k, num_tokens))
+    # Pair routing (one token by default: align would put each of its pairs in
+    # a block of its own, its experts differing): backends that can (ABI 1.2)
+    # read topk_ids in the GEMMs themselves and no align runs. Where a backend
+    # cannot, the layer aligns at the rule's block.
+    pair_routing = block_size == PAIR_ROUTING and core.has_pair_routing and ids.is_compact
     buf = {name: ws.take(name, core, dev, dtype, [pairs, width], s)
            for name, dtype, width in (("gate_up", w13.dtype, 2 * inter), ("act", w13.dtype, inter))}
     if map_t is None or host_map:
@@ -165,9 +171,9 @@ def _forward(x, w13: ExpertStack, w2: ExpertStack, topk_weights, topk_ids, activ
     steps = (w13._core, w2._core, xt, ids, tw, map_t, num_experts, apply_router_weight_on_input)
     buffers = (buf["gate_up"], buf["act"], buf["down"], ot, s)
     # False: the plugin refused pair routing (ABI 1.2 without it, plugins.md) and nothing ran.
-    if not pair_routing or not _core.moe_layer(*steps, 0, None, None, None, *buffers):
-        if block_size is None:
-            block_size = ws.block_for(num_tokens, lambda: layer_block_size(w13, w2, top_k, num_tokens))
+    if not pair_routing or not _core.moe_layer(*steps, PAIR_ROUTING, None, None, None, *buffers):
+        if block_size == PAIR_ROUTING:
+            block_size = default_block_size(pairs, w13.num_experts)
         _core.moe_layer(*steps, block_size, *_routing_buffers(core, ids, block_size, num_experts, map_t, s, ws),
                         *buffers)
     return out if out is not None else to_caller(ot, x)
@@ -187,7 +193,10 @@ def fused_moe(x, w13: ExpertStack, w2: ExpertStack, topk_weights, topk_ids, *, a
     not read on the host, so such pairs are skipped and the second GEMM's
     output is zero-filled (a stream-ordered temporary). apply_router_weight_on_input scales the first GEMM's output instead of the
     second's. The top-k sum accumulates in float32. block_size: the routing
-    block (on CUDA, the GEMM tile height); by default a measured block table's
+    block (on CUDA, the GEMM tile height), or 0 (routing.PAIR_ROUTING): no
+    align, each pair a block of its own, read from topk_ids by the GEMMs
+    (backends of plugin ABI >= 1.2; others align at the rule's block); by
+    default pair routing for one token, else a measured block table's
     (block_tables.py) where one has this layer, device and token count, else
     routing.default_block_size's rule. Returns out, or a new [num_tokens,
     hidden] array of x's type.
@@ -220,7 +229,7 @@ class MoE:
         if top_k > max(w13.num_experts, 1) and expert_map is None:
             raise ValueError(f"MoE: top_k must be in [1, num_experts={w13.num_experts}]; got {top_k}")
         if block_size is not None:
-            block_size = checked_int(block_size, "MoE: block_size", 1, MAX_BLOCK_SIZE)
+            block_size = checked_int(block_size, "MoE: block_size", PAIR_ROUTING, MAX_BLOCK_SIZE)
         if expert_map is not None:
             map_t = import_array(expert_map, "expert_map")
             _check_local_ids(np.from_dlpack(map_t) if map_t.device[0] == 1 else host_copy(expert_map, "expert_map"),

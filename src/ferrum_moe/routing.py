@@ -69,6 +69,10 @@ class Routing:
 
 
 _SMALLEST_DEFAULT_BLOCK, _LARGEST_DEFAULT_BLOCK = 8, 128  # default_block_size's range (_capacities sizes for it)
+# The routing block that means no align: each pair is a block of its own and the
+# GEMMs read topk_ids themselves (plugin ABI 1.2, pair routing). A layer of one
+# token takes it by default; block tables and callers may name it at any count.
+PAIR_ROUTING = 0
 
 
 def default_block_size(num_pairs: int, num_experts: int) -> int:

@@ -31,7 +31,7 @@ import numpy as np
 
 from . import block_tables
 from ._checks import MAX_BLOCK_SIZE, checked_int
-from .routing import default_block_size
+from .routing import PAIR_ROUTING, default_block_size
 from .stack import ExpertStack
 
 DEFAULT_TOKENS = (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -71,10 +71,11 @@ def _check(w13, w2, top_k, token_counts, blocks, margin, seconds, rounds, seed) 
         raise ValueError(f"tune_block_sizes: top_k must be in [1, {w13.num_experts}] (the stacks' experts); "
                          f"got {top_k}")
     lists = []
-    for name, values, high in (("token_counts", token_counts, MAX_TOKENS), ("blocks", blocks, MAX_BLOCK_SIZE)):
+    for name, values, low, high in (("token_counts", token_counts, 1, MAX_TOKENS),
+                                    ("blocks", blocks, PAIR_ROUTING, MAX_BLOCK_SIZE)):
         if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
             raise TypeError(f"tune_block_sizes: {name} must be a sequence of ints; got {type(values).__name__}")
-        values = [checked_int(v, f"tune_block_sizes: {name}[{i}]", 1, high) for i, v in enumerate(values)]
+        values = [checked_int(v, f"tune_block_sizes: {name}[{i}]", low, high) for i, v in enumerate(values)]
         if not values:
             raise ValueError(f"tune_block_sizes: {name} must not be empty")
         lists.append(sorted(set(values)))
@@ -199,7 +200,8 @@ def tune_block_sizes(w13: ExpertStack, w2: ExpertStack, *, top_k: int, token_cou
     layer calls on this backend, device description and layer shape (experts,
     top-k, sizes, dtype, bits, group size) take them when no block is named.
 
-    seconds: the time per (count, block) measurement (a round); rounds: how
+    blocks: the candidates, 0 (routing.PAIR_ROUTING) for no align (each pair
+    routed by the GEMMs). seconds: the time per (count, block) measurement (a round); rounds: how
     many, interleaved over the blocks, the best round kept (a round on CUDA
     is the median of its replays). progress: called with a TunedCount as each
     count is done. Layers already built keep the blocks they chose."""

@@ -383,6 +383,45 @@ def test_the_gated_epilogue_of_the_prefill_tiles_matches_float64(rng, dtype, k, 
     assert y.dtype == tdtype and y.shape == (2 * m, half)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("with_weights", [False, True])
+def test_grouped_pair_routing_matches_float64(rng, bits, with_weights):
+    """Pair routing where experts repeat (v53: up to 64 pairs, 2 x pairs >=
+    experts): each CTA groups an expert's pairs into 8-row tile rows. One
+    expert takes 20 pairs (three tile rows), one none, ids out of range and a
+    device map's -1 are skipped; int64 ids."""
+    from ferrum_moe.arrays import import_array, import_output
+
+    e, k, n, tokens, top_k = 6, 384, 256, 12, 5
+    weights = [random_weight(rng, k, n, bits=bits, group_size=128, dtype="float16") for _ in range(e)]
+    dense = [w.dequantize(np.float64) for w in weights]
+    stack = fm.ExpertStack.from_gptq(weights, device="cuda", dtype="float16")
+    x = cuda(rng.standard_normal((tokens, k)).astype(np.float32)).half()
+    x64 = x.cpu().double().numpy()
+    n_global = e + 2
+    expert_map = np.array([0, 1, 2, -1, 3, 4, 5, 1], np.int32)  # global 3 is not local; 7 shares local 1
+    ids = rng.choice([0, 1, 2, 3, 5, 6, 7], size=(tokens, top_k)).astype(np.int64)
+    ids[:, 0] = 4  # local 3: 12 pairs
+    ids[:8, 1] = 4  # and 8 more: 20
+    ids[2, 3], ids[5, 2] = -1, n_global  # out of range
+    tw = rng.random((tokens, top_k)).astype(np.float32)
+    out = torch.full((tokens * top_k, n), float("nan"), device="cuda", dtype=torch.float16)
+    stack._core.gemm_routed_pairs(import_array(x, "x"), import_array(cuda(ids), "topk_ids"), n_global,
+                                  import_array(cuda(expert_map), "expert_map"),
+                                  import_array(cuda(tw), "topk_weights") if with_weights else None,
+                                  import_output(out, "out"), 0)
+    got = out.double().cpu().numpy()
+    for p in range(tokens * top_k):
+        t, j = divmod(p, top_k)
+        g = ids[t, j]
+        local = expert_map[g] if 0 <= g < n_global else -1
+        if local < 0:
+            assert np.all(np.isnan(got[p])), f"skipped pair {p} written"
+            continue
+        y = x64[t] @ dense[local] * (tw[t, j] if with_weights else 1.0)
+        assert rel_error(got[p], y) < 2 * REL_TOL["float16"], p
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 # Symmetric 4- and 8-bit, and asymmetric act-order (the slot places zeros and row groups too).
 @pytest.mark.parametrize("bits, sym, act_order", [(4, True, False), (8, True, False), (4, False, True)])

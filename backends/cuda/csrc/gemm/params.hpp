@@ -217,7 +217,15 @@ struct RoutedParams {
   // before it waits for the kernel before it (kernel.cuh,
   // prefetch_pair_weights); 0: none.
   int32_t prefetch_slices;
+  // Grouped pair routing (v53): the pairs of one expert share a tile row,
+  // as align's blocks would put them, grouped by each CTA from topk_ids
+  // (kernel.cuh, group_pairs); num_pairs <= kMaxGroupedPairs, 8-row tiles,
+  // live_rows_wave set, no prefetch.
+  bool group_pairs;
 };
+
+// The most pairs a grouped pair-routed launch holds (RoutedParams::group_pairs).
+constexpr int kMaxGroupedPairs = 64;
 
 // Raises the kernels' dynamic shared memory limit on the current device (the
 // 64-row INT8 variant needs more than the default 48 KiB), the 128-row tiles'

@@ -7,9 +7,10 @@ Every row of the results that timed several routing block sizes
 (`bench_moe.py --block-sizes ...`) gives one [token count, block] pair: the
 block with the least time, unless routing.default_block_size's block is within
 --margin of it (a sweep's repeats differ by a few percent: a table departs from
-the rule only where a block wins by more). Rows of one layer shape, dtype, bits
-and group size form one entry; a later file's row replaces an earlier one's at
-the same token count. Rows name their layer's shape and quantization
+the rule only where a block wins by more). A row that did not time the rule's
+block gives nothing (the table could only depart from the rule blindly). Rows of
+one layer shape, dtype, bits and group size form one entry; a later file's row
+replaces an earlier one's at the same token count. Rows name their layer's shape and quantization
 (bench_moe.py writes them; older results without them take gpu_bench.MODELS'
 shape and GPTQ INT4 group 128). The device is the rows' (all must agree).
 Needs no GPU.
@@ -55,7 +56,10 @@ def table_from_results(results: list[dict], *, backend: str, device: str | None,
             names.setdefault(key, row["model"])
             m = int(row["m"])
             times = {int(block): t for block, t in times.items()}
-            best.setdefault(key, {})[m] = best_block(times, default_block_size(m * shape[1], shape[0]), margin)
+            rule = default_block_size(m * shape[1], shape[0])
+            if rule not in times:
+                continue  # what the layer runs without a table was not timed: nothing to depart from
+            best.setdefault(key, {})[m] = best_block(times, rule, margin)
     if device is None:
         if len(devices) != 1 or None in devices:
             raise SystemExit(f"the rows name devices {sorted(map(str, devices))}: pass --device, or one device's rows")

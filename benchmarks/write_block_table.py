@@ -10,7 +10,8 @@ block with the least time, unless routing.default_block_size's block is within
 the rule only where a block wins by more). A row that did not time the rule's
 block gives nothing (the table could only depart from the rule blindly). Rows of
 one layer shape, dtype, bits and group size form one entry; a later file's row
-replaces an earlier one's at the same token count. Rows name their layer's shape and quantization
+replaces an earlier one's at the same token count, whatever blocks either timed
+(pass a narrower sweep after a wider one only where its answer should stand). Rows name their layer's shape and quantization
 (bench_moe.py writes them; older results without them take gpu_bench.MODELS'
 shape and GPTQ INT4 group 128). The device is the rows' (all must agree).
 Needs no GPU.
@@ -90,7 +91,8 @@ def main() -> int:
     table = table_from_results(docs, backend=args.backend, device=args.device, measured=args.measured,
                                source=f"benchmarks/write_block_table.py from {source}", margin=args.margin)
     if not table["layers"]:
-        print("no row timed several block sizes (run bench_moe.py with --block-sizes)", file=sys.stderr)
+        print("no row timed several block sizes including the rule's (run bench_moe.py with --block-sizes)",
+              file=sys.stderr)
         return 1
     pathlib.Path(args.out).write_text(format_table(table))
     for layer in table["layers"]:

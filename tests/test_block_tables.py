@@ -124,7 +124,6 @@ def test_a_shipped_table_holds_its_sweeps_fastest_block_or_the_rules_within_3_pe
 
 @pytest.mark.parametrize("table, sweep_paths, device, measured", SHIPPED_SWEEPS)
 def test_the_writer_rewrites_a_shipped_table(monkeypatch, table, sweep_paths, device, measured):
-    pytest.importorskip("torch")  # the H200 sweep's rows predate their shapes: the writer takes gpu_bench's (torch)
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     from write_block_table import table_from_results
     sweeps = [json.loads(path.read_text()) for path in sweep_paths]
@@ -277,6 +276,36 @@ def test_the_layer_runs_the_tables_block_and_stays_exact(rng, target, user_table
     used_blocks.clear()
     fm.fused_moe(target.put(x), s13, s2, target.put(tw), target.put(ids), out=out, block_size=64)
     assert used_blocks == [64]
+
+
+def test_a_tables_pair_routing_skips_align_and_a_layer_still_sizes_its_routing(rng, target, user_tables,
+                                                                               monkeypatch):
+    """A table's block 0 at a count: the layer runs pair routing there (no
+    align). A layer whose largest count routes pairs still grows its routing
+    buffers then, so a smaller count that aligns allocates nothing (MoE's
+    CUDA-graph promise)."""
+    dtype = target.dtypes[-1]
+    e, top_k, hidden, inter = 8, 2, 128, 96
+    info, = [b for b in fm.backends() if b.name == target.backend]
+    user_tables(_table([_layer([[3, 16], [6, 0]], experts=e, top_k=top_k, hidden=hidden, inter=inter, dtype=dtype,
+                               group_size=32)], backend=target.backend, device=info.description))
+    blocks = []
+    real_layer = moe_module._core.moe_layer
+    monkeypatch.setattr(moe_module._core, "moe_layer", lambda *a: blocks.append(a[8]) or real_layer(*a))
+    w13, w2, s13, s2, x, ids, tw = _small_layer(rng, target, dtype, 6, e, top_k, hidden, inter)
+    layer = fm.MoE(s13, s2, top_k=top_k)
+    out = target.put(poisoned((6, hidden), dtype))
+    layer(target.put(x), target.put(tw), target.put(ids), out=out)
+    assert blocks == [0]
+    assert rel_error(target.get(out), reference_moe(x, w13, w2, tw, ids)) < REL_TOL[dtype]
+    ws = layer._workspace(0)
+    kept = dict(ws._buffers)
+    assert {"sorted_token_ids", "expert_ids", "post"} <= kept.keys()
+    out3 = target.put(poisoned((3, hidden), dtype))
+    layer(target.put(x[:3]), target.put(tw[:3]), target.put(ids[:3]), out=out3)
+    assert blocks == [0, 16]
+    assert all(ws._buffers[name] is buf for name, buf in kept.items()), "the aligned call allocated"
+    assert rel_error(target.get(out3), reference_moe(x[:3], w13, w2, tw[:3], ids[:3])) < REL_TOL[dtype]
 
 
 def test_a_layer_keeps_the_block_it_chose_for_a_token_count(rng, target, user_tables, used_blocks):

@@ -176,6 +176,11 @@ def _forward(x, w13: ExpertStack, w2: ExpertStack, topk_weights, topk_ids, activ
             block_size = default_block_size(pairs, w13.num_experts)
         _core.moe_layer(*steps, block_size, *_routing_buffers(core, ids, block_size, num_experts, map_t, s, ws),
                         *buffers)
+    elif workspace is not None and num_tokens > 1:
+        # A layer's routing buffers grow at its largest count whichever routing
+        # that count takes, so a smaller count that aligns allocates nothing
+        # (MoE's promise: CUDA-graph capture after one call at the largest count).
+        _routing_buffers(core, ids, default_block_size(pairs, w13.num_experts), num_experts, map_t, s, ws)
     return out if out is not None else to_caller(ot, x)
 
 
@@ -195,7 +200,8 @@ def fused_moe(x, w13: ExpertStack, w2: ExpertStack, topk_weights, topk_ids, *, a
     second's. The top-k sum accumulates in float32. block_size: the routing
     block (on CUDA, the GEMM tile height), or 0 (routing.PAIR_ROUTING): no
     align, each pair a block of its own, read from topk_ids by the GEMMs
-    (backends of plugin ABI >= 1.2; others align at the rule's block); by
+    (backends of plugin ABI >= 1.2 and contiguous topk_ids; otherwise the
+    layer aligns at the rule's block); by
     default pair routing for one token, else a measured block table's
     (block_tables.py) where one has this layer, device and token count, else
     routing.default_block_size's rule. Returns out, or a new [num_tokens,

@@ -35,7 +35,9 @@ from .routing import PAIR_ROUTING, default_block_size
 from .stack import ExpertStack
 
 DEFAULT_TOKENS = (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
-DEFAULT_BLOCKS = (8, 16, 32, 64, 128)
+# Pair routing (no align) first: a table the tuner writes replaces the shipped
+# entry for its layer, so it must time what the shipped one may have chosen.
+DEFAULT_BLOCKS = (PAIR_ROUTING, 8, 16, 32, 64, 128)
 MAX_TOKENS = 1 << 20  # a sweep's largest batch: [tokens, hidden] inputs are allocated per count
 
 

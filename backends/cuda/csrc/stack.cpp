@@ -617,10 +617,10 @@ void CudaStack::gemm_routed_pairs(const FmGemmRoutedArgs& args, gemm::RoutedPara
   // and few enough for one CTA to sort (kMaxGroupedPairs), the kernel puts an
   // expert's pairs in one tile row, as align would (v53): its weights are
   // streamed once, and the grid plans again on the tile rows the groups fill.
-  params.group_pairs = params.num_pairs <= gemm::kMaxGroupedPairs && params.num_pairs * 2 >= num_experts_;
+  params.grouped = params.num_pairs <= gemm::kMaxGroupedPairs && params.num_pairs * 2 >= num_experts_;
   const int ctas = plan_schedule(params.num_pairs, weights_.n_tiles, rows_per_cta, params.schedule,
-                                 params.group_pairs);
-  if (params.group_pairs) {
+                                 params.grouped);
+  if (params.grouped) {
     // Every CTA groups (kernel.cuh), whether or not the launch has stream-K
     // slots to plan again with; none prefetches: a CTA's pieces are known
     // only after the grouping.

@@ -323,8 +323,8 @@ __global__ void __launch_bounds__(GemmTraits<T, kBits, kRows>::kCtaThreads, kMin
 // caller's router) may, so that read races with it there; a stale read only
 // prefetches the wrong lines (a prefetch is a hint, never a result), and ids
 // out of range are skipped as fill_rows skips them. The pieces are
-// walk_back's ranges of the host's plan (pair routing plans no re-plan on
-// live rows).
+// walk_back's ranges of the host's plan (ungrouped pair routing plans no
+// re-plan on live rows).
 template <int kBits>
 __device__ __forceinline__ void prefetch_pair_weights(const RoutedParams& p) {
   using Tile = WeightTileLayout<kBits>;
@@ -367,11 +367,8 @@ __device__ __forceinline__ void prefetch_pair_weights(const RoutedParams& p) {
   }
 }
 
-// Tile row x is chunk x % chunks_per_block of routing block x / chunks_per_block.
-// Every index read from device memory is range-checked before use: the host
-// never saw these arrays.
 // The pair of each routing row under grouped pair routing (RoutedParams::
-// group_pairs): tile row x holds up to kRows pairs of one expert, row r pair
+// grouped): tile row x holds up to kRows pairs of one expert, row r pair
 // `pair[x * kRows + r]` (-1: none), the tile rows in increasing expert order,
 // an expert's pairs in increasing pair order (kRows to a tile row, as align's
 // blocks of kRows would put them).
@@ -384,7 +381,7 @@ struct PairGroups {
 };
 
 // Fills `g` from topk_ids for p.num_pairs <= kMaxGroupedPairs pairs; every
-// thread of the CTA calls it (two CTA barriers). Pass one: each pair's
+// thread of the CTA calls it (three CTA barriers). Pass one: each pair's
 // expert; pass two: its index among its expert's pairs, and at an expert's
 // first pair the expert's tile rows; pass three: the tile rows of the
 // experts below its own place each pair.
@@ -426,6 +423,9 @@ __device__ int64_t group_pairs(const RoutedParams& p, PairGroups<kRows>& g) {
   return total;
 }
 
+// Tile row x is chunk x % chunks_per_block of routing block x / chunks_per_block.
+// Every index read from device memory is range-checked before use: the host
+// never saw these arrays.
 template <class T, int kBits, int kRows, bool kSplitsK>
 __global__ void __launch_bounds__(GemmTraits<T, kBits, kRows>::kCtaThreads, kMinCtasPerSm<kRows>)
     gemm_routed_kernel(const __grid_constant__ RoutedParams p) {
@@ -436,13 +436,16 @@ __global__ void __launch_bounds__(GemmTraits<T, kBits, kRows>::kCtaThreads, kMin
   // Grouped pair routing runs on the 8-row tiles only (stack.cpp).
   constexpr bool kGroups = kRows == kTinyRowsPerCta;
   static_assert(!kGroups || GemmTraits<T, kBits, kRows>::kCtaThreads >= kMaxGroupedPairs, "a thread per pair");
+  // gemm_tiles calls live_tile_rows (which groups) only in its stream-K copy,
+  // and fill_rows reads the groups: the 8-row tiles have no other copy.
+  static_assert(!kGroups || kSplitsK, "grouped pair routing needs the live-rows call");
   __shared__ std::conditional_t<kGroups, PairGroups<kRows>, char> groups;
   static_assert(sizeof(groups) + sizeof(RowTable<kRows>) + sizeof(float) * kGatedTinyExchangeFloats <=
                     kStaticSmemReserve,
                 "traits.cuh's reserve for the pair groups too");
   gemm_tiles<T, kBits, kRows, kSplitsK>(p.w, p.io, p.schedule, 0, [&](int64_t x, RowTable<kRows>& table, int r) {
     if constexpr (kGroups) {
-      if (p.group_pairs) {
+      if (p.grouped) {
         // Grouped pair routing: tile row x is groups' (filled by the
         // live-rows call below, before any piece).
         const bool live = x < groups.tile_rows;
@@ -519,7 +522,7 @@ __global__ void __launch_bounds__(GemmTraits<T, kBits, kRows>::kCtaThreads, kMin
     // routing: the tile rows its groups fill. (Plain pair routing fills every
     // block it launches: the host asks for no re-plan.)
     if constexpr (kGroups) {
-      if (p.group_pairs) return group_pairs<kRows>(p, groups);
+      if (p.grouped) return group_pairs<kRows>(p, groups);
     }
     if (p.num_tokens_post_padded == nullptr) return int64_t{p.schedule.tiles_x};
     const int64_t padded = *p.num_tokens_post_padded;

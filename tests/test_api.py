@@ -194,14 +194,16 @@ def test_gated_pair_routed_gemm_matches_float64(rng, target, half):
 @pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
 @pytest.mark.parametrize("with_map", [False, True])
 @pytest.mark.parametrize("m", [1, 9])
-def test_pair_routed_gemm_matches_float64(rng, target, index_dtype, with_map, m):
+# 6 experts: pairs enough for experts to repeat (CUDA groups them); 64: each pair its own tile row there.
+@pytest.mark.parametrize("e", [6, 64])
+def test_pair_routed_gemm_matches_float64(rng, target, index_dtype, with_map, m, e):
     """gemm_routed's pair routing (ABI 1.2; what the layer runs for one token):
     every (token, k) pair its own block, its expert read from topk_ids through
     expert_map; ids outside [0, num_experts) and non-local ones are skipped."""
     from ferrum_moe.arrays import import_array, import_output
 
     dtype = target.dtypes[-1]
-    n_global, e, k, n, top_k = 10, 6, 128, 64, 3
+    n_global, k, n, top_k = e + 4, 128, 64, 3
     weights = [random_weight(rng, k, n, group_size=64, dtype=dtype) for _ in range(e)]
     dense = [w.dequantize(np.float64) for w in weights]
     stack = target.stack(weights, dtype)

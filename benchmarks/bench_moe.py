@@ -15,7 +15,7 @@ reading the call's active experts' bytes, w13's then w2's, timed the same way:
 what two dependent launches over those bytes cost before any dequant or math.
 
 --block-sizes also times ferrum-moe with each of those routing block sizes (the
-block size picks the CUDA tile height): the measurements behind
+block size picks the CUDA tile height; 0 is pair routing, no align): the measurements behind
 routing.default_block_size's rule and the block tables
 (benchmarks/write_block_table.py, src/ferrum_moe/block_tables.py).
 """

@@ -342,7 +342,8 @@ def main(argv=None) -> int:
     tune.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     tune.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float16")
     tune.add_argument("--tokens", type=int, nargs="+", default=list(DEFAULT_TOKENS))
-    tune.add_argument("--blocks", type=int, nargs="+", default=list(DEFAULT_BLOCKS))
+    tune.add_argument("--blocks", type=int, nargs="+", default=list(DEFAULT_BLOCKS),
+                      help="routing blocks to time (0: pair routing, no align)")
     tune.add_argument("--margin", type=float, default=0.03, help="keep the rule's block within this of the fastest")
     tune.add_argument("--seconds", type=float, default=0.05, help="time per measurement")
     tune.add_argument("--no-save", action="store_true", help="print only; write no table")

@@ -22,7 +22,7 @@ import torch
 import ferrum_moe as fm
 from ferrum_moe.arrays import import_array, import_output, stream_handle
 from ferrum_moe.moe import _Workspace, layer_block_size
-from ferrum_moe.routing import _align
+from ferrum_moe.routing import _align, align_block
 
 from gpu_bench import ferrum_stack, layer_shape, random_stacked, time_graph
 
@@ -71,7 +71,7 @@ def step_times(layer, x, tw, ids, out, flush) -> None:
     core, dev = w13._core.backend, tuple(w13._core.device)
     m, top_k = ids.shape
     e = w13.num_experts
-    block = layer_block_size(w13, w2, top_k, m)
+    block = align_block(layer_block_size(w13, w2, top_k, m), m * top_k, e)  # this chain aligns
     h = stream_handle(torch.cuda.current_stream())
     xt, idt, twt = import_array(x, "x", h), import_array(ids, "topk_ids", h), import_array(tw, "topk_weights", h)
     tw_pairs, ot = twt.view([m * top_k, 1]), import_output(out, "out", h)

@@ -13,7 +13,7 @@ from . import _core
 from ._checks import MAX_BLOCK_SIZE, checked_int
 from .arrays import host_copy, import_array, import_output, stream_handle, to_caller
 from .block_tables import measured_block_size
-from .routing import PAIR_ROUTING, _routing_buffers, default_block_size
+from .routing import PAIR_ROUTING, _routing_buffers, align_block, default_block_size
 from .discovery import device_name
 from .stack import ExpertStack
 
@@ -172,8 +172,7 @@ def _forward(x, w13: ExpertStack, w2: ExpertStack, topk_weights, topk_ids, activ
     buffers = (buf["gate_up"], buf["act"], buf["down"], ot, s)
     # False: the plugin refused pair routing (ABI 1.2 without it, plugins.md) and nothing ran.
     if not pair_routing or not _core.moe_layer(*steps, PAIR_ROUTING, None, None, None, *buffers):
-        if block_size == PAIR_ROUTING:
-            block_size = default_block_size(pairs, w13.num_experts)
+        block_size = align_block(block_size, pairs, w13.num_experts)
         _core.moe_layer(*steps, block_size, *_routing_buffers(core, ids, block_size, num_experts, map_t, s, ws),
                         *buffers)
     elif workspace is not None and num_tokens > 1:

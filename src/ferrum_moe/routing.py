@@ -95,6 +95,12 @@ def default_block_size(num_pairs: int, num_experts: int) -> int:
     return 32 if per_expert <= 64 else _LARGEST_DEFAULT_BLOCK
 
 
+def align_block(block_size: int, num_pairs: int, num_experts: int) -> int:
+    """The block a call aligns at: block_size, or the rule's where that is
+    PAIR_ROUTING (a backend without pair routing, or a step that must align)."""
+    return default_block_size(num_pairs, num_experts) if block_size == PAIR_ROUTING else block_size
+
+
 _cached_buffer_sizes = functools.lru_cache(maxsize=256, typed=True)(routing_buffer_sizes)  # a decode step asks the same
 
 

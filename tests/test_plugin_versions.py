@@ -3,8 +3,10 @@ own function table with their version fields and size changed: a newer minor
 version loads, another major version or a truncated table is refused naming
 the plugin and both versions, a 1.0 plugin (which knows no
 FM_ALLOC_ZEROED) still hands out zero-filled new results, and a 1.1 plugin
-(which knows no pair routing) gets align's routing from the layer, and a 1.2
-plugin (no gated epilogue) gets the activation run by the host."""
+(which knows no pair routing) gets align's routing from the layer, a 1.2
+plugin (no gated epilogue) gets the activation run by the host, and a 1.4
+plugin's whole-layer call is offered under pair routing after the steps'
+checks, replacing the steps when it takes the call."""
 
 import ctypes
 from pathlib import Path
@@ -16,7 +18,7 @@ import ferrum_moe as fm
 from ferrum_moe.arrays import import_array
 
 from conftest import random_activations, random_weight, reference_moe, rel_error, silu_product
-from handmade_dlpack import DLDataType, DLDevice, DLManagedTensorVersioned
+from handmade_dlpack import DLDataType, DLDevice, DLManagedTensorVersioned, DLTensor
 
 POINTER_SIZE = ctypes.sizeof(ctypes.c_void_p)
 FUNCTIONS = ["initialize", "destroy", "get_info", "tensor_alloc", "stack_create", "stack_destroy",
@@ -319,3 +321,123 @@ def test_the_cpu_plugins_gated_epilogue_replaces_the_activation_step(rng, inter,
         got = fm.fused_moe(x[:1], s13, s2, tw[:1], ids[:1], block_size=block_size)
         assert rel_error(got, reference_moe(x[:1], w13, w2, tw[:1], ids[:1])) < 1e-4
         assert steps == ([] if epilogue else ["activation"])
+
+
+class FmMoeLayerArgs(ctypes.Structure):
+    _fields_ = [("struct_size", ctypes.c_size_t), ("backend", ctypes.c_void_p), ("w13", ctypes.c_void_p),
+                ("w2", ctypes.c_void_p), ("x", ctypes.POINTER(DLTensor)), ("topk_ids", ctypes.POINTER(DLTensor)),
+                ("topk_weights", ctypes.POINTER(DLTensor)), ("weights_on_input", ctypes.c_int32),
+                ("num_experts", ctypes.c_int64), ("expert_map", ctypes.POINTER(DLTensor)),
+                ("activation", ctypes.c_int), ("act", ctypes.POINTER(DLTensor)), ("down", ctypes.POINTER(DLTensor)),
+                ("out", ctypes.POINTER(DLTensor)), ("stream", ctypes.c_void_p), ("written", ctypes.c_int32)]
+
+
+LAYER = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.POINTER(FmMoeLayerArgs))
+ABI_1_4_SIZE = ABI_1_0_SIZE + POINTER_SIZE  # moe_layer appended after stream_order
+
+
+def shape_of(t: DLTensor) -> tuple:
+    return tuple(t.shape[i] for i in range(t.ndim))
+
+
+def layer_table(moe_layer, **hooks):
+    """A 1.4 copy of the CPU plugin's table whose moe_layer is `moe_layer(args)`
+    (a Python function answering an FmError pointer or None), and whose GEMMs
+    and top-k sum, counted in `table.steps`, are the CPU plugin's."""
+    table = HookedTable(minor=4, stack_gemm_routed=(ROUTED, lambda t, a: (t.steps.append("gemm_routed"),
+                                                                          t.original["stack_gemm_routed"](a))[1]),
+                        **hooks)
+    table.steps = []
+    bigger = ctypes.create_string_buffer(ABI_1_4_SIZE)
+    ctypes.memmove(bigger, table.buffer, ABI_1_0_SIZE)
+    table.buffer, table.api = bigger, FmBackendApi.from_buffer(bigger)
+    table.api.struct_size = ABI_1_4_SIZE
+    table.keep["moe_layer"] = LAYER(moe_layer)
+    ctypes.c_void_p.from_buffer(bigger, ABI_1_0_SIZE).value = ctypes.cast(table.keep["moe_layer"], ctypes.c_void_p).value
+    return table
+
+
+def test_the_cpu_plugin_offers_no_fused_layer():
+    """A plugin.hpp backend that declares no moe_layer (the CPU one) leaves the
+    1.4 entry NULL, so the host never builds the call for it."""
+    library_table = cpu_table()
+    assert library_table.abi_minor >= 4 and library_table.struct_size >= ABI_1_4_SIZE
+    assert ctypes.c_void_p.from_address(ctypes.addressof(library_table) + ABI_1_0_SIZE).value is None
+    assert not fm.discovery.get_backend("cpu").has_moe_layer
+
+
+@pytest.mark.parametrize("on_input", [False, True])
+def test_a_plugin_that_declines_the_fused_layer_gets_the_steps(rng, on_input):
+    """The host offers the whole layer (ABI 1.4) under pair routing, after the
+    steps' checks, with the steps' buffers as scratch; a plugin that answers
+    written = 0 queued nothing, and the host runs the steps."""
+    seen = []
+
+    def decline(args):
+        a = args.contents
+        seen.append({"x": shape_of(a.x.contents), "ids": shape_of(a.topk_ids.contents),
+                     "act": shape_of(a.act.contents), "down": shape_of(a.down.contents),
+                     "down_bits": a.down.contents.dtype.bits, "out": shape_of(a.out.contents),
+                     "on_input": a.weights_on_input, "experts": a.num_experts, "activation": a.activation,
+                     "map": bool(a.expert_map), "w13": a.w13 != a.w2})
+        a.written = 0
+        return None
+
+    table = layer_table(decline)
+    backend = table.load()
+    assert backend.has_moe_layer
+    w13, w2, s13, s2, x, ids, tw = gated_layer(rng, backend, 64)
+    got = fm.fused_moe(x[:1], s13, s2, tw[:1], ids[:1], apply_router_weight_on_input=on_input)
+    assert rel_error(got, reference_moe(x[:1], w13, w2, tw[:1], ids[:1], on_input=on_input)) < 1e-4
+    assert seen == [{"x": (1, 64), "ids": (1, 2), "act": (2, 64), "down": (2, 64), "down_bits": 32, "out": (1, 64),
+                     "on_input": int(on_input), "experts": 4, "activation": 0, "map": False, "w13": True}]
+    assert table.steps == ["gemm_routed", "gemm_routed"]
+    # Align's routing (a block size named) is never offered as one call.
+    seen.clear()
+    table.steps.clear()
+    got = fm.fused_moe(x, s13, s2, tw, ids, block_size=4)
+    assert rel_error(got, reference_moe(x, w13, w2, tw, ids)) < 1e-4
+    assert seen == [] and table.steps == ["gemm_routed", "gemm_routed"]
+
+
+def test_a_plugin_that_takes_the_fused_layer_replaces_every_step(rng):
+    """A plugin that answers written = 1 has queued the whole layer: the host
+    runs no step after it, and the layer's result is what the plugin wrote
+    (here the float64 layer, written through the out DLTensor it received)."""
+    expected = {}
+
+    def take(args):
+        a = args.contents
+        out = a.out.contents
+        assert shape_of(out) == expected["value"].shape and not out.strides or out.strides[1] == 1
+        value = np.ascontiguousarray(expected["value"], np.float32)
+        ctypes.memmove(out.data + out.byte_offset, value.ctypes.data, value.nbytes)
+        a.written = 1
+        return None
+
+    sums = []
+    table = layer_table(take, moe_sum=(ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p),
+                                        lambda t, a: (sums.append(1), t.original["moe_sum"](a))[1]))
+    backend = table.load()
+    w13, w2, s13, s2, x, ids, tw = gated_layer(rng, backend, 64)
+    expected["value"] = reference_moe(x[:1], w13, w2, tw[:1], ids[:1])
+    got = fm.fused_moe(x[:1], s13, s2, tw[:1], ids[:1])
+    np.testing.assert_array_equal(got, expected["value"].astype(np.float32))
+    assert table.steps == [] and sums == []
+
+
+def test_the_fused_layer_is_offered_only_after_the_steps_checks(rng):
+    """Bad arguments are refused with the steps' messages before the plugin's
+    moe_layer sees them."""
+    offered = []
+
+    def record(args):
+        offered.append(1)
+        args.contents.written = 0
+        return None
+
+    backend = layer_table(record).load()
+    _, _, s13, s2, x, ids, tw = gated_layer(rng, backend, 64)
+    with pytest.raises(ValueError, match=r"gemm_routed: x has shape \[1, 32\]; dimension 1 must be 64 \(the stack's k\)"):
+        fm.fused_moe(x[:1, :32], s13, s2, tw[:1], ids[:1])
+    assert offered == []

@@ -341,8 +341,8 @@ void Backend::gated_activation(const Tensor& input, Tensor& out, void* stream) {
   if (FmError* e = api_->gated_activation(&args)) raise_error(e, op);
 }
 
-void Backend::moe_sum(const Tensor& input, const Tensor& topk_ids, int64_t num_experts, const Tensor* expert_map,
-                      Tensor& out, void* stream) {
+void Backend::check_moe_sum(const Tensor& input, const Tensor& topk_ids, int64_t num_experts,
+                            const Tensor* expert_map, const Tensor& out) const {
   const char* op = "moe_sum";
   expect_rank(input, 2, {op, "input"});
   expect_rank(topk_ids, 2, {op, "topk_ids"});
@@ -370,9 +370,37 @@ void Backend::moe_sum(const Tensor& input, const Tensor& topk_ids, int64_t num_e
     expect_device(*expert_map, input.device(), {op, "expert_map"}, "the input's device");
     expect_disjoint(out, *expert_map, {op, "out"}, "expert_map");
   }
+}
+
+void Backend::moe_sum(const Tensor& input, const Tensor& topk_ids, int64_t num_experts, const Tensor* expert_map,
+                      Tensor& out, void* stream) {
+  const char* op = "moe_sum";
+  check_moe_sum(input, topk_ids, num_experts, expert_map, out);
   FmMoeSumArgs args{sizeof(args), handle_, &input.dl(), &topk_ids.dl(), num_experts,
                     expert_map != nullptr ? &expert_map->dl() : nullptr, out.mutable_dl(), stream};
   if (FmError* e = api_->moe_sum(&args)) raise_error(e, op);
+}
+
+bool Backend::moe_layer(ExpertStack& w13, ExpertStack& w2, const LayerArgs& layer, void* stream) {
+  if (!has_moe_layer()) return false;
+  FmMoeLayerArgs args{};
+  args.struct_size = sizeof(args);
+  args.backend = handle_;
+  args.w13 = w13.handle();
+  args.w2 = w2.handle();
+  args.x = &layer.x->dl();
+  args.topk_ids = &layer.topk_ids->dl();
+  args.topk_weights = &layer.topk_weights->dl();
+  args.weights_on_input = layer.weights_on_input ? 1 : 0;
+  args.num_experts = layer.num_experts;
+  args.expert_map = layer.expert_map != nullptr ? &layer.expert_map->dl() : nullptr;
+  args.activation = static_cast<FmActivation>(layer.activation);
+  args.act = layer.act->mutable_dl();
+  args.down = layer.down->mutable_dl();
+  args.out = layer.out->mutable_dl();
+  args.stream = stream;
+  if (FmError* e = api_->moe_layer(&args)) raise_error(e, "moe_layer");
+  return args.written != 0;
 }
 
 void Backend::stream_order(DLDevice device, void* producer, void* consumer) {
@@ -672,9 +700,9 @@ bool ExpertStack::gemm_routed(const Tensor& x, const Tensor& sorted_token_ids, c
   return launch_routed(args, gated, op);
 }
 
-bool ExpertStack::gemm_routed_pairs(const Tensor& x, const Tensor& topk_ids, int64_t num_experts,
-                                    const Tensor* expert_map, const Tensor* topk_weights, Tensor* out, void* stream,
-                                    const Gated* gated) {
+int64_t ExpertStack::check_routed_pairs(const Tensor& x, const Tensor& topk_ids, int64_t num_experts,
+                                        const Tensor* expert_map, const Tensor* topk_weights, Tensor* out,
+                                        const Gated* gated) const {
   const char* op = "gemm_routed";
   if (!backend_->has_pair_routing()) {
     throw Error(FM_ERROR_UNSUPPORTED, "gemm_routed: backend '" + backend_->name() + "' (ABI " + backend_->abi_version() +
@@ -696,6 +724,13 @@ bool ExpertStack::gemm_routed_pairs(const Tensor& x, const Tensor& topk_ids, int
     expect_disjoint(*o.tensor, topk_ids, {op, o.name}, "topk_ids");
     if (expert_map != nullptr) expect_disjoint(*o.tensor, *expert_map, {op, o.name}, "expert_map");
   }
+  return top_k;
+}
+
+bool ExpertStack::gemm_routed_pairs(const Tensor& x, const Tensor& topk_ids, int64_t num_experts,
+                                    const Tensor* expert_map, const Tensor* topk_weights, Tensor* out, void* stream,
+                                    const Gated* gated) {
+  const int64_t top_k = check_routed_pairs(x, topk_ids, num_experts, expert_map, topk_weights, out, gated);
   FmGemmRoutedArgs args{};
   args.struct_size = sizeof(args);
   args.stack = handle_;
@@ -708,7 +743,7 @@ bool ExpertStack::gemm_routed_pairs(const Tensor& x, const Tensor& topk_ids, int
   args.topk_ids = &topk_ids.dl();
   args.num_experts = num_experts;
   args.expert_map = expert_map != nullptr ? &expert_map->dl() : nullptr;
-  return launch_routed(args, gated, op);
+  return launch_routed(args, gated, "gemm_routed");
 }
 
 void ExpertStack::zero_workspace(void* stream) {

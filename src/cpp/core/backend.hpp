@@ -46,6 +46,11 @@ class Backend : public std::enable_shared_from_this<Backend> {
   bool has_pair_routing() const { return api_->abi_minor >= 2; }
   // Whether stack_gemm_routed may apply the gated activation itself (ABI 1.3).
   bool has_gated_epilogue() const { return api_->abi_minor >= 3; }
+  // Whether the plugin offers the whole layer in one call (ABI 1.4, plugin.h:
+  // a non-NULL moe_layer in a table that holds it).
+  bool has_moe_layer() const {
+    return api_->abi_minor >= 4 && FM_STRUCT_HAS(api_, moe_layer) && api_->moe_layer != nullptr;
+  }
   bool serves(DLDevice device) const;
 
   // A new tensor from the backend's allocator; `flags` are FmAllocFlags
@@ -61,6 +66,26 @@ class Backend : public std::enable_shared_from_this<Backend> {
   void gated_activation(const Tensor& input, Tensor& out, void* stream);
   void moe_sum(const Tensor& input, const Tensor& topk_ids, int64_t num_experts,
                const Tensor* expert_map, Tensor& out, void* stream);
+  // moe_sum's checks alone.
+  void check_moe_sum(const Tensor& input, const Tensor& topk_ids, int64_t num_experts, const Tensor* expert_map,
+                     const Tensor& out) const;
+  // The whole layer in one plugin call (plugin.h, FmMoeLayerArgs), its
+  // arguments already checked as the steps check them (core/moe.cpp). Answers
+  // whether the plugin queued it; false, with nothing queued, where the
+  // plugin declines or has no such call.
+  struct LayerArgs {
+    const Tensor* x;
+    const Tensor* topk_ids;
+    const Tensor* topk_weights;
+    bool weights_on_input;
+    int64_t num_experts;
+    const Tensor* expert_map;
+    int32_t activation;  // an FmActivation
+    Tensor* act;
+    Tensor* down;
+    Tensor* out;
+  };
+  bool moe_layer(ExpertStack& w13, ExpertStack& w2, const LayerArgs& layer, void* stream);
   void stream_order(DLDevice device, void* producer, void* consumer);
 
   const FmBackendApi& api() const { return *api_; }
@@ -142,6 +167,10 @@ class ExpertStack {
   // block, its expert read from topk_ids (through expert_map); no align.
   bool gemm_routed_pairs(const Tensor& x, const Tensor& topk_ids, int64_t num_experts, const Tensor* expert_map,
                          const Tensor* topk_weights, Tensor* out, void* stream, const Gated* gated = nullptr);
+  // gemm_routed_pairs' checks alone; answers top_k.
+  int64_t check_routed_pairs(const Tensor& x, const Tensor& topk_ids, int64_t num_experts, const Tensor* expert_map,
+                             const Tensor* topk_weights, Tensor* out, const Gated* gated = nullptr) const;
+  FmStack* handle() const { return handle_; }
   void zero_workspace(void* stream);
 
  private:

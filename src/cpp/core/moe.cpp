@@ -25,6 +25,7 @@ bool run_moe_layer(ExpertStack& w13, ExpertStack& w2, const MoeLayerCall& c) {
   const int64_t pairs = c.topk_ids->dim(0) * c.topk_ids->dim(1);  // an imported tensor's: fits int64
   // The second GEMM is pair-indexed: its "tokens" are the pairs, top_k 1.
   const auto weights_by_pair = c.topk_weights->view({pairs, 1});
+  const auto ids_by_pair = c.topk_ids->view({pairs, 1});
   const Tensor* first_weights = c.weights_on_input ? c.topk_weights : nullptr;
   const Tensor* second_weights = c.weights_on_input ? nullptr : weights_by_pair.get();
   Backend& backend = *w13.backend();
@@ -32,6 +33,16 @@ bool run_moe_layer(ExpertStack& w13, ExpertStack& w2, const MoeLayerCall& c) {
   // then needs no pass of its own over gate_up.
   const ExpertStack::Gated gated{FM_ACTIVATION_SILU, c.act};
   bool activated = false;
+  if (pair_routing && backend.has_moe_layer() && w2.backend() == w13.backend()) {
+    // The whole layer in one plugin call (ABI 1.4), checked first as the steps
+    // would check their arguments; a plugin that declines queued nothing.
+    w13.check_routed_pairs(*c.x, *c.topk_ids, c.num_experts, c.expert_map, first_weights, nullptr, &gated);
+    w2.check_routed_pairs(*c.act, *ids_by_pair, c.num_experts, c.expert_map, second_weights, c.down);
+    backend.check_moe_sum(*c.down, *c.topk_ids, c.num_experts, c.expert_map, *c.out);
+    const Backend::LayerArgs layer{c.x,          c.topk_ids, c.topk_weights, c.weights_on_input,
+                                   c.num_experts, c.expert_map, FM_ACTIVATION_SILU, c.act, c.down, c.out};
+    if (backend.moe_layer(w13, w2, layer, c.stream)) return true;
+  }
   if (pair_routing) {
     try {
       activated = w13.gemm_routed_pairs(*c.x, *c.topk_ids, c.num_experts, c.expert_map, first_weights, c.gate_up,
@@ -51,7 +62,6 @@ bool run_moe_layer(ExpertStack& w13, ExpertStack& w2, const MoeLayerCall& c) {
   }
   if (!activated) backend.gated_activation(*c.gate_up, *c.act, c.stream);
   if (pair_routing) {
-    const auto ids_by_pair = c.topk_ids->view({pairs, 1});
     w2.gemm_routed_pairs(*c.act, *ids_by_pair, c.num_experts, c.expert_map, second_weights, c.down, c.stream);
   } else {
     w2.gemm_routed(*c.act, *c.sorted_token_ids, *c.expert_ids, *c.num_tokens_post_padded, c.block_size, 1,

@@ -1,6 +1,8 @@
 // One MoE layer call's backend steps, in order, without returning to Python
 // between them: align (or pair routing for one token) -> w13 GEMM -> gated
-// activation -> w2 GEMM with the router weight -> top-k sum. The caller
+// activation -> w2 GEMM with the router weight -> top-k sum; or, under pair
+// routing, the whole layer in one plugin call where the plugin offers one
+// (ABI 1.4, plugin.h: FmMoeLayerArgs) and takes this call. The caller
 // (ferrum_moe.moe) has imported and checked the arrays, chosen the routing
 // block and sized the buffers; every step checks its own arguments as when
 // called alone.

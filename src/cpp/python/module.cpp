@@ -220,6 +220,7 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("abi_version", &Backend::abi_version)
       .def_property_readonly("has_pair_routing", &Backend::has_pair_routing)
       .def_property_readonly("has_gated_epilogue", &Backend::has_gated_epilogue)
+      .def_property_readonly("has_moe_layer", &Backend::has_moe_layer)
       .def(
           "empty",
           [](Backend& b, int device_type, int device_id, const std::string& dtype, std::vector<int64_t> shape,

@@ -49,7 +49,7 @@
 #include "ferrum_moe/dlpack.h"
 
 #define FM_ABI_MAJOR 1
-#define FM_ABI_MINOR 3
+#define FM_ABI_MINOR 4
 
 /* Capsule name an entry point's object must carry. */
 #define FM_BACKEND_CAPSULE_NAME "ferrum_moe.backend_api"
@@ -319,6 +319,46 @@ typedef struct FmMoeSumArgs {
   void* stream;
 } FmMoeSumArgs;
 
+/* The whole MoE layer in one call (ABI 1.4; optional: the host asks only a
+ * plugin of minor version >= 4 whose table holds a non-NULL moe_layer). With
+ * pairs = num_tokens * top_k, pair p = t * top_k + j routed as gemm_routed's
+ * pair routing routes it (its local expert e from topk_ids through
+ * expert_map; pairs whose id or local id is out of range are skipped and
+ * add nothing), w_p = topk_weights[t, j], and `act` the activation:
+ *   act_in[p, :] = act(g) * u, [g | u] = x[t, :] @ W13_e (* w_p if weights_on_input)
+ *   out[t, :]    = sum over valid j of act_in[p, :] @ W2_e (* w_p unless weights_on_input)
+ * that is, what the layer's steps compute (w13's routed GEMM with the gated
+ * epilogue, w2's routed GEMM over the pairs, moe_sum), with the same
+ * roundings: act_in in the stacks' dtype, the second GEMM's rows and their
+ * sum in float32. `act` and `down` are the steps' intermediate buffers, lent
+ * as scratch: their contents afterwards are unspecified. The plugin either
+ * queues the whole layer and sets written = 1, or queues nothing and sets
+ * written = 0 (a layer it has no fused path for: the host then runs the
+ * steps). The host has checked every argument as the steps would check them
+ * (both stacks of this backend on one device, w2's K == w13's N / 2,
+ * topk_ids and topk_weights [num_tokens, top_k], act [pairs, N13 / 2] in the
+ * stacks' dtype, down float32 [pairs, hidden], out [num_tokens, hidden] float32
+ * or the stacks' dtype, outputs disjoint from the inputs); topk_ids and a
+ * device-resident expert_map are NOT checked, as in pair routing. */
+typedef struct FmMoeLayerArgs {
+  size_t struct_size;
+  FmBackend* backend;
+  FmStack* w13;                 /* [E, hidden, 2 * inter]: columns [gate | up] */
+  FmStack* w2;                  /* [E, inter, hidden] */
+  const DLTensor* x;            /* [num_tokens, hidden] */
+  const DLTensor* topk_ids;     /* int32 or int64 [num_tokens, top_k], compact */
+  const DLTensor* topk_weights; /* float32 [num_tokens, top_k], compact */
+  int32_t weights_on_input;     /* nonzero: w_p scales the first GEMM's rows, not the second's */
+  int64_t num_experts;          /* bound of the global ids in topk_ids */
+  const DLTensor* expert_map;   /* int32 [num_experts] global -> local id or -1, or NULL */
+  FmActivation activation;
+  DLTensor* act;                /* scratch [pairs, inter], the stacks' dtype */
+  DLTensor* down;               /* scratch [pairs, hidden], float32 */
+  DLTensor* out;                /* [num_tokens, hidden] */
+  void* stream;
+  int32_t written;              /* out: 1 when the plugin queued the layer, else 0 */
+} FmMoeLayerArgs;
+
 typedef struct FmBackendApi {
   size_t struct_size;
   uint32_t abi_major;
@@ -350,6 +390,9 @@ typedef struct FmBackendApi {
    * `producer` (an event record + wait on CUDA). Used when a tensor this
    * backend produced is exported through DLPack to another stream. */
   FmError* (*stream_order)(FmBackend* backend, DLDevice device, void* producer, void* consumer);
+
+  /* ABI 1.4: the whole layer in one call (FmMoeLayerArgs), or NULL. */
+  FmError* (*moe_layer)(FmMoeLayerArgs* args);
 } FmBackendApi;
 
 typedef const FmBackendApi* (*FmBackendGetApiFn)(void);

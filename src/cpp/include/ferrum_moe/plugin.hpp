@@ -16,6 +16,7 @@
 #include <memory>
 #include <new>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "ferrum_moe/plugin.h"
@@ -65,6 +66,11 @@ class Backend {
   virtual void moe_align_block_size(const FmAlignArgs& args) = 0;
   virtual void gated_activation(const FmGatedActivationArgs& args) = 0;
   virtual void moe_sum(const FmMoeSumArgs& args) = 0;
+  // The whole layer in one call (plugin.h, ABI 1.4): answers true once it has
+  // queued the layer, or false having queued nothing (the host then runs the
+  // steps). A backend that declares none offers none (its table's entry is
+  // NULL: make_api).
+  virtual bool moe_layer(const FmMoeLayerArgs& /*args*/) { return false; }
   // Backends whose work is synchronous (the CPU) have nothing to order.
   virtual void stream_order(DLDevice /*device*/, void* /*producer*/, void* /*consumer*/) {}
 
@@ -183,9 +189,21 @@ struct Thunks {
   static FmError* stream_order(FmBackend* b, DLDevice device, void* producer, void* consumer) {
     return guarded([&] { box(b)->backend->stream_order(device, producer, consumer); });
   }
+  static FmError* moe_layer(FmMoeLayerArgs* a) {
+    return guarded([&] {
+      a->written = 0;
+      a->written = box(a->backend)->backend->moe_layer(*a) ? 1 : 0;
+    });
+  }
 };
 
 }  // namespace detail
+
+// Whether B declares its own moe_layer (the table then offers it; otherwise
+// its entry is NULL and the host never builds the call).
+template <class B>
+constexpr bool declares_moe_layer =
+    !std::is_same_v<decltype(&B::moe_layer), bool (Backend::*)(const FmMoeLayerArgs&)>;
 
 template <class B>
 const FmBackendApi* make_api(const char* name, const char* version) {
@@ -196,6 +214,7 @@ const FmBackendApi* make_api(const char* name, const char* version) {
       &T::stack_create, &T::stack_destroy, &T::stack_get_properties,
       &T::stack_gemm_batched, &T::stack_gemm_routed, &T::stack_zero_workspace,
       &T::moe_align_block_size, &T::gated_activation, &T::moe_sum, &T::stream_order,
+      declares_moe_layer<B> ? &T::moe_layer : nullptr,
   };
   return &api;
 }

@@ -338,8 +338,12 @@ typedef struct FmMoeSumArgs {
  * (both stacks of this backend on one device, w2's K == w13's N / 2,
  * topk_ids and topk_weights [num_tokens, top_k], act [pairs, N13 / 2] in the
  * stacks' dtype, down float32 [pairs, hidden], out [num_tokens, hidden] float32
- * or the stacks' dtype, outputs disjoint from the inputs); topk_ids and a
- * device-resident expert_map are NOT checked, as in pair routing. */
+ * or the stacks' dtype; act and down disjoint from the inputs, out from down,
+ * topk_ids and expert_map). out may share memory with x or topk_weights (the
+ * steps write it last, after every read of them: a layer may write its result
+ * over its input), so a plugin writes out only after its last read of those.
+ * topk_ids and a device-resident expert_map are NOT checked, as in pair
+ * routing. */
 typedef struct FmMoeLayerArgs {
   size_t struct_size;
   FmBackend* backend;

@@ -166,8 +166,9 @@ def check_backend(backend: str, *, device: str = "cpu", dtype: str = "float16", 
                   seed: int = 0) -> Report:
     """Runs the API on `backend` against float64 references: gemm_batched over
     several formats, expert views with bias, align, gemm_routed and a whole
-    fused_moe layer (also of one token: pair routing, ABI 1.2), gemm_routed's
-    gated output (ABI 1.3); then what a backend must guard: zero-token inputs,
+    fused_moe layer (also of one token and with pair routing named: ABI 1.2,
+    and the whole layer in one call where the plugin offers it, ABI 1.4),
+    gemm_routed's gated output (ABI 1.3); then what a backend must guard: zero-token inputs,
     zero-filled new results (FM_ALLOC_ZEROED) and routing with out-of-range
     entries. Operations the backend refuses with NotImplementedError are
     reported as unsupported, not failed. `put`/`get` move host numpy arrays to
@@ -226,14 +227,15 @@ def check_backend(backend: str, *, device: str = "cpu", dtype: str = "float16", 
 
     run("moe_align_block_size", align)
 
-    def layer(m):
-        e, hidden, inter = 8, 128, 64
+    def layer(m, block_size=None):
+        # (A gate half of 128 columns: the shape a fused layer call, ABI 1.4, is likeliest to take.)
+        e, hidden, inter = 8, 128, 128
         w13 = [random_weight(rng, hidden, 2 * inter, group_size=64, dtype=dtype) for _ in range(e)]
         w2 = [random_weight(rng, inter, hidden, group_size=64, dtype=dtype) for _ in range(e)]
         x = random_activations(rng, (m, hidden), dtype)
         ids = np.stack([rng.permutation(e)[:2] for _ in range(m)]).astype(np.int32)
         tw = rng.random((m, 2)).astype(np.float32)
-        y = fm.fused_moe(put(x), stack(w13), stack(w2), put(tw), put(ids))
+        y = fm.fused_moe(put(x), stack(w13), stack(w2), put(tw), put(ids), block_size=block_size)
         return rel_error(get(y), reference_moe(x, w13, w2, tw, ids))
 
     def gated():
@@ -251,8 +253,10 @@ def check_backend(backend: str, *, device: str = "cpu", dtype: str = "float16", 
     # The gated epilogue where the plugin has ABI 1.3, else the host's activation.
     run("gemm_routed, silu(gate) * up", gated)
     run("fused_moe", lambda: layer(9))
-    # One token: gemm_routed's pair routing where the plugin has ABI 1.2.
+    # One token: gemm_routed's pair routing where the plugin has ABI 1.2, the whole layer in one
+    # call where it offers one (ABI 1.4); then pair routing named at three tokens.
     run("fused_moe, one token", lambda: layer(1))
+    run("fused_moe, pair routing at 3 tokens", lambda: layer(3, block_size=0))
 
     def zero_tokens():
         weights = [random_weight(rng, 64, 32, group_size=32, dtype=dtype) for _ in range(2)]

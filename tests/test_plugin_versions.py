@@ -441,3 +441,25 @@ def test_the_fused_layer_is_offered_only_after_the_steps_checks(rng):
     with pytest.raises(ValueError, match=r"gemm_routed: x has shape \[1, 32\]; dimension 1 must be 64 \(the stack's k\)"):
         fm.fused_moe(x[:1, :32], s13, s2, tw[:1], ids[:1])
     assert offered == []
+
+
+def test_ferrum_moe_layer_call_0_keeps_the_steps(rng, monkeypatch):
+    """FERRUM_MOE_LAYER_CALL=0 (an escape hatch, and a way to time the steps
+    against the one call in one process): the host never offers the call."""
+    offered = []
+
+    def take(args):
+        offered.append(1)
+        args.contents.written = 1  # (it would claim the layer without computing it)
+        return None
+
+    table = layer_table(take)
+    backend = table.load()
+    w13, w2, s13, s2, x, ids, tw = gated_layer(rng, backend, 64)
+    monkeypatch.setenv("FERRUM_MOE_LAYER_CALL", "0")
+    got = fm.fused_moe(x[:1], s13, s2, tw[:1], ids[:1])
+    assert offered == [] and table.steps == ["gemm_routed", "gemm_routed"]
+    assert rel_error(got, reference_moe(x[:1], w13, w2, tw[:1], ids[:1])) < 1e-4
+    monkeypatch.setenv("FERRUM_MOE_LAYER_CALL", "1")
+    fm.fused_moe(x[:1], s13, s2, tw[:1], ids[:1])
+    assert offered == [1]

@@ -5,6 +5,7 @@ GEMMs route each pair themselves where the backend can)."""
 from __future__ import annotations
 
 import math
+import os
 import threading
 
 import numpy as np
@@ -170,8 +171,11 @@ def _forward(x, w13: ExpertStack, w2: ExpertStack, topk_weights, topk_ids, activ
     # The steps run in the core, one after another (core/moe.hpp).
     steps = (w13._core, w2._core, xt, ids, tw, map_t, num_experts, apply_router_weight_on_input)
     buffers = (buf["gate_up"], buf["act"], buf["down"], ot, s)
-    # False: the plugin refused pair routing (ABI 1.2 without it, plugins.md) and nothing ran.
-    if not pair_routing or not _core.moe_layer(*steps, PAIR_ROUTING, None, None, None, *buffers):
+    # False: the plugin refused pair routing (ABI 1.2 without it, plugins.md) and nothing ran. Under
+    # pair routing the core may offer the plugin the whole layer in one call (ABI 1.4), unless
+    # FERRUM_MOE_LAYER_CALL=0 keeps the steps.
+    layer_call = os.environ.get("FERRUM_MOE_LAYER_CALL", "1") != "0"
+    if not pair_routing or not _core.moe_layer(*steps, PAIR_ROUTING, None, None, None, *buffers, layer_call):
         block_size = align_block(block_size, pairs, w13.num_experts)
         _core.moe_layer(*steps, block_size, *_routing_buffers(core, ids, block_size, num_experts, map_t, s, ws),
                         *buffers)

@@ -33,7 +33,7 @@ bool run_moe_layer(ExpertStack& w13, ExpertStack& w2, const MoeLayerCall& c) {
   // then needs no pass of its own over gate_up.
   const ExpertStack::Gated gated{FM_ACTIVATION_SILU, c.act};
   bool activated = false;
-  if (pair_routing && backend.has_moe_layer() && w2.backend() == w13.backend()) {
+  if (pair_routing && c.layer_call && backend.has_moe_layer() && w2.backend() == w13.backend()) {
     // The whole layer in one plugin call (ABI 1.4), checked first as the steps
     // would check their arguments; a plugin that declines queued nothing.
     w13.check_routed_pairs(*c.x, *c.topk_ids, c.num_experts, c.expert_map, first_weights, nullptr, &gated);

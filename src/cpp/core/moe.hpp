@@ -31,6 +31,9 @@ struct MoeLayerCall {
   Tensor* down = nullptr;               // [pairs, hidden], float32
   Tensor* out = nullptr;                // [num_tokens, hidden]
   void* stream = nullptr;
+  // Under pair routing, offer the plugin the whole layer in one call (ABI
+  // 1.4); false keeps the steps (FERRUM_MOE_LAYER_CALL=0, ferrum_moe.moe).
+  bool layer_call = true;
 };
 
 // False, with nothing queued, where the call asks for pair routing and the

@@ -125,7 +125,7 @@ PYBIND11_MODULE(_core, m) {
          bool weights_on_input, int64_t block_size, const std::optional<TensorPtr>& sorted_token_ids,
          const std::optional<TensorPtr>& expert_ids, const std::optional<TensorPtr>& num_tokens_post_padded,
          const TensorPtr& gate_up, const TensorPtr& act, const TensorPtr& down, const TensorPtr& out,
-         uintptr_t stream) {
+         uintptr_t stream, bool layer_call) {
         ferrum::MoeLayerCall call;
         call.x = x.get();
         call.topk_ids = topk_ids.get();
@@ -142,12 +142,14 @@ PYBIND11_MODULE(_core, m) {
         call.down = down.get();
         call.out = out.get();
         call.stream = as_stream(stream);
+        call.layer_call = layer_call;
         return ferrum::run_moe_layer(w13, w2, call);
       },
       py::call_guard<py::gil_scoped_release>(), py::arg("w13"), py::arg("w2"), py::arg("x"), py::arg("topk_ids"),
       py::arg("topk_weights"), py::arg("expert_map"), py::arg("num_experts"), py::arg("weights_on_input"),
       py::arg("block_size"), py::arg("sorted_token_ids"), py::arg("expert_ids"), py::arg("num_tokens_post_padded"),
-      py::arg("gate_up"), py::arg("act"), py::arg("down"), py::arg("out"), py::arg("stream") = 0);
+      py::arg("gate_up"), py::arg("act"), py::arg("down"), py::arg("out"), py::arg("stream") = 0,
+      py::arg("layer_call") = true);
 
   py::class_<Tensor, TensorPtr>(m, "Tensor",
                                 "An array ferrum-moe holds: imported through DLPack or allocated by a backend. "

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import numpy as np
 import torch
@@ -58,6 +59,19 @@ def grouped_layer(w13: torch.Tensor, w2: torch.Tensor, top_k: int):
     return run
 
 
+def steps_only(fn):
+    """fn() with FERRUM_MOE_LAYER_CALL=0: a layer graph captured in it keeps the separate steps."""
+    before = os.environ.get("FERRUM_MOE_LAYER_CALL")
+    os.environ["FERRUM_MOE_LAYER_CALL"] = "0"
+    try:
+        return fn()
+    finally:
+        if before is None:
+            del os.environ["FERRUM_MOE_LAYER_CALL"]
+        else:
+            os.environ["FERRUM_MOE_LAYER_CALL"] = before
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", default=",".join(MODELS))
@@ -67,6 +81,9 @@ def main() -> None:
     parser.add_argument("--grouped-from", type=int, default=256, help="time the bf16 grouped GEMM from this M up")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--block-sizes", default="", help="also time ferrum-moe at these routing block sizes")
+    parser.add_argument("--steps-too", action="store_true",
+                        help="also time ferrum-moe (and each --block-sizes) with FERRUM_MOE_LAYER_CALL=0: the separate "
+                             "steps where the backend takes a pair-routed layer in one call (plugin ABI 1.4)")
     parser.add_argument("--read-floor-to", type=int, default=64,
                         help="time reading the active experts' bytes with a plain kernel up to this M (0: never)")
     parser.add_argument("--bits", type=int, choices=(4, 8), default=4,
@@ -118,6 +135,13 @@ def main() -> None:
                     row["ferrum_us_by_block_size"] = {
                         b: time_graph(lambda s, lb=lb: lb(x, tw, ids, out=out, stream=s), flush, args.repeats)
                         for b, lb in by_block.items()}
+                if args.steps_too:
+                    row["ferrum_steps_us"] = steps_only(
+                        lambda: time_graph(lambda s: layer(x, tw, ids, out=out, stream=s), flush, args.repeats))
+                    row["ferrum_steps_us_by_block_size"] = {
+                        b: steps_only(lambda lb=lb: time_graph(lambda s: lb(x, tw, ids, out=out, stream=s), flush,
+                                                               args.repeats))
+                        for b, lb in by_block.items()}
                 if peer is not None:
                     peer.prepare(x, tw, ids)
                     row["vllm_us"] = time_graph(lambda s: peer(stream=s), flush, args.repeats)
@@ -148,6 +172,9 @@ def main() -> None:
                       f" / {row['compute_floor_us']:8.1f}  read {row.get('read_floor_us', float('nan')):7.1f}", flush=True)
                 if by_block:
                     print("    by block size: " + ", ".join(f"{b}: {t:.1f}" for b, t in row["ferrum_us_by_block_size"].items()))
+                if args.steps_too:
+                    print(f"    steps (FERRUM_MOE_LAYER_CALL=0): {row['ferrum_steps_us']:.1f}" +
+                          "".join(f", block {b}: {t:.1f}" for b, t in row["ferrum_steps_us_by_block_size"].items()))
             del layer, peer, by_block
             torch.cuda.empty_cache()
         del read_floor

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
 import numpy as np
 import torch
@@ -33,6 +32,7 @@ from gpu_bench import (GROUP, MODELS, ReadFloor, bytes_per_weight, copy_bandwidt
                        layer_shape, peer_module, random_stacked, routing, tensor_core_rate, time_graph)
 
 import ferrum_moe as fm
+from ferrum_moe.testing import steps_alone
 
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -59,19 +59,6 @@ def grouped_layer(w13: torch.Tensor, w2: torch.Tensor, top_k: int):
     return run
 
 
-def steps_only(fn):
-    """fn() with FERRUM_MOE_LAYER_CALL=0: a layer graph captured in it keeps the separate steps."""
-    before = os.environ.get("FERRUM_MOE_LAYER_CALL")
-    os.environ["FERRUM_MOE_LAYER_CALL"] = "0"
-    try:
-        return fn()
-    finally:
-        if before is None:
-            del os.environ["FERRUM_MOE_LAYER_CALL"]
-        else:
-            os.environ["FERRUM_MOE_LAYER_CALL"] = before
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", default=",".join(MODELS))
@@ -82,8 +69,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--block-sizes", default="", help="also time ferrum-moe at these routing block sizes")
     parser.add_argument("--steps-too", action="store_true",
-                        help="also time ferrum-moe (and each --block-sizes) with FERRUM_MOE_LAYER_CALL=0: the separate "
-                             "steps where the backend takes a pair-routed layer in one call (plugin ABI 1.4)")
+                        help="also time ferrum-moe (and block 0 where --block-sizes has it) with FERRUM_MOE_LAYER_CALL=0: "
+                             "the separate steps where the backend takes a pair-routed layer in one call (plugin ABI 1.4)")
     parser.add_argument("--read-floor-to", type=int, default=64,
                         help="time reading the active experts' bytes with a plain kernel up to this M (0: never)")
     parser.add_argument("--bits", type=int, choices=(4, 8), default=4,
@@ -136,12 +123,14 @@ def main() -> None:
                         b: time_graph(lambda s, lb=lb: lb(x, tw, ids, out=out, stream=s), flush, args.repeats)
                         for b, lb in by_block.items()}
                 if args.steps_too:
-                    row["ferrum_steps_us"] = steps_only(
+                    # (The variable only changes pair-routed calls: block 0, and the layer's own choice
+                    # where that is block 0.)
+                    row["ferrum_steps_us"] = steps_alone(
                         lambda: time_graph(lambda s: layer(x, tw, ids, out=out, stream=s), flush, args.repeats))
                     row["ferrum_steps_us_by_block_size"] = {
-                        b: steps_only(lambda lb=lb: time_graph(lambda s: lb(x, tw, ids, out=out, stream=s), flush,
-                                                               args.repeats))
-                        for b, lb in by_block.items()}
+                        b: steps_alone(lambda lb=lb: time_graph(lambda s: lb(x, tw, ids, out=out, stream=s), flush,
+                                                                args.repeats))
+                        for b, lb in by_block.items() if b == 0}
                 if peer is not None:
                     peer.prepare(x, tw, ids)
                     row["vllm_us"] = time_graph(lambda s: peer(stream=s), flush, args.repeats)

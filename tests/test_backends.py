@@ -161,6 +161,6 @@ def test_the_conformance_suite_runs_from_the_command_line():
     assert done.returncode == 0, done.stdout + done.stderr
     for dtype in ("bfloat16", "float16", "float32"):
         assert f"{dtype}: conformance of backend 'cpu'" in done.stdout
-    assert done.stdout.count(" ok\n") == 36 and "FAILED" not in done.stdout and "unsupported" not in done.stdout
+    assert done.stdout.count(" ok\n") == 39 and "FAILED" not in done.stdout and "unsupported" not in done.stdout
     missing = subprocess.run([sys.executable, "-m", "ferrum_moe.testing", "nosuch"], capture_output=True, text=True)
     assert missing.returncode == 2 and "backend 'nosuch' is not selected" in missing.stderr

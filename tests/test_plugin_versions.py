@@ -366,6 +366,20 @@ def test_the_cpu_plugin_offers_no_fused_layer():
     assert not fm.discovery.get_backend("cpu").has_moe_layer
 
 
+def test_the_fused_layer_is_asked_only_of_a_1_4_table_that_holds_it():
+    """The call is built only for a plugin of minor version >= 4 whose table
+    is long enough to hold moe_layer and holds a function there."""
+    def layer(args):
+        return None
+
+    short = Table(minor=4)  # a 1.4 version number on a 1.0-sized table
+    assert not short.load().has_moe_layer
+    older = layer_table(layer)
+    older.api.abi_minor = 3  # the entry filled, the version older
+    assert not older.load().has_moe_layer
+    assert layer_table(layer).load().has_moe_layer
+
+
 @pytest.mark.parametrize("on_input", [False, True])
 def test_a_plugin_that_declines_the_fused_layer_gets_the_steps(rng, on_input):
     """The host offers the whole layer (ABI 1.4) under pair routing, after the
@@ -379,7 +393,7 @@ def test_a_plugin_that_declines_the_fused_layer_gets_the_steps(rng, on_input):
                      "act": shape_of(a.act.contents), "down": shape_of(a.down.contents),
                      "down_bits": a.down.contents.dtype.bits, "out": shape_of(a.out.contents),
                      "on_input": a.weights_on_input, "experts": a.num_experts, "activation": a.activation,
-                     "map": bool(a.expert_map), "w13": a.w13 != a.w2})
+                     "map": bool(a.expert_map)})
         a.written = 0
         return None
 
@@ -390,7 +404,7 @@ def test_a_plugin_that_declines_the_fused_layer_gets_the_steps(rng, on_input):
     got = fm.fused_moe(x[:1], s13, s2, tw[:1], ids[:1], apply_router_weight_on_input=on_input)
     assert rel_error(got, reference_moe(x[:1], w13, w2, tw[:1], ids[:1], on_input=on_input)) < 1e-4
     assert seen == [{"x": (1, 64), "ids": (1, 2), "act": (2, 64), "down": (2, 64), "down_bits": 32, "out": (1, 64),
-                     "on_input": int(on_input), "experts": 4, "activation": 0, "map": False, "w13": True}]
+                     "on_input": int(on_input), "experts": 4, "activation": 0, "map": False}]
     assert table.steps == ["gemm_routed", "gemm_routed"]
     # Align's routing (a block size named) is never offered as one call.
     seen.clear()
@@ -404,14 +418,18 @@ def test_a_plugin_that_takes_the_fused_layer_replaces_every_step(rng):
     """A plugin that answers written = 1 has queued the whole layer: the host
     runs no step after it, and the layer's result is what the plugin wrote
     (here the float64 layer, written through the out DLTensor it received)."""
-    expected = {}
+    expected, seen = {}, []
 
     def take(args):
+        # (An exception here would be swallowed by ctypes: what the call saw is
+        # recorded and checked after it.)
         a = args.contents
         out = a.out.contents
-        assert shape_of(out) == expected["value"].shape and not out.strides or out.strides[1] == 1
-        value = np.ascontiguousarray(expected["value"], np.float32)
-        ctypes.memmove(out.data + out.byte_offset, value.ctypes.data, value.nbytes)
+        compact = not out.strides or (out.strides[0] == out.shape[1] and out.strides[1] == 1)
+        seen.append((shape_of(out), compact, (out.dtype.code, out.dtype.bits)))
+        if compact and shape_of(out) == expected["value"].shape:
+            value = np.ascontiguousarray(expected["value"], np.float32)
+            ctypes.memmove(out.data + out.byte_offset, value.ctypes.data, value.nbytes)
         a.written = 1
         return None
 
@@ -422,11 +440,12 @@ def test_a_plugin_that_takes_the_fused_layer_replaces_every_step(rng):
     w13, w2, s13, s2, x, ids, tw = gated_layer(rng, backend, 64)
     expected["value"] = reference_moe(x[:1], w13, w2, tw[:1], ids[:1])
     got = fm.fused_moe(x[:1], s13, s2, tw[:1], ids[:1])
+    assert seen == [((1, 64), True, (2, 32))]  # out: float32 [1, hidden], compact
     np.testing.assert_array_equal(got, expected["value"].astype(np.float32))
     assert table.steps == [] and sums == []
 
 
-def test_the_fused_layer_is_offered_only_after_the_steps_checks(rng):
+def test_the_fused_layer_is_offered_only_after_the_steps_checks(rng, monkeypatch):
     """Bad arguments are refused with the steps' messages before the plugin's
     moe_layer sees them."""
     offered = []
@@ -440,6 +459,14 @@ def test_the_fused_layer_is_offered_only_after_the_steps_checks(rng):
     _, _, s13, s2, x, ids, tw = gated_layer(rng, backend, 64)
     with pytest.raises(ValueError, match=r"gemm_routed: x has shape \[1, 32\]; dimension 1 must be 64 \(the stack's k\)"):
         fm.fused_moe(x[:1, :32], s13, s2, tw[:1], ids[:1])
+    # An out the top-k sum refuses (the last step's check), with the steps' message either way.
+    messages = []
+    for layer_call in ("1", "0"):
+        monkeypatch.setenv("FERRUM_MOE_LAYER_CALL", layer_call)
+        with pytest.raises(ValueError) as refused:
+            fm.fused_moe(x[:1], s13, s2, tw[:1], ids[:1], out=np.zeros((1, 32), np.float32))
+        messages.append(str(refused.value))
+    assert messages[0] == messages[1] and messages[0].startswith("moe_sum: out"), messages
     assert offered == []
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 
 import ml_dtypes
@@ -162,12 +163,28 @@ class Report:
         return "\n".join(lines)
 
 
+def steps_alone(fn):
+    """fn() with FERRUM_MOE_LAYER_CALL=0 (for the whole process while it runs):
+    the layer's separate steps even where the backend takes the one call (a
+    graph captured in it keeps them). For conformance runs and benchmarks."""
+    before = os.environ.get("FERRUM_MOE_LAYER_CALL")
+    os.environ["FERRUM_MOE_LAYER_CALL"] = "0"
+    try:
+        return fn()
+    finally:
+        if before is None:
+            del os.environ["FERRUM_MOE_LAYER_CALL"]
+        else:
+            os.environ["FERRUM_MOE_LAYER_CALL"] = before
+
+
 def check_backend(backend: str, *, device: str = "cpu", dtype: str = "float16", put=None, get=None,
                   seed: int = 0) -> Report:
     """Runs the API on `backend` against float64 references: gemm_batched over
     several formats, expert views with bias, align, gemm_routed and a whole
     fused_moe layer (also of one token and with pair routing named: ABI 1.2,
-    and the whole layer in one call where the plugin offers it, ABI 1.4),
+    and the whole layer in one call where the plugin offers it, ABI 1.4, and
+    one token's steps without it),
     gemm_routed's gated output (ABI 1.3); then what a backend must guard: zero-token inputs,
     zero-filled new results (FM_ALLOC_ZEROED) and routing with out-of-range
     entries. Operations the backend refuses with NotImplementedError are
@@ -257,6 +274,8 @@ def check_backend(backend: str, *, device: str = "cpu", dtype: str = "float16", 
     # call where it offers one (ABI 1.4); then pair routing named at three tokens.
     run("fused_moe, one token", lambda: layer(1))
     run("fused_moe, pair routing at 3 tokens", lambda: layer(3, block_size=0))
+    # The same without the one call: the steps a 1.4 plugin still runs where it declines.
+    run("fused_moe, one token, the steps", lambda: steps_alone(lambda: layer(1)))
 
     def zero_tokens():
         weights = [random_weight(rng, 64, 32, group_size=32, dtype=dtype) for _ in range(2)]

@@ -399,7 +399,7 @@ bool Backend::moe_layer(ExpertStack& w13, ExpertStack& w2, const LayerArgs& laye
   args.down = layer.down->mutable_dl();
   args.out = layer.out->mutable_dl();
   args.stream = stream;
-  if (FmError* e = api_->moe_layer(&args)) raise_error(e, "moe_layer");
+  if (FmError* e = api_->moe_layer(&args)) raise_error(e, "moe_layer (the plugin's one call)");
   return args.written != 0;
 }
 

@@ -2,6 +2,7 @@
 
 #include <string>
 
+#include "dtype.hpp"
 #include "error.hpp"
 
 namespace ferrum {
@@ -34,14 +35,21 @@ bool run_moe_layer(ExpertStack& w13, ExpertStack& w2, const MoeLayerCall& c) {
   const ExpertStack::Gated gated{FM_ACTIVATION_SILU, c.act};
   bool activated = false;
   if (pair_routing && c.layer_call && backend.has_moe_layer() && w2.backend() == w13.backend()) {
-    // The whole layer in one plugin call (ABI 1.4), checked first as the steps
-    // would check their arguments; a plugin that declines queued nothing.
-    w13.check_routed_pairs(*c.x, *c.topk_ids, c.num_experts, c.expert_map, first_weights, nullptr, &gated);
+    // The whole layer in one plugin call (ABI 1.4), checked first exactly as
+    // the steps check their arguments (the same refusals, the same messages);
+    // a plugin that declines queued nothing.
+    w13.check_routed_pairs(*c.x, *c.topk_ids, c.num_experts, c.expert_map, first_weights, c.gate_up, &gated);
     w2.check_routed_pairs(*c.act, *ids_by_pair, c.num_experts, c.expert_map, second_weights, c.down);
     backend.check_moe_sum(*c.down, *c.topk_ids, c.num_experts, c.expert_map, *c.out);
+    // What one call needs beyond the steps' checks (plugin.h): a float32 down,
+    // stacks of one expert count, and scratch that no input shares (the steps
+    // are ordered so that some may). Elsewhere the steps run.
+    const bool one_call = c.down->dtype() == kFloat32 && w13.spec().num_experts == w2.spec().num_experts &&
+                          !overlaps(*c.down, *c.x) && !overlaps(*c.down, *c.topk_weights) &&
+                          !overlaps(*c.act, *c.topk_weights) && !overlaps(*c.out, *c.act);
     const Backend::LayerArgs layer{c.x,          c.topk_ids, c.topk_weights, c.weights_on_input,
                                    c.num_experts, c.expert_map, FM_ACTIVATION_SILU, c.act, c.down, c.out};
-    if (backend.moe_layer(w13, w2, layer, c.stream)) return true;
+    if (one_call && backend.moe_layer(w13, w2, layer, c.stream)) return true;
   }
   if (pair_routing) {
     try {

@@ -342,6 +342,8 @@ bool same_memory(DLDevice a, DLDevice b) {
   return a.device_type == b.device_type && a.device_id == b.device_id;
 }
 
+}  // namespace
+
 bool overlaps(const Tensor& a, const Tensor& b) {
   if (a.numel() == 0 || b.numel() == 0 || !same_memory(a.device(), b.device())) return false;
   RowRanges p = row_ranges(a), q = row_ranges(b);
@@ -360,8 +362,6 @@ bool overlaps(const Tensor& a, const Tensor& b) {
   }
   return false;
 }
-
-}  // namespace
 
 void expect_disjoint(const Tensor& out, const Tensor& input, Arg out_arg, const char* input_name) {
   if (overlaps(out, input)) {

@@ -98,6 +98,8 @@ void expect_writable(const Tensor& t, Arg arg);
 // read would change the input under the kernel). Exact for rank-2 row ranges,
 // so disjoint column windows of one buffer pass.
 void expect_disjoint(const Tensor& out, const Tensor& input, Arg out_arg, const char* input_name);
+// Whether a and b share a byte (the test expect_disjoint makes).
+bool overlaps(const Tensor& a, const Tensor& b);
 std::string shape_string(const std::vector<int64_t>& shape);
 // Memory the host can read: the CPU's, and pinned host memory.
 inline bool host_readable(DLDevice d) { return d.device_type == kDLCPU || d.device_type == kDLCUDAHost; }

@@ -28,7 +28,7 @@
  *    call; the plugin may rely on what each field's comment promises. Every
  *    tensor is under 2^48 bytes, so products of its dimensions, strides and
  *    element size fit in int64; an output never shares memory with an input
- *    of the same call. Host-side means host-readable: kDLCPU or kDLCUDAHost.
+ *    of the same call (moe_layer's out excepted: see there). Host-side means host-readable: kDLCPU or kDLCUDAHost.
  *    Device-resident index arrays are NOT validated by the host: kernels must
  *    skip out-of-range entries rather than access memory out of bounds.
  *  - `stream` is a backend-specific stream handle (cudaStream_t for CUDA;
@@ -334,16 +334,17 @@ typedef struct FmMoeSumArgs {
  * as scratch: their contents afterwards are unspecified. The plugin either
  * queues the whole layer and sets written = 1, or queues nothing and sets
  * written = 0 (a layer it has no fused path for: the host then runs the
- * steps). The host has checked every argument as the steps would check them
- * (both stacks of this backend on one device, w2's K == w13's N / 2,
- * topk_ids and topk_weights [num_tokens, top_k], act [pairs, N13 / 2] in the
- * stacks' dtype, down float32 [pairs, hidden], out [num_tokens, hidden] float32
- * or the stacks' dtype; act and down disjoint from the inputs, out from down,
- * topk_ids and expert_map). out may share memory with x or topk_weights (the
- * steps write it last, after every read of them: a layer may write its result
- * over its input), so a plugin writes out only after its last read of those.
- * topk_ids and a device-resident expert_map are NOT checked, as in pair
- * routing. */
+ * steps). An error is an error, never a decline. The host has checked every
+ * argument as the steps would check them, and offers the call only where (both
+ * stacks of this backend on one device, of one expert count, w2's K == w13's
+ * N / 2) topk_ids and topk_weights are [num_tokens, top_k], act [pairs, N13 / 2]
+ * in the stacks' dtype, down float32 [pairs, hidden], out [num_tokens, hidden]
+ * float32, float16 or bfloat16; act and down share no memory with x, topk_ids,
+ * topk_weights, expert_map, each other or out, and out none with topk_ids or
+ * expert_map. out may share memory with x or topk_weights (the steps write it
+ * last, after every read of them: a layer may write its result over its
+ * input), so a plugin writes out only after its last read of those. topk_ids
+ * and a device-resident expert_map are NOT checked, as in pair routing. */
 typedef struct FmMoeLayerArgs {
   size_t struct_size;
   FmBackend* backend;

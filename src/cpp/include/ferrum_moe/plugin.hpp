@@ -68,8 +68,8 @@ class Backend {
   virtual void moe_sum(const FmMoeSumArgs& args) = 0;
   // The whole layer in one call (plugin.h, ABI 1.4): answers true once it has
   // queued the layer, or false having queued nothing (the host then runs the
-  // steps). A backend that declares none offers none (its table's entry is
-  // NULL: make_api).
+  // steps); stack_of(args.w13) is the w13 stack. A backend that declares none
+  // offers none (its table's entry is NULL: make_api).
   virtual bool moe_layer(const FmMoeLayerArgs& /*args*/) { return false; }
   // Backends whose work is synchronous (the CPU) have nothing to order.
   virtual void stream_order(DLDevice /*device*/, void* /*producer*/, void* /*consumer*/) {}
@@ -89,6 +89,9 @@ inline int64_t row_stride(const DLTensor& t) {
 inline void* data_start(const DLTensor& t) {
   return static_cast<char*>(t.data) + t.byte_offset;
 }
+
+// The Stack behind a handle the host passes (a backend's own stacks only).
+inline Stack& stack_of(FmStack* handle) { return *reinterpret_cast<Stack*>(handle); }
 
 namespace detail {
 
@@ -123,7 +126,6 @@ struct BackendBox {
 };
 
 inline BackendBox* box(FmBackend* b) { return reinterpret_cast<BackendBox*>(b); }
-inline Stack* stack(FmStack* s) { return reinterpret_cast<Stack*>(s); }
 
 template <class B>
 struct Thunks {
@@ -155,27 +157,27 @@ struct Thunks {
       a->stack = reinterpret_cast<FmStack*>(box(a->backend)->backend->create_stack(*a).release());
     });
   }
-  static void stack_destroy(FmStack* s) { delete stack(s); }
+  static void stack_destroy(FmStack* s) { delete &stack_of(s); }
   static FmError* stack_get_properties(FmStack* s, FmStackProperties* p) {
     return guarded([&] {
       size_t size = p->struct_size;
-      *p = stack(s)->properties();
+      *p = stack_of(s).properties();
       p->struct_size = size;
     });
   }
   static FmError* stack_gemm_batched(FmGemmBatchedArgs* a) {
-    return guarded([&] { stack(a->stack)->gemm_batched(*a); });
+    return guarded([&] { stack_of(a->stack).gemm_batched(*a); });
   }
   static FmError* stack_gemm_routed(FmGemmRoutedArgs* a) {
     return guarded([&] {
       const bool gated = FM_STRUCT_HAS(a, gated_written) && a->gated_out != nullptr;
-      const bool written = gated && stack(a->stack)->gemm_routed_gated(*a);
+      const bool written = gated && stack_of(a->stack).gemm_routed_gated(*a);
       if (gated) a->gated_written = written ? 1 : 0;
-      if (!written && a->out != nullptr) stack(a->stack)->gemm_routed(*a);
+      if (!written && a->out != nullptr) stack_of(a->stack).gemm_routed(*a);
     });
   }
   static FmError* stack_zero_workspace(FmStack* s, void* stream) {
-    return guarded([&] { stack(s)->zero_workspace(stream); });
+    return guarded([&] { stack_of(s).zero_workspace(stream); });
   }
   static FmError* moe_align_block_size(FmAlignArgs* a) {
     return guarded([&] { box(a->backend)->backend->moe_align_block_size(*a); });
@@ -190,10 +192,7 @@ struct Thunks {
     return guarded([&] { box(b)->backend->stream_order(device, producer, consumer); });
   }
   static FmError* moe_layer(FmMoeLayerArgs* a) {
-    return guarded([&] {
-      a->written = 0;
-      a->written = box(a->backend)->backend->moe_layer(*a) ? 1 : 0;
-    });
+    return guarded([&] { a->written = box(a->backend)->backend->moe_layer(*a) ? 1 : 0; });
   }
 };
 

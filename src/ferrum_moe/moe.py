@@ -173,9 +173,9 @@ def _forward(x, w13: ExpertStack, w2: ExpertStack, topk_weights, topk_ids, activ
     buffers = (buf["gate_up"], buf["act"], buf["down"], ot, s)
     # False: the plugin refused pair routing (ABI 1.2 without it, plugins.md) and nothing ran. Under
     # pair routing the core may offer the plugin the whole layer in one call (ABI 1.4), unless
-    # FERRUM_MOE_LAYER_CALL=0 keeps the steps.
-    layer_call = os.environ.get("FERRUM_MOE_LAYER_CALL", "1") != "0"
-    if not pair_routing or not _core.moe_layer(*steps, PAIR_ROUTING, None, None, None, *buffers, layer_call):
+    # FERRUM_MOE_LAYER_CALL=0 keeps the steps (read only for pair-routed calls).
+    if not pair_routing or not _core.moe_layer(*steps, PAIR_ROUTING, None, None, None, *buffers,
+                                               os.environ.get("FERRUM_MOE_LAYER_CALL", "1") != "0"):
         block_size = align_block(block_size, pairs, w13.num_experts)
         _core.moe_layer(*steps, block_size, *_routing_buffers(core, ids, block_size, num_experts, map_t, s, ws),
                         *buffers)

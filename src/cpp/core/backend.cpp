@@ -17,6 +17,10 @@ struct FmError {
 namespace ferrum {
 namespace {
 
+// The name gemm_routed's refusals carry, whichever routing (and the layer's
+// check before its one call) raised them.
+constexpr const char* kGemmRouted = "gemm_routed";
+
 FmError* host_error_new(FmErrorCode code, const char* message) {
   return new FmError{code, message != nullptr ? message : "(no message)"};
 }
@@ -667,7 +671,7 @@ bool ExpertStack::launch_routed(FmGemmRoutedArgs& args, const Gated* gated, cons
 bool ExpertStack::gemm_routed(const Tensor& x, const Tensor& sorted_token_ids, const Tensor& expert_ids,
                               const Tensor& num_tokens_post_padded, int64_t block_size, int64_t top_k,
                               const Tensor* topk_weights, Tensor* out, void* stream, const Gated* gated) {
-  const char* op = "gemm_routed";
+  const char* op = kGemmRouted;
   if (block_size < 1 || block_size > kMaxBlockSize || top_k < 1 || top_k > kMaxRoutingIndex) {
     throw_value_error("gemm_routed: block_size must be in [1, " + std::to_string(kMaxBlockSize) +
                       "] and top_k in [1, 2^31 - 1]; got " + std::to_string(block_size) + " and " + std::to_string(top_k));
@@ -703,7 +707,7 @@ bool ExpertStack::gemm_routed(const Tensor& x, const Tensor& sorted_token_ids, c
 int64_t ExpertStack::check_routed_pairs(const Tensor& x, const Tensor& topk_ids, int64_t num_experts,
                                         const Tensor* expert_map, const Tensor* topk_weights, Tensor* out,
                                         const Gated* gated) const {
-  const char* op = "gemm_routed";
+  const char* op = kGemmRouted;
   if (!backend_->has_pair_routing()) {
     throw Error(FM_ERROR_UNSUPPORTED, "gemm_routed: backend '" + backend_->name() + "' (ABI " + backend_->abi_version() +
                                           ") has no pair routing (ABI 1.2): route the pairs with moe_align_block_size");
@@ -743,7 +747,7 @@ bool ExpertStack::gemm_routed_pairs(const Tensor& x, const Tensor& topk_ids, int
   args.topk_ids = &topk_ids.dl();
   args.num_experts = num_experts;
   args.expert_map = expert_map != nullptr ? &expert_map->dl() : nullptr;
-  return launch_routed(args, gated, "gemm_routed");
+  return launch_routed(args, gated, kGemmRouted);
 }
 
 void ExpertStack::zero_workspace(void* stream) {

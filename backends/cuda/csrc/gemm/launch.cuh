@@ -88,49 +88,48 @@ cudaError_t gemm_ctas_per_sm_for(int bits, int rows_per_cta, int* ctas) {
   });
 }
 
-// params.hpp, StreamK: `ctas` CTAs walk the schedule.
-inline dim3 schedule_grid(int ctas) { return dim3(static_cast<unsigned>(ctas)); }
+// The specialisation kernel_for(b, m, k) names (a kernel.cuh kernel for the
+// launch's bits, rows per CTA and K split) as a dependent launch of `ctas`
+// CTAs, which walk the schedule (params.hpp, StreamK).
+template <class T, class Params, class KernelFor>
+cudaError_t launch_specialised(KernelFor kernel_for, const Params& params, int bits, int rows_per_cta, int ctas,
+                               cudaStream_t stream) {
+  const bool splits = splits_k(rows_per_cta, params.schedule);
+  return with_specialisation(bits, rows_per_cta, splits, [&](auto b, auto m, auto k) {
+    using Traits = GemmTraits<T, decltype(b)::value, decltype(m)::value>;
+    return launch_dependent(kernel_for(b, m, k), dim3(static_cast<unsigned>(ctas)), Traits::kCtaThreads,
+                            Traits::kSmemBytes, stream, params);
+  });
+}
 
 template <class T>
 cudaError_t launch_gemm_batched_for(const BatchedParams& params, int bits, int rows_per_cta, int ctas,
                                     cudaStream_t stream) {
-  const bool splits = splits_k(rows_per_cta, params.schedule);
-  return with_specialisation(bits, rows_per_cta, splits, [&](auto b, auto m, auto k) {
-    constexpr int kBits = decltype(b)::value;
-    constexpr int kRows = decltype(m)::value;
-    constexpr bool kSplitsK = decltype(k)::value;
-    return launch_dependent(gemm_batched_kernel<T, kBits, kRows, kSplitsK>, schedule_grid(ctas),
-                            GemmTraits<T, kBits, kRows>::kCtaThreads, GemmTraits<T, kBits, kRows>::kSmemBytes,
-                            stream, params);
-  });
+  return launch_specialised<T>(
+      [](auto b, auto m, auto k) {
+        return gemm_batched_kernel<T, decltype(b)::value, decltype(m)::value, decltype(k)::value>;
+      },
+      params, bits, rows_per_cta, ctas, stream);
 }
 
 template <class T>
 cudaError_t launch_gemm_device_dispatch_for(const DeviceDispatchParams& params, int bits, int rows_per_cta,
                                             int ctas, cudaStream_t stream) {
-  const bool splits = splits_k(rows_per_cta, params.schedule);
-  return with_specialisation(bits, rows_per_cta, splits, [&](auto b, auto m, auto k) {
-    constexpr int kBits = decltype(b)::value;
-    constexpr int kRows = decltype(m)::value;
-    constexpr bool kSplitsK = decltype(k)::value;
-    return launch_dependent(gemm_device_dispatch_kernel<T, kBits, kRows, kSplitsK>, schedule_grid(ctas),
-                            GemmTraits<T, kBits, kRows>::kCtaThreads, GemmTraits<T, kBits, kRows>::kSmemBytes,
-                            stream, params);
-  });
+  return launch_specialised<T>(
+      [](auto b, auto m, auto k) {
+        return gemm_device_dispatch_kernel<T, decltype(b)::value, decltype(m)::value, decltype(k)::value>;
+      },
+      params, bits, rows_per_cta, ctas, stream);
 }
 
 template <class T>
 cudaError_t launch_gemm_routed_for(const RoutedParams& params, int bits, int rows_per_cta, int ctas,
                                    cudaStream_t stream) {
-  const bool splits = splits_k(rows_per_cta, params.schedule);
-  return with_specialisation(bits, rows_per_cta, splits, [&](auto b, auto m, auto k) {
-    constexpr int kBits = decltype(b)::value;
-    constexpr int kRows = decltype(m)::value;
-    constexpr bool kSplitsK = decltype(k)::value;
-    return launch_dependent(gemm_routed_kernel<T, kBits, kRows, kSplitsK>, schedule_grid(ctas),
-                            GemmTraits<T, kBits, kRows>::kCtaThreads, GemmTraits<T, kBits, kRows>::kSmemBytes,
-                            stream, params);
-  });
+  return launch_specialised<T>(
+      [](auto b, auto m, auto k) {
+        return gemm_routed_kernel<T, decltype(b)::value, decltype(m)::value, decltype(k)::value>;
+      },
+      params, bits, rows_per_cta, ctas, stream);
 }
 
 }  // namespace ferrum_moe_cuda::gemm

@@ -23,7 +23,7 @@ parser.add_argument("--threads-only", action="store_true", help="skip the kernel
 parser.add_argument("--copy-in-threads", action="store_true",
                     help="each call copies its inputs from the host (as the eight-thread test does)")
 parser.add_argument("--linear", default="4096x2048x256,1024x16896x256",
-                    help="fp16 Linear calls, KxNxM[,...]; the default: long K at M = 256, 16 tiles of 128 x 256 "
+                    help="fp16 Linear calls, KxNxM[,...], into fp16 and into float32; the default: long K at M = 256, 16 tiles of 128 x 256 "
                          "(too few for the SMs) and 132 of them (the Hopper 128-row tiles, 16 K slices each)")
 parser.add_argument("--linear-only", action="store_true", help="only the --linear calls (a sanitizer probe)")
 parser.add_argument("--gated", default="128x4224x600x4,4096x1024x128x2",
@@ -56,7 +56,9 @@ for shape in args.linear.split(",") if args.linear and not args.threads_only els
     k, n, m = (int(v) for v in shape.split("x"))
     progress(f"Linear {k} x {n}, M = {m}")
     lin = fm.Linear.from_gptq(random_codes_weight(rng, k, n), device="cuda", dtype="float16")
-    lin(torch.randn(m, k, device="cuda", dtype=torch.float16) / 8)
+    x = torch.randn(m, k, device="cuda", dtype=torch.float16) / 8
+    lin(x)
+    lin(x, out=torch.empty(m, n, device="cuda"))  # float32 out: the staged float32 epilogue at M >= 128
     torch.cuda.synchronize()
 if args.linear_only:
     print("cuda smoke: the Linear calls ran")

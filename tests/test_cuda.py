@@ -569,11 +569,12 @@ def test_prefill_ctas_skip_tiles_between_live_ones_and_match_float64(rng):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_prefill_tiles_store_windows_bias_and_every_output_layout(rng, dtype):
     """The wgmma tiles' results leave through 16-byte row stores where the output
-    allows (compute dtype, unit column stride, 16-byte aligned base and rows, a window
-    starting on an 8-column boundary) and element by element elsewhere. Windows
-    whose end cuts an 8-column chunk or whose start is off the boundary, with a bias,
-    into float32, into a view 2 bytes off alignment and rows of a stride that is
-    not a multiple of 8: each matches float64 and writes no column outside."""
+    allows (unit column stride, 16-byte aligned base and rows, a window starting on a
+    16-byte boundary: 8 columns of the compute dtype, 4 of float32, which goes in two
+    passes) and element by element elsewhere. Windows whose end cuts a chunk or whose
+    start is off the boundary, with a bias, in both dtypes, into views 2 or 4 bytes off
+    alignment and rows of a stride off the chunk: each matches float64 and writes no
+    column outside."""
     name = str(dtype).split(".")[1]
     # 5 row tiles x 66+ column tiles: the wgmma tiles; 133 tiles of 128 columns, so the
     # last CTA's second warpgroup has no stack tile where a window reaches the end
@@ -592,6 +593,9 @@ def test_prefill_tiles_store_windows_bias_and_every_output_layout(rng, dtype):
         layouts = {
             "16-byte rows": torch.full((m, padded + 8), float("nan"), device="cuda", dtype=dtype),
             "float32": torch.full((m, padded + 8), float("nan"), device="cuda"),
+            "float32 4 bytes off": torch.full((m * (padded + 8) + 1,), float("nan"), device="cuda")[1:]
+            .view(m, padded + 8),
+            "float32 odd row stride": torch.full((m, padded + 9), float("nan"), device="cuda"),
             "2 bytes off": torch.full((m * (padded + 8) + 1,), float("nan"), device="cuda", dtype=dtype)[1:]
             .view(m, padded + 8),
             "odd row stride": torch.full((m, padded + 9), float("nan"), device="cuda", dtype=dtype),

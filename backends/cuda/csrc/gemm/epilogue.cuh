@@ -115,10 +115,11 @@ __device__ void store_results_gated_tiny(const GemmIO& io, const RowTable<kTinyR
 }
 
 // Whether the wgmma tiles' results can leave through store_results_staged:
-// compute-dtype output with unit column stride, its base and rows 16-byte
-// aligned, and a window starting on an 8-column boundary.
+// unit column stride, a 16-byte aligned base, and rows and a window start on
+// 16-byte boundaries (8 columns of the compute dtype, 4 of float32).
 __device__ __forceinline__ bool stores_vectors(const GemmIO& io) {
-  return !io.out_float32 && io.out_col_stride == 1 && io.out_row_stride % 8 == 0 && io.col_begin % 8 == 0 &&
+  const int per_chunk = io.out_float32 ? 4 : 8;
+  return io.out_col_stride == 1 && io.out_row_stride % per_chunk == 0 && io.col_begin % per_chunk == 0 &&
          reinterpret_cast<uintptr_t>(io.out) % 16 == 0;
 }
 
@@ -166,9 +167,77 @@ __device__ __forceinline__ void stage_results(const GemmIO& io, const RowTable<k
   }
 }
 
+// store_results_staged into float32 (the down projection's rows before the
+// top-k sum): a warpgroup's 128 x 128 floats are twice its staging area, so
+// they leave in two passes, pass h with each warp's columns warp * 32 + h * 16
+// .. + 15 (the flat layout's [h][...] half), staged as token rows of 64 floats
+// whose 16-byte chunks are XOR-swizzled by (row & 6): the four token rows two
+// apart and the 8 columns of one store hit 32 banks, and a row's readback is
+// conflict-free. Each used row's pass leaves as 16 16-byte stores, four runs
+// of 64 bytes. (store_results would take 128 scalar stores per thread, each
+// of its own row: 43% of the w2 GEMM's sectors excess at Qwen3-30B-A3B M =
+// 1024, kernel notes v55.) `first`: the window column of the warpgroup's
+// first column; `t`: the thread's index in its warpgroup; `barrier`: its
+// named barrier.
+template <class T, int kRows>
+__device__ void store_results_staged_float32(const GemmIO& io, const RowTable<kRows>& rows, int64_t first,
+                                             const typename AccumulatorLayout<kRows, true>::Flat& acc, int t,
+                                             int barrier, float* area) {
+  constexpr int kRowFloats = kTileN / 2;  // a pass's columns
+  constexpr int kChunks = kRowFloats / 4;
+  constexpr int kRowsPerPass = kThreads / kChunks;
+  constexpr int kHalf = kRows / 2;  // accumulators per 64-column wgmma (the flat layout's [h][4j + e])
+  const int warp = t / 32, lane = t % 32;
+  const auto at = [](int row, int column) { return row * kRowFloats + (((column / 4) ^ (row & 6)) * 4) + column % 4; };
+  const int chunk = t % kChunks;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    // The thread's two columns of the pass: warp * 32 + h * 16 + b * 8 + lane / 4.
+    float bias[2];
+#pragma unroll
+    for (int b = 0; b < 2; ++b) {
+      const int64_t j = first + warp * kWarpN + h * 16 + b * 8 + lane / 4;
+      bias[b] = io.bias != nullptr && j >= 0 && j < io.n ? raw_to_float<T>(io.bias[j]) : 0.0f;
+    }
+    named_barrier_sync(barrier, kThreads);  // the last readback (this tile's or the previous one's) is done
+#pragma unroll
+    for (int j = 0; j < kRows / 8; ++j) {
+      const int token = 8 * j + 2 * (lane % 4);
+      const float w0 = rows.weight[token], w1 = rows.weight[token + 1];
+#pragma unroll
+      for (int b = 0; b < 2; ++b) {
+        const int r = h * kHalf + 4 * j + 2 * b;
+        const int column = warp * 16 + b * 8 + lane / 4;
+        area[at(token, column)] = (acc[r] + bias[b]) * w0;
+        area[at(token + 1, column)] = (acc[r + 1] + bias[b]) * w1;
+      }
+    }
+    named_barrier_sync(barrier, kThreads);
+    // Chunk c of a staged row holds columns (c / 4) * 32 + h * 16 + (c % 4) * 4 .. + 3.
+    const int64_t j0 = first + (chunk / 4) * kWarpN + h * 16 + (chunk % 4) * 4;
+    const bool whole = j0 >= 0 && j0 + 4 <= io.n;
+#pragma unroll 4
+    for (int row = t / kChunks; row < kRows; row += kRowsPerPass) {
+      const int64_t out_row = rows.out_row[row];
+      if (out_row < 0) continue;
+      const float4 v = *reinterpret_cast<const float4*>(area + at(row, chunk * 4));
+      float* dst = static_cast<float*>(io.out) + out_row * io.out_row_stride + j0;
+      if (whole) {
+        *reinterpret_cast<float4*>(dst) = v;
+      } else {
+        const float values[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          if (j0 + e >= 0 && j0 + e < io.n) dst[e] = values[e];
+        }
+      }
+    }
+  }
+}
+
 // The wgmma tiles' epilogue where stores_vectors(io): each warpgroup stages
 // its results (stage_results), then writes each used token row's 256 bytes
-// with 16-byte stores. (store_results would take 128 scalar stores per
+// with 16-byte stores (float32 output: store_results_staged_float32). (store_results would take 128 scalar stores per
 // thread, with the index math and checks of each: a quarter of the warps'
 // samples at Mixtral M = 4096.) `tid`: the thread's index among the computing
 // threads; `staging`: GemmTraits::kStagingBytes of shared memory.
@@ -183,6 +252,11 @@ __device__ void store_results_staged(const GemmIO& io, const RowTable<kRows>& ro
   // Column (within the window) of this warpgroup's first column.
   const int64_t first = static_cast<int64_t>(n_tile + group) * kTileN - io.col_begin;
   const int barrier = 2 + group;           // 1 is the producer's (kernel.cuh)
+  if (io.out_float32) {
+    static_assert(kRows * (kTileN / 2) * sizeof(float) <= kRows * kRowBytes, "a float32 pass fits the area");
+    store_results_staged_float32<T, kRows>(io, rows, first, acc, t, barrier, reinterpret_cast<float*>(tile));
+    return;
+  }
   named_barrier_sync(barrier, kThreads);   // the previous tile's readback is done with the area
   stage_results<T, kRows>(io, rows, first, acc, t, tile);
   named_barrier_sync(barrier, kThreads);

@@ -237,8 +237,9 @@ __device__ void store_results_staged_float32(const GemmIO& io, const RowTable<kR
 
 // The wgmma tiles' epilogue where stores_vectors(io): each warpgroup stages
 // its results (stage_results), then writes each used token row's 256 bytes
-// with 16-byte stores (float32 output: store_results_staged_float32). (store_results would take 128 scalar stores per
-// thread, with the index math and checks of each: a quarter of the warps'
+// with 16-byte stores; float32 output goes through
+// store_results_staged_float32. (store_results would take 128 scalar stores
+// per thread, with the index math and checks of each: a quarter of the warps'
 // samples at Mixtral M = 4096.) `tid`: the thread's index among the computing
 // threads; `staging`: GemmTraits::kStagingBytes of shared memory.
 template <class T, int kRows>

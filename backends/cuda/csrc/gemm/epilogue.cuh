@@ -174,9 +174,9 @@ __device__ __forceinline__ void stage_results(const GemmIO& io, const RowTable<k
 // whose 16-byte chunks are XOR-swizzled by (row & 6): the four token rows two
 // apart and the 8 columns of one store hit 32 banks, and a row's readback is
 // conflict-free. Each used row's pass leaves as 16 16-byte stores, four runs
-// of 64 bytes. (store_results would take 128 scalar stores per thread, each
-// of its own row: 43% of the w2 GEMM's sectors excess at Qwen3-30B-A3B M =
-// 1024, kernel notes v55.) `first`: the window column of the warpgroup's
+// of 64 bytes. (store_results takes 128 scalar stores per thread, each with
+// its own index math and checks: ~15% of the w2 GEMM's warp samples at
+// Qwen3-30B-A3B M = 1024, kernel notes v55.) `first`: the window column of the warpgroup's
 // first column; `t`: the thread's index in its warpgroup; `barrier`: its
 // named barrier.
 template <class T, int kRows>

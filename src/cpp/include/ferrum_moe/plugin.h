@@ -28,7 +28,8 @@
  *    call; the plugin may rely on what each field's comment promises. Every
  *    tensor is under 2^48 bytes, so products of its dimensions, strides and
  *    element size fit in int64; an output never shares memory with an input
- *    of the same call (moe_layer's out excepted: see there). Host-side means host-readable: kDLCPU or kDLCUDAHost.
+ *    of the same call (moe_layer's out excepted: see there). Host-side means
+ *    host-readable: kDLCPU or kDLCUDAHost.
  *    Device-resident index arrays are NOT validated by the host: kernels must
  *    skip out-of-range entries rather than access memory out of bounds.
  *  - `stream` is a backend-specific stream handle (cudaStream_t for CUDA;

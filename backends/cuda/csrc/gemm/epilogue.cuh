@@ -8,6 +8,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "gemm/dequant.cuh"
@@ -167,6 +168,35 @@ __device__ __forceinline__ void stage_results(const GemmIO& io, const RowTable<k
   }
 }
 
+// The staged epilogues' readback: for every used row of `first_row`,
+// first_row + kRowsPerPass, ..., the 16 bytes of shared memory at
+// chunk_at(row) go to the row's out row at window columns j0 .. j0 + 16 /
+// sizeof(Elem) - 1, as one 16-byte store where they lie inside the window,
+// element by element at its edges.
+template <class Elem, int kRows, int kRowsPerPass, class ChunkAt>
+__device__ __forceinline__ void write_staged_rows(const GemmIO& io, const RowTable<kRows>& rows, int first_row,
+                                                  int64_t j0, ChunkAt chunk_at) {
+  constexpr int kElems = 16 / static_cast<int>(sizeof(Elem));
+  const bool whole = j0 >= 0 && j0 + kElems <= io.n;
+#pragma unroll 4
+  for (int row = first_row; row < kRows; row += kRowsPerPass) {
+    const int64_t out_row = rows.out_row[row];
+    if (out_row < 0) continue;
+    const uint4 v = *reinterpret_cast<const uint4*>(chunk_at(row));
+    Elem* dst = static_cast<Elem*>(io.out) + out_row * io.out_row_stride + j0;
+    if (whole) {
+      *reinterpret_cast<uint4*>(dst) = v;
+      continue;
+    }
+    Elem values[kElems];
+    memcpy(values, &v, sizeof(v));
+#pragma unroll
+    for (int e = 0; e < kElems; ++e) {
+      if (j0 + e >= 0 && j0 + e < io.n) dst[e] = values[e];
+    }
+  }
+}
+
 // store_results_staged into float32 (the down projection's rows before the
 // top-k sum): a warpgroup's 128 x 128 floats are twice its staging area, so
 // they leave in two passes, pass h with each warp's columns warp * 32 + h * 16
@@ -215,23 +245,8 @@ __device__ void store_results_staged_float32(const GemmIO& io, const RowTable<kR
     named_barrier_sync(barrier, kThreads);
     // Chunk c of a staged row holds columns (c / 4) * 32 + h * 16 + (c % 4) * 4 .. + 3.
     const int64_t j0 = first + (chunk / 4) * kWarpN + h * 16 + (chunk % 4) * 4;
-    const bool whole = j0 >= 0 && j0 + 4 <= io.n;
-#pragma unroll 4
-    for (int row = t / kChunks; row < kRows; row += kRowsPerPass) {
-      const int64_t out_row = rows.out_row[row];
-      if (out_row < 0) continue;
-      const float4 v = *reinterpret_cast<const float4*>(area + at(row, chunk * 4));
-      float* dst = static_cast<float*>(io.out) + out_row * io.out_row_stride + j0;
-      if (whole) {
-        *reinterpret_cast<float4*>(dst) = v;
-      } else {
-        const float values[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          if (j0 + e >= 0 && j0 + e < io.n) dst[e] = values[e];
-        }
-      }
-    }
+    write_staged_rows<float, kRows, kRowsPerPass>(io, rows, t / kChunks, j0,
+                                                  [&](int row) { return area + at(row, chunk * 4); });
   }
 }
 
@@ -262,25 +277,10 @@ __device__ void store_results_staged(const GemmIO& io, const RowTable<kRows>& ro
   stage_results<T, kRows>(io, rows, first, acc, t, tile);
   named_barrier_sync(barrier, kThreads);
   const int chunk = t % kChunks;
-  const int64_t j0 = first + chunk * 8;
-  const bool whole = j0 >= 0 && j0 + 8 <= io.n;
   constexpr int kRowsPerPass = kThreads / kChunks;
-#pragma unroll 4
-  for (int row = t / kChunks; row < kRows; row += kRowsPerPass) {
-    const int64_t out_row = rows.out_row[row];
-    if (out_row < 0) continue;
-    const uint4 v = *reinterpret_cast<const uint4*>(tile + row * kRowBytes + ((chunk ^ (row % 8)) * 16));
-    uint16_t* dst = static_cast<uint16_t*>(io.out) + out_row * io.out_row_stride + j0;
-    if (whole) {
-      *reinterpret_cast<uint4*>(dst) = v;
-    } else {
-      const uint32_t words[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        if (j0 + e >= 0 && j0 + e < io.n) dst[e] = static_cast<uint16_t>(words[e / 2] >> (16 * (e % 2)));
-      }
-    }
-  }
+  write_staged_rows<uint16_t, kRows, kRowsPerPass>(io, rows, t / kChunks, first + chunk * 8, [&](int row) {
+    return tile + row * kRowBytes + ((chunk ^ (row % 8)) * 16);
+  });
 }
 
 // The named barrier of both computing warpgroups in store_results_gated (1 is

@@ -6,6 +6,10 @@ import numpy as np
 import pytest
 
 import ferrum_moe as fm
+from ferrum_moe.arrays import import_array, stream_handle, to_caller
+from ferrum_moe.discovery import resolve
+from ferrum_moe.moe import _Workspace
+from ferrum_moe.routing import _align
 
 from conftest import (NUMPY_DTYPES, REL_TOL, as64, poisoned, random_activations, random_weight, reference_align,
                       reference_moe, rel_error, silu_product)
@@ -248,6 +252,26 @@ def test_align_matches_its_definition(rng, target, m, top_k, e, block_size):
     assert got_experts[:total // block_size].tolist() == expert_ids
     padded, blocks = fm.routing_buffer_sizes(m, top_k, e, block_size)
     assert len(got_sorted) == padded and len(got_experts) == blocks
+    assert np.all(got_sorted[total:] == m * top_k) and np.all(got_experts[total // block_size:] == -1)
+
+
+@pytest.mark.parametrize("m", [200, 2500])  # one CTA; a chunk per CTA (CUDA)
+def test_align_rewrites_every_position_of_reused_buffers(rng, target, m):
+    """A layer aligns into the same buffers at every call: each position a call
+    returns (pairs, segment padding, the tail) is its own, whatever pair ids an
+    earlier, larger call left there."""
+    e, top_k, block_size = 64, 8, 16
+    ws = _Workspace()
+    core = resolve("auto", tuple(import_array(target.put(np.zeros((1, 1), np.int32)), "probe").device))
+    for ids in (rng.integers(0, e, (3000, top_k)), rng.integers(-1, e + 1, (m, top_k))):
+        like = target.put(ids.astype(np.int32))
+        got_sorted, got_experts, got_total = (
+            target.get(to_caller(t, like)) for t in _align(core, import_array(like, "topk_ids"), block_size, e, None,
+                                                            stream_handle(None), ws))
+    sorted_ids, expert_ids, total = reference_align(ids, block_size, e)
+    assert int(got_total[0]) == total
+    assert got_sorted[:total].tolist() == sorted_ids
+    assert got_experts[:total // block_size].tolist() == expert_ids
     assert np.all(got_sorted[total:] == m * top_k) and np.all(got_experts[total // block_size:] == -1)
 
 

@@ -262,12 +262,16 @@ def test_align_rewrites_every_position_of_reused_buffers(rng, target, m):
     earlier, larger call left there."""
     e, top_k, block_size = 64, 8, 16
     ws = _Workspace()
-    core = resolve("auto", tuple(import_array(target.put(np.zeros((1, 1), np.int32)), "probe").device))
-    for ids in (rng.integers(0, e, (3000, top_k)), rng.integers(-1, e + 1, (m, top_k))):
+
+    def align(ids):  # into ws's buffers, as a layer's call does
         like = target.put(ids.astype(np.int32))
-        got_sorted, got_experts, got_total = (
-            target.get(to_caller(t, like)) for t in _align(core, import_array(like, "topk_ids"), block_size, e, None,
-                                                            stream_handle(None), ws))
+        ids_t = import_array(like, "topk_ids")
+        buffers = _align(resolve("auto", tuple(ids_t.device)), ids_t, block_size, e, None, stream_handle(None), ws)
+        return [target.get(to_caller(t, like)) for t in buffers]
+
+    align(rng.integers(0, e, (3000, top_k)))  # leaves pair ids in every position
+    ids = rng.integers(-1, e + 1, (m, top_k))
+    got_sorted, got_experts, got_total = align(ids)
     sorted_ids, expert_ids, total = reference_align(ids, block_size, e)
     assert int(got_total[0]) == total
     assert got_sorted[:total].tolist() == sorted_ids

@@ -23,8 +23,9 @@ parser.add_argument("--threads-only", action="store_true", help="skip the kernel
 parser.add_argument("--copy-in-threads", action="store_true",
                     help="each call copies its inputs from the host (as the eight-thread test does)")
 parser.add_argument("--linear", default="4096x2048x256,1024x16896x256",
-                    help="fp16 Linear calls, KxNxM[,...], into fp16 and into float32; the default: long K at M = 256, 16 tiles of 128 x 256 "
-                         "(too few for the SMs) and 132 of them (the Hopper 128-row tiles, 16 K slices each)")
+                    help="fp16 Linear calls, KxNxM[,...], into fp16 and into float32; the default: long K at "
+                         "M = 256, 16 tiles of 128 x 256 (too few for the SMs) and 132 of them (the Hopper "
+                         "128-row tiles, 16 K slices each)")
 parser.add_argument("--linear-only", action="store_true", help="only the --linear calls (a sanitizer probe)")
 parser.add_argument("--gated", default="128x4224x600x4,4096x1024x128x2",
                     help="routed GEMMs with the gated output (silu(gate) * up) at routing block 128, "

@@ -206,9 +206,9 @@ __device__ __forceinline__ void write_staged_rows(const GemmIO& io, const RowTab
 // conflict-free. Each used row's pass leaves as 16 16-byte stores, four runs
 // of 64 bytes. (store_results takes 128 scalar stores per thread, each with
 // its own index math and checks: ~15% of the w2 GEMM's warp samples at
-// Qwen3-30B-A3B M = 1024, kernel notes v55.) `first`: the window column of the warpgroup's
-// first column; `t`: the thread's index in its warpgroup; `barrier`: its
-// named barrier.
+// Qwen3-30B-A3B M = 1024, kernel notes v55.) `first`: the window column of
+// the warpgroup's first column; `t`: the thread's index in its warpgroup;
+// `barrier`: its named barrier.
 template <class T, int kRows>
 __device__ void store_results_staged_float32(const GemmIO& io, const RowTable<kRows>& rows, int64_t first,
                                              const typename AccumulatorLayout<kRows, true>::Flat& acc, int t,

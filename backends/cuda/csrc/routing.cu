@@ -1,17 +1,19 @@
-// moe_align_block_size:
-//   1. count the pairs of each local expert (shared-memory atomics);
-//   2. exclusive scan of the counts padded to block_size -> segment offsets,
+// moe_align_block_size, in chunks of kChunk pairs, one CTA per chunk:
+//   1. rank every pair among the earlier pairs of its expert in its warp's
+//      run of kWarpPairs consecutive pairs: rounds of one pair per lane, each
+//      round's lanes of one expert found by __match_any_sync, a per-warp
+//      histogram advanced with warp barriers only;
+//   2. each expert's count (the warps' histograms summed, over every chunk),
+//      padded to block_size and scanned -> segment offsets,
 //      num_tokens_post_padded, and expert_ids per block (-1 past the end);
-//   3. fill sorted_token_ids with the sentinel, then scatter every valid pair
-//      into its expert's segment, in increasing pair order.
-// Step 3 goes in chunks of kChunk pairs, each in kItemsPerThread rounds of one
-// pair per thread: a pair's rank among the earlier pairs of its expert is the
-// count placed before the round (a per-expert cursor), plus those of its
-// round in earlier warps (a per-warp histogram), plus those in earlier lanes
-// of its warp (__match_any_sync): pair order without a sort. One chunk is
-// aligned by one CTA; more are counted and scattered by one CTA each, with one
-// CTA between them turning the per-chunk counts into each chunk's per-expert
-// start.
+//   3. every pair goes to its segment's start + the expert's pairs in earlier
+//      chunks + in earlier warps of its chunk + its rank: increasing pair
+//      order without a sort. The sentinel goes where no pair does, each
+//      segment's padding and the tail.
+// One chunk is aligned by one CTA, with two CTA barriers besides the scan's.
+// More are counted by one CTA each, then scattered by one CTA each, every
+// scatter CTA summing the chunks' counts itself; past kMaxScanningChunks one
+// CTA between the two turns the counts into each chunk's starts instead.
 #include "routing.hpp"
 
 #include <cub/block/block_scan.cuh>
@@ -23,62 +25,114 @@ namespace ferrum_moe_cuda {
 namespace {
 
 constexpr int kAlignThreads = 256;
-constexpr int kItemsPerThread = 8;
-constexpr int kChunk = kAlignThreads * kItemsPerThread;  // pairs a CTA places, one per thread and round
 constexpr int kAlignWarps = kAlignThreads / 32;
+constexpr int kRounds = 8;                            // pairs per lane
+constexpr int kWarpPairs = 32 * kRounds;              // consecutive pairs a warp ranks
+constexpr int kChunk = kAlignWarps * kWarpPairs;      // pairs a CTA places
+constexpr int kMaxScanningChunks = 16;                // each scatter CTA reads every chunk's counts up to this
+constexpr int kCountsInFlight = 8;                    // chunk counts a thread reads before adding any
 constexpr int kExpertsPerThread = static_cast<int>(kMaxAlignLocalExperts) / kAlignThreads;
 static_assert(kExpertsPerThread * kAlignThreads == kMaxAlignLocalExperts, "even expert split");
+static_assert(kChunk <= 65535, "a warp's start within its chunk fits uint16_t");
 
 using Scan = cub::BlockScan<int, kAlignThreads>;
 
 struct AlignShared {
   typename Scan::TempStorage scan;
-  int counts[kMaxAlignLocalExperts];
-  int offsets[kMaxAlignLocalExperts + 1];  // each expert's segment start in sorted_token_ids
-  int cursor[kMaxAlignLocalExperts];       // pairs of the expert placed before this round
-  uint8_t warp_counts[kAlignWarps][kMaxAlignLocalExperts];  // a round's pairs per warp and expert (<= 32)
+  int counts[kMaxAlignLocalExperts];        // the expert's pairs, all chunks
+  int offsets[kMaxAlignLocalExperts + 1];   // its segment's start in sorted_token_ids
+  int chunk_start[kMaxAlignLocalExperts];   // its pairs in earlier chunks
+  // Warp w's pairs of expert e while ranking; then those of warps before w.
+  uint16_t warp_counts[kAlignWarps][kMaxAlignLocalExperts];
 };
 
+// A pair is topk_ids' entry (pair / top_k, pair % top_k); pair numbers are
+// below 2^31 (plugin.h), so one 32-bit division finds both.
 template <class Index>
 struct Pairs {
   const AlignParams& p;
-  __device__ int64_t count() const { return p.num_tokens * p.top_k; }
-  __device__ int expert(int64_t pair) const {
-    return local_expert_of(static_cast<const Index*>(p.topk_ids), p.topk_ids_stride0, p.topk_ids_stride1,
-                           pair / p.top_k, pair % p.top_k, p.num_experts, p.expert_map, p.num_local_experts);
+  uint32_t count;
+  __device__ int expert(uint32_t pair) const {
+    const uint32_t top_k = static_cast<uint32_t>(p.top_k);
+    const uint32_t token = pair / top_k;
+    return local_expert_of(static_cast<const Index*>(p.topk_ids), p.topk_ids_stride0, p.topk_ids_stride1, token,
+                           pair - token * top_k, p.num_experts, p.expert_map, p.num_local_experts);
   }
 };
 
-// counts[e] = pairs of local expert e among pairs [begin, end), at most one
-// chunk: each thread reads all its pairs' experts before counting any (one
-// round trip, not one per pair).
+// This thread's pairs of the chunk at `base`: warp w's run is
+// [base + w * kWarpPairs, + kWarpPairs), lane l's pair of round i the run's
+// i * 32 + l. Their experts are read before anything else (one round trip).
+struct ChunkPairs {
+  uint32_t first;                // round 0's pair
+  int experts[kRounds];          // -1: past the last pair, or dropped
+  int ranks[kRounds];            // among the warp's earlier pairs of its expert
+};
+
 template <class Index>
-__device__ void count_pairs(const Pairs<Index>& pairs, AlignShared& s, int64_t begin, int64_t end) {
-  for (int e = threadIdx.x; e < pairs.p.num_local_experts; e += kAlignThreads) s.counts[e] = 0;
-  int experts[kItemsPerThread];
+__device__ void read_experts(const Pairs<Index>& pairs, uint32_t base, ChunkPairs& c) {
+  c.first = base + threadIdx.x / 32 * kWarpPairs + threadIdx.x % 32;
 #pragma unroll
-  for (int i = 0; i < kItemsPerThread; ++i) {
-    const int64_t pair = begin + i * kAlignThreads + threadIdx.x;
-    experts[i] = pair < end ? pairs.expert(pair) : -1;
+  for (int i = 0; i < kRounds; ++i) {
+    const uint32_t pair = c.first + i * 32;
+    c.experts[i] = pair < pairs.count ? pairs.expert(pair) : -1;
   }
-  __syncthreads();
-#pragma unroll
-  for (int i = 0; i < kItemsPerThread; ++i) {
-    if (experts[i] >= 0) atomicAdd(&s.counts[experts[i]], 1);
-  }
-  __syncthreads();
 }
 
-// From every expert's total in s.counts: each segment's start (s.offsets), the
-// padded total, and the expert of every routing block (-1 past the end).
+__device__ void clear_warp_counts(const AlignParams& p, AlignShared& s) {
+  for (int i = threadIdx.x; i < kAlignWarps * p.num_local_experts; i += kAlignThreads)
+    s.warp_counts[i / p.num_local_experts][i % p.num_local_experts] = 0;
+}
+
+// Ranks this warp's pairs (c.ranks) and leaves its histogram in
+// s.warp_counts[warp] (zero on entry): one warp's work, warp barriers only.
+__device__ void rank_in_warp(uint32_t count, AlignShared& s, ChunkPairs& c) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const unsigned earlier_lanes = (1u << lane) - 1;
+#pragma unroll
+  for (int i = 0; i < kRounds; ++i) {
+    if (c.first - lane + i * 32 >= count) break;  // the same in every lane: the warp's run has ended
+    const int e = c.experts[i];
+    const unsigned same = __match_any_sync(0xffffffffu, e);  // lanes of this round with the same expert
+    const int before = e >= 0 ? s.warp_counts[warp][e] : 0;
+    c.ranks[i] = before + __popc(same & earlier_lanes);
+    __syncwarp();  // every lane has read its count before the round's leaders advance it
+    if (e >= 0 && lane == __ffs(same) - 1) s.warp_counts[warp][e] = static_cast<uint16_t>(before + __popc(same));
+    __syncwarp();
+  }
+}
+
+// Every expert e = threadIdx.x * kExpertsPerThread + i (the blocked order
+// place_segments scans in, so a thread reads back only what it wrote): the
+// warps' histograms become each warp's start within the chunk, and
+// `chunk_total(e, pairs)` is handed the chunk's pairs of e.
+template <class Total>
+__device__ void scan_warps(const AlignParams& p, AlignShared& s, Total&& chunk_total) {
+#pragma unroll
+  for (int i = 0; i < kExpertsPerThread; ++i) {
+    const int e = threadIdx.x * kExpertsPerThread + i;
+    if (e >= p.num_local_experts) break;
+    int running = 0;
+#pragma unroll
+    for (int w = 0; w < kAlignWarps; ++w) {
+      const int n = s.warp_counts[w][e];
+      s.warp_counts[w][e] = static_cast<uint16_t>(running);
+      running += n;
+    }
+    chunk_total(e, running);
+  }
+}
+
+// From every expert's total in s.counts (written in the blocked order by this
+// thread): each segment's start (s.offsets) and the padded total
+// (s.offsets[num_local]), visible to the whole CTA on return.
 __device__ void place_segments(const AlignParams& p, AlignShared& s) {
   const int num_local = p.num_local_experts;
-  const int tid = threadIdx.x;
   int padded[kExpertsPerThread];
   int thread_total = 0;
 #pragma unroll
   for (int i = 0; i < kExpertsPerThread; ++i) {
-    const int e = tid * kExpertsPerThread + i;
+    const int e = threadIdx.x * kExpertsPerThread + i;
     padded[i] = e < num_local ? (s.counts[e] + p.block_size - 1) / p.block_size * p.block_size : 0;
     thread_total += padded[i];
   }
@@ -87,16 +141,20 @@ __device__ void place_segments(const AlignParams& p, AlignShared& s) {
   Scan(s.scan).ExclusiveSum(thread_total, thread_offset, total);
 #pragma unroll
   for (int i = 0; i < kExpertsPerThread; ++i) {
-    const int e = tid * kExpertsPerThread + i;
+    const int e = threadIdx.x * kExpertsPerThread + i;
     if (e < num_local) s.offsets[e] = thread_offset;
     thread_offset += padded[i];
   }
-  if (tid == 0) {
-    s.offsets[num_local] = total;
-    *p.num_tokens_post_padded = total;
-  }
+  if (threadIdx.x == 0) s.offsets[num_local] = total;
   __syncthreads();
-  for (int64_t b = tid; b < p.expert_ids_len; b += kAlignThreads) {
+}
+
+// expert_ids[b] for b = first, first + step, ...: the expert whose segment
+// holds routing block b, -1 past the padded total.
+__device__ void write_expert_ids(const AlignParams& p, const AlignShared& s, int64_t first, int64_t step) {
+  const int num_local = p.num_local_experts;
+  const int total = s.offsets[num_local];
+  for (int64_t b = first; b < p.expert_ids_len; b += step) {
     const int64_t position = b * p.block_size;
     int expert = -1;
     if (position < total) {
@@ -113,53 +171,39 @@ __device__ void place_segments(const AlignParams& p, AlignShared& s) {
   }
 }
 
-__device__ void fill_sentinel(const AlignParams& p, int64_t first, int64_t step) {
+// This thread's pairs into their segments (s.offsets, s.chunk_start and the
+// warps' starts in s.warp_counts complete).
+__device__ void scatter(const AlignParams& p, const AlignShared& s, const ChunkPairs& c) {
+  const int warp = threadIdx.x / 32;
+#pragma unroll
+  for (int i = 0; i < kRounds; ++i) {
+    const int e = c.experts[i];
+    if (e < 0) continue;
+    const int64_t destination =
+        static_cast<int64_t>(s.offsets[e]) + s.chunk_start[e] + s.warp_counts[warp][e] + c.ranks[i];
+    if (destination < p.sorted_len) p.sorted_token_ids[destination] = static_cast<int32_t>(c.first + i * 32);
+  }
+}
+
+// The sentinel (the pair count) where no pair goes: the padding of segments
+// warp_index, warp_index + warps, ... (a warp each) and the tail past the
+// padded total (positions thread_index, + threads, ...).
+__device__ void fill_padding(const AlignParams& p, const AlignShared& s, int warp_index, int warps,
+                             int64_t thread_index, int64_t threads) {
   const int32_t sentinel = static_cast<int32_t>(p.num_tokens * p.top_k);
-  for (int64_t q = first; q < p.sorted_len; q += step) p.sorted_token_ids[q] = sentinel;
+  const int lane = threadIdx.x % 32;
+  for (int e = warp_index; e < p.num_local_experts; e += warps) {
+    const int64_t end = min(static_cast<int64_t>(s.offsets[e + 1]), p.sorted_len);
+    for (int64_t q = static_cast<int64_t>(s.offsets[e]) + s.counts[e] + lane; q < end; q += 32)
+      p.sorted_token_ids[q] = sentinel;
+  }
+  for (int64_t q = s.offsets[p.num_local_experts] + thread_index; q < p.sorted_len; q += threads)
+    p.sorted_token_ids[q] = sentinel;
 }
 
-__device__ void clear_warp_counts(AlignShared& s) {
-  auto* words = reinterpret_cast<uint32_t*>(&s.warp_counts[0][0]);
-  for (int i = threadIdx.x; i < static_cast<int>(sizeof(s.warp_counts) / 4); i += kAlignThreads) words[i] = 0;
-}
-
-// Scatters pairs [base, base + kChunk) into their experts' segments, in
-// increasing pair order, after the s.cursor[e] pairs of expert e placed before
-// them (the cursors advance; s.warp_counts is zero on entry and on return).
 template <class Index>
-__device__ void scatter_chunk(const Pairs<Index>& pairs, AlignShared& s, int64_t base) {
-  const AlignParams& p = pairs.p;
-  const int tid = threadIdx.x;
-  const int warp = tid / 32, lane = tid % 32;
-  int experts[kItemsPerThread];  // every round's expert read first: one round trip
-#pragma unroll
-  for (int i = 0; i < kItemsPerThread; ++i) {
-    const int64_t pair = base + i * kAlignThreads + tid;
-    experts[i] = pair < pairs.count() ? pairs.expert(pair) : -1;
-  }
-#pragma unroll
-  for (int i = 0; i < kItemsPerThread; ++i) {
-    if (base + i * kAlignThreads >= pairs.count()) break;  // the same in every thread: no round left
-    const int e = experts[i];
-    const unsigned same = __match_any_sync(0xffffffffu, e);  // lanes of this warp with the same expert
-    const bool leader = lane == __ffs(same) - 1;
-    if (e >= 0 && leader) s.warp_counts[warp][e] = static_cast<uint8_t>(__popc(same));
-    __syncthreads();  // the round's histogram (and the last round's cursors) complete
-    if (e >= 0) {
-      int rank = s.cursor[e] + __popc(same & ((1u << lane) - 1));
-      for (int w = 0; w < warp; ++w) rank += s.warp_counts[w][e];
-      const int64_t destination = static_cast<int64_t>(s.offsets[e]) + rank;
-      const int64_t pair = base + i * kAlignThreads + tid;
-      if (destination < p.sorted_len) p.sorted_token_ids[destination] = static_cast<int32_t>(pair);
-    }
-    __syncthreads();  // every rank read before the cursors move and the histogram clears
-    if (e >= 0 && leader) {
-      atomicAdd(&s.cursor[e], __popc(same));
-      s.warp_counts[warp][e] = 0;
-    }
-    __syncwarp();  // this warp's clears before its next round's counts
-  }
-  __syncthreads();
+__device__ Pairs<Index> pairs_of(const AlignParams& p) {
+  return Pairs<Index>{p, static_cast<uint32_t>(p.num_tokens * p.top_k)};
 }
 
 // The whole of align in one CTA (up to one chunk of pairs).
@@ -167,109 +211,142 @@ template <class Index>
 __global__ void __launch_bounds__(kAlignThreads) moe_align_block_size_kernel(AlignParams p) {
   dependent_grid_begin();
   __shared__ AlignShared s;
-  const Pairs<Index> pairs{p};
-  const int64_t num_pairs = pairs.count();
-  const int tid = threadIdx.x;
-  count_pairs(pairs, s, 0, num_pairs);
-  place_segments(p, s);
-  fill_sentinel(p, tid, kAlignThreads);
-  for (int e = tid; e < p.num_local_experts; e += kAlignThreads) s.cursor[e] = 0;
-  clear_warp_counts(s);
-  // Orders the sentinel fill, the cursors and the histogram before the scatter, across threads.
+  const Pairs<Index> pairs = pairs_of<Index>(p);
+  ChunkPairs c;
+  read_experts(pairs, 0, c);
+  clear_warp_counts(p, s);
   __syncthreads();
-  scatter_chunk(pairs, s, 0);
+  rank_in_warp(pairs.count, s, c);
+  __syncthreads();  // every warp's histogram complete
+  scan_warps(p, s, [&](int e, int n) {
+    s.counts[e] = n;
+    s.chunk_start[e] = 0;
+  });
+  place_segments(p, s);
+  if (threadIdx.x == 0) *p.num_tokens_post_padded = s.offsets[p.num_local_experts];
+  write_expert_ids(p, s, threadIdx.x, kAlignThreads);
+  scatter(p, s, c);
+  fill_padding(p, s, threadIdx.x / 32, kAlignWarps, threadIdx.x, kAlignThreads);
 }
 
 // Many chunks: one CTA per chunk counts its pairs per expert into
-// chunk_counts[chunk][e] (and the CTAs fill the sentinel between them)...
+// chunk_counts[chunk][e] ...
 template <class Index>
 __global__ void __launch_bounds__(kAlignThreads) align_count_kernel(AlignParams p, int32_t* chunk_counts) {
   dependent_grid_begin();
   __shared__ AlignShared s;
-  const Pairs<Index> pairs{p};
-  const int64_t base = static_cast<int64_t>(blockIdx.x) * kChunk;
-  count_pairs(pairs, s, base, min(base + kChunk, pairs.count()));
-  for (int e = threadIdx.x; e < p.num_local_experts; e += kAlignThreads)
-    chunk_counts[static_cast<int64_t>(blockIdx.x) * p.num_local_experts + e] = s.counts[e];
-  fill_sentinel(p, static_cast<int64_t>(blockIdx.x) * kAlignThreads + threadIdx.x,
-                static_cast<int64_t>(gridDim.x) * kAlignThreads);
+  const Pairs<Index> pairs = pairs_of<Index>(p);
+  ChunkPairs c;
+  read_experts(pairs, blockIdx.x * kChunk, c);
+  clear_warp_counts(p, s);
+  __syncthreads();
+  rank_in_warp(pairs.count, s, c);
+  __syncthreads();
+  for (int e = threadIdx.x; e < p.num_local_experts; e += kAlignThreads) {
+    int n = 0;
+#pragma unroll
+    for (int w = 0; w < kAlignWarps; ++w) n += s.warp_counts[w][e];
+    chunk_counts[static_cast<int64_t>(blockIdx.x) * p.num_local_experts + e] = n;
+  }
 }
 
-// ... one CTA turns the counts into each chunk's per-expert prefix (in place)
-// and the experts' segments ...
-__global__ void __launch_bounds__(kAlignThreads) align_segments_kernel(AlignParams p, int32_t* chunk_counts,
-                                                                       int32_t* offsets, int num_chunks) {
+// ... past kMaxScanningChunks, one CTA turns them into each chunk's starts (in
+// place) and the experts' totals (row num_chunks) ...
+__global__ void __launch_bounds__(kAlignThreads) align_prefix_kernel(AlignParams p, int32_t* chunk_counts,
+                                                                     int num_chunks) {
   dependent_grid_begin();
-  __shared__ AlignShared s;
   const int num_local = p.num_local_experts;
   for (int e = threadIdx.x; e < num_local; e += kAlignThreads) {
     int running = 0;
-    // kItemsPerThread chunks' counts read before any is rewritten: one round
-    // trip per group, not per chunk.
-    for (int first = 0; first < num_chunks; first += kItemsPerThread) {
-      int values[kItemsPerThread];
+    for (int first = 0; first < num_chunks; first += kCountsInFlight) {
+      int values[kCountsInFlight];
 #pragma unroll
-      for (int i = 0; i < kItemsPerThread; ++i)
+      for (int i = 0; i < kCountsInFlight; ++i)
         values[i] = first + i < num_chunks ? chunk_counts[static_cast<int64_t>(first + i) * num_local + e] : 0;
 #pragma unroll
-      for (int i = 0; i < kItemsPerThread; ++i) {
+      for (int i = 0; i < kCountsInFlight; ++i) {
         if (first + i < num_chunks) chunk_counts[static_cast<int64_t>(first + i) * num_local + e] = running;
         running += values[i];
       }
     }
-    s.counts[e] = running;
+    chunk_counts[static_cast<int64_t>(num_chunks) * num_local + e] = running;
   }
-  __syncthreads();
-  place_segments(p, s);
-  __syncthreads();
-  for (int e = threadIdx.x; e <= num_local; e += kAlignThreads) offsets[e] = s.offsets[e];
 }
 
-// ... and one CTA per chunk places its pairs after the earlier chunks' ones.
+// ... and one CTA per chunk places its pairs after the earlier chunks' ones,
+// each CTA writing its share of expert_ids and of the sentinel. `prefixed`:
+// the prefix kernel ran; otherwise each CTA sums the counts itself.
 template <class Index>
 __global__ void __launch_bounds__(kAlignThreads) align_scatter_kernel(AlignParams p, const int32_t* chunk_counts,
-                                                                      const int32_t* offsets) {
+                                                                      int num_chunks, bool prefixed) {
   dependent_grid_begin();
   __shared__ AlignShared s;
-  const Pairs<Index> pairs{p};
-  for (int e = threadIdx.x; e < p.num_local_experts; e += kAlignThreads) {
-    s.offsets[e] = offsets[e];
-    s.cursor[e] = chunk_counts[static_cast<int64_t>(blockIdx.x) * p.num_local_experts + e];
+  const Pairs<Index> pairs = pairs_of<Index>(p);
+  const int num_local = p.num_local_experts;
+  const int chunk = blockIdx.x;
+  ChunkPairs c;
+  read_experts(pairs, chunk * kChunk, c);
+  clear_warp_counts(p, s);
+#pragma unroll
+  for (int i = 0; i < kExpertsPerThread; ++i) {
+    const int e = threadIdx.x * kExpertsPerThread + i;
+    if (e >= num_local) break;
+    int before = 0, total = 0;
+    if (prefixed) {
+      before = chunk_counts[static_cast<int64_t>(chunk) * num_local + e];
+      total = chunk_counts[static_cast<int64_t>(num_chunks) * num_local + e];
+    } else {
+      for (int first = 0; first < num_chunks; first += kCountsInFlight) {
+        int values[kCountsInFlight];
+#pragma unroll
+        for (int j = 0; j < kCountsInFlight; ++j)
+          values[j] = first + j < num_chunks ? chunk_counts[(first + j) * num_local + e] : 0;
+#pragma unroll
+        for (int j = 0; j < kCountsInFlight; ++j) {
+          before += first + j < chunk ? values[j] : 0;
+          total += values[j];
+        }
+      }
+    }
+    s.chunk_start[e] = before;
+    s.counts[e] = total;
   }
-  clear_warp_counts(s);
   __syncthreads();
-  scatter_chunk(pairs, s, static_cast<int64_t>(blockIdx.x) * kChunk);
+  rank_in_warp(pairs.count, s, c);
+  __syncthreads();  // every warp's histogram complete
+  scan_warps(p, s, [](int, int) {});
+  place_segments(p, s);
+  if (chunk == 0 && threadIdx.x == 0) *p.num_tokens_post_padded = s.offsets[num_local];
+  const int64_t thread_index = static_cast<int64_t>(chunk) * kAlignThreads + threadIdx.x;
+  const int64_t threads = static_cast<int64_t>(gridDim.x) * kAlignThreads;
+  write_expert_ids(p, s, thread_index, threads);
+  scatter(p, s, c);
+  fill_padding(p, s, chunk * kAlignWarps + threadIdx.x / 32, gridDim.x * kAlignWarps, thread_index, threads);
 }
 
 template <class Index>
 cudaError_t launch_align(const AlignParams& params, cudaStream_t stream) {
   const int64_t num_pairs = params.num_tokens * params.top_k;
-  // Up to one chunk of pairs one CTA aligns everything (count_pairs and
-  // scatter_chunk cover one chunk); more are counted and scattered by one CTA
-  // per chunk. (A single CTA walking its chunks one after another cost ~13 us
-  // a chunk: 55 us at 8,192 pairs, vLLM's align 12 us.)
   if (num_pairs <= kChunk) {
     return launch_dependent(moe_align_block_size_kernel<Index>, 1, kAlignThreads, 0, stream, params);
   }
   // num_pairs < 2^31 (plugin.h), so the chunk count fits an int.
   const int num_chunks = static_cast<int>((num_pairs + kChunk - 1) / kChunk);
-  const size_t table = static_cast<size_t>(num_chunks) * params.num_local_experts;
-  int32_t* workspace = nullptr;
+  const bool prefixed = num_chunks > kMaxScanningChunks;
+  const size_t table = static_cast<size_t>(num_chunks + (prefixed ? 1 : 0)) * params.num_local_experts;
+  int32_t* chunk_counts = nullptr;
   // Stream-ordered (a graph memory node under capture), freed after the scatter.
-  cudaError_t status = cudaMallocAsync(reinterpret_cast<void**>(&workspace),
-                                       (table + params.num_local_experts + 1) * sizeof(int32_t), stream);
+  cudaError_t status = cudaMallocAsync(reinterpret_cast<void**>(&chunk_counts), table * sizeof(int32_t), stream);
   if (status != cudaSuccess) return status;
-  int32_t* offsets = workspace + table;
-  status = launch_dependent(align_count_kernel<Index>, num_chunks, kAlignThreads, 0, stream, params, workspace);
-  if (status == cudaSuccess) {
-    status = launch_dependent(align_segments_kernel, 1, kAlignThreads, 0, stream, params, workspace, offsets,
-                              num_chunks);
+  status = launch_dependent(align_count_kernel<Index>, num_chunks, kAlignThreads, 0, stream, params, chunk_counts);
+  if (status == cudaSuccess && prefixed) {
+    status = launch_dependent(align_prefix_kernel, 1, kAlignThreads, 0, stream, params, chunk_counts, num_chunks);
   }
   if (status == cudaSuccess) {
-    status = launch_dependent(align_scatter_kernel<Index>, num_chunks, kAlignThreads, 0, stream, params, workspace,
-                              static_cast<const int32_t*>(offsets));
+    status = launch_dependent(align_scatter_kernel<Index>, num_chunks, kAlignThreads, 0, stream, params,
+                              static_cast<const int32_t*>(chunk_counts), num_chunks, prefixed);
   }
-  const cudaError_t freed = cudaFreeAsync(workspace, stream);
+  const cudaError_t freed = cudaFreeAsync(chunk_counts, stream);
   return status != cudaSuccess ? status : freed;
 }
 

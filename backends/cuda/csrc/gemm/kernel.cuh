@@ -325,6 +325,28 @@ __global__ void __launch_bounds__(GemmTraits<T, kBits, kRows>::kCtaThreads, kMin
 // out of range are skipped as fill_rows skips them. The pieces are
 // walk_back's ranges of the host's plan (ungrouped pair routing plans no
 // re-plan on live rows).
+// A pair's token and slot in topk_ids. Pair numbers are below 2^31 (plugin.h),
+// so one 32-bit division finds both (a 64-bit one is a long software sequence,
+// here on a tile's path to its first copy).
+struct PairSlot {
+  int64_t token, slot;
+};
+__device__ __forceinline__ PairSlot pair_slot(int64_t pair, int64_t top_k) {
+  const uint32_t k = static_cast<uint32_t>(top_k);
+  const uint32_t token = static_cast<uint32_t>(pair) / k;
+  return {token, static_cast<uint32_t>(pair) - token * k};
+}
+
+// The stack's local expert of pair `pair` < p.num_pairs, read from topk_ids
+// through expert_map; -1 where the pair is dropped.
+__device__ __forceinline__ int pair_expert(const RoutedParams& p, PairSlot at) {
+  return p.topk_ids_int64
+             ? local_expert_of(static_cast<const int64_t*>(p.topk_ids), p.topk_ids_stride0, p.topk_ids_stride1,
+                               at.token, at.slot, p.num_global_experts, p.expert_map, p.w.num_experts)
+             : local_expert_of(static_cast<const int32_t*>(p.topk_ids), p.topk_ids_stride0, p.topk_ids_stride1,
+                               at.token, at.slot, p.num_global_experts, p.expert_map, p.w.num_experts);
+}
+
 template <int kBits>
 __device__ __forceinline__ void prefetch_pair_weights(const RoutedParams& p) {
   using Tile = WeightTileLayout<kBits>;
@@ -341,13 +363,7 @@ __device__ __forceinline__ void prefetch_pair_weights(const RoutedParams& p) {
     const int64_t pair = tile / p.schedule.n_tiles;
     const int64_t n_tile = tile % p.schedule.n_tiles;
     if (pair >= p.num_pairs) continue;
-    const int expert = p.topk_ids_int64
-                           ? local_expert_of(static_cast<const int64_t*>(p.topk_ids), p.topk_ids_stride0,
-                                             p.topk_ids_stride1, pair / p.top_k, pair % p.top_k,
-                                             p.num_global_experts, p.expert_map, p.w.num_experts)
-                           : local_expert_of(static_cast<const int32_t*>(p.topk_ids), p.topk_ids_stride0,
-                                             p.topk_ids_stride1, pair / p.top_k, pair % p.top_k,
-                                             p.num_global_experts, p.expert_map, p.w.num_experts);
+    const int expert = pair_expert(p, pair_slot(pair, p.top_k));
     if (expert < 0) continue;
     const int64_t slices = min(kt_end - kt_begin, static_cast<int64_t>(p.prefetch_slices));
     const uint8_t* first = tiles + ((static_cast<int64_t>(expert) * p.w.n_tiles + n_tile) * k_tiles + kt_begin) *
@@ -391,15 +407,7 @@ __device__ int64_t group_pairs(const RoutedParams& p, PairGroups<kRows>& g) {
   const int t = threadIdx.x;
   const int pairs = static_cast<int>(p.num_pairs);
   for (int i = t; i < kMaxGroupedPairs * kRows; i += blockDim.x) g.pair[i] = -1;
-  if (t < pairs) {
-    g.expert[t] = p.topk_ids_int64
-                      ? local_expert_of(static_cast<const int64_t*>(p.topk_ids), p.topk_ids_stride0,
-                                        p.topk_ids_stride1, t / p.top_k, t % p.top_k, p.num_global_experts,
-                                        p.expert_map, p.w.num_experts)
-                      : local_expert_of(static_cast<const int32_t*>(p.topk_ids), p.topk_ids_stride0,
-                                        p.topk_ids_stride1, t / p.top_k, t % p.top_k, p.num_global_experts,
-                                        p.expert_map, p.w.num_experts);
-  }
+  if (t < pairs) g.expert[t] = pair_expert(p, pair_slot(t, p.top_k));
   __syncthreads();
   const int expert = t < pairs ? g.expert[t] : -1;
   int before = 0, count = 0;
@@ -454,12 +462,11 @@ __global__ void __launch_bounds__(GemmTraits<T, kBits, kRows>::kCtaThreads, kMin
         if (r < kRows) {
           const int pair = live ? groups.pair[x * kRows + r] : -1;
           const bool used = pair >= 0;
-          const int64_t token = used ? pair / p.top_k : 0;
-          table.x_offset[r] = used ? token * p.io.x_row_stride : -1;
+          const PairSlot at = pair_slot(used ? pair : 0, p.top_k);
+          table.x_offset[r] = used ? at.token * p.io.x_row_stride : -1;
           table.out_row[r] = used ? pair : -1;
           table.weight[r] = used && p.topk_weights != nullptr
-                                ? p.topk_weights[token * p.topk_weights_stride0 +
-                                                 (pair % p.top_k) * p.topk_weights_stride1]
+                                ? p.topk_weights[at.token * p.topk_weights_stride0 + at.slot * p.topk_weights_stride1]
                                 : 1.0f;
         }
         return TileRows{expert, expert >= 0};
@@ -467,23 +474,14 @@ __global__ void __launch_bounds__(GemmTraits<T, kBits, kRows>::kCtaThreads, kMin
     }
     if (p.sorted_token_ids == nullptr) {
       // Pair routing: tile row x is pair x alone (blocks of one row, one chunk).
-      const int64_t token = x / p.top_k, slot = x % p.top_k;
-      int expert = -1;
-      if (x < p.num_pairs) {
-        expert = p.topk_ids_int64
-                     ? local_expert_of(static_cast<const int64_t*>(p.topk_ids), p.topk_ids_stride0,
-                                       p.topk_ids_stride1, token, slot, p.num_global_experts, p.expert_map,
-                                       p.w.num_experts)
-                     : local_expert_of(static_cast<const int32_t*>(p.topk_ids), p.topk_ids_stride0,
-                                       p.topk_ids_stride1, token, slot, p.num_global_experts, p.expert_map,
-                                       p.w.num_experts);
-      }
+      const PairSlot at = pair_slot(x, p.top_k);
+      const int expert = x < p.num_pairs ? pair_expert(p, at) : -1;
       const bool used = r == 0 && expert >= 0;
       if (r < kRows) {
-        table.x_offset[r] = used ? token * p.io.x_row_stride : -1;
+        table.x_offset[r] = used ? at.token * p.io.x_row_stride : -1;
         table.out_row[r] = used ? x : -1;
         table.weight[r] = used && p.topk_weights != nullptr
-                              ? p.topk_weights[token * p.topk_weights_stride0 + slot * p.topk_weights_stride1]
+                              ? p.topk_weights[at.token * p.topk_weights_stride0 + at.slot * p.topk_weights_stride1]
                               : 1.0f;
       }
       return TileRows{expert, used};
@@ -506,12 +504,11 @@ __global__ void __launch_bounds__(GemmTraits<T, kBits, kRows>::kCtaThreads, kMin
     if (r < kRows && expert >= 0 && expert < p.w.num_experts) {
       const int64_t id = position < padded_tokens ? listed_id : -1;
       used = id >= 0 && id < p.num_pairs;
-      const int64_t token = used ? id / p.top_k : 0;
-      table.x_offset[r] = used ? token * p.io.x_row_stride : -1;
+      const PairSlot at = pair_slot(used ? id : 0, p.top_k);
+      table.x_offset[r] = used ? at.token * p.io.x_row_stride : -1;
       table.out_row[r] = used ? id : -1;
       table.weight[r] = used && p.topk_weights != nullptr
-                            ? p.topk_weights[token * p.topk_weights_stride0 +
-                                             (id % p.top_k) * p.topk_weights_stride1]
+                            ? p.topk_weights[at.token * p.topk_weights_stride0 + at.slot * p.topk_weights_stride1]
                             : 1.0f;
     }
     // Padding-only chunks (all sentinels) and bad experts do no work.

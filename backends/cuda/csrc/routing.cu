@@ -1,8 +1,9 @@
 // moe_align_block_size, in chunks of kChunk pairs, one CTA per chunk:
 //   1. rank every pair among the earlier pairs of its expert in its warp's
-//      run of kWarpPairs consecutive pairs: rounds of one pair per lane, each
-//      round's lanes of one expert found by __match_any_sync, a per-warp
-//      histogram advanced with warp barriers only;
+//      run of consecutive pairs (an eighth of the chunk, up to kWarpPairs):
+//      rounds of one pair per lane, each round's lanes of one expert found by
+//      one ballot per bit of the expert ids, a per-warp histogram advanced
+//      with warp barriers only;
 //   2. each expert's count (the warps' histograms summed, over every chunk),
 //      padded to block_size and scanned -> segment offsets,
 //      num_tokens_post_padded, and expert_ids per block (-1 past the end);
@@ -27,8 +28,8 @@ namespace {
 constexpr int kAlignThreads = 256;
 constexpr int kAlignWarps = kAlignThreads / 32;
 constexpr int kRounds = 8;                            // pairs per lane
-constexpr int kWarpPairs = 32 * kRounds;              // consecutive pairs a warp ranks
-constexpr int kChunk = kAlignWarps * kWarpPairs;      // pairs a CTA places
+constexpr int kWarpPairs = 32 * kRounds;              // consecutive pairs a warp ranks, at most
+constexpr int kChunk = kAlignWarps * kWarpPairs;      // pairs a CTA places, at most
 constexpr int kMaxScanningChunks = 16;                // each scatter CTA reads every chunk's counts up to this
 constexpr int kCountsInFlight = 8;                    // chunk counts a thread reads before adding any
 constexpr int kExpertsPerThread = static_cast<int>(kMaxAlignLocalExperts) / kAlignThreads;
@@ -60,23 +61,42 @@ struct Pairs {
   }
 };
 
-// This thread's pairs of the chunk at `base`: warp w's run is
-// [base + w * kWarpPairs, + kWarpPairs), lane l's pair of round i the run's
-// i * 32 + l. Their experts are read before anything else (one round trip).
+// This thread's pairs of the chunk at `base`. The chunk's pairs are dealt to
+// the warps in runs of `rounds` x 32 (rounds: as few as cover the chunk, so
+// a small chunk keeps every warp busy): warp w's run starts at
+// base + w * rounds * 32, lane l's pair of round i is the run's i * 32 + l.
+// Their experts are read before anything else (one round trip).
 struct ChunkPairs {
   uint32_t first;                // round 0's pair
+  int rounds;
   int experts[kRounds];          // -1: past the last pair, or dropped
   int ranks[kRounds];            // among the warp's earlier pairs of its expert
 };
 
 template <class Index>
 __device__ void read_experts(const Pairs<Index>& pairs, uint32_t base, ChunkPairs& c) {
-  c.first = base + threadIdx.x / 32 * kWarpPairs + threadIdx.x % 32;
+  const uint32_t in_chunk = min(pairs.count - base, static_cast<uint32_t>(kChunk));
+  c.rounds = static_cast<int>((in_chunk + kAlignThreads - 1) / kAlignThreads);
+  c.first = base + threadIdx.x / 32 * c.rounds * 32 + threadIdx.x % 32;
 #pragma unroll
   for (int i = 0; i < kRounds; ++i) {
     const uint32_t pair = c.first + i * 32;
-    c.experts[i] = pair < pairs.count ? pairs.expert(pair) : -1;
+    c.experts[i] = i < c.rounds && pair < pairs.count ? pairs.expert(pair) : -1;
   }
+}
+
+// The lanes of this warp whose expert is this lane's (for e >= 0): one ballot
+// per bit of the expert ids (`bits` of them). __match_any_sync gives the same
+// mask, but its time grows with the distinct values among the lanes: with 256
+// experts it cost align ~1 us per round of every warp (kernel notes, v57b).
+__device__ __forceinline__ unsigned lanes_with_expert(int e, int bits) {
+  unsigned lanes = __ballot_sync(0xffffffffu, e >= 0);
+  for (int b = 0; b < bits; ++b) {
+    const bool set = (e >> b) & 1;
+    const unsigned with_bit = __ballot_sync(0xffffffffu, set);
+    lanes &= set ? with_bit : ~with_bit;
+  }
+  return lanes;
 }
 
 __device__ void clear_warp_counts(const AlignParams& p, AlignShared& s) {
@@ -86,14 +106,16 @@ __device__ void clear_warp_counts(const AlignParams& p, AlignShared& s) {
 
 // Ranks this warp's pairs (c.ranks) and leaves its histogram in
 // s.warp_counts[warp] (zero on entry): one warp's work, warp barriers only.
-__device__ void rank_in_warp(uint32_t count, AlignShared& s, ChunkPairs& c) {
+__device__ void rank_in_warp(const AlignParams& p, uint32_t count, AlignShared& s, ChunkPairs& c) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const unsigned earlier_lanes = (1u << lane) - 1;
+  const int bits = p.num_local_experts > 1 ? 32 - __clz(p.num_local_experts - 1) : 0;
 #pragma unroll
   for (int i = 0; i < kRounds; ++i) {
-    if (c.first - lane + i * 32 >= count) break;  // the same in every lane: the warp's run has ended
+    // The same in every lane: the warp's run has ended.
+    if (i == c.rounds || c.first - lane + i * 32 >= count) break;
     const int e = c.experts[i];
-    const unsigned same = __match_any_sync(0xffffffffu, e);  // lanes of this round with the same expert
+    const unsigned same = lanes_with_expert(e, bits);  // lanes of this round with the same expert
     const int before = e >= 0 ? s.warp_counts[warp][e] : 0;
     c.ranks[i] = before + __popc(same & earlier_lanes);
     __syncwarp();  // every lane has read its count before the round's leaders advance it
@@ -216,7 +238,7 @@ __global__ void __launch_bounds__(kAlignThreads) moe_align_block_size_kernel(Ali
   read_experts(pairs, 0, c);
   clear_warp_counts(p, s);
   __syncthreads();
-  rank_in_warp(pairs.count, s, c);
+  rank_in_warp(p, pairs.count, s, c);
   __syncthreads();  // every warp's histogram complete
   scan_warps(p, s, [&](int e, int n) {
     s.counts[e] = n;
@@ -240,7 +262,7 @@ __global__ void __launch_bounds__(kAlignThreads) align_count_kernel(AlignParams 
   read_experts(pairs, blockIdx.x * kChunk, c);
   clear_warp_counts(p, s);
   __syncthreads();
-  rank_in_warp(pairs.count, s, c);
+  rank_in_warp(p, pairs.count, s, c);
   __syncthreads();
   for (int e = threadIdx.x; e < p.num_local_experts; e += kAlignThreads) {
     int n = 0;
@@ -312,7 +334,7 @@ __global__ void __launch_bounds__(kAlignThreads) align_scatter_kernel(AlignParam
     s.counts[e] = total;
   }
   __syncthreads();
-  rank_in_warp(pairs.count, s, c);
+  rank_in_warp(p, pairs.count, s, c);
   __syncthreads();  // every warp's histogram complete
   scan_warps(p, s, [](int, int) {});
   place_segments(p, s);

@@ -318,8 +318,7 @@ def test_fused_moe_matches_float64(rng, target, dtype, m):
     assert rel_error(target.get(out), reference_moe(x, w13, w2, tw, ids)) < REL_TOL[dtype]
 
 
-# 3 and 32 tokens of top-2 over 8 experts: experts repeat, up to 64 pairs (CUDA groups an expert's pairs into
-# one tile row, more than 8 of them into several); 40: 80 pairs, each its own block.
+# 3, 32 and 40 tokens of top-2 over 8 experts: experts repeat, each pair its own block.
 @pytest.mark.parametrize("m", [3, 32, 40])
 @pytest.mark.parametrize("with_map", [False, True])
 def test_pair_routing_at_any_token_count_matches_float64(rng, target, monkeypatch, m, with_map):

@@ -28,8 +28,10 @@ H200_SWEEP = REPO / "benchmarks" / "results-h200-2026-12-05-blocks-v52.json"
 SHIPPED_SWEEPS = [
     (H200_TABLE, [H200_SWEEP], "NVIDIA H200", "2026-12-05"),
     (block_tables.SHIPPED / "cuda-h100.json",
-     [REPO / "benchmarks" / f"results-h100-2026-12-05-blocks-{v}.json" for v in ("v46", "v53")],
-     "NVIDIA H100 80GB HBM3", "2026-12-05"),
+     [REPO / "benchmarks" / name for name in ("results-h100-2026-12-05-blocks-v46.json",
+                                              "results-h100-2026-12-05-blocks-v53.json",
+                                              "results-h100-2026-12-06-blocks-v57b.json")],
+     "NVIDIA H100 80GB HBM3", "2026-12-06"),
 ]
 
 

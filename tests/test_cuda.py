@@ -51,8 +51,8 @@ def moe_reference_on_gpu(x, w13, w2, tw, ids):
 
 
 @pytest.mark.parametrize("model", sorted(MODELS))
-# The layer's own routing, and pair routing named at 2 and 8 tokens (Mixtral's grouped: at 8 tokens
-# its first GEMM has more tiles than stream-K slots).
+# The layer's own routing, and pair routing named at 2 and 8 tokens (Mixtral's experts repeat there; at
+# 8 tokens its first GEMM has more tiles than stream-K slots).
 @pytest.mark.parametrize("m, block_size", [(1, None), (2, None), (2, 0), (8, 0), (16, None), (256, None),
                                            (4096, None)])
 def test_model_shapes_match_a_float32_reference(rng, model, m, block_size):
@@ -388,14 +388,12 @@ def test_the_gated_epilogue_of_the_prefill_tiles_matches_float64(rng, dtype, k, 
 
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("with_weights", [False, True])
-# 60 pairs x 2 or 20 column tiles: a launch with stream-K slots (the grid plans again on the groups), and one
-# past them (1,200 tiles: the host's plan kept, CTAs of unfilled tile rows idle).
+# 60 pairs x 2 or 20 column tiles: a launch with stream-K slots, and one past them (1,200 tiles).
 @pytest.mark.parametrize("n", [256, 2560])
-def test_grouped_pair_routing_matches_float64(rng, bits, with_weights, n):
-    """Pair routing where experts repeat (v53: up to 64 pairs, 2 x pairs >=
-    experts): each CTA groups an expert's pairs into 8-row tile rows. One
-    expert takes 20 pairs (three tile rows), one none, ids out of range and a
-    device map's -1 are skipped; int64 ids."""
+def test_pair_routing_with_repeated_experts_matches_float64(rng, bits, with_weights, n):
+    """Pair routing where experts repeat: each pair its own tile row, one
+    expert taking 20 pairs, one none; ids out of range and a device map's -1
+    are skipped; int64 ids."""
     from ferrum_moe.arrays import import_array, import_output
 
     e, k, tokens, top_k = 6, 384, 12, 5

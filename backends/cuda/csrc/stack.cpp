@@ -592,9 +592,8 @@ bool CudaStack::launch_routed(const FmGemmRoutedArgs& args, DLTensor& out, bool 
   return true;
 }
 
-// Pair routing (plugin.h, ABI 1.2) on the 8-row tiles: one routing block of
-// one row per pair (every block the grid holds is filled, so no re-plan), or
-// where experts repeat, the pairs grouped by expert in the kernel (v53).
+// Pair routing (plugin.h, ABI 1.2): one routing block of one row per pair, on
+// the 8-row tiles; every block the grid holds is filled, so no re-plan.
 void CudaStack::gemm_routed_pairs(const FmGemmRoutedArgs& args, gemm::RoutedParams& params) {
   constexpr const char* kOp = "gemm_routed";
   const DLTensor& topk_ids = *args.topk_ids;
@@ -613,29 +612,15 @@ void CudaStack::gemm_routed_pairs(const FmGemmRoutedArgs& args, gemm::RoutedPara
   params.chunks_per_block = 1;
   if (params.num_pairs == 0) return;
   constexpr int rows_per_cta = gemm::kTinyRowsPerCta;
-  // Where pairs are enough for experts to repeat (as launch_routed judges it)
-  // and few enough for one CTA to sort (kMaxGroupedPairs), the kernel puts an
-  // expert's pairs in one tile row, as align would (v53): its weights are
-  // streamed once, and the grid plans again on the tile rows the groups fill.
-  params.grouped = params.num_pairs <= gemm::kMaxGroupedPairs && params.num_pairs * 2 >= num_experts_;
-  const int ctas = plan_schedule(params.num_pairs, weights_.n_tiles, rows_per_cta, params.schedule,
-                                 params.grouped);
-  if (params.grouped) {
-    // Every CTA groups (kernel.cuh), whether or not the launch has stream-K
-    // slots to plan again with; none prefetches: a CTA's pieces are known
-    // only after the grouping.
-    params.schedule.live_rows_wave = std::max(params.schedule.live_rows_wave, 1);
-  } else {
-    // The weights the launch streams (at most: pairs may share an expert):
-    // where half of L2 holds them, each CTA asks for all of its pieces
-    // before it waits for the kernel before it; otherwise for the first
-    // slices of each (the pipeline's first copies), so the prefetches never
-    // evict each other.
-    const int64_t tile_bytes = int64_t{gemm::kTileN} * kTileK * bits_ / 8;
-    const int64_t k_tiles = k_padded_ / kTileK;
-    const bool fits = params.num_pairs <= l2_bytes_ / 2 / (tile_bytes * weights_.n_tiles * k_tiles);
-    params.prefetch_slices = static_cast<int32_t>(fits ? k_tiles : std::min<int64_t>(k_tiles, kPrefetchSlices));
-  }
+  const int ctas = plan_schedule(params.num_pairs, weights_.n_tiles, rows_per_cta, params.schedule, false);
+  // The weights the launch streams (at most: pairs may share an expert):
+  // where half of L2 holds them, each CTA asks for all of its pieces before
+  // it waits for the kernel before it; otherwise for the first slices of each
+  // (the pipeline's first copies), so the prefetches never evict each other.
+  const int64_t tile_bytes = int64_t{gemm::kTileN} * kTileK * bits_ / 8;
+  const int64_t k_tiles = k_padded_ / kTileK;
+  const bool fits = params.num_pairs <= l2_bytes_ / 2 / (tile_bytes * weights_.n_tiles * k_tiles);
+  params.prefetch_slices = static_cast<int32_t>(fits ? k_tiles : std::min<int64_t>(k_tiles, kPrefetchSlices));
   check_cuda(gemm::launch_gemm_routed(params, compute_type_, bits_, rows_per_cta, ctas, as_stream(args.stream)),
              "gemm_routed kernel launch");
 }

@@ -5,7 +5,6 @@
 #define FERRUM_MOE_CUDA_GEMM_KERNEL_CUH_
 
 #include <cstdint>
-#include <type_traits>
 
 #include "dependent_launch.cuh"
 #include "routing.cuh"
@@ -92,15 +91,14 @@ __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& 
   // The tile rows whose work the grid shares, and the CTAs that take it. The
   // host plans for every tile row it launched; a routed launch's rows past
   // what the routing filled (read here, after the wait for the kernel that
-  // wrote it) hold nothing. When the host asks for it (live_rows_wave; every
-  // thread calls live_tile_rows, which may hold a CTA barrier) and the
-  // schedule has stream-K slots, the grid plans again on the live rows
+  // wrote it) hold nothing. When the host asks for it (live_rows_wave) and
+  // the schedule has stream-K slots, the grid plans again on the live rows
   // (stream_k_ctas) instead of leaving their CTAs idle.
   int64_t tiles_x = schedule.tiles_x;
   int64_t ctas = gridDim.x;
-  if (kSplitsK && schedule.live_rows_wave > 0) {
+  if (kSplitsK && schedule.partials != nullptr && schedule.live_rows_wave > 0) {
     const int64_t live = live_tile_rows();
-    if (schedule.partials != nullptr && live < tiles_x) {
+    if (live < tiles_x) {
       tiles_x = max(live, int64_t{0});
       // At most the grid: a wave or more of live tiles takes one CTA per tile
       // (stream_k_ctas), which is more than a grid planned for an even share
@@ -315,16 +313,6 @@ __global__ void __launch_bounds__(GemmTraits<T, kBits, kRows>::kCtaThreads, kMin
   }, [&] { return int64_t{p.schedule.tiles_x}; });
 }
 
-// Pair routing (v51): before the CTA waits for the kernel before it (the
-// layer's activation, while the first GEMM may still run), it asks L2 for the
-// first p.prefetch_slices K slices of each piece it will compute, and their
-// group scales. Every address is a pair's routed expert, read from topk_ids:
-// nothing in the layer writes them, but the kernel before the first GEMM (the
-// caller's router) may, so that read races with it there; a stale read only
-// prefetches the wrong lines (a prefetch is a hint, never a result), and ids
-// out of range are skipped as fill_rows skips them. The pieces are
-// walk_back's ranges of the host's plan (ungrouped pair routing plans no
-// re-plan on live rows).
 // A pair's token and slot in topk_ids. Pair numbers are below 2^31 (plugin.h),
 // so one 32-bit division finds both (a 64-bit one is a long software sequence,
 // here on a tile's path to its first copy).
@@ -347,6 +335,16 @@ __device__ __forceinline__ int pair_expert(const RoutedParams& p, PairSlot at) {
                                at.token, at.slot, p.num_global_experts, p.expert_map, p.w.num_experts);
 }
 
+// Pair routing (v51): before the CTA waits for the kernel before it (the
+// layer's activation, while the first GEMM may still run), it asks L2 for the
+// first p.prefetch_slices K slices of each piece it will compute, and their
+// group scales. Every address is a pair's routed expert, read from topk_ids:
+// nothing in the layer writes them, but the kernel before the first GEMM (the
+// caller's router) may, so that read races with it there; a stale read only
+// prefetches the wrong lines (a prefetch is a hint, never a result), and ids
+// out of range are skipped as fill_rows skips them. The pieces are
+// walk_back's ranges of the host's plan (pair routing plans no re-plan on
+// live rows).
 template <int kBits>
 __device__ __forceinline__ void prefetch_pair_weights(const RoutedParams& p) {
   using Tile = WeightTileLayout<kBits>;
@@ -383,54 +381,6 @@ __device__ __forceinline__ void prefetch_pair_weights(const RoutedParams& p) {
   }
 }
 
-// The pair of each routing row under grouped pair routing (RoutedParams::
-// grouped): tile row x holds up to kRows pairs of one expert, row r pair
-// `pair[x * kRows + r]` (-1: none), the tile rows in increasing expert order,
-// an expert's pairs in increasing pair order (kRows to a tile row, as align's
-// blocks of kRows would put them).
-template <int kRows>
-struct PairGroups {
-  int32_t expert[kMaxGroupedPairs];          // each pair's local expert, -1 skipped
-  int16_t chunks[kMaxGroupedPairs];          // tile rows of the pair's expert, at its first pair; else 0
-  int16_t pair[kMaxGroupedPairs * kRows];    // by tile row and row
-  int32_t tile_rows;                         // filled tile rows
-};
-
-// Fills `g` from topk_ids for p.num_pairs <= kMaxGroupedPairs pairs; every
-// thread of the CTA calls it (three CTA barriers). Pass one: each pair's
-// expert; pass two: its index among its expert's pairs, and at an expert's
-// first pair the expert's tile rows; pass three: the tile rows of the
-// experts below its own place each pair.
-template <int kRows>
-__device__ int64_t group_pairs(const RoutedParams& p, PairGroups<kRows>& g) {
-  // (The 8-row CTAs' 128 threads: one per pair and more.)
-  const int t = threadIdx.x;
-  const int pairs = static_cast<int>(p.num_pairs);
-  for (int i = t; i < kMaxGroupedPairs * kRows; i += blockDim.x) g.pair[i] = -1;
-  if (t < pairs) g.expert[t] = pair_expert(p, pair_slot(t, p.top_k));
-  __syncthreads();
-  const int expert = t < pairs ? g.expert[t] : -1;
-  int before = 0, count = 0;
-  if (expert >= 0) {
-    for (int q = 0; q < pairs; ++q) {
-      const bool same = g.expert[q] == expert;
-      before += same && q < t;
-      count += same;
-    }
-  }
-  if (t < pairs) g.chunks[t] = static_cast<int16_t>(expert >= 0 && before == 0 ? (count + kRows - 1) / kRows : 0);
-  __syncthreads();
-  int below = 0, total = 0;
-  for (int q = 0; q < pairs; ++q) {
-    below += g.expert[q] >= 0 && g.expert[q] < expert ? g.chunks[q] : 0;
-    total += g.chunks[q];
-  }
-  if (expert >= 0) g.pair[(below + before / kRows) * kRows + before % kRows] = static_cast<int16_t>(t);
-  if (t == 0) g.tile_rows = total;
-  __syncthreads();
-  return total;
-}
-
 // Tile row x is chunk x % chunks_per_block of routing block x / chunks_per_block.
 // Every index read from device memory is range-checked before use: the host
 // never saw these arrays.
@@ -441,37 +391,7 @@ __global__ void __launch_bounds__(GemmTraits<T, kBits, kRows>::kCtaThreads, kMin
     dependent_grid_release();  // the next kernel need not wait for the prefetches
     prefetch_pair_weights<kBits>(p);
   }
-  // Grouped pair routing runs on the 8-row tiles only (stack.cpp).
-  constexpr bool kGroups = kRows == kTinyRowsPerCta;
-  static_assert(!kGroups || GemmTraits<T, kBits, kRows>::kCtaThreads >= kMaxGroupedPairs, "a thread per pair");
-  // gemm_tiles calls live_tile_rows (which groups) only in its stream-K copy,
-  // and fill_rows reads the groups: the 8-row tiles have no other copy.
-  static_assert(!kGroups || kSplitsK, "grouped pair routing needs the live-rows call");
-  __shared__ std::conditional_t<kGroups, PairGroups<kRows>, char> groups;
-  static_assert(sizeof(groups) + sizeof(RowTable<kRows>) + sizeof(float) * kGatedTinyExchangeFloats <=
-                    kStaticSmemReserve,
-                "traits.cuh's reserve for the pair groups too");
   gemm_tiles<T, kBits, kRows, kSplitsK>(p.w, p.io, p.schedule, 0, [&](int64_t x, RowTable<kRows>& table, int r) {
-    if constexpr (kGroups) {
-      if (p.grouped) {
-        // Grouped pair routing: tile row x is groups' (filled by the
-        // live-rows call below, before any piece).
-        const bool live = x < groups.tile_rows;
-        const int first = live ? groups.pair[x * kRows] : -1;
-        const int expert = first >= 0 ? groups.expert[first] : -1;
-        if (r < kRows) {
-          const int pair = live ? groups.pair[x * kRows + r] : -1;
-          const bool used = pair >= 0;
-          const PairSlot at = pair_slot(used ? pair : 0, p.top_k);
-          table.x_offset[r] = used ? at.token * p.io.x_row_stride : -1;
-          table.out_row[r] = used ? pair : -1;
-          table.weight[r] = used && p.topk_weights != nullptr
-                                ? p.topk_weights[at.token * p.topk_weights_stride0 + at.slot * p.topk_weights_stride1]
-                                : 1.0f;
-        }
-        return TileRows{expert, expert >= 0};
-      }
-    }
     if (p.sorted_token_ids == nullptr) {
       // Pair routing: tile row x is pair x alone (blocks of one row, one chunk).
       const PairSlot at = pair_slot(x, p.top_k);
@@ -515,12 +435,8 @@ __global__ void __launch_bounds__(GemmTraits<T, kBits, kRows>::kCtaThreads, kMin
     return TileRows{expert, used};
   }, [&] {
     // The blocks that start below num_tokens_post_padded; the host launched
-    // fm_routed_blocks_read's bound (plugin.h), usually more. Grouped pair
-    // routing: the tile rows its groups fill. (Plain pair routing fills every
-    // block it launches: the host asks for no re-plan.)
-    if constexpr (kGroups) {
-      if (p.grouped) return group_pairs<kRows>(p, groups);
-    }
+    // fm_routed_blocks_read's bound (plugin.h), usually more. (Pair routing
+    // fills every block it launches: the host asks for no re-plan.)
     if (p.num_tokens_post_padded == nullptr) return int64_t{p.schedule.tiles_x};
     const int64_t padded = *p.num_tokens_post_padded;
     const int64_t blocks = padded > 0 ? (padded - 1) / p.block_size + 1 : 0;

@@ -89,10 +89,8 @@ struct StreamK {
   int32_t n_tiles;
   // A routed launch whose routing may fill fewer tile rows than tiles_x (the
   // host's bound) plans again for the live ones (kernel.cuh) over this wave
-  // (the host's, at most the grid) where it has stream-K slots; 0: it takes
-  // the host's plan as it is, without reading the routing first. Grouped pair
-  // routing sets it in every launch (>= 1): its CTAs group the pairs in that
-  // call, and without slots keep the host's plan.
+  // (the host's, at most the grid); 0: it takes the host's plan as it is,
+  // without reading the routing first.
   int32_t live_rows_wave;
 };
 
@@ -219,15 +217,7 @@ struct RoutedParams {
   // before it waits for the kernel before it (kernel.cuh,
   // prefetch_pair_weights); 0: none.
   int32_t prefetch_slices;
-  // Grouped pair routing (v53): the pairs of one expert share a tile row,
-  // as align's blocks would put them, grouped by each CTA from topk_ids
-  // (kernel.cuh, group_pairs); num_pairs <= kMaxGroupedPairs, 8-row tiles,
-  // live_rows_wave set, no prefetch.
-  bool grouped;
 };
-
-// The most pairs a grouped pair-routed launch holds (RoutedParams::grouped).
-constexpr int kMaxGroupedPairs = 64;
 
 // Raises the kernels' dynamic shared memory limit on the current device (the
 // 64-row INT8 variant needs more than the default 48 KiB), the 128-row tiles'

@@ -1,6 +1,7 @@
 // moe_align_block_size, in chunks of kChunk pairs, one CTA per chunk:
 //   1. rank every pair among the earlier pairs of its expert in its warp's
-//      run of consecutive pairs (an eighth of the chunk, up to kWarpPairs):
+//      run of consecutive pairs (the chunk split evenly over the warps, up to
+//      kWarpPairs each):
 //      rounds of one pair per lane, each round's lanes of one expert found by
 //      one ballot per bit of the expert ids, a per-warp histogram advanced
 //      with warp barriers only;
@@ -11,7 +12,7 @@
 //      chunks + in earlier warps of its chunk + its rank: increasing pair
 //      order without a sort. The sentinel goes where no pair does, each
 //      segment's padding and the tail.
-// One chunk is aligned by one CTA, with two CTA barriers besides the scan's.
+// One chunk is aligned by one CTA, with three CTA barriers besides the scan's.
 // More are counted by one CTA each, then scattered by one CTA each, every
 // scatter CTA summing the chunks' counts itself; past kMaxScanningChunks one
 // CTA between the two turns the counts into each chunk's starts instead.
@@ -25,9 +26,9 @@
 namespace ferrum_moe_cuda {
 namespace {
 
-constexpr int kAlignThreads = 256;
+constexpr int kAlignThreads = 512;
 constexpr int kAlignWarps = kAlignThreads / 32;
-constexpr int kRounds = 8;                            // pairs per lane
+constexpr int kRounds = 4;                            // pairs per lane, at most
 constexpr int kWarpPairs = 32 * kRounds;              // consecutive pairs a warp ranks, at most
 constexpr int kChunk = kAlignWarps * kWarpPairs;      // pairs a CTA places, at most
 constexpr int kMaxScanningChunks = 16;                // each scatter CTA reads every chunk's counts up to this
@@ -35,6 +36,8 @@ constexpr int kCountsInFlight = 8;                    // chunk counts a thread r
 constexpr int kExpertsPerThread = static_cast<int>(kMaxAlignLocalExperts) / kAlignThreads;
 static_assert(kExpertsPerThread * kAlignThreads == kMaxAlignLocalExperts, "even expert split");
 static_assert(kChunk <= 65535, "a warp's start within its chunk fits uint16_t");
+constexpr int kMaxExpertBits = 10;  // local expert ids below kMaxAlignLocalExperts
+static_assert(kMaxAlignLocalExperts <= (1 << kMaxExpertBits), "every local id in kMaxExpertBits bits");
 
 using Scan = cub::BlockScan<int, kAlignThreads>;
 
@@ -86,12 +89,15 @@ __device__ void read_experts(const Pairs<Index>& pairs, uint32_t base, ChunkPair
 }
 
 // The lanes of this warp whose expert is this lane's (for e >= 0): one ballot
-// per bit of the expert ids (`bits` of them). __match_any_sync gives the same
-// mask, but its time grows with the distinct values among the lanes: with 256
-// experts it cost align ~1 us per round of every warp (kernel notes, v57b).
+// per bit of the expert ids (`bits` of them, unrolled: the ballots do not wait
+// on each other). __match_any_sync gives the same mask, but its time grows
+// with the distinct values among the lanes: with 256 experts it cost align
+// ~1 us per round of every warp (kernel notes, v57b).
 __device__ __forceinline__ unsigned lanes_with_expert(int e, int bits) {
   unsigned lanes = __ballot_sync(0xffffffffu, e >= 0);
-  for (int b = 0; b < bits; ++b) {
+#pragma unroll
+  for (int b = 0; b < kMaxExpertBits; ++b) {
+    if (b == bits) break;  // the same in every lane
     const bool set = (e >> b) & 1;
     const unsigned with_bit = __ballot_sync(0xffffffffu, set);
     lanes &= set ? with_bit : ~with_bit;
@@ -124,30 +130,28 @@ __device__ void rank_in_warp(const AlignParams& p, uint32_t count, AlignShared& 
   }
 }
 
-// Every expert e = threadIdx.x * kExpertsPerThread + i (the blocked order
-// place_segments scans in, so a thread reads back only what it wrote): the
-// warps' histograms become each warp's start within the chunk, and
-// `chunk_total(e, pairs)` is handed the chunk's pairs of e.
+// Every expert e = threadIdx.x, + kAlignThreads, ...: the warps' histograms
+// become each warp's start within the chunk (all read before any is
+// rewritten), and `chunk_total(e, pairs)` is handed the chunk's pairs of e.
 template <class Total>
 __device__ void scan_warps(const AlignParams& p, AlignShared& s, Total&& chunk_total) {
+  for (int e = threadIdx.x; e < p.num_local_experts; e += kAlignThreads) {
+    int n[kAlignWarps];
 #pragma unroll
-  for (int i = 0; i < kExpertsPerThread; ++i) {
-    const int e = threadIdx.x * kExpertsPerThread + i;
-    if (e >= p.num_local_experts) break;
+    for (int w = 0; w < kAlignWarps; ++w) n[w] = s.warp_counts[w][e];
     int running = 0;
 #pragma unroll
     for (int w = 0; w < kAlignWarps; ++w) {
-      const int n = s.warp_counts[w][e];
       s.warp_counts[w][e] = static_cast<uint16_t>(running);
-      running += n;
+      running += n[w];
     }
     chunk_total(e, running);
   }
 }
 
-// From every expert's total in s.counts (written in the blocked order by this
-// thread): each segment's start (s.offsets) and the padded total
-// (s.offsets[num_local]), visible to the whole CTA on return.
+// From every expert's total in s.counts (visible to this thread): each
+// segment's start (s.offsets) and the padded total (s.offsets[num_local]),
+// visible to the whole CTA on return.
 __device__ void place_segments(const AlignParams& p, AlignShared& s) {
   const int num_local = p.num_local_experts;
   int padded[kExpertsPerThread];
@@ -244,6 +248,7 @@ __global__ void __launch_bounds__(kAlignThreads) moe_align_block_size_kernel(Ali
     s.counts[e] = n;
     s.chunk_start[e] = 0;
   });
+  __syncthreads();  // the counts, for place_segments' blocked order
   place_segments(p, s);
   if (threadIdx.x == 0) *p.num_tokens_post_padded = s.offsets[p.num_local_experts];
   write_expert_ids(p, s, threadIdx.x, kAlignThreads);

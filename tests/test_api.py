@@ -236,9 +236,11 @@ def test_pair_routed_gemm_matches_float64(rng, target, index_dtype, with_map, m,
         assert rel_error(got[p], as64(x[t]) @ dense[local] * tw[t, j]) < REL_TOL[dtype]
 
 
-@pytest.mark.parametrize("m", [1, 3, 256, 2256])
+# CUDA: m x top_k from 1 to 2,048 pairs is one CTA, 2,049 (m = 2049, top-1) two chunks; one expert's ids
+# take no ballot of their bits.
+@pytest.mark.parametrize("m", [1, 3, 256, 2049, 2256])
 @pytest.mark.parametrize("top_k", [1, 2, 8])
-@pytest.mark.parametrize("e", [8, 128, 257])
+@pytest.mark.parametrize("e", [1, 8, 128, 257])
 @pytest.mark.parametrize("block_size", [16, 64])
 def test_align_matches_its_definition(rng, target, m, top_k, e, block_size):
     ids = rng.integers(-1, e + 1, (m, top_k)).astype(np.int64)  # includes -1 and e: dropped
@@ -290,6 +292,18 @@ def test_align_with_an_expert_map_keeps_local_experts_only(rng, target, m):
     assert int(target.get(r.num_tokens_post_padded)[0]) == total
     assert target.get(r.sorted_token_ids)[:total].tolist() == sorted_ids
     assert target.get(r.expert_ids)[:total // 16].tolist() == expert_ids
+
+
+@pytest.mark.parametrize("m", [300, 3000])  # CUDA: one CTA; a chunk per CTA
+def test_align_with_no_local_expert_returns_only_padding(rng, target, m):
+    """A rank whose map keeps none of the experts: every pair dropped, nothing
+    to pad, every position the sentinel and every block -1."""
+    e, top_k = 16, 4
+    ids = rng.integers(0, e, (m, top_k)).astype(np.int32)
+    r = fm.moe_align_block_size(target.put(ids), 16, e, expert_map=target.put(np.full(e, -1, np.int32)))
+    assert int(target.get(r.num_tokens_post_padded)[0]) == 0
+    assert np.all(target.get(r.sorted_token_ids) == m * top_k)
+    assert np.all(target.get(r.expert_ids) == -1)
 
 
 def _moe_case(rng, target, dtype, e=8, hidden=128, inter=96, group_size=32):

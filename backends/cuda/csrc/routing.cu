@@ -1,7 +1,7 @@
 // moe_align_block_size, in chunks of kChunk pairs, one CTA per chunk:
 //   1. rank every pair among the earlier pairs of its expert in its warp's
-//      run of consecutive pairs (the chunk split evenly over the warps, up to
-//      kWarpPairs each):
+//      run of consecutive pairs (runs of as few 32-pair rounds as let the
+//      warps cover the chunk, up to kWarpPairs each):
 //      rounds of one pair per lane, each round's lanes of one expert found by
 //      one ballot per bit of the expert ids, a per-warp histogram advanced
 //      with warp barriers only;
@@ -65,8 +65,9 @@ struct Pairs {
 };
 
 // This thread's pairs of the chunk at `base`. The chunk's pairs are dealt to
-// the warps in runs of `rounds` x 32 (rounds: as few as cover the chunk, so
-// a small chunk keeps every warp busy): warp w's run starts at
+// the warps in runs of `rounds` x 32 (rounds: the fewest with which the warps
+// cover the chunk; a small chunk fills as many warps as it needs, up to
+// every warp at one round each): warp w's run starts at
 // base + w * rounds * 32, lane l's pair of round i is the run's i * 32 + l.
 // Their experts are read before anything else (one round trip).
 struct ChunkPairs {
@@ -92,7 +93,7 @@ __device__ void read_experts(const Pairs<Index>& pairs, uint32_t base, ChunkPair
 // per bit of the expert ids (`bits` of them, unrolled: the ballots do not wait
 // on each other). __match_any_sync gives the same mask, but its time grows
 // with the distinct values among the lanes: with 256 experts it cost align
-// ~1 us per round of every warp (kernel notes, v57b).
+// ~1 us per round of every warp (kernel notes, "v57 measured").
 __device__ __forceinline__ unsigned lanes_with_expert(int e, int bits) {
   unsigned lanes = __ballot_sync(0xffffffffu, e >= 0);
 #pragma unroll

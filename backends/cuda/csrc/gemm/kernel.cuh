@@ -313,8 +313,8 @@ __global__ void __launch_bounds__(GemmTraits<T, kBits, kRows>::kCtaThreads, kMin
   }, [&] { return int64_t{p.schedule.tiles_x}; });
 }
 
-// A pair's token and slot in topk_ids. Pair numbers are below 2^31 (plugin.h),
-// so one 32-bit division finds both (a 64-bit one is a long software sequence,
+// A pair's token and slot in topk_ids. Pair numbers and top_k are below 2^31
+// (plugin.h; the core checks top_k >= 1), so one 32-bit division finds both (a 64-bit one is a long software sequence,
 // here on a tile's path to its first copy).
 struct PairSlot {
   int64_t token, slot;
@@ -325,8 +325,8 @@ __device__ __forceinline__ PairSlot pair_slot(int64_t pair, int64_t top_k) {
   return {token, static_cast<uint32_t>(pair) - token * k};
 }
 
-// The stack's local expert of pair `pair` < p.num_pairs, read from topk_ids
-// through expert_map; -1 where the pair is dropped.
+// The stack's local expert of the pair at `at` (its number < p.num_pairs),
+// read from topk_ids through expert_map; -1 where the pair is dropped.
 __device__ __forceinline__ int pair_expert(const RoutedParams& p, PairSlot at) {
   return p.topk_ids_int64
              ? local_expert_of(static_cast<const int64_t*>(p.topk_ids), p.topk_ids_stride0, p.topk_ids_stride1,
@@ -343,7 +343,7 @@ __device__ __forceinline__ int pair_expert(const RoutedParams& p, PairSlot at) {
 // caller's router) may, so that read races with it there; a stale read only
 // prefetches the wrong lines (a prefetch is a hint, never a result), and ids
 // out of range are skipped as fill_rows skips them. The pieces are
-// walk_back's ranges of the host's plan (pair routing plans no re-plan on
+// walk_back's ranges of the host's plan (pair routing asks for no re-plan on
 // live rows).
 template <int kBits>
 __device__ __forceinline__ void prefetch_pair_weights(const RoutedParams& p) {
@@ -394,8 +394,9 @@ __global__ void __launch_bounds__(GemmTraits<T, kBits, kRows>::kCtaThreads, kMin
   gemm_tiles<T, kBits, kRows, kSplitsK>(p.w, p.io, p.schedule, 0, [&](int64_t x, RowTable<kRows>& table, int r) {
     if (p.sorted_token_ids == nullptr) {
       // Pair routing: tile row x is pair x alone (blocks of one row, one chunk).
-      const PairSlot at = pair_slot(x, p.top_k);
-      const int expert = x < p.num_pairs ? pair_expert(p, at) : -1;
+      const bool listed = x < p.num_pairs;
+      const PairSlot at = pair_slot(listed ? x : 0, p.top_k);
+      const int expert = listed ? pair_expert(p, at) : -1;
       const bool used = r == 0 && expert >= 0;
       if (r < kRows) {
         table.x_offset[r] = used ? at.token * p.io.x_row_stride : -1;

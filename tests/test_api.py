@@ -236,6 +236,16 @@ def test_pair_routed_gemm_matches_float64(rng, target, index_dtype, with_map, m,
         assert rel_error(got[p], as64(x[t]) @ dense[local] * tw[t, j]) < REL_TOL[dtype]
 
 
+def _assert_align_is_its_definition(ids, block_size, e, got_sorted, got_experts, got_total):
+    """The align outputs as read back: the pairs and blocks reference_align
+    gives, the sentinel and -1 past them."""
+    sorted_ids, expert_ids, total = reference_align(ids, block_size, e)
+    assert got_total == total
+    assert got_sorted[:total].tolist() == sorted_ids
+    assert got_experts[:total // block_size].tolist() == expert_ids
+    assert np.all(got_sorted[total:] == ids.size) and np.all(got_experts[total // block_size:] == -1)
+
+
 # CUDA: m x top_k from 1 to 2,048 pairs is one CTA, 2,049 (m = 2049, top-1) two chunks; one expert's ids
 # take no ballot of their bits.
 @pytest.mark.parametrize("m", [1, 3, 256, 2049, 2256])
@@ -245,16 +255,12 @@ def test_pair_routed_gemm_matches_float64(rng, target, index_dtype, with_map, m,
 def test_align_matches_its_definition(rng, target, m, top_k, e, block_size):
     ids = rng.integers(-1, e + 1, (m, top_k)).astype(np.int64)  # includes -1 and e: dropped
     r = fm.moe_align_block_size(target.put(ids), block_size, e)
-    sorted_ids, expert_ids, total = reference_align(ids, block_size, e)
     assert r.top_k == top_k and r.num_tokens == m and r.block_size == block_size
-    got_total = int(target.get(r.num_tokens_post_padded)[0])
-    assert got_total == total
     got_sorted, got_experts = target.get(r.sorted_token_ids), target.get(r.expert_ids)
-    assert got_sorted[:total].tolist() == sorted_ids
-    assert got_experts[:total // block_size].tolist() == expert_ids
+    _assert_align_is_its_definition(ids, block_size, e, got_sorted, got_experts,
+                                    int(target.get(r.num_tokens_post_padded)[0]))
     padded, blocks = fm.routing_buffer_sizes(m, top_k, e, block_size)
     assert len(got_sorted) == padded and len(got_experts) == blocks
-    assert np.all(got_sorted[total:] == m * top_k) and np.all(got_experts[total // block_size:] == -1)
 
 
 @pytest.mark.parametrize("m", [200, 2500, 4500])  # CUDA: one CTA; a chunk per CTA; past 16 chunks
@@ -274,11 +280,7 @@ def test_align_rewrites_every_position_of_reused_buffers(rng, target, m):
     align(rng.integers(0, e, (5000, top_k)))  # leaves pair ids in every position
     ids = rng.integers(-1, e + 1, (m, top_k))
     got_sorted, got_experts, got_total = align(ids)
-    sorted_ids, expert_ids, total = reference_align(ids, block_size, e)
-    assert int(got_total[0]) == total
-    assert got_sorted[:total].tolist() == sorted_ids
-    assert got_experts[:total // block_size].tolist() == expert_ids
-    assert np.all(got_sorted[total:] == m * top_k) and np.all(got_experts[total // block_size:] == -1)
+    _assert_align_is_its_definition(ids, block_size, e, got_sorted, got_experts, int(got_total[0]))
 
 
 @pytest.mark.parametrize("m", [40, 1000])  # one CTA; a chunk per CTA (CUDA)

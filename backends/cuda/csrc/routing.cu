@@ -131,6 +131,38 @@ __device__ void rank_in_warp(const AlignParams& p, uint32_t count, AlignShared& 
   }
 }
 
+// Reads the chunk at `base` (read_experts), runs `meanwhile()` (work that needs
+// no histogram, in the shadow of those reads), then ranks it: every warp's
+// histogram is in s.warp_counts for the whole CTA on return.
+template <class Index, class Meanwhile>
+__device__ void rank_chunk(const AlignParams& p, const Pairs<Index>& pairs, uint32_t base, AlignShared& s,
+                           ChunkPairs& c, Meanwhile&& meanwhile) {
+  read_experts(pairs, base, c);
+  clear_warp_counts(p, s);
+  meanwhile();
+  __syncthreads();
+  rank_in_warp(p, pairs.count, s, c);
+  __syncthreads();
+}
+
+// Calls take(chunk, count) with every chunk's count of expert e, in chunk
+// order, the counts read kCountsInFlight at a time (one round trip per group,
+// not per chunk; take may rewrite the group's entries).
+template <class Take>
+__device__ void for_each_chunk_count(const int32_t* chunk_counts, int num_chunks, int num_local, int e,
+                                     Take&& take) {
+  for (int first = 0; first < num_chunks; first += kCountsInFlight) {
+    int values[kCountsInFlight];
+#pragma unroll
+    for (int i = 0; i < kCountsInFlight; ++i)
+      values[i] = first + i < num_chunks ? chunk_counts[static_cast<int64_t>(first + i) * num_local + e] : 0;
+#pragma unroll
+    for (int i = 0; i < kCountsInFlight; ++i) {
+      if (first + i < num_chunks) take(first + i, values[i]);
+    }
+  }
+}
+
 // Every expert e = threadIdx.x, + kAlignThreads, ...: the warps' histograms
 // become each warp's start within the chunk (all read before any is
 // rewritten), and `chunk_total(e, pairs)` is handed the chunk's pairs of e.
@@ -240,11 +272,7 @@ __global__ void __launch_bounds__(kAlignThreads) moe_align_block_size_kernel(Ali
   __shared__ AlignShared s;
   const Pairs<Index> pairs = pairs_of<Index>(p);
   ChunkPairs c;
-  read_experts(pairs, 0, c);
-  clear_warp_counts(p, s);
-  __syncthreads();
-  rank_in_warp(p, pairs.count, s, c);
-  __syncthreads();  // every warp's histogram complete
+  rank_chunk(p, pairs, 0, s, c, [] {});
   scan_warps(p, s, [&](int e, int n) {
     s.counts[e] = n;
     s.chunk_start[e] = 0;
@@ -265,17 +293,8 @@ __global__ void __launch_bounds__(kAlignThreads) align_count_kernel(AlignParams 
   __shared__ AlignShared s;
   const Pairs<Index> pairs = pairs_of<Index>(p);
   ChunkPairs c;
-  read_experts(pairs, blockIdx.x * kChunk, c);
-  clear_warp_counts(p, s);
-  __syncthreads();
-  rank_in_warp(p, pairs.count, s, c);
-  __syncthreads();
-  for (int e = threadIdx.x; e < p.num_local_experts; e += kAlignThreads) {
-    int n = 0;
-#pragma unroll
-    for (int w = 0; w < kAlignWarps; ++w) n += s.warp_counts[w][e];
-    chunk_counts[static_cast<int64_t>(blockIdx.x) * p.num_local_experts + e] = n;
-  }
+  rank_chunk(p, pairs, blockIdx.x * kChunk, s, c, [] {});
+  scan_warps(p, s, [&](int e, int n) { chunk_counts[static_cast<int64_t>(blockIdx.x) * p.num_local_experts + e] = n; });
 }
 
 // ... past kMaxScanningChunks, one CTA turns them into each chunk's starts (in
@@ -286,17 +305,10 @@ __global__ void __launch_bounds__(kAlignThreads) align_prefix_kernel(AlignParams
   const int num_local = p.num_local_experts;
   for (int e = threadIdx.x; e < num_local; e += kAlignThreads) {
     int running = 0;
-    for (int first = 0; first < num_chunks; first += kCountsInFlight) {
-      int values[kCountsInFlight];
-#pragma unroll
-      for (int i = 0; i < kCountsInFlight; ++i)
-        values[i] = first + i < num_chunks ? chunk_counts[static_cast<int64_t>(first + i) * num_local + e] : 0;
-#pragma unroll
-      for (int i = 0; i < kCountsInFlight; ++i) {
-        if (first + i < num_chunks) chunk_counts[static_cast<int64_t>(first + i) * num_local + e] = running;
-        running += values[i];
-      }
-    }
+    for_each_chunk_count(chunk_counts, num_chunks, num_local, e, [&](int chunk, int count) {
+      chunk_counts[static_cast<int64_t>(chunk) * num_local + e] = running;
+      running += count;
+    });
     chunk_counts[static_cast<int64_t>(num_chunks) * num_local + e] = running;
   }
 }
@@ -313,35 +325,27 @@ __global__ void __launch_bounds__(kAlignThreads) align_scatter_kernel(AlignParam
   const int num_local = p.num_local_experts;
   const int chunk = blockIdx.x;
   ChunkPairs c;
-  read_experts(pairs, chunk * kChunk, c);
-  clear_warp_counts(p, s);
+  // Each expert's start in this chunk and total, in place_segments' blocked
+  // order, read while the chunk's experts are.
+  rank_chunk(p, pairs, chunk * kChunk, s, c, [&] {
 #pragma unroll
-  for (int i = 0; i < kExpertsPerThread; ++i) {
-    const int e = threadIdx.x * kExpertsPerThread + i;
-    if (e >= num_local) break;
-    int before = 0, total = 0;
-    if (prefixed) {
-      before = chunk_counts[static_cast<int64_t>(chunk) * num_local + e];
-      total = chunk_counts[static_cast<int64_t>(num_chunks) * num_local + e];
-    } else {
-      for (int first = 0; first < num_chunks; first += kCountsInFlight) {
-        int values[kCountsInFlight];
-#pragma unroll
-        for (int j = 0; j < kCountsInFlight; ++j)
-          values[j] = first + j < num_chunks ? chunk_counts[(first + j) * num_local + e] : 0;
-#pragma unroll
-        for (int j = 0; j < kCountsInFlight; ++j) {
-          before += first + j < chunk ? values[j] : 0;
-          total += values[j];
-        }
+    for (int i = 0; i < kExpertsPerThread; ++i) {
+      const int e = threadIdx.x * kExpertsPerThread + i;
+      if (e >= num_local) break;
+      int before = 0, total = 0;
+      if (prefixed) {
+        before = chunk_counts[static_cast<int64_t>(chunk) * num_local + e];
+        total = chunk_counts[static_cast<int64_t>(num_chunks) * num_local + e];
+      } else {
+        for_each_chunk_count(chunk_counts, num_chunks, num_local, e, [&](int earlier, int count) {
+          before += earlier < chunk ? count : 0;
+          total += count;
+        });
       }
+      s.chunk_start[e] = before;
+      s.counts[e] = total;
     }
-    s.chunk_start[e] = before;
-    s.counts[e] = total;
-  }
-  __syncthreads();
-  rank_in_warp(p, pairs.count, s, c);
-  __syncthreads();  // every warp's histogram complete
+  });
   scan_warps(p, s, [](int, int) {});
   place_segments(p, s);
   if (chunk == 0 && threadIdx.x == 0) *p.num_tokens_post_padded = s.offsets[num_local];

@@ -612,7 +612,7 @@ void CudaStack::gemm_routed_pairs(const FmGemmRoutedArgs& args, gemm::RoutedPara
   params.chunks_per_block = 1;
   if (params.num_pairs == 0) return;
   constexpr int rows_per_cta = gemm::kTinyRowsPerCta;
-  const int ctas = plan_schedule(params.num_pairs, weights_.n_tiles, rows_per_cta, params.schedule, false);
+  const int ctas = plan_schedule(params.num_pairs, weights_.n_tiles, rows_per_cta, params.schedule);
   // The weights the launch streams (at most: pairs may share an expert):
   // where half of L2 holds them, each CTA asks for all of its pieces before
   // it waits for the kernel before it; otherwise for the first slices of each

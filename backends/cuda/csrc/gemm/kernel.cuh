@@ -314,8 +314,9 @@ __global__ void __launch_bounds__(GemmTraits<T, kBits, kRows>::kCtaThreads, kMin
 }
 
 // A pair's token and slot in topk_ids. Pair numbers and top_k are below 2^31
-// (plugin.h; the core checks top_k >= 1), so one 32-bit division finds both (a 64-bit one is a long software sequence,
-// here on a tile's path to its first copy).
+// (plugin.h; the core checks top_k >= 1), so one 32-bit division finds both
+// (a 64-bit one is a long software sequence, here on a tile's path to its
+// first copy).
 struct PairSlot {
   int64_t token, slot;
 };

@@ -149,7 +149,8 @@ def test_gated_routed_gemm_matches_float64(rng, target, with_weights, half, bloc
     ids = rng.integers(0, e, (m, top_k)).astype(np.int32)
     ids[3, 1] = -1  # dropped pairs
     ids[7, 0] = e
-    tw = rng.random((m, top_k)).astype(np.float32)
+    # Not near 0: weighted twice, the product would underflow the compute dtype.
+    tw = rng.uniform(0.25, 1.0, (m, top_k)).astype(np.float32)
     routing = fm.moe_align_block_size(target.put(ids), block_size, e)
     out = target.put(poisoned((m * top_k, half), dtype)) if given_out else None
     result = stack.gemm_routed(target.put(x), routing, topk_weights=target.put(tw) if with_weights else None,
@@ -179,7 +180,7 @@ def test_gated_pair_routed_gemm_matches_float64(rng, target, half):
     stack = target.stack(weights, dtype)
     x = random_activations(rng, (1, k), dtype)
     ids = rng.permutation(e)[:top_k].reshape(1, top_k).astype(np.int32)
-    tw = rng.random((1, top_k)).astype(np.float32)
+    tw = rng.uniform(0.25, 1.0, (1, top_k)).astype(np.float32)
     gated = target.put(poisoned((top_k, half), dtype))
     written = stack._core.gemm_routed_pairs(import_array(target.put(x), "x"), import_array(target.put(ids), "topk_ids"),
                                             e, None, import_array(target.put(tw), "topk_weights"), None,

@@ -426,6 +426,55 @@ def test_pair_routing_with_repeated_experts_matches_float64(rng, bits, with_weig
         assert rel_error(got[p], y) < 2 * REL_TOL["float16"], p
 
 
+# (k, x's row length, group size): one K slice (7 of the 8 warps idle); K past its last whole
+# slice and not a multiple of 8, rows 16-byte aligned (the last token values read one by one);
+# channelwise groups over 2 rounds of slices per warp; groups of 64 over 2 rounds; then the stacks
+# the GEMV leaves to the 8-row tiles: groups of 32 (not whole slices), act-order, rows that are
+# not 16-byte aligned (row length odd, x from column 1), and K past kGemvMaxK.
+@pytest.mark.parametrize("k, x_columns, group_size, act_order", [
+    (64, 64, 64, False), (196, 208, 128, False), (4000, 4000, -1, False), (3072, 3072, 64, False),
+    (512, 512, 32, False), (512, 512, 128, True), (200, 201, 128, False), (4160, 4160, 128, False)])
+@pytest.mark.parametrize("bits, sym", [(4, True), (4, False), (8, True)])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_pair_routing_on_the_decode_gemv_and_off_it_matches_float64(rng, k, x_columns, group_size, act_order, bits,
+                                                                    sym, dtype):
+    """Pair routing's two kernels (the decode GEMV where its layout holds, the
+    8-row tiles elsewhere), plain into float32 rows with the router weights and
+    gated into the compute dtype: every written row matches float64, dropped
+    pairs and the columns past N stay as they were."""
+    from ferrum_moe.arrays import import_array, import_output
+
+    e, tokens, top_k, half = 5, 3, 4, 256
+    weights = [random_weight(rng, k, 2 * half, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
+                             dtype=dtype) for _ in range(e)]
+    dense = [w.dequantize(np.float64) for w in weights]
+    stack = fm.ExpertStack.from_gptq(weights, device="cuda", dtype=dtype)
+    tdtype = getattr(torch, dtype)
+    rows = cuda(rng.standard_normal((tokens, x_columns)).astype(np.float32)).to(tdtype)
+    x = rows[:, :k] if x_columns % 8 == 0 else rows[:, 1:k + 1]
+    x64 = x.double().cpu().numpy()
+    ids = np.stack([rng.permutation(e)[:top_k] for _ in range(tokens)]).astype(np.int32)
+    ids[1, 2] = -1  # dropped
+    tw = rng.random((tokens, top_k)).astype(np.float32)
+    pairs = tokens * top_k
+    out = torch.full((pairs, 2 * half + 3), float("nan"), device="cuda", dtype=torch.float32)
+    stack._core.gemm_routed_pairs(import_array(x, "x"), import_array(cuda(ids), "topk_ids"), e, None,
+                                  import_array(cuda(tw), "topk_weights"), import_output(out[:, :2 * half], "out"), 0)
+    gated = torch.full((pairs, half + 3), float("nan"), device="cuda", dtype=tdtype)
+    assert stack._core.gemm_routed_pairs(import_array(x, "x"), import_array(cuda(ids), "topk_ids"), e, None, None,
+                                         None, 0, gated_out=import_output(gated[:, :half], "gated_out"))
+    got, got_gated = out.double().cpu().numpy(), gated.double().cpu().numpy()
+    assert np.all(np.isnan(got[:, 2 * half:])) and np.all(np.isnan(got_gated[:, half:])), "written past N"
+    for p in range(pairs):
+        t, j = divmod(p, top_k)
+        if ids[t, j] < 0:
+            assert np.all(np.isnan(got[p])) and np.all(np.isnan(got_gated[p])), f"dropped pair {p} written"
+            continue
+        y = x64[t] @ dense[ids[t, j]]
+        assert rel_error(got[p, :2 * half], y * tw[t, j]) < REL_TOL[dtype], p
+        assert rel_error(got_gated[p, :half], silu_product(y)) < 2 * REL_TOL[dtype], p
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 # Symmetric 4- and 8-bit, and asymmetric act-order (the slot places zeros and row groups too).
 @pytest.mark.parametrize("bits, sym, act_order", [(4, True, False), (8, True, False), (4, False, True)])
@@ -459,7 +508,8 @@ def test_the_gated_epilogue_of_the_decode_tiles_matches_float64(rng, dtype, bits
     x = cuda(rng.standard_normal((1, k)).astype(np.float32)).to(tdtype)
     ids = rng.permutation(e)[:top_k].reshape(1, top_k).astype(np.int32)
     ids[0, 2] = e + 3  # out of range: skipped
-    tw = rng.random((1, top_k)).astype(np.float32)
+    # Not near 0: weighted twice, the product would underflow the compute dtype.
+    tw = rng.uniform(0.25, 1.0, (1, top_k)).astype(np.float32)
     out = torch.full((top_k, half), float("nan"), device="cuda", dtype=tdtype)
     assert stack._core.gemm_routed_pairs(import_array(x, "x"), import_array(cuda(ids), "topk_ids"), e, None,
                                          import_array(cuda(tw), "topk_weights"), None, 0,
@@ -470,7 +520,7 @@ def test_the_gated_epilogue_of_the_decode_tiles_matches_float64(rng, dtype, bits
     x = cuda(rng.standard_normal((3, k)).astype(np.float32)).to(tdtype)
     ids = np.stack([rng.permutation(e)[:top_k] for _ in range(3)]).astype(np.int32)
     ids[1, 0] = -1
-    tw = rng.random((3, top_k)).astype(np.float32)
+    tw = rng.uniform(0.25, 1.0, (3, top_k)).astype(np.float32)
     routing = fm.moe_align_block_size(cuda(ids), 8, e)
     wide = torch.full((2 * 3 * top_k, half + 8), float("nan"), device="cuda", dtype=tdtype)
     plain = torch.zeros((3 * top_k, 2 * half), device="cuda", dtype=tdtype)

@@ -168,6 +168,12 @@ CudaStack::CudaStack(const FmStackCreateArgs& args)
     check_cuda(gemm::gemm_ctas_per_sm(compute_type_, bits_, rows, &ctas_per_sm_[occupancy_index(rows)]),
                "querying the GEMM kernels' occupancy");
   }
+  for (bool gated : {false, true}) {
+    const int64_t quant_bytes = gemv_quant_bytes(gated);
+    if (quant_bytes > gemm::kGemvMaxQuantBytes) continue;
+    check_cuda(gemm::gemv_ctas_per_sm(compute_type_, bits_, gated, quant_bytes, &gemv_ctas_per_sm_[gated]),
+               "querying the decode GEMV's occupancy");
+  }
   check_cuda(cudaStreamSynchronize(stream), "stack_create: finishing the load");
 
   weights_.tiles = tiles_.get();
@@ -514,6 +520,10 @@ bool CudaStack::gated_epilogue_for(int rows_per_cta, const DLTensor& out) const 
          (out.shape[0] <= 1 || stride(out, 0) % 8 == 0);
 }
 
+int64_t CudaStack::gemv_quant_bytes(bool gated) const {
+  return gemm::gemv_quant_bytes(num_groups_, gated ? 2 : 1, zeros_.get<uint8_t>() != nullptr);
+}
+
 bool CudaStack::launch_routed(const FmGemmRoutedArgs& args, DLTensor& out, bool gated) {
   constexpr const char* kOp = "gemm_routed";
   DeviceGuard guard(device_);
@@ -611,6 +621,20 @@ void CudaStack::gemm_routed_pairs(const FmGemmRoutedArgs& args, gemm::RoutedPara
   params.num_blocks = params.num_pairs;
   params.chunks_per_block = 1;
   if (params.num_pairs == 0) return;
+  // The decode GEMV where its layout holds (gemm/gemv.cuh): uniform groups of
+  // whole K slices, no act-order, 16-byte aligned token rows, the CTA's group
+  // scales within its staging, and at most kGemvMaxCtasPerSm CTAs an SM.
+  const bool gated = params.io.gate_up_tiles > 0;
+  const int64_t quant_bytes = gemv_quant_bytes(gated);
+  const int64_t gemv_ctas = int64_t{gemm::gemv_slots(params.io.n)} * params.num_pairs;
+  if (weights_.perm == nullptr && weights_.row_group == nullptr && weights_.group_size % kTileK == 0 &&
+      params.io.x_vector_loads && quant_bytes <= gemm::kGemvMaxQuantBytes &&
+      gemv_ctas <= int64_t{gemm::kGemvMaxCtasPerSm} * num_sms_ && k_padded_ <= gemm::kGemvMaxK) {
+    params.gemv_one_wave = gemv_ctas <= int64_t{gemv_ctas_per_sm_[gated]} * num_sms_;
+    check_cuda(gemm::launch_gemm_pairs_gemv(params, compute_type_, bits_, quant_bytes, as_stream(args.stream)),
+               "gemm_routed kernel launch");
+    return;
+  }
   constexpr int rows_per_cta = gemm::kTinyRowsPerCta;
   const int ctas = plan_schedule(params.num_pairs, weights_.n_tiles, rows_per_cta, params.schedule);
   // The weights the launch streams (at most: pairs may share an expert):

@@ -46,7 +46,11 @@ class CudaStack final : public ferrum::plugin::Stack {
   // Whether a gated launch of rows_per_cta-row tiles into `out` has its epilogue.
   bool gated_epilogue_for(int rows_per_cta, const DLTensor& out) const;
   // gemm_routed's pair routing (plugin.h, ABI 1.2); `params` holds the rest.
+  // The decode GEMV (gemm/gemv.cuh) takes it where its layout holds, the
+  // 8-row tiles elsewhere.
   void gemm_routed_pairs(const FmGemmRoutedArgs& args, gemm::RoutedParams& params);
+  // The group scales and zero codes a GEMV CTA stages (gemm::gemv_quant_bytes).
+  int64_t gemv_quant_bytes(bool gated) const;
   // Fills the launch's schedule (gemm/params.hpp, StreamK) for tiles_x x
   // n_tiles output tiles; returns the grid's CTA count. live_rows: a routed
   // launch whose kernel plans again for the tile rows its routing filled.
@@ -87,6 +91,9 @@ class CudaStack final : public ferrum::plugin::Stack {
   bool wgmma_tiles_ = false;  // the loaded code has the 128-token wgmma tiles (sm_90a)
   // Resident 8-, 16-, 32-, 64- and 128-row CTAs per SM (occupancy): a stream-K wave.
   int ctas_per_sm_[5] = {1, 1, 1, 1, 1};
+  // Resident GEMV CTAs per SM, plain and gated (0: the GEMV cannot stage this
+  // stack's scales).
+  int gemv_ctas_per_sm_[2] = {0, 0};
   static int occupancy_index(int rows_per_cta) {
     return rows_per_cta <= gemm::kTinyRowsPerCta     ? 0
            : rows_per_cta <= gemm::kSmallRowsPerCta  ? 1

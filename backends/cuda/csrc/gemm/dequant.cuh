@@ -15,6 +15,8 @@
 #include <cstring>
 #include <type_traits>
 
+#include "gemm/layout.hpp"
+
 namespace ferrum_moe_cuda::gemm {
 
 // fp16 1024.0 in both halves: mantissa unit 1 for [1024, 2048), so any code
@@ -153,6 +155,26 @@ __device__ __forceinline__ uint32_t dequant_pair_int(uint32_t word, int pair, In
       const float lo = static_cast<float>(static_cast<int>(codes & 0xFFFFu) - static_cast<int>(zeros.even & 0xFFFFu));
       const float hi = static_cast<float>(static_cast<int>(codes >> 16) - static_cast<int>(zeros.even >> 16));
       return u32_of(__floats2bfloat162_rn(lo, hi));
+    }
+  }
+}
+
+// k-step ks of a warp's 32-column slice as two m16 A fragments of exact
+// integers code - zero (wgmma's register operand, and the swapped 8-row tiles'
+// and the decode GEMV's mma.sync A): {b0(nt), b0(nt + 1), b1(nt), b1(nt + 1)}
+// is the fragment of the 16 weight columns of n8 blocks nt and nt + 1;
+// zeros[nt] are n8 block nt's (int_zero_operands).
+template <class T, int kBits>
+__device__ __forceinline__ void int_column_pairs(const uint32_t (&words)[WeightTileLayout<kBits>::kWordsPerLane],
+                                                 int ks, const IntZeros (&zeros)[kNFrags], uint32_t (&a)[2][4]) {
+  using Tile = WeightTileLayout<kBits>;
+#pragma unroll
+  for (int nt = 0; nt < kNFrags; ++nt) {
+    const int f = ks * kNFrags + nt;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      a[nt / 2][2 * half + nt % 2] =
+          dequant_pair_int<T, kBits>(words[Tile::word_of_fragment(f)], Tile::pair_of_fragment(f, half), zeros[nt]);
     }
   }
 }

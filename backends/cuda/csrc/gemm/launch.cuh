@@ -8,6 +8,7 @@
 #include <utility>
 
 #include "dependent_launch.cuh"
+#include "gemm/gemv.cuh"
 #include "gemm/kernel.cuh"
 #include "gemm/launch.hpp"
 #include "gemm/traits.cuh"
@@ -46,9 +47,29 @@ cudaError_t with_specialisation(int bits, int rows_per_cta, bool splits, Body&& 
   return cudaErrorInvalidValue;
 }
 
+// Calls body(std::integral_constant<int, kBits>, std::integral_constant<int, kStreams>)
+// for the decode GEMV's specialisation (gemv.cuh).
+template <class Body>
+cudaError_t with_gemv(int bits, bool gated, Body&& body) {
+  auto with_streams = [&](auto b) {
+    if (gated) return body(b, std::integral_constant<int, 2>{});
+    return body(b, std::integral_constant<int, 1>{});
+  };
+  if (bits == 4) return with_streams(std::integral_constant<int, 4>{});
+  if (bits == 8) return with_streams(std::integral_constant<int, 8>{});
+  return cudaErrorInvalidValue;
+}
+
 template <class T>
 cudaError_t configure_gemm_kernels_for(int bits, bool wgmma_tiles) {
   cudaError_t status = cudaSuccess;
+  for (bool gated : {false, true}) {
+    status = with_gemv(bits, gated, [](auto b, auto s) {
+      return cudaFuncSetAttribute(gemv_pairs_kernel<T, decltype(b)::value, decltype(s)::value>,
+                                  cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kGemvMaxQuantBytes));
+    });
+    if (status != cudaSuccess) return status;
+  }
   for (int rows : {kTinyRowsPerCta, kSmallRowsPerCta, kMediumRowsPerCta, kLargeRowsPerCta, kWgmmaRowsPerCta}) {
     // The 128-row tiles' ~190 KB is more than a CTA may hold before Hopper
     // (A100: 163 KB): asking for it there fails. They only run on sm_90a.
@@ -120,6 +141,25 @@ cudaError_t launch_gemm_device_dispatch_for(const DeviceDispatchParams& params, 
         return gemm_device_dispatch_kernel<T, decltype(b)::value, decltype(m)::value, decltype(k)::value>;
       },
       params, bits, rows_per_cta, ctas, stream);
+}
+
+template <class T>
+cudaError_t gemv_ctas_per_sm_for(int bits, bool gated, int64_t quant_bytes, int* ctas) {
+  return with_gemv(bits, gated, [&](auto b, auto s) {
+    return cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        ctas, gemv_pairs_kernel<T, decltype(b)::value, decltype(s)::value>, kGemvThreads, quant_bytes);
+  });
+}
+
+template <class T>
+cudaError_t launch_gemm_pairs_gemv_for(const RoutedParams& params, int bits, int64_t quant_bytes,
+                                       cudaStream_t stream) {
+  const int64_t ctas = int64_t{gemv_slots(params.io.n)} * params.num_pairs;
+  return with_gemv(bits, params.io.gate_up_tiles > 0, [&](auto b, auto s) {
+    return launch_dependent(gemv_pairs_kernel<T, decltype(b)::value, decltype(s)::value>,
+                            dim3(static_cast<unsigned>(ctas)), kGemvThreads, static_cast<size_t>(quant_bytes), stream,
+                            params);
+  });
 }
 
 template <class T>

@@ -822,17 +822,15 @@ class Mainloop {
   template <GroupMode kMode, bool kAfter>
   __device__ __forceinline__ void dequant_column_pairs(const uint32_t (&words)[Tile::kWordsPerLane], int ks,
                                                        int k_base, const GroupParams& gp, uint32_t (&a)[2][4]) const {
+    if constexpr (kAfter) {
+      int_column_pairs<T, kBits>(words, ks, gp.zeros, a);
+    } else {
 #pragma unroll
-    for (int nt = 0; nt < kNFrags; ++nt) {
-      const int f = ks * kNFrags + nt;
-      const uint32_t word = words[Tile::word_of_fragment(f)];
+      for (int nt = 0; nt < kNFrags; ++nt) {
+        const int f = ks * kNFrags + nt;
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        if constexpr (kAfter) {
-          a[nt / 2][2 * half + nt % 2] =
-              dequant_pair_int<T, kBits>(word, Tile::pair_of_fragment(f, half), gp.zeros[nt]);
-        } else {
-          a[nt / 2][2 * half + nt % 2] = dequant_scaled<kMode>(word, f, half, k_base, gp);
+        for (int half = 0; half < 2; ++half) {
+          a[nt / 2][2 * half + nt % 2] = dequant_scaled<kMode>(words[Tile::word_of_fragment(f)], f, half, k_base, gp);
         }
       }
     }

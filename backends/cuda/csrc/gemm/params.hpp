@@ -217,7 +217,40 @@ struct RoutedParams {
   // before it waits for the kernel before it (kernel.cuh,
   // prefetch_pair_weights); 0: none.
   int32_t prefetch_slices;
+  // Pair routing on the decode GEMV (gemv.cuh): its grid is resident at once,
+  // so it lets the next kernel launch at its start (dependent_grid_begin).
+  bool gemv_one_wave;
 };
+
+// The decode GEMV (gemv.cuh): CTAs of kGemvWarps warps, each CTA one pair's
+// kWarpN output columns (a slot) over all of K.
+constexpr int kGemvWarps = 8;
+constexpr int kGemvThreads = kGemvWarps * 32;
+
+// The most GEMV CTAs (units) a launch takes per SM; more go to the 8-row
+// tiles. Measured on the H100 (kernel notes, v59): the layer at one token
+// with launches of up to 896 units (6.8 an SM) ran 9-14% faster than on the
+// 8-row tiles, and at 4 tokens of Qwen3-30B-A3B and DeepSeek-V2-Lite
+// (1,056-2,048 units) 12-17% slower: each CTA streams one unit's bytes, and
+// past a few waves its prologue and meeting cost more than the 8-row tiles'
+// pipeline.
+constexpr int kGemvMaxCtasPerSm = 7;
+// The longest K the GEMV takes: its warps' rounds of slices run one after
+// another, so a CTA's time grows with K where the 8-row tiles' pipeline keeps
+// several slices in flight. (v59r: DeepSeek-V3 at one token, w13 over K = 7,168
+// on the GEMV, was 4% slower than the 8-row tiles.)
+constexpr int64_t kGemvMaxK = 4096;
+
+// Slots of an output window of n columns.
+inline FM_HOST_DEVICE constexpr int gemv_slots(int64_t n) { return static_cast<int>((n + kWarpN - 1) / kWarpN); }
+
+// Shared memory a GEMV CTA stages its columns' group scales (and zero codes)
+// in: `streams` weight slots (2 with the gated epilogue) of every group.
+inline FM_HOST_DEVICE constexpr int64_t gemv_quant_bytes(int64_t num_groups, int streams, bool zeros) {
+  return streams * num_groups * kWarpN * (2 + (zeros ? 1 : 0));
+}
+// The most a launch stages (more: the 8-row tiles take the call).
+constexpr int64_t kGemvMaxQuantBytes = 96 * 1024;
 
 // Raises the kernels' dynamic shared memory limit on the current device (the
 // 64-row INT8 variant needs more than the default 48 KiB), the 128-row tiles'
@@ -241,6 +274,13 @@ cudaError_t launch_gemm_device_dispatch(const DeviceDispatchParams& params, Comp
                                         int rows_per_cta, int ctas, cudaStream_t stream);
 cudaError_t launch_gemm_routed(const RoutedParams& params, ComputeType type, int bits,
                                int rows_per_cta, int ctas, cudaStream_t stream);
+// Pair routing on the decode GEMV (gemv.cuh): one CTA per pair and slot of
+// params.io.n columns, gated where io.gate_up_tiles > 0, staging quant_bytes
+// (gemv_quant_bytes).
+cudaError_t launch_gemm_pairs_gemv(const RoutedParams& params, ComputeType type, int bits, int64_t quant_bytes,
+                                   cudaStream_t stream);
+// How many GEMV CTAs staging quant_bytes one SM holds at once.
+cudaError_t gemv_ctas_per_sm(ComputeType type, int bits, bool gated, int64_t quant_bytes, int* ctas);
 
 }  // namespace ferrum_moe_cuda::gemm
 

@@ -116,6 +116,16 @@ __device__ __forceinline__ void red_add_f32x4(float* address, float4 value) {
 #endif
 }
 
+// 16-byte global load of read-only data that is read once (the decode
+// GEMV's weights): through the non-coherent path, not kept in L1.
+__device__ __forceinline__ uint4 load_streaming_16(const void* address) {
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(address));
+  return v;
+}
+
 // A hint that the 128-byte line at `address` be brought into L2 (no value,
 // no wait, no fault on the hint's own account).
 __device__ __forceinline__ void prefetch_l2(const void* address) {

@@ -1,0 +1,234 @@
+// The decode GEMV: pair routing (one token row per pair) without a pipeline
+// or a K split across CTAs. A CTA computes one pair's 32 output columns (a
+// warp slot of the weight layout, layout.hpp) over the whole of K: its 8 warps
+// split K, each issues the 16-byte weight loads of several K slices at once
+// into registers (no shared-memory stages, no per-slice barrier), multiplies
+// them by the token on the swapped mma.sync (the weights the 16-row A
+// operand, the token the one live column of B), and the warps' sums meet in
+// shared memory at the end. The scales and zero codes of the CTA's columns
+// are staged in shared memory while the first weights are in flight. With the
+// gated epilogue (GemmIO::gate_up_tiles) the CTA also streams the same slot
+// of the up columns and stores silu(gate) * up.
+//
+// Against the 8-row tiles' stream-K walk at one token (kernel notes, v59):
+// there each CTA waits for its first copies, then per slice for a stage and a
+// CTA barrier, and a tile split over several CTAs meets through global memory.
+// Here the only dependent steps are the routing read, one round of loads per
+// chunk of slices and one CTA barrier.
+#ifndef FERRUM_MOE_CUDA_GEMM_GEMV_CUH_
+#define FERRUM_MOE_CUDA_GEMM_GEMV_CUH_
+
+#include <cstdint>
+
+#include "dependent_launch.cuh"
+#include "gemm/dequant.cuh"
+#include "gemm/epilogue.cuh"
+#include "gemm/kernel.cuh"
+#include "gemm/layout.hpp"
+#include "gemm/params.hpp"
+#include "gemm/ptx.cuh"
+
+namespace ferrum_moe_cuda::gemm {
+
+// Slices of K a warp loads in one round: 32 words of codes per lane and
+// stream (4 INT4 slices, 2 INT8 ones).
+template <int kBits>
+constexpr int kGemvChunkSlices = 32 / WeightTileLayout<kBits>::kWordsPerLane;
+
+// kStreams 1: plain results of the CTA's slot; 2: the gated epilogue (the
+// gate slot, then the same slot of its up tile).
+template <class T, int kBits, int kStreams>
+__global__ void __launch_bounds__(kGemvThreads, kStreams == 2 ? 2 : 3)
+    gemv_pairs_kernel(const __grid_constant__ RoutedParams p) {
+  using Tile = WeightTileLayout<kBits>;
+  constexpr int kChunk = kGemvChunkSlices<kBits>;
+  constexpr int kLoads = Tile::kLoadsPerLane;
+  constexpr int kWarpSlots = kTileN / kWarpN;
+  // Each warp's token chunk: kChunk slices of kTileK values, then 8 zeros that
+  // ldmatrix reads as the MMA's seven idle token columns.
+  constexpr int kXChunk = kChunk * kTileK;
+  __shared__ float sums[kGemvWarps][kStreams][kWarpN];
+  __shared__ alignas(16) uint16_t x_chunk[kGemvWarps][kXChunk + 8];
+  extern __shared__ uint4 quant_raw[];
+
+  dependent_grid_begin(p.gemv_one_wave);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const QuantWeights& w = p.w;
+  const GemmIO& io = p.io;
+  const int slots = gemv_slots(io.n);
+  const int64_t pair = blockIdx.x / slots;
+  const int slot = static_cast<int>(blockIdx.x - pair * slots);
+  const PairSlot at = pair_slot(pair, p.top_k);
+  const int expert = pair_expert(p, at);
+  if (expert < 0) return;  // dropped: its row stays as it was (the whole CTA leaves)
+
+  // The CTA's columns in each stream: slot `slot` of the output, and with the
+  // gated epilogue the same slot gate_up_tiles tiles on.
+  const int k_tiles = w.k_tiles;
+  const int kt_begin = k_tiles * warp / kGemvWarps, kt_end = k_tiles * (warp + 1) / kGemvWarps;
+  const auto* tiles = static_cast<const uint4*>(w.tiles);
+  const uint4* src[kStreams];
+  int first_column[kStreams];
+#pragma unroll
+  for (int s = 0; s < kStreams; ++s) {
+    first_column[s] = slot * kWarpN + s * io.gate_up_tiles * kTileN;
+    const int64_t n_tile = first_column[s] / kTileN;
+    src[s] = tiles + ((static_cast<int64_t>(expert) * w.n_tiles + n_tile) * k_tiles + kt_begin) * Tile::kUint4s +
+             Tile::uint4_index(slot % kWarpSlots, 0, lane);
+  }
+  const auto* x = static_cast<const uint16_t*>(io.x) + at.token * io.x_row_stride;
+
+  // One round: the codes of slices kt .. kt + kChunk - 1 (those below
+  // kt_end), and lane l's 8 token values of slice l / 8.
+  uint4 codes[kStreams][kChunk][kLoads];
+  uint4 x_part = make_uint4(0, 0, 0, 0);
+  auto load_round = [&](int kt) {
+#pragma unroll
+    for (int c = 0; c < kChunk; ++c) {
+      if (kt + c >= kt_end) break;
+#pragma unroll
+      for (int s = 0; s < kStreams; ++s)
+#pragma unroll
+        for (int j = 0; j < kLoads; ++j)
+          codes[s][c][j] = load_streaming_16(src[s] + (kt - kt_begin + c) * Tile::kUint4s + j * 32);
+    }
+    const int first_k = (kt + lane / 8) * kTileK + 8 * (lane % 8);
+    x_part = make_uint4(0, 0, 0, 0);
+    if (lane < kChunk * 8 && kt + lane / 8 < kt_end) {
+      if (first_k + 8 <= w.k) {
+        x_part = *reinterpret_cast<const uint4*>(x + first_k);
+      } else {
+        uint16_t v[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) v[i] = first_k + i < w.k ? x[first_k + i] : 0;  // columns past K read as 0
+        memcpy(&x_part, v, sizeof(v));
+      }
+    }
+  };
+  if (kt_begin < kt_end) load_round(kt_begin);
+
+  // The scales (and zero codes) of the CTA's columns, every group, staged
+  // while those loads are in flight: [stream][group][column] raw bits, then
+  // [stream][group][column] codes.
+  const int groups = w.num_groups;
+  auto* scales = reinterpret_cast<uint16_t*>(quant_raw);
+  auto* zeros = reinterpret_cast<uint8_t*>(scales + kStreams * groups * kWarpN);
+  const int64_t plane = static_cast<int64_t>(expert) * groups * w.n_padded;
+  for (int i = threadIdx.x; i < kStreams * groups * (kWarpN / 2); i += kGemvThreads) {
+    const int s = i / (groups * (kWarpN / 2)), g = (i / (kWarpN / 2)) % groups, pair_of = i % (kWarpN / 2);
+    reinterpret_cast<uint32_t*>(scales)[i] = __ldg(reinterpret_cast<const uint32_t*>(
+        w.scales + plane + static_cast<int64_t>(g) * w.n_padded + first_column[s] + 2 * pair_of));
+  }
+  if (w.zeros != nullptr) {
+    for (int i = threadIdx.x; i < kStreams * groups * (kWarpN / 4); i += kGemvThreads) {
+      const int s = i / (groups * (kWarpN / 4)), g = (i / (kWarpN / 4)) % groups, quad = i % (kWarpN / 4);
+      reinterpret_cast<uint32_t*>(zeros)[i] = __ldg(reinterpret_cast<const uint32_t*>(
+          w.zeros + plane + static_cast<int64_t>(g) * w.n_padded + first_column[s] + 4 * quad));
+    }
+  }
+  if (lane == 0) *reinterpret_cast<uint4*>(&x_chunk[warp][kXChunk]) = make_uint4(0, 0, 0, 0);
+  __syncthreads();
+
+  // ldmatrix: lane 8j gives matrix j's token row (chunk 4p + j of the slice's
+  // pair of k-steps p), the others the zero row.
+  const uint32_t x_base = shared_address(&x_chunk[warp][0]);
+  const uint32_t zero_row = shared_address(&x_chunk[warp][kXChunk]);
+  constexpr uint32_t kSymmetricZero = 1u << (kBits - 1);
+  IntZeros symmetric[kNFrags];
+#pragma unroll
+  for (int nt = 0; nt < kNFrags; ++nt) symmetric[nt] = int_zero_operands<T, kBits>(kSymmetricZero);
+  // The lane's column in n8 block nt is lane / 4 + 8 nt (layout.hpp, fragment_n).
+  const int column = lane / 4;
+
+  float acc[kStreams][2][4] = {};
+  for (int kt = kt_begin; kt < kt_end; kt += kChunk) {
+    __syncwarp();  // the last round's token fragments are read
+    if (lane < kChunk * 8) *reinterpret_cast<uint4*>(&x_chunk[warp][8 * lane]) = x_part;
+    __syncwarp();
+#pragma unroll
+    for (int c = 0; c < kChunk; ++c) {
+      if (kt + c >= kt_end) break;
+      uint32_t tokens[2][4];
+#pragma unroll
+      for (int pk = 0; pk < 2; ++pk) {
+        const uint32_t row = lane % 8 == 0 ? x_base + (c * kTileK + (4 * pk + lane / 8) * 8) * 2 : zero_row;
+        ldmatrix_x4(tokens[pk], row);
+      }
+      const int group = min((kt + c) * kTileK / w.group_size, groups - 1);
+#pragma unroll
+      for (int s = 0; s < kStreams; ++s) {
+        uint32_t words[Tile::kWordsPerLane];
+#pragma unroll
+        for (int j = 0; j < kLoads; ++j) {
+          words[4 * j + 0] = codes[s][c][j].x;
+          words[4 * j + 1] = codes[s][c][j].y;
+          words[4 * j + 2] = codes[s][c][j].z;
+          words[4 * j + 3] = codes[s][c][j].w;
+        }
+        const int quant_row = (s * groups + group) * kWarpN + column;
+        IntZeros zero_ops[kNFrags];
+        float scale[kNFrags];
+#pragma unroll
+        for (int nt = 0; nt < kNFrags; ++nt) {
+          zero_ops[nt] = w.zeros != nullptr ? int_zero_operands<T, kBits>(zeros[quant_row + 8 * nt]) : symmetric[nt];
+          scale[nt] = raw_to_float<T>(scales[quant_row + 8 * nt]);
+        }
+        float part[2][4] = {};
+#pragma unroll
+        for (int ks = 0; ks < kKSteps; ++ks) {
+          uint32_t a[2][4];
+          int_column_pairs<T, kBits>(words, ks, zero_ops, a);
+          const uint32_t b[2] = {tokens[ks / 2][2 * (ks % 2)], tokens[ks / 2][2 * (ks % 2) + 1]};
+          mma_16816<T>(part[0], a[0], b);
+          mma_16816<T>(part[1], a[1], b);
+        }
+        // [h][i]: column h * 16 + lane / 4 (+ 8 for i >= 2), n8 block 2h + i / 2.
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) acc[s][h][i] += part[h][i] * scale[2 * h + i / 2];
+      }
+    }
+    if (kt + kChunk < kt_end) load_round(kt + kChunk);
+  }
+
+  // The token is the MMA's column 0: lanes 4t hold it, registers [h][0] and
+  // [h][2] (AccumulatorLayout's swapped rows).
+  if (lane % 4 == 0) {
+#pragma unroll
+    for (int s = 0; s < kStreams; ++s)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        sums[warp][s][h * 16 + column] = acc[s][h][0];
+        sums[warp][s][h * 16 + column + 8] = acc[s][h][2];
+      }
+  }
+  __syncthreads();
+  if (warp != 0) return;
+  const int64_t j = first_column[0] + lane - io.col_begin;
+  if (j < 0 || j >= io.n) return;
+  float total[kStreams];
+#pragma unroll
+  for (int s = 0; s < kStreams; ++s) {
+    total[s] = 0.0f;
+#pragma unroll
+    for (int v = 0; v < kGemvWarps; ++v) total[s] += sums[v][s][lane];
+  }
+  const float weight =
+      p.topk_weights != nullptr ? p.topk_weights[at.token * p.topk_weights_stride0 + at.slot * p.topk_weights_stride1]
+                                : 1.0f;
+  const int64_t index = pair * io.out_row_stride + j * io.out_col_stride;
+  if constexpr (kStreams == 2) {
+    // As store_results_gated_tiny: silu(gate * w) * (up * w).
+    const float gate = total[0] * weight, up = total[1] * weight;
+    static_cast<T*>(io.out)[index] = float_to<T>(__fdividef(gate, 1.0f + expf(-gate)) * up);
+  } else if (io.out_float32) {
+    static_cast<float*>(io.out)[index] = total[0] * weight;
+  } else {
+    static_cast<T*>(io.out)[index] = float_to<T>(total[0] * weight);
+  }
+}
+
+}  // namespace ferrum_moe_cuda::gemm
+
+#endif  // FERRUM_MOE_CUDA_GEMM_GEMV_CUH_

@@ -168,9 +168,10 @@ CudaStack::CudaStack(const FmStackCreateArgs& args)
     check_cuda(gemm::gemm_ctas_per_sm(compute_type_, bits_, rows, &ctas_per_sm_[occupancy_index(rows)]),
                "querying the GEMM kernels' occupancy");
   }
+  check_cuda(gemm::gemv_max_quant_bytes(&gemv_max_quant_bytes_), "sizing the decode GEMV");
   for (bool gated : {false, true}) {
     const int64_t quant_bytes = gemv_quant_bytes(gated);
-    if (quant_bytes > gemm::kGemvMaxQuantBytes) continue;
+    if (quant_bytes > gemv_max_quant_bytes_) continue;
     check_cuda(gemm::gemv_ctas_per_sm(compute_type_, bits_, gated, quant_bytes, &gemv_ctas_per_sm_[gated]),
                "querying the decode GEMV's occupancy");
   }
@@ -603,7 +604,8 @@ bool CudaStack::launch_routed(const FmGemmRoutedArgs& args, DLTensor& out, bool 
 }
 
 // Pair routing (plugin.h, ABI 1.2): one routing block of one row per pair, on
-// the 8-row tiles; every block the grid holds is filled, so no re-plan.
+// the decode GEMV or the 8-row tiles; every block the grid holds is filled, so
+// no re-plan.
 void CudaStack::gemm_routed_pairs(const FmGemmRoutedArgs& args, gemm::RoutedParams& params) {
   constexpr const char* kOp = "gemm_routed";
   const DLTensor& topk_ids = *args.topk_ids;
@@ -623,12 +625,13 @@ void CudaStack::gemm_routed_pairs(const FmGemmRoutedArgs& args, gemm::RoutedPara
   if (params.num_pairs == 0) return;
   // The decode GEMV where its layout holds (gemm/gemv.cuh): uniform groups of
   // whole K slices, no act-order, 16-byte aligned token rows, the CTA's group
-  // scales within its staging, and at most kGemvMaxCtasPerSm CTAs an SM.
+  // scales within its staging, and at most kGemvMaxCtasPerSm CTAs an SM. (It
+  // writes columns from 0 and adds no bias: launch_routed's io has neither.)
   const bool gated = params.io.gate_up_tiles > 0;
   const int64_t quant_bytes = gemv_quant_bytes(gated);
   const int64_t gemv_ctas = int64_t{gemm::gemv_slots(params.io.n)} * params.num_pairs;
   if (weights_.perm == nullptr && weights_.row_group == nullptr && weights_.group_size % kTileK == 0 &&
-      params.io.x_vector_loads && quant_bytes <= gemm::kGemvMaxQuantBytes &&
+      params.io.x_vector_loads && quant_bytes <= gemv_max_quant_bytes_ &&
       gemv_ctas <= int64_t{gemm::kGemvMaxCtasPerSm} * num_sms_ && k_padded_ <= gemm::kGemvMaxK) {
     params.gemv_one_wave = gemv_ctas <= int64_t{gemv_ctas_per_sm_[gated]} * num_sms_;
     check_cuda(gemm::launch_gemm_pairs_gemv(params, compute_type_, bits_, quant_bytes, as_stream(args.stream)),

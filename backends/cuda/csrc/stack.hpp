@@ -94,6 +94,8 @@ class CudaStack final : public ferrum::plugin::Stack {
   // Resident GEMV CTAs per SM, plain and gated (0: the GEMV cannot stage this
   // stack's scales).
   int gemv_ctas_per_sm_[2] = {0, 0};
+  // What a GEMV CTA may stage on this device (gemm::gemv_max_quant_bytes).
+  int64_t gemv_max_quant_bytes_ = 0;
   static int occupancy_index(int rows_per_cta) {
     return rows_per_cta <= gemm::kTinyRowsPerCta     ? 0
            : rows_per_cta <= gemm::kSmallRowsPerCta  ? 1

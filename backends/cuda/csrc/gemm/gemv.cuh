@@ -50,6 +50,7 @@ __global__ void __launch_bounds__(kGemvThreads, kStreams == 2 ? 2 : 3)
   __shared__ float sums[kGemvWarps][kStreams][kWarpN];
   __shared__ alignas(16) uint16_t x_chunk[kGemvWarps][kXChunk + 8];
   extern __shared__ uint4 quant_raw[];
+  static_assert(sizeof(sums) + sizeof(x_chunk) <= kGemvStaticSmem, "params.hpp's bound");
 
   dependent_grid_begin(p.gemv_one_wave);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;

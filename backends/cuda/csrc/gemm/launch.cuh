@@ -63,10 +63,13 @@ cudaError_t with_gemv(int bits, bool gated, Body&& body) {
 template <class T>
 cudaError_t configure_gemm_kernels_for(int bits, bool wgmma_tiles) {
   cudaError_t status = cudaSuccess;
+  int64_t gemv_quant_bytes = 0;
+  status = gemv_max_quant_bytes(&gemv_quant_bytes);
+  if (status != cudaSuccess) return status;
   for (bool gated : {false, true}) {
-    status = with_gemv(bits, gated, [](auto b, auto s) {
+    status = with_gemv(bits, gated, [&](auto b, auto s) {
       return cudaFuncSetAttribute(gemv_pairs_kernel<T, decltype(b)::value, decltype(s)::value>,
-                                  cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kGemvMaxQuantBytes));
+                                  cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(gemv_quant_bytes));
     });
     if (status != cudaSuccess) return status;
   }

@@ -6,6 +6,7 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "gemm/layout.hpp"
@@ -45,7 +46,7 @@ struct GemmIO {
   int64_t n;                   // to out columns 0 .. n
   const uint16_t* bias;        // [n] compute dtype, or null
   // The gated epilogue (plugin.h, ABI 1.3; the 128-row tiles with staged
-  // stores and the 8-row tiles only): 0 for plain results; else the tile
+  // stores, the 8-row tiles and the decode GEMV only): 0 for plain results; else the tile
   // distance from a gate tile to its up tile (N / 2 / kTileN). A 128-row
   // CTA's first warpgroup then takes gate tile t, its second up tile
   // t + gate_up_tiles; an 8-row CTA tile y is half y % 2 of gate tile y / 2
@@ -249,8 +250,21 @@ inline FM_HOST_DEVICE constexpr int gemv_slots(int64_t n) { return static_cast<i
 inline FM_HOST_DEVICE constexpr int64_t gemv_quant_bytes(int64_t num_groups, int streams, bool zeros) {
   return streams * num_groups * kWarpN * (2 + (zeros ? 1 : 0));
 }
-// The most a launch stages (more: the 8-row tiles take the call).
+// The most a launch stages (more: the 8-row tiles take the call), and a
+// bound on the kernel's static shared memory beside it.
 constexpr int64_t kGemvMaxQuantBytes = 96 * 1024;
+constexpr int64_t kGemvStaticSmem = 8 * 1024;
+
+// What a GEMV CTA may stage on the current device: kGemvMaxQuantBytes, or
+// less where a CTA's shared memory is smaller (compute capability 8.6, 8.9
+// and 12.x: 99 KiB).
+inline cudaError_t gemv_max_quant_bytes(int64_t* bytes) {
+  int device = 0, optin = 0;
+  cudaError_t status = cudaGetDevice(&device);
+  if (status == cudaSuccess) status = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  *bytes = status == cudaSuccess ? std::min<int64_t>(kGemvMaxQuantBytes, optin - kGemvStaticSmem) : 0;
+  return status;
+}
 
 // Raises the kernels' dynamic shared memory limit on the current device (the
 // 64-row INT8 variant needs more than the default 48 KiB), the 128-row tiles'

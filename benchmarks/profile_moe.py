@@ -8,7 +8,8 @@ as its own time, so "the rest" is a lower bound (negative: kernels overlapped).
 --steps adds what each step of the layer's chain adds to the graph replay
 (the chain cut after each step, the overlap included), the chain without
 the align step (its routing computed once beforehand), and the chain on pair
-routing (no align: ABI 1.2) at the same token count: what fusing or removing
+routing (no align: ABI 1.2) at the same token count, step by step, its first
+GEMM gated where the backend has that for the stack: what fusing or removing
 a step can save.
 
     python benchmarks/profile_moe.py [--model mixtral] [--tokens 1] [--steps]
@@ -89,29 +90,39 @@ def step_times(layer, x, tw, ids, out, flush) -> None:
         ("top-k sum", lambda s: core.moe_sum(down, idt, e, None, ot, s)),
     ]
 
-    def chain(first: int, last: int) -> float:
+    def chain(steps, first: int, last: int) -> float:
         def run(stream) -> None:
             for _, step in steps[first:last + 1]:
                 step(stream_handle(stream))
         return time_graph(run, flush, 30)
 
-    before = 0.0
-    for i, (name, _) in enumerate(steps):
-        upto = chain(0, i)
-        print(f"  up to {name:<11} {upto:7.1f} us (+{upto - before:5.1f})")
-        before = upto
-    print(f"  without align: {chain(1, len(steps) - 1):.1f} us")
+    def each_step(steps, prefix: str = "") -> None:
+        before = 0.0
+        for i, (name, _) in enumerate(steps):
+            upto = chain(steps, 0, i)
+            print(f"  {prefix}up to {name:<11} {upto:7.1f} us (+{upto - before:5.1f})")
+            before = upto
+
+    each_step(steps)
+    print(f"  without align: {chain(steps, 1, len(steps) - 1):.1f} us")
     if core.has_pair_routing:
         # The same chain on pair routing (ABI 1.2), at any token count: what
-        # the layer's rule for when to skip align should weigh.
+        # the layer's rule for when to skip align should weigh, step by step
+        # (the CUDA backend's decode GEMV where it takes the launch).
+        # The first GEMM with the gated epilogue where the backend has it for
+        # this stack (the layer's own path), else GEMM and activation.
         pair_ids = idt.view([m * top_k, 1])
-        steps = [
-            ("w13 GEMM", lambda s: w13._core.gemm_routed_pairs(xt, idt, e, None, None, gate_up, s)),
-            steps[2],
+        gated = w13._core.gemm_routed_pairs(xt, idt, e, None, None, None, h, gated_out=act)
+        torch.cuda.synchronize()
+        first = [("w13 gated", lambda s: w13._core.gemm_routed_pairs(xt, idt, e, None, None, None, s, gated_out=act))]
+        if not gated:
+            first = [("w13 GEMM", lambda s: w13._core.gemm_routed_pairs(xt, idt, e, None, None, gate_up, s)), steps[2]]
+        pair_steps = first + [
             ("w2 GEMM", lambda s: w2._core.gemm_routed_pairs(act, pair_ids, e, None, tw_pairs, down, s)),
             steps[4],
         ]
-        print(f"  pair-routed: {chain(0, len(steps) - 1):.1f} us")
+        each_step(pair_steps, "pair-routed: ")
+        print(f"  pair-routed: {chain(pair_steps, 0, len(pair_steps) - 1):.1f} us")
 
 
 if __name__ == "__main__":

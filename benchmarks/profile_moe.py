@@ -106,11 +106,10 @@ def step_times(layer, x, tw, ids, out, flush) -> None:
     each_step(steps)
     print(f"  without align: {chain(steps, 1, len(steps) - 1):.1f} us")
     if core.has_pair_routing:
-        # The same chain on pair routing (ABI 1.2), at any token count: what
-        # the layer's rule for when to skip align should weigh, step by step
-        # (the CUDA backend's decode GEMV where it takes the launch).
-        # The first GEMM with the gated epilogue where the backend has it for
-        # this stack (the layer's own path), else GEMM and activation.
+        # The same chain on pair routing (ABI 1.2), at any token count, step
+        # by step: what the layer's rule for when to skip align should weigh.
+        # Its first GEMM gated where the backend has that for this stack (the
+        # layer's own path; on CUDA the decode GEMV's), else GEMM and activation.
         pair_ids = idt.view([m * top_k, 1])
         gated = w13._core.gemm_routed_pairs(xt, idt, e, None, None, None, h, gated_out=act)
         torch.cuda.synchronize()

@@ -58,10 +58,10 @@ cudaError_t launch_gemm_routed(const RoutedParams& params, ComputeType type, int
 }
 
 cudaError_t launch_gemm_pairs_gemv(const RoutedParams& params, ComputeType type, int bits, int64_t quant_bytes,
-                                   cudaStream_t stream) {
+                                   int ctas, cudaStream_t stream) {
   return type == ComputeType::kFloat16
-             ? launch_gemm_pairs_gemv_for<__half>(params, bits, quant_bytes, stream)
-             : launch_gemm_pairs_gemv_for<__nv_bfloat16>(params, bits, quant_bytes, stream);
+             ? launch_gemm_pairs_gemv_for<__half>(params, bits, quant_bytes, ctas, stream)
+             : launch_gemm_pairs_gemv_for<__nv_bfloat16>(params, bits, quant_bytes, ctas, stream);
 }
 
 cudaError_t gemv_ctas_per_sm(ComputeType type, int bits, bool gated, int64_t quant_bytes, int* ctas) {

@@ -168,13 +168,6 @@ CudaStack::CudaStack(const FmStackCreateArgs& args)
     check_cuda(gemm::gemm_ctas_per_sm(compute_type_, bits_, rows, &ctas_per_sm_[occupancy_index(rows)]),
                "querying the GEMM kernels' occupancy");
   }
-  check_cuda(gemm::gemv_max_quant_bytes(&gemv_max_quant_bytes_), "sizing the decode GEMV");
-  for (bool gated : {false, true}) {
-    const int64_t quant_bytes = gemv_quant_bytes(gated);
-    if (quant_bytes > gemv_max_quant_bytes_) continue;
-    check_cuda(gemm::gemv_ctas_per_sm(compute_type_, bits_, gated, quant_bytes, &gemv_ctas_per_sm_[gated]),
-               "querying the decode GEMV's occupancy");
-  }
   check_cuda(cudaStreamSynchronize(stream), "stack_create: finishing the load");
 
   weights_.tiles = tiles_.get();
@@ -190,6 +183,22 @@ CudaStack::CudaStack(const FmStackCreateArgs& args)
   weights_.num_groups = static_cast<int32_t>(num_groups_);
   // group_size -1 is one group over K: any divisor >= k_padded maps every row to group 0.
   weights_.group_size = static_cast<int32_t>(group_size_ > 0 ? group_size_ : k_padded_);
+
+  // The decode GEMV takes this stack's pair routing where its layout holds
+  // (gemm/gemv.cuh): uniform groups of whole K slices, no act-order, K up to
+  // kGemvMaxK, and the CTA's group scales within what the device lets it
+  // stage; gemv_ctas_per_sm_ stays 0 elsewhere.
+  int64_t max_quant_bytes = 0;
+  check_cuda(gemm::gemv_max_quant_bytes(&max_quant_bytes), "sizing the decode GEMV");
+  if (weights_.perm == nullptr && weights_.row_group == nullptr && weights_.group_size % kTileK == 0 &&
+      k_padded_ <= gemm::kGemvMaxK) {
+    for (bool gated : {false, true}) {
+      const int64_t quant_bytes = gemv_quant_bytes(gated);
+      if (quant_bytes > max_quant_bytes) continue;
+      check_cuda(gemm::gemv_ctas_per_sm(compute_type_, bits_, gated, quant_bytes, &gemv_ctas_per_sm_[gated]),
+                 "querying the decode GEMV's occupancy");
+    }
+  }
 }
 
 // Codes are repacked one expert at a time through a one-expert scratch
@@ -623,18 +632,17 @@ void CudaStack::gemm_routed_pairs(const FmGemmRoutedArgs& args, gemm::RoutedPara
   params.num_blocks = params.num_pairs;
   params.chunks_per_block = 1;
   if (params.num_pairs == 0) return;
-  // The decode GEMV where its layout holds (gemm/gemv.cuh): uniform groups of
-  // whole K slices, no act-order, 16-byte aligned token rows, the CTA's group
-  // scales within its staging, and at most kGemvMaxCtasPerSm CTAs an SM. (It
-  // writes columns from 0 and adds no bias: launch_routed's io has neither.)
+  // The decode GEMV where it takes this stack (gemv_ctas_per_sm_), the token
+  // rows are 16-byte aligned, and the launch is at most kGemvMaxCtasPerSm CTAs
+  // an SM. (It writes columns from 0 and adds no bias: launch_routed's io has
+  // neither.)
   const bool gated = params.io.gate_up_tiles > 0;
-  const int64_t quant_bytes = gemv_quant_bytes(gated);
   const int64_t gemv_ctas = int64_t{gemm::gemv_slots(params.io.n)} * params.num_pairs;
-  if (weights_.perm == nullptr && weights_.row_group == nullptr && weights_.group_size % kTileK == 0 &&
-      params.io.x_vector_loads && quant_bytes <= gemv_max_quant_bytes_ &&
-      gemv_ctas <= int64_t{gemm::kGemvMaxCtasPerSm} * num_sms_ && k_padded_ <= gemm::kGemvMaxK) {
+  if (gemv_ctas_per_sm_[gated] > 0 && params.io.x_vector_loads &&
+      gemv_ctas <= int64_t{gemm::kGemvMaxCtasPerSm} * num_sms_) {
     params.gemv_one_wave = gemv_ctas <= int64_t{gemv_ctas_per_sm_[gated]} * num_sms_;
-    check_cuda(gemm::launch_gemm_pairs_gemv(params, compute_type_, bits_, quant_bytes, as_stream(args.stream)),
+    check_cuda(gemm::launch_gemm_pairs_gemv(params, compute_type_, bits_, gemv_quant_bytes(gated),
+                                            static_cast<int>(gemv_ctas), as_stream(args.stream)),
                "gemm_routed kernel launch");
     return;
   }

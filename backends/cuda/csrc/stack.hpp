@@ -91,11 +91,9 @@ class CudaStack final : public ferrum::plugin::Stack {
   bool wgmma_tiles_ = false;  // the loaded code has the 128-token wgmma tiles (sm_90a)
   // Resident 8-, 16-, 32-, 64- and 128-row CTAs per SM (occupancy): a stream-K wave.
   int ctas_per_sm_[5] = {1, 1, 1, 1, 1};
-  // Resident GEMV CTAs per SM, plain and gated (0: the GEMV cannot stage this
-  // stack's scales).
+  // Resident GEMV CTAs per SM, plain and gated (0: the GEMV does not take
+  // this stack's pair routing).
   int gemv_ctas_per_sm_[2] = {0, 0};
-  // What a GEMV CTA may stage on this device (gemm::gemv_max_quant_bytes).
-  int64_t gemv_max_quant_bytes_ = 0;
   static int occupancy_index(int rows_per_cta) {
     return rows_per_cta <= gemm::kTinyRowsPerCta     ? 0
            : rows_per_cta <= gemm::kSmallRowsPerCta  ? 1

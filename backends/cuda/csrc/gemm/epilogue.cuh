@@ -48,6 +48,9 @@ __device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {
   }
 }
 
+// silu(gate) * up, the gated epilogues' product.
+__device__ __forceinline__ float silu_times(float gate, float up) { return __fdividef(gate, 1.0f + expf(-gate)) * up; }
+
 // Accumulator r of this thread sits at the tile's row and column that
 // AccumulatorLayout (traits.cuh) gives for the mainloop's instruction. `tid`:
 // the thread's index among the computing threads.
@@ -111,7 +114,7 @@ __device__ void store_results_gated_tiny(const GemmIO& io, const RowTable<kTinyR
     const float gate = acc[r] * w, up = exchange[(r * 2 + warp) * 32 + lane] * w;
     const int64_t j = tile_column + Layout::column(r, slot, lane);
     static_cast<T*>(io.out)[out_row * io.out_row_stride + j * io.out_col_stride] =
-        float_to<T>(__fdividef(gate, 1.0f + expf(-gate)) * up);
+        float_to<T>(silu_times(gate, up));
   }
 }
 
@@ -328,7 +331,7 @@ __device__ void store_results_gated(const GemmIO& io, const RowTable<kRows>& row
       for (int e = 0; e < 2; ++e) {
         const float gv = raw_to_float<T>(static_cast<uint16_t>(gate[i] >> (16 * e)));
         const float uv = raw_to_float<T>(static_cast<uint16_t>(up[i] >> (16 * e)));
-        value[e] = __fdividef(gv, 1.0f + expf(-gv)) * uv;
+        value[e] = silu_times(gv, uv);
       }
       product[i] = pack_pair<T>(value[0], value[1]);
     }

@@ -135,9 +135,7 @@ __global__ void __launch_bounds__(kGemvThreads, kStreams == 2 ? 2 : 3)
   const uint32_t x_base = shared_address(&x_chunk[warp][0]);
   const uint32_t zero_row = shared_address(&x_chunk[warp][kXChunk]);
   constexpr uint32_t kSymmetricZero = 1u << (kBits - 1);
-  IntZeros symmetric[kNFrags];
-#pragma unroll
-  for (int nt = 0; nt < kNFrags; ++nt) symmetric[nt] = int_zero_operands<T, kBits>(kSymmetricZero);
+  const IntZeros symmetric = int_zero_operands<T, kBits>(kSymmetricZero);
   // The lane's column in n8 block nt is lane / 4 + 8 nt (layout.hpp, fragment_n).
   const int column = lane / 4;
 
@@ -171,7 +169,7 @@ __global__ void __launch_bounds__(kGemvThreads, kStreams == 2 ? 2 : 3)
         float scale[kNFrags];
 #pragma unroll
         for (int nt = 0; nt < kNFrags; ++nt) {
-          zero_ops[nt] = w.zeros != nullptr ? int_zero_operands<T, kBits>(zeros[quant_row + 8 * nt]) : symmetric[nt];
+          zero_ops[nt] = w.zeros != nullptr ? int_zero_operands<T, kBits>(zeros[quant_row + 8 * nt]) : symmetric;
           scale[nt] = raw_to_float<T>(scales[quant_row + 8 * nt]);
         }
         float part[2][4] = {};
@@ -215,14 +213,12 @@ __global__ void __launch_bounds__(kGemvThreads, kStreams == 2 ? 2 : 3)
 #pragma unroll
     for (int v = 0; v < kGemvWarps; ++v) total[s] += sums[v][s][lane];
   }
-  const float weight =
-      p.topk_weights != nullptr ? p.topk_weights[at.token * p.topk_weights_stride0 + at.slot * p.topk_weights_stride1]
-                                : 1.0f;
+  const float weight = pair_weight(p, at);
   const int64_t index = pair * io.out_row_stride + j * io.out_col_stride;
   if constexpr (kStreams == 2) {
     // As store_results_gated_tiny: silu(gate * w) * (up * w).
     const float gate = total[0] * weight, up = total[1] * weight;
-    static_cast<T*>(io.out)[index] = float_to<T>(__fdividef(gate, 1.0f + expf(-gate)) * up);
+    static_cast<T*>(io.out)[index] = float_to<T>(silu_times(gate, up));
   } else if (io.out_float32) {
     static_cast<float*>(io.out)[index] = total[0] * weight;
   } else {

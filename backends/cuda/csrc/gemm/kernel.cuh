@@ -336,6 +336,13 @@ __device__ __forceinline__ int pair_expert(const RoutedParams& p, PairSlot at) {
                                at.token, at.slot, p.num_global_experts, p.expert_map, p.w.num_experts);
 }
 
+// The router weight of the pair at `at`, or 1 where the call passes none.
+__device__ __forceinline__ float pair_weight(const RoutedParams& p, PairSlot at) {
+  return p.topk_weights != nullptr
+             ? p.topk_weights[at.token * p.topk_weights_stride0 + at.slot * p.topk_weights_stride1]
+             : 1.0f;
+}
+
 // Pair routing (v51): before the CTA waits for the kernel before it (the
 // layer's activation, while the first GEMM may still run), it asks L2 for the
 // first p.prefetch_slices K slices of each piece it will compute, and their
@@ -402,9 +409,7 @@ __global__ void __launch_bounds__(GemmTraits<T, kBits, kRows>::kCtaThreads, kMin
       if (r < kRows) {
         table.x_offset[r] = used ? at.token * p.io.x_row_stride : -1;
         table.out_row[r] = used ? x : -1;
-        table.weight[r] = used && p.topk_weights != nullptr
-                              ? p.topk_weights[at.token * p.topk_weights_stride0 + at.slot * p.topk_weights_stride1]
-                              : 1.0f;
+        table.weight[r] = used ? pair_weight(p, at) : 1.0f;
       }
       return TileRows{expert, used};
     }
@@ -429,9 +434,7 @@ __global__ void __launch_bounds__(GemmTraits<T, kBits, kRows>::kCtaThreads, kMin
       const PairSlot at = pair_slot(used ? id : 0, p.top_k);
       table.x_offset[r] = used ? at.token * p.io.x_row_stride : -1;
       table.out_row[r] = used ? id : -1;
-      table.weight[r] = used && p.topk_weights != nullptr
-                            ? p.topk_weights[at.token * p.topk_weights_stride0 + at.slot * p.topk_weights_stride1]
-                            : 1.0f;
+      table.weight[r] = used ? pair_weight(p, at) : 1.0f;
     }
     // Padding-only chunks (all sentinels) and bad experts do no work.
     return TileRows{expert, used};

@@ -25,6 +25,14 @@ inline bool splits_k(int rows_per_cta, const StreamK& schedule) {
   return rows_per_cta != kWgmmaRowsPerCta || schedule.partials != nullptr;
 }
 
+// Calls body(std::integral_constant<int, kBits>) for 4 or 8 bits.
+template <class Body>
+cudaError_t with_bits(int bits, Body&& body) {
+  if (bits == 4) return body(std::integral_constant<int, 4>{});
+  if (bits == 8) return body(std::integral_constant<int, 8>{});
+  return cudaErrorInvalidValue;
+}
+
 // Calls body(std::integral_constant<int, kBits>, std::integral_constant<int, kRows>,
 // std::bool_constant<kSplitsK>).
 template <class Body>
@@ -42,22 +50,17 @@ cudaError_t with_specialisation(int bits, int rows_per_cta, bool splits, Body&& 
     if (rows_per_cta == kTinyRowsPerCta) return body(b, std::integral_constant<int, kTinyRowsPerCta>{}, SplitsK{});
     return cudaErrorInvalidValue;
   };
-  if (bits == 4) return with_rows(std::integral_constant<int, 4>{});
-  if (bits == 8) return with_rows(std::integral_constant<int, 8>{});
-  return cudaErrorInvalidValue;
+  return with_bits(bits, with_rows);
 }
 
 // Calls body(std::integral_constant<int, kBits>, std::integral_constant<int, kStreams>)
 // for the decode GEMV's specialisation (gemv.cuh).
 template <class Body>
 cudaError_t with_gemv(int bits, bool gated, Body&& body) {
-  auto with_streams = [&](auto b) {
+  return with_bits(bits, [&](auto b) {
     if (gated) return body(b, std::integral_constant<int, 2>{});
     return body(b, std::integral_constant<int, 1>{});
-  };
-  if (bits == 4) return with_streams(std::integral_constant<int, 4>{});
-  if (bits == 8) return with_streams(std::integral_constant<int, 8>{});
-  return cudaErrorInvalidValue;
+  });
 }
 
 template <class T>
@@ -155,9 +158,8 @@ cudaError_t gemv_ctas_per_sm_for(int bits, bool gated, int64_t quant_bytes, int*
 }
 
 template <class T>
-cudaError_t launch_gemm_pairs_gemv_for(const RoutedParams& params, int bits, int64_t quant_bytes,
+cudaError_t launch_gemm_pairs_gemv_for(const RoutedParams& params, int bits, int64_t quant_bytes, int ctas,
                                        cudaStream_t stream) {
-  const int64_t ctas = int64_t{gemv_slots(params.io.n)} * params.num_pairs;
   return with_gemv(bits, params.io.gate_up_tiles > 0, [&](auto b, auto s) {
     return launch_dependent(gemv_pairs_kernel<T, decltype(b)::value, decltype(s)::value>,
                             dim3(static_cast<unsigned>(ctas)), kGemvThreads, static_cast<size_t>(quant_bytes), stream,

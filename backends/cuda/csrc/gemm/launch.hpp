@@ -24,7 +24,7 @@ template <class T>
 cudaError_t launch_gemm_routed_for(const RoutedParams& params, int bits, int rows_per_cta, int ctas,
                                    cudaStream_t stream);
 template <class T>
-cudaError_t launch_gemm_pairs_gemv_for(const RoutedParams& params, int bits, int64_t quant_bytes,
+cudaError_t launch_gemm_pairs_gemv_for(const RoutedParams& params, int bits, int64_t quant_bytes, int ctas,
                                        cudaStream_t stream);
 template <class T>
 cudaError_t gemv_ctas_per_sm_for(int bits, bool gated, int64_t quant_bytes, int* ctas);

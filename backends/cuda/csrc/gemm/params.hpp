@@ -288,11 +288,11 @@ cudaError_t launch_gemm_device_dispatch(const DeviceDispatchParams& params, Comp
                                         int rows_per_cta, int ctas, cudaStream_t stream);
 cudaError_t launch_gemm_routed(const RoutedParams& params, ComputeType type, int bits,
                                int rows_per_cta, int ctas, cudaStream_t stream);
-// Pair routing on the decode GEMV (gemv.cuh): one CTA per pair and slot of
-// params.io.n columns, gated where io.gate_up_tiles > 0, staging quant_bytes
-// (gemv_quant_bytes).
+// Pair routing on the decode GEMV (gemv.cuh): `ctas` = one CTA per pair and
+// slot of params.io.n columns (gemv_slots), gated where io.gate_up_tiles > 0,
+// staging quant_bytes (gemv_quant_bytes).
 cudaError_t launch_gemm_pairs_gemv(const RoutedParams& params, ComputeType type, int bits, int64_t quant_bytes,
-                                   cudaStream_t stream);
+                                   int ctas, cudaStream_t stream);
 // How many GEMV CTAs staging quant_bytes one SM holds at once.
 cudaError_t gemv_ctas_per_sm(ComputeType type, int bits, bool gated, int64_t quant_bytes, int* ctas);
 

@@ -15,6 +15,12 @@
 // CTA barrier, and a tile split over several CTAs meets through global memory.
 // Here the only dependent steps are the routing read, one round of loads per
 // chunk of slices and one CTA barrier.
+//
+// The routing read, the first round of weight loads and the scale staging
+// come before the CTA waits for the kernel before it (dependent_launch.cuh),
+// so a CTA placed while that kernel finishes has its weights in flight, and
+// after the wait only reads the routing again (kept when it is unchanged)
+// and its token values.
 #ifndef FERRUM_MOE_CUDA_GEMM_GEMV_CUH_
 #define FERRUM_MOE_CUDA_GEMM_GEMV_CUH_
 
@@ -52,7 +58,6 @@ __global__ void __launch_bounds__(kGemvThreads, kStreams == 2 ? 2 : 3)
   extern __shared__ uint4 quant_raw[];
   static_assert(sizeof(sums) + sizeof(x_chunk) <= kGemvStaticSmem, "params.hpp's bound");
 
-  dependent_grid_begin(p.gemv_one_wave);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const QuantWeights& w = p.w;
   const GemmIO& io = p.io;
@@ -60,30 +65,23 @@ __global__ void __launch_bounds__(kGemvThreads, kStreams == 2 ? 2 : 3)
   const int64_t pair = blockIdx.x / slots;
   const int slot = static_cast<int>(blockIdx.x - pair * slots);
   const PairSlot at = pair_slot(pair, p.top_k);
-  const int expert = pair_expert(p, at);
-  if (expert < 0) return;  // dropped: its row stays as it was (the whole CTA leaves)
+  const int k_tiles = w.k_tiles;
+  const int kt_begin = k_tiles * warp / kGemvWarps, kt_end = k_tiles * (warp + 1) / kGemvWarps;
+  const int groups = w.num_groups;
+  auto* scales = reinterpret_cast<uint16_t*>(quant_raw);
+  auto* zeros = reinterpret_cast<uint8_t*>(scales + kStreams * groups * kWarpN);
 
   // The CTA's columns in each stream: slot `slot` of the output, and with the
   // gated epilogue the same slot gate_up_tiles tiles on.
-  const int k_tiles = w.k_tiles;
-  const int kt_begin = k_tiles * warp / kGemvWarps, kt_end = k_tiles * (warp + 1) / kGemvWarps;
   const auto* tiles = static_cast<const uint4*>(w.tiles);
   const uint4* src[kStreams];
   int first_column[kStreams];
 #pragma unroll
-  for (int s = 0; s < kStreams; ++s) {
-    first_column[s] = slot * kWarpN + s * io.gate_up_tiles * kTileN;
-    const int64_t n_tile = first_column[s] / kTileN;
-    src[s] = tiles + ((static_cast<int64_t>(expert) * w.n_tiles + n_tile) * k_tiles + kt_begin) * Tile::kUint4s +
-             Tile::uint4_index(slot % kWarpSlots, 0, lane);
-  }
-  const auto* x = static_cast<const uint16_t*>(io.x) + at.token * io.x_row_stride;
+  for (int s = 0; s < kStreams; ++s) first_column[s] = slot * kWarpN + s * io.gate_up_tiles * kTileN;
 
-  // One round: the codes of slices kt .. kt + kChunk - 1 (those below
-  // kt_end), and lane l's 8 token values of slice l / 8.
+  // One round of codes: slices kt .. kt + kChunk - 1 (those below kt_end).
   uint4 codes[kStreams][kChunk][kLoads];
-  uint4 x_part = make_uint4(0, 0, 0, 0);
-  auto load_round = [&](int kt) {
+  auto load_codes = [&](int kt) {
 #pragma unroll
     for (int c = 0; c < kChunk; ++c) {
       if (kt + c >= kt_end) break;
@@ -93,6 +91,56 @@ __global__ void __launch_bounds__(kGemvThreads, kStreams == 2 ? 2 : 3)
         for (int j = 0; j < kLoads; ++j)
           codes[s][c][j] = load_streaming_16(src[s] + (kt - kt_begin + c) * Tile::kUint4s + j * 32);
     }
+  };
+  // Expert e's first round, and the scales (and zero codes) of the CTA's
+  // columns in every group staged in shared memory while those loads are in
+  // flight: [stream][group][column] raw bits, then [stream][group][column]
+  // codes. Each thread stages its own entries, so a thread that read other
+  // routing before the wait than after it stages again alone.
+  auto start_expert = [&](int e) {
+#pragma unroll
+    for (int s = 0; s < kStreams; ++s) {
+      const int64_t n_tile = first_column[s] / kTileN;
+      src[s] = tiles + ((static_cast<int64_t>(e) * w.n_tiles + n_tile) * k_tiles + kt_begin) * Tile::kUint4s +
+               Tile::uint4_index(slot % kWarpSlots, 0, lane);
+    }
+    if (kt_begin < kt_end) load_codes(kt_begin);
+    const int64_t plane = static_cast<int64_t>(e) * groups * w.n_padded;
+    for (int i = threadIdx.x; i < kStreams * groups * (kWarpN / 2); i += kGemvThreads) {
+      const int s = i / (groups * (kWarpN / 2)), g = (i / (kWarpN / 2)) % groups, pair_of = i % (kWarpN / 2);
+      reinterpret_cast<uint32_t*>(scales)[i] = __ldg(reinterpret_cast<const uint32_t*>(
+          w.scales + plane + static_cast<int64_t>(g) * w.n_padded + first_column[s] + 2 * pair_of));
+    }
+    if (w.zeros != nullptr) {
+      for (int i = threadIdx.x; i < kStreams * groups * (kWarpN / 4); i += kGemvThreads) {
+        const int s = i / (groups * (kWarpN / 4)), g = (i / (kWarpN / 4)) % groups, quad = i % (kWarpN / 4);
+        reinterpret_cast<uint32_t*>(zeros)[i] = __ldg(reinterpret_cast<const uint32_t*>(
+            w.zeros + plane + static_cast<int64_t>(g) * w.n_padded + first_column[s] + 4 * quad));
+      }
+    }
+  };
+
+  // Before the wait for the kernel before this one: nothing the weights
+  // depend on is written in the layer, so the CTA reads its routing early
+  // (through L2 only, routing.cuh), issues that expert's first round and
+  // stages its scales, all under the previous kernel's tail.
+  if (p.gemv_one_wave) dependent_grid_release();
+  int expert = pair_expert<true>(p, at);
+  if (expert >= 0) start_expert(expert);
+  dependent_grid_begin(false);
+  // The routing the results use, read after the wait: the kernel before the
+  // layer's first one (the caller's router) may have changed it since.
+  const int settled = pair_expert(p, at);
+  if (settled != expert) {
+    expert = settled;
+    if (expert >= 0) start_expert(expert);
+  }
+  if (expert < 0) return;  // dropped: its row stays as it was (the whole CTA leaves)
+
+  // Lane l's 8 token values of slice kt + l / 8 in a round from kt.
+  const auto* x = static_cast<const uint16_t*>(io.x) + at.token * io.x_row_stride;
+  uint4 x_part = make_uint4(0, 0, 0, 0);
+  auto load_x = [&](int kt) {
     const int first_k = (kt + lane / 8) * kTileK + 8 * (lane % 8);
     x_part = make_uint4(0, 0, 0, 0);
     if (lane < kChunk * 8 && kt + lane / 8 < kt_end) {
@@ -106,27 +154,8 @@ __global__ void __launch_bounds__(kGemvThreads, kStreams == 2 ? 2 : 3)
       }
     }
   };
-  if (kt_begin < kt_end) load_round(kt_begin);
+  if (kt_begin < kt_end) load_x(kt_begin);
 
-  // The scales (and zero codes) of the CTA's columns, every group, staged
-  // while those loads are in flight: [stream][group][column] raw bits, then
-  // [stream][group][column] codes.
-  const int groups = w.num_groups;
-  auto* scales = reinterpret_cast<uint16_t*>(quant_raw);
-  auto* zeros = reinterpret_cast<uint8_t*>(scales + kStreams * groups * kWarpN);
-  const int64_t plane = static_cast<int64_t>(expert) * groups * w.n_padded;
-  for (int i = threadIdx.x; i < kStreams * groups * (kWarpN / 2); i += kGemvThreads) {
-    const int s = i / (groups * (kWarpN / 2)), g = (i / (kWarpN / 2)) % groups, pair_of = i % (kWarpN / 2);
-    reinterpret_cast<uint32_t*>(scales)[i] = __ldg(reinterpret_cast<const uint32_t*>(
-        w.scales + plane + static_cast<int64_t>(g) * w.n_padded + first_column[s] + 2 * pair_of));
-  }
-  if (w.zeros != nullptr) {
-    for (int i = threadIdx.x; i < kStreams * groups * (kWarpN / 4); i += kGemvThreads) {
-      const int s = i / (groups * (kWarpN / 4)), g = (i / (kWarpN / 4)) % groups, quad = i % (kWarpN / 4);
-      reinterpret_cast<uint32_t*>(zeros)[i] = __ldg(reinterpret_cast<const uint32_t*>(
-          w.zeros + plane + static_cast<int64_t>(g) * w.n_padded + first_column[s] + 4 * quad));
-    }
-  }
   if (lane == 0) *reinterpret_cast<uint4*>(&x_chunk[warp][kXChunk]) = make_uint4(0, 0, 0, 0);
   __syncthreads();
 
@@ -188,7 +217,10 @@ __global__ void __launch_bounds__(kGemvThreads, kStreams == 2 ? 2 : 3)
           for (int i = 0; i < 4; ++i) acc[s][h][i] += part[h][i] * scale[2 * h + i / 2];
       }
     }
-    if (kt + kChunk < kt_end) load_round(kt + kChunk);
+    if (kt + kChunk < kt_end) {
+      load_codes(kt + kChunk);
+      load_x(kt + kChunk);
+    }
   }
 
   // The token is the MMA's column 0: lanes 4t hold it, registers [h][0] and

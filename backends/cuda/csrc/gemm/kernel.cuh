@@ -328,12 +328,16 @@ __device__ __forceinline__ PairSlot pair_slot(int64_t pair, int64_t top_k) {
 
 // The stack's local expert of the pair at `at` (its number < p.num_pairs),
 // read from topk_ids through expert_map; -1 where the pair is dropped.
+// kEarly: read before the kernel's wait (routing.cuh).
+template <bool kEarly = false>
 __device__ __forceinline__ int pair_expert(const RoutedParams& p, PairSlot at) {
   return p.topk_ids_int64
-             ? local_expert_of(static_cast<const int64_t*>(p.topk_ids), p.topk_ids_stride0, p.topk_ids_stride1,
-                               at.token, at.slot, p.num_global_experts, p.expert_map, p.w.num_experts)
-             : local_expert_of(static_cast<const int32_t*>(p.topk_ids), p.topk_ids_stride0, p.topk_ids_stride1,
-                               at.token, at.slot, p.num_global_experts, p.expert_map, p.w.num_experts);
+             ? local_expert_of<kEarly>(static_cast<const int64_t*>(p.topk_ids), p.topk_ids_stride0,
+                                       p.topk_ids_stride1, at.token, at.slot, p.num_global_experts, p.expert_map,
+                                       p.w.num_experts)
+             : local_expert_of<kEarly>(static_cast<const int32_t*>(p.topk_ids), p.topk_ids_stride0,
+                                       p.topk_ids_stride1, at.token, at.slot, p.num_global_experts, p.expert_map,
+                                       p.w.num_experts);
 }
 
 // The router weight of the pair at `at`, or 1 where the call passes none.
@@ -349,8 +353,9 @@ __device__ __forceinline__ float pair_weight(const RoutedParams& p, PairSlot at)
 // group scales. Every address is a pair's routed expert, read from topk_ids:
 // nothing in the layer writes them, but the kernel before the first GEMM (the
 // caller's router) may, so that read races with it there; a stale read only
-// prefetches the wrong lines (a prefetch is a hint, never a result), and ids
-// out of range are skipped as fill_rows skips them. The pieces are
+// prefetches the wrong lines (a prefetch is a hint, never a result; the read
+// goes through L2 only, so the reads after the wait see the settled ids), and
+// ids out of range are skipped as fill_rows skips them. The pieces are
 // walk_back's ranges of the host's plan (pair routing asks for no re-plan on
 // live rows).
 template <int kBits>
@@ -369,7 +374,7 @@ __device__ __forceinline__ void prefetch_pair_weights(const RoutedParams& p) {
     const int64_t pair = tile / p.schedule.n_tiles;
     const int64_t n_tile = tile % p.schedule.n_tiles;
     if (pair >= p.num_pairs) continue;
-    const int expert = pair_expert(p, pair_slot(pair, p.top_k));
+    const int expert = pair_expert<true>(p, pair_slot(pair, p.top_k));
     if (expert < 0) continue;
     const int64_t slices = min(kt_end - kt_begin, static_cast<int64_t>(p.prefetch_slices));
     const uint8_t* first = tiles + ((static_cast<int64_t>(expert) * p.w.n_tiles + n_tile) * k_tiles + kt_begin) *

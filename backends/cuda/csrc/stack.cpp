@@ -186,15 +186,14 @@ CudaStack::CudaStack(const FmStackCreateArgs& args)
 
   // The decode GEMV takes this stack's pair routing where its layout holds
   // (gemm/gemv.cuh): uniform groups of whole K slices, no act-order, K up to
-  // kGemvMaxK, and the CTA's group scales within what the device lets it
-  // stage; gemv_ctas_per_sm_ stays 0 elsewhere.
+  // kGemvMaxGatedK with the gated epilogue, and the CTA's group scales within
+  // what the device lets it stage; gemv_ctas_per_sm_ stays 0 elsewhere.
   int64_t max_quant_bytes = 0;
   check_cuda(gemm::gemv_max_quant_bytes(&max_quant_bytes), "sizing the decode GEMV");
-  if (weights_.perm == nullptr && weights_.row_group == nullptr && weights_.group_size % kTileK == 0 &&
-      k_padded_ <= gemm::kGemvMaxK) {
+  if (weights_.perm == nullptr && weights_.row_group == nullptr && weights_.group_size % kTileK == 0) {
     for (bool gated : {false, true}) {
       const int64_t quant_bytes = gemv_quant_bytes(gated);
-      if (quant_bytes > max_quant_bytes) continue;
+      if (quant_bytes > max_quant_bytes || (gated && k_padded_ > gemm::kGemvMaxGatedK)) continue;
       check_cuda(gemm::gemv_ctas_per_sm(compute_type_, bits_, gated, quant_bytes, &gemv_ctas_per_sm_[gated]),
                  "querying the decode GEMV's occupancy");
     }

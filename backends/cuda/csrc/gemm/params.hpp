@@ -236,11 +236,13 @@ constexpr int kGemvThreads = kGemvWarps * 32;
 // past a few waves its prologue and meeting cost more than the 8-row tiles'
 // pipeline.
 constexpr int kGemvMaxCtasPerSm = 7;
-// The longest K the GEMV takes: its warps' rounds of slices run one after
-// another, so a CTA's time grows with K where the 8-row tiles' pipeline keeps
-// several slices in flight. (v59r: DeepSeek-V3 at one token, w13 over K = 7,168
-// on the GEMV, was 4% slower than the 8-row tiles.)
-constexpr int64_t kGemvMaxK = 4096;
+// The longest K the GEMV takes with the gated epilogue: its warps' rounds of
+// slices run one after another, so a CTA's time grows with K where the 8-row
+// tiles' pipeline keeps several slices in flight, and the gated rounds are
+// half as long (two streams). (v59r: DeepSeek-V3 at one token, w13 over
+// K = 7,168 on the GEMV, was 4% slower than the 8-row tiles; Mixtral's plain
+// w2 over K = 14,336 was faster on the GEMV.)
+constexpr int64_t kGemvMaxGatedK = 4096;
 
 // Slots of an output window of n columns.
 inline FM_HOST_DEVICE constexpr int gemv_slots(int64_t n) { return static_cast<int>((n + kWarpN - 1) / kWarpN); }

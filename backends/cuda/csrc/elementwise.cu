@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "activation.cuh"
 #include "dependent_launch.cuh"
 #include "routing.cuh"
 
@@ -93,13 +94,7 @@ __global__ void __launch_bounds__(kElementwiseThreads)
     load_floats(row, gate);
     load_floats(row + p.n, up);
 #pragma unroll
-    for (int i = 0; i < kVector; ++i) {
-      // silu(g) = g * sigmoid(g); for very negative g, expf overflows to inf
-      // and the quotient is (-)0, the correct limit. __fdividef (2 ulp; its
-      // divisor here is 1 or more) has no slow path to branch to, so a
-      // thread's kVector quotients overlap.
-      result[i] = __fdividef(gate[i], 1.0f + expf(-gate[i])) * up[i];
-    }
+    for (int i = 0; i < kVector; ++i) result[i] = silu_times(gate[i], up[i]);
     store_floats(out + r * p.out_row_stride + group * kVector, result);
   });
 }

@@ -11,6 +11,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "activation.cuh"
 #include "gemm/dequant.cuh"
 #include "gemm/layout.hpp"
 #include "gemm/params.hpp"
@@ -47,9 +48,6 @@ __device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {
     return u32_of(__floats2bfloat162_rn(lo, hi));
   }
 }
-
-// silu(gate) * up, the gated epilogues' product.
-__device__ __forceinline__ float silu_times(float gate, float up) { return __fdividef(gate, 1.0f + expf(-gate)) * up; }
 
 // Accumulator r of this thread sits at the tile's row and column that
 // AccumulatorLayout (traits.cuh) gives for the mainloop's instruction. `tid`:

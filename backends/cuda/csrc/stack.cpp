@@ -190,7 +190,12 @@ CudaStack::CudaStack(const FmStackCreateArgs& args)
   // what the device lets it stage; gemv_ctas_per_sm_ stays 0 elsewhere.
   int64_t max_quant_bytes = 0;
   check_cuda(gemm::gemv_max_quant_bytes(&max_quant_bytes), "sizing the decode GEMV");
-  if (weights_.perm == nullptr && weights_.row_group == nullptr && weights_.group_size % kTileK == 0) {
+  // Its slices per group must be a power of two (the group of a slice is a
+  // shift), or the one group of a channelwise stack.
+  const int64_t slices_per_group = weights_.group_size / kTileK;
+  const bool group_shift = num_groups_ == 1 || (slices_per_group & (slices_per_group - 1)) == 0;
+  gemv_group_shift_ = num_groups_ == 1 ? 30 : __builtin_ctzll(static_cast<uint64_t>(std::max<int64_t>(slices_per_group, 1)));
+  if (weights_.perm == nullptr && weights_.row_group == nullptr && weights_.group_size % kTileK == 0 && group_shift) {
     for (bool gated : {false, true}) {
       const int64_t quant_bytes = gemv_quant_bytes(gated);
       if (quant_bytes > max_quant_bytes || (gated && k_padded_ > gemm::kGemvMaxGatedK)) continue;
@@ -530,7 +535,7 @@ bool CudaStack::gated_epilogue_for(int rows_per_cta, const DLTensor& out) const 
 }
 
 int64_t CudaStack::gemv_quant_bytes(bool gated) const {
-  return gemm::gemv_quant_bytes(num_groups_, gated ? 2 : 1, zeros_.get<uint8_t>() != nullptr);
+  return gemm::gemv_quant_bytes(num_groups_, gated ? 2 : 1);
 }
 
 bool CudaStack::launch_routed(const FmGemmRoutedArgs& args, DLTensor& out, bool gated) {
@@ -640,6 +645,7 @@ void CudaStack::gemm_routed_pairs(const FmGemmRoutedArgs& args, gemm::RoutedPara
   if (gemv_ctas_per_sm_[gated] > 0 && params.io.x_vector_loads &&
       gemv_ctas <= int64_t{gemm::kGemvMaxCtasPerSm} * num_sms_) {
     params.gemv_one_wave = gemv_ctas <= int64_t{gemv_ctas_per_sm_[gated]} * num_sms_;
+    params.gemv_group_shift = gemv_group_shift_;
     check_cuda(gemm::launch_gemm_pairs_gemv(params, compute_type_, bits_, gemv_quant_bytes(gated),
                                             static_cast<int>(gemv_ctas), as_stream(args.stream)),
                "gemm_routed kernel launch");

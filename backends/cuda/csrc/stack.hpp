@@ -94,6 +94,7 @@ class CudaStack final : public ferrum::plugin::Stack {
   // Resident GEMV CTAs per SM, plain and gated (0: the GEMV does not take
   // this stack's pair routing).
   int gemv_ctas_per_sm_[2] = {0, 0};
+  int32_t gemv_group_shift_ = 0;  // gemm::RoutedParams::gemv_group_shift
   static int occupancy_index(int rows_per_cta) {
     return rows_per_cta <= gemm::kTinyRowsPerCta     ? 0
            : rows_per_cta <= gemm::kSmallRowsPerCta  ? 1

@@ -68,8 +68,12 @@ __global__ void __launch_bounds__(kGemvThreads, kStreams == 2 ? 2 : 3)
   const int k_tiles = w.k_tiles;
   const int kt_begin = k_tiles * warp / kGemvWarps, kt_end = k_tiles * (warp + 1) / kGemvWarps;
   const int groups = w.num_groups;
-  auto* scales = reinterpret_cast<uint16_t*>(quant_raw);
-  auto* zeros = reinterpret_cast<uint8_t*>(scales + kStreams * groups * kWarpN);
+  // [stream][group][column]: the zero operands (int_zero_operands, the
+  // symmetric ones where the stack has no zeros), then the scales as floats.
+  auto* zero_table = reinterpret_cast<uint2*>(quant_raw);
+  auto* scale_table = reinterpret_cast<float*>(zero_table + kStreams * groups * kWarpN);
+  constexpr uint32_t kSymmetricZero = 1u << (kBits - 1);
+  const IntZeros symmetric = int_zero_operands<T, kBits>(kSymmetricZero);
 
   // The CTA's columns in each stream: slot `slot` of the output, and with the
   // gated epilogue the same slot gate_up_tiles tiles on.
@@ -92,11 +96,11 @@ __global__ void __launch_bounds__(kGemvThreads, kStreams == 2 ? 2 : 3)
           codes[s][c][j] = load_streaming_16(src[s] + (kt - kt_begin + c) * Tile::kUint4s + j * 32);
     }
   };
-  // Expert e's first round, and the scales (and zero codes) of the CTA's
+  // Expert e's first round, and the scales and zero operands of the CTA's
   // columns in every group staged in shared memory while those loads are in
-  // flight: [stream][group][column] raw bits, then [stream][group][column]
-  // codes. Each thread stages its own entries, so a thread that read other
-  // routing before the wait than after it stages again alone.
+  // flight (the loop then reads them ready, with no conversion and no branch
+  // on the stack's zeros). Each thread stages its own entries, so a thread
+  // that read other routing before the wait than after it stages again alone.
   auto start_expert = [&](int e) {
 #pragma unroll
     for (int s = 0; s < kStreams; ++s) {
@@ -106,17 +110,12 @@ __global__ void __launch_bounds__(kGemvThreads, kStreams == 2 ? 2 : 3)
     }
     if (kt_begin < kt_end) load_codes(kt_begin);
     const int64_t plane = static_cast<int64_t>(e) * groups * w.n_padded;
-    for (int i = threadIdx.x; i < kStreams * groups * (kWarpN / 2); i += kGemvThreads) {
-      const int s = i / (groups * (kWarpN / 2)), g = (i / (kWarpN / 2)) % groups, pair_of = i % (kWarpN / 2);
-      reinterpret_cast<uint32_t*>(scales)[i] = __ldg(reinterpret_cast<const uint32_t*>(
-          w.scales + plane + static_cast<int64_t>(g) * w.n_padded + first_column[s] + 2 * pair_of));
-    }
-    if (w.zeros != nullptr) {
-      for (int i = threadIdx.x; i < kStreams * groups * (kWarpN / 4); i += kGemvThreads) {
-        const int s = i / (groups * (kWarpN / 4)), g = (i / (kWarpN / 4)) % groups, quad = i % (kWarpN / 4);
-        reinterpret_cast<uint32_t*>(zeros)[i] = __ldg(reinterpret_cast<const uint32_t*>(
-            w.zeros + plane + static_cast<int64_t>(g) * w.n_padded + first_column[s] + 4 * quad));
-      }
+    for (int i = threadIdx.x; i < kStreams * groups * kWarpN; i += kGemvThreads) {
+      const int s = i / (groups * kWarpN), g = (i / kWarpN) % groups, col = i % kWarpN;
+      const int64_t at = plane + static_cast<int64_t>(g) * w.n_padded + first_column[s] + col;
+      scale_table[i] = raw_to_float<T>(__ldg(w.scales + at));
+      const IntZeros z = w.zeros != nullptr ? int_zero_operands<T, kBits>(__ldg(w.zeros + at)) : symmetric;
+      zero_table[i] = make_uint2(z.even, z.odd);
     }
   };
 
@@ -163,8 +162,6 @@ __global__ void __launch_bounds__(kGemvThreads, kStreams == 2 ? 2 : 3)
   // pair of k-steps p), the others the zero row.
   const uint32_t x_base = shared_address(&x_chunk[warp][0]);
   const uint32_t zero_row = shared_address(&x_chunk[warp][kXChunk]);
-  constexpr uint32_t kSymmetricZero = 1u << (kBits - 1);
-  const IntZeros symmetric = int_zero_operands<T, kBits>(kSymmetricZero);
   // The lane's column in n8 block nt is lane / 4 + 8 nt (layout.hpp, fragment_n).
   const int column = lane / 4;
 
@@ -182,7 +179,7 @@ __global__ void __launch_bounds__(kGemvThreads, kStreams == 2 ? 2 : 3)
         const uint32_t row = lane % 8 == 0 ? x_base + (c * kTileK + (4 * pk + lane / 8) * 8) * 2 : zero_row;
         ldmatrix_x4(tokens[pk], row);
       }
-      const int group = min((kt + c) * kTileK / w.group_size, groups - 1);
+      const int group = min((kt + c) >> p.gemv_group_shift, groups - 1);
 #pragma unroll
       for (int s = 0; s < kStreams; ++s) {
         uint32_t words[Tile::kWordsPerLane];
@@ -198,8 +195,9 @@ __global__ void __launch_bounds__(kGemvThreads, kStreams == 2 ? 2 : 3)
         float scale[kNFrags];
 #pragma unroll
         for (int nt = 0; nt < kNFrags; ++nt) {
-          zero_ops[nt] = w.zeros != nullptr ? int_zero_operands<T, kBits>(zeros[quant_row + 8 * nt]) : symmetric;
-          scale[nt] = raw_to_float<T>(scales[quant_row + 8 * nt]);
+          const uint2 z = zero_table[quant_row + 8 * nt];
+          zero_ops[nt] = {z.x, z.y};
+          scale[nt] = scale_table[quant_row + 8 * nt];
         }
         float part[2][4] = {};
 #pragma unroll

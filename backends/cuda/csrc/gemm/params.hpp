@@ -221,6 +221,9 @@ struct RoutedParams {
   // Pair routing on the decode GEMV (gemv.cuh): its grid is resident at once,
   // so it lets the next kernel launch at its start (dependent_grid_begin).
   bool gemv_one_wave;
+  // K slice kt of the GEMV is in group min(kt >> gemv_group_shift, groups - 1)
+  // (its slices per group a power of two: CudaStack::gemv_group_shift_).
+  int32_t gemv_group_shift;
 };
 
 // The decode GEMV (gemv.cuh): CTAs of kGemvWarps warps, each CTA one pair's
@@ -247,10 +250,11 @@ constexpr int64_t kGemvMaxGatedK = 4096;
 // Slots of an output window of n columns.
 inline FM_HOST_DEVICE constexpr int gemv_slots(int64_t n) { return static_cast<int>((n + kWarpN - 1) / kWarpN); }
 
-// Shared memory a GEMV CTA stages its columns' group scales (and zero codes)
-// in: `streams` weight slots (2 with the gated epilogue) of every group.
-inline FM_HOST_DEVICE constexpr int64_t gemv_quant_bytes(int64_t num_groups, int streams, bool zeros) {
-  return streams * num_groups * kWarpN * (2 + (zeros ? 1 : 0));
+// Shared memory a GEMV CTA stages its columns' group scales and zero
+// operands in (a float and two words a column): `streams` weight slots (2
+// with the gated epilogue) of every group.
+inline FM_HOST_DEVICE constexpr int64_t gemv_quant_bytes(int64_t num_groups, int streams) {
+  return streams * num_groups * kWarpN * (4 + 8);
 }
 // The most a launch stages (more: the 8-row tiles take the call), and a
 // bound on the kernel's static shared memory beside it.

@@ -438,15 +438,19 @@ def test_pair_routing_with_repeated_experts_matches_float64(rng, bits, with_weig
     (512, 512, 32, False), (512, 512, 128, True), (200, 201, 128, False), (4160, 4160, 128, False)])
 @pytest.mark.parametrize("bits, sym", [(4, True), (4, False), (8, True)])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_pair_routing_on_the_decode_gemv_and_off_it_matches_float64(rng, k, x_columns, group_size, act_order, bits,
-                                                                    sym, dtype):
-    """Pair routing's two kernels (the decode GEMV where its layout holds, the
-    8-row tiles elsewhere), plain into float32 rows with the router weights and
-    gated into the compute dtype: every written row matches float64, dropped
-    pairs and the columns past N stay as they were."""
+# Pair routing (3 tokens), or align's blocks of 8 or 3 rows (9 tokens: experts of 5-9 rows, so
+# full blocks, partial ones and experts over two blocks) on the GEMV's block form.
+@pytest.mark.parametrize("block", [None, 8, 3])
+def test_routing_on_the_decode_gemv_and_off_it_matches_float64(rng, k, x_columns, group_size, act_order, bits, sym,
+                                                               dtype, block):
+    """Pair routing and routing blocks of up to 8 rows on their two kernels
+    (the decode GEMV where its layout holds, the 8-row tiles elsewhere), plain
+    into float32 rows with the router weights and gated into the compute
+    dtype: every written row matches float64, dropped pairs and the columns
+    past N stay as they were."""
     from ferrum_moe.arrays import import_array, import_output
 
-    e, tokens, top_k, half = 5, 3, 4, 256
+    e, tokens, top_k, half = 5, 3 if block is None else 9, 4, 256
     weights = [random_weight(rng, k, 2 * half, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
                              dtype=dtype) for _ in range(e)]
     dense = [w.dequantize(np.float64) for w in weights]
@@ -460,11 +464,16 @@ def test_pair_routing_on_the_decode_gemv_and_off_it_matches_float64(rng, k, x_co
     tw = rng.random((tokens, top_k)).astype(np.float32)
     pairs = tokens * top_k
     out = torch.full((pairs, 2 * half + 3), float("nan"), device="cuda", dtype=torch.float32)
-    stack._core.gemm_routed_pairs(import_array(x, "x"), import_array(cuda(ids), "topk_ids"), e, None,
-                                  import_array(cuda(tw), "topk_weights"), import_output(out[:, :2 * half], "out"), 0)
     gated = torch.full((pairs, half + 3), float("nan"), device="cuda", dtype=tdtype)
-    assert stack._core.gemm_routed_pairs(import_array(x, "x"), import_array(cuda(ids), "topk_ids"), e, None, None,
-                                         None, 0, gated_out=import_output(gated[:, :half], "gated_out"))
+    x_in, weights_in = import_array(x, "x"), import_array(cuda(tw), "topk_weights")
+    if block is None:
+        routing = (import_array(cuda(ids), "topk_ids"), e, None)
+        call = stack._core.gemm_routed_pairs
+    else:
+        routing = (*fm.moe_align_block_size(cuda(ids), block, e).tensors(0), block, top_k)
+        call = stack._core.gemm_routed
+    call(x_in, *routing, weights_in, import_output(out[:, :2 * half], "out"), 0)
+    assert call(x_in, *routing, None, None, 0, gated_out=import_output(gated[:, :half], "gated_out"))
     got, got_gated = out.double().cpu().numpy(), gated.double().cpu().numpy()
     assert np.all(np.isnan(got[:, 2 * half:])) and np.all(np.isnan(got_gated[:, half:])), "written past N"
     for p in range(pairs):

@@ -199,8 +199,11 @@ CudaStack::CudaStack(const FmStackCreateArgs& args)
     for (bool gated : {false, true}) {
       const int64_t quant_bytes = gemv_quant_bytes(gated);
       if (quant_bytes > max_quant_bytes || (gated && k_padded_ > gemm::kGemvMaxGatedK)) continue;
-      check_cuda(gemm::gemv_ctas_per_sm(compute_type_, bits_, gated, quant_bytes, &gemv_ctas_per_sm_[gated]),
-                 "querying the decode GEMV's occupancy");
+      for (bool blocks : {false, true}) {
+        check_cuda(gemm::gemv_ctas_per_sm(compute_type_, bits_, gated, blocks, quant_bytes,
+                                          &gemv_ctas_per_sm_[blocks][gated]),
+                   "querying the decode GEMV's occupancy");
+      }
     }
   }
 }
@@ -584,6 +587,11 @@ bool CudaStack::launch_routed(const FmGemmRoutedArgs& args, DLTensor& out, bool 
   // grid follows the token count rather than every expert's worst-case padding.
   const int64_t grid_blocks =
       fm_routed_blocks_read(params.num_blocks, params.num_pairs, args.block_size, num_experts_);
+  // Blocks of up to 8 rows on the decode GEMV, each expert's weights read
+  // once for the block's rows (blocks the routing does not fill leave at once).
+  if (args.block_size <= gemm::kGemvBlockRows && launch_gemv(params, true, grid_blocks, gemm::kGemvMaxBlockCtasPerSm, args)) {
+    return true;
+  }
   const int64_t block_rows = args.block_size < gemm::kLargeRowsPerCta
                                  ? std::min<int64_t>(args.block_size, gemm::kMediumRowsPerCta)
                                  : args.block_size;
@@ -636,21 +644,7 @@ void CudaStack::gemm_routed_pairs(const FmGemmRoutedArgs& args, gemm::RoutedPara
   params.num_blocks = params.num_pairs;
   params.chunks_per_block = 1;
   if (params.num_pairs == 0) return;
-  // The decode GEMV where it takes this stack (gemv_ctas_per_sm_), the token
-  // rows are 16-byte aligned, and the launch is at most kGemvMaxCtasPerSm CTAs
-  // an SM. (It writes columns from 0 and adds no bias: launch_routed's io has
-  // neither.)
-  const bool gated = params.io.gate_up_tiles > 0;
-  const int64_t gemv_ctas = int64_t{gemm::gemv_slots(params.io.n)} * params.num_pairs;
-  if (gemv_ctas_per_sm_[gated] > 0 && params.io.x_vector_loads &&
-      gemv_ctas <= int64_t{gemm::kGemvMaxCtasPerSm} * num_sms_) {
-    params.gemv_one_wave = gemv_ctas <= int64_t{gemv_ctas_per_sm_[gated]} * num_sms_;
-    params.gemv_group_shift = gemv_group_shift_;
-    check_cuda(gemm::launch_gemm_pairs_gemv(params, compute_type_, bits_, gemv_quant_bytes(gated),
-                                            static_cast<int>(gemv_ctas), as_stream(args.stream)),
-               "gemm_routed kernel launch");
-    return;
-  }
+  if (launch_gemv(params, false, params.num_pairs, gemm::kGemvMaxCtasPerSm, args)) return;
   constexpr int rows_per_cta = gemm::kTinyRowsPerCta;
   const int ctas = plan_schedule(params.num_pairs, weights_.n_tiles, rows_per_cta, params.schedule);
   // The weights the launch streams (at most: pairs may share an expert):
@@ -663,6 +657,22 @@ void CudaStack::gemm_routed_pairs(const FmGemmRoutedArgs& args, gemm::RoutedPara
   params.prefetch_slices = static_cast<int32_t>(fits ? k_tiles : std::min<int64_t>(k_tiles, kPrefetchSlices));
   check_cuda(gemm::launch_gemm_routed(params, compute_type_, bits_, rows_per_cta, ctas, as_stream(args.stream)),
              "gemm_routed kernel launch");
+}
+
+// (The GEMV writes columns from 0 and adds no bias: launch_routed's io has
+// neither.)
+bool CudaStack::launch_gemv(gemm::RoutedParams& params, bool blocks, int64_t units, int max_ctas_per_sm,
+                            const FmGemmRoutedArgs& args) {
+  const bool gated = params.io.gate_up_tiles > 0;
+  const int resident = gemv_ctas_per_sm_[blocks][gated];
+  const int64_t ctas = int64_t{gemm::gemv_slots(params.io.n)} * units;
+  if (resident == 0 || !params.io.x_vector_loads || ctas > int64_t{max_ctas_per_sm} * num_sms_) return false;
+  params.gemv_one_wave = ctas <= int64_t{resident} * num_sms_;
+  params.gemv_group_shift = gemv_group_shift_;
+  check_cuda(gemm::launch_gemm_gemv(params, compute_type_, bits_, blocks, gemv_quant_bytes(gated),
+                                    static_cast<int>(ctas), as_stream(args.stream)),
+             "gemm_routed kernel launch");
+  return true;
 }
 
 }  // namespace ferrum_moe_cuda

@@ -49,6 +49,11 @@ class CudaStack final : public ferrum::plugin::Stack {
   // The decode GEMV (gemm/gemv.cuh) takes it where its layout holds, the
   // 8-row tiles elsewhere.
   void gemm_routed_pairs(const FmGemmRoutedArgs& args, gemm::RoutedParams& params);
+  // Launches the decode GEMV over `units` pairs or routing blocks where it
+  // takes them (gemv_ctas_per_sm_, 16-byte aligned token rows, at most
+  // max_ctas_per_sm CTAs an SM); answers whether it did.
+  bool launch_gemv(gemm::RoutedParams& params, bool blocks, int64_t units, int max_ctas_per_sm,
+                   const FmGemmRoutedArgs& args);
   // The group scales and zero codes a GEMV CTA stages (gemm::gemv_quant_bytes).
   int64_t gemv_quant_bytes(bool gated) const;
   // Fills the launch's schedule (gemm/params.hpp, StreamK) for tiles_x x
@@ -91,9 +96,10 @@ class CudaStack final : public ferrum::plugin::Stack {
   bool wgmma_tiles_ = false;  // the loaded code has the 128-token wgmma tiles (sm_90a)
   // Resident 8-, 16-, 32-, 64- and 128-row CTAs per SM (occupancy): a stream-K wave.
   int ctas_per_sm_[5] = {1, 1, 1, 1, 1};
-  // Resident GEMV CTAs per SM, plain and gated (0: the GEMV does not take
-  // this stack's pair routing).
-  int gemv_ctas_per_sm_[2] = {0, 0};
+  // Resident GEMV CTAs per SM, [blocks][gated]: over pair routing or
+  // routing blocks of up to gemm::kGemvBlockRows rows, plain and gated (0:
+  // the GEMV does not take this stack's launches).
+  int gemv_ctas_per_sm_[2][2] = {{0, 0}, {0, 0}};
   int32_t gemv_group_shift_ = 0;  // gemm::RoutedParams::gemv_group_shift
   static int occupancy_index(int rows_per_cta) {
     return rows_per_cta <= gemm::kTinyRowsPerCta     ? 0

@@ -42,29 +42,41 @@ template <int kBits>
 constexpr int kGemvChunkSlices = 32 / WeightTileLayout<kBits>::kWordsPerLane;
 
 // kStreams 1: plain results of the CTA's slot; 2: the gated epilogue (the
-// gate slot, then the same slot of its up tile).
-template <class T, int kBits, int kStreams>
+// gate slot, then the same slot of its up tile). kRows 1: pair routing (unit
+// u of the grid is pair u); kGemvBlockRows: routing blocks of up to that many
+// rows (unit u is block u, its rows the MMA's token columns, so the expert's
+// weights are read once for all of them).
+template <class T, int kBits, int kStreams, int kRows>
 __global__ void __launch_bounds__(kGemvThreads, kStreams == 2 ? 2 : 3)
-    gemv_pairs_kernel(const __grid_constant__ RoutedParams p) {
+    gemv_routed_kernel(const __grid_constant__ RoutedParams p) {
+  static_assert(kRows == 1 || kRows == kGemvBlockRows, "one token column, or all eight");
   using Tile = WeightTileLayout<kBits>;
   constexpr int kChunk = kGemvChunkSlices<kBits>;
   constexpr int kLoads = Tile::kLoadsPerLane;
   constexpr int kWarpSlots = kTileN / kWarpN;
-  // Each warp's token chunk: kChunk slices of kTileK values, then 8 zeros that
-  // ldmatrix reads as the MMA's seven idle token columns.
+  // Each warp's token rows of a round: kChunk slices of kTileK values, then 8
+  // more (one row: zeros, which ldmatrix reads as the MMA's seven idle token
+  // columns; eight rows: padding, so that ldmatrix's 8 rows of a matrix fall
+  // in different banks). After the loop the warp's region holds its sums.
   constexpr int kXChunk = kChunk * kTileK;
-  __shared__ float sums[kGemvWarps][kStreams][kWarpN];
-  __shared__ alignas(16) uint16_t x_chunk[kGemvWarps][kXChunk + 8];
+  constexpr int kXStride = kXChunk + 8;
+  __shared__ alignas(16) uint16_t x_chunk[kGemvWarps][kRows][kXStride];
+  // kRows > 1: each row's token offset in x (-1: no pair), output row and
+  // router weight.
+  __shared__ int64_t row_x[kRows], row_out[kRows];
+  __shared__ float row_weight[kRows];
   extern __shared__ uint4 quant_raw[];
-  static_assert(sizeof(sums) + sizeof(x_chunk) <= kGemvStaticSmem, "params.hpp's bound");
+  static_assert(sizeof(x_chunk) + sizeof(row_x) + sizeof(row_out) + sizeof(row_weight) <= kGemvStaticSmem,
+                "params.hpp's bound");
+  static_assert(kStreams * kRows * kWarpN * sizeof(float) <= sizeof(x_chunk[0]), "a warp's sums fit its rows");
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const QuantWeights& w = p.w;
   const GemmIO& io = p.io;
   const int slots = gemv_slots(io.n);
-  const int64_t pair = blockIdx.x / slots;
-  const int slot = static_cast<int>(blockIdx.x - pair * slots);
-  const PairSlot at = pair_slot(pair, p.top_k);
+  const int64_t unit = blockIdx.x / slots;
+  const int slot = static_cast<int>(blockIdx.x - unit * slots);
+  const PairSlot at = pair_slot(kRows == 1 ? unit : 0, p.top_k);
   const int k_tiles = w.k_tiles;
   const int kt_begin = k_tiles * warp / kGemvWarps, kt_end = k_tiles * (warp + 1) / kGemvWarps;
   const int groups = w.num_groups;
@@ -119,25 +131,51 @@ __global__ void __launch_bounds__(kGemvThreads, kStreams == 2 ? 2 : 3)
     }
   };
 
-  // Before the wait for the kernel before this one: nothing the weights
-  // depend on is written in the layer, so the CTA reads its routing early
-  // (through L2 only, routing.cuh), issues that expert's first round and
-  // stages its scales, all under the previous kernel's tail.
   if (p.gemv_one_wave) dependent_grid_release();
-  int expert = pair_expert<true>(p, at);
-  if (expert >= 0) start_expert(expert);
-  dependent_grid_begin(false);
-  // The routing the results use, read after the wait: the kernel before the
-  // layer's first one (the caller's router) may have changed it since.
-  const int settled = pair_expert(p, at);
-  if (settled != expert) {
-    expert = settled;
+  int expert = -1;
+  if constexpr (kRows == 1) {
+    // Before the wait for the kernel before this one: nothing the weights
+    // depend on is written in the layer, so the CTA reads its routing early
+    // (through L2 only, routing.cuh), issues that expert's first round and
+    // stages its scales, all under the previous kernel's tail.
+    expert = pair_expert<true>(p, at);
     if (expert >= 0) start_expert(expert);
+    dependent_grid_begin(false);
+    // The routing the results use, read after the wait: the kernel before the
+    // layer's first one (the caller's router) may have changed it since.
+    const int settled = pair_expert(p, at);
+    if (settled != expert) {
+      expert = settled;
+      if (expert >= 0) start_expert(expert);
+    }
+    if (expert < 0) return;  // dropped: its row stays as it was (the whole CTA leaves)
+  } else {
+    // Blocks are written by the layer's align step, just before: read after
+    // the wait. As gemm_routed_kernel reads them, every index range-checked.
+    dependent_grid_begin(false);
+    const int64_t padded = *p.num_tokens_post_padded;
+    const int64_t block_start = unit * p.block_size;
+    if (unit < p.num_blocks && block_start < padded) expert = p.expert_ids[unit];
+    if (expert < 0 || expert >= w.num_experts) return;  // padding past the count, or a skipped block
+    if (threadIdx.x < kRows) {
+      const int r = threadIdx.x;
+      const int64_t position = block_start + r;
+      const int64_t id = r < p.block_size && position < p.num_positions && position < padded
+                             ? p.sorted_token_ids[position] : -1;
+      const bool used = id >= 0 && id < p.num_pairs;
+      const PairSlot row_at = pair_slot(used ? id : 0, p.top_k);
+      row_x[r] = used ? row_at.token * io.x_row_stride : -1;
+      row_out[r] = used ? id : -1;
+      row_weight[r] = used ? pair_weight(p, row_at) : 1.0f;
+    }
+    start_expert(expert);
   }
-  if (expert < 0) return;  // dropped: its row stays as it was (the whole CTA leaves)
 
-  // Lane l's 8 token values of slice kt + l / 8 in a round from kt.
-  const auto* x = static_cast<const uint16_t*>(io.x) + at.token * io.x_row_stride;
+  // Lane l's 8 token values of slice kt + l / 8 in a round from kt: one row
+  // through registers (loaded while the round before computes), or each of
+  // the block's rows copied straight to shared memory, zeros past K and for
+  // rows without a pair.
+  const auto* x = static_cast<const uint16_t*>(io.x) + (kRows == 1 ? at.token * io.x_row_stride : 0);
   uint4 x_part = make_uint4(0, 0, 0, 0);
   auto load_x = [&](int kt) {
     const int first_k = (kt + lane / 8) * kTileK + 8 * (lane % 8);
@@ -153,22 +191,44 @@ __global__ void __launch_bounds__(kGemvThreads, kStreams == 2 ? 2 : 3)
       }
     }
   };
-  if (kt_begin < kt_end) load_x(kt_begin);
+  auto copy_x = [&](int kt) {
+    const int first_k = (kt + lane / 8) * kTileK + 8 * (lane % 8);
+    const int bytes = kt + lane / 8 < kt_end ? 2 * max(0, min(8, w.k - first_k)) : 0;
+    if (lane < kChunk * 8) {
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        const int64_t row = row_x[r];
+        const bool live = row >= 0 && bytes > 0;
+        cp_async_16(shared_address(&x_chunk[warp][r][8 * lane]), live ? x + row + first_k : x, live ? bytes : 0);
+      }
+    }
+    cp_async_commit();
+  };
+  if constexpr (kRows == 1) {
+    if (kt_begin < kt_end) load_x(kt_begin);
+    if (lane == 0) *reinterpret_cast<uint4*>(&x_chunk[warp][0][kXChunk]) = make_uint4(0, 0, 0, 0);
+  }
+  __syncthreads();  // the staged scales (and kRows > 1: the rows)
+  if constexpr (kRows > 1) {
+    if (kt_begin < kt_end) copy_x(kt_begin);
+  }
 
-  if (lane == 0) *reinterpret_cast<uint4*>(&x_chunk[warp][kXChunk]) = make_uint4(0, 0, 0, 0);
-  __syncthreads();
-
-  // ldmatrix: lane 8j gives matrix j's token row (chunk 4p + j of the slice's
-  // pair of k-steps p), the others the zero row.
-  const uint32_t x_base = shared_address(&x_chunk[warp][0]);
-  const uint32_t zero_row = shared_address(&x_chunk[warp][kXChunk]);
+  // ldmatrix: lane 8j + i gives matrix j's row i, token row i of chunk 4p + j
+  // of the slice's pair of k-steps p (one row: lanes 8j give it, the others
+  // the zero row).
+  const uint32_t x_base = shared_address(&x_chunk[warp][0][0]);
+  const uint32_t zero_row = shared_address(&x_chunk[warp][0][kXChunk]);
   // The lane's column in n8 block nt is lane / 4 + 8 nt (layout.hpp, fragment_n).
   const int column = lane / 4;
 
   float acc[kStreams][2][4] = {};
   for (int kt = kt_begin; kt < kt_end; kt += kChunk) {
-    __syncwarp();  // the last round's token fragments are read
-    if (lane < kChunk * 8) *reinterpret_cast<uint4*>(&x_chunk[warp][8 * lane]) = x_part;
+    if constexpr (kRows == 1) {
+      __syncwarp();  // the last round's token fragments are read
+      if (lane < kChunk * 8) *reinterpret_cast<uint4*>(&x_chunk[warp][0][8 * lane]) = x_part;
+    } else {
+      cp_async_wait<0>();
+    }
     __syncwarp();
 #pragma unroll
     for (int c = 0; c < kChunk; ++c) {
@@ -176,7 +236,10 @@ __global__ void __launch_bounds__(kGemvThreads, kStreams == 2 ? 2 : 3)
       uint32_t tokens[2][4];
 #pragma unroll
       for (int pk = 0; pk < 2; ++pk) {
-        const uint32_t row = lane % 8 == 0 ? x_base + (c * kTileK + (4 * pk + lane / 8) * 8) * 2 : zero_row;
+        const int chunk_offset = (c * kTileK + (4 * pk + lane / 8) * 8) * 2;
+        const uint32_t row = kRows > 1          ? x_base + (lane % 8) * kXStride * 2 + chunk_offset
+                             : lane % 8 == 0 ? x_base + chunk_offset
+                                             : zero_row;
         ldmatrix_x4(tokens[pk], row);
       }
       const int group = min((kt + c) >> p.gemv_group_shift, groups - 1);
@@ -217,34 +280,46 @@ __global__ void __launch_bounds__(kGemvThreads, kStreams == 2 ? 2 : 3)
     }
     if (kt + kChunk < kt_end) {
       load_codes(kt + kChunk);
-      load_x(kt + kChunk);
+      if constexpr (kRows == 1) {
+        load_x(kt + kChunk);
+      } else {
+        __syncwarp();  // this round's token fragments are read
+        copy_x(kt + kChunk);
+      }
     }
   }
 
-  // The token is the MMA's column 0: lanes 4t hold it, registers [h][0] and
-  // [h][2] (AccumulatorLayout's swapped rows).
-  if (lane % 4 == 0) {
+  // acc[s][h][i] is token column 2 (lane % 4) + i % 2 (AccumulatorLayout's
+  // swapped rows): the warp's sums go to its own rows' region, [s][row][column].
+  __syncwarp();
+  auto* own = reinterpret_cast<float*>(&x_chunk[warp][0][0]);
 #pragma unroll
-    for (int s = 0; s < kStreams; ++s)
+  for (int s = 0; s < kStreams; ++s)
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        sums[warp][s][h * 16 + column] = acc[s][h][0];
-        sums[warp][s][h * 16 + column + 8] = acc[s][h][2];
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int row = 2 * (lane % 4) + i % 2;
+        if (row < kRows) own[(s * kRows + row) * kWarpN + h * 16 + column + 8 * (i / 2)] = acc[s][h][i];
       }
-  }
   __syncthreads();
-  if (warp != 0) return;
+  // Warp r meets row r's sums over the warps.
+  static_assert(kRows <= kGemvWarps, "a warp per row");
+  if (warp >= kRows) return;
+  const int64_t out_row = kRows == 1 ? unit : row_out[warp];
   const int64_t j = first_column[0] + lane - io.col_begin;
-  if (j < 0 || j >= io.n) return;
+  if (out_row < 0 || j < 0 || j >= io.n) return;
   float total[kStreams];
 #pragma unroll
   for (int s = 0; s < kStreams; ++s) {
     total[s] = 0.0f;
 #pragma unroll
-    for (int v = 0; v < kGemvWarps; ++v) total[s] += sums[v][s][lane];
+    for (int v = 0; v < kGemvWarps; ++v) {
+      total[s] += reinterpret_cast<const float*>(&x_chunk[v][0][0])[(s * kRows + warp) * kWarpN + lane];
+    }
   }
-  const float weight = pair_weight(p, at);
-  const int64_t index = pair * io.out_row_stride + j * io.out_col_stride;
+  const float weight = kRows == 1 ? pair_weight(p, at) : row_weight[warp];
+  const int64_t index = out_row * io.out_row_stride + j * io.out_col_stride;
   if constexpr (kStreams == 2) {
     // As store_results_gated_tiny: silu(gate * w) * (up * w).
     const float gate = total[0] * weight, up = total[1] * weight;

@@ -53,13 +53,16 @@ cudaError_t with_specialisation(int bits, int rows_per_cta, bool splits, Body&& 
   return with_bits(bits, with_rows);
 }
 
-// Calls body(std::integral_constant<int, kBits>, std::integral_constant<int, kStreams>)
-// for the decode GEMV's specialisation (gemv.cuh).
-template <class Body>
-cudaError_t with_gemv(int bits, bool gated, Body&& body) {
+// Calls body(gemv_routed_kernel<T, kBits, kStreams, kRows>) for the decode
+// GEMV's specialisation (gemv.cuh).
+template <class T, class Body>
+cudaError_t with_gemv(int bits, bool gated, bool blocks, Body&& body) {
   return with_bits(bits, [&](auto b) {
-    if (gated) return body(b, std::integral_constant<int, 2>{});
-    return body(b, std::integral_constant<int, 1>{});
+    constexpr int kBits = decltype(b)::value;
+    if (gated) {
+      return blocks ? body(gemv_routed_kernel<T, kBits, 2, kGemvBlockRows>) : body(gemv_routed_kernel<T, kBits, 2, 1>);
+    }
+    return blocks ? body(gemv_routed_kernel<T, kBits, 1, kGemvBlockRows>) : body(gemv_routed_kernel<T, kBits, 1, 1>);
   });
 }
 
@@ -69,13 +72,14 @@ cudaError_t configure_gemm_kernels_for(int bits, bool wgmma_tiles) {
   int64_t gemv_quant_bytes = 0;
   status = gemv_max_quant_bytes(&gemv_quant_bytes);
   if (status != cudaSuccess) return status;
-  for (bool gated : {false, true}) {
-    status = with_gemv(bits, gated, [&](auto b, auto s) {
-      return cudaFuncSetAttribute(gemv_pairs_kernel<T, decltype(b)::value, decltype(s)::value>,
-                                  cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(gemv_quant_bytes));
-    });
-    if (status != cudaSuccess) return status;
-  }
+  for (bool gated : {false, true})
+    for (bool blocks : {false, true}) {
+      status = with_gemv<T>(bits, gated, blocks, [&](auto kernel) {
+        return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    static_cast<int>(gemv_quant_bytes));
+      });
+      if (status != cudaSuccess) return status;
+    }
   for (int rows : {kTinyRowsPerCta, kSmallRowsPerCta, kMediumRowsPerCta, kLargeRowsPerCta, kWgmmaRowsPerCta}) {
     // The 128-row tiles' ~190 KB is more than a CTA may hold before Hopper
     // (A100: 163 KB): asking for it there fails. They only run on sm_90a.
@@ -150,20 +154,18 @@ cudaError_t launch_gemm_device_dispatch_for(const DeviceDispatchParams& params, 
 }
 
 template <class T>
-cudaError_t gemv_ctas_per_sm_for(int bits, bool gated, int64_t quant_bytes, int* ctas) {
-  return with_gemv(bits, gated, [&](auto b, auto s) {
-    return cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        ctas, gemv_pairs_kernel<T, decltype(b)::value, decltype(s)::value>, kGemvThreads, quant_bytes);
+cudaError_t gemv_ctas_per_sm_for(int bits, bool gated, bool blocks, int64_t quant_bytes, int* ctas) {
+  return with_gemv<T>(bits, gated, blocks, [&](auto kernel) {
+    return cudaOccupancyMaxActiveBlocksPerMultiprocessor(ctas, kernel, kGemvThreads, quant_bytes);
   });
 }
 
 template <class T>
-cudaError_t launch_gemm_pairs_gemv_for(const RoutedParams& params, int bits, int64_t quant_bytes, int ctas,
-                                       cudaStream_t stream) {
-  return with_gemv(bits, params.io.gate_up_tiles > 0, [&](auto b, auto s) {
-    return launch_dependent(gemv_pairs_kernel<T, decltype(b)::value, decltype(s)::value>,
-                            dim3(static_cast<unsigned>(ctas)), kGemvThreads, static_cast<size_t>(quant_bytes), stream,
-                            params);
+cudaError_t launch_gemm_gemv_for(const RoutedParams& params, int bits, bool blocks, int64_t quant_bytes, int ctas,
+                                 cudaStream_t stream) {
+  return with_gemv<T>(bits, params.io.gate_up_tiles > 0, blocks, [&](auto kernel) {
+    return launch_dependent(kernel, dim3(static_cast<unsigned>(ctas)), kGemvThreads, static_cast<size_t>(quant_bytes),
+                            stream, params);
   });
 }
 

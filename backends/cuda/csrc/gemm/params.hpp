@@ -227,9 +227,11 @@ struct RoutedParams {
 };
 
 // The decode GEMV (gemv.cuh): CTAs of kGemvWarps warps, each CTA one pair's
-// kWarpN output columns (a slot) over all of K.
+// (or one routing block's) kWarpN output columns (a slot) over all of K.
 constexpr int kGemvWarps = 8;
 constexpr int kGemvThreads = kGemvWarps * 32;
+// The most rows of a routing block the GEMV takes: the swapped MMA's token columns.
+constexpr int kGemvBlockRows = 8;
 
 // The most GEMV CTAs (units) a launch takes per SM; more go to the 8-row
 // tiles. Measured on the H100 (kernel notes, v59): the layer at one token
@@ -239,6 +241,9 @@ constexpr int kGemvThreads = kGemvWarps * 32;
 // past a few waves its prologue and meeting cost more than the 8-row tiles'
 // pipeline.
 constexpr int kGemvMaxCtasPerSm = 7;
+// The same bound for routing blocks: the host's grid counts blocks the
+// routing may leave empty (their CTAs leave at once). Not yet measured (v66).
+constexpr int kGemvMaxBlockCtasPerSm = 40;
 // The longest K the GEMV takes with the gated epilogue: its warps' rounds of
 // slices run one after another, so a CTA's time grows with K where the 8-row
 // tiles' pipeline keeps several slices in flight, and the gated rounds are
@@ -257,9 +262,10 @@ inline FM_HOST_DEVICE constexpr int64_t gemv_quant_bytes(int64_t num_groups, int
   return streams * num_groups * kWarpN * (4 + 8);
 }
 // The most a launch stages (more: the 8-row tiles take the call), and a
-// bound on the kernel's static shared memory beside it.
+// bound on the kernel's static shared memory beside it (the token rows of a
+// block: 33 KiB).
 constexpr int64_t kGemvMaxQuantBytes = 96 * 1024;
-constexpr int64_t kGemvStaticSmem = 8 * 1024;
+constexpr int64_t kGemvStaticSmem = 40 * 1024;
 
 // What a GEMV CTA may stage on the current device: kGemvMaxQuantBytes, or
 // less where a CTA's shared memory is smaller (compute capability 8.6, 8.9
@@ -294,13 +300,14 @@ cudaError_t launch_gemm_device_dispatch(const DeviceDispatchParams& params, Comp
                                         int rows_per_cta, int ctas, cudaStream_t stream);
 cudaError_t launch_gemm_routed(const RoutedParams& params, ComputeType type, int bits,
                                int rows_per_cta, int ctas, cudaStream_t stream);
-// Pair routing on the decode GEMV (gemv.cuh): `ctas` = one CTA per pair and
-// slot of params.io.n columns (gemv_slots), gated where io.gate_up_tiles > 0,
-// staging quant_bytes (gemv_quant_bytes).
-cudaError_t launch_gemm_pairs_gemv(const RoutedParams& params, ComputeType type, int bits, int64_t quant_bytes,
-                                   int ctas, cudaStream_t stream);
+// The decode GEMV (gemv.cuh) over pair routing (blocks false: `ctas` = one
+// CTA per pair and slot of params.io.n columns, gemv_slots) or routing blocks
+// of up to kGemvBlockRows rows (blocks true: one CTA per block and slot),
+// gated where io.gate_up_tiles > 0, staging quant_bytes (gemv_quant_bytes).
+cudaError_t launch_gemm_gemv(const RoutedParams& params, ComputeType type, int bits, bool blocks,
+                             int64_t quant_bytes, int ctas, cudaStream_t stream);
 // How many GEMV CTAs staging quant_bytes one SM holds at once.
-cudaError_t gemv_ctas_per_sm(ComputeType type, int bits, bool gated, int64_t quant_bytes, int* ctas);
+cudaError_t gemv_ctas_per_sm(ComputeType type, int bits, bool gated, bool blocks, int64_t quant_bytes, int* ctas);
 
 }  // namespace ferrum_moe_cuda::gemm
 

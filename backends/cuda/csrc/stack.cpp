@@ -587,9 +587,11 @@ bool CudaStack::launch_routed(const FmGemmRoutedArgs& args, DLTensor& out, bool 
   // grid follows the token count rather than every expert's worst-case padding.
   const int64_t grid_blocks =
       fm_routed_blocks_read(params.num_blocks, params.num_pairs, args.block_size, num_experts_);
-  // Blocks of up to 8 rows on the decode GEMV, each expert's weights read
-  // once for the block's rows (blocks the routing does not fill leave at once).
-  if (args.block_size <= gemm::kGemvBlockRows && launch_gemv(params, true, grid_blocks, gemm::kGemvMaxBlockCtasPerSm, args)) {
+  // Blocks of up to 8 rows on the decode GEMV where experts repeat, each
+  // expert's weights read once for the block's rows (blocks the routing does
+  // not fill leave at once).
+  if (args.block_size <= gemm::kGemvBlockRows && params.num_pairs * 2 >= num_experts_ &&
+      launch_gemv(params, true, grid_blocks, gemm::kGemvMaxBlockCtasPerSm, args)) {
     return true;
   }
   const int64_t block_rows = args.block_size < gemm::kLargeRowsPerCta

@@ -241,9 +241,13 @@ constexpr int kGemvBlockRows = 8;
 // past a few waves its prologue and meeting cost more than the 8-row tiles'
 // pipeline.
 constexpr int kGemvMaxCtasPerSm = 7;
-// The same bound for routing blocks: the host's grid counts blocks the
-// routing may leave empty (their CTAs leave at once). Not yet measured (v66).
-constexpr int kGemvMaxBlockCtasPerSm = 40;
+// The same bound for routing blocks, where experts repeat (pairs at least
+// half the experts), the host's grid counting blocks the routing may leave
+// empty (their CTAs leave at once). Measured on the H100 (kernel notes, v66):
+// Mixtral's w13 at M = 2 (13.6 CTAs an SM, 2 blocks of 2 rows filled) 12%
+// faster than the 8-row tiles, at M = 4 (27) level, at M = 8 (34) 6% slower;
+// blocks of mostly one row (Qwen3-30B-A3B M = 4) 10% slower.
+constexpr int kGemvMaxBlockCtasPerSm = 16;
 // The longest K the GEMV takes with the gated epilogue: its warps' rounds of
 // slices run one after another, so a CTA's time grows with K where the 8-row
 // tiles' pipeline keeps several slices in flight, and the gated rounds are

@@ -47,7 +47,7 @@ constexpr int kGemvChunkSlices = 32 / WeightTileLayout<kBits>::kWordsPerLane;
 // rows (unit u is block u, its rows the MMA's token columns, so the expert's
 // weights are read once for all of them).
 template <class T, int kBits, int kStreams, int kRows>
-__global__ void __launch_bounds__(kGemvThreads, kStreams == 2 ? 2 : 3)
+__global__ void __launch_bounds__(kGemvThreads, 2)
     gemv_routed_kernel(const __grid_constant__ RoutedParams p) {
   static_assert(kRows == 1 || kRows == kGemvBlockRows, "one token column, or all eight");
   using Tile = WeightTileLayout<kBits>;

@@ -427,14 +427,16 @@ def test_pair_routing_with_repeated_experts_matches_float64(rng, bits, with_weig
 
 
 # (k, x's row length, group size): one K slice (7 of the 8 warps idle); K past its last whole
-# slice and not a multiple of 8, rows 16-byte aligned (the last token values read one by one);
+# slice and not a multiple of 8, rows 16-byte aligned (the last token values read one by one,
+# or copied 8 and 10 bytes at a time for align's blocks);
 # channelwise groups over 2 rounds of slices per warp (INT4; INT8 rounds are half as long);
 # groups of 64 over 2 rounds; then the stacks the GEMV leaves to the 8-row tiles: groups of 32
 # (not whole slices), act-order, rows that are not 16-byte aligned (row length odd, x from
 # column 1), and K past kGemvMaxGatedK (the gated epilogue; plain, K that long runs on the GEMV, whose only
 # bound there is the group scales' staging size).
 @pytest.mark.parametrize("k, x_columns, group_size, act_order", [
-    (64, 64, 64, False), (196, 208, 128, False), (4000, 4000, -1, False), (3072, 3072, 64, False),
+    (64, 64, 64, False), (196, 208, 128, False), (197, 208, 128, False), (4000, 4000, -1, False),
+    (3072, 3072, 64, False),
     (512, 512, 32, False), (512, 512, 128, True), (200, 201, 128, False), (4160, 4160, 128, False)])
 @pytest.mark.parametrize("bits, sym", [(4, True), (4, False), (8, True)])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])

@@ -184,22 +184,23 @@ CudaStack::CudaStack(const FmStackCreateArgs& args)
   // group_size -1 is one group over K: any divisor >= k_padded maps every row to group 0.
   weights_.group_size = static_cast<int32_t>(group_size_ > 0 ? group_size_ : k_padded_);
 
-  // The decode GEMV takes this stack's pair routing where its layout holds
-  // (gemm/gemv.cuh): uniform groups of whole K slices, no act-order, K up to
-  // kGemvMaxGatedK with the gated epilogue, and the CTA's group scales within
-  // what the device lets it stage; gemv_ctas_per_sm_ stays 0 elsewhere.
-  int64_t max_quant_bytes = 0;
-  check_cuda(gemm::gemv_max_quant_bytes(&max_quant_bytes), "sizing the decode GEMV");
+  // The decode GEMV takes this stack's pair routing and small routing blocks
+  // where its layout holds (gemm/gemv.cuh): uniform groups of whole K slices,
+  // no act-order, K up to kGemvMaxGatedK with the gated epilogue, and the
+  // CTA's group scales within what the device lets each form stage;
+  // gemv_ctas_per_sm_ stays 0 elsewhere.
   // Its slices per group must be a power of two (the group of a slice is a
   // shift), or the one group of a channelwise stack.
   const int64_t slices_per_group = weights_.group_size / kTileK;
   const bool group_shift = num_groups_ == 1 || (slices_per_group & (slices_per_group - 1)) == 0;
   gemv_group_shift_ = num_groups_ == 1 ? 30 : __builtin_ctzll(static_cast<uint64_t>(std::max<int64_t>(slices_per_group, 1)));
   if (weights_.perm == nullptr && weights_.row_group == nullptr && weights_.group_size % kTileK == 0 && group_shift) {
-    for (bool gated : {false, true}) {
-      const int64_t quant_bytes = gemv_quant_bytes(gated);
-      if (quant_bytes > max_quant_bytes || (gated && k_padded_ > gemm::kGemvMaxGatedK)) continue;
-      for (bool blocks : {false, true}) {
+    for (bool blocks : {false, true}) {
+      int64_t max_quant_bytes = 0;
+      check_cuda(gemm::gemv_max_quant_bytes(blocks, &max_quant_bytes), "sizing the decode GEMV");
+      for (bool gated : {false, true}) {
+        const int64_t quant_bytes = gemv_quant_bytes(gated);
+        if (quant_bytes > max_quant_bytes || (gated && k_padded_ > gemm::kGemvMaxGatedK)) continue;
         check_cuda(gemm::gemv_ctas_per_sm(compute_type_, bits_, gated, blocks, quant_bytes,
                                           &gemv_ctas_per_sm_[blocks][gated]),
                    "querying the decode GEMV's occupancy");

@@ -1,11 +1,12 @@
-// The decode GEMV: pair routing (one token row per pair) without a pipeline
-// or a K split across CTAs. A CTA computes one pair's 32 output columns (a
-// warp slot of the weight layout, layout.hpp) over the whole of K: its 8 warps
-// split K, each issues the 16-byte weight loads of several K slices at once
-// into registers (no shared-memory stages, no per-slice barrier), multiplies
-// them by the token on the swapped mma.sync (the weights the 16-row A
-// operand, the token the one live column of B), and the warps' sums meet in
-// shared memory at the end. The scales and zero codes of the CTA's columns
+// The decode GEMV: pair routing (one token row per pair), or routing blocks
+// of up to 8 rows, without a pipeline or a K split across CTAs. A CTA
+// computes one pair's (or block's) 32 output columns (a warp slot of the
+// weight layout, layout.hpp) over the whole of K: its 8 warps split K, each
+// issues the 16-byte weight loads of several K slices at once into registers
+// (no shared-memory stages, no per-slice barrier), multiplies them by the
+// token rows on the swapped mma.sync (the weights the 16-row A operand, the
+// pair's token the one live column of B, or a block's rows its 8 columns),
+// and the warps' sums meet in shared memory at the end. The scales and zero codes of the CTA's columns
 // are staged in shared memory while the first weights are in flight. With the
 // gated epilogue (GemmIO::gate_up_tiles) the CTA also streams the same slot
 // of the up columns and stores silu(gate) * up.
@@ -16,11 +17,12 @@
 // Here the only dependent steps are the routing read, one round of loads per
 // chunk of slices and one CTA barrier.
 //
-// The routing read, the first round of weight loads and the scale staging
-// come before the CTA waits for the kernel before it (dependent_launch.cuh),
-// so a CTA placed while that kernel finishes has its weights in flight, and
-// after the wait only reads the routing again (kept when it is unchanged)
-// and its token values.
+// With pair routing, the routing read, the first round of weight loads and
+// the scale staging come before the CTA waits for the kernel before it
+// (dependent_launch.cuh), so a CTA placed while that kernel finishes has its
+// weights in flight, and after the wait only reads the routing again (kept
+// when it is unchanged) and its token values. Routing blocks are written by
+// the layer's align step just before: that form does all of it after the wait.
 #ifndef FERRUM_MOE_CUDA_GEMM_GEMV_CUH_
 #define FERRUM_MOE_CUDA_GEMM_GEMV_CUH_
 
@@ -66,7 +68,7 @@ __global__ void __launch_bounds__(kGemvThreads, 2)
   __shared__ int64_t row_x[kRows], row_out[kRows];
   __shared__ float row_weight[kRows];
   extern __shared__ uint4 quant_raw[];
-  static_assert(sizeof(x_chunk) + sizeof(row_x) + sizeof(row_out) + sizeof(row_weight) <= kGemvStaticSmem,
+  static_assert(sizeof(x_chunk) + sizeof(row_x) + sizeof(row_out) + sizeof(row_weight) <= gemv_static_smem(kRows > 1),
                 "params.hpp's bound");
   static_assert(kStreams * kRows * kWarpN * sizeof(float) <= sizeof(x_chunk[0]), "a warp's sums fit its rows");
 

@@ -69,11 +69,11 @@ cudaError_t with_gemv(int bits, bool gated, bool blocks, Body&& body) {
 template <class T>
 cudaError_t configure_gemm_kernels_for(int bits, bool wgmma_tiles) {
   cudaError_t status = cudaSuccess;
-  int64_t gemv_quant_bytes = 0;
-  status = gemv_max_quant_bytes(&gemv_quant_bytes);
-  if (status != cudaSuccess) return status;
-  for (bool gated : {false, true})
-    for (bool blocks : {false, true}) {
+  for (bool blocks : {false, true})
+    for (bool gated : {false, true}) {
+      int64_t gemv_quant_bytes = 0;
+      status = gemv_max_quant_bytes(blocks, &gemv_quant_bytes);
+      if (status != cudaSuccess) return status;
       status = with_gemv<T>(bits, gated, blocks, [&](auto kernel) {
         return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                     static_cast<int>(gemv_quant_bytes));

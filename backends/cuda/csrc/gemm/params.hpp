@@ -218,8 +218,8 @@ struct RoutedParams {
   // before it waits for the kernel before it (kernel.cuh,
   // prefetch_pair_weights); 0: none.
   int32_t prefetch_slices;
-  // Pair routing on the decode GEMV (gemv.cuh): its grid is resident at once,
-  // so it lets the next kernel launch at its start (dependent_grid_begin).
+  // The decode GEMV (gemv.cuh): its grid is resident at once, so it lets the
+  // next kernel launch at its start (dependent_grid_begin).
   bool gemv_one_wave;
   // K slice kt of the GEMV is in group min(kt >> gemv_group_shift, groups - 1)
   // (its slices per group a power of two: CudaStack::gemv_group_shift_).
@@ -266,19 +266,19 @@ inline FM_HOST_DEVICE constexpr int64_t gemv_quant_bytes(int64_t num_groups, int
   return streams * num_groups * kWarpN * (4 + 8);
 }
 // The most a launch stages (more: the 8-row tiles take the call), and a
-// bound on the kernel's static shared memory beside it (the token rows of a
-// block: 33 KiB).
+// bound on each form's static shared memory beside it (pairs: the token row,
+// 4 KiB; blocks: the block's rows, 33 KiB).
 constexpr int64_t kGemvMaxQuantBytes = 96 * 1024;
-constexpr int64_t kGemvStaticSmem = 40 * 1024;
+inline FM_HOST_DEVICE constexpr int64_t gemv_static_smem(bool blocks) { return (blocks ? 40 : 8) * 1024; }
 
-// What a GEMV CTA may stage on the current device: kGemvMaxQuantBytes, or
-// less where a CTA's shared memory is smaller (compute capability 8.6, 8.9
-// and 12.x: 99 KiB).
-inline cudaError_t gemv_max_quant_bytes(int64_t* bytes) {
+// What a GEMV CTA of either form (blocks: routing blocks) may stage on the
+// current device: kGemvMaxQuantBytes, or less where a CTA's shared memory is
+// smaller (compute capability 8.6, 8.9 and 12.x: 99 KiB).
+inline cudaError_t gemv_max_quant_bytes(bool blocks, int64_t* bytes) {
   int device = 0, optin = 0;
   cudaError_t status = cudaGetDevice(&device);
   if (status == cudaSuccess) status = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  *bytes = status == cudaSuccess ? std::min<int64_t>(kGemvMaxQuantBytes, optin - kGemvStaticSmem) : 0;
+  *bytes = status == cudaSuccess ? std::min<int64_t>(kGemvMaxQuantBytes, optin - gemv_static_smem(blocks)) : 0;
   return status;
 }
 

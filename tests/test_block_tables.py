@@ -31,7 +31,8 @@ SHIPPED_SWEEPS = [
      [REPO / "benchmarks" / name for name in ("results-h100-2026-12-05-blocks-v46.json",
                                               "results-h100-2026-12-05-blocks-v53.json",
                                               "results-h100-2026-12-06-blocks-v57b.json",
-                                              "results-h100-2026-12-06-blocks-v61b.json")],
+                                              "results-h100-2026-12-06-blocks-v61b.json",
+                                              "results-h100-2026-12-06-blocks-v69.json")],
      "NVIDIA H100 80GB HBM3", "2026-12-06"),
 ]
 

@@ -8,7 +8,8 @@ same weights and the same seeded routing for every library. Prints a table and
 writes JSON (--json).
 
     python benchmarks/bench_moe.py [--models mixtral,...,name:E:top_k:hidden:inter] [--tokens 1,16,...]
-        [--dtypes float16,bfloat16] [--grouped-from 256] [--block-sizes 16,32,64,128] [--bits 4|8] [--json out.json]
+        [--dtypes float16,bfloat16] [--grouped-from 256] [--block-sizes 16,32,64,128] [--bits 4|8] [--act-order]
+        [--json out.json]
 
 The read floor (up to --read-floor-to tokens, CuPy): a plain streaming kernel
 reading the call's active experts' bytes, w13's then w2's, timed the same way:
@@ -75,22 +76,25 @@ def main() -> None:
                         help="time reading the active experts' bytes with a plain kernel up to this M (0: never)")
     parser.add_argument("--bits", type=int, choices=(4, 8), default=4,
                         help="the experts' code width (the peer runs INT4 only: skipped at 8)")
+    parser.add_argument("--act-order", action="store_true",
+                        help="act-order weights (g_idx: rows out of group order; the peer's wrapper takes none: skipped)")
     parser.add_argument("--json")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     bw, rate = copy_bandwidth(), tensor_core_rate()
     device = torch.cuda.get_device_name()
     print(f"{device}: copy {bw / 1e12:.2f} TB/s, fp16 matmul {rate / 1e12:.0f} TFLOP/s; INT{args.bits} experts, "
-          f"group {GROUP}")
-    vmm, why = peer_module() if args.bits == 4 else (None, "it runs INT4 weights only")
+          f"group {GROUP}{', act-order' if args.act_order else ''}")
+    vmm, why = (peer_module() if args.bits == 4 and not args.act_order else
+                (None, "its wrapper loads no g_idx" if args.act_order else "it runs INT4 weights only"))
     if vmm is None:
         print("vLLM Marlin MoE peer skipped:", why)
     flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     rows = []
     for model in args.models.split(","):
         e, top_k, hidden, inter = layer_shape(model)
-        w13 = random_stacked(rng, e, hidden, 2 * inter, args.bits)
-        w2 = random_stacked(rng, e, inter, hidden, args.bits)
+        w13 = random_stacked(rng, e, hidden, 2 * inter, args.bits, args.act_order)
+        w2 = random_stacked(rng, e, inter, hidden, args.bits, args.act_order)
         expert_bytes = 3 * hidden * inter * bytes_per_weight(args.bits)
         tokens = [int(t) for t in args.tokens.split(",")]
         if model in ("mixtral", "deepseek-v3") and args.big_tokens != "none":
@@ -118,6 +122,8 @@ def main() -> None:
                 ours = time_graph(lambda s: layer(x, tw, ids, out=out, stream=s), flush, args.repeats)
                 row = dict(model=model.split(":")[0], experts=e, top_k=top_k, hidden=hidden, inter=inter, dtype=dtype,
                            bits=args.bits, group_size=GROUP, m=m, ferrum_us=ours, device=device)
+                if args.act_order:
+                    row["act_order"] = True
                 if by_block:
                     row["ferrum_us_by_block_size"] = {
                         b: time_graph(lambda s, lb=lb: lb(x, tw, ids, out=out, stream=s), flush, args.repeats)

@@ -103,15 +103,20 @@ def tensor_core_rate(dtype=torch.float16) -> float:
     return 2 * 8192**3 * 10 / (start.elapsed_time(end) * 1e-3)
 
 
-def random_stacked(rng, e: int, k: int, n: int, bits: int = 4) -> dict:
+def random_stacked(rng, e: int, k: int, n: int, bits: int = 4, act_order: bool = False) -> dict:
     """Stacked symmetric GPTQ arrays (INT4 or INT8) of random codes and scales
-    (host numpy, the form fm.ExpertStack.from_gptq and, for INT4, the peer take)."""
+    (host numpy, the form fm.ExpertStack.from_gptq and, for INT4 without
+    act-order, the peer take). act_order: each expert's rows fall in their
+    groups in a random order (g_idx), as desc_act checkpoints store them."""
     per_word = 32 // bits
     qweight = np.frombuffer(bytearray(rng.bytes(e * (k // per_word) * n * 4)), np.int32).reshape(e, k // per_word, n)
     scales = (rng.random((e, k // GROUP, n), np.float32) * 0.02 + 0.005).astype(np.float16)
     if bits == 8:
         scales /= 16  # codes span 16x the range: the same magnitude of weights
-    return dict(qweight=qweight, scales=scales, bits=bits, group_size=GROUP)
+    stacked = dict(qweight=qweight, scales=scales, bits=bits, group_size=GROUP)
+    if act_order:
+        stacked["g_idx"] = np.stack([rng.permutation(k) // GROUP for _ in range(e)]).astype(np.int32)
+    return stacked
 
 
 def ferrum_stack(stacked: dict, dtype: str) -> fm.ExpertStack:
@@ -126,11 +131,14 @@ def dequantized_bf16(stacked: dict) -> torch.Tensor:
     bits = stacked["bits"]
     per_word = 32 // bits
     e, kw, n = q.shape
+    g_idx = stacked.get("g_idx")
     out = torch.empty(e, n, kw * per_word, device="cuda", dtype=torch.bfloat16)
     shifts = torch.arange(0, 32, bits, device="cuda", dtype=torch.int32).view(1, per_word, 1)
     for i in range(e):  # one expert at a time: the int32 codes of all of them would not fit
         codes = ((q[i].cuda().unsqueeze(1) >> shifts) & ((1 << bits) - 1)).reshape(kw * per_word, n)
-        w = (codes - (1 << (bits - 1))).to(torch.bfloat16) * s[i].cuda().to(torch.bfloat16).repeat_interleave(GROUP, dim=0)
+        row_scales = (s[i].cuda().to(torch.bfloat16).repeat_interleave(GROUP, dim=0) if g_idx is None
+                      else s[i].cuda().to(torch.bfloat16)[torch.from_numpy(g_idx[i]).long().cuda()])
+        w = (codes - (1 << (bits - 1))).to(torch.bfloat16) * row_scales
         out[i] = w.t()
     return out.transpose(1, 2)
 

@@ -13,7 +13,9 @@ one layer shape, dtype, bits and group size form one entry; a later file's row
 replaces an earlier one's at the same token count, whatever blocks either timed
 (pass a narrower sweep after a wider one only where its answer should stand). Rows name their layer's shape and quantization
 (bench_moe.py writes them; older results without them take gpu_bench.MODELS'
-shape and GPTQ INT4 group 128). The device is the rows' (all must agree).
+shape and GPTQ INT4 group 128). The device is the rows' (all must agree). Rows of
+act-order stacks (`bench_moe.py --act-order`) are left out: the table's entries
+name no act-order, and such stacks take the plain stacks' blocks.
 Needs no GPU.
 """
 from __future__ import annotations
@@ -49,8 +51,8 @@ def table_from_results(results: list[dict], *, backend: str, device: str | None,
     for doc in results:
         for row in doc["rows"]:
             times = row.get("ferrum_us_by_block_size")
-            if not times:
-                continue
+            if not times or row.get("act_order"):
+                continue  # act-order stacks run the plain stacks' blocks: their sweeps do not write the table
             devices.add(row.get("device", doc.get("device")))
             shape = _shape(row)
             key = (*shape, row["dtype"], row.get("bits", 4), row.get("group_size", 128))

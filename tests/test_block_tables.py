@@ -154,6 +154,22 @@ def test_the_writer_skips_rows_that_did_not_time_the_rules_block(monkeypatch):
     assert written["layers"][0]["blocks"] == [[4, 0]]
 
 
+def test_the_writer_leaves_act_order_rows_out(monkeypatch):
+    """An act-order sweep (bench_moe.py --act-order) runs the plain stacks'
+    blocks and names the same quantization: it must not write their entries."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from write_block_table import table_from_results
+
+    def row(m, times, **extra):
+        return dict(model="mixtral", **{k: v for k, v in MIXTRAL.items()}, m=m, device="NVIDIA H200",
+                    ferrum_us_by_block_size={str(b): t for b, t in times.items()}, **extra)
+
+    sweep = {"device": "NVIDIA H200", "rows": [row(4, {0: 90.0, 8: 100.0}),
+                                               row(8, {0: 90.0, 8: 200.0}, act_order=True)]}
+    written = table_from_results([sweep], backend="cuda", device=None, measured="", source="", margin=0.03)
+    assert written["layers"][0]["blocks"] == [[4, 0]]
+
+
 def test_the_lookup_takes_measured_counts_and_agreeing_neighbours_only(user_tables):
     user_tables(_table([_layer([[4, 8], [16, 8], [32, 16], [64, 32]])]))
     counts = (1, 3, 4, 5, 10, 16, 17, 31, 32, 40, 64, 65, 1000)

@@ -77,7 +77,8 @@ def main() -> None:
     parser.add_argument("--bits", type=int, choices=(4, 8), default=4,
                         help="the experts' code width (the peer runs INT4 only: skipped at 8)")
     parser.add_argument("--act-order", action="store_true",
-                        help="act-order weights (g_idx: rows out of group order; the peer's wrapper takes none: skipped)")
+                        help="act-order weights (g_idx: rows out of group order; the peer, whose wrapper takes "
+                             "no g_idx, is skipped)")
     parser.add_argument("--json")
     args = parser.parse_args()
     rng = np.random.default_rng(0)

@@ -190,10 +190,12 @@ CudaStack::CudaStack(const FmStackCreateArgs& args)
   // CTA's group scales within what the device lets each form stage;
   // gemv_ctas_per_sm_ stays 0 elsewhere.
   // Its slices per group must be a power of two (the group of a slice is a
-  // shift), or the one group of a channelwise stack.
-  const int64_t slices_per_group = weights_.group_size / kTileK;
+  // shift), or the one group of a channelwise stack (a shift past any slice
+  // index: every slice in group 0).
+  constexpr int32_t kOneGroupShift = 30;
+  const int64_t slices_per_group = std::max<int64_t>(weights_.group_size / kTileK, 1);
   const bool group_shift = num_groups_ == 1 || (slices_per_group & (slices_per_group - 1)) == 0;
-  gemv_group_shift_ = num_groups_ == 1 ? 30 : __builtin_ctzll(static_cast<uint64_t>(std::max<int64_t>(slices_per_group, 1)));
+  gemv_group_shift_ = num_groups_ == 1 ? kOneGroupShift : __builtin_ctzll(static_cast<uint64_t>(slices_per_group));
   if (weights_.perm == nullptr && weights_.row_group == nullptr && weights_.group_size % kTileK == 0 && group_shift) {
     for (bool blocks : {false, true}) {
       int64_t max_quant_bytes = 0;

@@ -64,12 +64,10 @@ __global__ void __launch_bounds__(kGemvThreads, 2)
   constexpr int kXStride = kXChunk + 8;
   __shared__ alignas(16) uint16_t x_chunk[kGemvWarps][kRows][kXStride];
   // kRows > 1: each row's token offset in x (-1: no pair), output row and
-  // router weight.
-  __shared__ int64_t row_x[kRows], row_out[kRows];
-  __shared__ float row_weight[kRows];
+  // router weight (fill_block_row).
+  __shared__ RowTable<kRows> rows;
   extern __shared__ uint4 quant_raw[];
-  static_assert(sizeof(x_chunk) + sizeof(row_x) + sizeof(row_out) + sizeof(row_weight) <= gemv_static_smem(kRows > 1),
-                "params.hpp's bound");
+  static_assert(sizeof(x_chunk) + sizeof(rows) <= gemv_static_smem(kRows > 1), "params.hpp's bound");
   static_assert(kStreams * kRows * kWarpN * sizeof(float) <= sizeof(x_chunk[0]), "a warp's sums fit its rows");
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -167,23 +165,10 @@ __global__ void __launch_bounds__(kGemvThreads, 2)
     if (expert < 0) return;  // dropped: its row stays as it was (the whole CTA leaves)
   } else {
     // Blocks are written by the layer's align step, just before: read after
-    // the wait. As gemm_routed_kernel reads them, every index range-checked.
+    // the wait, as gemm_routed_kernel reads them (one chunk: the whole block).
     dependent_grid_begin(false);
-    const int64_t padded = *p.num_tokens_post_padded;
-    const int64_t block_start = unit * p.block_size;
-    if (unit < p.num_blocks && block_start < padded) expert = p.expert_ids[unit];
+    expert = fill_block_row(p, unit, 0, rows, static_cast<int>(threadIdx.x)).expert;
     if (expert < 0 || expert >= w.num_experts) return;  // padding past the count, or a skipped block
-    if (threadIdx.x < kRows) {
-      const int r = threadIdx.x;
-      const int64_t position = block_start + r;
-      const int64_t id = r < p.block_size && position < p.num_positions && position < padded
-                             ? p.sorted_token_ids[position] : -1;
-      const bool used = id >= 0 && id < p.num_pairs;
-      const PairSlot row_at = pair_slot(used ? id : 0, p.top_k);
-      row_x[r] = used ? row_at.token * io.x_row_stride : -1;
-      row_out[r] = used ? id : -1;
-      row_weight[r] = used ? pair_weight(p, row_at) : 1.0f;
-    }
     start_expert(expert);
   }
 
@@ -213,7 +198,7 @@ __global__ void __launch_bounds__(kGemvThreads, 2)
     if (lane < kChunk * 8) {
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
-        const int64_t row = row_x[r];
+        const int64_t row = rows.x_offset[r];
         const bool live = row >= 0 && bytes > 0;
         cp_async_16(shared_address(&x_chunk[warp][r][8 * lane]), live ? x + row + first_k : x, live ? bytes : 0);
       }
@@ -322,7 +307,7 @@ __global__ void __launch_bounds__(kGemvThreads, 2)
   // Warp r meets row r's sums over the warps.
   static_assert(kRows <= kGemvWarps, "a warp per row");
   if (warp >= kRows) return;
-  const int64_t out_row = kRows == 1 ? unit : row_out[warp];
+  const int64_t out_row = kRows == 1 ? unit : rows.out_row[warp];
   const int64_t j = first_column[0] + lane - io.col_begin;
   if (out_row < 0 || j < 0 || j >= io.n) return;
   float total[kStreams];
@@ -334,7 +319,7 @@ __global__ void __launch_bounds__(kGemvThreads, 2)
       total[s] += reinterpret_cast<const float*>(&x_chunk[v][0][0])[(s * kRows + warp) * kWarpN + lane];
     }
   }
-  const float weight = kRows == 1 ? pair_weight(p, at) : row_weight[warp];
+  const float weight = kRows == 1 ? pair_weight(p, at) : rows.weight[warp];
   const int64_t index = out_row * io.out_row_stride + j * io.out_col_stride;
   if constexpr (kStreams == 2) {
     // As store_results_gated_tiny: silu(gate * w) * (up * w).

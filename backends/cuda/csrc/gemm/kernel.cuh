@@ -347,6 +347,38 @@ __device__ __forceinline__ float pair_weight(const RoutedParams& p, PairSlot at)
              : 1.0f;
 }
 
+// Row r of chunk `chunk` (kRows rows) of routing block `block`, from align's
+// arrays: table row r (r < kRows) and, in every thread, the block's expert
+// (-1 past the padded count or the block list; an expert out of range fills
+// no row). Every index read from device memory is range-checked before use:
+// the host never saw these arrays. The block's expert and the row's pair are
+// read beside the padded count, not after it (each within its array's
+// length, which the host knows): one dependent global read fewer before the
+// CTA's first copies (kernel notes, v31). Entries past the padded count are
+// read and then dropped.
+template <int kRows>
+__device__ __forceinline__ TileRows fill_block_row(const RoutedParams& p, int64_t block, int64_t chunk,
+                                                   RowTable<kRows>& table, int r) {
+  const int64_t block_start = block * p.block_size;
+  const int64_t in_block = chunk * kRows + r;
+  const int64_t position = block_start + in_block;
+  const int32_t listed_expert = block < p.num_blocks ? p.expert_ids[block] : -1;
+  const bool in_table = r < kRows && in_block < p.block_size && position < p.num_positions;
+  const int32_t listed_id = in_table ? p.sorted_token_ids[position] : -1;
+  const int64_t padded_tokens = *p.num_tokens_post_padded;
+  const int32_t expert = block_start < padded_tokens ? listed_expert : -1;
+  bool used = false;
+  if (r < kRows && expert >= 0 && expert < p.w.num_experts) {
+    const int64_t id = position < padded_tokens ? listed_id : -1;
+    used = id >= 0 && id < p.num_pairs;
+    const PairSlot at = pair_slot(used ? id : 0, p.top_k);
+    table.x_offset[r] = used ? at.token * p.io.x_row_stride : -1;
+    table.out_row[r] = used ? id : -1;
+    table.weight[r] = used ? pair_weight(p, at) : 1.0f;
+  }
+  return TileRows{expert, used};
+}
+
 // Pair routing (v51): before the CTA waits for the kernel before it (the
 // layer's activation, while the first GEMM may still run), it asks L2 for the
 // first p.prefetch_slices K slices of each piece it will compute, and their
@@ -418,31 +450,8 @@ __global__ void __launch_bounds__(GemmTraits<T, kBits, kRows>::kCtaThreads, kMin
       }
       return TileRows{expert, used};
     }
-    const int64_t block = x / p.chunks_per_block;
-    const int64_t chunk = x % p.chunks_per_block;
-    const int64_t block_start = block * p.block_size;
-    const int64_t in_block = chunk * kRows + r;
-    const int64_t position = block_start + in_block;
-    // The block's expert and the row's pair are read beside the padded count,
-    // not after it (each within its array's length, which the host knows):
-    // one dependent global read fewer before the CTA's first copies (kernel notes, v31).
-    // Entries past the padded count are read and then dropped.
-    const int32_t listed_expert = block < p.num_blocks ? p.expert_ids[block] : -1;
-    const bool in_table = r < kRows && in_block < p.block_size && position < p.num_positions;
-    const int32_t listed_id = in_table ? p.sorted_token_ids[position] : -1;
-    const int64_t padded_tokens = *p.num_tokens_post_padded;
-    const int32_t expert = block_start < padded_tokens ? listed_expert : -1;
-    bool used = false;
-    if (r < kRows && expert >= 0 && expert < p.w.num_experts) {
-      const int64_t id = position < padded_tokens ? listed_id : -1;
-      used = id >= 0 && id < p.num_pairs;
-      const PairSlot at = pair_slot(used ? id : 0, p.top_k);
-      table.x_offset[r] = used ? at.token * p.io.x_row_stride : -1;
-      table.out_row[r] = used ? id : -1;
-      table.weight[r] = used ? pair_weight(p, at) : 1.0f;
-    }
     // Padding-only chunks (all sentinels) and bad experts do no work.
-    return TileRows{expert, used};
+    return fill_block_row(p, x / p.chunks_per_block, x % p.chunks_per_block, table, r);
   }, [&] {
     // The blocks that start below num_tokens_post_padded; the host launched
     // fm_routed_blocks_read's bound (plugin.h), usually more. (Pair routing

@@ -181,6 +181,7 @@ __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& 
         Loop(w, io, handoff.rows[s], expert, n_tile_of(tile), smem).produce(barriers, pipe, kt_begin, kt_end);
         pipe += kt_end - kt_begin;
       });
+      cp_async_wait<0>();  // the producer never waits on its copies (produce()): none outlives its thread
     } else {
       registers_increase<kConsumerRegisters>();
       const bool staged = Traits::kStagedStores && stores_vectors(io);  // the same for every tile

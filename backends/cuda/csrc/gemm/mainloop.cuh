@@ -32,8 +32,8 @@ struct PairQuantParams {
 
 // The warp-specialised tiles' stage handshake (slices counted over all the
 // CTA's tiles): full[s] completes when the producer's copies of the slice in
-// stage s have landed (one arrival per producer thread, after its own copies
-// and an async-proxy fence); phase p of full[s] is slice s + p * kStages.
+// stage s have landed (one arrival per producer thread, completed by its own
+// copies: mbarrier_arrive_after_copies); phase p of full[s] is slice s + p * kStages.
 // empty[(j - 1) % kStages] completes when every computing thread, in slice
 // j, is done with slice j - 1: each slice releases the one before it without
 // a branch, so the CTA's first "releases slice -1", an extra first phase of
@@ -95,10 +95,9 @@ class Mainloop {
   // bounds the rate. 64-row tiles spread one scaled dequant over four MMAs
   // and keep a single accumulator set (registers).
   static constexpr bool kScaleAfter = kRows <= kMediumRowsPerCta;
-  // Slices loaded ahead of the one computed. wgmma reads its shared operand
-  // asynchronously: a slice's last k-steps are still in flight while the next
-  // slice is dequantized, so a stage is refilled only two slices after its use.
-  static constexpr int kLoadAhead = kWgmma ? kStages - 2 : kStages - 1;
+  // Slices the copying tiles load ahead of the one computed (the
+  // warp-specialised producer is paced by the stages' empty barriers alone).
+  static constexpr int kLoadAhead = kStages - 1;
   // wgmma groups (one per k-step) left in flight while the next k-step's
   // weights are dequantized: each holds its own registers until it completes.
   static constexpr int kWgmmaInFlight = 1;
@@ -190,14 +189,12 @@ class Mainloop {
 
   // The warp-specialised producer: copies slices [kt_begin, kt_end) into the
   // stages, slice i once the computing threads have released slice
-  // i - kStages, and marks each full once its copies have landed, keeping
-  // kLoadAhead slices of copies in flight. `pipe`: slices the CTA's pipeline
-  // passed before this tile.
+  // i - kStages. It never waits on its own copies: each thread's arrival on
+  // the slice's full barrier completes only once its copies have landed
+  // (mbarrier_arrive_after_copies), so up to kStages - 1 slices are in flight
+  // and a consumer waits for its slice's bytes, not for the producer's next
+  // issue. `pipe`: slices the CTA's pipeline passed before this tile.
   __device__ void produce(Barriers& barriers, int pipe, int kt_begin, int kt_end) const {
-    // Slice j is marked full in the iteration that waits for the release of
-    // slice j + kLoadAhead - kStages, which needs slice j + kLoadAhead -
-    // kStages + 1 full: more copies in flight would wait on themselves.
-    static_assert(kLoadAhead <= kStages - 2, "the producer's lag must leave a stage between it and the consumers");
     const int k_tiles = kt_end - kt_begin;
     // The producer issues every copy of the CTA, one warp per scheduler: at
     // the generic copy's ~20 instructions per chunk it, not the tensor cores,
@@ -229,37 +226,30 @@ class Mainloop {
     const int slices_per_group = max(steps_per_group_ / kKSteps, 1);
     int group = kt_begin / slices_per_group;
     int group_slices_left = slices_per_group - kt_begin % slices_per_group;
-    for (int i = 0; i < k_tiles + kLoadAhead; ++i) {
-      if (i < k_tiles) {
-        const int slice = pipe + i;
-        const int kt = kt_begin + i;
-        if (slice >= kStages - 1) mbarrier_wait(&barriers.empty[slice % kStages], Barriers::empty_parity(slice));
-        if (group_src.src != nullptr) {
-          cp_async_16(shared_address(quant_smem_ + (slice % kStages) * Traits::kQuantStageBytes) + group_src.dst,
-                      group_src.src + static_cast<int64_t>(min(group, w_.num_groups - 1)) * group_src.stride);
-        }
-        if (--group_slices_left == 0) {
-          ++group;
-          group_slices_left = slices_per_group;
-        }
-        uint8_t* a_stage = a_smem_ + (slice % kStages) * Traits::kAStageBytes;
-        if (fast && (kt + 1) * kTileK <= w_.k) {
-          const uint32_t dst = shared_address(a_stage) + a_dst_;
-          const uint4* src = x_chunks + static_cast<uint32_t>(kt * kChunksPerSlice);
+    for (int i = 0; i < k_tiles; ++i) {
+      const int slice = pipe + i;
+      const int kt = kt_begin + i;
+      if (slice >= kStages - 1) mbarrier_wait(&barriers.empty[slice % kStages], Barriers::empty_parity(slice));
+      if (group_src.src != nullptr) {
+        cp_async_16(shared_address(quant_smem_ + (slice % kStages) * Traits::kQuantStageBytes) + group_src.dst,
+                    group_src.src + static_cast<int64_t>(min(group, w_.num_groups - 1)) * group_src.stride);
+      }
+      if (--group_slices_left == 0) {
+        ++group;
+        group_slices_left = slices_per_group;
+      }
+      uint8_t* a_stage = a_smem_ + (slice % kStages) * Traits::kAStageBytes;
+      if (fast && (kt + 1) * kTileK <= w_.k) {
+        const uint32_t dst = shared_address(a_stage) + a_dst_;
+        const uint4* src = x_chunks + static_cast<uint32_t>(kt * kChunksPerSlice);
 #pragma unroll
-          for (int u = 0; u < kA; ++u)
-            cp_async_16(dst + u * kRowsPerPass * Traits::kARowBytes, src + a_unit[u], ((used_rows >> u) & 1) * 16);
-        } else {
-          load_a(kt, a_stage);
-        }
-        load_b(kt, b_smem_ + (slice % kStages) * Traits::kBStageBytes);
+        for (int u = 0; u < kA; ++u)
+          cp_async_16(dst + u * kRowsPerPass * Traits::kARowBytes, src + a_unit[u], ((used_rows >> u) & 1) * 16);
+      } else {
+        load_a(kt, a_stage);
       }
-      cp_async_commit();  // empty groups at the tail keep the wait count uniform
-      if (i >= kLoadAhead) {
-        cp_async_wait<kLoadAhead>();
-        fence_proxy_async_shared();  // wgmma reads the A tile through the async proxy
-        mbarrier_arrive(&barriers.full[(pipe + i - kLoadAhead) % kStages]);
-      }
+      load_b(kt, b_smem_ + (slice % kStages) * Traits::kBStageBytes);
+      mbarrier_arrive_after_copies(&barriers.full[slice % kStages]);
     }
   }
 
@@ -683,6 +673,7 @@ class Mainloop {
       const int slice = Traits::kWarpSpecialized ? pipe + i : i;
       if constexpr (Traits::kWarpSpecialized) {
         mbarrier_wait(&barriers->full[slice % kStages], (slice / kStages) & 1);
+        fence_proxy_async_shared();  // the copies landed in the generic proxy; wgmma reads through the async one
       } else {
         // Slice kt has landed once at most kLoadAhead-1 later groups are pending;
         // the barrier also tells every thread that the stage the next load

@@ -41,9 +41,10 @@ __device__ __forceinline__ void wgmma_fence() {
 #endif
 }
 
-// Makes this thread's generic-proxy writes to shared memory (cp.async, st.shared)
-// visible to the async proxy that wgmma reads its shared operand through;
-// issued by the writers before the barrier that hands the tile over.
+// Orders generic-proxy writes to shared memory (cp.async, st.shared) before
+// the async proxy's reads that wgmma makes of its shared operand: issued by
+// the writers before the barrier that hands a tile over, or by the readers
+// after the barrier that the writes' completion released.
 __device__ __forceinline__ void fence_proxy_async_shared() {
 #ifdef FERRUM_MOE_WGMMA
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
@@ -64,6 +65,20 @@ __device__ __forceinline__ void mbarrier_arrive(uint64_t* bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(bar)))
                : "memory");
 #endif
+}
+
+// This thread's arrival on `bar`, completed only once every cp.async it
+// issued before has landed: cp.async.mbarrier.arrive adds a pending arrival
+// that the copies' completion takes back, and the plain arrive (a release:
+// the generic copy path's own shared-memory stores) is the thread's count.
+// The waiting threads fence the async proxy before wgmma reads the bytes.
+__device__ __forceinline__ void mbarrier_arrive_after_copies(uint64_t* bar) {
+#ifdef FERRUM_MOE_WGMMA
+  asm volatile("cp.async.mbarrier.arrive.shared::cta.b64 [%0];\n" ::"r"(
+                   static_cast<uint32_t>(__cvta_generic_to_shared(bar)))
+               : "memory");
+#endif
+  mbarrier_arrive(bar);
 }
 
 // Waits until the phase of parity `parity` has completed. The lanes of a warp

@@ -32,8 +32,8 @@ struct PairQuantParams {
 
 // The warp-specialised tiles' stage handshake (slices counted over all the
 // CTA's tiles): full[s] completes when the producer's copies of the slice in
-// stage s have landed (one arrival per producer thread, completed by its own
-// copies: mbarrier_arrive_after_copies); phase p of full[s] is slice s + p * kStages.
+// stage s have landed (one arrival per producer thread, made when its own
+// copies land: mbarrier_arrive_on_copies); phase p of full[s] is slice s + p * kStages.
 // empty[(j - 1) % kStages] completes when every computing thread, in slice
 // j, is done with slice j - 1: each slice releases the one before it without
 // a branch, so the CTA's first "releases slice -1", an extra first phase of
@@ -190,10 +190,10 @@ class Mainloop {
   // The warp-specialised producer: copies slices [kt_begin, kt_end) into the
   // stages, slice i once the computing threads have released slice
   // i - kStages. It never waits on its own copies: each thread's arrival on
-  // the slice's full barrier completes only once its copies have landed
-  // (mbarrier_arrive_after_copies), so up to kStages - 1 slices are in flight
-  // and a consumer waits for its slice's bytes, not for the producer's next
-  // issue. `pipe`: slices the CTA's pipeline passed before this tile.
+  // the slice's full barrier is made by the hardware once its copies have
+  // landed (mbarrier_arrive_on_copies), so up to kStages - 1 slices are in
+  // flight and a consumer waits for its slice's bytes, not for the producer's
+  // next issue. `pipe`: slices the CTA's pipeline passed before this tile.
   __device__ void produce(Barriers& barriers, int pipe, int kt_begin, int kt_end) const {
     const int k_tiles = kt_end - kt_begin;
     // The producer issues every copy of the CTA, one warp per scheduler: at
@@ -208,6 +208,7 @@ class Mainloop {
     constexpr int kRowsPerPass = Traits::kCopyThreads / Traits::kAChunksPerRow;
     constexpr int kChunksPerSlice = kTileK * static_cast<int>(sizeof(T)) / 16;
     bool fast = io_.x_vector_loads && perm_ == nullptr;
+    const bool stores_a = !fast;  // load_a's element path (act-order, unaligned x): st.shared, not cp.async
     const auto* x_chunks = static_cast<const uint4*>(io_.x);
     uint32_t a_unit[kA];
     uint32_t used_rows = 0;
@@ -249,7 +250,14 @@ class Mainloop {
         load_a(kt, a_stage);
       }
       load_b(kt, b_smem_ + (slice % kStages) * Traits::kBStageBytes);
-      mbarrier_arrive_after_copies(&barriers.full[slice % kStages]);
+      if (stores_a) {
+        // load_a's element path stored the A tile itself: the arrival must
+        // release those stores, so this slice waits for its copies first.
+        cp_async_wait<0>();
+        mbarrier_arrive(&barriers.full[slice % kStages]);
+      } else {
+        mbarrier_arrive_on_copies(&barriers.full[slice % kStages]);
+      }
     }
   }
 

@@ -67,18 +67,16 @@ __device__ __forceinline__ void mbarrier_arrive(uint64_t* bar) {
 #endif
 }
 
-// This thread's arrival on `bar`, completed only once every cp.async it
-// issued before has landed: cp.async.mbarrier.arrive adds a pending arrival
-// that the copies' completion takes back, and the plain arrive (a release:
-// the generic copy path's own shared-memory stores) is the thread's count.
-// The waiting threads fence the async proxy before wgmma reads the bytes.
-__device__ __forceinline__ void mbarrier_arrive_after_copies(uint64_t* bar) {
+// This thread's arrival on `bar`, made by the hardware once every cp.async
+// the thread issued before has landed (.noinc: it is one of the arrivals the
+// barrier was initialised to expect). The waiting threads fence the async
+// proxy before wgmma reads the bytes.
+__device__ __forceinline__ void mbarrier_arrive_on_copies(uint64_t* bar) {
 #ifdef FERRUM_MOE_WGMMA
-  asm volatile("cp.async.mbarrier.arrive.shared::cta.b64 [%0];\n" ::"r"(
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(
                    static_cast<uint32_t>(__cvta_generic_to_shared(bar)))
                : "memory");
 #endif
-  mbarrier_arrive(bar);
 }
 
 // Waits until the phase of parity `parity` has completed. The lanes of a warp

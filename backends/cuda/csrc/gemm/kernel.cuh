@@ -181,7 +181,10 @@ __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& 
         Loop(w, io, handoff.rows[s], expert, n_tile_of(tile), smem).produce(barriers, pipe, kt_begin, kt_end);
         pipe += kt_end - kt_begin;
       });
-      cp_async_wait<0>();  // the producer never waits on its copies (produce()): none outlives its thread
+      // The producer never waits on its copies (produce()): none outlives its
+      // thread (committed first: a wait covers committed groups only).
+      cp_async_commit();
+      cp_async_wait<0>();
     } else {
       registers_increase<kConsumerRegisters>();
       const bool staged = Traits::kStagedStores && stores_vectors(io);  // the same for every tile

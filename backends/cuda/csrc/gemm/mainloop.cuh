@@ -252,7 +252,9 @@ class Mainloop {
       load_b(kt, b_smem_ + (slice % kStages) * Traits::kBStageBytes);
       if (stores_a) {
         // load_a's element path stored the A tile itself: the arrival must
-        // release those stores, so this slice waits for its copies first.
+        // release those stores, so this slice waits for its copies first
+        // (committed: a wait covers committed groups only).
+        cp_async_commit();
         cp_async_wait<0>();
         mbarrier_arrive(&barriers.full[slice % kStages]);
       } else {

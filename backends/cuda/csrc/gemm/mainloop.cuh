@@ -207,8 +207,10 @@ class Mainloop {
     constexpr int kA = Traits::kAChunksPerThread;
     constexpr int kRowsPerPass = Traits::kCopyThreads / Traits::kAChunksPerRow;
     constexpr int kChunksPerSlice = kTileK * static_cast<int>(sizeof(T)) / 16;
-    bool fast = io_.x_vector_loads && perm_ == nullptr;
-    const bool stores_a = !fast;  // load_a's element path (act-order, unaligned x): st.shared, not cp.async
+    // load_a's element path (act-order, unaligned x) stores A with st.shared,
+    // not cp.async: its slices wait for their copies and arrive themselves.
+    const bool stores_a = !(io_.x_vector_loads && perm_ == nullptr);
+    bool fast = !stores_a;
     const auto* x_chunks = static_cast<const uint4*>(io_.x);
     uint32_t a_unit[kA];
     uint32_t used_rows = 0;
@@ -256,6 +258,7 @@ class Mainloop {
         // (committed: a wait covers committed groups only).
         cp_async_commit();
         cp_async_wait<0>();
+        fence_proxy_async_shared();  // the writer's fence, as the handoff had before v70 (the readers fence too)
         mbarrier_arrive(&barriers.full[slice % kStages]);
       } else {
         mbarrier_arrive_on_copies(&barriers.full[slice % kStages]);

@@ -36,9 +36,9 @@ struct GemmTraits {
   static constexpr int kCopyThreads = kWarpSpecialized ? kProducerThreads : kCtaThreads;
   // 4 stages: three K slices in flight while the fourth is computed, enough
   // to cover global-memory latency at this tile size.
-  // The 128-row (wgmma) tiles keep one stage more: their stages are refilled
-  // two slices after use (mainloop.cuh, kLoadAhead). (Their registers allow
-  // one CTA per SM.)
+  // The 128-row (wgmma) tiles keep one stage more: a stage is released only
+  // once the wgmma reading it has retired, a k-step into the next slice
+  // (mainloop.cuh, PipelineBarriers). (Their registers allow one CTA per SM.)
   static constexpr int kStages = kRows == kWgmmaRowsPerCta ? 5 : 4;
 
   // A tile in shared memory: kRows rows of kTileK elements (128 bytes), stored

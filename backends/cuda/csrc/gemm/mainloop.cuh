@@ -241,6 +241,9 @@ class Mainloop {
         ++group;
         group_slices_left = slices_per_group;
       }
+      // The weights first: on the element path their copies land while this
+      // thread gathers the A tile, so its wait below finds them there.
+      load_b(kt, b_smem_ + (slice % kStages) * Traits::kBStageBytes);
       uint8_t* a_stage = a_smem_ + (slice % kStages) * Traits::kAStageBytes;
       if (fast && (kt + 1) * kTileK <= w_.k) {
         const uint32_t dst = shared_address(a_stage) + a_dst_;
@@ -251,7 +254,6 @@ class Mainloop {
       } else {
         load_a(kt, a_stage);
       }
-      load_b(kt, b_smem_ + (slice % kStages) * Traits::kBStageBytes);
       if (stores_a) {
         // load_a's element path stored the A tile itself: the arrival must
         // release those stores, so this slice waits for its copies first

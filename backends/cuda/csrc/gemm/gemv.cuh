@@ -5,7 +5,7 @@
 // issues the 16-byte weight loads of several K slices at once into registers
 // (no shared-memory stages, no per-slice barrier), multiplies them by the
 // token rows on the swapped mma.sync (the weights the 16-row A operand, the
-// pair's token the one live column of B, or a block's rows its 8 columns),
+// pair's token the one stored column of B (the other seven copies of it), or a block's rows its 8 columns),
 // and the warps' sums meet in shared memory at the end. The scales and zero codes of the CTA's columns
 // are staged in shared memory while the first weights are in flight. With the
 // gated epilogue (GemmIO::gate_up_tiles) the CTA also streams the same slot
@@ -57,9 +57,8 @@ __global__ void __launch_bounds__(kGemvThreads, 2)
   constexpr int kLoads = Tile::kLoadsPerLane;
   constexpr int kWarpSlots = kTileN / kWarpN;
   // Each warp's token rows of a round: kChunk slices of kTileK values, then 8
-  // more (one row: zeros, which ldmatrix reads as the MMA's seven idle token
-  // columns; eight rows: padding, so that ldmatrix's 8 rows of a matrix fall
-  // in different banks). After the loop the warp's region holds its sums.
+  // more (padding, so that ldmatrix's 8 rows of a matrix fall in different
+  // banks). After the loop the warp's region holds its sums.
   constexpr int kXChunk = kChunk * kTileK;
   constexpr int kXStride = kXChunk + 8;
   __shared__ alignas(16) uint16_t x_chunk[kGemvWarps][kRows][kXStride];
@@ -207,7 +206,6 @@ __global__ void __launch_bounds__(kGemvThreads, 2)
   };
   if constexpr (kRows == 1) {
     if (kt_begin < kt_end) load_x(kt_begin);
-    if (lane == 0) *reinterpret_cast<uint4*>(&x_chunk[warp][0][kXChunk]) = make_uint4(0, 0, 0, 0);
   }
   __syncthreads();  // the staged scales (and kRows > 1: the rows)
   if constexpr (kRows > 1) {
@@ -215,10 +213,11 @@ __global__ void __launch_bounds__(kGemvThreads, 2)
   }
 
   // ldmatrix: lane 8j + i gives matrix j's row i, token row i of chunk 4p + j
-  // of the slice's pair of k-steps p (one row: lanes 8j give it, the others
-  // the zero row).
-  const uint32_t x_base = shared_address(&x_chunk[warp][0][0]);
-  const uint32_t zero_row = shared_address(&x_chunk[warp][0][kXChunk]);
+  // of the slice's pair of k-steps p. One row: every lane gives the token's
+  // row, so the MMA's seven other token columns are copies of it, whose sums
+  // are never stored (only rows below kRows are), and each matrix's address
+  // is this lane's base plus a constant (no per-chunk address registers).
+  const uint32_t lane_row = shared_address(&x_chunk[warp][kRows > 1 ? lane % 8 : 0][0]) + (lane / 8) * 16;
   // The lane's column in n8 block nt is lane / 4 + 8 nt (layout.hpp, fragment_n).
   const int column = lane / 4;
 
@@ -237,11 +236,7 @@ __global__ void __launch_bounds__(kGemvThreads, 2)
       uint32_t tokens[2][4];
 #pragma unroll
       for (int pk = 0; pk < 2; ++pk) {
-        const int chunk_offset = (c * kTileK + (4 * pk + lane / 8) * 8) * 2;
-        const uint32_t row = kRows > 1          ? x_base + (lane % 8) * kXStride * 2 + chunk_offset
-                             : lane % 8 == 0 ? x_base + chunk_offset
-                                             : zero_row;
-        ldmatrix_x4(tokens[pk], row);
+        ldmatrix_x4(tokens[pk], lane_row + (c * kTileK + 4 * pk * 8) * 2);
       }
       const int group = min((kt + c) >> p.gemv_group_shift, groups - 1);
 #pragma unroll

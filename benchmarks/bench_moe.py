@@ -86,8 +86,12 @@ def main() -> None:
     device = torch.cuda.get_device_name()
     print(f"{device}: copy {bw / 1e12:.2f} TB/s, fp16 matmul {rate / 1e12:.0f} TFLOP/s; INT{args.bits} experts, "
           f"group {GROUP}{', act-order' if args.act_order else ''}")
-    vmm, why = (peer_module() if args.bits == 4 and not args.act_order else
-                (None, "its wrapper loads no g_idx" if args.act_order else "it runs INT4 weights only"))
+    if args.act_order:
+        vmm, why = None, "its wrapper loads no g_idx"
+    elif args.bits != 4:
+        vmm, why = None, "it runs INT4 weights only"
+    else:
+        vmm, why = peer_module()
     if vmm is None:
         print("vLLM Marlin MoE peer skipped:", why)
     flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")

@@ -138,6 +138,12 @@ def test_the_writer_rewrites_a_shipped_table(monkeypatch, table, sweep_paths, de
         table_from_results(sweeps, backend="cuda", device="NVIDIA A100", measured="", source="", margin=0.03)
 
 
+def _mixtral_row(m, times, **extra):
+    """A bench_moe.py row of Mixtral's layer on the H200 with these block sizes timed (us)."""
+    return dict(model="mixtral", **MIXTRAL, m=m, device="NVIDIA H200",
+                ferrum_us_by_block_size={str(b): t for b, t in times.items()}, **extra)
+
+
 def test_the_writer_skips_rows_that_did_not_time_the_rules_block(monkeypatch):
     """A row whose sweep left out the block the layer runs without a table says
     nothing about departing from it (Mixtral M = 32: rule 16, blocks 0 and 8
@@ -145,11 +151,8 @@ def test_the_writer_skips_rows_that_did_not_time_the_rules_block(monkeypatch):
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     from write_block_table import table_from_results
 
-    def row(m, times):
-        return dict(model="mixtral", **{k: v for k, v in MIXTRAL.items()}, m=m, device="NVIDIA H200",
-                    ferrum_us_by_block_size={str(b): t for b, t in times.items()})
-
-    sweep = {"device": "NVIDIA H200", "rows": [row(4, {0: 90.0, 8: 100.0}), row(32, {0: 500.0, 8: 480.0})]}
+    sweep = {"device": "NVIDIA H200", "rows": [_mixtral_row(4, {0: 90.0, 8: 100.0}),
+                                               _mixtral_row(32, {0: 500.0, 8: 480.0})]}
     written = table_from_results([sweep], backend="cuda", device=None, measured="", source="", margin=0.03)
     assert written["layers"][0]["blocks"] == [[4, 0]]
 
@@ -160,12 +163,8 @@ def test_the_writer_leaves_act_order_rows_out(monkeypatch):
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     from write_block_table import table_from_results
 
-    def row(m, times, **extra):
-        return dict(model="mixtral", **{k: v for k, v in MIXTRAL.items()}, m=m, device="NVIDIA H200",
-                    ferrum_us_by_block_size={str(b): t for b, t in times.items()}, **extra)
-
-    sweep = {"device": "NVIDIA H200", "rows": [row(4, {0: 90.0, 8: 100.0}),
-                                               row(8, {0: 90.0, 8: 200.0}, act_order=True)]}
+    sweep = {"device": "NVIDIA H200", "rows": [_mixtral_row(4, {0: 90.0, 8: 100.0}),
+                                               _mixtral_row(8, {0: 90.0, 8: 200.0}, act_order=True)]}
     written = table_from_results([sweep], backend="cuda", device=None, measured="", source="", margin=0.03)
     assert written["layers"][0]["blocks"] == [[4, 0]]
 

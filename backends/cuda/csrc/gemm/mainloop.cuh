@@ -260,7 +260,7 @@ class Mainloop {
         // (committed: a wait covers committed groups only).
         cp_async_commit();
         cp_async_wait<0>();
-        fence_proxy_async_shared();  // the writer's fence, as the handoff had before v70 (the readers fence too)
+        fence_proxy_async_shared();  // the writer's fence (the readers fence too)
         mbarrier_arrive(&barriers.full[slice % kStages]);
       } else {
         mbarrier_arrive_on_copies(&barriers.full[slice % kStages]);

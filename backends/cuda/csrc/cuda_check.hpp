@@ -78,6 +78,40 @@ class DeviceBuffer {
   size_t bytes_ = 0;
 };
 
+// Owns one stream-ordered allocation (a call's scratch): allocated and freed
+// in `stream`'s order (cudaMallocAsync / cudaFreeAsync), so a call that uses
+// one can be captured in a CUDA graph. The free is queued when the owner goes
+// out of scope, after the kernels that read it were queued.
+class StreamBuffer {
+ public:
+  StreamBuffer() = default;
+  StreamBuffer(size_t bytes, cudaStream_t stream, const char* what) : stream_(stream) {
+    check_cuda(cudaMallocAsync(&ptr_, bytes, stream), std::string("cudaMallocAsync(") + what + ")");
+  }
+  ~StreamBuffer() {
+    if (ptr_ != nullptr) cudaFreeAsync(ptr_, stream_);
+  }
+  StreamBuffer(StreamBuffer&& other) noexcept : ptr_(other.ptr_), stream_(other.stream_) { other.ptr_ = nullptr; }
+  StreamBuffer& operator=(StreamBuffer&& other) noexcept {
+    if (this != &other) {
+      if (ptr_ != nullptr) cudaFreeAsync(ptr_, stream_);
+      ptr_ = other.ptr_;
+      stream_ = other.stream_;
+      other.ptr_ = nullptr;
+    }
+    return *this;
+  }
+  StreamBuffer(const StreamBuffer&) = delete;
+  StreamBuffer& operator=(const StreamBuffer&) = delete;
+
+  template <class T = void>
+  T* get() const { return static_cast<T*>(ptr_); }
+
+ private:
+  void* ptr_ = nullptr;
+  cudaStream_t stream_ = nullptr;
+};
+
 }  // namespace ferrum_moe_cuda
 
 #endif  // FERRUM_MOE_CUDA_CUDA_CHECK_HPP_

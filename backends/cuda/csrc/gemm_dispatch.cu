@@ -1,7 +1,10 @@
-// ComputeType -> the per-type launchers of gemm_f16.cu / gemm_bf16.cu.
+// ComputeType -> the per-type launchers of gemm_f16.cu / gemm_bf16.cu, and the
+// act-order gathers (both types alike: 2-byte elements).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "dependent_launch.cuh"
+#include "gemm/gather.cuh"
 #include "gemm/launch.hpp"
 #include "gemm/params.hpp"
 #include "gemm/wgmma.cuh"
@@ -67,6 +70,21 @@ cudaError_t launch_gemm_gemv(const RoutedParams& params, ComputeType type, int b
 cudaError_t gemv_ctas_per_sm(ComputeType type, int bits, bool gated, bool blocks, int64_t quant_bytes, int* ctas) {
   return type == ComputeType::kFloat16 ? gemv_ctas_per_sm_for<__half>(bits, gated, blocks, quant_bytes, ctas)
                                        : gemv_ctas_per_sm_for<__nv_bfloat16>(bits, gated, blocks, quant_bytes, ctas);
+}
+
+cudaError_t launch_gather_routed(const RoutedParams& params, int64_t positions, void* x_sorted, int64_t row_stride,
+                                 cudaStream_t stream) {
+  if (positions == 0) return cudaSuccess;
+  return launch_dependent(gather_routed_kernel, dim3(static_cast<unsigned>(positions)), kGatherThreads, 0, stream,
+                          params, static_cast<uint16_t*>(x_sorted), row_stride);
+}
+
+cudaError_t launch_gather_rows(const int32_t* perm, int k, const void* x, int64_t x_rows, int64_t x_row_stride,
+                               void* x_sorted, int64_t row_stride, cudaStream_t stream) {
+  if (x_rows == 0) return cudaSuccess;
+  return launch_dependent(gather_rows_kernel, dim3(static_cast<unsigned>(x_rows)), kGatherThreads, 0, stream, perm,
+                          k, static_cast<const uint16_t*>(x), x_row_stride, static_cast<uint16_t*>(x_sorted),
+                          row_stride);
 }
 
 }  // namespace ferrum_moe_cuda::gemm

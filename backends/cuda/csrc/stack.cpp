@@ -426,6 +426,7 @@ void CudaStack::gemm_batched(const FmGemmBatchedArgs& args) {
   const DLTensor& dispatches = *args.dispatches;
   const int64_t num_dispatches = dispatches.shape[0];
   if (num_dispatches == 0 || args.n == 0) return;
+  const StreamBuffer x_sorted = sort_x_columns(*args.x, params.w, params.io, as_stream(args.stream));
   if (dispatches.device.device_type == kDLCUDA) {
     require_on_device(dispatches, device_, kOp, "dispatches");
     gemm_batched_device_table(args, params);
@@ -608,6 +609,9 @@ bool CudaStack::launch_routed(const FmGemmRoutedArgs& args, DLTensor& out, bool 
   // each half of a gate tile with the same half of its up tile in one 8-row
   // CTA (as many as the plain launch's tiles).
   if (gated && !gated_epilogue_for(rows_per_cta, out)) return false;
+  const cudaStream_t stream = as_stream(args.stream);
+  const StreamBuffer x_sorted =
+      sort_x_columns(params, std::min(params.num_positions, grid_blocks * args.block_size), stream);
   params.chunks_per_block = static_cast<int32_t>(ceil_div(args.block_size, rows_per_cta));
   constexpr int64_t kMaxGridX = std::numeric_limits<int32_t>::max();
   if (grid_blocks * params.chunks_per_block > kMaxGridX) {
@@ -624,7 +628,7 @@ bool CudaStack::launch_routed(const FmGemmRoutedArgs& args, DLTensor& out, bool 
   const bool experts_repeat = params.num_pairs * 2 >= num_experts_;
   const int ctas = plan_schedule(grid_blocks * params.chunks_per_block, weights_.n_tiles, rows_per_cta,
                                  params.schedule, experts_repeat);
-  check_cuda(gemm::launch_gemm_routed(params, compute_type_, bits_, rows_per_cta, ctas, as_stream(args.stream)),
+  check_cuda(gemm::launch_gemm_routed(params, compute_type_, bits_, rows_per_cta, ctas, stream),
              "gemm_routed kernel launch");
   return true;
 }
@@ -650,6 +654,8 @@ void CudaStack::gemm_routed_pairs(const FmGemmRoutedArgs& args, gemm::RoutedPara
   params.chunks_per_block = 1;
   if (params.num_pairs == 0) return;
   if (launch_gemv(params, false, params.num_pairs, gemm::kGemvMaxCtasPerSm, args)) return;
+  const cudaStream_t stream = as_stream(args.stream);
+  const StreamBuffer x_sorted = sort_x_columns(params, params.num_pairs, stream);
   constexpr int rows_per_cta = gemm::kTinyRowsPerCta;
   const int ctas = plan_schedule(params.num_pairs, weights_.n_tiles, rows_per_cta, params.schedule);
   // The weights the launch streams (at most: pairs may share an expert):
@@ -660,8 +666,49 @@ void CudaStack::gemm_routed_pairs(const FmGemmRoutedArgs& args, gemm::RoutedPara
   const int64_t k_tiles = k_padded_ / kTileK;
   const bool fits = params.num_pairs <= l2_bytes_ / 2 / (tile_bytes * weights_.n_tiles * k_tiles);
   params.prefetch_slices = static_cast<int32_t>(fits ? k_tiles : std::min<int64_t>(k_tiles, kPrefetchSlices));
-  check_cuda(gemm::launch_gemm_routed(params, compute_type_, bits_, rows_per_cta, ctas, as_stream(args.stream)),
+  check_cuda(gemm::launch_gemm_routed(params, compute_type_, bits_, rows_per_cta, ctas, stream),
              "gemm_routed kernel launch");
+}
+
+// The act-order copy's bytes: rows x k_padded_ two-byte elements, or an
+// error where that overflows.
+size_t CudaStack::sorted_x_bytes(int64_t rows) const {
+  if (rows > std::numeric_limits<int64_t>::max() / 2 / k_padded_) {
+    throw Error(FM_ERROR_OUT_OF_MEMORY, "act-order: " + std::to_string(rows) + " rows of " +
+                                            std::to_string(k_padded_) + " columns overflow a buffer size");
+  }
+  return static_cast<size_t>(rows * k_padded_ * 2);
+}
+
+StreamBuffer CudaStack::sort_x_columns(gemm::RoutedParams& params, int64_t positions, cudaStream_t stream) const {
+  if (params.w.perm == nullptr || params.num_pairs == 0) return {};
+  StreamBuffer buffer(sorted_x_bytes(params.num_pairs), stream, "act-order x");
+  check_cuda(gemm::launch_gather_routed(params, positions, buffer.get(), k_padded_, stream),
+             "act-order gather launch");
+  params.w.perm = nullptr;
+  params.io.x = buffer.get();
+  params.io.x_row_stride = k_padded_;
+  params.io.x_vector_loads = true;
+  params.x_rows_by_pair = true;
+  return buffer;
+}
+
+StreamBuffer CudaStack::sort_x_columns(const DLTensor& x, gemm::QuantWeights& w, gemm::GemmIO& io,
+                                       cudaStream_t stream) const {
+  const int64_t rows = x.shape[0];
+  if (w.perm == nullptr || num_experts_ != 1 || rows == 0) return {};
+  constexpr int64_t kMaxGridX = std::numeric_limits<int32_t>::max();
+  if (rows > kMaxGridX) {
+    throw Error(FM_ERROR_UNSUPPORTED, "act-order: x's " + std::to_string(rows) + " rows exceed the CUDA grid limit");
+  }
+  StreamBuffer buffer(sorted_x_bytes(rows), stream, "act-order x");
+  check_cuda(gemm::launch_gather_rows(w.perm, w.k, io.x, rows, io.x_row_stride, buffer.get(), k_padded_, stream),
+             "act-order gather launch");
+  w.perm = nullptr;
+  io.x = buffer.get();
+  io.x_row_stride = k_padded_;
+  io.x_vector_loads = true;
+  return buffer;
 }
 
 // (The GEMV writes columns from 0 and adds no bias: launch_routed's io has

@@ -54,6 +54,18 @@ class CudaStack final : public ferrum::plugin::Stack {
   // max_ctas_per_sm CTAs an SM); answers whether it did.
   bool launch_gemv(gemm::RoutedParams& params, bool blocks, int64_t units, int max_ctas_per_sm,
                    const FmGemmRoutedArgs& args);
+  // Act-order stacks (gemm/gather.cuh): x's columns copied once into each
+  // row's expert order, and the launch pointed at the copy, so the GEMM reads
+  // its rows as it does without act-order (kernel notes, v76). Returns the
+  // copy (freed in stream order when it goes out of scope, after the GEMM
+  // was queued), or nothing for a stack without act-order. Routed: rows by
+  // pair, over `positions` routing positions (pairs under pair routing).
+  // Batched: a one-expert stack's rows of x, which keep their numbers (a
+  // stack of several experts keeps the GEMM's gather per element).
+  StreamBuffer sort_x_columns(gemm::RoutedParams& params, int64_t positions, cudaStream_t stream) const;
+  StreamBuffer sort_x_columns(const DLTensor& x, gemm::QuantWeights& w, gemm::GemmIO& io,
+                              cudaStream_t stream) const;
+  size_t sorted_x_bytes(int64_t rows) const;
   // The group scales and zero codes a GEMV CTA stages (gemm::gemv_quant_bytes).
   int64_t gemv_quant_bytes(bool gated) const;
   // Fills the launch's schedule (gemm/params.hpp, StreamK) for tiles_x x

@@ -7,10 +7,10 @@
 #include <cstdint>
 
 #include "dependent_launch.cuh"
-#include "routing.cuh"
 #include "gemm/epilogue.cuh"
 #include "gemm/layout.hpp"
 #include "gemm/mainloop.cuh"
+#include "gemm/pairs.cuh"
 #include "gemm/params.hpp"
 #include "gemm/stream_k.cuh"
 #include "gemm/traits.cuh"
@@ -317,40 +317,6 @@ __global__ void __launch_bounds__(GemmTraits<T, kBits, kRows>::kCtaThreads, kMin
   }, [&] { return int64_t{p.schedule.tiles_x}; });
 }
 
-// A pair's token and slot in topk_ids. Pair numbers and top_k are below 2^31
-// (plugin.h; the core checks top_k >= 1), so one 32-bit division finds both
-// (a 64-bit one is a long software sequence, here on a tile's path to its
-// first copy).
-struct PairSlot {
-  int64_t token, slot;
-};
-__device__ __forceinline__ PairSlot pair_slot(int64_t pair, int64_t top_k) {
-  const uint32_t k = static_cast<uint32_t>(top_k);
-  const uint32_t token = static_cast<uint32_t>(pair) / k;
-  return {token, static_cast<uint32_t>(pair) - token * k};
-}
-
-// The stack's local expert of the pair at `at` (its number < p.num_pairs),
-// read from topk_ids through expert_map; -1 where the pair is dropped.
-// kEarly: read before the kernel's wait (routing.cuh).
-template <bool kEarly = false>
-__device__ __forceinline__ int pair_expert(const RoutedParams& p, PairSlot at) {
-  return p.topk_ids_int64
-             ? local_expert_of<kEarly>(static_cast<const int64_t*>(p.topk_ids), p.topk_ids_stride0,
-                                       p.topk_ids_stride1, at.token, at.slot, p.num_global_experts, p.expert_map,
-                                       p.w.num_experts)
-             : local_expert_of<kEarly>(static_cast<const int32_t*>(p.topk_ids), p.topk_ids_stride0,
-                                       p.topk_ids_stride1, at.token, at.slot, p.num_global_experts, p.expert_map,
-                                       p.w.num_experts);
-}
-
-// The router weight of the pair at `at`, or 1 where the call passes none.
-__device__ __forceinline__ float pair_weight(const RoutedParams& p, PairSlot at) {
-  return p.topk_weights != nullptr
-             ? p.topk_weights[at.token * p.topk_weights_stride0 + at.slot * p.topk_weights_stride1]
-             : 1.0f;
-}
-
 // Row r of chunk `chunk` (kRows rows) of routing block `block`, from align's
 // arrays: table row r (r < kRows) and, in every thread, the block's expert
 // (-1 past the padded count or the block list; an expert out of range fills
@@ -376,7 +342,7 @@ __device__ __forceinline__ TileRows fill_block_row(const RoutedParams& p, int64_
     const int64_t id = position < padded_tokens ? listed_id : -1;
     used = id >= 0 && id < p.num_pairs;
     const PairSlot at = pair_slot(used ? id : 0, p.top_k);
-    table.x_offset[r] = used ? at.token * p.io.x_row_stride : -1;
+    table.x_offset[r] = used ? (p.x_rows_by_pair ? id : at.token) * p.io.x_row_stride : -1;
     table.out_row[r] = used ? id : -1;
     table.weight[r] = used ? pair_weight(p, at) : 1.0f;
   }
@@ -448,7 +414,7 @@ __global__ void __launch_bounds__(GemmTraits<T, kBits, kRows>::kCtaThreads, kMin
       const int expert = listed ? pair_expert(p, at) : -1;
       const bool used = r == 0 && expert >= 0;
       if (r < kRows) {
-        table.x_offset[r] = used ? at.token * p.io.x_row_stride : -1;
+        table.x_offset[r] = used ? (p.x_rows_by_pair ? x : at.token) * p.io.x_row_stride : -1;
         table.out_row[r] = used ? x : -1;
         table.weight[r] = used ? pair_weight(p, at) : 1.0f;
       }

@@ -224,6 +224,9 @@ struct RoutedParams {
   // K slice kt of the GEMV is in group min(kt >> gemv_group_shift, groups - 1)
   // (its slices per group a power of two: CudaStack::gemv_group_shift_).
   int32_t gemv_group_shift;
+  // x's rows are pairs, not tokens: row p is pair p's (the act-order gather's
+  // copy, gather.cuh).
+  bool x_rows_by_pair;
 };
 
 // The decode GEMV (gemv.cuh): CTAs of kGemvWarps warps, each CTA one pair's
@@ -312,6 +315,17 @@ cudaError_t launch_gemm_gemv(const RoutedParams& params, ComputeType type, int b
                              int64_t quant_bytes, int ctas, cudaStream_t stream);
 // How many GEMV CTAs staging quant_bytes one SM holds at once.
 cudaError_t gemv_ctas_per_sm(ComputeType type, int bits, bool gated, bool blocks, int64_t quant_bytes, int* ctas);
+
+// Act-order (gather.cuh): x's columns in each row's expert order, into
+// x_sorted (16-byte aligned, rows row_stride elements apart: a multiple of 8
+// and at least k rounded up to 8). Routed: row p is pair p of params' routing
+// (params.w.perm and params.io.x as the GEMM would take them), over
+// `positions` routing positions (pairs under pair routing). Rows: x_rows rows
+// of x (row stride x_row_stride), all through `perm` (one expert's).
+cudaError_t launch_gather_routed(const RoutedParams& params, int64_t positions, void* x_sorted, int64_t row_stride,
+                                 cudaStream_t stream);
+cudaError_t launch_gather_rows(const int32_t* perm, int k, const void* x, int64_t x_rows, int64_t x_row_stride,
+                               void* x_sorted, int64_t row_stride, cudaStream_t stream);
 
 }  // namespace ferrum_moe_cuda::gemm
 

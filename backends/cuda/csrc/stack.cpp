@@ -426,9 +426,10 @@ void CudaStack::gemm_batched(const FmGemmBatchedArgs& args) {
   const DLTensor& dispatches = *args.dispatches;
   const int64_t num_dispatches = dispatches.shape[0];
   if (num_dispatches == 0 || args.n == 0) return;
-  const StreamBuffer x_sorted = sort_x_columns(*args.x, params.w, params.io, as_stream(args.stream));
+  const cudaStream_t stream = as_stream(args.stream);
   if (dispatches.device.device_type == kDLCUDA) {
     require_on_device(dispatches, device_, kOp, "dispatches");
+    const StreamBuffer x_sorted = sort_x_columns(*args.x, num_experts_ == 1 ? 0 : -1, params.w, params.io, stream);
     gemm_batched_device_table(args, params);
     return;
   }
@@ -443,17 +444,19 @@ void CudaStack::gemm_batched(const FmGemmBatchedArgs& args) {
 
   int64_t max_rows = 0;
   int64_t row_tiles = 0;  // of 128 rows
+  bool one_expert = true;
   for (int64_t d = 0; d < num_dispatches; ++d) {
     max_rows = std::max(max_rows, field(d, 3));
     row_tiles += ceil_div(field(d, 3), int64_t{gemm::kWgmmaRowsPerCta});
+    one_expert = one_expert && field(d, 0) == field(0, 0);
   }
   if (max_rows == 0) return;
+  const StreamBuffer x_sorted = sort_x_columns(*args.x, one_expert ? field(0, 0) : -1, params.w, params.io, stream);
   const int64_t first_n_tile = args.col_begin / kTileN;
   const int64_t num_n_tiles = (args.col_begin + args.n - 1) / kTileN - first_n_tile + 1;
   const int rows_per_cta = fill_the_gpu(rows_per_cta_for(max_rows), row_tiles, num_n_tiles);
   params.first_n_tile = static_cast<int32_t>(first_n_tile);
 
-  const cudaStream_t stream = as_stream(args.stream);
   auto flush = [&] {
     if (params.num_items == 0) return;
     const int ctas = plan_schedule(params.num_items, num_n_tiles, rows_per_cta, params.schedule);
@@ -693,16 +696,17 @@ StreamBuffer CudaStack::sort_x_columns(gemm::RoutedParams& params, int64_t posit
   return buffer;
 }
 
-StreamBuffer CudaStack::sort_x_columns(const DLTensor& x, gemm::QuantWeights& w, gemm::GemmIO& io,
+StreamBuffer CudaStack::sort_x_columns(const DLTensor& x, int64_t expert, gemm::QuantWeights& w, gemm::GemmIO& io,
                                        cudaStream_t stream) const {
   const int64_t rows = x.shape[0];
-  if (w.perm == nullptr || num_experts_ != 1 || rows == 0) return {};
+  if (w.perm == nullptr || expert < 0 || rows == 0) return {};
   constexpr int64_t kMaxGridX = std::numeric_limits<int32_t>::max();
   if (rows > kMaxGridX) {
     throw Error(FM_ERROR_UNSUPPORTED, "act-order: x's " + std::to_string(rows) + " rows exceed the CUDA grid limit");
   }
   StreamBuffer buffer(sorted_x_bytes(rows), stream, "act-order x");
-  check_cuda(gemm::launch_gather_rows(w.perm, w.k, io.x, rows, io.x_row_stride, buffer.get(), k_padded_, stream),
+  check_cuda(gemm::launch_gather_rows(w.perm + expert * k_, w.k, io.x, rows, io.x_row_stride, buffer.get(),
+                                      k_padded_, stream),
              "act-order gather launch");
   w.perm = nullptr;
   io.x = buffer.get();

@@ -60,10 +60,12 @@ class CudaStack final : public ferrum::plugin::Stack {
   // copy (freed in stream order when it goes out of scope, after the GEMM
   // was queued), or nothing for a stack without act-order. Routed: rows by
   // pair, over `positions` routing positions (pairs under pair routing).
-  // Batched: a one-expert stack's rows of x, which keep their numbers (a
-  // stack of several experts keeps the GEMM's gather per element).
+  // Batched: every row of x through `expert`'s order, rows keeping their
+  // numbers, where all dispatches name that expert (a host table naming
+  // several, or a device table of a stack of several, -1, keeps the
+  // GEMM's gather per element).
   StreamBuffer sort_x_columns(gemm::RoutedParams& params, int64_t positions, cudaStream_t stream) const;
-  StreamBuffer sort_x_columns(const DLTensor& x, gemm::QuantWeights& w, gemm::GemmIO& io,
+  StreamBuffer sort_x_columns(const DLTensor& x, int64_t expert, gemm::QuantWeights& w, gemm::GemmIO& io,
                               cudaStream_t stream) const;
   size_t sorted_x_bytes(int64_t rows) const;
   // The group scales and zero codes a GEMV CTA stages (gemm::gemv_quant_bytes).

@@ -229,9 +229,9 @@ def test_a_result_read_on_another_stream_waits_for_its_producer(rng):
     assert rel_error(seen, xh.astype(np.float64) @ weights[1].dequantize(np.float64)) < 3e-3
 
 
-def _layer(rng, dtype="float16", e=8, hidden=256, inter=128):
-    w13 = [random_weight(rng, hidden, 2 * inter, group_size=64, dtype=dtype) for _ in range(e)]
-    w2 = [random_weight(rng, inter, hidden, group_size=64, dtype=dtype) for _ in range(e)]
+def _layer(rng, dtype="float16", e=8, hidden=256, inter=128, act_order=False):
+    w13 = [random_weight(rng, hidden, 2 * inter, group_size=64, act_order=act_order, dtype=dtype) for _ in range(e)]
+    w2 = [random_weight(rng, inter, hidden, group_size=64, act_order=act_order, dtype=dtype) for _ in range(e)]
     s13 = fm.ExpertStack.from_gptq(w13, device="cuda", dtype=dtype)
     s2 = fm.ExpertStack.from_gptq(w2, device="cuda", dtype=dtype)
     return w13, w2, fm.MoE(s13, s2, top_k=2)
@@ -431,13 +431,14 @@ def test_pair_routing_with_repeated_experts_matches_float64(rng, bits, with_weig
 # or copied 8 and 10 bytes at a time for align's blocks);
 # channelwise groups over 2 rounds of slices per warp (INT4; INT8 rounds are half as long);
 # groups of 64 over 2 rounds; then the stacks the GEMV leaves to the 8-row tiles: groups of 32
-# (not whole slices), act-order, rows that are not 16-byte aligned (row length odd, x from
-# column 1), and K past kGemvMaxGatedK (the gated epilogue; plain, K that long runs on the GEMV, whose only
+# (not whole slices), act-order (aligned, and with K past its last slice in rows that are not
+# aligned), rows that are not 16-byte aligned (row length odd, x from column 1), and K past kGemvMaxGatedK (the gated epilogue; plain, K that long runs on the GEMV, whose only
 # bound there is the group scales' staging size).
 @pytest.mark.parametrize("k, x_columns, group_size, act_order", [
     (64, 64, 64, False), (196, 208, 128, False), (197, 208, 128, False), (4000, 4000, -1, False),
     (3072, 3072, 64, False),
-    (512, 512, 32, False), (512, 512, 128, True), (200, 201, 128, False), (4160, 4160, 128, False)])
+    (512, 512, 32, False), (512, 512, 128, True), (200, 201, 128, False), (200, 201, 128, True),
+    (4160, 4160, 128, False)])
 @pytest.mark.parametrize("bits, sym", [(4, True), (4, False), (8, True)])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 # Pair routing (3 tokens), or align's blocks of 8 or 3 rows (9 tokens: experts of 5-9 rows, so
@@ -768,11 +769,78 @@ def _routings(rng, m, e=8, top_k=2):
     return {"spread": spread, "hot expert": hot, "few experts": few, "invalid ids": invalid}
 
 
-@pytest.mark.parametrize("layer_kind, warm", [("fused_moe", False), ("MoE", False), ("MoE", True)])
-def test_the_moe_layer_captures_in_a_torch_graph(rng, layer_kind, warm):
+def test_act_order_with_uneven_groups_matches_float64(rng):
+    """A g_idx whose groups hold different row counts (GPTQ's act-order keeps
+    every group whole) needs the per-row group table after the sort. Routed
+    on 8-, 32- and 128-row tiles, batched through one expert (x copied in its
+    order) and through two (gathered per element in the GEMM); K past its
+    last whole slice."""
+    e, k, n, groups = 3, 200, 256, 4
+    weights = []
+    for _ in range(e):
+        g_idx = rng.integers(0, groups, k).astype(np.int32)
+        weights.append(fm.gptq.quantize(rng.standard_normal((k, n)) / np.sqrt(k), 4, 64, False, g_idx=g_idx,
+                                        scale_dtype=np.float16))
+    dense = [w.dequantize(np.float64) for w in weights]
+    stack = fm.ExpertStack.from_gptq(weights, device="cuda", dtype="float16")
+    tol = REL_TOL["float16"]
+    for m, block in ((5, 8), (40, 32), (300, 128)):
+        x = cuda(random_activations(rng, (m, k), "float32")).to(torch.float16)
+        x64 = x.cpu().double().numpy()
+        ids = rng.integers(0, e, (m, 2)).astype(np.int32)
+        out = torch.full((2 * m, n), float("nan"), device="cuda", dtype=torch.float16)
+        stack.gemm_routed(x, fm.moe_align_block_size(cuda(ids), block, e), out=out)
+        got = out.cpu().double().numpy()
+        for expert in range(e):
+            pairs = np.flatnonzero(ids.reshape(-1) == expert)
+            assert rel_error(got[pairs], x64[pairs // 2] @ dense[expert]) < tol, (m, expert)
+        for table in ([[2, 0, 0, m]], [[1, 0, 0, m // 2], [0, m // 2, m // 2, m - m // 2]]):
+            out = torch.full((m, n), float("nan"), device="cuda", dtype=torch.float32)
+            stack.gemm_batched(x, table, out=out)
+            got = out.cpu().double().numpy()
+            for expert, row, _, rows in table:
+                assert rel_error(got[row:row + rows], x64[row:row + rows] @ dense[expert]) < tol, (m, table)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_act_order_layers_match_float64_at_every_tile_height(rng, dtype):
+    """Act-order stacks copy x's columns into each pair's expert order before
+    each GEMM (gemm/gather.cuh): one token (pair routing), 40 tokens (32-row
+    tiles) and 300 (128-row tiles), every pair kept or some dropped (ids out
+    of range, an expert map sending one expert away); K past its last whole
+    slice in the w2 GEMM. Each layer against float64, the output poisoned."""
+    e, hidden, inter, top_k = 6, 512, 200, 2
+    w13 = [random_weight(rng, hidden, 2 * inter, group_size=128, act_order=True, dtype=dtype) for _ in range(e)]
+    w2 = [random_weight(rng, inter, hidden, group_size=64, act_order=True, sym=False, dtype=dtype)
+          for _ in range(e)]
+    s13 = fm.ExpertStack.from_gptq(w13, device="cuda", dtype=dtype)
+    s2 = fm.ExpertStack.from_gptq(w2, device="cuda", dtype=dtype)
+    tdtype = getattr(torch, dtype)
+    expert_map = np.array([0, 1, 2, -1, 4, 5], np.int32)
+    for m in (1, 40, 300):
+        xh = random_activations(rng, (m, hidden), "float32")
+        x = cuda(xh).to(tdtype)
+        tw = rng.random((m, top_k)).astype(np.float32)
+        ids = np.stack([rng.permutation(e)[:top_k] for _ in range(m)]).astype(np.int32)
+        for dropped in (False, True):
+            if dropped:
+                ids[1::3, 0] = -1
+                ids[::4, 1] = e
+                ids[0, 0] = 0  # token 0 keeps a pair (at one token, the other is dropped)
+            emap = expert_map if dropped else None
+            out = torch.full((m, hidden), float("nan"), device="cuda", dtype=tdtype)
+            fm.fused_moe(x, s13, s2, cuda(tw), cuda(ids), out=out, expert_map=None if emap is None else cuda(emap))
+            expect = reference_moe(x.cpu().double().numpy(), w13, w2, tw, ids, expert_map=emap)
+            assert rel_error(out, expect) < 3 * REL_TOL[dtype], (m, dropped)
+
+
+@pytest.mark.parametrize("layer_kind, warm, act_order", [
+    ("fused_moe", False, False), ("MoE", False, False), ("MoE", True, False), ("MoE", False, True)])
+def test_the_moe_layer_captures_in_a_torch_graph(rng, layer_kind, warm, act_order):
     """torch.cuda.graph capture, on the first call of the function or layer, or
-    after a warm-up call; replays with new inputs and routings."""
-    w13, w2, layer = _layer(rng)
+    after a warm-up call; replays with new inputs and routings. Act-order
+    stacks capture their x copy's stream-ordered allocation too."""
+    w13, w2, layer = _layer(rng, act_order=act_order)
     m = 6
     xh, tw, ids = _inputs(rng, m)
     x, twd, idsd = cuda(xh), cuda(tw), cuda(ids)

@@ -772,9 +772,9 @@ def _routings(rng, m, e=8, top_k=2):
 def test_act_order_with_uneven_groups_matches_float64(rng):
     """A g_idx whose groups hold different row counts (GPTQ's act-order keeps
     every group whole) needs the per-row group table after the sort. Routed
-    on 8-, 32- and 128-row tiles, batched through one expert (x copied in its
-    order) and through two (gathered per element in the GEMM); K past its
-    last whole slice."""
+    on 8- and 32-row tiles and the 128-row tiles' few-tile fallback, batched
+    through one expert (x copied in its order) and through two (gathered per
+    element in the GEMM); K past its last whole slice."""
     e, k, n, groups = 3, 200, 256, 4
     weights = []
     for _ in range(e):

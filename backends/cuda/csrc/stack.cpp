@@ -429,7 +429,6 @@ void CudaStack::gemm_batched(const FmGemmBatchedArgs& args) {
   const cudaStream_t stream = as_stream(args.stream);
   if (dispatches.device.device_type == kDLCUDA) {
     require_on_device(dispatches, device_, kOp, "dispatches");
-    const StreamBuffer x_sorted = sort_x_columns(*args.x, num_experts_ == 1 ? 0 : -1, params.w, params.io, stream);
     gemm_batched_device_table(args, params);
     return;
   }
@@ -518,8 +517,9 @@ void CudaStack::gemm_batched_device_table(const FmGemmBatchedArgs& args, const g
   params.first_n_tile = static_cast<int32_t>(first_n_tile);
   const int ctas = plan_schedule(params.num_dispatches * chunks, num_n_tiles, rows_per_cta, params.schedule,
                                  false, true);
-  check_cuda(gemm::launch_gemm_device_dispatch(params, compute_type_, bits_, rows_per_cta, ctas,
-                                               as_stream(args.stream)),
+  const cudaStream_t stream = as_stream(args.stream);
+  const StreamBuffer x_sorted = sort_x_columns(*args.x, num_experts_ == 1 ? 0 : -1, params.w, params.io, stream);
+  check_cuda(gemm::launch_gemm_device_dispatch(params, compute_type_, bits_, rows_per_cta, ctas, stream),
              "gemm_batched kernel launch");
 }
 
@@ -612,9 +612,6 @@ bool CudaStack::launch_routed(const FmGemmRoutedArgs& args, DLTensor& out, bool 
   // each half of a gate tile with the same half of its up tile in one 8-row
   // CTA (as many as the plain launch's tiles).
   if (gated && !gated_epilogue_for(rows_per_cta, out)) return false;
-  const cudaStream_t stream = as_stream(args.stream);
-  const StreamBuffer x_sorted =
-      sort_x_columns(params, std::min(params.num_positions, grid_blocks * args.block_size), stream);
   params.chunks_per_block = static_cast<int32_t>(ceil_div(args.block_size, rows_per_cta));
   constexpr int64_t kMaxGridX = std::numeric_limits<int32_t>::max();
   if (grid_blocks * params.chunks_per_block > kMaxGridX) {
@@ -631,6 +628,9 @@ bool CudaStack::launch_routed(const FmGemmRoutedArgs& args, DLTensor& out, bool 
   const bool experts_repeat = params.num_pairs * 2 >= num_experts_;
   const int ctas = plan_schedule(grid_blocks * params.chunks_per_block, weights_.n_tiles, rows_per_cta,
                                  params.schedule, experts_repeat);
+  const cudaStream_t stream = as_stream(args.stream);
+  const StreamBuffer x_sorted =  // (after every refusal above)
+      sort_x_columns(params, std::min(params.num_positions, grid_blocks * args.block_size), stream);
   check_cuda(gemm::launch_gemm_routed(params, compute_type_, bits_, rows_per_cta, ctas, stream),
              "gemm_routed kernel launch");
   return true;
@@ -657,8 +657,6 @@ void CudaStack::gemm_routed_pairs(const FmGemmRoutedArgs& args, gemm::RoutedPara
   params.chunks_per_block = 1;
   if (params.num_pairs == 0) return;
   if (launch_gemv(params, false, params.num_pairs, gemm::kGemvMaxCtasPerSm, args)) return;
-  const cudaStream_t stream = as_stream(args.stream);
-  const StreamBuffer x_sorted = sort_x_columns(params, params.num_pairs, stream);
   constexpr int rows_per_cta = gemm::kTinyRowsPerCta;
   const int ctas = plan_schedule(params.num_pairs, weights_.n_tiles, rows_per_cta, params.schedule);
   // The weights the launch streams (at most: pairs may share an expert):
@@ -669,6 +667,8 @@ void CudaStack::gemm_routed_pairs(const FmGemmRoutedArgs& args, gemm::RoutedPara
   const int64_t k_tiles = k_padded_ / kTileK;
   const bool fits = params.num_pairs <= l2_bytes_ / 2 / (tile_bytes * weights_.n_tiles * k_tiles);
   params.prefetch_slices = static_cast<int32_t>(fits ? k_tiles : std::min<int64_t>(k_tiles, kPrefetchSlices));
+  const cudaStream_t stream = as_stream(args.stream);
+  const StreamBuffer x_sorted = sort_x_columns(params, params.num_pairs, stream);
   check_cuda(gemm::launch_gemm_routed(params, compute_type_, bits_, rows_per_cta, ctas, stream),
              "gemm_routed kernel launch");
 }
@@ -685,6 +685,10 @@ size_t CudaStack::sorted_x_bytes(int64_t rows) const {
 
 StreamBuffer CudaStack::sort_x_columns(gemm::RoutedParams& params, int64_t positions, cudaStream_t stream) const {
   if (params.w.perm == nullptr || params.num_pairs == 0) return {};
+  if (positions > std::numeric_limits<int32_t>::max()) {
+    throw Error(FM_ERROR_UNSUPPORTED, "act-order: " + std::to_string(positions) +
+                                          " routing positions exceed the CUDA grid limit");
+  }
   StreamBuffer buffer(sorted_x_bytes(params.num_pairs), stream, "act-order x");
   check_cuda(gemm::launch_gather_routed(params, positions, buffer.get(), k_padded_, stream),
              "act-order gather launch");

@@ -58,7 +58,8 @@ class CudaStack final : public ferrum::plugin::Stack {
   // row's expert order, and the launch pointed at the copy, so the GEMM reads
   // its rows as it does without act-order (kernel notes, v76). Returns the
   // copy (freed in stream order when it goes out of scope, after the GEMM
-  // was queued), or nothing for a stack without act-order. Routed: rows by
+  // was queued), or nothing for a stack without act-order. Called after
+  // every check that may refuse the call, so a refused call queues nothing. Routed: rows by
   // pair, over `positions` routing positions (pairs under pair routing).
   // Batched: every row of x through `expert`'s order, rows keeping their
   // numbers, where all dispatches name that expert (a host table naming

@@ -673,50 +673,49 @@ void CudaStack::gemm_routed_pairs(const FmGemmRoutedArgs& args, gemm::RoutedPara
              "gemm_routed kernel launch");
 }
 
-// The act-order copy's bytes: rows x k_padded_ two-byte elements, or an
-// error where that overflows.
-size_t CudaStack::sorted_x_bytes(int64_t rows) const {
+// The act-order copy of `rows` rows of k_padded_ two-byte elements, for a
+// gather of `ctas` CTAs (one a row or routing position, `what`); an error
+// where the bytes overflow or the grid exceeds CUDA's limit.
+StreamBuffer CudaStack::sorted_x_buffer(int64_t rows, int64_t ctas, const char* what, cudaStream_t stream) const {
+  if (ctas > std::numeric_limits<int32_t>::max()) {
+    throw Error(FM_ERROR_UNSUPPORTED,
+                "act-order: " + std::to_string(ctas) + " " + what + " exceed the CUDA grid limit");
+  }
   if (rows > std::numeric_limits<int64_t>::max() / 2 / k_padded_) {
     throw Error(FM_ERROR_OUT_OF_MEMORY, "act-order: " + std::to_string(rows) + " rows of " +
                                             std::to_string(k_padded_) + " columns overflow a buffer size");
   }
-  return static_cast<size_t>(rows * k_padded_ * 2);
+  return StreamBuffer(static_cast<size_t>(rows * k_padded_ * 2), stream, "act-order x");
+}
+
+// The launch reads the copy: aligned rows, no permutation.
+void CudaStack::read_sorted_x(const StreamBuffer& copy, gemm::QuantWeights& w, gemm::GemmIO& io) const {
+  w.perm = nullptr;
+  io.x = copy.get();
+  io.x_row_stride = k_padded_;
+  io.x_vector_loads = true;
 }
 
 StreamBuffer CudaStack::sort_x_columns(gemm::RoutedParams& params, int64_t positions, cudaStream_t stream) const {
   if (params.w.perm == nullptr || params.num_pairs == 0) return {};
-  if (positions > std::numeric_limits<int32_t>::max()) {
-    throw Error(FM_ERROR_UNSUPPORTED, "act-order: " + std::to_string(positions) +
-                                          " routing positions exceed the CUDA grid limit");
-  }
-  StreamBuffer buffer(sorted_x_bytes(params.num_pairs), stream, "act-order x");
-  check_cuda(gemm::launch_gather_routed(params, positions, buffer.get(), k_padded_, stream),
+  StreamBuffer copy = sorted_x_buffer(params.num_pairs, positions, "routing positions", stream);
+  check_cuda(gemm::launch_gather_routed(params, positions, copy.get(), k_padded_, stream),
              "act-order gather launch");
-  params.w.perm = nullptr;
-  params.io.x = buffer.get();
-  params.io.x_row_stride = k_padded_;
-  params.io.x_vector_loads = true;
+  read_sorted_x(copy, params.w, params.io);
   params.x_rows_by_pair = true;
-  return buffer;
+  return copy;
 }
 
 StreamBuffer CudaStack::sort_x_columns(const DLTensor& x, int64_t expert, gemm::QuantWeights& w, gemm::GemmIO& io,
                                        cudaStream_t stream) const {
   const int64_t rows = x.shape[0];
   if (w.perm == nullptr || expert < 0 || rows == 0) return {};
-  constexpr int64_t kMaxGridX = std::numeric_limits<int32_t>::max();
-  if (rows > kMaxGridX) {
-    throw Error(FM_ERROR_UNSUPPORTED, "act-order: x's " + std::to_string(rows) + " rows exceed the CUDA grid limit");
-  }
-  StreamBuffer buffer(sorted_x_bytes(rows), stream, "act-order x");
-  check_cuda(gemm::launch_gather_rows(w.perm + expert * k_, w.k, io.x, rows, io.x_row_stride, buffer.get(),
+  StreamBuffer copy = sorted_x_buffer(rows, rows, "rows of x", stream);
+  check_cuda(gemm::launch_gather_rows(w.perm + expert * k_, w.k, io.x, rows, io.x_row_stride, copy.get(),
                                       k_padded_, stream),
              "act-order gather launch");
-  w.perm = nullptr;
-  io.x = buffer.get();
-  io.x_row_stride = k_padded_;
-  io.x_vector_loads = true;
-  return buffer;
+  read_sorted_x(copy, w, io);
+  return copy;
 }
 
 // (The GEMV writes columns from 0 and adds no bias: launch_routed's io has

@@ -59,16 +59,17 @@ class CudaStack final : public ferrum::plugin::Stack {
   // its rows as it does without act-order (kernel notes, v76). Returns the
   // copy (freed in stream order when it goes out of scope, after the GEMM
   // was queued), or nothing for a stack without act-order. Called after
-  // every check that may refuse the call, so a refused call queues nothing. Routed: rows by
-  // pair, over `positions` routing positions (pairs under pair routing).
-  // Batched: every row of x through `expert`'s order, rows keeping their
-  // numbers, where all dispatches name that expert (a host table naming
-  // several, or a device table of a stack of several, -1, keeps the
-  // GEMM's gather per element).
+  // every check that may refuse the call, so a refused call queues nothing.
+  // Routed: rows by pair, over `positions` routing positions (pairs under
+  // pair routing). Batched: every row of x through `expert`'s order, rows
+  // keeping their numbers, where all dispatches name that expert (a host
+  // table naming several, or a device table of a stack of several, -1,
+  // keeps the GEMM's gather per element).
   StreamBuffer sort_x_columns(gemm::RoutedParams& params, int64_t positions, cudaStream_t stream) const;
   StreamBuffer sort_x_columns(const DLTensor& x, int64_t expert, gemm::QuantWeights& w, gemm::GemmIO& io,
                               cudaStream_t stream) const;
-  size_t sorted_x_bytes(int64_t rows) const;
+  StreamBuffer sorted_x_buffer(int64_t rows, int64_t ctas, const char* what, cudaStream_t stream) const;
+  void read_sorted_x(const StreamBuffer& copy, gemm::QuantWeights& w, gemm::GemmIO& io) const;
   // The group scales and zero codes a GEMV CTA stages (gemm::gemv_quant_bytes).
   int64_t gemv_quant_bytes(bool gated) const;
   // Fills the launch's schedule (gemm/params.hpp, StreamK) for tiles_x x

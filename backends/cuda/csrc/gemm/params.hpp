@@ -225,7 +225,8 @@ struct RoutedParams {
   // (its slices per group a power of two: CudaStack::gemv_group_shift_).
   int32_t gemv_group_shift;
   // x's rows are pairs, not tokens: row p is pair p's (the act-order gather's
-  // copy, gather.cuh).
+  // copy, gather.cuh). Read by the tiles' row tables; the decode GEMV takes
+  // no act-order stack.
   bool x_rows_by_pair;
 };
 

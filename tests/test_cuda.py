@@ -432,8 +432,9 @@ def test_pair_routing_with_repeated_experts_matches_float64(rng, bits, with_weig
 # channelwise groups over 2 rounds of slices per warp (INT4; INT8 rounds are half as long);
 # groups of 64 over 2 rounds; then the stacks the GEMV leaves to the 8-row tiles: groups of 32
 # (not whole slices), act-order (aligned, and with K past its last slice in rows that are not
-# aligned), rows that are not 16-byte aligned (row length odd, x from column 1), and K past kGemvMaxGatedK (the gated epilogue; plain, K that long runs on the GEMV, whose only
-# bound there is the group scales' staging size).
+# aligned), rows that are not 16-byte aligned (row length odd, x from column 1), and K past
+# kGemvMaxGatedK (the gated epilogue; plain, K that long runs on the GEMV, whose only bound
+# there is the group scales' staging size).
 @pytest.mark.parametrize("k, x_columns, group_size, act_order", [
     (64, 64, 64, False), (196, 208, 128, False), (197, 208, 128, False), (4000, 4000, -1, False),
     (3072, 3072, 64, False),
@@ -806,9 +807,10 @@ def test_act_order_with_uneven_groups_matches_float64(rng):
 def test_act_order_layers_match_float64_at_every_tile_height(rng, dtype):
     """Act-order stacks copy x's columns into each pair's expert order before
     each GEMM (gemm/gather.cuh): one token (pair routing), 40 tokens (32-row
-    tiles) and 300 (128-row tiles), every pair kept or some dropped (ids out
-    of range, an expert map sending one expert away); K past its last whole
-    slice in the w2 GEMM. Each layer against float64, the output poisoned."""
+    tiles) and 300 (the 128-row tiles' few-tile fallback on an H100), every
+    pair kept or some dropped (ids out of range, an expert map sending one
+    expert away); K past its last whole slice in the w2 GEMM. Each layer
+    against float64, the output poisoned."""
     e, hidden, inter, top_k = 6, 512, 200, 2
     w13 = [random_weight(rng, hidden, 2 * inter, group_size=128, act_order=True, dtype=dtype) for _ in range(e)]
     w2 = [random_weight(rng, inter, hidden, group_size=64, act_order=True, sym=False, dtype=dtype)

@@ -185,8 +185,9 @@ CudaStack::CudaStack(const FmStackCreateArgs& args)
   weights_.group_size = static_cast<int32_t>(group_size_ > 0 ? group_size_ : k_padded_);
 
   // The decode GEMV takes this stack's pair routing and small routing blocks
-  // where its layout holds (gemm/gemv.cuh): uniform groups of whole K slices,
-  // no act-order, K up to kGemvMaxGatedK with the gated epilogue, and the
+  // where its layout holds (gemm/gemv.cuh): uniform groups of whole K slices
+  // (act-order too, where its sorted groups are: its x is copied in order
+  // first, sort_x_columns), K up to kGemvMaxGatedK with the gated epilogue, and the
   // CTA's group scales within what the device lets each form stage;
   // gemv_ctas_per_sm_ stays 0 elsewhere.
   // Its slices per group must be a power of two (the group of a slice is a
@@ -196,7 +197,7 @@ CudaStack::CudaStack(const FmStackCreateArgs& args)
   const int64_t slices_per_group = std::max<int64_t>(weights_.group_size / kTileK, 1);
   const bool group_shift = num_groups_ == 1 || (slices_per_group & (slices_per_group - 1)) == 0;
   gemv_group_shift_ = num_groups_ == 1 ? kOneGroupShift : __builtin_ctzll(static_cast<uint64_t>(slices_per_group));
-  if (weights_.perm == nullptr && weights_.row_group == nullptr && weights_.group_size % kTileK == 0 && group_shift) {
+  if (weights_.row_group == nullptr && weights_.group_size % kTileK == 0 && group_shift) {
     for (bool blocks : {false, true}) {
       int64_t max_quant_bytes = 0;
       check_cuda(gemm::gemv_max_quant_bytes(blocks, &max_quant_bytes), "sizing the decode GEMV");
@@ -257,9 +258,23 @@ void CudaStack::load_weights(const FmStackCreateArgs& args, cudaStream_t stream)
         int32_t* rg = row_group.data() + e * k_padded_;
         for (int64_t k = 0; k < k_padded_; ++k) rg[k] = g[p[std::min(k, k_ - 1)]];
       }
+      // GPTQ's act-order gives every group group_size rows (the last the
+      // rest): sorted, row k is in group k / group_size, as without act-order,
+      // and the kernels take the groups' uniform paths (no row table).
+      bool uniform = group_size_ > 0;
+      for (int64_t e = 0; uniform && e < num_experts_; ++e) {
+        const int32_t* rg = row_group.data() + e * k_padded_;
+        for (int64_t k = 0; uniform && k < k_padded_; ++k) {
+          uniform = rg[k] == std::min(k / group_size_, num_groups_ - 1);
+        }
+      }
+      if (uniform) {
+        row_group.clear();
+        row_group_expert_stride = 0;
+      }
     }
   }
-  if (perm.empty() && group_size_ > 0 && group_size_ % kUniformGroupMultiple != 0) {
+  if (row_group.empty() && group_size_ > 0 && group_size_ % kUniformGroupMultiple != 0) {
     // Groups straddle 16-row k-steps: one table of row -> group, shared by all experts.
     row_group.resize(static_cast<size_t>(k_padded_));
     for (int64_t k = 0; k < k_padded_; ++k)
@@ -597,8 +612,12 @@ bool CudaStack::launch_routed(const FmGemmRoutedArgs& args, DLTensor& out, bool 
   // Blocks of up to 8 rows on the decode GEMV where experts repeat, each
   // expert's weights read once for the block's rows (blocks the routing does
   // not fill leave at once).
+  const cudaStream_t stream = as_stream(args.stream);
+  const int64_t positions = std::min(params.num_positions, grid_blocks * args.block_size);
   if (args.block_size <= gemm::kGemvBlockRows && params.num_pairs * 2 >= num_experts_ &&
-      launch_gemv(params, true, grid_blocks, gemm::kGemvMaxBlockCtasPerSm, args)) {
+      gemv_takes(params, true, grid_blocks, gemm::kGemvMaxBlockCtasPerSm)) {
+    const StreamBuffer x_sorted = sort_x_columns(params, positions, stream);
+    launch_gemv(params, true, grid_blocks, stream);
     return true;
   }
   const int64_t block_rows = args.block_size < gemm::kLargeRowsPerCta
@@ -628,9 +647,7 @@ bool CudaStack::launch_routed(const FmGemmRoutedArgs& args, DLTensor& out, bool 
   const bool experts_repeat = params.num_pairs * 2 >= num_experts_;
   const int ctas = plan_schedule(grid_blocks * params.chunks_per_block, weights_.n_tiles, rows_per_cta,
                                  params.schedule, experts_repeat);
-  const cudaStream_t stream = as_stream(args.stream);
-  const StreamBuffer x_sorted =  // (after every refusal above)
-      sort_x_columns(params, std::min(params.num_positions, grid_blocks * args.block_size), stream);
+  const StreamBuffer x_sorted = sort_x_columns(params, positions, stream);  // (after every refusal above)
   check_cuda(gemm::launch_gemm_routed(params, compute_type_, bits_, rows_per_cta, ctas, stream),
              "gemm_routed kernel launch");
   return true;
@@ -656,7 +673,12 @@ void CudaStack::gemm_routed_pairs(const FmGemmRoutedArgs& args, gemm::RoutedPara
   params.num_blocks = params.num_pairs;
   params.chunks_per_block = 1;
   if (params.num_pairs == 0) return;
-  if (launch_gemv(params, false, params.num_pairs, gemm::kGemvMaxCtasPerSm, args)) return;
+  const cudaStream_t stream = as_stream(args.stream);
+  if (gemv_takes(params, false, params.num_pairs, gemm::kGemvMaxCtasPerSm)) {
+    const StreamBuffer x_sorted = sort_x_columns(params, params.num_pairs, stream);
+    launch_gemv(params, false, params.num_pairs, stream);
+    return;
+  }
   constexpr int rows_per_cta = gemm::kTinyRowsPerCta;
   const int ctas = plan_schedule(params.num_pairs, weights_.n_tiles, rows_per_cta, params.schedule);
   // The weights the launch streams (at most: pairs may share an expert):
@@ -667,7 +689,6 @@ void CudaStack::gemm_routed_pairs(const FmGemmRoutedArgs& args, gemm::RoutedPara
   const int64_t k_tiles = k_padded_ / kTileK;
   const bool fits = params.num_pairs <= l2_bytes_ / 2 / (tile_bytes * weights_.n_tiles * k_tiles);
   params.prefetch_slices = static_cast<int32_t>(fits ? k_tiles : std::min<int64_t>(k_tiles, kPrefetchSlices));
-  const cudaStream_t stream = as_stream(args.stream);
   const StreamBuffer x_sorted = sort_x_columns(params, params.num_pairs, stream);
   check_cuda(gemm::launch_gemm_routed(params, compute_type_, bits_, rows_per_cta, ctas, stream),
              "gemm_routed kernel launch");
@@ -720,18 +741,22 @@ StreamBuffer CudaStack::sort_x_columns(const DLTensor& x, int64_t expert, gemm::
 
 // (The GEMV writes columns from 0 and adds no bias: launch_routed's io has
 // neither.)
-bool CudaStack::launch_gemv(gemm::RoutedParams& params, bool blocks, int64_t units, int max_ctas_per_sm,
-                            const FmGemmRoutedArgs& args) {
-  const bool gated = params.io.gate_up_tiles > 0;
-  const int resident = gemv_ctas_per_sm_[blocks][gated];
+bool CudaStack::gemv_takes(const gemm::RoutedParams& params, bool blocks, int64_t units, int max_ctas_per_sm) const {
+  const int resident = gemv_ctas_per_sm_[blocks][params.io.gate_up_tiles > 0];
   const int64_t ctas = int64_t{gemm::gemv_slots(params.io.n)} * units;
-  if (resident == 0 || !params.io.x_vector_loads || ctas > int64_t{max_ctas_per_sm} * num_sms_) return false;
-  params.gemv_one_wave = ctas <= int64_t{resident} * num_sms_;
+  // (Act-order's x is copied aligned first: sort_x_columns.)
+  const bool aligned = params.io.x_vector_loads || params.w.perm != nullptr;
+  return resident != 0 && aligned && ctas <= int64_t{max_ctas_per_sm} * num_sms_;
+}
+
+void CudaStack::launch_gemv(gemm::RoutedParams& params, bool blocks, int64_t units, cudaStream_t stream) {
+  const bool gated = params.io.gate_up_tiles > 0;
+  const int64_t ctas = int64_t{gemm::gemv_slots(params.io.n)} * units;
+  params.gemv_one_wave = ctas <= int64_t{gemv_ctas_per_sm_[blocks][gated]} * num_sms_;
   params.gemv_group_shift = gemv_group_shift_;
   check_cuda(gemm::launch_gemm_gemv(params, compute_type_, bits_, blocks, gemv_quant_bytes(gated),
-                                    static_cast<int>(ctas), as_stream(args.stream)),
+                                    static_cast<int>(ctas), stream),
              "gemm_routed kernel launch");
-  return true;
 }
 
 }  // namespace ferrum_moe_cuda

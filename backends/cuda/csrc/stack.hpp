@@ -49,11 +49,11 @@ class CudaStack final : public ferrum::plugin::Stack {
   // The decode GEMV (gemm/gemv.cuh) takes it where its layout holds, the
   // 8-row tiles elsewhere.
   void gemm_routed_pairs(const FmGemmRoutedArgs& args, gemm::RoutedParams& params);
-  // Launches the decode GEMV over `units` pairs or routing blocks where it
-  // takes them (gemv_ctas_per_sm_, 16-byte aligned token rows, at most
-  // max_ctas_per_sm CTAs an SM); answers whether it did.
-  bool launch_gemv(gemm::RoutedParams& params, bool blocks, int64_t units, int max_ctas_per_sm,
-                   const FmGemmRoutedArgs& args);
+  // Whether the decode GEMV takes a launch over `units` pairs or routing
+  // blocks (gemv_ctas_per_sm_, 16-byte aligned token rows, at most
+  // max_ctas_per_sm CTAs an SM), and the launch itself.
+  bool gemv_takes(const gemm::RoutedParams& params, bool blocks, int64_t units, int max_ctas_per_sm) const;
+  void launch_gemv(gemm::RoutedParams& params, bool blocks, int64_t units, cudaStream_t stream);
   // Act-order stacks (gemm/gather.cuh): x's columns copied once into each
   // row's expert order, and the launch pointed at the copy, so the GEMM reads
   // its rows as it does without act-order (kernel notes, v76). Returns the

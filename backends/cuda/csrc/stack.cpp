@@ -165,7 +165,7 @@ CudaStack::CudaStack(const FmStackCreateArgs& args)
   for (int rows : {gemm::kTinyRowsPerCta, gemm::kSmallRowsPerCta, gemm::kMediumRowsPerCta, gemm::kLargeRowsPerCta,
                    gemm::kWgmmaRowsPerCta}) {
     if (rows == gemm::kWgmmaRowsPerCta && !wgmma_tiles_) continue;
-    check_cuda(gemm::gemm_ctas_per_sm(compute_type_, bits_, rows, &ctas_per_sm_[occupancy_index(rows)]),
+    check_cuda(gemm::gemm_ctas_per_sm(compute_type_, bits_, cta_tile(rows), &ctas_per_sm_[occupancy_index(rows)]),
                "querying the GEMM kernels' occupancy");
   }
   check_cuda(cudaStreamSynchronize(stream), "stack_create: finishing the load");
@@ -347,21 +347,26 @@ void CudaStack::zero_workspace(void* stream) {
              "zero_workspace: stream-K counters");
 }
 
-// On Hopper the 64-row tiles lost to both 32- and 128-row ones at every load
-// the block-size sweep measured (H200, 2026-12-03, kernel-notes "Block sizes":
-// 64 tokens per expert 618 / 719 / 702 us on 32 / 64 / 128, 96 tokens 714 /
-// 803 / 663): up to 64 rows run as 32-row CTAs there, more on the wgmma tiles.
-// Elsewhere the 64-row tiles are the prefill tile.
+// The CTA height for `rows` rows. On Hopper the 64-row tiles are the
+// warp-specialised wgmma ones (cta_tile; kernel notes, v77: the mma.sync
+// 64-row tiles had lost to both 32- and 128-row ones at every load the H200
+// block-size sweep measured, kernel-notes "Block sizes"); elsewhere the
+// 64-row mma.sync tiles are the prefill tile.
 int CudaStack::rows_per_cta_for(int64_t rows) const {
   if (rows <= gemm::kTinyRowsPerCta) return gemm::kTinyRowsPerCta;
   if (rows <= gemm::kSmallRowsPerCta) return gemm::kSmallRowsPerCta;
   if (rows <= gemm::kMediumRowsPerCta) return gemm::kMediumRowsPerCta;
-  if (!wgmma_tiles_) return gemm::kLargeRowsPerCta;
-  return rows <= gemm::kLargeRowsPerCta ? gemm::kMediumRowsPerCta : gemm::kWgmmaRowsPerCta;
+  if (rows <= gemm::kLargeRowsPerCta || !wgmma_tiles_) return gemm::kLargeRowsPerCta;
+  return gemm::kWgmmaRowsPerCta;
+}
+
+gemm::CtaTile CudaStack::cta_tile(int rows_per_cta) const {
+  return {rows_per_cta, wgmma_tiles_ && rows_per_cta >= gemm::kLargeRowsPerCta};
 }
 
 // gemm/params.hpp, wgmma_tiles_fill: 128-row tiles where they (split or not)
-// fill the GPU, else 64-row ones.
+// fill the GPU, else 64-row ones (on Hopper the 64-row wgmma tiles: twice the
+// tiles of the 128-row ones).
 int CudaStack::fill_the_gpu(int rows_per_cta, int64_t row_tiles, int64_t n_tiles) const {
   if (rows_per_cta != gemm::kWgmmaRowsPerCta) return rows_per_cta;
   const int64_t tiles = row_tiles * ceil_div(n_tiles, int64_t{gemm::kWgmmaColumnTilesPerCta});
@@ -370,7 +375,8 @@ int CudaStack::fill_the_gpu(int rows_per_cta, int64_t row_tiles, int64_t n_tiles
 
 int CudaStack::plan_schedule(int64_t tiles_x, int64_t n_tiles, int rows_per_cta, gemm::StreamK& schedule,
                              bool live_rows, bool skipped_rows_between) const {
-  if (rows_per_cta == gemm::kWgmmaRowsPerCta) n_tiles = ceil_div(n_tiles, int64_t{gemm::kWgmmaColumnTilesPerCta});
+  const gemm::CtaTile tile = cta_tile(rows_per_cta);
+  if (tile.wgmma) n_tiles = ceil_div(n_tiles, int64_t{gemm::kWgmmaColumnTilesPerCta});
   schedule = {nullptr, nullptr, static_cast<int32_t>(tiles_x), static_cast<int32_t>(n_tiles), 0};
   const int64_t tiles = tiles_x * n_tiles;
   constexpr int64_t kMaxGridX = std::numeric_limits<int32_t>::max();
@@ -378,7 +384,7 @@ int CudaStack::plan_schedule(int64_t tiles_x, int64_t n_tiles, int rows_per_cta,
     throw Error(FM_ERROR_UNSUPPORTED, std::to_string(tiles) + " output tiles exceed the CUDA grid limit");
   }
   const int64_t wave = std::max<int64_t>(int64_t(ctas_per_sm_[occupancy_index(rows_per_cta)]) * num_sms_, 1);
-  if (tiles > gemm::stream_k_slots(rows_per_cta) || tiles == 0) {
+  if (tiles > gemm::stream_k_slots(tile) || tiles == 0) {
     // Unshared: one CTA per tile, except the 128-row tiles, whose CTAs take
     // whole tiles in turn over at most a wave (kernel.cuh, walk): the next
     // tile's copies start during the last one's epilogue. Their live tiles
@@ -386,7 +392,7 @@ int CudaStack::plan_schedule(int64_t tiles_x, int64_t n_tiles, int rows_per_cta,
     // filled, but for an expert's last block's chunks past its rows where
     // blocks are taller than a tile), or they keep a CTA each
     // (skipped_rows_between).
-    const bool in_turn = rows_per_cta == gemm::kWgmmaRowsPerCta && !skipped_rows_between;
+    const bool in_turn = tile.wgmma && !skipped_rows_between;
     return static_cast<int>(in_turn ? std::min(tiles, wave) : tiles);
   }
   // The slots go with every launch that fits them, split or not: a routed
@@ -474,7 +480,7 @@ void CudaStack::gemm_batched(const FmGemmBatchedArgs& args) {
   auto flush = [&] {
     if (params.num_items == 0) return;
     const int ctas = plan_schedule(params.num_items, num_n_tiles, rows_per_cta, params.schedule);
-    check_cuda(gemm::launch_gemm_batched(params, compute_type_, bits_, rows_per_cta, ctas, stream),
+    check_cuda(gemm::launch_gemm_batched(params, compute_type_, bits_, cta_tile(rows_per_cta), ctas, stream),
                "gemm_batched kernel launch");
     params.num_items = 0;
   };
@@ -534,7 +540,7 @@ void CudaStack::gemm_batched_device_table(const FmGemmBatchedArgs& args, const g
                                  false, true);
   const cudaStream_t stream = as_stream(args.stream);
   const StreamBuffer x_sorted = sort_x_columns(*args.x, num_experts_ == 1 ? 0 : -1, params.w, params.io, stream);
-  check_cuda(gemm::launch_gemm_device_dispatch(params, compute_type_, bits_, rows_per_cta, ctas, stream),
+  check_cuda(gemm::launch_gemm_device_dispatch(params, compute_type_, bits_, cta_tile(rows_per_cta), ctas, stream),
              "gemm_batched kernel launch");
 }
 
@@ -554,7 +560,7 @@ bool CudaStack::gemm_routed_gated(const FmGemmRoutedArgs& args) {
 // stores_vectors; the 8-bit tiles have no staging area).
 bool CudaStack::gated_epilogue_for(int rows_per_cta, const DLTensor& out) const {
   if (rows_per_cta == gemm::kTinyRowsPerCta) return true;
-  return rows_per_cta == gemm::kWgmmaRowsPerCta && bits_ == 4 && (out.shape[1] <= 1 || stride(out, 1) == 1) &&
+  return cta_tile(rows_per_cta).wgmma && bits_ == 4 && (out.shape[1] <= 1 || stride(out, 1) == 1) &&
          reinterpret_cast<uintptr_t>(data_ptr<const void>(out)) % 16 == 0 &&
          (out.shape[0] <= 1 || stride(out, 0) % 8 == 0);
 }
@@ -603,8 +609,8 @@ bool CudaStack::launch_routed(const FmGemmRoutedArgs& args, DLTensor& out, bool 
 
   // Routing blocks of up to 8 rows run on 8-row CTAs, up to 16 on 16-row
   // ones, up to 63 on 32-row ones (one weight stream per 32 tokens; a 64-row
-  // tile would leave half of a block of 32 padding: 20% slower at DeepSeek-V3
-  // M = 1024), larger ones as rows_per_cta_for says.
+  // mma.sync tile would leave half of a block of 32 padding: 20% slower at
+  // DeepSeek-V3 M = 1024), larger ones as rows_per_cta_for says.
   // plugin.h: only the blocks moe_align_block_size can fill are read, so the
   // grid follows the token count rather than every expert's worst-case padding.
   const int64_t grid_blocks =
@@ -626,7 +632,7 @@ bool CudaStack::launch_routed(const FmGemmRoutedArgs& args, DLTensor& out, bool 
   const int rows_per_cta =
       fill_the_gpu(rows_per_cta_for(block_rows),
                    grid_blocks * ceil_div(args.block_size, int64_t{gemm::kWgmmaRowsPerCta}), weights_.n_tiles);
-  // The gated epilogue pairs each gate tile with its up tile in one 128-row
+  // The gated epilogue pairs each gate tile with its up tile in one wgmma
   // CTA (as many CTA tiles as the plain launch's pairs of adjacent tiles), or
   // each half of a gate tile with the same half of its up tile in one 8-row
   // CTA (as many as the plain launch's tiles).
@@ -648,7 +654,7 @@ bool CudaStack::launch_routed(const FmGemmRoutedArgs& args, DLTensor& out, bool 
   const int ctas = plan_schedule(grid_blocks * params.chunks_per_block, weights_.n_tiles, rows_per_cta,
                                  params.schedule, experts_repeat);
   const StreamBuffer x_sorted = sort_x_columns(params, positions, stream);  // (after every refusal above)
-  check_cuda(gemm::launch_gemm_routed(params, compute_type_, bits_, rows_per_cta, ctas, stream),
+  check_cuda(gemm::launch_gemm_routed(params, compute_type_, bits_, cta_tile(rows_per_cta), ctas, stream),
              "gemm_routed kernel launch");
   return true;
 }
@@ -690,7 +696,7 @@ void CudaStack::gemm_routed_pairs(const FmGemmRoutedArgs& args, gemm::RoutedPara
   const bool fits = params.num_pairs <= l2_bytes_ / 2 / (tile_bytes * weights_.n_tiles * k_tiles);
   params.prefetch_slices = static_cast<int32_t>(fits ? k_tiles : std::min<int64_t>(k_tiles, kPrefetchSlices));
   const StreamBuffer x_sorted = sort_x_columns(params, params.num_pairs, stream);
-  check_cuda(gemm::launch_gemm_routed(params, compute_type_, bits_, rows_per_cta, ctas, stream),
+  check_cuda(gemm::launch_gemm_routed(params, compute_type_, bits_, cta_tile(rows_per_cta), ctas, stream),
              "gemm_routed kernel launch");
 }
 

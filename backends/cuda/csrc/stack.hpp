@@ -43,6 +43,9 @@ class CudaStack final : public ferrum::plugin::Stack {
   // routing always takes 8-row tiles); answers whether it launched (the
   // plain form always does).
   bool launch_routed(const FmGemmRoutedArgs& args, DLTensor& out, bool gated);
+  // The tile a launch of rows_per_cta rows runs: on Hopper (wgmma_tiles_)
+  // the 64- and 128-row tiles are the warp-specialised wgmma ones.
+  gemm::CtaTile cta_tile(int rows_per_cta) const;
   // Whether a gated launch of rows_per_cta-row tiles into `out` has its epilogue.
   bool gated_epilogue_for(int rows_per_cta, const DLTensor& out) const;
   // gemm_routed's pair routing (plugin.h, ABI 1.2); `params` holds the rest.
@@ -81,8 +84,7 @@ class CudaStack final : public ferrum::plugin::Stack {
   // once, where CTAs taking tiles in turn would pile the live ones on some.
   int plan_schedule(int64_t tiles_x, int64_t n_tiles, int rows_per_cta, gemm::StreamK& schedule,
                     bool live_rows = false, bool skipped_rows_between = false) const;
-  // The CTA height for blocks of `rows` rows: 8, 16, 32, 64 (before Hopper),
-  // or 128 (Hopper wgmma).
+  // The CTA height for blocks of `rows` rows: 8, 16, 32, 64, or 128 (Hopper).
   int rows_per_cta_for(int64_t rows) const;
   // rows_per_cta, or 64 where 128-row tiles would fill under 3/4 of the SMs
   // even sharing K (gemm/params.hpp, wgmma_tiles_fill): row_tiles of 128 rows
@@ -109,7 +111,7 @@ class CudaStack final : public ferrum::plugin::Stack {
   gemm::QuantWeights weights_{};
   int num_sms_ = 0;
   int64_t l2_bytes_ = 0;
-  bool wgmma_tiles_ = false;  // the loaded code has the 128-token wgmma tiles (sm_90a)
+  bool wgmma_tiles_ = false;  // the loaded code has the wgmma tiles (sm_90a)
   // Resident 8-, 16-, 32-, 64- and 128-row CTAs per SM (occupancy): a stream-K wave.
   int ctas_per_sm_[5] = {1, 1, 1, 1, 1};
   // Resident GEMV CTAs per SM, [blocks][gated]: over pair routing or

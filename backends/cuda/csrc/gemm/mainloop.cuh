@@ -61,22 +61,23 @@ struct PipelineBarriers {
   }
 };
 
-template <class T, int kBits, int kTileRows>
+template <class T, int kBits, int kTileRows, bool kWgmmaTile = kTileRows == kWgmmaRowsPerCta>
 class Mainloop {
  public:
-  using Traits = GemmTraits<T, kBits, kTileRows>;
+  using Traits = GemmTraits<T, kBits, kTileRows, kWgmmaTile>;
   using Tile = typename Traits::Tile;
   static constexpr int kRows = Traits::kRows;
   static constexpr int kStages = Traits::kStages;
   // Symmetric quantization stores no zeros: the zero point is mid-range.
   static constexpr uint32_t kSymmetricZero = 1u << (kBits - 1);
 
-  // 128-token tiles (Hopper, sm_90a): the warpgroup's weights are wgmma's
-  // register A operand (C^T = W^T X^T), the A tile of tokens its shared-memory
-  // B operand; two m64n128k16 per k-step (the warp's n8 blocks 0-1 and 2-3),
-  // accumulators in the wgmma D layout. (64-token tiles on wgmma measured no
-  // faster than on mma.sync: kernel-notes v12.)
-  static constexpr bool kWgmma = kRows == kWgmmaRowsPerCta;
+  // wgmma tiles (Hopper, sm_90a; 128 or 64 tokens): the warpgroup's weights
+  // are wgmma's register A operand (C^T = W^T X^T), the A tile of tokens its
+  // shared-memory B operand; two m64nNk16 (N the tile's tokens) per k-step
+  // (the warp's n8 blocks 0-1 and 2-3), accumulators in the wgmma D layout.
+  // (64-token tiles on wgmma without warp specialisation measured no faster
+  // than on mma.sync: kernel-notes v12; v77 is the warp-specialised one.)
+  static constexpr bool kWgmma = Traits::kWgmma;
   static_assert(kWgmma == Traits::kWarpSpecialized,
                 "the wgmma tiles are the warp-specialised ones: the copying tiles' pipeline below has no wgmma");
   // 8-token tiles (decode) swap mma.sync's operands the same way: the
@@ -781,8 +782,8 @@ class Mainloop {
         // while the tensor cores work (at most kWgmmaInFlight groups behind).
         const uint64_t desc = smem_descriptor_sw128(shared_address(a_stage) + ks * kMmaK * static_cast<int>(sizeof(T)));
         wgmma_fence();
-        wgmma_m64n128k16_rs<T>(sums[0], a[0], desc);
-        wgmma_m64n128k16_rs<T>(sums[1], a[1], desc);
+        wgmma_m64nNk16_rs<T, kRows>(sums[0], a[0], desc);
+        wgmma_m64nNk16_rs<T, kRows>(sums[1], a[1], desc);
         wgmma_commit_group();
         wgmma_wait_group<kWgmmaInFlight>();
         if (ks == 0) advance_pipeline();

@@ -102,11 +102,11 @@ struct StreamK {
 constexpr int kStreamKSlotFloats = 512 * 16 * 128;
 constexpr int kStreamKCounters = 1024;
 
-// The tiles of `rows_per_cta` rows the workspace holds at once. A 128-row
-// (wgmma) tile spans both warpgroups' columns.
-inline FM_HOST_DEVICE constexpr int64_t stream_k_slots(int rows_per_cta) {
-  const int64_t columns = rows_per_cta == kWgmmaRowsPerCta ? kWgmmaColumnTilesPerCta * kTileN : kTileN;
-  const int64_t slots = kStreamKSlotFloats / (rows_per_cta * columns);
+// The tiles the workspace holds at once. A wgmma tile spans both
+// warpgroups' columns.
+inline FM_HOST_DEVICE constexpr int64_t stream_k_slots(CtaTile tile) {
+  const int64_t columns = tile.wgmma ? kWgmmaColumnTilesPerCta * kTileN : kTileN;
+  const int64_t slots = kStreamKSlotFloats / (tile.rows * columns);
   return slots < kStreamKCounters ? slots : kStreamKCounters;
 }
 
@@ -157,7 +157,8 @@ inline FM_HOST_DEVICE constexpr int64_t stream_k_ctas(int64_t tiles, int64_t k_t
 // 1024) 178 / 134; but 128 tiles (14336 x 4096, M = 1024: 97% of the SMs) 311
 // / 479. Shared (kernel notes, v43): 16 tiles of 112 slices on 128 CTAs 31 us.
 inline FM_HOST_DEVICE constexpr bool wgmma_tiles_fill(int64_t tiles, int64_t k_tiles, int64_t num_sms) {
-  const int64_t ctas = tiles <= stream_k_slots(kWgmmaRowsPerCta) ? stream_k_ctas(tiles, k_tiles, num_sms) : tiles;
+  const int64_t ctas =
+      tiles <= stream_k_slots({kWgmmaRowsPerCta, true}) ? stream_k_ctas(tiles, k_tiles, num_sms) : tiles;
   return ctas * 4 >= num_sms * 3;
 }
 
@@ -294,20 +295,20 @@ cudaError_t configure_gemm_kernels(ComputeType type, int bits, bool wgmma_tiles)
 // Whether the code loaded for the current device has the wgmma tiles (an sm_90a
 // build on compute capability 9.0; a plain sm_90 or PTX build does not).
 cudaError_t wgmma_tiles_built(bool* built);
-// How many routed CTAs of rows_per_cta rows one SM holds at once (registers,
-// shared memory).
-cudaError_t gemm_ctas_per_sm(ComputeType type, int bits, int rows_per_cta, int* ctas);
+// How many routed CTAs of `tile` one SM holds at once (registers, shared
+// memory).
+cudaError_t gemm_ctas_per_sm(ComputeType type, int bits, CtaTile tile, int* ctas);
 
-// grid = (ctas), walking params.schedule (StreamK). rows_per_cta is
-// one of layout.hpp's k*RowsPerCta. Routed: tiles_x = routing blocks
-// processed x chunks_per_block; blocks past them are not processed (see
-// stack.cpp for why none can hold work).
-cudaError_t launch_gemm_batched(const BatchedParams& params, ComputeType type, int bits,
-                                int rows_per_cta, int ctas, cudaStream_t stream);
+// grid = (ctas), walking params.schedule (StreamK). `tile` is one of
+// layout.hpp's kCtaTiles. Routed: tiles_x = routing blocks processed x
+// chunks_per_block; blocks past them are not processed (see stack.cpp for
+// why none can hold work).
+cudaError_t launch_gemm_batched(const BatchedParams& params, ComputeType type, int bits, CtaTile tile, int ctas,
+                                cudaStream_t stream);
 cudaError_t launch_gemm_device_dispatch(const DeviceDispatchParams& params, ComputeType type, int bits,
-                                        int rows_per_cta, int ctas, cudaStream_t stream);
-cudaError_t launch_gemm_routed(const RoutedParams& params, ComputeType type, int bits,
-                               int rows_per_cta, int ctas, cudaStream_t stream);
+                                        CtaTile tile, int ctas, cudaStream_t stream);
+cudaError_t launch_gemm_routed(const RoutedParams& params, ComputeType type, int bits, CtaTile tile, int ctas,
+                               cudaStream_t stream);
 // The decode GEMV (gemv.cuh) over pair routing (blocks false: `ctas` = one
 // CTA per pair and slot of params.io.n columns, gemv_slots) or routing blocks
 // of up to kGemvBlockRows rows (blocks true: one CTA per block and slot),

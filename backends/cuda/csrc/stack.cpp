@@ -361,7 +361,7 @@ int CudaStack::rows_per_cta_for(int64_t rows) const {
 }
 
 gemm::CtaTile CudaStack::cta_tile(int rows_per_cta) const {
-  return {rows_per_cta, wgmma_tiles_ && rows_per_cta >= gemm::kLargeRowsPerCta};
+  return {rows_per_cta, wgmma_tiles_ && rows_per_cta >= gemm::kMediumRowsPerCta};
 }
 
 // gemm/params.hpp, wgmma_tiles_fill: 128-row tiles where they (split or not)

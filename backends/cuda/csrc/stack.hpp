@@ -44,7 +44,7 @@ class CudaStack final : public ferrum::plugin::Stack {
   // plain form always does).
   bool launch_routed(const FmGemmRoutedArgs& args, DLTensor& out, bool gated);
   // The tile a launch of rows_per_cta rows runs: on Hopper (wgmma_tiles_)
-  // the 64- and 128-row tiles are the warp-specialised wgmma ones.
+  // the 32-, 64- and 128-row tiles are the warp-specialised wgmma ones.
   gemm::CtaTile cta_tile(int rows_per_cta) const;
   // Whether a gated launch of rows_per_cta-row tiles into `out` has its epilogue.
   bool gated_epilogue_for(int rows_per_cta, const DLTensor& out) const;

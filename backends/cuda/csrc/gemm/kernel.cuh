@@ -25,8 +25,10 @@ namespace ferrum_moe_cuda::gemm {
 // (The 8-row tiles spill 8-24 bytes outside their slice loops at 4 CTAs per
 // SM; at 5, 96 registers, they spilled inside them and measured 3% slower
 // over the decode rows: kernel notes, v21.)
-template <int kRows>
-constexpr int kMinCtasPerSm = kRows <= kSmallRowsPerCta ? 4 : kRows == kMediumRowsPerCta ? 3 : 1;
+// (The wgmma tiles: one, their 384 threads at 168 registers, the pool their
+// roles' setmaxnreg divides.)
+template <int kRows, bool kWgmma>
+constexpr int kMinCtasPerSm = kWgmma ? 1 : kRows <= kSmallRowsPerCta ? 4 : kRows == kMediumRowsPerCta ? 3 : 1;
 
 // What fill_rows answers for one tile row: its expert (the same in every
 // thread; -1 for none) and whether this thread's table row holds work. The
@@ -270,7 +272,7 @@ __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& 
 
 // Host dispatch rows, split into work items of up to kRows rows on the host.
 template <class T, int kBits, int kRows, bool kSplitsK, bool kWgmma>
-__global__ void __launch_bounds__(GemmTraits<T, kBits, kRows, kWgmma>::kCtaThreads, kMinCtasPerSm<kRows>)
+__global__ void __launch_bounds__(GemmTraits<T, kBits, kRows, kWgmma>::kCtaThreads, kMinCtasPerSm<kRows, kWgmma>)
     gemm_batched_kernel(const __grid_constant__ BatchedParams p) {
   gemm_tiles<T, kBits, kRows, kSplitsK, kWgmma>(p.w, p.io, p.schedule, p.first_n_tile,
                               [&](int64_t x, RowTable<kRows>& table, int r) {
@@ -290,7 +292,7 @@ __global__ void __launch_bounds__(GemmTraits<T, kBits, kRows, kWgmma>::kCtaThrea
 // could overflow. Tile row x is chunk x % chunks_per_dispatch of dispatch
 // x / chunks_per_dispatch.
 template <class T, int kBits, int kRows, bool kSplitsK, bool kWgmma>
-__global__ void __launch_bounds__(GemmTraits<T, kBits, kRows, kWgmma>::kCtaThreads, kMinCtasPerSm<kRows>)
+__global__ void __launch_bounds__(GemmTraits<T, kBits, kRows, kWgmma>::kCtaThreads, kMinCtasPerSm<kRows, kWgmma>)
     gemm_device_dispatch_kernel(const __grid_constant__ DeviceDispatchParams p) {
   gemm_tiles<T, kBits, kRows, kSplitsK, kWgmma>(p.w, p.io, p.schedule, p.first_n_tile,
                               [&](int64_t x, RowTable<kRows>& table, int r) {
@@ -400,7 +402,7 @@ __device__ __forceinline__ void prefetch_pair_weights(const RoutedParams& p) {
 // Every index read from device memory is range-checked before use: the host
 // never saw these arrays.
 template <class T, int kBits, int kRows, bool kSplitsK, bool kWgmma>
-__global__ void __launch_bounds__(GemmTraits<T, kBits, kRows, kWgmma>::kCtaThreads, kMinCtasPerSm<kRows>)
+__global__ void __launch_bounds__(GemmTraits<T, kBits, kRows, kWgmma>::kCtaThreads, kMinCtasPerSm<kRows, kWgmma>)
     gemm_routed_kernel(const __grid_constant__ RoutedParams p) {
   if (p.sorted_token_ids == nullptr && p.prefetch_slices > 0) {
     dependent_grid_release();  // the next kernel need not wait for the prefetches

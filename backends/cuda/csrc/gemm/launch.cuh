@@ -44,6 +44,7 @@ cudaError_t with_specialisation(int bits, CtaTile tile, bool splits, Body&& body
     };
     if (tile.rows == kWgmmaRowsPerCta && tile.wgmma) return wgmma(std::integral_constant<int, kWgmmaRowsPerCta>{});
     if (tile.rows == kLargeRowsPerCta && tile.wgmma) return wgmma(std::integral_constant<int, kLargeRowsPerCta>{});
+    if (tile.rows == kMediumRowsPerCta && tile.wgmma) return wgmma(std::integral_constant<int, kMediumRowsPerCta>{});
     if (tile.wgmma) return cudaErrorInvalidValue;
     if (tile.rows == kLargeRowsPerCta) return body(b, std::integral_constant<int, kLargeRowsPerCta>{}, Yes{}, No{});
     if (tile.rows == kMediumRowsPerCta) return body(b, std::integral_constant<int, kMediumRowsPerCta>{}, Yes{}, No{});

@@ -49,14 +49,15 @@ constexpr int kWgmmaColumnTilesPerCta = 2;
 
 // The CTA tile a launch runs: its token rows, and whether it is the
 // warp-specialised wgmma tile (sm_90a builds on compute capability 9.0: 128
-// rows always, and 64 on the same machinery, kernel notes "v77") or the
-// mma.sync one (8 to 64 rows).
+// rows always, and 64 and 32 on the same machinery, kernel notes "v77",
+// "v78") or the mma.sync one (8 to 64 rows).
 struct CtaTile {
   int rows;
   bool wgmma;
 };
-constexpr CtaTile kCtaTiles[] = {{kTinyRowsPerCta, false},  {kSmallRowsPerCta, false}, {kMediumRowsPerCta, false},
-                                 {kLargeRowsPerCta, false}, {kLargeRowsPerCta, true},  {kWgmmaRowsPerCta, true}};
+constexpr CtaTile kCtaTiles[] = {{kTinyRowsPerCta, false},   {kSmallRowsPerCta, false}, {kMediumRowsPerCta, false},
+                                 {kLargeRowsPerCta, false},  {kMediumRowsPerCta, true}, {kLargeRowsPerCta, true},
+                                 {kWgmmaRowsPerCta, true}};
 
 // Each lane holds 4 codes of every B fragment (k = 2t, 2t+1, 2t+8, 2t+9 for
 // t = lane % 4, column = lane / 4), so a warp's K slice is 16 fragments x 4

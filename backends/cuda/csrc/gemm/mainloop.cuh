@@ -91,11 +91,12 @@ class Mainloop {
   using Accumulators =
       std::conditional_t<kWgmma, float[2][kRows / 2],
                          std::conditional_t<kSwapped, float[2][4], float[kMTiles > 0 ? kMTiles : 1][kNFrags][4]>>;
-  // The 8- to 32-row tiles accumulate exact integer weights per group and
-  // scale the partial sums once per group: there the dequant, not the MMA,
-  // bounds the rate. 64-row tiles spread one scaled dequant over four MMAs
-  // and keep a single accumulator set (registers).
-  static constexpr bool kScaleAfter = kRows <= kMediumRowsPerCta;
+  // The 8- to 32-row mma.sync tiles accumulate exact integer weights per
+  // group and scale the partial sums once per group: there the dequant, not
+  // the MMA, bounds the rate. 64-row tiles spread one scaled dequant over four
+  // MMAs and keep a single accumulator set (registers); the wgmma tiles, 32
+  // rows too, scale before (their accumulators are wgmma's).
+  static constexpr bool kScaleAfter = kRows <= kMediumRowsPerCta && !Traits::kWgmma;
   // Slices the copying tiles load ahead of the one computed (the
   // warp-specialised producer is paced by the stages' empty barriers alone).
   static constexpr int kLoadAhead = kStages - 1;

@@ -20,8 +20,9 @@ constexpr int kStaticSmemReserve = 8 * 1024;
 template <class T, int kBits, int kTileRows, bool kWgmmaTile = kTileRows == kWgmmaRowsPerCta>
 struct GemmTraits {
   static_assert(sizeof(T) == 2, "fp16 or bf16 activations");
-  static_assert(kWgmmaTile == (kTileRows == kWgmmaRowsPerCta) || (kWgmmaTile && kTileRows == kLargeRowsPerCta),
-                "wgmma tiles of 128 or 64 rows; 128 rows only on wgmma");
+  static_assert(kWgmmaTile == (kTileRows == kWgmmaRowsPerCta) ||
+                    (kWgmmaTile && (kTileRows == kLargeRowsPerCta || kTileRows == kMediumRowsPerCta)),
+                "wgmma tiles of 128, 64 or 32 rows; 128 rows only on wgmma");
   using Tile = WeightTileLayout<kBits>;
 
   static constexpr int kRows = kTileRows;

@@ -137,10 +137,10 @@ __device__ __forceinline__ void wgmma_wait_group() {
 
 // acc (64 x kN fp32, the warpgroup's: kN / 2 a thread) += A (64 x 16,
 // registers: this warp's 16 rows in the mma.m16n8k16 A-fragment layout) *
-// B (16 x kN tokens, K-major in shared memory at `desc`); kN 128 or 64.
+// B (16 x kN tokens, K-major in shared memory at `desc`); kN 128, 64 or 32.
 template <class T, int kN>
 __device__ __forceinline__ void wgmma_m64nNk16_rs(float (&acc)[kN / 2], const uint32_t (&a)[4], uint64_t desc) {
-  static_assert(kN == 128 || kN == 64, "the wgmma tiles' token counts");
+  static_assert(kN == 128 || kN == 64 || kN == 32, "the wgmma tiles' token counts");
 #ifdef FERRUM_MOE_WGMMA
 #define FM_ACC8(i) "+f"(acc[i]), "+f"(acc[i + 1]), "+f"(acc[i + 2]), "+f"(acc[i + 3]), \
                    "+f"(acc[i + 4]), "+f"(acc[i + 5]), "+f"(acc[i + 6]), "+f"(acc[i + 7])
@@ -157,19 +157,32 @@ __device__ __forceinline__ void wgmma_m64nNk16_rs(float (&acc)[kN / 2], const ui
                "{%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"                                            \
                : FM_ACC8(0), FM_ACC8(8), FM_ACC8(16), FM_ACC8(24)                                        \
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc))
+#define FM_WGMMA_N32(TYPE)                                                                              \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"                                               \
+               "wgmma.mma_async.sync.aligned.m64n32k16.f32." TYPE "." TYPE " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, " \
+               "{%16, %17, %18, %19}, %20, p, 1, 1, 0;\n}\n"                                            \
+               : FM_ACC8(0), FM_ACC8(8)                                                                  \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc))
   if constexpr (kN == 128) {
     if constexpr (std::is_same_v<T, __half>) {
       FM_WGMMA_N128("f16");
     } else {
       FM_WGMMA_N128("bf16");
     }
-  } else {
+  } else if constexpr (kN == 64) {
     if constexpr (std::is_same_v<T, __half>) {
       FM_WGMMA_N64("f16");
     } else {
       FM_WGMMA_N64("bf16");
     }
+  } else {
+    if constexpr (std::is_same_v<T, __half>) {
+      FM_WGMMA_N32("f16");
+    } else {
+      FM_WGMMA_N32("bf16");
+    }
   }
+#undef FM_WGMMA_N32
 #undef FM_WGMMA_N64
 #undef FM_WGMMA_N128
 #undef FM_ACC8

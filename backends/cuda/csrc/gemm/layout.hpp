@@ -58,6 +58,13 @@ struct CtaTile {
 constexpr CtaTile kCtaTiles[] = {{kTinyRowsPerCta, false},   {kSmallRowsPerCta, false}, {kMediumRowsPerCta, false},
                                  {kLargeRowsPerCta, false},  {kMediumRowsPerCta, true}, {kLargeRowsPerCta, true},
                                  {kWgmmaRowsPerCta, true}};
+constexpr int kNumCtaTiles = sizeof(kCtaTiles) / sizeof(kCtaTiles[0]);
+// A tile's place in kCtaTiles.
+constexpr int cta_tile_index(CtaTile tile) {
+  int i = 0;
+  while (i + 1 < kNumCtaTiles && (kCtaTiles[i].rows != tile.rows || kCtaTiles[i].wgmma != tile.wgmma)) ++i;
+  return i;
+}
 
 // Each lane holds 4 codes of every B fragment (k = 2t, 2t+1, 2t+8, 2t+9 for
 // t = lane % 4, column = lane / 4), so a warp's K slice is 16 fragments x 4

@@ -131,7 +131,7 @@ CudaStack::CudaStack(const FmStackCreateArgs& args)
                                           std::to_string(prop.minor));
   }
 
-  // The 128-token tiles exist only in an sm_90a build (gemm/wgmma.cuh): asked
+  // The wgmma tiles exist only in an sm_90a build (gemm/wgmma.cuh): asked
   // of the code loaded for this device, not of its compute capability.
   if (prop.major == 9 && prop.minor == 0) check_cuda(gemm::wgmma_tiles_built(&wgmma_tiles_), "wgmma probe");
 
@@ -163,6 +163,7 @@ CudaStack::CudaStack(const FmStackCreateArgs& args)
   // Stream-K fills every SM with as many CTAs as fit at once: one wave, as
   // many loads in flight as the SM holds, no tail.
   for (int i = 0; i < gemm::kNumCtaTiles; ++i) {
+    ctas_per_sm_[i] = 1;  // (the tiles the loaded code lacks: never launched)
     if (gemm::kCtaTiles[i].wgmma && !wgmma_tiles_) continue;
     check_cuda(gemm::gemm_ctas_per_sm(compute_type_, bits_, gemm::kCtaTiles[i], &ctas_per_sm_[i]),
                "querying the GEMM kernels' occupancy");
@@ -359,9 +360,8 @@ gemm::CtaTile CudaStack::tile_for(int64_t rows) const {
 }
 
 // gemm/params.hpp, wgmma_tiles_fill: 128-row tiles where they (split or not)
-// fill the GPU, else the 64-row mma.sync tiles (3-4 CTAs an SM of 128
-// columns each, where the 64-row wgmma tiles hold one of 256: kernel notes,
-// v79).
+// fill the GPU, else the 64-row mma.sync tiles (2 CTAs an SM of 128 columns
+// each, where the 64-row wgmma tiles hold one of 256: kernel notes, v79).
 gemm::CtaTile CudaStack::fill_the_gpu(gemm::CtaTile tile, int64_t row_tiles, int64_t n_tiles) const {
   if (tile.rows != gemm::kWgmmaRowsPerCta) return tile;
   const int64_t tiles = row_tiles * ceil_div(n_tiles, int64_t{gemm::kWgmmaColumnTilesPerCta});
@@ -380,7 +380,7 @@ int CudaStack::plan_schedule(int64_t tiles_x, int64_t n_tiles, gemm::CtaTile til
   }
   const int64_t wave = std::max<int64_t>(int64_t(ctas_per_sm_[gemm::cta_tile_index(tile)]) * num_sms_, 1);
   if (tiles > gemm::stream_k_slots(tile) || tiles == 0) {
-    // Unshared: one CTA per tile, except the 128-row tiles, whose CTAs take
+    // Unshared: one CTA per tile, except the wgmma tiles, whose CTAs take
     // whole tiles in turn over at most a wave (kernel.cuh, walk): the next
     // tile's copies start during the last one's epilogue. Their live tiles
     // come first (host tables: all live; routed: the blocks the routing
@@ -549,9 +549,10 @@ bool CudaStack::gemm_routed_gated(const FmGemmRoutedArgs& args) {
   return launch_routed(args, *args.gated_out, true);
 }
 
-// The 8-row tiles (scalar stores: any layout), and the 4-bit 128-row tiles
+// The 8-row tiles (scalar stores: any layout), and the 4-bit wgmma tiles
 // into an output their staged 16-byte stores can write (epilogue.cuh,
-// stores_vectors; the 8-bit tiles have no staging area).
+// stores_vectors). The 8-bit 128-row tile has no staging area; the 8-bit 32-
+// and 64-row ones have, but keep the plain GEMM (kernel notes, v79).
 bool CudaStack::gated_epilogue_for(gemm::CtaTile tile, const DLTensor& out) const {
   if (tile.rows == gemm::kTinyRowsPerCta) return true;
   return tile.wgmma && bits_ == 4 && (out.shape[1] <= 1 || stride(out, 1) == 1) &&

@@ -25,7 +25,7 @@ class CudaStack final : public ferrum::plugin::Stack {
   // The gated epilogue (plugin.h, ABI 1.3) of a stack whose gate half is
   // whole 128-column tiles: on the 8-row tiles (pair routing, blocks of up to
   // 8 rows; gemm/epilogue.cuh, store_results_gated_tiny) and the 4-bit
-  // 128-row wgmma tiles into a gated_out the staged stores can write
+  // wgmma tiles into a gated_out the staged stores can write
   // (store_results_gated). Other calls answer false having launched nothing
   // (the host runs the activation after the plain GEMM).
   bool gemm_routed_gated(const FmGemmRoutedArgs& args) override;
@@ -77,7 +77,7 @@ class CudaStack final : public ferrum::plugin::Stack {
   // launch whose kernel plans again for the tile rows its routing filled.
   // skipped_rows_between: tile rows the kernel skips may lie between live ones
   // (a device-resident dispatch table, planned for its longest dispatch), so
-  // unshared 128-row tiles keep a CTA each: a skipped one frees its SM at
+  // unshared wgmma tiles keep a CTA each: a skipped one frees its SM at
   // once, where CTAs taking tiles in turn would pile the live ones on some.
   int plan_schedule(int64_t tiles_x, int64_t n_tiles, gemm::CtaTile tile, gemm::StreamK& schedule,
                     bool live_rows = false, bool skipped_rows_between = false) const;
@@ -113,7 +113,7 @@ class CudaStack final : public ferrum::plugin::Stack {
   bool wgmma_tiles_ = false;  // the loaded code has the wgmma tiles (sm_90a)
   // Resident CTAs per SM of each of gemm::kCtaTiles (occupancy; 1 for the
   // tiles the loaded code lacks): a stream-K wave.
-  int ctas_per_sm_[gemm::kNumCtaTiles] = {1, 1, 1, 1, 1, 1, 1};
+  int ctas_per_sm_[gemm::kNumCtaTiles] = {};
   // Resident GEMV CTAs per SM, [blocks][gated]: over pair routing or
   // routing blocks of up to gemm::kGemvBlockRows rows, plain and gated (0:
   // the GEMV does not take this stack's launches).

@@ -385,7 +385,7 @@ __device__ __forceinline__ void prefetch_pair_weights(const RoutedParams& p) {
                                        Tile::kBytes;
     for (int64_t b = threadIdx.x * kLine; b < slices * Tile::kBytes; b += blockDim.x * kLine) prefetch_l2(first + b);
     // The group scales of those slices: 128 columns of 2 bytes per group row.
-    // (Act-order stacks, whose rows name their groups, prefetch none.)
+    // (Stacks whose rows name their groups, a row table, prefetch none.)
     if (p.w.row_group == nullptr) {
       const int64_t last_group = min(((kt_begin + slices) * kTileK - 1) / p.w.group_size,
                                      static_cast<int64_t>(p.w.num_groups - 1));

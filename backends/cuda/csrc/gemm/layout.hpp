@@ -59,7 +59,7 @@ constexpr CtaTile kCtaTiles[] = {{kTinyRowsPerCta, false},   {kSmallRowsPerCta, 
                                  {kLargeRowsPerCta, false},  {kMediumRowsPerCta, true}, {kLargeRowsPerCta, true},
                                  {kWgmmaRowsPerCta, true}};
 constexpr int kNumCtaTiles = sizeof(kCtaTiles) / sizeof(kCtaTiles[0]);
-// A tile's place in kCtaTiles.
+// A tile's place in kCtaTiles (the host names only the tiles listed there).
 constexpr int cta_tile_index(CtaTile tile) {
   int i = 0;
   while (i + 1 < kNumCtaTiles && (kCtaTiles[i].rows != tile.rows || kCtaTiles[i].wgmma != tile.wgmma)) ++i;

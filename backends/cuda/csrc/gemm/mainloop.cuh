@@ -888,9 +888,10 @@ class Mainloop {
   int a_chunk_;                                        // the 8-column chunk of K this thread copies
   int a_dst_;                                          // its byte offset in an A stage
   // x offsets of its rows (-1: unused), kept in registers for up to 4 rows
-  // (the warp-specialised producer, with 8, keeps them as 16-byte units in
-  // produce() and reads the row table only for the generic copy).
-  static constexpr bool kCacheRowOffsets = Traits::kAChunksPerThread <= 4;
+  // by the mma.sync tiles' threads (the warp-specialised producer keeps them
+  // as 16-byte units in produce() and reads the row table only for the
+  // generic copy; its consumers copy nothing).
+  static constexpr bool kCacheRowOffsets = !Traits::kWarpSpecialized && Traits::kAChunksPerThread <= 4;
   int64_t a_row_offset_[kCacheRowOffsets ? Traits::kAChunksPerThread : 1];
 };
 

@@ -45,9 +45,9 @@ struct GemmIO {
   int64_t col_begin;           // expert columns [col_begin, col_begin + n) are written,
   int64_t n;                   // to out columns 0 .. n
   const uint16_t* bias;        // [n] compute dtype, or null
-  // The gated epilogue (plugin.h, ABI 1.3; the 128-row tiles with staged
+  // The gated epilogue (plugin.h, ABI 1.3; the wgmma tiles with staged
   // stores, the 8-row tiles and the decode GEMV only): 0 for plain results; else the tile
-  // distance from a gate tile to its up tile (N / 2 / kTileN). A 128-row
+  // distance from a gate tile to its up tile (N / 2 / kTileN). A wgmma
   // CTA's first warpgroup then takes gate tile t, its second up tile
   // t + gate_up_tiles; an 8-row CTA tile y is half y % 2 of gate tile y / 2
   // and of its up tile (mainloop.cuh). The CTA stores silu(gate) * up into
@@ -96,8 +96,8 @@ struct StreamK {
 };
 
 // The workspace of a stack: slots of kStreamKSlotFloats floats (1,024 tiles
-// of 8 x 128, 512 of 16 x 128, 128 of 64 x 128, or 32 of the wgmma tiles'
-// 128 x 256: 4 MiB) and their counters. Launches with more tiles fill the GPU
+// of 8 x 128, 512 of 16 x 128, 256 of 32 x 128, 128 of 64 x 128, or of the
+// wgmma tiles' 32, 64 or 128 x 256: 128, 64 or 32; 4 MiB) and their counters. Launches with more tiles fill the GPU
 // without sharing one.
 constexpr int kStreamKSlotFloats = 512 * 16 * 128;
 constexpr int kStreamKCounters = 1024;
@@ -226,8 +226,7 @@ struct RoutedParams {
   // (its slices per group a power of two: CudaStack::gemv_group_shift_).
   int32_t gemv_group_shift;
   // x's rows are pairs, not tokens: row p is pair p's (the act-order gather's
-  // copy, gather.cuh). Read by the tiles' row tables; the decode GEMV takes
-  // no act-order stack.
+  // copy, gather.cuh). Read by the tiles' row tables and the decode GEMV.
   bool x_rows_by_pair;
 };
 

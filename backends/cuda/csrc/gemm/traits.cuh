@@ -15,8 +15,8 @@ namespace ferrum_moe_cuda::gemm {
 constexpr int kMaxSmemPerCta = 227 * 1024;
 constexpr int kStaticSmemReserve = 8 * 1024;
 
-// kWgmmaTile: the warp-specialised wgmma tile of kTileRows tokens (128, or 64
-// on Hopper: the host's CudaStack::wgmma_tile), else the mma.sync tile.
+// kWgmmaTile: the warp-specialised wgmma tile of kTileRows tokens (128, 64 or
+// 32 on Hopper: the host's CudaStack::tile_for), else the mma.sync tile.
 template <class T, int kBits, int kTileRows, bool kWgmmaTile = kTileRows == kWgmmaRowsPerCta>
 struct GemmTraits {
   static_assert(sizeof(T) == 2, "fp16 or bf16 activations");

@@ -129,7 +129,7 @@ __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& 
     }
   };
   // The warp-specialised tiles' walk. With the meeting, walk_back's ranges.
-  // Without it (the 128-row tiles' copy for launches that share no tile) the
+  // Without it (the wgmma tiles' copy for launches that share no tile) the
   // grid may hold fewer CTAs than tiles (plan_schedule: a wave), and CTA c
   // takes whole tiles c, c + grid, c + 2 grid, ...: the CTAs in flight at
   // once work on neighbouring tiles, as one CTA per tile did, and a CTA's

@@ -20,9 +20,10 @@ constexpr int kMmaM = 16;
 constexpr int kMmaN = 8;
 constexpr int kMmaK = 16;
 
-// A CTA computes (8, 16, 32 or 64 tokens) x kTileN columns, streaming K in kTileK
-// slices. 4 warps split the columns, 32 each, and all of them walk the same K
-// slice, so one A tile in shared memory feeds every warp.
+// A mma.sync CTA computes (8, 16, 32 or 64 tokens) x kTileN columns,
+// streaming K in kTileK slices. 4 warps split the columns, 32 each, and all of
+// them walk the same K slice, so one A tile in shared memory feeds every warp
+// (the wgmma tiles: two warpgroups of kTileN columns each, CtaTile below).
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
 constexpr int kWarpN = 32;
@@ -34,8 +35,8 @@ constexpr int kFragsPerWarp = kKSteps * kNFrags;  // 16 B fragments per warp per
 
 // Rows of A one CTA multiplies: 8 tokens (the weights as the MMA's 16-row
 // operand, the tokens as its 8 columns: decode), 1, 2 or 4 mma tiles of 16
-// tokens, or 128 tokens in the Hopper warpgroups' wgmma tiles (compute
-// capability 9.0 only).
+// tokens, or 32, 64 or 128 tokens in the Hopper warpgroups' wgmma tiles
+// (compute capability 9.0 only).
 constexpr int kTinyRowsPerCta = 8;
 // Whether a tile of `rows` rows swaps mma.sync's operands (the 8-row tiles).
 FM_HOST_DEVICE constexpr bool swaps_mma_operands(int rows) { return rows == kTinyRowsPerCta; }

@@ -1,8 +1,8 @@
 // The GEMM mainloop: a kStages-deep cp.async pipeline over K slices. Per
 // slice, every thread copies its own weight codes (16-byte loads, layout.hpp)
 // and a share of the A tile; then each warp dequantizes its 32 columns in
-// registers and issues mma.sync against ldmatrix'ed token fragments. The 128-row
-// (Hopper) tiles are warp-specialised instead: a producer warpgroup copies
+// registers and issues mma.sync against ldmatrix'ed token fragments. The wgmma
+// tiles (Hopper: 32, 64 or 128 rows) are warp-specialised instead: a producer warpgroup copies
 // (produce()), two computing warpgroups dequantize and issue wgmma, and the
 // stages pass between them through mbarriers (PipelineBarriers).
 #ifndef FERRUM_MOE_CUDA_GEMM_MAINLOOP_CUH_
@@ -71,7 +71,7 @@ class Mainloop {
   // Symmetric quantization stores no zeros: the zero point is mid-range.
   static constexpr uint32_t kSymmetricZero = 1u << (kBits - 1);
 
-  // wgmma tiles (Hopper, sm_90a; 128 or 64 tokens): the warpgroup's weights
+  // wgmma tiles (Hopper, sm_90a; 128, 64 or 32 tokens): the warpgroup's weights
   // are wgmma's register A operand (C^T = W^T X^T), the A tile of tokens its
   // shared-memory B operand; two m64nNk16 (N the tile's tokens) per k-step
   // (the warp's n8 blocks 0-1 and 2-3), accumulators in the wgmma D layout.

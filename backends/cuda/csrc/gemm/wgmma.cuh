@@ -1,5 +1,6 @@
 // Hopper warpgroup MMA (wgmma, sm_90a), one wrapper per instruction, and the
-// shared-memory matrix descriptor. Used by the 128-token tiles on Hopper: the weights are wgmma's A operand from registers (C^T = W^T X^T, 64
+// shared-memory matrix descriptor. Used by the 32-, 64- and 128-token tiles
+// on Hopper: the weights are wgmma's A operand from registers (C^T = W^T X^T, 64
 // weight columns per instruction, 16 per warp), the activation tile is its B
 // operand in shared memory. Compiled to a trap on other architectures.
 #ifndef FERRUM_MOE_CUDA_GEMM_WGMMA_CUH_
@@ -14,7 +15,7 @@
 namespace ferrum_moe_cuda::gemm {
 
 // kHasWgmma: this compilation pass is sm_90a device code, which has the
-// 128-token wgmma tiles (elsewhere they trap; the host asks the loaded code,
+// wgmma tiles (elsewhere they trap; the host asks the loaded code,
 // gemm_dispatch.cu, before it picks them).
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define FERRUM_MOE_WGMMA 1

@@ -431,15 +431,16 @@ def test_pair_routing_with_repeated_experts_matches_float64(rng, bits, with_weig
 # or copied 8 and 10 bytes at a time for align's blocks);
 # channelwise groups over 2 rounds of slices per warp (INT4; INT8 rounds are half as long);
 # groups of 64 over 2 rounds; then the stacks the GEMV leaves to the 8-row tiles: groups of 32
-# (not whole slices), act-order (aligned, and with K past its last slice in rows that are not
-# aligned), rows that are not 16-byte aligned (row length odd, x from column 1), and K past
-# kGemvMaxGatedK (the gated epilogue; plain, K that long runs on the GEMV, whose only bound
-# there is the group scales' staging size).
+# (not whole slices), rows that are not 16-byte aligned (row length odd, x from column 1), and K
+# past kGemvMaxGatedK (the gated epilogue; plain, K that long runs on the GEMV, whose only bound
+# there is the group scales' staging size). Act-order stacks (aligned; K past its last slice in
+# rows that are not aligned; K not a multiple of 8) run on the GEMV: their x is copied in each
+# pair's expert order first.
 @pytest.mark.parametrize("k, x_columns, group_size, act_order", [
     (64, 64, 64, False), (196, 208, 128, False), (197, 208, 128, False), (4000, 4000, -1, False),
     (3072, 3072, 64, False),
     (512, 512, 32, False), (512, 512, 128, True), (200, 201, 128, False), (200, 201, 128, True),
-    (4160, 4160, 128, False)])
+    (197, 208, 128, True), (4160, 4160, 128, False)])
 @pytest.mark.parametrize("bits, sym", [(4, True), (4, False), (8, True)])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 # Pair routing (3 tokens), or align's blocks of 8 or 3 rows (9 tokens: experts of 5-9 rows, so
@@ -772,10 +773,11 @@ def _routings(rng, m, e=8, top_k=2):
 
 def test_act_order_with_uneven_groups_matches_float64(rng):
     """A g_idx whose groups hold different row counts (GPTQ's act-order keeps
-    every group whole) needs the per-row group table after the sort. Routed
-    on 8- and 32-row tiles and the 128-row tiles' few-tile fallback, batched
-    through one expert (x copied in its order) and through two (gathered per
-    element in the GEMM); K past its last whole slice."""
+    every group whole: its sorted rows take the uniform path) keeps the
+    per-row group table after the sort. Routed on 8- and 32-row tiles and
+    the 128-row tiles' few-tile fallback, batched through one expert (x
+    copied in its order) and through two (gathered per element in the GEMM);
+    K past its last whole slice."""
     e, k, n, groups = 3, 200, 256, 4
     weights = []
     for _ in range(e):
@@ -807,11 +809,12 @@ def test_act_order_with_uneven_groups_matches_float64(rng):
 def test_act_order_layers_match_float64_at_every_tile_height(rng, dtype):
     """Act-order stacks copy x's columns into each pair's expert order before
     each GEMM (gemm/gather.cuh): one token (pair routing), 40 tokens (32-row
-    tiles) and 300 (the 128-row tiles' few-tile fallback on an H100), every
-    pair kept or some dropped (ids out of range, an expert map sending one
-    expert away); K past its last whole slice in the w2 GEMM. Each layer
-    against float64, the output poisoned."""
-    e, hidden, inter, top_k = 6, 512, 200, 2
+    tiles) and 300 (w13 on 128-row tiles sharing K, w2 on their few-tile
+    fallback on an H100), every pair kept or some dropped (ids out of range,
+    an expert map sending one expert away); both GEMMs' K past their last
+    whole slice, w13's not a multiple of 8 (x's rows unaligned). Each layer
+    against float64 on fresh tokens, the output poisoned."""
+    e, hidden, inter, top_k = 6, 4036, 200, 2
     w13 = [random_weight(rng, hidden, 2 * inter, group_size=128, act_order=True, dtype=dtype) for _ in range(e)]
     w2 = [random_weight(rng, inter, hidden, group_size=64, act_order=True, sym=False, dtype=dtype)
           for _ in range(e)]
@@ -820,11 +823,10 @@ def test_act_order_layers_match_float64_at_every_tile_height(rng, dtype):
     tdtype = getattr(torch, dtype)
     expert_map = np.array([0, 1, 2, -1, 4, 5], np.int32)
     for m in (1, 40, 300):
-        xh = random_activations(rng, (m, hidden), "float32")
-        x = cuda(xh).to(tdtype)
         tw = rng.random((m, top_k)).astype(np.float32)
         ids = np.stack([rng.permutation(e)[:top_k] for _ in range(m)]).astype(np.int32)
         for dropped in (False, True):
+            x = cuda(random_activations(rng, (m, hidden), "float32")).to(tdtype)
             if dropped:
                 ids[1::3, 0] = -1
                 ids[::4, 1] = e

@@ -6,11 +6,11 @@
 namespace ferrum_moe_cuda::gemm {
 
 template cudaError_t configure_gemm_kernels_for<__nv_bfloat16>(int, bool);
-template cudaError_t gemm_ctas_per_sm_for<__nv_bfloat16>(int, int, int*);
-template cudaError_t launch_gemm_batched_for<__nv_bfloat16>(const BatchedParams&, int, int, int, cudaStream_t);
-template cudaError_t launch_gemm_device_dispatch_for<__nv_bfloat16>(const DeviceDispatchParams&, int, int, int,
+template cudaError_t gemm_ctas_per_sm_for<__nv_bfloat16>(int, CtaTile, int*);
+template cudaError_t launch_gemm_batched_for<__nv_bfloat16>(const BatchedParams&, int, CtaTile, int, cudaStream_t);
+template cudaError_t launch_gemm_device_dispatch_for<__nv_bfloat16>(const DeviceDispatchParams&, int, CtaTile, int,
                                                               cudaStream_t);
-template cudaError_t launch_gemm_routed_for<__nv_bfloat16>(const RoutedParams&, int, int, int, cudaStream_t);
+template cudaError_t launch_gemm_routed_for<__nv_bfloat16>(const RoutedParams&, int, CtaTile, int, cudaStream_t);
 template cudaError_t launch_gemm_gemv_for<__nv_bfloat16>(const RoutedParams&, int, bool, int64_t, int, cudaStream_t);
 template cudaError_t gemv_ctas_per_sm_for<__nv_bfloat16>(int, bool, bool, int64_t, int*);
 

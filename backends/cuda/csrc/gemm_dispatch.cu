@@ -34,30 +34,30 @@ cudaError_t configure_gemm_kernels(ComputeType type, int bits, bool wgmma_tiles)
                                        : configure_gemm_kernels_for<__nv_bfloat16>(bits, wgmma_tiles);
 }
 
-cudaError_t gemm_ctas_per_sm(ComputeType type, int bits, int rows_per_cta, int* ctas) {
-  return type == ComputeType::kFloat16 ? gemm_ctas_per_sm_for<__half>(bits, rows_per_cta, ctas)
-                                       : gemm_ctas_per_sm_for<__nv_bfloat16>(bits, rows_per_cta, ctas);
+cudaError_t gemm_ctas_per_sm(ComputeType type, int bits, CtaTile tile, int* ctas) {
+  return type == ComputeType::kFloat16 ? gemm_ctas_per_sm_for<__half>(bits, tile, ctas)
+                                       : gemm_ctas_per_sm_for<__nv_bfloat16>(bits, tile, ctas);
 }
 
-cudaError_t launch_gemm_batched(const BatchedParams& params, ComputeType type, int bits, int rows_per_cta,
+cudaError_t launch_gemm_batched(const BatchedParams& params, ComputeType type, int bits, CtaTile tile,
                                 int ctas, cudaStream_t stream) {
   return type == ComputeType::kFloat16
-             ? launch_gemm_batched_for<__half>(params, bits, rows_per_cta, ctas, stream)
-             : launch_gemm_batched_for<__nv_bfloat16>(params, bits, rows_per_cta, ctas, stream);
+             ? launch_gemm_batched_for<__half>(params, bits, tile, ctas, stream)
+             : launch_gemm_batched_for<__nv_bfloat16>(params, bits, tile, ctas, stream);
 }
 
 cudaError_t launch_gemm_device_dispatch(const DeviceDispatchParams& params, ComputeType type, int bits,
-                                        int rows_per_cta, int ctas, cudaStream_t stream) {
+                                        CtaTile tile, int ctas, cudaStream_t stream) {
   return type == ComputeType::kFloat16
-             ? launch_gemm_device_dispatch_for<__half>(params, bits, rows_per_cta, ctas, stream)
-             : launch_gemm_device_dispatch_for<__nv_bfloat16>(params, bits, rows_per_cta, ctas, stream);
+             ? launch_gemm_device_dispatch_for<__half>(params, bits, tile, ctas, stream)
+             : launch_gemm_device_dispatch_for<__nv_bfloat16>(params, bits, tile, ctas, stream);
 }
 
-cudaError_t launch_gemm_routed(const RoutedParams& params, ComputeType type, int bits, int rows_per_cta, int ctas,
+cudaError_t launch_gemm_routed(const RoutedParams& params, ComputeType type, int bits, CtaTile tile, int ctas,
                                cudaStream_t stream) {
   return type == ComputeType::kFloat16
-             ? launch_gemm_routed_for<__half>(params, bits, rows_per_cta, ctas, stream)
-             : launch_gemm_routed_for<__nv_bfloat16>(params, bits, rows_per_cta, ctas, stream);
+             ? launch_gemm_routed_for<__half>(params, bits, tile, ctas, stream)
+             : launch_gemm_routed_for<__nv_bfloat16>(params, bits, tile, ctas, stream);
 }
 
 cudaError_t launch_gemm_gemv(const RoutedParams& params, ComputeType type, int bits, bool blocks, int64_t quant_bytes,

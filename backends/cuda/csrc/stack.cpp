@@ -131,7 +131,7 @@ CudaStack::CudaStack(const FmStackCreateArgs& args)
                                           std::to_string(prop.minor));
   }
 
-  // The 128-token tiles exist only in an sm_90a build (gemm/wgmma.cuh): asked
+  // The wgmma tiles exist only in an sm_90a build (gemm/wgmma.cuh): asked
   // of the code loaded for this device, not of its compute capability.
   if (prop.major == 9 && prop.minor == 0) check_cuda(gemm::wgmma_tiles_built(&wgmma_tiles_), "wgmma probe");
 
@@ -162,10 +162,10 @@ CudaStack::CudaStack(const FmStackCreateArgs& args)
   check_cuda(gemm::configure_gemm_kernels(compute_type_, bits_, wgmma_tiles_), "configuring the GEMM kernels");
   // Stream-K fills every SM with as many CTAs as fit at once: one wave, as
   // many loads in flight as the SM holds, no tail.
-  for (int rows : {gemm::kTinyRowsPerCta, gemm::kSmallRowsPerCta, gemm::kMediumRowsPerCta, gemm::kLargeRowsPerCta,
-                   gemm::kWgmmaRowsPerCta}) {
-    if (rows == gemm::kWgmmaRowsPerCta && !wgmma_tiles_) continue;
-    check_cuda(gemm::gemm_ctas_per_sm(compute_type_, bits_, rows, &ctas_per_sm_[occupancy_index(rows)]),
+  for (int i = 0; i < gemm::kNumCtaTiles; ++i) {
+    ctas_per_sm_[i] = 1;  // (the tiles the loaded code lacks: never launched)
+    if (gemm::kCtaTiles[i].wgmma && !wgmma_tiles_) continue;
+    check_cuda(gemm::gemm_ctas_per_sm(compute_type_, bits_, gemm::kCtaTiles[i], &ctas_per_sm_[i]),
                "querying the GEMM kernels' occupancy");
   }
   check_cuda(cudaStreamSynchronize(stream), "stack_create: finishing the load");
@@ -185,8 +185,9 @@ CudaStack::CudaStack(const FmStackCreateArgs& args)
   weights_.group_size = static_cast<int32_t>(group_size_ > 0 ? group_size_ : k_padded_);
 
   // The decode GEMV takes this stack's pair routing and small routing blocks
-  // where its layout holds (gemm/gemv.cuh): uniform groups of whole K slices,
-  // no act-order, K up to kGemvMaxGatedK with the gated epilogue, and the
+  // where its layout holds (gemm/gemv.cuh): uniform groups of whole K slices
+  // (act-order too, where its sorted groups are: its x is copied in order
+  // first, sort_x_columns), K up to kGemvMaxGatedK with the gated epilogue, and the
   // CTA's group scales within what the device lets each form stage;
   // gemv_ctas_per_sm_ stays 0 elsewhere.
   // Its slices per group must be a power of two (the group of a slice is a
@@ -196,7 +197,7 @@ CudaStack::CudaStack(const FmStackCreateArgs& args)
   const int64_t slices_per_group = std::max<int64_t>(weights_.group_size / kTileK, 1);
   const bool group_shift = num_groups_ == 1 || (slices_per_group & (slices_per_group - 1)) == 0;
   gemv_group_shift_ = num_groups_ == 1 ? kOneGroupShift : __builtin_ctzll(static_cast<uint64_t>(slices_per_group));
-  if (weights_.perm == nullptr && weights_.row_group == nullptr && weights_.group_size % kTileK == 0 && group_shift) {
+  if (weights_.row_group == nullptr && weights_.group_size % kTileK == 0 && group_shift) {
     for (bool blocks : {false, true}) {
       int64_t max_quant_bytes = 0;
       check_cuda(gemm::gemv_max_quant_bytes(blocks, &max_quant_bytes), "sizing the decode GEMV");
@@ -257,9 +258,23 @@ void CudaStack::load_weights(const FmStackCreateArgs& args, cudaStream_t stream)
         int32_t* rg = row_group.data() + e * k_padded_;
         for (int64_t k = 0; k < k_padded_; ++k) rg[k] = g[p[std::min(k, k_ - 1)]];
       }
+      // GPTQ's act-order gives every group group_size rows (the last the
+      // rest): sorted, row k is in group k / group_size, as without act-order,
+      // and the kernels take the groups' uniform paths (no row table).
+      bool uniform = group_size_ > 0;
+      for (int64_t e = 0; uniform && e < num_experts_; ++e) {
+        const int32_t* rg = row_group.data() + e * k_padded_;
+        for (int64_t k = 0; uniform && k < k_padded_; ++k) {
+          uniform = rg[k] == std::min(k / group_size_, num_groups_ - 1);
+        }
+      }
+      if (uniform) {
+        row_group.clear();
+        row_group_expert_stride = 0;
+      }
     }
   }
-  if (perm.empty() && group_size_ > 0 && group_size_ % kUniformGroupMultiple != 0) {
+  if (row_group.empty() && group_size_ > 0 && group_size_ % kUniformGroupMultiple != 0) {
     // Groups straddle 16-row k-steps: one table of row -> group, shared by all experts.
     row_group.resize(static_cast<size_t>(k_padded_));
     for (int64_t k = 0; k < k_padded_; ++k)
@@ -332,46 +347,47 @@ void CudaStack::zero_workspace(void* stream) {
              "zero_workspace: stream-K counters");
 }
 
-// On Hopper the 64-row tiles lost to both 32- and 128-row ones at every load
-// the block-size sweep measured (H200, 2026-12-03, kernel-notes "Block sizes":
-// 64 tokens per expert 618 / 719 / 702 us on 32 / 64 / 128, 96 tokens 714 /
-// 803 / 663): up to 64 rows run as 32-row CTAs there, more on the wgmma tiles.
-// Elsewhere the 64-row tiles are the prefill tile.
-int CudaStack::rows_per_cta_for(int64_t rows) const {
-  if (rows <= gemm::kTinyRowsPerCta) return gemm::kTinyRowsPerCta;
-  if (rows <= gemm::kSmallRowsPerCta) return gemm::kSmallRowsPerCta;
-  if (rows <= gemm::kMediumRowsPerCta) return gemm::kMediumRowsPerCta;
-  if (!wgmma_tiles_) return gemm::kLargeRowsPerCta;
-  return rows <= gemm::kLargeRowsPerCta ? gemm::kMediumRowsPerCta : gemm::kWgmmaRowsPerCta;
+// The CTA tile for `rows` rows. On Hopper the 32- and 64-row tiles are the
+// warp-specialised wgmma ones too (kernel notes, v77 and v78), and 128-row
+// tiles take blocks taller than 64 rows; elsewhere the 64-row mma.sync tiles
+// are the prefill tile.
+gemm::CtaTile CudaStack::tile_for(int64_t rows) const {
+  if (rows <= gemm::kTinyRowsPerCta) return {gemm::kTinyRowsPerCta, false};
+  if (rows <= gemm::kSmallRowsPerCta) return {gemm::kSmallRowsPerCta, false};
+  if (rows <= gemm::kMediumRowsPerCta) return {gemm::kMediumRowsPerCta, wgmma_tiles_};
+  if (rows <= gemm::kLargeRowsPerCta || !wgmma_tiles_) return {gemm::kLargeRowsPerCta, wgmma_tiles_};
+  return {gemm::kWgmmaRowsPerCta, true};
 }
 
 // gemm/params.hpp, wgmma_tiles_fill: 128-row tiles where they (split or not)
-// fill the GPU, else 64-row ones.
-int CudaStack::fill_the_gpu(int rows_per_cta, int64_t row_tiles, int64_t n_tiles) const {
-  if (rows_per_cta != gemm::kWgmmaRowsPerCta) return rows_per_cta;
+// fill the GPU, else the 64-row mma.sync tiles (2 CTAs an SM of 128 columns
+// each, where the 64-row wgmma tiles hold one of 256: kernel notes, v79).
+gemm::CtaTile CudaStack::fill_the_gpu(gemm::CtaTile tile, int64_t row_tiles, int64_t n_tiles) const {
+  if (tile.rows != gemm::kWgmmaRowsPerCta) return tile;
   const int64_t tiles = row_tiles * ceil_div(n_tiles, int64_t{gemm::kWgmmaColumnTilesPerCta});
-  return gemm::wgmma_tiles_fill(tiles, k_padded_ / kTileK, num_sms_) ? rows_per_cta : gemm::kLargeRowsPerCta;
+  if (gemm::wgmma_tiles_fill(tiles, k_padded_ / kTileK, num_sms_)) return tile;
+  return {gemm::kLargeRowsPerCta, false};
 }
 
-int CudaStack::plan_schedule(int64_t tiles_x, int64_t n_tiles, int rows_per_cta, gemm::StreamK& schedule,
+int CudaStack::plan_schedule(int64_t tiles_x, int64_t n_tiles, gemm::CtaTile tile, gemm::StreamK& schedule,
                              bool live_rows, bool skipped_rows_between) const {
-  if (rows_per_cta == gemm::kWgmmaRowsPerCta) n_tiles = ceil_div(n_tiles, int64_t{gemm::kWgmmaColumnTilesPerCta});
+  if (tile.wgmma) n_tiles = ceil_div(n_tiles, int64_t{gemm::kWgmmaColumnTilesPerCta});
   schedule = {nullptr, nullptr, static_cast<int32_t>(tiles_x), static_cast<int32_t>(n_tiles), 0};
   const int64_t tiles = tiles_x * n_tiles;
   constexpr int64_t kMaxGridX = std::numeric_limits<int32_t>::max();
   if (tiles > kMaxGridX) {
     throw Error(FM_ERROR_UNSUPPORTED, std::to_string(tiles) + " output tiles exceed the CUDA grid limit");
   }
-  const int64_t wave = std::max<int64_t>(int64_t(ctas_per_sm_[occupancy_index(rows_per_cta)]) * num_sms_, 1);
-  if (tiles > gemm::stream_k_slots(rows_per_cta) || tiles == 0) {
-    // Unshared: one CTA per tile, except the 128-row tiles, whose CTAs take
+  const int64_t wave = std::max<int64_t>(int64_t(ctas_per_sm_[gemm::cta_tile_index(tile)]) * num_sms_, 1);
+  if (tiles > gemm::stream_k_slots(tile) || tiles == 0) {
+    // Unshared: one CTA per tile, except the wgmma tiles, whose CTAs take
     // whole tiles in turn over at most a wave (kernel.cuh, walk): the next
     // tile's copies start during the last one's epilogue. Their live tiles
     // come first (host tables: all live; routed: the blocks the routing
     // filled, but for an expert's last block's chunks past its rows where
     // blocks are taller than a tile), or they keep a CTA each
     // (skipped_rows_between).
-    const bool in_turn = rows_per_cta == gemm::kWgmmaRowsPerCta && !skipped_rows_between;
+    const bool in_turn = tile.wgmma && !skipped_rows_between;
     return static_cast<int>(in_turn ? std::min(tiles, wave) : tiles);
   }
   // The slots go with every launch that fits them, split or not: a routed
@@ -453,22 +469,22 @@ void CudaStack::gemm_batched(const FmGemmBatchedArgs& args) {
   const StreamBuffer x_sorted = sort_x_columns(*args.x, one_expert ? field(0, 0) : -1, params.w, params.io, stream);
   const int64_t first_n_tile = args.col_begin / kTileN;
   const int64_t num_n_tiles = (args.col_begin + args.n - 1) / kTileN - first_n_tile + 1;
-  const int rows_per_cta = fill_the_gpu(rows_per_cta_for(max_rows), row_tiles, num_n_tiles);
+  const gemm::CtaTile tile = fill_the_gpu(tile_for(max_rows), row_tiles, num_n_tiles);
   params.first_n_tile = static_cast<int32_t>(first_n_tile);
 
   auto flush = [&] {
     if (params.num_items == 0) return;
-    const int ctas = plan_schedule(params.num_items, num_n_tiles, rows_per_cta, params.schedule);
-    check_cuda(gemm::launch_gemm_batched(params, compute_type_, bits_, rows_per_cta, ctas, stream),
+    const int ctas = plan_schedule(params.num_items, num_n_tiles, tile, params.schedule);
+    check_cuda(gemm::launch_gemm_batched(params, compute_type_, bits_, tile, ctas, stream),
                "gemm_batched kernel launch");
     params.num_items = 0;
   };
   for (int64_t d = 0; d < num_dispatches; ++d) {
     const int64_t expert = field(d, 0), in_row = field(d, 1), out_row = field(d, 2), m = field(d, 3);
-    for (int64_t r = 0; r < m; r += rows_per_cta) {
+    for (int64_t r = 0; r < m; r += tile.rows) {
       gemm::BatchedWorkItem& item = params.items[params.num_items++];
       item.expert = static_cast<int32_t>(expert);
-      item.rows = static_cast<int32_t>(std::min<int64_t>(rows_per_cta, m - r));
+      item.rows = static_cast<int32_t>(std::min<int64_t>(tile.rows, m - r));
       item.x_row = in_row + r;
       item.out_row = out_row + r;
       if (params.num_items == gemm::kMaxBatchedWorkItems) flush();
@@ -505,9 +521,9 @@ void CudaStack::gemm_batched_device_table(const FmGemmBatchedArgs& args, const g
   constexpr int64_t kMaxGridX = std::numeric_limits<int32_t>::max();
   const int64_t row_tiles = std::min(params.num_dispatches, kMaxGridX) *
                             std::min(ceil_div(max_rows, int64_t{gemm::kWgmmaRowsPerCta}), kMaxGridX);
-  const int rows_per_cta = fill_the_gpu(rows_per_cta_for(ceil_div(max_rows, params.num_dispatches)),
-                                        std::min(row_tiles, kMaxGridX), num_n_tiles);
-  const int64_t chunks = ceil_div(max_rows, rows_per_cta);
+  const gemm::CtaTile tile = fill_the_gpu(tile_for(ceil_div(max_rows, params.num_dispatches)),
+                                          std::min(row_tiles, kMaxGridX), num_n_tiles);
+  const int64_t chunks = ceil_div(max_rows, int64_t{tile.rows});
   if (chunks > kMaxGridX / params.num_dispatches) {
     throw Error(FM_ERROR_UNSUPPORTED, "gemm_batched: " + std::to_string(params.num_dispatches) +
                                           " device dispatches over " + std::to_string(max_rows) +
@@ -515,11 +531,10 @@ void CudaStack::gemm_batched_device_table(const FmGemmBatchedArgs& args, const g
   }
   params.chunks_per_dispatch = static_cast<int32_t>(chunks);
   params.first_n_tile = static_cast<int32_t>(first_n_tile);
-  const int ctas = plan_schedule(params.num_dispatches * chunks, num_n_tiles, rows_per_cta, params.schedule,
-                                 false, true);
+  const int ctas = plan_schedule(params.num_dispatches * chunks, num_n_tiles, tile, params.schedule, false, true);
   const cudaStream_t stream = as_stream(args.stream);
   const StreamBuffer x_sorted = sort_x_columns(*args.x, num_experts_ == 1 ? 0 : -1, params.w, params.io, stream);
-  check_cuda(gemm::launch_gemm_device_dispatch(params, compute_type_, bits_, rows_per_cta, ctas, stream),
+  check_cuda(gemm::launch_gemm_device_dispatch(params, compute_type_, bits_, tile, ctas, stream),
              "gemm_batched kernel launch");
 }
 
@@ -534,12 +549,13 @@ bool CudaStack::gemm_routed_gated(const FmGemmRoutedArgs& args) {
   return launch_routed(args, *args.gated_out, true);
 }
 
-// The 8-row tiles (scalar stores: any layout), and the 4-bit 128-row tiles
+// The 8-row tiles (scalar stores: any layout), and the 4-bit wgmma tiles
 // into an output their staged 16-byte stores can write (epilogue.cuh,
-// stores_vectors; the 8-bit tiles have no staging area).
-bool CudaStack::gated_epilogue_for(int rows_per_cta, const DLTensor& out) const {
-  if (rows_per_cta == gemm::kTinyRowsPerCta) return true;
-  return rows_per_cta == gemm::kWgmmaRowsPerCta && bits_ == 4 && (out.shape[1] <= 1 || stride(out, 1) == 1) &&
+// stores_vectors). The 8-bit 128-row tile has no staging area; the 8-bit 32-
+// and 64-row ones have, but keep the plain GEMM (kernel notes, v79).
+bool CudaStack::gated_epilogue_for(gemm::CtaTile tile, const DLTensor& out) const {
+  if (tile.rows == gemm::kTinyRowsPerCta) return true;
+  return tile.wgmma && bits_ == 4 && (out.shape[1] <= 1 || stride(out, 1) == 1) &&
          reinterpret_cast<uintptr_t>(data_ptr<const void>(out)) % 16 == 0 &&
          (out.shape[0] <= 1 || stride(out, 0) % 8 == 0);
 }
@@ -588,8 +604,8 @@ bool CudaStack::launch_routed(const FmGemmRoutedArgs& args, DLTensor& out, bool 
 
   // Routing blocks of up to 8 rows run on 8-row CTAs, up to 16 on 16-row
   // ones, up to 63 on 32-row ones (one weight stream per 32 tokens; a 64-row
-  // tile would leave half of a block of 32 padding: 20% slower at DeepSeek-V3
-  // M = 1024), larger ones as rows_per_cta_for says.
+  // mma.sync tile would leave half of a block of 32 padding: 20% slower at
+  // DeepSeek-V3 M = 1024), larger ones as tile_for says.
   // plugin.h: only the blocks moe_align_block_size can fill are read, so the
   // grid follows the token count rather than every expert's worst-case padding.
   const int64_t grid_blocks =
@@ -597,22 +613,26 @@ bool CudaStack::launch_routed(const FmGemmRoutedArgs& args, DLTensor& out, bool 
   // Blocks of up to 8 rows on the decode GEMV where experts repeat, each
   // expert's weights read once for the block's rows (blocks the routing does
   // not fill leave at once).
+  const cudaStream_t stream = as_stream(args.stream);
+  const int64_t positions = std::min(params.num_positions, grid_blocks * args.block_size);
   if (args.block_size <= gemm::kGemvBlockRows && params.num_pairs * 2 >= num_experts_ &&
-      launch_gemv(params, true, grid_blocks, gemm::kGemvMaxBlockCtasPerSm, args)) {
+      gemv_takes(params, true, grid_blocks, gemm::kGemvMaxBlockCtasPerSm)) {
+    const StreamBuffer x_sorted = sort_x_columns(params, positions, stream);
+    launch_gemv(params, true, grid_blocks, stream);
     return true;
   }
   const int64_t block_rows = args.block_size < gemm::kLargeRowsPerCta
                                  ? std::min<int64_t>(args.block_size, gemm::kMediumRowsPerCta)
                                  : args.block_size;
-  const int rows_per_cta =
-      fill_the_gpu(rows_per_cta_for(block_rows),
-                   grid_blocks * ceil_div(args.block_size, int64_t{gemm::kWgmmaRowsPerCta}), weights_.n_tiles);
-  // The gated epilogue pairs each gate tile with its up tile in one 128-row
+  const gemm::CtaTile tile =
+      fill_the_gpu(tile_for(block_rows), grid_blocks * ceil_div(args.block_size, int64_t{gemm::kWgmmaRowsPerCta}),
+                   weights_.n_tiles);
+  // The gated epilogue pairs each gate tile with its up tile in one wgmma
   // CTA (as many CTA tiles as the plain launch's pairs of adjacent tiles), or
   // each half of a gate tile with the same half of its up tile in one 8-row
   // CTA (as many as the plain launch's tiles).
-  if (gated && !gated_epilogue_for(rows_per_cta, out)) return false;
-  params.chunks_per_block = static_cast<int32_t>(ceil_div(args.block_size, rows_per_cta));
+  if (gated && !gated_epilogue_for(tile, out)) return false;
+  params.chunks_per_block = static_cast<int32_t>(ceil_div(args.block_size, int64_t{tile.rows}));
   constexpr int64_t kMaxGridX = std::numeric_limits<int32_t>::max();
   if (grid_blocks * params.chunks_per_block > kMaxGridX) {
     throw Error(FM_ERROR_UNSUPPORTED,
@@ -626,12 +646,10 @@ bool CudaStack::launch_routed(const FmGemmRoutedArgs& args, DLTensor& out, bool 
   // before the first copy costs the kernel more than the spread saves
   // (Qwen3-30B-A3B M = 4, 32 pairs of 128 experts: 5% slower; kernel notes, v26).
   const bool experts_repeat = params.num_pairs * 2 >= num_experts_;
-  const int ctas = plan_schedule(grid_blocks * params.chunks_per_block, weights_.n_tiles, rows_per_cta,
-                                 params.schedule, experts_repeat);
-  const cudaStream_t stream = as_stream(args.stream);
-  const StreamBuffer x_sorted =  // (after every refusal above)
-      sort_x_columns(params, std::min(params.num_positions, grid_blocks * args.block_size), stream);
-  check_cuda(gemm::launch_gemm_routed(params, compute_type_, bits_, rows_per_cta, ctas, stream),
+  const int ctas =
+      plan_schedule(grid_blocks * params.chunks_per_block, weights_.n_tiles, tile, params.schedule, experts_repeat);
+  const StreamBuffer x_sorted = sort_x_columns(params, positions, stream);  // (after every refusal above)
+  check_cuda(gemm::launch_gemm_routed(params, compute_type_, bits_, tile, ctas, stream),
              "gemm_routed kernel launch");
   return true;
 }
@@ -656,9 +674,14 @@ void CudaStack::gemm_routed_pairs(const FmGemmRoutedArgs& args, gemm::RoutedPara
   params.num_blocks = params.num_pairs;
   params.chunks_per_block = 1;
   if (params.num_pairs == 0) return;
-  if (launch_gemv(params, false, params.num_pairs, gemm::kGemvMaxCtasPerSm, args)) return;
-  constexpr int rows_per_cta = gemm::kTinyRowsPerCta;
-  const int ctas = plan_schedule(params.num_pairs, weights_.n_tiles, rows_per_cta, params.schedule);
+  const cudaStream_t stream = as_stream(args.stream);
+  if (gemv_takes(params, false, params.num_pairs, gemm::kGemvMaxCtasPerSm)) {
+    const StreamBuffer x_sorted = sort_x_columns(params, params.num_pairs, stream);
+    launch_gemv(params, false, params.num_pairs, stream);
+    return;
+  }
+  constexpr gemm::CtaTile tile{gemm::kTinyRowsPerCta, false};
+  const int ctas = plan_schedule(params.num_pairs, weights_.n_tiles, tile, params.schedule);
   // The weights the launch streams (at most: pairs may share an expert):
   // where half of L2 holds them, each CTA asks for all of its pieces before
   // it waits for the kernel before it; otherwise for the first slices of each
@@ -667,9 +690,8 @@ void CudaStack::gemm_routed_pairs(const FmGemmRoutedArgs& args, gemm::RoutedPara
   const int64_t k_tiles = k_padded_ / kTileK;
   const bool fits = params.num_pairs <= l2_bytes_ / 2 / (tile_bytes * weights_.n_tiles * k_tiles);
   params.prefetch_slices = static_cast<int32_t>(fits ? k_tiles : std::min<int64_t>(k_tiles, kPrefetchSlices));
-  const cudaStream_t stream = as_stream(args.stream);
   const StreamBuffer x_sorted = sort_x_columns(params, params.num_pairs, stream);
-  check_cuda(gemm::launch_gemm_routed(params, compute_type_, bits_, rows_per_cta, ctas, stream),
+  check_cuda(gemm::launch_gemm_routed(params, compute_type_, bits_, tile, ctas, stream),
              "gemm_routed kernel launch");
 }
 
@@ -720,18 +742,22 @@ StreamBuffer CudaStack::sort_x_columns(const DLTensor& x, int64_t expert, gemm::
 
 // (The GEMV writes columns from 0 and adds no bias: launch_routed's io has
 // neither.)
-bool CudaStack::launch_gemv(gemm::RoutedParams& params, bool blocks, int64_t units, int max_ctas_per_sm,
-                            const FmGemmRoutedArgs& args) {
-  const bool gated = params.io.gate_up_tiles > 0;
-  const int resident = gemv_ctas_per_sm_[blocks][gated];
+bool CudaStack::gemv_takes(const gemm::RoutedParams& params, bool blocks, int64_t units, int max_ctas_per_sm) const {
+  const int resident = gemv_ctas_per_sm_[blocks][params.io.gate_up_tiles > 0];
   const int64_t ctas = int64_t{gemm::gemv_slots(params.io.n)} * units;
-  if (resident == 0 || !params.io.x_vector_loads || ctas > int64_t{max_ctas_per_sm} * num_sms_) return false;
-  params.gemv_one_wave = ctas <= int64_t{resident} * num_sms_;
+  // (Act-order's x is copied aligned first: sort_x_columns.)
+  const bool aligned = params.io.x_vector_loads || params.w.perm != nullptr;
+  return resident != 0 && aligned && ctas <= int64_t{max_ctas_per_sm} * num_sms_;
+}
+
+void CudaStack::launch_gemv(gemm::RoutedParams& params, bool blocks, int64_t units, cudaStream_t stream) {
+  const bool gated = params.io.gate_up_tiles > 0;
+  const int64_t ctas = int64_t{gemm::gemv_slots(params.io.n)} * units;
+  params.gemv_one_wave = ctas <= int64_t{gemv_ctas_per_sm_[blocks][gated]} * num_sms_;
   params.gemv_group_shift = gemv_group_shift_;
   check_cuda(gemm::launch_gemm_gemv(params, compute_type_, bits_, blocks, gemv_quant_bytes(gated),
-                                    static_cast<int>(ctas), as_stream(args.stream)),
+                                    static_cast<int>(ctas), stream),
              "gemm_routed kernel launch");
-  return true;
 }
 
 }  // namespace ferrum_moe_cuda

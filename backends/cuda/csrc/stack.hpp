@@ -25,7 +25,7 @@ class CudaStack final : public ferrum::plugin::Stack {
   // The gated epilogue (plugin.h, ABI 1.3) of a stack whose gate half is
   // whole 128-column tiles: on the 8-row tiles (pair routing, blocks of up to
   // 8 rows; gemm/epilogue.cuh, store_results_gated_tiny) and the 4-bit
-  // 128-row wgmma tiles into a gated_out the staged stores can write
+  // wgmma tiles into a gated_out the staged stores can write
   // (store_results_gated). Other calls answer false having launched nothing
   // (the host runs the activation after the plain GEMM).
   bool gemm_routed_gated(const FmGemmRoutedArgs& args) override;
@@ -43,17 +43,17 @@ class CudaStack final : public ferrum::plugin::Stack {
   // routing always takes 8-row tiles); answers whether it launched (the
   // plain form always does).
   bool launch_routed(const FmGemmRoutedArgs& args, DLTensor& out, bool gated);
-  // Whether a gated launch of rows_per_cta-row tiles into `out` has its epilogue.
-  bool gated_epilogue_for(int rows_per_cta, const DLTensor& out) const;
+  // Whether a gated launch of `tile`s into `out` has its epilogue.
+  bool gated_epilogue_for(gemm::CtaTile tile, const DLTensor& out) const;
   // gemm_routed's pair routing (plugin.h, ABI 1.2); `params` holds the rest.
   // The decode GEMV (gemm/gemv.cuh) takes it where its layout holds, the
   // 8-row tiles elsewhere.
   void gemm_routed_pairs(const FmGemmRoutedArgs& args, gemm::RoutedParams& params);
-  // Launches the decode GEMV over `units` pairs or routing blocks where it
-  // takes them (gemv_ctas_per_sm_, 16-byte aligned token rows, at most
-  // max_ctas_per_sm CTAs an SM); answers whether it did.
-  bool launch_gemv(gemm::RoutedParams& params, bool blocks, int64_t units, int max_ctas_per_sm,
-                   const FmGemmRoutedArgs& args);
+  // Whether the decode GEMV takes a launch over `units` pairs or routing
+  // blocks (gemv_ctas_per_sm_, 16-byte aligned token rows, at most
+  // max_ctas_per_sm CTAs an SM), and the launch itself.
+  bool gemv_takes(const gemm::RoutedParams& params, bool blocks, int64_t units, int max_ctas_per_sm) const;
+  void launch_gemv(gemm::RoutedParams& params, bool blocks, int64_t units, cudaStream_t stream);
   // Act-order stacks (gemm/gather.cuh): x's columns copied once into each
   // row's expert order, and the launch pointed at the copy, so the GEMM reads
   // its rows as it does without act-order (kernel notes, v76). Returns the
@@ -77,17 +77,18 @@ class CudaStack final : public ferrum::plugin::Stack {
   // launch whose kernel plans again for the tile rows its routing filled.
   // skipped_rows_between: tile rows the kernel skips may lie between live ones
   // (a device-resident dispatch table, planned for its longest dispatch), so
-  // unshared 128-row tiles keep a CTA each: a skipped one frees its SM at
+  // unshared wgmma tiles keep a CTA each: a skipped one frees its SM at
   // once, where CTAs taking tiles in turn would pile the live ones on some.
-  int plan_schedule(int64_t tiles_x, int64_t n_tiles, int rows_per_cta, gemm::StreamK& schedule,
+  int plan_schedule(int64_t tiles_x, int64_t n_tiles, gemm::CtaTile tile, gemm::StreamK& schedule,
                     bool live_rows = false, bool skipped_rows_between = false) const;
-  // The CTA height for blocks of `rows` rows: 8, 16, 32, 64 (before Hopper),
-  // or 128 (Hopper wgmma).
-  int rows_per_cta_for(int64_t rows) const;
-  // rows_per_cta, or 64 where 128-row tiles would fill under 3/4 of the SMs
-  // even sharing K (gemm/params.hpp, wgmma_tiles_fill): row_tiles of 128 rows
-  // times n_tiles columns.
-  int fill_the_gpu(int rows_per_cta, int64_t row_tiles, int64_t n_tiles) const;
+  // The CTA tile for blocks of `rows` rows: 8, 16, 32, 64 or 128 (Hopper)
+  // rows; on Hopper (wgmma_tiles_) the 32-, 64- and 128-row tiles are the
+  // warp-specialised wgmma ones.
+  gemm::CtaTile tile_for(int64_t rows) const;
+  // `tile`, or the 64-row mma.sync tile where 128-row tiles would fill under
+  // 3/4 of the SMs even sharing K (gemm/params.hpp, wgmma_tiles_fill):
+  // row_tiles of 128 rows times n_tiles columns.
+  gemm::CtaTile fill_the_gpu(gemm::CtaTile tile, int64_t row_tiles, int64_t n_tiles) const;
 
   int device_;
   DLDataType dtype_;
@@ -109,21 +110,15 @@ class CudaStack final : public ferrum::plugin::Stack {
   gemm::QuantWeights weights_{};
   int num_sms_ = 0;
   int64_t l2_bytes_ = 0;
-  bool wgmma_tiles_ = false;  // the loaded code has the 128-token wgmma tiles (sm_90a)
-  // Resident 8-, 16-, 32-, 64- and 128-row CTAs per SM (occupancy): a stream-K wave.
-  int ctas_per_sm_[5] = {1, 1, 1, 1, 1};
+  bool wgmma_tiles_ = false;  // the loaded code has the wgmma tiles (sm_90a)
+  // Resident CTAs per SM of each of gemm::kCtaTiles (occupancy; 1 for the
+  // tiles the loaded code lacks): a stream-K wave.
+  int ctas_per_sm_[gemm::kNumCtaTiles] = {};
   // Resident GEMV CTAs per SM, [blocks][gated]: over pair routing or
   // routing blocks of up to gemm::kGemvBlockRows rows, plain and gated (0:
   // the GEMV does not take this stack's launches).
   int gemv_ctas_per_sm_[2][2] = {{0, 0}, {0, 0}};
   int32_t gemv_group_shift_ = 0;  // gemm::RoutedParams::gemv_group_shift
-  static int occupancy_index(int rows_per_cta) {
-    return rows_per_cta <= gemm::kTinyRowsPerCta     ? 0
-           : rows_per_cta <= gemm::kSmallRowsPerCta  ? 1
-           : rows_per_cta <= gemm::kMediumRowsPerCta ? 2
-           : rows_per_cta <= gemm::kLargeRowsPerCta  ? 3
-                                                     : 4;
-  }
   // Stream-K workspace (gemm/params.hpp, StreamK, stream_k_slots): tile slots
   // and their counters. Calls on one stack from concurrently
   // running streams would share it: a stack's GEMMs must be stream-ordered.

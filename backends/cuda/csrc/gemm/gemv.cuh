@@ -175,7 +175,8 @@ __global__ void __launch_bounds__(kGemvThreads, 2)
   // through registers (loaded while the round before computes), or each of
   // the block's rows copied straight to shared memory, zeros past K and for
   // rows without a pair.
-  const auto* x = static_cast<const uint16_t*>(io.x) + (kRows == 1 ? at.token * io.x_row_stride : 0);
+  const int64_t x_row = p.x_rows_by_pair ? unit : at.token;  // (one row: unit is the pair)
+  const auto* x = static_cast<const uint16_t*>(io.x) + (kRows == 1 ? x_row * io.x_row_stride : 0);
   uint4 x_part = make_uint4(0, 0, 0, 0);
   auto load_x = [&](int kt) {
     const int first_k = (kt + lane / 8) * kTileK + 8 * (lane % 8);

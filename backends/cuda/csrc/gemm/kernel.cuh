@@ -25,8 +25,10 @@ namespace ferrum_moe_cuda::gemm {
 // (The 8-row tiles spill 8-24 bytes outside their slice loops at 4 CTAs per
 // SM; at 5, 96 registers, they spilled inside them and measured 3% slower
 // over the decode rows: kernel notes, v21.)
-template <int kRows>
-constexpr int kMinCtasPerSm = kRows <= kSmallRowsPerCta ? 4 : kRows == kMediumRowsPerCta ? 3 : 1;
+// (The wgmma tiles: one, their 384 threads at 168 registers, the pool their
+// roles' setmaxnreg divides.)
+template <int kRows, bool kWgmma>
+constexpr int kMinCtasPerSm = kWgmma ? 1 : kRows <= kSmallRowsPerCta ? 4 : kRows == kMediumRowsPerCta ? 3 : 1;
 
 // What fill_rows answers for one tile row: its expert (the same in every
 // thread; -1 for none) and whether this thread's table row holds work. The
@@ -76,13 +78,13 @@ struct RowHandoff {
 // kSplitsK: the code that meets other CTAs' K ranges of a tile (stream-K) is
 // compiled in; without it the launch must share no tile (launch.cuh,
 // splits_k).
-template <class T, int kBits, int kRows, bool kSplitsK, class FillRows, class LiveTileRows>
+template <class T, int kBits, int kRows, bool kSplitsK, bool kWgmma, class FillRows, class LiveTileRows>
 __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& io, const StreamK& schedule,
                                            int first_n_tile, FillRows&& fill_rows, LiveTileRows&& live_tile_rows) {
   dependent_grid_begin();
   extern __shared__ uint4 smem_raw[];
-  using Loop = Mainloop<T, kBits, kRows>;
-  using Traits = GemmTraits<T, kBits, kRows>;
+  using Loop = Mainloop<T, kBits, kRows, kWgmma>;
+  using Traits = GemmTraits<T, kBits, kRows, kWgmma>;
   // Rounded up to kSmemAlignment by offsetting the pointer (not through an
   // integer cast, which would turn every access into a generic one).
   constexpr uint32_t kAlign = Traits::kSmemAlignment;
@@ -127,7 +129,7 @@ __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& 
     }
   };
   // The warp-specialised tiles' walk. With the meeting, walk_back's ranges.
-  // Without it (the 128-row tiles' copy for launches that share no tile) the
+  // Without it (the wgmma tiles' copy for launches that share no tile) the
   // grid may hold fewer CTAs than tiles (plan_schedule: a wave), and CTA c
   // takes whole tiles c, c + grid, c + 2 grid, ...: the CTAs in flight at
   // once work on neighbouring tiles, as one CTA per tile did, and a CTA's
@@ -269,10 +271,10 @@ __device__ __forceinline__ void gemm_tiles(const QuantWeights& w, const GemmIO& 
 }
 
 // Host dispatch rows, split into work items of up to kRows rows on the host.
-template <class T, int kBits, int kRows, bool kSplitsK>
-__global__ void __launch_bounds__(GemmTraits<T, kBits, kRows>::kCtaThreads, kMinCtasPerSm<kRows>)
+template <class T, int kBits, int kRows, bool kSplitsK, bool kWgmma>
+__global__ void __launch_bounds__(GemmTraits<T, kBits, kRows, kWgmma>::kCtaThreads, kMinCtasPerSm<kRows, kWgmma>)
     gemm_batched_kernel(const __grid_constant__ BatchedParams p) {
-  gemm_tiles<T, kBits, kRows, kSplitsK>(p.w, p.io, p.schedule, p.first_n_tile,
+  gemm_tiles<T, kBits, kRows, kSplitsK, kWgmma>(p.w, p.io, p.schedule, p.first_n_tile,
                               [&](int64_t x, RowTable<kRows>& table, int r) {
     const BatchedWorkItem& item = p.items[x];
     if (r < kRows) {
@@ -289,10 +291,10 @@ __global__ void __launch_bounds__(GemmTraits<T, kBits, kRows>::kCtaThreads, kMin
 // rows or m are out of range is skipped, compared without forming sums that
 // could overflow. Tile row x is chunk x % chunks_per_dispatch of dispatch
 // x / chunks_per_dispatch.
-template <class T, int kBits, int kRows, bool kSplitsK>
-__global__ void __launch_bounds__(GemmTraits<T, kBits, kRows>::kCtaThreads, kMinCtasPerSm<kRows>)
+template <class T, int kBits, int kRows, bool kSplitsK, bool kWgmma>
+__global__ void __launch_bounds__(GemmTraits<T, kBits, kRows, kWgmma>::kCtaThreads, kMinCtasPerSm<kRows, kWgmma>)
     gemm_device_dispatch_kernel(const __grid_constant__ DeviceDispatchParams p) {
-  gemm_tiles<T, kBits, kRows, kSplitsK>(p.w, p.io, p.schedule, p.first_n_tile,
+  gemm_tiles<T, kBits, kRows, kSplitsK, kWgmma>(p.w, p.io, p.schedule, p.first_n_tile,
                               [&](int64_t x, RowTable<kRows>& table, int r) {
     const int64_t d = x / p.chunks_per_dispatch;
     const int64_t first = (x % p.chunks_per_dispatch) * kRows;
@@ -383,7 +385,7 @@ __device__ __forceinline__ void prefetch_pair_weights(const RoutedParams& p) {
                                        Tile::kBytes;
     for (int64_t b = threadIdx.x * kLine; b < slices * Tile::kBytes; b += blockDim.x * kLine) prefetch_l2(first + b);
     // The group scales of those slices: 128 columns of 2 bytes per group row.
-    // (Act-order stacks, whose rows name their groups, prefetch none.)
+    // (Stacks whose rows name their groups, a row table, prefetch none.)
     if (p.w.row_group == nullptr) {
       const int64_t last_group = min(((kt_begin + slices) * kTileK - 1) / p.w.group_size,
                                      static_cast<int64_t>(p.w.num_groups - 1));
@@ -399,14 +401,14 @@ __device__ __forceinline__ void prefetch_pair_weights(const RoutedParams& p) {
 // Tile row x is chunk x % chunks_per_block of routing block x / chunks_per_block.
 // Every index read from device memory is range-checked before use: the host
 // never saw these arrays.
-template <class T, int kBits, int kRows, bool kSplitsK>
-__global__ void __launch_bounds__(GemmTraits<T, kBits, kRows>::kCtaThreads, kMinCtasPerSm<kRows>)
+template <class T, int kBits, int kRows, bool kSplitsK, bool kWgmma>
+__global__ void __launch_bounds__(GemmTraits<T, kBits, kRows, kWgmma>::kCtaThreads, kMinCtasPerSm<kRows, kWgmma>)
     gemm_routed_kernel(const __grid_constant__ RoutedParams p) {
   if (p.sorted_token_ids == nullptr && p.prefetch_slices > 0) {
     dependent_grid_release();  // the next kernel need not wait for the prefetches
     prefetch_pair_weights<kBits>(p);
   }
-  gemm_tiles<T, kBits, kRows, kSplitsK>(p.w, p.io, p.schedule, 0, [&](int64_t x, RowTable<kRows>& table, int r) {
+  gemm_tiles<T, kBits, kRows, kSplitsK, kWgmma>(p.w, p.io, p.schedule, 0, [&](int64_t x, RowTable<kRows>& table, int r) {
     if (p.sorted_token_ids == nullptr) {
       // Pair routing: tile row x is pair x alone (blocks of one row, one chunk).
       const bool listed = x < p.num_pairs;

@@ -15,15 +15,13 @@
 
 namespace ferrum_moe_cuda::gemm {
 
-// Whether a launch of `rows_per_cta`-row tiles under `schedule` takes the
-// kernels with the stream-K meeting compiled in (kernel.cuh, kSplitsK): the
-// mma.sync tiles always (their schedule decides at run time, at no cost);
-// the 128-row tiles only where the schedule has slots to share tiles in. In
-// the others the meeting's registers doubled their spills and cost prefill
-// 5-14% (kernel notes, v45).
-inline bool splits_k(int rows_per_cta, const StreamK& schedule) {
-  return rows_per_cta != kWgmmaRowsPerCta || schedule.partials != nullptr;
-}
+// Whether a launch of `tile` under `schedule` takes the kernels with the
+// stream-K meeting compiled in (kernel.cuh, kSplitsK): the mma.sync tiles
+// always (their schedule decides at run time, at no cost); the wgmma tiles
+// only where the schedule has slots to share tiles in. In the others the
+// meeting's registers doubled their spills and cost prefill 5-14% (kernel
+// notes, v45).
+inline bool splits_k(CtaTile tile, const StreamK& schedule) { return !tile.wgmma || schedule.partials != nullptr; }
 
 // Calls body(std::integral_constant<int, kBits>) for 4 or 8 bits.
 template <class Body>
@@ -34,20 +32,24 @@ cudaError_t with_bits(int bits, Body&& body) {
 }
 
 // Calls body(std::integral_constant<int, kBits>, std::integral_constant<int, kRows>,
-// std::bool_constant<kSplitsK>).
+// std::bool_constant<kSplitsK>, std::bool_constant<kWgmma>).
 template <class Body>
-cudaError_t with_specialisation(int bits, int rows_per_cta, bool splits, Body&& body) {
+cudaError_t with_specialisation(int bits, CtaTile tile, bool splits, Body&& body) {
   auto with_rows = [&](auto b) {
-    using SplitsK = std::true_type;
-    using NoSplitsK = std::false_type;
-    if (rows_per_cta == kWgmmaRowsPerCta) {
-      if (splits) return body(b, std::integral_constant<int, kWgmmaRowsPerCta>{}, SplitsK{});
-      return body(b, std::integral_constant<int, kWgmmaRowsPerCta>{}, NoSplitsK{});
-    }
-    if (rows_per_cta == kLargeRowsPerCta) return body(b, std::integral_constant<int, kLargeRowsPerCta>{}, SplitsK{});
-    if (rows_per_cta == kMediumRowsPerCta) return body(b, std::integral_constant<int, kMediumRowsPerCta>{}, SplitsK{});
-    if (rows_per_cta == kSmallRowsPerCta) return body(b, std::integral_constant<int, kSmallRowsPerCta>{}, SplitsK{});
-    if (rows_per_cta == kTinyRowsPerCta) return body(b, std::integral_constant<int, kTinyRowsPerCta>{}, SplitsK{});
+    using Yes = std::true_type;
+    using No = std::false_type;
+    auto wgmma = [&](auto m) {
+      if (splits) return body(b, m, Yes{}, Yes{});
+      return body(b, m, No{}, Yes{});
+    };
+    if (tile.rows == kWgmmaRowsPerCta && tile.wgmma) return wgmma(std::integral_constant<int, kWgmmaRowsPerCta>{});
+    if (tile.rows == kLargeRowsPerCta && tile.wgmma) return wgmma(std::integral_constant<int, kLargeRowsPerCta>{});
+    if (tile.rows == kMediumRowsPerCta && tile.wgmma) return wgmma(std::integral_constant<int, kMediumRowsPerCta>{});
+    if (tile.wgmma) return cudaErrorInvalidValue;
+    if (tile.rows == kLargeRowsPerCta) return body(b, std::integral_constant<int, kLargeRowsPerCta>{}, Yes{}, No{});
+    if (tile.rows == kMediumRowsPerCta) return body(b, std::integral_constant<int, kMediumRowsPerCta>{}, Yes{}, No{});
+    if (tile.rows == kSmallRowsPerCta) return body(b, std::integral_constant<int, kSmallRowsPerCta>{}, Yes{}, No{});
+    if (tile.rows == kTinyRowsPerCta) return body(b, std::integral_constant<int, kTinyRowsPerCta>{}, Yes{}, No{});
     return cudaErrorInvalidValue;
   };
   return with_bits(bits, with_rows);
@@ -80,24 +82,26 @@ cudaError_t configure_gemm_kernels_for(int bits, bool wgmma_tiles) {
       });
       if (status != cudaSuccess) return status;
     }
-  for (int rows : {kTinyRowsPerCta, kSmallRowsPerCta, kMediumRowsPerCta, kLargeRowsPerCta, kWgmmaRowsPerCta}) {
+  for (CtaTile tile : kCtaTiles) {
     // The 128-row tiles' ~190 KB is more than a CTA may hold before Hopper
-    // (A100: 163 KB): asking for it there fails. They only run on sm_90a.
-    if (rows == kWgmmaRowsPerCta && !wgmma_tiles) continue;
-    for (bool splits : {true, false}) {  // the 128-row tiles' two copies (splits_k)
-      if (!splits && rows != kWgmmaRowsPerCta) continue;
-      status = with_specialisation(bits, rows, splits, [](auto b, auto m, auto k) {
+    // (A100: 163 KB): asking for it there fails. The wgmma tiles only run on
+    // sm_90a.
+    if (tile.wgmma && !wgmma_tiles) continue;
+    for (bool splits : {true, false}) {  // the wgmma tiles' two copies (splits_k)
+      if (!splits && !tile.wgmma) continue;
+      status = with_specialisation(bits, tile, splits, [](auto b, auto m, auto k, auto g) {
         constexpr int kBits = decltype(b)::value;
         constexpr int kRows = decltype(m)::value;
         constexpr bool kSplitsK = decltype(k)::value;
-        constexpr int kSmem = GemmTraits<T, kBits, kRows>::kSmemBytes;
-        cudaError_t s = cudaFuncSetAttribute(gemm_batched_kernel<T, kBits, kRows, kSplitsK>,
+        constexpr bool kWgmma = decltype(g)::value;
+        constexpr int kSmem = GemmTraits<T, kBits, kRows, kWgmma>::kSmemBytes;
+        cudaError_t s = cudaFuncSetAttribute(gemm_batched_kernel<T, kBits, kRows, kSplitsK, kWgmma>,
                                              cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
         if (s != cudaSuccess) return s;
-        s = cudaFuncSetAttribute(gemm_device_dispatch_kernel<T, kBits, kRows, kSplitsK>,
+        s = cudaFuncSetAttribute(gemm_device_dispatch_kernel<T, kBits, kRows, kSplitsK, kWgmma>,
                                  cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
         if (s != cudaSuccess) return s;
-        return cudaFuncSetAttribute(gemm_routed_kernel<T, kBits, kRows, kSplitsK>,
+        return cudaFuncSetAttribute(gemm_routed_kernel<T, kBits, kRows, kSplitsK, kWgmma>,
                                     cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
       });
       if (status != cudaSuccess) return status;
@@ -107,50 +111,52 @@ cudaError_t configure_gemm_kernels_for(int bits, bool wgmma_tiles) {
 }
 
 template <class T>
-cudaError_t gemm_ctas_per_sm_for(int bits, int rows_per_cta, int* ctas) {
+cudaError_t gemm_ctas_per_sm_for(int bits, CtaTile tile, int* ctas) {
   // (The stream-K wave: the kernels that split K.)
-  return with_specialisation(bits, rows_per_cta, true, [&](auto b, auto m, auto k) {
+  return with_specialisation(bits, tile, true, [&](auto b, auto m, auto k, auto g) {
     constexpr int kBits = decltype(b)::value;
     constexpr int kRows = decltype(m)::value;
     constexpr bool kSplitsK = decltype(k)::value;
-    return cudaOccupancyMaxActiveBlocksPerMultiprocessor(ctas, gemm_routed_kernel<T, kBits, kRows, kSplitsK>,
-                                                         GemmTraits<T, kBits, kRows>::kCtaThreads,
-                                                         GemmTraits<T, kBits, kRows>::kSmemBytes);
+    constexpr bool kWgmma = decltype(g)::value;
+    using Traits = GemmTraits<T, kBits, kRows, kWgmma>;
+    return cudaOccupancyMaxActiveBlocksPerMultiprocessor(ctas, gemm_routed_kernel<T, kBits, kRows, kSplitsK, kWgmma>,
+                                                         Traits::kCtaThreads, Traits::kSmemBytes);
   });
 }
 
-// The specialisation kernel_for(b, m, k) names (a kernel.cuh kernel for the
-// launch's bits, rows per CTA and K split) as a dependent launch of `ctas`
-// CTAs, which walk the schedule (params.hpp, StreamK).
+// The specialisation kernel_for(b, m, k, g) names (a kernel.cuh kernel for
+// the launch's bits, rows per CTA, K split and MMA) as a dependent launch of
+// `ctas` CTAs, which walk the schedule (params.hpp, StreamK).
 template <class T, class Params, class KernelFor>
-cudaError_t launch_specialised(KernelFor kernel_for, const Params& params, int bits, int rows_per_cta, int ctas,
+cudaError_t launch_specialised(KernelFor kernel_for, const Params& params, int bits, CtaTile tile, int ctas,
                                cudaStream_t stream) {
-  const bool splits = splits_k(rows_per_cta, params.schedule);
-  return with_specialisation(bits, rows_per_cta, splits, [&](auto b, auto m, auto k) {
-    using Traits = GemmTraits<T, decltype(b)::value, decltype(m)::value>;
-    return launch_dependent(kernel_for(b, m, k), dim3(static_cast<unsigned>(ctas)), Traits::kCtaThreads,
+  const bool splits = splits_k(tile, params.schedule);
+  return with_specialisation(bits, tile, splits, [&](auto b, auto m, auto k, auto g) {
+    using Traits = GemmTraits<T, decltype(b)::value, decltype(m)::value, decltype(g)::value>;
+    return launch_dependent(kernel_for(b, m, k, g), dim3(static_cast<unsigned>(ctas)), Traits::kCtaThreads,
                             Traits::kSmemBytes, stream, params);
   });
 }
 
 template <class T>
-cudaError_t launch_gemm_batched_for(const BatchedParams& params, int bits, int rows_per_cta, int ctas,
+cudaError_t launch_gemm_batched_for(const BatchedParams& params, int bits, CtaTile tile, int ctas,
                                     cudaStream_t stream) {
   return launch_specialised<T>(
-      [](auto b, auto m, auto k) {
-        return gemm_batched_kernel<T, decltype(b)::value, decltype(m)::value, decltype(k)::value>;
+      [](auto b, auto m, auto k, auto g) {
+        return gemm_batched_kernel<T, decltype(b)::value, decltype(m)::value, decltype(k)::value, decltype(g)::value>;
       },
-      params, bits, rows_per_cta, ctas, stream);
+      params, bits, tile, ctas, stream);
 }
 
 template <class T>
-cudaError_t launch_gemm_device_dispatch_for(const DeviceDispatchParams& params, int bits, int rows_per_cta,
-                                            int ctas, cudaStream_t stream) {
+cudaError_t launch_gemm_device_dispatch_for(const DeviceDispatchParams& params, int bits, CtaTile tile, int ctas,
+                                            cudaStream_t stream) {
   return launch_specialised<T>(
-      [](auto b, auto m, auto k) {
-        return gemm_device_dispatch_kernel<T, decltype(b)::value, decltype(m)::value, decltype(k)::value>;
+      [](auto b, auto m, auto k, auto g) {
+        return gemm_device_dispatch_kernel<T, decltype(b)::value, decltype(m)::value, decltype(k)::value,
+                                           decltype(g)::value>;
       },
-      params, bits, rows_per_cta, ctas, stream);
+      params, bits, tile, ctas, stream);
 }
 
 template <class T>
@@ -170,13 +176,13 @@ cudaError_t launch_gemm_gemv_for(const RoutedParams& params, int bits, bool bloc
 }
 
 template <class T>
-cudaError_t launch_gemm_routed_for(const RoutedParams& params, int bits, int rows_per_cta, int ctas,
+cudaError_t launch_gemm_routed_for(const RoutedParams& params, int bits, CtaTile tile, int ctas,
                                    cudaStream_t stream) {
   return launch_specialised<T>(
-      [](auto b, auto m, auto k) {
-        return gemm_routed_kernel<T, decltype(b)::value, decltype(m)::value, decltype(k)::value>;
+      [](auto b, auto m, auto k, auto g) {
+        return gemm_routed_kernel<T, decltype(b)::value, decltype(m)::value, decltype(k)::value, decltype(g)::value>;
       },
-      params, bits, rows_per_cta, ctas, stream);
+      params, bits, tile, ctas, stream);
 }
 
 }  // namespace ferrum_moe_cuda::gemm

@@ -13,15 +13,15 @@ namespace ferrum_moe_cuda::gemm {
 template <class T>
 cudaError_t configure_gemm_kernels_for(int bits, bool wgmma_tiles);
 template <class T>
-cudaError_t gemm_ctas_per_sm_for(int bits, int rows_per_cta, int* ctas);
+cudaError_t gemm_ctas_per_sm_for(int bits, CtaTile tile, int* ctas);
 template <class T>
-cudaError_t launch_gemm_batched_for(const BatchedParams& params, int bits, int rows_per_cta, int ctas,
+cudaError_t launch_gemm_batched_for(const BatchedParams& params, int bits, CtaTile tile, int ctas,
                                     cudaStream_t stream);
 template <class T>
-cudaError_t launch_gemm_device_dispatch_for(const DeviceDispatchParams& params, int bits, int rows_per_cta,
-                                            int ctas, cudaStream_t stream);
+cudaError_t launch_gemm_device_dispatch_for(const DeviceDispatchParams& params, int bits, CtaTile tile, int ctas,
+                                            cudaStream_t stream);
 template <class T>
-cudaError_t launch_gemm_routed_for(const RoutedParams& params, int bits, int rows_per_cta, int ctas,
+cudaError_t launch_gemm_routed_for(const RoutedParams& params, int bits, CtaTile tile, int ctas,
                                    cudaStream_t stream);
 template <class T>
 cudaError_t launch_gemm_gemv_for(const RoutedParams& params, int bits, bool blocks, int64_t quant_bytes, int ctas,

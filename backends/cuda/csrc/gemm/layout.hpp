@@ -20,9 +20,10 @@ constexpr int kMmaM = 16;
 constexpr int kMmaN = 8;
 constexpr int kMmaK = 16;
 
-// A CTA computes (8, 16, 32 or 64 tokens) x kTileN columns, streaming K in kTileK
-// slices. 4 warps split the columns, 32 each, and all of them walk the same K
-// slice, so one A tile in shared memory feeds every warp.
+// A mma.sync CTA computes (8, 16, 32 or 64 tokens) x kTileN columns,
+// streaming K in kTileK slices. 4 warps split the columns, 32 each, and all of
+// them walk the same K slice, so one A tile in shared memory feeds every warp
+// (the wgmma tiles: two warpgroups of kTileN columns each, CtaTile below).
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
 constexpr int kWarpN = 32;
@@ -34,8 +35,8 @@ constexpr int kFragsPerWarp = kKSteps * kNFrags;  // 16 B fragments per warp per
 
 // Rows of A one CTA multiplies: 8 tokens (the weights as the MMA's 16-row
 // operand, the tokens as its 8 columns: decode), 1, 2 or 4 mma tiles of 16
-// tokens, or 128 tokens in the Hopper warpgroups' wgmma tiles (compute
-// capability 9.0 only).
+// tokens, or 32, 64 or 128 tokens in the Hopper warpgroups' wgmma tiles
+// (compute capability 9.0 only).
 constexpr int kTinyRowsPerCta = 8;
 // Whether a tile of `rows` rows swaps mma.sync's operands (the 8-row tiles).
 FM_HOST_DEVICE constexpr bool swaps_mma_operands(int rows) { return rows == kTinyRowsPerCta; }
@@ -43,9 +44,28 @@ constexpr int kSmallRowsPerCta = 16;
 constexpr int kMediumRowsPerCta = 32;
 constexpr int kLargeRowsPerCta = 64;
 constexpr int kWgmmaRowsPerCta = 128;
-// A 128-row CTA runs one warpgroup per 128-column tile on two adjacent tiles,
+// A wgmma CTA runs one warpgroup per 128-column tile on two adjacent tiles,
 // so the host counts its column tiles in pairs.
 constexpr int kWgmmaColumnTilesPerCta = 2;
+
+// The CTA tile a launch runs: its token rows, and whether it is the
+// warp-specialised wgmma tile (sm_90a builds on compute capability 9.0: 128
+// rows always, and 64 and 32 on the same machinery, kernel notes "v77",
+// "v78") or the mma.sync one (8 to 64 rows).
+struct CtaTile {
+  int rows;
+  bool wgmma;
+};
+constexpr CtaTile kCtaTiles[] = {{kTinyRowsPerCta, false},   {kSmallRowsPerCta, false}, {kMediumRowsPerCta, false},
+                                 {kLargeRowsPerCta, false},  {kMediumRowsPerCta, true}, {kLargeRowsPerCta, true},
+                                 {kWgmmaRowsPerCta, true}};
+constexpr int kNumCtaTiles = sizeof(kCtaTiles) / sizeof(kCtaTiles[0]);
+// A tile's place in kCtaTiles (the host names only the tiles listed there).
+constexpr int cta_tile_index(CtaTile tile) {
+  int i = 0;
+  while (i + 1 < kNumCtaTiles && (kCtaTiles[i].rows != tile.rows || kCtaTiles[i].wgmma != tile.wgmma)) ++i;
+  return i;
+}
 
 // Each lane holds 4 codes of every B fragment (k = 2t, 2t+1, 2t+8, 2t+9 for
 // t = lane % 4, column = lane / 4), so a warp's K slice is 16 fragments x 4

@@ -1,8 +1,8 @@
 // The GEMM mainloop: a kStages-deep cp.async pipeline over K slices. Per
 // slice, every thread copies its own weight codes (16-byte loads, layout.hpp)
 // and a share of the A tile; then each warp dequantizes its 32 columns in
-// registers and issues mma.sync against ldmatrix'ed token fragments. The 128-row
-// (Hopper) tiles are warp-specialised instead: a producer warpgroup copies
+// registers and issues mma.sync against ldmatrix'ed token fragments. The wgmma
+// tiles (Hopper: 32, 64 or 128 rows) are warp-specialised instead: a producer warpgroup copies
 // (produce()), two computing warpgroups dequantize and issue wgmma, and the
 // stages pass between them through mbarriers (PipelineBarriers).
 #ifndef FERRUM_MOE_CUDA_GEMM_MAINLOOP_CUH_
@@ -61,22 +61,23 @@ struct PipelineBarriers {
   }
 };
 
-template <class T, int kBits, int kTileRows>
+template <class T, int kBits, int kTileRows, bool kWgmmaTile = kTileRows == kWgmmaRowsPerCta>
 class Mainloop {
  public:
-  using Traits = GemmTraits<T, kBits, kTileRows>;
+  using Traits = GemmTraits<T, kBits, kTileRows, kWgmmaTile>;
   using Tile = typename Traits::Tile;
   static constexpr int kRows = Traits::kRows;
   static constexpr int kStages = Traits::kStages;
   // Symmetric quantization stores no zeros: the zero point is mid-range.
   static constexpr uint32_t kSymmetricZero = 1u << (kBits - 1);
 
-  // 128-token tiles (Hopper, sm_90a): the warpgroup's weights are wgmma's
-  // register A operand (C^T = W^T X^T), the A tile of tokens its shared-memory
-  // B operand; two m64n128k16 per k-step (the warp's n8 blocks 0-1 and 2-3),
-  // accumulators in the wgmma D layout. (64-token tiles on wgmma measured no
-  // faster than on mma.sync: kernel-notes v12.)
-  static constexpr bool kWgmma = kRows == kWgmmaRowsPerCta;
+  // wgmma tiles (Hopper, sm_90a; 128, 64 or 32 tokens): the warpgroup's weights
+  // are wgmma's register A operand (C^T = W^T X^T), the A tile of tokens its
+  // shared-memory B operand; two m64nNk16 (N the tile's tokens) per k-step
+  // (the warp's n8 blocks 0-1 and 2-3), accumulators in the wgmma D layout.
+  // (64-token tiles on wgmma without warp specialisation measured no faster
+  // than on mma.sync: kernel-notes v12; v77 is the warp-specialised one.)
+  static constexpr bool kWgmma = Traits::kWgmma;
   static_assert(kWgmma == Traits::kWarpSpecialized,
                 "the wgmma tiles are the warp-specialised ones: the copying tiles' pipeline below has no wgmma");
   // 8-token tiles (decode) swap mma.sync's operands the same way: the
@@ -90,11 +91,12 @@ class Mainloop {
   using Accumulators =
       std::conditional_t<kWgmma, float[2][kRows / 2],
                          std::conditional_t<kSwapped, float[2][4], float[kMTiles > 0 ? kMTiles : 1][kNFrags][4]>>;
-  // The 8- to 32-row tiles accumulate exact integer weights per group and
-  // scale the partial sums once per group: there the dequant, not the MMA,
-  // bounds the rate. 64-row tiles spread one scaled dequant over four MMAs
-  // and keep a single accumulator set (registers).
-  static constexpr bool kScaleAfter = kRows <= kMediumRowsPerCta;
+  // The 8- to 32-row mma.sync tiles accumulate exact integer weights per
+  // group and scale the partial sums once per group: there the dequant, not
+  // the MMA, bounds the rate. 64-row tiles spread one scaled dequant over four
+  // MMAs and keep a single accumulator set (registers); the wgmma tiles, 32
+  // rows too, scale before (their accumulators are wgmma's).
+  static constexpr bool kScaleAfter = kRows <= kMediumRowsPerCta && !Traits::kWgmma;
   // Slices the copying tiles load ahead of the one computed (the
   // warp-specialised producer is paced by the stages' empty barriers alone).
   static constexpr int kLoadAhead = kStages - 1;
@@ -781,8 +783,8 @@ class Mainloop {
         // while the tensor cores work (at most kWgmmaInFlight groups behind).
         const uint64_t desc = smem_descriptor_sw128(shared_address(a_stage) + ks * kMmaK * static_cast<int>(sizeof(T)));
         wgmma_fence();
-        wgmma_m64n128k16_rs<T>(sums[0], a[0], desc);
-        wgmma_m64n128k16_rs<T>(sums[1], a[1], desc);
+        wgmma_m64nNk16_rs<T, kRows>(sums[0], a[0], desc);
+        wgmma_m64nNk16_rs<T, kRows>(sums[1], a[1], desc);
         wgmma_commit_group();
         wgmma_wait_group<kWgmmaInFlight>();
         if (ks == 0) advance_pipeline();
@@ -886,9 +888,10 @@ class Mainloop {
   int a_chunk_;                                        // the 8-column chunk of K this thread copies
   int a_dst_;                                          // its byte offset in an A stage
   // x offsets of its rows (-1: unused), kept in registers for up to 4 rows
-  // (the warp-specialised producer, with 8, keeps them as 16-byte units in
-  // produce() and reads the row table only for the generic copy).
-  static constexpr bool kCacheRowOffsets = Traits::kAChunksPerThread <= 4;
+  // by the mma.sync tiles' threads (the warp-specialised producer keeps them
+  // as 16-byte units in produce() and reads the row table only for the
+  // generic copy; its consumers copy nothing).
+  static constexpr bool kCacheRowOffsets = !Traits::kWarpSpecialized && Traits::kAChunksPerThread <= 4;
   int64_t a_row_offset_[kCacheRowOffsets ? Traits::kAChunksPerThread : 1];
 };
 

@@ -45,9 +45,9 @@ struct GemmIO {
   int64_t col_begin;           // expert columns [col_begin, col_begin + n) are written,
   int64_t n;                   // to out columns 0 .. n
   const uint16_t* bias;        // [n] compute dtype, or null
-  // The gated epilogue (plugin.h, ABI 1.3; the 128-row tiles with staged
+  // The gated epilogue (plugin.h, ABI 1.3; the wgmma tiles with staged
   // stores, the 8-row tiles and the decode GEMV only): 0 for plain results; else the tile
-  // distance from a gate tile to its up tile (N / 2 / kTileN). A 128-row
+  // distance from a gate tile to its up tile (N / 2 / kTileN). A wgmma
   // CTA's first warpgroup then takes gate tile t, its second up tile
   // t + gate_up_tiles; an 8-row CTA tile y is half y % 2 of gate tile y / 2
   // and of its up tile (mainloop.cuh). The CTA stores silu(gate) * up into
@@ -96,17 +96,17 @@ struct StreamK {
 };
 
 // The workspace of a stack: slots of kStreamKSlotFloats floats (1,024 tiles
-// of 8 x 128, 512 of 16 x 128, 128 of 64 x 128, or 32 of the wgmma tiles'
-// 128 x 256: 4 MiB) and their counters. Launches with more tiles fill the GPU
+// of 8 x 128, 512 of 16 x 128, 256 of 32 x 128, 128 of 64 x 128, or of the
+// wgmma tiles' 32, 64 or 128 x 256: 128, 64 or 32; 4 MiB) and their counters. Launches with more tiles fill the GPU
 // without sharing one.
 constexpr int kStreamKSlotFloats = 512 * 16 * 128;
 constexpr int kStreamKCounters = 1024;
 
-// The tiles of `rows_per_cta` rows the workspace holds at once. A 128-row
-// (wgmma) tile spans both warpgroups' columns.
-inline FM_HOST_DEVICE constexpr int64_t stream_k_slots(int rows_per_cta) {
-  const int64_t columns = rows_per_cta == kWgmmaRowsPerCta ? kWgmmaColumnTilesPerCta * kTileN : kTileN;
-  const int64_t slots = kStreamKSlotFloats / (rows_per_cta * columns);
+// The tiles the workspace holds at once. A wgmma tile spans both
+// warpgroups' columns.
+inline FM_HOST_DEVICE constexpr int64_t stream_k_slots(CtaTile tile) {
+  const int64_t columns = tile.wgmma ? kWgmmaColumnTilesPerCta * kTileN : kTileN;
+  const int64_t slots = kStreamKSlotFloats / (tile.rows * columns);
   return slots < kStreamKCounters ? slots : kStreamKCounters;
 }
 
@@ -157,7 +157,8 @@ inline FM_HOST_DEVICE constexpr int64_t stream_k_ctas(int64_t tiles, int64_t k_t
 // 1024) 178 / 134; but 128 tiles (14336 x 4096, M = 1024: 97% of the SMs) 311
 // / 479. Shared (kernel notes, v43): 16 tiles of 112 slices on 128 CTAs 31 us.
 inline FM_HOST_DEVICE constexpr bool wgmma_tiles_fill(int64_t tiles, int64_t k_tiles, int64_t num_sms) {
-  const int64_t ctas = tiles <= stream_k_slots(kWgmmaRowsPerCta) ? stream_k_ctas(tiles, k_tiles, num_sms) : tiles;
+  const int64_t ctas =
+      tiles <= stream_k_slots({kWgmmaRowsPerCta, true}) ? stream_k_ctas(tiles, k_tiles, num_sms) : tiles;
   return ctas * 4 >= num_sms * 3;
 }
 
@@ -225,8 +226,7 @@ struct RoutedParams {
   // (its slices per group a power of two: CudaStack::gemv_group_shift_).
   int32_t gemv_group_shift;
   // x's rows are pairs, not tokens: row p is pair p's (the act-order gather's
-  // copy, gather.cuh). Read by the tiles' row tables; the decode GEMV takes
-  // no act-order stack.
+  // copy, gather.cuh). Read by the tiles' row tables and the decode GEMV.
   bool x_rows_by_pair;
 };
 
@@ -294,20 +294,20 @@ cudaError_t configure_gemm_kernels(ComputeType type, int bits, bool wgmma_tiles)
 // Whether the code loaded for the current device has the wgmma tiles (an sm_90a
 // build on compute capability 9.0; a plain sm_90 or PTX build does not).
 cudaError_t wgmma_tiles_built(bool* built);
-// How many routed CTAs of rows_per_cta rows one SM holds at once (registers,
-// shared memory).
-cudaError_t gemm_ctas_per_sm(ComputeType type, int bits, int rows_per_cta, int* ctas);
+// How many routed CTAs of `tile` one SM holds at once (registers, shared
+// memory).
+cudaError_t gemm_ctas_per_sm(ComputeType type, int bits, CtaTile tile, int* ctas);
 
-// grid = (ctas), walking params.schedule (StreamK). rows_per_cta is
-// one of layout.hpp's k*RowsPerCta. Routed: tiles_x = routing blocks
-// processed x chunks_per_block; blocks past them are not processed (see
-// stack.cpp for why none can hold work).
-cudaError_t launch_gemm_batched(const BatchedParams& params, ComputeType type, int bits,
-                                int rows_per_cta, int ctas, cudaStream_t stream);
+// grid = (ctas), walking params.schedule (StreamK). `tile` is one of
+// layout.hpp's kCtaTiles. Routed: tiles_x = routing blocks processed x
+// chunks_per_block; blocks past them are not processed (see stack.cpp for
+// why none can hold work).
+cudaError_t launch_gemm_batched(const BatchedParams& params, ComputeType type, int bits, CtaTile tile, int ctas,
+                                cudaStream_t stream);
 cudaError_t launch_gemm_device_dispatch(const DeviceDispatchParams& params, ComputeType type, int bits,
-                                        int rows_per_cta, int ctas, cudaStream_t stream);
-cudaError_t launch_gemm_routed(const RoutedParams& params, ComputeType type, int bits,
-                               int rows_per_cta, int ctas, cudaStream_t stream);
+                                        CtaTile tile, int ctas, cudaStream_t stream);
+cudaError_t launch_gemm_routed(const RoutedParams& params, ComputeType type, int bits, CtaTile tile, int ctas,
+                               cudaStream_t stream);
 // The decode GEMV (gemv.cuh) over pair routing (blocks false: `ctas` = one
 // CTA per pair and slot of params.io.n columns, gemv_slots) or routing blocks
 // of up to kGemvBlockRows rows (blocks true: one CTA per block and slot),

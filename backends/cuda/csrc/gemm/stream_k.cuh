@@ -70,7 +70,7 @@ __device__ bool reduce_stream_k(const StreamK& schedule, int64_t tile, int slice
 // 5 the gated one's: kernel.cuh, epilogue.cuh).
 constexpr int kStreamKBarrier = 4;
 
-// reduce_stream_k for the warp-specialised (128-row wgmma) tiles: the same
+// reduce_stream_k for the warp-specialised (32-, 64- and 128-row wgmma) tiles: the same
 // meeting, among their kComputeThreads computing threads only (`tid` their
 // index; the producer warpgroup never reaches it), and each thread's
 // accumulators kept in the slot in register order, not by row and column:

@@ -15,31 +15,37 @@ namespace ferrum_moe_cuda::gemm {
 constexpr int kMaxSmemPerCta = 227 * 1024;
 constexpr int kStaticSmemReserve = 8 * 1024;
 
-template <class T, int kBits, int kTileRows>
+// kWgmmaTile: the warp-specialised wgmma tile of kTileRows tokens (128, 64 or
+// 32 on Hopper: the host's CudaStack::tile_for), else the mma.sync tile.
+template <class T, int kBits, int kTileRows, bool kWgmmaTile = kTileRows == kWgmmaRowsPerCta>
 struct GemmTraits {
   static_assert(sizeof(T) == 2, "fp16 or bf16 activations");
+  static_assert(kWgmmaTile == (kTileRows == kWgmmaRowsPerCta) ||
+                    (kWgmmaTile && (kTileRows == kLargeRowsPerCta || kTileRows == kMediumRowsPerCta)),
+                "wgmma tiles of 128, 64 or 32 rows; 128 rows only on wgmma");
   using Tile = WeightTileLayout<kBits>;
 
   static constexpr int kRows = kTileRows;
+  static constexpr bool kWgmma = kWgmmaTile;
   // The 8-row tiles swap the MMA's operands: the dequantized weights are its
   // 16-row A operand (16 columns), the tokens its 8 B columns (mainloop.cuh).
   static constexpr bool kSwapped = swaps_mma_operands(kRows);
-  // The 128-row (wgmma) tiles run two warpgroups of 4 warps, each on its own
-  // 128 columns, both on one token tile: the token copy per FLOP halves.
-  static constexpr int kWarpgroups = kRows == kWgmmaRowsPerCta ? kWgmmaColumnTilesPerCta : 1;
-  // The 128-row tiles are warp-specialised: a third warpgroup (the first 128
+  // The wgmma tiles run two warpgroups of 4 warps, each on its own 128
+  // columns, both on one token tile: the token copy per FLOP halves.
+  static constexpr int kWarpgroups = kWgmma ? kWgmmaColumnTilesPerCta : 1;
+  // The wgmma tiles are warp-specialised: a third warpgroup (the first 128
   // threads) only copies, the two computing ones only dequantize and issue
   // wgmma (mainloop.cuh). The other tiles copy with all their threads.
-  static constexpr bool kWarpSpecialized = kRows == kWgmmaRowsPerCta;
+  static constexpr bool kWarpSpecialized = kWgmma;
   static constexpr int kProducerThreads = kWarpSpecialized ? kThreads : 0;
   static constexpr int kCtaThreads = kProducerThreads + kWarpgroups * kThreads;
   static constexpr int kCopyThreads = kWarpSpecialized ? kProducerThreads : kCtaThreads;
   // 4 stages: three K slices in flight while the fourth is computed, enough
   // to cover global-memory latency at this tile size.
-  // The 128-row (wgmma) tiles keep one stage more: a stage is released only
-  // once the wgmma reading it has retired, a k-step into the next slice
-  // (mainloop.cuh, PipelineBarriers). (Their registers allow one CTA per SM.)
-  static constexpr int kStages = kRows == kWgmmaRowsPerCta ? 5 : 4;
+  // The wgmma tiles keep one stage more: a stage is released only once the
+  // wgmma reading it has retired, a k-step into the next slice (mainloop.cuh,
+  // PipelineBarriers). (Their registers allow one CTA per SM.)
+  static constexpr int kStages = kWgmma ? 5 : 4;
 
   // A tile in shared memory: kRows rows of kTileK elements (128 bytes), stored
   // as 16-byte chunks XOR-swizzled by row % 8 so the 8 row addresses of one
@@ -55,11 +61,11 @@ struct GemmTraits {
   static_assert(kAChunksPerThread * kACopyThreads == kRows * kAChunksPerRow, "even A split");
 
   static constexpr int kBStageBytes = Tile::kBytes * kWarpgroups;
-  // wgmma (128-row tiles) reads the A tile through a 128-byte-swizzle
-  // descriptor, whose pattern is anchored at 1024-byte boundaries: the stages
-  // start aligned (the dynamic shared memory base is rounded up, hence the
-  // slack); the mma.sync tiles need 16 bytes.
-  static constexpr int kSmemAlignment = kRows == kWgmmaRowsPerCta ? 1024 : 16;
+  // wgmma reads the A tile through a 128-byte-swizzle descriptor, whose
+  // pattern is anchored at 1024-byte boundaries: the stages start aligned
+  // (the dynamic shared memory base is rounded up, hence the slack); the
+  // mma.sync tiles need 16 bytes.
+  static constexpr int kSmemAlignment = kWgmma ? 1024 : 16;
   // Warp-specialised tiles: next to each slice, its group's scales (fp16/bf16
   // bits) and zero codes for both weight tiles, copied by the producer, so
   // the computing warps never wait on global memory (kernel notes, v19).

@@ -1,5 +1,6 @@
 // Hopper warpgroup MMA (wgmma, sm_90a), one wrapper per instruction, and the
-// shared-memory matrix descriptor. Used by the 128-token tiles on Hopper: the weights are wgmma's A operand from registers (C^T = W^T X^T, 64
+// shared-memory matrix descriptor. Used by the 32-, 64- and 128-token tiles
+// on Hopper: the weights are wgmma's A operand from registers (C^T = W^T X^T, 64
 // weight columns per instruction, 16 per warp), the activation tile is its B
 // operand in shared memory. Compiled to a trap on other architectures.
 #ifndef FERRUM_MOE_CUDA_GEMM_WGMMA_CUH_
@@ -14,7 +15,7 @@
 namespace ferrum_moe_cuda::gemm {
 
 // kHasWgmma: this compilation pass is sm_90a device code, which has the
-// 128-token wgmma tiles (elsewhere they trap; the host asks the loaded code,
+// wgmma tiles (elsewhere they trap; the host asks the loaded code,
 // gemm_dispatch.cu, before it picks them).
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define FERRUM_MOE_WGMMA 1
@@ -135,27 +136,56 @@ __device__ __forceinline__ void wgmma_wait_group() {
 #endif
 }
 
-// acc (64 x 128 fp32, the warpgroup's) += A (64 x 16, registers: this warp's
-// 16 rows in the mma.m16n8k16 A-fragment layout) * B (16 x 128 tokens, K-major
-// in shared memory at `desc`).
-template <class T>
-__device__ __forceinline__ void wgmma_m64n128k16_rs(float (&acc)[64], const uint32_t (&a)[4], uint64_t desc) {
+// acc (64 x kN fp32, the warpgroup's: kN / 2 a thread) += A (64 x 16,
+// registers: this warp's 16 rows in the mma.m16n8k16 A-fragment layout) *
+// B (16 x kN tokens, K-major in shared memory at `desc`); kN 128, 64 or 32.
+template <class T, int kN>
+__device__ __forceinline__ void wgmma_m64nNk16_rs(float (&acc)[kN / 2], const uint32_t (&a)[4], uint64_t desc) {
+  static_assert(kN == 128 || kN == 64 || kN == 32, "the wgmma tiles' token counts");
 #ifdef FERRUM_MOE_WGMMA
 #define FM_ACC8(i) "+f"(acc[i]), "+f"(acc[i + 1]), "+f"(acc[i + 2]), "+f"(acc[i + 3]), \
                    "+f"(acc[i + 4]), "+f"(acc[i + 5]), "+f"(acc[i + 6]), "+f"(acc[i + 7])
-#define FM_WGMMA_RS(TYPE)                                                                               \
+#define FM_WGMMA_N128(TYPE)                                                                             \
   asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"                                               \
                "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "                  \
                "{%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"                                            \
                : FM_ACC8(0), FM_ACC8(8), FM_ACC8(16), FM_ACC8(24), FM_ACC8(32), FM_ACC8(40), FM_ACC8(48), \
                  FM_ACC8(56)                                                                             \
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc))
-  if constexpr (std::is_same_v<T, __half>) {
-    FM_WGMMA_RS("f16");
+#define FM_WGMMA_N64(TYPE)                                                                              \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"                                               \
+               "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, " \
+               "{%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"                                            \
+               : FM_ACC8(0), FM_ACC8(8), FM_ACC8(16), FM_ACC8(24)                                        \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc))
+#define FM_WGMMA_N32(TYPE)                                                                              \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"                                               \
+               "wgmma.mma_async.sync.aligned.m64n32k16.f32." TYPE "." TYPE " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, " \
+               "{%16, %17, %18, %19}, %20, p, 1, 1, 0;\n}\n"                                            \
+               : FM_ACC8(0), FM_ACC8(8)                                                                  \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc))
+  if constexpr (kN == 128) {
+    if constexpr (std::is_same_v<T, __half>) {
+      FM_WGMMA_N128("f16");
+    } else {
+      FM_WGMMA_N128("bf16");
+    }
+  } else if constexpr (kN == 64) {
+    if constexpr (std::is_same_v<T, __half>) {
+      FM_WGMMA_N64("f16");
+    } else {
+      FM_WGMMA_N64("bf16");
+    }
   } else {
-    FM_WGMMA_RS("bf16");
+    if constexpr (std::is_same_v<T, __half>) {
+      FM_WGMMA_N32("f16");
+    } else {
+      FM_WGMMA_N32("bf16");
+    }
   }
-#undef FM_WGMMA_RS
+#undef FM_WGMMA_N32
+#undef FM_WGMMA_N64
+#undef FM_WGMMA_N128
 #undef FM_ACC8
 #else
   (void)acc;

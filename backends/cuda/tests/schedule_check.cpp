@@ -11,7 +11,11 @@
 
 namespace {
 
+using ferrum_moe_cuda::gemm::kLargeRowsPerCta;
+using ferrum_moe_cuda::gemm::kMediumRowsPerCta;
 using ferrum_moe_cuda::gemm::kStreamKMinSlices;
+using ferrum_moe_cuda::gemm::kTinyRowsPerCta;
+using ferrum_moe_cuda::gemm::kWgmmaRowsPerCta;
 using ferrum_moe_cuda::gemm::stream_k_ctas;
 using ferrum_moe_cuda::gemm::stream_k_slots;
 using ferrum_moe_cuda::gemm::wgmma_tiles_fill;
@@ -69,8 +73,11 @@ int main() {
   check_plan(768, 32, 528, 768, "Qwen3-30B-A3B M = 8 w13: a wave or more, one CTA per tile");
   // The 128-row (wgmma) tiles, one CTA per SM of 132 (kernel notes, v43): the
   // workspace's slots, which launches keep them, and their splits.
-  expect(stream_k_slots(8) == 1024 && stream_k_slots(64) == 128 && stream_k_slots(128) == 32,
-         "4 MiB of slots: 1,024 of 8 x 128, 128 of 64 x 128, 32 of 128 x 256", 0, 0, 0, stream_k_slots(128));
+  expect(stream_k_slots({kTinyRowsPerCta, false}) == 1024 && stream_k_slots({kLargeRowsPerCta, false}) == 128 &&
+             stream_k_slots({kMediumRowsPerCta, true}) == 128 && stream_k_slots({kLargeRowsPerCta, true}) == 64 &&
+             stream_k_slots({kWgmmaRowsPerCta, true}) == 32,
+         "4 MiB of slots: 1,024 of 8 x 128, 128 of 64 x 128, 128 of 32 x 256, 64 of 64 x 256, 32 of 128 x 256", 0, 0, 0,
+         stream_k_slots({kWgmmaRowsPerCta, true}));
   check_plan(16, 112, 132, 128, "Linear 7168 x 2048 M = 256: 8 aligned splits of 14 slices");
   check_plan(32, 224, 132, 128, "Linear 14336 x 4096 M = 256: 4 aligned splits of 56 slices");
   check_plan(16, 64, 132, 128, "the split test's 256 x 4096 x 2048: 8 aligned splits of 8 slices");

@@ -1,10 +1,11 @@
 // The GEMM mainloop: a kStages-deep cp.async pipeline over K slices. Per
 // slice, every thread copies its own weight codes (16-byte loads, layout.hpp)
 // and a share of the A tile; then each warp dequantizes its 32 columns in
-// registers and issues mma.sync against ldmatrix'ed token fragments. The wgmma
-// tiles (Hopper: 32, 64 or 128 rows) are warp-specialised instead: a producer warpgroup copies
-// (produce()), two computing warpgroups dequantize and issue wgmma, and the
-// stages pass between them through mbarriers (PipelineBarriers).
+// registers and issues mma.sync against ldmatrix'ed token fragments. The
+// wgmma tiles (Hopper: 32, 64 or 128 rows) are warp-specialised instead: a
+// producer warpgroup copies (produce()), two computing warpgroups dequantize
+// and issue wgmma, and the stages pass between them through mbarriers
+// (PipelineBarriers).
 #ifndef FERRUM_MOE_CUDA_GEMM_MAINLOOP_CUH_
 #define FERRUM_MOE_CUDA_GEMM_MAINLOOP_CUH_
 

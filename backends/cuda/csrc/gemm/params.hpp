@@ -97,8 +97,8 @@ struct StreamK {
 
 // The workspace of a stack: slots of kStreamKSlotFloats floats (1,024 tiles
 // of 8 x 128, 512 of 16 x 128, 256 of 32 x 128, 128 of 64 x 128, or of the
-// wgmma tiles' 32, 64 or 128 x 256: 128, 64 or 32; 4 MiB) and their counters. Launches with more tiles fill the GPU
-// without sharing one.
+// wgmma tiles' 32, 64 or 128 x 256: 128, 64 or 32; 4 MiB) and their
+// counters. Launches with more tiles fill the GPU without sharing one.
 constexpr int kStreamKSlotFloats = 512 * 16 * 128;
 constexpr int kStreamKCounters = 1024;
 

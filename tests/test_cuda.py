@@ -680,8 +680,11 @@ def test_prefill_tiles_store_windows_bias_and_every_output_layout(rng, dtype):
 def test_mid_m_tiles_match_float64(rng, dtype, bits, group_size, sym, act_order):
     """Blocks of 17-64 rows run on 32-row tiles, partly filled where an
     expert's block ends: routed blocks of 32 and of 64 (two tiles a block),
-    host dispatches of 20, 32 and 45 rows (the last in two tiles, the second
-    of 13 rows), the same table in device memory, K with a tail slice, groups
+    over a short grid and over a long one (900 tokens at block 32: 63 blocks
+    x 66 column pairs, over 24 tiles an SM, so Hopper takes the 32-row
+    mma.sync tiles where the short grids take the wgmma ones), host
+    dispatches of 20, 32 and 45 rows (the last in two tiles, the second of
+    13 rows), the same table in device memory, K with a tail slice, groups
     per slice, per k-step (32) and per row (act-order), the compute dtype and
     float32 out; each against float64, the output poisoned."""
     e, k, n, m = 6, 200, 66 * 256, 150
@@ -690,18 +693,20 @@ def test_mid_m_tiles_match_float64(rng, dtype, bits, group_size, sym, act_order)
     dense = [w.dequantize(np.float64) for w in weights]
     stack = fm.ExpertStack.from_gptq(weights, device="cuda", dtype=dtype)
     tdtype = getattr(torch, dtype)
-    x = cuda(random_activations(rng, (m, k), "float32")).to(tdtype)
-    x64 = x.cpu().double().numpy()
     tol = REL_TOL[dtype]
-    ids = rng.integers(0, e, (m, 2)).astype(np.int32)
-    for block in (32, 64):
+    for tokens, block in [(m, 32), (m, 64), (900, 32)]:
+        x = cuda(random_activations(rng, (tokens, k), "float32")).to(tdtype)
+        x64 = x.cpu().double().numpy()
+        ids = rng.integers(0, e, (tokens, 2)).astype(np.int32)
         routing = fm.moe_align_block_size(cuda(ids), block, e)
-        out = torch.full((2 * m, n), float("nan"), device="cuda", dtype=tdtype)
+        out = torch.full((2 * tokens, n), float("nan"), device="cuda", dtype=tdtype)
         stack.gemm_routed(x, routing, out=out)
         got = out.cpu().double().numpy()
         for expert in range(e):
             pairs = np.flatnonzero(ids.reshape(-1) == expert)
-            assert rel_error(got[pairs], x64[pairs // 2] @ dense[expert]) < tol, (block, expert)
+            assert rel_error(got[pairs], x64[pairs // 2] @ dense[expert]) < tol, (tokens, block, expert)
+    x = cuda(random_activations(rng, (m, k), "float32")).to(tdtype)
+    x64 = x.cpu().double().numpy()
     table = np.array([[0, 0, 0, 20], [2, 20, 20, 32], [5, 52, 52, 45]])
     named = int(table[:, 3].sum())  # the dispatches name rows 0..named-1, end to end
     for where, out_dtype in [("host", tdtype), ("host", torch.float32), ("device", tdtype)]:

@@ -362,10 +362,16 @@ gemm::CtaTile CudaStack::tile_for(int64_t rows) const {
 // gemm/params.hpp, wgmma_tiles_fill: 128-row tiles where they (split or not)
 // fill the GPU, else the 64-row mma.sync tiles (2 CTAs an SM of 128 columns
 // each, where the 64-row wgmma tiles hold one of 256: kernel notes, v79).
-gemm::CtaTile CudaStack::fill_the_gpu(gemm::CtaTile tile, int64_t row_tiles, int64_t n_tiles) const {
+// small_wgmma_tiles_keep: 32-row wgmma tiles over a short grid, else the
+// 32-row mma.sync tiles (3 CTAs an SM: kernel notes, v80).
+gemm::CtaTile CudaStack::fill_the_gpu(gemm::CtaTile tile, RowTiles row_tiles, int64_t n_tiles) const {
+  const int64_t column_pairs = ceil_div(n_tiles, int64_t{gemm::kWgmmaColumnTilesPerCta});
+  if (tile.wgmma && tile.rows == gemm::kMediumRowsPerCta) {
+    if (gemm::small_wgmma_tiles_keep(row_tiles.of_32 * column_pairs, num_sms_)) return tile;
+    return {gemm::kMediumRowsPerCta, false};
+  }
   if (tile.rows != gemm::kWgmmaRowsPerCta) return tile;
-  const int64_t tiles = row_tiles * ceil_div(n_tiles, int64_t{gemm::kWgmmaColumnTilesPerCta});
-  if (gemm::wgmma_tiles_fill(tiles, k_padded_ / kTileK, num_sms_)) return tile;
+  if (gemm::wgmma_tiles_fill(row_tiles.of_128 * column_pairs, k_padded_ / kTileK, num_sms_)) return tile;
   return {gemm::kLargeRowsPerCta, false};
 }
 
@@ -457,12 +463,16 @@ void CudaStack::gemm_batched(const FmGemmBatchedArgs& args) {
   const int64_t s1 = stride(dispatches, 1);
   auto field = [&](int64_t d, int c) { return table[d * s0 + c * s1]; };
 
+  // Row tiles: of 128 rows over the table; of 32 rows, the slices of one
+  // launch at most (kMaxBatchedWorkItems: its grid, not the table's).
   int64_t max_rows = 0;
-  int64_t row_tiles = 0;  // of 128 rows
+  RowTiles row_tiles{0, 0};
   bool one_expert = true;
   for (int64_t d = 0; d < num_dispatches; ++d) {
     max_rows = std::max(max_rows, field(d, 3));
-    row_tiles += ceil_div(field(d, 3), int64_t{gemm::kWgmmaRowsPerCta});
+    row_tiles.of_128 += ceil_div(field(d, 3), int64_t{gemm::kWgmmaRowsPerCta});
+    row_tiles.of_32 = std::min<int64_t>(row_tiles.of_32 + ceil_div(field(d, 3), int64_t{gemm::kMediumRowsPerCta}),
+                                        gemm::kMaxBatchedWorkItems);
     one_expert = one_expert && field(d, 0) == field(0, 0);
   }
   if (max_rows == 0) return;
@@ -519,10 +529,15 @@ void CudaStack::gemm_batched_device_table(const FmGemmBatchedArgs& args, const g
   // (Row tiles capped at the grid limit, which the check below enforces: the
   // product stays far inside int64 whatever the table's and x's sizes.)
   constexpr int64_t kMaxGridX = std::numeric_limits<int32_t>::max();
+  // At 32 rows, the tiles the rows can fill (each dispatch's last tile
+  // partly): the grid's other CTAs leave at once.
   const int64_t row_tiles = std::min(params.num_dispatches, kMaxGridX) *
                             std::min(ceil_div(max_rows, int64_t{gemm::kWgmmaRowsPerCta}), kMaxGridX);
+  const int64_t live_tiles_of_32 =
+      std::min(ceil_div(max_rows, int64_t{gemm::kMediumRowsPerCta}) + std::min(params.num_dispatches, kMaxGridX),
+               kMaxGridX);
   const gemm::CtaTile tile = fill_the_gpu(tile_for(ceil_div(max_rows, params.num_dispatches)),
-                                          std::min(row_tiles, kMaxGridX), num_n_tiles);
+                                          {std::min(row_tiles, kMaxGridX), live_tiles_of_32}, num_n_tiles);
   const int64_t chunks = ceil_div(max_rows, int64_t{tile.rows});
   if (chunks > kMaxGridX / params.num_dispatches) {
     throw Error(FM_ERROR_UNSUPPORTED, "gemm_batched: " + std::to_string(params.num_dispatches) +
@@ -624,9 +639,11 @@ bool CudaStack::launch_routed(const FmGemmRoutedArgs& args, DLTensor& out, bool 
   const int64_t block_rows = args.block_size < gemm::kLargeRowsPerCta
                                  ? std::min<int64_t>(args.block_size, gemm::kMediumRowsPerCta)
                                  : args.block_size;
-  const gemm::CtaTile tile =
-      fill_the_gpu(tile_for(block_rows), grid_blocks * ceil_div(args.block_size, int64_t{gemm::kWgmmaRowsPerCta}),
-                   weights_.n_tiles);
+  const gemm::CtaTile tile = fill_the_gpu(
+      tile_for(block_rows),
+      {grid_blocks * ceil_div(args.block_size, int64_t{gemm::kWgmmaRowsPerCta}),
+       grid_blocks * ceil_div(args.block_size, int64_t{gemm::kMediumRowsPerCta})},
+      weights_.n_tiles);
   // The gated epilogue pairs each gate tile with its up tile in one wgmma
   // CTA (as many CTA tiles as the plain launch's pairs of adjacent tiles), or
   // each half of a gate tile with the same half of its up tile in one 8-row

@@ -162,6 +162,19 @@ inline FM_HOST_DEVICE constexpr bool wgmma_tiles_fill(int64_t tiles, int64_t k_t
   return ctas * 4 >= num_sms * 3;
 }
 
+// Whether a launch of `tiles` 32-row wgmma tiles keeps them on num_sms SMs:
+// at most kSmallWgmmaTilesMaxWaves tiles an SM. Where one CTA an SM takes a
+// few tiles in turn it ends the launch evenly (Qwen3-30B-A3B and
+// DeepSeek-V2-Lite M = 256, 7-12 tiles an SM: 6-9% faster than the 32-row
+// mma.sync tiles); over a long grid the mma.sync tiles' 3 CTAs an SM stream
+// faster (DeepSeek-V3 M = 1024, 62-109 an SM: 8.5% slower on wgmma; H100,
+// 2026-12-07, kernel notes v79 and v80). Measured for routed launches.
+constexpr int64_t kSmallWgmmaTilesMaxWaves = 24;
+
+inline FM_HOST_DEVICE constexpr bool small_wgmma_tiles_keep(int64_t tiles, int64_t num_sms) {
+  return tiles <= kSmallWgmmaTilesMaxWaves * num_sms;
+}
+
 struct BatchedParams {
   QuantWeights w;
   GemmIO io;

@@ -434,8 +434,8 @@ def test_pair_routing_with_repeated_experts_matches_float64(rng, bits, with_weig
 # (not whole slices), rows that are not 16-byte aligned (row length odd, x from column 1), and K
 # past kGemvMaxGatedK (the gated epilogue; plain, K that long runs on the GEMV, whose only bound
 # there is the group scales' staging size). Act-order stacks (aligned; K past its last slice in
-# rows that are not aligned; K not a multiple of 8) run on the GEMV: their x is copied in each
-# pair's expert order first.
+# rows that are not aligned; K not a multiple of 8) run on the GEMV: pair routing reads x through
+# each pair's expert's permutation (the GEMV's permuted form), blocks a copy in that order.
 @pytest.mark.parametrize("k, x_columns, group_size, act_order", [
     (64, 64, 64, False), (196, 208, 128, False), (197, 208, 128, False), (4000, 4000, -1, False),
     (3072, 3072, 64, False),

@@ -187,7 +187,7 @@ CudaStack::CudaStack(const FmStackCreateArgs& args)
   // The decode GEMV takes this stack's pair routing and small routing blocks
   // where its layout holds (gemm/gemv.cuh): uniform groups of whole K slices
   // (act-order too, where its sorted groups are: its x is copied in order
-  // first, sort_x_columns), K up to kGemvMaxGatedK with the gated epilogue, and the
+  // first, sort_x_columns, or with pair routing read through perm), K up to kGemvMaxGatedK with the gated epilogue, and the
   // CTA's group scales within what the device lets each form stage;
   // gemv_ctas_per_sm_ stays 0 elsewhere.
   // Its slices per group must be a power of two (the group of a slice is a
@@ -693,7 +693,8 @@ void CudaStack::gemm_routed_pairs(const FmGemmRoutedArgs& args, gemm::RoutedPara
   if (params.num_pairs == 0) return;
   const cudaStream_t stream = as_stream(args.stream);
   if (gemv_takes(params, false, params.num_pairs, gemm::kGemvMaxCtasPerSm)) {
-    const StreamBuffer x_sorted = sort_x_columns(params, params.num_pairs, stream);
+    // Act-order x needs no sorted copy here: the one-row GEMV reads it
+    // through the expert's perm (gemv.cuh, kPermutedX; kernel notes, v81).
     launch_gemv(params, false, params.num_pairs, stream);
     return;
   }
@@ -762,7 +763,8 @@ StreamBuffer CudaStack::sort_x_columns(const DLTensor& x, int64_t expert, gemm::
 bool CudaStack::gemv_takes(const gemm::RoutedParams& params, bool blocks, int64_t units, int max_ctas_per_sm) const {
   const int resident = gemv_ctas_per_sm_[blocks][params.io.gate_up_tiles > 0];
   const int64_t ctas = int64_t{gemm::gemv_slots(params.io.n)} * units;
-  // (Act-order's x is copied aligned first: sort_x_columns.)
+  // (Act-order's x is copied aligned first, sort_x_columns, or read by
+  // element through perm: the one-row GEMV's permuted form.)
   const bool aligned = params.io.x_vector_loads || params.w.perm != nullptr;
   return resident != 0 && aligned && ctas <= int64_t{max_ctas_per_sm} * num_sms_;
 }

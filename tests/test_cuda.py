@@ -435,12 +435,13 @@ def test_pair_routing_with_repeated_experts_matches_float64(rng, bits, with_weig
 # past kGemvMaxGatedK (the gated epilogue; plain, K that long runs on the GEMV, whose only bound
 # there is the group scales' staging size). Act-order stacks (aligned; K past its last slice in
 # rows that are not aligned; K not a multiple of 8) run on the GEMV: pair routing reads x through
-# each pair's expert's permutation (the GEMV's permuted form), blocks a copy in that order.
+# each pair's expert's permutation (the GEMV's permuted form) where each warp's K is one round of
+# slices, else (K = 4160: 3 rounds) a copy in that order, as routing blocks do.
 @pytest.mark.parametrize("k, x_columns, group_size, act_order", [
     (64, 64, 64, False), (196, 208, 128, False), (197, 208, 128, False), (4000, 4000, -1, False),
     (3072, 3072, 64, False),
     (512, 512, 32, False), (512, 512, 128, True), (200, 201, 128, False), (200, 201, 128, True),
-    (197, 208, 128, True), (4160, 4160, 128, False)])
+    (197, 208, 128, True), (4160, 4160, 128, False), (4160, 4160, 128, True)])
 @pytest.mark.parametrize("bits, sym", [(4, True), (4, False), (8, True)])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 # Pair routing (3 tokens), or align's blocks of 8 or 3 rows (9 tokens: experts of 5-9 rows, so

@@ -693,8 +693,10 @@ void CudaStack::gemm_routed_pairs(const FmGemmRoutedArgs& args, gemm::RoutedPara
   if (params.num_pairs == 0) return;
   const cudaStream_t stream = as_stream(args.stream);
   if (gemv_takes(params, false, params.num_pairs, gemm::kGemvMaxCtasPerSm)) {
-    // Act-order x needs no sorted copy here: the one-row GEMV reads it
+    // Act-order x: a sorted copy first, or where the launch is short, read
     // through the expert's perm (gemv.cuh, kPermutedX; kernel notes, v81).
+    const StreamBuffer x_sorted =
+        gemv_permutes_x(params, params.num_pairs) ? StreamBuffer{} : sort_x_columns(params, params.num_pairs, stream);
     launch_gemv(params, false, params.num_pairs, stream);
     return;
   }
@@ -767,6 +769,17 @@ bool CudaStack::gemv_takes(const gemm::RoutedParams& params, bool blocks, int64_
   // element through perm: the one-row GEMV's permuted form.)
   const bool aligned = params.io.x_vector_loads || params.w.perm != nullptr;
   return resident != 0 && aligned && ctas <= int64_t{max_ctas_per_sm} * num_sms_;
+}
+
+// gemm/params.hpp, gemv_reads_x_through_perm: the one-row launch's waves of
+// resident CTAs times each warp's rounds of K slices.
+bool CudaStack::gemv_permutes_x(const gemm::RoutedParams& params, int64_t units) const {
+  if (params.w.perm == nullptr) return false;
+  const int64_t wave = int64_t{gemv_ctas_per_sm_[0][params.io.gate_up_tiles > 0]} * num_sms_;
+  const int64_t waves = ceil_div(int64_t{gemm::gemv_slots(params.io.n)} * units, std::max<int64_t>(wave, 1));
+  const int64_t slices_per_warp = ceil_div(k_padded_ / kTileK, int64_t{gemm::kGemvWarps});
+  const int64_t rounds = ceil_div(slices_per_warp, int64_t{gemm::gemv_chunk_slices(bits_)});
+  return gemm::gemv_reads_x_through_perm(waves, rounds);
 }
 
 void CudaStack::launch_gemv(gemm::RoutedParams& params, bool blocks, int64_t units, cudaStream_t stream) {

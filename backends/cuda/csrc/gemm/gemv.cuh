@@ -38,26 +38,22 @@
 
 namespace ferrum_moe_cuda::gemm {
 
-// Slices of K a warp loads in one round: 32 words of codes per lane and
-// stream (4 INT4 slices, 2 INT8 ones).
-template <int kBits>
-constexpr int kGemvChunkSlices = 32 / WeightTileLayout<kBits>::kWordsPerLane;
-
 // kStreams 1: plain results of the CTA's slot; 2: the gated epilogue (the
 // gate slot, then the same slot of its up tile). kRows 1: pair routing (unit
 // u of the grid is pair u); kGemvBlockRows: routing blocks of up to that many
 // rows (unit u is block u, its rows the MMA's token columns, so the expert's
 // weights are read once for all of them). kPermutedX (one row only): an
 // act-order stack's x as the caller gave it, each value read through the
-// expert's perm (no sorted copy launched first, kernel notes v81); its own
-// kernel, so that the plain one's registers stay as they are.
+// expert's perm (no sorted copy launched first, where the launch is short:
+// params.hpp, gemv_reads_x_through_perm; kernel notes v81); its own kernel,
+// so that the plain one's registers stay as they are.
 template <class T, int kBits, int kStreams, int kRows, bool kPermutedX>
 __global__ void __launch_bounds__(kGemvThreads, 2)
     gemv_routed_kernel(const __grid_constant__ RoutedParams p) {
   static_assert(kRows == 1 || kRows == kGemvBlockRows, "one token column, or all eight");
   static_assert(!kPermutedX || kRows == 1, "blocks read the sorted copy");
   using Tile = WeightTileLayout<kBits>;
-  constexpr int kChunk = kGemvChunkSlices<kBits>;
+  constexpr int kChunk = gemv_chunk_slices(kBits);  // slices a round
   constexpr int kLoads = Tile::kLoadsPerLane;
   constexpr int kWarpSlots = kTileN / kWarpN;
   // Each warp's token rows of a round: kChunk slices of kTileK values, then 8

@@ -273,6 +273,28 @@ constexpr int kGemvMaxBlockCtasPerSm = 16;
 // w2 over K = 14,336 was faster on the GEMV.)
 constexpr int64_t kGemvMaxGatedK = 4096;
 
+// Whether the one-row GEMV reads act-order x through the expert's perm
+// (gemv.cuh, kPermutedX) rather than a sorted copy launched first: where
+// its waves of CTAs times each warp's rounds of slices (`waves * rounds`) are
+// at most kGemvPermutedXMaxRounds. The copy costs the layer a kernel (~4 us
+// on the H100); the permuted read a second dependent L2 load before each
+// round's token values (~0.9 us a round of each wave). Measured on the H100
+// (2026-12-07, kernel notes v81), act-order layers against the copy:
+// Qwen3-30B-A3B at one token (1 x 1 and 2 x 1) 5.2 us faster, at four
+// tokens (3 x 1 and 8 x 1) 1.9 us slower, Mixtral at one token (4 x 2 and
+// 1 x 7) 5.5 us slower.
+constexpr int64_t kGemvPermutedXMaxRounds = 2;
+
+inline FM_HOST_DEVICE constexpr bool gemv_reads_x_through_perm(int64_t waves, int64_t rounds) {
+  return waves * rounds <= kGemvPermutedXMaxRounds;
+}
+
+// Slices of K a GEMV warp loads in one round: 32 words of codes per lane and
+// stream (4 INT4 slices, 2 INT8 ones).
+inline FM_HOST_DEVICE constexpr int gemv_chunk_slices(int bits) {
+  return 32 / (bits == 4 ? WeightTileLayout<4>::kWordsPerLane : WeightTileLayout<8>::kWordsPerLane);
+}
+
 // Slots of an output window of n columns.
 inline FM_HOST_DEVICE constexpr int gemv_slots(int64_t n) { return static_cast<int>((n + kWarpN - 1) / kWarpN); }
 

@@ -434,13 +434,14 @@ def test_pair_routing_with_repeated_experts_matches_float64(rng, bits, with_weig
 # (not whole slices), rows that are not 16-byte aligned (row length odd, x from column 1), and K
 # past kGemvMaxGatedK (the gated epilogue; plain, K that long runs on the GEMV, whose only bound
 # there is the group scales' staging size). Act-order stacks (aligned; K past its last slice in
-# rows that are not aligned; K not a multiple of 8) run on the GEMV: their x is copied in each
-# pair's expert order first.
+# rows that are not aligned; K not a multiple of 8) run on the GEMV: pair routing reads x through
+# each pair's expert's permutation (the GEMV's permuted form) where each warp's K is one round of
+# slices, else (K = 4160: 3 rounds) a copy in that order, as routing blocks do.
 @pytest.mark.parametrize("k, x_columns, group_size, act_order", [
     (64, 64, 64, False), (196, 208, 128, False), (197, 208, 128, False), (4000, 4000, -1, False),
     (3072, 3072, 64, False),
     (512, 512, 32, False), (512, 512, 128, True), (200, 201, 128, False), (200, 201, 128, True),
-    (197, 208, 128, True), (4160, 4160, 128, False)])
+    (197, 208, 128, True), (4160, 4160, 128, False), (4160, 4160, 128, True)])
 @pytest.mark.parametrize("bits, sym", [(4, True), (4, False), (8, True)])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 # Pair routing (3 tokens), or align's blocks of 8 or 3 rows (9 tokens: experts of 5-9 rows, so
@@ -680,8 +681,11 @@ def test_prefill_tiles_store_windows_bias_and_every_output_layout(rng, dtype):
 def test_mid_m_tiles_match_float64(rng, dtype, bits, group_size, sym, act_order):
     """Blocks of 17-64 rows run on 32-row tiles, partly filled where an
     expert's block ends: routed blocks of 32 and of 64 (two tiles a block),
-    host dispatches of 20, 32 and 45 rows (the last in two tiles, the second
-    of 13 rows), the same table in device memory, K with a tail slice, groups
+    over a short grid and over a long one (900 tokens at block 32: 63 blocks
+    x 66 column pairs, over 24 tiles an SM, so Hopper takes the 32-row
+    mma.sync tiles where the short grids take the wgmma ones), host
+    dispatches of 20, 32 and 45 rows (the last in two tiles, the second of
+    13 rows), the same table in device memory, K with a tail slice, groups
     per slice, per k-step (32) and per row (act-order), the compute dtype and
     float32 out; each against float64, the output poisoned."""
     e, k, n, m = 6, 200, 66 * 256, 150
@@ -690,18 +694,20 @@ def test_mid_m_tiles_match_float64(rng, dtype, bits, group_size, sym, act_order)
     dense = [w.dequantize(np.float64) for w in weights]
     stack = fm.ExpertStack.from_gptq(weights, device="cuda", dtype=dtype)
     tdtype = getattr(torch, dtype)
-    x = cuda(random_activations(rng, (m, k), "float32")).to(tdtype)
-    x64 = x.cpu().double().numpy()
     tol = REL_TOL[dtype]
-    ids = rng.integers(0, e, (m, 2)).astype(np.int32)
-    for block in (32, 64):
+    for tokens, block in [(m, 32), (m, 64), (900, 32)]:
+        x = cuda(random_activations(rng, (tokens, k), "float32")).to(tdtype)
+        x64 = x.cpu().double().numpy()
+        ids = rng.integers(0, e, (tokens, 2)).astype(np.int32)
         routing = fm.moe_align_block_size(cuda(ids), block, e)
-        out = torch.full((2 * m, n), float("nan"), device="cuda", dtype=tdtype)
+        out = torch.full((2 * tokens, n), float("nan"), device="cuda", dtype=tdtype)
         stack.gemm_routed(x, routing, out=out)
         got = out.cpu().double().numpy()
         for expert in range(e):
             pairs = np.flatnonzero(ids.reshape(-1) == expert)
-            assert rel_error(got[pairs], x64[pairs // 2] @ dense[expert]) < tol, (block, expert)
+            assert rel_error(got[pairs], x64[pairs // 2] @ dense[expert]) < tol, (tokens, block, expert)
+    x = cuda(random_activations(rng, (m, k), "float32")).to(tdtype)
+    x64 = x.cpu().double().numpy()
     table = np.array([[0, 0, 0, 20], [2, 20, 20, 32], [5, 52, 52, 45]])
     named = int(table[:, 3].sum())  # the dispatches name rows 0..named-1, end to end
     for where, out_dtype in [("host", tdtype), ("host", torch.float32), ("device", tdtype)]:

@@ -187,7 +187,7 @@ CudaStack::CudaStack(const FmStackCreateArgs& args)
   // The decode GEMV takes this stack's pair routing and small routing blocks
   // where its layout holds (gemm/gemv.cuh): uniform groups of whole K slices
   // (act-order too, where its sorted groups are: its x is copied in order
-  // first, sort_x_columns), K up to kGemvMaxGatedK with the gated epilogue, and the
+  // first, sort_x_columns, or with pair routing read through perm), K up to kGemvMaxGatedK with the gated epilogue, and the
   // CTA's group scales within what the device lets each form stage;
   // gemv_ctas_per_sm_ stays 0 elsewhere.
   // Its slices per group must be a power of two (the group of a slice is a
@@ -362,10 +362,16 @@ gemm::CtaTile CudaStack::tile_for(int64_t rows) const {
 // gemm/params.hpp, wgmma_tiles_fill: 128-row tiles where they (split or not)
 // fill the GPU, else the 64-row mma.sync tiles (2 CTAs an SM of 128 columns
 // each, where the 64-row wgmma tiles hold one of 256: kernel notes, v79).
-gemm::CtaTile CudaStack::fill_the_gpu(gemm::CtaTile tile, int64_t row_tiles, int64_t n_tiles) const {
+// small_wgmma_tiles_keep: 32-row wgmma tiles over a short grid, else the
+// 32-row mma.sync tiles (3 CTAs an SM: kernel notes, v80).
+gemm::CtaTile CudaStack::fill_the_gpu(gemm::CtaTile tile, RowTiles row_tiles, int64_t n_tiles) const {
+  const int64_t column_pairs = ceil_div(n_tiles, int64_t{gemm::kWgmmaColumnTilesPerCta});
+  if (tile.wgmma && tile.rows == gemm::kMediumRowsPerCta) {
+    if (gemm::small_wgmma_tiles_keep(row_tiles.of_32 * column_pairs, num_sms_)) return tile;
+    return {gemm::kMediumRowsPerCta, false};
+  }
   if (tile.rows != gemm::kWgmmaRowsPerCta) return tile;
-  const int64_t tiles = row_tiles * ceil_div(n_tiles, int64_t{gemm::kWgmmaColumnTilesPerCta});
-  if (gemm::wgmma_tiles_fill(tiles, k_padded_ / kTileK, num_sms_)) return tile;
+  if (gemm::wgmma_tiles_fill(row_tiles.of_128 * column_pairs, k_padded_ / kTileK, num_sms_)) return tile;
   return {gemm::kLargeRowsPerCta, false};
 }
 
@@ -457,12 +463,16 @@ void CudaStack::gemm_batched(const FmGemmBatchedArgs& args) {
   const int64_t s1 = stride(dispatches, 1);
   auto field = [&](int64_t d, int c) { return table[d * s0 + c * s1]; };
 
+  // Row tiles: of 128 rows over the table; of 32 rows, the slices of one
+  // launch at most (kMaxBatchedWorkItems: its grid, not the table's).
   int64_t max_rows = 0;
-  int64_t row_tiles = 0;  // of 128 rows
+  RowTiles row_tiles{0, 0};
   bool one_expert = true;
   for (int64_t d = 0; d < num_dispatches; ++d) {
     max_rows = std::max(max_rows, field(d, 3));
-    row_tiles += ceil_div(field(d, 3), int64_t{gemm::kWgmmaRowsPerCta});
+    row_tiles.of_128 += ceil_div(field(d, 3), int64_t{gemm::kWgmmaRowsPerCta});
+    row_tiles.of_32 = std::min<int64_t>(row_tiles.of_32 + ceil_div(field(d, 3), int64_t{gemm::kMediumRowsPerCta}),
+                                        gemm::kMaxBatchedWorkItems);
     one_expert = one_expert && field(d, 0) == field(0, 0);
   }
   if (max_rows == 0) return;
@@ -519,10 +529,15 @@ void CudaStack::gemm_batched_device_table(const FmGemmBatchedArgs& args, const g
   // (Row tiles capped at the grid limit, which the check below enforces: the
   // product stays far inside int64 whatever the table's and x's sizes.)
   constexpr int64_t kMaxGridX = std::numeric_limits<int32_t>::max();
+  // At 32 rows, the tiles the rows can fill (each dispatch's last tile
+  // partly): the grid's other CTAs leave at once.
   const int64_t row_tiles = std::min(params.num_dispatches, kMaxGridX) *
                             std::min(ceil_div(max_rows, int64_t{gemm::kWgmmaRowsPerCta}), kMaxGridX);
+  const int64_t live_tiles_of_32 =
+      std::min(ceil_div(max_rows, int64_t{gemm::kMediumRowsPerCta}) + std::min(params.num_dispatches, kMaxGridX),
+               kMaxGridX);
   const gemm::CtaTile tile = fill_the_gpu(tile_for(ceil_div(max_rows, params.num_dispatches)),
-                                          std::min(row_tiles, kMaxGridX), num_n_tiles);
+                                          {std::min(row_tiles, kMaxGridX), live_tiles_of_32}, num_n_tiles);
   const int64_t chunks = ceil_div(max_rows, int64_t{tile.rows});
   if (chunks > kMaxGridX / params.num_dispatches) {
     throw Error(FM_ERROR_UNSUPPORTED, "gemm_batched: " + std::to_string(params.num_dispatches) +
@@ -624,9 +639,11 @@ bool CudaStack::launch_routed(const FmGemmRoutedArgs& args, DLTensor& out, bool 
   const int64_t block_rows = args.block_size < gemm::kLargeRowsPerCta
                                  ? std::min<int64_t>(args.block_size, gemm::kMediumRowsPerCta)
                                  : args.block_size;
-  const gemm::CtaTile tile =
-      fill_the_gpu(tile_for(block_rows), grid_blocks * ceil_div(args.block_size, int64_t{gemm::kWgmmaRowsPerCta}),
-                   weights_.n_tiles);
+  const gemm::CtaTile tile = fill_the_gpu(
+      tile_for(block_rows),
+      {grid_blocks * ceil_div(args.block_size, int64_t{gemm::kWgmmaRowsPerCta}),
+       grid_blocks * ceil_div(args.block_size, int64_t{gemm::kMediumRowsPerCta})},
+      weights_.n_tiles);
   // The gated epilogue pairs each gate tile with its up tile in one wgmma
   // CTA (as many CTA tiles as the plain launch's pairs of adjacent tiles), or
   // each half of a gate tile with the same half of its up tile in one 8-row
@@ -676,7 +693,10 @@ void CudaStack::gemm_routed_pairs(const FmGemmRoutedArgs& args, gemm::RoutedPara
   if (params.num_pairs == 0) return;
   const cudaStream_t stream = as_stream(args.stream);
   if (gemv_takes(params, false, params.num_pairs, gemm::kGemvMaxCtasPerSm)) {
-    const StreamBuffer x_sorted = sort_x_columns(params, params.num_pairs, stream);
+    // Act-order x: a sorted copy first, or where the launch is short, read
+    // through the expert's perm (gemv.cuh, kPermutedX; kernel notes, v81).
+    const StreamBuffer x_sorted =
+        gemv_permutes_x(params, params.num_pairs) ? StreamBuffer{} : sort_x_columns(params, params.num_pairs, stream);
     launch_gemv(params, false, params.num_pairs, stream);
     return;
   }
@@ -745,9 +765,21 @@ StreamBuffer CudaStack::sort_x_columns(const DLTensor& x, int64_t expert, gemm::
 bool CudaStack::gemv_takes(const gemm::RoutedParams& params, bool blocks, int64_t units, int max_ctas_per_sm) const {
   const int resident = gemv_ctas_per_sm_[blocks][params.io.gate_up_tiles > 0];
   const int64_t ctas = int64_t{gemm::gemv_slots(params.io.n)} * units;
-  // (Act-order's x is copied aligned first: sort_x_columns.)
+  // (Act-order's x is copied aligned first, sort_x_columns, or read by
+  // element through perm: the one-row GEMV's permuted form.)
   const bool aligned = params.io.x_vector_loads || params.w.perm != nullptr;
   return resident != 0 && aligned && ctas <= int64_t{max_ctas_per_sm} * num_sms_;
+}
+
+// gemm/params.hpp, gemv_reads_x_through_perm: the one-row launch's waves of
+// resident CTAs times each warp's rounds of K slices.
+bool CudaStack::gemv_permutes_x(const gemm::RoutedParams& params, int64_t units) const {
+  if (params.w.perm == nullptr) return false;
+  const int64_t wave = int64_t{gemv_ctas_per_sm_[0][params.io.gate_up_tiles > 0]} * num_sms_;
+  const int64_t waves = ceil_div(int64_t{gemm::gemv_slots(params.io.n)} * units, std::max<int64_t>(wave, 1));
+  const int64_t slices_per_warp = ceil_div(k_padded_ / kTileK, int64_t{gemm::kGemvWarps});
+  const int64_t rounds = ceil_div(slices_per_warp, int64_t{gemm::gemv_chunk_slices(bits_)});
+  return gemm::gemv_reads_x_through_perm(waves, rounds);
 }
 
 void CudaStack::launch_gemv(gemm::RoutedParams& params, bool blocks, int64_t units, cudaStream_t stream) {

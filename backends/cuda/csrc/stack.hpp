@@ -53,6 +53,9 @@ class CudaStack final : public ferrum::plugin::Stack {
   // blocks (gemv_ctas_per_sm_, 16-byte aligned token rows, at most
   // max_ctas_per_sm CTAs an SM), and the launch itself.
   bool gemv_takes(const gemm::RoutedParams& params, bool blocks, int64_t units, int max_ctas_per_sm) const;
+  // Whether the one-row GEMV over `units` pairs reads act-order x through
+  // perm, with no sorted copy first (gemm/params.hpp, gemv_reads_x_through_perm).
+  bool gemv_permutes_x(const gemm::RoutedParams& params, int64_t units) const;
   void launch_gemv(gemm::RoutedParams& params, bool blocks, int64_t units, cudaStream_t stream);
   // Act-order stacks (gemm/gather.cuh): x's columns copied once into each
   // row's expert order, and the launch pointed at the copy, so the GEMM reads
@@ -85,10 +88,17 @@ class CudaStack final : public ferrum::plugin::Stack {
   // rows; on Hopper (wgmma_tiles_) the 32-, 64- and 128-row tiles are the
   // warp-specialised wgmma ones.
   gemm::CtaTile tile_for(int64_t rows) const;
+  // A launch's row tiles at 128 rows and at 32 rows (times its n tiles: its
+  // CTA tiles of either height).
+  struct RowTiles {
+    int64_t of_128;
+    int64_t of_32;
+  };
   // `tile`, or the 64-row mma.sync tile where 128-row tiles would fill under
-  // 3/4 of the SMs even sharing K (gemm/params.hpp, wgmma_tiles_fill):
-  // row_tiles of 128 rows times n_tiles columns.
-  gemm::CtaTile fill_the_gpu(gemm::CtaTile tile, int64_t row_tiles, int64_t n_tiles) const;
+  // 3/4 of the SMs even sharing K (gemm/params.hpp, wgmma_tiles_fill), or the
+  // 32-row mma.sync tile where 32-row wgmma tiles would run more than
+  // kSmallWgmmaTilesMaxWaves an SM (small_wgmma_tiles_keep); n_tiles columns.
+  gemm::CtaTile fill_the_gpu(gemm::CtaTile tile, RowTiles row_tiles, int64_t n_tiles) const;
 
   int device_;
   DLDataType dtype_;

@@ -1,5 +1,6 @@
-// Host-only check of the split-K plan (gemm/params.hpp, stream_k_ctas, and
-// wgmma_tiles_fill for the 128-row tiles) that the host's launches and the
+// Host-only check of the split-K plan (gemm/params.hpp, stream_k_ctas;
+// wgmma_tiles_fill for the 128-row tiles, small_wgmma_tiles_keep for the
+// 32-row ones) that the host's launches and the
 // routed kernel's re-plan share: its invariants over a
 // sweep of tile counts, K lengths and waves, and the plans the H200
 // measurements chose (kernel notes, v26). Needs no GPU: build with
@@ -17,6 +18,7 @@ using ferrum_moe_cuda::gemm::kStreamKMinSlices;
 using ferrum_moe_cuda::gemm::kTinyRowsPerCta;
 using ferrum_moe_cuda::gemm::kWgmmaRowsPerCta;
 using ferrum_moe_cuda::gemm::stream_k_ctas;
+using ferrum_moe_cuda::gemm::small_wgmma_tiles_keep;
 using ferrum_moe_cuda::gemm::stream_k_slots;
 using ferrum_moe_cuda::gemm::wgmma_tiles_fill;
 
@@ -87,6 +89,17 @@ int main() {
   expect(!wgmma_tiles_fill(16, 12, 132), "16 tiles of 12 slices: 48 CTAs, the 64-row tiles take it", 16, 12, 132, 0);
   expect(!wgmma_tiles_fill(64, 112, 132), "64 tiles, past the slots: unshared, the 64-row tiles take it", 64, 112,
          132, 0);
+  // The 32-row wgmma tiles over short grids only (kernel notes, v80): the
+  // small layers' M = 256 keep them, DeepSeek-V3 M = 1024 takes mma.sync.
+  expect(small_wgmma_tiles_keep(192 * 6, 132) && small_wgmma_tiles_keep(112 * 11, 132),
+         "Qwen3-30B-A3B and DeepSeek-V2-Lite M = 256 (7-12 tiles an SM) keep the 32-row wgmma tiles", 192 * 6, 0, 132,
+         0);
+  expect(small_wgmma_tiles_keep(24 * 132, 132) && !small_wgmma_tiles_keep(24 * 132 + 1, 132),
+         "the rule's edge: 24 tiles an SM", 24 * 132, 0, 132, 0);
+  expect(!small_wgmma_tiles_keep(512 * 16, 132) && !small_wgmma_tiles_keep(512 * 28, 132),
+         "DeepSeek-V3 M = 1024 (62-109 tiles an SM) takes the 32-row mma.sync tiles", 512 * 16, 0, 132, 0);
+  expect(!small_wgmma_tiles_keep(63 * 66, 132), "the mid-M test's long grid (63 blocks x 66 pairs) takes mma.sync",
+         63 * 66, 0, 132, 0);
   std::printf("schedule: %lld plans checked: %s\n", static_cast<long long>(cases), errors == 0 ? "ok" : "FAILED");
   return errors == 0 ? 0 : 1;
 }

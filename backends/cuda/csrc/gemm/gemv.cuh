@@ -38,22 +38,22 @@
 
 namespace ferrum_moe_cuda::gemm {
 
-// Slices of K a warp loads in one round: 32 words of codes per lane and
-// stream (4 INT4 slices, 2 INT8 ones).
-template <int kBits>
-constexpr int kGemvChunkSlices = 32 / WeightTileLayout<kBits>::kWordsPerLane;
-
 // kStreams 1: plain results of the CTA's slot; 2: the gated epilogue (the
 // gate slot, then the same slot of its up tile). kRows 1: pair routing (unit
 // u of the grid is pair u); kGemvBlockRows: routing blocks of up to that many
 // rows (unit u is block u, its rows the MMA's token columns, so the expert's
-// weights are read once for all of them).
-template <class T, int kBits, int kStreams, int kRows>
+// weights are read once for all of them). kPermutedX (one row only): an
+// act-order stack's x as the caller gave it, each value read through the
+// expert's perm (no sorted copy launched first, where the launch is short:
+// params.hpp, gemv_reads_x_through_perm; kernel notes v81); its own kernel,
+// so that the plain one's registers stay as they are.
+template <class T, int kBits, int kStreams, int kRows, bool kPermutedX>
 __global__ void __launch_bounds__(kGemvThreads, 2)
     gemv_routed_kernel(const __grid_constant__ RoutedParams p) {
   static_assert(kRows == 1 || kRows == kGemvBlockRows, "one token column, or all eight");
+  static_assert(!kPermutedX || kRows == 1, "blocks read the sorted copy");
   using Tile = WeightTileLayout<kBits>;
-  constexpr int kChunk = kGemvChunkSlices<kBits>;
+  constexpr int kChunk = gemv_chunk_slices(kBits);  // slices a round
   constexpr int kLoads = Tile::kLoadsPerLane;
   constexpr int kWarpSlots = kTileN / kWarpN;
   // Each warp's token rows of a round: kChunk slices of kTileK values, then 8
@@ -174,15 +174,22 @@ __global__ void __launch_bounds__(kGemvThreads, 2)
   // Lane l's 8 token values of slice kt + l / 8 in a round from kt: one row
   // through registers (loaded while the round before computes), or each of
   // the block's rows copied straight to shared memory, zeros past K and for
-  // rows without a pair.
+  // rows without a pair. kPermutedX: sorted row k's value is x's column
+  // perm[k] (perm and the row from L1 / L2).
   const int64_t x_row = p.x_rows_by_pair ? unit : at.token;  // (one row: unit is the pair)
   const auto* x = static_cast<const uint16_t*>(io.x) + (kRows == 1 ? x_row * io.x_row_stride : 0);
+  const int32_t* perm = kPermutedX ? w.perm + static_cast<int64_t>(expert) * w.k : nullptr;
   uint4 x_part = make_uint4(0, 0, 0, 0);
   auto load_x = [&](int kt) {
     const int first_k = (kt + lane / 8) * kTileK + 8 * (lane % 8);
     x_part = make_uint4(0, 0, 0, 0);
     if (lane < kChunk * 8 && kt + lane / 8 < kt_end) {
-      if (first_k + 8 <= w.k) {
+      if constexpr (kPermutedX) {
+        uint16_t v[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) v[i] = first_k + i < w.k ? x[__ldg(perm + first_k + i)] : 0;
+        memcpy(&x_part, v, sizeof(v));
+      } else if (first_k + 8 <= w.k) {
         x_part = *reinterpret_cast<const uint4*>(x + first_k);
       } else {
         uint16_t v[8];

@@ -55,16 +55,20 @@ cudaError_t with_specialisation(int bits, CtaTile tile, bool splits, Body&& body
   return with_bits(bits, with_rows);
 }
 
-// Calls body(gemv_routed_kernel<T, kBits, kStreams, kRows>) for the decode
-// GEMV's specialisation (gemv.cuh).
+// Calls body(gemv_routed_kernel<T, kBits, kStreams, kRows, kPermutedX>) for
+// the decode GEMV's specialisation (gemv.cuh); permuted (act-order x read
+// through the expert's perm) is a one-row form only.
 template <class T, class Body>
-cudaError_t with_gemv(int bits, bool gated, bool blocks, Body&& body) {
+cudaError_t with_gemv(int bits, bool gated, bool blocks, bool permuted, Body&& body) {
+  if (blocks && permuted) return cudaErrorInvalidValue;
   return with_bits(bits, [&](auto b) {
     constexpr int kBits = decltype(b)::value;
     if (gated) {
-      return blocks ? body(gemv_routed_kernel<T, kBits, 2, kGemvBlockRows>) : body(gemv_routed_kernel<T, kBits, 2, 1>);
+      if (blocks) return body(gemv_routed_kernel<T, kBits, 2, kGemvBlockRows, false>);
+      return permuted ? body(gemv_routed_kernel<T, kBits, 2, 1, true>) : body(gemv_routed_kernel<T, kBits, 2, 1, false>);
     }
-    return blocks ? body(gemv_routed_kernel<T, kBits, 1, kGemvBlockRows>) : body(gemv_routed_kernel<T, kBits, 1, 1>);
+    if (blocks) return body(gemv_routed_kernel<T, kBits, 1, kGemvBlockRows, false>);
+    return permuted ? body(gemv_routed_kernel<T, kBits, 1, 1, true>) : body(gemv_routed_kernel<T, kBits, 1, 1, false>);
   });
 }
 
@@ -72,16 +76,18 @@ template <class T>
 cudaError_t configure_gemm_kernels_for(int bits, bool wgmma_tiles) {
   cudaError_t status = cudaSuccess;
   for (bool blocks : {false, true})
-    for (bool gated : {false, true}) {
-      int64_t gemv_quant_bytes = 0;
-      status = gemv_max_quant_bytes(blocks, &gemv_quant_bytes);
-      if (status != cudaSuccess) return status;
-      status = with_gemv<T>(bits, gated, blocks, [&](auto kernel) {
-        return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    static_cast<int>(gemv_quant_bytes));
-      });
-      if (status != cudaSuccess) return status;
-    }
+    for (bool gated : {false, true})
+      for (bool permuted : {false, true}) {
+        if (blocks && permuted) continue;
+        int64_t gemv_quant_bytes = 0;
+        status = gemv_max_quant_bytes(blocks, &gemv_quant_bytes);
+        if (status != cudaSuccess) return status;
+        status = with_gemv<T>(bits, gated, blocks, permuted, [&](auto kernel) {
+          return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(gemv_quant_bytes));
+        });
+        if (status != cudaSuccess) return status;
+      }
   for (CtaTile tile : kCtaTiles) {
     // The 128-row tiles' ~190 KB is more than a CTA may hold before Hopper
     // (A100: 163 KB): asking for it there fails. The wgmma tiles only run on
@@ -161,7 +167,9 @@ cudaError_t launch_gemm_device_dispatch_for(const DeviceDispatchParams& params, 
 
 template <class T>
 cudaError_t gemv_ctas_per_sm_for(int bits, bool gated, bool blocks, int64_t quant_bytes, int* ctas) {
-  return with_gemv<T>(bits, gated, blocks, [&](auto kernel) {
+  // (The permuted form is the plain one's occupancy: ptxas gives both 2 CTAs
+  // an SM, their launch bounds; kernel notes, v81.)
+  return with_gemv<T>(bits, gated, blocks, false, [&](auto kernel) {
     return cudaOccupancyMaxActiveBlocksPerMultiprocessor(ctas, kernel, kGemvThreads, quant_bytes);
   });
 }
@@ -169,7 +177,9 @@ cudaError_t gemv_ctas_per_sm_for(int bits, bool gated, bool blocks, int64_t quan
 template <class T>
 cudaError_t launch_gemm_gemv_for(const RoutedParams& params, int bits, bool blocks, int64_t quant_bytes, int ctas,
                                  cudaStream_t stream) {
-  return with_gemv<T>(bits, params.io.gate_up_tiles > 0, blocks, [&](auto kernel) {
+  // Act-order x not copied first (CudaStack::gemm_routed_pairs): the
+  // permuted form reads it through w.perm.
+  return with_gemv<T>(bits, params.io.gate_up_tiles > 0, blocks, params.w.perm != nullptr, [&](auto kernel) {
     return launch_dependent(kernel, dim3(static_cast<unsigned>(ctas)), kGemvThreads, static_cast<size_t>(quant_bytes),
                             stream, params);
   });

@@ -162,6 +162,19 @@ inline FM_HOST_DEVICE constexpr bool wgmma_tiles_fill(int64_t tiles, int64_t k_t
   return ctas * 4 >= num_sms * 3;
 }
 
+// Whether a launch of `tiles` 32-row wgmma tiles keeps them on num_sms SMs:
+// at most kSmallWgmmaTilesMaxWaves tiles an SM. Where one CTA an SM takes a
+// few tiles in turn it ends the launch evenly (Qwen3-30B-A3B and
+// DeepSeek-V2-Lite M = 256, 7-12 tiles an SM: 6-9% faster than the 32-row
+// mma.sync tiles); over a long grid the mma.sync tiles' 3 CTAs an SM stream
+// faster (DeepSeek-V3 M = 1024, 62-109 an SM: 8.5% slower on wgmma; H100,
+// 2026-12-07, kernel notes v79 and v80). Measured for routed launches.
+constexpr int64_t kSmallWgmmaTilesMaxWaves = 24;
+
+inline FM_HOST_DEVICE constexpr bool small_wgmma_tiles_keep(int64_t tiles, int64_t num_sms) {
+  return tiles <= kSmallWgmmaTilesMaxWaves * num_sms;
+}
+
 struct BatchedParams {
   QuantWeights w;
   GemmIO io;
@@ -259,6 +272,28 @@ constexpr int kGemvMaxBlockCtasPerSm = 16;
 // K = 7,168 on the GEMV, was 4% slower than the 8-row tiles; Mixtral's plain
 // w2 over K = 14,336 was faster on the GEMV.)
 constexpr int64_t kGemvMaxGatedK = 4096;
+
+// Whether the one-row GEMV reads act-order x through the expert's perm
+// (gemv.cuh, kPermutedX) rather than a sorted copy launched first: where
+// its waves of CTAs times each warp's rounds of slices (`waves * rounds`) are
+// at most kGemvPermutedXMaxRounds. The copy costs the layer a kernel (~4 us
+// on the H100); the permuted read a second dependent L2 load before each
+// round's token values (~0.9 us a round of each wave). Measured on the H100
+// (2026-12-07, kernel notes v81), act-order layers against the copy:
+// Qwen3-30B-A3B at one token (1 x 1 and 2 x 1) 5.2 us faster, at four
+// tokens (3 x 1 and 8 x 1) 1.9 us slower, Mixtral at one token (4 x 2 and
+// 1 x 7) 5.5 us slower.
+constexpr int64_t kGemvPermutedXMaxRounds = 2;
+
+inline FM_HOST_DEVICE constexpr bool gemv_reads_x_through_perm(int64_t waves, int64_t rounds) {
+  return waves * rounds <= kGemvPermutedXMaxRounds;
+}
+
+// Slices of K a GEMV warp loads in one round: 32 words of codes per lane and
+// stream (4 INT4 slices, 2 INT8 ones).
+inline FM_HOST_DEVICE constexpr int gemv_chunk_slices(int bits) {
+  return 32 / (bits == 4 ? WeightTileLayout<4>::kWordsPerLane : WeightTileLayout<8>::kWordsPerLane);
+}
 
 // Slots of an output window of n columns.
 inline FM_HOST_DEVICE constexpr int gemv_slots(int64_t n) { return static_cast<int>((n + kWarpN - 1) / kWarpN); }

@@ -1,6 +1,6 @@
 // Host-only check of the split-K plan (gemm/params.hpp, stream_k_ctas;
 // wgmma_tiles_fill for the 128-row tiles, small_wgmma_tiles_keep for the
-// 32-row ones) that the host's launches and the
+// 32-row ones; gemv_reads_x_through_perm) that the host's launches and the
 // routed kernel's re-plan share: its invariants over a
 // sweep of tile counts, K lengths and waves, and the plans the H200
 // measurements chose (kernel notes, v26). Needs no GPU: build with
@@ -18,6 +18,8 @@ using ferrum_moe_cuda::gemm::kStreamKMinSlices;
 using ferrum_moe_cuda::gemm::kTinyRowsPerCta;
 using ferrum_moe_cuda::gemm::kWgmmaRowsPerCta;
 using ferrum_moe_cuda::gemm::stream_k_ctas;
+using ferrum_moe_cuda::gemm::gemv_chunk_slices;
+using ferrum_moe_cuda::gemm::gemv_reads_x_through_perm;
 using ferrum_moe_cuda::gemm::small_wgmma_tiles_keep;
 using ferrum_moe_cuda::gemm::stream_k_slots;
 using ferrum_moe_cuda::gemm::wgmma_tiles_fill;
@@ -100,6 +102,15 @@ int main() {
          "DeepSeek-V3 M = 1024 (62-109 tiles an SM) takes the 32-row mma.sync tiles", 512 * 16, 0, 132, 0);
   expect(!small_wgmma_tiles_keep(63 * 66, 132), "the mid-M test's long grid (63 blocks x 66 pairs) takes mma.sync",
          63 * 66, 0, 132, 0);
+  // The one-row GEMV's act-order read (kernel notes, "v80, v81 and v81b measured"): waves x
+  // rounds of the launches measured.
+  expect(gemv_chunk_slices(4) == 4 && gemv_chunk_slices(8) == 2, "a GEMV round: 4 INT4 slices, 2 INT8 ones", 0, 0, 0,
+         gemv_chunk_slices(4));
+  expect(gemv_reads_x_through_perm(1, 1) && gemv_reads_x_through_perm(2, 1),
+         "Qwen3-30B-A3B at one token (1 x 1, 2 x 1): read through perm", 0, 0, 0, 0);
+  expect(!gemv_reads_x_through_perm(3, 1) && !gemv_reads_x_through_perm(8, 1) && !gemv_reads_x_through_perm(4, 2) &&
+             !gemv_reads_x_through_perm(1, 7),
+         "Qwen3-30B-A3B at four tokens, Mixtral at one: the sorted copy", 0, 0, 0, 0);
   std::printf("schedule: %lld plans checked: %s\n", static_cast<long long>(cases), errors == 0 ? "ok" : "FAILED");
   return errors == 0 ? 0 : 1;
 }

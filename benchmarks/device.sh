@@ -149,12 +149,12 @@ if has profile; then
   # ncu over one layer call per PROFILE_ARGS entry (';'-separated profile_moe.py options, after
   # its warm-up calls): every kernel's duration with nothing overlapping (ncu serialises the
   # launches that programmatic dependent launch overlaps), then the two routed GEMMs' stall
-  # reasons and the SASS lines they stall on.
+  # reasons and the SASS lines they stall on (the tiles' or the decode GEMV's kernels).
   IFS=';' read -ra layers <<<"${PROFILE_ARGS:---model mixtral --tokens 1}"
   for i in "${!layers[@]}"; do
-    (cd benchmarks && ncu -k "regex:gemm_routed|gated_silu|moe_align|moe_sum" --launch-skip 10 --launch-count 5 --section SpeedOfLight \
+    (cd benchmarks && ncu -k "regex:gemv_routed|gemm_routed|gated_silu|moe_align|moe_sum" --launch-skip 10 --launch-count 5 --section SpeedOfLight \
         python3 profile_moe.py ${layers[i]}) >"$OUT/ncu-times-$i.txt" 2>&1
-    (cd benchmarks && ncu -k regex:gemm_routed --launch-skip 6 --launch-count 2 \
+    (cd benchmarks && ncu -k "regex:gemv_routed|gemm_routed" --launch-skip 6 --launch-count 2 \
         --section SpeedOfLight --section Occupancy --section WarpStateStats --section SchedulerStats \
         --section LaunchStats --section MemoryWorkloadAnalysis --section SourceCounters --print-details all \
         python3 profile_moe.py ${layers[i]}) >"$OUT/ncu-$i.txt" 2>&1

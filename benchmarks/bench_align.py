@@ -17,7 +17,7 @@ from ferrum_moe.discovery import resolve
 from ferrum_moe.moe import _Workspace
 from ferrum_moe.routing import _align, default_block_size
 
-from gpu_bench import MODELS, peer_module, routing, time_graph
+from gpu_bench import MODELS, L2Flush, peer_module, routing, time_graph
 
 
 def main() -> None:
@@ -28,7 +28,7 @@ def main() -> None:
     vmm, why = peer_module()
     if vmm is None:
         print("vLLM's align skipped:", why)
-    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    flush = L2Flush()
     core = resolve("auto", (2, torch.cuda.current_device()))  # kDLCUDA
     ops = vmm._load() if vmm is not None else None
     rows = []

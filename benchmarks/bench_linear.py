@@ -13,7 +13,8 @@ import json
 import numpy as np
 import torch
 
-from gpu_bench import BYTES_PER_WEIGHT, copy_bandwidth, dequantized_bf16, ferrum_stack, random_stacked, time_graph
+from gpu_bench import (BYTES_PER_WEIGHT, L2Flush, copy_bandwidth, dequantized_bf16, ferrum_stack, random_stacked,
+                       time_graph)
 
 SHAPES = "4096x14336,8192x28672,14336x4096,7168x2048"
 
@@ -29,7 +30,7 @@ def main() -> None:
     bw = copy_bandwidth()
     device = torch.cuda.get_device_name()
     print(f"{device}: copy {bw / 1e12:.2f} TB/s")
-    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    flush = L2Flush()
     rows = []
     for shape in args.shapes.split(","):
         k, n = (int(v) for v in shape.split("x"))

@@ -3,13 +3,14 @@ vLLM's Marlin MoE (the peer, align included as vLLM runs it), and dense bf16
 torch._grouped_mm on the dequantized weights (the prefill bar), against the
 memory and tensor-core floors measured in the same run.
 
-Timing: CUDA-graph replay, L2 flushed before each, median of --repeats; the
-same weights and the same seeded routing for every library. Prints a table and
+Timing: CUDA-graph replay, L2 flushed before each (--flush: by a memset, the
+basis of docs/benchmarks.md, or by a read), median of --repeats; the same
+weights and the same seeded routing for every library. Prints a table and
 writes JSON (--json).
 
     python benchmarks/bench_moe.py [--models mixtral,...,name:E:top_k:hidden:inter] [--tokens 1,16,...]
         [--dtypes float16,bfloat16] [--grouped-from 256] [--block-sizes 16,32,64,128] [--bits 4|8] [--act-order]
-        [--json out.json]
+        [--flush write|read] [--json out.json]
 
 The read floor (up to --read-floor-to tokens, CuPy): a plain streaming kernel
 reading the call's active experts' bytes, w13's then w2's, timed the same way:
@@ -29,8 +30,8 @@ import json
 import numpy as np
 import torch
 
-from gpu_bench import (GROUP, MODELS, ReadFloor, bytes_per_weight, copy_bandwidth, dequantized_bf16, ferrum_stack,
-                       layer_shape, peer_module, random_stacked, routing, tensor_core_rate, time_graph)
+from gpu_bench import (GROUP, MODELS, L2Flush, ReadFloor, bytes_per_weight, copy_bandwidth, dequantized_bf16,
+                       ferrum_stack, layer_shape, peer_module, random_stacked, routing, tensor_core_rate, time_graph)
 
 import ferrum_moe as fm
 from ferrum_moe.testing import steps_alone
@@ -79,13 +80,16 @@ def main() -> None:
     parser.add_argument("--act-order", action="store_true",
                         help="act-order weights (g_idx: rows out of group order; the peer, whose wrapper takes "
                              "no g_idx, is skipped)")
+    parser.add_argument("--flush", choices=L2Flush.MODES, default="write",
+                        help="how L2 is evicted before each replay: write (a memset: L2 left dirty, the basis of "
+                             "docs/benchmarks.md) or read (a sum: L2 left clean)")
     parser.add_argument("--json")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     bw, rate = copy_bandwidth(), tensor_core_rate()
     device = torch.cuda.get_device_name()
     print(f"{device}: copy {bw / 1e12:.2f} TB/s, fp16 matmul {rate / 1e12:.0f} TFLOP/s; INT{args.bits} experts, "
-          f"group {GROUP}{', act-order' if args.act_order else ''}")
+          f"group {GROUP}{', act-order' if args.act_order else ''}; L2 flushed by a {args.flush}")
     if args.act_order:
         vmm, why = None, "its wrapper loads no g_idx"
     elif args.bits != 4:
@@ -94,7 +98,7 @@ def main() -> None:
         vmm, why = peer_module()
     if vmm is None:
         print("vLLM Marlin MoE peer skipped:", why)
-    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    flush = L2Flush(args.flush)
     rows = []
     for model in args.models.split(","):
         e, top_k, hidden, inter = layer_shape(model)
@@ -194,7 +198,8 @@ def main() -> None:
               f"{floor / r['ferrum_us']:.0%} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(device=device, copy_bytes_per_s=bw, tensor_core_flops=rate, rows=rows), f, indent=1)
+            json.dump(dict(device=device, copy_bytes_per_s=bw, tensor_core_flops=rate, l2_flush=args.flush, rows=rows), f,
+                      indent=1)
 
 
 if __name__ == "__main__":

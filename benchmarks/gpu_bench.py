@@ -54,14 +54,36 @@ def peer_module():
     return (vmm, why) if ok else (None, why)
 
 
-def time_graph(fn, flush: torch.Tensor, repeats: int, warmup: bool = True) -> float:
+class L2Flush:
+    """Evicts L2 before a timed replay by sweeping a 256 MiB buffer: "write"
+    zeroes it, leaving L2 full of its dirty lines, whose write-back the next
+    kernel's misses pay (as after a real layer's writes; the benchmarks' basis);
+    "read" sums it, leaving L2 clean (as ncu's cache control does)."""
+
+    MODES = ("write", "read")
+
+    def __init__(self, mode: str = "write", device: str = "cuda"):
+        if mode not in self.MODES:
+            raise ValueError(f"L2 flush mode must be one of {self.MODES}; got {mode!r}")
+        self.mode = mode
+        self.buffer = torch.empty(256 << 20, dtype=torch.uint8, device=device)
+        self.sink = torch.empty((), dtype=torch.int64, device=device)
+
+    def __call__(self) -> None:
+        if self.mode == "write":
+            self.buffer.zero_()
+        else:
+            torch.sum(self.buffer.view(torch.int64), dim=0, out=self.sink)
+
+
+def time_graph(fn, flush: L2Flush, repeats: int, warmup: bool = True) -> float:
     """Median microseconds of one replay of fn(stream) captured in a graph, L2
     flushed before each replay."""
     g = captured_graph(fn, warmup)
     times = []
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     for _ in range(repeats):
-        flush.zero_()
+        flush()
         start.record()
         g.replay()
         end.record()
@@ -190,7 +212,7 @@ class ReadFloor:
         self.sink = torch.zeros(1024, dtype=torch.int32, device="cuda")
         self.sms = torch.cuda.get_device_properties(0).multi_processor_count
 
-    def us(self, ids: torch.Tensor, flush: torch.Tensor, repeats: int) -> float:
+    def us(self, ids: torch.Tensor, flush: L2Flush, repeats: int) -> float:
         active = torch.unique(ids).to(torch.int64)
         starts = [(active * w).contiguous() for w in self.words]
         best = float("inf")

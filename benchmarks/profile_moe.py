@@ -25,7 +25,7 @@ from ferrum_moe.arrays import import_array, import_output, stream_handle
 from ferrum_moe.moe import _Workspace, layer_block_size
 from ferrum_moe.routing import _align, align_block
 
-from gpu_bench import ferrum_stack, layer_shape, random_stacked, time_graph
+from gpu_bench import L2Flush, ferrum_stack, layer_shape, random_stacked, time_graph
 
 
 def main() -> None:
@@ -36,7 +36,7 @@ def main() -> None:
     args = parser.parse_args()
     e, top_k, hidden, inter = layer_shape(args.model)
     rng = np.random.default_rng(0)
-    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    flush = L2Flush()
     layer = fm.MoE(ferrum_stack(random_stacked(rng, e, hidden, 2 * inter), "float16"),
                    ferrum_stack(random_stacked(rng, e, inter, hidden), "float16"), top_k=top_k)
     for m in (int(t) for t in args.tokens.split(",")):
@@ -49,7 +49,7 @@ def main() -> None:
         torch.cuda.synchronize()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for _ in range(10):
-                flush.zero_()
+                flush()
                 layer(x, tw, ids, out=out)
             torch.cuda.synchronize()
         graph_us = time_graph(lambda s: layer(x, tw, ids, out=out, stream=s), flush, 30)

@@ -198,8 +198,8 @@ def main() -> None:
               f"{floor / r['ferrum_us']:.0%} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(device=device, copy_bytes_per_s=bw, tensor_core_flops=rate, l2_flush=args.flush, rows=rows), f,
-                      indent=1)
+            json.dump(dict(device=device, copy_bytes_per_s=bw, tensor_core_flops=rate, l2_flush=args.flush,
+                           rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":

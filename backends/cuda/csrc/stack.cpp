@@ -187,8 +187,9 @@ CudaStack::CudaStack(const FmStackCreateArgs& args)
   // The decode GEMV takes this stack's pair routing and small routing blocks
   // where its layout holds (gemm/gemv.cuh): uniform groups of whole K slices
   // (act-order too, where its sorted groups are: its x is copied in order
-  // first, sort_x_columns, or with pair routing read through perm), K up to kGemvMaxGatedK with the gated epilogue, and the
-  // CTA's group scales within what the device lets each form stage;
+  // first, sort_x_columns, or with pair routing read through perm), K up to
+  // kGemvMaxGatedK with the gated epilogue, and the CTA's group scales within
+  // what the device lets each form stage;
   // gemv_ctas_per_sm_ stays 0 elsewhere.
   // Its slices per group must be a power of two (the group of a slice is a
   // shift), or the one group of a channelwise stack (a shift past any slice
@@ -764,31 +765,38 @@ StreamBuffer CudaStack::sort_x_columns(const DLTensor& x, int64_t expert, gemm::
 // neither.)
 bool CudaStack::gemv_takes(const gemm::RoutedParams& params, bool blocks, int64_t units, int max_ctas_per_sm) const {
   const int resident = gemv_ctas_per_sm_[blocks][params.io.gate_up_tiles > 0];
-  const int64_t ctas = int64_t{gemm::gemv_slots(params.io.n)} * units;
   // (Act-order's x is copied aligned first, sort_x_columns, or read by
   // element through perm: the one-row GEMV's permuted form.)
   const bool aligned = params.io.x_vector_loads || params.w.perm != nullptr;
-  return resident != 0 && aligned && ctas <= int64_t{max_ctas_per_sm} * num_sms_;
+  return resident != 0 && aligned && gemv_ctas(params, units) <= int64_t{max_ctas_per_sm} * num_sms_;
 }
 
-// gemm/params.hpp, gemv_reads_x_through_perm: the one-row launch's waves of
-// resident CTAs times each warp's rounds of K slices.
+// The GEMV's CTAs of a launch over `units` pairs or blocks (a slot each),
+// and the waves of them the SMs hold (gemv_ctas_per_sm_; at least one).
+int64_t CudaStack::gemv_ctas(const gemm::RoutedParams& params, int64_t units) const {
+  return int64_t{gemm::gemv_slots(params.io.n)} * units;
+}
+
+int64_t CudaStack::gemv_waves(const gemm::RoutedParams& params, bool blocks, int64_t units) const {
+  const int64_t wave = int64_t{gemv_ctas_per_sm_[blocks][params.io.gate_up_tiles > 0]} * num_sms_;
+  return ceil_div(gemv_ctas(params, units), std::max<int64_t>(wave, 1));
+}
+
+// gemm/params.hpp, gemv_reads_x_through_perm: the one-row launch's waves
+// times each warp's rounds of K slices.
 bool CudaStack::gemv_permutes_x(const gemm::RoutedParams& params, int64_t units) const {
   if (params.w.perm == nullptr) return false;
-  const int64_t wave = int64_t{gemv_ctas_per_sm_[0][params.io.gate_up_tiles > 0]} * num_sms_;
-  const int64_t waves = ceil_div(int64_t{gemm::gemv_slots(params.io.n)} * units, std::max<int64_t>(wave, 1));
   const int64_t slices_per_warp = ceil_div(k_padded_ / kTileK, int64_t{gemm::kGemvWarps});
   const int64_t rounds = ceil_div(slices_per_warp, int64_t{gemm::gemv_chunk_slices(bits_)});
-  return gemm::gemv_reads_x_through_perm(waves, rounds);
+  return gemm::gemv_reads_x_through_perm(gemv_waves(params, false, units), rounds);
 }
 
 void CudaStack::launch_gemv(gemm::RoutedParams& params, bool blocks, int64_t units, cudaStream_t stream) {
   const bool gated = params.io.gate_up_tiles > 0;
-  const int64_t ctas = int64_t{gemm::gemv_slots(params.io.n)} * units;
-  params.gemv_one_wave = ctas <= int64_t{gemv_ctas_per_sm_[blocks][gated]} * num_sms_;
+  params.gemv_one_wave = gemv_waves(params, blocks, units) <= 1;
   params.gemv_group_shift = gemv_group_shift_;
   check_cuda(gemm::launch_gemm_gemv(params, compute_type_, bits_, blocks, gemv_quant_bytes(gated),
-                                    static_cast<int>(ctas), stream),
+                                    static_cast<int>(gemv_ctas(params, units)), stream),
              "gemm_routed kernel launch");
 }
 

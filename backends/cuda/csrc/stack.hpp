@@ -53,6 +53,9 @@ class CudaStack final : public ferrum::plugin::Stack {
   // blocks (gemv_ctas_per_sm_, 16-byte aligned token rows, at most
   // max_ctas_per_sm CTAs an SM), and the launch itself.
   bool gemv_takes(const gemm::RoutedParams& params, bool blocks, int64_t units, int max_ctas_per_sm) const;
+  // The GEMV's CTAs over `units` pairs or blocks, and their waves.
+  int64_t gemv_ctas(const gemm::RoutedParams& params, int64_t units) const;
+  int64_t gemv_waves(const gemm::RoutedParams& params, bool blocks, int64_t units) const;
   // Whether the one-row GEMV over `units` pairs reads act-order x through
   // perm, with no sorted copy first (gemm/params.hpp, gemv_reads_x_through_perm).
   bool gemv_permutes_x(const gemm::RoutedParams& params, int64_t units) const;

@@ -12,15 +12,15 @@
 
 namespace {
 
+using ferrum_moe_cuda::gemm::gemv_chunk_slices;
+using ferrum_moe_cuda::gemm::gemv_reads_x_through_perm;
 using ferrum_moe_cuda::gemm::kLargeRowsPerCta;
 using ferrum_moe_cuda::gemm::kMediumRowsPerCta;
 using ferrum_moe_cuda::gemm::kStreamKMinSlices;
 using ferrum_moe_cuda::gemm::kTinyRowsPerCta;
 using ferrum_moe_cuda::gemm::kWgmmaRowsPerCta;
-using ferrum_moe_cuda::gemm::stream_k_ctas;
-using ferrum_moe_cuda::gemm::gemv_chunk_slices;
-using ferrum_moe_cuda::gemm::gemv_reads_x_through_perm;
 using ferrum_moe_cuda::gemm::small_wgmma_tiles_keep;
+using ferrum_moe_cuda::gemm::stream_k_ctas;
 using ferrum_moe_cuda::gemm::stream_k_slots;
 using ferrum_moe_cuda::gemm::wgmma_tiles_fill;
 

@@ -65,10 +65,12 @@ cudaError_t with_gemv(int bits, bool gated, bool blocks, bool permuted, Body&& b
     constexpr int kBits = decltype(b)::value;
     if (gated) {
       if (blocks) return body(gemv_routed_kernel<T, kBits, 2, kGemvBlockRows, false>);
-      return permuted ? body(gemv_routed_kernel<T, kBits, 2, 1, true>) : body(gemv_routed_kernel<T, kBits, 2, 1, false>);
+      return permuted ? body(gemv_routed_kernel<T, kBits, 2, 1, true>)
+                      : body(gemv_routed_kernel<T, kBits, 2, 1, false>);
     }
     if (blocks) return body(gemv_routed_kernel<T, kBits, 1, kGemvBlockRows, false>);
-    return permuted ? body(gemv_routed_kernel<T, kBits, 1, 1, true>) : body(gemv_routed_kernel<T, kBits, 1, 1, false>);
+    return permuted ? body(gemv_routed_kernel<T, kBits, 1, 1, true>)
+                    : body(gemv_routed_kernel<T, kBits, 1, 1, false>);
   });
 }
 

@@ -14,6 +14,7 @@ namespace {
 
 using ferrum_moe_cuda::gemm::gemv_chunk_slices;
 using ferrum_moe_cuda::gemm::gemv_reads_x_through_perm;
+using ferrum_moe_cuda::gemm::gemv_slots;
 using ferrum_moe_cuda::gemm::kLargeRowsPerCta;
 using ferrum_moe_cuda::gemm::kMediumRowsPerCta;
 using ferrum_moe_cuda::gemm::kStreamKMinSlices;
@@ -111,6 +112,10 @@ int main() {
   expect(!gemv_reads_x_through_perm(3, 1) && !gemv_reads_x_through_perm(8, 1) && !gemv_reads_x_through_perm(4, 2) &&
              !gemv_reads_x_through_perm(1, 7),
          "Qwen3-30B-A3B at four tokens, Mixtral at one: the sorted copy", 0, 0, 0, 0);
+  // The GEMV's slots of a window: from the one holding its first column to the
+  // one holding its last.
+  expect(gemv_slots(0, 384) == 12 && gemv_slots(8, 429) == 14 && gemv_slots(32, 32) == 1 && gemv_slots(31, 2) == 2,
+         "a window's 32-column slots", 0, 0, 0, gemv_slots(8, 429));
   std::printf("schedule: %lld plans checked: %s\n", static_cast<long long>(cases), errors == 0 ? "ok" : "FAILED");
   return errors == 0 ? 0 : 1;
 }

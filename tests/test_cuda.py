@@ -492,26 +492,27 @@ def test_routing_on_the_decode_gemv_and_off_it_matches_float64(rng, k, x_columns
         assert rel_error(got_gated[p, :half], silu_product(y)) < 2 * REL_TOL[dtype], p
 
 
-@pytest.mark.parametrize("k, group_size, act_order", [(4160, 128, False), (512, -1, False), (256, 128, True),
+@pytest.mark.parametrize("k, group_size, act_order", [(2112, 128, False), (512, -1, False), (256, 128, True),
                                                      (197, 64, False)])
 @pytest.mark.parametrize("bits, sym", [(4, True), (4, False), (8, True)])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_few_row_dispatches_on_the_decode_gemv_and_off_it_match_float64(rng, k, group_size, act_order, bits, sym,
                                                                          dtype):
     """gemm_batched's dispatches of up to 16 rows run on the decode GEMV as work
-    items of up to 8 rows where its layout holds (x's rows 16-byte aligned: not at
-    K = 197), taller ones on the tiles: a Linear window off the 32-column slots and
-    across two experts, with a bias, into float32 and into a compute-dtype view of
-    an odd row stride; then one table of several dispatches of several experts.
-    Every written row matches float64; rows and columns outside stay as they were."""
-    e, n = 3, 384
+    items of up to 8 rows where its layout and its rule take them (x's rows 16-byte
+    aligned: not at K = 197; 110 CTAs a row of items, 220 for two), taller ones on
+    the tiles: a Linear window off the 32-column slots and across two experts, with
+    a bias, into float32 and into a compute-dtype view of an odd row stride; then
+    one table of several dispatches of several experts. Every written row matches
+    float64; rows and columns outside stay as they were."""
+    e, n = 3, 27 * 128
     weights = [random_weight(rng, k, n, bits=bits, group_size=group_size, sym=sym, act_order=act_order, dtype=dtype)
                for _ in range(e)]
     stacked = np.concatenate([w.dequantize(np.float64) for w in weights], axis=1)
     stack = fm.ExpertStack.from_gptq(weights, device="cuda", dtype=dtype)
     tdtype = getattr(torch, dtype)
     tol = REL_TOL[dtype]
-    offset, width = 8, n + 45  # slot 0 from column 8 to expert 1's column 53
+    offset, width = 8, n + 45  # the first slot from column 8, the last to expert 1's column 53
     for m in (1, 3, 8, 13, 16, 17):
         x = cuda(rng.standard_normal((m, k)).astype(np.float32)).to(tdtype)
         x64 = x.double().cpu().numpy()

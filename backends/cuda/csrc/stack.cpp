@@ -487,10 +487,11 @@ void CudaStack::gemm_batched(const FmGemmBatchedArgs& args) {
   const int64_t first_n_tile = args.col_begin / kTileN;
   const int64_t num_n_tiles = (args.col_begin + args.n - 1) / kTileN - first_n_tile + 1;
   // Dispatches of a few rows (the dense Linear's decode) on the decode GEMV,
-  // as work items of up to kGemvBlockRows rows (gemm/params.hpp,
-  // kGemvMaxItemRows), where its grid is short enough; the tiles elsewhere.
-  const bool on_gemv = max_rows <= gemm::kGemvMaxItemRows &&
-                       gemv_takes(gemm::GemvForm::kItems, params.w, params.io, gemv_items, gemm::kGemvMaxItemCtasPerSm);
+  // as work items of up to kGemvBlockRows rows, where its grid suits it
+  // (gemm/params.hpp, gemv_takes_items); the tiles elsewhere.
+  const bool on_gemv = gemv_takes(gemm::GemvForm::kItems, params.w, params.io, gemv_items, gemm::kGemvMaxCtasPerSm) &&
+                       gemm::gemv_takes_items(max_rows, gemv_ctas(params.io, gemv_items),
+                                              gemv_waves(gemm::GemvForm::kItems, params.io, gemv_items), num_sms_);
   const gemm::CtaTile tile = fill_the_gpu(tile_for(max_rows), row_tiles, num_n_tiles);
   const int64_t item_rows = on_gemv ? gemm::kGemvBlockRows : tile.rows;
   params.first_n_tile = static_cast<int32_t>(first_n_tile);

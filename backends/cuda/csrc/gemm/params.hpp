@@ -276,14 +276,25 @@ constexpr int kGemvMaxCtasPerSm = 7;
 // faster than the 8-row tiles, at M = 4 (27) level, at M = 8 (34) 6% slower;
 // blocks of mostly one row (Qwen3-30B-A3B M = 4) 10% slower.
 constexpr int kGemvMaxBlockCtasPerSm = 16;
-// gemm_batched's dispatches on the GEMV (work items, CudaStack::gemm_batched):
-// those of at most kGemvMaxItemRows rows, cut into items of up to
-// kGemvBlockRows rows (the items of one slot neighbours in the grid, so a
-// tall dispatch's weights come from DRAM once), at most
-// kGemvMaxItemCtasPerSm CTAs an SM. (The dense Linear's decode; v82, kernel
-// notes.)
-constexpr int64_t kGemvMaxItemRows = 16;
-constexpr int kGemvMaxItemCtasPerSm = 16;
+// Whether gemm_batched's dispatches of at most max_rows rows take the GEMV
+// (CudaStack::gemm_batched), as work items of up to kGemvBlockRows rows
+// (the items of one slot neighbours in the grid), over `ctas` CTAs in
+// `waves` waves of resident ones on num_sms SMs: where the CTAs fill 3/4 of
+// the SMs (fewer leave SMs idle that the tiles' stream-K would use), for
+// items of up to kGemvBlockRows rows at most kGemvMaxCtasPerSm an SM, and
+// for taller dispatches (two items a slot, each dequantizing the slot's
+// weights) one wave at most. Measured on the H100 (2026-12-07, kernel notes
+// v82), the dense Linear against the 8- and 16-row tiles: M = 1-8 on 448 and
+// 896 CTAs (4096 x 14336, 8192 x 28672) and 128 (14336 x 4096) 0.83-0.99 of
+// the tiles' time, on 64 (7168 x 2048) 1.00-1.08; M = 12-16 on 128 and 256
+// CTAs 0.74-0.95, on 896 and 1,792 1.04-1.37.
+constexpr int64_t kGemvMaxItemRows = 2 * kGemvBlockRows;
+
+inline FM_HOST_DEVICE constexpr bool gemv_takes_items(int64_t max_rows, int64_t ctas, int64_t waves, int64_t num_sms) {
+  if (max_rows > kGemvMaxItemRows || 4 * ctas < 3 * num_sms) return false;
+  return max_rows <= kGemvBlockRows ? ctas <= kGemvMaxCtasPerSm * num_sms : waves <= 1;
+}
+
 // The longest K the GEMV takes with the gated epilogue: its warps' rounds of
 // slices run one after another, so a CTA's time grows with K where the 8-row
 // tiles' pipeline keeps several slices in flight, and the gated rounds are

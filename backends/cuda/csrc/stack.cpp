@@ -363,8 +363,10 @@ gemm::CtaTile CudaStack::tile_for(int64_t rows) const {
 }
 
 // gemm/params.hpp, wgmma_tiles_fill: 128-row tiles where they (split or not)
-// fill the GPU, else the 64-row mma.sync tiles (2 CTAs an SM of 128 columns
-// each, where the 64-row wgmma tiles hold one of 256: kernel notes, v79).
+// fill the GPU, else the 64-row wgmma tiles: twice the tiles, whose stream-K
+// slots are twice as many too (the 64-row mma.sync tiles, 2 CTAs an SM of 128
+// columns, took the dense Linear's fallback rows 1.6x as long: kernel notes,
+// v83).
 // small_wgmma_tiles_keep: 32-row wgmma tiles over a short grid, else the
 // 32-row mma.sync tiles (3 CTAs an SM: kernel notes, v80).
 gemm::CtaTile CudaStack::fill_the_gpu(gemm::CtaTile tile, RowTiles row_tiles, int64_t n_tiles) const {
@@ -375,7 +377,7 @@ gemm::CtaTile CudaStack::fill_the_gpu(gemm::CtaTile tile, RowTiles row_tiles, in
   }
   if (tile.rows != gemm::kWgmmaRowsPerCta) return tile;
   if (gemm::wgmma_tiles_fill(row_tiles.of_128 * column_pairs, k_padded_ / kTileK, num_sms_)) return tile;
-  return {gemm::kLargeRowsPerCta, false};
+  return {gemm::kLargeRowsPerCta, true};
 }
 
 int CudaStack::plan_schedule(int64_t tiles_x, int64_t n_tiles, gemm::CtaTile tile, gemm::StreamK& schedule,

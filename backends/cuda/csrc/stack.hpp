@@ -102,7 +102,7 @@ class CudaStack final : public ferrum::plugin::Stack {
     int64_t of_128;
     int64_t of_32;
   };
-  // `tile`, or the 64-row mma.sync tile where 128-row tiles would fill under
+  // `tile`, or the 64-row wgmma tile where 128-row tiles would fill under
   // 3/4 of the SMs even sharing K (gemm/params.hpp, wgmma_tiles_fill), or the
   // 32-row mma.sync tile where 32-row wgmma tiles would run more than
   // kSmallWgmmaTilesMaxWaves an SM (small_wgmma_tiles_keep); n_tiles columns.

@@ -161,8 +161,8 @@ inline FM_HOST_DEVICE constexpr int64_t stream_k_ctas(int64_t tiles, int64_t k_t
 // Whether `tiles` 128-row (wgmma) tiles of k_tiles slices keep the 128-row
 // CTAs on num_sms SMs (one CTA each): where they fit the workspace they share
 // K (stream_k_ctas over a wave of num_sms), and the launch keeps them when
-// their CTAs fill 3/4 of the SMs; otherwise the 64-row tiles take it, which
-// split K more finely or at least fill more SMs. Measured on the H200
+// their CTAs fill 3/4 of the SMs; otherwise the 64-row (wgmma) tiles take
+// it, which split K more finely or at least fill more SMs. Measured on the H200
 // (2026-12-03), Linear 128 x 256 tiles, unshared, against 64-row ones: 16
 // tiles (7168 x 2048, M = 256) 187 / 68 us, 32 tiles 309 / 162, 64 tiles (M =
 // 1024) 178 / 134; but 128 tiles (14336 x 4096, M = 1024: 97% of the SMs) 311

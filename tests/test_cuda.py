@@ -492,6 +492,58 @@ def test_routing_on_the_decode_gemv_and_off_it_matches_float64(rng, k, x_columns
         assert rel_error(got_gated[p, :half], silu_product(y)) < 2 * REL_TOL[dtype], p
 
 
+@pytest.mark.parametrize("k, group_size, act_order", [(2112, 128, False), (512, -1, False), (256, 128, True),
+                                                     (197, 64, False)])
+@pytest.mark.parametrize("bits, sym", [(4, True), (4, False), (8, True)])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_few_row_dispatches_on_the_decode_gemv_and_off_it_match_float64(rng, k, group_size, act_order, bits, sym,
+                                                                         dtype):
+    """gemm_batched's dispatches of up to 16 rows run on the decode GEMV as work
+    items of up to 8 rows where its layout and its rule take them (x's rows 16-byte
+    aligned: not at K = 197; 110 CTAs a row of items, 220 for two), taller ones on
+    the tiles: a Linear window off the 32-column slots and across two experts, with
+    a bias, into float32 and into a compute-dtype view of an odd row stride; then
+    one table of several dispatches of several experts. Every written row matches
+    float64; rows and columns outside stay as they were."""
+    e, n = 3, 27 * 128
+    weights = [random_weight(rng, k, n, bits=bits, group_size=group_size, sym=sym, act_order=act_order, dtype=dtype)
+               for _ in range(e)]
+    stacked = np.concatenate([w.dequantize(np.float64) for w in weights], axis=1)
+    stack = fm.ExpertStack.from_gptq(weights, device="cuda", dtype=dtype)
+    tdtype = getattr(torch, dtype)
+    tol = REL_TOL[dtype]
+    offset, width = 8, n + 45  # the first slot from column 8, the last to expert 1's column 53
+    for m in (1, 3, 8, 13, 16, 17):
+        x = cuda(rng.standard_normal((m, k)).astype(np.float32)).to(tdtype)
+        x64 = x.double().cpu().numpy()
+        bias = cuda(rng.standard_normal(width).astype(np.float32)).to(tdtype)
+        layer = stack.expert_linear(offset, width, bias=bias)
+        expect = x64 @ stacked[:, offset:offset + width] + bias.double().cpu().numpy()
+        for backing in (torch.full((m + 1, width + 5), float("nan"), device="cuda"),
+                        torch.full((m + 1, width + 3), float("nan"), device="cuda", dtype=tdtype)):
+            layer(x, out=backing[:m, :width])
+            got = backing.double().cpu().numpy()
+            assert rel_error(got[:m, :width], expect) < tol, (m, backing.dtype)
+            assert np.all(np.isnan(got[:m, width:])) and np.all(np.isnan(got[m])), (m, "written outside out")
+
+    # Several dispatches (expert, in_row, out_row, m) in one table, rows of x
+    # reused, out rows between them left alone.
+    x = cuda(rng.standard_normal((20, k)).astype(np.float32)).to(tdtype)
+    x64 = x.double().cpu().numpy()
+    for table in ([[2, 0, 0, 1], [0, 3, 2, 8], [1, 5, 11, 3], [2, 4, 15, 5]],
+                  [[1, 0, 0, 16], [0, 2, 17, 2], [2, 19, 20, 1]]):
+        rows_out = max(r[2] + r[3] for r in table) + 1
+        out = torch.full((rows_out, n), float("nan"), device="cuda", dtype=torch.float32)
+        stack.gemm_batched(x, table, out=out)
+        got = out.double().cpu().numpy()
+        written = np.zeros(rows_out, bool)
+        for expert, in_row, out_row, m in table:
+            y = x64[in_row:in_row + m] @ stacked[:, expert * n:(expert + 1) * n]
+            assert rel_error(got[out_row:out_row + m], y) < tol, (table, expert)
+            written[out_row:out_row + m] = True
+        assert np.all(np.isnan(got[~written])), (table, "rows no dispatch names written")
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 # Symmetric 4- and 8-bit, and asymmetric act-order (the slot places zeros and row groups too).
 @pytest.mark.parametrize("bits, sym, act_order", [(4, True, False), (8, True, False), (4, False, True)])

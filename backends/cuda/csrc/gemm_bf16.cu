@@ -12,6 +12,7 @@ template cudaError_t launch_gemm_device_dispatch_for<__nv_bfloat16>(const Device
                                                               cudaStream_t);
 template cudaError_t launch_gemm_routed_for<__nv_bfloat16>(const RoutedParams&, int, CtaTile, int, cudaStream_t);
 template cudaError_t launch_gemm_gemv_for<__nv_bfloat16>(const RoutedParams&, int, bool, int64_t, int, cudaStream_t);
-template cudaError_t gemv_ctas_per_sm_for<__nv_bfloat16>(int, bool, bool, int64_t, int*);
+template cudaError_t launch_gemm_gemv_for<__nv_bfloat16>(const BatchedParams&, int, int64_t, int, cudaStream_t);
+template cudaError_t gemv_ctas_per_sm_for<__nv_bfloat16>(int, bool, GemvForm, int64_t, int*);
 
 }  // namespace ferrum_moe_cuda::gemm

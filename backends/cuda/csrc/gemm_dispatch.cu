@@ -67,9 +67,15 @@ cudaError_t launch_gemm_gemv(const RoutedParams& params, ComputeType type, int b
              : launch_gemm_gemv_for<__nv_bfloat16>(params, bits, blocks, quant_bytes, ctas, stream);
 }
 
-cudaError_t gemv_ctas_per_sm(ComputeType type, int bits, bool gated, bool blocks, int64_t quant_bytes, int* ctas) {
-  return type == ComputeType::kFloat16 ? gemv_ctas_per_sm_for<__half>(bits, gated, blocks, quant_bytes, ctas)
-                                       : gemv_ctas_per_sm_for<__nv_bfloat16>(bits, gated, blocks, quant_bytes, ctas);
+cudaError_t launch_gemm_gemv(const BatchedParams& params, ComputeType type, int bits, int64_t quant_bytes, int ctas,
+                             cudaStream_t stream) {
+  return type == ComputeType::kFloat16 ? launch_gemm_gemv_for<__half>(params, bits, quant_bytes, ctas, stream)
+                                       : launch_gemm_gemv_for<__nv_bfloat16>(params, bits, quant_bytes, ctas, stream);
+}
+
+cudaError_t gemv_ctas_per_sm(ComputeType type, int bits, bool gated, GemvForm form, int64_t quant_bytes, int* ctas) {
+  return type == ComputeType::kFloat16 ? gemv_ctas_per_sm_for<__half>(bits, gated, form, quant_bytes, ctas)
+                                       : gemv_ctas_per_sm_for<__nv_bfloat16>(bits, gated, form, quant_bytes, ctas);
 }
 
 cudaError_t launch_gather_routed(const RoutedParams& params, int64_t positions, void* x_sorted, int64_t row_stride,

@@ -12,6 +12,7 @@ template cudaError_t launch_gemm_device_dispatch_for<__half>(const DeviceDispatc
                                                               cudaStream_t);
 template cudaError_t launch_gemm_routed_for<__half>(const RoutedParams&, int, CtaTile, int, cudaStream_t);
 template cudaError_t launch_gemm_gemv_for<__half>(const RoutedParams&, int, bool, int64_t, int, cudaStream_t);
-template cudaError_t gemv_ctas_per_sm_for<__half>(int, bool, bool, int64_t, int*);
+template cudaError_t launch_gemm_gemv_for<__half>(const BatchedParams&, int, int64_t, int, cudaStream_t);
+template cudaError_t gemv_ctas_per_sm_for<__half>(int, bool, GemvForm, int64_t, int*);
 
 }  // namespace ferrum_moe_cuda::gemm

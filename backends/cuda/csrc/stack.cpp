@@ -199,14 +199,16 @@ CudaStack::CudaStack(const FmStackCreateArgs& args)
   const bool group_shift = num_groups_ == 1 || (slices_per_group & (slices_per_group - 1)) == 0;
   gemv_group_shift_ = num_groups_ == 1 ? kOneGroupShift : __builtin_ctzll(static_cast<uint64_t>(slices_per_group));
   if (weights_.row_group == nullptr && weights_.group_size % kTileK == 0 && group_shift) {
-    for (bool blocks : {false, true}) {
+    for (gemm::GemvForm form : {gemm::GemvForm::kPairs, gemm::GemvForm::kBlocks, gemm::GemvForm::kItems}) {
       int64_t max_quant_bytes = 0;
-      check_cuda(gemm::gemv_max_quant_bytes(blocks, &max_quant_bytes), "sizing the decode GEMV");
+      check_cuda(gemm::gemv_max_quant_bytes(form != gemm::GemvForm::kPairs, &max_quant_bytes),
+                 "sizing the decode GEMV");
       for (bool gated : {false, true}) {
         const int64_t quant_bytes = gemv_quant_bytes(gated);
         if (quant_bytes > max_quant_bytes || (gated && k_padded_ > gemm::kGemvMaxGatedK)) continue;
-        check_cuda(gemm::gemv_ctas_per_sm(compute_type_, bits_, gated, blocks, quant_bytes,
-                                          &gemv_ctas_per_sm_[blocks][gated]),
+        if (gated && form == gemm::GemvForm::kItems) continue;  // (gemm_batched has no gated form)
+        check_cuda(gemm::gemv_ctas_per_sm(compute_type_, bits_, gated, form, quant_bytes,
+                                          &gemv_ctas_per_sm_[static_cast<int>(form)][gated]),
                    "querying the decode GEMV's occupancy");
       }
     }
@@ -361,8 +363,10 @@ gemm::CtaTile CudaStack::tile_for(int64_t rows) const {
 }
 
 // gemm/params.hpp, wgmma_tiles_fill: 128-row tiles where they (split or not)
-// fill the GPU, else the 64-row mma.sync tiles (2 CTAs an SM of 128 columns
-// each, where the 64-row wgmma tiles hold one of 256: kernel notes, v79).
+// fill the GPU, else the 64-row wgmma tiles: twice the tiles, whose stream-K
+// slots are twice as many too (the 64-row mma.sync tiles, 2 CTAs an SM of 128
+// columns, took the dense Linear's fallback rows 1.6x as long: kernel notes,
+// v83).
 // small_wgmma_tiles_keep: 32-row wgmma tiles over a short grid, else the
 // 32-row mma.sync tiles (3 CTAs an SM: kernel notes, v80).
 gemm::CtaTile CudaStack::fill_the_gpu(gemm::CtaTile tile, RowTiles row_tiles, int64_t n_tiles) const {
@@ -373,7 +377,7 @@ gemm::CtaTile CudaStack::fill_the_gpu(gemm::CtaTile tile, RowTiles row_tiles, in
   }
   if (tile.rows != gemm::kWgmmaRowsPerCta) return tile;
   if (gemm::wgmma_tiles_fill(row_tiles.of_128 * column_pairs, k_padded_ / kTileK, num_sms_)) return tile;
-  return {gemm::kLargeRowsPerCta, false};
+  return {gemm::kLargeRowsPerCta, true};
 }
 
 int CudaStack::plan_schedule(int64_t tiles_x, int64_t n_tiles, gemm::CtaTile tile, gemm::StreamK& schedule,
@@ -464,38 +468,56 @@ void CudaStack::gemm_batched(const FmGemmBatchedArgs& args) {
   const int64_t s1 = stride(dispatches, 1);
   auto field = [&](int64_t d, int c) { return table[d * s0 + c * s1]; };
 
-  // Row tiles: of 128 rows over the table; of 32 rows, the slices of one
-  // launch at most (kMaxBatchedWorkItems: its grid, not the table's).
+  // Row tiles: of 128 rows over the table; of 32 and of 8 rows (the
+  // GEMV's items), the slices of one launch at most (kMaxBatchedWorkItems:
+  // its grid, not the table's).
   int64_t max_rows = 0;
   RowTiles row_tiles{0, 0};
+  int64_t gemv_items = 0;
   bool one_expert = true;
   for (int64_t d = 0; d < num_dispatches; ++d) {
     max_rows = std::max(max_rows, field(d, 3));
     row_tiles.of_128 += ceil_div(field(d, 3), int64_t{gemm::kWgmmaRowsPerCta});
     row_tiles.of_32 = std::min<int64_t>(row_tiles.of_32 + ceil_div(field(d, 3), int64_t{gemm::kMediumRowsPerCta}),
                                         gemm::kMaxBatchedWorkItems);
+    gemv_items = std::min<int64_t>(gemv_items + ceil_div(field(d, 3), int64_t{gemm::kGemvBlockRows}),
+                                   gemm::kMaxBatchedWorkItems);
     one_expert = one_expert && field(d, 0) == field(0, 0);
   }
   if (max_rows == 0) return;
   const StreamBuffer x_sorted = sort_x_columns(*args.x, one_expert ? field(0, 0) : -1, params.w, params.io, stream);
   const int64_t first_n_tile = args.col_begin / kTileN;
   const int64_t num_n_tiles = (args.col_begin + args.n - 1) / kTileN - first_n_tile + 1;
+  // Dispatches of a few rows (the dense Linear's decode) on the decode GEMV,
+  // as work items of up to kGemvBlockRows rows, where its grid suits it
+  // (gemm/params.hpp, gemv_takes_items); the tiles elsewhere.
+  const bool on_gemv = gemv_takes(gemm::GemvForm::kItems, params.w, params.io, gemv_items, gemm::kGemvMaxCtasPerSm) &&
+                       gemm::gemv_takes_items(max_rows, gemv_ctas(params.io, gemv_items),
+                                              gemv_waves(gemm::GemvForm::kItems, params.io, gemv_items), num_sms_);
   const gemm::CtaTile tile = fill_the_gpu(tile_for(max_rows), row_tiles, num_n_tiles);
+  const int64_t item_rows = on_gemv ? gemm::kGemvBlockRows : tile.rows;
   params.first_n_tile = static_cast<int32_t>(first_n_tile);
 
   auto flush = [&] {
     if (params.num_items == 0) return;
-    const int ctas = plan_schedule(params.num_items, num_n_tiles, tile, params.schedule);
-    check_cuda(gemm::launch_gemm_batched(params, compute_type_, bits_, tile, ctas, stream),
-               "gemm_batched kernel launch");
+    if (on_gemv) {
+      params.gemv = gemv_plan(gemm::GemvForm::kItems, params.io, params.num_items);
+      check_cuda(gemm::launch_gemm_gemv(params, compute_type_, bits_, gemv_quant_bytes(false),
+                                        static_cast<int>(gemv_ctas(params.io, params.num_items)), stream),
+                 "gemm_batched kernel launch");
+    } else {
+      const int ctas = plan_schedule(params.num_items, num_n_tiles, tile, params.schedule);
+      check_cuda(gemm::launch_gemm_batched(params, compute_type_, bits_, tile, ctas, stream),
+                 "gemm_batched kernel launch");
+    }
     params.num_items = 0;
   };
   for (int64_t d = 0; d < num_dispatches; ++d) {
     const int64_t expert = field(d, 0), in_row = field(d, 1), out_row = field(d, 2), m = field(d, 3);
-    for (int64_t r = 0; r < m; r += tile.rows) {
+    for (int64_t r = 0; r < m; r += item_rows) {
       gemm::BatchedWorkItem& item = params.items[params.num_items++];
       item.expert = static_cast<int32_t>(expert);
-      item.rows = static_cast<int32_t>(std::min<int64_t>(tile.rows, m - r));
+      item.rows = static_cast<int32_t>(std::min<int64_t>(item_rows, m - r));
       item.x_row = in_row + r;
       item.out_row = out_row + r;
       if (params.num_items == gemm::kMaxBatchedWorkItems) flush();
@@ -632,7 +654,7 @@ bool CudaStack::launch_routed(const FmGemmRoutedArgs& args, DLTensor& out, bool 
   const cudaStream_t stream = as_stream(args.stream);
   const int64_t positions = std::min(params.num_positions, grid_blocks * args.block_size);
   if (args.block_size <= gemm::kGemvBlockRows && params.num_pairs * 2 >= num_experts_ &&
-      gemv_takes(params, true, grid_blocks, gemm::kGemvMaxBlockCtasPerSm)) {
+      gemv_takes(gemm::GemvForm::kBlocks, params.w, params.io, grid_blocks, gemm::kGemvMaxBlockCtasPerSm)) {
     const StreamBuffer x_sorted = sort_x_columns(params, positions, stream);
     launch_gemv(params, true, grid_blocks, stream);
     return true;
@@ -693,7 +715,7 @@ void CudaStack::gemm_routed_pairs(const FmGemmRoutedArgs& args, gemm::RoutedPara
   params.chunks_per_block = 1;
   if (params.num_pairs == 0) return;
   const cudaStream_t stream = as_stream(args.stream);
-  if (gemv_takes(params, false, params.num_pairs, gemm::kGemvMaxCtasPerSm)) {
+  if (gemv_takes(gemm::GemvForm::kPairs, params.w, params.io, params.num_pairs, gemm::kGemvMaxCtasPerSm)) {
     // Act-order x: a sorted copy first, or where the launch is short, read
     // through the expert's perm (gemv.cuh, kPermutedX; kernel notes, v81).
     const StreamBuffer x_sorted =
@@ -763,23 +785,27 @@ StreamBuffer CudaStack::sort_x_columns(const DLTensor& x, int64_t expert, gemm::
 
 // (The GEMV writes columns from 0 and adds no bias: launch_routed's io has
 // neither.)
-bool CudaStack::gemv_takes(const gemm::RoutedParams& params, bool blocks, int64_t units, int max_ctas_per_sm) const {
-  const int resident = gemv_ctas_per_sm_[blocks][params.io.gate_up_tiles > 0];
-  // (Act-order's x is copied aligned first, sort_x_columns, or read by
-  // element through perm: the one-row GEMV's permuted form.)
-  const bool aligned = params.io.x_vector_loads || params.w.perm != nullptr;
-  return resident != 0 && aligned && gemv_ctas(params, units) <= int64_t{max_ctas_per_sm} * num_sms_;
+bool CudaStack::gemv_takes(gemm::GemvForm form, const gemm::QuantWeights& w, const gemm::GemmIO& io, int64_t units,
+                           int max_ctas_per_sm) const {
+  // Routed act-order x is copied aligned first (sort_x_columns), or read by
+  // element through perm (the one-row GEMV's permuted form); work items read
+  // x in order (gemm_batched sorts the columns of one expert's rows first).
+  const bool aligned =
+      form == gemm::GemvForm::kItems ? io.x_vector_loads && w.perm == nullptr : io.x_vector_loads || w.perm != nullptr;
+  return gemv_resident(form, io) != 0 && aligned && gemv_ctas(io, units) <= int64_t{max_ctas_per_sm} * num_sms_;
 }
 
-// The GEMV's CTAs of a launch over `units` pairs or blocks (a slot each),
-// and the waves of them the SMs hold (gemv_ctas_per_sm_; at least one).
-int64_t CudaStack::gemv_ctas(const gemm::RoutedParams& params, int64_t units) const {
-  return int64_t{gemm::gemv_slots(params.io.n)} * units;
+int CudaStack::gemv_resident(gemm::GemvForm form, const gemm::GemmIO& io) const {
+  return gemv_ctas_per_sm_[static_cast<int>(form)][io.gate_up_tiles > 0];
 }
 
-int64_t CudaStack::gemv_waves(const gemm::RoutedParams& params, bool blocks, int64_t units) const {
-  const int64_t wave = int64_t{gemv_ctas_per_sm_[blocks][params.io.gate_up_tiles > 0]} * num_sms_;
-  return ceil_div(gemv_ctas(params, units), std::max<int64_t>(wave, 1));
+int64_t CudaStack::gemv_ctas(const gemm::GemmIO& io, int64_t units) const {
+  return int64_t{gemm::gemv_slots(io.col_begin, io.n)} * units;
+}
+
+int64_t CudaStack::gemv_waves(gemm::GemvForm form, const gemm::GemmIO& io, int64_t units) const {
+  const int64_t wave = int64_t{gemv_resident(form, io)} * num_sms_;
+  return ceil_div(gemv_ctas(io, units), std::max<int64_t>(wave, 1));
 }
 
 // gemm/params.hpp, gemv_reads_x_through_perm: the one-row launch's waves
@@ -788,15 +814,18 @@ bool CudaStack::gemv_permutes_x(const gemm::RoutedParams& params, int64_t units)
   if (params.w.perm == nullptr) return false;
   const int64_t slices_per_warp = ceil_div(k_padded_ / kTileK, int64_t{gemm::kGemvWarps});
   const int64_t rounds = ceil_div(slices_per_warp, int64_t{gemm::gemv_chunk_slices(bits_)});
-  return gemm::gemv_reads_x_through_perm(gemv_waves(params, false, units), rounds);
+  return gemm::gemv_reads_x_through_perm(gemv_waves(gemm::GemvForm::kPairs, params.io, units), rounds);
+}
+
+gemm::GemvPlan CudaStack::gemv_plan(gemm::GemvForm form, const gemm::GemmIO& io, int64_t units) const {
+  return {gemv_waves(form, io, units) <= 1, gemv_group_shift_};
 }
 
 void CudaStack::launch_gemv(gemm::RoutedParams& params, bool blocks, int64_t units, cudaStream_t stream) {
-  const bool gated = params.io.gate_up_tiles > 0;
-  params.gemv_one_wave = gemv_waves(params, blocks, units) <= 1;
-  params.gemv_group_shift = gemv_group_shift_;
-  check_cuda(gemm::launch_gemm_gemv(params, compute_type_, bits_, blocks, gemv_quant_bytes(gated),
-                                    static_cast<int>(gemv_ctas(params, units)), stream),
+  const gemm::GemvForm form = blocks ? gemm::GemvForm::kBlocks : gemm::GemvForm::kPairs;
+  params.gemv = gemv_plan(form, params.io, units);
+  check_cuda(gemm::launch_gemm_gemv(params, compute_type_, bits_, blocks, gemv_quant_bytes(params.io.gate_up_tiles > 0),
+                                    static_cast<int>(gemv_ctas(params.io, units)), stream),
              "gemm_routed kernel launch");
 }
 

@@ -49,13 +49,18 @@ class CudaStack final : public ferrum::plugin::Stack {
   // The decode GEMV (gemm/gemv.cuh) takes it where its layout holds, the
   // 8-row tiles elsewhere.
   void gemm_routed_pairs(const FmGemmRoutedArgs& args, gemm::RoutedParams& params);
-  // Whether the decode GEMV takes a launch over `units` pairs or routing
-  // blocks (gemv_ctas_per_sm_, 16-byte aligned token rows, at most
-  // max_ctas_per_sm CTAs an SM), and the launch itself.
-  bool gemv_takes(const gemm::RoutedParams& params, bool blocks, int64_t units, int max_ctas_per_sm) const;
-  // The GEMV's CTAs over `units` pairs or blocks, and their waves.
-  int64_t gemv_ctas(const gemm::RoutedParams& params, int64_t units) const;
-  int64_t gemv_waves(const gemm::RoutedParams& params, bool blocks, int64_t units) const;
+  // Whether the decode GEMV takes a launch of `form` over `units` pairs,
+  // routing blocks or work items (gemv_ctas_per_sm_, 16-byte aligned token
+  // rows, at most max_ctas_per_sm CTAs an SM), and the routed launch itself.
+  bool gemv_takes(gemm::GemvForm form, const gemm::QuantWeights& w, const gemm::GemmIO& io, int64_t units,
+                  int max_ctas_per_sm) const;
+  // Its resident CTAs an SM for `io`'s results (plain or gated), its CTAs
+  // over `units` units (a slot of io's window each), their waves, and what
+  // the launch is told of them.
+  int gemv_resident(gemm::GemvForm form, const gemm::GemmIO& io) const;
+  int64_t gemv_ctas(const gemm::GemmIO& io, int64_t units) const;
+  int64_t gemv_waves(gemm::GemvForm form, const gemm::GemmIO& io, int64_t units) const;
+  gemm::GemvPlan gemv_plan(gemm::GemvForm form, const gemm::GemmIO& io, int64_t units) const;
   // Whether the one-row GEMV over `units` pairs reads act-order x through
   // perm, with no sorted copy first (gemm/params.hpp, gemv_reads_x_through_perm).
   bool gemv_permutes_x(const gemm::RoutedParams& params, int64_t units) const;
@@ -97,7 +102,7 @@ class CudaStack final : public ferrum::plugin::Stack {
     int64_t of_128;
     int64_t of_32;
   };
-  // `tile`, or the 64-row mma.sync tile where 128-row tiles would fill under
+  // `tile`, or the 64-row wgmma tile where 128-row tiles would fill under
   // 3/4 of the SMs even sharing K (gemm/params.hpp, wgmma_tiles_fill), or the
   // 32-row mma.sync tile where 32-row wgmma tiles would run more than
   // kSmallWgmmaTilesMaxWaves an SM (small_wgmma_tiles_keep); n_tiles columns.
@@ -127,11 +132,11 @@ class CudaStack final : public ferrum::plugin::Stack {
   // Resident CTAs per SM of each of gemm::kCtaTiles (occupancy; 1 for the
   // tiles the loaded code lacks): a stream-K wave.
   int ctas_per_sm_[gemm::kNumCtaTiles] = {};
-  // Resident GEMV CTAs per SM, [blocks][gated]: over pair routing or
-  // routing blocks of up to gemm::kGemvBlockRows rows, plain and gated (0:
-  // the GEMV does not take this stack's launches).
-  int gemv_ctas_per_sm_[2][2] = {{0, 0}, {0, 0}};
-  int32_t gemv_group_shift_ = 0;  // gemm::RoutedParams::gemv_group_shift
+  // Resident GEMV CTAs per SM, [form][gated]: over pair routing, routing
+  // blocks or work items of up to gemm::kGemvBlockRows rows, plain and gated
+  // (0: the GEMV does not take this stack's launches of that form).
+  int gemv_ctas_per_sm_[gemm::kNumGemvForms][2] = {};
+  int32_t gemv_group_shift_ = 0;  // gemm::GemvPlan::group_shift
   // Stream-K workspace (gemm/params.hpp, StreamK, stream_k_slots): tile slots
   // and their counters. Calls on one stack from concurrently
   // running streams would share it: a stack's GEMMs must be stream-ordered.

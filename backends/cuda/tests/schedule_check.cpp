@@ -14,6 +14,8 @@ namespace {
 
 using ferrum_moe_cuda::gemm::gemv_chunk_slices;
 using ferrum_moe_cuda::gemm::gemv_reads_x_through_perm;
+using ferrum_moe_cuda::gemm::gemv_slots;
+using ferrum_moe_cuda::gemm::gemv_takes_items;
 using ferrum_moe_cuda::gemm::kLargeRowsPerCta;
 using ferrum_moe_cuda::gemm::kMediumRowsPerCta;
 using ferrum_moe_cuda::gemm::kStreamKMinSlices;
@@ -111,6 +113,20 @@ int main() {
   expect(!gemv_reads_x_through_perm(3, 1) && !gemv_reads_x_through_perm(8, 1) && !gemv_reads_x_through_perm(4, 2) &&
              !gemv_reads_x_through_perm(1, 7),
          "Qwen3-30B-A3B at four tokens, Mixtral at one: the sorted copy", 0, 0, 0, 0);
+  // The GEMV's slots of a window: from the one holding its first column to the
+  // one holding its last.
+  expect(gemv_slots(0, 384) == 12 && gemv_slots(8, 429) == 14 && gemv_slots(32, 32) == 1 && gemv_slots(31, 2) == 2,
+         "a window's 32-column slots", 0, 0, 0, gemv_slots(8, 429));
+  // gemm_batched on the GEMV (kernel notes, v82): the dense Linear's measured launches on 132 SMs
+  // at 2 CTAs an SM.
+  expect(gemv_takes_items(1, 448, 2, 132) && gemv_takes_items(8, 896, 4, 132) && gemv_takes_items(4, 128, 1, 132),
+         "M = 1-8 on 448, 896 and 128 CTAs: the GEMV", 1, 448, 132, 0);
+  expect(!gemv_takes_items(8, 64, 1, 132), "M = 1-8 on 64 CTAs (half the SMs): the tiles", 8, 64, 132, 0);
+  expect(gemv_takes_items(16, 256, 1, 132) && gemv_takes_items(12, 128, 1, 132),
+         "M = 12-16 in one wave: the GEMV", 16, 256, 132, 0);
+  expect(!gemv_takes_items(16, 896, 4, 132) && !gemv_takes_items(12, 1792, 7, 132) && !gemv_takes_items(17, 128, 1, 132),
+         "M = 12-16 over several waves, and M = 17: the tiles", 16, 896, 132, 0);
+  expect(!gemv_takes_items(1, 7 * 132 + 1, 4, 132), "more than kGemvMaxCtasPerSm an SM: the tiles", 1, 7 * 132 + 1, 132, 0);
   std::printf("schedule: %lld plans checked: %s\n", static_cast<long long>(cases), errors == 0 ? "ok" : "FAILED");
   return errors == 0 ? 0 : 1;
 }

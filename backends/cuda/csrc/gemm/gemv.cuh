@@ -1,5 +1,6 @@
-// The decode GEMV: pair routing (one token row per pair), or routing blocks
-// of up to 8 rows, without a pipeline or a K split across CTAs. A CTA
+// The decode GEMV: pair routing (one token row per pair), routing blocks of
+// up to 8 rows, or gemm_batched's work items of up to 8 rows (the dense
+// Linear's few rows), without a pipeline or a K split across CTAs. A CTA
 // computes one pair's (or block's) 32 output columns (a warp slot of the
 // weight layout, layout.hpp) over the whole of K: its 8 warps split K, each
 // issues the 16-byte weight loads of several K slices at once into registers
@@ -23,10 +24,13 @@
 // weights in flight, and after the wait only reads the routing again (kept
 // when it is unchanged) and its token values. Routing blocks are written by
 // the layer's align step just before: that form does all of it after the wait.
+// Work items travel in the launch's parameters: that form issues its weights
+// and stages its scales before the wait too, and reads x after it.
 #ifndef FERRUM_MOE_CUDA_GEMM_GEMV_CUH_
 #define FERRUM_MOE_CUDA_GEMM_GEMV_CUH_
 
 #include <cstdint>
+#include <type_traits>
 
 #include "dependent_launch.cuh"
 #include "gemm/dequant.cuh"
@@ -42,16 +46,21 @@ namespace ferrum_moe_cuda::gemm {
 // gate slot, then the same slot of its up tile). kRows 1: pair routing (unit
 // u of the grid is pair u); kGemvBlockRows: routing blocks of up to that many
 // rows (unit u is block u, its rows the MMA's token columns, so the expert's
-// weights are read once for all of them). kPermutedX (one row only): an
+// weights are read once for all of them), or with Params = BatchedParams
+// gemm_batched's work items of up to that many rows (unit u is item u; units
+// of one slot are neighbours in the grid, so that the items of one tall
+// dispatch read its weights from DRAM once). kPermutedX (one row only): an
 // act-order stack's x as the caller gave it, each value read through the
 // expert's perm (no sorted copy launched first, where the launch is short:
 // params.hpp, gemv_reads_x_through_perm; kernel notes v81); its own kernel,
 // so that the plain one's registers stay as they are.
-template <class T, int kBits, int kStreams, int kRows, bool kPermutedX>
-__global__ void __launch_bounds__(kGemvThreads, 2)
-    gemv_routed_kernel(const __grid_constant__ RoutedParams p) {
+template <class T, int kBits, int kStreams, int kRows, bool kPermutedX, class Params>
+__global__ void __launch_bounds__(kGemvThreads, 2) gemv_kernel(const __grid_constant__ Params p) {
+  constexpr bool kItems = std::is_same_v<Params, BatchedParams>;
+  static_assert(kItems || std::is_same_v<Params, RoutedParams>, "routed or batched");
   static_assert(kRows == 1 || kRows == kGemvBlockRows, "one token column, or all eight");
   static_assert(!kPermutedX || kRows == 1, "blocks read the sorted copy");
+  static_assert(!kItems || (kRows > 1 && kStreams == 1), "work items: plain results of up to eight rows");
   using Tile = WeightTileLayout<kBits>;
   constexpr int kChunk = gemv_chunk_slices(kBits);  // slices a round
   constexpr int kLoads = Tile::kLoadsPerLane;
@@ -63,7 +72,7 @@ __global__ void __launch_bounds__(kGemvThreads, 2)
   constexpr int kXStride = kXChunk + 8;
   __shared__ alignas(16) uint16_t x_chunk[kGemvWarps][kRows][kXStride];
   // kRows > 1: each row's token offset in x (-1: no pair), output row and
-  // router weight (fill_block_row).
+  // router weight (fill_block_row, or the work item's rows with weight 1).
   __shared__ RowTable<kRows> rows;
   extern __shared__ uint4 quant_raw[];
   static_assert(sizeof(x_chunk) + sizeof(rows) <= gemv_static_smem(kRows > 1), "params.hpp's bound");
@@ -72,10 +81,20 @@ __global__ void __launch_bounds__(kGemvThreads, 2)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const QuantWeights& w = p.w;
   const GemmIO& io = p.io;
-  const int slots = gemv_slots(io.n);
-  const int64_t unit = blockIdx.x / slots;
-  const int slot = static_cast<int>(blockIdx.x - unit * slots);
-  const PairSlot at = pair_slot(kRows == 1 ? unit : 0, p.top_k);
+  // The window's slots, from the one holding column io.col_begin.
+  const int first_slot = static_cast<int>(io.col_begin / kWarpN);
+  const int slots = gemv_slots(io.col_begin, io.n);
+  int64_t unit;
+  int slot;
+  if constexpr (kItems) {
+    slot = static_cast<int>(blockIdx.x / p.num_items);
+    unit = blockIdx.x - int64_t{slot} * p.num_items;
+  } else {
+    unit = blockIdx.x / slots;
+    slot = static_cast<int>(blockIdx.x - unit * slots);
+  }
+  PairSlot at{};  // (one row: the unit's pair)
+  if constexpr (!kItems && kRows == 1) at = pair_slot(unit, p.top_k);
   const int k_tiles = w.k_tiles;
   const int kt_begin = k_tiles * warp / kGemvWarps, kt_end = k_tiles * (warp + 1) / kGemvWarps;
   const int groups = w.num_groups;
@@ -92,7 +111,7 @@ __global__ void __launch_bounds__(kGemvThreads, 2)
   const uint4* src[kStreams];
   int first_column[kStreams];
 #pragma unroll
-  for (int s = 0; s < kStreams; ++s) first_column[s] = slot * kWarpN + s * io.gate_up_tiles * kTileN;
+  for (int s = 0; s < kStreams; ++s) first_column[s] = (first_slot + slot) * kWarpN + s * io.gate_up_tiles * kTileN;
 
   // One round of codes: slices kt .. kt + kChunk - 1 (those below kt_end).
   uint4 codes[kStreams][kChunk][kLoads];
@@ -117,7 +136,7 @@ __global__ void __launch_bounds__(kGemvThreads, 2)
     for (int s = 0; s < kStreams; ++s) {
       const int64_t n_tile = first_column[s] / kTileN;
       src[s] = tiles + ((static_cast<int64_t>(e) * w.n_tiles + n_tile) * k_tiles + kt_begin) * Tile::kUint4s +
-               Tile::uint4_index(slot % kWarpSlots, 0, lane);
+               Tile::uint4_index((first_column[s] / kWarpN) % kWarpSlots, 0, lane);
     }
     if (kt_begin < kt_end) load_codes(kt_begin);
     // Four columns an entry (one 8-byte load of their scales, one 4-byte
@@ -144,9 +163,22 @@ __global__ void __launch_bounds__(kGemvThreads, 2)
     }
   };
 
-  if (p.gemv_one_wave) dependent_grid_release();
+  if (p.gemv.one_wave) dependent_grid_release();
   int expert = -1;
-  if constexpr (kRows == 1) {
+  if constexpr (kItems) {
+    // The item is the launch's own: its expert's first round and scales
+    // before the wait, x (the kernel before may write it) after.
+    const BatchedWorkItem& item = p.items[unit];
+    expert = item.expert;
+    if (threadIdx.x < kRows) {
+      const int r = static_cast<int>(threadIdx.x);
+      rows.x_offset[r] = r < item.rows ? (item.x_row + r) * io.x_row_stride : -1;
+      rows.out_row[r] = r < item.rows ? item.out_row + r : -1;
+      rows.weight[r] = 1.0f;
+    }
+    start_expert(expert);
+    dependent_grid_begin(false);
+  } else if constexpr (kRows == 1) {
     // Before the wait for the kernel before this one: nothing the weights
     // depend on is written in the layer, so the CTA reads its routing early
     // (through L2 only, routing.cuh), issues that expert's first round and
@@ -176,8 +208,9 @@ __global__ void __launch_bounds__(kGemvThreads, 2)
   // the block's rows copied straight to shared memory, zeros past K and for
   // rows without a pair. kPermutedX: sorted row k's value is x's column
   // perm[k] (perm and the row from L1 / L2).
-  const int64_t x_row = p.x_rows_by_pair ? unit : at.token;  // (one row: unit is the pair)
-  const auto* x = static_cast<const uint16_t*>(io.x) + (kRows == 1 ? x_row * io.x_row_stride : 0);
+  int64_t x_row = 0;  // (one row: unit is the pair)
+  if constexpr (kRows == 1) x_row = p.x_rows_by_pair ? unit : at.token;
+  const auto* x = static_cast<const uint16_t*>(io.x) + x_row * io.x_row_stride;
   const int32_t* perm = kPermutedX ? w.perm + static_cast<int64_t>(expert) * w.k : nullptr;
   uint4 x_part = make_uint4(0, 0, 0, 0);
   auto load_x = [&](int kt) {
@@ -246,7 +279,7 @@ __global__ void __launch_bounds__(kGemvThreads, 2)
       for (int pk = 0; pk < 2; ++pk) {
         ldmatrix_x4(tokens[pk], lane_row + (c * kTileK + 4 * pk * 8) * 2);
       }
-      const int group = min((kt + c) >> p.gemv_group_shift, groups - 1);
+      const int group = min((kt + c) >> p.gemv.group_shift, groups - 1);
 #pragma unroll
       for (int s = 0; s < kStreams; ++s) {
         uint32_t words[Tile::kWordsPerLane];
@@ -322,16 +355,25 @@ __global__ void __launch_bounds__(kGemvThreads, 2)
       total[s] += reinterpret_cast<const float*>(&x_chunk[v][0][0])[(s * kRows + warp) * kWarpN + lane];
     }
   }
-  const float weight = kRows == 1 ? pair_weight(p, at) : rows.weight[warp];
+  float weight;
+  if constexpr (kRows == 1) {
+    weight = pair_weight(p, at);
+  } else {
+    weight = rows.weight[warp];
+  }
   const int64_t index = out_row * io.out_row_stride + j * io.out_col_stride;
   if constexpr (kStreams == 2) {
     // As store_results_gated_tiny: silu(gate * w) * (up * w).
     const float gate = total[0] * weight, up = total[1] * weight;
     static_cast<T*>(io.out)[index] = float_to<T>(silu_times(gate, up));
-  } else if (io.out_float32) {
-    static_cast<float*>(io.out)[index] = total[0] * weight;
   } else {
-    static_cast<T*>(io.out)[index] = float_to<T>(total[0] * weight);
+    // As the tiles' epilogue: (sum + bias) * w.
+    const float value = (total[0] + (io.bias != nullptr ? raw_to_float<T>(io.bias[j]) : 0.0f)) * weight;
+    if (io.out_float32) {
+      static_cast<float*>(io.out)[index] = value;
+    } else {
+      static_cast<T*>(io.out)[index] = float_to<T>(value);
+    }
   }
 }
 

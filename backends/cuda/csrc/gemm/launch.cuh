@@ -55,36 +55,51 @@ cudaError_t with_specialisation(int bits, CtaTile tile, bool splits, Body&& body
   return with_bits(bits, with_rows);
 }
 
-// Calls body(gemv_routed_kernel<T, kBits, kStreams, kRows, kPermutedX>) for
-// the decode GEMV's specialisation (gemv.cuh); permuted (act-order x read
-// through the expert's perm) is a one-row form only.
+// Calls body(gemv_kernel<T, kBits, kStreams, kRows, kPermutedX, RoutedParams>)
+// for the decode GEMV's specialisation over routing (gemv.cuh); permuted
+// (act-order x read through the expert's perm) is a one-row form only.
 template <class T, class Body>
 cudaError_t with_gemv(int bits, bool gated, bool blocks, bool permuted, Body&& body) {
   if (blocks && permuted) return cudaErrorInvalidValue;
   return with_bits(bits, [&](auto b) {
     constexpr int kBits = decltype(b)::value;
     if (gated) {
-      if (blocks) return body(gemv_routed_kernel<T, kBits, 2, kGemvBlockRows, false>);
-      return permuted ? body(gemv_routed_kernel<T, kBits, 2, 1, true>)
-                      : body(gemv_routed_kernel<T, kBits, 2, 1, false>);
+      if (blocks) return body(gemv_kernel<T, kBits, 2, kGemvBlockRows, false, RoutedParams>);
+      return permuted ? body(gemv_kernel<T, kBits, 2, 1, true, RoutedParams>)
+                      : body(gemv_kernel<T, kBits, 2, 1, false, RoutedParams>);
     }
-    if (blocks) return body(gemv_routed_kernel<T, kBits, 1, kGemvBlockRows, false>);
-    return permuted ? body(gemv_routed_kernel<T, kBits, 1, 1, true>)
-                    : body(gemv_routed_kernel<T, kBits, 1, 1, false>);
+    if (blocks) return body(gemv_kernel<T, kBits, 1, kGemvBlockRows, false, RoutedParams>);
+    return permuted ? body(gemv_kernel<T, kBits, 1, 1, true, RoutedParams>)
+                    : body(gemv_kernel<T, kBits, 1, 1, false, RoutedParams>);
   });
+}
+
+// The same over gemm_batched's work items (plain results, x in order).
+template <class T, class Body>
+cudaError_t with_gemv_items(int bits, Body&& body) {
+  return with_bits(bits, [&](auto b) {
+    return body(gemv_kernel<T, decltype(b)::value, 1, kGemvBlockRows, false, BatchedParams>);
+  });
+}
+
+// Either, by form (for what any kernel takes: attributes, occupancy).
+template <class T, class Body>
+cudaError_t with_gemv_form(int bits, bool gated, GemvForm form, bool permuted, Body&& body) {
+  if (form != GemvForm::kItems) return with_gemv<T>(bits, gated, form == GemvForm::kBlocks, permuted, body);
+  return gated || permuted ? cudaErrorInvalidValue : with_gemv_items<T>(bits, body);
 }
 
 template <class T>
 cudaError_t configure_gemm_kernels_for(int bits, bool wgmma_tiles) {
   cudaError_t status = cudaSuccess;
-  for (bool blocks : {false, true})
+  for (GemvForm form : {GemvForm::kPairs, GemvForm::kBlocks, GemvForm::kItems})
     for (bool gated : {false, true})
       for (bool permuted : {false, true}) {
-        if (blocks && permuted) continue;
+        if ((form != GemvForm::kPairs && permuted) || (form == GemvForm::kItems && gated)) continue;
         int64_t gemv_quant_bytes = 0;
-        status = gemv_max_quant_bytes(blocks, &gemv_quant_bytes);
+        status = gemv_max_quant_bytes(form != GemvForm::kPairs, &gemv_quant_bytes);
         if (status != cudaSuccess) return status;
-        status = with_gemv<T>(bits, gated, blocks, permuted, [&](auto kernel) {
+        status = with_gemv_form<T>(bits, gated, form, permuted, [&](auto kernel) {
           return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(gemv_quant_bytes));
         });
@@ -168,10 +183,10 @@ cudaError_t launch_gemm_device_dispatch_for(const DeviceDispatchParams& params, 
 }
 
 template <class T>
-cudaError_t gemv_ctas_per_sm_for(int bits, bool gated, bool blocks, int64_t quant_bytes, int* ctas) {
+cudaError_t gemv_ctas_per_sm_for(int bits, bool gated, GemvForm form, int64_t quant_bytes, int* ctas) {
   // (The permuted form is the plain one's occupancy: ptxas gives both 2 CTAs
   // an SM, their launch bounds; kernel notes, v81.)
-  return with_gemv<T>(bits, gated, blocks, false, [&](auto kernel) {
+  return with_gemv_form<T>(bits, gated, form, false, [&](auto kernel) {
     return cudaOccupancyMaxActiveBlocksPerMultiprocessor(ctas, kernel, kGemvThreads, quant_bytes);
   });
 }
@@ -182,6 +197,15 @@ cudaError_t launch_gemm_gemv_for(const RoutedParams& params, int bits, bool bloc
   // Act-order x not copied first (CudaStack::gemm_routed_pairs): the
   // permuted form reads it through w.perm.
   return with_gemv<T>(bits, params.io.gate_up_tiles > 0, blocks, params.w.perm != nullptr, [&](auto kernel) {
+    return launch_dependent(kernel, dim3(static_cast<unsigned>(ctas)), kGemvThreads, static_cast<size_t>(quant_bytes),
+                            stream, params);
+  });
+}
+
+template <class T>
+cudaError_t launch_gemm_gemv_for(const BatchedParams& params, int bits, int64_t quant_bytes, int ctas,
+                                 cudaStream_t stream) {
+  return with_gemv_items<T>(bits, [&](auto kernel) {
     return launch_dependent(kernel, dim3(static_cast<unsigned>(ctas)), kGemvThreads, static_cast<size_t>(quant_bytes),
                             stream, params);
   });

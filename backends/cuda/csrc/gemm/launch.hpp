@@ -27,7 +27,10 @@ template <class T>
 cudaError_t launch_gemm_gemv_for(const RoutedParams& params, int bits, bool blocks, int64_t quant_bytes, int ctas,
                                  cudaStream_t stream);
 template <class T>
-cudaError_t gemv_ctas_per_sm_for(int bits, bool gated, bool blocks, int64_t quant_bytes, int* ctas);
+cudaError_t launch_gemm_gemv_for(const BatchedParams& params, int bits, int64_t quant_bytes, int ctas,
+                                 cudaStream_t stream);
+template <class T>
+cudaError_t gemv_ctas_per_sm_for(int bits, bool gated, GemvForm form, int64_t quant_bytes, int* ctas);
 
 }  // namespace ferrum_moe_cuda::gemm
 

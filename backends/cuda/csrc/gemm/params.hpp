@@ -55,6 +55,17 @@ struct GemmIO {
   int32_t gate_up_tiles;
 };
 
+// What a launch of the decode GEMV (gemv.cuh) is told beside its routing or
+// work items.
+struct GemvPlan {
+  // Its grid is resident at once, so it lets the next kernel launch at its
+  // start (dependent_grid_begin).
+  bool one_wave;
+  // K slice kt is in group min(kt >> group_shift, groups - 1) (its slices per
+  // group a power of two: CudaStack::gemv_group_shift_).
+  int32_t group_shift;
+};
+
 // One CTA row-slice of a gemm_batched dispatch: up to rows_per_cta rows.
 struct BatchedWorkItem {
   int32_t expert;
@@ -150,8 +161,8 @@ inline FM_HOST_DEVICE constexpr int64_t stream_k_ctas(int64_t tiles, int64_t k_t
 // Whether `tiles` 128-row (wgmma) tiles of k_tiles slices keep the 128-row
 // CTAs on num_sms SMs (one CTA each): where they fit the workspace they share
 // K (stream_k_ctas over a wave of num_sms), and the launch keeps them when
-// their CTAs fill 3/4 of the SMs; otherwise the 64-row tiles take it, which
-// split K more finely or at least fill more SMs. Measured on the H200
+// their CTAs fill 3/4 of the SMs; otherwise the 64-row (wgmma) tiles take
+// it, which split K more finely or at least fill more SMs. Measured on the H200
 // (2026-12-03), Linear 128 x 256 tiles, unshared, against 64-row ones: 16
 // tiles (7168 x 2048, M = 256) 187 / 68 us, 32 tiles 309 / 162, 64 tiles (M =
 // 1024) 178 / 134; but 128 tiles (14336 x 4096, M = 1024: 97% of the SMs) 311
@@ -179,6 +190,7 @@ struct BatchedParams {
   QuantWeights w;
   GemmIO io;
   StreamK schedule;
+  GemvPlan gemv;  // where the decode GEMV takes the launch (items of up to kGemvBlockRows rows)
   int32_t first_n_tile;
   int32_t num_items;
   BatchedWorkItem items[kMaxBatchedWorkItems];
@@ -232,12 +244,7 @@ struct RoutedParams {
   // before it waits for the kernel before it (kernel.cuh,
   // prefetch_pair_weights); 0: none.
   int32_t prefetch_slices;
-  // The decode GEMV (gemv.cuh): its grid is resident at once, so it lets the
-  // next kernel launch at its start (dependent_grid_begin).
-  bool gemv_one_wave;
-  // K slice kt of the GEMV is in group min(kt >> gemv_group_shift, groups - 1)
-  // (its slices per group a power of two: CudaStack::gemv_group_shift_).
-  int32_t gemv_group_shift;
+  GemvPlan gemv;
   // x's rows are pairs, not tokens: row p is pair p's (the act-order gather's
   // copy, gather.cuh). Read by the tiles' row tables and the decode GEMV.
   bool x_rows_by_pair;
@@ -249,6 +256,10 @@ constexpr int kGemvWarps = 8;
 constexpr int kGemvThreads = kGemvWarps * 32;
 // The most rows of a routing block the GEMV takes: the swapped MMA's token columns.
 constexpr int kGemvBlockRows = 8;
+// What a unit of a GEMV launch is: a pair (one row), a routing block, or a
+// gemm_batched work item (up to kGemvBlockRows rows each).
+enum class GemvForm { kPairs, kBlocks, kItems };
+constexpr int kNumGemvForms = 3;
 
 // The most GEMV CTAs (units) a launch takes per SM; more go to the 8-row
 // tiles. Measured on the H100 (kernel notes, v59): the layer at one token
@@ -265,6 +276,25 @@ constexpr int kGemvMaxCtasPerSm = 7;
 // faster than the 8-row tiles, at M = 4 (27) level, at M = 8 (34) 6% slower;
 // blocks of mostly one row (Qwen3-30B-A3B M = 4) 10% slower.
 constexpr int kGemvMaxBlockCtasPerSm = 16;
+// Whether gemm_batched's dispatches of at most max_rows rows take the GEMV
+// (CudaStack::gemm_batched), as work items of up to kGemvBlockRows rows
+// (the items of one slot neighbours in the grid), over `ctas` CTAs in
+// `waves` waves of resident ones on num_sms SMs: where the CTAs fill 3/4 of
+// the SMs (fewer leave SMs idle that the tiles' stream-K would use), for
+// items of up to kGemvBlockRows rows at most kGemvMaxCtasPerSm an SM, and
+// for taller dispatches (two items a slot, each dequantizing the slot's
+// weights) one wave at most. Measured on the H100 (2026-12-07, kernel notes
+// v82), the dense Linear against the 8- and 16-row tiles: M = 1-8 on 448 and
+// 896 CTAs (4096 x 14336, 8192 x 28672) and 128 (14336 x 4096) 0.83-0.99 of
+// the tiles' time, on 64 (7168 x 2048) 1.00-1.08; M = 12-16 on 128 and 256
+// CTAs 0.74-0.95, on 896 and 1,792 1.04-1.37.
+constexpr int64_t kGemvMaxItemRows = 2 * kGemvBlockRows;
+
+inline FM_HOST_DEVICE constexpr bool gemv_takes_items(int64_t max_rows, int64_t ctas, int64_t waves, int64_t num_sms) {
+  if (max_rows > kGemvMaxItemRows || 4 * ctas < 3 * num_sms) return false;
+  return max_rows <= kGemvBlockRows ? ctas <= kGemvMaxCtasPerSm * num_sms : waves <= 1;
+}
+
 // The longest K the GEMV takes with the gated epilogue: its warps' rounds of
 // slices run one after another, so a CTA's time grows with K where the 8-row
 // tiles' pipeline keeps several slices in flight, and the gated rounds are
@@ -295,8 +325,10 @@ inline FM_HOST_DEVICE constexpr int gemv_chunk_slices(int bits) {
   return 32 / (bits == 4 ? WeightTileLayout<4>::kWordsPerLane : WeightTileLayout<8>::kWordsPerLane);
 }
 
-// Slots of an output window of n columns.
-inline FM_HOST_DEVICE constexpr int gemv_slots(int64_t n) { return static_cast<int>((n + kWarpN - 1) / kWarpN); }
+// Slots of the output window of n columns from column col_begin.
+inline FM_HOST_DEVICE constexpr int gemv_slots(int64_t col_begin, int64_t n) {
+  return static_cast<int>((col_begin + n - 1) / kWarpN - col_begin / kWarpN + 1);
+}
 
 // Shared memory a GEMV CTA stages its columns' group scales and zero
 // operands in (a float and two words a column): `streams` weight slots (2
@@ -349,8 +381,13 @@ cudaError_t launch_gemm_routed(const RoutedParams& params, ComputeType type, int
 // gated where io.gate_up_tiles > 0, staging quant_bytes (gemv_quant_bytes).
 cudaError_t launch_gemm_gemv(const RoutedParams& params, ComputeType type, int bits, bool blocks,
                              int64_t quant_bytes, int ctas, cudaStream_t stream);
-// How many GEMV CTAs staging quant_bytes one SM holds at once.
-cudaError_t gemv_ctas_per_sm(ComputeType type, int bits, bool gated, bool blocks, int64_t quant_bytes, int* ctas);
+// The decode GEMV over gemm_batched's work items (each of up to
+// kGemvBlockRows rows): `ctas` = one CTA per item and slot of the window.
+cudaError_t launch_gemm_gemv(const BatchedParams& params, ComputeType type, int bits, int64_t quant_bytes, int ctas,
+                             cudaStream_t stream);
+// How many GEMV CTAs of `form` staging quant_bytes one SM holds at once
+// (work items: plain results only).
+cudaError_t gemv_ctas_per_sm(ComputeType type, int bits, bool gated, GemvForm form, int64_t quant_bytes, int* ctas);
 
 // Act-order (gather.cuh): x's columns in each row's expert order, into
 // x_sorted (16-byte aligned, rows row_stride elements apart: a multiple of 8

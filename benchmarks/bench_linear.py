@@ -1,8 +1,11 @@
 """Dense INT4 Linear on a GPU against torch's fp16 matmul on the same shape
 and the memory floor (INT4 bytes + fp16 scales over the copy bandwidth
-measured in the same run). CUDA-graph replay, L2 flushed before each.
+measured in the same run). CUDA-graph replay, L2 flushed before each (--flush:
+by a memset, the default, whose dirty lines the next kernel's misses write back,
+or by a read that leaves L2 clean; gpu_bench.L2Flush).
 
-    python benchmarks/bench_linear.py [--shapes 4096x14336,...] [--tokens 1,16,...] [--json out.json]
+    python benchmarks/bench_linear.py [--shapes 4096x14336,...] [--tokens 1,16,...] [--flush write|read]
+        [--json out.json]
 """
 
 from __future__ import annotations
@@ -24,13 +27,14 @@ def main() -> None:
     parser.add_argument("--shapes", default=SHAPES)
     parser.add_argument("--tokens", default="1,4,16,64,256,1024,4096")
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--flush", choices=L2Flush.MODES, default="write")
     parser.add_argument("--json")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     bw = copy_bandwidth()
     device = torch.cuda.get_device_name()
-    print(f"{device}: copy {bw / 1e12:.2f} TB/s")
-    flush = L2Flush()
+    print(f"{device}: copy {bw / 1e12:.2f} TB/s; L2 flushed by a {args.flush}")
+    flush = L2Flush(args.flush)
     rows = []
     for shape in args.shapes.split(","):
         k, n = (int(v) for v in shape.split("x"))
@@ -57,7 +61,7 @@ def main() -> None:
               f"{r['torch_fp16_us'] / r['ferrum_us']:.2f}x |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(device=device, copy_bytes_per_s=bw, rows=rows), f, indent=1)
+            json.dump(dict(device=device, copy_bytes_per_s=bw, l2_flush=args.flush, rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,9 @@ def main() -> None:
     parser.add_argument("--shapes", default=SHAPES)
     parser.add_argument("--tokens", default="1,4,16,64,256,1024,4096")
     parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--flush", choices=L2Flush.MODES, default="write")
+    parser.add_argument("--flush", choices=L2Flush.MODES, default="write",
+                        help="how L2 is evicted before each replay: write (a memset: L2 left dirty, the basis of "
+                             "docs/benchmarks.md) or read (a sum: L2 left clean)")
     parser.add_argument("--json")
     args = parser.parse_args()
     rng = np.random.default_rng(0)

@@ -60,11 +60,11 @@ cudaError_t launch_gemm_routed(const RoutedParams& params, ComputeType type, int
              : launch_gemm_routed_for<__nv_bfloat16>(params, bits, tile, ctas, stream);
 }
 
-cudaError_t launch_gemm_gemv(const RoutedParams& params, ComputeType type, int bits, bool blocks, int64_t quant_bytes,
+cudaError_t launch_gemm_gemv(const RoutedParams& params, ComputeType type, int bits, GemvForm form, int64_t quant_bytes,
                              int ctas, cudaStream_t stream) {
   return type == ComputeType::kFloat16
-             ? launch_gemm_gemv_for<__half>(params, bits, blocks, quant_bytes, ctas, stream)
-             : launch_gemm_gemv_for<__nv_bfloat16>(params, bits, blocks, quant_bytes, ctas, stream);
+             ? launch_gemm_gemv_for<__half>(params, bits, form, quant_bytes, ctas, stream)
+             : launch_gemm_gemv_for<__nv_bfloat16>(params, bits, form, quant_bytes, ctas, stream);
 }
 
 cudaError_t launch_gemm_gemv(const BatchedParams& params, ComputeType type, int bits, int64_t quant_bytes, int ctas,

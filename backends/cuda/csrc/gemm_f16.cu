@@ -11,7 +11,7 @@ template cudaError_t launch_gemm_batched_for<__half>(const BatchedParams&, int, 
 template cudaError_t launch_gemm_device_dispatch_for<__half>(const DeviceDispatchParams&, int, CtaTile, int,
                                                               cudaStream_t);
 template cudaError_t launch_gemm_routed_for<__half>(const RoutedParams&, int, CtaTile, int, cudaStream_t);
-template cudaError_t launch_gemm_gemv_for<__half>(const RoutedParams&, int, bool, int64_t, int, cudaStream_t);
+template cudaError_t launch_gemm_gemv_for<__half>(const RoutedParams&, int, GemvForm, int64_t, int, cudaStream_t);
 template cudaError_t launch_gemm_gemv_for<__half>(const BatchedParams&, int, int64_t, int, cudaStream_t);
 template cudaError_t gemv_ctas_per_sm_for<__half>(int, bool, GemvForm, int64_t, int*);
 

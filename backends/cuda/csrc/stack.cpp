@@ -656,7 +656,7 @@ bool CudaStack::launch_routed(const FmGemmRoutedArgs& args, DLTensor& out, bool 
   if (args.block_size <= gemm::kGemvBlockRows && params.num_pairs * 2 >= num_experts_ &&
       gemv_takes(gemm::GemvForm::kBlocks, params.w, params.io, grid_blocks, gemm::kGemvMaxBlockCtasPerSm)) {
     const StreamBuffer x_sorted = sort_x_columns(params, positions, stream);
-    launch_gemv(params, true, grid_blocks, stream);
+    launch_gemv(params, gemm::GemvForm::kBlocks, grid_blocks, stream);
     return true;
   }
   const int64_t block_rows = args.block_size < gemm::kLargeRowsPerCta
@@ -720,7 +720,7 @@ void CudaStack::gemm_routed_pairs(const FmGemmRoutedArgs& args, gemm::RoutedPara
     // through the expert's perm (gemv.cuh, kPermutedX; kernel notes, v81).
     const StreamBuffer x_sorted =
         gemv_permutes_x(params, params.num_pairs) ? StreamBuffer{} : sort_x_columns(params, params.num_pairs, stream);
-    launch_gemv(params, false, params.num_pairs, stream);
+    launch_gemv(params, gemm::GemvForm::kPairs, params.num_pairs, stream);
     return;
   }
   constexpr gemm::CtaTile tile{gemm::kTinyRowsPerCta, false};
@@ -783,8 +783,6 @@ StreamBuffer CudaStack::sort_x_columns(const DLTensor& x, int64_t expert, gemm::
   return copy;
 }
 
-// (The GEMV writes columns from 0 and adds no bias: launch_routed's io has
-// neither.)
 bool CudaStack::gemv_takes(gemm::GemvForm form, const gemm::QuantWeights& w, const gemm::GemmIO& io, int64_t units,
                            int max_ctas_per_sm) const {
   // Routed act-order x is copied aligned first (sort_x_columns), or read by
@@ -821,10 +819,9 @@ gemm::GemvPlan CudaStack::gemv_plan(gemm::GemvForm form, const gemm::GemmIO& io,
   return {gemv_waves(form, io, units) <= 1, gemv_group_shift_};
 }
 
-void CudaStack::launch_gemv(gemm::RoutedParams& params, bool blocks, int64_t units, cudaStream_t stream) {
-  const gemm::GemvForm form = blocks ? gemm::GemvForm::kBlocks : gemm::GemvForm::kPairs;
+void CudaStack::launch_gemv(gemm::RoutedParams& params, gemm::GemvForm form, int64_t units, cudaStream_t stream) {
   params.gemv = gemv_plan(form, params.io, units);
-  check_cuda(gemm::launch_gemm_gemv(params, compute_type_, bits_, blocks, gemv_quant_bytes(params.io.gate_up_tiles > 0),
+  check_cuda(gemm::launch_gemm_gemv(params, compute_type_, bits_, form, gemv_quant_bytes(params.io.gate_up_tiles > 0),
                                     static_cast<int>(gemv_ctas(params.io, units)), stream),
              "gemm_routed kernel launch");
 }

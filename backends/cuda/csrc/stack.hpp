@@ -64,7 +64,7 @@ class CudaStack final : public ferrum::plugin::Stack {
   // Whether the one-row GEMV over `units` pairs reads act-order x through
   // perm, with no sorted copy first (gemm/params.hpp, gemv_reads_x_through_perm).
   bool gemv_permutes_x(const gemm::RoutedParams& params, int64_t units) const;
-  void launch_gemv(gemm::RoutedParams& params, bool blocks, int64_t units, cudaStream_t stream);
+  void launch_gemv(gemm::RoutedParams& params, gemm::GemvForm form, int64_t units, cudaStream_t stream);
   // Act-order stacks (gemm/gather.cuh): x's columns copied once into each
   // row's expert order, and the launch pointed at the copy, so the GEMM reads
   // its rows as it does without act-order (kernel notes, v76). Returns the

@@ -56,11 +56,13 @@ cudaError_t with_specialisation(int bits, CtaTile tile, bool splits, Body&& body
 }
 
 // Calls body(gemv_kernel<T, kBits, kStreams, kRows, kPermutedX, RoutedParams>)
-// for the decode GEMV's specialisation over routing (gemv.cuh); permuted
-// (act-order x read through the expert's perm) is a one-row form only.
+// for the decode GEMV's specialisation over routing (gemv.cuh: pairs or
+// blocks); permuted (act-order x read through the expert's perm) is a
+// one-row form only.
 template <class T, class Body>
-cudaError_t with_gemv(int bits, bool gated, bool blocks, bool permuted, Body&& body) {
-  if (blocks && permuted) return cudaErrorInvalidValue;
+cudaError_t with_gemv(int bits, bool gated, GemvForm form, bool permuted, Body&& body) {
+  if (form == GemvForm::kItems || (form == GemvForm::kBlocks && permuted)) return cudaErrorInvalidValue;
+  const bool blocks = form == GemvForm::kBlocks;
   return with_bits(bits, [&](auto b) {
     constexpr int kBits = decltype(b)::value;
     if (gated) {
@@ -85,7 +87,7 @@ cudaError_t with_gemv_items(int bits, Body&& body) {
 // Either, by form (for what any kernel takes: attributes, occupancy).
 template <class T, class Body>
 cudaError_t with_gemv_form(int bits, bool gated, GemvForm form, bool permuted, Body&& body) {
-  if (form != GemvForm::kItems) return with_gemv<T>(bits, gated, form == GemvForm::kBlocks, permuted, body);
+  if (form != GemvForm::kItems) return with_gemv<T>(bits, gated, form, permuted, body);
   return gated || permuted ? cudaErrorInvalidValue : with_gemv_items<T>(bits, body);
 }
 
@@ -192,11 +194,11 @@ cudaError_t gemv_ctas_per_sm_for(int bits, bool gated, GemvForm form, int64_t qu
 }
 
 template <class T>
-cudaError_t launch_gemm_gemv_for(const RoutedParams& params, int bits, bool blocks, int64_t quant_bytes, int ctas,
+cudaError_t launch_gemm_gemv_for(const RoutedParams& params, int bits, GemvForm form, int64_t quant_bytes, int ctas,
                                  cudaStream_t stream) {
   // Act-order x not copied first (CudaStack::gemm_routed_pairs): the
   // permuted form reads it through w.perm.
-  return with_gemv<T>(bits, params.io.gate_up_tiles > 0, blocks, params.w.perm != nullptr, [&](auto kernel) {
+  return with_gemv<T>(bits, params.io.gate_up_tiles > 0, form, params.w.perm != nullptr, [&](auto kernel) {
     return launch_dependent(kernel, dim3(static_cast<unsigned>(ctas)), kGemvThreads, static_cast<size_t>(quant_bytes),
                             stream, params);
   });

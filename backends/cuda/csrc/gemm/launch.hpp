@@ -24,7 +24,7 @@ template <class T>
 cudaError_t launch_gemm_routed_for(const RoutedParams& params, int bits, CtaTile tile, int ctas,
                                    cudaStream_t stream);
 template <class T>
-cudaError_t launch_gemm_gemv_for(const RoutedParams& params, int bits, bool blocks, int64_t quant_bytes, int ctas,
+cudaError_t launch_gemm_gemv_for(const RoutedParams& params, int bits, GemvForm form, int64_t quant_bytes, int ctas,
                                  cudaStream_t stream);
 template <class T>
 cudaError_t launch_gemm_gemv_for(const BatchedParams& params, int bits, int64_t quant_bytes, int ctas,

@@ -375,11 +375,11 @@ cudaError_t launch_gemm_device_dispatch(const DeviceDispatchParams& params, Comp
                                         CtaTile tile, int ctas, cudaStream_t stream);
 cudaError_t launch_gemm_routed(const RoutedParams& params, ComputeType type, int bits, CtaTile tile, int ctas,
                                cudaStream_t stream);
-// The decode GEMV (gemv.cuh) over pair routing (blocks false: `ctas` = one
-// CTA per pair and slot of params.io.n columns, gemv_slots) or routing blocks
-// of up to kGemvBlockRows rows (blocks true: one CTA per block and slot),
-// gated where io.gate_up_tiles > 0, staging quant_bytes (gemv_quant_bytes).
-cudaError_t launch_gemm_gemv(const RoutedParams& params, ComputeType type, int bits, bool blocks,
+// The decode GEMV (gemv.cuh) over pair routing (form kPairs: `ctas` = one
+// CTA per pair and slot of the window, gemv_slots) or routing blocks of up
+// to kGemvBlockRows rows (kBlocks: one CTA per block and slot), gated where
+// io.gate_up_tiles > 0, staging quant_bytes (gemv_quant_bytes).
+cudaError_t launch_gemm_gemv(const RoutedParams& params, ComputeType type, int bits, GemvForm form,
                              int64_t quant_bytes, int ctas, cudaStream_t stream);
 // The decode GEMV over gemm_batched's work items (each of up to
 // kGemvBlockRows rows): `ctas` = one CTA per item and slot of the window.

@@ -545,6 +545,54 @@ def test_few_row_dispatches_on_the_decode_gemv_and_off_it_match_float64(rng, k, 
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("values", ["offset", "tiny", "outliers"])
+def test_the_decode_gemv_keeps_its_precision_where_token_values_are_uneven(rng, dtype, sym, values):
+    """The decode GEMV's sums against float64 where a token row is uneven:
+    far from zero mean (the sums cancel), of values near fp16's smallest
+    normals, and with a few outlier columns 400 times the rest; through
+    one-token pair routing (plain and gated) and a Linear's work items of 1
+    and 5 rows, K of two rounds a warp; output poisoned."""
+    from ferrum_moe.arrays import import_array, import_output
+
+    e, k, half = 3, 4096, 14 * 128  # 56 slots a pair's gate half: the GEMV at one token
+    weights = [random_weight(rng, k, 2 * half, bits=4, group_size=128, sym=sym, dtype=dtype) for _ in range(e)]
+    dense = [w.dequantize(np.float64) for w in weights]
+    stack = fm.ExpertStack.from_gptq(weights, device="cuda", dtype=dtype)
+    tdtype = getattr(torch, dtype)
+    tol = REL_TOL[dtype]
+
+    def tokens(m):
+        x = rng.standard_normal((m, k))
+        if values == "offset":
+            x = x + 8.0
+        elif values == "tiny":
+            x = x * 1e-3
+        else:
+            x[:, rng.choice(k, 6, replace=False)] *= 400.0
+        return cuda(x.astype(np.float32)).to(tdtype)
+
+    x = tokens(1)
+    x64 = x.double().cpu().numpy()
+    ids = rng.permutation(e)[:2].reshape(1, 2).astype(np.int32)
+    out = torch.full((2, 2 * half), float("nan"), device="cuda", dtype=torch.float32)
+    gated = torch.full((2, half), float("nan"), device="cuda", dtype=tdtype)
+    x_in, routing = import_array(x, "x"), (import_array(cuda(ids), "topk_ids"), e, None)
+    stack._core.gemm_routed_pairs(x_in, *routing, None, import_output(out, "out"), 0)
+    assert stack._core.gemm_routed_pairs(x_in, *routing, None, None, 0, gated_out=import_output(gated, "gated_out"))
+    for p in range(2):
+        y = x64[0] @ dense[ids[0, p]]
+        assert rel_error(out[p], y) < tol, p
+        assert rel_error(gated[p], silu_product(y)) < 2 * tol, p
+    layer = stack.expert_linear(0, 2 * half)
+    for m in (1, 5):
+        x = tokens(m)
+        out = torch.full((m, 2 * half), float("nan"), device="cuda", dtype=tdtype)
+        layer(x, out=out)
+        assert rel_error(out, x.double().cpu().numpy() @ dense[0]) < tol, m
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 # Symmetric 4- and 8-bit, and asymmetric act-order (the slot places zeros and row groups too).
 @pytest.mark.parametrize("bits, sym, act_order", [(4, True, False), (8, True, False), (4, False, True)])
 # (k, half): a few K slices, and a long K whose tiles split K over many CTAs.

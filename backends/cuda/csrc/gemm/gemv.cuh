@@ -4,7 +4,8 @@
 // computes one pair's (or block's) 32 output columns (a warp slot of the
 // weight layout, layout.hpp) over the whole of K: its 8 warps split K, each
 // issues the 16-byte weight loads of several K slices at once into registers
-// (no shared-memory stages, no per-slice barrier), multiplies them by the
+// (no shared-memory stages, no per-slice barrier; each slice's registers take
+// the next round's slice as soon as its MMAs have read them), multiplies them by the
 // token rows on the swapped mma.sync (the weights the 16-row A operand, the
 // pair's token the one stored column of B (the other seven copies of it), or a block's rows its 8 columns),
 // and the warps' sums meet in shared memory at the end. The scales and zero codes of the CTA's columns
@@ -113,17 +114,21 @@ __global__ void __launch_bounds__(kGemvThreads, 2) gemv_kernel(const __grid_cons
 #pragma unroll
   for (int s = 0; s < kStreams; ++s) first_column[s] = (first_slot + slot) * kWarpN + s * io.gate_up_tiles * kTileN;
 
-  // One round of codes: slices kt .. kt + kChunk - 1 (those below kt_end).
+  // One round of codes: slices kt .. kt + kChunk - 1 (those below kt_end),
+  // slice kt + c in codes[.][c].
   uint4 codes[kStreams][kChunk][kLoads];
+  auto load_slice = [&](int kt, int c) {
+#pragma unroll
+    for (int s = 0; s < kStreams; ++s)
+#pragma unroll
+      for (int j = 0; j < kLoads; ++j)
+        codes[s][c][j] = load_streaming_16(src[s] + (kt - kt_begin + c) * Tile::kUint4s + j * 32);
+  };
   auto load_codes = [&](int kt) {
 #pragma unroll
     for (int c = 0; c < kChunk; ++c) {
       if (kt + c >= kt_end) break;
-#pragma unroll
-      for (int s = 0; s < kStreams; ++s)
-#pragma unroll
-        for (int j = 0; j < kLoads; ++j)
-          codes[s][c][j] = load_streaming_16(src[s] + (kt - kt_begin + c) * Tile::kUint4s + j * 32);
+      load_slice(kt, c);
     }
   };
   // Expert e's first round, and the scales and zero operands of the CTA's
@@ -264,9 +269,11 @@ __global__ void __launch_bounds__(kGemvThreads, 2) gemv_kernel(const __grid_cons
 
   float acc[kStreams][2][4] = {};
   for (int kt = kt_begin; kt < kt_end; kt += kChunk) {
+    const bool more = kt + kChunk < kt_end;
     if constexpr (kRows == 1) {
       __syncwarp();  // the last round's token fragments are read
       if (lane < kChunk * 8) *reinterpret_cast<uint4*>(&x_chunk[warp][0][8 * lane]) = x_part;
+      if (more) load_x(kt + kChunk);  // x_part is free again: the next round's values in flight
     } else {
       cp_async_wait<0>();
     }
@@ -314,12 +321,12 @@ __global__ void __launch_bounds__(kGemvThreads, 2) gemv_kernel(const __grid_cons
 #pragma unroll
           for (int i = 0; i < 4; ++i) acc[s][h][i] += part[h][i] * scale[2 * h + i / 2];
       }
+      // Slice c's registers are free: the next round's slice c in flight
+      // while this round computes on.
+      if (kt + kChunk + c < kt_end) load_slice(kt + kChunk, c);
     }
-    if (kt + kChunk < kt_end) {
-      load_codes(kt + kChunk);
-      if constexpr (kRows == 1) {
-        load_x(kt + kChunk);
-      } else {
+    if constexpr (kRows > 1) {
+      if (more) {
         __syncwarp();  // this round's token fragments are read
         copy_x(kt + kChunk);
       }

@@ -549,8 +549,9 @@ def test_few_row_dispatches_on_the_decode_gemv_and_off_it_match_float64(rng, k, 
 @pytest.mark.parametrize("values", ["offset", "tiny", "outliers"])
 def test_the_decode_gemv_keeps_its_precision_where_token_values_are_uneven(rng, dtype, sym, values):
     """The decode GEMV's sums against float64 where a token row is uneven:
-    far from zero mean (the sums cancel), of values near fp16's smallest
-    normals, and with a few outlier columns 400 times the rest; through
+    far from zero mean (the sums cancel), of values ~1e-3 (whose gated
+    products fall among fp16's subnormals), and with a few outlier columns
+    400 times the rest; through
     one-token pair routing (plain and gated) and a Linear's work items of 1
     and 5 rows, K of two rounds a warp; output poisoned."""
     from ferrum_moe.arrays import import_array, import_output

@@ -29,7 +29,6 @@ t0=$(date +%s)
   -C cmake.define.CMAKE_MODULE_LINKER_FLAGS="-fsanitize=address,undefined" \
   -C cmake.define.CMAKE_SHARED_LINKER_FLAGS="-fsanitize=address,undefined" \
   -C cmake.define.FERRUM_MOE_KERNEL_OPTIONS=-O1 \
-  -C cmake.define.CMAKE_INTERPROCEDURAL_OPTIMIZATION=OFF \
   -C cmake.define.FERRUM_MOE_NATIVE_TESTS=ON .
 t1=$(date +%s)
 

@@ -36,17 +36,17 @@ ctest --test-dir "$build/cmake" --output-on-failure
 ls "$build/wheel"/ferrum_moe_cuda-*.whl
 
 tree_headers="building against the source tree's headers"
-host_sources() {  # name, expected ("tree" or "installed"), cmake arguments...
+host_sources() {  # name, whose headers it must find, cmake arguments...
   local name=$1 expected=$2
   shift 2
   cmake -S "$here" -B "$build/$name" -DCMAKE_BUILD_TYPE=Release "$@" >"$build/$name.log" 2>&1 ||
     { tail -30 "$build/$name.log"; exit 1; }
-  if grep -q "$tree_headers" "$build/$name.log"; then found=tree; else found=installed; fi
-  [ "$found" = "$expected" ] || { echo "ci-build: $name: the $found core's headers were found" >&2; exit 1; }
+  if grep -q "$tree_headers" "$build/$name.log"; then found="the tree's"; else found="the installed core's"; fi
+  [ "$found" = "$expected" ] || { echo "ci-build: $name: $found headers were found" >&2; exit 1; }
   cmake --build "$build/$name" --target csrc/backend.cpp.o csrc/stack.cpp.o >>"$build/$name.log" 2>&1 ||
     { tail -30 "$build/$name.log"; exit 1; }
-  echo "ci-build: $name: configured and its host sources compiled against the $found core's headers"
+  echo "ci-build: $name: configured and its host sources compiled against $found headers"
 }
-host_sources installed installed -Dferrum_moe_DIR="$(python3 -c 'import ferrum_moe; print(ferrum_moe.get_cmake_dir())')"
+host_sources installed "the installed core's" -Dferrum_moe_DIR="$(python3 -c 'import ferrum_moe; print(ferrum_moe.get_cmake_dir())')"
 # No Python to ask where an installed core is: the tree's headers serve.
-host_sources tree tree -DCMAKE_DISABLE_FIND_PACKAGE_Python=ON
+host_sources tree "the tree's" -DCMAKE_DISABLE_FIND_PACKAGE_Python=ON

@@ -20,6 +20,7 @@ build="$(mktemp -d)"
 trap 'rm -rf "$build"' EXIT
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2}
 
+t0=$(date +%s)
 python3 -m pip wheel -v --no-deps -w "$build/wheel" "$here" \
   --config-settings=build-dir="$build/cmake" \
   --config-settings=cmake.define.CMAKE_CUDA_ARCHITECTURES=90a-real \
@@ -32,6 +33,7 @@ if grep -q "$serialized" "$build/build.log"; then
   grep "$serialized" "$build/build.log" | sed 's/.*Loss: //' | sort -u >&2
   exit 1
 fi
+echo "ci-build: wheel (every kernel for sm_90a, ptxas reporting): $(( $(date +%s) - t0 )) s, no wgmma serialized"
 ctest --test-dir "$build/cmake" --output-on-failure
 ls "$build/wheel"/ferrum_moe_cuda-*.whl
 

@@ -25,7 +25,17 @@ for arg in "$@"; do
   tree=$(mktemp -d /tmp/ferrum-wheel-XXXXXX)
   git worktree add -q --detach "$tree" "$commit"
   rm -rf ".dist-$label"
-  (cd "$tree" && "$PYTHON" -m pip wheel -q --no-build-isolation --no-deps ./backends/cuda -w "$root/.dist-$label")
+  # ptxas reporting: a kernel whose wgmmas it serializes fails here, for either
+  # target and type (CI's build checks the fp16 kernels on sm_90a: ci-build.sh).
+  (cd "$tree" && "$PYTHON" -m pip wheel -v --no-build-isolation --no-deps ./backends/cuda -w "$root/.dist-$label" \
+     --config-settings=cmake.define.CMAKE_CUDA_FLAGS=-Xptxas=-v >"$tree/build.log" 2>&1) ||
+    { tail -40 "$tree/build.log"; exit 1; }
+  if grep -q "wgmma.mma_async instructions are serialized" "$tree/build.log"; then
+    echo "build_wheels: $label: ptxas serializes the wgmmas of these kernels:" >&2
+    grep "wgmma.mma_async instructions are serialized" "$tree/build.log" | sed 's/.*Loss: //' | sort -u >&2
+    rm -rf ".dist-$label"
+    exit 1
+  fi
   git worktree remove --force "$tree"
   echo "$label: $(git log --oneline -1 "$commit" | cut -c1-60) -> $(ls ".dist-$label")"
 done

@@ -7,6 +7,7 @@
 # cores).
 #   bash benchmarks/build_wheels.sh [--core] LABEL=REV [LABEL=REV ...]
 #   e.g. bash benchmarks/build_wheels.sh --core main=main new=HEAD s35=ba8235f
+# CUDA_FLAGS adds nvcc options to the plugins' builds (e.g. CUDA_FLAGS=--split-compile=0).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3.12}
@@ -28,7 +29,7 @@ for arg in "$@"; do
   # ptxas reporting: a kernel whose wgmmas it serializes fails here, for either
   # target and type (CI's build checks the fp16 kernels on sm_90a: ci-build.sh).
   (cd "$tree" && "$PYTHON" -m pip wheel -v --no-build-isolation --no-deps ./backends/cuda -w "$root/.dist-$label" \
-     --config-settings=cmake.define.CMAKE_CUDA_FLAGS=-Xptxas=-v >"$tree/build.log" 2>&1) ||
+     "--config-settings=cmake.define.CMAKE_CUDA_FLAGS=-Xptxas=-v ${CUDA_FLAGS:-}" >"$tree/build.log" 2>&1) ||
     { tail -40 "$tree/build.log"; exit 1; }
   if grep -q "wgmma.mma_async instructions are serialized" "$tree/build.log"; then
     echo "build_wheels: $label: ptxas serializes the wgmmas of these kernels:" >&2

@@ -31,12 +31,7 @@ for arg in "$@"; do
   (cd "$tree" && "$PYTHON" -m pip wheel -v --no-build-isolation --no-deps ./backends/cuda -w "$root/.dist-$label" \
      "--config-settings=cmake.define.CMAKE_CUDA_FLAGS=-Xptxas=-v ${CUDA_FLAGS:-}" >"$tree/build.log" 2>&1) ||
     { tail -40 "$tree/build.log"; exit 1; }
-  if grep -q "wgmma.mma_async instructions are serialized" "$tree/build.log"; then
-    echo "build_wheels: $label: ptxas serializes the wgmmas of these kernels:" >&2
-    grep "wgmma.mma_async instructions are serialized" "$tree/build.log" | sed 's/.*Loss: //' | sort -u >&2
-    rm -rf ".dist-$label"
-    exit 1
-  fi
+  bash backends/cuda/wgmma-serialized.sh "$tree/build.log" "$label's kernels" || { rm -rf ".dist-$label"; exit 1; }
   git worktree remove --force "$tree"
   echo "$label: $(git log --oneline -1 "$commit" | cut -c1-60) -> $(ls ".dist-$label")"
 done
